@@ -1,0 +1,311 @@
+//! Command line: argument parsing, dispatch and output. Logic lives in
+//! [`crate::sync`] and below; this module only translates.
+
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, ConfigSource, Fragment, SshFragment};
+use crate::exit::{Classify, Error, Failure};
+
+const AFTER_HELP: &str = "\
+Examples:
+  Apply a repository once into a scratch root, as an unprivileged user:
+    driftless sync --once --source ./repo --host web1 --root /tmp/r --state-dir /tmp/s
+  See what the next sync would change, with diffs:
+    driftless plan
+  Check a config repository in its own CI (renders every host, touches nothing):
+    driftless validate path/to/repo
+
+Configuration: /etc/driftless/agent.toml, drop-ins in /usr/lib/driftless/agent.d,
+/run/driftless/agent.d and /etc/driftless/agent.d; every setting can also be given
+on the command line, which wins.
+
+Exit codes: 0 ok; 1 failed (host unchanged, retry later); 2 usage; 3 repository
+invalid for this host (nothing applied); 4 refused (history rewritten); 75 another
+run holds the lock; 78 agent configuration invalid.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "driftless",
+    version,
+    about = "Pull-based GitOps agent: make this host match a git repository",
+    long_about = "driftless pulls a config repository, renders this host's files from templates \
+and variables, and applies them atomically: every file is either fully old or fully new, \
+files removed from the repository are pruned, and a crash at any moment is repaired on the \
+next run.",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: GlobalArgs,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Agent config file to use instead of /etc/driftless/agent.toml (drop-ins are then not read)
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "no_config")]
+    config: Option<PathBuf>,
+    /// Read no config file at all: command-line options and defaults only
+    #[arg(long, global = true)]
+    no_config: bool,
+    /// Repository: a path, file://, https://, ssh:// or user@host:path
+    #[arg(long, global = true, value_name = "REPO")]
+    source: Option<String>,
+    /// Branch (or full ref) to follow [default: main]
+    #[arg(long, global = true)]
+    branch: Option<String>,
+    /// Sub-directory of the repository that holds driftless.toml
+    #[arg(long, global = true, value_name = "DIR")]
+    path: Option<String>,
+    /// This host's name in the repository [default: the hostname]
+    #[arg(long, global = true, value_name = "NAME")]
+    host: Option<String>,
+    /// Apply everything under this prefix instead of / (like systemd-tmpfiles --root)
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// State directory [default: /var/lib/driftless]
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Allow writing under this directory (repeat; replaces the configured list)
+    #[arg(long = "allowed-root", global = true, value_name = "DIR")]
+    allowed_roots: Vec<String>,
+    /// SSH private key for ssh:// sources
+    #[arg(long, global = true, value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
+    /// known_hosts file pinning the SSH server's key
+    #[arg(long, global = true, value_name = "FILE")]
+    ssh_known_hosts: Option<PathBuf>,
+    /// More log output (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch the repository and make this host match it (one pass)
+    #[command(after_help = "\
+A sync runs: recover an interrupted transaction, fetch, load, render, plan, apply
+(atomically), record in history. Files already as desired are not written and keep
+their mtime. The long-running daemon is `driftless run` (not in this build yet).")]
+    Sync(SyncArgs),
+    /// Show what `sync` would change, with diffs; changes nothing
+    Plan(PlanArgs),
+    /// Show what is applied and how the last run went
+    Status(FormatArgs),
+    /// Render every host of a repository without touching anything (for the repository's CI)
+    #[command(after_help = "\
+Without DIR the configured --source is fetched. Every hosts/*.toml (and
+hosts/default.toml) is loaded and rendered with this machine's facts, the
+hostname fact replaced by the host's name. Ownership is not checked (users
+differ per host). Exit code 3 if anything fails, with every problem listed.")]
+    Validate(ValidateArgs),
+    /// List past runs, newest first
+    History(HistoryArgs),
+}
+
+#[derive(Debug, Args)]
+struct SyncArgs {
+    /// Run one pass and exit (what cron and timers use; `sync` never daemonises)
+    #[arg(long)]
+    once: bool,
+    /// Wait up to this many seconds for another run to finish instead of exiting with 75
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    wait: u64,
+    /// Accept a tracked branch whose history was rewritten (force-push)
+    #[arg(long)]
+    allow_non_fast_forward: bool,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Colour the diff: auto (on a terminal), always, never
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
+    /// Only list the changes, no content diff
+    #[arg(long)]
+    no_diff: bool,
+    /// Wait up to this many seconds for a running sync
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    wait: u64,
+    /// Plan even if the tracked branch's history was rewritten
+    #[arg(long)]
+    allow_non_fast_forward: bool,
+}
+
+#[derive(Debug, Args)]
+struct FormatArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// A repository directory (working tree); default: the configured source
+    dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// Show at most this many entries
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: usize,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+/// Entry point used by the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.kind.code())
+        }
+    }
+}
+
+fn init_logging(g: &GlobalArgs) {
+    use tracing_subscriber::EnvFilter;
+    let level = if g.quiet {
+        "warn"
+    } else {
+        match g.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("DRIFTLESS_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("driftless={level},warn")));
+    let tty = std::io::stderr().is_terminal();
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(tty)
+        .with_target(false);
+    // journald stamps lines itself; a terminal user wants short lines.
+    if tty || journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> {
+    let source = if g.no_config {
+        ConfigSource::None
+    } else if let Some(f) = &g.config {
+        ConfigSource::File(f.clone())
+    } else {
+        ConfigSource::System
+    };
+    let cli = Fragment {
+        source: g.source.clone(),
+        branch: g.branch.clone(),
+        path: g.path.clone(),
+        host: g.host.clone(),
+        state_dir: g.state_dir.clone(),
+        root: g.root.clone(),
+        allowed_roots: (!g.allowed_roots.is_empty()).then(|| g.allowed_roots.clone()),
+        allow_non_fast_forward: allow_nff.then_some(true),
+        ssh: SshFragment {
+            key: g.ssh_key.clone(),
+            known_hosts: g.ssh_known_hosts.clone(),
+        },
+    };
+    config::load(&source, cli).kind(Failure::Config)
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Sync(args) => {
+            let _ = args.once; // one pass is the only mode of `sync`
+            let s = settings(g, args.allow_non_fast_forward)?;
+            let opts = crate::sync::SyncOptions {
+                wait: Duration::from_secs(args.wait),
+                apply: crate::effects::apply::ApplyOptions {
+                    crash_after: test_hook_crash_after(),
+                },
+            };
+            let report = crate::sync::sync_once(&s, &opts, now())?;
+            output::print_sync(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => {
+            let s = settings(g, args.allow_non_fast_forward)?;
+            let (state, _guard) = crate::sync::lock(&s, Duration::from_secs(args.wait))?;
+            let fs = crate::sync::open_root(&s)?;
+            let prepared = crate::sync::prepare(&s, &state, &fs)?;
+            let color = match args.color {
+                ColorChoice::Always => true,
+                ColorChoice::Never => false,
+                ColorChoice::Auto => {
+                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+                }
+            };
+            output::print_plan(&s, &prepared, args.format, color, !args.no_diff)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let s = settings(g, false)?;
+            output::print_status(&s, args.format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History(args) => {
+            let s = settings(g, false)?;
+            output::print_history(&s, args.limit, args.format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate(args) => {
+            let s = settings(g, false)?;
+            output::validate(&s, args.dir.as_deref(), args.format)
+        }
+    }
+}
+
+/// `DRIFTLESS_TEST_CRASH_AFTER=N` aborts the process after N operations of
+/// an apply, for the crash-safety tests. Documented in tests/README.md.
+fn test_hook_crash_after() -> Option<usize> {
+    std::env::var("DRIFTLESS_TEST_CRASH_AFTER")
+        .ok()?
+        .parse()
+        .ok()
+}

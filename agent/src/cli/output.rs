@@ -1,0 +1,333 @@
+//! What the commands print. Text for people, `--format json` for machines
+//! (shaped as `apiVersion`/`kind`/`spec`/`status`, like bootc).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use super::Format;
+use crate::config::Settings;
+use crate::desired::load::{self, LoadOptions};
+use crate::desired::render::Renderer;
+use crate::effects::apply::journal::{Journal, TxState};
+use crate::effects::state::{read_json, StateDir};
+use crate::effects::{facts, fetch};
+use crate::exit::{Classify, Error, Failure};
+use crate::plan::diff::{content_diff, render_plan, short, Style};
+use crate::plan::ChangeKind;
+use crate::sync::{LastRun, Prepared, Report};
+
+const API_VERSION: &str = "driftless/v1";
+
+fn print_json(v: &serde_json::Value) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(v).kind(Failure::Failed)?;
+    println!("{text}");
+    Ok(())
+}
+
+fn time_str(t: i64) -> String {
+    if t <= 0 {
+        return "never".into();
+    }
+    let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
+    humantime::format_rfc3339_seconds(st).to_string()
+}
+
+pub fn print_sync(r: &Report) {
+    match &r.applied {
+        Some(a) => println!(
+            "applied {} (transaction {}): {} created, {} changed, {} removed, {} unchanged",
+            short(&r.commit),
+            a.txid,
+            a.created,
+            a.changed,
+            a.removed,
+            r.plan.unchanged
+        ),
+        None => println!(
+            "{} already applied: {} file(s) as desired, nothing written",
+            short(&r.commit),
+            r.plan.unchanged
+        ),
+    }
+}
+
+pub fn print_plan(
+    s: &Settings,
+    p: &Prepared,
+    format: Format,
+    color: bool,
+    diff: bool,
+) -> Result<(), Error> {
+    match format {
+        Format::Text => {
+            print!("{}", render_plan(&p.plan, Style { color }, diff));
+            Ok(())
+        }
+        Format::Json => {
+            let changes: Vec<serde_json::Value> = p
+                .plan
+                .changes
+                .iter()
+                .map(|c| {
+                    let mut v = serde_json::to_value(c).unwrap_or_default();
+                    let d =
+                        (diff && c.content_changed && !c.sensitive && c.kind != ChangeKind::Adopt)
+                            .then(|| content_diff(c, Style { color: false }));
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert("diff".into(), json!(d));
+                    }
+                    v
+                })
+                .collect();
+            print_json(&json!({
+                "apiVersion": API_VERSION,
+                "kind": "Plan",
+                "spec": {
+                    "host": p.plan.host,
+                    "source": s.source,
+                    "branch": s.branch,
+                    "path": s.path,
+                    "commit": p.fetched.commit,
+                    "summary": p.fetched.summary,
+                    "root": s.root,
+                },
+                "status": {
+                    "changes": changes,
+                    "unchanged": p.plan.unchanged,
+                    "unit_actions": p.plan.unit_actions,
+                    "checks": p.plan.checks,
+                },
+            }))
+        }
+    }
+}
+
+pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
+    let state = StateDir::existing(&s.state_dir);
+    let inventory = match &state {
+        Some(st) => Some(st.inventory().kind(Failure::Failed)?),
+        None => None,
+    };
+    let last: Option<LastRun> = match &state {
+        Some(st) => read_json(&st.last_run_path()).kind(Failure::Failed)?,
+        None => None,
+    };
+    let pending = match &state {
+        Some(st) => pending_transactions(st),
+        None => Vec::new(),
+    };
+    let applied = inventory.as_ref().filter(|i| !i.txid.is_empty());
+    match format {
+        Format::Json => print_json(&json!({
+            "apiVersion": API_VERSION,
+            "kind": "Status",
+            "spec": {
+                "host": s.host,
+                "source": s.source,
+                "branch": s.branch,
+                "path": s.path,
+                "root": s.root,
+                "state_dir": s.state_dir,
+                "allowed_roots": s.allowed_roots,
+            },
+            "status": {
+                "applied": applied.map(|i| json!({
+                    "commit": i.commit,
+                    "txid": i.txid,
+                    "applied_at": i.applied_at,
+                    "files": i.files.len(),
+                })),
+                "last_run": last,
+                "interrupted_transactions": pending,
+            },
+        })),
+        Format::Text => {
+            println!("host:     {}", s.host);
+            println!(
+                "source:   {} (branch {}{})",
+                s.source.as_deref().unwrap_or("(none configured)"),
+                s.branch,
+                if s.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(", path {}", s.path)
+                }
+            );
+            match applied {
+                Some(i) => println!(
+                    "applied:  {} at {} ({} files, transaction {})",
+                    i.commit.as_deref().map(short).unwrap_or("?"),
+                    time_str(i.applied_at),
+                    i.files.len(),
+                    i.txid
+                ),
+                None => println!("applied:  nothing yet"),
+            }
+            match &last {
+                Some(l) => {
+                    println!(
+                        "last run: {} at {}{}",
+                        serde_json::to_value(&l.outcome)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        time_str(l.time),
+                        l.commit
+                            .as_deref()
+                            .map(|c| format!(" ({})", short(c)))
+                            .unwrap_or_default()
+                    );
+                    if let Some(m) = &l.message {
+                        println!("          {m}");
+                    }
+                }
+                None => println!("last run: never"),
+            }
+            if !pending.is_empty() {
+                println!(
+                    "interrupted transactions (rolled back by the next run): {}",
+                    pending.join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn pending_transactions(state: &StateDir) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(state.tx_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            matches!(
+                read_json::<Journal>(&e.path().join("journal.json")),
+                Ok(Some(j)) if matches!(j.state, TxState::Preparing | TxState::Prepared)
+            )
+        })
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    // A Prepared journal whose txid the inventory names has committed.
+    if let Ok(inv) = state.inventory() {
+        out.retain(|t| *t != inv.txid);
+    }
+    out.sort();
+    out
+}
+
+pub fn print_history(s: &Settings, limit: usize, format: Format) -> Result<(), Error> {
+    let entries = match StateDir::existing(&s.state_dir) {
+        Some(st) => st.history().kind(Failure::Failed)?,
+        None => Vec::new(),
+    };
+    let newest: Vec<_> = entries.iter().rev().take(limit).collect();
+    match format {
+        Format::Json => print_json(&json!({
+            "apiVersion": API_VERSION,
+            "kind": "History",
+            "status": { "entries": newest },
+        })),
+        Format::Text => {
+            if newest.is_empty() {
+                println!("no runs recorded in {}", s.state_dir.display());
+            }
+            for e in newest {
+                let outcome = serde_json::to_value(&e.outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let commit = e.commit.as_deref().map(short).unwrap_or("-");
+                let mut line = format!("{}  {:<9} {:<12}", time_str(e.time), outcome, commit);
+                if e.created + e.changed + e.removed > 0 {
+                    line.push_str(&format!("  +{} ~{} -{}", e.created, e.changed, e.removed));
+                }
+                if let Some(m) = &e.message {
+                    line.push_str("  ");
+                    line.push_str(m.lines().next().unwrap_or(""));
+                }
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<ExitCode, Error> {
+    let snap = match dir {
+        Some(d) => crate::sync::snapshot_of_dir(d, &s.path).kind(Failure::InvalidRepo)?,
+        None => {
+            let spec = crate::sync::source_spec(s)?;
+            fetch::install_tls_provider();
+            let got = fetch::fetch(&spec, &s.state_dir.join("mirror.git")).kind(Failure::Failed)?;
+            fetch::read_tree(&got.repo, got.commit, &s.path).kind(Failure::InvalidRepo)?
+        }
+    };
+    let opts = LoadOptions {
+        allowed_roots: s.allowed_roots.clone(),
+    };
+    let mut hosts = load::host_names(&snap);
+    if snap.contains(&format!("hosts/{}.toml", load::DEFAULT_HOST)) {
+        hosts.push(load::DEFAULT_HOST.to_string());
+    }
+    if hosts.is_empty() {
+        return Err(Error::new(
+            Failure::InvalidRepo,
+            anyhow::anyhow!("no host files: add hosts/<name>.toml or hosts/default.toml"),
+        ));
+    }
+    let base_facts = facts::gather(Path::new("/"));
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for name in &hosts {
+        let mut facts = base_facts.clone();
+        facts["hostname"] = json!(name);
+        let outcome = load::load_host(&snap, name, &opts).and_then(|cfg| {
+            let r = Renderer::new(&snap, &[&cfg])?;
+            let d = r.render(&snap, &cfg, &facts)?;
+            Ok((cfg, d))
+        });
+        match outcome {
+            Ok((cfg, d)) => results.push(json!({
+                "host": name, "ok": true, "roles": cfg.roles, "files": d.files.len(),
+                "checks": d.checks.len(), "errors": [],
+            })),
+            Err(diags) => {
+                failed += 1;
+                let errors: Vec<&String> = diags.iter().collect();
+                results.push(json!({"host": name, "ok": false, "errors": errors}));
+            }
+        }
+    }
+    match format {
+        Format::Json => print_json(&json!({
+            "apiVersion": API_VERSION,
+            "kind": "Validation",
+            "status": { "hosts": results, "failed": failed },
+        }))?,
+        Format::Text => {
+            for r in &results {
+                let host = r["host"].as_str().unwrap_or("?");
+                if r["ok"].as_bool() == Some(true) {
+                    println!(
+                        "ok    {host}: {} file(s), {} check(s)",
+                        r["files"], r["checks"]
+                    );
+                } else {
+                    println!("FAIL  {host}:");
+                    for e in r["errors"].as_array().into_iter().flatten() {
+                        println!("      {}", e.as_str().unwrap_or(""));
+                    }
+                }
+            }
+            println!("{} host(s) valid, {failed} invalid", results.len() - failed);
+        }
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(Failure::InvalidRepo.code())
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,288 @@
+//! Agent settings: where the repository is, which host this is, where
+//! state lives and which paths may be written.
+//!
+//! Layers, lowest first (later wins, key by key):
+//!
+//! 1. built-in defaults
+//! 2. `/etc/driftless/agent.toml` (or the file given with `--config`)
+//! 3. drop-ins `*.toml` from `/usr/lib/driftless/agent.d`,
+//!    `/run/driftless/agent.d`, `/etc/driftless/agent.d`, applied in file
+//!    name order; a file in `/etc` masks one of the same name in `/run`,
+//!    which masks `/usr/lib` (systemd's convention)
+//! 4. command-line options
+//!
+//! Like zincati: fragments ([`Fragment`], every key optional) are merged
+//! into inputs, then validated once into [`Settings`]. Unknown keys are
+//! errors with a did-you-mean hint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::desired::spec::TargetPath;
+use crate::desired::toml_file;
+use crate::effects::state::DEFAULT_STATE_DIR;
+
+pub const MAIN_CONFIG: &str = "/etc/driftless/agent.toml";
+pub const DROP_IN_DIRS: &[&str] = &[
+    "/usr/lib/driftless/agent.d",
+    "/run/driftless/agent.d",
+    "/etc/driftless/agent.d",
+];
+pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["/etc", "/usr/local", "/var/lib", "/srv", "/opt"];
+pub const DEFAULT_BRANCH: &str = "main";
+
+/// One config file, or the command line: every key optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fragment {
+    /// Repository: a path, `file://`, `https://`, `ssh://` or `user@host:path`.
+    pub source: Option<String>,
+    /// Branch (or full ref) to follow.
+    pub branch: Option<String>,
+    /// Sub-directory of the repository holding `driftless.toml`.
+    pub path: Option<String>,
+    /// This host's name in the repository (default: the kernel hostname).
+    pub host: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    /// Prefix under which targets are written (default `/`).
+    pub root: Option<PathBuf>,
+    pub allowed_roots: Option<Vec<String>>,
+    /// Accept a tracked branch whose history was rewritten.
+    pub allow_non_fast_forward: Option<bool>,
+    #[serde(default)]
+    pub ssh: SshFragment,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshFragment {
+    /// Private key for `ssh://` sources.
+    pub key: Option<PathBuf>,
+    /// known_hosts file pinning the server's host key.
+    pub known_hosts: Option<PathBuf>,
+}
+
+impl Fragment {
+    /// `other` wins where it sets a key.
+    pub fn merge(&mut self, other: Fragment) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            source,
+            branch,
+            path,
+            host,
+            state_dir,
+            root,
+            allowed_roots,
+            allow_non_fast_forward
+        );
+        if other.ssh.key.is_some() {
+            self.ssh.key = other.ssh.key;
+        }
+        if other.ssh.known_hosts.is_some() {
+            self.ssh.known_hosts = other.ssh.known_hosts;
+        }
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub source: Option<String>,
+    pub branch: String,
+    /// Normalised sub-path, "" for the repository root.
+    pub path: String,
+    pub host: String,
+    pub state_dir: PathBuf,
+    pub root: PathBuf,
+    pub allowed_roots: Vec<TargetPath>,
+    pub allow_non_fast_forward: bool,
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_known_hosts: Option<PathBuf>,
+    /// Config files that were read, in order.
+    pub config_files: Vec<PathBuf>,
+}
+
+/// Where to look for config files.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// The standard locations.
+    System,
+    /// Exactly this file, no drop-ins.
+    File(PathBuf),
+    /// No files: command line only.
+    None,
+}
+
+/// Reads the config layers and applies `cli` on top.
+pub fn load(source: &ConfigSource, cli: Fragment) -> Result<Settings> {
+    let mut merged = Fragment::default();
+    let mut read = Vec::new();
+    match source {
+        ConfigSource::None => {}
+        ConfigSource::File(path) => {
+            merged.merge(read_fragment(path)?);
+            read.push(path.clone());
+        }
+        ConfigSource::System => {
+            let main = Path::new(MAIN_CONFIG);
+            if main.exists() {
+                merged.merge(read_fragment(main)?);
+                read.push(main.to_path_buf());
+            }
+            for path in drop_ins(DROP_IN_DIRS)? {
+                merged.merge(read_fragment(&path)?);
+                read.push(path);
+            }
+        }
+    }
+    merged.merge(cli);
+    validate(merged, read)
+}
+
+/// Drop-in files by name; later directories mask earlier ones.
+pub fn drop_ins(dirs: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for dir in dirs {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot list {dir}")),
+        };
+        for entry in rd {
+            let entry = entry.with_context(|| format!("cannot list {dir}"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".toml") && !name.starts_with('.') {
+                by_name.insert(name, entry.path());
+            }
+        }
+    }
+    Ok(by_name.into_values().collect())
+}
+
+fn read_fragment(path: &Path) -> Result<Fragment> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read agent config {}", path.display()))?;
+    toml_file::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)
+}
+
+fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
+    let cwd = std::env::current_dir().context("cannot determine the current directory")?;
+    let absolute = |p: PathBuf| if p.is_absolute() { p } else { cwd.join(p) };
+
+    let branch = f.branch.unwrap_or_else(|| DEFAULT_BRANCH.to_string());
+    if branch.is_empty() || branch.contains("..") || branch.contains(char::is_whitespace) {
+        bail!("branch {branch:?} is not a valid branch or ref name");
+    }
+    let path = normalise_sub_path(f.path.as_deref().unwrap_or(""))?;
+    let host = match f.host {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .context("cannot read the hostname; set `host` in the agent config or pass --host")?
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("the hostname is not UTF-8; set `host` or pass --host"))?,
+    };
+    if host.is_empty() || host.contains('/') || host.starts_with('.') {
+        bail!("host name {host:?} is not usable as hosts/<name>.toml; set `host` or pass --host");
+    }
+    let roots = f.allowed_roots.unwrap_or_else(|| {
+        DEFAULT_ALLOWED_ROOTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    });
+    let mut allowed_roots = Vec::new();
+    for r in roots {
+        allowed_roots
+            .push(TargetPath::parse(&r).map_err(|e| anyhow::anyhow!("allowed_roots: {e}"))?);
+    }
+    // A relative local source is relative to where the command runs.
+    let source = f.source.map(|s| {
+        if looks_like_url(&s) || Path::new(&s).is_absolute() {
+            s
+        } else {
+            cwd.join(&s).display().to_string()
+        }
+    });
+    Ok(Settings {
+        source,
+        branch,
+        path,
+        host,
+        state_dir: absolute(
+            f.state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        ),
+        root: absolute(f.root.unwrap_or_else(|| PathBuf::from("/"))),
+        allowed_roots,
+        allow_non_fast_forward: f.allow_non_fast_forward.unwrap_or(false),
+        ssh_key: f.ssh.key.map(absolute),
+        ssh_known_hosts: f.ssh.known_hosts.map(absolute),
+        config_files,
+    })
+}
+
+/// URL schemes and scp-like `user@host:path`.
+pub fn looks_like_url(s: &str) -> bool {
+    s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
+}
+
+fn normalise_sub_path(p: &str) -> Result<String> {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.contains(&"..") {
+        bail!("path {p:?}: the repository sub-path cannot contain '..'");
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_layers_win_key_by_key() {
+        let mut a: Fragment = toml::from_str("source = \"a\"\nbranch = \"x\"\n").unwrap();
+        let b: Fragment = toml::from_str("branch = \"y\"\n[ssh]\nkey = \"/k\"\n").unwrap();
+        a.merge(b);
+        assert_eq!(a.source.as_deref(), Some("a"));
+        assert_eq!(a.branch.as_deref(), Some("y"));
+        assert_eq!(a.ssh.key.as_deref(), Some(Path::new("/k")));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_hint() {
+        let err = toml_file::parse::<Fragment>("/etc/driftless/agent.toml", "brnach = \"main\"\n")
+            .unwrap_err();
+        assert!(err.contains("/etc/driftless/agent.toml:1:1"), "{err}");
+        assert!(err.contains("did you mean `branch`?"), "{err}");
+    }
+
+    #[test]
+    fn drop_ins_mask_by_name_and_sort() {
+        let d = tempfile::tempdir().unwrap();
+        let usr = d.path().join("usr");
+        let etc = d.path().join("etc");
+        std::fs::create_dir_all(&usr).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(usr.join("10-a.toml"), "").unwrap();
+        std::fs::write(usr.join("20-b.toml"), "").unwrap();
+        std::fs::write(etc.join("10-a.toml"), "").unwrap();
+        std::fs::write(etc.join("notes.txt"), "").unwrap();
+        let got = drop_ins(&[usr.to_str().unwrap(), etc.to_str().unwrap()]).unwrap();
+        assert_eq!(got, vec![etc.join("10-a.toml"), usr.join("20-b.toml")]);
+    }
+
+    #[test]
+    fn sub_path_is_normalised_and_confined() {
+        assert_eq!(normalise_sub_path("/a//b/./").unwrap(), "a/b");
+        assert!(normalise_sub_path("a/../b").is_err());
+    }
+}

@@ -1,0 +1,561 @@
+//! Load: turn a repository snapshot and a host name into that host's
+//! configuration: which host file applies, which roles, the merged
+//! variables, and the declared files and checks.
+//!
+//! Variable precedence, lowest first (later wins, tables merge key by key):
+//!
+//! 1. `driftless.toml` `[vars]`
+//! 2. each role's `[vars]`, in the order the roles are listed
+//!    (`driftless.toml` roles first, then the host's)
+//! 3. the host file's `[vars]`
+//!
+//! A host without `hosts/<name>.toml` uses `hosts/default.toml`; if that is
+//! missing too, loading fails. A host never silently manages nothing.
+//!
+//! Errors are collected, not stopped at the first: `validate` shows every
+//! problem of a repository in one run.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value as Json;
+
+use super::model::{CheckSpec, FileSpec, HostFile, RepoFile, RoleFile};
+use super::snapshot::Snapshot;
+use super::spec::{
+    parse_duration, validate_unit_name, Check, Mode, Principal, Probe, TargetPath, UnitAction,
+    UnitActionKind,
+};
+use super::toml_file;
+use super::Diagnostics;
+
+pub const REPO_FILE: &str = "driftless.toml";
+pub const DEFAULT_HOST: &str = "default";
+
+/// Options that come from the agent, not from the repository.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Every target must lie under one of these.
+    pub allowed_roots: Vec<TargetPath>,
+}
+
+/// Where a managed file's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentRef {
+    /// A Tera template, by repository path.
+    Template(String),
+    /// A static file copied verbatim, by repository path.
+    Source(String),
+}
+
+/// One file the host must have, as declared (not yet rendered).
+#[derive(Debug, Clone)]
+pub struct FileDecl {
+    pub path: TargetPath,
+    pub role: String,
+    pub content: ContentRef,
+    pub mode: Mode,
+    pub owner: Principal,
+    pub group: Principal,
+    pub on_change: Vec<UnitAction>,
+    /// Where it was declared, for error messages: `roles/web/role.toml files[2]`.
+    pub origin: String,
+}
+
+/// Everything the repository says about one host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub name: String,
+    /// The host file used: `hosts/<name>.toml` or `hosts/default.toml`.
+    pub host_file: String,
+    pub roles: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub vars: Json,
+    pub files: Vec<FileDecl>,
+    pub checks: Vec<Check>,
+}
+
+/// Names of all hosts with their own file (excluding `default`), sorted.
+pub fn host_names(snap: &Snapshot) -> Vec<String> {
+    snap.walk("hosts")
+        .filter_map(|(p, _)| p.strip_prefix("hosts/")?.strip_suffix(".toml"))
+        .filter(|n| !n.contains('/') && *n != DEFAULT_HOST)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loads the configuration of `host` from `snap`.
+pub fn load_host(
+    snap: &Snapshot,
+    host: &str,
+    opts: &LoadOptions,
+) -> Result<HostConfig, Diagnostics> {
+    let mut diags = Diagnostics::default();
+
+    let repo: RepoFile = match read_toml(snap, REPO_FILE) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            diags.push(format!(
+                "{REPO_FILE}: not found at the repository root (or the configured --path); \
+                 is this a driftless config repository?"
+            ));
+            return Err(diags);
+        }
+        Err(e) => {
+            diags.push(e);
+            return Err(diags);
+        }
+    };
+
+    let own = format!("hosts/{host}.toml");
+    let fallback = format!("hosts/{DEFAULT_HOST}.toml");
+    let (host_file_path, host_file) = match read_toml::<HostFile>(snap, &own) {
+        Ok(Some(h)) => (own, h),
+        Ok(None) => match read_toml::<HostFile>(snap, &fallback) {
+            Ok(Some(h)) => (fallback, h),
+            Ok(None) => {
+                diags.push(format!(
+                    "host {host:?} has no {own} and the repository has no {fallback}: \
+                     add one of them (a host never manages nothing silently)"
+                ));
+                return Err(diags);
+            }
+            Err(e) => {
+                diags.push(e);
+                return Err(diags);
+            }
+        },
+        Err(e) => {
+            diags.push(e);
+            return Err(diags);
+        }
+    };
+
+    // Roles: repo-wide first, then the host's; duplicates keep the first.
+    let mut roles: Vec<String> = Vec::new();
+    for (origin, role) in repo
+        .roles
+        .iter()
+        .map(|r| (REPO_FILE, r))
+        .chain(host_file.roles.iter().map(|r| (host_file_path.as_str(), r)))
+    {
+        if !roles.contains(role) {
+            if let Err(e) = check_role_name(snap, role) {
+                diags.push(format!("{origin}: {e}"));
+                continue;
+            }
+            roles.push(role.clone());
+        }
+    }
+
+    let mut vars = Json::Object(Default::default());
+    merge(&mut vars, toml_to_json(toml::Value::Table(repo.vars)));
+
+    let mut files: Vec<FileDecl> = Vec::new();
+    let mut checks: Vec<Check> = Vec::new();
+    let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
+    for role in &roles {
+        let role_path = format!("roles/{role}/role.toml");
+        let role_file: RoleFile = match read_toml(snap, &role_path) {
+            Ok(Some(r)) => r,
+            Ok(None) => unreachable_role(&mut diags, &role_path),
+            Err(e) => {
+                diags.push(e);
+                continue;
+            }
+        };
+        merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
+        for (i, spec) in role_file.files.into_iter().enumerate() {
+            let origin = format!("{role_path} files[{i}]");
+            match file_decl(snap, role, &origin, spec, opts) {
+                Ok(decl) => {
+                    if let Some(other) = claimed.get(&decl.path) {
+                        diags.push(format!(
+                            "{origin}: {} is already managed by {other}; a path can belong to one role only",
+                            decl.path
+                        ));
+                        continue;
+                    }
+                    claimed.insert(decl.path.clone(), origin.clone());
+                    files.push(decl);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.checks.into_iter().enumerate() {
+            match check(role, spec) {
+                Ok(c) => checks.push(c),
+                Err(e) => diags.push(format!("{role_path} checks[{i}]: {e}")),
+            }
+        }
+    }
+    merge(&mut vars, toml_to_json(toml::Value::Table(host_file.vars)));
+
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(HostConfig {
+        name: host.to_string(),
+        host_file: host_file_path,
+        roles,
+        labels: host_file.labels,
+        vars,
+        files,
+        checks,
+    })
+}
+
+// A role whose role.toml vanished between check_role_name and reading it
+// cannot happen with an immutable snapshot; report it rather than panic.
+fn unreachable_role(diags: &mut Diagnostics, role_path: &str) -> RoleFile {
+    diags.push(format!("{role_path}: not found"));
+    RoleFile::default()
+}
+
+fn check_role_name(snap: &Snapshot, role: &str) -> Result<(), String> {
+    if role.is_empty()
+        || !role
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || role.starts_with('.')
+    {
+        return Err(format!(
+            "role name {role:?} may only use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if snap.contains(&format!("roles/{role}/role.toml")) {
+        return Ok(());
+    }
+    let known: BTreeSet<&str> = snap
+        .walk("roles")
+        .filter_map(|(p, _)| p.strip_prefix("roles/")?.strip_suffix("/role.toml"))
+        .filter(|n| !n.contains('/'))
+        .collect();
+    let known: Vec<&str> = known.into_iter().collect();
+    let hint = match toml_file::closest(role, &known) {
+        Some(best) => format!(" (did you mean `{best}`?)"),
+        None => String::new(),
+    };
+    Err(format!(
+        "role `{role}` does not exist: roles/{role}/role.toml not found{hint}"
+    ))
+}
+
+fn file_decl(
+    snap: &Snapshot,
+    role: &str,
+    origin: &str,
+    spec: FileSpec,
+    opts: &LoadOptions,
+) -> Result<FileDecl, String> {
+    let path = TargetPath::parse(&spec.path)?;
+    if !opts.allowed_roots.iter().any(|r| path.is_under(r)) {
+        let roots: Vec<&str> = opts.allowed_roots.iter().map(TargetPath::as_str).collect();
+        return Err(format!(
+            "{path} is outside the allowed roots ({}); widen `allowed_roots` in the agent config if this is intended",
+            roots.join(", ")
+        ));
+    }
+    let files_dir = format!("roles/{role}/files");
+    let content = match (spec.template, spec.source) {
+        (Some(t), None) => ContentRef::Template(repo_relative(snap, &files_dir, &t, "template")?),
+        (None, Some(s)) => ContentRef::Source(repo_relative(snap, &files_dir, &s, "source")?),
+        (Some(_), Some(_)) => {
+            return Err("set either `template` or `source`, not both".into());
+        }
+        (None, None) => {
+            return Err(format!(
+                "{path}: set `template` (a Tera template) or `source` (copied verbatim), relative to {files_dir}/"
+            ));
+        }
+    };
+    let mode = match spec.mode {
+        Some(m) => Mode::parse(&m).map_err(|e| format!("key `mode`: {e}"))?,
+        None => Mode::DEFAULT_FILE,
+    };
+    let owner = principal(spec.owner, "owner")?;
+    let group = principal(spec.group, "group")?;
+    let mut on_change = Vec::new();
+    for (kind, units) in [
+        (UnitActionKind::Reload, spec.on_change.reload),
+        (UnitActionKind::Restart, spec.on_change.restart),
+        (UnitActionKind::TryRestart, spec.on_change.try_restart),
+        (
+            UnitActionKind::ReloadOrRestart,
+            spec.on_change.reload_or_restart,
+        ),
+    ] {
+        for unit in units {
+            validate_unit_name(&unit).map_err(|e| format!("on_change.{kind}: {e}"))?;
+            on_change.push(UnitAction { unit, action: kind });
+        }
+    }
+    Ok(FileDecl {
+        path,
+        role: role.to_string(),
+        content,
+        mode,
+        owner,
+        group,
+        on_change,
+        origin: origin.to_string(),
+    })
+}
+
+fn principal(value: Option<String>, key: &str) -> Result<Principal, String> {
+    match value {
+        None => Ok(Principal::root()),
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 32
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '$')) =>
+        {
+            Ok(Principal(v))
+        }
+        Some(v) => Err(format!(
+            "key `{key}`: {v:?} is not a user/group name or number"
+        )),
+    }
+}
+
+/// Resolves a `template`/`source` value to a repository path that exists.
+fn repo_relative(snap: &Snapshot, files_dir: &str, rel: &str, key: &str) -> Result<String, String> {
+    if rel.starts_with('/')
+        || rel
+            .split('/')
+            .any(|c| c == ".." || c == "." || c.is_empty())
+    {
+        return Err(format!(
+            "key `{key}`: {rel:?} must be a plain relative path inside {files_dir}/"
+        ));
+    }
+    let full = format!("{files_dir}/{rel}");
+    match snap.read(&full) {
+        Ok(Some(_)) => Ok(full),
+        Ok(None) => Err(format!(
+            "key `{key}`: {full} does not exist in the repository"
+        )),
+        Err(e) => Err(format!("key `{key}`: {e:#}")),
+    }
+}
+
+fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
+    let mut probes = Vec::new();
+    if let Some(h) = spec.http {
+        probes.push(Probe::Http(h));
+    }
+    if let Some(t) = spec.tcp {
+        probes.push(Probe::Tcp(t));
+    }
+    if let Some(c) = spec.command {
+        if c.argv.is_empty() {
+            return Err("command.argv is empty: give the program and its arguments".into());
+        }
+        probes.push(Probe::Command(c));
+    }
+    if let Some(u) = spec.unit {
+        validate_unit_name(&u.name).map_err(|e| format!("unit.name: {e}"))?;
+        if let Some(s) = &u.settle {
+            parse_duration(s).map_err(|e| format!("unit.settle: {e}"))?;
+        }
+        probes.push(Probe::Unit(u));
+    }
+    if probes.len() != 1 {
+        return Err(format!(
+            "a check needs exactly one of `http`, `tcp`, `command`, `unit` (found {})",
+            probes.len()
+        ));
+    }
+    let probe = probes.remove(0);
+    let interval = parse_duration(spec.interval.as_deref().unwrap_or("2s"))
+        .map_err(|e| format!("key `interval`: {e}"))?;
+    let timeout = parse_duration(spec.timeout.as_deref().unwrap_or("5s"))
+        .map_err(|e| format!("key `timeout`: {e}"))?;
+    Ok(Check {
+        name: spec.name.unwrap_or_else(|| probe.describe()),
+        role: role.to_string(),
+        probe,
+        retries: spec.retries.unwrap_or(5),
+        interval,
+        timeout,
+    })
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(
+    snap: &Snapshot,
+    path: &str,
+) -> Result<Option<T>, String> {
+    let bytes = match snap.read(path) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("{e:#}")),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("{path}: not valid UTF-8: {e}"))?;
+    toml_file::parse(path, text).map(Some)
+}
+
+/// Converts TOML to JSON for the template context. Datetimes become strings.
+pub fn toml_to_json(v: toml::Value) -> Json {
+    match v {
+        toml::Value::String(s) => Json::String(s),
+        toml::Value::Integer(i) => Json::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+        toml::Value::Boolean(b) => Json::Bool(b),
+        toml::Value::Datetime(d) => Json::String(d.to_string()),
+        toml::Value::Array(a) => Json::Array(a.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => {
+            Json::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect())
+        }
+    }
+}
+
+/// Deep merge: objects merge key by key, anything else is replaced.
+pub fn merge(base: &mut Json, over: Json) {
+    match (base, over) {
+        (Json::Object(b), Json::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn opts() -> LoadOptions {
+        LoadOptions {
+            allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
+        }
+    }
+
+    fn repo(files: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::new();
+        for (p, c) in files {
+            s.insert_file(*p, c.as_bytes().to_vec(), false);
+        }
+        s
+    }
+
+    #[test]
+    fn vars_merge_repo_then_roles_then_host() {
+        let s = repo(&[
+            (
+                "driftless.toml",
+                "roles = [\"a\"]\n[vars]\nx = 1\ny = 1\nz = 1\nt = { p = 1, q = 1 }\n",
+            ),
+            ("roles/a/role.toml", "[vars]\ny = 2\nz = 2\nt = { q = 2 }\n"),
+            ("roles/b/role.toml", "[vars]\nz = 3\n"),
+            ("hosts/h.toml", "roles = [\"b\"]\n[vars]\nw = 4\n"),
+        ]);
+        let h = load_host(&s, "h", &opts()).unwrap();
+        assert_eq!(h.roles, vec!["a", "b"]);
+        assert_eq!(
+            h.vars,
+            json!({"x": 1, "y": 2, "z": 3, "w": 4, "t": {"p": 1, "q": 2}})
+        );
+    }
+
+    #[test]
+    fn host_without_file_uses_default() {
+        let s = repo(&[("driftless.toml", ""), ("hosts/default.toml", "")]);
+        let h = load_host(&s, "nobody", &opts()).unwrap();
+        assert_eq!(h.host_file, "hosts/default.toml");
+    }
+
+    #[test]
+    fn host_without_file_and_without_default_is_an_error() {
+        let s = repo(&[("driftless.toml", ""), ("hosts/web1.toml", "")]);
+        let err = load_host(&s, "db9", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("hosts/db9.toml") && err.contains("hosts/default.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_role_suggests_the_closest() {
+        let s = repo(&[
+            ("driftless.toml", ""),
+            ("hosts/h.toml", "roles = [\"wbe\"]"),
+            ("roles/web/role.toml", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("hosts/h.toml: role `wbe` does not exist"),
+            "{err}"
+        );
+        assert!(err.contains("did you mean `web`?"), "{err}");
+    }
+
+    #[test]
+    fn two_roles_claiming_one_path_is_an_error() {
+        let f = "[[files]]\npath = \"/etc/x\"\nsource = \"x\"\n";
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\", \"b\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", f),
+            ("roles/a/files/x", ""),
+            ("roles/b/role.toml", f),
+            ("roles/b/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("already managed by roles/a/role.toml files[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn target_outside_allowed_roots_is_refused() {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "[[files]]\npath = \"/usr/bin/x\"\nsource = \"x\"\n",
+            ),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(err.contains("outside the allowed roots"), "{err}");
+    }
+
+    #[test]
+    fn all_errors_are_reported_together() {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "[[files]]\npath = \"rel\"\nsource = \"x\"\n[[files]]\npath = \"/etc/y\"\nsource = \"missing\"\nmode = \"999\"\n",
+            ),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err();
+        assert_eq!(err.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn check_needs_exactly_one_probe() {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", "[[checks]]\nname = \"x\"\n"),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("roles/a/role.toml checks[0]: a check needs exactly one"),
+            "{err}"
+        );
+    }
+}

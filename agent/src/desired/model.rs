@@ -1,0 +1,165 @@
+//! The on-disk format of a config repository, exactly as users write it.
+//!
+//! Every struct denies unknown fields: a misspelt key is an error, never a
+//! silently ignored setting. See `docs/config-repo.md` for the prose version.
+//!
+//! ```text
+//! driftless.toml              repo-wide roles and variables
+//! hosts/<hostname>.toml       one host: roles, labels, variables
+//! hosts/default.toml          used when no hosts/<hostname>.toml exists
+//! roles/<role>/role.toml      the files a role manages and its checks
+//! roles/<role>/files/...      templates (*.tera) and static sources
+//! templates/...               shared partials for {% include %} / {% import %}
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `driftless.toml` at the repository root (or configured sub-path).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoFile {
+    /// Roles every host gets, before its own.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Lowest-precedence variables.
+    #[serde(default)]
+    pub vars: toml::Table,
+}
+
+/// `hosts/<name>.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFile {
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Highest-precedence variables.
+    #[serde(default)]
+    pub vars: toml::Table,
+}
+
+/// `roles/<role>/role.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFile {
+    /// Free text shown by `validate`.
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub vars: toml::Table,
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub checks: Vec<CheckSpec>,
+}
+
+/// One `[[files]]` entry of a role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Absolute target path on the host.
+    pub path: String,
+    /// A Tera template, relative to `roles/<role>/files/`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// A file copied verbatim, relative to `roles/<role>/files/`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Octal mode as a string, e.g. "0644". Default "0644".
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// User name or numeric uid. Default "root".
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Group name or numeric gid. Default "root".
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Unit actions to run when this file changes (content, owner or mode).
+    #[serde(default)]
+    pub on_change: OnChangeSpec,
+}
+
+/// `on_change = { reload = ["nginx.service"], restart = [...] }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnChangeSpec {
+    #[serde(default)]
+    pub reload: Vec<String>,
+    #[serde(default)]
+    pub restart: Vec<String>,
+    #[serde(default, rename = "try-restart")]
+    pub try_restart: Vec<String>,
+    #[serde(default, rename = "reload-or-restart")]
+    pub reload_or_restart: Vec<String>,
+}
+
+/// One `[[checks]]` entry of a role: exactly one of `http`, `tcp`,
+/// `command`, `unit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    /// Shown in logs and status; defaults to a description of the probe.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub http: Option<HttpCheckSpec>,
+    #[serde(default)]
+    pub tcp: Option<TcpCheckSpec>,
+    #[serde(default)]
+    pub command: Option<CommandCheckSpec>,
+    #[serde(default)]
+    pub unit: Option<UnitCheckSpec>,
+    /// Attempts before the check fails. Default 5.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Time between attempts, e.g. "2s". Default "2s".
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Time limit of one attempt, e.g. "5s". Default "5s".
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheckSpec {
+    pub url: String,
+    #[serde(default = "default_http_status")]
+    pub status: u16,
+    /// A substring the body must contain.
+    #[serde(default)]
+    pub body_contains: Option<String>,
+}
+
+fn default_http_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheckSpec {
+    /// `host:port`.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandCheckSpec {
+    /// Program and arguments; run without a shell.
+    pub argv: Vec<String>,
+    /// Expected exit code. Default 0.
+    #[serde(default)]
+    pub exit_code: i32,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnitCheckSpec {
+    pub name: String,
+    /// How long the unit must stay active, e.g. "3s". Default "0s".
+    #[serde(default)]
+    pub settle: Option<String>,
+}

@@ -1,0 +1,278 @@
+//! Render: host configuration + facts → the exact bytes, mode and owner of
+//! every managed file.
+//!
+//! Rendering is strict: an undefined variable is an error that names the
+//! template, the line and the variable (Tera reports the variable; we find
+//! the line). HTML auto-escaping is off (these are config files, not web
+//! pages), and `get_env` is disabled so a template cannot read the agent's
+//! environment.
+//!
+//! Templates see:
+//! - `host`: `name`, `labels`, `roles`, `facts` (see `effects::facts`)
+//! - `vars`: the merged variables (see `load` for precedence)
+//! - `file`: the file's own `path`, `role`, `mode`, `owner`, `group`
+//!
+//! Template names are repository paths (`roles/web/files/nginx.conf.tera`,
+//! `templates/header.tera`), so `{% include %}` and error messages use the
+//! path the user sees in the repository. `driftless.tera` holds the macros
+//! driftless ships (see `templates/` in the source tree).
+
+use serde_json::{json, Value as Json};
+use tera::Tera;
+
+use super::load::{ContentRef, HostConfig};
+use super::snapshot::{Entry, Snapshot};
+use super::spec::{Check, Mode, Principal, TargetPath, UnitAction};
+use super::Diagnostics;
+
+/// Macros shipped with the agent.
+const BUILTIN_TEMPLATES: &[(&str, &str)] = &[(
+    "driftless.tera",
+    include_str!("../../../templates/driftless.tera"),
+)];
+
+/// One file as it must be on the host.
+#[derive(Debug, Clone)]
+pub struct DesiredFile {
+    pub path: TargetPath,
+    pub role: String,
+    pub content: Vec<u8>,
+    pub mode: Mode,
+    pub owner: Principal,
+    pub group: Principal,
+    pub on_change: Vec<UnitAction>,
+    /// Content depends on a secret: never shown, logged or stored in clear.
+    pub sensitive: bool,
+    /// Where it was declared, for messages.
+    pub origin: String,
+}
+
+/// The whole desired state of one host.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub host: String,
+    pub files: Vec<DesiredFile>,
+    pub checks: Vec<Check>,
+}
+
+/// Templates of a repository, parsed once, rendered for any number of hosts.
+pub struct Renderer {
+    tera: Tera,
+    /// Raw template texts by name, to find the line of a render error
+    /// (Tera reports the variable but not where it is).
+    sources: std::collections::HashMap<String, String>,
+}
+
+impl Renderer {
+    /// Parses every template the given roles can use: all files under
+    /// `templates/`, and under each role's `files/` every `*.tera` file and
+    /// every file a `template =` names.
+    pub fn new(snap: &Snapshot, hosts: &[&HostConfig]) -> Result<Self, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let mut names: std::collections::BTreeSet<String> = Default::default();
+        for (path, entry) in snap.walk("templates") {
+            if matches!(entry, Entry::File { .. } | Entry::Symlink { .. }) {
+                names.insert(path.to_string());
+            }
+        }
+        for host in hosts {
+            for role in &host.roles {
+                for (path, _) in snap.walk(&format!("roles/{role}/files")) {
+                    if path.ends_with(".tera") {
+                        names.insert(path.to_string());
+                    }
+                }
+            }
+            for f in &host.files {
+                if let ContentRef::Template(t) = &f.content {
+                    names.insert(t.clone());
+                }
+            }
+        }
+        let mut sources: Vec<(String, String)> = BUILTIN_TEMPLATES
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect();
+        for name in names {
+            match snap.read(&name) {
+                Ok(Some(bytes)) => match String::from_utf8(bytes.to_vec()) {
+                    Ok(text) => sources.push((name, text)),
+                    Err(_) => diags.push(format!(
+                        "{name}: a template must be UTF-8 text; use `source =` for binary files"
+                    )),
+                },
+                Ok(None) => {}
+                Err(e) => diags.push(format!("{e:#}")),
+            }
+        }
+        let mut tera = Tera::default();
+        tera.autoescape_on(vec![]);
+        tera.register_function("get_env", |_: &std::collections::HashMap<String, Json>| {
+            Err(tera::Error::msg(
+                "get_env() is disabled: templates see only `host`, `vars` and `file`",
+            ))
+        });
+        // Tera stops at the first broken template: drop it, note it, and
+        // parse the rest again, so one run reports every broken template.
+        let mut remaining = sources.clone();
+        loop {
+            let mut attempt = Tera::default();
+            match attempt.add_raw_templates(remaining.clone()) {
+                Ok(()) => break,
+                Err(e) => {
+                    let msg = error_chain(&e).join(": ");
+                    let culprit = remaining.iter().position(|(n, _)| {
+                        msg.contains(&format!("'{n}'")) || msg.contains(&format!("`{n}`"))
+                    });
+                    diags.push(msg);
+                    match culprit {
+                        Some(i) => {
+                            remaining.remove(i);
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        if diags.is_empty() {
+            if let Err(e) = tera.add_raw_templates(sources.clone()) {
+                diags.push(error_chain(&e).join(": "));
+            }
+        }
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Ok(Renderer {
+            tera,
+            sources: sources.into_iter().collect(),
+        })
+    }
+
+    /// Renders every file of `host`. All failures are collected.
+    pub fn render(
+        &self,
+        snap: &Snapshot,
+        host: &HostConfig,
+        facts: &Json,
+    ) -> Result<Desired, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let mut files = Vec::with_capacity(host.files.len());
+        let host_json = json!({
+            "name": host.name,
+            "labels": host.labels,
+            "roles": host.roles,
+            "facts": facts,
+        });
+        for decl in &host.files {
+            let content = match &decl.content {
+                ContentRef::Source(path) => match snap.read(path) {
+                    Ok(Some(b)) => b.to_vec(),
+                    Ok(None) => {
+                        diags.push(format!("{}: {path} does not exist", decl.origin));
+                        continue;
+                    }
+                    Err(e) => {
+                        diags.push(format!("{}: {e:#}", decl.origin));
+                        continue;
+                    }
+                },
+                ContentRef::Template(name) => {
+                    let ctx = json!({
+                        "host": host_json,
+                        "vars": host.vars,
+                        "file": {
+                            "path": decl.path.as_str(),
+                            "role": decl.role,
+                            "mode": decl.mode.to_string(),
+                            "owner": decl.owner.0,
+                            "group": decl.group.0,
+                        },
+                    });
+                    let ctx = match tera::Context::from_value(ctx) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            diags.push(format!(
+                                "{}: cannot build template context: {e}",
+                                decl.origin
+                            ));
+                            continue;
+                        }
+                    };
+                    match self.tera.render(name, &ctx) {
+                        Ok(text) => text.into_bytes(),
+                        Err(e) => {
+                            diags.push(format!(
+                                "{} ({}): {}",
+                                decl.path,
+                                decl.origin,
+                                self.render_message(&e)
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            };
+            files.push(DesiredFile {
+                path: decl.path.clone(),
+                role: decl.role.clone(),
+                content,
+                mode: decl.mode,
+                owner: decl.owner.clone(),
+                group: decl.group.clone(),
+                on_change: decl.on_change.clone(),
+                sensitive: false,
+                origin: decl.origin.clone(),
+            });
+        }
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Ok(Desired {
+            host: host.name.clone(),
+            files,
+            checks: host.checks.clone(),
+        })
+    }
+
+    /// Turns Tera's error chain into one line naming template, line and
+    /// variable.
+    fn render_message(&self, err: &tera::Error) -> String {
+        let chain = error_chain(err);
+        // Tera: "Variable `vars.x` not found in context while rendering 'name'"
+        for msg in &chain {
+            if let Some(rest) = msg.strip_prefix("Variable `") {
+                if let Some((var, tail)) = rest.split_once('`') {
+                    let template = tail
+                        .split('\'')
+                        .nth(1)
+                        .map(str::to_string)
+                        .unwrap_or_default();
+                    let line = self.source_line_of(&template, var);
+                    let at = match line {
+                        Some(l) => format!("{template}:{l}"),
+                        None => template,
+                    };
+                    return format!(
+                        "{at}: undefined variable `{var}` (define it under [vars] in driftless.toml, the role or the host file, or guard it with `{{% if {var} is defined %}}`)"
+                    );
+                }
+            }
+        }
+        chain.join(": ")
+    }
+
+    fn source_line_of(&self, template: &str, var: &str) -> Option<usize> {
+        let source = self.sources.get(template)?;
+        source.lines().position(|l| l.contains(var)).map(|i| i + 1)
+    }
+}
+
+fn error_chain(err: &tera::Error) -> Vec<String> {
+    let mut out = vec![err.to_string()];
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(err);
+    while let Some(e) = cur {
+        out.push(e.to_string());
+        cur = e.source();
+    }
+    out
+}

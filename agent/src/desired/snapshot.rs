@@ -1,0 +1,236 @@
+//! An immutable, in-memory view of one commit of the config repository.
+//!
+//! Everything the pure core needs from the repository comes through a
+//! [`Snapshot`]: the loader reads `driftless.toml`, host and role files from
+//! it, the renderer reads templates and static sources from it. Keeping the
+//! repository in memory means the core never touches the disk or git, so it
+//! can be tested with hand-built snapshots and the same code validates a
+//! working directory (`driftless validate DIR`) and a fetched commit.
+//!
+//! Paths are repository-relative, `/`-separated, without a leading `/`, and
+//! already relative to the configured sub-path.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// One entry of the repository tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A regular file (git mode 100644 or 100755).
+    File { bytes: Vec<u8>, executable: bool },
+    /// A symbolic link (git mode 120000); `target` is the link text.
+    Symlink { target: String },
+}
+
+/// The files of one commit (or one directory), keyed by relative path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    entries: BTreeMap<String, Entry>,
+}
+
+/// How many symlinks a single lookup may traverse before it is a loop.
+const MAX_SYMLINK_HOPS: usize = 16;
+
+impl Snapshot {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a regular file. `path` must be relative and normalised.
+    pub fn insert_file(&mut self, path: impl Into<String>, bytes: Vec<u8>, executable: bool) {
+        self.entries
+            .insert(path.into(), Entry::File { bytes, executable });
+    }
+
+    /// Adds a symbolic link with the given link text.
+    pub fn insert_symlink(&mut self, path: impl Into<String>, target: impl Into<String>) {
+        self.entries.insert(
+            path.into(),
+            Entry::Symlink {
+                target: target.into(),
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The raw entry at `path`, without following symlinks.
+    pub fn entry(&self, path: &str) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    /// True if `path` names a file or symlink in the snapshot.
+    pub fn contains(&self, path: &str) -> bool {
+        self.entries.contains_key(path)
+    }
+
+    /// Reads the file at `path`, following symlinks that stay inside the
+    /// repository. `Ok(None)` if nothing is there; an error if a symlink
+    /// escapes the repository, dangles, or loops.
+    pub fn read(&self, path: &str) -> Result<Option<&[u8]>> {
+        let mut current = path.to_string();
+        for _ in 0..MAX_SYMLINK_HOPS {
+            match self.entries.get(&current) {
+                None => {
+                    if current == path {
+                        return Ok(None);
+                    }
+                    bail!("{path}: symlink points to {current}, which does not exist in the repository");
+                }
+                Some(Entry::File { bytes, .. }) => return Ok(Some(bytes)),
+                Some(Entry::Symlink { target }) => {
+                    current = resolve_link(&current, target).with_context(|| {
+                        format!("{path}: symlink target {target:?} leaves the repository; only links inside the repository are followed")
+                    })?;
+                }
+            }
+        }
+        bail!("{path}: too many levels of symbolic links (a loop?)")
+    }
+
+    /// All entries whose path starts with `dir/` (recursively), in order.
+    pub fn walk<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", dir.trim_end_matches('/'))
+        };
+        self.entries
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Reads a directory of a working tree (or any directory) into a
+    /// snapshot. Symlinks are recorded as links, never followed; `.git` is
+    /// skipped.
+    pub fn from_dir(root: &Path) -> Result<Self> {
+        let mut snap = Snapshot::new();
+        let meta = std::fs::metadata(root)
+            .with_context(|| format!("cannot read repository directory {}", root.display()))?;
+        if !meta.is_dir() {
+            bail!("{} is not a directory", root.display());
+        }
+        walk_dir(root, root, &mut snap)?;
+        Ok(snap)
+    }
+}
+
+fn walk_dir(root: &Path, dir: &Path, snap: &mut Snapshot) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("cannot list {}", dir.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        if name == ".git" {
+            continue;
+        }
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .context("walked outside the root")?
+            .to_str()
+            .with_context(|| format!("{}: file names must be UTF-8", path.display()))?
+            .to_string();
+        let ft = entry
+            .file_type()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        if ft.is_dir() {
+            walk_dir(root, &path, snap)?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path)
+                .with_context(|| format!("cannot read link {}", path.display()))?;
+            let target = target
+                .to_str()
+                .with_context(|| format!("{}: link target must be UTF-8", path.display()))?;
+            snap.insert_symlink(rel, target);
+        } else if ft.is_file() {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mode = entry
+                .metadata()
+                .with_context(|| format!("cannot stat {}", path.display()))?
+                .permissions()
+                .mode();
+            snap.insert_file(rel, bytes, mode & 0o111 != 0);
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a symlink's text relative to the link's directory, refusing
+/// absolute targets and anything that climbs above the repository root.
+fn resolve_link(link_path: &str, target: &str) -> Result<String> {
+    if target.starts_with('/') {
+        bail!("absolute symlink target");
+    }
+    let mut parts: Vec<&str> = link_path.split('/').collect();
+    parts.pop(); // the link's own name
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    bail!("symlink climbs above the repository root");
+                }
+            }
+            other => parts.push(other),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_inside_repo_is_followed() {
+        let mut s = Snapshot::new();
+        s.insert_file("roles/a/files/real", b"x".to_vec(), false);
+        s.insert_symlink("roles/a/files/link", "real");
+        s.insert_symlink("roles/b/files/up", "../../a/files/real");
+        assert_eq!(s.read("roles/a/files/link").unwrap(), Some(&b"x"[..]));
+        assert_eq!(s.read("roles/b/files/up").unwrap(), Some(&b"x"[..]));
+    }
+
+    #[test]
+    fn symlink_escaping_repo_is_refused() {
+        let mut s = Snapshot::new();
+        s.insert_symlink("a", "../../etc/shadow");
+        s.insert_symlink("b", "/etc/shadow");
+        let err = format!("{:#}", s.read("a").unwrap_err());
+        assert!(err.contains("leaves the repository"), "{err}");
+        assert!(s.read("b").is_err());
+    }
+
+    #[test]
+    fn symlink_loop_is_an_error() {
+        let mut s = Snapshot::new();
+        s.insert_symlink("a", "b");
+        s.insert_symlink("b", "a");
+        let err = format!("{:#}", s.read("a").unwrap_err());
+        assert!(err.contains("too many levels"), "{err}");
+    }
+
+    #[test]
+    fn walk_lists_only_the_subtree() {
+        let mut s = Snapshot::new();
+        s.insert_file("roles/a/x", vec![], false);
+        s.insert_file("roles/a/y/z", vec![], false);
+        s.insert_file("roles/ab", vec![], false);
+        let got: Vec<_> = s.walk("roles/a").map(|(p, _)| p).collect();
+        assert_eq!(got, vec!["roles/a/x", "roles/a/y/z"]);
+    }
+}

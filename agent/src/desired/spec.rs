@@ -1,0 +1,294 @@
+//! Validated building blocks of the desired state: target paths, modes,
+//! owners, unit actions and checks. Parsing happens once, in the loader;
+//! everything downstream works with these types and cannot see a raw,
+//! unchecked string.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{CommandCheckSpec, HttpCheckSpec, TcpCheckSpec, UnitCheckSpec};
+
+/// An absolute, normalised path on the managed host: starts with `/`, no
+/// empty, `.` or `..` components, no trailing slash, not `/` itself.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TargetPath(String);
+
+impl TargetPath {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!(
+                "path {s:?} is not absolute: targets are absolute paths such as \"/etc/motd\""
+            ));
+        }
+        if s.contains('\0') {
+            return Err(format!("path {s:?} contains a NUL byte"));
+        }
+        let comps: Vec<&str> = s[1..].split('/').collect();
+        if comps.iter().all(|c| c.is_empty()) {
+            return Err("path \"/\" cannot be a managed file".into());
+        }
+        for c in &comps {
+            match *c {
+                "" => {
+                    return Err(format!(
+                        "path {s:?} has an empty component (double or trailing '/')"
+                    ))
+                }
+                "." | ".." => {
+                    return Err(format!(
+                        "path {s:?} contains {c:?}: write the normalised absolute path"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(TargetPath(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Path components, without the leading `/`.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0[1..].split('/')
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// True if `self` is `root` or lies below it (component-wise).
+    pub fn is_under(&self, root: &TargetPath) -> bool {
+        self.0 == root.0
+            || (self.0.starts_with(&root.0) && self.0.as_bytes().get(root.0.len()) == Some(&b'/'))
+    }
+}
+
+impl fmt::Display for TargetPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TargetPath {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TargetPath::parse(&s)
+    }
+}
+
+impl From<TargetPath> for String {
+    fn from(p: TargetPath) -> String {
+        p.0
+    }
+}
+
+/// Permission bits, at most `0o7777`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mode(pub u32);
+
+impl Mode {
+    pub const DEFAULT_FILE: Mode = Mode(0o644);
+
+    /// Parses "0644", "644" or "0o644".
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        if digits.is_empty() || digits.len() > 5 {
+            return Err(format!("mode {s:?} is not an octal mode like \"0644\""));
+        }
+        let v = u32::from_str_radix(digits, 8)
+            .map_err(|_| format!("mode {s:?} is not an octal mode like \"0644\""))?;
+        if v > 0o7777 {
+            return Err(format!("mode {s:?} is larger than 07777"));
+        }
+        Ok(Mode(v))
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// A user or group as written in the repo: a name or a numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Principal(pub String);
+
+impl Principal {
+    pub fn root() -> Self {
+        Principal("root".into())
+    }
+
+    /// The numeric id, if the principal was written as a number.
+    pub fn numeric(&self) -> Option<u32> {
+        self.0.parse().ok()
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What to do to a systemd unit after a change. Ordered by strength: when
+/// several files ask for different actions on one unit, the strongest wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnitActionKind {
+    Reload,
+    ReloadOrRestart,
+    TryRestart,
+    Restart,
+}
+
+impl fmt::Display for UnitActionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UnitActionKind::Reload => "reload",
+            UnitActionKind::ReloadOrRestart => "reload-or-restart",
+            UnitActionKind::TryRestart => "try-restart",
+            UnitActionKind::Restart => "restart",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UnitAction {
+    pub unit: String,
+    pub action: UnitActionKind,
+}
+
+/// Unit name suffixes systemd knows.
+const UNIT_SUFFIXES: &[&str] = &[
+    "service",
+    "socket",
+    "device",
+    "mount",
+    "automount",
+    "swap",
+    "target",
+    "path",
+    "timer",
+    "slice",
+    "scope",
+];
+
+/// Checks a unit name: non-empty, a known type suffix, no `/` or spaces.
+pub fn validate_unit_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(format!("{name:?} is not a valid unit name"));
+    }
+    match name.rsplit_once('.') {
+        Some((stem, suffix)) if !stem.is_empty() && UNIT_SUFFIXES.contains(&suffix) => Ok(()),
+        _ => Err(format!(
+            "unit {name:?} has no unit type suffix: did you mean \"{name}.service\"?"
+        )),
+    }
+}
+
+/// A health check, validated. Executed by the checks effect (issue: systemd
+/// and health checks); the core only carries it into the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub role: String,
+    pub probe: Probe,
+    pub retries: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    Http(HttpCheckSpec),
+    Tcp(TcpCheckSpec),
+    Command(CommandCheckSpec),
+    Unit(UnitCheckSpec),
+}
+
+impl Probe {
+    /// A short human description, used as the default check name.
+    pub fn describe(&self) -> String {
+        match self {
+            Probe::Http(h) => format!("http {} -> {}", h.url, h.status),
+            Probe::Tcp(t) => format!("tcp {}", t.address),
+            Probe::Command(c) => format!("command {}", c.argv.join(" ")),
+            Probe::Unit(u) => format!("unit {} active", u.name),
+        }
+    }
+}
+
+/// Parses "5s", "250ms", "1m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like \"5s\" or \"250ms\": {e}"))
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_path_rejects_relative_dotdot_and_empty_components() {
+        assert!(TargetPath::parse("/etc/motd").is_ok());
+        for bad in [
+            "etc/motd",
+            "/etc/../shadow",
+            "/etc/./x",
+            "/etc//x",
+            "/etc/x/",
+            "/",
+            "",
+        ] {
+            assert!(TargetPath::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn is_under_is_component_wise() {
+        let etc = TargetPath::parse("/etc").unwrap();
+        assert!(TargetPath::parse("/etc/x").unwrap().is_under(&etc));
+        assert!(!TargetPath::parse("/etcetera/x").unwrap().is_under(&etc));
+    }
+
+    #[test]
+    fn mode_parsing() {
+        assert_eq!(Mode::parse("0644").unwrap(), Mode(0o644));
+        assert_eq!(Mode::parse("600").unwrap(), Mode(0o600));
+        assert_eq!(Mode::parse("0o4755").unwrap(), Mode(0o4755));
+        assert!(Mode::parse("0999").is_err());
+        assert!(Mode::parse("17777").is_err());
+        assert_eq!(Mode(0o600).to_string(), "0600");
+    }
+
+    #[test]
+    fn unit_names_need_a_suffix() {
+        assert!(validate_unit_name("nginx.service").is_ok());
+        let err = validate_unit_name("nginx").unwrap_err();
+        assert!(err.contains("nginx.service"), "{err}");
+    }
+
+    #[test]
+    fn actions_are_ordered_by_strength() {
+        assert!(UnitActionKind::Restart > UnitActionKind::Reload);
+        assert!(UnitActionKind::TryRestart > UnitActionKind::ReloadOrRestart);
+    }
+}

@@ -1,0 +1,76 @@
+//! The transaction journal: everything needed to undo a transaction,
+//! written durably before its first rename.
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::spec::TargetPath;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxState {
+    /// Intent recorded; backups and staged files are being written. No
+    /// target has been touched yet: rollback only deletes staged files.
+    Preparing,
+    /// Staged and journalled; renames may be under way. Recovery rolls it
+    /// back unless the inventory names this transaction (then it committed).
+    Prepared,
+    /// The inventory was replaced: the transaction is the current state.
+    Committed,
+    /// Undone (by recovery or a revert).
+    RolledBack,
+}
+
+/// Owner and mode of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Rename `staged` over the target.
+    Replace,
+    /// Change owner/mode in place; content unchanged.
+    Meta,
+    /// Unlink the target.
+    Remove,
+    /// Nothing on the target; an original copy was saved.
+    Adopt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub path: TargetPath,
+    pub op: Op,
+    /// Temp file name in the target's directory (for `Replace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<String>,
+    /// File name in the transaction's `backups/` holding the previous
+    /// content (absent when the target did not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Owner and mode before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Meta>,
+    /// Owner and mode after (absent for removals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Meta>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub txid: String,
+    pub state: TxState,
+    #[serde(default)]
+    pub commit: Option<String>,
+    pub created_at: i64,
+    pub entries: Vec<JournalEntry>,
+    /// Directories created for new files, outermost first.
+    #[serde(default)]
+    pub created_dirs: Vec<TargetPath>,
+    /// Whether ownership was applied (false when running unprivileged).
+    pub ownership: bool,
+}

@@ -1,0 +1,655 @@
+//! Apply a plan as one transaction: every target ends up either fully old
+//! or fully new, whatever instant the process dies at.
+//!
+//! 1. **Back up** each existing target into `tx/<txid>/backups/` by hard
+//!    link (free; the old inode survives the rename), or by copy across
+//!    filesystems. A file taken over for the first time is also copied to
+//!    `originals/` once.
+//! 2. **Stage** each new file as `.<name>.driftless-<txid>` next to its
+//!    target, with final owner and mode; create missing parents.
+//! 3. **Journal** the transaction to `tx/<txid>/journal.json`.
+//! 4. **Flush** with one `syncfs` per filesystem (targets and state), not an
+//!    `fsync` per file: the staged data, the backups and the journal are now
+//!    durable.
+//! 5. **Switch**: rename each staged file over its target, change
+//!    owner/mode in place for metadata-only changes, unlink pruned files.
+//! 6. **Flush** again, then **commit** by atomically replacing
+//!    `inventory.json` with one naming this transaction.
+//!
+//! Recovery (at the start of every run, under the lock) **rolls back** any
+//! transaction that is journalled but not committed. Why back, not
+//! forward: a crash can only happen before the commit point, which is
+//! before any unit was reloaded or any health check ran. The old files are
+//! the last state that was verified on this host; rolling back returns to
+//! it, and the following sync re-applies the new commit through the whole
+//! pipeline (write, reload, check) instead of leaving new files that no
+//! unit has loaded and no check has seen.
+//!
+//! The backups of the latest committed transaction are kept, so it can be
+//! reverted as a whole (after failed health checks) with [`revert`].
+
+pub mod journal;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fchmod, fstat, Mode as NixMode};
+use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
+
+use crate::desired::spec::TargetPath;
+use crate::effects::rootfs::RootFs;
+use crate::effects::state::{fsync_dir, read_json, write_json_atomic, StateDir};
+use crate::plan::inventory::Inventory;
+use crate::plan::{ChangeKind, FileChange, Plan};
+use journal::{Journal, JournalEntry, Meta, Op, TxState};
+
+/// Knobs for tests.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Test hook: abort the process (like `kill -9`) after this many
+    /// switch operations (renames/unlinks/chmods).
+    pub crash_after: Option<usize>,
+}
+
+/// What a committed transaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub txid: String,
+    pub created: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+const JOURNAL: &str = "journal.json";
+const INVENTORY_BEFORE: &str = "inventory.before.json";
+
+/// Applies `plan` and commits `plan.next_inventory`. On error before the
+/// commit point, the transaction is rolled back before returning.
+pub fn apply(
+    fs: &RootFs,
+    state: &StateDir,
+    plan: &Plan,
+    ownership: bool,
+    now: i64,
+    opts: &ApplyOptions,
+) -> Result<Applied> {
+    let txid = new_txid(now);
+    let tx_dir = state.tx_dir().join(&txid);
+    let backups = tx_dir.join("backups");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&backups)
+        .with_context(|| format!("cannot create {}", backups.display()))?;
+    let before = state.inventory()?;
+    write_json_atomic(&tx_dir.join(INVENTORY_BEFORE), &before)?;
+
+    let mut journal = Journal {
+        txid: txid.clone(),
+        state: TxState::Preparing,
+        commit: plan.commit.clone(),
+        created_at: now,
+        entries: intent(plan, &txid),
+        created_dirs: Vec::new(),
+        ownership,
+    };
+    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
+        journal.state = TxState::Prepared;
+        write_json_atomic(&tx_dir.join(JOURNAL), &journal)
+    });
+    if let Err(e) = prepared {
+        let _ = rollback(fs, state, &mut journal);
+        return Err(e);
+    }
+    let switched = flush(fs, state, &dirs)
+        .and_then(|()| switch(&journal, &dirs, opts))
+        .and_then(|()| flush(fs, state, &dirs));
+    if let Err(e) = switched {
+        if let Err(re) = rollback(fs, state, &mut journal) {
+            return Err(e.context(format!(
+                "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
+            )));
+        }
+        return Err(e.context(format!("transaction {txid} rolled back")));
+    }
+
+    // Commit point.
+    let mut inv: Inventory = plan.next_inventory.clone();
+    inv.txid = txid.clone();
+    inv.applied_at = now;
+    write_json_atomic(&state.inventory_path(), &inv)?;
+    journal.state = TxState::Committed;
+    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    prune_old_transactions(state, &txid)?;
+
+    let mut applied = Applied {
+        txid,
+        ..Default::default()
+    };
+    for c in &plan.changes {
+        match c.kind {
+            ChangeKind::Create => applied.created += 1,
+            ChangeKind::Update => applied.changed += 1,
+            ChangeKind::Remove => applied.removed += 1,
+            ChangeKind::Adopt => {}
+        }
+    }
+    Ok(applied)
+}
+
+fn new_txid(now: i64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{now}-{:08x}-{}", nanos, std::process::id())
+}
+
+fn staged_name(name: &str, txid: &str) -> String {
+    format!(".{name}.driftless-{txid}")
+}
+
+fn parent_key(path: &TargetPath) -> String {
+    match path.as_str().rsplit_once('/') {
+        Some((p, _)) => p.to_string(),
+        None => String::new(),
+    }
+}
+
+/// The journal entries of a plan, computed before any I/O so the intent
+/// is on disk before the first byte is staged.
+fn intent(plan: &Plan, txid: &str) -> Vec<JournalEntry> {
+    plan.changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let meta = |mode, uid, gid| Meta { mode, uid, gid };
+            let old = c.before.as_ref().map(|b| meta(b.mode, b.uid, b.gid));
+            let mut new = c.after.as_ref().map(|a| meta(a.mode, a.uid, a.gid));
+            let staged = Some(staged_name(c.path.file_name(), txid));
+            let (op, staged) = match c.kind {
+                ChangeKind::Adopt => (Op::Adopt, None),
+                ChangeKind::Create | ChangeKind::Update if c.content_changed => {
+                    (Op::Replace, staged)
+                }
+                ChangeKind::Create | ChangeKind::Update => (Op::Meta, None),
+                ChangeKind::Remove => match &c.restore_original {
+                    Some(o) => {
+                        new = Some(meta(o.mode, o.uid, o.gid));
+                        (Op::Replace, staged)
+                    }
+                    None => (Op::Remove, None),
+                },
+            };
+            let backup = (c.before.is_some() && op != Op::Adopt).then(|| i.to_string());
+            JournalEntry {
+                path: c.path.clone(),
+                op,
+                staged,
+                backup,
+                old,
+                new,
+            }
+        })
+        .collect()
+}
+
+/// Steps 1–2: save originals, back up, stage, as the journal's intent says.
+fn prepare(
+    fs: &RootFs,
+    state: &StateDir,
+    plan: &Plan,
+    backups: &Path,
+    journal: &mut Journal,
+    dirs: &mut BTreeMap<String, OwnedFd>,
+) -> Result<()> {
+    let backups_fd = open_dir_path(backups)?;
+    for (c, e) in plan.changes.iter().zip(journal.entries.clone()) {
+        let key = parent_key(&c.path);
+        if !dirs.contains_key(&key) {
+            let dir = fs
+                .open_parent(&c.path, Some(&mut journal.created_dirs))?
+                .ok_or_else(|| anyhow!("cannot open the directory of {}", c.path))?;
+            dirs.insert(key.clone(), dir);
+        }
+        let dir = &dirs[&key];
+        let name = c.path.file_name();
+        let display = fs.display(&c.path);
+        if c.adopt_original {
+            save_original(state, c)?;
+        }
+        if let (Some(backup), Some(before)) = (&e.backup, &c.before) {
+            match linkat(dir, name, &backups_fd, backup.as_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::EXDEV) | Err(Errno::EPERM) => {
+                    write_new_file(&backups_fd, backup, &before.content, 0o600)
+                        .with_context(|| format!("cannot back up {display}"))?;
+                }
+                Err(err) => return Err(err).with_context(|| format!("cannot back up {display}")),
+            }
+        }
+        if let (Some(tmp), Some(new)) = (&e.staged, e.new) {
+            let content = match &c.restore_original {
+                Some(orig) if c.kind == ChangeKind::Remove => {
+                    fs::read(state.originals().join(&orig.stored)).with_context(|| {
+                        format!(
+                            "cannot read the saved original of {display} from {}",
+                            state.originals().display()
+                        )
+                    })?
+                }
+                _ => c
+                    .after
+                    .as_ref()
+                    .context("plan change without new content")?
+                    .content
+                    .clone(),
+            };
+            stage(
+                dir,
+                tmp,
+                &content,
+                new.mode,
+                (new.uid, new.gid),
+                journal.ownership,
+            )
+            .with_context(|| format!("cannot stage the new {display}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Saves the pre-driftless content of a file once; never overwrites.
+fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
+    let Some(before) = &c.before else {
+        return Ok(());
+    };
+    let stored = crate::plan::sha256_hex(c.path.as_str().as_bytes());
+    let path = state.originals().join(&stored);
+    if path.exists() {
+        return Ok(());
+    }
+    let dir = open_dir_path(&state.originals())?;
+    write_new_file(&dir, &stored, &before.content, 0o600).with_context(|| {
+        format!(
+            "cannot save the original of {} to {}",
+            c.path,
+            path.display()
+        )
+    })?;
+    Ok(())
+}
+
+fn open_dir_path(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Creates `name` (must not exist) in `dir` with `content` and `mode`.
+fn write_new_file(dir: &impl AsFd, name: &str, content: &[u8], mode: u32) -> Result<fs::File> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::from_bits_truncate(0o600),
+    )?;
+    let mut f = fs::File::from(fd);
+    f.write_all(content)?;
+    fchmod(&f, NixMode::from_bits_truncate(mode))?;
+    Ok(f)
+}
+
+/// Writes a staged file with its final owner and mode (owner first:
+/// chown clears set-id bits).
+fn stage(
+    dir: &impl AsFd,
+    tmp: &str,
+    content: &[u8],
+    mode: u32,
+    ids: (u32, u32),
+    ownership: bool,
+) -> Result<()> {
+    let f = write_new_file(dir, tmp, content, 0o600)?;
+    if ownership {
+        fchown(&f, Some(Uid::from_raw(ids.0)), Some(Gid::from_raw(ids.1)))
+            .context("cannot set owner")?;
+    }
+    fchmod(&f, NixMode::from_bits_truncate(mode)).context("cannot set mode")?;
+    Ok(())
+}
+
+/// One `syncfs` per filesystem holding a touched directory or the state.
+fn flush(fs: &RootFs, state: &StateDir, dirs: &BTreeMap<String, OwnedFd>) -> Result<()> {
+    let state_fd = open_dir_path(state.path())?;
+    let mut seen = std::collections::BTreeSet::new();
+    let all = dirs
+        .values()
+        .map(|d| d.as_fd())
+        .chain([fs.fd().as_fd(), state_fd.as_fd()]);
+    for fd in all {
+        let dev = fstat(fd).context("cannot stat a directory")?.st_dev;
+        if seen.insert(dev) {
+            nix::unistd::syncfs(fd).context("syncfs failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 5: make the staged state live.
+fn switch(journal: &Journal, dirs: &BTreeMap<String, OwnedFd>, opts: &ApplyOptions) -> Result<()> {
+    let mut done = 0usize;
+    for e in &journal.entries {
+        let dir = &dirs[&parent_key(&e.path)];
+        let name = e.path.file_name();
+        match e.op {
+            Op::Adopt => continue,
+            Op::Replace => {
+                let tmp = e
+                    .staged
+                    .as_deref()
+                    .context("journal entry without staged file")?;
+                renameat(dir, tmp, dir, name)
+                    .with_context(|| format!("cannot rename into {}", e.path))?;
+            }
+            Op::Meta => {
+                let new = e.new.context("journal entry without new metadata")?;
+                set_meta(dir, name, new, journal.ownership)
+                    .with_context(|| format!("cannot change owner/mode of {}", e.path))?;
+            }
+            Op::Remove => match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => return Err(err).with_context(|| format!("cannot remove {}", e.path)),
+            },
+        }
+        done += 1;
+        if opts.crash_after == Some(done) {
+            eprintln!("driftless: test hook: crashing after {done} operation(s)");
+            std::process::abort();
+        }
+    }
+    Ok(())
+}
+
+fn set_meta(dir: &impl AsFd, name: &str, meta: Meta, ownership: bool) -> Result<()> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )?;
+    if ownership {
+        fchown(
+            &fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )?;
+    }
+    fchmod(&fd, NixMode::from_bits_truncate(meta.mode))?;
+    Ok(())
+}
+
+/// Undoes every entry of `journal`, idempotently: safe to run again after
+/// a crash in the middle of it.
+fn rollback(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> {
+    let tx_dir = state.tx_dir().join(&journal.txid);
+    let backups = open_dir_path(&tx_dir.join("backups"))?;
+    let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for e in journal.entries.iter().rev() {
+        let key = parent_key(&e.path);
+        if !dirs.contains_key(&key) {
+            match fs.open_parent(&e.path, None) {
+                Ok(Some(d)) => {
+                    dirs.insert(key.clone(), d);
+                }
+                Ok(None) => continue, // directory gone: nothing of ours is in it
+                Err(err) => {
+                    errors.push(format!("{}: {err:#}", e.path));
+                    continue;
+                }
+            }
+        }
+        let dir = &dirs[&key];
+        let result = if journal.state == TxState::Preparing {
+            // No target was touched yet: only staged files to delete.
+            match &e.staged {
+                Some(tmp) => match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                    Err(err) => Err(err.into()),
+                },
+                None => Ok(()),
+            }
+        } else {
+            undo_entry(dir, &backups, e, &journal.txid, journal.ownership)
+        };
+        if let Err(err) = result {
+            errors.push(format!("{}: {err:#}", fs.display(&e.path)));
+        }
+    }
+    for d in journal.created_dirs.iter().rev() {
+        if let Ok(Some(parent)) = fs.open_parent(d, None) {
+            match unlinkat(&parent, d.file_name(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) => {}
+                Err(err) => {
+                    errors.push(format!("{}: cannot remove directory: {err}", fs.display(d)))
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "rollback of transaction {} incomplete:\n  {}",
+            journal.txid,
+            errors.join("\n  ")
+        );
+    }
+    flush(fs, state, &dirs)?;
+    journal.state = TxState::RolledBack;
+    write_json_atomic(&tx_dir.join(JOURNAL), journal)?;
+    Ok(())
+}
+
+fn undo_entry(
+    dir: &OwnedFd,
+    backups: &OwnedFd,
+    e: &JournalEntry,
+    txid: &str,
+    ownership: bool,
+) -> Result<()> {
+    let name = e.path.file_name();
+    match e.op {
+        Op::Adopt => Ok(()),
+        Op::Meta => match e.old {
+            Some(old) => match set_meta(dir, name, old, ownership) {
+                Ok(()) => Ok(()),
+                Err(err) if is_enoent(&err) => Ok(()),
+                Err(err) => Err(err),
+            },
+            None => Ok(()),
+        },
+        Op::Replace | Op::Remove => {
+            if let Some(tmp) = &e.staged {
+                match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+                    // Still staged: the rename never happened; the target is untouched.
+                    Ok(()) => return Ok(()),
+                    Err(Errno::ENOENT) => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            match (&e.backup, e.old) {
+                (Some(backup), Some(old)) => {
+                    restore_backup(dir, backups, backup, name, txid, old, ownership)
+                }
+                // The target did not exist before: remove what we put there.
+                _ => match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                    Err(err) => Err(err.into()),
+                },
+            }
+        }
+    }
+}
+
+fn is_enoent(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<Errno>() == Some(&Errno::ENOENT)
+}
+
+/// Puts the backed-up previous content back with its previous owner and
+/// mode, atomically (link or copy to a temp name, then rename).
+fn restore_backup(
+    dir: &OwnedFd,
+    backups: &OwnedFd,
+    backup: &str,
+    name: &str,
+    txid: &str,
+    old: Meta,
+    ownership: bool,
+) -> Result<()> {
+    let tmp = format!(".{name}.driftless-restore-{txid}");
+    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(err) => return Err(err.into()),
+    }
+    match linkat(backups, backup, dir, tmp.as_str(), AtFlags::empty()) {
+        Ok(()) => {}
+        Err(Errno::EXDEV) | Err(Errno::EPERM) => {
+            let content = read_at(backups, backup)?;
+            write_new_file(dir, &tmp, &content, 0o600)?;
+        }
+        Err(err) => return Err(err).context("cannot link the backup back"),
+    }
+    if let Err(err) = set_meta(dir, &tmp, old, ownership) {
+        // Unprivileged runs cannot chown; the mode is what matters there.
+        if ownership {
+            return Err(err);
+        }
+    }
+    renameat(dir, tmp.as_str(), dir, name)?;
+    Ok(())
+}
+
+fn read_at(dir: &impl AsFd, name: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )?;
+    let mut out = Vec::new();
+    fs::File::from(fd).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Rolls back every transaction left `Prepared` by a crash. Returns the
+/// ids rolled back. Call under the lock, before planning.
+pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<String>> {
+    let inv = state.inventory()?;
+    let mut recovered = Vec::new();
+    for (txid, path) in list_transactions(state)? {
+        let Some(mut journal) = read_json::<Journal>(&path.join(JOURNAL))? else {
+            // Crashed before the intent was written: nothing was staged.
+            remove_tx_dir(&path)?;
+            continue;
+        };
+        if journal.state == TxState::Preparing {
+            rollback(fs, state, &mut journal)
+                .with_context(|| format!("cannot clean up interrupted transaction {txid}"))?;
+            recovered.push(txid.clone());
+        } else if journal.state == TxState::Prepared {
+            if inv.txid == txid {
+                // Committed, but crashed before the journal said so.
+                journal.state = TxState::Committed;
+                write_json_atomic(&path.join(JOURNAL), &journal)?;
+                continue;
+            }
+            rollback(fs, state, &mut journal)
+                .with_context(|| format!("cannot roll back interrupted transaction {txid}"))?;
+            recovered.push(txid.clone());
+        }
+        if journal.state == TxState::RolledBack {
+            remove_tx_dir(&path)?;
+        }
+    }
+    Ok(recovered)
+}
+
+/// Reverts the latest committed transaction as a whole: previous bytes,
+/// owner and mode back, new files removed, pruned files re-created, and
+/// the previous inventory restored. Returns the reverted txid.
+pub fn revert(fs: &RootFs, state: &StateDir) -> Result<String> {
+    let inv = state.inventory()?;
+    if inv.txid.is_empty() {
+        bail!("nothing to revert: no transaction has been applied");
+    }
+    let tx_dir = state.tx_dir().join(&inv.txid);
+    let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?.with_context(|| {
+        format!(
+            "the journal of transaction {} is missing in {}",
+            inv.txid,
+            tx_dir.display()
+        )
+    })?;
+    let before: Inventory = read_json(&tx_dir.join(INVENTORY_BEFORE))?.with_context(|| {
+        format!(
+            "the previous inventory of transaction {} is missing",
+            inv.txid
+        )
+    })?;
+    rollback(fs, state, &mut journal)?;
+    write_json_atomic(&state.inventory_path(), &before)?;
+    remove_tx_dir(&tx_dir)?;
+    Ok(inv.txid)
+}
+
+fn list_transactions(state: &StateDir) -> Result<Vec<(String, PathBuf)>> {
+    let dir = state.tx_dir();
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for e in rd {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        if let Some(name) = e.file_name().to_str() {
+            out.push((name.to_string(), e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Keeps only the transaction `keep` (the latest committed).
+fn prune_old_transactions(state: &StateDir, keep: &str) -> Result<()> {
+    for (txid, path) in list_transactions(state)? {
+        if txid != keep {
+            remove_tx_dir(&path)?;
+        }
+    }
+    fsync_dir(&state.tx_dir())
+}
+
+fn remove_tx_dir(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use super::*;
+use crate::desired::render::{Desired, DesiredFile};
+use crate::desired::spec::{Mode, Principal, TargetPath};
+use crate::effects::observe::observe;
+use crate::plan::{plan, Ids};
+
+struct Env {
+    root: tempfile::TempDir,
+    state_dir: tempfile::TempDir,
+    fs: RootFs,
+    state: StateDir,
+}
+
+fn env() -> Env {
+    let root = tempfile::tempdir().unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let fs = RootFs::open(root.path()).unwrap();
+    let state = StateDir::open(state_dir.path()).unwrap();
+    Env {
+        root,
+        state_dir,
+        fs,
+        state,
+    }
+}
+
+fn ids() -> Ids {
+    Ids {
+        apply_ownership: false,
+        own_uid: nix::unistd::geteuid().as_raw(),
+        own_gid: nix::unistd::getegid().as_raw(),
+        ..Default::default()
+    }
+}
+
+fn desired(files: &[(&str, &str, u32)]) -> Desired {
+    Desired {
+        host: "h".into(),
+        files: files
+            .iter()
+            .map(|(p, c, m)| DesiredFile {
+                path: TargetPath::parse(p).unwrap(),
+                role: "r".into(),
+                content: c.as_bytes().to_vec(),
+                mode: Mode(*m),
+                owner: Principal::root(),
+                group: Principal::root(),
+                on_change: vec![],
+                sensitive: false,
+                origin: "test".into(),
+            })
+            .collect(),
+        checks: vec![],
+    }
+}
+
+impl Env {
+    fn path(&self, p: &str) -> std::path::PathBuf {
+        self.root.path().join(p.trim_start_matches('/'))
+    }
+    fn plan(&self, d: &Desired) -> Plan {
+        let inv = self.state.inventory().unwrap();
+        let obs = observe(&self.fs, d, &inv).unwrap();
+        plan(d, Some("c"), &obs, &inv, &ids()).unwrap()
+    }
+    fn apply(&self, d: &Desired) -> Applied {
+        let p = self.plan(d);
+        apply(
+            &self.fs,
+            &self.state,
+            &p,
+            false,
+            1,
+            &ApplyOptions::default(),
+        )
+        .unwrap()
+    }
+    fn read(&self, p: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(p)).ok()
+    }
+    fn mode(&self, p: &str) -> u32 {
+        std::fs::metadata(self.path(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+    /// Files in the root other than the expected ones: staged leftovers.
+    fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().contains(".driftless-") {
+                    out.push(e.path().display().to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn apply_creates_files_with_mode_and_parents_then_is_idempotent() {
+    let e = env();
+    let d = desired(&[("/etc/app/a.conf", "a\n", 0o640), ("/etc/b", "b\n", 0o600)]);
+    let applied = e.apply(&d);
+    assert_eq!(applied.created, 2);
+    assert_eq!(e.read("/etc/app/a.conf").as_deref(), Some("a\n"));
+    assert_eq!(e.mode("/etc/app/a.conf"), 0o640);
+    assert_eq!(e.mode("/etc/b"), 0o600);
+    assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
+    let inode = std::fs::metadata(e.path("/etc/b")).unwrap().ino();
+    let mtime = std::fs::metadata(e.path("/etc/b")).unwrap().mtime_nsec();
+    assert!(e.plan(&d).is_empty());
+    assert_eq!(std::fs::metadata(e.path("/etc/b")).unwrap().ino(), inode);
+    assert_eq!(
+        std::fs::metadata(e.path("/etc/b")).unwrap().mtime_nsec(),
+        mtime
+    );
+}
+
+#[test]
+fn revert_restores_bytes_modes_pruned_and_removes_new_files() {
+    let e = env();
+    e.apply(&desired(&[
+        ("/etc/keep", "v1\n", 0o644),
+        ("/etc/gone", "old\n", 0o600),
+    ]));
+    let before = e.state.inventory().unwrap();
+    // Second transaction: change content+mode, prune one, add one.
+    e.apply(&desired(&[
+        ("/etc/keep", "v2\n", 0o600),
+        ("/etc/new/file", "n\n", 0o644),
+    ]));
+    assert_eq!(e.read("/etc/gone"), None);
+    assert_eq!(e.read("/etc/keep").as_deref(), Some("v2\n"));
+
+    revert(&e.fs, &e.state).unwrap();
+    assert_eq!(e.read("/etc/keep").as_deref(), Some("v1\n"));
+    assert_eq!(e.mode("/etc/keep"), 0o644);
+    assert_eq!(e.read("/etc/gone").as_deref(), Some("old\n"));
+    assert_eq!(e.mode("/etc/gone"), 0o600);
+    assert!(!e.path("/etc/new/file").exists());
+    assert!(
+        !e.path("/etc/new").exists(),
+        "created directory not removed"
+    );
+    assert_eq!(e.state.inventory().unwrap(), before);
+    assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
+}
+
+#[test]
+fn metadata_only_change_is_applied_in_place_and_reverted() {
+    let e = env();
+    e.apply(&desired(&[("/etc/x", "same\n", 0o644)]));
+    let inode = std::fs::metadata(e.path("/etc/x")).unwrap().ino();
+    let p = e.plan(&desired(&[("/etc/x", "same\n", 0o600)]));
+    assert!(p.changes[0].mode_changed && !p.changes[0].content_changed);
+    apply(&e.fs, &e.state, &p, false, 2, &ApplyOptions::default()).unwrap();
+    assert_eq!(e.mode("/etc/x"), 0o600);
+    assert_eq!(std::fs::metadata(e.path("/etc/x")).unwrap().ino(), inode);
+    revert(&e.fs, &e.state).unwrap();
+    assert_eq!(e.mode("/etc/x"), 0o644);
+}
+
+#[test]
+fn preexisting_file_is_saved_once_and_restored_on_prune() {
+    let e = env();
+    std::fs::create_dir_all(e.path("/etc")).unwrap();
+    std::fs::write(e.path("/etc/distro.conf"), "distro\n").unwrap();
+    std::fs::set_permissions(
+        e.path("/etc/distro.conf"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    e.apply(&desired(&[("/etc/distro.conf", "ours v1\n", 0o644)]));
+    e.apply(&desired(&[("/etc/distro.conf", "ours v2\n", 0o644)]));
+    assert_eq!(e.read("/etc/distro.conf").as_deref(), Some("ours v2\n"));
+    let applied = e.apply(&desired(&[]));
+    assert_eq!(applied.removed, 1);
+    assert_eq!(e.read("/etc/distro.conf").as_deref(), Some("distro\n"));
+    assert_eq!(e.mode("/etc/distro.conf"), 0o640);
+}
+
+#[test]
+fn recovery_rolls_back_a_transaction_that_never_committed() {
+    let e = env();
+    e.apply(&desired(&[
+        ("/etc/a", "old a\n", 0o644),
+        ("/etc/b", "old b\n", 0o644),
+    ]));
+    let committed = e.state.inventory().unwrap();
+    // Apply a second transaction fully, then put the old inventory back and
+    // mark the journal Prepared: exactly the state after a crash between
+    // the last rename and the commit point.
+    let applied = e.apply(&desired(&[
+        ("/etc/a", "new a\n", 0o600),
+        ("/etc/c", "c\n", 0o644),
+    ]));
+    let tx = e.state.tx_dir().join(&applied.txid);
+    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    j.state = TxState::Prepared;
+    write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
+    write_json_atomic(&e.state.inventory_path(), &committed).unwrap();
+
+    let recovered = recover(&e.fs, &e.state).unwrap();
+    assert_eq!(recovered, vec![applied.txid.clone()]);
+    assert_eq!(e.read("/etc/a").as_deref(), Some("old a\n"));
+    assert_eq!(e.mode("/etc/a"), 0o644);
+    assert_eq!(e.read("/etc/b").as_deref(), Some("old b\n"));
+    assert_eq!(e.read("/etc/c"), None);
+    assert!(!tx.exists());
+    // Running recovery again changes nothing.
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+    assert_eq!(e.read("/etc/a").as_deref(), Some("old a\n"));
+}
+
+#[test]
+fn recovery_keeps_a_transaction_whose_inventory_was_written() {
+    let e = env();
+    let applied = e.apply(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let tx = e.state.tx_dir().join(&applied.txid);
+    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    j.state = TxState::Prepared;
+    write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+    assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
+}
+
+#[test]
+fn failure_while_staging_leaves_the_host_unchanged() {
+    let e = env();
+    e.apply(&desired(&[("/etc/a", "old\n", 0o644)]));
+    // A regular file where a directory must go: staging the second file fails.
+    std::fs::write(e.path("/etc/blocker"), "x").unwrap();
+    let d = desired(&[
+        ("/etc/a", "new\n", 0o644),
+        ("/etc/blocker/inner", "y", 0o644),
+    ]);
+    let inv = e.state.inventory().unwrap();
+    let obs = observe(&e.fs, &desired(&[("/etc/a", "new\n", 0o644)]), &inv).unwrap();
+    let p = plan(&d, Some("c"), &obs, &inv, &ids()).unwrap();
+    let err = apply(&e.fs, &e.state, &p, false, 3, &ApplyOptions::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("/etc/blocker"), "{err:#}");
+    assert_eq!(e.read("/etc/a").as_deref(), Some("old\n"));
+    assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
+    assert_eq!(e.state.inventory().unwrap(), inv);
+    let _ = e.state_dir.path();
+}

@@ -1,0 +1,99 @@
+//! Resolving user and group names to ids on the target system.
+//!
+//! On the live system (`--root /`) names go through NSS (`getpwnam`), so
+//! LDAP or sssd users work. Under a `--root` prefix the prefix's own
+//! `/etc/passwd` and `/etc/group` are read, like `systemd-tmpfiles --root`:
+//! an image's users are not the build machine's.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::desired::render::Desired;
+use crate::plan::Ids;
+
+pub fn resolve(root: &Path, desired: &Desired) -> Result<Ids> {
+    let euid = nix::unistd::geteuid();
+    let egid = nix::unistd::getegid();
+    let mut ids = Ids {
+        apply_ownership: euid.is_root(),
+        own_uid: euid.as_raw(),
+        own_gid: egid.as_raw(),
+        ..Default::default()
+    };
+    let users: BTreeSet<&str> = desired.files.iter().map(|f| f.owner.0.as_str()).collect();
+    let groups: BTreeSet<&str> = desired.files.iter().map(|f| f.group.0.as_str()).collect();
+    let live = root == Path::new("/");
+    let passwd = if live {
+        None
+    } else {
+        read_db(root, "etc/passwd")?
+    };
+    let group_db = if live {
+        None
+    } else {
+        read_db(root, "etc/group")?
+    };
+    for u in users {
+        if u.parse::<u32>().is_ok() {
+            continue;
+        }
+        let id = if live {
+            nix::unistd::User::from_name(u)
+                .with_context(|| format!("cannot look up user {u:?}"))?
+                .map(|x| x.uid.as_raw())
+        } else {
+            lookup(passwd.as_deref(), u).or_else(|| (u == "root").then_some(0))
+        };
+        if let Some(id) = id {
+            ids.users.insert(u.to_string(), id);
+        }
+    }
+    for g in groups {
+        if g.parse::<u32>().is_ok() {
+            continue;
+        }
+        let id = if live {
+            nix::unistd::Group::from_name(g)
+                .with_context(|| format!("cannot look up group {g:?}"))?
+                .map(|x| x.gid.as_raw())
+        } else {
+            lookup(group_db.as_deref(), g).or_else(|| (g == "root").then_some(0))
+        };
+        if let Some(id) = id {
+            ids.groups.insert(g.to_string(), id);
+        }
+    }
+    Ok(ids)
+}
+
+fn read_db(root: &Path, rel: &str) -> Result<Option<String>> {
+    match std::fs::read_to_string(root.join(rel)) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", root.join(rel).display())),
+    }
+}
+
+/// Finds `name` in a passwd/group style database (`name:x:id:...`).
+fn lookup(db: Option<&str>, name: &str) -> Option<u32> {
+    db?.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.next()?;
+        f.next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_lookup() {
+        let db = "root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n";
+        assert_eq!(lookup(Some(db), "www-data"), Some(33));
+        assert_eq!(lookup(Some(db), "nobody"), None);
+    }
+}

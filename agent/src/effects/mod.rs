@@ -1,0 +1,11 @@
+//! Effects: everything that reads or changes the world outside the
+//! process. The pure core never calls into here; [`crate::sync`] does.
+
+pub mod apply;
+pub mod facts;
+#[path = "/tmp/fetch_stub.rs"]
+pub mod fetch;
+pub mod ids;
+pub mod observe;
+pub mod rootfs;
+pub mod state;

@@ -1,0 +1,248 @@
+//! Confined access to the managed filesystem.
+//!
+//! Every path is resolved from a directory handle on the root (`/`, or the
+//! `--root` prefix) one component at a time with `openat(O_NOFOLLOW)`, so a
+//! symlink planted at or above a target is never followed, whatever its
+//! name: no string checks, no `realpath` races. The only way to touch a
+//! file is through a directory handle obtained here.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, Mode as NixMode, SFlag};
+
+use crate::desired::spec::TargetPath;
+use crate::plan::{FileState, Observation};
+
+/// A handle on the root of the managed filesystem.
+pub struct RootFs {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// Mode of directories driftless creates for missing parents.
+pub const NEW_DIR_MODE: u32 = 0o755;
+
+impl RootFs {
+    pub fn open(path: &Path) -> Result<Self> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            NixMode::empty(),
+        )
+        .with_context(|| format!("cannot open root directory {}", path.display()))?;
+        Ok(RootFs {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// The path on the real filesystem, for messages only.
+    pub fn display(&self, target: &TargetPath) -> String {
+        if self.path == Path::new("/") {
+            target.to_string()
+        } else {
+            format!("{}{}", self.path.display(), target)
+        }
+    }
+
+    /// Opens the directory containing `target`. Missing directories are
+    /// created (mode 0755) and appended to `created` when it is given;
+    /// otherwise a missing directory gives `Ok(None)`.
+    pub fn open_parent(
+        &self,
+        target: &TargetPath,
+        mut created: Option<&mut Vec<TargetPath>>,
+    ) -> Result<Option<OwnedFd>> {
+        let comps: Vec<&str> = target.components().collect();
+        let mut dir = self
+            .fd
+            .try_clone()
+            .context("cannot duplicate the root directory handle")?;
+        let mut sofar = String::new();
+        for comp in &comps[..comps.len() - 1] {
+            sofar.push('/');
+            sofar.push_str(comp);
+            let next = match open_dir(&dir, comp) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => match created.as_deref_mut() {
+                    None => return Ok(None),
+                    Some(list) => {
+                        match mkdirat(&dir, *comp, NixMode::from_bits_truncate(NEW_DIR_MODE)) {
+                            Ok(()) => list.push(TargetPath::parse(&sofar).map_err(|e| anyhow!(e))?),
+                            Err(Errno::EEXIST) => {}
+                            Err(e) => {
+                                return Err(e).with_context(|| {
+                                    format!("cannot create directory {}", self.display_str(&sofar))
+                                })
+                            }
+                        }
+                        open_dir(&dir, comp).with_context(|| {
+                            format!("cannot open directory {}", self.display_str(&sofar))
+                        })?
+                    }
+                },
+                Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                    let what = describe_non_dir(&dir, comp);
+                    bail!(
+                        "{} is {what}, not a directory: driftless never follows symlinks at or above a target ({}); replace it with a real directory",
+                        self.display_str(&sofar),
+                        target
+                    );
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot open directory {}", self.display_str(&sofar))
+                    })
+                }
+            };
+            dir = next;
+        }
+        Ok(Some(dir))
+    }
+
+    fn display_str(&self, p: &str) -> String {
+        if self.path == Path::new("/") {
+            p.to_string()
+        } else {
+            format!("{}{p}", self.path.display())
+        }
+    }
+
+    /// What is at `target` now. Reads regular files in full.
+    pub fn observe(&self, target: &TargetPath) -> Result<Observation> {
+        let Some(dir) = self.open_parent(target, None)? else {
+            return Ok(Observation::Missing);
+        };
+        observe_in(&dir, target.file_name())
+            .with_context(|| format!("cannot read {}", self.display(target)))
+    }
+}
+
+/// Observes `name` inside an open directory, never following a symlink.
+pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
+    let fd = match openat(
+        dir,
+        name,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY,
+        NixMode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(Observation::Missing),
+        Err(Errno::ELOOP) => return Ok(Observation::Other { kind: "symlink" }),
+        Err(Errno::ENXIO) | Err(Errno::ENODEV) => {
+            return Ok(Observation::Other {
+                kind: "special file",
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut file = File::from(fd);
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Ok(Observation::Other { kind: "directory" });
+    }
+    if !meta.is_file() {
+        return Ok(Observation::Other {
+            kind: "special file",
+        });
+    }
+    let mut content = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut content)?;
+    Ok(Observation::File(FileState {
+        content,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }))
+}
+
+fn open_dir(dir: &impl AsFd, name: &str) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )
+}
+
+fn describe_non_dir(dir: &impl AsFd, name: &str) -> &'static str {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFLNK => "a symlink",
+            SFlag::S_IFREG => "a regular file",
+            _ => "a special file",
+        },
+        Err(_) => "not a directory",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(s: &str) -> TargetPath {
+        TargetPath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn symlinked_parent_is_never_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("etc/app")).unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        let err = fs.observe(&tp("/etc/app/conf")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("is a symlink, not a directory"),
+            "{err:#}"
+        );
+        let mut created = Vec::new();
+        assert!(fs
+            .open_parent(&tp("/etc/app/conf"), Some(&mut created))
+            .is_err());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn symlink_at_target_is_observed_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.path().join("etc/x")).unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        assert_eq!(
+            fs.observe(&tp("/etc/x")).unwrap(),
+            Observation::Other { kind: "symlink" }
+        );
+    }
+
+    #[test]
+    fn missing_parents_are_created_and_listed() {
+        let root = tempfile::tempdir().unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        let mut created = Vec::new();
+        fs.open_parent(&tp("/etc/a/b/c"), Some(&mut created))
+            .unwrap();
+        let got: Vec<&str> = created.iter().map(|p| p.as_str()).collect();
+        assert_eq!(got, vec!["/etc", "/etc/a", "/etc/a/b"]);
+        assert_eq!(fs.observe(&tp("/etc/a/b/c")).unwrap(), Observation::Missing);
+    }
+}

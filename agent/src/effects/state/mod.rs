@@ -1,0 +1,197 @@
+//! The state directory (default `/var/lib/driftless`) and the lock.
+//!
+//! ```text
+//! lock              flock(2) target shared by the daemon, the timer and cron
+//! inventory.json    what is applied now; replacing it commits a transaction
+//! history.jsonl     one JSON line per sync attempt (time, commit, result)
+//! last-run.json     the outcome of the latest sync, for `status`
+//! mirror.git/       bare mirror of a remote source (local sources are read in place)
+//! tx/<txid>/        journal.json + backups/ of the latest transactions
+//! originals/        files that existed before driftless managed them
+//! ```
+//!
+//! Everything is created mode 0700 / 0600: backups may hold secrets.
+
+pub mod history;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::plan::inventory::{Inventory, INVENTORY_VERSION};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftless";
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Held while a sync (or anything that reads or writes state) runs.
+pub struct LockGuard {
+    _lock: Flock<File>,
+}
+
+/// Why a lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+#[error("another driftless run holds the lock {path} (waited {waited:?}); try again later or pass --wait")]
+pub struct LockBusy {
+    pub path: PathBuf,
+    pub waited: Duration,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) the state directory.
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .with_context(|| format!("cannot create state directory {}", root.display()))?;
+        for sub in ["tx", "originals"] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root.join(sub))
+                .with_context(|| format!("cannot create {}", root.join(sub).display()))?;
+        }
+        Ok(StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing state directory without creating anything.
+    pub fn existing(root: &Path) -> Option<Self> {
+        root.is_dir().then(|| StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+    pub fn mirror(&self) -> PathBuf {
+        self.root.join("mirror.git")
+    }
+    pub fn tx_dir(&self) -> PathBuf {
+        self.root.join("tx")
+    }
+    pub fn originals(&self) -> PathBuf {
+        self.root.join("originals")
+    }
+    pub fn inventory_path(&self) -> PathBuf {
+        self.root.join("inventory.json")
+    }
+    pub fn history_path(&self) -> PathBuf {
+        self.root.join("history.jsonl")
+    }
+    pub fn last_run_path(&self) -> PathBuf {
+        self.root.join("last-run.json")
+    }
+
+    /// Takes the exclusive lock, waiting up to `wait` (zero: try once).
+    pub fn lock(&self, wait: Duration) -> Result<LockGuard> {
+        let path = self.root.join("lock");
+        let start = Instant::now();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(LockGuard { _lock: lock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if start.elapsed() >= wait {
+                        return Err(LockBusy {
+                            path,
+                            waited: start.elapsed(),
+                        }
+                        .into());
+                    }
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, e)) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+                }
+            }
+        }
+    }
+
+    /// The current inventory; empty if nothing was ever applied.
+    pub fn inventory(&self) -> Result<Inventory> {
+        match read_json::<Inventory>(&self.inventory_path())? {
+            Some(inv) => {
+                if inv.version != INVENTORY_VERSION {
+                    bail!(
+                        "{}: inventory format {} is not supported by this driftless (expects {INVENTORY_VERSION}); was the agent downgraded?",
+                        self.inventory_path().display(),
+                        inv.version
+                    );
+                }
+                Ok(inv)
+            }
+            None => Ok(Inventory {
+                version: INVENTORY_VERSION,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// Reads a JSON file; `Ok(None)` if it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{} is corrupt", path.display()))
+}
+
+/// Replaces `path` atomically and durably with `value` as JSON: write a
+/// temp file, fsync it, rename it over, fsync the directory.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).context("cannot serialise state")?;
+    write_atomic(path, &bytes)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("state file has no parent")?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("state file name")?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    fsync_dir(dir)
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", dir.display()))
+}

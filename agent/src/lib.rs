@@ -1,0 +1,20 @@
+//! driftless: a pull-based GitOps agent for ordinary Linux hosts.
+//!
+//! The tree mirrors the pipeline:
+//!
+//! - [`desired`] and [`plan`] are the **pure core**: repository snapshot →
+//!   host configuration → rendered files → plan. No I/O; unit-tested with
+//!   in-memory inputs.
+//! - [`effects`] holds everything that touches the world: fetching with
+//!   gix, reading facts, observing and writing the managed filesystem, the
+//!   state directory.
+//! - [`sync`] wires one pass of the pipeline together; [`cli`] parses
+//!   arguments and prints; [`config`] layers the agent's own settings.
+
+pub mod cli;
+pub mod config;
+pub mod desired;
+pub mod effects;
+pub mod exit;
+pub mod plan;
+pub mod sync;

@@ -1,0 +1,200 @@
+//! Human-readable rendering of a plan: one line per change and a unified
+//! diff of the content, coloured when asked.
+//!
+//! Sensitive files never show content: only that it changed and the
+//! digests recorded for it. Binary content shows sizes, not bytes.
+
+use std::fmt::Write as _;
+
+use super::{ChangeKind, FileChange, Plan};
+
+/// ANSI colours, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// Lines of context around each change in the unified diff.
+const CONTEXT: usize = 3;
+
+/// The whole plan as text, as printed by `driftless plan`.
+pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
+    let mut out = String::new();
+    let commit = plan.commit.as_deref().map(short).unwrap_or("working tree");
+    let _ = writeln!(out, "host {} at {commit}", plan.host);
+    if plan.changes.is_empty() {
+        let _ = writeln!(
+            out,
+            "no changes: {} managed file(s) already as desired",
+            plan.unchanged
+        );
+    }
+    for c in &plan.changes {
+        let _ = writeln!(out, "{}", summary_line(c, style));
+        if show_diff && c.content_changed && c.kind != ChangeKind::Adopt {
+            out.push_str(&content_diff(c, style));
+        }
+    }
+    if !plan.changes.is_empty() {
+        let mut counts = [0usize; 4];
+        for c in &plan.changes {
+            counts[match c.kind {
+                ChangeKind::Create => 0,
+                ChangeKind::Update => 1,
+                ChangeKind::Remove => 2,
+                ChangeKind::Adopt => 3,
+            }] += 1;
+        }
+        let _ = writeln!(
+            out,
+            "{} to create, {} to change, {} to remove, {} to adopt, {} unchanged",
+            counts[0], counts[1], counts[2], counts[3], plan.unchanged
+        );
+    }
+    for a in &plan.unit_actions {
+        let _ = writeln!(out, "unit {} {}", a.action, a.unit);
+    }
+    if !plan.changes.is_empty() {
+        for c in &plan.checks {
+            let _ = writeln!(out, "check {} (role {})", c.name, c.role);
+        }
+    }
+    out
+}
+
+pub fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+fn summary_line(c: &FileChange, style: Style) -> String {
+    let path = c.path.as_str();
+    match c.kind {
+        ChangeKind::Create => {
+            let a = c.after.as_ref();
+            style.paint(
+                "32",
+                &format!(
+                    "+ create {path} ({} bytes, mode {:04o}, {}:{})",
+                    a.map_or(0, |a| a.size),
+                    a.map_or(0, |a| a.mode),
+                    a.map_or(0, |a| a.uid),
+                    a.map_or(0, |a| a.gid)
+                ),
+            )
+        }
+        ChangeKind::Remove => {
+            let how = if c.restore_original.is_some() {
+                "restore the pre-driftless original of"
+            } else {
+                "remove"
+            };
+            style.paint(
+                "31",
+                &format!("- {how} {path} (no longer in role {})", c.role),
+            )
+        }
+        ChangeKind::Adopt => format!("= adopt {path} (already as desired; original saved)"),
+        ChangeKind::Update => {
+            let mut what = Vec::new();
+            if c.content_changed {
+                what.push("content".to_string());
+            }
+            if let (Some(b), Some(a)) = (&c.before, &c.after) {
+                if c.mode_changed {
+                    what.push(format!("mode {:04o} -> {:04o}", b.mode, a.mode));
+                }
+                if c.owner_changed {
+                    what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, a.uid, a.gid));
+                }
+            }
+            style.paint("33", &format!("~ change {path} ({})", what.join(", ")))
+        }
+    }
+}
+
+/// A unified diff of the content change, or a one-line note where content
+/// must not or cannot be shown.
+pub fn content_diff(c: &FileChange, style: Style) -> String {
+    let empty: &[u8] = &[];
+    let old = c.before.as_ref().map_or(empty, |b| b.content.as_slice());
+    let new = c.after.as_ref().map_or(empty, |a| a.content.as_slice());
+    if c.sensitive {
+        return format!(
+            "    (sensitive content changed; {} -> {}; not shown)\n",
+            c.before
+                .as_ref()
+                .map_or("none".to_string(), |b| short(&b.sha256).to_string()),
+            c.after
+                .as_ref()
+                .map_or("none".to_string(), |a| short(&a.sha256).to_string()),
+        );
+    }
+    let (Ok(old_text), Ok(new_text)) = (std::str::from_utf8(old), std::str::from_utf8(new)) else {
+        return format!(
+            "    (binary content: {} bytes -> {} bytes)\n",
+            old.len(),
+            new.len()
+        );
+    };
+    if old_text.contains('\0') || new_text.contains('\0') {
+        return format!(
+            "    (binary content: {} bytes -> {} bytes)\n",
+            old.len(),
+            new.len()
+        );
+    }
+    let diff = similar::TextDiff::from_lines(old_text, new_text);
+    let path = c.path.as_str();
+    let old_label = if c.before.is_some() {
+        format!("a{path}")
+    } else {
+        "/dev/null".into()
+    };
+    let new_label = if c.after.is_some() {
+        format!("b{path}")
+    } else {
+        "/dev/null".into()
+    };
+    let text = diff
+        .unified_diff()
+        .context_radius(CONTEXT)
+        .header(&old_label, &new_label)
+        .to_string();
+    if !style.color {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        let code = if line.starts_with("+++") || line.starts_with("---") {
+            "1"
+        } else if line.starts_with('+') {
+            "32"
+        } else if line.starts_with('-') {
+            "31"
+        } else if line.starts_with("@@") {
+            "36"
+        } else {
+            ""
+        };
+        if code.is_empty() {
+            out.push_str(line);
+        } else {
+            let body = line.strip_suffix('\n').unwrap_or(line);
+            out.push_str(&style.paint(code, body));
+            if line.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,67 @@
+//! The inventory: what driftless applied last, per file. It is the input
+//! that lets the planner prune files removed from the repository and
+//! restore files that existed before driftless took them over.
+//!
+//! Pure data; `effects::state` persists it as `inventory.json`, and its
+//! atomic replacement is the commit point of every apply transaction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::spec::{TargetPath, UnitAction};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    /// Format version of this file.
+    pub version: u32,
+    /// The transaction that wrote this inventory (empty before the first).
+    #[serde(default)]
+    pub txid: String,
+    /// The commit applied by that transaction.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// Unix time of that transaction.
+    #[serde(default)]
+    pub applied_at: i64,
+    #[serde(default)]
+    pub files: BTreeMap<TargetPath, ManagedEntry>,
+}
+
+pub const INVENTORY_VERSION: u32 = 1;
+
+/// One managed file as last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedEntry {
+    pub role: String,
+    /// SHA-256 of the content written (hex). For sensitive files a keyed
+    /// hash, never the plain digest of a secret.
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Actions to run when the file changes, kept so that pruning it
+    /// triggers them too.
+    #[serde(default)]
+    pub on_change: Vec<UnitAction>,
+    #[serde(default)]
+    pub sensitive: bool,
+    /// The file that was there before driftless managed it, if any.
+    #[serde(default)]
+    pub original: Option<Original>,
+}
+
+/// A pre-existing file, saved once when driftless first took it over and
+/// put back if the file is ever pruned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Original {
+    /// File name inside the state dir's `originals/`.
+    pub stored: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}

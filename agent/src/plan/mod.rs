@@ -1,0 +1,357 @@
+//! The pure core, second half: desired state + what is on the host + what
+//! was applied last → the exact list of changes.
+//!
+//! The planner never reads the disk: `effects::observe` gathers an
+//! [`Observed`] map first. Same inputs, same plan, which is what makes
+//! `driftless plan` print exactly what `sync` will do.
+
+pub mod diff;
+pub mod inventory;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::desired::render::{Desired, DesiredFile};
+use crate::desired::spec::{Check, Principal, TargetPath, UnitAction, UnitActionKind};
+use crate::desired::Diagnostics;
+use inventory::{Inventory, ManagedEntry, Original};
+
+/// What is at a target path right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    Missing,
+    File(FileState),
+    /// Not a regular file: `kind` is "symlink", "directory", ...
+    Other {
+        kind: &'static str,
+    },
+}
+
+/// A regular file on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileState {
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Observations of every path the plan may touch.
+pub type Observed = BTreeMap<TargetPath, Observation>;
+
+/// User and group ids for the principals the repository names, resolved
+/// on the target system (its `/etc/passwd` under `--root`).
+#[derive(Debug, Clone, Default)]
+pub struct Ids {
+    pub users: BTreeMap<String, u32>,
+    pub groups: BTreeMap<String, u32>,
+    /// False when not running as root: ownership is neither compared nor
+    /// applied (files keep the invoking user's ids).
+    pub apply_ownership: bool,
+    /// The ids new files get when ownership is not applied.
+    pub own_uid: u32,
+    pub own_gid: u32,
+}
+
+impl Ids {
+    fn uid(&self, p: &Principal) -> Option<u32> {
+        p.numeric().or_else(|| self.users.get(&p.0).copied())
+    }
+    fn gid(&self, p: &Principal) -> Option<u32> {
+        p.numeric().or_else(|| self.groups.get(&p.0).copied())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Create,
+    Update,
+    Remove,
+    /// A pre-existing file already as desired: nothing is written, but a
+    /// copy is saved so pruning it later puts it back.
+    Adopt,
+}
+
+/// The state a file will have after the change.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewFile {
+    #[serde(skip)]
+    pub content: Vec<u8>,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The state a file had before the change (for display and the journal).
+#[derive(Debug, Clone, Serialize)]
+pub struct OldFile {
+    #[serde(skip)]
+    pub content: Vec<u8>,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileChange {
+    pub path: TargetPath,
+    pub kind: ChangeKind,
+    /// Role that manages (or managed, for removals) the file.
+    pub role: String,
+    pub content_changed: bool,
+    pub mode_changed: bool,
+    pub owner_changed: bool,
+    pub before: Option<OldFile>,
+    pub after: Option<NewFile>,
+    pub sensitive: bool,
+    pub on_change: Vec<UnitAction>,
+    /// A pre-existing unmanaged file is being taken over: save it once.
+    pub adopt_original: bool,
+    /// A pruned file that existed before driftless: put it back.
+    pub restore_original: Option<Original>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub host: String,
+    pub commit: Option<String>,
+    pub changes: Vec<FileChange>,
+    /// Managed files already as desired.
+    pub unchanged: usize,
+    /// Merged unit actions: one per unit, strongest wins, sorted by unit.
+    pub unit_actions: Vec<UnitAction>,
+    /// Health checks of the host's roles, run after the unit actions.
+    pub checks: Vec<Check>,
+    /// The inventory that applying this plan records.
+    #[serde(skip)]
+    pub next_inventory: Inventory,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Computes the plan. Errors name the path and what to do.
+pub fn plan(
+    desired: &Desired,
+    commit: Option<&str>,
+    observed: &Observed,
+    previous: &Inventory,
+    ids: &Ids,
+) -> Result<Plan, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let mut changes = Vec::new();
+    let mut unchanged = 0;
+    let mut next = Inventory {
+        version: inventory::INVENTORY_VERSION,
+        txid: String::new(),
+        commit: commit.map(str::to_string),
+        applied_at: 0,
+        files: BTreeMap::new(),
+    };
+
+    for f in &desired.files {
+        let (uid, gid) = if ids.apply_ownership {
+            match (ids.uid(&f.owner), ids.gid(&f.group)) {
+                (Some(u), Some(g)) => (u, g),
+                (u, g) => {
+                    if u.is_none() {
+                        diags.push(format!(
+                            "{} ({}): user {:?} does not exist on this host; create it first or use a numeric uid",
+                            f.path, f.origin, f.owner.0
+                        ));
+                    }
+                    if g.is_none() {
+                        diags.push(format!(
+                            "{} ({}): group {:?} does not exist on this host; create it first or use a numeric gid",
+                            f.path, f.origin, f.group.0
+                        ));
+                    }
+                    continue;
+                }
+            }
+        } else {
+            (ids.own_uid, ids.own_gid)
+        };
+        let prev = previous.files.get(&f.path);
+        let obs = observed.get(&f.path).unwrap_or(&Observation::Missing);
+        let new = NewFile {
+            content: f.content.clone(),
+            sha256: sha256_hex(&f.content),
+            size: f.content.len() as u64,
+            mode: f.mode.0,
+            uid,
+            gid,
+        };
+        let mut original = prev.and_then(|p| p.original.clone());
+        let change = match obs {
+            Observation::Other { kind } => {
+                diags.push(format!(
+                    "{} ({}): the target is a {kind}; driftless never follows or replaces a {kind}: remove it, or manage the real path",
+                    f.path, f.origin
+                ));
+                continue;
+            }
+            Observation::Missing => Some(FileChange {
+                path: f.path.clone(),
+                kind: ChangeKind::Create,
+                role: f.role.clone(),
+                content_changed: true,
+                mode_changed: false,
+                owner_changed: false,
+                before: None,
+                after: Some(new.clone()),
+                sensitive: f.sensitive,
+                on_change: f.on_change.clone(),
+                adopt_original: false,
+                restore_original: None,
+            }),
+            Observation::File(cur) => {
+                let content_changed = cur.content != f.content;
+                let mode_changed = cur.mode != new.mode;
+                let owner_changed = ids.apply_ownership && (cur.uid != uid || cur.gid != gid);
+                let adopt = prev.is_none();
+                if adopt {
+                    original = Some(Original {
+                        stored: sha256_hex(f.path.as_str().as_bytes()),
+                        mode: cur.mode,
+                        uid: cur.uid,
+                        gid: cur.gid,
+                    });
+                }
+                if content_changed || mode_changed || owner_changed || adopt {
+                    let kind = if content_changed || mode_changed || owner_changed {
+                        ChangeKind::Update
+                    } else {
+                        ChangeKind::Adopt
+                    };
+                    Some(FileChange {
+                        path: f.path.clone(),
+                        kind,
+                        role: f.role.clone(),
+                        content_changed,
+                        mode_changed,
+                        owner_changed,
+                        before: Some(old_file(cur)),
+                        after: Some(new.clone()),
+                        sensitive: f.sensitive,
+                        on_change: if kind == ChangeKind::Adopt {
+                            Vec::new()
+                        } else {
+                            f.on_change.clone()
+                        },
+                        adopt_original: adopt,
+                        restore_original: None,
+                    })
+                } else {
+                    None
+                }
+            }
+        };
+        next.files
+            .insert(f.path.clone(), managed_entry(f, &new, original));
+        match change {
+            Some(c) => changes.push(c),
+            None => unchanged += 1,
+        }
+    }
+
+    for (path, entry) in &previous.files {
+        if next.files.contains_key(path) {
+            continue;
+        }
+        match observed.get(path).unwrap_or(&Observation::Missing) {
+            Observation::File(cur) => changes.push(FileChange {
+                path: path.clone(),
+                kind: ChangeKind::Remove,
+                role: entry.role.clone(),
+                content_changed: true,
+                mode_changed: false,
+                owner_changed: false,
+                before: Some(old_file(cur)),
+                after: None,
+                sensitive: entry.sensitive,
+                on_change: entry.on_change.clone(),
+                adopt_original: false,
+                restore_original: entry.original.clone(),
+            }),
+            // Already gone, or replaced by something that is not ours:
+            // forget it, touch nothing.
+            Observation::Missing | Observation::Other { .. } => {}
+        }
+    }
+
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    changes.sort_by(|a, b| a.path.cmp(&b.path));
+    let unit_actions = merge_actions(changes.iter().flat_map(|c| c.on_change.iter()));
+    Ok(Plan {
+        host: desired.host.clone(),
+        commit: commit.map(str::to_string),
+        changes,
+        unchanged,
+        unit_actions,
+        checks: desired.checks.clone(),
+        next_inventory: next,
+    })
+}
+
+fn old_file(cur: &FileState) -> OldFile {
+    OldFile {
+        content: cur.content.clone(),
+        sha256: sha256_hex(&cur.content),
+        size: cur.content.len() as u64,
+        mode: cur.mode,
+        uid: cur.uid,
+        gid: cur.gid,
+    }
+}
+
+fn managed_entry(f: &DesiredFile, new: &NewFile, original: Option<Original>) -> ManagedEntry {
+    ManagedEntry {
+        role: f.role.clone(),
+        sha256: new.sha256.clone(),
+        size: new.size,
+        mode: new.mode,
+        uid: new.uid,
+        gid: new.gid,
+        on_change: f.on_change.clone(),
+        sensitive: f.sensitive,
+        original,
+    }
+}
+
+/// One action per unit, the strongest requested, sorted by unit name.
+pub fn merge_actions<'a>(actions: impl Iterator<Item = &'a UnitAction>) -> Vec<UnitAction> {
+    let mut by_unit: BTreeMap<&str, UnitActionKind> = BTreeMap::new();
+    for a in actions {
+        let e = by_unit.entry(a.unit.as_str()).or_insert(a.action);
+        if a.action > *e {
+            *e = a.action;
+        }
+    }
+    by_unit
+        .into_iter()
+        .map(|(unit, action)| UnitAction {
+            unit: unit.to_string(),
+            action,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,299 @@
+use super::*;
+use crate::desired::render::{Desired, DesiredFile};
+use crate::desired::spec::{Mode, Principal, TargetPath, UnitAction, UnitActionKind};
+
+fn tp(s: &str) -> TargetPath {
+    TargetPath::parse(s).unwrap()
+}
+
+fn file(path: &str, content: &str, mode: u32) -> DesiredFile {
+    DesiredFile {
+        path: tp(path),
+        role: "r".into(),
+        content: content.as_bytes().to_vec(),
+        mode: Mode(mode),
+        owner: Principal::root(),
+        group: Principal::root(),
+        on_change: vec![UnitAction {
+            unit: "app.service".into(),
+            action: UnitActionKind::Reload,
+        }],
+        sensitive: false,
+        origin: "roles/r/role.toml files[0]".into(),
+    }
+}
+
+fn desired(files: Vec<DesiredFile>) -> Desired {
+    Desired {
+        host: "h".into(),
+        files,
+        checks: vec![],
+    }
+}
+
+fn ids() -> Ids {
+    Ids {
+        apply_ownership: true,
+        users: [("root".to_string(), 0)].into(),
+        groups: [("root".to_string(), 0)].into(),
+        ..Default::default()
+    }
+}
+
+fn on_disk(content: &str, mode: u32) -> Observation {
+    Observation::File(FileState {
+        content: content.as_bytes().to_vec(),
+        mode,
+        uid: 0,
+        gid: 0,
+    })
+}
+
+fn inventory_of(p: &Plan) -> Inventory {
+    let mut inv = p.next_inventory.clone();
+    inv.txid = "t1".into();
+    inv
+}
+
+#[test]
+fn missing_file_is_created_with_its_actions() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o644)]);
+    let p = plan(
+        &d,
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.changes[0].kind, ChangeKind::Create);
+    assert_eq!(p.unit_actions.len(), 1);
+    assert!(p.next_inventory.files.contains_key(&tp("/etc/a")));
+}
+
+#[test]
+fn identical_managed_file_is_no_change() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o644)]);
+    let first = plan(
+        &d,
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    let obs = Observed::from([(tp("/etc/a"), on_disk("x\n", 0o644))]);
+    let p = plan(&d, Some("c1"), &obs, &inventory_of(&first), &ids()).unwrap();
+    assert!(p.is_empty(), "{:?}", p.changes);
+    assert_eq!(p.unchanged, 1);
+    assert!(p.unit_actions.is_empty());
+}
+
+#[test]
+fn mode_only_change_is_a_change_that_triggers_on_change() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o600)]);
+    let first = plan(
+        &d,
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    let obs = Observed::from([(tp("/etc/a"), on_disk("x\n", 0o644))]);
+    let p = plan(&d, Some("c2"), &obs, &inventory_of(&first), &ids()).unwrap();
+    assert_eq!(p.changes.len(), 1);
+    let c = &p.changes[0];
+    assert!(c.mode_changed && !c.content_changed && !c.owner_changed);
+    assert_eq!(p.unit_actions[0].unit, "app.service");
+}
+
+#[test]
+fn owner_is_ignored_when_ownership_is_not_applied() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o644)]);
+    let unprivileged = Ids {
+        apply_ownership: false,
+        own_uid: 1000,
+        own_gid: 1000,
+        ..Default::default()
+    };
+    let first = plan(
+        &d,
+        None,
+        &Observed::new(),
+        &Inventory::default(),
+        &unprivileged,
+    )
+    .unwrap();
+    let obs = Observed::from([(
+        tp("/etc/a"),
+        Observation::File(FileState {
+            content: b"x\n".to_vec(),
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+        }),
+    )]);
+    let p = plan(&d, None, &obs, &inventory_of(&first), &unprivileged).unwrap();
+    assert!(p.is_empty());
+}
+
+#[test]
+fn file_gone_from_repo_is_pruned_with_its_old_actions() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o644)]);
+    let first = plan(
+        &d,
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    let obs = Observed::from([(tp("/etc/a"), on_disk("x\n", 0o644))]);
+    let p = plan(
+        &desired(vec![]),
+        Some("c2"),
+        &obs,
+        &inventory_of(&first),
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.changes[0].kind, ChangeKind::Remove);
+    assert!(p.changes[0].restore_original.is_none());
+    assert_eq!(p.unit_actions[0].unit, "app.service");
+    assert!(p.next_inventory.files.is_empty());
+}
+
+#[test]
+fn pruned_file_already_gone_is_just_forgotten() {
+    let d = desired(vec![file("/etc/a", "x\n", 0o644)]);
+    let first = plan(
+        &d,
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    let p = plan(
+        &desired(vec![]),
+        Some("c2"),
+        &Observed::new(),
+        &inventory_of(&first),
+        &ids(),
+    )
+    .unwrap();
+    assert!(p.is_empty());
+}
+
+#[test]
+fn preexisting_file_is_adopted_and_restored_when_pruned() {
+    let d = desired(vec![file("/etc/a", "managed\n", 0o644)]);
+    let obs = Observed::from([(tp("/etc/a"), on_disk("distro default\n", 0o640))]);
+    let first = plan(&d, Some("c1"), &obs, &Inventory::default(), &ids()).unwrap();
+    assert!(first.changes[0].adopt_original);
+    let orig = first.next_inventory.files[&tp("/etc/a")]
+        .original
+        .clone()
+        .unwrap();
+    assert_eq!(orig.mode, 0o640);
+    // Later the file leaves the repository: the original comes back.
+    let obs = Observed::from([(tp("/etc/a"), on_disk("managed\n", 0o644))]);
+    let p = plan(
+        &desired(vec![]),
+        Some("c2"),
+        &obs,
+        &inventory_of(&first),
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.changes[0].restore_original, Some(orig));
+}
+
+#[test]
+fn preexisting_identical_file_is_adopted_without_actions() {
+    let d = desired(vec![file("/etc/a", "same\n", 0o644)]);
+    let obs = Observed::from([(tp("/etc/a"), on_disk("same\n", 0o644))]);
+    let p = plan(&d, Some("c1"), &obs, &Inventory::default(), &ids()).unwrap();
+    assert_eq!(p.changes[0].kind, ChangeKind::Adopt);
+    assert!(p.unit_actions.is_empty());
+}
+
+#[test]
+fn symlink_at_target_is_refused_with_the_path() {
+    let d = desired(vec![file("/etc/resolv.conf", "x", 0o644)]);
+    let obs = Observed::from([(
+        tp("/etc/resolv.conf"),
+        Observation::Other { kind: "symlink" },
+    )]);
+    let err = plan(&d, None, &obs, &Inventory::default(), &ids())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("/etc/resolv.conf") && err.contains("never follows or replaces a symlink"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_owner_is_an_error_naming_file_and_user() {
+    let mut f = file("/etc/a", "x", 0o644);
+    f.owner = Principal("nosuchuser".into());
+    let err = plan(
+        &desired(vec![f]),
+        None,
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/etc/a") && err.contains("\"nosuchuser\" does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn strongest_action_per_unit_wins_in_unit_order() {
+    let a = |u: &str, k| UnitAction {
+        unit: u.into(),
+        action: k,
+    };
+    let merged = merge_actions(
+        [
+            a("b.service", UnitActionKind::Reload),
+            a("a.service", UnitActionKind::Reload),
+            a("b.service", UnitActionKind::Restart),
+            a("a.service", UnitActionKind::TryRestart),
+        ]
+        .iter(),
+    );
+    assert_eq!(
+        merged,
+        vec![
+            a("a.service", UnitActionKind::TryRestart),
+            a("b.service", UnitActionKind::Restart)
+        ]
+    );
+}
+
+#[test]
+fn diff_of_changed_file_is_unified_and_sensitive_is_redacted() {
+    let d = desired(vec![file("/etc/a", "one\ntwo\n", 0o644)]);
+    let obs = Observed::from([(tp("/etc/a"), on_disk("one\nthree\n", 0o644))]);
+    let mut p = plan(&d, None, &obs, &Inventory::default(), &ids()).unwrap();
+    let text = diff::content_diff(&p.changes[0], diff::Style { color: false });
+    assert!(
+        text.contains("--- a/etc/a") && text.contains("-three") && text.contains("+two"),
+        "{text}"
+    );
+    p.changes[0].sensitive = true;
+    let text = diff::content_diff(&p.changes[0], diff::Style { color: false });
+    assert!(
+        !text.contains("two") && text.contains("not shown"),
+        "{text}"
+    );
+}

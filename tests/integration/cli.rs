@@ -1,0 +1,163 @@
+//! Command-line behaviour: help, exit codes, the lock, JSON output.
+
+use std::process::Command;
+
+use crate::support::*;
+
+#[test]
+fn help_teaches_examples_and_exit_codes() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "sync --once --source",
+        "validate",
+        "Exit codes",
+        "75 another",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
+    }
+}
+
+#[test]
+fn second_run_while_locked_exits_75_and_waits_with_wait() {
+    let repo = simple_repo(&[("/etc/a", "x\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(host.state.path().join("lock"))
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let run = host.sync(repo.path()).code(75);
+    assert!(run.stderr.contains("holds the lock"), "{}", run.stderr);
+    // With --wait it proceeds once the lock is released.
+    let child = host
+        .cmd(repo.path(), &["sync", "--once", "--wait", "30"])
+        .spawn()
+        .unwrap();
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn plan_json_status_json_and_history() {
+    let repo = simple_repo(&[("/etc/a", "x\n"), ("/etc/b", "y\n")]);
+    let host = Host::new("h");
+    let plan = host.run(repo.path(), &["plan", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert_eq!(v["kind"], "Plan");
+    assert_eq!(v["spec"]["commit"], repo.head());
+    let changes = v["status"]["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0]["kind"], "create");
+    assert!(changes[0]["diff"].as_str().unwrap().contains("+x"));
+    assert!(host.tree().is_empty(), "plan must not write");
+
+    host.sync(repo.path()).ok();
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["status"]["applied"]["commit"], repo.head());
+    assert_eq!(v["status"]["applied"]["files"], 2);
+    assert_eq!(v["status"]["last_run"]["outcome"], "applied");
+
+    let hist = host.run(repo.path(), &["history"]).ok();
+    assert!(
+        hist.stdout.contains("applied") && hist.stdout.contains("+2 ~0 -0"),
+        "{}",
+        hist.stdout
+    );
+}
+
+#[test]
+fn bad_agent_config_exits_78_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "sorce = \"/srv/repo\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agent.toml:1:1") && err.contains("did you mean `source`?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_file_provides_the_settings() {
+    let repo = simple_repo(&[("/etc/a", "x\n")]);
+    let host = Host::new("h");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source = \"{}\"\nhost = \"h\"\nroot = \"{}\"\nstate_dir = \"{}\"\n",
+            repo.path().display(),
+            host.root.path().display(),
+            host.state.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["sync", "--once", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.read("/etc/a").as_deref(), Some("x\n"));
+}
+
+#[test]
+fn missing_source_is_a_config_error() {
+    let out = Command::new(BIN)
+        .args([
+            "sync",
+            "--once",
+            "--no-config",
+            "--state-dir",
+            "/nonexistent/x",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--source"), "{err}");
+    assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+fn validate_reports_every_broken_host_with_exit_3() {
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/a.toml", "");
+    repo.write("hosts/b.toml", "roles = [\"nope\"]\n");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n",
+    );
+    repo.write("roles/app/files/x.tera", "{{ vars.missing }}\n");
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config"])
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("FAIL  a:") && text.contains("undefined variable `vars.missing`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  b:") && text.contains("role `nope` does not exist"),
+        "{text}"
+    );
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real `driftless` binary against real git
+//! repositories built with the `git` CLI, applied under temporary roots.
+//!
+//! `support` builds fixtures; each other module covers one area.
+
+mod support;
+
+mod cli;
+mod crash;
+mod golden;
+mod pipeline;
+mod quickstart;

@@ -1,0 +1,229 @@
+//! Fixture helpers: git repositories made with the real `git` CLI, and a
+//! runner for the built binary with an isolated root and state dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_driftless");
+
+/// The workspace root (where `examples/` lives).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs `git` in `dir` with a fixed identity and no user config.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A git repository in a temp dir, on branch `main`.
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+}
+
+impl Repo {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        git(dir.path(), &["init", "-q", "-b", "main"]);
+        Repo { dir }
+    }
+
+    /// A repository holding a copy of `examples/quickstart`, committed.
+    pub fn quickstart() -> Self {
+        let r = Repo::new();
+        copy_dir(&workspace().join("examples/quickstart"), r.path());
+        r.commit("quickstart");
+        r
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> &Self {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+        self
+    }
+
+    pub fn remove(&self, rel: &str) -> &Self {
+        std::fs::remove_file(self.path().join(rel)).unwrap();
+        self
+    }
+
+    /// Commits everything; returns the commit id.
+    pub fn commit(&self, msg: &str) -> String {
+        git(self.path(), &["add", "-A"]);
+        git(self.path(), &["commit", "-q", "--allow-empty", "-m", msg]);
+        self.head()
+    }
+
+    pub fn head(&self) -> String {
+        git(self.path(), &["rev-parse", "HEAD"])
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// An isolated target: root prefix and state dir.
+pub struct Host {
+    pub root: tempfile::TempDir,
+    pub state: tempfile::TempDir,
+    pub name: String,
+}
+
+/// What a run of the binary produced.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn code(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl Host {
+    pub fn new(name: &str) -> Self {
+        Host {
+            root: tempfile::tempdir().unwrap(),
+            state: tempfile::tempdir().unwrap(),
+            name: name.into(),
+        }
+    }
+
+    /// A command for the binary with `--no-config`, this host's name, root
+    /// and state dir, and `source`.
+    pub fn cmd(&self, source: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .arg("--no-config")
+            .arg("--source")
+            .arg(source)
+            .arg("--host")
+            .arg(&self.name)
+            .arg("--root")
+            .arg(self.root.path())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .env_remove("DRIFTLESS_TEST_CRASH_AFTER")
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn run(&self, source: &Path, args: &[&str]) -> Run {
+        Run::from(self.cmd(source, args).output().expect("driftless runs"))
+    }
+
+    pub fn sync(&self, source: &Path) -> Run {
+        self.run(source, &["sync", "--once"])
+    }
+
+    pub fn path(&self, target: &str) -> PathBuf {
+        self.root.path().join(target.trim_start_matches('/'))
+    }
+
+    pub fn read(&self, target: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(target)).ok()
+    }
+
+    /// Every file under the root, relative, sorted, with content.
+    pub fn tree(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        walk(self.root.path(), self.root.path(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            walk(base, &e.path(), out);
+        } else {
+            let rel = e.path().strip_prefix(base).unwrap().display().to_string();
+            out.push((
+                format!("/{rel}"),
+                std::fs::read(e.path()).unwrap_or_default(),
+            ));
+        }
+    }
+}
+
+/// A minimal one-role repository managing the given files from sources.
+pub fn simple_repo(files: &[(&str, &str)]) -> Repo {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    let mut role = String::new();
+    for (i, (target, content)) in files.iter().enumerate() {
+        role.push_str(&format!(
+            "[[files]]\npath = \"{target}\"\nsource = \"f{i}\"\n\n"
+        ));
+        r.write(&format!("roles/app/files/f{i}"), content);
+    }
+    r.write("roles/app/role.toml", &role);
+    r.commit("initial");
+    r
+}
