@@ -1,0 +1,256 @@
+//! The bare mirror that remote sources are fetched into.
+//!
+//! The mirror is opened isolated (the host's git config and `GIT_*`
+//! variables are ignored) with in-memory overrides for what a fetch needs:
+//! a committer fallback (gix writes reflogs, and the host may have no git
+//! identity) and the ssh command. The remote is always the configured URL,
+//! not whatever the mirror's config says; after a successful fetch the URL
+//! and refspec are recorded in the mirror's config as `remote.origin` for
+//! humans and `git` looking at it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{anyhow, bail, Context, Result};
+use gix::bstr::ByteSlice;
+use gix::remote::Direction;
+
+use super::{redact, SshOptions};
+
+/// Fetches `full_ref` from `url` into the mirror at `mirror_dir` and returns
+/// the mirror and the commit the ref points to (tags peeled).
+pub(super) fn fetch(
+    url: &str,
+    full_ref: &str,
+    ssh: &SshOptions,
+    mirror_dir: &Path,
+) -> Result<(gix::Repository, gix::ObjectId)> {
+    let shown = redact(url);
+    ensure_mirror(mirror_dir)?;
+    let repo = open_mirror(mirror_dir, ssh)?;
+    let tracking = tracking_ref(full_ref);
+    let refspec = format!("+{full_ref}:{tracking}");
+
+    let remote = anonymous_remote(&repo, url, &refspec)?;
+    let never_interrupt = AtomicBool::new(false);
+    let what_to_do = || {
+        format!(
+            "cannot fetch {full_ref} from {shown}: check that the URL is reachable from this host and that its credentials / ssh key and host key are set up; the mirror at {} still holds the previously fetched commit",
+            mirror_dir.display()
+        )
+    };
+    let outcome = remote
+        .connect(Direction::Fetch)
+        .with_context(what_to_do)?
+        .prepare_fetch(gix::progress::Discard, Default::default())
+        .with_context(what_to_do)?
+        .receive(gix::progress::Discard, &never_interrupt)
+        .with_context(what_to_do)?;
+
+    let advertised = outcome
+        .ref_map
+        .mappings
+        .iter()
+        .find(|m| m.remote.as_name() == Some(full_ref.as_bytes().as_bstr()))
+        .and_then(|m| m.remote.as_id())
+        .map(ToOwned::to_owned)
+        .ok_or_else(|| {
+            anyhow!("{shown} has no {full_ref}: check `branch` (a branch name like `main`, or a full ref like `refs/tags/v1`)")
+        })?;
+
+    // The forced refspec must have moved the tracking ref to what the server
+    // advertised; anything else means the mirror is inconsistent.
+    let local = repo
+        .find_reference(tracking.as_str())
+        .with_context(|| format!("{tracking} missing in the mirror at {} after fetching from {shown}", mirror_dir.display()))?
+        .id()
+        .detach();
+    if local != advertised {
+        bail!(
+            "after fetching from {shown}, {tracking} in the mirror at {} is {local} but the server advertised {advertised}; remove the mirror directory and sync again",
+            mirror_dir.display()
+        );
+    }
+
+    let commit = repo
+        .find_object(advertised)
+        .with_context(|| format!("{full_ref} of {shown} points to {advertised}, which the fetch did not bring into the mirror"))?
+        .peel_to_commit()
+        .with_context(|| format!("{full_ref} of {shown} ({advertised}) does not point to a commit"))?
+        .id;
+
+    record_remote(&repo, url, &refspec)
+        .with_context(|| format!("cannot record {shown} as the origin of the mirror at {}", mirror_dir.display()))?;
+    Ok((repo, commit))
+}
+
+/// Opens the mirror of `url` for reading.
+pub(super) fn open(url: &str, ssh: &SshOptions, mirror_dir: &Path) -> Result<gix::Repository> {
+    if !mirror_dir.exists() {
+        bail!(
+            "nothing has been fetched from {} yet (no mirror at {}): run a sync first",
+            redact(url),
+            mirror_dir.display()
+        );
+    }
+    open_mirror(mirror_dir, ssh)
+}
+
+/// `refs/heads/main` -> `refs/remotes/origin/main`; other refs keep their
+/// path below `refs/` (`refs/tags/v1` -> `refs/remotes/origin/tags/v1`).
+pub(super) fn tracking_ref(full_ref: &str) -> String {
+    let short = full_ref
+        .strip_prefix("refs/heads/")
+        .or_else(|| full_ref.strip_prefix("refs/"))
+        .unwrap_or(full_ref);
+    format!("refs/remotes/origin/{short}")
+}
+
+fn anonymous_remote<'r>(repo: &'r gix::Repository, url: &str, refspec: &str) -> Result<gix::Remote<'r>> {
+    let shown = redact(url);
+    repo.remote_at(url)
+        .with_context(|| format!("{shown} is not a usable git URL"))?
+        .with_refspecs(Some(refspec), Direction::Fetch)
+        .with_context(|| format!("invalid refspec {refspec} for {shown}"))
+        .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
+}
+
+/// Creates the mirror if it does not exist yet: `init_bare` in a temporary
+/// sibling directory, then one rename, so a crash never leaves a
+/// half-initialised mirror behind.
+fn ensure_mirror(mirror_dir: &Path) -> Result<()> {
+    match std::fs::read_dir(mirror_dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Ok(()); // exists; open_mirror checks it is a repository
+            }
+            std::fs::remove_dir(mirror_dir)
+                .with_context(|| format!("cannot replace the empty directory {} by a mirror", mirror_dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the mirror directory {}", mirror_dir.display()));
+        }
+    }
+    let parent = match mirror_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {} for the mirror", parent.display()))?;
+    let name = mirror_dir
+        .file_name()
+        .with_context(|| format!("the mirror path {} has no file name", mirror_dir.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".init-{}", std::process::id()));
+    let tmp = parent.join(tmp_name);
+    match std::fs::remove_dir_all(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove the leftover {}", tmp.display())),
+    }
+    gix::init_bare(&tmp).with_context(|| format!("cannot create a bare repository at {}", tmp.display()))?;
+    std::fs::rename(&tmp, mirror_dir).with_context(|| {
+        format!(
+            "cannot move the new mirror {} to {}",
+            tmp.display(),
+            mirror_dir.display()
+        )
+    })?;
+    Ok(())
+}
+
+fn open_mirror(mirror_dir: &Path, ssh: &SshOptions) -> Result<gix::Repository> {
+    let overrides = vec![
+        "gitoxide.committer.nameFallback=driftless".to_string(),
+        "gitoxide.committer.emailFallback=driftless@localhost".to_string(),
+        // We build an OpenSSH command line; saying so spares gix probing it.
+        "ssh.variant=ssh".to_string(),
+        format!("core.sshCommand={}", ssh_command(ssh)?),
+    ];
+    gix::open_opts(
+        mirror_dir,
+        gix::open::Options::isolated().config_overrides(overrides),
+    )
+    .with_context(|| {
+        format!(
+            "{} is not a usable mirror (not a git repository?): remove it and the next sync recreates it",
+            mirror_dir.display()
+        )
+    })
+}
+
+/// The OpenSSH command line gix runs (through `/bin/sh`, so paths are
+/// quoted). Batch mode always: an agent must fail, not wait for a prompt.
+fn ssh_command(ssh: &SshOptions) -> Result<String> {
+    let mut cmd = String::from("ssh -o BatchMode=yes -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4");
+    if let Some(key) = &ssh.key {
+        cmd.push_str(" -i ");
+        cmd.push_str(&sh_quote(path_str(key, "ssh key")?));
+        cmd.push_str(" -o IdentitiesOnly=yes");
+    }
+    if let Some(known_hosts) = &ssh.known_hosts {
+        let path = path_str(known_hosts, "known_hosts file")?;
+        // ssh splits this option's value on spaces unless double-quoted.
+        cmd.push_str(" -o ");
+        cmd.push_str(&sh_quote(&format!("UserKnownHostsFile=\"{path}\"")));
+        cmd.push_str(" -o StrictHostKeyChecking=yes");
+    }
+    Ok(cmd)
+}
+
+fn path_str<'a>(path: &'a Path, what: &str) -> Result<&'a str> {
+    let s = path
+        .to_str()
+        .with_context(|| format!("the {what} path {} is not UTF-8", path.display()))?;
+    if s.contains(['"', '\n', '\r']) {
+        bail!("the {what} path {s:?} contains a quote or newline, which ssh cannot take");
+    }
+    Ok(s)
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes `remote.origin` (URL, refspec, no tags) into the mirror's config
+/// if it differs from what is there.
+fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()> {
+    let wanted_url = gix::url::parse(url.into()).context("invalid URL")?;
+    if let Ok(existing) = repo.find_remote("origin") {
+        let same_url = existing.url(Direction::Fetch) == Some(&wanted_url);
+        let specs: Vec<String> = existing
+            .refspecs(Direction::Fetch)
+            .iter()
+            .map(|s| s.to_ref().to_bstring().to_string())
+            .collect();
+        if same_url && specs == [refspec] {
+            return Ok(());
+        }
+        if let Some(old) = existing.url(Direction::Fetch) {
+            if !same_url {
+                tracing::info!(
+                    from = %redact(&old.to_bstring().to_string()),
+                    to = %redact(url),
+                    "the repository URL changed; the mirror now follows the new one"
+                );
+            }
+        }
+    }
+    let config_path = repo.git_dir().join("config");
+    let mut file = gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut remote = anonymous_remote(repo, url, refspec)?;
+    remote
+        .save_as_to("origin", &mut file)
+        .context("cannot serialise the remote")?;
+    let mut bytes = Vec::new();
+    file.write_to(&mut bytes)
+        .context("cannot serialise the mirror config")?;
+    let tmp = repo.git_dir().join("config.driftless-tmp");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &config_path)
+        .with_context(|| format!("cannot replace {}", config_path.display()))?;
+    Ok(())
+}

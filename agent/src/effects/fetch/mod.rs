@@ -1,0 +1,329 @@
+//! Getting the desired commit of the config repository into an object
+//! database, and reading files out of it.
+//!
+//! Everything here uses gix in-process; no `git` binary is needed on the
+//! host. Two kinds of source behave differently, on purpose:
+//!
+//! - **Local repositories** (a path or `file://` URL) are opened with
+//!   [`gix::open_opts`] and read **in place**. gix's `file://` *transport*
+//!   would spawn `git-upload-pack`, which needs git installed; opening the
+//!   repository directly spawns nothing, costs nothing (no copy), and always
+//!   sees the current tip. The repository is opened isolated
+//!   ([`gix::open::Options::isolated`]): no global or system git config and no
+//!   `GIT_*` environment variables influence what the agent applies.
+//! - **Remote repositories** (https, http, ssh, git, scp-like) are fetched
+//!   incrementally into a bare *mirror* under the agent's state directory.
+//!   Only the configured ref is fetched, forced (`+`), into
+//!   `refs/remotes/origin/<branch>`; refusing non-fast-forward updates is
+//!   the caller's policy (see [`is_ancestor`]), not the transport's. The
+//!   mirror is created atomically (init in a temporary sibling, then
+//!   rename) and gix writes packs before moving refs, so a failed fetch
+//!   leaves the previous commit readable.
+//!
+//! Files are read from the commit's tree straight out of the object
+//! database ([`read_tree`]) into a [`Snapshot`]; no worktree is checked out.
+//!
+//! gix's networking is blocking: call [`fetch`] from a synchronous context
+//! (or `spawn_blocking`). HTTPS needs a rustls crypto provider installed in
+//! the process: call [`install_tls_provider`] first. Server certificates are
+//! checked against the system roots; `SSL_CERT_FILE` / `SSL_CERT_DIR` select
+//! other roots (read by `rustls-native-certs` via reqwest's platform
+//! verifier).
+
+mod location;
+mod mirror;
+mod tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::desired::snapshot::Snapshot;
+
+/// Where the config repository comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A repository on this host, read in place.
+    Local(PathBuf),
+    /// A URL as given by the user, fetched into the mirror.
+    Remote(String),
+}
+
+impl Location {
+    /// Parses the `source` setting.
+    ///
+    /// - a plain path, or a `file://` URL (converted to a path): [`Location::Local`];
+    /// - `https://`, `http://`, `ssh://`, `git://` URLs and scp-like
+    ///   `user@host:path`: [`Location::Remote`];
+    /// - any other `scheme://`: an error.
+    pub fn parse(s: &str) -> Result<Location> {
+        location::parse(s)
+    }
+}
+
+impl std::fmt::Display for Location {
+    /// Paths as they are; URLs with any password replaced by `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(p) => write!(f, "{}", p.display()),
+            Location::Remote(u) => f.write_str(&redact(u)),
+        }
+    }
+}
+
+/// How to reach ssh remotes. Both default to ssh's own behaviour
+/// (`~/.ssh/id_*`, `~/.ssh/known_hosts`). ssh always runs with
+/// `BatchMode=yes`: it never prompts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshOptions {
+    /// Private key to authenticate with (`ssh -i`); only this key is offered.
+    pub key: Option<PathBuf>,
+    /// known_hosts file to check the server against; with it, unknown or
+    /// changed host keys are refused (`StrictHostKeyChecking=yes`).
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// The repository, the ref to follow in it, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSpec {
+    pub location: Location,
+    /// A branch name like `main`, or a full ref like `refs/heads/x` or
+    /// `refs/tags/v1`.
+    pub branch: String,
+    pub ssh: SshOptions,
+}
+
+/// The commit at the tip of the followed ref, and the object database
+/// holding it.
+pub struct Fetched {
+    /// The object database to read the commit from: the local repository
+    /// itself, or the mirror.
+    pub repo: gix::Repository,
+    pub commit: gix::ObjectId,
+    /// Committer time, seconds since the epoch.
+    pub commit_time: i64,
+    /// First line of the commit message.
+    pub summary: String,
+}
+
+/// Installs rustls' `ring` crypto provider as the process default, which
+/// reqwest (gix's HTTPS transport) needs. Safe to call any number of times.
+pub fn install_tls_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Brings the commit at the tip of `spec.branch` into a local object
+/// database and returns it.
+///
+/// Local sources are read in place; remote sources are fetched into the
+/// bare mirror at `mirror_dir` (created on first use). See the module docs.
+pub fn fetch(spec: &SourceSpec, mirror_dir: &Path) -> Result<Fetched> {
+    let full_ref = full_ref_name(&spec.branch)?;
+    match &spec.location {
+        Location::Local(path) => {
+            let repo = open_local(path)?;
+            let commit = resolve_local_ref(&repo, &full_ref, path)?;
+            fetched(repo, commit, &spec.location, &full_ref)
+        }
+        Location::Remote(url) => {
+            let (repo, commit) = mirror::fetch(url, &full_ref, &spec.ssh, mirror_dir)?;
+            fetched(repo, commit, &spec.location, &full_ref)
+        }
+    }
+}
+
+/// Opens the object database of an earlier [`fetch`] again (for status or
+/// history): the local repository itself, or the mirror for remote sources.
+pub fn open(spec: &SourceSpec, mirror_dir: &Path) -> Result<gix::Repository> {
+    match &spec.location {
+        Location::Local(path) => open_local(path),
+        Location::Remote(url) => mirror::open(url, &spec.ssh, mirror_dir),
+    }
+}
+
+/// How far commit times may go backwards along history (clock skew between
+/// committers) without [`is_ancestor`] missing an ancestor.
+const CLOCK_SKEW_SLACK_SECS: i64 = 7 * 24 * 3600;
+
+/// True if `ancestor` is `descendant` or one of its ancestors.
+///
+/// A missing `ancestor` (e.g. the previously applied commit was force-pushed
+/// away and never fetched into this mirror) gives `Ok(false)`. The walk goes
+/// newest-first from `descendant` and stops at commits older than
+/// `ancestor`'s committer time minus a week of slack for clock skew, so its
+/// cost follows the distance between the two, not the size of history.
+pub fn is_ancestor(
+    repo: &gix::Repository,
+    ancestor: gix::ObjectId,
+    descendant: gix::ObjectId,
+) -> Result<bool> {
+    let Some(object) = repo
+        .try_find_object(ancestor)
+        .with_context(|| format!("cannot read object {ancestor} from {}", repo_name(repo)))?
+    else {
+        return Ok(false);
+    };
+    let ancestor_commit = object.try_into_commit().map_err(|_| {
+        anyhow!(
+            "{ancestor} in {} is not a commit; the recorded previous commit is wrong (remove it from the state directory)",
+            repo_name(repo)
+        )
+    })?;
+    if ancestor == descendant {
+        return Ok(true);
+    }
+    let cutoff = ancestor_commit
+        .time()
+        .with_context(|| format!("cannot read the committer time of {ancestor}"))?
+        .seconds
+        .saturating_sub(CLOCK_SKEW_SLACK_SECS);
+    let walk = repo
+        .rev_walk([descendant])
+        .sorting(gix::revision::walk::Sorting::ByCommitTimeCutoff {
+            order: gix::traverse::commit::simple::CommitTimeOrder::NewestFirst,
+            seconds: cutoff,
+        })
+        .all()
+        .with_context(|| format!("cannot walk the history of {descendant}"))?;
+    for info in walk {
+        let info = info.with_context(|| {
+            format!(
+                "cannot walk the history of {descendant} in {}",
+                repo_name(repo)
+            )
+        })?;
+        if info.id == ancestor {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Reads the tree of `commit` below `sub_path` into a [`Snapshot`], straight
+/// from the object database.
+///
+/// `sub_path` is `""` for the whole repository, or `"a/b"` for that subtree
+/// only, with snapshot paths relative to it. Regular files (with the
+/// executable bit) and symlinks (their link text) are read; submodules are an
+/// error naming their path, as is a `sub_path` that does not exist.
+pub fn read_tree(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<Snapshot> {
+    tree::read(repo, commit, sub_path)
+}
+
+/// `main` -> `refs/heads/main`; full refs (`refs/...`) stay as they are.
+fn full_ref_name(branch: &str) -> Result<String> {
+    let branch = branch.trim();
+    if branch.is_empty() {
+        bail!("the branch to follow is empty: set `branch` to a branch name like `main` or a full ref like `refs/tags/v1`");
+    }
+    let full = if branch.starts_with("refs/") {
+        branch.to_string()
+    } else {
+        format!("refs/heads/{branch}")
+    };
+    gix::refs::FullName::try_from(full.as_str())
+        .with_context(|| format!("branch {branch:?} is not a valid git ref name"))?;
+    Ok(full)
+}
+
+fn open_local(path: &Path) -> Result<gix::Repository> {
+    gix::open_opts(path, gix::open::Options::isolated()).with_context(|| {
+        format!(
+            "cannot open the git repository at {}: `source` must be a git working copy or bare repository",
+            path.display()
+        )
+    })
+}
+
+fn resolve_local_ref(repo: &gix::Repository, full_ref: &str, path: &Path) -> Result<gix::ObjectId> {
+    let reference = repo
+        .try_find_reference(full_ref)
+        .with_context(|| format!("cannot read {full_ref} in {}", path.display()))?;
+    let Some(mut reference) = reference else {
+        let branches = local_branches(repo);
+        bail!(
+            "{full_ref} does not exist in the repository at {}; branches there: {}. Check `branch`",
+            path.display(),
+            if branches.is_empty() {
+                "none".to_string()
+            } else {
+                branches.join(", ")
+            }
+        );
+    };
+    let commit = reference.peel_to_commit().with_context(|| {
+        format!(
+            "{full_ref} in {} does not point to a commit",
+            path.display()
+        )
+    })?;
+    Ok(commit.id)
+}
+
+/// Up to 20 local branch names, for error messages.
+fn local_branches(repo: &gix::Repository) -> Vec<String> {
+    let Ok(platform) = repo.references() else {
+        return Vec::new();
+    };
+    let Ok(iter) = platform.local_branches() else {
+        return Vec::new();
+    };
+    iter.filter_map(Result::ok)
+        .map(|r| r.name().shorten().to_string())
+        .take(20)
+        .collect()
+}
+
+fn fetched(
+    repo: gix::Repository,
+    commit: gix::ObjectId,
+    location: &Location,
+    full_ref: &str,
+) -> Result<Fetched> {
+    let (commit_time, summary) = {
+        let c = repo
+            .find_commit(commit)
+            .with_context(|| format!("cannot read commit {commit} ({full_ref} of {location})"))?;
+        let time = c
+            .time()
+            .with_context(|| format!("cannot read the committer time of {commit} ({full_ref} of {location})"))?
+            .seconds;
+        let summary = c
+            .message()
+            .with_context(|| format!("cannot read the message of {commit} ({full_ref} of {location})"))?
+            .summary()
+            .to_string();
+        (time, summary)
+    };
+    Ok(Fetched {
+        repo,
+        commit,
+        commit_time,
+        summary,
+    })
+}
+
+fn repo_name(repo: &gix::Repository) -> String {
+    repo.git_dir().display().to_string()
+}
+
+/// Replaces the password of `scheme://user:password@host/...` by `***`, so
+/// URLs can go into messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return url.to_string();
+    };
+    format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+}
