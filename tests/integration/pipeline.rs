@@ -174,6 +174,7 @@ fn repo_symlink_escaping_the_repository_is_refused() {
         "roles/app/role.toml",
         "[[files]]\npath = \"/etc/x\"\nsource = \"link\"\n",
     );
+    std::fs::create_dir_all(repo.path().join("roles/app/files")).unwrap();
     std::os::unix::fs::symlink(
         "../../../../etc/passwd",
         repo.path().join("roles/app/files/link"),

@@ -3,7 +3,6 @@
 
 pub mod apply;
 pub mod facts;
-#[path = "/tmp/fetch_stub.rs"]
 pub mod fetch;
 pub mod ids;
 pub mod observe;

@@ -538,7 +538,13 @@ fn restore_backup(
         }
     }
     renameat(dir, tmp.as_str(), dir, name)?;
-    Ok(())
+    // rename(2) does nothing when both names are links to one inode (the
+    // target was never replaced, e.g. a prune that had not run yet): the
+    // target already is the backup, so drop the extra name.
+    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn read_at(dir: &impl AsFd, name: &str) -> Result<Vec<u8>> {
