@@ -206,7 +206,10 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         if looks_like_url(&s) || Path::new(&s).is_absolute() {
             s
         } else {
-            cwd.join(&s).display().to_string()
+            std::path::absolute(cwd.join(&s))
+                .unwrap_or_else(|_| cwd.join(&s))
+                .display()
+                .to_string()
         }
     });
     Ok(Settings {

@@ -64,10 +64,25 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     for a in &plan.unit_actions {
         let _ = writeln!(out, "unit {} {}", a.action, a.unit);
     }
-    if !plan.changes.is_empty() {
-        for c in &plan.checks {
-            let _ = writeln!(out, "check {} (role {})", c.name, c.role);
-        }
+    let checks: &[_] = if plan.changes.is_empty() {
+        &[]
+    } else {
+        &plan.checks
+    };
+    for c in checks {
+        let _ = writeln!(out, "check {} (role {})", c.name, c.role);
+    }
+    if !plan.unit_actions.is_empty() || !checks.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: this build lists unit actions and checks but does not execute them yet"
+        );
+    }
+    if !plan.ownership_applied {
+        let _ = writeln!(
+            out,
+            "note: not running as root: owner and group are neither compared nor applied"
+        );
     }
     out
 }

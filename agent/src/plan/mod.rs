@@ -128,6 +128,9 @@ pub struct Plan {
     pub unit_actions: Vec<UnitAction>,
     /// Health checks of the host's roles, run after the unit actions.
     pub checks: Vec<Check>,
+    /// False when running unprivileged: owners were not compared and
+    /// will not be applied.
+    pub ownership_applied: bool,
     /// The inventory that applying this plan records.
     #[serde(skip)]
     pub next_inventory: Inventory,
@@ -306,6 +309,7 @@ pub fn plan(
         unchanged,
         unit_actions,
         checks: desired.checks.clone(),
+        ownership_applied: ids.apply_ownership,
         next_inventory: next,
     })
 }

@@ -20,7 +20,7 @@ pub(super) fn parse(s: &str) -> Result<Location> {
             return file_url_to_path(s, rest).map(Location::Local);
         }
         if REMOTE_SCHEMES.contains(&lower.as_str()) {
-            gix::url::parse(s.into()).with_context(|| {
+            gix::url::parse(s).with_context(|| {
                 format!(
                     "repository source {}: not a valid {lower} URL",
                     super::redact(s)
@@ -34,7 +34,7 @@ pub(super) fn parse(s: &str) -> Result<Location> {
         );
     }
     if is_scp_like(s) {
-        gix::url::parse(s.into()).with_context(|| {
+        gix::url::parse(s).with_context(|| {
             format!("repository source {s}: not a valid scp-like ssh address (user@host:path)")
         })?;
         return Ok(Location::Remote(s.to_string()));
@@ -69,9 +69,9 @@ fn file_url_to_path(url: &str, rest: &str) -> Result<PathBuf> {
     };
     let decoded = percent_decode(path)
         .with_context(|| format!("repository source {url}: invalid %-escape in the path"))?;
-    Ok(PathBuf::from(std::ffi::OsString::from(
-        std::os::unix::ffi::OsStringExt::from_vec(decoded),
-    )))
+    Ok(PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(decoded),
+    ))
 }
 
 fn percent_decode(s: &str) -> Result<Vec<u8>> {
@@ -149,10 +149,7 @@ mod tests {
         let err = format!("{:#}", parse("ftp://example.org/x").unwrap_err());
         assert!(err.contains("unsupported URL scheme"), "{err}");
         assert!(err.contains("https://"), "{err}");
-        let err = format!(
-            "{:#}",
-            parse("s3://user:secret@bucket/x").unwrap_err()
-        );
+        let err = format!("{:#}", parse("s3://user:secret@bucket/x").unwrap_err());
         assert!(!err.contains("secret"), "password leaked: {err}");
         assert!(parse("  ").is_err());
     }

@@ -27,25 +27,39 @@ pub(super) fn fetch(
 ) -> Result<(gix::Repository, gix::ObjectId)> {
     let shown = redact(url);
     ensure_mirror(mirror_dir)?;
-    let repo = open_mirror(mirror_dir, ssh)?;
+    let ssh_log = mirror_dir.join(SSH_STDERR_FILE);
+    let repo = open_mirror(mirror_dir, ssh, Some(&ssh_log))?;
     let tracking = tracking_ref(full_ref);
     let refspec = format!("+{full_ref}:{tracking}");
+    let had_previous = matches!(repo.try_find_reference(tracking.as_str()), Ok(Some(_)));
 
     let remote = anonymous_remote(&repo, url, &refspec)?;
     let never_interrupt = AtomicBool::new(false);
-    let what_to_do = || {
-        format!(
-            "cannot fetch {full_ref} from {shown}: check that the URL is reachable from this host and that its credentials / ssh key and host key are set up; the mirror at {} still holds the previously fetched commit",
-            mirror_dir.display()
-        )
-    };
+    let _ = std::fs::remove_file(&ssh_log);
     let outcome = remote
         .connect(Direction::Fetch)
-        .with_context(what_to_do)?
-        .prepare_fetch(gix::progress::Discard, Default::default())
-        .with_context(what_to_do)?
-        .receive(gix::progress::Discard, &never_interrupt)
-        .with_context(what_to_do)?;
+        .and_then(|connection| connection.prepare_fetch(gix::progress::Discard, Default::default()))
+        .and_then(|prepared| prepared.receive(gix::progress::Discard, &never_interrupt));
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            let ssh_said = match ssh_stderr(&ssh_log) {
+                Some(text) => format!(" ssh said: {text}."),
+                None => String::new(),
+            };
+            let mirror_state = if had_previous {
+                format!(
+                    "the mirror at {} keeps the previously fetched commit",
+                    mirror_dir.display()
+                )
+            } else {
+                "nothing has been fetched yet".to_string()
+            };
+            return Err(anyhow::Error::new(err).context(format!(
+                "cannot fetch {full_ref} from {shown}.{ssh_said} Check that the URL is reachable from this host and that credentials (or the ssh key and known_hosts) are set up; {mirror_state}"
+            )));
+        }
+    };
 
     let advertised = outcome
         .ref_map
@@ -62,7 +76,12 @@ pub(super) fn fetch(
     // advertised; anything else means the mirror is inconsistent.
     let local = repo
         .find_reference(tracking.as_str())
-        .with_context(|| format!("{tracking} missing in the mirror at {} after fetching from {shown}", mirror_dir.display()))?
+        .with_context(|| {
+            format!(
+                "{tracking} missing in the mirror at {} after fetching from {shown}",
+                mirror_dir.display()
+            )
+        })?
         .id()
         .detach();
     if local != advertised {
@@ -79,8 +98,17 @@ pub(super) fn fetch(
         .with_context(|| format!("{full_ref} of {shown} ({advertised}) does not point to a commit"))?
         .id;
 
-    record_remote(&repo, url, &refspec)
-        .with_context(|| format!("cannot record {shown} as the origin of the mirror at {}", mirror_dir.display()))?;
+    if let Some(text) = ssh_stderr(&ssh_log) {
+        tracing::debug!(url = %shown, "ssh: {text}");
+    }
+    let _ = std::fs::remove_file(&ssh_log);
+
+    record_remote(&repo, url, &refspec).with_context(|| {
+        format!(
+            "cannot record {shown} as the origin of the mirror at {}",
+            mirror_dir.display()
+        )
+    })?;
     Ok((repo, commit))
 }
 
@@ -93,7 +121,7 @@ pub(super) fn open(url: &str, ssh: &SshOptions, mirror_dir: &Path) -> Result<gix
             mirror_dir.display()
         );
     }
-    open_mirror(mirror_dir, ssh)
+    open_mirror(mirror_dir, ssh, None)
 }
 
 /// `refs/heads/main` -> `refs/remotes/origin/main`; other refs keep their
@@ -106,7 +134,11 @@ pub(super) fn tracking_ref(full_ref: &str) -> String {
     format!("refs/remotes/origin/{short}")
 }
 
-fn anonymous_remote<'r>(repo: &'r gix::Repository, url: &str, refspec: &str) -> Result<gix::Remote<'r>> {
+fn anonymous_remote<'r>(
+    repo: &'r gix::Repository,
+    url: &str,
+    refspec: &str,
+) -> Result<gix::Remote<'r>> {
     let shown = redact(url);
     repo.remote_at(url)
         .with_context(|| format!("{shown} is not a usable git URL"))?
@@ -124,12 +156,18 @@ fn ensure_mirror(mirror_dir: &Path) -> Result<()> {
             if entries.next().is_some() {
                 return Ok(()); // exists; open_mirror checks it is a repository
             }
-            std::fs::remove_dir(mirror_dir)
-                .with_context(|| format!("cannot replace the empty directory {} by a mirror", mirror_dir.display()))?;
+            std::fs::remove_dir(mirror_dir).with_context(|| {
+                format!(
+                    "cannot replace the empty directory {} by a mirror",
+                    mirror_dir.display()
+                )
+            })?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(e).with_context(|| format!("cannot read the mirror directory {}", mirror_dir.display()));
+            return Err(e).with_context(|| {
+                format!("cannot read the mirror directory {}", mirror_dir.display())
+            });
         }
     }
     let parent = match mirror_dir.parent() {
@@ -148,9 +186,12 @@ fn ensure_mirror(mirror_dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove the leftover {}", tmp.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove the leftover {}", tmp.display()))
+        }
     }
-    gix::init_bare(&tmp).with_context(|| format!("cannot create a bare repository at {}", tmp.display()))?;
+    gix::init_bare(&tmp)
+        .with_context(|| format!("cannot create a bare repository at {}", tmp.display()))?;
     std::fs::rename(&tmp, mirror_dir).with_context(|| {
         format!(
             "cannot move the new mirror {} to {}",
@@ -161,13 +202,37 @@ fn ensure_mirror(mirror_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_mirror(mirror_dir: &Path, ssh: &SshOptions) -> Result<gix::Repository> {
+/// Where ssh's stderr goes during a fetch (inside the mirror's git dir), so
+/// that its complaint ("Host key verification failed.") can go into the
+/// error instead of only onto the agent's stderr.
+const SSH_STDERR_FILE: &str = "driftless-ssh-stderr";
+
+/// The last few lines ssh wrote, joined, if any.
+fn ssh_stderr(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let start = lines.len().saturating_sub(4);
+    Some(lines[start..].join(" / "))
+}
+
+fn open_mirror(
+    mirror_dir: &Path,
+    ssh: &SshOptions,
+    ssh_log: Option<&Path>,
+) -> Result<gix::Repository> {
     let overrides = vec![
         "gitoxide.committer.nameFallback=driftless".to_string(),
         "gitoxide.committer.emailFallback=driftless@localhost".to_string(),
         // We build an OpenSSH command line; saying so spares gix probing it.
         "ssh.variant=ssh".to_string(),
-        format!("core.sshCommand={}", ssh_command(ssh)?),
+        format!("core.sshCommand={}", ssh_command(ssh, ssh_log)?),
     ];
     gix::open_opts(
         mirror_dir,
@@ -183,7 +248,9 @@ fn open_mirror(mirror_dir: &Path, ssh: &SshOptions) -> Result<gix::Repository> {
 
 /// The OpenSSH command line gix runs (through `/bin/sh`, so paths are
 /// quoted). Batch mode always: an agent must fail, not wait for a prompt.
-fn ssh_command(ssh: &SshOptions) -> Result<String> {
+/// With `stderr_to`, ssh's stderr goes to that file; the command then ends
+/// in `"$@"` itself (gix appends it only when it is absent).
+fn ssh_command(ssh: &SshOptions, stderr_to: Option<&Path>) -> Result<String> {
     let mut cmd = String::from("ssh -o BatchMode=yes -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4");
     if let Some(key) = &ssh.key {
         cmd.push_str(" -i ");
@@ -196,6 +263,10 @@ fn ssh_command(ssh: &SshOptions) -> Result<String> {
         cmd.push_str(" -o ");
         cmd.push_str(&sh_quote(&format!("UserKnownHostsFile=\"{path}\"")));
         cmd.push_str(" -o StrictHostKeyChecking=yes");
+    }
+    if let Some(log) = stderr_to {
+        cmd.push_str(" \"$@\" 2>");
+        cmd.push_str(&sh_quote(path_str(log, "mirror")?));
     }
     Ok(cmd)
 }
@@ -217,7 +288,7 @@ fn sh_quote(s: &str) -> String {
 /// Writes `remote.origin` (URL, refspec, no tags) into the mirror's config
 /// if it differs from what is there.
 fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()> {
-    let wanted_url = gix::url::parse(url.into()).context("invalid URL")?;
+    let wanted_url = gix::url::parse(url).context("invalid URL")?;
     if let Ok(existing) = repo.find_remote("origin") {
         let same_url = existing.url(Direction::Fetch) == Some(&wanted_url);
         let specs: Vec<String> = existing
@@ -239,8 +310,9 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
         }
     }
     let config_path = repo.git_dir().join("config");
-    let mut file = gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut file =
+        gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
     let mut remote = anonymous_remote(repo, url, refspec)?;
     remote
         .save_as_to("origin", &mut file)
@@ -253,4 +325,54 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
     std::fs::rename(&tmp, &config_path)
         .with_context(|| format!("cannot replace {}", config_path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracking_refs() {
+        assert_eq!(tracking_ref("refs/heads/main"), "refs/remotes/origin/main");
+        assert_eq!(tracking_ref("refs/heads/a/b"), "refs/remotes/origin/a/b");
+        assert_eq!(tracking_ref("refs/tags/v1"), "refs/remotes/origin/tags/v1");
+    }
+
+    #[test]
+    fn ssh_command_is_batch_and_quoted() {
+        let plain = ssh_command(&SshOptions::default(), None).unwrap();
+        assert!(plain.starts_with("ssh -o BatchMode=yes"), "{plain}");
+        assert!(!plain.contains(" -i "), "{plain}");
+
+        let cmd = ssh_command(
+            &SshOptions {
+                key: Some("/etc/driftless/it's key".into()),
+                known_hosts: Some("/etc/driftless/known hosts".into()),
+            },
+            Some(Path::new("/var/lib/driftless/mirror.git/err")),
+        )
+        .unwrap();
+        assert!(
+            cmd.contains(r"-i '/etc/driftless/it'\''s key' -o IdentitiesOnly=yes"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains(r#"-o 'UserKnownHostsFile="/etc/driftless/known hosts"' -o StrictHostKeyChecking=yes"#),
+            "{cmd}"
+        );
+        assert!(
+            cmd.ends_with(
+                r#"StrictHostKeyChecking=yes "$@" 2>'/var/lib/driftless/mirror.git/err'"#
+            ),
+            "{cmd}"
+        );
+        assert!(ssh_command(
+            &SshOptions {
+                key: Some("/a\"b".into()),
+                known_hosts: None,
+            },
+            None
+        )
+        .is_err());
+    }
 }

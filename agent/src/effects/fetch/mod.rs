@@ -109,6 +109,17 @@ pub struct Fetched {
     pub summary: String,
 }
 
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("repo", &self.repo.git_dir())
+            .field("commit", &self.commit)
+            .field("commit_time", &self.commit_time)
+            .field("summary", &self.summary)
+            .finish()
+    }
+}
+
 /// Installs rustls' `ring` crypto provider as the process default, which
 /// reqwest (gix's HTTPS transport) needs. Safe to call any number of times.
 pub fn install_tls_provider() {
@@ -210,7 +221,11 @@ pub fn is_ancestor(
 /// only, with snapshot paths relative to it. Regular files (with the
 /// executable bit) and symlinks (their link text) are read; submodules are an
 /// error naming their path, as is a `sub_path` that does not exist.
-pub fn read_tree(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<Snapshot> {
+pub fn read_tree(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+) -> Result<Snapshot> {
     tree::read(repo, commit, sub_path)
 }
 
@@ -290,11 +305,15 @@ fn fetched(
             .with_context(|| format!("cannot read commit {commit} ({full_ref} of {location})"))?;
         let time = c
             .time()
-            .with_context(|| format!("cannot read the committer time of {commit} ({full_ref} of {location})"))?
+            .with_context(|| {
+                format!("cannot read the committer time of {commit} ({full_ref} of {location})")
+            })?
             .seconds;
         let summary = c
             .message()
-            .with_context(|| format!("cannot read the message of {commit} ({full_ref} of {location})"))?
+            .with_context(|| {
+                format!("cannot read the message of {commit} ({full_ref} of {location})")
+            })?
             .summary()
             .to_string();
         (time, summary)

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::StateDir;
 
+/// History is trimmed to [`KEEP_HISTORY`] entries once it grows past this.
+const MAX_HISTORY_BYTES: u64 = 1 << 20;
+const KEEP_HISTORY: usize = 2000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -59,7 +63,24 @@ impl StateDir {
             .with_context(|| format!("cannot open {}", path.display()))?;
         f.write_all(&line)
             .and_then(|()| f.sync_data())
-            .with_context(|| format!("cannot append to {}", path.display()))
+            .with_context(|| format!("cannot append to {}", path.display()))?;
+        let size = f.metadata().map_or(0, |m| m.len());
+        if size > MAX_HISTORY_BYTES {
+            self.trim_history(KEEP_HISTORY)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the newest `keep` entries (atomic rewrite).
+    fn trim_history(&self, keep: usize) -> Result<()> {
+        let entries = self.history()?;
+        let keep = &entries[entries.len().saturating_sub(keep)..];
+        let mut out = Vec::new();
+        for e in keep {
+            out.extend(serde_json::to_vec(e).context("cannot serialise history entry")?);
+            out.push(b'\n');
+        }
+        super::write_atomic(&self.history_path(), &out)
     }
 
     /// All readable entries, oldest first.
@@ -74,5 +95,39 @@ impl StateDir {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: i64) -> Entry {
+        Entry {
+            time: i,
+            outcome: Outcome::Applied,
+            commit: Some("c".repeat(40)),
+            txid: None,
+            created: 0,
+            changed: 0,
+            removed: 0,
+            message: Some("m".repeat(200)),
+        }
+    }
+
+    #[test]
+    fn history_is_trimmed_to_the_newest_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateDir::open(d.path()).unwrap();
+        for i in 0..50 {
+            st.append_history(&entry(i)).unwrap();
+        }
+        st.trim_history(10).unwrap();
+        let h = st.history().unwrap();
+        let times: Vec<i64> = h.iter().map(|e| e.time).collect();
+        assert_eq!(times, (40..50).collect::<Vec<_>>());
+        // Appending still works after the rewrite.
+        st.append_history(&entry(50)).unwrap();
+        assert_eq!(st.history().unwrap().len(), 11);
     }
 }

@@ -1,0 +1,1002 @@
+//! Tests against real repositories made with the `git` CLI, and real
+//! servers on 127.0.0.1 (`tests/support/https_git_server.py` for smart
+//! HTTPS, `tests/support/sshd.py` for OpenSSH).
+//!
+//! Some checks need an environment the test process must not change for
+//! itself (tests run in parallel threads; mutating `PATH` or `SSL_CERT_FILE`
+//! in-process would race): those run as a *child* of the test binary, which
+//! re-executes one `#[ignore]`d `child_*` test with the environment set for
+//! it. Run on their own, without that environment, the `child_*` tests skip.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::desired::snapshot::Entry;
+
+// ---------------------------------------------------------------- helpers
+
+fn git_cmd(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test Author")
+        .env("GIT_AUTHOR_EMAIL", "author@example.org")
+        .env("GIT_COMMITTER_NAME", "Test Committer")
+        .env("GIT_COMMITTER_EMAIL", "committer@example.org")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE");
+    cmd
+}
+
+/// Runs git in `dir`, panics on failure, returns trimmed stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    git_env(dir, args, &[])
+}
+
+fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = git_cmd(dir);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn oid(hex: &str) -> gix::ObjectId {
+    gix::ObjectId::from_hex(hex.as_bytes()).expect("hex object id")
+}
+
+fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+fn tool_available(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn sshd_available() -> bool {
+    ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
+/// `tests/support` of the workspace.
+fn support_dir() -> PathBuf {
+    let from_manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/support");
+    if from_manifest.is_dir() {
+        return from_manifest;
+    }
+    // Built from elsewhere with this file path-included: go up from it.
+    Path::new(file!())
+        .ancestors()
+        .nth(5)
+        .map(|root| root.join("tests/support"))
+        .filter(|p| p.is_dir())
+        .expect("tests/support not found")
+}
+
+/// A working repository on branch `main` with a commit containing a bit of
+/// everything: plain, executable, nested files and symlinks.
+fn fixture_repo(root: &Path) -> (PathBuf, gix::ObjectId) {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    write(&work.join("README"), "hello\n");
+    write(&work.join("bin/run.sh"), "#!/bin/sh\necho run\n");
+    std::fs::set_permissions(
+        work.join("bin/run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    write(&work.join("sub/dir/conf.toml"), "a = 1\n");
+    write(&work.join("sub/top.txt"), "top\n");
+    std::os::unix::fs::symlink("README", work.join("readme-link")).unwrap();
+    std::os::unix::fs::symlink("dir/conf.toml", work.join("sub/conf-link")).unwrap();
+    // enough files that a full pack is clearly bigger than an incremental one
+    for i in 0..20 {
+        write(&work.join(format!("many/file{i}.txt")), &format!("{i}\n"));
+    }
+    git(&work, &["add", "-A"]);
+    git(
+        &work,
+        &["commit", "-q", "-m", "first commit\n\nwith a body"],
+    );
+    let head = oid(&git(&work, &["rev-parse", "HEAD"]));
+    (work, head)
+}
+
+fn commit_file(work: &Path, file: &str, content: &str, msg: &str) -> gix::ObjectId {
+    write(&work.join(file), content);
+    git(work, &["add", "-A"]);
+    git(work, &["commit", "-q", "-m", msg]);
+    oid(&git(work, &["rev-parse", "HEAD"]))
+}
+
+fn spec(location: Location, branch: &str) -> SourceSpec {
+    SourceSpec {
+        location,
+        branch: branch.to_string(),
+        ssh: SshOptions::default(),
+    }
+}
+
+fn err_text(err: anyhow::Error) -> String {
+    format!("{err:#}")
+}
+
+fn file(snap: &Snapshot, path: &str) -> (Vec<u8>, bool) {
+    match snap.entry(path) {
+        Some(Entry::File { bytes, executable }) => (bytes.clone(), *executable),
+        other => panic!("{path}: expected a file, got {other:?}"),
+    }
+}
+
+fn link(snap: &Snapshot, path: &str) -> String {
+    match snap.entry(path) {
+        Some(Entry::Symlink { target }) => target.clone(),
+        other => panic!("{path}: expected a symlink, got {other:?}"),
+    }
+}
+
+/// Checks the whole-repository snapshot of [`fixture_repo`]'s first commit.
+fn check_fixture_snapshot(snap: &Snapshot) {
+    assert_eq!(file(snap, "README"), (b"hello\n".to_vec(), false));
+    assert!(file(snap, "bin/run.sh").1, "executable bit");
+    assert_eq!(file(snap, "sub/dir/conf.toml").0, b"a = 1\n");
+    assert_eq!(link(snap, "readme-link"), "README");
+    assert_eq!(link(snap, "sub/conf-link"), "dir/conf.toml");
+    assert_eq!(snap.read("readme-link").unwrap(), Some(&b"hello\n"[..]));
+    assert_eq!(snap.len(), 6 + 20);
+}
+
+/// The pack files (`.idx`) of a repository's object database.
+fn pack_indexes(repo_dir: &Path) -> Vec<PathBuf> {
+    let dir = repo_dir.join("objects/pack");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn objects_in_pack(idx: &Path) -> u32 {
+    gix::odb::pack::index::File::at(idx, gix::hash::Kind::Sha1)
+        .expect("open pack index")
+        .num_objects()
+}
+
+/// Runs one `#[ignore]`d child test of this module in a new process of the
+/// test binary with `env` applied, and asserts that it passed.
+fn run_child(test: &str, env: &[(&str, &str)], remove: &[&str], scratch: &Path) {
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::{test}");
+    let out_path = scratch.join(format!("{test}.out"));
+    let stdout = std::fs::File::create(&out_path).unwrap();
+    let stderr = stdout.try_clone().unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        name.as_str(),
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdin(Stdio::null())
+    .stdout(stdout)
+    .stderr(stderr);
+    for key in remove {
+        cmd.env_remove(key);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn the test binary");
+    let status = wait_timeout(&mut child, Duration::from_secs(180));
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "child test {name} failed ({status:?}):\n{output}"
+    );
+    assert!(
+        output.contains("1 passed") && !output.contains("SKIP"),
+        "child test {name} did not run:\n{output}"
+    );
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// A server process, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the server's stdout until `done(line)` or EOF; returns the lines.
+fn read_until(child: &mut Child, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let line = line.trim_end().to_string();
+                let finished = done(&line);
+                lines.push(line);
+                if finished {
+                    break;
+                }
+            }
+        }
+    }
+    lines
+}
+
+/// The child tests read their inputs from these variables.
+fn child_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+// ------------------------------------------------------------ local reads
+
+#[test]
+fn local_path_and_file_url_read_the_tip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let ct: i64 = git(&work, &["show", "-s", "--format=%ct", "HEAD"])
+        .parse()
+        .unwrap();
+    let mirror = tmp.path().join("mirror.git");
+
+    let url = format!("file://{}", work.display());
+    for location in [
+        Location::Local(work.clone()),
+        Location::parse(&url).unwrap(),
+    ] {
+        let got = fetch(&spec(location.clone(), "main"), &mirror).unwrap();
+        assert_eq!(got.commit, head, "{location}");
+        assert_eq!(got.commit_time, ct);
+        assert_eq!(got.summary, "first commit");
+        check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+        // open() gives the same object database back
+        let again = open(&spec(location, "main"), &mirror).unwrap();
+        assert!(again.has_object(head));
+    }
+    assert!(!mirror.exists(), "local sources must not create a mirror");
+
+    // a new commit is seen at once: the repository is read in place
+    let second = commit_file(&work, "README", "changed\n", "second");
+    let got = fetch(&spec(Location::Local(work.clone()), "main"), &mirror).unwrap();
+    assert_eq!(got.commit, second);
+    assert_eq!(got.summary, "second");
+}
+
+#[test]
+fn local_read_needs_no_git_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let empty_path = tmp.path().join("empty-path");
+    std::fs::create_dir(&empty_path).unwrap();
+    run_child(
+        "child_local_read_without_git",
+        &[
+            ("PATH", empty_path.to_str().unwrap()),
+            ("DRIFTLESS_TEST_REPO", work.to_str().unwrap()),
+            ("DRIFTLESS_TEST_COMMIT", &head.to_string()),
+        ],
+        &[],
+        tmp.path(),
+    );
+}
+
+/// Runs with `PATH` set to an empty directory by [`local_read_needs_no_git_binary`].
+#[test]
+#[ignore = "run by local_read_needs_no_git_binary with PATH emptied"]
+fn child_local_read_without_git() {
+    let (Some(repo), Some(commit)) = (
+        child_env("DRIFTLESS_TEST_REPO"),
+        child_env("DRIFTLESS_TEST_COMMIT"),
+    ) else {
+        eprintln!("SKIP: only meaningful when started by local_read_needs_no_git_binary");
+        return;
+    };
+    assert!(
+        Command::new("git").arg("--version").output().is_err(),
+        "git must not be reachable through PATH in this test"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{repo}");
+    for location in [
+        Location::Local(PathBuf::from(&repo)),
+        Location::parse(&url).unwrap(),
+    ] {
+        let got = fetch(&spec(location, "main"), &tmp.path().join("m")).unwrap();
+        assert_eq!(got.commit.to_string(), commit);
+        check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+        assert!(is_ancestor(&got.repo, got.commit, got.commit).unwrap());
+    }
+}
+
+#[test]
+fn bare_repos_full_refs_and_tags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    git(&work, &["tag", "-a", "-m", "release one", "v1"]);
+    git(&work, &["tag", "light"]);
+    let bare = tmp.path().join("bare.git");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    let mirror = tmp.path().join("m");
+    for branch in ["main", "refs/heads/main", "refs/tags/v1", "refs/tags/light"] {
+        let got = fetch(&spec(Location::Local(bare.clone()), branch), &mirror).unwrap();
+        assert_eq!(
+            got.commit, head,
+            "{branch}: annotated tags are peeled to the commit"
+        );
+    }
+}
+
+#[test]
+fn local_errors_name_the_ref_and_the_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, _) = fixture_repo(tmp.path());
+    let mirror = tmp.path().join("m");
+    let Err(err) = fetch(&spec(Location::Local(work.clone()), "nope"), &mirror) else {
+        panic!("missing branch accepted")
+    };
+    let err = err_text(err);
+    assert!(err.contains("refs/heads/nope"), "{err}");
+    assert!(err.contains(&work.display().to_string()), "{err}");
+    assert!(err.contains("branches there: main"), "{err}");
+
+    let not_repo = tmp.path().join("plain");
+    std::fs::create_dir(&not_repo).unwrap();
+    let Err(err) = fetch(&spec(Location::Local(not_repo.clone()), "main"), &mirror) else {
+        panic!("plain directory accepted")
+    };
+    let err = err_text(err);
+    assert!(err.contains(&not_repo.display().to_string()), "{err}");
+    assert!(err.contains("git working copy or bare repository"), "{err}");
+
+    for bad in ["", "a..b", "main/"] {
+        assert!(
+            fetch(&spec(Location::Local(work.clone()), bad), &mirror).is_err(),
+            "branch {bad:?} accepted"
+        );
+    }
+}
+
+// -------------------------------------------------------------- read_tree
+
+#[test]
+fn read_tree_of_a_sub_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
+
+    for sub in ["sub", "/sub/", "./sub"] {
+        let snap = read_tree(&repo, head, sub).unwrap();
+        assert_eq!(file(&snap, "dir/conf.toml").0, b"a = 1\n", "{sub}");
+        assert_eq!(file(&snap, "top.txt").0, b"top\n");
+        assert_eq!(link(&snap, "conf-link"), "dir/conf.toml");
+        assert_eq!(snap.read("conf-link").unwrap(), Some(&b"a = 1\n"[..]));
+        assert_eq!(snap.len(), 3, "only the subtree");
+    }
+    let snap = read_tree(&repo, head, "sub/dir").unwrap();
+    assert_eq!(snap.len(), 1);
+    assert!(snap.contains("conf.toml"));
+    check_fixture_snapshot(&read_tree(&repo, head, ".").unwrap());
+
+    let err = err_text(read_tree(&repo, head, "nope/x").unwrap_err());
+    assert!(err.contains("\"nope/x\" does not exist"), "{err}");
+    assert!(err.contains(&head.to_string()), "{err}");
+    let err = err_text(read_tree(&repo, head, "README").unwrap_err());
+    assert!(err.contains("not a directory"), "{err}");
+    let err = err_text(read_tree(&repo, head, "../etc").unwrap_err());
+    assert!(err.contains("plain relative directory"), "{err}");
+}
+
+#[test]
+fn submodules_are_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    // a gitlink entry, as `git submodule add` would record
+    git(
+        &work,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("160000,{head},sub/vendored"),
+        ],
+    );
+    git(&work, &["commit", "-q", "-m", "add submodule"]);
+    let with_sub = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
+    let err = err_text(read_tree(&repo, with_sub, "").unwrap_err());
+    assert!(err.contains("sub/vendored is a git submodule"), "{err}");
+    let err = err_text(read_tree(&repo, with_sub, "sub").unwrap_err());
+    assert!(err.contains("sub/vendored is a git submodule"), "{err}");
+    // other subtrees are still readable
+    assert_eq!(read_tree(&repo, with_sub, "bin").unwrap().len(), 1);
+}
+
+// ------------------------------------------------------------ is_ancestor
+
+#[test]
+fn is_ancestor_follows_history_and_force_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, c1) = fixture_repo(tmp.path());
+    let c2 = commit_file(&work, "README", "two\n", "two");
+    let c3 = commit_file(&work, "README", "three\n", "three");
+    // force-push scenario: c3 is replaced by an amended commit
+    git(&work, &["commit", "-q", "--amend", "-m", "three, amended"]);
+    let c3b = oid(&git(&work, &["rev-parse", "HEAD"]));
+    assert_ne!(c3, c3b);
+
+    let repo = open(&spec(Location::Local(work.clone()), "main"), tmp.path()).unwrap();
+    assert!(is_ancestor(&repo, c1, c3b).unwrap());
+    assert!(is_ancestor(&repo, c2, c3b).unwrap());
+    assert!(is_ancestor(&repo, c3b, c3b).unwrap());
+    assert!(!is_ancestor(&repo, c3, c3b).unwrap(), "rewritten commit");
+    assert!(!is_ancestor(&repo, c3b, c1).unwrap(), "wrong direction");
+    let missing = oid("0123456789abcdef0123456789abcdef01234567");
+    assert!(!is_ancestor(&repo, missing, c3b).unwrap(), "unknown commit");
+    let tree = oid(&git(&work, &["rev-parse", "HEAD^{tree}"]));
+    assert!(
+        is_ancestor(&repo, tree, c3b).is_err(),
+        "a tree is not a commit"
+    );
+}
+
+#[test]
+fn is_ancestor_tolerates_clock_skew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("w");
+    std::fs::create_dir(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    let at = |t: &str| {
+        [
+            ("GIT_COMMITTER_DATE", t.to_string()),
+            ("GIT_AUTHOR_DATE", t.to_string()),
+        ]
+    };
+    let commit = |msg: &str, t: &str| {
+        write(&work.join("f"), msg);
+        git(&work, &["add", "-A"]);
+        let env = at(t);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        git_env(&work, &["commit", "-q", "-m", msg], &env);
+        oid(&git(&work, &["rev-parse", "HEAD"]))
+    };
+    let old = commit("old", "1600000000 +0000");
+    let base = commit("base", "1700000000 +0000");
+    // a committer with a clock three days behind
+    let skewed = commit("skewed", "1699740800 +0000");
+    let tip = commit("tip", "1700100000 +0000");
+    let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
+    assert!(is_ancestor(&repo, base, tip).unwrap());
+    assert!(is_ancestor(&repo, skewed, tip).unwrap());
+    assert!(is_ancestor(&repo, old, tip).unwrap());
+}
+
+// ------------------------------------------------------------------ https
+
+struct HttpsFixture {
+    _server: Server,
+    port: u16,
+    ca: PathBuf,
+    work: PathBuf,
+    bare: PathBuf,
+    first: gix::ObjectId,
+}
+
+fn https_fixture(root: &Path) -> Option<HttpsFixture> {
+    for (tool, arg) in [
+        ("python3", "--version"),
+        ("openssl", "version"),
+        ("git", "--version"),
+    ] {
+        if !tool_available(tool, arg) {
+            eprintln!("SKIP: {tool} is not installed");
+            return None;
+        }
+    }
+    let support = support_dir();
+    let certs = root.join("certs");
+    let status = Command::new("sh")
+        .arg(support.join("make_test_ca.sh"))
+        .arg(&certs)
+        .status()
+        .expect("run make_test_ca.sh");
+    assert!(status.success(), "make_test_ca.sh failed");
+
+    let (work, first) = fixture_repo(root);
+    let served = root.join("served");
+    std::fs::create_dir(&served).unwrap();
+    let bare = served.join("cfg.git");
+    git(
+        root,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+
+    let mut child = Command::new("python3")
+        .arg(support.join("https_git_server.py"))
+        .arg("--root")
+        .arg(&served)
+        .arg("--cert")
+        .arg(certs.join("server.pem"))
+        .arg("--key")
+        .arg(certs.join("server.key"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start https_git_server.py");
+    let lines = read_until(&mut child, |_| true);
+    let server = Server(child);
+    let port = lines
+        .first()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("https_git_server.py printed no port: {lines:?}"));
+    Some(HttpsFixture {
+        _server: server,
+        port,
+        ca: certs.join("ca.pem"),
+        work,
+        bare,
+        first,
+    })
+}
+
+/// Fetching over HTTPS, with the test CA trusted through `SSL_CERT_FILE`
+/// (the only CA source: `SSL_CERT_DIR` is removed for the child): first
+/// fetch, incremental fetch, force-push, URL change, unreachable server.
+#[test]
+fn https_fetch_is_incremental() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(fx) = https_fixture(tmp.path()) else {
+        return;
+    };
+    let url = format!("https://127.0.0.1:{}/cfg.git", fx.port);
+    run_child(
+        "child_https_fetch",
+        &[
+            ("SSL_CERT_FILE", fx.ca.to_str().unwrap()),
+            ("DRIFTLESS_TEST_URL", &url),
+            ("DRIFTLESS_TEST_PORT", &fx.port.to_string()),
+            ("DRIFTLESS_TEST_WORK", fx.work.to_str().unwrap()),
+            ("DRIFTLESS_TEST_COMMIT", &fx.first.to_string()),
+            ("DRIFTLESS_TEST_BARE", fx.bare.to_str().unwrap()),
+        ],
+        &["SSL_CERT_DIR"],
+        tmp.path(),
+    );
+}
+
+#[test]
+#[ignore = "run by https_fetch_is_incremental with SSL_CERT_FILE set"]
+fn child_https_fetch() {
+    let (Some(url), Some(port), Some(work), Some(first)) = (
+        child_env("DRIFTLESS_TEST_URL"),
+        child_env("DRIFTLESS_TEST_PORT"),
+        child_env("DRIFTLESS_TEST_WORK"),
+        child_env("DRIFTLESS_TEST_COMMIT"),
+    ) else {
+        eprintln!("SKIP: only meaningful when started by https_fetch_is_incremental");
+        return;
+    };
+    install_tls_provider();
+    install_tls_provider(); // idempotent
+    let work = PathBuf::from(work);
+    let tmp = tempfile::tempdir().unwrap();
+    let mirror = tmp.path().join("state/mirror.git");
+    let source = spec(Location::parse(&url).unwrap(), "main");
+
+    let err = err_text(open(&source, &mirror).unwrap_err());
+    assert!(err.contains("run a sync first"), "{err}");
+
+    // first fetch creates the mirror
+    let got = fetch(&source, &mirror).unwrap();
+    assert_eq!(got.commit.to_string(), first);
+    assert_eq!(got.summary, "first commit");
+    check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+    assert!(mirror.join("HEAD").is_file(), "bare mirror created");
+    let packs_before = pack_indexes(&mirror);
+    assert_eq!(packs_before.len(), 1);
+    let full_pack_objects = objects_in_pack(&packs_before[0]);
+    assert!(full_pack_objects > 30, "{full_pack_objects}");
+    let origin = mirror_origin(&mirror);
+    assert_eq!(origin.0, url);
+    assert_eq!(
+        origin.1,
+        vec!["+refs/heads/main:refs/remotes/origin/main".to_string()]
+    );
+
+    // fetching again without changes changes nothing
+    let again = fetch(&source, &mirror).unwrap();
+    assert_eq!(again.commit, got.commit);
+    assert_eq!(pack_indexes(&mirror), packs_before);
+
+    // a new commit arrives as a small, separate pack
+    let second = commit_file(&work, "README", "second\n", "second commit");
+    git(&work, &["push", "-q", "origin", "main"]);
+    let got2 = fetch(&source, &mirror).unwrap();
+    assert_eq!(got2.commit, second);
+    assert_eq!(got2.summary, "second commit");
+    let packs_after = pack_indexes(&mirror);
+    let new_packs: Vec<_> = packs_after
+        .iter()
+        .filter(|p| !packs_before.contains(p))
+        .collect();
+    assert_eq!(new_packs.len(), 1, "{packs_after:?}");
+    // 3 new objects (commit, root tree, blob), plus the delta bases gix
+    // appends when it completes the thin pack: at most one each.
+    let new_objects = objects_in_pack(new_packs[0]);
+    assert!(
+        new_objects <= 6,
+        "incremental fetch brought {new_objects} objects (full pack: {full_pack_objects})"
+    );
+    assert!(is_ancestor(&got2.repo, got.commit, got2.commit).unwrap());
+    assert_eq!(
+        file(&read_tree(&got2.repo, got2.commit, "").unwrap(), "README").0,
+        b"second\n"
+    );
+
+    // force-push: the mirror follows, and is_ancestor tells the caller
+    git(
+        &work,
+        &["commit", "-q", "--amend", "-m", "second, rewritten"],
+    );
+    git(&work, &["push", "-q", "--force", "origin", "main"]);
+    let got3 = fetch(&source, &mirror).unwrap();
+    assert_eq!(got3.summary, "second, rewritten");
+    assert!(!is_ancestor(&got3.repo, got2.commit, got3.commit).unwrap());
+    assert!(is_ancestor(&got3.repo, got.commit, got3.commit).unwrap());
+
+    // the same repository under another URL: fetched from there, recorded
+    let other_url = format!("https://localhost:{port}/cfg.git");
+    let moved = spec(Location::parse(&other_url).unwrap(), "main");
+    assert_eq!(fetch(&moved, &mirror).unwrap().commit, got3.commit);
+    assert_eq!(mirror_origin(&mirror).0, other_url);
+
+    // a missing branch names the branch and the URL
+    let err = err_text(fetch(&spec(Location::parse(&url).unwrap(), "nope"), &mirror).unwrap_err());
+    assert!(
+        err.contains("refs/heads/nope") && err.contains(&url),
+        "{err}"
+    );
+
+    // an unreachable server: the error names the URL; the mirror still works
+    let dead_url = format!("https://127.0.0.1:{}/cfg.git", closed_port());
+    let dead = spec(Location::parse(&dead_url).unwrap(), "main");
+    let err = err_text(fetch(&dead, &mirror).unwrap_err());
+    assert!(err.contains(&dead_url), "{err}");
+    assert!(err.contains("keeps the previously fetched commit"), "{err}");
+    let repo = open(&dead, &mirror).unwrap();
+    let tip = repo
+        .find_reference("refs/remotes/origin/main")
+        .unwrap()
+        .id()
+        .detach();
+    assert_eq!(tip, got3.commit);
+    assert_eq!(read_tree(&repo, tip, "").unwrap().len(), 26);
+    assert_eq!(
+        mirror_origin(&mirror).0,
+        other_url,
+        "failed fetch records nothing"
+    );
+}
+
+/// Without the test CA among the trusted roots the server is refused.
+#[test]
+fn https_refuses_an_untrusted_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(fx) = https_fixture(tmp.path()) else {
+        return;
+    };
+    let url = format!("https://127.0.0.1:{}/cfg.git", fx.port);
+    run_child(
+        "child_https_untrusted",
+        &[("DRIFTLESS_TEST_URL", &url)],
+        &["SSL_CERT_FILE", "SSL_CERT_DIR"],
+        tmp.path(),
+    );
+}
+
+#[test]
+#[ignore = "run by https_refuses_an_untrusted_server"]
+fn child_https_untrusted() {
+    let Some(url) = child_env("DRIFTLESS_TEST_URL") else {
+        eprintln!("SKIP: only meaningful when started by https_refuses_an_untrusted_server");
+        return;
+    };
+    install_tls_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let mirror = tmp.path().join("mirror.git");
+    let err = err_text(fetch(&spec(Location::parse(&url).unwrap(), "main"), &mirror).unwrap_err());
+    assert!(err.contains(&url), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+/// `remote.origin` of the mirror: URL and fetch refspecs.
+fn mirror_origin(mirror: &Path) -> (String, Vec<String>) {
+    let repo = gix::open_opts(mirror, gix::open::Options::isolated()).unwrap();
+    let remote = repo.find_remote("origin").unwrap();
+    let url = remote
+        .url(gix::remote::Direction::Fetch)
+        .unwrap()
+        .to_bstring()
+        .to_string();
+    let specs = remote
+        .refspecs(gix::remote::Direction::Fetch)
+        .iter()
+        .map(|s| s.to_ref().to_bstring().to_string())
+        .collect();
+    (url, specs)
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+// -------------------------------------------------------------------- ssh
+
+struct Sshd {
+    _server: Server,
+    port: u16,
+    user: String,
+    key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+fn start_sshd(dir: &Path) -> Option<Sshd> {
+    if !sshd_available() {
+        eprintln!("SKIP: sshd is not installed (apt-get install -y openssh-server)");
+        return None;
+    }
+    for (tool, arg) in [
+        ("python3", "--version"),
+        ("ssh", "-V"),
+        ("ssh-keygen", "-?"),
+        ("git", "--version"),
+    ] {
+        if !tool_available(tool, arg) {
+            eprintln!("SKIP: {tool} is not installed");
+            return None;
+        }
+    }
+    let mut child = Command::new("python3")
+        .arg(support_dir().join("sshd.py"))
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sshd.py");
+    let lines = read_until(&mut child, |l| l == "ready");
+    let server = Server(child);
+    let value = |key: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("sshd.py did not report {key}: {lines:?}"))
+    };
+    Some(Sshd {
+        port: value("port").parse().unwrap(),
+        user: value("user"),
+        key: PathBuf::from(value("key")),
+        known_hosts: PathBuf::from(value("known_hosts")),
+        _server: server,
+    })
+}
+
+#[test]
+fn ssh_fetch_is_incremental() {
+    let tmp = tempfile::tempdir().unwrap();
+    // a space in the paths checks the quoting of the ssh command line
+    let sshd_dir = tmp.path().join("ssh server");
+    let Some(sshd) = start_sshd(&sshd_dir) else {
+        return;
+    };
+    let (work, first) = fixture_repo(tmp.path());
+    let bare = tmp.path().join("cfg.git");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        sshd.user,
+        sshd.port,
+        bare.display()
+    );
+    let source = SourceSpec {
+        location: Location::parse(&url).unwrap(),
+        branch: "main".into(),
+        ssh: SshOptions {
+            key: Some(sshd.key.clone()),
+            known_hosts: Some(sshd.known_hosts.clone()),
+        },
+    };
+    let mirror = tmp.path().join("mirror.git");
+    let got = fetch(&source, &mirror).unwrap();
+    assert_eq!(got.commit, first);
+    check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+    let packs_before = pack_indexes(&mirror);
+    assert_eq!(packs_before.len(), 1);
+
+    let second = commit_file(&work, "sub/top.txt", "changed\n", "second over ssh");
+    git(&work, &["push", "-q", "origin", "main"]);
+    let got2 = fetch(&source, &mirror).unwrap();
+    assert_eq!(got2.commit, second);
+    assert_eq!(got2.summary, "second over ssh");
+    let new_packs: Vec<_> = pack_indexes(&mirror)
+        .into_iter()
+        .filter(|p| !packs_before.contains(p))
+        .collect();
+    assert_eq!(new_packs.len(), 1);
+    // 4 new objects (commit, root tree, sub/ tree, blob), plus the delta
+    // bases gix appends when it completes the thin pack: at most one each.
+    let new_objects = objects_in_pack(&new_packs[0]);
+    let full_pack_objects = objects_in_pack(&packs_before[0]);
+    assert!(
+        new_objects <= 8 && full_pack_objects > 30,
+        "incremental fetch brought {new_objects} objects (full pack: {full_pack_objects})"
+    );
+    assert!(is_ancestor(&got2.repo, first, second).unwrap());
+    let snap = read_tree(&got2.repo, second, "sub").unwrap();
+    assert_eq!(file(&snap, "top.txt").0, b"changed\n");
+
+    // open() with the same options works for later reads
+    assert!(open(&source, &mirror).unwrap().has_object(second));
+}
+
+#[test]
+fn ssh_refuses_an_unknown_host_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(sshd) = start_sshd(&tmp.path().join("sshd")) else {
+        return;
+    };
+    let (work, _) = fixture_repo(tmp.path());
+    let empty_known_hosts = tmp.path().join("known_hosts");
+    std::fs::write(&empty_known_hosts, "").unwrap();
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        sshd.user,
+        sshd.port,
+        work.display()
+    );
+    let source = SourceSpec {
+        location: Location::parse(&url).unwrap(),
+        branch: "main".into(),
+        ssh: SshOptions {
+            key: Some(sshd.key.clone()),
+            known_hosts: Some(empty_known_hosts),
+        },
+    };
+    let mirror = tmp.path().join("mirror.git");
+    let err = err_text(fetch(&source, &mirror).unwrap_err());
+    assert!(err.contains(&url), "{err}");
+    assert!(
+        err.contains("ssh said: No ED25519 host key is known"),
+        "{err}"
+    );
+    assert!(err.contains("Host key verification failed"), "{err}");
+    assert!(err.contains("nothing has been fetched yet"), "{err}");
+    // the mirror exists and is usable, just empty
+    assert!(open(&source, &mirror).is_ok());
+}
+
+// ----------------------------------------------------------------- mirror
+
+#[test]
+fn unusable_mirror_directory_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mirror = tmp.path().join("mirror.git");
+    std::fs::create_dir(&mirror).unwrap();
+    std::fs::write(mirror.join("junk"), "x").unwrap();
+    let url = format!("https://127.0.0.1:{}/cfg.git", closed_port());
+    let err = err_text(fetch(&spec(Location::Remote(url), "main"), &mirror).unwrap_err());
+    assert!(err.contains("not a usable mirror"), "{err}");
+    assert!(err.contains("remove it"), "{err}");
+}
+
+#[test]
+fn empty_mirror_directory_is_initialised() {
+    install_tls_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let mirror = tmp.path().join("mirror.git");
+    std::fs::create_dir(&mirror).unwrap();
+    let url = format!("https://127.0.0.1:{}/cfg.git", closed_port());
+    let source = spec(Location::Remote(url.clone()), "main");
+    let err = err_text(fetch(&source, &mirror).unwrap_err());
+    assert!(err.contains(&url), "{err}");
+    assert!(mirror.join("HEAD").is_file());
+    assert!(open(&source, &mirror).is_ok());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("mirror.git")]);
+}
+
+#[test]
+fn urls_with_passwords_are_redacted() {
+    assert_eq!(
+        redact("https://bot:s3cret@git.example.org/cfg.git"),
+        "https://bot:***@git.example.org/cfg.git"
+    );
+    assert_eq!(redact("https://bot@host/x"), "https://bot@host/x");
+    assert_eq!(redact("git@host:x.git"), "git@host:x.git");
+    assert_eq!(
+        Location::Remote("https://u:p@h/x".into()).to_string(),
+        "https://u:***@h/x"
+    );
+}
