@@ -35,34 +35,35 @@ pub(super) fn fetch(
 
     let remote = anonymous_remote(&repo, url, &refspec)?;
     let never_interrupt = AtomicBool::new(false);
+    // Leftover output of an earlier run would be misleading; a missing file
+    // is the normal case.
     let _ = std::fs::remove_file(&ssh_log);
-    let outcome = remote
+    let fetch_error = |err: gix::Error| {
+        let ssh_said = match ssh_stderr(&ssh_log) {
+            Some(text) => format!(" ssh said: {text}."),
+            None => String::new(),
+        };
+        let mirror_state = if had_previous {
+            format!(
+                "the mirror at {} keeps the previously fetched commit",
+                mirror_dir.display()
+            )
+        } else {
+            "nothing has been fetched yet".to_string()
+        };
+        anyhow::Error::new(err).context(format!(
+            "cannot fetch {full_ref} from {shown}.{ssh_said} Check that the URL is reachable from this host and that credentials (or the ssh key and known_hosts) are set up; {mirror_state}"
+        ))
+    };
+    let prepared = remote
         .connect(Direction::Fetch)
         .and_then(|connection| connection.prepare_fetch(gix::progress::Discard, Default::default()))
-        .and_then(|prepared| prepared.receive(gix::progress::Discard, &never_interrupt));
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(err) => {
-            let ssh_said = match ssh_stderr(&ssh_log) {
-                Some(text) => format!(" ssh said: {text}."),
-                None => String::new(),
-            };
-            let mirror_state = if had_previous {
-                format!(
-                    "the mirror at {} keeps the previously fetched commit",
-                    mirror_dir.display()
-                )
-            } else {
-                "nothing has been fetched yet".to_string()
-            };
-            return Err(anyhow::Error::new(err).context(format!(
-                "cannot fetch {full_ref} from {shown}.{ssh_said} Check that the URL is reachable from this host and that credentials (or the ssh key and known_hosts) are set up; {mirror_state}"
-            )));
-        }
-    };
+        .map_err(fetch_error)?;
 
-    let advertised = outcome
-        .ref_map
+    // Checked before receiving: gix would fail with a generic "no refspec
+    // matched" error.
+    let advertised = prepared
+        .ref_map()
         .mappings
         .iter()
         .find(|m| m.remote.as_name() == Some(full_ref.as_bytes().as_bstr()))
@@ -71,6 +72,10 @@ pub(super) fn fetch(
         .ok_or_else(|| {
             anyhow!("{shown} has no {full_ref}: check `branch` (a branch name like `main`, or a full ref like `refs/tags/v1`)")
         })?;
+
+    prepared
+        .receive(gix::progress::Discard, &never_interrupt)
+        .map_err(fetch_error)?;
 
     // The forced refspec must have moved the tracking ref to what the server
     // advertised; anything else means the mirror is inconsistent.
@@ -101,6 +106,7 @@ pub(super) fn fetch(
     if let Some(text) = ssh_stderr(&ssh_log) {
         tracing::debug!(url = %shown, "ssh: {text}");
     }
+    // Only diagnostics; if it cannot be removed it is overwritten next time.
     let _ = std::fs::remove_file(&ssh_log);
 
     record_remote(&repo, url, &refspec).with_context(|| {
@@ -254,29 +260,32 @@ fn ssh_command(ssh: &SshOptions, stderr_to: Option<&Path>) -> Result<String> {
     let mut cmd = String::from("ssh -o BatchMode=yes -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4");
     if let Some(key) = &ssh.key {
         cmd.push_str(" -i ");
-        cmd.push_str(&sh_quote(path_str(key, "ssh key")?));
+        cmd.push_str(&sh_quote(path_str(key, "ssh key", false)?));
         cmd.push_str(" -o IdentitiesOnly=yes");
     }
     if let Some(known_hosts) = &ssh.known_hosts {
-        let path = path_str(known_hosts, "known_hosts file")?;
+        let path = path_str(known_hosts, "known_hosts file", true)?;
         // ssh splits this option's value on spaces unless double-quoted.
         cmd.push_str(" -o ");
         cmd.push_str(&sh_quote(&format!("UserKnownHostsFile=\"{path}\"")));
         cmd.push_str(" -o StrictHostKeyChecking=yes");
     }
-    if let Some(log) = stderr_to {
+    // Best effort: without the redirect ssh's stderr just goes to ours.
+    if let Some(log) = stderr_to.and_then(|p| path_str(p, "ssh log", false).ok()) {
         cmd.push_str(" \"$@\" 2>");
-        cmd.push_str(&sh_quote(path_str(log, "mirror")?));
+        cmd.push_str(&sh_quote(log));
     }
     Ok(cmd)
 }
 
-fn path_str<'a>(path: &'a Path, what: &str) -> Result<&'a str> {
+/// `path` as text for the shell command line; `in_ssh_option` paths go
+/// inside an ssh `-o` value, where a double quote cannot be expressed.
+fn path_str<'a>(path: &'a Path, what: &str, in_ssh_option: bool) -> Result<&'a str> {
     let s = path
         .to_str()
         .with_context(|| format!("the {what} path {} is not UTF-8", path.display()))?;
-    if s.contains(['"', '\n', '\r']) {
-        bail!("the {what} path {s:?} contains a quote or newline, which ssh cannot take");
+    if s.contains(['\n', '\r']) || (in_ssh_option && s.contains('"')) {
+        bail!("the {what} path {s:?} contains a newline or double quote, which ssh cannot take");
     }
     Ok(s)
 }
@@ -366,13 +375,23 @@ mod tests {
             ),
             "{cmd}"
         );
-        assert!(ssh_command(
-            &SshOptions {
-                key: Some("/a\"b".into()),
-                known_hosts: None,
-            },
-            None
-        )
-        .is_err());
+        let with_quote = SshOptions {
+            key: Some("/a\"b".into()),
+            known_hosts: None,
+        };
+        assert!(
+            ssh_command(&with_quote, None).is_ok(),
+            "fine as an argument"
+        );
+        let with_quote = SshOptions {
+            key: None,
+            known_hosts: Some("/a\"b".into()),
+        };
+        assert!(ssh_command(&with_quote, None).is_err(), "not inside -o");
+        let with_newline = SshOptions {
+            key: Some("/a\nb".into()),
+            known_hosts: None,
+        };
+        assert!(ssh_command(&with_newline, None).is_err());
     }
 }

@@ -26,9 +26,11 @@
 //! gix's networking is blocking: call [`fetch`] from a synchronous context
 //! (or `spawn_blocking`). HTTPS needs a rustls crypto provider installed in
 //! the process: call [`install_tls_provider`] first. Server certificates are
-//! checked against the system roots; `SSL_CERT_FILE` / `SSL_CERT_DIR` select
-//! other roots (read by `rustls-native-certs` via reqwest's platform
-//! verifier).
+//! checked against the system roots, read by `rustls-native-certs` through
+//! reqwest's platform verifier. If `SSL_CERT_FILE` (a PEM bundle) or
+//! `SSL_CERT_DIR` is set, those roots *replace* the system store: to add a
+//! private CA, point `SSL_CERT_FILE` at a bundle holding the system roots
+//! plus that CA. Proxies come from `HTTPS_PROXY`/`NO_PROXY` as usual.
 
 mod location;
 mod mirror;

@@ -717,7 +717,7 @@ fn child_https_fetch() {
     // a missing branch names the branch and the URL
     let err = err_text(fetch(&spec(Location::parse(&url).unwrap(), "nope"), &mirror).unwrap_err());
     assert!(
-        err.contains("refs/heads/nope") && err.contains(&url),
+        err.contains(&format!("{url} has no refs/heads/nope")),
         "{err}"
     );
 
