@@ -10,3 +10,4 @@ mod crash;
 mod golden;
 mod pipeline;
 mod quickstart;
+mod transports;
