@@ -2,9 +2,11 @@
 //! process. The pure core never calls into here; [`crate::sync`] does.
 
 pub mod apply;
+pub mod checks;
 pub mod facts;
 pub mod fetch;
 pub mod ids;
 pub mod observe;
 pub mod rootfs;
 pub mod state;
+pub mod systemd;
