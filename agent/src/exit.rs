@@ -14,6 +14,9 @@ pub enum Failure {
     InvalidRepo,
     /// 4: refused by policy (history rewritten on the tracked branch).
     Refused,
+    /// 5: a failed commit was reverted but the revert's checks failed too;
+    /// driftless stops touching the host until `sync --retry`.
+    Degraded,
     /// 75 (EX_TEMPFAIL): another run holds the lock.
     Busy,
     /// 78 (EX_CONFIG): the agent's own configuration is invalid.
@@ -26,6 +29,7 @@ impl Failure {
             Failure::Failed => 1,
             Failure::InvalidRepo => 3,
             Failure::Refused => 4,
+            Failure::Degraded => 5,
             Failure::Busy => 75,
             Failure::Config => 78,
         }

@@ -10,4 +10,5 @@ mod crash;
 mod golden;
 mod pipeline;
 mod quickstart;
+mod revert;
 mod transports;

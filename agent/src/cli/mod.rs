@@ -3,6 +3,8 @@
 
 mod output;
 
+pub use output::time_str;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +85,9 @@ struct GlobalArgs {
     /// known_hosts file pinning the SSH server's key
     #[arg(long, global = true, value_name = "FILE")]
     ssh_known_hosts: Option<PathBuf>,
+    /// Run health checks even under a --root prefix (unit actions never run there)
+    #[arg(long, global = true)]
+    run_checks: bool,
     /// More log output (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -125,6 +130,9 @@ struct SyncArgs {
     /// Accept a tracked branch whose history was rewritten (force-push)
     #[arg(long)]
     allow_non_fast_forward: bool,
+    /// Apply the commit even if it is marked bad, and clear a halt
+    #[arg(long)]
+    retry: bool,
 }
 
 #[derive(Debug, Args)]
@@ -239,12 +247,26 @@ fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> 
         root: g.root.clone(),
         allowed_roots: (!g.allowed_roots.is_empty()).then(|| g.allowed_roots.clone()),
         allow_non_fast_forward: allow_nff.then_some(true),
+        interval: None,
+        splay: None,
+        job_timeout: None,
+        run_checks: g.run_checks.then_some(true),
         ssh: SshFragment {
             key: g.ssh_key.clone(),
             known_hosts: g.ssh_known_hosts.clone(),
         },
     };
     config::load(&source, cli).kind(Failure::Config)
+}
+
+/// The runtime for D-Bus and checks. One worker: the agent does little
+/// concurrently, and the main thread drives it with `Handle::block_on`.
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .kind(Failure::Failed)
 }
 
 fn now() -> i64 {
@@ -264,8 +286,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 apply: crate::effects::apply::ApplyOptions {
                     crash_after: test_hook_crash_after(),
                 },
+                retry: args.retry,
             };
-            let report = crate::sync::sync_once(&s, &opts, now())?;
+            let rt = runtime()?;
+            let report = crate::sync::sync_once(&s, &opts, now(), rt.handle())?;
             output::print_sync(&report);
             Ok(ExitCode::SUCCESS)
         }

@@ -26,7 +26,7 @@ fn print_json(v: &serde_json::Value) -> Result<(), Error> {
     Ok(())
 }
 
-fn time_str(t: i64) -> String {
+pub fn time_str(t: i64) -> String {
     if t <= 0 {
         return "never".into();
     }
@@ -35,6 +35,13 @@ fn time_str(t: i64) -> String {
 }
 
 pub fn print_sync(r: &Report) {
+    if r.skipped_bad {
+        println!(
+            "{} is marked bad (it failed before and was reverted): not applied; push a fix or use --retry",
+            short(&r.commit)
+        );
+        return;
+    }
     match &r.applied {
         Some(a) => println!(
             "applied {} (transaction {}): {} created, {} changed, {} removed, {} unchanged",

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,9 @@ pub const DROP_IN_DIRS: &[&str] = &[
 ];
 pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["/etc", "/usr/local", "/var/lib", "/srv", "/opt"];
 pub const DEFAULT_BRANCH: &str = "main";
+pub const DEFAULT_INTERVAL: &str = "5m";
+pub const DEFAULT_SPLAY: &str = "1m";
+pub const DEFAULT_JOB_TIMEOUT: &str = "90s";
 
 /// One config file, or the command line: every key optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -52,6 +56,14 @@ pub struct Fragment {
     pub allowed_roots: Option<Vec<String>>,
     /// Accept a tracked branch whose history was rewritten.
     pub allow_non_fast_forward: Option<bool>,
+    /// Daemon: time between polls, e.g. "5m".
+    pub interval: Option<String>,
+    /// Daemon: random extra delay added to each interval, e.g. "1m".
+    pub splay: Option<String>,
+    /// How long one systemd job (reload, restart) may take, e.g. "90s".
+    pub job_timeout: Option<String>,
+    /// Run health checks even under a `--root` prefix (they always run on `/`).
+    pub run_checks: Option<bool>,
     #[serde(default)]
     pub ssh: SshFragment,
 }
@@ -66,12 +78,10 @@ pub struct SshFragment {
 }
 
 impl Fragment {
-    /// `other` wins where it sets a key.
+    /// `other` wins where it sets a key. Destructuring makes a new key a
+    /// compile error here until it is merged too.
     pub fn merge(&mut self, other: Fragment) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
-        }
-        take!(
+        let Fragment {
             source,
             branch,
             path,
@@ -79,14 +89,32 @@ impl Fragment {
             state_dir,
             root,
             allowed_roots,
-            allow_non_fast_forward
-        );
-        if other.ssh.key.is_some() {
-            self.ssh.key = other.ssh.key;
+            allow_non_fast_forward,
+            interval,
+            splay,
+            job_timeout,
+            run_checks,
+            ssh: SshFragment { key, known_hosts },
+        } = other;
+        fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
         }
-        if other.ssh.known_hosts.is_some() {
-            self.ssh.known_hosts = other.ssh.known_hosts;
-        }
+        take(&mut self.source, source);
+        take(&mut self.branch, branch);
+        take(&mut self.path, path);
+        take(&mut self.host, host);
+        take(&mut self.state_dir, state_dir);
+        take(&mut self.root, root);
+        take(&mut self.allowed_roots, allowed_roots);
+        take(&mut self.allow_non_fast_forward, allow_non_fast_forward);
+        take(&mut self.interval, interval);
+        take(&mut self.splay, splay);
+        take(&mut self.job_timeout, job_timeout);
+        take(&mut self.run_checks, run_checks);
+        take(&mut self.ssh.key, key);
+        take(&mut self.ssh.known_hosts, known_hosts);
     }
 }
 
@@ -102,6 +130,12 @@ pub struct Settings {
     pub root: PathBuf,
     pub allowed_roots: Vec<TargetPath>,
     pub allow_non_fast_forward: bool,
+    pub interval: Duration,
+    pub splay: Duration,
+    pub job_timeout: Duration,
+    /// Unit actions and checks run (true on the live system, `root = "/"`).
+    pub live: bool,
+    pub run_checks: bool,
     pub ssh_key: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
     /// Config files that were read, in order.
@@ -212,7 +246,22 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
                 .to_string()
         }
     });
+    let duration = |key: &str, v: Option<String>, default: &str| -> Result<Duration> {
+        let text = v.unwrap_or_else(|| default.to_string());
+        crate::desired::spec::parse_duration(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+    };
+    let interval = duration("interval", f.interval, DEFAULT_INTERVAL)?;
+    if interval < Duration::from_secs(1) {
+        bail!("interval: must be at least 1s");
+    }
+    let root = absolute(f.root.unwrap_or_else(|| PathBuf::from("/")));
+    let live = root == Path::new("/");
     Ok(Settings {
+        interval,
+        splay: duration("splay", f.splay, DEFAULT_SPLAY)?,
+        job_timeout: duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?,
+        live,
+        run_checks: live || f.run_checks.unwrap_or(false),
         source,
         branch,
         path,
@@ -221,7 +270,7 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
             f.state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         ),
-        root: absolute(f.root.unwrap_or_else(|| PathBuf::from("/"))),
+        root,
         allowed_roots,
         allow_non_fast_forward: f.allow_non_fast_forward.unwrap_or(false),
         ssh_key: f.ssh.key.map(absolute),

@@ -72,12 +72,6 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     for c in checks {
         let _ = writeln!(out, "check {} (role {})", c.name, c.role);
     }
-    if !plan.unit_actions.is_empty() || !checks.is_empty() {
-        let _ = writeln!(
-            out,
-            "note: this build lists unit actions and checks but does not execute them yet"
-        );
-    }
     if !plan.ownership_applied {
         let _ = writeln!(
             out,

@@ -28,6 +28,12 @@ pub enum Outcome {
     Failed,
     /// An interrupted transaction was rolled back at start-up.
     Recovered,
+    /// Applied, but a unit action or check failed: reverted, commit marked bad.
+    Reverted,
+    /// The revert's checks failed too: driftless halted.
+    Degraded,
+    /// The fetched commit is marked bad: not applied again.
+    Skipped,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,8 +5,13 @@
 //! code ([`crate::exit::Failure`]); every stop before the commit point
 //! leaves the host as it was.
 
+pub mod marks;
+pub mod post;
+
 use std::path::Path;
 use std::time::Duration;
+
+use tokio::runtime::Handle;
 
 use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
@@ -25,6 +30,7 @@ use crate::effects::{facts, ids, observe};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
 use crate::plan::{self, Plan};
+use marks::Marks;
 
 /// The repository as fetched for this pass.
 pub struct Fetched {
@@ -55,6 +61,8 @@ pub struct SyncOptions {
     /// How long to wait for another run's lock.
     pub wait: Duration,
     pub apply: ApplyOptions,
+    /// Apply a commit marked bad, and clear the halted flag.
+    pub retry: bool,
 }
 
 /// The result of a successful `sync`.
@@ -63,6 +71,10 @@ pub struct Report {
     pub applied: Option<Applied>,
     pub plan: Plan,
     pub recovered: Vec<String>,
+    /// The fetched commit is marked bad and was not applied.
+    pub skipped_bad: bool,
+    /// What the post-apply stage did (when something was applied).
+    pub post: Option<post::PostReport>,
 }
 
 pub fn source_spec(settings: &Settings) -> Result<SourceSpec, Error> {
@@ -198,7 +210,12 @@ pub fn prepare(settings: &Settings, state: &StateDir, fs: &RootFs) -> Result<Pre
 }
 
 /// One full sync. Records the outcome in history and `last-run.json`.
-pub fn sync_once(settings: &Settings, opts: &SyncOptions, now: i64) -> Result<Report, Error> {
+pub fn sync_once(
+    settings: &Settings,
+    opts: &SyncOptions,
+    now: i64,
+    rt: &Handle,
+) -> Result<Report, Error> {
     let (state, _guard) = lock(settings, opts.wait)?;
     let fs = open_root(settings)?;
     let recovered = apply::recover(&fs, &state).kind(Failure::Failed)?;
@@ -214,39 +231,37 @@ pub fn sync_once(settings: &Settings, opts: &SyncOptions, now: i64) -> Result<Re
             None,
         );
     }
+    let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    if let Some(h) = &marks.halted {
+        if !opts.retry {
+            return Err(Error::new(
+                Failure::Degraded,
+                anyhow!(
+                    "driftless is halted since {}: {}. Repair the host, then run `driftless sync --retry` (or `driftless rollback`)",
+                    crate::cli::time_str(h.time),
+                    h.reason
+                ),
+            ));
+        }
+        marks.halted = None;
+        marks::save(&state, &marks).kind(Failure::Failed)?;
+    }
     let result = prepare(settings, &state, &fs).and_then(|prepared| {
         let commit = prepared.fetched.commit.clone();
-        let plan = prepared.plan;
-        if plan.is_empty() {
-            info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
-            return Ok(Report { commit, applied: None, plan, recovered: recovered.clone() });
+        if let Some(bad) = marks.bad.get(&commit) {
+            if !opts.retry {
+                warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
+                return Ok(Report { commit, applied: None, plan: prepared.plan, recovered: recovered.clone(), skipped_bad: true, post: None });
+            }
         }
-        for c in &plan.changes {
-            info!(path = %c.path, change = ?c.kind, "planned");
+        if marks.bad.remove(&commit).is_some() {
+            marks::save(&state, &marks).kind(Failure::Failed)?;
         }
-        let applied = apply::apply(&fs, &state, &plan, ownership_applied(), now, &opts.apply)
-            .kind(Failure::Failed)?;
-        info!(
-            commit = %short(&commit),
-            summary = %prepared.fetched.summary,
-            txid = %applied.txid,
-            created = applied.created,
-            changed = applied.changed,
-            removed = applied.removed,
-            "applied"
-        );
-        if !plan.unit_actions.is_empty() {
-            let list: Vec<String> = plan.unit_actions.iter().map(|a| format!("{} {}", a.action, a.unit)).collect();
-            warn!(actions = %list.join(", "), "unit actions are planned but this build does not execute them yet (systemd integration pending)");
-        }
-        if !plan.checks.is_empty() {
-            warn!(checks = plan.checks.len(), "health checks are declared but this build does not run them yet");
-        }
-        Ok(Report { commit, applied: Some(applied), plan, recovered: recovered.clone() })
+        deploy(settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered)
     });
     match &result {
-        Ok(r) => match &r.applied {
-            Some(a) => record(
+        Ok(r) => match (&r.applied, r.skipped_bad) {
+            (Some(a), _) => record(
                 &state,
                 now,
                 Outcome::Applied,
@@ -255,7 +270,14 @@ pub fn sync_once(settings: &Settings, opts: &SyncOptions, now: i64) -> Result<Re
                 Some(a),
                 None,
             ),
-            None => write_last_run(
+            (None, true) => write_last_run(
+                &state,
+                now,
+                Outcome::Skipped,
+                Some(r.commit.clone()),
+                Some("commit marked bad".into()),
+            ),
+            (None, false) => write_last_run(
                 &state,
                 now,
                 Outcome::Unchanged,
@@ -266,13 +288,16 @@ pub fn sync_once(settings: &Settings, opts: &SyncOptions, now: i64) -> Result<Re
         Err(e) => {
             let outcome = match e.kind {
                 Failure::InvalidRepo | Failure::Refused => Outcome::Refused,
+                Failure::Degraded => Outcome::Degraded,
+                _ if e.error.downcast_ref::<Reverted>().is_some() => Outcome::Reverted,
                 _ => Outcome::Failed,
             };
+            let commit = e.error.downcast_ref::<Reverted>().map(|r| r.commit.clone());
             record(
                 &state,
                 now,
                 outcome,
-                None,
+                commit,
                 None,
                 None,
                 Some(format!("{:#}", e.error)),
@@ -280,6 +305,111 @@ pub fn sync_once(settings: &Settings, opts: &SyncOptions, now: i64) -> Result<Re
         }
     }
     result
+}
+
+/// A commit that was applied, failed its actions or checks, and was reverted.
+#[derive(Debug, thiserror::Error)]
+#[error("commit {} was applied but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
+pub struct Reverted {
+    pub commit: String,
+    pub reason: String,
+}
+
+/// Apply, then run unit actions and checks; revert as a whole on failure.
+#[allow(clippy::too_many_arguments)]
+fn deploy(
+    settings: &Settings,
+    state: &StateDir,
+    fs: &RootFs,
+    prepared: Prepared,
+    now: i64,
+    opts: &SyncOptions,
+    rt: &Handle,
+    marks: &mut Marks,
+    recovered: &[String],
+) -> Result<Report, Error> {
+    let commit = prepared.fetched.commit.clone();
+    let plan = prepared.plan;
+    if plan.is_empty() {
+        info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        return Ok(Report {
+            commit,
+            applied: None,
+            plan,
+            recovered: recovered.to_vec(),
+            skipped_bad: false,
+            post: None,
+        });
+    }
+    for c in &plan.changes {
+        info!(path = %c.path, change = ?c.kind, "planned");
+    }
+    let applied = apply::apply(fs, state, &plan, ownership_applied(), now, &opts.apply)
+        .kind(Failure::Failed)?;
+    info!(
+        commit = %short(&commit),
+        summary = %prepared.fetched.summary,
+        txid = %applied.txid,
+        created = applied.created,
+        changed = applied.changed,
+        removed = applied.removed,
+        "applied"
+    );
+    let post = rt.block_on(post::run(settings, &plan));
+    tracing::debug!(
+        ?post,
+        run_checks = settings.run_checks,
+        checks = plan.checks.len(),
+        "post-apply"
+    );
+    let Some(reason) = post.failure.clone() else {
+        return Ok(Report {
+            commit,
+            applied: Some(applied),
+            plan,
+            recovered: recovered.to_vec(),
+            skipped_bad: false,
+            post: Some(post),
+        });
+    };
+    warn!(commit = %short(&commit), reason = %reason, "post-apply stage failed: reverting the transaction");
+    marks.bad.insert(
+        commit.clone(),
+        marks::Mark {
+            time: now,
+            reason: reason.clone(),
+        },
+    );
+    marks::save(state, marks).kind(Failure::Failed)?;
+    let reverted = apply::revert(fs, state).kind(Failure::Failed);
+    let after = match reverted {
+        Ok(txid) => {
+            info!(txid = %txid, "reverted; re-running unit actions and checks for the previous state");
+            let again = rt.block_on(post::run(settings, &plan));
+            again.failure
+        }
+        Err(e) => Some(format!("the revert itself failed: {}", e)),
+    };
+    if let Some(revert_failure) = after {
+        marks.halted = Some(marks::Halt {
+            time: now,
+            commit: Some(commit.clone()),
+            reason: format!(
+                "commit {} failed ({reason}) and after reverting it: {revert_failure}",
+                short(&commit)
+            ),
+        });
+        marks::save(state, marks).kind(Failure::Failed)?;
+        return Err(Error::new(
+            Failure::Degraded,
+            anyhow!(
+                "commit {} failed ({reason}); it was reverted, but the previous state fails too ({revert_failure}). \
+                 driftless stops touching this host until `driftless sync --retry`",
+                short(&commit)
+            ),
+        ));
+    }
+    Err(Error::new(Failure::Failed, Reverted { commit, reason }))
 }
 
 /// True when running as root: owners and groups are applied.

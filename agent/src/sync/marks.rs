@@ -1,0 +1,46 @@
+//! Commits known to be bad, and the "halted" flag.
+//!
+//! A commit whose unit actions or health checks failed is reverted and
+//! marked bad: it is not applied again until a new commit arrives or the
+//! operator passes `--retry`. If the revert's own checks fail, the host is
+//! in a state nobody verified: driftless marks itself halted and stops
+//! touching the host until `sync --retry` (or `rollback`).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::effects::state::{read_json, write_json_atomic, StateDir};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Marks {
+    #[serde(default)]
+    pub bad: BTreeMap<String, Mark>,
+    #[serde(default)]
+    pub halted: Option<Halt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    pub time: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Halt {
+    pub time: i64,
+    pub commit: Option<String>,
+    pub reason: String,
+}
+
+const FILE: &str = "marks.json";
+
+pub fn load(state: &StateDir) -> Result<Marks> {
+    Ok(read_json(&state.path().join(FILE))?.unwrap_or_default())
+}
+
+pub fn save(state: &StateDir, marks: &Marks) -> Result<()> {
+    write_json_atomic(&state.path().join(FILE), marks)
+}

@@ -1,0 +1,100 @@
+//! Health-check failures: revert, bad commits, halting. Run under a
+//! `--root` prefix with `--run-checks` (command checks); the same paths
+//! against a real systemd are in the end-to-end suite.
+
+use crate::support::*;
+
+fn write_role(repo: &Repo, host: &Host, content: &str, check_cmd: &str) {
+    repo.write("roles/app/files/app.conf", content);
+    repo.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\nmode = \"0640\"\n\n\
+             [[checks]]\nname = \"app config is good\"\nretries = 2\ninterval = \"10ms\"\n\
+             command = {{ argv = [\"/bin/sh\", \"-c\", {:?}] }}\n",
+            check_cmd.replace("ROOT", &host.root.path().display().to_string())
+        ),
+    );
+}
+
+fn sync(host: &Host, repo: &Repo, extra: &[&str]) -> Run {
+    let mut args = vec!["sync", "--once", "--run-checks"];
+    args.extend_from_slice(extra);
+    host.run(repo.path(), &args)
+}
+
+#[test]
+fn failed_check_reverts_marks_bad_and_is_not_retried() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    let check = "grep -q good ROOT/etc/app.conf";
+    write_role(&repo, &host, "good\n", check);
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
+
+    write_role(&repo, &host, "broken\n", check);
+    let bad = repo.commit("v2 breaks the app");
+    let run = sync(&host, &repo, &[]).code(1);
+    assert!(
+        run.stderr
+            .contains("check \"app config is good\" failed after 2 attempt(s)"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("reverted"), "{}", run.stderr);
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("good\n"),
+        "content must be reverted"
+    );
+    let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
+    assert_eq!(v["status"]["entries"][0]["outcome"], "reverted");
+    assert_eq!(v["status"]["entries"][0]["commit"], bad);
+
+    // Not retried: the next sync leaves the host alone.
+    let again = sync(&host, &repo, &[]).ok();
+    assert!(again.stdout.contains("marked bad"), "{}", again.stdout);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
+
+    // A new commit is applied normally.
+    write_role(&repo, &host, "good again\n", check);
+    repo.commit("v3 fixes it");
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good again\n"));
+}
+
+#[test]
+fn failing_revert_halts_until_retry() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    write_role(&repo, &host, "v1\n", "true");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    // v2's check fails whatever the content: the reverted state fails it too.
+    write_role(&repo, &host, "v2\n", "test -e ROOT/never");
+    repo.commit("v2");
+    let run = sync(&host, &repo, &[]).code(5);
+    assert!(
+        run.stderr.contains("stops touching this host"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    // Halted: even a new commit is not applied.
+    write_role(&repo, &host, "v3\n", "true");
+    repo.commit("v3");
+    let run = sync(&host, &repo, &[]).code(5);
+    assert!(run.stderr.contains("halted"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status"]).ok();
+    assert!(status.stdout.contains("degraded"), "{}", status.stdout);
+    // The operator clears it.
+    sync(&host, &repo, &["--retry"]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v3\n"));
+}
