@@ -13,8 +13,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod desired;
 pub mod effects;
 pub mod exit;
 pub mod plan;
+pub mod secrets;
 pub mod sync;
