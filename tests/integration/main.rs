@@ -7,6 +7,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod daemon;
 mod golden;
 mod pipeline;
 mod quickstart;

@@ -104,6 +104,13 @@ A sync runs: recover an interrupted transaction, fetch, load, render, plan, appl
 (atomically), record in history. Files already as desired are not written and keep
 their mtime. The long-running daemon is `driftless run` (not in this build yet).")]
     Sync(SyncArgs),
+    /// Run as the long-lived agent: sync every interval (systemd Type=notify)
+    #[command(after_help = "\
+Polls every `interval` (default 5m) plus a random part of `splay` (default 1m).
+SIGHUP (systemctl reload driftless) syncs now; SIGTERM lets the current sync
+finish, then exits. Under systemd it sends READY=1, STATUS= lines and feeds
+the watchdog (WatchdogSec=). Shares the lock and the state with `sync --once`.")]
+    Run(RunArgs),
     /// Show what `sync` would change, with diffs; changes nothing
     Plan(PlanArgs),
     /// Show what is applied and how the last run went
@@ -133,6 +140,16 @@ struct SyncArgs {
     /// Apply the commit even if it is marked bad, and clear a halt
     #[arg(long)]
     retry: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Time between polls, e.g. 5m (overrides `interval` in agent.toml)
+    #[arg(long, value_name = "DURATION")]
+    interval: Option<String>,
+    /// Random extra delay per poll, e.g. 1m (overrides `splay`)
+    #[arg(long, value_name = "DURATION")]
+    splay: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +248,15 @@ fn init_logging(g: &GlobalArgs) {
 }
 
 fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> {
+    settings_with(g, allow_nff, None, None)
+}
+
+fn settings_with(
+    g: &GlobalArgs,
+    allow_nff: bool,
+    interval: Option<String>,
+    splay: Option<String>,
+) -> Result<config::Settings, Error> {
     let source = if g.no_config {
         ConfigSource::None
     } else if let Some(f) = &g.config {
@@ -247,8 +273,8 @@ fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> 
         root: g.root.clone(),
         allowed_roots: (!g.allowed_roots.is_empty()).then(|| g.allowed_roots.clone()),
         allow_non_fast_forward: allow_nff.then_some(true),
-        interval: None,
-        splay: None,
+        interval,
+        splay,
         job_timeout: None,
         run_checks: g.run_checks.then_some(true),
         ssh: SshFragment {
@@ -269,7 +295,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .kind(Failure::Failed)
 }
 
-fn now() -> i64 {
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -291,6 +317,18 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let rt = runtime()?;
             let report = crate::sync::sync_once(&s, &opts, now(), rt.handle())?;
             output::print_sync(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            let s = settings_with(g, false, args.interval, args.splay)?;
+            let opts = crate::sync::SyncOptions {
+                wait: Duration::ZERO,
+                apply: crate::effects::apply::ApplyOptions {
+                    crash_after: test_hook_crash_after(),
+                },
+                retry: false,
+            };
+            crate::daemon::run(s, opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {

@@ -1,0 +1,214 @@
+//! A booted container and the commands to drive it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_driftless");
+
+/// One container at a time: 2 cores do not boot several quickly.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn rootfs() -> PathBuf {
+    std::env::var_os("DRIFTLESS_E2E_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/driftless-e2e/rootfs"))
+}
+
+/// Why the suite cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    if Command::new("systemd-nspawn")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Some("systemd-nspawn missing (apt-get install systemd-container)".into());
+    }
+    if !rootfs().join("lib/systemd/systemd").exists() {
+        return Some(format!(
+            "no rootfs at {} (run tests/e2e/build-rootfs.sh)",
+            rootfs().display()
+        ));
+    }
+    None
+}
+
+/// Skips (returns None) or fails, per `DRIFTLESS_E2E_REQUIRED`.
+pub fn guard() -> Option<MutexGuard<'static, ()>> {
+    if let Some(why) = unavailable() {
+        if std::env::var_os("DRIFTLESS_E2E_REQUIRED").is_some() {
+            panic!("end-to-end suite required but cannot run: {why}");
+        }
+        eprintln!("SKIP end-to-end: {why}");
+        return None;
+    }
+    Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+pub struct Machine {
+    nspawn: Child,
+    pub pid: i32,
+}
+
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+impl Machine {
+    /// Boots a container with `binds` (host path, container path, writable).
+    pub fn boot(name: &str, binds: &[(&Path, &str, bool)]) -> Machine {
+        let mut args = vec![
+            "--boot".to_string(),
+            "--register=no".into(),
+            "--keep-unit".into(),
+            "--private-network".into(),
+            "--volatile=overlay".into(),
+            format!("--machine={name}"),
+            "-D".into(),
+            rootfs().display().to_string(),
+            format!("--bind-ro={BIN}:/usr/local/bin/driftless"),
+        ];
+        for (host, guest, rw) in binds {
+            let flag = if *rw { "--bind" } else { "--bind-ro" };
+            args.push(format!("{flag}={}:{guest}", host.display()));
+        }
+        let script = "mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && exec systemd-nspawn \"$@\"";
+        let nspawn = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn starts");
+        let start = Instant::now();
+        // The container's PID 1 is the child of nspawn once it has exec'd
+        // systemd.
+        let pid = loop {
+            let init = children(nspawn.id()).into_iter().find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "systemd")
+            });
+            if let Some(p) = init {
+                break p;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "container did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let m = Machine { nspawn, pid };
+        // Wait for boot to finish (running, or degraded with a failed
+        // unit); "offline" means the bus is not up yet.
+        let start = Instant::now();
+        loop {
+            let out = m.sh("systemctl is-system-running --wait 2>/dev/null; true");
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if state == "running" || state == "degraded" {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "container boot ended as {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        m
+    }
+
+    /// Runs `cmd` with `/bin/sh -c` inside the container.
+    pub fn sh(&self, cmd: &str) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-a", "/bin/sh", "-c", cmd])
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .output()
+            .expect("nsenter runs")
+    }
+
+    /// Runs `cmd` and returns stdout, failing on a non-zero exit.
+    #[track_caller]
+    pub fn ok(&self, cmd: &str) -> String {
+        let out = self.sh(cmd);
+        assert!(
+            out.status.success(),
+            "`{cmd}` failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A unit property, e.g. `MainPID`.
+    pub fn prop(&self, unit: &str, prop: &str) -> String {
+        self.ok(&format!("systemctl show -P {prop} {unit}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Polls `cmd` until it succeeds or `limit` passes.
+    #[track_caller]
+    pub fn wait_ok(&self, cmd: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let out = self.sh(cmd);
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "`{cmd}` did not succeed within {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // SIGTERM to nspawn powers the container off; then make sure.
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// Runs `git` in `dir` with a fixed identity.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -1,0 +1,232 @@
+//! The scenarios of the systemd issue, each asserting state read back
+//! from systemd and the container's filesystem.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::machine::{git, guard, Machine};
+
+/// A tiny HTTP service whose answer comes from a managed config file. It
+/// re-reads the file on SIGHUP (its ExecReload), counts its loads in
+/// /run/demo-loads, and exits when the message starts with BROKEN.
+const SERVER: &str = r#"import http.server, os, signal, sys
+state = {"msg": ""}
+def load(*_):
+    msg = open("/etc/demo/message").read().strip()
+    if msg.startswith("BROKEN"):
+        os._exit(1)
+    state["msg"] = msg
+    with open("/run/demo-loads", "a") as f:
+        f.write("load\n")
+load()
+signal.signal(signal.SIGHUP, load)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("%s %s\n" % (os.environ.get("GREETING", "hello"), state["msg"])).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"#;
+
+fn unit_file(greeting: &str) -> String {
+    format!(
+        "[Unit]\nDescription=demo web\n\n[Service]\nExecStart=/usr/bin/python3 /opt/demo/server.py\n\
+         ExecReload=/bin/kill -HUP $MAINPID\nEnvironment=GREETING={greeting}\n"
+    )
+}
+
+const ROLE: &str = r#"
+[[files]]
+path = "/opt/demo/server.py"
+source = "server.py"
+on_change = { restart = ["demo-web.service"] }
+
+[[files]]
+path = "/etc/systemd/system/demo-web.service"
+source = "demo-web.service"
+on_change = { restart = ["demo-web.service"] }
+
+[[files]]
+path = "/etc/demo/message"
+template = "message.tera"
+mode = "MODE"
+owner = "OWNER"
+on_change = { reload-or-restart = ["demo-web.service"] }
+
+[[checks]]
+name = "demo answers"
+http = { url = "http://127.0.0.1:8080/", status = 200, body_contains = "ok" }
+retries = 15
+interval = "200ms"
+timeout = "2s"
+
+[[checks]]
+name = "demo stays up"
+unit = { name = "demo-web.service", settle = "1s" }
+retries = 3
+interval = "500ms"
+"#;
+
+struct Demo {
+    dir: tempfile::TempDir,
+}
+
+impl Demo {
+    fn new() -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Demo { dir };
+        git(d.path(), &["init", "-q", "-b", "main"]);
+        d.write("driftless.toml", "roles = [\"demo\"]\n");
+        d.write("hosts/default.toml", "");
+        d.write("roles/demo/files/server.py", SERVER);
+        d.write("roles/demo/files/demo-web.service", &unit_file("hello"));
+        d.set("ok v1", "0644", "root");
+        d.commit("v1");
+        d
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn write(&self, rel: &str, content: &str) {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    /// Sets the message, its mode and owner.
+    fn set(&self, message: &str, mode: &str, owner: &str) {
+        self.write("roles/demo/files/message.tera", &format!("{message}\n"));
+        self.write(
+            "roles/demo/role.toml",
+            &ROLE.replace("MODE", mode).replace("OWNER", owner),
+        );
+    }
+    fn commit(&self, msg: &str) -> String {
+        git(self.path(), &["add", "-A"]);
+        git(self.path(), &["commit", "-q", "-m", msg]);
+        git(self.path(), &["rev-parse", "HEAD"])
+    }
+}
+
+const AGENT_TOML: &str = "source = \"/srv/config\"\nhost = \"e2e\"\ninterval = \"1h\"\nsplay = \"0s\"\njob_timeout = \"30s\"\n";
+
+fn boot(name: &str, demo: &Demo) -> Machine {
+    let m = Machine::boot(name, &[(demo.path(), "/srv/config", false)]);
+    m.ok(&format!(
+        "mkdir -p /etc/driftless && printf '{}' > /etc/driftless/agent.toml",
+        AGENT_TOML.replace('\n', "\\n")
+    ));
+    m
+}
+
+fn sync(m: &Machine) -> std::process::Output {
+    m.sh("driftless sync --once 2>&1")
+}
+
+fn curl(m: &Machine) -> String {
+    m.ok("python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8080/\").read().decode().strip())'")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn e2e_1_config_change_reloads_once_and_records_the_commit() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-reload", &demo);
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(curl(&m), "hello ok v1");
+    assert_eq!(m.prop("demo-web.service", "ActiveState"), "active");
+    let pid_before = m.prop("demo-web.service", "MainPID");
+    let loads_before = m.ok("wc -l < /run/demo-loads").trim().to_string();
+
+    demo.set("ok v2", "0644", "root");
+    let v2 = demo.commit("v2");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("check passed"), "{log}");
+    assert_eq!(curl(&m), "hello ok v2");
+    // Reloaded exactly once, not restarted.
+    assert_eq!(m.prop("demo-web.service", "MainPID"), pid_before);
+    let loads_after: u32 = m.ok("wc -l < /run/demo-loads").trim().parse().unwrap();
+    assert_eq!(loads_after, loads_before.parse::<u32>().unwrap() + 1);
+    let status = m.ok("driftless status --format json");
+    assert!(status.contains(&v2), "{status}");
+    let hist = m.ok("driftless history");
+    assert!(
+        hist.lines().next().unwrap_or("").contains("applied"),
+        "{hist}"
+    );
+}
+
+#[test]
+fn e2e_2_breaking_commit_is_reverted_byte_for_byte_and_not_retried() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-revert", &demo);
+    assert!(sync(&m).status.success());
+    let before = m.ok("stat -c '%a %U %s' /etc/demo/message && sha256sum /etc/demo/message");
+
+    // Breaks the service, and changes mode and owner of the file too.
+    demo.set("BROKEN on purpose", "0600", "daemon");
+    let bad = demo.commit("v2 breaks the service");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("reverted"), "{log}");
+    assert_eq!(
+        m.ok("stat -c '%a %U %s' /etc/demo/message && sha256sum /etc/demo/message"),
+        before,
+        "file content, mode and owner restored"
+    );
+    m.wait_ok(
+        "systemctl is-active demo-web.service",
+        Duration::from_secs(10),
+    );
+    assert_eq!(curl(&m), "hello ok v1");
+    let hist = m.ok("driftless history --format json");
+    assert!(
+        hist.contains("\"reverted\"") && hist.contains(&bad),
+        "{hist}"
+    );
+
+    // Not retried.
+    let pid = m.prop("demo-web.service", "MainPID");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && log.contains("marked bad"), "{log}");
+    assert_eq!(m.prop("demo-web.service", "MainPID"), pid);
+    assert_eq!(m.ok("cat /etc/demo/message").trim(), "ok v1");
+}
+
+#[test]
+fn e2e_3_unit_file_change_daemon_reloads_then_restarts() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-unitfile", &demo);
+    assert!(sync(&m).status.success());
+    let pid_before = m.prop("demo-web.service", "MainPID");
+    demo.write("roles/demo/files/demo-web.service", &unit_file("bonjour"));
+    demo.commit("greeting");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    let reload_at = log.find("daemon-reload").expect("daemon-reload logged");
+    let restart_at = log.find("unit action").expect("unit action logged");
+    assert!(
+        reload_at < restart_at,
+        "daemon-reload must come first:\n{log}"
+    );
+    assert_eq!(curl(&m), "bonjour ok v1");
+    assert_ne!(m.prop("demo-web.service", "MainPID"), pid_before);
+    assert_eq!(m.prop("demo-web.service", "NeedDaemonReload"), "no");
+}

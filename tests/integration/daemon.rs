@@ -1,0 +1,108 @@
+//! `driftless run` outside systemd: sd_notify messages on a socket the test
+//! owns, SIGHUP syncs now, SIGTERM exits cleanly. (Under a real systemd:
+//! the end-to-end suite.)
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Waits for `cond`, failing after `limit`; polls, never sleeps blindly.
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the daemon if the test fails before stopping it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn recv_all(sock: &UnixDatagram, into: &mut Vec<String>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        into.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+}
+
+#[test]
+fn daemon_notifies_syncs_on_sighup_and_stops_on_sigterm() {
+    let repo = simple_repo(&[("/etc/a", "v1\n")]);
+    let host = Host::new("h");
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut child = host
+        .cmd(repo.path(), &["run", "--interval", "1h", "--splay", "0s"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
+        .spawn()
+        .unwrap();
+    let _kill_on_panic = KillOnDrop(child.id());
+    let mut msgs = Vec::new();
+    wait_for(Duration::from_secs(30), "READY and the first sync", || {
+        recv_all(&sock, &mut msgs);
+        msgs.iter().any(|m| m.contains("idle since"))
+    });
+    assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.contains("STATUS=syncing")),
+        "{msgs:?}"
+    );
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+
+    // A new commit is picked up at once on SIGHUP (the interval is 1h).
+    repo.write("roles/app/files/f0", "v2\n");
+    repo.commit("v2");
+    msgs.clear();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the SIGHUP sync", || {
+        host.read("/etc/a").as_deref() == Some("v2\n")
+    });
+    wait_for(Duration::from_secs(5), "a watchdog ping", || {
+        recv_all(&sock, &mut msgs);
+        msgs.iter().any(|m| m.contains("WATCHDOG=1"))
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    recv_all(&sock, &mut msgs);
+    assert!(msgs.iter().any(|m| m.contains("STOPPING=1")), "{msgs:?}");
+}
+
+#[test]
+fn daemon_without_source_exits_78_for_systemd_to_stop_restarting() {
+    let host = Host::new("h");
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--no-config", "--state-dir"])
+        .arg(host.state.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
