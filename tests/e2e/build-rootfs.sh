@@ -8,7 +8,7 @@
 set -euo pipefail
 
 cache=${1:-/var/cache/driftless-e2e}
-recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 v2"
+recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps v3"
 rootfs="$cache/rootfs"
 stamp="$cache/rootfs.recipe"
 
@@ -25,7 +25,7 @@ mkdir -p "$cache"
 tmp="$cache/rootfs.tmp"
 rm -rf "$tmp"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,iproute2 \
+    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps \
     bookworm "$tmp" "$mirror" >&2
 # Boot quickly and quietly: no getty, no network waits, fixed identity.
 echo "e2e" > "$tmp/etc/hostname"

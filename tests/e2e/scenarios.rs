@@ -230,3 +230,83 @@ fn e2e_3_unit_file_change_daemon_reloads_then_restarts() {
     assert_ne!(m.prop("demo-web.service", "MainPID"), pid_before);
     assert_eq!(m.prop("demo-web.service", "NeedDaemonReload"), "no");
 }
+
+fn boot_with_units(name: &str, demo: &Demo) -> Machine {
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../units");
+    let cron = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/cron.d");
+    let m = Machine::boot(
+        name,
+        &[(demo.path(), "/srv/config", false), (&units, "/opt/units", false), (&cron, "/opt/cron.d", false)],
+    );
+    m.ok(&format!("mkdir -p /etc/driftless && printf '{}' > /etc/driftless/agent.toml", AGENT_TOML.replace('\n', "\\n")));
+    // The shipped units, pointed at the bound binary.
+    m.ok("cp /opt/units/driftless.service /opt/units/driftless-once.service /opt/units/driftless.timer /etc/systemd/system/");
+    m.ok("sed -i 's|/usr/bin/driftless|/usr/local/bin/driftless|' /etc/systemd/system/driftless*.service");
+    m.ok("systemctl daemon-reload");
+    m
+}
+
+fn hashes(m: &Machine) -> String {
+    m.ok("sha256sum /etc/demo/message /opt/demo/server.py /etc/systemd/system/demo-web.service; stat -c '%n %a %U' /etc/demo/message")
+}
+
+#[test]
+fn e2e_4_daemon_under_systemd_ready_status_sighup_watchdog() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot_with_units("e2e-daemon", &demo);
+    m.ok("systemctl start driftless.service");
+    // READY=1 reached: start returned and the unit is active.
+    assert_eq!(m.prop("driftless.service", "ActiveState"), "active");
+    m.wait_ok("systemctl show -P StatusText driftless.service | grep -q 'idle since'", Duration::from_secs(60));
+    let status = m.sh("systemctl status --no-pager driftless.service");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("Status: \"idle since"), "{status}");
+    assert_eq!(curl(&m), "hello ok v1");
+
+    // SIGHUP (systemctl reload) syncs now; the interval is 1h.
+    demo.set("ok v2", "0644", "root");
+    demo.commit("v2");
+    m.ok("systemctl reload driftless.service");
+    m.wait_ok("python3 -c 'import urllib.request,sys;sys.exit(0 if b\"ok v2\" in urllib.request.urlopen(\"http://127.0.0.1:8080/\").read() else 1)'", Duration::from_secs(60));
+
+    // A hung main loop stops feeding the watchdog: systemd kills it.
+    m.ok("mkdir -p /etc/systemd/system/driftless.service.d && printf '[Service]\\nWatchdogSec=2s\\nEnvironment=DRIFTLESS_TEST_HANG=1\\n' > /etc/systemd/system/driftless.service.d/hang.conf");
+    m.ok("systemctl daemon-reload && systemctl restart driftless.service");
+    m.wait_ok("test \"$(systemctl show -P Result driftless.service)\" = watchdog", Duration::from_secs(30));
+}
+
+#[test]
+fn e2e_5_timer_and_cron_paths_match_the_daemon_and_share_its_lock() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot_with_units("e2e-timer", &demo);
+    // The daemon's result.
+    m.ok("systemctl start driftless.service");
+    m.wait_ok("systemctl show -P StatusText driftless.service | grep -q 'idle since'", Duration::from_secs(60));
+    let daemon = hashes(&m);
+    m.ok("systemctl stop driftless.service");
+    // Wipe what the daemon did, then let the timer's service redo it.
+    m.ok("rm -rf /var/lib/driftless /etc/demo /opt/demo /etc/systemd/system/demo-web.service && systemctl stop demo-web.service; systemctl daemon-reload");
+    m.ok("systemctl start driftless-once.service");
+    assert_eq!(hashes(&m), daemon, "timer path differs from the daemon");
+    assert_eq!(curl(&m), "hello ok v1");
+    // And the cron line, run as cron would.
+    m.ok("rm -rf /var/lib/driftless /etc/demo /opt/demo /etc/systemd/system/demo-web.service && systemctl stop demo-web.service; systemctl daemon-reload");
+    let line = m.ok("grep -v '^#' /opt/cron.d/driftless | grep driftless | sed 's/.* root //'");
+    m.ok(&line.replace("/usr/bin/driftless", "/usr/local/bin/driftless"));
+    assert_eq!(hashes(&m), daemon, "cron path differs from the daemon");
+
+    // One lock for all: while it is held, the timer's run changes nothing
+    // and exits 75, which the unit counts as success.
+    demo.set("ok v2", "0644", "root");
+    demo.commit("v2");
+    m.ok("systemd-run --unit=holder flock /var/lib/driftless/lock sleep 30");
+    m.wait_ok("test -n \"$(systemctl show -P MainPID holder.service | grep -v '^0$')\"", Duration::from_secs(10));
+    m.ok("systemctl start driftless-once.service");
+    assert_eq!(m.prop("driftless-once.service", "ExecMainStatus"), "75");
+    assert_eq!(m.ok("cat /etc/demo/message").trim(), "ok v1");
+    m.ok("systemctl stop holder.service");
+    m.ok("systemctl start driftless-once.service");
+    assert_eq!(m.ok("cat /etc/demo/message").trim(), "ok v2");
+}
