@@ -102,7 +102,8 @@ enum Command {
     #[command(after_help = "\
 A sync runs: recover an interrupted transaction, fetch, load, render, plan, apply
 (atomically), record in history. Files already as desired are not written and keep
-their mtime. The long-running daemon is `driftless run` (not in this build yet).")]
+their mtime. After a commit it reloads units and runs the checks; a failure reverts
+the transaction and marks the commit bad. The long-running daemon is `driftless run`.")]
     Sync(SyncArgs),
     /// Run as the long-lived agent: sync every interval (systemd Type=notify)
     #[command(after_help = "\
