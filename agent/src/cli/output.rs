@@ -207,20 +207,21 @@ fn pending_transactions(state: &StateDir) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(state.tx_dir()) else {
         return Vec::new();
     };
+    let committed = state.inventory().map(|i| i.txid).unwrap_or_default();
     let mut out: Vec<String> = rd
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            matches!(
-                read_json::<Journal>(&e.path().join("journal.json")),
-                Ok(Some(j)) if matches!(j.state, TxState::Preparing | TxState::Prepared)
-            )
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let j = read_json::<Journal>(&e.path().join("journal.json")).ok()??;
+            let interrupted = match j.state {
+                TxState::Preparing | TxState::Reverting => true,
+                // A Prepared journal named by the inventory has committed.
+                TxState::Prepared => name != committed,
+                TxState::Committed | TxState::RolledBack => false,
+            };
+            interrupted.then_some(name)
         })
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
-    // A Prepared journal whose txid the inventory names has committed.
-    if let Ok(inv) = state.inventory() {
-        out.retain(|t| *t != inv.txid);
-    }
     out.sort();
     out
 }

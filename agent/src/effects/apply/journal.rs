@@ -16,6 +16,9 @@ pub enum TxState {
     Prepared,
     /// The inventory was replaced: the transaction is the current state.
     Committed,
+    /// A revert of this committed transaction is under way. Recovery
+    /// finishes it (rolls back and restores the previous inventory).
+    Reverting,
     /// Undone (by recovery or a revert).
     RolledBack,
 }

@@ -571,6 +571,12 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<String>> {
             remove_tx_dir(&path)?;
             continue;
         };
+        if journal.state == TxState::Reverting {
+            finish_revert(fs, state, &mut journal)
+                .with_context(|| format!("cannot finish the interrupted revert of {txid}"))?;
+            recovered.push(txid.clone());
+            continue;
+        }
         if journal.state == TxState::Preparing {
             rollback(fs, state, &mut journal)
                 .with_context(|| format!("cannot clean up interrupted transaction {txid}"))?;
@@ -596,6 +602,9 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<String>> {
 /// Reverts the latest committed transaction as a whole: previous bytes,
 /// owner and mode back, new files removed, pruned files re-created, and
 /// the previous inventory restored. Returns the reverted txid.
+///
+/// The journal is marked `Reverting` first, so a crash in the middle is
+/// finished by [`recover`] on the next start.
 pub fn revert(fs: &RootFs, state: &StateDir) -> Result<String> {
     let inv = state.inventory()?;
     if inv.txid.is_empty() {
@@ -609,16 +618,24 @@ pub fn revert(fs: &RootFs, state: &StateDir) -> Result<String> {
             tx_dir.display()
         )
     })?;
+    journal.state = TxState::Reverting;
+    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    finish_revert(fs, state, &mut journal)?;
+    Ok(inv.txid)
+}
+
+/// Rolls back a committed transaction and puts its previous inventory back.
+fn finish_revert(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> {
+    let tx_dir = state.tx_dir().join(&journal.txid);
     let before: Inventory = read_json(&tx_dir.join(INVENTORY_BEFORE))?.with_context(|| {
         format!(
             "the previous inventory of transaction {} is missing",
-            inv.txid
+            journal.txid
         )
     })?;
-    rollback(fs, state, &mut journal)?;
+    rollback(fs, state, journal)?;
     write_json_atomic(&state.inventory_path(), &before)?;
-    remove_tx_dir(&tx_dir)?;
-    Ok(inv.txid)
+    remove_tx_dir(&tx_dir)
 }
 
 fn list_transactions(state: &StateDir) -> Result<Vec<(String, PathBuf)>> {

@@ -253,3 +253,27 @@ fn failure_while_staging_leaves_the_host_unchanged() {
     assert_eq!(e.state.inventory().unwrap(), inv);
     let _ = e.state_dir.path();
 }
+
+#[test]
+fn crash_during_a_revert_is_finished_by_recovery() {
+    let e = env();
+    e.apply(&desired(&[("/etc/a", "v1\n", 0o644), ("/etc/b", "b1\n", 0o644)]));
+    let before = e.state.inventory().unwrap();
+    let applied = e.apply(&desired(&[("/etc/a", "v2\n", 0o600), ("/etc/c", "c\n", 0o644)]));
+    // Simulate a crash right after the revert started: journal says
+    // Reverting, one file already restored, the rest not.
+    let tx = e.state.tx_dir().join(&applied.txid);
+    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    j.state = TxState::Reverting;
+    write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
+    std::fs::remove_file(e.path("/etc/c")).unwrap();
+
+    let recovered = recover(&e.fs, &e.state).unwrap();
+    assert_eq!(recovered, vec![applied.txid]);
+    assert_eq!(e.read("/etc/a").as_deref(), Some("v1\n"));
+    assert_eq!(e.mode("/etc/a"), 0o644);
+    assert_eq!(e.read("/etc/b").as_deref(), Some("b1\n"));
+    assert_eq!(e.read("/etc/c"), None);
+    assert_eq!(e.state.inventory().unwrap(), before);
+    assert!(!tx.exists());
+}
