@@ -98,3 +98,52 @@ fn failing_revert_halts_until_retry() {
     sync(&host, &repo, &["--retry"]).ok();
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v3\n"));
 }
+
+#[test]
+fn rollback_applies_the_previous_good_commit_and_keeps_it() {
+    let repo = simple_repo(&[("/etc/a", "v1\n")]);
+    let host = Host::new("h");
+    let v1 = repo.head();
+    host.sync(repo.path()).ok();
+    repo.write("roles/app/files/f0", "v2\n");
+    repo.commit("v2");
+    host.sync(repo.path()).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v2\n"));
+
+    let run = host.run(repo.path(), &["rollback"]).ok();
+    assert!(run.stdout.contains(&v1[..12]), "{}", run.stdout);
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+    // The commit rolled back from is not re-applied by the next sync.
+    let again = host.sync(repo.path()).ok();
+    assert!(again.stdout.contains("marked bad"), "{}", again.stdout);
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+    // A new commit is.
+    repo.write("roles/app/files/f0", "v3\n");
+    repo.commit("v3");
+    host.sync(repo.path()).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v3\n"));
+    // An explicit target, abbreviated.
+    host.run(repo.path(), &["rollback", "--to", &v1[..10]]).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+}
+
+#[test]
+fn rollback_without_history_or_with_an_unknown_commit_is_a_clear_error() {
+    let repo = simple_repo(&[("/etc/a", "v1\n")]);
+    let host = Host::new("h");
+    let run = host.run(repo.path(), &["rollback"]).code(1);
+    assert!(
+        run.stderr.contains("no earlier good commit"),
+        "{}",
+        run.stderr
+    );
+    let run = host
+        .run(repo.path(), &["rollback", "--to", "deadbeef"])
+        .code(1);
+    assert!(
+        run.stderr.contains("\"deadbeef\" is not a commit"),
+        "{}",
+        run.stderr
+    );
+    assert!(host.tree().is_empty());
+}

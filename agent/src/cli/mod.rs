@@ -114,6 +114,13 @@ the watchdog (WatchdogSec=). Shares the lock and the state with `sync --once`.")
     Run(RunArgs),
     /// Show what `sync` would change, with diffs; changes nothing
     Plan(PlanArgs),
+    /// Apply an earlier commit (default: the previous good one from history)
+    #[command(after_help = "\
+Runs like a sync (apply, unit actions, checks, revert on failure) but for the
+named commit, without the fast-forward check. The commit rolled back from is
+marked bad, so the agent does not re-apply it; the next new commit on the
+branch is applied as usual.")]
+    Rollback(RollbackArgs),
     /// Show what is applied and how the last run went
     Status(FormatArgs),
     /// Render every host of a repository without touching anything (for the repository's CI)
@@ -141,6 +148,13 @@ struct SyncArgs {
     /// Apply the commit even if it is marked bad, and clear a halt
     #[arg(long)]
     retry: bool,
+}
+
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    /// Commit to apply (full or abbreviated id, or any revision the repository knows)
+    #[arg(long, value_name = "COMMIT")]
+    to: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +344,13 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 retry: false,
             };
             crate::daemon::run(s, opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollback(args) => {
+            let s = settings(g, false)?;
+            let rt = runtime()?;
+            let report = crate::sync::rollback(&s, args.to.as_deref(), now(), rt.handle())?;
+            output::print_sync(&report);
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {

@@ -307,6 +307,102 @@ pub fn sync_once(
     result
 }
 
+/// `driftless rollback [--to COMMIT]`: applies an earlier commit on the
+/// operator's request (no fast-forward check), through the same apply,
+/// unit actions, checks and revert as a sync. The commit rolled back from
+/// is marked bad, so the next poll does not re-apply it; a new commit on
+/// the branch is applied as usual.
+pub fn rollback(
+    settings: &Settings,
+    to: Option<&str>,
+    now: i64,
+    rt: &Handle,
+) -> Result<Report, Error> {
+    let (state, _guard) = lock(settings, Duration::ZERO)?;
+    let fs = open_root(settings)?;
+    let recovered = apply::recover(&fs, &state).kind(Failure::Failed)?;
+    let inventory = state.inventory().kind(Failure::Failed)?;
+    let current = inventory.commit.clone();
+    let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    let target = match to {
+        Some(t) => t.to_string(),
+        None => {
+            let history = state.history().kind(Failure::Failed)?;
+            history
+                .iter()
+                .rev()
+                .filter(|e| e.outcome == Outcome::Applied)
+                .filter_map(|e| e.commit.clone())
+                .find(|c| Some(c) != current.as_ref() && !marks.bad.contains_key(c))
+                .ok_or_else(|| {
+                    Error::new(
+                        Failure::Failed,
+                        anyhow!("no earlier good commit in the history: name one with --to COMMIT"),
+                    )
+                })?
+        }
+    };
+    let spec = source_spec(settings)?;
+    let repo = fetch::open(&spec, &state.mirror()).kind(Failure::Failed)?;
+    let id = repo
+        .rev_parse_single(target.as_str())
+        .map_err(|e| {
+            Error::new(
+                Failure::Failed,
+                anyhow!("{target:?} is not a commit of the repository: {e}"),
+            )
+        })?
+        .detach();
+    let snapshot = fetch::read_tree(&repo, id, &settings.path).kind(Failure::InvalidRepo)?;
+    let fetched = Fetched {
+        commit: id.to_string(),
+        summary: format!("rollback to {}", short(&id.to_string())),
+        snapshot,
+    };
+    let plan = plan_for(settings, &state, &fs, &fetched)?;
+    if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {
+        marks.bad.insert(
+            cur.clone(),
+            marks::Mark {
+                time: now,
+                reason: format!("rolled back by the operator to {}", short(&fetched.commit)),
+            },
+        );
+    }
+    marks.bad.remove(&fetched.commit);
+    marks.halted = None;
+    marks::save(&state, &marks).kind(Failure::Failed)?;
+    let opts = SyncOptions::default();
+    let prepared = Prepared { fetched, plan };
+    let result = deploy(
+        settings, &state, &fs, prepared, now, &opts, rt, &mut marks, &recovered,
+    );
+    match &result {
+        Ok(r) => record(
+            &state,
+            now,
+            Outcome::Applied,
+            Some(r.commit.clone()),
+            r.applied.as_ref().map(|a| a.txid.clone()),
+            r.applied.as_ref(),
+            Some(format!(
+                "rollback from {}",
+                current.as_deref().map(short).unwrap_or("nothing")
+            )),
+        ),
+        Err(e) => record(
+            &state,
+            now,
+            Outcome::Failed,
+            None,
+            None,
+            None,
+            Some(format!("rollback: {:#}", e.error)),
+        ),
+    }
+    result
+}
+
 /// A commit that was applied, failed its actions or checks, and was reverted.
 #[derive(Debug, thiserror::Error)]
 #[error("commit {} was applied but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]

@@ -257,9 +257,15 @@ fn failure_while_staging_leaves_the_host_unchanged() {
 #[test]
 fn crash_during_a_revert_is_finished_by_recovery() {
     let e = env();
-    e.apply(&desired(&[("/etc/a", "v1\n", 0o644), ("/etc/b", "b1\n", 0o644)]));
+    e.apply(&desired(&[
+        ("/etc/a", "v1\n", 0o644),
+        ("/etc/b", "b1\n", 0o644),
+    ]));
     let before = e.state.inventory().unwrap();
-    let applied = e.apply(&desired(&[("/etc/a", "v2\n", 0o600), ("/etc/c", "c\n", 0o644)]));
+    let applied = e.apply(&desired(&[
+        ("/etc/a", "v2\n", 0o600),
+        ("/etc/c", "c\n", 0o644),
+    ]));
     // Simulate a crash right after the revert started: journal says
     // Reverting, one file already restored, the rest not.
     let tx = e.state.tx_dir().join(&applied.txid);
