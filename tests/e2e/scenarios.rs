@@ -35,7 +35,8 @@ http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
 fn unit_file(greeting: &str) -> String {
     format!(
         "[Unit]\nDescription=demo web\n\n[Service]\nExecStart=/usr/bin/python3 /opt/demo/server.py\n\
-         ExecReload=/bin/kill -HUP $MAINPID\nEnvironment=GREETING={greeting}\n"
+         ExecReload=/bin/kill -HUP $MAINPID\nEnvironment=GREETING={greeting}\n\n\
+         [Install]\nWantedBy=multi-user.target\n"
     )
 }
 
@@ -56,6 +57,11 @@ template = "message.tera"
 mode = "MODE"
 owner = "OWNER"
 on_change = { reload-or-restart = ["demo-web.service"] }
+
+[[units]]
+name = "demo-web.service"
+enabled = true
+started = true
 
 [[checks]]
 name = "demo answers"

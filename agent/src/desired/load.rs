@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value as Json;
 
-use super::model::{CheckSpec, FileSpec, HostFile, RepoFile, RoleFile};
+use super::model::{CheckSpec, FileSpec, HostFile, RepoFile, RoleFile, UnitSpec};
 use super::snapshot::Snapshot;
 use super::spec::{
     parse_duration, validate_unit_name, Check, Mode, Principal, Probe, TargetPath, UnitAction,
@@ -72,6 +72,7 @@ pub struct HostConfig {
     pub vars: Json,
     pub files: Vec<FileDecl>,
     pub checks: Vec<Check>,
+    pub units: Vec<UnitSpec>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -152,6 +153,8 @@ pub fn load_host(
 
     let mut files: Vec<FileDecl> = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
+    let mut units: Vec<UnitSpec> = Vec::new();
+    let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
         let role_path = format!("roles/{role}/role.toml");
@@ -181,6 +184,22 @@ pub fn load_host(
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
         }
+        for (i, spec) in role_file.units.into_iter().enumerate() {
+            let origin = format!("{role_path} units[{i}]");
+            if let Err(e) = validate_unit_name(&spec.name) {
+                diags.push(format!("{origin}: key `name`: {e}"));
+                continue;
+            }
+            if let Some(other) = unit_origin.get(&spec.name) {
+                diags.push(format!(
+                    "{origin}: unit {} is already declared by {other}; declare a unit in one role only",
+                    spec.name
+                ));
+                continue;
+            }
+            unit_origin.insert(spec.name.clone(), origin);
+            units.push(spec);
+        }
         for (i, spec) in role_file.checks.into_iter().enumerate() {
             match check(role, spec) {
                 Ok(c) => checks.push(c),
@@ -202,6 +221,7 @@ pub fn load_host(
         vars,
         files,
         checks,
+        units,
     })
 }
 
@@ -543,6 +563,29 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err();
         assert_eq!(err.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn unit_declared_twice_or_without_suffix_is_an_error() {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\", \"b\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "[[units]]\nname = \"app.service\"\nstarted = true\n[[units]]\nname = \"app\"\n",
+            ),
+            (
+                "roles/b/role.toml",
+                "[[units]]\nname = \"app.service\"\nenabled = false\n",
+            ),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("roles/a/role.toml units[1]: key `name`"),
+            "{err}"
+        );
+        assert!(err.contains("did you mean \"app.service\""), "{err}");
+        assert!(err.contains("roles/b/role.toml units[0]: unit app.service is already declared by roles/a/role.toml units[0]"), "{err}");
     }
 
     #[test]

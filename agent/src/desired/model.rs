@@ -54,6 +54,21 @@ pub struct RoleFile {
     pub files: Vec<FileSpec>,
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    #[serde(default)]
+    pub units: Vec<UnitSpec>,
+}
+
+/// One `[[units]]` entry of a role: the state a systemd unit must be in.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSpec {
+    pub name: String,
+    /// `true`: enabled (`systemctl enable`); `false`: disabled; unset: left alone.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// `true`: running; `false`: stopped; unset: left alone.
+    #[serde(default)]
+    pub started: Option<bool>,
 }
 
 /// One `[[files]]` entry of a role.

@@ -21,6 +21,7 @@ use serde_json::{json, Value as Json};
 use tera::Tera;
 
 use super::load::{ContentRef, HostConfig};
+use super::model::UnitSpec;
 use super::snapshot::{Entry, Snapshot};
 use super::spec::{Check, Mode, Principal, TargetPath, UnitAction};
 use super::Diagnostics;
@@ -53,6 +54,8 @@ pub struct Desired {
     pub host: String,
     pub files: Vec<DesiredFile>,
     pub checks: Vec<Check>,
+    /// Units that must be enabled/disabled, started/stopped.
+    pub units: Vec<UnitSpec>,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -231,6 +234,7 @@ impl Renderer {
             host: host.name.clone(),
             files,
             checks: host.checks.clone(),
+            units: host.units.clone(),
         })
     }
 

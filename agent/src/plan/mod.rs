@@ -128,6 +128,8 @@ pub struct Plan {
     pub unit_actions: Vec<UnitAction>,
     /// Health checks of the host's roles, run after the unit actions.
     pub checks: Vec<Check>,
+    /// Declared unit states, converged on every sync on the live system.
+    pub units: Vec<crate::desired::model::UnitSpec>,
     /// False when running unprivileged: owners were not compared and
     /// will not be applied.
     pub ownership_applied: bool,
@@ -309,6 +311,7 @@ pub fn plan(
         unchanged,
         unit_actions,
         checks: desired.checks.clone(),
+        units: desired.units.clone(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,
     })

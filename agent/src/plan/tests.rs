@@ -28,6 +28,7 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         host: "h".into(),
         files,
         checks: vec![],
+        units: vec![],
     }
 }
 

@@ -427,6 +427,12 @@ fn deploy(
     let commit = prepared.fetched.commit.clone();
     let plan = prepared.plan;
     if plan.is_empty() {
+        let fixed = rt
+            .block_on(post::converge_units(settings, &plan))
+            .kind(Failure::Failed)?;
+        for a in &fixed {
+            warn!(action = %a, "a declared unit had drifted: repaired");
+        }
         info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
         return Ok(Report {
             commit,

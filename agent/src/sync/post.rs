@@ -33,6 +33,7 @@ pub async fn run(settings: &Settings, plan: &Plan) -> PostReport {
 async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) -> Result<()> {
     let unit_files = plan.changes.iter().any(|c| is_unit_file(c.path.as_str()));
     let needs_units = unit_files
+        || !plan.units.is_empty()
         || !plan.unit_actions.is_empty()
         || plan
             .checks
@@ -83,4 +84,61 @@ async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) ->
         }
     }
     Ok(())
+}
+
+/// `enabled = true/false` of the declared units.
+async fn converge_enablement(sd: &Systemd, plan: &Plan, report: &mut PostReport) -> Result<()> {
+    let mut changed = false;
+    for u in &plan.units {
+        let Some(want) = u.enabled else { continue };
+        let now = sd.unit_file_state(&u.name).await?;
+        let is = matches!(now.as_str(), "enabled" | "enabled-runtime");
+        if is != want {
+            info!(unit = %u.name, enable = want, "unit enablement");
+            sd.enable(&u.name, want).await?;
+            report.actions.push(format!(
+                "{} {}",
+                if want { "enable" } else { "disable" },
+                u.name
+            ));
+            changed = true;
+        }
+    }
+    if changed {
+        sd.daemon_reload().await?;
+        report.daemon_reload = true;
+    }
+    Ok(())
+}
+
+/// `started = true/false` of the declared units.
+async fn converge_running(sd: &Systemd, plan: &Plan, report: &mut PostReport) -> Result<()> {
+    for u in &plan.units {
+        let Some(want) = u.started else { continue };
+        let st = sd.state(&u.name).await?;
+        let running = matches!(st.active.as_str(), "active" | "activating" | "reloading");
+        if running != want {
+            info!(unit = %u.name, start = want, "unit start/stop");
+            let after = sd.start_stop(&u.name, want).await?;
+            report.actions.push(format!(
+                "{} {}: {after}",
+                if want { "start" } else { "stop" },
+                u.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// On a sync that changed no file: only bring declared units to their
+/// state (a unit stopped by hand is started again). No checks, no revert.
+pub async fn converge_units(settings: &Settings, plan: &Plan) -> Result<Vec<String>> {
+    if !settings.live || plan.units.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sd = Systemd::connect(settings.job_timeout).await?;
+    let mut report = PostReport::default();
+    converge_enablement(&sd, plan, &mut report).await?;
+    converge_running(&sd, plan, &mut report).await?;
+    Ok(report.actions)
 }
