@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use driftless::desired::load::{load_host, LoadOptions};
 use driftless::desired::render::Renderer;
+use driftless::desired::secrets::SecretResolver;
 use driftless::desired::snapshot::Snapshot;
 use driftless::desired::spec::TargetPath;
 
@@ -43,7 +44,8 @@ fn render_case(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
         ],
     };
     let cfg = load_host(&snap, host.trim(), &opts).map_err(|e| e.to_string())?;
-    let r = Renderer::new(&snap, &[&cfg]).map_err(|e| e.to_string())?;
+    let resolver = std::sync::Arc::new(SecretResolver::without_keys(&snap));
+    let r = Renderer::new(&snap, &[&cfg], resolver).map_err(|e| e.to_string())?;
     let d = r.render(&snap, &cfg, &facts()).map_err(|e| e.to_string())?;
     Ok(d.files
         .into_iter()

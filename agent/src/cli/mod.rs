@@ -85,6 +85,9 @@ struct GlobalArgs {
     /// known_hosts file pinning the SSH server's key
     #[arg(long, global = true, value_name = "FILE")]
     ssh_known_hosts: Option<PathBuf>,
+    /// age identity file for SOPS secrets (repeat; replaces `age_keys`)
+    #[arg(long = "age-key", global = true, value_name = "FILE")]
+    age_keys: Vec<PathBuf>,
     /// Run health checks even under a --root prefix (unit actions never run there)
     #[arg(long, global = true)]
     run_checks: bool,
@@ -132,6 +135,32 @@ differ per host). Exit code 3 if anything fails, with every problem listed.")]
     Validate(ValidateArgs),
     /// List past runs, newest first
     History(HistoryArgs),
+    /// Decrypt or check SOPS files (operator tools; never used by sync)
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// Print this host's age recipients (from its SSH host keys), to encrypt secrets to it
+    #[command(after_help = "\
+Add a printed line to the recipients of a SOPS file (e.g. `sops --age 'ssh-ed25519 AAAA…'`
+or the `age:` list of .sops.yaml) and this host can decrypt it with its own SSH host key:
+no extra key to distribute. Both forms are printed: the ssh-ed25519 recipient and the
+age1… key that ssh-to-age derives from it (sops-nix's convention).")]
+    HostRecipient,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Print a decrypted SOPS file (like `sops -d`), for debugging on a host
+    #[command(after_help = "\
+Identities: --age-key FILE, `age_keys` in agent.toml, SOPS_AGE_KEY / SOPS_AGE_KEY_FILE,
+and the host's SSH keys. The output contains secrets: it is for a terminal, not a log.")]
+    Decrypt {
+        file: PathBuf,
+        /// Output: the file's own format (default), yaml, json, dotenv, ini, raw; `--format json` keeps value types
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Verify that a SOPS file decrypts and its MAC is intact, without printing values
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +321,8 @@ fn settings_with(
         splay,
         job_timeout: None,
         run_checks: g.run_checks.then_some(true),
+        age_keys: (!g.age_keys.is_empty()).then(|| g.age_keys.clone()),
+        ssh_host_keys: None,
         ssh: SshFragment {
             key: g.ssh_key.clone(),
             known_hosts: g.ssh_known_hosts.clone(),
@@ -377,6 +408,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let s = settings(g, false)?;
             output::print_history(&s, args.limit, args.format)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Secrets(cmd) => {
+            let s = settings(g, false)?;
+            output::secrets(&s, cmd)
+        }
+        Command::HostRecipient => {
+            let s = settings(g, false)?;
+            output::host_recipient(&s)
         }
         Command::Validate(args) => {
             let s = settings(g, false)?;

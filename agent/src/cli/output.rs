@@ -293,7 +293,12 @@ pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<Exit
         let mut facts = base_facts.clone();
         facts["hostname"] = json!(name);
         let outcome = load::load_host(&snap, name, &opts).and_then(|cfg| {
-            let r = Renderer::new(&snap, &[&cfg])?;
+            let keys_settings = s.clone();
+            let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
+                &snap,
+                Box::new(move || crate::effects::keys::load(&keys_settings)),
+            ));
+            let r = Renderer::new(&snap, &[&cfg], resolver)?;
             let d = r.render(&snap, &cfg, &facts)?;
             Ok((cfg, d))
         });
@@ -338,4 +343,83 @@ pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<Exit
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn identities(s: &Settings) -> Result<crate::secrets::Identities, Error> {
+    crate::effects::keys::load(s).map_err(|e| Error::new(Failure::Config, anyhow::anyhow!(e)))
+}
+
+pub fn secrets(s: &Settings, cmd: super::SecretsCommand) -> Result<ExitCode, Error> {
+    use crate::secrets::{self, Store};
+    use secrecy::ExposeSecret;
+    match cmd {
+        super::SecretsCommand::Decrypt { file, format } => {
+            let name = file.display().to_string();
+            let bytes = std::fs::read(&file).map_err(|e| {
+                Error::new(Failure::Failed, anyhow::anyhow!("cannot read {name}: {e}"))
+            })?;
+            let ids = identities(s)?;
+            let d = secrets::decrypt(&name, &bytes, Store::from_path(&name), &ids)
+                .map_err(|e| Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string())))?;
+            match format.as_deref() {
+                Some("json") => print_json(&d.to_json())?,
+                Some(f) => {
+                    let store = Store::from_name(f)
+                        .map_err(|e| Error::new(Failure::Config, anyhow::anyhow!(e.to_string())))?;
+                    let out = d.emit(store).map_err(|e| {
+                        Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string()))
+                    })?;
+                    std::io::Write::write_all(&mut std::io::stdout(), out.expose_secret())
+                        .kind(Failure::Failed)?;
+                }
+                None => {
+                    let out = d.emit(d.store()).map_err(|e| {
+                        Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string()))
+                    })?;
+                    std::io::Write::write_all(&mut std::io::stdout(), out.expose_secret())
+                        .kind(Failure::Failed)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        super::SecretsCommand::Check { file } => {
+            let name = file.display().to_string();
+            let bytes = std::fs::read(&file).map_err(|e| {
+                Error::new(Failure::Failed, anyhow::anyhow!("cannot read {name}: {e}"))
+            })?;
+            let ids = identities(s)?;
+            let r = secrets::check(&name, &bytes, Store::from_path(&name), &ids)
+                .map_err(|e| Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string())))?;
+            println!(
+                "{name}: ok ({} store, MAC verified, {} encrypted value(s), {} in clear)",
+                r.store, r.encrypted_values, r.clear_values
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn host_recipient(s: &Settings) -> Result<ExitCode, Error> {
+    let mut found = false;
+    for k in &s.ssh_host_keys {
+        if !k.exists() {
+            continue;
+        }
+        let ids = crate::secrets::Identities::from_ssh_private_key(k)
+            .map_err(|e| Error::new(Failure::Failed, anyhow::anyhow!(e.to_string())))?;
+        for r in ids.recipients() {
+            println!("{r}");
+            found = true;
+        }
+    }
+    if !found {
+        return Err(Error::new(
+            Failure::Config,
+            anyhow::anyhow!(
+                "no SSH host key found ({}): generate one with `ssh-keygen -A`, or set `ssh_host_keys`",
+                s.ssh_host_keys.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,8 @@ pub const DROP_IN_DIRS: &[&str] = &[
 pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &["/etc", "/usr/local", "/var/lib", "/srv", "/opt"];
 pub const DEFAULT_BRANCH: &str = "main";
 pub const DEFAULT_INTERVAL: &str = "5m";
+pub const DEFAULT_SSH_HOST_KEYS: &[&str] =
+    &["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"];
 pub const DEFAULT_SPLAY: &str = "1m";
 pub const DEFAULT_JOB_TIMEOUT: &str = "90s";
 
@@ -64,6 +66,11 @@ pub struct Fragment {
     pub job_timeout: Option<String>,
     /// Run health checks even under a `--root` prefix (they always run on `/`).
     pub run_checks: Option<bool>,
+    /// age identity files (`AGE-SECRET-KEY-1…` lines) for SOPS secrets.
+    pub age_keys: Option<Vec<PathBuf>>,
+    /// SSH private keys usable as age identities (default: the host keys
+    /// /etc/ssh/ssh_host_ed25519_key and /etc/ssh/ssh_host_rsa_key).
+    pub ssh_host_keys: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub ssh: SshFragment,
 }
@@ -94,6 +101,8 @@ impl Fragment {
             splay,
             job_timeout,
             run_checks,
+            age_keys,
+            ssh_host_keys,
             ssh: SshFragment { key, known_hosts },
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
@@ -113,6 +122,8 @@ impl Fragment {
         take(&mut self.splay, splay);
         take(&mut self.job_timeout, job_timeout);
         take(&mut self.run_checks, run_checks);
+        take(&mut self.age_keys, age_keys);
+        take(&mut self.ssh_host_keys, ssh_host_keys);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
     }
@@ -136,6 +147,8 @@ pub struct Settings {
     /// Unit actions and checks run (true on the live system, `root = "/"`).
     pub live: bool,
     pub run_checks: bool,
+    pub age_keys: Vec<PathBuf>,
+    pub ssh_host_keys: Vec<PathBuf>,
     pub ssh_key: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
     /// Config files that were read, in order.
@@ -262,6 +275,15 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         job_timeout: duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?,
         live,
         run_checks: live || f.run_checks.unwrap_or(false),
+        age_keys: f
+            .age_keys
+            .unwrap_or_default()
+            .into_iter()
+            .map(absolute)
+            .collect(),
+        ssh_host_keys: f
+            .ssh_host_keys
+            .unwrap_or_else(|| DEFAULT_SSH_HOST_KEYS.iter().map(PathBuf::from).collect()),
         source,
         branch,
         path,

@@ -45,6 +45,11 @@ pub enum ContentRef {
     Template(String),
     /// A static file copied verbatim, by repository path.
     Source(String),
+    /// A whole SOPS file, decrypted and written in `format`.
+    Secret {
+        path: String,
+        format: crate::secrets::Store,
+    },
 }
 
 /// One file the host must have, as declared (not yet rendered).
@@ -54,6 +59,8 @@ pub struct FileDecl {
     pub role: String,
     pub content: ContentRef,
     pub mode: Mode,
+    /// The role set `mode` (otherwise sensitive files get 0600).
+    pub mode_explicit: bool,
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
@@ -277,18 +284,32 @@ fn file_decl(
         ));
     }
     let files_dir = format!("roles/{role}/files");
-    let content = match (spec.template, spec.source) {
-        (Some(t), None) => ContentRef::Template(repo_relative(snap, &files_dir, &t, "template")?),
-        (None, Some(s)) => ContentRef::Source(repo_relative(snap, &files_dir, &s, "source")?),
-        (Some(_), Some(_)) => {
-            return Err("set either `template` or `source`, not both".into());
+    if spec.format.is_some() && spec.secret.is_none() {
+        return Err("key `format` only goes with `secret`".into());
+    }
+    let content = match (spec.template, spec.source, spec.secret) {
+        (Some(t), None, None) => {
+            ContentRef::Template(repo_relative(snap, &files_dir, &t, "template")?)
         }
-        (None, None) => {
+        (None, Some(s), None) => ContentRef::Source(repo_relative(snap, &files_dir, &s, "source")?),
+        (None, None, Some(s)) => {
+            let path = repo_relative(snap, "", &s, "secret")?;
+            let format = match &spec.format {
+                Some(f) => {
+                    crate::secrets::Store::from_name(f).map_err(|e| format!("key `format`: {e}"))?
+                }
+                None => crate::secrets::Store::from_path(&path),
+            };
+            ContentRef::Secret { path, format }
+        }
+        (None, None, None) => {
             return Err(format!(
-                "{path}: set `template` (a Tera template) or `source` (copied verbatim), relative to {files_dir}/"
+                "{path}: set `template` (a Tera template), `source` (copied verbatim, both relative to {files_dir}/) or `secret` (a SOPS file, relative to the repository root)"
             ));
         }
+        _ => return Err("set only one of `template`, `source` and `secret`".into()),
     };
+    let mode_explicit = spec.mode.is_some();
     let mode = match spec.mode {
         Some(m) => Mode::parse(&m).map_err(|e| format!("key `mode`: {e}"))?,
         None => Mode::DEFAULT_FILE,
@@ -315,6 +336,7 @@ fn file_decl(
         role: role.to_string(),
         content,
         mode,
+        mode_explicit,
         owner,
         group,
         on_change,
@@ -350,7 +372,11 @@ fn repo_relative(snap: &Snapshot, files_dir: &str, rel: &str, key: &str) -> Resu
             "key `{key}`: {rel:?} must be a plain relative path inside {files_dir}/"
         ));
     }
-    let full = format!("{files_dir}/{rel}");
+    let full = if files_dir.is_empty() {
+        rel.to_string()
+    } else {
+        format!("{files_dir}/{rel}")
+    };
     match snap.read(&full) {
         Ok(Some(_)) => Ok(full),
         Ok(None) => Err(format!(

@@ -5,6 +5,7 @@
 pub mod load;
 pub mod model;
 pub mod render;
+pub mod secrets;
 pub mod snapshot;
 pub mod spec;
 pub mod toml_file;

@@ -83,7 +83,15 @@ pub struct FileSpec {
     /// A file copied verbatim, relative to `roles/<role>/files/`.
     #[serde(default)]
     pub source: Option<String>,
-    /// Octal mode as a string, e.g. "0644". Default "0644".
+    /// A whole SOPS file, decrypted, relative to the repository root.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// With `secret`: write it as yaml, json, dotenv, ini or raw (binary).
+    /// Default: the SOPS file's own format.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Octal mode as a string, e.g. "0644". Default "0644", or "0600" for
+    /// a file that depends on a secret.
     #[serde(default)]
     pub mode: Option<String>,
     /// User name or numeric uid. Default "root".

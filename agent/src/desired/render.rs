@@ -22,9 +22,11 @@ use tera::Tera;
 
 use super::load::{ContentRef, HostConfig};
 use super::model::UnitSpec;
+use super::secrets::SecretResolver;
 use super::snapshot::{Entry, Snapshot};
 use super::spec::{Check, Mode, Principal, TargetPath, UnitAction};
 use super::Diagnostics;
+use std::sync::Arc;
 
 /// Macros shipped with the agent.
 const BUILTIN_TEMPLATES: &[(&str, &str)] = &[(
@@ -61,6 +63,7 @@ pub struct Desired {
 /// Templates of a repository, parsed once, rendered for any number of hosts.
 pub struct Renderer {
     tera: Tera,
+    secrets: Arc<SecretResolver>,
     /// Raw template texts by name, to find the line of a render error
     /// (Tera reports the variable but not where it is).
     sources: std::collections::HashMap<String, String>,
@@ -70,7 +73,11 @@ impl Renderer {
     /// Parses every template the given roles can use: all files under
     /// `templates/`, and under each role's `files/` every `*.tera` file and
     /// every file a `template =` names.
-    pub fn new(snap: &Snapshot, hosts: &[&HostConfig]) -> Result<Self, Diagnostics> {
+    pub fn new(
+        snap: &Snapshot,
+        hosts: &[&HostConfig],
+        secrets: Arc<SecretResolver>,
+    ) -> Result<Self, Diagnostics> {
         let mut diags = Diagnostics::default();
         let mut names: std::collections::BTreeSet<String> = Default::default();
         for (path, entry) in snap.walk("templates") {
@@ -145,8 +152,10 @@ impl Renderer {
         if !diags.is_empty() {
             return Err(diags);
         }
+        super::secrets::register(&mut tera, secrets.clone());
         Ok(Renderer {
             tera,
+            secrets,
             sources: sources.into_iter().collect(),
         })
     }
@@ -167,7 +176,15 @@ impl Renderer {
             "facts": facts,
         });
         for decl in &host.files {
+            self.secrets.take_used();
             let content = match &decl.content {
+                ContentRef::Secret { path, format } => match self.secrets.whole(path, *format) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        diags.push(format!("{} ({}): {e}", decl.path, decl.origin));
+                        continue;
+                    }
+                },
                 ContentRef::Source(path) => match snap.read(path) {
                     Ok(Some(b)) => b.to_vec(),
                     Ok(None) => {
@@ -215,15 +232,21 @@ impl Renderer {
                     }
                 }
             };
+            let sensitive = self.secrets.take_used();
+            let mode = if sensitive && !decl.mode_explicit {
+                Mode(0o600)
+            } else {
+                decl.mode
+            };
             files.push(DesiredFile {
                 path: decl.path.clone(),
                 role: decl.role.clone(),
                 content,
-                mode: decl.mode,
+                mode,
                 owner: decl.owner.clone(),
                 group: decl.group.clone(),
                 on_change: decl.on_change.clone(),
-                sensitive: false,
+                sensitive,
                 origin: decl.origin.clone(),
             });
         }

@@ -6,6 +6,7 @@ pub mod checks;
 pub mod facts;
 pub mod fetch;
 pub mod ids;
+pub mod keys;
 pub mod observe;
 pub mod rootfs;
 pub mod state;

@@ -52,6 +52,10 @@ pub struct Ids {
     /// The ids new files get when ownership is not applied.
     pub own_uid: u32,
     pub own_gid: u32,
+    /// Per-host key for hashing sensitive content (HMAC-SHA256), so a plan,
+    /// status or inventory never shows a digest that could be brute-forced
+    /// back to a short secret. Empty: plain SHA-256 (tests).
+    pub hash_key: Vec<u8>,
 }
 
 impl Ids {
@@ -149,6 +153,33 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// HMAC-SHA256 (RFC 2104) as hex; the digest shown for sensitive files.
+pub fn keyed_hex(key: &[u8], bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(bytes);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    format!("hmac:{}", hex::encode(outer.finalize()))
+}
+
+fn digest(ids: &Ids, sensitive: bool, bytes: &[u8]) -> String {
+    if sensitive && !ids.hash_key.is_empty() {
+        keyed_hex(&ids.hash_key, bytes)
+    } else {
+        sha256_hex(bytes)
+    }
+}
+
 /// Computes the plan. Errors name the path and what to do.
 pub fn plan(
     desired: &Desired,
@@ -195,7 +226,7 @@ pub fn plan(
         let obs = observed.get(&f.path).unwrap_or(&Observation::Missing);
         let new = NewFile {
             content: f.content.clone(),
-            sha256: sha256_hex(&f.content),
+            sha256: digest(ids, f.sensitive, &f.content),
             size: f.content.len() as u64,
             mode: f.mode.0,
             uid,
@@ -250,7 +281,7 @@ pub fn plan(
                         content_changed,
                         mode_changed,
                         owner_changed,
-                        before: Some(old_file(cur)),
+                        before: Some(old_file(cur, digest(ids, f.sensitive, &cur.content))),
                         after: Some(new.clone()),
                         sensitive: f.sensitive,
                         on_change: if kind == ChangeKind::Adopt {
@@ -286,7 +317,7 @@ pub fn plan(
                 content_changed: true,
                 mode_changed: false,
                 owner_changed: false,
-                before: Some(old_file(cur)),
+                before: Some(old_file(cur, digest(ids, entry.sensitive, &cur.content))),
                 after: None,
                 sensitive: entry.sensitive,
                 on_change: entry.on_change.clone(),
@@ -317,10 +348,10 @@ pub fn plan(
     })
 }
 
-fn old_file(cur: &FileState) -> OldFile {
+fn old_file(cur: &FileState, sha256: String) -> OldFile {
     OldFile {
         content: cur.content.clone(),
-        sha256: sha256_hex(&cur.content),
+        sha256,
         size: cur.content.len() as u64,
         mode: cur.mode,
         uid: cur.uid,
@@ -362,3 +393,14 @@ pub fn merge_actions<'a>(actions: impl Iterator<Item = &'a UnitAction>) -> Vec<U
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hmac_tests {
+    #[test]
+    fn hmac_matches_rfc4231_case_2() {
+        assert_eq!(
+            super::keyed_hex(b"Jefe", b"what do ya want for nothing?"),
+            "hmac:5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

@@ -1347,3 +1347,32 @@ fn public_types_are_send_and_sync() {
     check::<SecretError>();
     check::<CheckReport>();
 }
+
+/// Writes the canary fixture used by the leak test and the quickstart's demo
+/// secret: `DRIFTLESS_REGENERATE_EXAMPLES=1 cargo test -p driftless --lib regenerate_examples`.
+#[test]
+fn regenerate_examples() {
+    if std::env::var_os("DRIFTLESS_REGENERATE_EXAMPLES").is_none() {
+        return;
+    }
+    let k = own_keys();
+    let recipients: Vec<&str> = k.recipients.iter().map(String::as_str).collect();
+    let spec = Spec::simple(&recipients);
+    let canary = crate::secrets::testenc::encrypt_text(
+        Store::Yaml,
+        "db:\n    password: CANARY-d41f7e2b-never-leak\n    user: app\n",
+        &spec,
+        &KEY,
+    );
+    std::fs::write(own().join("canary.enc.yaml"), canary).expect("write canary");
+    let demo = crate::secrets::testenc::encrypt_text(
+        Store::Yaml,
+        "db:\n    user: app\n    password: demo-password-not-a-secret\napi_token: demo-token-0000\n",
+        &spec,
+        &KEY,
+    );
+    let examples =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/secrets");
+    std::fs::create_dir_all(&examples).expect("mkdir");
+    std::fs::write(examples.join("app.enc.yaml"), demo).expect("write demo");
+}

@@ -189,13 +189,21 @@ pub fn plan_for(
     };
     let host = host_name(settings, snap);
     let config = load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?;
-    let renderer = Renderer::new(snap, &[&config]).kind(Failure::InvalidRepo)?;
+    let keys_settings = settings.clone();
+    let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
+        snap,
+        Box::new(move || crate::effects::keys::load(&keys_settings)),
+    ));
+    let renderer = Renderer::new(snap, &[&config], resolver).kind(Failure::InvalidRepo)?;
     let facts = facts::gather(fs.path());
     let desired = renderer
         .render(snap, &config, &facts)
         .kind(Failure::InvalidRepo)?;
-    let ids = ids::resolve(fs.path(), &desired).kind(Failure::Failed)?;
+    let mut ids = ids::resolve(fs.path(), &desired).kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
+    if desired.files.iter().any(|f| f.sensitive) || inventory.files.values().any(|e| e.sensitive) {
+        ids.hash_key = state.hash_key().kind(Failure::Failed)?;
+    }
     let observed = observe::observe(fs, &desired, &inventory).kind(Failure::InvalidRepo)?;
     plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids)
         .kind(Failure::InvalidRepo)

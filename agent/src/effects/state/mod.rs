@@ -127,6 +127,29 @@ impl StateDir {
         }
     }
 
+    /// The per-host key for hashing sensitive content (`hash.key`, 32
+    /// random bytes, 0600), created on first use.
+    pub fn hash_key(&self) -> Result<Vec<u8>> {
+        let path = self.root.join("hash.key");
+        match fs::read(&path) {
+            Ok(k) if k.len() == 32 => return Ok(k),
+            Ok(_) => bail!(
+                "{} is corrupt (not 32 bytes): remove it to make a new one",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        let mut key = vec![0u8; 32];
+        std::io::Read::read_exact(
+            &mut File::open("/dev/urandom").context("cannot open /dev/urandom")?,
+            &mut key,
+        )
+        .context("cannot read /dev/urandom")?;
+        write_atomic(&path, &key)?;
+        Ok(key)
+    }
+
     /// The current inventory; empty if nothing was ever applied.
     pub fn inventory(&self) -> Result<Inventory> {
         match read_json::<Inventory>(&self.inventory_path())? {

@@ -1,0 +1,152 @@
+//! Secrets in the desired state: `secret(file=..., key=...)` in templates
+//! and `secret = "..."` files, decrypted from SOPS files in the repository.
+//!
+//! Decryption is pure given the identities; loading the identities (age key
+//! files, SSH host keys) is an effect, so the resolver takes a loader and
+//! calls it only when a secret is first needed: a host whose files use no
+//! secret never reads a key. Decrypted files are cached for one render.
+//!
+//! Any file whose content depends on a secret is *sensitive*: mode 0600
+//! unless the role sets a mode, content never shown in plans or logs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use secrecy::ExposeSecret;
+
+use super::snapshot::Snapshot;
+use crate::secrets::{self, Decrypted, Identities, Store};
+
+type Loader = Box<dyn Fn() -> Result<Identities, String> + Send + Sync>;
+
+/// Resolves secrets for one host's render.
+pub struct SecretResolver {
+    /// SOPS-looking files of the repository, by path.
+    files: HashMap<String, Vec<u8>>,
+    loader: Loader,
+    ids: OnceLock<Result<Identities, String>>,
+    cache: Mutex<HashMap<String, Arc<Decrypted>>>,
+    /// Set when a secret was read since the last [`SecretResolver::take_used`].
+    used: AtomicBool,
+}
+
+/// True if `bytes` may be a sops file (cheap pre-filter).
+fn looks_like_sops(bytes: &[u8]) -> bool {
+    let hay = &bytes[..bytes.len().min(1 << 20)];
+    [&b"sops"[..]]
+        .iter()
+        .any(|n| hay.windows(n.len()).any(|w| w == *n))
+}
+
+impl SecretResolver {
+    pub fn new(snap: &Snapshot, loader: Loader) -> Self {
+        let files = snap
+            .walk("")
+            .filter_map(|(p, e)| match e {
+                super::snapshot::Entry::File { bytes, .. } if looks_like_sops(bytes) => {
+                    Some((p.to_string(), bytes.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        SecretResolver {
+            files,
+            loader,
+            ids: OnceLock::new(),
+            cache: Mutex::new(HashMap::new()),
+            used: AtomicBool::new(false),
+        }
+    }
+
+    /// A resolver for repositories rendered without keys (`validate`):
+    /// any use of a secret is an error saying so.
+    pub fn without_keys(snap: &Snapshot) -> Self {
+        Self::new(
+            snap,
+            Box::new(|| Err("no age identities are available to this command".to_string())),
+        )
+    }
+
+    /// Whether a secret was read since the last call; resets the flag.
+    pub fn take_used(&self) -> bool {
+        self.used.swap(false, Ordering::SeqCst)
+    }
+
+    fn decrypted(&self, file: &str) -> Result<Arc<Decrypted>, String> {
+        self.used.store(true, Ordering::SeqCst);
+        if let Some(d) = self
+            .cache
+            .lock()
+            .map_err(|_| "secret cache poisoned")?
+            .get(file)
+        {
+            return Ok(d.clone());
+        }
+        let bytes = self.files.get(file).ok_or_else(|| {
+            format!("{file}: no such SOPS file in the repository (paths are relative to the repository root)")
+        })?;
+        let ids = self
+            .ids
+            .get_or_init(|| (self.loader)())
+            .as_ref()
+            .map_err(|e| format!("{file}: cannot load age identities: {e}"))?;
+        let d = secrets::decrypt(file, bytes, Store::from_path(file), ids)
+            .map_err(|e| e.to_string())?;
+        let d = Arc::new(d);
+        self.cache
+            .lock()
+            .map_err(|_| "secret cache poisoned")?
+            .insert(file.to_string(), d.clone());
+        Ok(d)
+    }
+
+    /// One value as text (numbers and booleans as written).
+    pub fn value(&self, file: &str, key: &str) -> Result<String, String> {
+        let d = self.decrypted(file)?;
+        let v = d.get(key).map_err(|e| e.to_string())?;
+        if let Some(text) = v.expose_text() {
+            return Ok(text.expose_secret().to_string());
+        }
+        match v.to_json() {
+            serde_json::Value::String(s) => Ok(s),
+            serde_json::Value::Number(n) => Ok(n.to_string()),
+            serde_json::Value::Bool(b) => Ok(b.to_string()),
+            _ => Err(format!(
+                "{file}: key {key:?} is not a single value; use a `secret =` file entry to write a whole tree"
+            )),
+        }
+    }
+
+    /// A whole decrypted file re-emitted in `format`.
+    pub fn whole(&self, file: &str, format: Store) -> Result<Vec<u8>, String> {
+        let d = self.decrypted(file)?;
+        let out = d.emit(format).map_err(|e| e.to_string())?;
+        Ok(out.expose_secret().to_vec())
+    }
+}
+
+/// Registers `secret(file=..., key=...)` on a Tera instance.
+pub fn register(tera: &mut tera::Tera, resolver: Arc<SecretResolver>) {
+    tera.register_function(
+        "secret",
+        move |args: &std::collections::HashMap<String, serde_json::Value>| {
+            let get = |name: &str| {
+                args.get(name)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        tera::Error::msg(format!(
+                            "secret() needs {name}=\"...\": secret(file=\"secrets/db.yaml\", key=\"db.password\")"
+                        ))
+                    })
+            };
+            let file = get("file")?;
+            let key = get("key")?;
+            resolver
+                .value(&file, &key)
+                .map(serde_json::Value::String)
+                .map_err(tera::Error::msg)
+        },
+    );
+}
