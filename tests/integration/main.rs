@@ -12,4 +12,5 @@ mod golden;
 mod pipeline;
 mod quickstart;
 mod revert;
+mod secrets;
 mod transports;

@@ -7,7 +7,12 @@ fn quickstart_applies_then_second_run_changes_nothing() {
     let repo = Repo::quickstart();
     let host = Host::new("web1");
     let run = host.sync(repo.path()).ok();
-    assert!(run.stdout.contains("5 created"), "{}", run.stdout);
+    assert!(run.stdout.contains("7 created"), "{}", run.stdout);
+    // The demo secret, decrypted, private.
+    let db = host.read("/etc/app/database.conf").unwrap();
+    assert!(db.contains("password = demo-password-not-a-secret"), "{db}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(host.path("/etc/app/secrets.json")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
     let motd = host.read("/etc/motd").unwrap();
     assert!(motd.contains("web1 (prod) — Example Corp"), "{motd}");
     let site = host.read("/etc/nginx/conf.d/site.conf").unwrap();
@@ -69,7 +74,8 @@ fn unknown_host_falls_back_to_default() {
 #[test]
 fn quickstart_validates() {
     let run = std::process::Command::new(BIN)
-        .args(["validate", "--no-config"])
+        .args(["validate", "--no-config", "--age-key"])
+        .arg(workspace().join("examples/DEMO-age-key.txt"))
         .arg(workspace().join("examples/quickstart"))
         .output()
         .unwrap();

@@ -165,7 +165,12 @@ impl Host {
             .arg(self.root.path())
             .arg("--state-dir")
             .arg(self.state.path())
+            // Only read when a file uses a secret.
+            .arg("--age-key")
+            .arg(workspace().join("examples/DEMO-age-key.txt"))
             .env_remove("DRIFTLESS_TEST_CRASH_AFTER")
+            .env_remove("SOPS_AGE_KEY")
+            .env_remove("SOPS_AGE_KEY_FILE")
             .env("NO_COLOR", "1");
         c
     }
