@@ -11,7 +11,11 @@ fn quickstart_applies_then_second_run_changes_nothing() {
     // The demo secret, decrypted, private.
     let db = host.read("/etc/app/database.conf").unwrap();
     assert!(db.contains("password = demo-password-not-a-secret"), "{db}");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(host.path("/etc/app/secrets.json")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(host.path("/etc/app/secrets.json"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let motd = host.read("/etc/motd").unwrap();
     assert!(motd.contains("web1 (prod) — Example Corp"), "{motd}");

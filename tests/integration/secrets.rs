@@ -11,7 +11,8 @@ fn canary_repo() -> Repo {
     let r = Repo::new();
     r.write("driftless.toml", "roles = [\"app\"]\n");
     r.write("hosts/default.toml", "");
-    let enc = std::fs::read_to_string(workspace().join("tests/fixtures/secrets/canary.enc.yaml")).unwrap();
+    let enc = std::fs::read_to_string(workspace().join("tests/fixtures/secrets/canary.enc.yaml"))
+        .unwrap();
     r.write("secrets/db.enc.yaml", &enc);
     r.write(
         "roles/app/role.toml",
@@ -26,7 +27,13 @@ fn canary_repo() -> Repo {
 }
 
 fn keys_arg() -> Vec<String> {
-    vec!["--age-key".into(), workspace().join("tests/fixtures/secrets/keys.txt").display().to_string()]
+    vec![
+        "--age-key".into(),
+        workspace()
+            .join("tests/fixtures/secrets/keys.txt")
+            .display()
+            .to_string(),
+    ]
 }
 
 /// Every file under `dir` containing `needle`.
@@ -38,7 +45,10 @@ fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
             let p = e.path();
             if e.file_type().unwrap().is_dir() {
                 stack.push(p);
-            } else if std::fs::read(&p).map(|b| String::from_utf8_lossy(&b).contains(needle)).unwrap_or(false) {
+            } else if std::fs::read(&p)
+                .map(|b| String::from_utf8_lossy(&b).contains(needle))
+                .unwrap_or(false)
+            {
                 out.push(p.display().to_string());
             }
         }
@@ -54,11 +64,23 @@ fn canary_secret_reaches_only_its_target_files_which_are_0600() {
     let mut args = vec!["sync", "--once"];
     args.extend(k.iter().map(String::as_str));
     let sync = host.run(repo.path(), &args).ok();
-    let plan_args: Vec<&str> = ["plan", "--format", "json"].iter().copied().chain(k.iter().map(String::as_str)).collect();
+    let plan_args: Vec<&str> = ["plan", "--format", "json"]
+        .iter()
+        .copied()
+        .chain(k.iter().map(String::as_str))
+        .collect();
     // Change the secret-bearing file on the host, so plan has a diff to hide.
-    std::fs::write(host.path("/etc/app/db.conf"), format!("password={MARKER}-old\n")).unwrap();
+    std::fs::write(
+        host.path("/etc/app/db.conf"),
+        format!("password={MARKER}-old\n"),
+    )
+    .unwrap();
     let plan = host.run(repo.path(), &plan_args).ok();
-    let plan_text_args: Vec<&str> = ["plan"].iter().copied().chain(k.iter().map(String::as_str)).collect();
+    let plan_text_args: Vec<&str> = ["plan"]
+        .iter()
+        .copied()
+        .chain(k.iter().map(String::as_str))
+        .collect();
     let plan_text = host.run(repo.path(), &plan_text_args).ok();
     host.run(repo.path(), &args).ok();
     let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
@@ -73,26 +95,44 @@ fn canary_secret_reaches_only_its_target_files_which_are_0600() {
         ("status", &status.stdout),
         ("history", &history.stdout),
     ] {
-        assert!(!text.contains(MARKER), "the secret leaked into {what}:\n{text}");
+        assert!(
+            !text.contains(MARKER),
+            "the secret leaked into {what}:\n{text}"
+        );
     }
-    assert!(plan_text.stdout.contains("sensitive content changed"), "{}", plan_text.stdout);
+    assert!(
+        plan_text.stdout.contains("sensitive content changed"),
+        "{}",
+        plan_text.stdout
+    );
     let in_state = files_containing(host.state.path(), MARKER);
     // The only copies in the state dir are the 0600 backups needed to revert.
     for f in &in_state {
-        assert!(f.contains("/tx/") && f.contains("/backups/"), "secret in state file {f}");
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions());
+        assert!(
+            f.contains("/tx/") && f.contains("/backups/"),
+            "secret in state file {f}"
+        );
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions());
         assert_eq!(mode & 0o077, 0, "{f} is readable by others");
     }
     let mut in_root = files_containing(host.root.path(), MARKER);
     in_root.sort();
     assert_eq!(in_root.len(), 2, "{in_root:?}");
     for f in &in_root {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions());
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
-    assert!(host.read("/etc/app/db.conf").unwrap().contains(&format!("password={MARKER}\n")));
+    assert!(host
+        .read("/etc/app/db.conf")
+        .unwrap()
+        .contains(&format!("password={MARKER}\n")));
     let public = std::fs::metadata(host.path("/etc/app/public.conf")).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&public.permissions()) & 0o777, 0o644);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&public.permissions()) & 0o777,
+        0o644
+    );
 }
 
 #[test]
@@ -102,7 +142,11 @@ fn wrong_key_is_a_clear_error_and_nothing_is_applied() {
     let other = tempfile::tempdir().unwrap();
     let key = other.path().join("other.txt");
     // A valid age identity that is not a recipient of the file.
-    std::fs::write(&key, "AGE-SECRET-KEY-1GFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPQ4EGAEX\n").unwrap();
+    std::fs::write(
+        &key,
+        "AGE-SECRET-KEY-1GFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPQ4EGAEX\n",
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["sync", "--once", "--no-config", "--host", "h", "--source"])
         .arg(repo.path())
@@ -128,9 +172,18 @@ fn wrong_key_is_a_clear_error_and_nothing_is_applied() {
 fn secrets_decrypt_and_check_commands() {
     let file = workspace().join("tests/fixtures/secrets/canary.enc.yaml");
     let k = keys_arg();
-    let out = Command::new(BIN).args(["secrets", "check", "--no-config"]).args(&k).arg(&file).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["secrets", "check", "--no-config"])
+        .args(&k)
+        .arg(&file)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("MAC verified"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("MAC verified"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!text.contains(MARKER));
     let out = Command::new(BIN)
         .args(["secrets", "decrypt", "--format", "json", "--no-config"])
@@ -148,11 +201,23 @@ fn host_recipient_prints_the_ssh_and_age_recipients() {
     let cfg = dir.path().join("agent.toml");
     let key = workspace().join("tests/fixtures/secrets/ssh_host_ed25519_key");
     std::fs::write(&cfg, format!("ssh_host_keys = [\"{}\"]\n", key.display())).unwrap();
-    let out = Command::new(BIN).args(["host-recipient", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["host-recipient", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let want = pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let want = pubkey
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(text.lines().any(|l| l == want), "{text}");
     assert!(text.lines().any(|l| l.starts_with("age1")), "{text}");
 }
