@@ -361,25 +361,20 @@ pub fn secrets(s: &Settings, cmd: super::SecretsCommand) -> Result<ExitCode, Err
             let ids = identities(s)?;
             let d = secrets::decrypt(&name, &bytes, Store::from_path(&name), &ids)
                 .map_err(|e| Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string())))?;
-            match format.as_deref() {
-                Some("json") => print_json(&d.to_json())?,
-                Some(f) => {
-                    let store = Store::from_name(f)
-                        .map_err(|e| Error::new(Failure::Config, anyhow::anyhow!(e.to_string())))?;
-                    let out = d.emit(store).map_err(|e| {
-                        Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string()))
-                    })?;
-                    std::io::Write::write_all(&mut std::io::stdout(), out.expose_secret())
-                        .kind(Failure::Failed)?;
-                }
-                None => {
-                    let out = d.emit(d.store()).map_err(|e| {
-                        Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string()))
-                    })?;
-                    std::io::Write::write_all(&mut std::io::stdout(), out.expose_secret())
-                        .kind(Failure::Failed)?;
-                }
+            if format.as_deref() == Some("json") {
+                print_json(&d.to_json())?;
+                return Ok(ExitCode::SUCCESS);
             }
+            let store = match format.as_deref() {
+                Some(f) => Store::from_name(f)
+                    .map_err(|e| Error::new(Failure::Config, anyhow::anyhow!(e.to_string())))?,
+                None => d.store(),
+            };
+            let out = d
+                .emit(store)
+                .map_err(|e| Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string())))?;
+            std::io::Write::write_all(&mut std::io::stdout(), out.expose_secret())
+                .kind(Failure::Failed)?;
             Ok(ExitCode::SUCCESS)
         }
         super::SecretsCommand::Check { file } => {
