@@ -50,6 +50,15 @@ pub struct DesiredFile {
     pub origin: String,
 }
 
+impl Drop for DesiredFile {
+    /// Rendered secrets do not outlive the file that holds them.
+    fn drop(&mut self) {
+        if self.sensitive {
+            zeroize::Zeroize::zeroize(&mut self.content);
+        }
+    }
+}
+
 /// The whole desired state of one host.
 #[derive(Debug, Clone)]
 pub struct Desired {

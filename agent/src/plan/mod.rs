@@ -37,6 +37,25 @@ pub struct FileState {
     pub gid: u32,
 }
 
+// File contents may be secrets: wipe them when dropped.
+impl Drop for FileState {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.content);
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.content);
+    }
+}
+
+impl Drop for OldFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.content);
+    }
+}
+
 /// Observations of every path the plan may touch.
 pub type Observed = BTreeMap<TargetPath, Observation>;
 
