@@ -49,7 +49,7 @@ fn render_case(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
     let d = r.render(&snap, &cfg, &facts()).map_err(|e| e.to_string())?;
     Ok(d.files
         .into_iter()
-        .map(|f| (f.path.to_string(), f.content))
+        .map(|f| (f.path.to_string(), f.content.clone()))
         .collect())
 }
 
