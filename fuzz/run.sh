@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run every cargo-fuzz target for N seconds (default 60) on a STABLE toolchain.
+# RUSTC_BOOTSTRAP=1 lets stable rustc accept the -Z flags cargo-fuzz passes;
+# --sanitizer none avoids -Zsanitizer=address (needs a nightly-built std).
+# Usage: fuzz/run.sh [SECONDS] [TARGET...]
+# Env: CARGO_TARGET_DIR (default /tmp/fuzz-target), FUZZ_LOG_DIR (default /tmp/fuzz-logs),
+#      FUZZ_WORK_DIR (default /tmp/fuzz-corpus: where libFuzzer writes new inputs)
+set -euo pipefail
+cd "$(dirname "$0")"
+secs="${1:-60}"
+shift || true
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(yaml json dotenv ini binary enc)
+export RUSTC_BOOTSTRAP=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/fuzz-target}"
+logs="${FUZZ_LOG_DIR:-/tmp/fuzz-logs}"
+# New inputs go to $work (first corpus dir); the checked-in seeds in corpus/ stay small.
+work="${FUZZ_WORK_DIR:-/tmp/fuzz-corpus}"
+mkdir -p "$logs" "$work"
+nice -n 10 cargo fuzz build --sanitizer none --target-dir "$CARGO_TARGET_DIR"
+status=0
+for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t" "$work/$t"
+    echo "== $t (${secs}s) log: $logs/$t.log"
+    if ! nice -n 10 cargo fuzz run "$t" "$work/$t" "corpus/$t" --sanitizer none --target-dir "$CARGO_TARGET_DIR" \
+        -- -max_total_time="$secs" >"$logs/$t.log" 2>&1; then
+        echo "!! $t failed (crash?): see $logs/$t.log and artifacts/$t/"
+        status=1
+    fi
+    grep -E '^#[0-9]+.*(DONE|INITED)' "$logs/$t.log" | tail -1 || true
+    grep -E 'Done [0-9]+ runs' "$logs/$t.log" || true
+done
+exit $status
