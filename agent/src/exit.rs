@@ -12,7 +12,8 @@ pub enum Failure {
     /// 3: the repository content is invalid for this host (parse, render,
     /// plan errors); nothing was applied; fix the repository.
     InvalidRepo,
-    /// 4: refused by policy (history rewritten on the tracked branch).
+    /// 4: refused by policy: history rewritten or older than the applied
+    /// commit, a bad or missing signature, an invalid bundle.
     Refused,
     /// 5: a failed commit was reverted but the revert's checks failed too;
     /// driftless stops touching the host until `sync --retry`.

@@ -10,6 +10,8 @@
 //!   state directory.
 //! - [`sync`] wires one pass of the pipeline together; [`cli`] parses
 //!   arguments and prints; [`config`] layers the agent's own settings.
+//! - [`trust`] verifies SSH signatures (signed commits, signed bundle
+//!   manifests) against an `allowed_signers` file, in-process.
 
 pub mod cli;
 pub mod config;
@@ -20,3 +22,4 @@ pub mod exit;
 pub mod plan;
 pub mod secrets;
 pub mod sync;
+pub mod trust;

@@ -336,3 +336,111 @@ fn e2e_5_timer_and_cron_paths_match_the_daemon_and_share_its_lock() {
     m.ok("systemctl start driftless-once.service");
     assert_eq!(m.ok("cat /etc/demo/message").trim(), "ok v2");
 }
+
+/// `driftless bundle create` on the "connected side" (outside the container).
+fn make_bundle(demo: &Demo, key: &Path, out: &Path, since: Option<&str>) {
+    let mut c = std::process::Command::new(crate::machine::BIN);
+    c.args(["bundle", "create", "--no-config", "--repo"])
+        .arg(demo.path())
+        .arg("--out")
+        .arg(out)
+        .arg("--sign-key")
+        .arg(key);
+    if let Some(s) = since {
+        c.args(["--since", s]);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn stick_report(stick: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(stick.join("driftless/reports/e2e.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn e2e_6_air_gapped_host_updates_from_a_signed_usb_bundle_and_reports_back() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let v1 = git(demo.path(), &["rev-parse", "HEAD"]);
+    // The release key, on the connected side.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("release");
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let pubkey = std::fs::read_to_string(keys.path().join("release.pub")).unwrap();
+    // The "stick": a directory bound into the container (no network: the
+    // container has --private-network and its source is `bundle:`).
+    let stick = tempfile::tempdir().unwrap();
+    let bundles = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    make_bundle(&demo, &key, &bundles.join("1-full.bundle"), None);
+
+    let m = Machine::boot("e2e-airgap", &[(stick.path(), "/media/stick", true)]);
+    m.ok("test \"$(ls /sys/class/net | grep -v '^lo$' | wc -l)\" = 0");
+    m.ok(&format!(
+        "mkdir -p /etc/driftless && printf 'source = \"bundle:\"\\nhost = \"e2e\"\\njob_timeout = \"30s\"\\n' > /etc/driftless/agent.toml && \
+         printf 'release namespaces=\"driftless-bundle\" {}\\n' > /etc/driftless/allowed_signers",
+        pubkey.trim()
+    ));
+    let out = m.sh("driftless bundle stick /media/stick 2>&1");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("check passed"), "health checks ran: {log}");
+    assert_eq!(curl(&m), "hello ok v1");
+    let r = stick_report(stick.path());
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(r["commit"], v1.as_str());
+
+    // Next trip: an incremental bundle with v2, plus an old full bundle
+    // and a forged one. Only v2 is applied; the report says why the others
+    // were not.
+    demo.set("ok v2", "0644", "root");
+    let v2 = demo.commit("v2");
+    make_bundle(&demo, &key, &bundles.join("2-inc.bundle"), Some(&v1));
+    std::fs::write(bundles.join("3-forged.bundle"), "# v2 git bundle\n").unwrap();
+    std::fs::copy(
+        bundles.join("2-inc.bundle.manifest"),
+        bundles.join("3-forged.bundle.manifest"),
+    )
+    .unwrap();
+    std::fs::copy(
+        bundles.join("2-inc.bundle.manifest.sig"),
+        bundles.join("3-forged.bundle.manifest.sig"),
+    )
+    .unwrap();
+    let out = m.sh("driftless bundle stick /media/stick 2>&1");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(curl(&m), "hello ok v2");
+    let r = stick_report(stick.path());
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(r["commit"], v2.as_str());
+    assert_eq!(r["previous"], v1.as_str());
+    let forged = r["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["file"] == "3-forged.bundle")
+        .unwrap();
+    assert_eq!(forged["result"], "refused", "{r}");
+    assert!(
+        forged["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its signed manifest"),
+        "{r}"
+    );
+    // The summary on the connected side.
+    let o = std::process::Command::new(crate::machine::BIN)
+        .args(["bundle", "reports", "--no-config"])
+        .arg(stick.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("e2e") && text.contains(&v2[..7]), "{text}");
+}

@@ -13,4 +13,6 @@ mod pipeline;
 mod quickstart;
 mod revert;
 mod secrets;
+mod stick_device;
 mod transports;
+mod trust;

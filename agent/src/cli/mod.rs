@@ -1,6 +1,7 @@
 //! Command line: argument parsing, dispatch and output. Logic lives in
 //! [`crate::sync`] and below; this module only translates.
 
+mod bundle;
 mod output;
 
 pub use output::time_str;
@@ -51,7 +52,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
-struct GlobalArgs {
+pub(crate) struct GlobalArgs {
     /// Agent config file to use instead of /etc/driftless/agent.toml (drop-ins are then not read)
     #[arg(long, global = true, value_name = "FILE", conflicts_with = "no_config")]
     config: Option<PathBuf>,
@@ -88,6 +89,12 @@ struct GlobalArgs {
     /// age identity file for SOPS secrets (repeat; replaces `age_keys`)
     #[arg(long = "age-key", global = true, value_name = "FILE")]
     age_keys: Vec<PathBuf>,
+    /// Refuse commits not signed by a key in --allowed-signers (SSH signatures, `gpg.format=ssh`)
+    #[arg(long, global = true)]
+    require_signed: bool,
+    /// git allowed_signers file: who may sign commits and bundles [default: /etc/driftless/allowed_signers]
+    #[arg(long, global = true, value_name = "FILE")]
+    allowed_signers: Option<PathBuf>,
     /// Run health checks even under a --root prefix (unit actions never run there)
     #[arg(long, global = true)]
     run_checks: bool,
@@ -138,6 +145,9 @@ differ per host). Exit code 3 if anything fails, with every problem listed.")]
     /// Decrypt or check SOPS files (operator tools; never used by sync)
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Signed git bundles for air-gapped hosts: create, verify, import, USB sticks
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// Print this host's age recipients (from its SSH host keys), to encrypt secrets to it
     #[command(after_help = "\
 Add a printed line to the recipients of a SOPS file (e.g. `sops --age 'ssh-ed25519 AAAA…'`
@@ -161,6 +171,99 @@ and the host's SSH keys. The output contains secrets: it is for a terminal, not 
     },
     /// Verify that a SOPS file decrypts and its MAC is intact, without printing values
     Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// On a connected machine: write FILE (a git bundle), FILE.manifest and FILE.manifest.sig
+    #[command(after_help = "\
+Needs git on this machine (hosts importing the bundle do not). The manifest pins the
+bundle's SHA-256, branch, tip and prerequisites; the signature (an SSHSIG, namespace
+driftless-bundle) covers the manifest. Hosts trust the signer through their
+allowed_signers file, e.g. a line:
+  release@example.com namespaces=\"driftless-bundle\" ssh-ed25519 AAAA...
+Incremental bundles (--since COMMIT) carry only what is new after COMMIT: use the
+commit the hosts have applied (see `driftless bundle reports`).
+
+Example:
+  driftless bundle create --repo /srv/config --out /media/stick/driftless/bundles/2026-11-22.bundle \\
+      --sign-key ~/.ssh/release_ed25519 --since 4f1c2e9")]
+    Create(BundleCreateArgs),
+    /// Check a bundle's signature, hash and header (and prerequisites, on a host); changes nothing
+    Verify {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Verify and import bundles into this host's mirror, then sync
+    #[command(after_help = "\
+The host's source must be `bundle:` (air-gapped) or a remote URL: bundles go into
+the mirror under the state directory; the pack is indexed in-process (no git needed).
+Bundles are imported oldest first (by their signed creation time). Each must be
+signed by a key in allowed_signers (namespace driftless-bundle), be for the followed
+branch, and descend from the applied commit: an older bundle is refused, never a
+downgrade. The sync that follows applies the usual rules (require_signed, checks,
+revert).")]
+    Import(BundleImportArgs),
+    /// Import every bundle on a USB stick (device or directory), sync, write a report onto it
+    #[command(after_help = "\
+Run by driftless-usb@.service when a stick labelled DRIFTLESS is plugged in. Layout:
+  <stick>/driftless/bundles/*.bundle   (+ .manifest, .manifest.sig)
+  <stick>/driftless/reports/<host>.json   written here
+A block device is mounted read-only under /run/driftless/stick/, remounted read-write
+only to write the report, then unmounted. A directory is used as it is.")]
+    Stick(BundleStickArgs),
+    /// Summarise the host reports collected on a stick (or any directory of reports)
+    Reports {
+        /// A stick's mount point, or a directory of <host>.json reports
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BundleCreateArgs {
+    /// Repository to bundle: a path or a URL git can fetch
+    #[arg(long, value_name = "PATH|URL")]
+    repo: String,
+    /// Bundle file to write (FILE.manifest and FILE.manifest.sig are written beside it)
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Only commits after this one (the hosts' applied commit): an incremental bundle
+    #[arg(long, value_name = "COMMIT")]
+    since: Option<String>,
+    /// OpenSSH private key to sign with (unencrypted ed25519 or RSA)
+    #[arg(long, value_name = "FILE")]
+    sign_key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleImportArgs {
+    /// Bundle files (FILE.manifest and FILE.manifest.sig must be beside each)
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Import only; do not sync
+    #[arg(long)]
+    no_sync: bool,
+    /// Wait up to this many seconds for a running sync
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    wait: u64,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleStickArgs {
+    /// The stick: a block device (e.g. /dev/sdb1) or a mounted directory
+    #[arg(value_name = "DEVICE|DIR")]
+    stick: PathBuf,
+    /// Write the report here instead of <stick>/driftless/reports/
+    #[arg(long, value_name = "DIR")]
+    reports: Option<PathBuf>,
+    /// Wait up to this many seconds for a running sync
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    wait: u64,
 }
 
 #[derive(Debug, Args)]
@@ -291,7 +394,7 @@ fn init_logging(g: &GlobalArgs) {
     }
 }
 
-fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> {
+pub(crate) fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> {
     settings_with(g, allow_nff, None, None)
 }
 
@@ -323,6 +426,9 @@ fn settings_with(
         run_checks: g.run_checks.then_some(true),
         age_keys: (!g.age_keys.is_empty()).then(|| g.age_keys.clone()),
         ssh_host_keys: None,
+        require_signed: g.require_signed.then_some(true),
+        allowed_signers: g.allowed_signers.clone(),
+        signature_policy: None,
         ssh: SshFragment {
             key: g.ssh_key.clone(),
             known_hosts: g.ssh_known_hosts.clone(),
@@ -333,7 +439,7 @@ fn settings_with(
 
 /// The runtime for D-Bus and checks. One worker: the agent does little
 /// concurrently, and the main thread drives it with `Handle::block_on`.
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -413,6 +519,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let s = settings(g, false)?;
             output::secrets(&s, cmd)
         }
+        Command::Bundle(cmd) => bundle::run(g, cmd),
         Command::HostRecipient => {
             let s = settings(g, false)?;
             output::host_recipient(&s)
@@ -426,7 +533,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 
 /// `DRIFTLESS_TEST_CRASH_AFTER=N` aborts the process after N operations of
 /// an apply, for the crash-safety tests. Documented in tests/README.md.
-fn test_hook_crash_after() -> Option<usize> {
+pub(crate) fn test_hook_crash_after() -> Option<usize> {
     std::env::var("DRIFTLESS_TEST_CRASH_AFTER")
         .ok()?
         .parse()

@@ -18,9 +18,9 @@ use crate::plan::diff::{content_diff, render_plan, short, Style};
 use crate::plan::ChangeKind;
 use crate::sync::{LastRun, Prepared, Report};
 
-const API_VERSION: &str = "driftless/v1";
+pub(super) const API_VERSION: &str = "driftless/v1";
 
-fn print_json(v: &serde_json::Value) -> Result<(), Error> {
+pub(super) fn print_json(v: &serde_json::Value) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(v).kind(Failure::Failed)?;
     println!("{text}");
     Ok(())
@@ -126,6 +126,8 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
         None => Vec::new(),
     };
     let applied = inventory.as_ref().filter(|i| !i.txid.is_empty());
+    // Unreadable floor: shown as an error string, status still prints.
+    let floor = crate::effects::state::floor::load(&s.root).map_err(|e| format!("{e:#}"));
     match format {
         Format::Json => print_json(&json!({
             "apiVersion": API_VERSION,
@@ -138,8 +140,15 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                 "root": s.root,
                 "state_dir": s.state_dir,
                 "allowed_roots": s.allowed_roots,
+                "require_signed": s.require_signed,
+                "allowed_signers": s.allowed_signers,
+                "signature_policy": s.signature_policy,
             },
             "status": {
+                "anti_rollback": match &floor {
+                    Ok(f) => json!(f),
+                    Err(e) => json!({ "error": e }),
+                },
                 "applied": applied.map(|i| json!({
                     "commit": i.commit,
                     "txid": i.txid,
@@ -171,6 +180,25 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     i.txid
                 ),
                 None => println!("applied:  nothing yet"),
+            }
+            match &floor {
+                Ok(Some(f)) => println!(
+                    "floor:    {} (new commits must descend from it; {})",
+                    short(&f.commit),
+                    crate::effects::state::floor::path(&s.root).display()
+                ),
+                Ok(None) => {}
+                Err(e) => println!("floor:    unreadable: {e}"),
+            }
+            if s.require_signed {
+                println!(
+                    "signing:  required ({}, {})",
+                    s.allowed_signers.display(),
+                    serde_json::to_value(s.signature_policy)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                );
             }
             match &last {
                 Some(l) => {

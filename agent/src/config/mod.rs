@@ -39,6 +39,7 @@ pub const DEFAULT_SSH_HOST_KEYS: &[&str] =
     &["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"];
 pub const DEFAULT_SPLAY: &str = "1m";
 pub const DEFAULT_JOB_TIMEOUT: &str = "90s";
+pub const DEFAULT_ALLOWED_SIGNERS: &str = "/etc/driftless/allowed_signers";
 
 /// One config file, or the command line: every key optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -71,6 +72,14 @@ pub struct Fragment {
     /// SSH private keys usable as age identities (default: the host keys
     /// /etc/ssh/ssh_host_ed25519_key and /etc/ssh/ssh_host_rsa_key).
     pub ssh_host_keys: Option<Vec<PathBuf>>,
+    /// Refuse commits that are not signed by a key in `allowed_signers`.
+    pub require_signed: Option<bool>,
+    /// git's allowed_signers file (`gpg.ssh.allowedSignersFile` format):
+    /// who may sign commits (namespace `git`) and bundles (namespace
+    /// `driftless-bundle`).
+    pub allowed_signers: Option<PathBuf>,
+    /// `every-commit` (default) or `tip`: which new commits must be signed.
+    pub signature_policy: Option<String>,
     #[serde(default)]
     pub ssh: SshFragment,
 }
@@ -103,6 +112,9 @@ impl Fragment {
             run_checks,
             age_keys,
             ssh_host_keys,
+            require_signed,
+            allowed_signers,
+            signature_policy,
             ssh: SshFragment { key, known_hosts },
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
@@ -124,6 +136,9 @@ impl Fragment {
         take(&mut self.run_checks, run_checks);
         take(&mut self.age_keys, age_keys);
         take(&mut self.ssh_host_keys, ssh_host_keys);
+        take(&mut self.require_signed, require_signed);
+        take(&mut self.allowed_signers, allowed_signers);
+        take(&mut self.signature_policy, signature_policy);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
     }
@@ -151,6 +166,9 @@ pub struct Settings {
     pub ssh_host_keys: Vec<PathBuf>,
     pub ssh_key: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
+    pub require_signed: bool,
+    pub allowed_signers: PathBuf,
+    pub signature_policy: crate::trust::SignaturePolicy,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
 }
@@ -269,6 +287,13 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
     }
     let root = absolute(f.root.unwrap_or_else(|| PathBuf::from("/")));
     let live = root == Path::new("/");
+    let signature_policy = match f.signature_policy.as_deref() {
+        None | Some("every-commit") => crate::trust::SignaturePolicy::EveryCommit,
+        Some("tip") => crate::trust::SignaturePolicy::Tip,
+        Some(other) => bail!(
+            "signature_policy: {other:?} is not a policy; use \"every-commit\" (every new commit must be signed, the default) or \"tip\" (only the newest)"
+        ),
+    };
     Ok(Settings {
         interval,
         splay: duration("splay", f.splay, DEFAULT_SPLAY)?,
@@ -297,13 +322,21 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         allow_non_fast_forward: f.allow_non_fast_forward.unwrap_or(false),
         ssh_key: f.ssh.key.map(absolute),
         ssh_known_hosts: f.ssh.known_hosts.map(absolute),
+        require_signed: f.require_signed.unwrap_or(false),
+        allowed_signers: absolute(
+            f.allowed_signers
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ALLOWED_SIGNERS)),
+        ),
+        signature_policy,
         config_files,
     })
 }
 
 /// URL schemes and scp-like `user@host:path`.
 pub fn looks_like_url(s: &str) -> bool {
-    s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
+    s == "bundle:"
+        || s.contains("://")
+        || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
 }
 
 fn normalise_sub_path(p: &str) -> Result<String> {

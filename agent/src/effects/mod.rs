@@ -2,6 +2,7 @@
 //! process. The pure core never calls into here; [`crate::sync`] does.
 
 pub mod apply;
+pub mod bundle;
 pub mod checks;
 pub mod facts;
 pub mod fetch;

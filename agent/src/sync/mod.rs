@@ -5,8 +5,10 @@
 //! code ([`crate::exit::Failure`]); every stop before the commit point
 //! leaves the host as it was.
 
+pub mod bundle;
 pub mod marks;
 pub mod post;
+pub mod stick;
 
 use std::path::Path;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use crate::effects::apply::{self, Applied, ApplyOptions};
 use crate::effects::fetch::{self, Location, SourceSpec, SshOptions};
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::history::{Entry, Outcome};
-use crate::effects::state::{write_json_atomic, LockGuard, StateDir};
+use crate::effects::state::{floor, write_json_atomic, LockGuard, StateDir};
 use crate::effects::{facts, ids, observe};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
@@ -35,6 +37,8 @@ use marks::Marks;
 /// The repository as fetched for this pass.
 pub struct Fetched {
     pub commit: String,
+    /// Committer time, seconds since the epoch.
+    pub commit_time: i64,
     pub summary: String,
     pub snapshot: Snapshot,
 }
@@ -121,45 +125,133 @@ pub fn open_root(settings: &Settings) -> Result<RootFs, Error> {
     RootFs::open(&settings.root).kind(Failure::Failed)
 }
 
-/// Fetches the configured commit and enforces the fast-forward policy
-/// against the last applied commit.
-pub fn fetch(
-    settings: &Settings,
-    state: &StateDir,
-    last_applied: Option<&str>,
-) -> Result<Fetched, Error> {
+/// Fetches the configured commit and enforces the trust policy: the new
+/// tip must descend from every commit in `applied` (the inventory's commit
+/// and the anti-rollback floor, see [`floor`]), and with `require_signed`
+/// the new commits must carry valid signatures. A refusal changes nothing.
+pub fn fetch(settings: &Settings, state: &StateDir, applied: &[String]) -> Result<Fetched, Error> {
     let spec = source_spec(settings)?;
     fetch::install_tls_provider();
     let got = fetch::fetch(&spec, &state.mirror()).kind(Failure::Failed)?;
     let commit = got.commit.to_string();
-    if let Some(prev) = last_applied {
-        if prev != commit && !settings.allow_non_fast_forward {
-            let prev_id = gix::ObjectId::from_hex(prev.as_bytes())
-                .with_context(|| format!("inventory names an invalid commit {prev:?}"))
-                .kind(Failure::Failed)?;
-            let ff = fetch::is_ancestor(&got.repo, prev_id, got.commit).kind(Failure::Failed)?;
-            if !ff {
-                return Err(Error::new(
-                    Failure::Refused,
-                    anyhow!(
-                        "branch {} now points to {}, which does not descend from the applied commit {}: \
-                         its history was rewritten (force-push?). Nothing applied. If this is intended, \
-                         pass --allow-non-fast-forward or set allow_non_fast_forward = true",
-                        settings.branch,
-                        short(&commit),
-                        short(prev)
-                    ),
-                ));
-            }
+    let mut base = None;
+    for prev in applied {
+        let prev_id = gix::ObjectId::from_hex(prev.as_bytes())
+            .with_context(|| format!("the state names an invalid commit {prev:?}"))
+            .kind(Failure::Failed)?;
+        if prev == &commit || settings.allow_non_fast_forward {
+            base = base.or(Some(prev_id));
+            continue;
         }
+        if !fetch::is_ancestor(&got.repo, prev_id, got.commit).kind(Failure::Failed)? {
+            let older = fetch::is_ancestor(&got.repo, got.commit, prev_id).unwrap_or(false);
+            let why = if older {
+                "which is older than (an ancestor of) the applied commit: applying it would downgrade the host"
+            } else {
+                "which does not descend from the applied commit: its history was rewritten (force-push?) or the source changed"
+            };
+            return Err(Error::new(
+                Failure::Refused,
+                anyhow!(
+                    "branch {} now points to {}, {why} {}. Nothing applied. If this is intended, \
+                     run `driftless rollback --to {}` or pass --allow-non-fast-forward (allow_non_fast_forward = true)",
+                    settings.branch,
+                    short(&commit),
+                    short(prev),
+                    short(&commit)
+                ),
+            ));
+        }
+        base = Some(prev_id);
+    }
+    if settings.require_signed {
+        verify_signatures(settings, &got.repo, base, got.commit)?;
     }
     let snapshot =
         fetch::read_tree(&got.repo, got.commit, &settings.path).kind(Failure::InvalidRepo)?;
     Ok(Fetched {
         commit,
+        commit_time: got.commit_time,
         summary: got.summary,
         snapshot,
     })
+}
+
+/// The signers file, as a refusal-class error when missing or invalid.
+pub fn allowed_signers(settings: &Settings) -> Result<crate::trust::AllowedSigners, Error> {
+    crate::trust::AllowedSigners::load(&settings.allowed_signers).map_err(|e| {
+        Error::new(
+            Failure::Config,
+            e.context(format!(
+                "cannot use the allowed signers file {} (`allowed_signers`)",
+                settings.allowed_signers.display()
+            )),
+        )
+    })
+}
+
+/// `require_signed`: the commits new since `base` (or only the tip, on a
+/// first sync) must be signed by an allowed key.
+fn verify_signatures(
+    settings: &Settings,
+    repo: &gix::Repository,
+    base: Option<gix::ObjectId>,
+    tip: gix::ObjectId,
+) -> Result<(), Error> {
+    let signers = allowed_signers(settings)?;
+    let verified =
+        crate::trust::verify_history(repo, base, tip, &signers, settings.signature_policy)
+            .map_err(|e| {
+                Error::new(
+                    Failure::Refused,
+                    e.context(format!(
+                        "refusing {}: require_signed is on and a commit fails signature verification. Nothing applied",
+                        short(&tip.to_string())
+                    )),
+                )
+            })?;
+    for (id, v) in &verified {
+        tracing::debug!(commit = %short(&id.to_string()), principal = %v.principal, key = %v.fingerprint, "signature verified");
+    }
+    Ok(())
+}
+
+/// The commits a new tip must descend from: the inventory's and the
+/// anti-rollback floor's (the same one, normally).
+pub fn applied_commits(settings: &Settings, state: &StateDir) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    if let Some(c) = state.inventory().kind(Failure::Failed)?.commit {
+        out.push(c);
+    }
+    if let Some(f) = floor::load(&settings.root).kind(Failure::Failed)? {
+        if !out.contains(&f.commit) {
+            out.push(f.commit);
+        }
+    }
+    Ok(out)
+}
+
+/// Raises the anti-rollback floor to `fetched` after it was applied (or
+/// found already in place).
+fn raise_floor(settings: &Settings, fetched_commit: &str, commit_time: i64, now: i64) {
+    let full_ref =
+        fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
+    let current = floor::load(&settings.root).ok().flatten();
+    if current
+        .as_ref()
+        .is_some_and(|f| f.commit == fetched_commit && f.branch == full_ref)
+    {
+        return;
+    }
+    let record = floor::Floor {
+        commit: fetched_commit.to_string(),
+        commit_time,
+        branch: full_ref,
+        recorded_at: now,
+    };
+    if let Err(e) = floor::save(&settings.root, &record) {
+        warn!("cannot record the anti-rollback floor: {e:#}");
+    }
 }
 
 /// Picks the host name to look up: the configured name, or for an FQDN
@@ -211,8 +303,8 @@ pub fn plan_for(
 
 /// Prepares a plan under an already-held lock.
 pub fn prepare(settings: &Settings, state: &StateDir, fs: &RootFs) -> Result<Prepared, Error> {
-    let inventory = state.inventory().kind(Failure::Failed)?;
-    let fetched = fetch(settings, state, inventory.commit.as_deref())?;
+    let applied = applied_commits(settings, state)?;
+    let fetched = fetch(settings, state, &applied)?;
     let plan = plan_for(settings, state, fs, &fetched)?;
     Ok(Prepared { fetched, plan })
 }
@@ -265,7 +357,10 @@ pub fn sync_once(
         if marks.bad.remove(&commit).is_some() {
             marks::save(&state, &marks).kind(Failure::Failed)?;
         }
-        deploy(settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered)
+        let commit_time = prepared.fetched.commit_time;
+        let report = deploy(settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered)?;
+        raise_floor(settings, &commit, commit_time, now);
+        Ok(report)
     });
     match &result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
@@ -361,9 +456,18 @@ pub fn rollback(
             )
         })?
         .detach();
+    if settings.require_signed {
+        verify_signatures(settings, &repo, None, id)?;
+    }
+    let commit_time = repo
+        .find_commit(id)
+        .ok()
+        .and_then(|c| c.time().ok())
+        .map_or(0, |t| t.seconds);
     let snapshot = fetch::read_tree(&repo, id, &settings.path).kind(Failure::InvalidRepo)?;
     let fetched = Fetched {
         commit: id.to_string(),
+        commit_time,
         summary: format!("rollback to {}", short(&id.to_string())),
         snapshot,
     };
@@ -386,18 +490,32 @@ pub fn rollback(
         settings, &state, &fs, prepared, now, &opts, rt, &mut marks, &recovered,
     );
     match &result {
-        Ok(r) => record(
-            &state,
-            now,
-            Outcome::Applied,
-            Some(r.commit.clone()),
-            r.applied.as_ref().map(|a| a.txid.clone()),
-            r.applied.as_ref(),
-            Some(format!(
-                "rollback from {}",
-                current.as_deref().map(short).unwrap_or("nothing")
-            )),
-        ),
+        Ok(r) => {
+            // The operator lowered the floor on purpose.
+            let full_ref =
+                fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
+            let lowered = floor::Floor {
+                commit: r.commit.clone(),
+                commit_time,
+                branch: full_ref,
+                recorded_at: now,
+            };
+            if let Err(e) = floor::save(&settings.root, &lowered) {
+                warn!("cannot record the anti-rollback floor: {e:#}");
+            }
+            record(
+                &state,
+                now,
+                Outcome::Applied,
+                Some(r.commit.clone()),
+                r.applied.as_ref().map(|a| a.txid.clone()),
+                r.applied.as_ref(),
+                Some(format!(
+                    "rollback from {}",
+                    current.as_deref().map(short).unwrap_or("nothing")
+                )),
+            )
+        }
         Err(e) => record(
             &state,
             now,

@@ -6,6 +6,10 @@ use anyhow::{bail, Context, Result};
 
 use super::Location;
 
+/// The `source` of an air-gapped host: commits arrive only through
+/// `driftless bundle import` into the mirror.
+pub(super) const BUNDLES: &str = "bundle:";
+
 /// URL schemes fetched over the network into the mirror.
 const REMOTE_SCHEMES: &[&str] = &["https", "http", "ssh", "git"];
 
@@ -13,6 +17,9 @@ pub(super) fn parse(s: &str) -> Result<Location> {
     let s = s.trim();
     if s.is_empty() {
         bail!("the repository source is empty: give a path, a file:// URL, or an https://, http://, ssh:// or git:// URL");
+    }
+    if s == BUNDLES {
+        return Ok(Location::Bundles);
     }
     if let Some((scheme, rest)) = s.split_once("://") {
         let lower = scheme.to_ascii_lowercase();
@@ -99,15 +106,22 @@ mod tests {
     fn local(s: &str) -> PathBuf {
         match parse(s).unwrap() {
             Location::Local(p) => p,
-            Location::Remote(u) => panic!("{s} parsed as remote {u}"),
+            other => panic!("{s} parsed as {other:?}"),
         }
     }
 
     fn remote(s: &str) -> String {
         match parse(s).unwrap() {
             Location::Remote(u) => u,
-            Location::Local(p) => panic!("{s} parsed as local {}", p.display()),
+            other => panic!("{s} parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn bundle_colon_is_the_air_gapped_source_and_bundle_paths_stay_paths() {
+        assert_eq!(parse("bundle:").unwrap(), Location::Bundles);
+        assert_eq!(local("bundle"), PathBuf::from("bundle"));
+        assert_eq!(local("./bundle:"), PathBuf::from("./bundle:"));
     }
 
     #[test]

@@ -130,9 +130,59 @@ pub(super) fn open(url: &str, ssh: &SshOptions, mirror_dir: &Path) -> Result<gix
     open_mirror(mirror_dir, ssh, None)
 }
 
+/// Opens the mirror of an air-gapped host (`source = "bundle:"`).
+pub(super) fn open_for_bundles(mirror_dir: &Path, ssh: &SshOptions) -> Result<gix::Repository> {
+    if !mirror_dir.exists() {
+        bail!(
+            "no bundle has been imported yet (no mirror at {}): this host's source is `bundle:`, so commits arrive only through `driftless bundle import FILE`",
+            mirror_dir.display()
+        );
+    }
+    open_mirror(mirror_dir, ssh, None)
+}
+
+/// Opens the mirror, creating it if needed, for a bundle import.
+pub(super) fn open_for_import(mirror_dir: &Path, ssh: &SshOptions) -> Result<gix::Repository> {
+    ensure_mirror(mirror_dir)?;
+    open_mirror(mirror_dir, ssh, None)
+}
+
+/// The commit the tracking ref of `full_ref` points to in the mirror of an
+/// air-gapped host.
+pub(super) fn bundle_tip(
+    repo: &gix::Repository,
+    full_ref: &str,
+    mirror_dir: &Path,
+) -> Result<gix::ObjectId> {
+    let tracking = tracking_ref(full_ref);
+    let Some(mut reference) = repo
+        .try_find_reference(tracking.as_str())
+        .with_context(|| {
+            format!(
+                "cannot read {tracking} in the mirror at {}",
+                mirror_dir.display()
+            )
+        })?
+    else {
+        bail!(
+            "no bundle for {full_ref} has been imported into the mirror at {} yet: import one with `driftless bundle import FILE` (check `branch` if bundles were imported for another branch)",
+            mirror_dir.display()
+        );
+    };
+    Ok(reference
+        .peel_to_commit()
+        .with_context(|| {
+            format!(
+                "{tracking} in the mirror at {} does not point to a commit",
+                mirror_dir.display()
+            )
+        })?
+        .id)
+}
+
 /// `refs/heads/main` -> `refs/remotes/origin/main`; other refs keep their
 /// path below `refs/` (`refs/tags/v1` -> `refs/remotes/origin/tags/v1`).
-pub(super) fn tracking_ref(full_ref: &str) -> String {
+pub(crate) fn tracking_ref(full_ref: &str) -> String {
     let short = full_ref
         .strip_prefix("refs/heads/")
         .or_else(|| full_ref.strip_prefix("refs/"))

@@ -52,6 +52,10 @@ pub enum Location {
     Local(PathBuf),
     /// A URL as given by the user, fetched into the mirror.
     Remote(String),
+    /// `bundle:`: an air-gapped host. Nothing is fetched over the network;
+    /// `driftless bundle import` indexes signed bundles into the mirror and
+    /// sync reads the mirror's ref.
+    Bundles,
 }
 
 impl Location {
@@ -60,6 +64,7 @@ impl Location {
     /// - a plain path, or a `file://` URL (converted to a path): [`Location::Local`];
     /// - `https://`, `http://`, `ssh://`, `git://` URLs and scp-like
     ///   `user@host:path`: [`Location::Remote`];
+    /// - `bundle:`: [`Location::Bundles`] (air-gapped; fed by bundles);
     /// - any other `scheme://`: an error.
     pub fn parse(s: &str) -> Result<Location> {
         location::parse(s)
@@ -72,6 +77,7 @@ impl std::fmt::Display for Location {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
             Location::Remote(u) => f.write_str(&redact(u)),
+            Location::Bundles => f.write_str(location::BUNDLES),
         }
     }
 }
@@ -146,6 +152,11 @@ pub fn fetch(spec: &SourceSpec, mirror_dir: &Path) -> Result<Fetched> {
             let (repo, commit) = mirror::fetch(url, &full_ref, &spec.ssh, mirror_dir)?;
             fetched(repo, commit, &spec.location, &full_ref)
         }
+        Location::Bundles => {
+            let repo = mirror::open_for_bundles(mirror_dir, &spec.ssh)?;
+            let commit = mirror::bundle_tip(&repo, &full_ref, mirror_dir)?;
+            fetched(repo, commit, &spec.location, &full_ref)
+        }
     }
 }
 
@@ -155,7 +166,29 @@ pub fn open(spec: &SourceSpec, mirror_dir: &Path) -> Result<gix::Repository> {
     match &spec.location {
         Location::Local(path) => open_local(path),
         Location::Remote(url) => mirror::open(url, &spec.ssh, mirror_dir),
+        Location::Bundles => mirror::open_for_bundles(mirror_dir, &spec.ssh),
     }
+}
+
+/// Opens (creating if needed) the mirror that `driftless bundle import`
+/// indexes bundles into. Local sources have no mirror: they are read in
+/// place, and importing into the operator's own repository would be a
+/// surprise.
+pub fn mirror_for_import(spec: &SourceSpec, mirror_dir: &Path) -> Result<gix::Repository> {
+    match &spec.location {
+        Location::Local(path) => bail!(
+            "the source is the local repository {}, which is read in place: bundles are imported into the mirror of a `bundle:` or remote source. Set `source = \"bundle:\"` on an air-gapped host (or fetch the bundle into {} with git)",
+            path.display(),
+            path.display()
+        ),
+        Location::Remote(_) | Location::Bundles => mirror::open_for_import(mirror_dir, &spec.ssh),
+    }
+}
+
+/// The ref in the mirror that holds the fetched (or imported) tip of
+/// `full_ref`.
+pub fn tracking_ref(full_ref: &str) -> String {
+    mirror::tracking_ref(full_ref)
 }
 
 /// How far commit times may go backwards along history (clock skew between
@@ -232,7 +265,7 @@ pub fn read_tree(
 }
 
 /// `main` -> `refs/heads/main`; full refs (`refs/...`) stay as they are.
-fn full_ref_name(branch: &str) -> Result<String> {
+pub fn full_ref_name(branch: &str) -> Result<String> {
     let branch = branch.trim();
     if branch.is_empty() {
         bail!("the branch to follow is empty: set `branch` to a branch name like `main` or a full ref like `refs/tags/v1`");

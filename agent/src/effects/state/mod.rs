@@ -12,6 +12,7 @@
 //!
 //! Everything is created mode 0700 / 0600: backups may hold secrets.
 
+pub mod floor;
 pub mod history;
 
 use std::fs::{self, File, OpenOptions};

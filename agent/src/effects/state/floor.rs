@@ -1,0 +1,90 @@
+//! The anti-rollback floor: a second record of the last applied commit,
+//! kept **outside** the state directory.
+//!
+//! Every new tip must descend from the last applied commit, so a
+//! compromised server (or an old bundle on a stick) cannot downgrade a host
+//! by serving an older, validly signed commit. The inventory in the state
+//! directory already names that commit, but "wipe `/var/lib/driftless` and
+//! let it re-sync" is a common repair, and it would silently lift the
+//! protection. So the commit (with its committer time and branch) is also
+//! written to `etc/driftless/applied-commit.json` **in the managed root**
+//! (`/etc/driftless/applied-commit.json` on a live host), which lives and
+//! dies with the host's configuration, not with the agent's cache.
+//!
+//! A sync checks the new tip against *both* records: a state directory
+//! restored from an old backup cannot lower the floor either.
+//!
+//! Limits, honestly: root on the host can delete both files (then the next
+//! sync accepts any validly signed commit, as on a fresh install); a host
+//! re-imaged from scratch starts with no floor; and the operator lowers it
+//! on purpose with `driftless rollback` (or `allow_non_fast_forward`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{read_json, write_json_atomic};
+
+/// Relative to the managed root.
+pub const FLOOR_FILE: &str = "etc/driftless/applied-commit.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Floor {
+    /// The last applied commit (full hex id).
+    pub commit: String,
+    /// Its committer time, seconds since the epoch.
+    pub commit_time: i64,
+    /// The full ref it was applied from.
+    pub branch: String,
+    /// When it was recorded, seconds since the epoch.
+    pub recorded_at: i64,
+}
+
+pub fn path(root: &Path) -> PathBuf {
+    root.join(FLOOR_FILE)
+}
+
+/// The recorded floor, if any. A corrupt file is an error: silently
+/// ignoring it would disable the protection.
+pub fn load(root: &Path) -> Result<Option<Floor>> {
+    let p = path(root);
+    read_json(&p).with_context(|| {
+        format!(
+            "the anti-rollback record {} is unreadable: restore it, or remove it to accept the next commit as a new start",
+            p.display()
+        )
+    })
+}
+
+/// Records `floor` (atomically, durably; mode 0600, directory 0755).
+pub fn save(root: &Path, floor: &Floor) -> Result<()> {
+    let p = path(root);
+    let dir = p.parent().context("floor path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_json_atomic(&p, floor)
+        .with_context(|| format!("cannot record the applied commit in {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let f = Floor {
+            commit: "a".repeat(40),
+            commit_time: 5,
+            branch: "refs/heads/main".into(),
+            recorded_at: 6,
+        };
+        save(dir.path(), &f).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(f));
+        std::fs::write(path(dir.path()), "{").unwrap();
+        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(err.contains("applied-commit.json"), "{err}");
+    }
+}

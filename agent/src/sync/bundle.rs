@@ -1,0 +1,204 @@
+//! `driftless bundle import`: verify signed bundles, index them into the
+//! mirror, then sync the new tip like any fetched commit.
+//!
+//! Several bundles are imported oldest first (by their signed
+//! `created_at`), so a stick carrying a full bundle and later incremental
+//! ones applies them in the only order that works. A bad bundle is
+//! reported and skipped; it never stops the good ones before it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::effects::bundle::{import, manifest};
+use crate::effects::fetch;
+use crate::exit::{Classify, Error, Failure};
+use crate::plan::diff::short;
+
+/// What happened to one bundle file.
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleOutcome {
+    pub file: String,
+    /// `imported`, `already-have`, `outdated` (older than what the host
+    /// has: skipped, never a downgrade) or `refused`.
+    pub result: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl BundleOutcome {
+    pub fn refused(&self) -> bool {
+        self.result == "refused"
+    }
+    pub fn outdated(&self) -> bool {
+        self.result == "outdated"
+    }
+}
+
+/// Imports `files` (each the `.bundle` path) under the lock. Per-file
+/// problems are outcomes, not errors; errors are what stops every import
+/// (no lock, no signers, unusable mirror).
+pub fn import_files(
+    settings: &Settings,
+    files: &[PathBuf],
+    wait: Duration,
+) -> Result<Vec<BundleOutcome>, Error> {
+    let signers = super::allowed_signers(settings)?;
+    let (state, _guard) = super::lock(settings, wait)?;
+    let spec = super::source_spec(settings)?;
+    let repo = fetch::mirror_for_import(&spec, &state.mirror()).kind(Failure::Config)?;
+    let full_ref = fetch::full_ref_name(&settings.branch).kind(Failure::Config)?;
+    let mut applied = Vec::new();
+    for c in super::applied_commits(settings, &state)? {
+        applied.push(
+            gix::ObjectId::from_hex(c.as_bytes())
+                .with_context(|| format!("the state names an invalid commit {c:?}"))
+                .kind(Failure::Failed)?,
+        );
+    }
+    let incoming = state.path().join("incoming");
+    std::fs::create_dir_all(&incoming)
+        .with_context(|| format!("cannot create {}", incoming.display()))
+        .kind(Failure::Failed)?;
+
+    // Oldest first, by the signed creation time; unreadable manifests sort
+    // last and are refused with their own message below.
+    let mut ordered: Vec<(i64, PathBuf)> = files
+        .iter()
+        .map(|f| {
+            let t = manifest::verify_manifest(f, &signers)
+                .map(|(m, _)| m.created_at)
+                .unwrap_or(i64::MAX);
+            (t, f.clone())
+        })
+        .collect();
+    ordered.sort();
+
+    let policy = import::Policy {
+        full_ref: &full_ref,
+        applied: &applied,
+        allow_non_fast_forward: settings.allow_non_fast_forward,
+    };
+    let mut out = Vec::new();
+    for (_, file) in ordered {
+        let staged = incoming.join(format!("import-{}.bundle", std::process::id()));
+        let result = import_one(&repo, &file, &staged, &signers, &policy);
+        let _ = std::fs::remove_file(&staged);
+        let shown = file.display().to_string();
+        out.push(match result {
+            Ok((imported, signer)) => {
+                let mut message = None;
+                let (result, tip) = match imported {
+                    import::Imported::New { tip, previous } => {
+                        info!(bundle = %shown, tip = %short(&tip.to_string()), previous = ?previous.map(|p| short(&p.to_string()).to_string()), signer = %signer, "bundle imported");
+                        ("imported", tip)
+                    }
+                    import::Imported::AlreadyHave { tip } => {
+                        info!(bundle = %shown, tip = %short(&tip.to_string()), "bundle already imported");
+                        ("already-have", tip)
+                    }
+                    import::Imported::Outdated { tip, reason } => {
+                        info!(bundle = %shown, tip = %short(&tip.to_string()), "bundle skipped: {reason}");
+                        message = Some(reason);
+                        ("outdated", tip)
+                    }
+                };
+                BundleOutcome {
+                    file: shown,
+                    result: result.into(),
+                    tip: Some(tip.to_string()),
+                    signer: Some(signer),
+                    message,
+                }
+            }
+            Err(e) => {
+                warn!(bundle = %shown, "bundle refused: {e:#}");
+                BundleOutcome {
+                    file: shown,
+                    result: "refused".into(),
+                    tip: None,
+                    signer: None,
+                    message: Some(format!("{e:#}")),
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn import_one(
+    repo: &gix::Repository,
+    file: &Path,
+    staged: &Path,
+    signers: &crate::trust::AllowedSigners,
+    policy: &import::Policy<'_>,
+) -> anyhow::Result<(import::Imported, String)> {
+    let (m, signer) = manifest::verify_manifest(file, signers)?;
+    let header = manifest::check_contents(file, &m, Some(staged))?;
+    let imported = import::import(repo, staged, file, &header, &m, policy)?;
+    Ok((
+        imported,
+        format!("{} ({})", signer.principal, signer.fingerprint),
+    ))
+}
+
+/// `driftless bundle verify FILE`: signature, hash and header, and (when
+/// this host has a mirror) whether the prerequisites are present. Changes
+/// nothing.
+pub fn verify_file(settings: &Settings, file: &Path) -> Result<VerifyReport, Error> {
+    let signers = super::allowed_signers(settings)?;
+    let (m, signer) = manifest::verify_manifest(file, &signers).kind(Failure::Refused)?;
+    let header = manifest::check_contents(file, &m, None).kind(Failure::Refused)?;
+    let mut missing = Vec::new();
+    let mirror = settings.state_dir.join("mirror.git");
+    if mirror.exists() {
+        let spec = super::source_spec(settings)?;
+        if let Ok(repo) = fetch::open(&spec, &settings.state_dir.join("mirror.git")) {
+            missing = header
+                .prerequisites
+                .iter()
+                .filter(|p| !repo.has_object(**p))
+                .map(|p| p.to_string())
+                .collect();
+        }
+    }
+    let full_ref = fetch::full_ref_name(&settings.branch).kind(Failure::Config)?;
+    if m.branch != full_ref {
+        return Err(Error::new(
+            Failure::Refused,
+            anyhow!(
+                "{} carries {}, but this host follows {full_ref}",
+                file.display(),
+                m.branch
+            ),
+        ));
+    }
+    if !missing.is_empty() {
+        return Err(Error::new(
+            Failure::Refused,
+            anyhow!(
+                "{} is valid but needs commits this host does not have: {}; make a bundle with --since <the host's applied commit>, or a full one",
+                file.display(),
+                missing.iter().map(|m| short(m).to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    Ok(VerifyReport {
+        manifest: m,
+        signer: format!("{} ({})", signer.principal, signer.fingerprint),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub manifest: manifest::Manifest,
+    pub signer: String,
+}

@@ -1,0 +1,481 @@
+//! The USB stick flow (`driftless bundle stick`), run by
+//! `driftless-usb@.service` when udev sees a stick labelled `DRIFTLESS`.
+//!
+//! ```text
+//! <stick>/driftless/bundles/*.bundle (+ .manifest, .manifest.sig)   written on the connected side
+//! <stick>/driftless/reports/<host>.json                              written by each host
+//! ```
+//!
+//! A block device is mounted **read-only** (nosuid, nodev, noexec) under
+//! `/run/driftless/stick/`; every bundle on it is verified and imported,
+//! oldest first; one sync runs; then the filesystem is remounted
+//! read-write just long enough to write this host's report atomically,
+//! and unmounted. The stick thus carries the hosts' reports back to the
+//! connected side, where `driftless bundle reports` summarises them. A
+//! directory (an already mounted stick, or a bind mount in tests) is used
+//! as it is; its reports go to `driftless/reports/` in it, or `--reports`.
+//!
+//! The report is written whatever happened (bad bundle, failed sync):
+//! the point is that the operator learns why, without console access.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::bundle::{self as bundles, BundleOutcome};
+use crate::config::Settings;
+use crate::effects::state::history::Outcome;
+use crate::effects::state::write_json_atomic;
+use crate::exit::{Error, Failure};
+use crate::plan::inventory::Inventory;
+
+pub const STICK_DIR: &str = "driftless";
+pub const MOUNT_BASE: &str = "/run/driftless/stick";
+
+/// One host's report, as written onto the stick.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StickReport {
+    pub host: String,
+    /// Unix time of the run.
+    pub time: i64,
+    pub outcome: Outcome,
+    /// The commit applied on the host after this run.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// The commit applied before this run.
+    #[serde(default)]
+    pub previous: Option<String>,
+    #[serde(default)]
+    pub created: usize,
+    #[serde(default)]
+    pub changed: usize,
+    #[serde(default)]
+    pub removed: usize,
+    /// Managed files that had been changed on the host since driftless
+    /// last wrote them (repaired by this run).
+    #[serde(default)]
+    pub drifted: Vec<String>,
+    #[serde(default)]
+    pub bundles: Vec<BundleReport>,
+    #[serde(default)]
+    pub message: Option<String>,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleReport {
+    pub file: String,
+    pub result: String,
+    #[serde(default)]
+    pub tip: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+impl From<&BundleOutcome> for BundleReport {
+    fn from(b: &BundleOutcome) -> Self {
+        BundleReport {
+            file: Path::new(&b.file)
+                .file_name()
+                .map_or(b.file.clone(), |n| n.to_string_lossy().into_owned()),
+            result: b.result.clone(),
+            tip: b.tip.clone(),
+            message: b.message.clone(),
+        }
+    }
+}
+
+pub struct StickOptions {
+    /// A block device (mounted here) or a directory.
+    pub path: PathBuf,
+    /// Where to write the report instead of `<stick>/driftless/reports`.
+    pub reports: Option<PathBuf>,
+    pub wait: Duration,
+}
+
+/// Runs the whole stick flow and returns the report it wrote.
+pub fn run(
+    settings: &Settings,
+    opts: &StickOptions,
+    sync_opts: &super::SyncOptions,
+    now: i64,
+    rt: &tokio::runtime::Handle,
+) -> Result<StickReport, Error> {
+    let meta = std::fs::metadata(&opts.path)
+        .with_context(|| format!("cannot access {}", opts.path.display()))
+        .map_err(|e| Error::new(Failure::Failed, e))?;
+    use std::os::unix::fs::FileTypeExt;
+    let mount = if meta.file_type().is_block_device() {
+        Some(Mount::read_only(&opts.path).map_err(|e| Error::new(Failure::Failed, e))?)
+    } else if meta.is_dir() {
+        None
+    } else {
+        return Err(Error::new(
+            Failure::Failed,
+            anyhow::anyhow!(
+                "{} is neither a block device nor a directory",
+                opts.path.display()
+            ),
+        ));
+    };
+    let dir = mount
+        .as_ref()
+        .map_or(opts.path.clone(), |m| m.target.clone());
+    let report = process(settings, &dir, sync_opts, opts.wait, now, rt);
+    let reports_dir = opts
+        .reports
+        .clone()
+        .unwrap_or_else(|| dir.join(STICK_DIR).join("reports"));
+    let written = match &mount {
+        Some(m) => m.writable(|| write_report(&reports_dir, &report)),
+        None => write_report(&reports_dir, &report),
+    };
+    if let Some(m) = mount {
+        m.unmount();
+    }
+    written.map_err(|e| Error::new(Failure::Failed, e))?;
+    info!(outcome = ?report.outcome, commit = ?report.commit, "report written to the stick");
+    match report.outcome {
+        Outcome::Applied | Outcome::Unchanged | Outcome::Skipped => Ok(report),
+        Outcome::Refused => Err(Error::new(
+            Failure::Refused,
+            anyhow::anyhow!("{}", report.message.clone().unwrap_or_default()),
+        )),
+        Outcome::Degraded => Err(Error::new(
+            Failure::Degraded,
+            anyhow::anyhow!("{}", report.message.clone().unwrap_or_default()),
+        )),
+        _ => Err(Error::new(
+            Failure::Failed,
+            anyhow::anyhow!("{}", report.message.clone().unwrap_or_default()),
+        )),
+    }
+}
+
+/// Imports and syncs; every failure ends up in the report.
+fn process(
+    settings: &Settings,
+    dir: &Path,
+    sync_opts: &super::SyncOptions,
+    wait: Duration,
+    now: i64,
+    rt: &tokio::runtime::Handle,
+) -> StickReport {
+    let before = crate::effects::state::StateDir::existing(&settings.state_dir)
+        .and_then(|s| s.inventory().ok())
+        .unwrap_or_default();
+    let mut report = StickReport {
+        host: settings.host.clone(),
+        time: now,
+        outcome: Outcome::Failed,
+        commit: before.commit.clone(),
+        previous: before.commit.clone(),
+        created: 0,
+        changed: 0,
+        removed: 0,
+        drifted: Vec::new(),
+        bundles: Vec::new(),
+        message: None,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let files = match list_bundles(&dir.join(STICK_DIR).join("bundles")) {
+        Ok(f) => f,
+        Err(e) => {
+            report.message = Some(format!("{e:#}"));
+            return report;
+        }
+    };
+    let outcomes = match bundles::import_files(settings, &files, wait) {
+        Ok(o) => o,
+        Err(e) => {
+            report.outcome = outcome_of(&e);
+            report.message = Some(format!("{:#}", e.error));
+            return report;
+        }
+    };
+    report.bundles = outcomes.iter().map(BundleReport::from).collect();
+    let refused: Vec<String> = outcomes
+        .iter()
+        .filter(|b| b.refused())
+        .map(|b| {
+            format!(
+                "{}: {}",
+                report_name(&b.file),
+                b.message.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    match super::sync_once(settings, sync_opts, now, rt) {
+        Ok(r) => {
+            report.commit = Some(r.commit.clone());
+            report.outcome = match (&r.applied, r.skipped_bad) {
+                (Some(_), _) => Outcome::Applied,
+                (None, true) => Outcome::Skipped,
+                (None, false) => Outcome::Unchanged,
+            };
+            if let Some(a) = &r.applied {
+                report.created = a.created;
+                report.changed = a.changed;
+                report.removed = a.removed;
+            }
+            report.drifted = drifted(&r.plan, &before);
+            if !refused.is_empty() {
+                report.message = Some(format!("bundles refused: {}", refused.join("; ")));
+            }
+        }
+        Err(e) => {
+            report.outcome = outcome_of(&e);
+            let mut msg = format!("{:#}", e.error);
+            if !refused.is_empty() {
+                msg = format!("{msg}; bundles refused: {}", refused.join("; "));
+            }
+            report.message = Some(msg);
+        }
+    }
+    if report.outcome != Outcome::Refused
+        && !refused.is_empty()
+        && report.bundles.iter().all(|b| b.result == "refused")
+    {
+        // Nothing usable on the stick: say so in the outcome too.
+        report.outcome = Outcome::Refused;
+    }
+    report
+}
+
+fn report_name(file: &str) -> String {
+    Path::new(file)
+        .file_name()
+        .map_or(file.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+fn outcome_of(e: &Error) -> Outcome {
+    match e.kind {
+        Failure::Refused | Failure::InvalidRepo => Outcome::Refused,
+        Failure::Degraded => Outcome::Degraded,
+        _ if e.error.downcast_ref::<super::Reverted>().is_some() => Outcome::Reverted,
+        _ => Outcome::Failed,
+    }
+}
+
+/// Files that were changed on the host behind driftless's back: their
+/// content, mode or owner before this run differed from what the
+/// inventory says driftless last wrote.
+pub fn drifted(plan: &crate::plan::Plan, before: &Inventory) -> Vec<String> {
+    plan.changes
+        .iter()
+        .filter_map(|c| {
+            let entry = before.files.get(&c.path)?;
+            let old = c.before.as_ref()?;
+            let differs = old.sha256 != entry.sha256
+                || old.mode != entry.mode
+                || (plan.ownership_applied && (old.uid != entry.uid || old.gid != entry.gid));
+            differs.then(|| c.path.to_string())
+        })
+        .collect()
+}
+
+/// `*.bundle` files in `dir`, by name (import orders them by signed time).
+pub fn list_bundles(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).with_context(|| {
+        format!(
+            "cannot read {}: a driftless stick carries its bundles in {STICK_DIR}/bundles/",
+            dir.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "bundle")
+            && !e.file_name().to_string_lossy().starts_with('.')
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        bail!("no *.bundle files in {}", dir.display());
+    }
+    Ok(out)
+}
+
+fn write_report(dir: &Path, report: &StickReport) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = sanitize(&report.host);
+    write_json_atomic(&dir.join(format!("{name}.json")), report)
+        .with_context(|| format!("cannot write the report into {}", dir.display()))
+}
+
+fn sanitize(host: &str) -> String {
+    host.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Reads every `*.json` report in `dir` (or `dir/driftless/reports`).
+pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
+    let nested = dir.join(STICK_DIR).join("reports");
+    let dir = if nested.is_dir() {
+        nested
+    } else {
+        dir.to_path_buf()
+    };
+    let rd = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in rd {
+        let p = e
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let parsed = std::fs::read(&p)
+            .with_context(|| format!("cannot read {}", p.display()))
+            .and_then(|b| {
+                serde_json::from_slice::<StickReport>(&b)
+                    .with_context(|| format!("{} is not a driftless report", p.display()))
+            });
+        out.push((p, parsed));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// A stick mounted by us; unmounted on [`Mount::unmount`] (or drop).
+struct Mount {
+    target: PathBuf,
+    mounted: bool,
+}
+
+/// Filesystem types to try for `device`: what udev's blkid probe recorded
+/// (`/run/udev/data/b<major>:<minor>`, `ID_FS_TYPE`), then the usual stick
+/// filesystems (naming a type makes the kernel load its module), then
+/// every block filesystem the kernel already knows.
+fn fs_candidates(device: &Path) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |t: &str| {
+        if !t.is_empty() && !out.iter().any(|o| o == t) {
+            out.push(t.to_string());
+        }
+    };
+    if let Ok(meta) = std::fs::metadata(device) {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = meta.rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        if let Ok(db) = std::fs::read_to_string(format!("/run/udev/data/b{major}:{minor}")) {
+            if let Some(t) = db.lines().find_map(|l| l.strip_prefix("E:ID_FS_TYPE=")) {
+                add(t.trim());
+            }
+        }
+    }
+    for t in ["vfat", "exfat", "ext4", "btrfs", "xfs"] {
+        add(t);
+    }
+    if let Ok(types) = std::fs::read_to_string("/proc/filesystems") {
+        for t in types.lines().filter(|l| !l.starts_with("nodev")) {
+            let t = t.trim();
+            if t != "fuseblk" {
+                add(t);
+            }
+        }
+    }
+    out
+}
+
+/// Nothing on a stick is executed or treated as a device.
+fn mount_flags() -> nix::mount::MsFlags {
+    use nix::mount::MsFlags;
+    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+}
+
+impl Mount {
+    /// Mounts `device` read-only, trying the kernel's block filesystems
+    /// in turn (what mount(8) does without blkid).
+    fn read_only(device: &Path) -> Result<Mount> {
+        use nix::mount::{mount, MsFlags};
+        let name = device
+            .file_name()
+            .map_or("stick".into(), |n| n.to_string_lossy().into_owned());
+        let target = Path::new(MOUNT_BASE).join(sanitize(&name));
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("cannot create mount point {}", target.display()))?;
+        let flags = mount_flags() | MsFlags::MS_RDONLY;
+        let mut tried = Vec::new();
+        for fstype in fs_candidates(device) {
+            match mount(
+                Some(device),
+                &target,
+                Some(fstype.as_str()),
+                flags,
+                None::<&str>,
+            ) {
+                Ok(()) => {
+                    info!(device = %device.display(), fstype = %fstype, target = %target.display(), "stick mounted read-only");
+                    return Ok(Mount {
+                        target,
+                        mounted: true,
+                    });
+                }
+                Err(e) => tried.push(format!("{fstype}: {}", e.desc())),
+            }
+        }
+        bail!(
+            "cannot mount {} read-only (tried {}): is it a stick with a filesystem this kernel supports?",
+            device.display(),
+            tried.join(", ")
+        )
+    }
+
+    /// Runs `f` with the filesystem remounted read-write, then read-only again.
+    fn writable(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        use nix::mount::{mount, MsFlags};
+        let base = mount_flags() | MsFlags::MS_REMOUNT;
+        mount(None::<&str>, &self.target, None::<&str>, base, None::<&str>).with_context(|| {
+            format!(
+                "cannot remount {} read-write to write the report (write-protected stick?)",
+                self.target.display()
+            )
+        })?;
+        let result = f();
+        if let Err(e) = mount(
+            None::<&str>,
+            &self.target,
+            None::<&str>,
+            base | MsFlags::MS_RDONLY,
+            None::<&str>,
+        ) {
+            warn!("cannot remount {} read-only: {e}", self.target.display());
+        }
+        result
+    }
+
+    fn unmount(mut self) {
+        self.do_unmount();
+    }
+
+    fn do_unmount(&mut self) {
+        if self.mounted {
+            if let Err(e) = nix::mount::umount(&self.target) {
+                warn!("cannot unmount {}: {e}", self.target.display());
+            } else {
+                let _ = std::fs::remove_dir(&self.target);
+            }
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.do_unmount();
+    }
+}

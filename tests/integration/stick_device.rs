@@ -1,0 +1,111 @@
+//! The block-device half of the USB flow, on a real filesystem image
+//! attached to a loop device: `bundle stick /dev/loopN` mounts it
+//! read-only, imports, syncs, remounts read-write for the report, and
+//! unmounts. (The nspawn suite covers the directory half without network.)
+//! Needs root and loop devices; skips with a message otherwise, except
+//! under `.ci/run` (`DRIFTLESS_E2E_REQUIRED=1`), where it must run.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::*;
+use crate::trust::{app_repo, create_bundle, run_with, Signer};
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", cmd]).output().unwrap()
+}
+
+fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    for tool in ["losetup", "mkfs.ext4", "debugfs"] {
+        if !sh(&format!("command -v {tool}")).status.success() {
+            return Some(format!("{tool} missing"));
+        }
+    }
+    None
+}
+
+/// Detaches the loop device at the end, whatever happens.
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "umount /run/driftless/stick/{} 2>/dev/null; losetup -d {}",
+            &self.0[5..],
+            self.0
+        ));
+    }
+}
+
+#[test]
+fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
+    if let Some(why) = unavailable() {
+        if std::env::var_os("DRIFTLESS_E2E_REQUIRED").is_some() {
+            panic!("stick device test required but cannot run: {why}");
+        }
+        eprintln!("SKIP stick device test: {why}");
+        return;
+    }
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "from the stick\n");
+    let content = tempfile::tempdir().unwrap();
+    let bundles = content.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("stick.img");
+    let mk = sh(&format!(
+        "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+        img.display(),
+        content.path().display()
+    ));
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let out = sh(&format!("losetup --find --show {}", img.display()));
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).to_string();
+        if std::env::var_os("DRIFTLESS_E2E_REQUIRED").is_some() {
+            panic!("cannot attach a loop device: {why}");
+        }
+        eprintln!("SKIP stick device test: cannot attach a loop device: {why}");
+        return;
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+
+    let host = Host::new("web1");
+    let run = run_with(
+        &host,
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        &signer,
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("from the stick\n")
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&dev.0),
+        "the stick is unmounted afterwards: {mounts}"
+    );
+    // Read the report straight out of the image, as the connected side would.
+    let report = sh(&format!(
+        "debugfs -R 'cat /driftless/reports/web1.json' {} 2>/dev/null",
+        img.display()
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no report on the stick ({e}): {}",
+            String::from_utf8_lossy(&report.stdout)
+        )
+    });
+    assert_eq!(report["outcome"], "applied");
+    assert_eq!(report["commit"], repo.head());
+}

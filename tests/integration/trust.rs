@@ -1,0 +1,590 @@
+//! Trust and air-gap: signed commits (`require_signed`), the anti-rollback
+//! floor surviving a wiped state dir, signed bundles (create, verify,
+//! import, every bad-input case) and the USB stick flow with reports.
+//! Commits are signed by the real `git` (`gpg.format=ssh`); bundles are
+//! made by `driftless bundle create` (which runs the real `git bundle`)
+//! and checked with `git bundle verify`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::*;
+
+/// A signing key made by ssh-keygen, and an allowed_signers file.
+pub struct Signer {
+    dir: tempfile::TempDir,
+}
+
+impl Signer {
+    pub fn new(principal: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", principal, "-f"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pubkey = std::fs::read_to_string(dir.path().join("key.pub")).unwrap();
+        std::fs::write(
+            dir.path().join("allowed_signers"),
+            format!("{principal} {}", pubkey.trim()),
+        )
+        .unwrap();
+        Signer { dir }
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("key")
+    }
+    fn allowed(&self) -> PathBuf {
+        self.dir.path().join("allowed_signers")
+    }
+}
+
+fn signed_commit(repo: &Repo, signer: &Signer, msg: &str) -> String {
+    git(repo.path(), &["add", "-A"]);
+    git(
+        repo.path(),
+        &[
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            &format!("user.signingkey={}", signer.key().display()),
+            "commit",
+            "-q",
+            "-S",
+            "--allow-empty",
+            "-m",
+            msg,
+        ],
+    );
+    repo.head()
+}
+
+pub fn app_repo(signer: &Signer, content: &str) -> Repo {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n",
+    );
+    r.write("roles/app/files/app.conf", content);
+    signed_commit(&r, signer, "v1");
+    r
+}
+
+fn trusted<'a>(signer: &'a Signer, extra: &[&'a str]) -> Vec<String> {
+    let mut v = vec![
+        "--allowed-signers".to_string(),
+        signer.allowed().display().to_string(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub fn run_with(host: &Host, source: &Path, args: &[&str], signer: &Signer) -> Run {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(trusted(signer, &[]));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    host.run(source, &refs)
+}
+
+#[test]
+fn require_signed_applies_signed_commits_and_refuses_an_unsigned_one() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let host = Host::new("h");
+    run_with(
+        &host,
+        repo.path(),
+        &["sync", "--once", "--require-signed"],
+        &signer,
+    )
+    .ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+
+    repo.write("roles/app/files/app.conf", "two (unsigned)\n");
+    let unsigned = repo.commit("sneaky");
+    let run = run_with(
+        &host,
+        repo.path(),
+        &["sync", "--once", "--require-signed"],
+        &signer,
+    )
+    .code(4);
+    assert!(run.stderr.contains("not signed"), "{}", run.stderr);
+    assert!(run.stderr.contains(&unsigned[..7]), "{}", run.stderr);
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("one\n"),
+        "nothing applied"
+    );
+    let status = run_with(&host, repo.path(), &["status", "--format", "json"], &signer).ok();
+    assert!(
+        status.stdout.contains("not signed"),
+        "status says why: {}",
+        status.stdout
+    );
+
+    // Signing on top does not launder the unsigned commit in between
+    // (every-commit policy); the tip policy accepts it.
+    repo.write("roles/app/files/app.conf", "three\n");
+    signed_commit(&repo, &signer, "signed on top");
+    run_with(
+        &host,
+        repo.path(),
+        &["sync", "--once", "--require-signed"],
+        &signer,
+    )
+    .code(4);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+    let tip_only = tempfile::tempdir().unwrap();
+    let cfg = tip_only.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "require_signed = true\nsignature_policy = \"tip\"\nallowed_signers = {:?}\n",
+            signer.allowed().display().to_string()
+        ),
+    )
+    .unwrap();
+    // Host::cmd passes --no-config, which conflicts with --config.
+    let args: Vec<_> = host
+        .cmd(repo.path(), &["sync", "--once"])
+        .get_args()
+        .filter(|a| *a != "--no-config")
+        .map(|a| a.to_owned())
+        .collect();
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("three\n"));
+}
+
+#[test]
+fn require_signed_refuses_a_commit_signed_by_an_unknown_key() {
+    let signer = Signer::new("release@example.com");
+    let stranger = Signer::new("mallory@example.com");
+    let repo = app_repo(&stranger, "evil\n");
+    let host = Host::new("h");
+    let run = run_with(
+        &host,
+        repo.path(),
+        &["sync", "--once", "--require-signed"],
+        &signer,
+    )
+    .code(4);
+    assert!(run.stderr.contains("allowed_signers"), "{}", run.stderr);
+    assert!(host.read("/etc/app.conf").is_none(), "nothing applied");
+}
+
+#[test]
+fn require_signed_without_a_signers_file_is_a_config_error() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let host = Host::new("h");
+    let run = host
+        .run(
+            repo.path(),
+            &[
+                "sync",
+                "--once",
+                "--require-signed",
+                "--allowed-signers",
+                "/nonexistent/signers",
+            ],
+        )
+        .code(78);
+    assert!(
+        run.stderr.contains("/nonexistent/signers"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn anti_rollback_survives_a_wiped_state_dir() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let old = repo.head();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    host.sync(repo.path()).ok();
+    let floor = host
+        .read("/etc/driftless/applied-commit.json")
+        .expect("floor recorded in the root");
+    assert!(floor.contains(&repo.head()), "{floor}");
+
+    // The server goes back to the old (validly signed) commit, and the
+    // state directory is wiped: still refused.
+    git(repo.path(), &["reset", "-q", "--hard", &old]);
+    std::fs::remove_dir_all(host.state.path()).unwrap();
+    let run = host.sync(repo.path()).code(4);
+    assert!(run.stderr.contains("older than"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+
+    // The operator can still go back on purpose.
+    host.run(repo.path(), &["sync", "--once", "--allow-non-fast-forward"])
+        .ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+}
+
+/// Runs `driftless bundle create`.
+pub fn create_bundle(repo: &Repo, out: &Path, signer: &Signer, since: Option<&str>) -> Run {
+    let mut c = Command::new(BIN);
+    c.args(["bundle", "create", "--no-config", "--repo"])
+        .arg(repo.path())
+        .arg("--out")
+        .arg(out)
+        .arg("--sign-key")
+        .arg(signer.key());
+    if let Some(s) = since {
+        c.args(["--since", s]);
+    }
+    let out = c.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn bundles() -> &'static Path {
+    Path::new("bundle:")
+}
+
+fn import(host: &Host, signer: &Signer, files: &[&Path]) -> Run {
+    let mut args = vec!["bundle".to_string(), "import".to_string()];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    run_with(
+        host,
+        bundles(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        signer,
+    )
+}
+
+#[test]
+fn bundles_full_then_incremental_reach_an_air_gapped_host() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let c1 = repo.head();
+    let out = tempfile::tempdir().unwrap();
+    let full = out.path().join("full.bundle");
+    create_bundle(&repo, &full, &signer, None).ok();
+    // The real git accepts it.
+    git(
+        repo.path(),
+        &["bundle", "verify", "-q", full.to_str().unwrap()],
+    );
+
+    let host = Host::new("h");
+    let v = run_with(
+        &host,
+        bundles(),
+        &["bundle", "verify", full.to_str().unwrap()],
+        &signer,
+    )
+    .ok();
+    assert!(
+        v.stdout.contains("good signature by release@example.com"),
+        "{}",
+        v.stdout
+    );
+    import(&host, &signer, &[&full]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    let inc = out.path().join("inc.bundle");
+    create_bundle(&repo, &inc, &signer, Some(&c1)).ok();
+    assert!(
+        std::fs::metadata(&inc).unwrap().len() < std::fs::metadata(&full).unwrap().len(),
+        "incremental bundles carry only new objects"
+    );
+    import(&host, &signer, &[&inc]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+
+    // A sync with no network and no new bundle is a no-op.
+    let again = run_with(&host, bundles(), &["sync", "--once"], &signer).ok();
+    assert!(again.stdout.contains("already applied"), "{}", again.stdout);
+
+    // Signed-commit policy applies to bundled commits as to fetched ones.
+    repo.write("roles/app/files/app.conf", "three (unsigned)\n");
+    let c3 = repo.commit("unsigned");
+    let inc2 = out.path().join("inc2.bundle");
+    create_bundle(
+        &repo,
+        &inc2,
+        &signer,
+        Some(&git(repo.path(), &["rev-parse", "HEAD~1"])),
+    )
+    .ok();
+    let run = run_with(
+        &host,
+        bundles(),
+        &[
+            "bundle",
+            "import",
+            inc2.to_str().unwrap(),
+            "--require-signed",
+        ],
+        &signer,
+    )
+    .code(4);
+    assert!(
+        run.stderr.contains("not signed") && run.stderr.contains(&c3[..7]),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+}
+
+#[test]
+fn bad_bundles_are_refused_with_a_reason_and_change_nothing() {
+    let signer = Signer::new("release@example.com");
+    let stranger = Signer::new("mallory@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let c1 = repo.head();
+    let out = tempfile::tempdir().unwrap();
+    let full1 = out.path().join("v1.bundle");
+    create_bundle(&repo, &full1, &signer, None).ok();
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    let inc = out.path().join("inc.bundle");
+    create_bundle(&repo, &inc, &signer, Some(&c1)).ok();
+    let full2 = out.path().join("v2.bundle");
+    create_bundle(&repo, &full2, &signer, None).ok();
+
+    let host = Host::new("h");
+    // Missing prerequisites: the message says which --since to use.
+    let run = import(&host, &signer, &[&inc]).code(4);
+    assert!(
+        run.stderr.contains("needs") && run.stderr.contains("full bundle"),
+        "{}",
+        run.stderr
+    );
+    assert!(host.read("/etc/app.conf").is_none());
+
+    // Signed by a key that is not trusted.
+    let evil = out.path().join("evil.bundle");
+    create_bundle(&repo, &evil, &stranger, None).ok();
+    let run = import(&host, &signer, &[&evil]).code(4);
+    assert!(
+        run.stderr.contains("allowed_signers") || run.stderr.contains("not allowed"),
+        "{}",
+        run.stderr
+    );
+    assert!(host.read("/etc/app.conf").is_none());
+
+    // Truncated on the way.
+    let cut = out.path().join("cut.bundle");
+    let bytes = std::fs::read(&full2).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    for ext in [".manifest", ".manifest.sig"] {
+        std::fs::copy(
+            format!("{}{ext}", full2.display()),
+            format!("{}{ext}", cut.display()),
+        )
+        .unwrap();
+    }
+    let run = import(&host, &signer, &[&cut]).code(4);
+    assert!(
+        run.stderr.contains("does not match its signed manifest"),
+        "{}",
+        run.stderr
+    );
+    assert!(host.read("/etc/app.conf").is_none());
+
+    // Apply v2, then offer the older v1: refused as a downgrade.
+    import(&host, &signer, &[&full2]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+    let run = import(&host, &signer, &[&full1]).code(4);
+    assert!(run.stderr.contains("older than"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+
+    // A bundle of another branch.
+    git(repo.path(), &["checkout", "-q", "-b", "other"]);
+    let other = out.path().join("other.bundle");
+    let mut c = Command::new(BIN);
+    c.args([
+        "bundle",
+        "create",
+        "--no-config",
+        "--branch",
+        "other",
+        "--repo",
+    ])
+    .arg(repo.path())
+    .arg("--out")
+    .arg(&other)
+    .arg("--sign-key")
+    .arg(signer.key());
+    assert!(c.output().unwrap().status.success());
+    let run = import(&host, &signer, &[&other]).code(4);
+    assert!(
+        run.stderr.contains("refs/heads/other") && run.stderr.contains("follows refs/heads/main"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_pack_that_fails_to_index_is_refused_even_when_the_manifest_is_signed() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let out = tempfile::tempdir().unwrap();
+    let b = out.path().join("b.bundle");
+    create_bundle(&repo, &b, &signer, None).ok();
+    // Damage the pack, then re-sign a manifest that matches the damaged
+    // bytes: the signature is fine, the pack is not.
+    let mut bytes = std::fs::read(&b).unwrap();
+    let n = bytes.len();
+    bytes[n - 30] ^= 0xff;
+    std::fs::write(&b, &bytes).unwrap();
+    let mpath = PathBuf::from(format!("{}.manifest", b.display()));
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    use sha2::Digest;
+    m["bundle_sha256"] = hex::encode(sha2::Sha256::digest(&bytes)).into();
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::remove_file(format!("{}.sig", mpath.display())).unwrap();
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", "driftless-bundle", "-f"])
+        .arg(signer.key())
+        .arg(&mpath)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+
+    let host = Host::new("h");
+    let v = run_with(
+        &host,
+        bundles(),
+        &["bundle", "verify", b.to_str().unwrap()],
+        &signer,
+    )
+    .ok();
+    assert!(
+        v.stdout.contains("good signature"),
+        "the signature itself is valid: {}",
+        v.stdout
+    );
+    let run = import(&host, &signer, &[&b]).code(4);
+    assert!(run.stderr.contains("cannot be indexed"), "{}", run.stderr);
+    assert!(host.read("/etc/app.conf").is_none());
+}
+
+#[test]
+fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let c1 = repo.head();
+    let stick = tempfile::tempdir().unwrap();
+    let dir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Names sort opposite to creation order: import must use the signed time.
+    create_bundle(&repo, &dir.join("b-full.bundle"), &signer, None).ok();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    create_bundle(&repo, &dir.join("a-inc.bundle"), &signer, Some(&c1)).ok();
+    std::fs::write(dir.join("c-junk.bundle"), "not a bundle").unwrap();
+
+    let host = Host::new("web1");
+    std::fs::create_dir_all(host.path("/etc")).unwrap();
+    let run = run_with(
+        &host,
+        bundles(),
+        &["bundle", "stick", stick.path().to_str().unwrap()],
+        &signer,
+    );
+    // The junk bundle is refused, the good ones applied.
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("two\n"),
+        "{}",
+        run.stderr
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["host"], "web1");
+    assert_eq!(report["outcome"], "applied");
+    assert_eq!(report["commit"], repo.head());
+    let results: Vec<_> = report["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["file"].as_str().unwrap().to_string(),
+                b["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("b-full.bundle".to_string(), "imported".to_string()),
+            ("a-inc.bundle".to_string(), "imported".to_string()),
+            ("c-junk.bundle".to_string(), "refused".to_string()),
+        ]
+    );
+    assert!(
+        report["message"]
+            .as_str()
+            .unwrap()
+            .contains("c-junk.bundle"),
+        "{report}"
+    );
+
+    // Drift on the host is repaired by the next stick and reported.
+    std::fs::write(host.path("/etc/app.conf"), "edited by hand\n").unwrap();
+    run_with(
+        &host,
+        bundles(),
+        &["bundle", "stick", stick.path().to_str().unwrap()],
+        &signer,
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        report["drifted"],
+        serde_json::json!(["/etc/app.conf"]),
+        "{report}"
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+
+    let summary = Command::new(BIN)
+        .args(["bundle", "reports", "--no-config"])
+        .arg(stick.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        text.contains("web1") && text.contains("applied") && text.contains(&repo.head()[..7]),
+        "{text}"
+    );
+}
