@@ -97,22 +97,24 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                     "status": { "bundles": outcomes },
                 }))?;
             } else {
-                for o in &outcomes {
-                    match &o.message {
-                        Some(m) => eprintln!("{}: {}: {m}", o.file, o.result),
-                        None => println!(
-                            "{}: {} {}",
-                            o.file,
-                            o.result,
-                            o.tip.as_deref().map(short).unwrap_or("")
-                        ),
-                    }
+                for o in outcomes.iter().filter(|o| o.message.is_none()) {
+                    println!(
+                        "{}: {} {}",
+                        o.file,
+                        o.result,
+                        o.tip.as_deref().map(short).unwrap_or("")
+                    );
                 }
             }
+            let reasons = refused
+                .iter()
+                .map(|o| format!("{}: {}", o.file, o.message.as_deref().unwrap_or(&o.result)))
+                .collect::<Vec<_>>()
+                .join("\n  ");
             if !refused.is_empty() && refused.len() == outcomes.len() {
                 return Err(Error::new(
                     Failure::Refused,
-                    anyhow!("no bundle was imported; nothing applied"),
+                    anyhow!("no bundle imported, nothing applied:\n  {reasons}"),
                 ));
             }
             if !a.no_sync {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Settings;
 use crate::effects::bundle::{import, manifest};
@@ -120,7 +120,8 @@ pub fn import_files(
                 }
             }
             Err(e) => {
-                warn!(bundle = %shown, "bundle refused: {e:#}");
+                // The caller reports it (error, stick report, journal).
+                info!(bundle = %shown, "bundle refused: {e:#}");
                 BundleOutcome {
                     file: shown,
                     result: "refused".into(),

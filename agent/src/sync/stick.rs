@@ -208,6 +208,9 @@ fn process(
             )
         })
         .collect();
+    for r in &refused {
+        warn!("bundle refused: {r}");
+    }
     match super::sync_once(settings, sync_opts, now, rt) {
         Ok(r) => {
             report.commit = Some(r.commit.clone());

@@ -104,25 +104,53 @@ pub fn create(opts: &CreateOptions<'_>) -> Result<Created> {
         revs.push(format!("^{base}"));
     }
 
-    let out = opts.out;
+    // git runs in the repository (-C): relative paths must not follow it.
+    let out = &std::path::absolute(opts.out).with_context(|| {
+        format!(
+            "--out {}: cannot make the path absolute",
+            opts.out.display()
+        )
+    })?;
     let tmp = sibling(out, ".tmp-bundle")?;
     let mut args = vec!["bundle", "create", "-q", path_str(&tmp)?];
     args.extend(revs.iter().map(String::as_str));
     git(Some(&repo_dir), &args).context("git bundle create failed")?;
-    let bytes = std::fs::read(&tmp).with_context(|| format!("cannot read {}", tmp.display()))?;
+    let result = finish(
+        opts, &location, &repo_dir, &full_ref, &tip, tip_time, &tmp, out,
+    );
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Manifest, signature, and the files moved into place (bundle first, so a
+/// manifest never names a bundle that is not there).
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    opts: &CreateOptions<'_>,
+    location: &Location,
+    repo_dir: &Path,
+    full_ref: &str,
+    tip: &str,
+    tip_time: i64,
+    tmp: &Path,
+    out: &Path,
+) -> Result<Created> {
+    let bytes = std::fs::read(tmp).with_context(|| format!("cannot read {}", tmp.display()))?;
     let head = header::parse(&bytes).context("git wrote a bundle this driftless cannot read")?;
     use sha2::Digest;
     let manifest = Manifest {
         format: FORMAT.to_string(),
-        source: match &location {
+        source: match location {
             Location::Remote(u) => fetch::redact(u),
-            _ => std::path::absolute(&repo_dir)
-                .unwrap_or(repo_dir.clone())
+            _ => std::path::absolute(repo_dir)
+                .unwrap_or(repo_dir.to_path_buf())
                 .display()
                 .to_string(),
         },
-        branch: full_ref.clone(),
-        tip: tip.clone(),
+        branch: full_ref.to_string(),
+        tip: tip.to_string(),
         tip_time,
         prerequisites: head.prerequisites.iter().map(|p| p.to_string()).collect(),
         created_at: opts.now,
@@ -134,7 +162,7 @@ pub fn create(opts: &CreateOptions<'_>) -> Result<Created> {
     mbytes.push(b'\n');
     let sig = crate::trust::sign_detached(opts.sign_key, crate::trust::BUNDLE_NAMESPACE, &mbytes)
         .with_context(|| format!("cannot sign with {}", opts.sign_key.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::rename(tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     let mpath = manifest::manifest_path(out);
     let spath = manifest::signature_path(out);
     write_atomic(&mpath, &mbytes)?;
