@@ -82,8 +82,12 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
         }
         BundleCommand::Import(a) => {
             let s = super::settings(g, false)?;
-            let outcomes =
-                crate::sync::bundle::import_files(&s, &a.files, Duration::from_secs(a.wait))?;
+            let outcomes = crate::sync::bundle::import_files(
+                &s,
+                &a.files,
+                Duration::from_secs(a.wait),
+                super::now(),
+            )?;
             // Importing an older bundle on purpose is refused (a downgrade);
             // `rollback` is the way back.
             let refused: Vec<_> = outcomes

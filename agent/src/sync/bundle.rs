@@ -50,6 +50,7 @@ pub fn import_files(
     settings: &Settings,
     files: &[PathBuf],
     wait: Duration,
+    now: i64,
 ) -> Result<Vec<BundleOutcome>, Error> {
     let signers = super::allowed_signers(settings)?;
     let (state, _guard) = super::lock(settings, wait)?;
@@ -120,8 +121,18 @@ pub fn import_files(
                 }
             }
             Err(e) => {
-                // The caller reports it (error, stick report, journal).
+                // The caller reports it (error, stick report, journal);
+                // history and `status` keep why.
                 info!(bundle = %shown, "bundle refused: {e:#}");
+                super::record(
+                    &state,
+                    now,
+                    crate::effects::state::history::Outcome::Refused,
+                    None,
+                    None,
+                    None,
+                    Some(format!("bundle {shown} refused: {e:#}")),
+                );
                 BundleOutcome {
                     file: shown,
                     result: "refused".into(),

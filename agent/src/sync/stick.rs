@@ -188,7 +188,7 @@ fn process(
             return report;
         }
     };
-    let outcomes = match bundles::import_files(settings, &files, wait) {
+    let outcomes = match bundles::import_files(settings, &files, wait, now) {
         Ok(o) => o,
         Err(e) => {
             report.outcome = outcome_of(&e);
