@@ -380,8 +380,24 @@ fn e2e_6_air_gapped_host_updates_from_a_signed_usb_bundle_and_reports_back() {
     std::fs::create_dir_all(&bundles).unwrap();
     make_bundle(&demo, &key, &bundles.join("1-full.bundle"), None);
 
-    let m = Machine::boot("e2e-airgap", &[(stick.path(), "/media/stick", true)]);
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../units");
+    let m = Machine::boot(
+        "e2e-airgap",
+        &[
+            (stick.path(), "/media/stick", true),
+            (&units, "/opt/units", false),
+        ],
+    );
     m.ok("test \"$(ls /sys/class/net | grep -v '^lo$' | wc -l)\" = 0");
+    // The shipped USB unit is valid for this systemd (udev itself does not
+    // run in a container; the device half is tests/integration/stick_device.rs).
+    m.ok("ln -s /usr/local/bin/driftless /usr/bin/driftless && cp /opt/units/driftless-usb@.service /etc/systemd/system/ && systemctl daemon-reload");
+    let verify = m.sh("systemd-analyze verify /etc/systemd/system/driftless-usb@sdz1.service 2>&1");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     m.ok(&format!(
         "mkdir -p /etc/driftless && printf 'source = \"bundle:\"\\nhost = \"e2e\"\\njob_timeout = \"30s\"\\n' > /etc/driftless/agent.toml && \
          printf 'release namespaces=\"driftless-bundle\" {}\\n' > /etc/driftless/allowed_signers",
