@@ -12,7 +12,7 @@ fn editing_one_template_changes_exactly_that_file() {
         "roles/web/files/index.html.tera",
         "<!doctype html>\n<h1>{{ vars.organisation }} v2</h1>\n",
     );
-    repo.commit("new index");
+    let new = repo.commit("new index");
     let run = host.sync(repo.path()).ok();
     assert!(
         run.stdout.contains("0 created, 1 changed, 0 removed"),
@@ -26,7 +26,15 @@ fn editing_one_template_changes_exactly_that_file() {
         .filter(|(a, b)| a != b)
         .map(|(a, _)| a.0.as_str())
         .collect();
-    assert_eq!(changed, vec!["/srv/www/index.html"]);
+    // Besides the managed file, only the anti-rollback record moves.
+    assert_eq!(
+        changed,
+        vec!["/etc/driftless/applied-commit.json", "/srv/www/index.html"]
+    );
+    assert!(host
+        .read("/etc/driftless/applied-commit.json")
+        .unwrap()
+        .contains(&new));
     assert_eq!(before.len(), after.len());
 }
 
