@@ -22,4 +22,5 @@ pub mod exit;
 pub mod plan;
 pub mod secrets;
 pub mod sync;
+pub mod timings;
 pub mod trust;

@@ -10,6 +10,7 @@ mod crash;
 mod daemon;
 mod golden;
 mod pipeline;
+mod quick;
 mod quickstart;
 mod revert;
 mod secrets;

@@ -128,6 +128,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                         crash_after: super::test_hook_crash_after(),
                     },
                     retry: false,
+                    full: false,
                 };
                 let rt = super::runtime()?;
                 let report = crate::sync::sync_once(&s, &opts, super::now(), rt.handle())?;
@@ -155,6 +156,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                     crash_after: super::test_hook_crash_after(),
                 },
                 retry: false,
+                full: false,
             };
             let report = stick::run(
                 &s,

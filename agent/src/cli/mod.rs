@@ -280,6 +280,13 @@ struct SyncArgs {
     /// Apply the commit even if it is marked bad, and clear a halt
     #[arg(long)]
     retry: bool,
+    /// Skip the quick check: render every template and compare every file
+    /// byte for byte, even when the stamps say nothing changed
+    #[arg(long)]
+    full: bool,
+    /// Print where the time went (fetch, render, observe, write, flush, ...) to stderr
+    #[arg(long)]
+    timings: bool,
 }
 
 #[derive(Debug, Args)]
@@ -465,10 +472,19 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     crash_after: test_hook_crash_after(),
                 },
                 retry: args.retry,
+                full: args.full,
             };
+            let started = std::time::Instant::now();
+            if args.timings {
+                crate::timings::enable();
+            }
             let rt = runtime()?;
-            let report = crate::sync::sync_once(&s, &opts, now(), rt.handle())?;
-            output::print_sync(&report);
+            let result = crate::sync::sync_once(&s, &opts, now(), rt.handle());
+            if args.timings {
+                let stages = crate::timings::take();
+                eprint!("{}", crate::timings::render(&stages, started.elapsed()));
+            }
+            output::print_sync(&result?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -479,6 +495,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     crash_after: test_hook_crash_after(),
                 },
                 retry: false,
+                full: false,
             };
             crate::daemon::run(s, opts)?;
             Ok(ExitCode::SUCCESS)

@@ -52,6 +52,11 @@ pub fn print_sync(r: &Report) {
             a.removed,
             r.plan.unchanged
         ),
+        None if r.quick => println!(
+            "{} already applied: {} file(s) unchanged since the last sync (quick check), nothing written",
+            short(&r.commit),
+            r.plan.unchanged
+        ),
         None => println!(
             "{} already applied: {} file(s) as desired, nothing written",
             short(&r.commit),

@@ -6,6 +6,7 @@
 //! name: no string checks, no `realpath` races. The only way to touch a
 //! file is through a directory handle obtained here.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,6 +19,7 @@ use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode as NixMode, SFlag};
 
 use crate::desired::spec::TargetPath;
+use crate::plan::quick::Stamp;
 use crate::plan::{FileState, Observation};
 
 /// A handle on the root of the managed filesystem.
@@ -115,6 +117,29 @@ impl RootFs {
         Ok(Some(dir))
     }
 
+    /// `lstat` stamps of `targets`, opening each parent directory once
+    /// (the quick check stamps every managed file on every poll). A path
+    /// that is missing or cannot be examined gives `None`.
+    pub fn stamps<'a>(
+        &self,
+        targets: impl IntoIterator<Item = &'a TargetPath>,
+    ) -> Vec<Option<Stamp>> {
+        let mut parents: HashMap<&'a str, Option<OwnedFd>> = HashMap::new();
+        let mut out = Vec::new();
+        for target in targets {
+            let parent = target.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
+            let dir = parents
+                .entry(parent)
+                .or_insert_with(|| self.open_parent(target, None).ok().flatten());
+            out.push(dir.as_ref().and_then(|d| {
+                fstatat(d, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .ok()
+                    .map(|st| stamp_of(&st))
+            }));
+        }
+        out
+    }
+
     fn display_str(&self, p: &str) -> String {
         if self.path == Path::new("/") {
             p.to_string()
@@ -173,6 +198,25 @@ pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
         uid: meta.uid(),
         gid: meta.gid(),
     }))
+}
+
+/// `lstat(2)` of a plain path (state files, account databases).
+pub fn stamp_path(path: &Path) -> Option<Stamp> {
+    nix::sys::stat::lstat(path).ok().map(|st| stamp_of(&st))
+}
+
+fn stamp_of(st: &nix::sys::stat::FileStat) -> Stamp {
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    Stamp {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+        ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+    }
 }
 
 fn open_dir(dir: &impl AsFd, name: &str) -> nix::Result<OwnedFd> {

@@ -7,6 +7,7 @@
 
 pub mod diff;
 pub mod inventory;
+pub mod quick;
 
 use std::collections::BTreeMap;
 

@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod marks;
 pub mod post;
+pub mod quick;
 pub mod stick;
 
 use std::path::Path;
@@ -27,11 +28,12 @@ use crate::effects::apply::{self, Applied, ApplyOptions};
 use crate::effects::fetch::{self, Location, SourceSpec, SshOptions};
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::history::{Entry, Outcome};
-use crate::effects::state::{floor, write_json_atomic, LockGuard, StateDir};
+use crate::effects::state::{floor, write_json_replace, LockGuard, StateDir};
 use crate::effects::{facts, ids, observe};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
 use crate::plan::{self, Plan};
+use crate::timings;
 use marks::Marks;
 
 /// The repository as fetched for this pass.
@@ -67,6 +69,8 @@ pub struct SyncOptions {
     pub apply: ApplyOptions,
     /// Apply a commit marked bad, and clear the halted flag.
     pub retry: bool,
+    /// Skip the quick check: render and compare every file.
+    pub full: bool,
 }
 
 /// The result of a successful `sync`.
@@ -79,6 +83,9 @@ pub struct Report {
     pub skipped_bad: bool,
     /// What the post-apply stage did (when something was applied).
     pub post: Option<post::PostReport>,
+    /// Nothing changed since the last sync, proven by the quick check
+    /// without rendering.
+    pub quick: bool,
 }
 
 pub fn source_spec(settings: &Settings) -> Result<SourceSpec, Error> {
@@ -125,14 +132,48 @@ pub fn open_root(settings: &Settings) -> Result<RootFs, Error> {
     RootFs::open(&settings.root).kind(Failure::Failed)
 }
 
+/// Fetches the configured commit and reads its tree (see [`fetch_head`]).
+pub fn fetch(settings: &Settings, state: &StateDir, applied: &[String]) -> Result<Fetched, Error> {
+    let head = fetch_head(settings, state, applied)?;
+    read_snapshot(settings, head)
+}
+
+/// The commit to apply, fetched and trusted, its tree not read yet.
+pub struct Head {
+    repo: gix::Repository,
+    id: gix::ObjectId,
+    pub commit: String,
+    pub commit_time: i64,
+    pub summary: String,
+}
+
+/// Reads the configured sub-tree of the fetched commit.
+pub fn read_snapshot(settings: &Settings, head: Head) -> Result<Fetched, Error> {
+    let _t = timings::stage("read-tree");
+    let snapshot =
+        fetch::read_tree(&head.repo, head.id, &settings.path).kind(Failure::InvalidRepo)?;
+    Ok(Fetched {
+        commit: head.commit,
+        commit_time: head.commit_time,
+        summary: head.summary,
+        snapshot,
+    })
+}
+
 /// Fetches the configured commit and enforces the trust policy: the new
 /// tip must descend from every commit in `applied` (the inventory's commit
 /// and the anti-rollback floor, see [`floor`]), and with `require_signed`
 /// the new commits must carry valid signatures. A refusal changes nothing.
-pub fn fetch(settings: &Settings, state: &StateDir, applied: &[String]) -> Result<Fetched, Error> {
+pub fn fetch_head(
+    settings: &Settings,
+    state: &StateDir,
+    applied: &[String],
+) -> Result<Head, Error> {
     let spec = source_spec(settings)?;
     fetch::install_tls_provider();
+    let timing = timings::stage("fetch");
     let got = fetch::fetch(&spec, &state.mirror()).kind(Failure::Failed)?;
+    drop(timing);
     let commit = got.commit.to_string();
     let mut base = None;
     for prev in applied {
@@ -165,15 +206,15 @@ pub fn fetch(settings: &Settings, state: &StateDir, applied: &[String]) -> Resul
         base = Some(prev_id);
     }
     if settings.require_signed {
+        let _t = timings::stage("signatures");
         verify_signatures(settings, &got.repo, base, got.commit)?;
     }
-    let snapshot =
-        fetch::read_tree(&got.repo, got.commit, &settings.path).kind(Failure::InvalidRepo)?;
-    Ok(Fetched {
+    Ok(Head {
+        repo: got.repo,
+        id: got.commit,
         commit,
         commit_time: got.commit_time,
         summary: got.summary,
-        snapshot,
     })
 }
 
@@ -268,35 +309,53 @@ fn host_name(settings: &Settings, snap: &Snapshot) -> String {
     full
 }
 
+/// The host's facts (one gathering per sync: the quick check's inputs and
+/// the templates see the same values).
+pub fn gather_facts(fs: &RootFs) -> serde_json::Value {
+    let _t = timings::stage("facts");
+    facts::gather(fs.path())
+}
+
 /// Load, render, observe and plan for this host.
 pub fn plan_for(
     settings: &Settings,
     state: &StateDir,
     fs: &RootFs,
     fetched: &Fetched,
+    facts: &serde_json::Value,
 ) -> Result<Plan, Error> {
     let snap = &fetched.snapshot;
     let opts = LoadOptions {
         allowed_roots: settings.allowed_roots.clone(),
     };
     let host = host_name(settings, snap);
+    let timing = timings::stage("load");
     let config = load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?;
+    drop(timing);
     let keys_settings = settings.clone();
     let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
         snap,
         Box::new(move || crate::effects::keys::load(&keys_settings)),
     ));
+    let timing = timings::stage("parse");
     let renderer = Renderer::new(snap, &[&config], resolver).kind(Failure::InvalidRepo)?;
-    let facts = facts::gather(fs.path());
+    drop(timing);
+    let timing = timings::stage("render");
     let desired = renderer
-        .render(snap, &config, &facts)
+        .render(snap, &config, facts)
         .kind(Failure::InvalidRepo)?;
+    drop(timing);
+    let timing = timings::stage("ids");
     let mut ids = ids::resolve(fs.path(), &desired).kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     if desired.files.iter().any(|f| f.sensitive) || inventory.files.values().any(|e| e.sensitive) {
         ids.hash_key = state.hash_key().kind(Failure::Failed)?;
     }
+    drop(timing);
+    let timing = timings::stage("observe");
     let observed = observe::observe(fs, &desired, &inventory).kind(Failure::InvalidRepo)?;
+    drop(timing);
+    let _t = timings::stage("plan");
     plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids)
         .kind(Failure::InvalidRepo)
 }
@@ -305,7 +364,8 @@ pub fn plan_for(
 pub fn prepare(settings: &Settings, state: &StateDir, fs: &RootFs) -> Result<Prepared, Error> {
     let applied = applied_commits(settings, state)?;
     let fetched = fetch(settings, state, &applied)?;
-    let plan = plan_for(settings, state, fs, &fetched)?;
+    let facts = gather_facts(fs);
+    let plan = plan_for(settings, state, fs, &fetched, &facts)?;
     Ok(Prepared { fetched, plan })
 }
 
@@ -316,9 +376,11 @@ pub fn sync_once(
     now: i64,
     rt: &Handle,
 ) -> Result<Report, Error> {
+    let timing = timings::stage("lock");
     let (state, _guard) = lock(settings, opts.wait)?;
     let fs = open_root(settings)?;
     let recovered = apply::recover(&fs, &state).kind(Failure::Failed)?;
+    drop(timing);
     for txid in &recovered {
         warn!(txid = %txid, "rolled back a transaction interrupted by a crash; the host is back at its last committed state");
         record(
@@ -346,22 +408,70 @@ pub fn sync_once(
         marks.halted = None;
         marks::save(&state, &marks).kind(Failure::Failed)?;
     }
-    let result = prepare(settings, &state, &fs).and_then(|prepared| {
+    let result: Result<Report, Error> = (|| {
+        let applied = applied_commits(settings, &state)?;
+        let head = fetch_head(settings, &state, &applied)?;
+        let facts = gather_facts(&fs);
+        let inputs = quick::inputs(settings, &facts);
+        let bad = marks.bad.contains_key(&head.commit);
+        if !opts.full && !bad {
+            if let Some(plan) = quick::try_hit(settings, &state, &fs, &head.commit, &inputs) {
+                let commit = head.commit.clone();
+                let mut report = deploy(
+                    settings,
+                    &state,
+                    &fs,
+                    Prepared {
+                        fetched: Fetched {
+                            commit: head.commit,
+                            commit_time: head.commit_time,
+                            summary: head.summary,
+                            snapshot: Snapshot::default(),
+                        },
+                        plan,
+                    },
+                    now,
+                    opts,
+                    rt,
+                    &mut marks,
+                    &recovered,
+                )?;
+                report.quick = true;
+                raise_floor(settings, &commit, head.commit_time, now);
+                return Ok(report);
+            }
+        }
+        let fetched = read_snapshot(settings, head)?;
+        let plan = plan_for(settings, &state, &fs, &fetched, &facts)?;
+        let prepared = Prepared { fetched, plan };
         let commit = prepared.fetched.commit.clone();
         if let Some(bad) = marks.bad.get(&commit) {
             if !opts.retry {
                 warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
-                return Ok(Report { commit, applied: None, plan: prepared.plan, recovered: recovered.clone(), skipped_bad: true, post: None });
+                return Ok(Report {
+                    commit,
+                    applied: None,
+                    plan: prepared.plan,
+                    recovered: recovered.clone(),
+                    skipped_bad: true,
+                    post: None,
+                    quick: false,
+                });
             }
         }
         if marks.bad.remove(&commit).is_some() {
             marks::save(&state, &marks).kind(Failure::Failed)?;
         }
         let commit_time = prepared.fetched.commit_time;
-        let report = deploy(settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered)?;
+        let units = prepared.plan.units.clone();
+        let report = deploy(
+            settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered,
+        )?;
         raise_floor(settings, &commit, commit_time, now);
+        quick::record(&state, &fs, &commit, &inputs, &units);
         Ok(report)
-    });
+    })();
+    let _t = timings::stage("record");
     match &result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
             (Some(a), _) => record(
@@ -471,7 +581,8 @@ pub fn rollback(
         summary: format!("rollback to {}", short(&id.to_string())),
         snapshot,
     };
-    let plan = plan_for(settings, &state, &fs, &fetched)?;
+    let facts = gather_facts(&fs);
+    let plan = plan_for(settings, &state, &fs, &fetched, &facts)?;
     if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {
         marks.bad.insert(
             cur.clone(),
@@ -553,9 +664,11 @@ fn deploy(
     let commit = prepared.fetched.commit.clone();
     let plan = prepared.plan;
     if plan.is_empty() {
+        let timing = timings::stage("units");
         let fixed = rt
             .block_on(post::converge_units(settings, &plan))
             .kind(Failure::Failed)?;
+        drop(timing);
         for a in &fixed {
             warn!(action = %a, "a declared unit had drifted: repaired");
         }
@@ -567,6 +680,7 @@ fn deploy(
             recovered: recovered.to_vec(),
             skipped_bad: false,
             post: None,
+            quick: false,
         });
     }
     for c in &plan.changes {
@@ -583,7 +697,9 @@ fn deploy(
         removed = applied.removed,
         "applied"
     );
+    let timing = timings::stage("post");
     let post = rt.block_on(post::run(settings, &plan));
+    drop(timing);
     tracing::debug!(
         ?post,
         run_checks = settings.run_checks,
@@ -598,6 +714,7 @@ fn deploy(
             recovered: recovered.to_vec(),
             skipped_bad: false,
             post: Some(post),
+            quick: false,
         });
     };
     warn!(commit = %short(&commit), reason = %reason, "post-apply stage failed: reverting the transaction");
@@ -684,7 +801,7 @@ fn write_last_run(
         commit,
         message,
     };
-    if let Err(e) = write_json_atomic(&state.last_run_path(), &last) {
+    if let Err(e) = write_json_replace(&state.last_run_path(), &last) {
         warn!("cannot record the last run: {e:#}");
     }
 }

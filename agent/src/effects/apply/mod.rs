@@ -46,7 +46,7 @@ use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
-use crate::effects::state::{fsync_dir, read_json, write_json_atomic, StateDir};
+use crate::effects::state::{fsync_dir, quick, read_json, write_json_atomic, StateDir};
 use crate::plan::inventory::Inventory;
 use crate::plan::{ChangeKind, FileChange, Plan};
 use journal::{Journal, JournalEntry, Meta, Op, TxState};
@@ -81,6 +81,8 @@ pub fn apply(
     now: i64,
     opts: &ApplyOptions,
 ) -> Result<Applied> {
+    let timing = crate::timings::stage("write");
+    quick::clear(state)?;
     let txid = new_txid(now);
     let tx_dir = state.tx_dir().join(&txid);
     let backups = tx_dir.join("backups");
@@ -107,13 +109,14 @@ pub fn apply(
         journal.state = TxState::Prepared;
         write_json_atomic(&tx_dir.join(JOURNAL), &journal)
     });
+    drop(timing);
     if let Err(e) = prepared {
         let _ = rollback(fs, state, &mut journal);
         return Err(e);
     }
-    let switched = flush(fs, state, &dirs)
-        .and_then(|()| switch(&journal, &dirs, opts))
-        .and_then(|()| flush(fs, state, &dirs));
+    let switched = timed("flush", || flush(fs, state, &dirs))
+        .and_then(|()| timed("switch", || switch(&journal, &dirs, opts)))
+        .and_then(|()| timed("flush", || flush(fs, state, &dirs)));
     if let Err(e) = switched {
         if let Err(re) = rollback(fs, state, &mut journal) {
             return Err(e.context(format!(
@@ -124,6 +127,7 @@ pub fn apply(
     }
 
     // Commit point.
+    let timing = crate::timings::stage("commit");
     let mut inv: Inventory = plan.next_inventory.clone();
     inv.txid = txid.clone();
     inv.applied_at = now;
@@ -131,6 +135,7 @@ pub fn apply(
     journal.state = TxState::Committed;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     prune_old_transactions(state, &txid)?;
+    drop(timing);
 
     let mut applied = Applied {
         txid,
@@ -145,6 +150,11 @@ pub fn apply(
         }
     }
     Ok(applied)
+}
+
+fn timed<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
+    let _t = crate::timings::stage(stage);
+    f()
 }
 
 fn new_txid(now: i64) -> String {
@@ -618,6 +628,7 @@ pub fn revert(fs: &RootFs, state: &StateDir) -> Result<String> {
             tx_dir.display()
         )
     })?;
+    quick::clear(state)?;
     journal.state = TxState::Reverting;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     finish_revert(fs, state, &mut journal)?;

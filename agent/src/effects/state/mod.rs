@@ -5,6 +5,7 @@
 //! inventory.json    what is applied now; replacing it commits a transaction
 //! history.jsonl     one JSON line per sync attempt (time, commit, result)
 //! last-run.json     the outcome of the latest sync, for `status`
+//! quick.json        stamps that let an idle poll skip rendering (a cache)
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
 //! tx/<txid>/        journal.json + backups/ of the latest transactions
 //! originals/        files that existed before driftless managed them
@@ -14,6 +15,7 @@
 
 pub mod floor;
 pub mod history;
+pub mod quick;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -191,7 +193,20 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Replaces `path` atomically but not durably: readers see the old or the
+/// new file, and after a power loss it may be the old one. For status
+/// files that are rewritten on every poll (two fsyncs per idle poll would
+/// be most of its cost, for nothing the next poll does not rewrite).
+pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).context("cannot serialise state")?;
+    replace(path, &bytes, false)
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace(path, bytes, true)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().context("state file has no parent")?;
     let name = path
         .file_name()
@@ -207,11 +222,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(bytes)
-            .and_then(|()| f.sync_all())
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", tmp.display()))?;
     }
     fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    fsync_dir(dir)
+    if durable {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

@@ -1,0 +1,307 @@
+//! The quick check: proving "nothing to do" from `lstat` alone.
+//!
+//! A poll on an idle host is the common case (every minute, on every
+//! host), so its cost is the agent's cost. The full pipeline reads the tree,
+//! renders every template and reads every managed file back to compare
+//! bytes: correct, but it grows with the number of files, not with what
+//! changed. After a sync that left the host exactly as desired, the agent
+//! records a [`QuickRecord`]: what the result was derived from (commit,
+//! settings, facts, account databases, agent version: the [`Inputs`]
+//! digest) and the `lstat` stamp of every managed file and of the
+//! inventory. The next poll that fetches the same commit with the same
+//! inputs and finds the same stamps knows the host still matches, without
+//! rendering or reading a single file.
+//!
+//! Why a stamp proves "unchanged": any write, truncate, chmod, chown,
+//! rename or link changes a file's ctime (or its inode), and userspace
+//! cannot set ctime. The one hole is the timestamp granularity: a change in
+//! the same clock tick as the apply keeps the same ctime. As git does for
+//! its index ("racy git"), a file whose ctime is not strictly older than
+//! the moment the stamps were taken (`taken_at`, read from the same
+//! filesystem clock) is not trusted, and that poll takes the full path.
+//!
+//! What the quick check cannot see, by design: changes that do not come
+//! from the commit, the settings, the facts or the local account files,
+//! such as a user id that moved in a remote (LDAP) user database. Those are
+//! picked up by the next commit, or at once by `driftless plan` and by a
+//! sync after `systemctl reload driftless` (which takes the full path, see
+//! `sync`).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::desired::model::UnitSpec;
+use crate::desired::spec::TargetPath;
+
+pub const QUICK_VERSION: u32 = 1;
+
+/// What `lstat` says about a path: enough to notice any change to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub dev: u64,
+    pub ino: u64,
+    /// File type and permission bits (`st_mode`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+/// Recorded after a sync that left the host exactly as desired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuickRecord {
+    pub version: u32,
+    /// Digest of the [`Inputs`] the result was derived from.
+    pub inputs: String,
+    pub commit: String,
+    /// The inventory file (replaced atomically by every transaction).
+    pub inventory: Stamp,
+    /// Filesystem time just before the stamps were taken, in ns.
+    pub taken_at_ns: i128,
+    /// Every managed file, in inventory order.
+    pub files: Vec<(TargetPath, Stamp)>,
+    /// Declared unit states, still converged on every poll.
+    #[serde(default)]
+    pub units: Vec<UnitSpec>,
+}
+
+/// Everything, besides the commit, that the rendered result depends on.
+pub struct Inputs<'a> {
+    pub agent_version: &'a str,
+    /// A stable rendering of the effective settings.
+    pub settings: &'a str,
+    /// The facts as templates see them (JSON).
+    pub facts: &'a str,
+    /// Whether owners are applied (running as root).
+    pub ownership: bool,
+    /// Stamps of the account databases owner names resolve through.
+    pub accounts: &'a [Option<Stamp>],
+}
+
+impl Inputs<'_> {
+    /// A digest that changes when any input changes.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.agent_version.as_bytes(),
+            self.settings.as_bytes(),
+            self.facts.as_bytes(),
+        ] {
+            // Length-prefixed, so no two different inputs collide by
+            // shifting bytes from one part into the next.
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update([u8::from(self.ownership)]);
+        for s in self.accounts {
+            match s {
+                None => h.update([0]),
+                Some(s) => {
+                    h.update([1]);
+                    h.update(s.dev.to_le_bytes());
+                    h.update(s.ino.to_le_bytes());
+                    h.update(s.size.to_le_bytes());
+                    h.update(s.mtime_ns.to_le_bytes());
+                    h.update(s.ctime_ns.to_le_bytes());
+                }
+            }
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// Why the quick check did not hold (logged at debug level).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    Version,
+    Commit,
+    Inputs,
+    Inventory,
+    /// The file is missing, replaced or changed since it was applied.
+    Changed(TargetPath),
+    /// The file changed in the same clock tick as the record was taken.
+    Racy(TargetPath),
+}
+
+impl std::fmt::Display for Miss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Miss::Version => write!(f, "recorded by another format version"),
+            Miss::Commit => write!(f, "another commit"),
+            Miss::Inputs => write!(f, "settings, facts or account files changed"),
+            Miss::Inventory => write!(f, "the inventory changed"),
+            Miss::Changed(p) => write!(f, "{p} changed on disk"),
+            Miss::Racy(p) => write!(
+                f,
+                "{p} changed too close to the last check to trust its stamp"
+            ),
+        }
+    }
+}
+
+/// Decides whether the host still matches the recorded sync.
+///
+/// `files` are the current stamps, in the record's order (`None`: the path
+/// is missing or unreadable).
+pub fn check(
+    record: &QuickRecord,
+    commit: &str,
+    inputs: &str,
+    inventory: Option<Stamp>,
+    files: &[Option<Stamp>],
+) -> Result<(), Miss> {
+    if record.version != QUICK_VERSION {
+        return Err(Miss::Version);
+    }
+    if record.commit != commit {
+        return Err(Miss::Commit);
+    }
+    if record.inputs != inputs {
+        return Err(Miss::Inputs);
+    }
+    if inventory != Some(record.inventory) {
+        return Err(Miss::Inventory);
+    }
+    debug_assert_eq!(files.len(), record.files.len());
+    if files.len() != record.files.len() {
+        return Err(Miss::Inventory);
+    }
+    for ((path, then), now) in record.files.iter().zip(files) {
+        if *now != Some(*then) {
+            return Err(Miss::Changed(path.clone()));
+        }
+        if then.ctime_ns >= record.taken_at_ns {
+            return Err(Miss::Racy(path.clone()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(ino: u64, ctime_ns: i128) -> Stamp {
+        Stamp {
+            dev: 1,
+            ino,
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            size: 10,
+            mtime_ns: ctime_ns,
+            ctime_ns,
+        }
+    }
+
+    fn path(p: &str) -> TargetPath {
+        TargetPath::parse(p).unwrap()
+    }
+
+    fn record() -> QuickRecord {
+        QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "in".into(),
+            commit: "c1".into(),
+            inventory: stamp(1, 100),
+            taken_at_ns: 1_000,
+            files: vec![
+                (path("/etc/a"), stamp(2, 500)),
+                (path("/etc/b"), stamp(3, 600)),
+            ],
+            units: vec![],
+        }
+    }
+
+    fn current() -> Vec<Option<Stamp>> {
+        vec![Some(stamp(2, 500)), Some(stamp(3, 600))]
+    }
+
+    #[test]
+    fn same_commit_inputs_and_stamps_hold() {
+        assert_eq!(
+            check(&record(), "c1", "in", Some(stamp(1, 100)), &current()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn any_difference_is_a_miss_that_names_it() {
+        let r = record();
+        let inv = Some(stamp(1, 100));
+        assert_eq!(check(&r, "c2", "in", inv, &current()), Err(Miss::Commit));
+        assert_eq!(check(&r, "c1", "other", inv, &current()), Err(Miss::Inputs));
+        assert_eq!(
+            check(&r, "c1", "in", Some(stamp(9, 100)), &current()),
+            Err(Miss::Inventory)
+        );
+        assert_eq!(
+            check(&r, "c1", "in", None, &current()),
+            Err(Miss::Inventory)
+        );
+        let mut gone = current();
+        gone[1] = None;
+        assert_eq!(
+            check(&r, "c1", "in", inv, &gone),
+            Err(Miss::Changed(path("/etc/b")))
+        );
+        let mut edited = current();
+        edited[0] = Some(Stamp {
+            size: 11,
+            ..stamp(2, 500)
+        });
+        assert_eq!(
+            check(&r, "c1", "in", inv, &edited),
+            Err(Miss::Changed(path("/etc/a")))
+        );
+        let mut old = r.clone();
+        old.version = 0;
+        assert_eq!(check(&old, "c1", "in", inv, &current()), Err(Miss::Version));
+    }
+
+    /// An edit in the same clock tick as the apply keeps size, mtime and
+    /// ctime: the stamp cannot prove such a file unchanged.
+    #[test]
+    fn a_file_changed_in_the_tick_the_stamps_were_taken_is_not_trusted() {
+        let mut r = record();
+        r.files[1].1 = stamp(3, 1_000);
+        let mut now = current();
+        now[1] = Some(stamp(3, 1_000));
+        assert_eq!(
+            check(&r, "c1", "in", Some(stamp(1, 100)), &now),
+            Err(Miss::Racy(path("/etc/b")))
+        );
+    }
+
+    #[test]
+    fn the_inputs_digest_separates_parts_and_sees_every_field() {
+        let base = Inputs {
+            agent_version: "1",
+            settings: "ab",
+            facts: "c",
+            ownership: false,
+            accounts: &[None],
+        };
+        let shifted = Inputs {
+            settings: "a",
+            facts: "bc",
+            ..base
+        };
+        assert_ne!(base.digest(), shifted.digest());
+        let root = Inputs {
+            ownership: true,
+            ..base
+        };
+        assert_ne!(base.digest(), root.digest());
+        let passwd = [Some(stamp(5, 1))];
+        let accounts = Inputs {
+            accounts: &passwd,
+            ..base
+        };
+        assert_ne!(base.digest(), accounts.digest());
+        assert_eq!(base.digest(), Inputs { ..base }.digest());
+    }
+}

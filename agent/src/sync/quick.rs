@@ -1,0 +1,116 @@
+//! The quick check in the pipeline: after the fetch, before reading the
+//! tree. When the commit, the inputs and every managed file's stamp are
+//! what the last successful sync recorded, the poll ends there: no tree
+//! read, no rendering, no file read (see [`crate::plan::quick`]).
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+use tracing::debug;
+
+use crate::config::Settings;
+use crate::desired::model::UnitSpec;
+use crate::effects::rootfs::{stamp_path, RootFs};
+use crate::effects::state::{quick as store, StateDir};
+use crate::plan::inventory::Inventory;
+use crate::plan::quick::{self, Inputs, QuickRecord, Stamp, QUICK_VERSION};
+use crate::plan::Plan;
+
+/// The digest of everything besides the commit that rendering depends on.
+pub fn inputs(settings: &Settings, facts: &Json) -> String {
+    let settings_text = format!("{settings:?}");
+    let facts_text = facts.to_string();
+    let accounts = account_stamps(&settings.root);
+    Inputs {
+        agent_version: env!("CARGO_PKG_VERSION"),
+        settings: &settings_text,
+        facts: &facts_text,
+        ownership: super::ownership_applied(),
+        accounts: &accounts,
+    }
+    .digest()
+}
+
+/// Owner and group names resolve through these (under `--root`, or on the
+/// live system through NSS, whose configuration is stamped too).
+fn account_stamps(root: &Path) -> Vec<Option<Stamp>> {
+    ["etc/passwd", "etc/group", "etc/nsswitch.conf"]
+        .iter()
+        .map(|p| stamp_path(&root.join(p)))
+        .collect()
+}
+
+/// `Some(plan)` (empty, listing the declared units) when the host provably
+/// still matches `commit`; `None` when the full pipeline must run.
+pub fn try_hit(
+    settings: &Settings,
+    state: &StateDir,
+    fs: &RootFs,
+    commit: &str,
+    inputs: &str,
+) -> Option<Plan> {
+    let _t = crate::timings::stage("quick-check");
+    let Some(record) = store::load(state) else {
+        debug!("quick check: no record, full sync");
+        return None;
+    };
+    let inventory = stamp_path(&state.inventory_path());
+    let files = fs.stamps(record.files.iter().map(|(p, _)| p));
+    if let Err(miss) = quick::check(&record, commit, inputs, inventory, &files) {
+        debug!("quick check: {miss}; full sync");
+        return None;
+    }
+    Some(Plan {
+        host: settings.host.clone(),
+        commit: Some(record.commit),
+        changes: Vec::new(),
+        unchanged: record.files.len(),
+        unit_actions: Vec::new(),
+        checks: Vec::new(),
+        units: record.units,
+        ownership_applied: super::ownership_applied(),
+        next_inventory: Inventory::default(),
+    })
+}
+
+/// Records the host as matching `commit` after a successful sync. A
+/// failure here only costs the next poll a full sync.
+pub fn record(state: &StateDir, fs: &RootFs, commit: &str, inputs: &str, units: &[UnitSpec]) {
+    let _t = crate::timings::stage("quick-record");
+    let inventory = match state.inventory() {
+        Ok(inv) => inv,
+        Err(e) => {
+            debug!("quick check not recorded: {e:#}");
+            return;
+        }
+    };
+    if inventory.commit.as_deref() != Some(commit) {
+        return;
+    }
+    let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
+        return;
+    };
+    let saved = store::save(state, |taken_at_ns| {
+        let stamps = fs.stamps(inventory.files.keys());
+        // A managed file that cannot be stamped right after a successful
+        // sync is odd: record nothing, so the next poll looks properly.
+        let files = inventory
+            .files
+            .keys()
+            .zip(stamps)
+            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(QuickRecord {
+            version: QUICK_VERSION,
+            inputs: inputs.to_string(),
+            commit: commit.to_string(),
+            inventory: inventory_stamp,
+            taken_at_ns,
+            files,
+            units: units.to_vec(),
+        })
+    });
+    if let Err(e) = saved {
+        debug!("quick check not recorded: {e:#}");
+    }
+}
