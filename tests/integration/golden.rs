@@ -145,3 +145,69 @@ fn golden_render_fails() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// A repository with `n` role templates, `t00.tera` … ; `special` replaces
+/// some of them. Every template but the macro file `t01` is a managed file.
+fn many_templates(n: usize, special: &[(usize, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let files = repo.join("roles/app/files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::create_dir_all(repo.join("hosts")).unwrap();
+    std::fs::write(repo.join("driftless.toml"), "roles = [\"app\"]\n").unwrap();
+    std::fs::write(repo.join("hosts/test.toml"), "").unwrap();
+    let mut role = String::new();
+    for i in 0..n {
+        let text = special
+            .iter()
+            .find(|(k, _)| *k == i)
+            .map_or(format!("file {i}\n"), |(_, t)| t.to_string());
+        std::fs::write(files.join(format!("t{i:02}.tera")), text).unwrap();
+        if i != 1 {
+            role.push_str(&format!(
+                "[[files]]\npath = \"/etc/t{i:02}\"\ntemplate = \"t{i:02}.tera\"\n\n"
+            ));
+        }
+    }
+    std::fs::write(repo.join("roles/app/role.toml"), role).unwrap();
+    dir
+}
+
+/// The bug this pins: with many role templates, parsing is split over two
+/// threads; a template that extends or imports one parsed on the other
+/// thread must render exactly as with one thread.
+#[test]
+fn templates_extending_and_importing_across_the_parse_halves_render() {
+    let dir = many_templates(
+        80,
+        &[
+            (0, "{% block body %}base{% endblock body %}\n"),
+            (1, "{% macro hi(n) %}hi {{ n }}{% endmacro hi %}"),
+            (40, "{% import \"roles/app/files/t01.tera\" as m %}{{ m::hi(n=40) }}\n"),
+            (
+                79,
+                "{% extends \"roles/app/files/t00.tera\" %}{% block body %}child{% endblock body %}",
+            ),
+        ],
+    );
+    let got = render_case(dir.path()).unwrap();
+    assert_eq!(got.len(), 79);
+    let get = |p: &str| {
+        got.iter()
+            .find(|(path, _)| path == p)
+            .map(|(_, c)| String::from_utf8_lossy(c).into_owned())
+    };
+    assert_eq!(get("/etc/t00").as_deref(), Some("base\n"));
+    assert_eq!(get("/etc/t40").as_deref(), Some("hi 40\n"));
+    assert_eq!(get("/etc/t79").as_deref(), Some("child\n"));
+    assert_eq!(get("/etc/t02").as_deref(), Some("file 2\n"));
+    assert_eq!(get("/etc/t78").as_deref(), Some("file 78\n"));
+}
+
+#[test]
+fn broken_templates_in_both_parse_halves_are_all_reported() {
+    let dir = many_templates(80, &[(10, "{% if %}\n"), (70, "{{ unclosed\n")]);
+    let err = render_case(dir.path()).unwrap_err();
+    assert!(err.contains("t10.tera"), "{err}");
+    assert!(err.contains("t70.tera"), "{err}");
+}
