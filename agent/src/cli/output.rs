@@ -123,7 +123,7 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
         None => None,
     };
     let last: Option<LastRun> = match &state {
-        Some(st) => read_json(&st.last_run_path()).kind(Failure::Failed)?,
+        Some(st) => crate::sync::load_last_run(st).kind(Failure::Failed)?,
         None => None,
     };
     let pending = match &state {

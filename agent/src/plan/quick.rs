@@ -61,7 +61,9 @@ pub struct QuickRecord {
     pub inventory: Stamp,
     /// Filesystem time just before the stamps were taken, in ns.
     pub taken_at_ns: i128,
-    /// Every managed file, in inventory order.
+    /// Every managed file, in inventory order (stored one per line after
+    /// the JSON header, see `effects::state::quick`).
+    #[serde(skip)]
     pub files: Vec<(TargetPath, Stamp)>,
     /// Declared unit states, still converged on every poll.
     #[serde(default)]

@@ -18,7 +18,22 @@ use crate::plan::Plan;
 
 /// The digest of everything besides the commit that rendering depends on.
 pub fn inputs(settings: &Settings, facts: &Json) -> String {
-    let settings_text = format!("{settings:?}");
+    // Only what rendering depends on: the daemon and `sync --once` from
+    // cron run with different intervals and must share one record.
+    let settings_text = format!(
+        "{:?}",
+        (
+            &settings.source,
+            &settings.branch,
+            &settings.path,
+            &settings.host,
+            &settings.root,
+            &settings.allowed_roots,
+            &settings.age_keys,
+            &settings.ssh_host_keys,
+            settings.live,
+        )
+    );
     let facts_text = facts.to_string();
     let accounts = account_stamps(&settings.root);
     Inputs {
@@ -40,23 +55,27 @@ fn account_stamps(root: &Path) -> Vec<Option<Stamp>> {
         .collect()
 }
 
+/// The record, if there is one and no transaction ran since it was taken
+/// (the inventory is the one it stamped).
+pub fn current(state: &StateDir) -> Option<QuickRecord> {
+    let _t = crate::timings::stage("quick-load");
+    let record = store::load(state)?;
+    (stamp_path(&state.inventory_path()) == Some(record.inventory)).then_some(record)
+}
+
 /// `Some(plan)` (empty, listing the declared units) when the host provably
 /// still matches `commit`; `None` when the full pipeline must run.
 pub fn try_hit(
     settings: &Settings,
-    state: &StateDir,
     fs: &RootFs,
+    record: QuickRecord,
     commit: &str,
     inputs: &str,
 ) -> Option<Plan> {
     let _t = crate::timings::stage("quick-check");
-    let Some(record) = store::load(state) else {
-        debug!("quick check: no record, full sync");
-        return None;
-    };
-    let inventory = stamp_path(&state.inventory_path());
     let files = fs.stamps(record.files.iter().map(|(p, _)| p));
-    if let Err(miss) = quick::check(&record, commit, inputs, inventory, &files) {
+    // `current` checked the inventory stamp under the same lock.
+    if let Err(miss) = quick::check(&record, commit, inputs, Some(record.inventory), &files) {
         debug!("quick check: {miss}; full sync");
         return None;
     }

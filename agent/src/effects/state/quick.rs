@@ -13,27 +13,108 @@ use std::os::unix::fs::OpenOptionsExt;
 use anyhow::{Context, Result};
 
 use super::StateDir;
-use crate::plan::quick::QuickRecord;
+use crate::desired::spec::TargetPath;
+use crate::plan::quick::{QuickRecord, Stamp};
 
 const FILE: &str = "quick.json";
 
 /// The record, or `None` when there is none or it cannot be read (a
 /// corrupt cache is not an error: the full path rebuilds it).
+///
+/// The daemon reads it on every poll, so the last one decoded is kept in
+/// memory and reused while the file's stamp (inode, size, times) is the
+/// same: the file is only ever replaced by rename, never edited in place.
 pub fn load(state: &StateDir) -> Option<QuickRecord> {
-    let bytes = fs::read(state.path().join(FILE)).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(r) => Some(r),
+    let path = state.path().join(FILE);
+    let stamp = crate::effects::rootfs::stamp_path(&path)?;
+    let mut cache = CACHE.lock().ok()?;
+    if let Some((p, s, r)) = cache.as_ref() {
+        if *p == path && *s == stamp {
+            return Some(r.clone());
+        }
+    }
+    let bytes = fs::read(&path).ok()?;
+    match decode(&bytes) {
+        Ok(r) => {
+            // Read after the stamp: if the file was replaced in between, the
+            // stamp is older than the content and the next load reads again.
+            *cache = Some((path, stamp, r.clone()));
+            Some(r)
+        }
         Err(e) => {
-            tracing::debug!("ignoring an unreadable {FILE}: {e}");
+            tracing::debug!("ignoring an unreadable {FILE}: {e:#}");
             None
         }
     }
+}
+
+fn forget() {
+    if let Ok(mut cache) = CACHE.lock() {
+        *cache = None;
+    }
+}
+
+type Cached = Option<(std::path::PathBuf, Stamp, QuickRecord)>;
+static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+
+/// The format, read on every poll, so cheap to parse: a magic line, the
+/// header as one line of JSON, then one line per file:
+/// `dev ino mode uid gid size mtime_ns ctime_ns path`, and `end N` last,
+/// so a torn file that happens to end on a line boundary is still refused.
+const MAGIC: &str = "driftless-quick 1";
+
+fn encode(record: &QuickRecord) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(64 * record.files.len() + 512);
+    out.extend_from_slice(MAGIC.as_bytes());
+    out.push(b'\n');
+    serde_json::to_writer(&mut out, record).context("cannot serialise the quick-check record")?;
+    out.push(b'\n');
+    for (path, s) in &record.files {
+        anyhow::ensure!(!path.as_str().contains('\n'), "a path with a newline");
+        writeln!(
+            out,
+            "{} {} {} {} {} {} {} {} {}",
+            s.dev, s.ino, s.mode, s.uid, s.gid, s.size, s.mtime_ns, s.ctime_ns, path
+        )?;
+    }
+    writeln!(out, "end {}", record.files.len())?;
+    Ok(out)
+}
+
+fn decode(bytes: &[u8]) -> Result<QuickRecord> {
+    let text = std::str::from_utf8(bytes).context("not UTF-8")?;
+    let mut lines = text.split_terminator('\n');
+    anyhow::ensure!(lines.next() == Some(MAGIC), "unknown format");
+    let header = lines.next().context("no header")?;
+    let mut record: QuickRecord = serde_json::from_str(header).context("bad header")?;
+    for line in lines {
+        if let Some(n) = line.strip_prefix("end ") {
+            anyhow::ensure!(n.parse::<usize>()? == record.files.len(), "wrong count");
+            return Ok(record);
+        }
+        let mut f = line.splitn(9, ' ');
+        let mut num = || f.next().context("short line");
+        let stamp = Stamp {
+            dev: num()?.parse()?,
+            ino: num()?.parse()?,
+            mode: num()?.parse()?,
+            uid: num()?.parse()?,
+            gid: num()?.parse()?,
+            size: num()?.parse()?,
+            mtime_ns: num()?.parse()?,
+            ctime_ns: num()?.parse()?,
+        };
+        let path = TargetPath::parse(num()?).map_err(anyhow::Error::msg)?;
+        record.files.push((path, stamp));
+    }
+    anyhow::bail!("truncated")
 }
 
 /// Removes the record, durably. Called before a transaction touches a
 /// file: from then on, an existing record means no transaction started
 /// after it was taken, even across a power loss.
 pub fn clear(state: &StateDir) -> Result<()> {
+    forget();
     match fs::remove_file(state.path().join(FILE)) {
         Ok(()) => super::fsync_dir(state.path()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -51,6 +132,7 @@ pub fn clear(state: &StateDir) -> Result<()> {
 /// the files: the racy-stamp rule needs a time from the same clock.
 /// When `build` gives `None`, nothing is written.
 pub fn save(state: &StateDir, build: impl FnOnce(i128) -> Option<QuickRecord>) -> Result<()> {
+    forget();
     let path = state.path().join(FILE);
     let tmp = state
         .path()
@@ -69,7 +151,7 @@ pub fn save(state: &StateDir, build: impl FnOnce(i128) -> Option<QuickRecord>) -
         let _ = fs::remove_file(&tmp);
         return Ok(());
     };
-    let bytes = serde_json::to_vec(&record).context("cannot serialise the quick-check record")?;
+    let bytes = encode(&record)?;
     let written = f
         .write_all(&bytes)
         .with_context(|| format!("cannot write {}", tmp.display()))
@@ -80,4 +162,50 @@ pub fn save(state: &StateDir, build: impl FnOnce(i128) -> Option<QuickRecord>) -
         let _ = fs::remove_file(&tmp);
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::quick::QUICK_VERSION;
+
+    fn stamp(n: u64) -> Stamp {
+        Stamp {
+            dev: n,
+            ino: n + 1,
+            mode: 0o100644,
+            uid: 0,
+            gid: 7,
+            size: 42,
+            mtime_ns: -5,
+            ctime_ns: 1_700_000_000_123_456_789,
+        }
+    }
+
+    #[test]
+    fn a_record_survives_encode_and_decode_and_garbage_is_refused() {
+        let record = QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "abc".into(),
+            commit: "c".into(),
+            inventory: stamp(1),
+            taken_at_ns: 99,
+            files: vec![
+                (TargetPath::parse("/etc/a b").unwrap(), stamp(2)),
+                (TargetPath::parse("/etc/c").unwrap(), stamp(3)),
+            ],
+            units: vec![],
+        };
+        let bytes = encode(&record).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), record);
+        for bad in [
+            &b""[..],
+            b"driftless-quick 1\n",
+            b"driftless-quick 2\n{}\n",
+            &bytes[..bytes.len() - 9],
+            &bytes[..bytes.len() - 6],
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }
