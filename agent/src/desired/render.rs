@@ -20,7 +20,9 @@
 use serde_json::{json, Value as Json};
 use tera::Tera;
 
-use super::load::{ContentRef, HostConfig};
+use std::collections::BTreeSet;
+
+use super::load::{ContentRef, FileDecl, HostConfig};
 use super::model::UnitSpec;
 use super::secrets::SecretResolver;
 use super::snapshot::{Entry, Snapshot};
@@ -87,6 +89,30 @@ impl Renderer {
         hosts: &[&HostConfig],
         secrets: Arc<SecretResolver>,
     ) -> Result<Self, Diagnostics> {
+        Self::build(snap, hosts, secrets, None)
+    }
+
+    /// Parses only what the files in `only` need directly: their own
+    /// templates, `templates/` and the built-in macros. Repairing a few
+    /// drifted files then costs a few parses instead of the whole
+    /// repository's. A template that includes or imports another role
+    /// template fails to render with this renderer; the caller falls back
+    /// to [`Renderer::new`].
+    pub fn for_files(
+        snap: &Snapshot,
+        host: &HostConfig,
+        only: &BTreeSet<TargetPath>,
+        secrets: Arc<SecretResolver>,
+    ) -> Result<Self, Diagnostics> {
+        Self::build(snap, &[host], secrets, Some(only))
+    }
+
+    fn build(
+        snap: &Snapshot,
+        hosts: &[&HostConfig],
+        secrets: Arc<SecretResolver>,
+        only: Option<&BTreeSet<TargetPath>>,
+    ) -> Result<Self, Diagnostics> {
         let mut diags = Diagnostics::default();
         let mut names: std::collections::BTreeSet<String> = Default::default();
         for (path, entry) in snap.walk("templates") {
@@ -95,14 +121,15 @@ impl Renderer {
             }
         }
         for host in hosts {
-            for role in &host.roles {
+            for role in host.roles.iter().filter(|_| only.is_none()) {
                 for (path, _) in snap.walk(&format!("roles/{role}/files")) {
                     if path.ends_with(".tera") {
                         names.insert(path.to_string());
                     }
                 }
             }
-            for f in &host.files {
+            let wanted = |f: &&FileDecl| only.is_none_or(|o| o.contains(&f.path));
+            for f in host.files.iter().filter(wanted) {
                 if let ContentRef::Template(t) = &f.content {
                     names.insert(t.clone());
                 }
@@ -163,6 +190,17 @@ impl Renderer {
         host: &HostConfig,
         facts: &Json,
     ) -> Result<Desired, Diagnostics> {
+        self.render_only(snap, host, facts, None)
+    }
+
+    /// Renders the files of `host` in `only` (all when `None`).
+    pub fn render_only(
+        &self,
+        snap: &Snapshot,
+        host: &HostConfig,
+        facts: &Json,
+        only: Option<&BTreeSet<TargetPath>>,
+    ) -> Result<Desired, Diagnostics> {
         let mut diags = Diagnostics::default();
         let mut files = Vec::with_capacity(host.files.len());
         let host_json = json!({
@@ -171,7 +209,11 @@ impl Renderer {
             "roles": host.roles,
             "facts": facts,
         });
-        for decl in &host.files {
+        for decl in host
+            .files
+            .iter()
+            .filter(|d| only.is_none_or(|o| o.contains(&d.path)))
+        {
             self.secrets.take_used();
             let content = match &decl.content {
                 ContentRef::Secret { path, format } => match self.secrets.whole(path, *format) {

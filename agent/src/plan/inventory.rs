@@ -31,6 +31,43 @@ pub struct Inventory {
 
 pub const INVENTORY_VERSION: u32 = 1;
 
+impl Inventory {
+    /// The same inventory with only the entries for `paths`.
+    pub fn restricted_to(&self, paths: &std::collections::BTreeSet<TargetPath>) -> Inventory {
+        Inventory {
+            files: self
+                .files
+                .iter()
+                .filter(|(p, _)| paths.contains(*p))
+                .map(|(p, e)| (p.clone(), e.clone()))
+                .collect(),
+            ..self.clone_header()
+        }
+    }
+
+    /// The entries not in `paths`.
+    pub fn without(
+        &self,
+        paths: &std::collections::BTreeSet<TargetPath>,
+    ) -> Vec<(TargetPath, ManagedEntry)> {
+        self.files
+            .iter()
+            .filter(|(p, _)| !paths.contains(*p))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect()
+    }
+
+    fn clone_header(&self) -> Inventory {
+        Inventory {
+            version: self.version,
+            txid: self.txid.clone(),
+            commit: self.commit.clone(),
+            applied_at: self.applied_at,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
 /// One managed file as last applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -155,6 +155,59 @@ pub fn check(
     inventory: Option<Stamp>,
     files: &[Option<Stamp>],
 ) -> Result<(), Miss> {
+    check_global(record, commit, inputs, inventory, files)?;
+    for ((path, then), now) in record.files.iter().zip(files) {
+        match file_miss(path, then, now, record.taken_at_ns) {
+            Some(miss) => return Err(miss),
+            None => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Like [`check`], but when everything except some files holds, names all
+/// those files (changed, missing, or too recent to trust): the host then
+/// still matches its commit everywhere else, and rendering just those
+/// files repairs it. `Ok(empty)` is a hit.
+pub fn changed_files(
+    record: &QuickRecord,
+    commit: &str,
+    inputs: &str,
+    inventory: Option<Stamp>,
+    files: &[Option<Stamp>],
+) -> Result<Vec<TargetPath>, Miss> {
+    check_global(record, commit, inputs, inventory, files)?;
+    Ok(record
+        .files
+        .iter()
+        .zip(files)
+        .filter(|((path, then), now)| file_miss(path, then, now, record.taken_at_ns).is_some())
+        .map(|((path, _), _)| path.clone())
+        .collect())
+}
+
+fn file_miss(
+    path: &TargetPath,
+    then: &Stamp,
+    now: &Option<Stamp>,
+    taken_at_ns: i128,
+) -> Option<Miss> {
+    if *now != Some(*then) {
+        return Some(Miss::Changed(path.clone()));
+    }
+    if then.ctime_ns >= taken_at_ns {
+        return Some(Miss::Racy(path.clone()));
+    }
+    None
+}
+
+fn check_global(
+    record: &QuickRecord,
+    commit: &str,
+    inputs: &str,
+    inventory: Option<Stamp>,
+    files: &[Option<Stamp>],
+) -> Result<(), Miss> {
     if record.version != QUICK_VERSION {
         return Err(Miss::Version);
     }
@@ -170,14 +223,6 @@ pub fn check(
     debug_assert_eq!(files.len(), record.files.len());
     if files.len() != record.files.len() {
         return Err(Miss::Inventory);
-    }
-    for ((path, then), now) in record.files.iter().zip(files) {
-        if *now != Some(*then) {
-            return Err(Miss::Changed(path.clone()));
-        }
-        if then.ctime_ns >= record.taken_at_ns {
-            return Err(Miss::Racy(path.clone()));
-        }
     }
     Ok(())
 }
@@ -275,6 +320,30 @@ mod tests {
         assert_eq!(
             check(&r, "c1", "in", Some(stamp(1, 100)), &now),
             Err(Miss::Racy(path("/etc/b")))
+        );
+    }
+
+    #[test]
+    fn changed_files_names_every_changed_file_but_only_when_the_rest_holds() {
+        let r = record();
+        let inv = Some(stamp(1, 100));
+        assert_eq!(changed_files(&r, "c1", "in", inv, &current()), Ok(vec![]));
+        let mut both = current();
+        both[0] = None;
+        both[1] = Some(stamp(9, 600));
+        assert_eq!(
+            changed_files(&r, "c1", "in", inv, &both),
+            Ok(vec![path("/etc/a"), path("/etc/b")])
+        );
+        assert_eq!(changed_files(&r, "c2", "in", inv, &both), Err(Miss::Commit));
+        assert_eq!(changed_files(&r, "c1", "x", inv, &both), Err(Miss::Inputs));
+        let mut racy = r.clone();
+        racy.files[0].1 = stamp(2, 1_000);
+        let mut now = current();
+        now[0] = Some(stamp(2, 1_000));
+        assert_eq!(
+            changed_files(&racy, "c1", "in", inv, &now),
+            Ok(vec![path("/etc/a")])
         );
     }
 

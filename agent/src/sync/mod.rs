@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod marks;
 pub mod post;
 pub mod quick;
+pub mod repair;
 pub mod stick;
 
 use std::path::Path;
@@ -437,8 +438,12 @@ pub fn sync_once(
         let facts = gather_facts(&fs);
         let inputs = quick::inputs(settings, &facts);
         let bad = marks.bad.contains_key(&head.commit);
+        let mut drift = None;
         if let Some(record) = stamps.filter(|_| !opts.full && !bad) {
-            if let Some(plan) = quick::try_hit(settings, &fs, record, &head.commit, &inputs) {
+            let assessed = quick::assess(settings, &fs, record, &head.commit, &inputs);
+            if let quick::Assessment::Drift(changed) = assessed {
+                drift = Some(changed);
+            } else if let quick::Assessment::Hit(plan) = assessed {
                 let commit = head.commit.clone();
                 let mut report = deploy(
                     settings,
@@ -465,7 +470,12 @@ pub fn sync_once(
             }
         }
         let fetched = read_snapshot(settings, head)?;
-        let plan = plan_for(settings, &state, &fs, &fetched, &facts)?;
+        let repaired = drift
+            .and_then(|changed| repair::plan(settings, &state, &fs, &fetched, &facts, &changed));
+        let plan = match repaired {
+            Some(plan) => plan,
+            None => plan_for(settings, &state, &fs, &fetched, &facts)?,
+        };
         let prepared = Prepared { fetched, plan };
         let commit = prepared.fetched.commit.clone();
         if let Some(bad) = marks.bad.get(&commit) {
@@ -487,11 +497,12 @@ pub fn sync_once(
         }
         let commit_time = prepared.fetched.commit_time;
         let units = prepared.plan.units.clone();
+        let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
         let report = deploy(
             settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered,
         )?;
         raise_floor(settings, &commit, commit_time, now);
-        quick::record(&state, &fs, &commit, &inputs, &units);
+        quick::record(&state, &fs, &commit, &inputs, &units, &managed);
         Ok(report)
     })();
     let _t = timings::stage("record");

@@ -3,6 +3,7 @@
 //! what the last successful sync recorded, the poll ends there: no tree
 //! read, no rendering, no file read (see [`crate::plan::quick`]).
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::Value as Json;
@@ -10,6 +11,7 @@ use tracing::debug;
 
 use crate::config::Settings;
 use crate::desired::model::UnitSpec;
+use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{stamp_path, RootFs};
 use crate::effects::state::{quick as store, StateDir};
 use crate::plan::inventory::Inventory;
@@ -63,59 +65,75 @@ pub fn current(state: &StateDir) -> Option<QuickRecord> {
     (stamp_path(&state.inventory_path()) == Some(record.inventory)).then_some(record)
 }
 
-/// `Some(plan)` (empty, listing the declared units) when the host provably
-/// still matches `commit`; `None` when the full pipeline must run.
-pub fn try_hit(
+/// What the stamps say about the host.
+pub enum Assessment {
+    /// It provably still matches the commit: an empty plan listing the
+    /// declared units (still converged on every poll).
+    Hit(Plan),
+    /// It matches the commit except for these files (see `repair`).
+    Drift(BTreeSet<TargetPath>),
+    /// Something else changed: the full pipeline must run.
+    Miss,
+}
+
+/// Compares the host with the record (taken by [`current`]).
+pub fn assess(
     settings: &Settings,
     fs: &RootFs,
     record: QuickRecord,
     commit: &str,
     inputs: &str,
-) -> Option<Plan> {
+) -> Assessment {
     let _t = crate::timings::stage("quick-check");
     let files = fs.stamps(record.files.iter().map(|(p, _)| p));
     // `current` checked the inventory stamp under the same lock.
-    if let Err(miss) = quick::check(&record, commit, inputs, Some(record.inventory), &files) {
-        debug!("quick check: {miss}; full sync");
-        return None;
+    match quick::changed_files(&record, commit, inputs, Some(record.inventory), &files) {
+        Err(miss) => {
+            debug!("quick check: {miss}; full sync");
+            Assessment::Miss
+        }
+        Ok(changed) if !changed.is_empty() => {
+            debug!(
+                files = changed.len(),
+                "quick check: files changed on the host; repairing them"
+            );
+            Assessment::Drift(changed.into_iter().collect())
+        }
+        Ok(_) => Assessment::Hit(Plan {
+            host: settings.host.clone(),
+            commit: Some(record.commit),
+            changes: Vec::new(),
+            unchanged: record.files.len(),
+            unit_actions: Vec::new(),
+            checks: Vec::new(),
+            units: record.units,
+            ownership_applied: super::ownership_applied(),
+            next_inventory: Inventory::default(),
+        }),
     }
-    Some(Plan {
-        host: settings.host.clone(),
-        commit: Some(record.commit),
-        changes: Vec::new(),
-        unchanged: record.files.len(),
-        unit_actions: Vec::new(),
-        checks: Vec::new(),
-        units: record.units,
-        ownership_applied: super::ownership_applied(),
-        next_inventory: Inventory::default(),
-    })
 }
 
-/// Records the host as matching `commit` after a successful sync. A
-/// failure here only costs the next poll a full sync.
-pub fn record(state: &StateDir, fs: &RootFs, commit: &str, inputs: &str, units: &[UnitSpec]) {
+/// Records the host as matching `commit` after a successful sync that
+/// left exactly `managed` under management. A failure here only costs the
+/// next poll a full sync.
+pub fn record(
+    state: &StateDir,
+    fs: &RootFs,
+    commit: &str,
+    inputs: &str,
+    units: &[UnitSpec],
+    managed: &[TargetPath],
+) {
     let _t = crate::timings::stage("quick-record");
-    let inventory = match state.inventory() {
-        Ok(inv) => inv,
-        Err(e) => {
-            debug!("quick check not recorded: {e:#}");
-            return;
-        }
-    };
-    if inventory.commit.as_deref() != Some(commit) {
-        return;
-    }
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };
     let saved = store::save(state, |taken_at_ns| {
-        let stamps = fs.stamps(inventory.files.keys());
+        let stamps = fs.stamps(managed);
         // A managed file that cannot be stamped right after a successful
         // sync is odd: record nothing, so the next poll looks properly.
-        let files = inventory
-            .files
-            .keys()
+        let files = managed
+            .iter()
             .zip(stamps)
             .map(|(p, s)| s.map(|s| (p.clone(), s)))
             .collect::<Option<Vec<_>>>()?;

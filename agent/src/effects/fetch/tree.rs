@@ -42,6 +42,7 @@ pub(super) fn read(
     };
 
     let mut snapshot = Snapshot::new();
+    let mut blobs: Vec<(String, gix::ObjectId, bool)> = Vec::new();
     // (tree id, path of that tree relative to sub_path)
     let mut pending = vec![(start, String::new())];
     while let Some((tree_id, dir)) = pending.pop() {
@@ -74,10 +75,7 @@ pub(super) fn read(
             match entry.mode.kind() {
                 EntryKind::Tree => pending.push((oid, path)),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
-                    let blob = repo
-                        .find_blob(oid)
-                        .with_context(|| format!("cannot read {} in commit {commit}", full(&sub_path, &path)))?;
-                    snapshot.insert_file(path, blob.data.clone(), kind == EntryKind::BlobExecutable);
+                    blobs.push((path, oid, kind == EntryKind::BlobExecutable));
                 }
                 EntryKind::Link => {
                     let blob = repo
@@ -97,7 +95,30 @@ pub(super) fn read(
             }
         }
     }
+    for (path, bytes, executable) in read_blobs(repo, commit, &sub_path, blobs)? {
+        snapshot.insert_file(path, bytes, executable);
+    }
     Ok(snapshot)
+}
+
+/// Reads the blobs (one thread: gix shares one object store between
+/// repository handles, and two threads reading loose objects were slower
+/// than one when measured, see BENCHMARKS.md).
+fn read_blobs(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    blobs: Vec<(String, gix::ObjectId, bool)>,
+) -> Result<Vec<(String, Vec<u8>, bool)>> {
+    blobs
+        .into_iter()
+        .map(|(path, oid, executable)| {
+            let blob = repo.find_blob(oid).with_context(|| {
+                format!("cannot read {} in commit {commit}", full(sub_path, &path))
+            })?;
+            Ok((path, blob.detach().data, executable))
+        })
+        .collect()
 }
 
 /// Accepts `""`, `"."`, `"a/b"`, `"/a/b/"`; refuses `..` and empty
