@@ -377,9 +377,9 @@ fn repo_relative(snap: &Snapshot, files_dir: &str, rel: &str, key: &str) -> Resu
     } else {
         format!("{files_dir}/{rel}")
     };
-    match snap.read(&full) {
-        Ok(Some(_)) => Ok(full),
-        Ok(None) => Err(format!(
+    match snap.file_exists(&full) {
+        Ok(true) => Ok(full),
+        Ok(false) => Err(format!(
             "key `{key}`: {full} does not exist in the repository"
         )),
         Err(e) => Err(format!("key `{key}`: {e:#}")),

@@ -22,8 +22,8 @@ type Loader = Box<dyn Fn() -> Result<Identities, String> + Send + Sync>;
 
 /// Resolves secrets for one host's render.
 pub struct SecretResolver {
-    /// SOPS-looking files of the repository, by path.
-    files: HashMap<String, Vec<u8>>,
+    /// The repository (files are read when a secret is first needed).
+    snap: Snapshot,
     loader: Loader,
     ids: OnceLock<Result<Identities, String>>,
     cache: Mutex<HashMap<String, Arc<Decrypted>>>,
@@ -41,17 +41,8 @@ fn looks_like_sops(bytes: &[u8]) -> bool {
 
 impl SecretResolver {
     pub fn new(snap: &Snapshot, loader: Loader) -> Self {
-        let files = snap
-            .walk("")
-            .filter_map(|(p, e)| match e {
-                super::snapshot::Entry::File { bytes, .. } if looks_like_sops(bytes) => {
-                    Some((p.to_string(), bytes.clone()))
-                }
-                _ => None,
-            })
-            .collect();
         SecretResolver {
-            files,
+            snap: snap.clone(),
             loader,
             ids: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
@@ -83,9 +74,14 @@ impl SecretResolver {
         {
             return Ok(d.clone());
         }
-        let bytes = self.files.get(file).ok_or_else(|| {
-            format!("{file}: no such SOPS file in the repository (paths are relative to the repository root)")
-        })?;
+        let bytes = self
+            .snap
+            .read_file(file)
+            .map_err(|e| format!("{e:#}"))?
+            .filter(|b| looks_like_sops(b))
+            .ok_or_else(|| {
+                format!("{file}: no such SOPS file in the repository (paths are relative to the repository root)")
+            })?;
         let ids = self
             .ids
             .get_or_init(|| (self.loader)())

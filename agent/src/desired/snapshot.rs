@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 
@@ -19,16 +20,70 @@ use anyhow::{bail, Context, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// A regular file (git mode 100644 or 100755).
-    File { bytes: Vec<u8>, executable: bool },
+    File { content: Content, executable: bool },
     /// A symbolic link (git mode 120000); `target` is the link text.
     Symlink { target: String },
 }
 
-/// The files of one commit (or one directory), keyed by relative path.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    entries: BTreeMap<String, Entry>,
+/// A file's bytes, read from the repository on first use.
+///
+/// A commit's tree lists every file, but most syncs need few of them:
+/// repairing one drifted file, or applying a commit that changed one
+/// template, reads the configuration and that template, not the thousand
+/// others. The object id identifies the content without reading it.
+#[derive(Debug, Clone, Default)]
+pub struct Content {
+    /// The git object id, when the snapshot comes from a commit.
+    id: Option<Vec<u8>>,
+    bytes: OnceLock<Vec<u8>>,
 }
+
+impl Content {
+    /// The git object id (`None` for a working directory's files).
+    pub fn id(&self) -> Option<&[u8]> {
+        self.id.as_deref()
+    }
+}
+
+impl PartialEq for Content {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.id, &other.id) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.bytes.get() == other.bytes.get(),
+        }
+    }
+}
+
+impl Eq for Content {}
+
+/// Where a lazy snapshot reads its files from (the effects side: gix).
+pub trait BlobSource: Send + Sync {
+    fn read(&self, id: &[u8]) -> Result<Vec<u8>>;
+}
+
+/// The files of one commit (or one directory), keyed by relative path.
+/// Cloning is cheap: the entries are shared.
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    entries: Arc<BTreeMap<String, Entry>>,
+    source: Option<Arc<dyn BlobSource>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("entries", &self.entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Snapshot {}
 
 /// How many symlinks a single lookup may traverse before it is a loop.
 const MAX_SYMLINK_HOPS: usize = 16;
@@ -38,15 +93,48 @@ impl Snapshot {
         Self::default()
     }
 
+    /// An empty snapshot whose files are read from `source` on first use.
+    pub fn lazy(source: Arc<dyn BlobSource>) -> Self {
+        Snapshot {
+            entries: Arc::default(),
+            source: Some(source),
+        }
+    }
+
     /// Adds a regular file. `path` must be relative and normalised.
     pub fn insert_file(&mut self, path: impl Into<String>, bytes: Vec<u8>, executable: bool) {
-        self.entries
-            .insert(path.into(), Entry::File { bytes, executable });
+        let content = Content {
+            id: None,
+            bytes: OnceLock::from(bytes),
+        };
+        Arc::make_mut(&mut self.entries).insert(
+            path.into(),
+            Entry::File {
+                content,
+                executable,
+            },
+        );
+    }
+
+    /// Adds a regular file whose bytes are read from the source when
+    /// first needed.
+    pub fn insert_blob(&mut self, path: impl Into<String>, id: Vec<u8>, executable: bool) {
+        let content = Content {
+            id: Some(id),
+            bytes: OnceLock::new(),
+        };
+        Arc::make_mut(&mut self.entries).insert(
+            path.into(),
+            Entry::File {
+                content,
+                executable,
+            },
+        );
     }
 
     /// Adds a symbolic link with the given link text.
     pub fn insert_symlink(&mut self, path: impl Into<String>, target: impl Into<String>) {
-        self.entries.insert(
+        Arc::make_mut(&mut self.entries).insert(
             path.into(),
             Entry::Symlink {
                 target: target.into(),
@@ -76,17 +164,30 @@ impl Snapshot {
     /// repository. `Ok(None)` if nothing is there; an error if a symlink
     /// escapes the repository, dangles, or loops.
     pub fn read(&self, path: &str) -> Result<Option<&[u8]>> {
+        match self.resolve(path)? {
+            Some((at, content)) => self.load(at, content).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Follows symlinks like [`Snapshot::read`] and says whether a file is
+    /// there, without reading it.
+    pub fn file_exists(&self, path: &str) -> Result<bool> {
+        Ok(self.resolve(path)?.is_some())
+    }
+
+    fn resolve(&self, path: &str) -> Result<Option<(&str, &Content)>> {
         let mut current = path.to_string();
         for _ in 0..MAX_SYMLINK_HOPS {
-            match self.entries.get(&current) {
+            match self.entries.get_key_value(&current) {
                 None => {
                     if current == path {
                         return Ok(None);
                     }
                     bail!("{path}: symlink points to {current}, which does not exist in the repository");
                 }
-                Some(Entry::File { bytes, .. }) => return Ok(Some(bytes)),
-                Some(Entry::Symlink { target }) => {
+                Some((at, Entry::File { content, .. })) => return Ok(Some((at, content))),
+                Some((_, Entry::Symlink { target })) => {
                     current = resolve_link(&current, target).with_context(|| {
                         format!("{path}: symlink target {target:?} leaves the repository; only links inside the repository are followed")
                     })?;
@@ -94,6 +195,29 @@ impl Snapshot {
             }
         }
         bail!("{path}: too many levels of symbolic links (a loop?)")
+    }
+
+    /// The bytes of a file entry, read from the source on first use.
+    fn load<'a>(&'a self, path: &str, content: &'a Content) -> Result<&'a [u8]> {
+        if let Some(bytes) = content.bytes.get() {
+            return Ok(bytes);
+        }
+        let (Some(source), Some(id)) = (&self.source, &content.id) else {
+            bail!("{path}: the file's content is not available");
+        };
+        let bytes = source
+            .read(id)
+            .with_context(|| format!("cannot read {path} from the repository"))?;
+        Ok(content.bytes.get_or_init(move || bytes))
+    }
+
+    /// The bytes of the file entry at exactly `path` (no symlink
+    /// following); `Ok(None)` if it is not a regular file.
+    pub fn read_file(&self, path: &str) -> Result<Option<&[u8]>> {
+        match self.entries.get(path) {
+            Some(Entry::File { content, .. }) => self.load(path, content).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// All entries whose path starts with `dir/` (recursively), in order.

@@ -143,7 +143,9 @@ fn err_text(err: anyhow::Error) -> String {
 
 fn file(snap: &Snapshot, path: &str) -> (Vec<u8>, bool) {
     match snap.entry(path) {
-        Some(Entry::File { bytes, executable }) => (bytes.clone(), *executable),
+        Some(Entry::File { executable, .. }) => {
+            (snap.read_file(path).unwrap().unwrap().to_vec(), *executable)
+        }
         other => panic!("{path}: expected a file, got {other:?}"),
     }
 }

@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use gix::objs::tree::EntryKind;
 
-use crate::desired::snapshot::Snapshot;
+use std::sync::{Arc, Mutex};
+
+use crate::desired::snapshot::{BlobSource, Snapshot};
 
 pub(super) fn read(
     repo: &gix::Repository,
@@ -41,8 +43,9 @@ pub(super) fn read(
         entry.object_id()
     };
 
-    let mut snapshot = Snapshot::new();
-    let mut blobs: Vec<(String, gix::ObjectId, bool)> = Vec::new();
+    let mut snapshot = Snapshot::lazy(Arc::new(Blobs {
+        repo: Mutex::new(repo.clone()),
+    }));
     // (tree id, path of that tree relative to sub_path)
     let mut pending = vec![(start, String::new())];
     while let Some((tree_id, dir)) = pending.pop() {
@@ -75,7 +78,7 @@ pub(super) fn read(
             match entry.mode.kind() {
                 EntryKind::Tree => pending.push((oid, path)),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
-                    blobs.push((path, oid, kind == EntryKind::BlobExecutable));
+                    snapshot.insert_blob(path, oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable);
                 }
                 EntryKind::Link => {
                     let blob = repo
@@ -95,30 +98,28 @@ pub(super) fn read(
             }
         }
     }
-    for (path, bytes, executable) in read_blobs(repo, commit, &sub_path, blobs)? {
-        snapshot.insert_file(path, bytes, executable);
-    }
     Ok(snapshot)
 }
 
-/// Reads the blobs (one thread: gix shares one object store between
-/// repository handles, and two threads reading loose objects were slower
-/// than one when measured, see BENCHMARKS.md).
-fn read_blobs(
-    repo: &gix::Repository,
-    commit: gix::ObjectId,
-    sub_path: &str,
-    blobs: Vec<(String, gix::ObjectId, bool)>,
-) -> Result<Vec<(String, Vec<u8>, bool)>> {
-    blobs
-        .into_iter()
-        .map(|(path, oid, executable)| {
-            let blob = repo.find_blob(oid).with_context(|| {
-                format!("cannot read {} in commit {commit}", full(sub_path, &path))
-            })?;
-            Ok((path, blob.detach().data, executable))
-        })
-        .collect()
+/// Reads file contents for a lazy [`Snapshot`]: only the files a sync
+/// actually uses are inflated.
+struct Blobs {
+    repo: Mutex<gix::Repository>,
+}
+
+impl BlobSource for Blobs {
+    fn read(&self, id: &[u8]) -> Result<Vec<u8>> {
+        let id = gix::ObjectId::try_from(id).context("invalid object id")?;
+        let repo = self
+            .repo
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the repository handle is poisoned"))?;
+        let blob = repo
+            .find_blob(id)
+            .with_context(|| format!("cannot read object {id}"))?
+            .detach();
+        Ok(blob.data)
+    }
 }
 
 /// Accepts `""`, `"."`, `"a/b"`, `"/a/b/"`; refuses `..` and empty
