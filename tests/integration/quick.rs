@@ -219,3 +219,163 @@ fn the_record_is_newer_than_every_file_it_vouches_for() {
         );
     }
 }
+
+/// A repository exercising every way a file can depend on others: a
+/// shared partial under `templates/`, a role partial included by one
+/// template, a static source, a variable.
+fn layered_repo() -> Repo {
+    let r = Repo::new();
+    r.write(
+        "driftless.toml",
+        "roles = [\"app\"]\n[vars]\nname = \"one\"\n",
+    );
+    r.write("hosts/default.toml", "");
+    let mut role = String::new();
+    for (target, spec) in [
+        ("/etc/app/plain.conf", "template = \"plain.tera\""),
+        ("/etc/app/shared.conf", "template = \"shared.tera\""),
+        ("/etc/app/partial.conf", "template = \"uses-partial.tera\""),
+        ("/etc/app/static.conf", "source = \"static\""),
+        ("/etc/app/other.conf", "template = \"other.tera\""),
+    ] {
+        role.push_str(&format!("[[files]]\npath = \"{target}\"\n{spec}\n\n"));
+    }
+    r.write("roles/app/role.toml", &role);
+    r.write("roles/app/files/plain.tera", "plain {{ vars.name }}\n");
+    r.write(
+        "roles/app/files/shared.tera",
+        "{% include \"templates/header.tera\" %}shared {{ vars.name }}\n",
+    );
+    r.write(
+        "roles/app/files/uses-partial.tera",
+        "{% include \"roles/app/files/part.tera\" %}\n",
+    );
+    r.write("roles/app/files/part.tera", "part v1");
+    r.write("roles/app/files/static", "static v1\n");
+    r.write("roles/app/files/other.tera", "other\n");
+    r.write("templates/header.tera", "# header v1\n");
+    r.commit("v1");
+    r
+}
+
+/// What a fresh host gets from a full sync of the repository as it is.
+#[track_caller]
+fn assert_same_as_a_full_sync(host: &Host, repo: &Repo, step: &str) {
+    let fresh = Host::new(&host.name);
+    fresh.run(repo.path(), &["sync", "--once", "--full"]).ok();
+    let strip = |t: Vec<(String, Vec<u8>)>| -> Vec<(String, Vec<u8>)> {
+        t.into_iter()
+            .filter(|(p, _)| !p.starts_with("/etc/driftless/"))
+            .collect()
+    };
+    assert_eq!(
+        strip(host.tree()),
+        strip(fresh.tree()),
+        "{step}: the host differs from a full sync of the same commit"
+    );
+}
+
+/// The bug this pins: updating only the files a commit touched must never
+/// leave a file that depends on the change (an include, a shared partial,
+/// a variable) behind.
+#[test]
+fn commits_update_exactly_what_a_full_sync_would() {
+    let repo = layered_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+
+    const FULL: &str = "updating only what changed is not possible";
+    // (step, file, new content, expected in stdout, only what changed?)
+    let steps: &[(&str, &str, &str, &str, bool)] = &[
+        (
+            "a template",
+            "roles/app/files/plain.tera",
+            "plain v2 {{ vars.name }}\n",
+            "1 changed",
+            true,
+        ),
+        (
+            "a role partial included by another template",
+            "roles/app/files/part.tera",
+            "part v2",
+            "1 changed",
+            true,
+        ),
+        (
+            "a static source",
+            "roles/app/files/static",
+            "static v2\n",
+            "1 changed",
+            true,
+        ),
+        (
+            "a shared partial",
+            "templates/header.tera",
+            "# header v2\n",
+            "1 changed",
+            false,
+        ),
+        (
+            "a variable",
+            "driftless.toml",
+            "roles = [\"app\"]\n[vars]\nname = \"two\"\n",
+            "2 changed",
+            false,
+        ),
+        (
+            "a file no template uses",
+            "roles/app/files/unused.tera",
+            "unused\n",
+            "nothing written",
+            true,
+        ),
+        (
+            "a template that starts including a role partial",
+            "roles/app/files/other.tera",
+            "{% include \"roles/app/files/part.tera\" %} other\n",
+            "1 changed",
+            true,
+        ),
+        (
+            "the partial it now includes",
+            "roles/app/files/part.tera",
+            "part v3",
+            "2 changed",
+            true,
+        ),
+    ];
+    for (step, file, content, expect, partial) in steps {
+        repo.write(file, content);
+        repo.commit(step);
+        let run = host.run(repo.path(), &["sync", "--once", "-v"]).ok();
+        assert!(
+            run.stdout.contains(expect),
+            "{step}: expected {expect:?} in:\n{}",
+            run.stdout
+        );
+        assert_eq!(
+            !run.stderr.contains(FULL),
+            *partial,
+            "{step}: expected {} path:\n{}",
+            if *partial { "the partial" } else { "the full" },
+            run.stderr
+        );
+        assert_same_as_a_full_sync(&host, &repo, step);
+        settle(&host, &repo);
+    }
+}
+
+#[test]
+fn drift_and_a_new_commit_together_are_both_applied() {
+    let repo = layered_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+    std::fs::write(host.path("/etc/app/other.conf"), "edited\n").unwrap();
+    repo.write("roles/app/files/plain.tera", "plain v2\n");
+    repo.commit("v2");
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stdout.contains("2 changed"), "{}", run.stdout);
+    assert_same_as_a_full_sync(&host, &repo, "drift + commit");
+}

@@ -48,6 +48,11 @@ pub struct DesiredFile {
     pub on_change: Vec<UnitAction>,
     /// Content depends on a secret: never shown, logged or stored in clear.
     pub sensitive: bool,
+    /// The content depends on nothing in the repository but its own
+    /// template or source file, the shared templates and the variables: a
+    /// commit that changes other role files cannot change it (see
+    /// `sync::repair`).
+    pub self_contained: bool,
     /// Where it was declared, for messages.
     pub origin: String,
 }
@@ -132,6 +137,27 @@ impl Renderer {
             for f in host.files.iter().filter(wanted) {
                 if let ContentRef::Template(t) = &f.content {
                     names.insert(t.clone());
+                }
+            }
+        }
+        if only.is_some() {
+            // Also the templates those include, import or extend.
+            let mut todo: Vec<String> = names.iter().cloned().collect();
+            while let Some(name) = todo.pop() {
+                let Ok(Some(bytes)) = snap.read(&name) else {
+                    continue;
+                };
+                let Ok(text) = std::str::from_utf8(bytes) else {
+                    continue;
+                };
+                let Some(refs) = template_refs(text) else {
+                    diags.push(format!("{name}: cannot tell which templates it uses"));
+                    break;
+                };
+                for r in refs {
+                    if !BUILTIN_TEMPLATES.iter().any(|(n, _)| *n == r) && names.insert(r.clone()) {
+                        todo.push(r);
+                    }
                 }
             }
         }
@@ -271,6 +297,17 @@ impl Renderer {
                 }
             };
             let sensitive = self.secrets.take_used();
+            let self_contained = !sensitive
+                && match &decl.content {
+                    ContentRef::Source(path) => {
+                        matches!(snap.entry(path), Some(Entry::File { .. }))
+                    }
+                    ContentRef::Template(name) => {
+                        matches!(snap.entry(name), Some(Entry::File { .. }))
+                            && self.uses_only_shared_templates(name)
+                    }
+                    ContentRef::Secret { .. } => false,
+                };
             let mode = if sensitive && !decl.mode_explicit {
                 Mode(0o600)
             } else {
@@ -285,6 +322,7 @@ impl Renderer {
                 group: decl.group.clone(),
                 on_change: decl.on_change.clone(),
                 sensitive,
+                self_contained,
                 origin: decl.origin.clone(),
             });
         }
@@ -326,10 +364,79 @@ impl Renderer {
         chain.join(": ")
     }
 
+    /// True when `name` and everything it includes, imports or extends,
+    /// transitively, are shared templates (`templates/`, the built-ins).
+    fn uses_only_shared_templates(&self, name: &str) -> bool {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![name.to_string()];
+        while let Some(t) = todo.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            let Some(source) = self.sources.get(&t) else {
+                return false;
+            };
+            let Some(refs) = template_refs(source) else {
+                return false;
+            };
+            for r in refs {
+                if !is_shared_template(&r) {
+                    return false;
+                }
+                todo.push(r);
+            }
+        }
+        true
+    }
+
     fn source_line_of(&self, template: &str, var: &str) -> Option<usize> {
         let source = self.sources.get(template)?;
         source.lines().position(|l| l.contains(var)).map(|i| i + 1)
     }
+}
+
+fn is_shared_template(name: &str) -> bool {
+    name.starts_with("templates/") || BUILTIN_TEMPLATES.iter().any(|(n, _)| *n == name)
+}
+
+/// The template names a template's `include`, `import` and `extends` tags
+/// name, or `None` when a tag names one in a way this scan does not
+/// understand. Conservative: a tag inside `{% raw %}` counts too.
+pub fn template_refs(source: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let after = &rest[start + 2..];
+        let end = after.find("%}")?;
+        let tag = after[..end].trim_matches(|c: char| c == '-' || c.is_whitespace());
+        let keyword = tag.split_whitespace().next().unwrap_or("");
+        if matches!(keyword, "include" | "import" | "extends") {
+            let names = quoted_strings(&tag[keyword.len()..])?;
+            if names.is_empty() {
+                return None;
+            }
+            out.extend(names);
+        }
+        rest = &after[end + 2..];
+    }
+    Some(out)
+}
+
+/// The "..." and '...' literals in a tag; `None` on an unterminated one.
+fn quoted_strings(text: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c == '"' || c == '\'' || c == '`' {
+            let close = text[i + 1..].find(c)?;
+            out.push(text[i + 1..i + 1 + close].to_string());
+            // Skip past the literal.
+            for _ in 0..text[i + 1..i + 1 + close].chars().count() + 1 {
+                chars.next();
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Below this many role templates, one thread parses them all.
@@ -405,4 +512,38 @@ fn error_chain(err: &tera::Error) -> Vec<String> {
         cur = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod refs_tests {
+    use super::template_refs;
+
+    #[test]
+    fn include_import_and_extends_names_are_found_in_any_spelling() {
+        let t = r#"{% extends "templates/base.tera" %}
+{%- import 'templates/m.tera' as m -%}
+{% include ["roles/a/files/x.tera", "templates/y.tera"] ignore missing %}
+{% if x %}{{ x }}{% endif %}"#;
+        assert_eq!(
+            template_refs(t).unwrap(),
+            vec![
+                "templates/base.tera",
+                "templates/m.tera",
+                "roles/a/files/x.tera",
+                "templates/y.tera"
+            ]
+        );
+        assert_eq!(
+            template_refs("plain {{ text }}").unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    /// A tag the scan cannot read must make the caller assume the worst.
+    #[test]
+    fn unreadable_tags_give_none() {
+        assert_eq!(template_refs("{% include some_variable %}"), None);
+        assert_eq!(template_refs("{% include \"unterminated %}"), None);
+        assert_eq!(template_refs("{% include \"a.tera\" "), None);
+    }
 }

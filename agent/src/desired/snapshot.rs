@@ -220,6 +220,48 @@ impl Snapshot {
         }
     }
 
+    /// The paths whose entry differs between `self` and `other` (added,
+    /// removed, or different content or link), in order. Compares object
+    /// ids, so nothing is read.
+    pub fn changed_paths(&self, other: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        let (mut a, mut b) = (
+            self.entries.iter().peekable(),
+            other.entries.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((pa, _)), None) => {
+                    out.push(pa.to_string());
+                    a.next();
+                }
+                (None, Some((pb, _))) => {
+                    out.push(pb.to_string());
+                    b.next();
+                }
+                (Some((pa, ea)), Some((pb, eb))) => match pa.cmp(pb) {
+                    std::cmp::Ordering::Less => {
+                        out.push(pa.to_string());
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(pb.to_string());
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if ea != eb {
+                            out.push(pa.to_string());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        out
+    }
+
     /// All entries whose path starts with `dir/` (recursively), in order.
     pub fn walk<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
         let prefix = if dir.is_empty() {

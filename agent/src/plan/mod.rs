@@ -160,6 +160,10 @@ pub struct Plan {
     /// The inventory that applying this plan records.
     #[serde(skip)]
     pub next_inventory: Inventory,
+    /// Managed files whose content depends only on their own template or
+    /// source (see `DesiredFile::self_contained`).
+    #[serde(skip)]
+    pub self_contained: std::collections::BTreeSet<TargetPath>,
 }
 
 impl Plan {
@@ -365,6 +369,12 @@ pub fn plan(
         units: desired.units.clone(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,
+        self_contained: desired
+            .files
+            .iter()
+            .filter(|f| f.self_contained)
+            .map(|f| f.path.clone())
+            .collect(),
     })
 }
 

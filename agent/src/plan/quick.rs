@@ -61,10 +61,11 @@ pub struct QuickRecord {
     pub inventory: Stamp,
     /// Filesystem time just before the stamps were taken, in ns.
     pub taken_at_ns: i128,
-    /// Every managed file, in inventory order (stored one per line after
-    /// the JSON header, see `effects::state::quick`).
+    /// Every managed file, in inventory order, with its stamp and whether
+    /// it is self-contained (stored one per line after the JSON header,
+    /// see `effects::state::quick`).
     #[serde(skip)]
-    pub files: Vec<(TargetPath, Stamp)>,
+    pub files: Vec<(TargetPath, Stamp, bool)>,
     /// Declared unit states, still converged on every poll.
     #[serde(default)]
     pub units: Vec<UnitSpec>,
@@ -155,8 +156,11 @@ pub fn check(
     inventory: Option<Stamp>,
     files: &[Option<Stamp>],
 ) -> Result<(), Miss> {
-    check_global(record, commit, inputs, inventory, files)?;
-    for ((path, then), now) in record.files.iter().zip(files) {
+    if record.version == QUICK_VERSION && record.commit != commit {
+        return Err(Miss::Commit);
+    }
+    check_global(record, inputs, inventory, files)?;
+    for ((path, then, _), now) in record.files.iter().zip(files) {
         match file_miss(path, then, now, record.taken_at_ns) {
             Some(miss) => return Err(miss),
             None => continue,
@@ -165,24 +169,24 @@ pub fn check(
     Ok(())
 }
 
-/// Like [`check`], but when everything except some files holds, names all
-/// those files (changed, missing, or too recent to trust): the host then
-/// still matches its commit everywhere else, and rendering just those
-/// files repairs it. `Ok(empty)` is a hit.
+/// Like [`check`] without the commit, and when everything except some
+/// files holds, names all those files (changed, missing, or too recent to
+/// trust): the host then still matches the record's commit everywhere
+/// else, and rendering just those files (and what a new commit changed)
+/// brings it up to date. `Ok(empty)` with the same commit is a hit.
 pub fn changed_files(
     record: &QuickRecord,
-    commit: &str,
     inputs: &str,
     inventory: Option<Stamp>,
     files: &[Option<Stamp>],
 ) -> Result<Vec<TargetPath>, Miss> {
-    check_global(record, commit, inputs, inventory, files)?;
+    check_global(record, inputs, inventory, files)?;
     Ok(record
         .files
         .iter()
         .zip(files)
-        .filter(|((path, then), now)| file_miss(path, then, now, record.taken_at_ns).is_some())
-        .map(|((path, _), _)| path.clone())
+        .filter(|((path, then, _), now)| file_miss(path, then, now, record.taken_at_ns).is_some())
+        .map(|((path, _, _), _)| path.clone())
         .collect())
 }
 
@@ -203,16 +207,12 @@ fn file_miss(
 
 fn check_global(
     record: &QuickRecord,
-    commit: &str,
     inputs: &str,
     inventory: Option<Stamp>,
     files: &[Option<Stamp>],
 ) -> Result<(), Miss> {
     if record.version != QUICK_VERSION {
         return Err(Miss::Version);
-    }
-    if record.commit != commit {
-        return Err(Miss::Commit);
     }
     if record.inputs != inputs {
         return Err(Miss::Inputs);
@@ -256,8 +256,8 @@ mod tests {
             inventory: stamp(1, 100),
             taken_at_ns: 1_000,
             files: vec![
-                (path("/etc/a"), stamp(2, 500)),
-                (path("/etc/b"), stamp(3, 600)),
+                (path("/etc/a"), stamp(2, 500), true),
+                (path("/etc/b"), stamp(3, 600), true),
             ],
             units: vec![],
         }
@@ -327,22 +327,21 @@ mod tests {
     fn changed_files_names_every_changed_file_but_only_when_the_rest_holds() {
         let r = record();
         let inv = Some(stamp(1, 100));
-        assert_eq!(changed_files(&r, "c1", "in", inv, &current()), Ok(vec![]));
+        assert_eq!(changed_files(&r, "in", inv, &current()), Ok(vec![]));
         let mut both = current();
         both[0] = None;
         both[1] = Some(stamp(9, 600));
         assert_eq!(
-            changed_files(&r, "c1", "in", inv, &both),
+            changed_files(&r, "in", inv, &both),
             Ok(vec![path("/etc/a"), path("/etc/b")])
         );
-        assert_eq!(changed_files(&r, "c2", "in", inv, &both), Err(Miss::Commit));
-        assert_eq!(changed_files(&r, "c1", "x", inv, &both), Err(Miss::Inputs));
+        assert_eq!(changed_files(&r, "x", inv, &both), Err(Miss::Inputs));
         let mut racy = r.clone();
         racy.files[0].1 = stamp(2, 1_000);
         let mut now = current();
         now[0] = Some(stamp(2, 1_000));
         assert_eq!(
-            changed_files(&racy, "c1", "in", inv, &now),
+            changed_files(&racy, "in", inv, &now),
             Ok(vec![path("/etc/a")])
         );
     }

@@ -19,6 +19,7 @@ fn file(path: &str, content: &str, mode: u32) -> DesiredFile {
             action: UnitActionKind::Reload,
         }],
         sensitive: false,
+        self_contained: true,
         origin: "roles/r/role.toml files[0]".into(),
     }
 }

@@ -148,6 +148,14 @@ pub struct Head {
     pub summary: String,
 }
 
+/// The tree of an earlier commit (the one the quick-check record vouches
+/// for), without reading any file; `None` if it cannot be read.
+fn read_base(settings: &Settings, head: &Head, commit: &str) -> Option<Snapshot> {
+    let _t = timings::stage("read-base");
+    let id = gix::ObjectId::from_hex(commit.as_bytes()).ok()?;
+    fetch::read_tree(&head.repo, id, &settings.path).ok()
+}
+
 /// Reads the configured sub-tree of the fetched commit.
 pub fn read_snapshot(settings: &Settings, head: Head) -> Result<Fetched, Error> {
     let _t = timings::stage("read-tree");
@@ -438,11 +446,11 @@ pub fn sync_once(
         let facts = gather_facts(&fs);
         let inputs = quick::inputs(settings, &facts);
         let bad = marks.bad.contains_key(&head.commit);
-        let mut drift = None;
+        let mut partial = None;
         if let Some(record) = stamps.filter(|_| !opts.full && !bad) {
             let assessed = quick::assess(settings, &fs, record, &head.commit, &inputs);
-            if let quick::Assessment::Drift(changed) = assessed {
-                drift = Some(changed);
+            if let quick::Assessment::Partial { record, drifted } = assessed {
+                partial = Some((record, drifted));
             } else if let quick::Assessment::Hit(plan) = assessed {
                 let commit = head.commit.clone();
                 let mut report = deploy(
@@ -469,9 +477,23 @@ pub fn sync_once(
                 return Ok(report);
             }
         }
+        let base = partial
+            .as_ref()
+            .filter(|(record, _)| record.commit != head.commit)
+            .and_then(|(record, _)| read_base(settings, &head, &record.commit));
         let fetched = read_snapshot(settings, head)?;
-        let repaired = drift
-            .and_then(|changed| repair::plan(settings, &state, &fs, &fetched, &facts, &changed));
+        let repaired = partial.and_then(|(record, drifted)| {
+            repair::plan(
+                settings,
+                &state,
+                &fs,
+                &fetched,
+                &facts,
+                &record,
+                &drifted,
+                base.as_ref(),
+            )
+        });
         let plan = match repaired {
             Some(plan) => plan,
             None => plan_for(settings, &state, &fs, &fetched, &facts)?,
@@ -498,11 +520,20 @@ pub fn sync_once(
         let commit_time = prepared.fetched.commit_time;
         let units = prepared.plan.units.clone();
         let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
+        let self_contained = prepared.plan.self_contained.clone();
         let report = deploy(
             settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered,
         )?;
         raise_floor(settings, &commit, commit_time, now);
-        quick::record(&state, &fs, &commit, &inputs, &units, &managed);
+        quick::record(
+            &state,
+            &fs,
+            &commit,
+            &inputs,
+            &units,
+            &managed,
+            &self_contained,
+        );
         Ok(report)
     })();
     let _t = timings::stage("record");

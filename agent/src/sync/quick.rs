@@ -70,8 +70,12 @@ pub enum Assessment {
     /// It provably still matches the commit: an empty plan listing the
     /// declared units (still converged on every poll).
     Hit(Plan),
-    /// It matches the commit except for these files (see `repair`).
-    Drift(BTreeSet<TargetPath>),
+    /// It matches the record's commit except for the `drifted` files; the
+    /// fetched commit may be another one (see `repair`).
+    Partial {
+        record: QuickRecord,
+        drifted: BTreeSet<TargetPath>,
+    },
     /// Something else changed: the full pipeline must run.
     Miss,
 }
@@ -85,21 +89,14 @@ pub fn assess(
     inputs: &str,
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
-    let files = fs.stamps(record.files.iter().map(|(p, _)| p));
+    let files = fs.stamps(record.files.iter().map(|(p, _, _)| p));
     // `current` checked the inventory stamp under the same lock.
-    match quick::changed_files(&record, commit, inputs, Some(record.inventory), &files) {
+    match quick::changed_files(&record, inputs, Some(record.inventory), &files) {
         Err(miss) => {
             debug!("quick check: {miss}; full sync");
             Assessment::Miss
         }
-        Ok(changed) if !changed.is_empty() => {
-            debug!(
-                files = changed.len(),
-                "quick check: files changed on the host; repairing them"
-            );
-            Assessment::Drift(changed.into_iter().collect())
-        }
-        Ok(_) => Assessment::Hit(Plan {
+        Ok(changed) if changed.is_empty() && record.commit == commit => Assessment::Hit(Plan {
             host: settings.host.clone(),
             commit: Some(record.commit),
             changes: Vec::new(),
@@ -109,7 +106,19 @@ pub fn assess(
             units: record.units,
             ownership_applied: super::ownership_applied(),
             next_inventory: Inventory::default(),
+            self_contained: BTreeSet::new(),
         }),
+        Ok(changed) => {
+            debug!(
+                files = changed.len(),
+                new_commit = record.commit != commit,
+                "quick check: updating only what changed"
+            );
+            Assessment::Partial {
+                record,
+                drifted: changed.into_iter().collect(),
+            }
+        }
     }
 }
 
@@ -123,6 +132,7 @@ pub fn record(
     inputs: &str,
     units: &[UnitSpec],
     managed: &[TargetPath],
+    self_contained: &BTreeSet<TargetPath>,
 ) {
     let _t = crate::timings::stage("quick-record");
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
@@ -135,7 +145,7 @@ pub fn record(
         let files = managed
             .iter()
             .zip(stamps)
-            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .map(|(p, s)| s.map(|s| (p.clone(), s, self_contained.contains(p))))
             .collect::<Option<Vec<_>>>()?;
         Some(QuickRecord {
             version: QUICK_VERSION,

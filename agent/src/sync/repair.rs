@@ -1,15 +1,27 @@
-//! Repairing drift without re-rendering the whole host.
+//! Updating only what changed, without re-rendering the whole host.
 //!
-//! When the quick check finds the commit and every input unchanged and
-//! only some managed files changed on disk, every other file is provably
-//! still as the commit wants it. Rendering, reading and comparing just the
-//! changed files gives the same plan as the full pipeline, at the cost of
-//! a few files instead of all of them: the desired state of the others is
-//! their inventory entry, carried over unchanged.
+//! The quick-check record says the host matched commit A (every file's
+//! stamp, and which files are *self-contained*: their content depends on
+//! nothing in the repository but their own template or source file, the
+//! shared `templates/` and the variables). When the inputs (settings,
+//! facts, account files) are the same, a sync of commit B only has to
+//! render:
 //!
-//! Anything unusual (a template that includes another role template, an
-//! error of any kind) gives `None`, and the caller runs the full pipeline,
-//! which is always correct and reports errors properly.
+//! - the files whose stamps changed on the host (drift), and
+//! - if B is not A: the files whose own template or source changed, and
+//!   every file that is not self-contained.
+//!
+//! Every other file is provably as B wants it already: same template bytes
+//! (same object id), same variables, same facts, and the same stamp as
+//! when it was verified. Their inventory entries are carried over. The
+//! result is the plan the full pipeline would make, at the cost of the
+//! files that changed.
+//!
+//! This holds only while B changes nothing but role files: a change to
+//! `driftless.toml`, a host or role file, `templates/`, secrets, anything
+//! else, or a symlink anywhere in the change, takes the full path. So does
+//! any error or doubt (`None`): the full pipeline is always correct and
+//! reports errors properly.
 
 use std::collections::BTreeSet;
 
@@ -17,40 +29,80 @@ use tracing::debug;
 
 use super::{host_name, Fetched};
 use crate::config::Settings;
-use crate::desired::load::{self, LoadOptions};
+use crate::desired::load::{self, ContentRef, LoadOptions};
 use crate::desired::render::Renderer;
+use crate::desired::snapshot::{Entry, Snapshot};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::StateDir;
 use crate::effects::{ids, observe};
+use crate::plan::quick::QuickRecord;
 use crate::plan::{self, Plan};
 use crate::timings;
 
-/// The plan that repairs `changed`, or `None` to take the full path.
+/// The plan that brings the host from the record's commit (`base`, its
+/// snapshot when it differs from the fetched one) to the fetched commit,
+/// or `None` to take the full path.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     settings: &Settings,
     state: &StateDir,
     fs: &RootFs,
     fetched: &Fetched,
     facts: &serde_json::Value,
-    changed: &BTreeSet<TargetPath>,
+    record: &QuickRecord,
+    drifted: &BTreeSet<TargetPath>,
+    base: Option<&Snapshot>,
 ) -> Option<Plan> {
-    let result = plan_inner(settings, state, fs, fetched, facts, changed);
+    let result = plan_inner(settings, state, fs, fetched, facts, record, drifted, base);
     if let Err(e) = &result {
-        debug!("repairing only the changed files is not possible ({e:#}); full sync");
+        debug!("updating only what changed is not possible ({e:#}); full sync");
     }
     result.ok()
 }
 
+/// Whether a repository path is a file inside a role's `files/`.
+fn is_role_file(path: &str) -> bool {
+    let mut parts = path.splitn(4, '/');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some("roles"), Some(_), Some("files"), Some(_))
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 fn plan_inner(
     settings: &Settings,
     state: &StateDir,
     fs: &RootFs,
     fetched: &Fetched,
     facts: &serde_json::Value,
-    changed: &BTreeSet<TargetPath>,
+    record: &QuickRecord,
+    drifted: &BTreeSet<TargetPath>,
+    base: Option<&Snapshot>,
 ) -> anyhow::Result<Plan> {
     let snap = &fetched.snapshot;
+    let changed_in_repo: BTreeSet<String> = match base {
+        Some(base) if record.commit != fetched.commit => {
+            let _t = timings::stage("tree-diff");
+            let changed = base.changed_paths(snap);
+            for p in &changed {
+                anyhow::ensure!(is_role_file(p), "{p} changed and is not a role file");
+                for s in [base, snap] {
+                    anyhow::ensure!(
+                        !matches!(s.entry(p), Some(Entry::Symlink { .. })),
+                        "{p} is a symlink"
+                    );
+                }
+            }
+            changed.into_iter().collect()
+        }
+        Some(_) => BTreeSet::new(),
+        None => {
+            anyhow::ensure!(record.commit == fetched.commit, "no base snapshot");
+            BTreeSet::new()
+        }
+    };
     let opts = LoadOptions {
         allowed_roots: settings.allowed_roots.clone(),
     };
@@ -59,8 +111,25 @@ fn plan_inner(
     let config = load::load_host(snap, &host, &opts).map_err(|d| anyhow::anyhow!("{d}"))?;
     drop(timing);
     let declared: BTreeSet<&TargetPath> = config.files.iter().map(|f| &f.path).collect();
-    if let Some(p) = changed.iter().find(|p| !declared.contains(p)) {
-        anyhow::bail!("{p} is no longer declared");
+    let recorded: BTreeSet<&TargetPath> = record.files.iter().map(|(p, _, _)| p).collect();
+    anyhow::ensure!(
+        declared == recorded,
+        "the declared files differ from the recorded ones"
+    );
+    let mut affected: BTreeSet<TargetPath> = drifted.clone();
+    for (path, _, contained) in &record.files {
+        if !contained && !changed_in_repo.is_empty() {
+            affected.insert(path.clone());
+        }
+    }
+    for decl in &config.files {
+        let own = match &decl.content {
+            ContentRef::Template(p) | ContentRef::Source(p) => Some(p),
+            ContentRef::Secret { .. } => None,
+        };
+        if own.is_some_and(|p| changed_in_repo.contains(p)) {
+            affected.insert(decl.path.clone());
+        }
     }
     let keys_settings = settings.clone();
     let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
@@ -68,18 +137,18 @@ fn plan_inner(
         Box::new(move || crate::effects::keys::load(&keys_settings)),
     ));
     let timing = timings::stage("parse");
-    let renderer = Renderer::for_files(snap, &config, changed, resolver)
+    let renderer = Renderer::for_files(snap, &config, &affected, resolver)
         .map_err(|d| anyhow::anyhow!("{d}"))?;
     drop(timing);
     let timing = timings::stage("render");
     let desired = renderer
-        .render_only(snap, &config, facts, Some(changed))
+        .render_only(snap, &config, facts, Some(&affected))
         .map_err(|d| anyhow::anyhow!("{d}"))?;
     drop(timing);
     let timing = timings::stage("ids");
     let mut ids = ids::resolve(fs.path(), &desired)?;
     let inventory = state.inventory()?;
-    let subset = inventory.restricted_to(changed);
+    let subset = inventory.restricted_to(&affected);
     if desired.files.iter().any(|f| f.sensitive) || subset.files.values().any(|e| e.sensitive) {
         ids.hash_key = state.hash_key()?;
     }
@@ -90,8 +159,15 @@ fn plan_inner(
     let _t = timings::stage("plan");
     let mut plan = plan::plan(&desired, Some(&fetched.commit), &observed, &subset, &ids)
         .map_err(|d| anyhow::anyhow!("{d}"))?;
-    let carried = inventory.without(changed);
+    let carried = inventory.without(&affected);
     plan.unchanged += carried.len();
+    plan.self_contained.extend(
+        record
+            .files
+            .iter()
+            .filter(|(p, _, contained)| *contained && !affected.contains(p))
+            .map(|(p, _, _)| p.clone()),
+    );
     plan.next_inventory.files.extend(carried);
     Ok(plan)
 }

@@ -49,6 +49,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
                 group: Principal::root(),
                 on_change: vec![],
                 sensitive: false,
+                self_contained: true,
                 origin: "test".into(),
             })
             .collect(),

@@ -59,7 +59,8 @@ static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
 
 /// The format, read on every poll, so cheap to parse: a magic line, the
 /// header as one line of JSON, then one line per file:
-/// `dev ino mode uid gid size mtime_ns ctime_ns path`, and `end N` last,
+/// `dev ino mode uid gid size mtime_ns ctime_ns self_contained path`, and
+/// `end N` last,
 /// so a torn file that happens to end on a line boundary is still refused.
 const MAGIC: &str = "driftless-quick 1";
 
@@ -69,12 +70,21 @@ fn encode(record: &QuickRecord) -> Result<Vec<u8>> {
     out.push(b'\n');
     serde_json::to_writer(&mut out, record).context("cannot serialise the quick-check record")?;
     out.push(b'\n');
-    for (path, s) in &record.files {
+    for (path, s, contained) in &record.files {
         anyhow::ensure!(!path.as_str().contains('\n'), "a path with a newline");
         writeln!(
             out,
-            "{} {} {} {} {} {} {} {} {}",
-            s.dev, s.ino, s.mode, s.uid, s.gid, s.size, s.mtime_ns, s.ctime_ns, path
+            "{} {} {} {} {} {} {} {} {} {}",
+            s.dev,
+            s.ino,
+            s.mode,
+            s.uid,
+            s.gid,
+            s.size,
+            s.mtime_ns,
+            s.ctime_ns,
+            u8::from(*contained),
+            path
         )?;
     }
     writeln!(out, "end {}", record.files.len())?;
@@ -92,7 +102,7 @@ fn decode(bytes: &[u8]) -> Result<QuickRecord> {
             anyhow::ensure!(n.parse::<usize>()? == record.files.len(), "wrong count");
             return Ok(record);
         }
-        let mut f = line.splitn(9, ' ');
+        let mut f = line.splitn(10, ' ');
         let mut num = || f.next().context("short line");
         let stamp = Stamp {
             dev: num()?.parse()?,
@@ -104,8 +114,13 @@ fn decode(bytes: &[u8]) -> Result<QuickRecord> {
             mtime_ns: num()?.parse()?,
             ctime_ns: num()?.parse()?,
         };
+        let contained = match num()? {
+            "1" => true,
+            "0" => false,
+            other => anyhow::bail!("bad flag {other:?}"),
+        };
         let path = TargetPath::parse(num()?).map_err(anyhow::Error::msg)?;
-        record.files.push((path, stamp));
+        record.files.push((path, stamp, contained));
     }
     anyhow::bail!("truncated")
 }
@@ -191,8 +206,8 @@ mod tests {
             inventory: stamp(1),
             taken_at_ns: 99,
             files: vec![
-                (TargetPath::parse("/etc/a b").unwrap(), stamp(2)),
-                (TargetPath::parse("/etc/c").unwrap(), stamp(3)),
+                (TargetPath::parse("/etc/a b").unwrap(), stamp(2), true),
+                (TargetPath::parse("/etc/c").unwrap(), stamp(3), false),
             ],
             units: vec![],
         };
