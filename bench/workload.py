@@ -55,7 +55,7 @@ def template(i):
     """One service's config template: ~20 fixed lines + 20 loop lines."""
     return f"""# Managed by configuration management: service {i:04d}.
 # Do not edit by hand; changes are overwritten.
-# host: {{{{ vars.host_name }}}} ({{{{ vars.environment }}}}, {{{{ vars.datacenter }}}})
+# host: {{{{ vars.host_name }}}} ({{{{ vars.env_name }}}}, {{{{ vars.datacenter }}}})
 
 [service]
 name = "svc-{i:04d}"
@@ -72,7 +72,7 @@ keepalive_seconds = 75
 [upstreams]
 # {{{{ vars.upstreams | length }}}} backends, weighted
 {{% for u in vars.upstreams %}}backend_{{{{ loop.index }}}} = "{{{{ u.host }}}}:{{{{ u.port }}}}" # weight={{{{ u.weight }}}} zone={{{{ u.zone }}}} name={{{{ u.name }}}}
-{{% endfor %}}
+{{% endfor -%}}
 [health]
 path = "/healthz"
 interval_seconds = 10
@@ -98,7 +98,7 @@ def upstreams():
 
 HOST_VARS = {
     "host_name": "bench1.example.com",
-    "environment": "production",
+    "env_name": "production",
     "datacenter": "ams1",
     "base_port": 10000,
     "workers": 4,
