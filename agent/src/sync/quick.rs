@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 use tracing::debug;
@@ -59,7 +60,7 @@ fn account_stamps(root: &Path) -> Vec<Option<Stamp>> {
 
 /// The record, if there is one and no transaction ran since it was taken
 /// (the inventory is the one it stamped).
-pub fn current(state: &StateDir) -> Option<QuickRecord> {
+pub fn current(state: &StateDir) -> Option<Arc<QuickRecord>> {
     let _t = crate::timings::stage("quick-load");
     let record = store::load(state)?;
     (stamp_path(&state.inventory_path()) == Some(record.inventory)).then_some(record)
@@ -73,7 +74,7 @@ pub enum Assessment {
     /// It matches the record's commit except for the `drifted` files; the
     /// fetched commit may be another one (see `repair`).
     Partial {
-        record: QuickRecord,
+        record: Arc<QuickRecord>,
         drifted: BTreeSet<TargetPath>,
     },
     /// Something else changed: the full pipeline must run.
@@ -84,7 +85,7 @@ pub enum Assessment {
 pub fn assess(
     settings: &Settings,
     fs: &RootFs,
-    record: QuickRecord,
+    record: Arc<QuickRecord>,
     commit: &str,
     inputs: &str,
 ) -> Assessment {
@@ -98,12 +99,12 @@ pub fn assess(
         }
         Ok(changed) if changed.is_empty() && record.commit == commit => Assessment::Hit(Plan {
             host: settings.host.clone(),
-            commit: Some(record.commit),
+            commit: Some(record.commit.clone()),
             changes: Vec::new(),
             unchanged: record.files.len(),
             unit_actions: Vec::new(),
             checks: Vec::new(),
-            units: record.units,
+            units: record.units.clone(),
             ownership_applied: super::ownership_applied(),
             next_inventory: Inventory::default(),
             self_contained: BTreeSet::new(),

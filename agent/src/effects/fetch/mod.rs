@@ -280,7 +280,30 @@ pub fn full_ref_name(branch: &str) -> Result<String> {
     Ok(full)
 }
 
+/// The daemon opens the same local repository on every poll; opening
+/// (config files, paths) is most of an idle poll's fetch. The handle is
+/// kept and reused: refs are read from disk on every lookup, and the
+/// object store rescans for new packs when an object is not found, so a
+/// kept handle sees new commits and repacks like a fresh one.
+static LOCAL: std::sync::Mutex<Option<(std::path::PathBuf, gix::ThreadSafeRepository)>> =
+    std::sync::Mutex::new(None);
+
 fn open_local(path: &Path) -> Result<gix::Repository> {
+    if let Ok(cache) = LOCAL.lock() {
+        if let Some((p, repo)) = cache.as_ref() {
+            if p == path {
+                return Ok(repo.to_thread_local());
+            }
+        }
+    }
+    let repo = open_local_uncached(path)?;
+    if let Ok(mut cache) = LOCAL.lock() {
+        *cache = Some((path.to_path_buf(), repo.clone().into_sync()));
+    }
+    Ok(repo)
+}
+
+fn open_local_uncached(path: &Path) -> Result<gix::Repository> {
     gix::open_opts(path, gix::open::Options::isolated()).with_context(|| {
         format!(
             "cannot open the git repository at {}: `source` must be a git working copy or bare repository",

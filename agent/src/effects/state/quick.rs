@@ -9,6 +9,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
@@ -24,13 +25,13 @@ const FILE: &str = "quick.json";
 /// The daemon reads it on every poll, so the last one decoded is kept in
 /// memory and reused while the file's stamp (inode, size, times) is the
 /// same: the file is only ever replaced by rename, never edited in place.
-pub fn load(state: &StateDir) -> Option<QuickRecord> {
+pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
     let path = state.path().join(FILE);
     let stamp = crate::effects::rootfs::stamp_path(&path)?;
     let mut cache = CACHE.lock().ok()?;
     if let Some((p, s, r)) = cache.as_ref() {
         if *p == path && *s == stamp {
-            return Some(r.clone());
+            return Some(Arc::clone(r));
         }
     }
     let bytes = fs::read(&path).ok()?;
@@ -38,7 +39,8 @@ pub fn load(state: &StateDir) -> Option<QuickRecord> {
         Ok(r) => {
             // Read after the stamp: if the file was replaced in between, the
             // stamp is older than the content and the next load reads again.
-            *cache = Some((path, stamp, r.clone()));
+            let r = Arc::new(r);
+            *cache = Some((path, stamp, Arc::clone(&r)));
             Some(r)
         }
         Err(e) => {
@@ -54,7 +56,7 @@ fn forget() {
     }
 }
 
-type Cached = Option<(std::path::PathBuf, Stamp, QuickRecord)>;
+type Cached = Option<(std::path::PathBuf, Stamp, Arc<QuickRecord>)>;
 static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
 
 /// The format, read on every poll, so cheap to parse: a magic line, the
