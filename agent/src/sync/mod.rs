@@ -464,7 +464,7 @@ pub fn sync_once(
                             summary: head.summary,
                             snapshot: Snapshot::default(),
                         },
-                        plan,
+                        plan: *plan,
                     },
                     now,
                     opts,

@@ -70,7 +70,7 @@ pub fn current(state: &StateDir) -> Option<Arc<QuickRecord>> {
 pub enum Assessment {
     /// It provably still matches the commit: an empty plan listing the
     /// declared units (still converged on every poll).
-    Hit(Plan),
+    Hit(Box<Plan>),
     /// It matches the record's commit except for the `drifted` files; the
     /// fetched commit may be another one (see `repair`).
     Partial {
@@ -97,18 +97,20 @@ pub fn assess(
             debug!("quick check: {miss}; full sync");
             Assessment::Miss
         }
-        Ok(changed) if changed.is_empty() && record.commit == commit => Assessment::Hit(Plan {
-            host: settings.host.clone(),
-            commit: Some(record.commit.clone()),
-            changes: Vec::new(),
-            unchanged: record.files.len(),
-            unit_actions: Vec::new(),
-            checks: Vec::new(),
-            units: record.units.clone(),
-            ownership_applied: super::ownership_applied(),
-            next_inventory: Inventory::default(),
-            self_contained: BTreeSet::new(),
-        }),
+        Ok(changed) if changed.is_empty() && record.commit == commit => {
+            Assessment::Hit(Box::new(Plan {
+                host: settings.host.clone(),
+                commit: Some(record.commit.clone()),
+                changes: Vec::new(),
+                unchanged: record.files.len(),
+                unit_actions: Vec::new(),
+                checks: Vec::new(),
+                units: record.units.clone(),
+                ownership_applied: super::ownership_applied(),
+                next_inventory: Inventory::default(),
+                self_contained: BTreeSet::new(),
+            }))
+        }
         Ok(changed) => {
             debug!(
                 files = changed.len(),

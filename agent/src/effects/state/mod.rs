@@ -208,19 +208,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().context("state file has no parent")?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("state file name")?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let (tmp, mut f) = create_temp(path)?;
     {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(bytes)
             .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -230,6 +219,24 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         fsync_dir(dir)?;
     }
     Ok(())
+}
+
+/// A new private (0600) temp file beside `path`, for an atomic replace.
+pub(crate) fn create_temp(path: &Path) -> Result<(PathBuf, File)> {
+    let dir = path.parent().context("state file has no parent")?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("state file name")?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok((tmp, f))
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

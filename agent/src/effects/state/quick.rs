@@ -6,9 +6,8 @@
 //! removed before any transaction touches a file, so it never describes a
 //! host that is half way through a change.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -151,16 +150,7 @@ pub fn clear(state: &StateDir) -> Result<()> {
 pub fn save(state: &StateDir, build: impl FnOnce(i128) -> Option<QuickRecord>) -> Result<()> {
     forget();
     let path = state.path().join(FILE);
-    let tmp = state
-        .path()
-        .join(format!(".{FILE}.tmp-{}", std::process::id()));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let (tmp, mut f) = super::create_temp(&path)?;
     let st = nix::sys::stat::fstat(&f).with_context(|| format!("cannot stat {}", tmp.display()))?;
     let now = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
     let Some(record) = build(now) else {
