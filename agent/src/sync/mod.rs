@@ -12,6 +12,7 @@ pub mod quick;
 pub mod repair;
 pub mod stick;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::config::Settings;
 use crate::desired::load::{self, LoadOptions};
 use crate::desired::render::Renderer;
 use crate::desired::snapshot::Snapshot;
+use crate::desired::spec::TargetPath;
 use crate::effects::apply::{self, Applied, ApplyOptions};
 use crate::effects::fetch::{self, Location, SourceSpec, SshOptions};
 use crate::effects::rootfs::RootFs;
@@ -342,30 +344,57 @@ pub fn plan_for(
     fetched: &Fetched,
     facts: &serde_json::Value,
 ) -> Result<Plan, Error> {
-    let snap = &fetched.snapshot;
+    let config = load_config(settings, &fetched.snapshot)?;
+    plan_files(settings, state, fs, fetched, facts, &config, None)
+}
+
+/// This host's configuration in the fetched commit.
+fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::HostConfig, Error> {
     let opts = LoadOptions {
         allowed_roots: settings.allowed_roots.clone(),
     };
     let host = host_name(settings, snap);
-    let timing = timings::stage("load");
-    let config = load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?;
-    drop(timing);
+    let _t = timings::stage("load");
+    load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)
+}
+
+/// Renders, observes and plans the files of `config`: all of them, or
+/// only those in `only`, with every other inventory entry carried over
+/// unchanged (see `repair` for when that is sound).
+fn plan_files(
+    settings: &Settings,
+    state: &StateDir,
+    fs: &RootFs,
+    fetched: &Fetched,
+    facts: &serde_json::Value,
+    config: &load::HostConfig,
+    only: Option<&BTreeSet<TargetPath>>,
+) -> Result<Plan, Error> {
+    let snap = &fetched.snapshot;
     let keys_settings = settings.clone();
     let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
         snap,
         Box::new(move || crate::effects::keys::load(&keys_settings)),
     ));
     let timing = timings::stage("parse");
-    let renderer = Renderer::new(snap, &[&config], resolver).kind(Failure::InvalidRepo)?;
+    let renderer = match only {
+        None => Renderer::new(snap, &[config], resolver),
+        Some(only) => Renderer::for_files(snap, config, only, resolver),
+    }
+    .kind(Failure::InvalidRepo)?;
     drop(timing);
     let timing = timings::stage("render");
     let desired = renderer
-        .render(snap, &config, facts)
+        .render_only(snap, config, facts, only)
         .kind(Failure::InvalidRepo)?;
     drop(timing);
     let timing = timings::stage("ids");
     let mut ids = ids::resolve(fs.path(), &desired).kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
+    let (inventory, carried) = match only {
+        None => (inventory, Vec::new()),
+        Some(only) => (inventory.restricted_to(only), inventory.without(only)),
+    };
     if desired.files.iter().any(|f| f.sensitive) || inventory.files.values().any(|e| e.sensitive) {
         ids.hash_key = state.hash_key().kind(Failure::Failed)?;
     }
@@ -374,8 +403,11 @@ pub fn plan_for(
     let observed = observe::observe(fs, &desired, &inventory).kind(Failure::InvalidRepo)?;
     drop(timing);
     let _t = timings::stage("plan");
-    plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids)
-        .kind(Failure::InvalidRepo)
+    let mut plan = plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids)
+        .kind(Failure::InvalidRepo)?;
+    plan.unchanged += carried.len();
+    plan.next_inventory.files.extend(carried);
+    Ok(plan)
 }
 
 /// Prepares a plan under an already-held lock.

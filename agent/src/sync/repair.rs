@@ -27,17 +27,15 @@ use std::collections::BTreeSet;
 
 use tracing::debug;
 
-use super::{host_name, Fetched};
+use super::Fetched;
 use crate::config::Settings;
-use crate::desired::load::{self, ContentRef, LoadOptions};
-use crate::desired::render::Renderer;
+use crate::desired::load::ContentRef;
 use crate::desired::snapshot::{Entry, Snapshot};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::StateDir;
-use crate::effects::{ids, observe};
 use crate::plan::quick::QuickRecord;
-use crate::plan::{self, Plan};
+use crate::plan::Plan;
 use crate::timings;
 
 /// The plan that brings the host from the record's commit (`base`, its
@@ -103,13 +101,7 @@ fn plan_inner(
             BTreeSet::new()
         }
     };
-    let opts = LoadOptions {
-        allowed_roots: settings.allowed_roots.clone(),
-    };
-    let host = host_name(settings, snap);
-    let timing = timings::stage("load");
-    let config = load::load_host(snap, &host, &opts).map_err(|d| anyhow::anyhow!("{d}"))?;
-    drop(timing);
+    let config = super::load_config(settings, snap).map_err(|e| e.error)?;
     let declared: BTreeSet<&TargetPath> = config.files.iter().map(|f| &f.path).collect();
     let recorded: BTreeSet<&TargetPath> = record.files.iter().map(|(p, _, _)| p).collect();
     anyhow::ensure!(
@@ -131,36 +123,16 @@ fn plan_inner(
             affected.insert(decl.path.clone());
         }
     }
-    let keys_settings = settings.clone();
-    let resolver = std::sync::Arc::new(crate::desired::secrets::SecretResolver::new(
-        snap,
-        Box::new(move || crate::effects::keys::load(&keys_settings)),
-    ));
-    let timing = timings::stage("parse");
-    let renderer = Renderer::for_files(snap, &config, &affected, resolver)
-        .map_err(|d| anyhow::anyhow!("{d}"))?;
-    drop(timing);
-    let timing = timings::stage("render");
-    let desired = renderer
-        .render_only(snap, &config, facts, Some(&affected))
-        .map_err(|d| anyhow::anyhow!("{d}"))?;
-    drop(timing);
-    let timing = timings::stage("ids");
-    let mut ids = ids::resolve(fs.path(), &desired)?;
-    let inventory = state.inventory()?;
-    let subset = inventory.restricted_to(&affected);
-    if desired.files.iter().any(|f| f.sensitive) || subset.files.values().any(|e| e.sensitive) {
-        ids.hash_key = state.hash_key()?;
-    }
-    drop(timing);
-    let timing = timings::stage("observe");
-    let observed = observe::observe(fs, &desired, &subset)?;
-    drop(timing);
-    let _t = timings::stage("plan");
-    let mut plan = plan::plan(&desired, Some(&fetched.commit), &observed, &subset, &ids)
-        .map_err(|d| anyhow::anyhow!("{d}"))?;
-    let carried = inventory.without(&affected);
-    plan.unchanged += carried.len();
+    let mut plan = super::plan_files(
+        settings,
+        state,
+        fs,
+        fetched,
+        facts,
+        &config,
+        Some(&affected),
+    )
+    .map_err(|e| e.error)?;
     plan.self_contained.extend(
         record
             .files
@@ -168,6 +140,5 @@ fn plan_inner(
             .filter(|(p, _, contained)| *contained && !affected.contains(p))
             .map(|(p, _, _)| p.clone()),
     );
-    plan.next_inventory.files.extend(carried);
     Ok(plan)
 }
