@@ -436,6 +436,8 @@ fn settings_with(
         require_signed: g.require_signed.then_some(true),
         allowed_signers: g.allowed_signers.clone(),
         signature_policy: None,
+        max_file_size: None,
+        max_render_size: None,
         ssh: SshFragment {
             key: g.ssh_key.clone(),
             known_hosts: g.ssh_known_hosts.clone(),

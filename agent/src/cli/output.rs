@@ -331,7 +331,7 @@ pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<Exit
                 &snap,
                 Box::new(move || crate::effects::keys::load(&keys_settings)),
             ));
-            let r = Renderer::new(&snap, &[&cfg], resolver)?;
+            let r = Renderer::new(&snap, &[&cfg], resolver)?.with_limits(s.limits);
             let d = r.render(&snap, &cfg, &facts)?;
             Ok((cfg, d))
         });

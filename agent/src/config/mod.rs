@@ -80,6 +80,11 @@ pub struct Fragment {
     pub allowed_signers: Option<PathBuf>,
     /// `every-commit` (default) or `tip`: which new commits must be signed.
     pub signature_policy: Option<String>,
+    /// Largest content of one managed file, e.g. "64MiB" (the default).
+    pub max_file_size: Option<SizeValue>,
+    /// Largest content of all of a host's files together, e.g. "1GiB"
+    /// (the default).
+    pub max_render_size: Option<SizeValue>,
     #[serde(default)]
     pub ssh: SshFragment,
 }
@@ -115,6 +120,8 @@ impl Fragment {
             require_signed,
             allowed_signers,
             signature_policy,
+            max_file_size,
+            max_render_size,
             ssh: SshFragment { key, known_hosts },
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
@@ -139,6 +146,8 @@ impl Fragment {
         take(&mut self.require_signed, require_signed);
         take(&mut self.allowed_signers, allowed_signers);
         take(&mut self.signature_policy, signature_policy);
+        take(&mut self.max_file_size, max_file_size);
+        take(&mut self.max_render_size, max_render_size);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
     }
@@ -169,6 +178,9 @@ pub struct Settings {
     pub require_signed: bool,
     pub allowed_signers: PathBuf,
     pub signature_policy: crate::trust::SignaturePolicy,
+    /// Rendered output limits.
+    #[serde(skip)]
+    pub limits: crate::desired::guard::Limits,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
 }
@@ -294,7 +306,28 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
             "signature_policy: {other:?} is not a policy; use \"every-commit\" (every new commit must be signed, the default) or \"tip\" (only the newest)"
         ),
     };
+    let defaults = crate::desired::guard::Limits::default();
+    let limits = crate::desired::guard::Limits {
+        file: size("max_file_size", f.max_file_size, defaults.file)?,
+        total: size("max_render_size", f.max_render_size, defaults.total)?,
+    };
+    if limits.total < limits.file {
+        bail!(
+            "max_render_size ({}) is smaller than max_file_size ({}): make it at least as large",
+            crate::desired::guard::size_str(limits.total),
+            crate::desired::guard::size_str(limits.file)
+        );
+    }
+    // State belongs to the root it describes: a `--root` prefix keeps its
+    // own under the prefix unless `state_dir` says otherwise (a demo run as
+    // root must not touch the host's /var/lib/driftless).
+    let state_dir = match f.state_dir {
+        Some(d) => absolute(d),
+        None if live => PathBuf::from(DEFAULT_STATE_DIR),
+        None => root.join(DEFAULT_STATE_DIR.trim_start_matches('/')),
+    };
     Ok(Settings {
+        limits,
         interval,
         splay: duration("splay", f.splay, DEFAULT_SPLAY)?,
         job_timeout: duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?,
@@ -313,10 +346,7 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         branch,
         path,
         host,
-        state_dir: absolute(
-            f.state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-        ),
+        state_dir,
         root,
         allowed_roots,
         allow_non_fast_forward: f.allow_non_fast_forward.unwrap_or(false),
@@ -392,4 +422,44 @@ mod tests {
         assert_eq!(normalise_sub_path("/a//b/./").unwrap(), "a/b");
         assert!(normalise_sub_path("a/../b").is_err());
     }
+}
+
+/// A size in an agent config: bytes as an integer, or a string with a
+/// binary unit ("512KiB", "64MiB", "1GiB"; "K", "M", "G" mean the same).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+fn size(key: &str, v: Option<SizeValue>, default: u64) -> Result<u64> {
+    let n = match v {
+        None => return Ok(default),
+        Some(SizeValue::Bytes(n)) => n,
+        Some(SizeValue::Text(t)) => parse_size(&t).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{key}: {t:?} is not a size; write bytes (1048576) or a number with KiB, MiB or GiB (\"64MiB\")"
+            )
+        })?,
+    };
+    if n == 0 {
+        bail!("{key}: must be larger than 0");
+    }
+    Ok(n)
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }

@@ -2,8 +2,10 @@
 //! rendered desired state. Nothing here touches the disk, the network or
 //! the clock; inputs are a [`snapshot::Snapshot`] and the host's facts.
 
+pub mod guard;
 pub mod load;
 pub mod model;
+pub mod redact;
 pub mod render;
 pub mod secrets;
 pub mod snapshot;
@@ -32,6 +34,10 @@ impl Diagnostics {
     }
     pub fn extend(&mut self, other: Diagnostics) {
         self.0.extend(other.0);
+    }
+    /// Every message rewritten by `f` (redaction).
+    pub fn map(self, f: impl Fn(String) -> String) -> Diagnostics {
+        Diagnostics(self.0.into_iter().map(f).collect())
     }
 }
 

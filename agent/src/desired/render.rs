@@ -22,6 +22,7 @@ use tera::Tera;
 
 use std::collections::BTreeSet;
 
+use super::guard::{self, LimitedWriter, Limits};
 use super::load::{ContentRef, FileDecl, HostConfig};
 use super::model::UnitSpec;
 use super::secrets::SecretResolver;
@@ -83,6 +84,36 @@ pub struct Renderer {
     /// Raw template texts by name, to find the line of a render error
     /// (Tera reports the variable but not where it is).
     sources: std::collections::HashMap<String, String>,
+    limits: Limits,
+}
+
+/// Runs `f` on a thread with [`guard::RENDER_STACK`] of stack: Tera's
+/// parser and renderer recurse, and a deep (hostile) template must end in
+/// an error, not a stack overflow of a small thread's stack.
+fn on_big_stack<T: Send, F: FnOnce() -> T + Send>(f: F) -> T {
+    let slot = std::sync::Mutex::new(Some(f));
+    let take = || slot.lock().ok().and_then(|mut s| s.take());
+    let ran = std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("render".into())
+            .stack_size(guard::RENDER_STACK)
+            .spawn_scoped(scope, || take().map(|f| f()));
+        match spawned {
+            Ok(handle) => match handle.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            // No thread to be had (RLIMIT_NPROC, memory): render here.
+            Err(_) => None,
+        }
+    });
+    match ran {
+        Some(v) => v,
+        None => match take() {
+            Some(f) => f(),
+            None => unreachable!("the render closure ran or is still here"),
+        },
+    }
 }
 
 impl Renderer {
@@ -112,7 +143,22 @@ impl Renderer {
         Self::build(snap, &[host], secrets, Some(only))
     }
 
+    /// The output size limits (default: [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     fn build(
+        snap: &Snapshot,
+        hosts: &[&HostConfig],
+        secrets: Arc<SecretResolver>,
+        only: Option<&BTreeSet<TargetPath>>,
+    ) -> Result<Self, Diagnostics> {
+        on_big_stack(|| Self::build_inner(snap, hosts, secrets, only))
+    }
+
+    fn build_inner(
         snap: &Snapshot,
         hosts: &[&HostConfig],
         secrets: Arc<SecretResolver>,
@@ -195,6 +241,14 @@ impl Renderer {
                 return Err(diags);
             }
         };
+        let cycles = guard::cycles(&tera);
+        if !cycles.is_empty() {
+            for c in cycles {
+                diags.push(guard::cycle_message(&c));
+            }
+            return Err(diags);
+        }
+        guard::instrument_macros(&mut tera);
         tera.autoescape_on(vec![]);
         tera.register_function("get_env", |_: &std::collections::HashMap<String, Json>| {
             Err(tera::Error::msg(
@@ -206,6 +260,7 @@ impl Renderer {
             tera,
             secrets,
             sources: sources.into_iter().collect(),
+            limits: Limits::default(),
         })
     }
 
@@ -227,8 +282,24 @@ impl Renderer {
         facts: &Json,
         only: Option<&BTreeSet<TargetPath>>,
     ) -> Result<Desired, Diagnostics> {
+        on_big_stack(|| {
+            self.render_inner(snap, host, facts, only)
+                .map_err(|d| d.map(|m| self.secrets.redact(&m)))
+        })
+    }
+
+    /// [`Renderer::render_only`] before redaction: every message this
+    /// returns may quote values the templates worked on.
+    fn render_inner(
+        &self,
+        snap: &Snapshot,
+        host: &HostConfig,
+        facts: &Json,
+        only: Option<&BTreeSet<TargetPath>>,
+    ) -> Result<Desired, Diagnostics> {
         let mut diags = Diagnostics::default();
         let mut files = Vec::with_capacity(host.files.len());
+        let mut total: u64 = 0;
         let host_json = json!({
             "name": host.name,
             "labels": host.labels,
@@ -282,8 +353,18 @@ impl Renderer {
                             continue;
                         }
                     };
-                    match self.tera.render(name, &ctx) {
-                        Ok(text) => text.into_bytes(),
+                    let limit = self
+                        .limits
+                        .file
+                        .min(self.limits.total.saturating_sub(total));
+                    let mut out = LimitedWriter::new(limit);
+                    guard::reset_depth();
+                    match self.tera.render_to(name, &ctx, &mut out) {
+                        Ok(()) => out.buf,
+                        Err(_) if out.exceeded => {
+                            diags.push(self.too_large(decl, name, total));
+                            break;
+                        }
                         Err(e) => {
                             diags.push(format!(
                                 "{} ({}): {}",
@@ -296,6 +377,17 @@ impl Renderer {
                     }
                 }
             };
+            if content.len() as u64 > self.limits.file
+                || total + content.len() as u64 > self.limits.total
+            {
+                let what = match &decl.content {
+                    ContentRef::Template(t) | ContentRef::Source(t) => t.clone(),
+                    ContentRef::Secret { path, .. } => path.clone(),
+                };
+                diags.push(self.too_large(decl, &what, total));
+                break;
+            }
+            total += content.len() as u64;
             let sensitive = self.secrets.take_used();
             let self_contained = !sensitive
                 && match &decl.content {
@@ -335,6 +427,26 @@ impl Renderer {
             checks: host.checks.clone(),
             units: host.units.clone(),
         })
+    }
+
+    /// The error for a file over the per-file limit, or for the file that
+    /// crossed the per-sync limit.
+    fn too_large(&self, decl: &FileDecl, what: &str, total: u64) -> String {
+        if self.limits.total.saturating_sub(total) < self.limits.file {
+            format!(
+                "{} ({}): {what}: the files of this host add up to more than {}                  (max_render_size in agent.toml); rendering stopped here",
+                decl.path,
+                decl.origin,
+                guard::size_str(self.limits.total)
+            )
+        } else {
+            format!(
+                "{} ({}): {what}: the content is larger than {} (max_file_size in agent.toml);                  a template that loops without end, or a file that does not belong in a                  configuration repository?",
+                decl.path,
+                decl.origin,
+                guard::size_str(self.limits.file)
+            )
+        }
     }
 
     /// Turns Tera's error chain into one line naming template, line and
@@ -459,11 +571,13 @@ fn parse(sources: &[(String, String)]) -> tera::Result<Tera> {
     if own.len() >= PARALLEL_PARSE_MIN && cores > 1 {
         let (a, b) = own.split_at(own.len() / 2);
         let (first, second) = std::thread::scope(|scope| {
-            let other = scope.spawn(|| instance(shared.iter().chain(b).copied()));
+            let other = std::thread::Builder::new()
+                .stack_size(guard::RENDER_STACK)
+                .spawn_scoped(scope, || instance(shared.iter().chain(b).copied()));
             let mine = instance(shared.iter().chain(a).copied());
-            (mine, other.join())
+            (mine, other.map(|h| h.join()))
         });
-        if let (Ok(mut first), Ok(Ok(second))) = (first, second) {
+        if let (Ok(mut first), Ok(Ok(Ok(second)))) = (first, second) {
             if first.extend(&second).is_ok() {
                 return Ok(first);
             }

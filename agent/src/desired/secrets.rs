@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use secrecy::ExposeSecret;
 
+use super::redact::Redactor;
 use super::snapshot::Snapshot;
 use crate::secrets::{self, Decrypted, Identities, Store};
 
@@ -29,6 +30,8 @@ pub struct SecretResolver {
     cache: Mutex<HashMap<String, Arc<Decrypted>>>,
     /// Set when a secret was read since the last [`SecretResolver::take_used`].
     used: AtomicBool,
+    /// Every value decrypted so far, to scrub from messages.
+    redactor: Redactor,
 }
 
 /// True if `bytes` may be a sops file (cheap pre-filter).
@@ -47,6 +50,7 @@ impl SecretResolver {
             ids: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
             used: AtomicBool::new(false),
+            redactor: Redactor::default(),
         }
     }
 
@@ -89,6 +93,7 @@ impl SecretResolver {
             .map_err(|e| format!("{file}: cannot load age identities: {e}"))?;
         let d = secrets::decrypt(file, bytes, Store::from_path(file), ids)
             .map_err(|e| e.to_string())?;
+        self.redactor.add_tree(&d.to_json());
         let d = Arc::new(d);
         self.cache
             .lock()
@@ -102,6 +107,7 @@ impl SecretResolver {
         let d = self.decrypted(file)?;
         let v = d.get(key).map_err(|e| e.to_string())?;
         if let Some(text) = v.expose_text() {
+            self.redactor.add(text.expose_secret());
             return Ok(text.expose_secret().to_string());
         }
         match v.to_json() {
@@ -112,6 +118,12 @@ impl SecretResolver {
                 "{file}: key {key:?} is not a single value; use a `secret =` file entry to write a whole tree"
             )),
         }
+    }
+
+    /// `msg` without any value decrypted by this resolver (see
+    /// [`super::redact`]).
+    pub fn redact(&self, msg: &str) -> String {
+        self.redactor.redact(msg)
     }
 
     /// A whole decrypted file re-emitted in `format`.

@@ -280,6 +280,10 @@ pub fn plan(
                 restore_original: None,
             }),
             Observation::File(cur) => {
+                // A change is sensitive if either side is: a file that stops
+                // being a secret must not show the secret it held, and one
+                // that becomes one must not show its digest unkeyed.
+                let sensitive = f.sensitive || prev.is_some_and(|p| p.sensitive);
                 let content_changed = cur.content != f.content;
                 let mode_changed = cur.mode != new.mode;
                 let owner_changed = ids.apply_ownership && (cur.uid != uid || cur.gid != gid);
@@ -305,9 +309,13 @@ pub fn plan(
                         content_changed,
                         mode_changed,
                         owner_changed,
-                        before: Some(old_file(cur, digest(ids, f.sensitive, &cur.content))),
-                        after: Some(new.clone()),
-                        sensitive: f.sensitive,
+                        before: Some(old_file(cur, digest(ids, sensitive, &cur.content))),
+                        after: Some({
+                            let mut after = new.clone();
+                            after.sha256 = digest(ids, sensitive, &f.content);
+                            after
+                        }),
+                        sensitive,
                         on_change: if kind == ChangeKind::Adopt {
                             Vec::new()
                         } else {

@@ -299,3 +299,70 @@ fn diff_of_changed_file_is_unified_and_sensitive_is_redacted() {
         "{text}"
     );
 }
+
+/// Issue 13: a file that stopped being sensitive showed the old secret in
+/// its diff, and the JSON plan carried an unkeyed digest of it.
+#[test]
+fn a_file_that_stops_being_sensitive_shows_neither_side() {
+    let keyed = Ids {
+        hash_key: vec![7; 32],
+        ..ids()
+    };
+    let mut secret = file("/etc/a", "password=CANARY-old\n", 0o600);
+    secret.sensitive = true;
+    let first = plan(
+        &desired(vec![secret]),
+        None,
+        &Observed::new(),
+        &Inventory::default(),
+        &keyed,
+    )
+    .unwrap();
+    let inv = inventory_of(&first);
+    let plain = file("/etc/a", "password=public\n", 0o600);
+    let obs = Observed::from([(tp("/etc/a"), on_disk("password=CANARY-old\n", 0o600))]);
+    let p = plan(&desired(vec![plain]), None, &obs, &inv, &keyed).unwrap();
+    let c = &p.changes[0];
+    assert!(c.sensitive, "a change is sensitive if either side is");
+    let text = diff::content_diff(c, diff::Style { color: false });
+    assert!(
+        !text.contains("CANARY") && text.contains("not shown"),
+        "{text}"
+    );
+    let json = serde_json::to_string(&p.changes).unwrap();
+    assert!(
+        !json.contains(&sha256_hex(b"password=CANARY-old\n")),
+        "{json}"
+    );
+    assert!(c.before.as_ref().unwrap().sha256.starts_with("hmac:"));
+    assert!(c.after.as_ref().unwrap().sha256.starts_with("hmac:"));
+}
+
+/// The other direction: a file that becomes a secret shows no digest of
+/// its new content unkeyed and no diff.
+#[test]
+fn a_file_that_becomes_sensitive_shows_neither_side() {
+    let keyed = Ids {
+        hash_key: vec![7; 32],
+        ..ids()
+    };
+    let first = plan(
+        &desired(vec![file("/etc/a", "x\n", 0o644)]),
+        None,
+        &Observed::new(),
+        &Inventory::default(),
+        &keyed,
+    )
+    .unwrap();
+    let inv = inventory_of(&first);
+    let mut secret = file("/etc/a", "CANARY-new\n", 0o644);
+    secret.sensitive = true;
+    let obs = Observed::from([(tp("/etc/a"), on_disk("x\n", 0o644))]);
+    let p = plan(&desired(vec![secret]), None, &obs, &inv, &keyed).unwrap();
+    let c = &p.changes[0];
+    assert!(c.sensitive);
+    let json = serde_json::to_string(&p.changes).unwrap();
+    assert!(!json.contains(&sha256_hex(b"CANARY-new\n")), "{json}");
+    let text = diff::content_diff(c, diff::Style { color: false });
+    assert!(!text.contains("CANARY"), "{text}");
+}

@@ -381,7 +381,8 @@ fn plan_files(
         None => Renderer::new(snap, &[config], resolver),
         Some(only) => Renderer::for_files(snap, config, only, resolver),
     }
-    .kind(Failure::InvalidRepo)?;
+    .kind(Failure::InvalidRepo)?
+    .with_limits(settings.limits);
     drop(timing);
     let timing = timings::stage("render");
     let desired = renderer
