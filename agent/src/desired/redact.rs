@@ -83,7 +83,7 @@ impl Redactor {
 
     /// True when no value was recorded.
     pub fn is_empty(&self) -> bool {
-        self.forms.lock().map_or(false, |f| f.is_empty())
+        self.forms.lock().is_ok_and(|f| f.is_empty())
     }
 
     /// `msg` with every whole value and every fragment of
