@@ -434,14 +434,17 @@ impl Renderer {
     fn too_large(&self, decl: &FileDecl, what: &str, total: u64) -> String {
         if self.limits.total.saturating_sub(total) < self.limits.file {
             format!(
-                "{} ({}): {what}: the files of this host add up to more than {}                  (max_render_size in agent.toml); rendering stopped here",
+                "{} ({}): {what}: the files of this host add up to more than {} \
+                 (max_render_size in agent.toml); rendering stopped here",
                 decl.path,
                 decl.origin,
                 guard::size_str(self.limits.total)
             )
         } else {
             format!(
-                "{} ({}): {what}: the content is larger than {} (max_file_size in agent.toml);                  a template that loops without end, or a file that does not belong in a                  configuration repository?",
+                "{} ({}): {what}: the content is larger than {} (max_file_size in agent.toml); \
+                 a template that loops without end, or a file that does not belong in a \
+                 configuration repository?",
                 decl.path,
                 decl.origin,
                 guard::size_str(self.limits.file)

@@ -107,7 +107,6 @@ impl SecretResolver {
         let d = self.decrypted(file)?;
         let v = d.get(key).map_err(|e| e.to_string())?;
         if let Some(text) = v.expose_text() {
-            self.redactor.add(text.expose_secret());
             return Ok(text.expose_secret().to_string());
         }
         match v.to_json() {

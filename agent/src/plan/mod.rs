@@ -312,7 +312,9 @@ pub fn plan(
                         before: Some(old_file(cur, digest(ids, sensitive, &cur.content))),
                         after: Some({
                             let mut after = new.clone();
-                            after.sha256 = digest(ids, sensitive, &f.content);
+                            if sensitive != f.sensitive {
+                                after.sha256 = digest(ids, sensitive, &f.content);
+                            }
                             after
                         }),
                         sensitive,

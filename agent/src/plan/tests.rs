@@ -300,6 +300,19 @@ fn diff_of_changed_file_is_unified_and_sensitive_is_redacted() {
     );
 }
 
+/// The inventory after `f` was created on an empty host.
+fn applied(f: DesiredFile, ids: &Ids) -> Inventory {
+    let p = plan(
+        &desired(vec![f]),
+        None,
+        &Observed::new(),
+        &Inventory::default(),
+        ids,
+    )
+    .unwrap();
+    inventory_of(&p)
+}
+
 /// Issue 13: a file that stopped being sensitive showed the old secret in
 /// its diff, and the JSON plan carried an unkeyed digest of it.
 #[test]
@@ -310,15 +323,7 @@ fn a_file_that_stops_being_sensitive_shows_neither_side() {
     };
     let mut secret = file("/etc/a", "password=CANARY-old\n", 0o600);
     secret.sensitive = true;
-    let first = plan(
-        &desired(vec![secret]),
-        None,
-        &Observed::new(),
-        &Inventory::default(),
-        &keyed,
-    )
-    .unwrap();
-    let inv = inventory_of(&first);
+    let inv = applied(secret, &keyed);
     let plain = file("/etc/a", "password=public\n", 0o600);
     let obs = Observed::from([(tp("/etc/a"), on_disk("password=CANARY-old\n", 0o600))]);
     let p = plan(&desired(vec![plain]), None, &obs, &inv, &keyed).unwrap();
@@ -346,15 +351,7 @@ fn a_file_that_becomes_sensitive_shows_neither_side() {
         hash_key: vec![7; 32],
         ..ids()
     };
-    let first = plan(
-        &desired(vec![file("/etc/a", "x\n", 0o644)]),
-        None,
-        &Observed::new(),
-        &Inventory::default(),
-        &keyed,
-    )
-    .unwrap();
-    let inv = inventory_of(&first);
+    let inv = applied(file("/etc/a", "x\n", 0o644), &keyed);
     let mut secret = file("/etc/a", "CANARY-new\n", 0o644);
     secret.sensitive = true;
     let obs = Observed::from([(tp("/etc/a"), on_disk("x\n", 0o644))]);
