@@ -8,8 +8,10 @@
 //! involved: nspawn runs with `--register=no --keep-unit` in a private
 //! mount namespace.
 //!
-//! Without root, nspawn or the rootfs the suite skips with a message, unless
-//! `DRIFTLESS_E2E_REQUIRED=1` (set by `.ci/run`), where it fails instead.
+//! Without root, nspawn or the rootfs every scenario fails, naming what is
+//! missing (`tests/install-prereqs` installs it all), unless the user opted
+//! out with `DRIFTLESS_TEST_ALLOW_SKIP=1`: then each prints a `skipped:`
+//! line and is counted as skipped by `tests/run`.
 
 mod machine;
 mod scenarios;

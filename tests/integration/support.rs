@@ -20,6 +20,11 @@ pub fn workspace() -> PathBuf {
 mod git_cli;
 pub use git_cli::git;
 
+/// Missing prerequisites fail unless `DRIFTLESS_TEST_ALLOW_SKIP=1`; skips
+/// are printed and counted (`tests/run`).
+#[path = "../common/skip.rs"]
+pub mod skip;
+
 /// A git repository in a temp dir, on branch `main`.
 pub struct Repo {
     pub dir: tempfile::TempDir,

@@ -1,6 +1,9 @@
-//! Tests against the real sops fixtures (`../shared/fixtures/sops`, relative
-//! to the workspace root) and against files made by the test encryptor for
-//! the rules the fixtures do not cover.
+//! Tests against real sops files: the project's own fixtures in
+//! `tests/fixtures/sops` (made with sops 3.11 and age by its `make.sh`,
+//! described by its `manifest.json`), cross-checked, when it is there, against
+//! the collection in `../shared/fixtures/sops` (files written by many sops
+//! versions); and tests against files made by the test encryptor for the
+//! rules the fixtures do not cover.
 
 use std::path::{Path, PathBuf};
 
@@ -14,15 +17,29 @@ use super::tree::{Entry, Node, Scalar};
 use super::walk::{self, Rules};
 use super::*;
 
-fn shared() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/sops");
-    assert!(
-        p.join("manifest.json").is_file(),
-        "the shared sops fixtures are missing: expected {} (the `shared/` folder next to the \
-         workspace root); these tests need them and do not skip",
-        p.display()
-    );
-    p
+#[path = "../../../tests/common/skip.rs"]
+mod skip;
+
+/// The project's own sops fixtures (see their README).
+fn sops_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sops")
+}
+
+/// The shared collection of third-party sops fixtures, or `None` when it is
+/// absent (a clone of the repository alone): the cross-checks against it
+/// then say so in one line and are counted as skipped. `DRIFTLESS_SHARED_SOPS`
+/// overrides the path.
+fn shared() -> Option<PathBuf> {
+    let p = std::env::var_os("DRIFTLESS_SHARED_SOPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/sops")
+        });
+    if p.join("manifest.json").is_file() {
+        return Some(p);
+    }
+    skip::record(&format!("{} absent (cross-check only)", p.display()));
+    None
 }
 
 fn own() -> PathBuf {
@@ -30,6 +47,7 @@ fn own() -> PathBuf {
 }
 
 struct Fixture {
+    base: PathBuf,
     file: String,
     store: Store,
     keyfile: String,
@@ -38,17 +56,48 @@ struct Fixture {
     status: String,
     unwrapped_with: String,
     plain: String,
+    /// The encrypted comments: (AAD, plaintext).
     comments: Vec<(String, String)>,
+    /// Every comment of the decrypted file, clear ones included, when the
+    /// manifest lists them (the shared one does not: its files have only
+    /// encrypted comments).
+    all_comments: Option<Vec<String>>,
 }
 
-fn manifest() -> Vec<Fixture> {
-    let text = std::fs::read_to_string(shared().join("manifest.json")).expect("manifest");
+impl Fixture {
+    fn bytes(&self) -> Vec<u8> {
+        read(&self.base.join(&self.file))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.bytes()).expect("utf8")
+    }
+
+    /// The identities in its key file (age keys or an SSH private key).
+    fn identities(&self) -> Identities {
+        let path = self.base.join(&self.keyfile);
+        if self.keyfile.contains("ssh_host_") {
+            Identities::from_ssh_private_key(&path).expect("ssh key")
+        } else {
+            Identities::from_keys_file(&path).expect("keys")
+        }
+    }
+
+    /// Opened by an age or SSH recipient (not only by PGP).
+    fn by_age(&self) -> bool {
+        self.unwrapped_with.starts_with("age1") || self.unwrapped_with.starts_with("ssh-")
+    }
+}
+
+fn manifest(base: &Path) -> Vec<Fixture> {
+    let text = std::fs::read_to_string(base.join("manifest.json")).expect("manifest");
     let v: serde_json::Value = serde_json::from_str(&text).expect("manifest json");
     let s = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
     v.as_array()
         .expect("array")
         .iter()
         .map(|e| Fixture {
+            base: base.to_path_buf(),
             file: s(e, "file"),
             store: match e["format"].as_str() {
                 Some("yaml") => Store::Yaml,
@@ -70,8 +119,20 @@ fn manifest() -> Vec<Fixture> {
                 .as_array()
                 .map(|a| a.iter().map(|c| (s(c, "aad"), s(c, "plaintext"))).collect())
                 .unwrap_or_default(),
+            all_comments: e["comments"].as_array().map(|a| {
+                a.iter()
+                    .map(|c| c.as_str().unwrap_or_default().to_string())
+                    .collect()
+            }),
         })
         .collect()
+}
+
+fn own_fixture(file: &str) -> Fixture {
+    manifest(&sops_fixtures())
+        .into_iter()
+        .find(|f| f.file == file)
+        .unwrap_or_else(|| panic!("{file} not in tests/fixtures/sops/manifest.json"))
 }
 
 fn read(p: &Path) -> Vec<u8> {
@@ -140,10 +201,11 @@ fn comments(n: &Node, out: &mut Vec<String>) {
     }
 }
 
-/// Checks a decrypted fixture against its `.plain` (see SOURCES.md: the tree
-/// as JSON, comments dropped; binary files are the raw bytes).
+/// Checks a decrypted fixture against its `.plain` (the tree as JSON,
+/// comments dropped; binary files are the raw bytes) and its comments
+/// against the manifest.
 fn assert_matches_plain(f: &Fixture, d: &Decrypted) {
-    let plain = read(&shared().join(&f.plain));
+    let plain = read(&f.base.join(&f.plain));
     if f.store == Store::Binary {
         let raw = d.emit(Store::Binary).expect("raw");
         assert_eq!(raw.expose_secret(), &plain[..], "{}", f.file);
@@ -159,23 +221,27 @@ fn assert_matches_plain(f: &Fixture, d: &Decrypted) {
         f.file,
         serde_json::to_string_pretty(&node_to_json(&got)).unwrap_or_default()
     );
-    if !f.comments.is_empty() {
-        let mut got = Vec::new();
-        comments(&d.docs[0], &mut got);
-        let want: Vec<String> = f.comments.iter().map(|(_, p)| p.clone()).collect();
+    let want: Vec<String> = match &f.all_comments {
+        Some(all) => all.clone(),
+        None => f.comments.iter().map(|(_, p)| p.clone()).collect(),
+    };
+    let mut got = Vec::new();
+    comments(&d.docs[0], &mut got);
+    if !want.is_empty() || f.all_comments.is_some() {
         assert_eq!(got, want, "{}: decrypted comments", f.file);
     }
 }
 
-#[test]
-fn every_age_fixture_decrypts_to_its_plain() {
+/// Every fixture opened by an age or SSH recipient decrypts with its key
+/// file to its plaintext; returns how many.
+fn check_age_fixtures(base: &Path) -> usize {
     let mut n = 0;
-    for f in manifest()
+    for f in manifest(base)
         .iter()
-        .filter(|f| f.unwrapped_with.starts_with("age1"))
+        .filter(|f| f.by_age() && f.status == "OK")
     {
-        let ids = Identities::from_keys_file(&shared().join(&f.keyfile)).expect("keys");
-        let bytes = read(&shared().join(&f.file));
+        let ids = f.identities();
+        let bytes = f.bytes();
         assert_eq!(Store::from_path(&f.file), f.store, "{}", f.file);
         let d = decrypt(&f.file, &bytes, f.store, &ids).unwrap_or_else(|e| panic!("{e}"));
         assert_matches_plain(f, &d);
@@ -189,61 +255,43 @@ fn every_age_fixture_decrypts_to_its_plain() {
         assert_eq!(&report, d.report());
         n += 1;
     }
-    assert_eq!(n, 10, "age-wrapped fixtures in the manifest");
+    n
 }
 
-#[test]
-fn every_pgp_fixture_verifies_with_its_data_key() {
-    let mut n = 0;
-    for f in manifest()
-        .iter()
-        .filter(|f| f.unwrapped_with.starts_with("pgp:"))
-    {
-        let bytes = read(&shared().join(&f.file));
-        let result = decrypt_with_data_key(&f.file, &bytes, f.store, &f.data_key);
+/// Every fixture opens with its data key alone (the AES and MAC layer
+/// without the age layer; the only way into PGP-wrapped files here); one
+/// without a MAC is refused. Returns how many were PGP-wrapped.
+fn check_data_keys(base: &Path) -> usize {
+    let mut pgp = 0;
+    for f in manifest(base) {
+        let result = decrypt_with_data_key(&f.file, &f.bytes(), f.store, &f.data_key);
         if f.status == "OK" {
             let d = result.unwrap_or_else(|e| panic!("{e}"));
-            assert_matches_plain(f, &d);
+            assert_matches_plain(&f, &d);
         } else {
-            let e = result.expect_err("no_mac.yaml must be refused");
-            assert_eq!(e.kind(), &ErrorKind::MacMissing, "{e}");
+            let e = result.expect_err("a file without a MAC must be refused");
+            assert_eq!(e.kind(), &ErrorKind::MacMissing, "{}: {e}", f.file);
         }
-        n += 1;
+        if f.unwrapped_with.starts_with("pgp:") {
+            pgp += 1;
+        }
     }
-    assert_eq!(n, 13, "PGP-wrapped fixtures in the manifest");
-    // Age fixtures also open with their data key alone.
-    for f in manifest()
-        .iter()
-        .filter(|f| f.unwrapped_with.starts_with("age1"))
-    {
-        let bytes = read(&shared().join(&f.file));
-        decrypt_with_data_key(&f.file, &bytes, f.store, &f.data_key)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pgp
 }
 
-#[test]
-fn no_mac_fixture_is_refused() {
-    let file = "sops/functional-tests/res/no_mac.yaml";
-    let f = manifest()
-        .into_iter()
-        .find(|f| f.file == file)
-        .expect("in manifest");
-    let bytes = read(&shared().join(file));
-    let e = decrypt_with_data_key(file, &bytes, Store::Yaml, &f.data_key).expect_err("refused");
+fn check_no_mac_refused(f: &Fixture) {
+    let e = decrypt_with_data_key(&f.file, &f.bytes(), f.store, &f.data_key).expect_err("refused");
     assert_eq!(e.kind(), &ErrorKind::MacMissing);
     let msg = e.to_string();
-    assert!(msg.starts_with(file), "{msg}");
+    assert!(msg.starts_with(&f.file), "{msg}");
     assert!(msg.contains("no MAC"), "{msg}");
 }
 
-/// The MAC this reader computes equals the one computed independently for
-/// the manifest, for every file (no_mac.yaml included).
-#[test]
-fn computed_macs_match_the_manifest() {
-    for f in manifest() {
-        let text = String::from_utf8(read(&shared().join(&f.file))).expect("utf8");
-        let parsed = format::parse(f.store, &text).expect("parse");
+/// The MAC this reader computes equals the one in the manifest (computed
+/// independently), for every file, the one without a MAC included.
+fn check_computed_macs(base: &Path) {
+    for f in manifest(base) {
+        let parsed = format::parse(f.store, &f.text()).expect("parse");
         let meta = Metadata::from_node(parsed.sops.as_ref().expect("sops")).expect("meta");
         let mut dec = walk::Decryptor::new(&meta, &f.data_key);
         for doc in parsed.docs {
@@ -271,18 +319,17 @@ fn enc_strings(n: &Node, out: &mut Vec<String>) {
 
 /// Proof of the test encryptor: re-encrypting every fixture's plaintext with
 /// its data key and the IVs found in the file reproduces sops' ciphertexts
-/// byte for byte (values, comments and the MAC), for every store.
-#[test]
-fn encryptor_reproduces_real_sops_ciphertexts() {
+/// byte for byte (values, comments and the MAC), for every store and rule.
+/// Returns how many files were checked.
+fn check_encryptor_reproduces(base: &Path) -> usize {
     let mut checked = 0;
-    for f in manifest() {
+    for f in manifest(base) {
         if f.file.ends_with("comments_unencrypted_comments.yaml") {
             // Its comments were left in clear by an old sops; the encryptor
             // (like today's sops) would encrypt them.
             continue;
         }
-        let text = String::from_utf8(read(&shared().join(&f.file))).expect("utf8");
-        let parsed = format::parse(f.store, &text).expect("parse");
+        let parsed = format::parse(f.store, &f.text()).expect("parse");
         let meta = Metadata::from_node(parsed.sops.as_ref().expect("sops")).expect("meta");
         let mut original = Vec::new();
         parsed
@@ -316,6 +363,14 @@ fn encryptor_reproduces_real_sops_ciphertexts() {
         let mac = hex::encode_upper(sha2::Digest::finalize(enc.hasher));
         let mut reproduced = Vec::new();
         again.iter().for_each(|d| enc_strings(d, &mut reproduced));
+        if f.store == Store::Binary {
+            // sops' binary store labels its data `str` whatever the bytes;
+            // the encryptor labels plaintext that is not UTF-8 `bytes`. The
+            // label is outside the ciphertext (data, iv and tag must match).
+            for s in &mut reproduced {
+                *s = s.replace(",type:bytes]", ",type:str]");
+            }
+        }
         assert_eq!(reproduced, original, "{}", f.file);
         assert_eq!(mac, f.computed_mac, "{}", f.file);
         if let Some(file_mac) = &meta.mac {
@@ -325,7 +380,179 @@ fn encryptor_reproduces_real_sops_ciphertexts() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 22);
+    checked
+}
+
+/// A file encrypted only to a PGP key names that key in the error.
+fn check_pgp_only_names_the_key(file: &Path, fingerprint: &str) {
+    let (_, k) = good_file();
+    let e = decrypt("secrets/db.yaml", &read(file), Store::Yaml, &k.ids).expect_err("pgp only");
+    assert_message(
+        &e,
+        &[&format!("pgp {fingerprint}"), "age recipients [none]"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The project's own fixtures (tests/fixtures/sops, made with sops 3.11 + age)
+
+#[test]
+fn every_age_fixture_decrypts_to_its_plain() {
+    assert_eq!(
+        check_age_fixtures(&sops_fixtures()),
+        15,
+        "age- and SSH-wrapped fixtures in tests/fixtures/sops"
+    );
+}
+
+#[test]
+fn every_fixture_opens_with_its_data_key() {
+    assert_eq!(check_data_keys(&sops_fixtures()), 1, "PGP-wrapped fixtures");
+}
+
+#[test]
+fn no_mac_fixture_is_refused() {
+    let f = own_fixture("no_mac.enc.yaml");
+    check_no_mac_refused(&f);
+    // With the age key too: the MAC is checked whatever opened the file.
+    let e = decrypt(&f.file, &f.bytes(), f.store, &f.identities()).expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::MacMissing, "{e}");
+}
+
+#[test]
+fn computed_macs_match_the_manifest() {
+    check_computed_macs(&sops_fixtures());
+}
+
+#[test]
+fn encryptor_reproduces_real_sops_ciphertexts() {
+    assert_eq!(check_encryptor_reproduces(&sops_fixtures()), 17);
+}
+
+/// A real sops file with three key groups and a threshold of two (Shamir).
+#[test]
+fn key_groups_fixture_needs_two_of_three() {
+    let f = own_fixture("key_groups.enc.yaml");
+    let all = f.identities();
+    let text = std::fs::read_to_string(f.base.join(&f.keyfile)).expect("keys");
+    let keys: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .collect();
+    assert_eq!(keys.len(), 3, "three identities, one per group");
+    let with = |idx: &[usize]| {
+        let t: String = idx.iter().map(|&i| format!("{}\n", keys[i])).collect();
+        Identities::from_keys_text(&t, "test").expect("ids")
+    };
+    let bytes = f.bytes();
+    for combo in [&[0, 1][..], &[1, 2], &[0, 2]] {
+        let d = decrypt(&f.file, &bytes, f.store, &with(combo))
+            .unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+        assert_matches_plain(&f, &d);
+    }
+    decrypt(&f.file, &bytes, f.store, &all).expect("all three");
+    let e = decrypt(&f.file, &bytes, f.store, &with(&[2])).expect_err("one group");
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::KeyGroups {
+            needed: 2,
+            opened: 1,
+            groups: 3
+        }
+    );
+}
+
+/// The SSH-recipient fixture opens with either host key, ed25519 or RSA.
+#[test]
+fn ssh_fixture_opens_with_either_host_key() {
+    let f = own_fixture("ssh.enc.yaml");
+    for key in ["ssh_host_ed25519_key", "ssh_host_rsa_key"] {
+        let ids =
+            Identities::from_ssh_private_key(&f.base.join("keys").join(key)).expect("ssh key");
+        let d =
+            decrypt(&f.file, &f.bytes(), f.store, &ids).unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_matches_plain(&f, &d);
+        assert!(
+            d.report().opened_with[0].starts_with("ssh-"),
+            "{key}: {:?}",
+            d.report().opened_with
+        );
+    }
+}
+
+#[test]
+fn error_no_matching_recipient_names_other_key_types() {
+    let f = own_fixture("pgp.enc.yaml");
+    let fingerprint = f.unwrapped_with.strip_prefix("pgp:").expect("pgp:FP");
+    check_pgp_only_names_the_key(&f.base.join(&f.file), fingerprint);
+}
+
+/// Known gap: sops 3.11 stores a comment inside a YAML list as a list item
+/// `- ENC[...,type:comment]` (`tests/fixtures/sops/pending/`); `sops
+/// decrypt` turns it back into a comment, driftless refuses the file ("a
+/// comment is stored where a value belongs").
+#[test]
+#[ignore = "known gap: a comment inside a YAML list (sops 3.11) is refused"]
+fn list_comment_in_a_sops_file_decrypts() {
+    let base = sops_fixtures();
+    let ids = Identities::from_keys_file(&base.join("keys/age.txt")).expect("keys");
+    let bytes = read(&base.join("pending/list_comment.enc.yaml"));
+    let d = decrypt("list_comment.enc.yaml", &bytes, Store::Yaml, &ids)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut got = Vec::new();
+    comments(&d.docs[0], &mut got);
+    assert_eq!(got, vec![" in list"]);
+    assert_eq!(
+        d.to_json(),
+        serde_json::json!({"list": ["one", "two"]}),
+        "comments are not values"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Cross-checks against ../shared/fixtures/sops (skipped when it is absent)
+
+#[test]
+fn shared_every_age_fixture_decrypts_to_its_plain() {
+    let Some(base) = shared() else { return };
+    assert_eq!(check_age_fixtures(&base), 10, "age-wrapped fixtures");
+}
+
+#[test]
+fn shared_every_pgp_fixture_verifies_with_its_data_key() {
+    let Some(base) = shared() else { return };
+    assert_eq!(check_data_keys(&base), 13, "PGP-wrapped fixtures");
+}
+
+#[test]
+fn shared_no_mac_fixture_is_refused() {
+    let Some(base) = shared() else { return };
+    let f = manifest(&base)
+        .into_iter()
+        .find(|f| f.file == "sops/functional-tests/res/no_mac.yaml")
+        .expect("in manifest");
+    check_no_mac_refused(&f);
+}
+
+#[test]
+fn shared_computed_macs_match_the_manifest() {
+    let Some(base) = shared() else { return };
+    check_computed_macs(&base);
+}
+
+#[test]
+fn shared_encryptor_reproduces_real_sops_ciphertexts() {
+    let Some(base) = shared() else { return };
+    assert_eq!(check_encryptor_reproduces(&base), 22);
+}
+
+#[test]
+fn shared_pgp_only_file_names_its_key() {
+    let Some(base) = shared() else { return };
+    check_pgp_only_names_the_key(
+        &base.join("sops/functional-tests/res/format.enc.yaml"),
+        "FBC7B9E2A4F9289AC0C1D4843D16CEE4A27381B4",
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -902,20 +1129,6 @@ fn error_wrong_key_lists_the_recipients() {
 }
 
 #[test]
-fn error_no_matching_recipient_names_other_key_types() {
-    let f = shared().join("sops/functional-tests/res/format.enc.yaml");
-    let (_, k) = good_file();
-    let e = decrypt("secrets/db.yaml", &read(&f), Store::Yaml, &k.ids).expect_err("pgp only");
-    assert_message(
-        &e,
-        &[
-            "pgp FBC7B9E2A4F9289AC0C1D4843D16CEE4A27381B4",
-            "age recipients [none]",
-        ],
-    );
-}
-
-#[test]
 fn error_tampered_ciphertext() {
     let (text, k) = good_file();
     let enc = text
@@ -1039,7 +1252,7 @@ fn error_non_sops_file() {
     let e = err_of("db:\n    password: MARKER-1f2e3d\n", Store::Yaml, &k.ids);
     assert_eq!(e.kind(), &ErrorKind::NotSops);
     assert_message(&e, &["not a sops-encrypted file", "sops --encrypt"]);
-    let plainfile = read(&shared().join("sops/functional-tests/res/plainfile.yaml"));
+    let plainfile = read(&sops_fixtures().join("src/plain.yaml"));
     let e = decrypt("secrets/db.yaml", &plainfile, Store::Yaml, &k.ids).expect_err("plain");
     assert_eq!(e.kind(), &ErrorKind::NotSops);
     let e = err_of("{\"a\": [1,", Store::Json, &k.ids);
@@ -1267,9 +1480,9 @@ fn regenerate() {
 /// splices) of every real fixture and must never panic.
 #[test]
 fn parsers_survive_mutated_inputs() {
-    let mut seeds: Vec<(Store, Vec<u8>)> = manifest()
+    let mut seeds: Vec<(Store, Vec<u8>)> = manifest(&sops_fixtures())
         .iter()
-        .map(|f| (f.store, read(&shared().join(&f.file))))
+        .map(|f| (f.store, f.bytes()))
         .collect();
     for (store, plain) in STORE_PLAINS {
         seeds.push((*store, plain.as_bytes().to_vec()));
