@@ -127,7 +127,7 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         };
         let handle = tokio::runtime::Handle::current();
         let mut task = tokio::task::spawn_blocking(move || {
-            let now = crate::cli::now();
+            let now = crate::time::now();
             sync::sync_once(&s, &o, now, &handle)
         });
         let started = tokio::time::Instant::now();
@@ -152,7 +152,7 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         if !matches!(&result, Ok(Ok(r)) if r.quick) {
             release_memory();
         }
-        let when = crate::cli::time_str(crate::cli::now());
+        let when = crate::time::time_str(crate::time::now());
         match result {
             Ok(Ok(report)) => {
                 let what = match (&report.applied, report.skipped_bad) {

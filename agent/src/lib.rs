@@ -22,5 +22,6 @@ pub mod exit;
 pub mod plan;
 pub mod secrets;
 pub mod sync;
+pub mod time;
 pub mod timings;
 pub mod trust;

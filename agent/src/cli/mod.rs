@@ -4,7 +4,7 @@
 mod bundle;
 mod output;
 
-pub use output::time_str;
+pub(crate) use crate::time::{now, time_str};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -454,12 +454,6 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .enable_all()
         .build()
         .kind(Failure::Failed)
-}
-
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Error> {

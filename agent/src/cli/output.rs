@@ -17,6 +17,7 @@ use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::{content_diff, render_plan, short, Style};
 use crate::plan::ChangeKind;
 use crate::sync::{LastRun, Prepared, Report};
+use crate::time::time_str;
 
 pub(super) const API_VERSION: &str = "driftless/v1";
 
@@ -24,14 +25,6 @@ pub(super) fn print_json(v: &serde_json::Value) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(v).kind(Failure::Failed)?;
     println!("{text}");
     Ok(())
-}
-
-pub fn time_str(t: i64) -> String {
-    if t <= 0 {
-        return "never".into();
-    }
-    let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
-    humantime::format_rfc3339_seconds(st).to_string()
 }
 
 pub fn print_sync(r: &Report) {

@@ -462,7 +462,7 @@ pub fn sync_once(
                 Failure::Degraded,
                 anyhow!(
                     "driftless is halted since {}: {}. Repair the host, then run `driftless sync --retry` (or `driftless rollback`)",
-                    crate::cli::time_str(h.time),
+                    crate::time::time_str(h.time),
                     h.reason
                 ),
             ));
