@@ -157,6 +157,8 @@ impl Host {
             .arg("--age-key")
             .arg(workspace().join("examples/DEMO-age-key.txt"))
             .env_remove("DRIFTLESS_TEST_CRASH_AFTER")
+            .env_remove("DRIFTLESS_TEST_FAILPOINT")
+            .env_remove("DRIFTLESS_TEST_FAILPOINT_TRACE")
             .env_remove("SOPS_AGE_KEY")
             .env_remove("SOPS_AGE_KEY_FILE")
             .env("NO_COLOR", "1");

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod bundle;
 pub mod checks;
 pub mod facts;
+pub mod failpoint;
 pub mod fetch;
 pub mod ids;
 pub mod keys;
