@@ -242,7 +242,7 @@ fn pending_transactions(state: &StateDir) -> Vec<String> {
             let interrupted = match j.state {
                 TxState::Preparing | TxState::Reverting => true,
                 // A Prepared journal named by the inventory has committed.
-                TxState::Prepared => name != committed,
+                TxState::Prepared | TxState::Switched => name != committed,
                 TxState::Committed | TxState::RolledBack => false,
             };
             interrupted.then_some(name)

@@ -20,7 +20,16 @@ pub struct Marks {
     pub bad: BTreeMap<String, Mark>,
     #[serde(default)]
     pub halted: Option<Halt>,
+    /// Commits whose unit actions or checks were interrupted (the agent
+    /// was killed, the host lost power) and rolled back, with how many
+    /// times. A commit interrupted [`MAX_INTERRUPTED`] times is marked bad:
+    /// something in it may be what kills the agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub interrupted: BTreeMap<String, u32>,
 }
+
+/// See [`Marks::interrupted`].
+pub const MAX_INTERRUPTED: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {

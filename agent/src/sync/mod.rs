@@ -443,19 +443,9 @@ pub fn sync_once(
             apply::recover(&fs, &state).kind(Failure::Failed)?
         }
     };
-    for txid in &recovered {
-        warn!(txid = %txid, "rolled back a transaction interrupted by a crash; the host is back at its last committed state");
-        record(
-            &state,
-            now,
-            Outcome::Recovered,
-            None,
-            Some(txid.clone()),
-            None,
-            None,
-        );
-    }
     let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
+    let recovered: Vec<String> = recovered.into_iter().map(|r| r.txid).collect();
     if let Some(h) = &marks.halted {
         if !opts.retry {
             return Err(Error::new(
@@ -632,9 +622,11 @@ pub fn rollback(
     let (state, _guard) = lock(settings, Duration::ZERO)?;
     let fs = open_root(settings)?;
     let recovered = apply::recover(&fs, &state).kind(Failure::Failed)?;
+    let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
+    let recovered: Vec<String> = recovered.into_iter().map(|r| r.txid).collect();
     let inventory = state.inventory().kind(Failure::Failed)?;
     let current = inventory.commit.clone();
-    let mut marks = marks::load(&state).kind(Failure::Failed)?;
     let target = match to {
         Some(t) => t.to_string(),
         None => {
@@ -738,6 +730,79 @@ pub fn rollback(
     result
 }
 
+/// What a crash left behind is rolled back by [`apply::recover`]; this
+/// finishes the job. Each rolled-back transaction is recorded in the
+/// history. One that was switched in had told systemd to reload or
+/// restart units: they are told again, for the restored files (if that
+/// fails, the host is in a state nobody verified, and the agent halts).
+/// A commit whose checks were interrupted [`marks::MAX_INTERRUPTED`]
+/// times is marked bad; below that, the next sync simply tries again.
+fn after_recovery(
+    settings: &Settings,
+    state: &StateDir,
+    rt: &Handle,
+    recovered: &[apply::Recovered],
+    marks: &mut Marks,
+    now: i64,
+) -> Result<(), Error> {
+    use crate::effects::apply::journal::TxState;
+    let mut changed = false;
+    for r in recovered {
+        let commit = r.commit.as_deref().map(short).unwrap_or("none");
+        let what = match r.phase {
+            TxState::Switched => "interrupted during its unit actions or health checks",
+            TxState::Reverting => "interrupted while it was being reverted",
+            _ => "interrupted before all its files were switched in",
+        };
+        warn!(txid = %r.txid, commit = %commit, "rolled back a transaction {what}; the host is back at its last verified state");
+        record(
+            state,
+            now,
+            Outcome::Recovered,
+            r.commit.clone(),
+            Some(r.txid.clone()),
+            None,
+            Some(format!("transaction {what}: rolled back")),
+        );
+        if let Some(actions) = r.post.as_ref().filter(|_| r.was_live()) {
+            if let Err(e) = rt.block_on(post::retell(settings, actions)) {
+                marks.halted = Some(marks::Halt {
+                    time: now,
+                    commit: r.commit.clone(),
+                    reason: format!(
+                        "transaction {} ({what}) was rolled back, but the units of the restored files failed: {e:#}",
+                        r.txid
+                    ),
+                });
+                changed = true;
+            }
+        }
+        if let (TxState::Switched, Some(c)) = (r.phase, &r.commit) {
+            let n = marks.interrupted.entry(c.clone()).or_insert(0);
+            *n += 1;
+            if *n >= marks::MAX_INTERRUPTED {
+                let n = *n;
+                marks.interrupted.remove(c);
+                warn!(commit = %short(c), times = n, "commit marked bad: its unit actions or checks were interrupted every time");
+                marks.bad.insert(
+                    c.clone(),
+                    marks::Mark {
+                        time: now,
+                        reason: format!(
+                            "its unit actions or health checks were interrupted {n} times (the agent was killed or the host went down each time)"
+                        ),
+                    },
+                );
+            }
+            changed = true;
+        }
+    }
+    if changed {
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    Ok(())
+}
+
 /// A commit that was applied, failed its actions or checks, and was reverted.
 #[derive(Debug, thiserror::Error)]
 #[error("commit {} was applied but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
@@ -793,7 +858,7 @@ fn deploy(
         created = applied.created,
         changed = applied.changed,
         removed = applied.removed,
-        "applied"
+        "switched in; running unit actions and checks"
     );
     let timing = timings::stage("post");
     let post = rt.block_on(post::run(settings, &plan));
@@ -804,30 +869,53 @@ fn deploy(
         checks = plan.checks.len(),
         "post-apply"
     );
-    let Some(reason) = post.failure.clone() else {
-        return Ok(Report {
-            commit,
-            applied: Some(applied),
-            plan,
-            recovered: recovered.to_vec(),
-            skipped_bad: false,
-            post: Some(post),
-            quick: false,
-        });
-    };
-    warn!(commit = %short(&commit), reason = %reason, "post-apply stage failed: reverting the transaction");
-    marks.bad.insert(
-        commit.clone(),
-        marks::Mark {
-            time: now,
-            reason: reason.clone(),
+    let reason = match &post.failure {
+        None => match apply::commit(state, &applied.txid, &plan.next_inventory, now) {
+            Ok(()) => {
+                if marks.interrupted.remove(&commit).is_some() {
+                    if let Err(e) = marks::save(state, marks) {
+                        warn!("cannot update {}: {e:#}", state.path().display());
+                    }
+                }
+                info!(commit = %short(&commit), txid = %applied.txid, "applied");
+                return Ok(Report {
+                    commit,
+                    applied: Some(applied),
+                    plan,
+                    recovered: recovered.to_vec(),
+                    skipped_bad: false,
+                    post: Some(post),
+                    quick: false,
+                });
+            }
+            // Not the commit's fault (a full disk, a failing state
+            // directory): revert, but do not mark it bad.
+            Err(e) => Err(format!(
+                "its checks passed but it could not be recorded: {e:#}"
+            )),
         },
-    );
-    marks::save(state, marks).kind(Failure::Failed)?;
-    let reverted = apply::revert(fs, state).kind(Failure::Failed);
+        Some(reason) => Ok(reason.clone()),
+    };
+    let failed = match &reason {
+        Ok(r) | Err(r) => r.clone(),
+    };
+    warn!(commit = %short(&commit), reason = %failed, "reverting the transaction");
+    if reason.is_ok() {
+        // Durable before the revert starts: a crash during the revert is
+        // finished by recovery, and the commit is not tried again.
+        marks.bad.insert(
+            commit.clone(),
+            marks::Mark {
+                time: now,
+                reason: failed.clone(),
+            },
+        );
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
     let after = match reverted {
-        Ok(txid) => {
-            info!(txid = %txid, "reverted; re-running unit actions and checks for the previous state");
+        Ok(()) => {
+            info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
             let again = rt.block_on(post::run(settings, &plan));
             again.failure
         }
@@ -838,7 +926,7 @@ fn deploy(
             time: now,
             commit: Some(commit.clone()),
             reason: format!(
-                "commit {} failed ({reason}) and after reverting it: {revert_failure}",
+                "commit {} failed ({failed}) and after reverting it: {revert_failure}",
                 short(&commit)
             ),
         });
@@ -846,13 +934,22 @@ fn deploy(
         return Err(Error::new(
             Failure::Degraded,
             anyhow!(
-                "commit {} failed ({reason}); it was reverted, but the previous state fails too ({revert_failure}). \
+                "commit {} failed ({failed}); it was reverted, but the previous state fails too ({revert_failure}). \
                  driftless stops touching this host until `driftless sync --retry`",
                 short(&commit)
             ),
         ));
     }
-    Err(Error::new(Failure::Failed, Reverted { commit, reason }))
+    match reason {
+        Ok(reason) => Err(Error::new(Failure::Failed, Reverted { commit, reason })),
+        Err(why) => Err(Error::new(
+            Failure::Failed,
+            anyhow!(
+                "commit {} was switched in and {why}; the host was reverted to its previous state. The next run tries again",
+                short(&commit)
+            ),
+        )),
+    }
 }
 
 /// True when running as root: owners and groups are applied.

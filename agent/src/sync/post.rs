@@ -5,7 +5,9 @@ use anyhow::{bail, Result};
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::effects::apply::journal::PostActions;
 use crate::effects::checks::{self, CheckResult};
+use crate::effects::failpoint;
 use crate::effects::systemd::{is_unit_file, Systemd};
 use crate::plan::Plan;
 
@@ -48,21 +50,16 @@ async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) ->
         warn!("--root is not /: daemon-reload and unit actions are skipped");
     }
     if let Some(sd) = &systemd {
-        if unit_files {
-            info!("unit files changed: daemon-reload");
-            sd.daemon_reload().await?;
-            report.daemon_reload = true;
-        }
-        for action in &plan.unit_actions {
-            info!(unit = %action.unit, action = %action.action, "unit action");
-            let state = sd.run(action).await?;
-            report
-                .actions
-                .push(format!("{} {}: {}", action.action, action.unit, state));
-        }
+        let actions = PostActions {
+            daemon_reload: unit_files,
+            unit_actions: plan.unit_actions.clone(),
+        };
+        tell(sd, &actions, report).await?;
     }
     if settings.run_checks && !plan.checks.is_empty() {
+        failpoint::hit("post.checks")?;
         report.checks = checks::run_all(&plan.checks, systemd.as_ref()).await;
+        failpoint::hit("post.checked")?;
         let failed: Vec<String> = report
             .checks
             .iter()
@@ -84,6 +81,39 @@ async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) ->
         }
     }
     Ok(())
+}
+
+/// Daemon-reload when a unit file changed, then the unit actions, each
+/// waited for.
+async fn tell(sd: &Systemd, actions: &PostActions, report: &mut PostReport) -> Result<()> {
+    if actions.daemon_reload {
+        info!("unit files changed: daemon-reload");
+        sd.daemon_reload().await?;
+        report.daemon_reload = true;
+    }
+    for action in &actions.unit_actions {
+        failpoint::hit("post.unit_action")?;
+        info!(unit = %action.unit, action = %action.action, "unit action");
+        let state = sd.run(action).await?;
+        report
+            .actions
+            .push(format!("{} {}: {}", action.action, action.unit, state));
+    }
+    Ok(())
+}
+
+/// After a recovery put back the files of an interrupted transaction:
+/// tells systemd again what the transaction had told it, so units run the
+/// restored files rather than what they loaded from the rolled-back ones.
+/// Nothing to do under a `--root` prefix (no live systemd).
+pub async fn retell(settings: &Settings, actions: &PostActions) -> Result<Vec<String>> {
+    if !settings.live || actions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sd = Systemd::connect(settings.job_timeout).await?;
+    let mut report = PostReport::default();
+    tell(&sd, actions, &mut report).await?;
+    Ok(report.actions)
 }
 
 /// `enabled = true/false` of the declared units.

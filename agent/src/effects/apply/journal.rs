@@ -14,10 +14,17 @@ pub enum TxState {
     /// Staged and journalled; renames may be under way. Recovery rolls it
     /// back unless the inventory names this transaction (then it committed).
     Prepared,
+    /// Every target is switched in and flushed; unit actions and health
+    /// checks are running. The inventory still names the previous
+    /// transaction: the commit is not applied until its checks pass and
+    /// the inventory naming it is durable. Recovery rolls it back (and
+    /// re-runs the unit actions for the restored files) unless the
+    /// inventory names this transaction.
+    Switched,
     /// The inventory was replaced: the transaction is the current state.
     Committed,
-    /// A revert of this committed transaction is under way. Recovery
-    /// finishes it (rolls back and restores the previous inventory).
+    /// A revert of this transaction is under way. Recovery finishes it
+    /// (rolls back and restores the previous inventory).
     Reverting,
     /// Undone (by recovery or a revert).
     RolledBack,
@@ -76,4 +83,25 @@ pub struct Journal {
     pub created_dirs: Vec<TargetPath>,
     /// Whether ownership was applied (false when running unprivileged).
     pub ownership: bool,
+    /// What systemd was told to do after the switch-in, so a recovery that
+    /// puts the previous files back can tell it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<PostActions>,
+}
+
+/// The systemd side of a transaction: after its files change (or change
+/// back), units must reload or restart to pick them up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostActions {
+    /// A unit file changed: `daemon-reload` first.
+    #[serde(default)]
+    pub daemon_reload: bool,
+    #[serde(default)]
+    pub unit_actions: Vec<crate::desired::spec::UnitAction>,
+}
+
+impl PostActions {
+    pub fn is_empty(&self) -> bool {
+        !self.daemon_reload && self.unit_actions.is_empty()
+    }
 }

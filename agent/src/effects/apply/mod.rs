@@ -1,5 +1,6 @@
 //! Apply a plan as one transaction: every target ends up either fully old
-//! or fully new, whatever instant the process dies at.
+//! or fully new, whatever instant the process dies at, and a commit counts
+//! as applied only once its health checks passed and its record is durable.
 //!
 //! 1. **Back up** each existing target into `tx/<txid>/backups/` by hard
 //!    link (free; the old inode survives the rename), or by copy across
@@ -7,26 +8,30 @@
 //!    `originals/` once.
 //! 2. **Stage** each new file as `.<name>.driftless-<txid>` next to its
 //!    target, with final owner and mode; create missing parents.
-//! 3. **Journal** the transaction to `tx/<txid>/journal.json`.
+//! 3. **Journal** the transaction to `tx/<txid>/journal.json` (`Prepared`).
 //! 4. **Flush** with one `syncfs` per filesystem (targets and state), not an
 //!    `fsync` per file: the staged data, the backups and the journal are now
 //!    durable.
 //! 5. **Switch**: rename each staged file over its target, change
-//!    owner/mode in place for metadata-only changes, unlink pruned files.
-//! 6. **Flush** again, then **commit** by atomically replacing
-//!    `inventory.json` with one naming this transaction.
+//!    owner/mode in place for metadata-only changes, unlink pruned files;
+//!    flush again and journal `Switched` ([`apply`] returns here).
+//! 6. The caller reloads units and runs the health checks. Then either
+//!    **commit** ([`commit`]): atomically replace `inventory.json` with one
+//!    naming this transaction (the commit point), or **revert** ([`revert`]).
 //!
-//! Recovery (at the start of every run, under the lock) **rolls back** any
-//! transaction that is journalled but not committed. Why back, not
-//! forward: a crash can only happen before the commit point, which is
-//! before any unit was reloaded or any health check ran. The old files are
-//! the last state that was verified on this host; rolling back returns to
-//! it, and the following sync re-applies the new commit through the whole
-//! pipeline (write, reload, check) instead of leaving new files that no
-//! unit has loaded and no check has seen.
+//! Recovery ([`recover`], at the start of every run, under the lock) rolls
+//! back every transaction that did not reach the commit point, including
+//! one that was switched in while its checks ran or was being reverted.
+//! Why back, not forward: the old files are the last state that was
+//! verified on this host, while new files that no check has passed are
+//! not known to work. Rolling back returns to the verified state, and the
+//! following sync re-applies the new commit through the whole pipeline
+//! (write, reload, check). A rolled-back `Switched` transaction reports the
+//! unit actions it had asked for, so the caller can tell systemd again
+//! about the restored files.
 //!
-//! The backups of the latest committed transaction are kept, so it can be
-//! reverted as a whole (after failed health checks) with [`revert`].
+//! The backups of the latest committed transaction are kept until the
+//! next one commits.
 
 pub mod journal;
 
@@ -49,7 +54,9 @@ use crate::effects::rootfs::RootFs;
 use crate::effects::state::{fsync_dir, quick, read_json, write_json_atomic, StateDir};
 use crate::plan::inventory::Inventory;
 use crate::plan::{ChangeKind, FileChange, Plan};
-use journal::{Journal, JournalEntry, Meta, Op, TxState};
+use journal::{Journal, JournalEntry, Meta, Op, PostActions, TxState};
+
+use super::failpoint;
 
 /// Knobs for tests.
 #[derive(Debug, Clone, Default)]
@@ -102,10 +109,12 @@ pub fn apply(
         entries: intent(plan, &txid),
         created_dirs: Vec::new(),
         ownership,
+        post: None,
     };
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
+        failpoint::hit("apply.staged")?;
         journal.state = TxState::Prepared;
         write_json_atomic(&tx_dir.join(JOURNAL), &journal)
     });
@@ -126,16 +135,18 @@ pub fn apply(
         return Err(e.context(format!("transaction {txid} rolled back")));
     }
 
-    // Commit point.
-    let timing = crate::timings::stage("commit");
-    let mut inv: Inventory = plan.next_inventory.clone();
-    inv.txid = txid.clone();
-    inv.applied_at = now;
-    write_json_atomic(&state.inventory_path(), &inv)?;
-    journal.state = TxState::Committed;
-    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
-    prune_old_transactions(state, &txid)?;
-    drop(timing);
+    journal.state = TxState::Switched;
+    journal.post = Some(post_actions(plan));
+    let recorded = failpoint::hit("apply.switched")
+        .and_then(|()| write_json_atomic(&tx_dir.join(JOURNAL), &journal));
+    if let Err(e) = recorded {
+        if let Err(re) = rollback(fs, state, &mut journal) {
+            return Err(e.context(format!(
+                "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
+            )));
+        }
+        return Err(e.context(format!("transaction {txid} rolled back")));
+    }
 
     let mut applied = Applied {
         txid,
@@ -150,6 +161,48 @@ pub fn apply(
         }
     }
     Ok(applied)
+}
+
+/// What systemd must be told after the files of `plan` change (or change
+/// back).
+pub fn post_actions(plan: &Plan) -> PostActions {
+    PostActions {
+        daemon_reload: plan
+            .changes
+            .iter()
+            .any(|c| crate::effects::systemd::is_unit_file(c.path.as_str())),
+        unit_actions: plan.unit_actions.clone(),
+    }
+}
+
+/// The commit point of a switched-in transaction: replaces the inventory
+/// with `next` naming `txid`, durably. Call only after the unit actions and
+/// health checks passed. On error the transaction is still switched in and
+/// uncommitted: the caller must [`revert`] it.
+pub fn commit(state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Result<()> {
+    let _t = crate::timings::stage("commit");
+    let tx_dir = state.tx_dir().join(txid);
+    let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?
+        .with_context(|| format!("the journal of transaction {txid} is missing"))?;
+    if journal.state != TxState::Switched {
+        bail!(
+            "transaction {txid} is {:?}, not switched in: it cannot be committed",
+            journal.state
+        );
+    }
+    let mut inv: Inventory = next.clone();
+    inv.txid = txid.to_string();
+    inv.applied_at = now;
+    failpoint::hit("apply.commit.inventory")?;
+    write_json_atomic(&state.inventory_path(), &inv)
+        .context("cannot record the applied commit in the inventory")?;
+    // Committed from here on: the inventory names the transaction, and
+    // recovery treats it as committed whatever its journal says.
+    failpoint::hit("apply.commit.journal")?;
+    journal.state = TxState::Committed;
+    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    prune_old_transactions(state, txid)?;
+    Ok(())
 }
 
 fn timed<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
@@ -385,6 +438,7 @@ fn switch(journal: &Journal, dirs: &BTreeMap<String, OwnedFd>, opts: &ApplyOptio
             },
         }
         done += 1;
+        failpoint::hit("apply.switch")?;
         if opts.crash_after == Some(done) {
             eprintln!("driftless: test hook: crashing after {done} operation(s)");
             std::process::abort();
@@ -414,6 +468,18 @@ fn set_meta(dir: &impl AsFd, name: &str, meta: Meta, ownership: bool) -> Result<
 /// Undoes every entry of `journal`, idempotently: safe to run again after
 /// a crash in the middle of it.
 fn rollback(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> {
+    rollback_then(fs, state, journal, None)
+}
+
+/// [`rollback`], and with `inventory`, puts that inventory back before the
+/// journal says `RolledBack` (a crash between the two must not leave an
+/// inventory naming files that are gone).
+fn rollback_then(
+    fs: &RootFs,
+    state: &StateDir,
+    journal: &mut Journal,
+    inventory: Option<&Inventory>,
+) -> Result<()> {
     let tx_dir = state.tx_dir().join(&journal.txid);
     let backups = open_dir_path(&tx_dir.join("backups"))?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
@@ -433,6 +499,7 @@ fn rollback(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> 
             }
         }
         let dir = &dirs[&key];
+        failpoint::hit("apply.undo")?;
         let result = if journal.state == TxState::Preparing {
             // No target was touched yet: only staged files to delete.
             match &e.staged {
@@ -467,6 +534,10 @@ fn rollback(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> 
         );
     }
     flush(fs, state, &dirs)?;
+    if let Some(inv) = inventory {
+        failpoint::hit("apply.revert.inventory")?;
+        write_json_atomic(&state.inventory_path(), inv)?;
+    }
     journal.state = TxState::RolledBack;
     write_json_atomic(&tx_dir.join(JOURNAL), journal)?;
     Ok(())
@@ -570,9 +641,32 @@ fn read_at(dir: &impl AsFd, name: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Rolls back every transaction left `Prepared` by a crash. Returns the
-/// ids rolled back. Call under the lock, before planning.
-pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<String>> {
+/// A transaction that [`recover`] rolled back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub txid: String,
+    /// The commit the transaction was applying.
+    pub commit: Option<String>,
+    /// How far it had come: `Preparing`/`Prepared` (no target switched
+    /// in yet, or only partly), `Switched` (interrupted during its unit
+    /// actions or checks), `Reverting` (interrupted during a revert).
+    pub phase: TxState,
+    /// Set when files that units may have loaded were put back: what
+    /// systemd must be told again.
+    pub post: Option<PostActions>,
+}
+
+impl Recovered {
+    /// The transaction was switched in: its unit actions may have run.
+    pub fn was_live(&self) -> bool {
+        matches!(self.phase, TxState::Switched | TxState::Reverting)
+    }
+}
+
+/// Rolls back every transaction that did not reach its commit point (a
+/// crash while staging, switching, checking or reverting). Returns what
+/// was rolled back. Call under the lock, before planning.
+pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
     let inv = state.inventory()?;
     let mut recovered = Vec::new();
     for (txid, path) in list_transactions(state)? {
@@ -581,61 +675,67 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<String>> {
             remove_tx_dir(&path)?;
             continue;
         };
-        if journal.state == TxState::Reverting {
-            finish_revert(fs, state, &mut journal)
-                .with_context(|| format!("cannot finish the interrupted revert of {txid}"))?;
-            recovered.push(txid.clone());
-            continue;
-        }
-        if journal.state == TxState::Preparing {
-            rollback(fs, state, &mut journal)
-                .with_context(|| format!("cannot clean up interrupted transaction {txid}"))?;
-            recovered.push(txid.clone());
-        } else if journal.state == TxState::Prepared {
-            if inv.txid == txid {
+        let phase = journal.state;
+        let done = |journal: &Journal| Recovered {
+            txid: txid.clone(),
+            commit: journal.commit.clone(),
+            phase,
+            post: matches!(phase, TxState::Switched | TxState::Reverting)
+                .then(|| journal.post.clone())
+                .flatten(),
+        };
+        match phase {
+            TxState::Reverting => {
+                finish_revert(fs, state, &mut journal)
+                    .with_context(|| format!("cannot finish the interrupted revert of {txid}"))?;
+                recovered.push(done(&journal));
+            }
+            TxState::Preparing => {
+                rollback(fs, state, &mut journal)
+                    .with_context(|| format!("cannot clean up interrupted transaction {txid}"))?;
+                recovered.push(done(&journal));
+            }
+            TxState::Prepared | TxState::Switched if inv.txid == txid => {
                 // Committed, but crashed before the journal said so.
                 journal.state = TxState::Committed;
                 write_json_atomic(&path.join(JOURNAL), &journal)?;
-                continue;
             }
-            rollback(fs, state, &mut journal)
-                .with_context(|| format!("cannot roll back interrupted transaction {txid}"))?;
-            recovered.push(txid.clone());
-        }
-        if journal.state == TxState::RolledBack {
-            remove_tx_dir(&path)?;
+            TxState::Prepared | TxState::Switched => {
+                // Through `finish_revert`: the inventory goes back to the
+                // one before this transaction, whatever wrote it since.
+                finish_revert(fs, state, &mut journal)
+                    .with_context(|| format!("cannot roll back interrupted transaction {txid}"))?;
+                recovered.push(done(&journal));
+            }
+            TxState::Committed => {}
+            TxState::RolledBack => remove_tx_dir(&path)?,
         }
     }
     Ok(recovered)
 }
 
-/// Reverts the latest committed transaction as a whole: previous bytes,
-/// owner and mode back, new files removed, pruned files re-created, and
-/// the previous inventory restored. Returns the reverted txid.
+/// Reverts the switched-in (or committed) transaction `txid` as a whole:
+/// previous bytes, owner and mode back, new files removed, pruned files
+/// re-created, and the previous inventory restored.
 ///
 /// The journal is marked `Reverting` first, so a crash in the middle is
 /// finished by [`recover`] on the next start.
-pub fn revert(fs: &RootFs, state: &StateDir) -> Result<String> {
-    let inv = state.inventory()?;
-    if inv.txid.is_empty() {
-        bail!("nothing to revert: no transaction has been applied");
-    }
-    let tx_dir = state.tx_dir().join(&inv.txid);
+pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<()> {
+    let tx_dir = state.tx_dir().join(txid);
     let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?.with_context(|| {
         format!(
-            "the journal of transaction {} is missing in {}",
-            inv.txid,
+            "the journal of transaction {txid} is missing in {}",
             tx_dir.display()
         )
     })?;
     quick::clear(state)?;
     journal.state = TxState::Reverting;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
-    finish_revert(fs, state, &mut journal)?;
-    Ok(inv.txid)
+    failpoint::hit("apply.revert.started")?;
+    finish_revert(fs, state, &mut journal)
 }
 
-/// Rolls back a committed transaction and puts its previous inventory back.
+/// Rolls back a transaction and puts its previous inventory back.
 fn finish_revert(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> {
     let tx_dir = state.tx_dir().join(&journal.txid);
     let before: Inventory = read_json(&tx_dir.join(INVENTORY_BEFORE))?.with_context(|| {
@@ -644,8 +744,7 @@ fn finish_revert(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result
             journal.txid
         )
     })?;
-    rollback(fs, state, journal)?;
-    write_json_atomic(&state.inventory_path(), &before)?;
+    rollback_then(fs, state, journal, Some(&before))?;
     remove_tx_dir(&tx_dir)
 }
 

@@ -67,17 +67,19 @@ impl Env {
         let obs = observe(&self.fs, d, &inv).unwrap();
         plan(d, Some("c"), &obs, &inv, &ids()).unwrap()
     }
+    /// Applies and commits (as after passing checks).
     fn apply(&self, d: &Desired) -> Applied {
         let p = self.plan(d);
-        apply(
-            &self.fs,
-            &self.state,
-            &p,
-            false,
-            1,
-            &ApplyOptions::default(),
-        )
-        .unwrap()
+        let a = self.switch_in(&p);
+        commit(&self.state, &a.txid, &p.next_inventory, 1).unwrap();
+        a
+    }
+    /// Applies up to the switch-in: files live, not committed.
+    fn switch_in(&self, p: &Plan) -> Applied {
+        apply(&self.fs, &self.state, p, false, 1, &ApplyOptions::default()).unwrap()
+    }
+    fn txids(r: Vec<Recovered>) -> Vec<String> {
+        r.into_iter().map(|r| r.txid).collect()
     }
     fn read(&self, p: &str) -> Option<String> {
         std::fs::read_to_string(self.path(p)).ok()
@@ -136,14 +138,19 @@ fn revert_restores_bytes_modes_pruned_and_removes_new_files() {
     ]));
     let before = e.state.inventory().unwrap();
     // Second transaction: change content+mode, prune one, add one.
-    e.apply(&desired(&[
+    let a = e.switch_in(&e.plan(&desired(&[
         ("/etc/keep", "v2\n", 0o600),
         ("/etc/new/file", "n\n", 0o644),
-    ]));
+    ])));
     assert_eq!(e.read("/etc/gone"), None);
     assert_eq!(e.read("/etc/keep").as_deref(), Some("v2\n"));
+    assert_eq!(
+        e.state.inventory().unwrap(),
+        before,
+        "a switched-in transaction is not recorded before its checks pass"
+    );
 
-    revert(&e.fs, &e.state).unwrap();
+    revert(&e.fs, &e.state, &a.txid).unwrap();
     assert_eq!(e.read("/etc/keep").as_deref(), Some("v1\n"));
     assert_eq!(e.mode("/etc/keep"), 0o644);
     assert_eq!(e.read("/etc/gone").as_deref(), Some("old\n"));
@@ -164,10 +171,10 @@ fn metadata_only_change_is_applied_in_place_and_reverted() {
     let inode = std::fs::metadata(e.path("/etc/x")).unwrap().ino();
     let p = e.plan(&desired(&[("/etc/x", "same\n", 0o600)]));
     assert!(p.changes[0].mode_changed && !p.changes[0].content_changed);
-    apply(&e.fs, &e.state, &p, false, 2, &ApplyOptions::default()).unwrap();
+    let a = apply(&e.fs, &e.state, &p, false, 2, &ApplyOptions::default()).unwrap();
     assert_eq!(e.mode("/etc/x"), 0o600);
     assert_eq!(std::fs::metadata(e.path("/etc/x")).unwrap().ino(), inode);
-    revert(&e.fs, &e.state).unwrap();
+    revert(&e.fs, &e.state, &a.txid).unwrap();
     assert_eq!(e.mode("/etc/x"), 0o644);
 }
 
@@ -211,7 +218,7 @@ fn recovery_rolls_back_a_transaction_that_never_committed() {
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     write_json_atomic(&e.state.inventory_path(), &committed).unwrap();
 
-    let recovered = recover(&e.fs, &e.state).unwrap();
+    let recovered = Env::txids(recover(&e.fs, &e.state).unwrap());
     assert_eq!(recovered, vec![applied.txid.clone()]);
     assert_eq!(e.read("/etc/a").as_deref(), Some("old a\n"));
     assert_eq!(e.mode("/etc/a"), 0o644);
@@ -276,7 +283,7 @@ fn crash_during_a_revert_is_finished_by_recovery() {
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     std::fs::remove_file(e.path("/etc/c")).unwrap();
 
-    let recovered = recover(&e.fs, &e.state).unwrap();
+    let recovered = Env::txids(recover(&e.fs, &e.state).unwrap());
     assert_eq!(recovered, vec![applied.txid]);
     assert_eq!(e.read("/etc/a").as_deref(), Some("v1\n"));
     assert_eq!(e.mode("/etc/a"), 0o644);
@@ -284,4 +291,81 @@ fn crash_during_a_revert_is_finished_by_recovery() {
     assert_eq!(e.read("/etc/c"), None);
     assert_eq!(e.state.inventory().unwrap(), before);
     assert!(!tx.exists());
+}
+
+/// Issue 12 §2: a `kill -9` while the health checks ran left the failing
+/// commit live and recorded, and the next sync said "already applied".
+#[test]
+fn a_transaction_interrupted_during_its_checks_is_rolled_back_with_its_unit_actions() {
+    let e = env();
+    e.apply(&desired(&[("/etc/a", "v1\n", 0o644)]));
+    let before = e.state.inventory().unwrap();
+    let mut p = e.plan(&desired(&[
+        ("/etc/a", "v2\n", 0o644),
+        ("/etc/systemd/system/x.service", "[Service]\n", 0o644),
+    ]));
+    p.unit_actions = vec![crate::desired::spec::UnitAction {
+        unit: "x.service".into(),
+        action: crate::desired::spec::UnitActionKind::Restart,
+    }];
+    let a = e.switch_in(&p);
+    assert_eq!(e.read("/etc/a").as_deref(), Some("v2\n"));
+    // The process dies here (checks running): no commit, no revert.
+    let recovered = recover(&e.fs, &e.state).unwrap();
+    assert_eq!(recovered.len(), 1);
+    let r = &recovered[0];
+    assert_eq!(r.txid, a.txid);
+    assert_eq!(r.phase, TxState::Switched);
+    assert!(r.was_live());
+    let post = r.post.clone().expect("the unit actions to tell again");
+    assert!(post.daemon_reload);
+    assert_eq!(post.unit_actions, p.unit_actions);
+    assert_eq!(e.read("/etc/a").as_deref(), Some("v1\n"));
+    assert_eq!(e.read("/etc/systemd/system/x.service"), None);
+    assert_eq!(e.state.inventory().unwrap(), before);
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+}
+
+#[test]
+fn a_switched_transaction_whose_inventory_was_written_counts_as_committed() {
+    let e = env();
+    let p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let a = e.switch_in(&p);
+    let mut inv = p.next_inventory.clone();
+    inv.txid = a.txid.clone();
+    // Crash after the inventory, before the journal said Committed.
+    write_json_atomic(&e.state.inventory_path(), &inv).unwrap();
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+    assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
+    let j: Journal = read_json(&e.state.tx_dir().join(&a.txid).join(JOURNAL))
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.state, TxState::Committed);
+}
+
+/// A revert after the inventory was already replaced (the journal write
+/// after it failed) must put the previous inventory back too.
+#[test]
+fn reverting_after_the_inventory_was_written_restores_the_previous_inventory() {
+    let e = env();
+    e.apply(&desired(&[("/etc/a", "v1\n", 0o644)]));
+    let before = e.state.inventory().unwrap();
+    let p = e.plan(&desired(&[("/etc/a", "v2\n", 0o644)]));
+    let a = e.switch_in(&p);
+    let mut inv = p.next_inventory.clone();
+    inv.txid = a.txid.clone();
+    write_json_atomic(&e.state.inventory_path(), &inv).unwrap();
+    revert(&e.fs, &e.state, &a.txid).unwrap();
+    assert_eq!(e.read("/etc/a").as_deref(), Some("v1\n"));
+    assert_eq!(e.state.inventory().unwrap(), before);
+}
+
+#[test]
+fn only_a_switched_transaction_can_be_committed() {
+    let e = env();
+    let p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let a = e.switch_in(&p);
+    commit(&e.state, &a.txid, &p.next_inventory, 1).unwrap();
+    let err = commit(&e.state, &a.txid, &p.next_inventory, 1).unwrap_err();
+    assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
