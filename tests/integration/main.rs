@@ -7,6 +7,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod crash_windows;
 mod daemon;
 mod golden;
 mod pipeline;

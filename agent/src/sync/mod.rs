@@ -32,7 +32,7 @@ use crate::effects::fetch::{self, Location, SourceSpec, SshOptions};
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::history::{Entry, Outcome};
 use crate::effects::state::{floor, read_json, write_json_replace, LockGuard, StateDir};
-use crate::effects::{facts, ids, observe};
+use crate::effects::{facts, failpoint, ids, observe};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
 use crate::plan::{self, Plan};
@@ -466,6 +466,7 @@ pub fn sync_once(
             None => applied_commits(settings, &state)?,
         };
         let head = fetch_head(settings, &state, &applied)?;
+        failpoint::hit("sync.fetched").kind(Failure::Failed)?;
         let facts = gather_facts(&fs);
         let inputs = quick::inputs(settings, &facts);
         let bad = marks.bad.contains_key(&head.commit);
@@ -521,6 +522,7 @@ pub fn sync_once(
             Some(plan) => plan,
             None => plan_for(settings, &state, &fs, &fetched, &facts)?,
         };
+        failpoint::hit("sync.planned").kind(Failure::Failed)?;
         let prepared = Prepared { fetched, plan };
         let commit = prepared.fetched.commit.clone();
         if let Some(bad) = marks.bad.get(&commit) {
@@ -547,7 +549,9 @@ pub fn sync_once(
         let report = deploy(
             settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered,
         )?;
+        failpoint::hit("sync.floor").kind(Failure::Failed)?;
         raise_floor(settings, &commit, commit_time, now);
+        failpoint::hit("sync.quick").kind(Failure::Failed)?;
         quick::record(
             &state,
             &fs,
@@ -560,6 +564,9 @@ pub fn sync_once(
         Ok(report)
     })();
     let _t = timings::stage("record");
+    if let Err(e) = failpoint::hit("sync.record") {
+        warn!("{e:#}");
+    }
     match &result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
             (Some(a), _) => record(

@@ -1,0 +1,374 @@
+//! Issue 12 §2: crash windows after the switch-in. A `kill -9` while the
+//! health checks ran left the failing commit live and recorded ("already
+//! applied" on the next sync, 30 of 30 times); one during a revert left it
+//! live 8 of 40 times; a full disk while the inventory was written after
+//! the switch-in left new files live and unrecorded.
+//!
+//! The campaign: a first run with `DRIFTLESS_TEST_FAILPOINT_TRACE` lists
+//! every failpoint a sync reaches (fetch, plan, stage, each switch
+//! operation, checks, commit, each undo of a revert, record), then the
+//! process is killed with SIGKILL at each of them in turn, on a fresh host
+//! each time. After every kill, each managed file is fully old or fully
+//! new, and the following runs converge: to the new commit when its checks
+//! pass, back to the old one (and the commit marked bad) when they fail,
+//! with the recorded commit matching the files.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+
+use crate::support::*;
+
+/// Old and new content of the managed files (None: absent).
+const FILES: &[(&str, Option<&str>, Option<&str>)] = &[
+    ("/etc/app/a.conf", Some("a v1\n"), Some("a v2\n")),
+    ("/etc/app/b.conf", Some("b v1\n"), Some("b v2\n")),
+    ("/etc/app/gone", Some("gone v1\n"), None),
+    ("/opt/app/new/file", None, Some("new v2\n")),
+];
+
+type State = BTreeMap<String, Option<String>>;
+
+fn expected(new: bool) -> State {
+    FILES
+        .iter()
+        .map(|(p, o, n)| {
+            let c = if new { n } else { o };
+            (p.to_string(), c.map(str::to_string))
+        })
+        .collect()
+}
+
+fn state_of(host: &Host) -> State {
+    FILES
+        .iter()
+        .map(|(p, _, _)| (p.to_string(), host.read(p)))
+        .collect()
+}
+
+/// The repository at the old commit (branch `v1`) and the new one
+/// (`main`), whose check passes or fails.
+struct Scenario {
+    repo: Repo,
+    old: String,
+    new: String,
+    /// The check reads `a.conf` through this link, pointed at the host
+    /// under test, so one repository serves every fresh host.
+    link: std::path::PathBuf,
+    _link_dir: tempfile::TempDir,
+}
+
+fn scenario(check_passes: bool) -> Scenario {
+    let link_dir = tempfile::tempdir().expect("temp dir");
+    let link = link_dir.path().join("a.conf");
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    let write = |new: bool| {
+        let mut role = String::new();
+        for (i, (target, o, n)) in FILES.iter().enumerate() {
+            let content = if new { n } else { o };
+            let src = format!("roles/app/files/f{i}");
+            match content {
+                Some(c) => {
+                    repo.write(&src, c);
+                    role.push_str(&format!(
+                        "[[files]]\npath = \"{target}\"\nsource = \"f{i}\"\n\n"
+                    ));
+                }
+                None => {
+                    if repo.path().join(&src).exists() {
+                        repo.remove(&src);
+                    }
+                }
+            }
+        }
+        // The check reads the live file. A failing v2 wants v1's content:
+        // it fails on v2's files and passes again once they are reverted.
+        let wanted = if !new || check_passes { "v" } else { "a v1" };
+        role.push_str(&format!(
+            "[[checks]]\nname = \"a.conf is good\"\nretries = 1\ninterval = \"10ms\"\n\
+             command = {{ argv = [\"/bin/grep\", \"-q\", {wanted:?}, {:?}] }}\n",
+            link.display().to_string()
+        ));
+        repo.write("roles/app/role.toml", &role);
+    };
+    write(false);
+    let old = repo.commit("v1");
+    git(repo.path(), &["branch", "-f", "v1", &old]);
+    write(true);
+    let new = repo.commit("v2");
+    Scenario {
+        repo,
+        old,
+        new,
+        link,
+        _link_dir: link_dir,
+    }
+}
+
+fn sync(host: &Host, s: &Scenario, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["sync", "--once", "--run-checks"];
+    args.extend_from_slice(extra);
+    host.cmd(s.repo.path(), &args)
+        .output()
+        .expect("driftless runs")
+}
+
+/// The commit the state records as applied.
+fn recorded(host: &Host, s: &Scenario) -> Option<String> {
+    let run = host
+        .run(s.repo.path(), &["status", "--format", "json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("status is JSON");
+    v["status"]["applied"]["commit"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn leftovers(host: &Host) -> Vec<String> {
+    host.tree()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.contains(".driftless-"))
+        .collect()
+}
+
+/// A fresh host at the old commit, the check's link pointed at it.
+fn host_at_old(s: &Scenario) -> Host {
+    let host = Host::new("h");
+    let _ = std::fs::remove_file(&s.link);
+    std::os::unix::fs::symlink(host.path("/etc/app/a.conf"), &s.link).expect("link");
+    let out = sync(&host, s, &["--branch", "v1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state_of(&host), expected(false));
+    host
+}
+
+/// Runs a sync of the new commit that is killed at `point` (`name:N`).
+#[track_caller]
+fn killed_at(host: &Host, s: &Scenario, point: &str) {
+    let out = host
+        .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", format!("{point}:kill"))
+        .output()
+        .expect("driftless runs");
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the kill at {point} did not happen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every failpoint the next sync reaches, as `name:N` (the sync runs to
+/// its end).
+fn trace_run(host: &Host, s: &Scenario) -> (bool, Vec<String>) {
+    let file = host.state.path().join("failpoints.trace");
+    let _ = std::fs::remove_file(&file);
+    let out = host
+        .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT_TRACE", &file)
+        .output()
+        .expect("driftless runs");
+    let text = std::fs::read_to_string(&file).expect(
+        "no failpoint trace: failpoints are compiled into debug builds only (run the tests without --release)",
+    );
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let points = text
+        .lines()
+        .map(|name| {
+            let n = seen.entry(name.to_string()).or_insert(0);
+            *n += 1;
+            format!("{name}:{n}")
+        })
+        .collect();
+    (out.status.success(), points)
+}
+
+/// After one or two kills: each file old or new, and at most two more
+/// runs converge, with the recorded commit matching the files.
+#[track_caller]
+fn assert_converges(host: &Host, s: &Scenario, check_passes: bool, what: &str) {
+    for (path, got) in state_of(host) {
+        let (o, n) = (&expected(false)[&path], &expected(true)[&path]);
+        assert!(
+            got == *o || got == *n,
+            "{path} is neither old nor new after {what}: {got:?}"
+        );
+    }
+    let first = sync(host, s, &[]);
+    let second = sync(host, s, &[]);
+    let log = format!(
+        "after {what}:\nfirst run: {}\nsecond run: {}",
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(second.status.success(), "{log}");
+    if check_passes {
+        assert_eq!(state_of(host), expected(true), "{log}");
+        assert_eq!(recorded(host, s).as_deref(), Some(s.new.as_str()), "{log}");
+    } else {
+        assert_eq!(state_of(host), expected(false), "{log}");
+        assert_eq!(recorded(host, s).as_deref(), Some(s.old.as_str()), "{log}");
+        assert!(
+            String::from_utf8_lossy(&second.stdout).contains("marked bad"),
+            "the failing commit must be marked bad\n{log}\nstdout: {}",
+            String::from_utf8_lossy(&second.stdout)
+        );
+    }
+    assert!(leftovers(host).is_empty(), "{:?}\n{log}", leftovers(host));
+}
+
+/// Kills a sync at every failpoint it reaches; then, for each of those,
+/// kills the recovering run at every failpoint *it* reaches (a crash
+/// during recovery). Returns the number of kills.
+fn campaign(check_passes: bool) -> usize {
+    let s = scenario(check_passes);
+    let (ok, points) = trace_run(&host_at_old(&s), &s);
+    assert_eq!(ok, check_passes);
+    // The points this campaign exists for must be on the path.
+    let mut must = vec![
+        "sync.fetched:1",
+        "apply.staged:1",
+        "apply.switch:4",
+        "apply.switched:1",
+        "post.checks:1",
+        "post.checked:1",
+        "sync.record:1",
+    ];
+    if check_passes {
+        must.extend([
+            "apply.commit.inventory:1",
+            "apply.commit.journal:1",
+            "sync.floor:1",
+        ]);
+    } else {
+        must.extend([
+            "apply.revert.started:1",
+            "apply.undo:4",
+            "apply.revert.inventory:1",
+        ]);
+    }
+    for m in must {
+        assert!(points.iter().any(|p| p == m), "{m} not reached: {points:?}");
+    }
+    let mut kills = 0;
+    for first in &points {
+        let host = host_at_old(&s);
+        killed_at(&host, &s, first);
+        kills += 1;
+        assert_converges(&host, &s, check_passes, &format!("a kill at {first}"));
+
+        // The run after that kill recovers: kill it at each of its points.
+        let host = host_at_old(&s);
+        killed_at(&host, &s, first);
+        let (_, then) = trace_run(&host, &s);
+        for second in &then {
+            let host = host_at_old(&s);
+            killed_at(&host, &s, first);
+            killed_at(&host, &s, second);
+            kills += 2;
+            assert_converges(
+                &host,
+                &s,
+                check_passes,
+                &format!("a kill at {first}, then one at {second}"),
+            );
+        }
+    }
+    kills
+}
+
+#[test]
+fn kill_at_every_failpoint_of_a_passing_commit_converges_to_it() {
+    let n = campaign(true);
+    eprintln!("campaign (checks pass): {n} kills, every host converged to the new commit");
+}
+
+#[test]
+fn kill_at_every_failpoint_of_a_failing_commit_converges_back_to_the_old_one() {
+    let n = campaign(false);
+    eprintln!("campaign (checks fail): {n} kills, every host converged to the old commit");
+}
+
+/// The bug: a `kill -9` during the checks, and the next sync said
+/// "already applied" with the failing commit live.
+#[test]
+fn kill_during_checks_does_not_leave_the_commit_applied() {
+    let s = scenario(false);
+    let host = host_at_old(&s);
+    let out = host
+        .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "post.checks")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(recorded(&host, &s).as_deref(), Some(s.old.as_str()));
+    let next = sync(&host, &s, &[]);
+    let stderr = String::from_utf8_lossy(&next.stderr);
+    assert!(
+        stderr.contains("interrupted during its unit actions or health checks"),
+        "{stderr}"
+    );
+    assert_eq!(next.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reverted"), "{stderr}");
+    assert_eq!(state_of(&host), expected(false));
+}
+
+/// A disk that fills while the inventory is written after the switch-in:
+/// the new files were left live and unrecorded, nothing rolled back.
+#[test]
+fn failing_to_record_the_commit_after_the_switch_in_reverts() {
+    let s = scenario(true);
+    let host = host_at_old(&s);
+    let out = host
+        .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "apply.commit.inventory:error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not be recorded"), "{stderr}");
+    assert!(stderr.contains("reverted"), "{stderr}");
+    assert_eq!(state_of(&host), expected(false));
+    assert_eq!(recorded(&host, &s).as_deref(), Some(s.old.as_str()));
+    // Not the commit's fault: it is not marked bad, the next run applies it.
+    let next = sync(&host, &s, &[]);
+    assert!(
+        next.status.success(),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert_eq!(state_of(&host), expected(true));
+    assert_eq!(recorded(&host, &s).as_deref(), Some(s.new.as_str()));
+}
+
+/// A commit whose checks kill the agent (or the host) every time must not
+/// be retried forever: the third interrupted attempt marks it bad.
+#[test]
+fn a_commit_interrupted_three_times_during_checks_is_marked_bad() {
+    let s = scenario(true);
+    let host = host_at_old(&s);
+    for attempt in 1..=3 {
+        let out = host
+            .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
+            .env("DRIFTLESS_TEST_FAILPOINT", "post.checks")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(9), "attempt {attempt}");
+    }
+    let next = sync(&host, &s, &[]);
+    let stdout = String::from_utf8_lossy(&next.stdout);
+    assert!(
+        next.status.success(),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(stdout.contains("marked bad"), "{stdout}");
+    assert_eq!(state_of(&host), expected(false));
+    assert_eq!(recorded(&host, &s).as_deref(), Some(s.old.as_str()));
+}
