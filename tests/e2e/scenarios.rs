@@ -460,3 +460,91 @@ fn e2e_6_air_gapped_host_updates_from_a_signed_usb_bundle_and_reports_back() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("e2e") && text.contains(&v2[..7]), "{text}");
 }
+
+/// Issue 12 §2 against a real systemd: a commit whose checks are cut short
+/// by a `kill -9` three times running (the agent's own unit restarts it,
+/// or the host reboots) is rolled back, and the unit that was restarted
+/// onto its files is restarted again onto the restored ones, with a
+/// daemon-reload first for the restored unit file. Then it is marked bad.
+#[test]
+fn e2e_7_kill_during_checks_rolls_back_and_restarts_units_onto_the_restored_files() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-killchecks", &demo);
+    assert!(sync(&m).status.success());
+    let before = m.ok("sha256sum /etc/demo/message /etc/systemd/system/demo-web.service");
+    assert_eq!(curl(&m), "hello ok v1");
+
+    demo.write("roles/demo/files/demo-web.service", &unit_file("bonjour"));
+    demo.set("ok v2", "0644", "root");
+    let v2 = demo.commit("v2");
+    for attempt in 1..=3 {
+        let out = m.sh("DRIFTLESS_TEST_FAILPOINT=post.checks driftless sync --once 2>&1");
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            log.contains("failpoint post.checks"),
+            "attempt {attempt}: {log}"
+        );
+        // Killed with the new files live and the unit running them.
+        assert_eq!(curl(&m), "bonjour ok v2", "attempt {attempt}");
+    }
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("interrupted during its unit actions or health checks"),
+        "{log}"
+    );
+    assert!(log.contains("marked bad"), "{log}");
+    assert_eq!(
+        m.ok("sha256sum /etc/demo/message /etc/systemd/system/demo-web.service"),
+        before
+    );
+    // Only the re-told daemon-reload and restart bring this back.
+    m.wait_ok(
+        "systemctl is-active demo-web.service",
+        Duration::from_secs(10),
+    );
+    assert_eq!(curl(&m), "hello ok v1");
+    assert_eq!(m.prop("demo-web.service", "NeedDaemonReload"), "no");
+    let status: serde_json::Value =
+        serde_json::from_str(&m.ok("driftless status --format json")).unwrap();
+    assert_ne!(
+        status["status"]["applied"]["commit"],
+        v2.as_str(),
+        "{status}"
+    );
+}
+
+/// A `kill -9` in the middle of a revert: the next run finishes it, tells
+/// systemd again, and does not apply the bad commit a second time.
+#[test]
+fn e2e_8_kill_during_a_revert_is_finished_by_the_next_run() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-killrevert", &demo);
+    assert!(sync(&m).status.success());
+    let before = m.ok("stat -c '%a %U %s' /etc/demo/message && sha256sum /etc/demo/message");
+    demo.set("BROKEN on purpose", "0600", "daemon");
+    demo.commit("v2 breaks the service");
+    let out = m.sh("DRIFTLESS_TEST_FAILPOINT=apply.undo:1 driftless sync --once 2>&1");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("failpoint apply.undo"), "{log}");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("interrupted while it was being reverted"),
+        "{log}"
+    );
+    assert!(log.contains("marked bad"), "{log}");
+    assert_eq!(
+        m.ok("stat -c '%a %U %s' /etc/demo/message && sha256sum /etc/demo/message"),
+        before
+    );
+    m.wait_ok(
+        "systemctl is-active demo-web.service",
+        Duration::from_secs(10),
+    );
+    assert_eq!(curl(&m), "hello ok v1");
+}

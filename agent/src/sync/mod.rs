@@ -812,7 +812,7 @@ fn after_recovery(
 
 /// A commit that was applied, failed its actions or checks, and was reverted.
 #[derive(Debug, thiserror::Error)]
-#[error("commit {} was applied but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
+#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
 pub struct Reverted {
     pub commit: String,
     pub reason: String,
