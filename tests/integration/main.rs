@@ -10,6 +10,7 @@ mod crash;
 mod crash_windows;
 mod daemon;
 mod golden;
+mod hostile_templates;
 mod pipeline;
 mod quick;
 mod quickstart;
