@@ -548,3 +548,75 @@ fn e2e_8_kill_during_a_revert_is_finished_by_the_next_run() {
     );
     assert_eq!(curl(&m), "hello ok v1");
 }
+
+/// Copies `from` into `to`, recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Issue 14 §2: on a stock Debian host the quickstart ended halted: its
+/// `try-restart chrony.service` failed because chrony is not installed,
+/// and reverting the first commit failed too. Here the bundled example
+/// runs, as shipped, in a Debian without chrony; the pre-existing
+/// `/etc/motd` is saved and comes back byte for byte when the repository
+/// stops managing it.
+#[test]
+fn e2e_9_quickstart_on_a_stock_debian_without_chrony() {
+    let Some(_g) = guard() else { return };
+    let repo = tempfile::tempdir().unwrap();
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart"),
+        repo.path(),
+    );
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-q", "-m", "quickstart"]);
+    let m = Machine::boot("e2e-quickstart", &[(repo.path(), "/srv/config", false)]);
+    m.ok(&format!(
+        "mkdir -p /etc/driftless && printf '{}' > /etc/driftless/agent.toml",
+        AGENT_TOML.replace('\n', "\\n")
+    ));
+    let chrony = m.sh("systemctl cat chrony.service");
+    assert!(
+        !chrony.status.success(),
+        "this scenario needs a Debian without chrony"
+    );
+    let motd_before = m.ok("sha256sum /etc/motd");
+
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("nothing to restart"), "{log}");
+    assert!(m.ok("cat /etc/motd").contains("Example Corp"));
+    assert!(m
+        .ok("cat /etc/chrony/sources.d/driftless.sources")
+        .contains("pool"));
+    let status = m.ok("driftless status");
+    assert!(!status.contains("halted"), "{status}");
+
+    // The repository stops managing /etc/motd: Debian's comes back.
+    let role = std::fs::read_to_string(repo.path().join("roles/base/role.toml")).unwrap();
+    let without = role.replace(
+        "[[files]]\npath = \"/etc/motd\"\ntemplate = \"motd.tera\"\nmode = \"0644\"\n",
+        "",
+    );
+    assert_ne!(role, without, "the quickstart's motd entry moved");
+    std::fs::write(repo.path().join("roles/base/role.toml"), without).unwrap();
+    git(repo.path(), &["commit", "-q", "-am", "stop managing motd"]);
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(m.ok("sha256sum /etc/motd"), motd_before);
+}

@@ -147,3 +147,35 @@ fn rollback_without_history_or_with_an_unknown_commit_is_a_clear_error() {
     );
     assert!(host.tree().is_empty());
 }
+
+/// Issue 14 §2: reverting the first commit on a host (nothing managed
+/// before) failed ("nothing to revert") and halted the host. It must work
+/// and put back the file that was there before driftless.
+#[test]
+fn reverting_the_first_commit_restores_the_preexisting_file() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    std::fs::create_dir_all(host.path("/etc")).unwrap();
+    std::fs::write(host.path("/etc/app.conf"), "good, from the distribution\n").unwrap();
+    let before = host.tree();
+    write_role(&repo, &host, "broken\n", "grep -q good ROOT/etc/app.conf");
+    repo.commit("first commit, broken");
+    let run = sync(&host, &repo, &[]).code(1);
+    assert!(run.stderr.contains("reverted"), "{}", run.stderr);
+    assert!(!run.stderr.contains("halted"), "{}", run.stderr);
+    assert_eq!(
+        host.tree(),
+        before,
+        "the host is as before the first commit"
+    );
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(v["status"]["applied"].is_null(), "{}", status.stdout);
+    // Not halted: a fixed commit applies.
+    write_role(&repo, &host, "good\n", "grep -q good ROOT/etc/app.conf");
+    repo.commit("fixed");
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
+}

@@ -74,6 +74,22 @@ impl Systemd {
     pub async fn run(&self, action: &UnitAction) -> Result<UnitState> {
         let unit = action.unit.clone();
         let verb = action.action;
+        if verb == UnitActionKind::TryRestart {
+            // As `systemctl try-restart`: a unit that is not installed (or
+            // masked) is not running, so there is nothing to restart. The
+            // quickstart's `try-restart chrony.service` on a host without
+            // chrony halted the host before this.
+            let load = self.load_state(&unit).await?;
+            if load == "not-found" || load == "masked" {
+                tracing::info!(unit = %unit, load_state = %load, "try-restart: the unit is not installed here: nothing to restart");
+                return Ok(UnitState {
+                    unit,
+                    active: "inactive".into(),
+                    sub: load,
+                    result: None,
+                });
+            }
+        }
         self.job(&unit, &verb.to_string(), move |m, u| {
             Box::pin(async move {
                 let mode = "replace".to_string();
@@ -152,6 +168,24 @@ impl Systemd {
     }
 
     /// The unit's current state (loads it if needed).
+    /// The unit's `LoadState`: "loaded", "not-found", "masked", "error", ...
+    pub async fn load_state(&self, unit: &str) -> Result<String> {
+        let path = self
+            .manager
+            .load_unit(unit.to_string())
+            .await
+            .with_context(|| format!("cannot load unit {unit}"))?;
+        let proxy = UnitProxy::builder(&self.conn)
+            .path(path)
+            .build()
+            .await
+            .with_context(|| format!("cannot reach unit {unit}"))?;
+        proxy
+            .load_state()
+            .await
+            .with_context(|| format!("cannot read {unit} LoadState"))
+    }
+
     pub async fn state(&self, unit: &str) -> Result<UnitState> {
         let path = self
             .manager
