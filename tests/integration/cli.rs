@@ -161,3 +161,25 @@ fn validate_reports_every_broken_host_with_exit_3() {
         "{text}"
     );
 }
+
+/// Issue 14 §3: `driftless status | head -1` and `plan | head` panicked
+/// on the broken pipe (exit 101). A reader that went away ends the
+/// command quietly.
+#[test]
+fn a_closed_pipe_on_stdout_is_not_a_panic() {
+    let repo = simple_repo(&[("/etc/a", "a\n"), ("/etc/b", "b\n")]);
+    let host = Host::new("h");
+    for args in [
+        &["status"][..],
+        &["plan"][..],
+        &["history"][..],
+        &["status", "--format", "json"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = host.cmd(repo.path(), args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

@@ -32,7 +32,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
             })
             .kind(Failure::Failed)?;
             let m = &created.manifest;
-            println!(
+            outln!(
                 "bundle of {} at {} ({} bytes, {}):",
                 m.branch,
                 short(&m.tip),
@@ -51,7 +51,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                 }
             );
             for f in &created.files {
-                println!("  {}", f.display());
+                outln!("  {}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -64,7 +64,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                     "kind": "BundleVerification",
                     "status": r,
                 }))?,
-                Format::Text => println!(
+                Format::Text => outln!(
                     "{}: good signature by {}; {} at {} ({} bytes{})",
                     file.display(),
                     r.signer,
@@ -102,7 +102,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                 }))?;
             } else {
                 for o in outcomes.iter().filter(|o| o.message.is_none()) {
-                    println!(
+                    outln!(
                         "{}: {} {}",
                         o.file,
                         o.result,
@@ -169,7 +169,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                 super::now(),
                 rt.handle(),
             )?;
-            println!(
+            outln!(
                 "{}: {} {}",
                 report.host,
                 outcome_str(&report.outcome),
@@ -197,11 +197,15 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                 return Ok(ExitCode::SUCCESS);
             }
             if reports.is_empty() {
-                println!("no reports in {}", dir.display());
+                outln!("no reports in {}", dir.display());
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<20} {:<9} {:<12} {:>6}  MESSAGE",
-                    "HOST", "TIME", "RESULT", "COMMIT", "DRIFT"
+                    "HOST",
+                    "TIME",
+                    "RESULT",
+                    "COMMIT",
+                    "DRIFT"
                 );
             }
             let mut bad = 0;
@@ -211,7 +215,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                         if !matches!(r.outcome, Outcome::Applied | Outcome::Unchanged) {
                             bad += 1;
                         }
-                        println!(
+                        outln!(
                             "{:<20} {:<20} {:<9} {:<12} {:>6}  {}",
                             r.host,
                             super::time_str(r.time),
@@ -226,12 +230,12 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
                     }
                     Err(e) => {
                         bad += 1;
-                        println!("{:<20} unreadable: {e:#}", p.display());
+                        outln!("{:<20} unreadable: {e:#}", p.display());
                     }
                 }
             }
             if !reports.is_empty() {
-                println!("{} host(s), {bad} need attention", reports.len());
+                outln!("{} host(s), {bad} need attention", reports.len());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,22 @@
 //! Command line: argument parsing, dispatch and output. Logic lives in
 //! [`crate::sync`] and below; this module only translates.
 
+/// `println!` for command output: a reader that went away (`driftless
+/// status | head -1`) ends the process quietly with success instead of a
+/// panic on `EPIPE` (Rust ignores `SIGPIPE`, so `println!` panics).
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::write_out(format_args!($($t)*), true)
+    };
+}
+
+/// `print!` for command output (see [`outln!`]).
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::write_out(format_args!($($t)*), false)
+    };
+}
+
 mod bundle;
 mod output;
 
@@ -551,4 +567,24 @@ pub(crate) fn test_hook_crash_after() -> Option<usize> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// Writes command output to stdout. A closed pipe ends the process with
+/// exit 0 and nothing on stderr; any other write error ends it with exit 1
+/// and one line saying why.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let written = o
+        .write_fmt(args)
+        .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| o.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -23,20 +23,20 @@ pub(super) const API_VERSION: &str = "driftless/v1";
 
 pub(super) fn print_json(v: &serde_json::Value) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(v).kind(Failure::Failed)?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
 pub fn print_sync(r: &Report) {
     if r.skipped_bad {
-        println!(
+        outln!(
             "{} is marked bad (it failed before and was reverted): not applied; push a fix or use --retry",
             short(&r.commit)
         );
         return;
     }
     match &r.applied {
-        Some(a) => println!(
+        Some(a) => outln!(
             "applied {} (transaction {}): {} created, {} changed, {} removed, {} unchanged",
             short(&r.commit),
             a.txid,
@@ -45,12 +45,12 @@ pub fn print_sync(r: &Report) {
             a.removed,
             r.plan.unchanged
         ),
-        None if r.quick => println!(
+        None if r.quick => outln!(
             "{} already applied: {} file(s) unchanged since the last sync (quick check), nothing written",
             short(&r.commit),
             r.plan.unchanged
         ),
-        None => println!(
+        None => outln!(
             "{} already applied: {} file(s) as desired, nothing written",
             short(&r.commit),
             r.plan.unchanged
@@ -67,7 +67,7 @@ pub fn print_plan(
 ) -> Result<(), Error> {
     match format {
         Format::Text => {
-            print!("{}", render_plan(&p.plan, Style { color }, diff));
+            out!("{}", render_plan(&p.plan, Style { color }, diff));
             Ok(())
         }
         Format::Json => {
@@ -158,8 +158,8 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             },
         })),
         Format::Text => {
-            println!("host:     {}", s.host);
-            println!(
+            outln!("host:     {}", s.host);
+            outln!(
                 "source:   {} (branch {}{})",
                 s.source.as_deref().unwrap_or("(none configured)"),
                 s.branch,
@@ -170,26 +170,26 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                 }
             );
             match applied {
-                Some(i) => println!(
+                Some(i) => outln!(
                     "applied:  {} at {} ({} files, transaction {})",
                     i.commit.as_deref().map(short).unwrap_or("?"),
                     time_str(i.applied_at),
                     i.files.len(),
                     i.txid
                 ),
-                None => println!("applied:  nothing yet"),
+                None => outln!("applied:  nothing yet"),
             }
             match &floor {
-                Ok(Some(f)) => println!(
+                Ok(Some(f)) => outln!(
                     "floor:    {} (new commits must descend from it; {})",
                     short(&f.commit),
                     crate::effects::state::floor::path(&s.root).display()
                 ),
                 Ok(None) => {}
-                Err(e) => println!("floor:    unreadable: {e}"),
+                Err(e) => outln!("floor:    unreadable: {e}"),
             }
             if s.require_signed {
-                println!(
+                outln!(
                     "signing:  required ({}, {})",
                     s.allowed_signers.display(),
                     serde_json::to_value(s.signature_policy)
@@ -200,7 +200,7 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             }
             match &last {
                 Some(l) => {
-                    println!(
+                    outln!(
                         "last run: {} at {}{}",
                         serde_json::to_value(&l.outcome)
                             .ok()
@@ -213,13 +213,13 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                             .unwrap_or_default()
                     );
                     if let Some(m) = &l.message {
-                        println!("          {m}");
+                        outln!("          {m}");
                     }
                 }
-                None => println!("last run: never"),
+                None => outln!("last run: never"),
             }
             if !pending.is_empty() {
-                println!(
+                outln!(
                     "interrupted transactions (rolled back by the next run): {}",
                     pending.join(", ")
                 );
@@ -266,7 +266,7 @@ pub fn print_history(s: &Settings, limit: usize, format: Format) -> Result<(), E
         })),
         Format::Text => {
             if newest.is_empty() {
-                println!("no runs recorded in {}", s.state_dir.display());
+                outln!("no runs recorded in {}", s.state_dir.display());
             }
             for e in newest {
                 let outcome = serde_json::to_value(&e.outcome)
@@ -282,7 +282,7 @@ pub fn print_history(s: &Settings, limit: usize, format: Format) -> Result<(), E
                     line.push_str("  ");
                     line.push_str(m.lines().next().unwrap_or(""));
                 }
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -350,18 +350,19 @@ pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<Exit
             for r in &results {
                 let host = r["host"].as_str().unwrap_or("?");
                 if r["ok"].as_bool() == Some(true) {
-                    println!(
+                    outln!(
                         "ok    {host}: {} file(s), {} check(s)",
-                        r["files"], r["checks"]
+                        r["files"],
+                        r["checks"]
                     );
                 } else {
-                    println!("FAIL  {host}:");
+                    outln!("FAIL  {host}:");
                     for e in r["errors"].as_array().into_iter().flatten() {
-                        println!("      {}", e.as_str().unwrap_or(""));
+                        outln!("      {}", e.as_str().unwrap_or(""));
                     }
                 }
             }
-            println!("{} host(s) valid, {failed} invalid", results.len() - failed);
+            outln!("{} host(s) valid, {failed} invalid", results.len() - failed);
         }
     }
     Ok(if failed > 0 {
@@ -411,9 +412,11 @@ pub fn secrets(s: &Settings, cmd: super::SecretsCommand) -> Result<ExitCode, Err
             let ids = identities(s)?;
             let r = secrets::check(&name, &bytes, Store::from_path(&name), &ids)
                 .map_err(|e| Error::new(Failure::InvalidRepo, anyhow::anyhow!(e.to_string())))?;
-            println!(
+            outln!(
                 "{name}: ok ({} store, MAC verified, {} encrypted value(s), {} in clear)",
-                r.store, r.encrypted_values, r.clear_values
+                r.store,
+                r.encrypted_values,
+                r.clear_values
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -429,7 +432,7 @@ pub fn host_recipient(s: &Settings) -> Result<ExitCode, Error> {
         let ids = crate::secrets::Identities::from_ssh_private_key(k)
             .map_err(|e| Error::new(Failure::Failed, anyhow::anyhow!(e.to_string())))?;
         for r in ids.recipients() {
-            println!("{r}");
+            outln!("{r}");
             found = true;
         }
     }
