@@ -183,3 +183,16 @@ fn a_closed_pipe_on_stdout_is_not_a_panic() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// Issue 14 §3: `-q` still printed the summary, so cron mailed every run.
+#[test]
+fn quiet_prints_nothing_on_success() {
+    let repo = simple_repo(&[("/etc/a", "a\n")]);
+    let host = Host::new("h");
+    for round in ["applies", "nothing to do"] {
+        let run = host.run(repo.path(), &["sync", "--once", "-q"]).ok();
+        assert_eq!(run.stdout, "", "{round}");
+        assert_eq!(run.stderr, "", "{round}");
+    }
+    assert_eq!(host.read("/etc/a").as_deref(), Some("a\n"));
+}

@@ -58,6 +58,21 @@ fn failed_check_reverts_marks_bad_and_is_not_retried() {
     // Not retried: the next sync leaves the host alone.
     let again = sync(&host, &repo, &[]).ok();
     assert!(again.stdout.contains("marked bad"), "{}", again.stdout);
+    // `status` lists it, with the reason, for cron and monitoring.
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let reason = v["status"]["bad_commits"][&bad]["reason"].as_str();
+    assert!(
+        reason.is_some_and(|r| r.contains("app config is good")),
+        "{}",
+        status.stdout
+    );
+    let text = host.run(repo.path(), &["status"]).ok();
+    assert!(
+        text.stdout.contains(&format!("bad:      {}", &bad[..12])),
+        "{}",
+        text.stdout
+    );
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
 
     // A new commit is applied normally.

@@ -45,9 +45,12 @@ Configuration: /etc/driftless/agent.toml, drop-ins in /usr/lib/driftless/agent.d
 /run/driftless/agent.d and /etc/driftless/agent.d; every setting can also be given
 on the command line, which wins.
 
-Exit codes: 0 ok; 1 failed (host unchanged, retry later); 2 usage; 3 repository
-invalid for this host (nothing applied); 4 refused (history rewritten); 75 another
-run holds the lock; 78 agent configuration invalid.";
+Exit codes: 0 ok (applied, nothing to do, or the fetched commit is marked bad and
+was skipped: `status` lists bad commits); 1 failed (host unchanged or reverted,
+retry later); 2 usage; 3 repository invalid for this host (nothing applied);
+4 refused (history rewritten, signature, bundle); 5 halted (a revert failed its
+checks too; nothing is touched until `sync --retry`); 75 another run holds the
+lock; 78 agent configuration invalid.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -117,7 +120,8 @@ pub(crate) struct GlobalArgs {
     /// More log output (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Only warnings and errors
+    /// Nothing on success: only warnings and errors (for cron, which mails
+    /// any output)
     #[arg(short, long, global = true)]
     quiet: bool,
 }
@@ -496,7 +500,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 let stages = crate::timings::take();
                 eprint!("{}", crate::timings::render(&stages, started.elapsed()));
             }
-            output::print_sync(&result?);
+            let report = result?;
+            if !g.quiet {
+                output::print_sync(&report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -516,7 +523,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let s = settings(g, false)?;
             let rt = runtime()?;
             let report = crate::sync::rollback(&s, args.to.as_deref(), now(), rt.handle())?;
-            output::print_sync(&report);
+            if !g.quiet {
+                output::print_sync(&report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {

@@ -123,6 +123,10 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
         Some(st) => pending_transactions(st),
         None => Vec::new(),
     };
+    let marks = match &state {
+        Some(st) => crate::sync::marks::load(st).map_err(|e| format!("{e:#}")),
+        None => Ok(Default::default()),
+    };
     let applied = inventory.as_ref().filter(|i| !i.txid.is_empty());
     // Unreadable floor: shown as an error string, status still prints.
     let floor = crate::effects::state::floor::load(&s.root).map_err(|e| format!("{e:#}"));
@@ -155,6 +159,12 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                 })),
                 "last_run": last,
                 "interrupted_transactions": pending,
+                "bad_commits": match &marks {
+                    Ok(m) => json!(m.bad),
+                    Err(e) => json!({ "error": e }),
+                },
+                "halted": marks.as_ref().ok().and_then(|m| m.halted.clone()),
+                "interrupted_attempts": marks.as_ref().map(|m| json!(m.interrupted)).unwrap_or(json!({})),
             },
         })),
         Format::Text => {
@@ -223,6 +233,26 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     "interrupted transactions (rolled back by the next run): {}",
                     pending.join(", ")
                 );
+            }
+            match &marks {
+                Ok(m) => {
+                    if let Some(h) = &m.halted {
+                        outln!(
+                            "HALTED:   since {}: {} (`driftless sync --retry` resumes)",
+                            time_str(h.time),
+                            h.reason
+                        );
+                    }
+                    for (commit, mark) in &m.bad {
+                        outln!(
+                            "bad:      {} (marked {}): {}",
+                            short(commit),
+                            time_str(mark.time),
+                            mark.reason
+                        );
+                    }
+                }
+                Err(e) => outln!("marks:    unreadable: {e}"),
             }
             Ok(())
         }
