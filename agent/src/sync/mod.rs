@@ -854,7 +854,7 @@ fn deploy(
         });
     }
     for c in &plan.changes {
-        info!(path = %c.path, change = ?c.kind, "planned");
+        tracing::debug!(path = %c.path, change = ?c.kind, "planned");
     }
     let applied = apply::apply(fs, state, &plan, ownership_applied(), now, &opts.apply)
         .kind(Failure::Failed)?;
