@@ -58,6 +58,20 @@ fn failed_check_reverts_marks_bad_and_is_not_retried() {
     // Not retried: the next sync leaves the host alone.
     let again = sync(&host, &repo, &[]).ok();
     assert!(again.stdout.contains("marked bad"), "{}", again.stdout);
+    // `plan` says sync will skip it, and why (it showed it as pending).
+    let plan = host.run(repo.path(), &["plan"]).ok();
+    assert!(
+        plan.stdout.contains("is marked bad") && plan.stdout.contains("app config is good"),
+        "{}",
+        plan.stdout
+    );
+    let plan = host.run(repo.path(), &["plan", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert!(
+        v["status"]["skipped"]["marked_bad"]["reason"].is_string(),
+        "{}",
+        plan.stdout
+    );
     // `status` lists it, with the reason, for cron and monitoring.
     let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();

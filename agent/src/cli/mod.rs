@@ -540,7 +540,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
                 }
             };
-            output::print_plan(&s, &prepared, args.format, color, !args.no_diff)?;
+            let marks = crate::sync::marks::load(&state).kind(Failure::Failed)?;
+            let bad = marks.bad.get(&prepared.fetched.commit);
+            output::print_plan(&s, &prepared, args.format, color, !args.no_diff, bad)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {

@@ -64,9 +64,18 @@ pub fn print_plan(
     format: Format,
     color: bool,
     diff: bool,
+    bad: Option<&crate::sync::marks::Mark>,
 ) -> Result<(), Error> {
     match format {
         Format::Text => {
+            if let Some(m) = bad {
+                outln!(
+                    "{} is marked bad since {}: {}\n`driftless sync` skips it (the host stays as it is) until a new commit arrives; `sync --retry` applies it anyway. What it would change:",
+                    short(&p.fetched.commit),
+                    time_str(m.time),
+                    m.reason
+                );
+            }
             out!("{}", render_plan(&p.plan, Style { color }, diff));
             Ok(())
         }
@@ -99,6 +108,7 @@ pub fn print_plan(
                     "root": s.root,
                 },
                 "status": {
+                    "skipped": bad.map(|m| json!({"marked_bad": m})),
                     "changes": changes,
                     "unchanged": p.plan.unchanged,
                     "unit_actions": p.plan.unit_actions,
