@@ -421,14 +421,64 @@ pub fn prepare(settings: &Settings, state: &StateDir, fs: &RootFs) -> Result<Pre
 }
 
 /// One full sync. Records the outcome in history and `last-run.json`.
+///
+/// The phases, each one function, in the order a crash can interrupt them
+/// (see [`apply`] for what each leaves behind and how the next run repairs
+/// it): [`begin`] (lock, recover what a crash left, halt check),
+/// [`fetch_phase`], [`plan_phase`] (quick check, or load → render → plan),
+/// [`apply_phase`] (stage, switch, unit actions and checks, commit or
+/// revert; floor and quick-check record), [`record_outcome`].
 pub fn sync_once(
     settings: &Settings,
     opts: &SyncOptions,
     now: i64,
     rt: &Handle,
 ) -> Result<Report, Error> {
+    let mut pass = begin(settings, opts, now, rt)?;
+    let result = (|| {
+        let fetched = fetch_phase(&pass)?;
+        match plan_phase(&pass, fetched)? {
+            Planned::QuickHit { prepared } => {
+                let commit = prepared.fetched.commit.clone();
+                let commit_time = prepared.fetched.commit_time;
+                let mut report = deploy(&mut pass, prepared)?;
+                report.quick = true;
+                raise_floor(settings, &commit, commit_time, now);
+                Ok(report)
+            }
+            Planned::Full { prepared, inputs } => apply_phase(&mut pass, prepared, &inputs),
+        }
+    })();
+    record_outcome(&pass, &result);
+    result
+}
+
+/// One sync under the lock: what every phase needs.
+struct Pass<'a> {
+    settings: &'a Settings,
+    opts: &'a SyncOptions,
+    now: i64,
+    rt: &'a Handle,
+    state: StateDir,
+    _guard: LockGuard,
+    fs: RootFs,
+    marks: Marks,
+    /// A quick-check record still valid at the start of this run.
+    stamps: Option<std::sync::Arc<crate::plan::quick::QuickRecord>>,
+    /// Transactions rolled back at the start of this run.
+    recovered: Vec<String>,
+}
+
+/// Takes the lock, rolls back what a crash left behind, and refuses to go
+/// on while halted (unless `--retry`).
+fn begin<'a>(
+    settings: &'a Settings,
+    opts: &'a SyncOptions,
+    now: i64,
+    rt: &'a Handle,
+) -> Result<Pass<'a>, Error> {
     let timing = timings::stage("lock");
-    let (state, _guard) = lock(settings, opts.wait)?;
+    let (state, guard) = lock(settings, opts.wait)?;
     let fs = open_root(settings)?;
     drop(timing);
     // A quick-check record whose inventory stamp still holds proves that no
@@ -445,7 +495,6 @@ pub fn sync_once(
     };
     let mut marks = marks::load(&state).kind(Failure::Failed)?;
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
-    let recovered: Vec<String> = recovered.into_iter().map(|r| r.txid).collect();
     if let Some(h) = &marks.halted {
         if !opts.retry {
             return Err(Error::new(
@@ -460,28 +509,60 @@ pub fn sync_once(
         marks.halted = None;
         marks::save(&state, &marks).kind(Failure::Failed)?;
     }
-    let result: Result<Report, Error> = (|| {
-        let applied = match &stamps {
-            Some(r) => applied_commits_from(settings, Some(r.commit.clone()))?,
-            None => applied_commits(settings, &state)?,
-        };
-        let head = fetch_head(settings, &state, &applied)?;
-        failpoint::hit("sync.fetched").kind(Failure::Failed)?;
-        let facts = gather_facts(&fs);
-        let inputs = quick::inputs(settings, &facts);
-        let bad = marks.bad.contains_key(&head.commit);
-        let mut partial = None;
-        if let Some(record) = stamps.filter(|_| !opts.full && !bad) {
-            let assessed = quick::assess(settings, &fs, record, &head.commit, &inputs);
-            if let quick::Assessment::Partial { record, drifted } = assessed {
-                partial = Some((record, drifted));
-            } else if let quick::Assessment::Hit(plan) = assessed {
-                let commit = head.commit.clone();
-                let mut report = deploy(
-                    settings,
-                    &state,
-                    &fs,
-                    Prepared {
+    Ok(Pass {
+        settings,
+        opts,
+        now,
+        rt,
+        state,
+        _guard: guard,
+        fs,
+        marks,
+        stamps,
+        recovered: recovered.into_iter().map(|r| r.txid).collect(),
+    })
+}
+
+/// The fetched commit (trusted: fast-forward and signatures checked) and
+/// this run's facts.
+struct FetchedHead {
+    head: Head,
+    facts: serde_json::Value,
+}
+
+fn fetch_phase(pass: &Pass) -> Result<FetchedHead, Error> {
+    let applied = match &pass.stamps {
+        Some(r) => applied_commits_from(pass.settings, Some(r.commit.clone()))?,
+        None => applied_commits(pass.settings, &pass.state)?,
+    };
+    let head = fetch_head(pass.settings, &pass.state, &applied)?;
+    failpoint::hit("sync.fetched").kind(Failure::Failed)?;
+    let facts = gather_facts(&pass.fs);
+    Ok(FetchedHead { head, facts })
+}
+
+/// What [`plan_phase`] decided.
+enum Planned {
+    /// The quick check proved the files unchanged: only declared units
+    /// may need converging; the tree was not read.
+    QuickHit { prepared: Prepared },
+    /// A plan from rendering (all files, or the drifted/changed ones).
+    Full { prepared: Prepared, inputs: String },
+}
+
+/// Quick check, partial repair, or the full load → render → plan.
+fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
+    let FetchedHead { head, facts } = fetched;
+    let settings = pass.settings;
+    let inputs = quick::inputs(settings, &facts);
+    let bad = pass.marks.bad.contains_key(&head.commit);
+    let mut partial = None;
+    if let Some(record) = pass.stamps.clone().filter(|_| !pass.opts.full && !bad) {
+        match quick::assess(settings, &pass.fs, record, &head.commit, &inputs) {
+            quick::Assessment::Partial { record, drifted } => partial = Some((record, drifted)),
+            quick::Assessment::Hit(plan) => {
+                return Ok(Planned::QuickHit {
+                    prepared: Prepared {
                         fetched: Fetched {
                             commit: head.commit,
                             commit_time: head.commit_time,
@@ -490,87 +571,92 @@ pub fn sync_once(
                         },
                         plan: *plan,
                     },
-                    now,
-                    opts,
-                    rt,
-                    &mut marks,
-                    &recovered,
-                )?;
-                report.quick = true;
-                raise_floor(settings, &commit, head.commit_time, now);
-                return Ok(report);
-            }
-        }
-        let base = partial
-            .as_ref()
-            .filter(|(record, _)| record.commit != head.commit)
-            .and_then(|(record, _)| read_base(settings, &head, &record.commit));
-        let fetched = read_snapshot(settings, head)?;
-        let repaired = partial.and_then(|(record, drifted)| {
-            repair::plan(
-                settings,
-                &state,
-                &fs,
-                &fetched,
-                &facts,
-                &record,
-                &drifted,
-                base.as_ref(),
-            )
-        });
-        let plan = match repaired {
-            Some(plan) => plan,
-            None => plan_for(settings, &state, &fs, &fetched, &facts)?,
-        };
-        failpoint::hit("sync.planned").kind(Failure::Failed)?;
-        let prepared = Prepared { fetched, plan };
-        let commit = prepared.fetched.commit.clone();
-        if let Some(bad) = marks.bad.get(&commit) {
-            if !opts.retry {
-                warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
-                return Ok(Report {
-                    commit,
-                    applied: None,
-                    plan: prepared.plan,
-                    recovered: recovered.clone(),
-                    skipped_bad: true,
-                    post: None,
-                    quick: false,
                 });
             }
+            _ => {}
         }
-        if marks.bad.remove(&commit).is_some() {
-            marks::save(&state, &marks).kind(Failure::Failed)?;
+    }
+    let base = partial
+        .as_ref()
+        .filter(|(record, _)| record.commit != head.commit)
+        .and_then(|(record, _)| read_base(settings, &head, &record.commit));
+    let fetched = read_snapshot(settings, head)?;
+    let repaired = partial.and_then(|(record, drifted)| {
+        repair::plan(
+            settings,
+            &pass.state,
+            &pass.fs,
+            &fetched,
+            &facts,
+            &record,
+            &drifted,
+            base.as_ref(),
+        )
+    });
+    let plan = match repaired {
+        Some(plan) => plan,
+        None => plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?,
+    };
+    failpoint::hit("sync.planned").kind(Failure::Failed)?;
+    Ok(Planned::Full {
+        prepared: Prepared { fetched, plan },
+        inputs,
+    })
+}
+
+/// Skips a commit marked bad (unless `--retry`); otherwise deploys it and,
+/// once applied, raises the anti-rollback floor and writes the quick-check
+/// record.
+fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Report, Error> {
+    let commit = prepared.fetched.commit.clone();
+    if let Some(bad) = pass.marks.bad.get(&commit) {
+        if !pass.opts.retry {
+            warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
+            return Ok(Report {
+                commit,
+                applied: None,
+                plan: prepared.plan,
+                recovered: pass.recovered.clone(),
+                skipped_bad: true,
+                post: None,
+                quick: false,
+            });
         }
-        let commit_time = prepared.fetched.commit_time;
-        let units = prepared.plan.units.clone();
-        let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
-        let self_contained = prepared.plan.self_contained.clone();
-        let report = deploy(
-            settings, &state, &fs, prepared, now, opts, rt, &mut marks, &recovered,
-        )?;
-        failpoint::hit("sync.floor").kind(Failure::Failed)?;
-        raise_floor(settings, &commit, commit_time, now);
-        failpoint::hit("sync.quick").kind(Failure::Failed)?;
-        quick::record(
-            &state,
-            &fs,
-            &commit,
-            &inputs,
-            &units,
-            &managed,
-            &self_contained,
-        );
-        Ok(report)
-    })();
+    }
+    if pass.marks.bad.remove(&commit).is_some() {
+        marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
+    }
+    let commit_time = prepared.fetched.commit_time;
+    let units = prepared.plan.units.clone();
+    let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
+    let self_contained = prepared.plan.self_contained.clone();
+    let report = deploy(pass, prepared)?;
+    failpoint::hit("sync.floor").kind(Failure::Failed)?;
+    raise_floor(pass.settings, &commit, commit_time, pass.now);
+    failpoint::hit("sync.quick").kind(Failure::Failed)?;
+    quick::record(
+        &pass.state,
+        &pass.fs,
+        &commit,
+        inputs,
+        &units,
+        &managed,
+        &self_contained,
+    );
+    Ok(report)
+}
+
+/// History and `last-run.json` for this run's outcome.
+fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
     let _t = timings::stage("record");
     if let Err(e) = failpoint::hit("sync.record") {
         warn!("{e:#}");
     }
-    match &result {
+    let (state, now) = (&pass.state, pass.now);
+    match result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
             (Some(a), _) => record(
-                &state,
+                state,
                 now,
                 Outcome::Applied,
                 Some(r.commit.clone()),
@@ -579,19 +665,15 @@ pub fn sync_once(
                 None,
             ),
             (None, true) => write_last_run(
-                &state,
+                state,
                 now,
                 Outcome::Skipped,
                 Some(r.commit.clone()),
                 Some("commit marked bad".into()),
             ),
-            (None, false) => write_last_run(
-                &state,
-                now,
-                Outcome::Unchanged,
-                Some(r.commit.clone()),
-                None,
-            ),
+            (None, false) => {
+                write_last_run(state, now, Outcome::Unchanged, Some(r.commit.clone()), None)
+            }
         },
         Err(e) => {
             let outcome = match e.kind {
@@ -602,7 +684,7 @@ pub fn sync_once(
             };
             let commit = e.error.downcast_ref::<Reverted>().map(|r| r.commit.clone());
             record(
-                &state,
+                state,
                 now,
                 outcome,
                 commit,
@@ -612,7 +694,6 @@ pub fn sync_once(
             );
         }
     }
-    result
 }
 
 /// `driftless rollback [--to COMMIT]`: applies an earlier commit on the
@@ -626,24 +707,24 @@ pub fn rollback(
     now: i64,
     rt: &Handle,
 ) -> Result<Report, Error> {
-    let (state, _guard) = lock(settings, Duration::ZERO)?;
-    let fs = open_root(settings)?;
-    let recovered = apply::recover(&fs, &state).kind(Failure::Failed)?;
-    let mut marks = marks::load(&state).kind(Failure::Failed)?;
-    after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
-    let recovered: Vec<String> = recovered.into_iter().map(|r| r.txid).collect();
-    let inventory = state.inventory().kind(Failure::Failed)?;
+    // The operator's rollback also resumes a halted agent.
+    let opts = SyncOptions {
+        retry: true,
+        ..SyncOptions::default()
+    };
+    let mut pass = begin(settings, &opts, now, rt)?;
+    let inventory = pass.state.inventory().kind(Failure::Failed)?;
     let current = inventory.commit.clone();
     let target = match to {
         Some(t) => t.to_string(),
         None => {
-            let history = state.history().kind(Failure::Failed)?;
+            let history = pass.state.history().kind(Failure::Failed)?;
             history
                 .iter()
                 .rev()
                 .filter(|e| e.outcome == Outcome::Applied)
                 .filter_map(|e| e.commit.clone())
-                .find(|c| Some(c) != current.as_ref() && !marks.bad.contains_key(c))
+                .find(|c| Some(c) != current.as_ref() && !pass.marks.bad.contains_key(c))
                 .ok_or_else(|| {
                     Error::new(
                         Failure::Failed,
@@ -653,7 +734,7 @@ pub fn rollback(
         }
     };
     let spec = source_spec(settings)?;
-    let repo = fetch::open(&spec, &state.mirror()).kind(Failure::Failed)?;
+    let repo = fetch::open(&spec, &pass.state.mirror()).kind(Failure::Failed)?;
     let id = repo
         .rev_parse_single(target.as_str())
         .map_err(|e| {
@@ -678,10 +759,10 @@ pub fn rollback(
         summary: format!("rollback to {}", short(&id.to_string())),
         snapshot,
     };
-    let facts = gather_facts(&fs);
-    let plan = plan_for(settings, &state, &fs, &fetched, &facts)?;
+    let facts = gather_facts(&pass.fs);
+    let plan = plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?;
     if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {
-        marks.bad.insert(
+        pass.marks.bad.insert(
             cur.clone(),
             marks::Mark {
                 time: now,
@@ -689,14 +770,11 @@ pub fn rollback(
             },
         );
     }
-    marks.bad.remove(&fetched.commit);
-    marks.halted = None;
-    marks::save(&state, &marks).kind(Failure::Failed)?;
-    let opts = SyncOptions::default();
+    pass.marks.bad.remove(&fetched.commit);
+    pass.marks.halted = None;
+    marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
     let prepared = Prepared { fetched, plan };
-    let result = deploy(
-        settings, &state, &fs, prepared, now, &opts, rt, &mut marks, &recovered,
-    );
+    let result = deploy(&mut pass, prepared);
     match &result {
         Ok(r) => {
             // The operator lowered the floor on purpose.
@@ -712,7 +790,7 @@ pub fn rollback(
                 warn!("cannot record the anti-rollback floor: {e:#}");
             }
             record(
-                &state,
+                &pass.state,
                 now,
                 Outcome::Applied,
                 Some(r.commit.clone()),
@@ -725,7 +803,7 @@ pub fn rollback(
             )
         }
         Err(e) => record(
-            &state,
+            &pass.state,
             now,
             Outcome::Failed,
             None,
@@ -819,18 +897,17 @@ pub struct Reverted {
 }
 
 /// Apply, then run unit actions and checks; revert as a whole on failure.
-#[allow(clippy::too_many_arguments)]
-fn deploy(
-    settings: &Settings,
-    state: &StateDir,
-    fs: &RootFs,
-    prepared: Prepared,
-    now: i64,
-    opts: &SyncOptions,
-    rt: &Handle,
-    marks: &mut Marks,
-    recovered: &[String],
-) -> Result<Report, Error> {
+fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Error> {
+    let (settings, state, fs, now, opts, rt) = (
+        pass.settings,
+        &pass.state,
+        &pass.fs,
+        pass.now,
+        pass.opts,
+        pass.rt,
+    );
+    let marks = &mut pass.marks;
+    let recovered = &pass.recovered;
     let commit = prepared.fetched.commit.clone();
     let plan = prepared.plan;
     if plan.is_empty() {
