@@ -1,0 +1,525 @@
+//! One sync, phase by phase: [`begin`] (lock, recover what a crash left,
+//! halt check), [`fetch_phase`], [`plan_phase`], [`apply_phase`] (through
+//! [`deploy`]: stage, switch, unit actions and checks, commit or revert),
+//! [`record_outcome`]. Each crash window has one function to read; what
+//! each leaves behind and how the next run repairs it is in
+//! [`crate::effects::apply`].
+
+use anyhow::anyhow;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use super::marks::{self, Marks};
+use super::runlog::{record, write_last_run};
+use super::{
+    applied_commits, applied_commits_from, fetch_head, gather_facts, lock, open_root,
+    ownership_applied, plan_for, post, quick, raise_floor, read_base, read_snapshot, repair,
+    Fetched, Head, Prepared, Report, SyncOptions,
+};
+use crate::config::Settings;
+use crate::desired::snapshot::Snapshot;
+use crate::effects::apply;
+use crate::effects::failpoint;
+use crate::effects::rootfs::RootFs;
+use crate::effects::state::history::Outcome;
+use crate::effects::state::{LockGuard, StateDir};
+use crate::exit::{Classify, Error, Failure};
+use crate::plan::diff::short;
+use crate::timings;
+
+/// One full sync. Records the outcome in history and `last-run.json`.
+///
+/// The phases, each one function, in the order a crash can interrupt them
+/// (see [`apply`] for what each leaves behind and how the next run repairs
+/// it): [`begin`] (lock, recover what a crash left, halt check),
+/// [`fetch_phase`], [`plan_phase`] (quick check, or load → render → plan),
+/// [`apply_phase`] (stage, switch, unit actions and checks, commit or
+/// revert; floor and quick-check record), [`record_outcome`].
+pub fn sync_once(
+    settings: &Settings,
+    opts: &SyncOptions,
+    now: i64,
+    rt: &Handle,
+) -> Result<Report, Error> {
+    let mut pass = begin(settings, opts, now, rt)?;
+    let result = (|| {
+        let fetched = fetch_phase(&pass)?;
+        match plan_phase(&pass, fetched)? {
+            Planned::QuickHit { prepared } => {
+                let commit = prepared.fetched.commit.clone();
+                let commit_time = prepared.fetched.commit_time;
+                let mut report = deploy(&mut pass, prepared)?;
+                report.quick = true;
+                raise_floor(settings, &commit, commit_time, now);
+                Ok(report)
+            }
+            Planned::Full { prepared, inputs } => apply_phase(&mut pass, prepared, &inputs),
+        }
+    })();
+    record_outcome(&pass, &result);
+    result
+}
+
+/// One sync under the lock: what every phase needs.
+pub(super) struct Pass<'a> {
+    settings: &'a Settings,
+    opts: &'a SyncOptions,
+    now: i64,
+    rt: &'a Handle,
+    pub(super) state: StateDir,
+    _guard: LockGuard,
+    pub(super) fs: RootFs,
+    pub(super) marks: Marks,
+    /// A quick-check record still valid at the start of this run.
+    stamps: Option<std::sync::Arc<crate::plan::quick::QuickRecord>>,
+    /// Transactions rolled back at the start of this run.
+    recovered: Vec<String>,
+}
+
+/// Takes the lock, rolls back what a crash left behind, and refuses to go
+/// on while halted (unless `--retry`).
+pub(super) fn begin<'a>(
+    settings: &'a Settings,
+    opts: &'a SyncOptions,
+    now: i64,
+    rt: &'a Handle,
+) -> Result<Pass<'a>, Error> {
+    let timing = timings::stage("lock");
+    let (state, guard) = lock(settings, opts.wait)?;
+    let fs = open_root(settings)?;
+    drop(timing);
+    // A quick-check record whose inventory stamp still holds proves that no
+    // transaction started since the last successful sync (a transaction
+    // removes the record, durably, before it touches anything): there is
+    // nothing to recover, and the applied commit is the record's.
+    let stamps = quick::current(&state);
+    let recovered = match &stamps {
+        Some(_) => Vec::new(),
+        None => {
+            let _t = timings::stage("recover");
+            apply::recover(&fs, &state).kind(Failure::Failed)?
+        }
+    };
+    let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
+    if let Some(h) = &marks.halted {
+        if !opts.retry {
+            return Err(Error::new(
+                Failure::Degraded,
+                anyhow!(
+                    "driftless is halted since {}: {}. Repair the host, then run `driftless sync --retry` (or `driftless rollback`)",
+                    crate::time::time_str(h.time),
+                    h.reason
+                ),
+            ));
+        }
+        marks.halted = None;
+        marks::save(&state, &marks).kind(Failure::Failed)?;
+    }
+    Ok(Pass {
+        settings,
+        opts,
+        now,
+        rt,
+        state,
+        _guard: guard,
+        fs,
+        marks,
+        stamps,
+        recovered: recovered.into_iter().map(|r| r.txid).collect(),
+    })
+}
+
+/// The fetched commit (trusted: fast-forward and signatures checked) and
+/// this run's facts.
+struct FetchedHead {
+    head: Head,
+    facts: serde_json::Value,
+}
+
+fn fetch_phase(pass: &Pass) -> Result<FetchedHead, Error> {
+    let applied = match &pass.stamps {
+        Some(r) => applied_commits_from(pass.settings, Some(r.commit.clone()))?,
+        None => applied_commits(pass.settings, &pass.state)?,
+    };
+    let head = fetch_head(pass.settings, &pass.state, &applied)?;
+    failpoint::hit("sync.fetched").kind(Failure::Failed)?;
+    let facts = gather_facts(&pass.fs);
+    Ok(FetchedHead { head, facts })
+}
+
+/// What [`plan_phase`] decided.
+enum Planned {
+    /// The quick check proved the files unchanged: only declared units
+    /// may need converging; the tree was not read.
+    QuickHit { prepared: Prepared },
+    /// A plan from rendering (all files, or the drifted/changed ones).
+    Full { prepared: Prepared, inputs: String },
+}
+
+/// Quick check, partial repair, or the full load → render → plan.
+fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
+    let FetchedHead { head, facts } = fetched;
+    let settings = pass.settings;
+    let inputs = quick::inputs(settings, &facts);
+    let bad = pass.marks.bad.contains_key(&head.commit);
+    let mut partial = None;
+    if let Some(record) = pass.stamps.clone().filter(|_| !pass.opts.full && !bad) {
+        match quick::assess(settings, &pass.fs, record, &head.commit, &inputs) {
+            quick::Assessment::Partial { record, drifted } => partial = Some((record, drifted)),
+            quick::Assessment::Hit(plan) => {
+                return Ok(Planned::QuickHit {
+                    prepared: Prepared {
+                        fetched: Fetched {
+                            commit: head.commit,
+                            commit_time: head.commit_time,
+                            summary: head.summary,
+                            snapshot: Snapshot::default(),
+                        },
+                        plan: *plan,
+                    },
+                });
+            }
+            _ => {}
+        }
+    }
+    let base = partial
+        .as_ref()
+        .filter(|(record, _)| record.commit != head.commit)
+        .and_then(|(record, _)| read_base(settings, &head, &record.commit));
+    let fetched = read_snapshot(settings, head)?;
+    let repaired = partial.and_then(|(record, drifted)| {
+        repair::plan(
+            settings,
+            &pass.state,
+            &pass.fs,
+            &fetched,
+            &facts,
+            &record,
+            &drifted,
+            base.as_ref(),
+        )
+    });
+    let plan = match repaired {
+        Some(plan) => plan,
+        None => plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?,
+    };
+    failpoint::hit("sync.planned").kind(Failure::Failed)?;
+    Ok(Planned::Full {
+        prepared: Prepared { fetched, plan },
+        inputs,
+    })
+}
+
+/// Skips a commit marked bad (unless `--retry`); otherwise deploys it and,
+/// once applied, raises the anti-rollback floor and writes the quick-check
+/// record.
+fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Report, Error> {
+    let commit = prepared.fetched.commit.clone();
+    if let Some(bad) = pass.marks.bad.get(&commit) {
+        if !pass.opts.retry {
+            warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
+            return Ok(Report {
+                commit,
+                applied: None,
+                plan: prepared.plan,
+                recovered: pass.recovered.clone(),
+                skipped_bad: true,
+                post: None,
+                quick: false,
+            });
+        }
+    }
+    if pass.marks.bad.remove(&commit).is_some() {
+        marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
+    }
+    let commit_time = prepared.fetched.commit_time;
+    let units = prepared.plan.units.clone();
+    let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
+    let self_contained = prepared.plan.self_contained.clone();
+    let report = deploy(pass, prepared)?;
+    failpoint::hit("sync.floor").kind(Failure::Failed)?;
+    raise_floor(pass.settings, &commit, commit_time, pass.now);
+    failpoint::hit("sync.quick").kind(Failure::Failed)?;
+    quick::record(
+        &pass.state,
+        &pass.fs,
+        &commit,
+        inputs,
+        &units,
+        &managed,
+        &self_contained,
+    );
+    Ok(report)
+}
+
+/// History and `last-run.json` for this run's outcome.
+fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
+    let _t = timings::stage("record");
+    if let Err(e) = failpoint::hit("sync.record") {
+        warn!("{e:#}");
+    }
+    let (state, now) = (&pass.state, pass.now);
+    match result {
+        Ok(r) => match (&r.applied, r.skipped_bad) {
+            (Some(a), _) => record(
+                state,
+                now,
+                Outcome::Applied,
+                Some(r.commit.clone()),
+                Some(a.txid.clone()),
+                Some(a),
+                None,
+            ),
+            (None, true) => write_last_run(
+                state,
+                now,
+                Outcome::Skipped,
+                Some(r.commit.clone()),
+                Some("commit marked bad".into()),
+            ),
+            (None, false) => {
+                write_last_run(state, now, Outcome::Unchanged, Some(r.commit.clone()), None)
+            }
+        },
+        Err(e) => {
+            let outcome = match e.kind {
+                Failure::InvalidRepo | Failure::Refused => Outcome::Refused,
+                Failure::Degraded => Outcome::Degraded,
+                _ if e.error.downcast_ref::<Reverted>().is_some() => Outcome::Reverted,
+                _ => Outcome::Failed,
+            };
+            let commit = e.error.downcast_ref::<Reverted>().map(|r| r.commit.clone());
+            record(
+                state,
+                now,
+                outcome,
+                commit,
+                None,
+                None,
+                Some(format!("{:#}", e.error)),
+            );
+        }
+    }
+}
+
+/// What a crash left behind is rolled back by [`apply::recover`]; this
+/// finishes the job. Each rolled-back transaction is recorded in the
+/// history. One that was switched in had told systemd to reload or
+/// restart units: they are told again, for the restored files (if that
+/// fails, the host is in a state nobody verified, and the agent halts).
+/// A commit whose checks were interrupted [`marks::MAX_INTERRUPTED`]
+/// times is marked bad; below that, the next sync simply tries again.
+pub(super) fn after_recovery(
+    settings: &Settings,
+    state: &StateDir,
+    rt: &Handle,
+    recovered: &[apply::Recovered],
+    marks: &mut Marks,
+    now: i64,
+) -> Result<(), Error> {
+    use crate::effects::apply::journal::TxState;
+    let mut changed = false;
+    for r in recovered {
+        let commit = r.commit.as_deref().map(short).unwrap_or("none");
+        let what = match r.phase {
+            TxState::Switched => "interrupted during its unit actions or health checks",
+            TxState::Reverting => "interrupted while it was being reverted",
+            _ => "interrupted before all its files were switched in",
+        };
+        warn!(txid = %r.txid, commit = %commit, "rolled back a transaction {what}; the host is back at its last verified state");
+        record(
+            state,
+            now,
+            Outcome::Recovered,
+            r.commit.clone(),
+            Some(r.txid.clone()),
+            None,
+            Some(format!("transaction {what}: rolled back")),
+        );
+        if let Some(actions) = r.post.as_ref().filter(|_| r.was_live()) {
+            if let Err(e) = rt.block_on(post::retell(settings, actions)) {
+                marks.halted = Some(marks::Halt {
+                    time: now,
+                    commit: r.commit.clone(),
+                    reason: format!(
+                        "transaction {} ({what}) was rolled back, but the units of the restored files failed: {e:#}",
+                        r.txid
+                    ),
+                });
+                changed = true;
+            }
+        }
+        if let (TxState::Switched, Some(c)) = (r.phase, &r.commit) {
+            let n = marks.interrupted.entry(c.clone()).or_insert(0);
+            *n += 1;
+            if *n >= marks::MAX_INTERRUPTED {
+                let n = *n;
+                marks.interrupted.remove(c);
+                warn!(commit = %short(c), times = n, "commit marked bad: its unit actions or checks were interrupted every time");
+                marks.bad.insert(
+                    c.clone(),
+                    marks::Mark {
+                        time: now,
+                        reason: format!(
+                            "its unit actions or health checks were interrupted {n} times (the agent was killed or the host went down each time)"
+                        ),
+                    },
+                );
+            }
+            changed = true;
+        }
+    }
+    if changed {
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    Ok(())
+}
+
+/// A commit that was applied, failed its actions or checks, and was reverted.
+#[derive(Debug, thiserror::Error)]
+#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
+pub struct Reverted {
+    pub commit: String,
+    pub reason: String,
+}
+
+/// Apply, then run unit actions and checks; revert as a whole on failure.
+pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Error> {
+    let (settings, state, fs, now, opts, rt) = (
+        pass.settings,
+        &pass.state,
+        &pass.fs,
+        pass.now,
+        pass.opts,
+        pass.rt,
+    );
+    let marks = &mut pass.marks;
+    let recovered = &pass.recovered;
+    let commit = prepared.fetched.commit.clone();
+    let plan = prepared.plan;
+    if plan.is_empty() {
+        let timing = timings::stage("units");
+        let fixed = rt
+            .block_on(post::converge_units(settings, &plan))
+            .kind(Failure::Failed)?;
+        drop(timing);
+        for a in &fixed {
+            warn!(action = %a, "a declared unit had drifted: repaired");
+        }
+        info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        return Ok(Report {
+            commit,
+            applied: None,
+            plan,
+            recovered: recovered.to_vec(),
+            skipped_bad: false,
+            post: None,
+            quick: false,
+        });
+    }
+    for c in &plan.changes {
+        tracing::debug!(path = %c.path, change = ?c.kind, "planned");
+    }
+    let applied = apply::apply(fs, state, &plan, ownership_applied(), now, &opts.apply)
+        .kind(Failure::Failed)?;
+    info!(
+        commit = %short(&commit),
+        summary = %prepared.fetched.summary,
+        txid = %applied.txid,
+        created = applied.created,
+        changed = applied.changed,
+        removed = applied.removed,
+        "switched in; running unit actions and checks"
+    );
+    let timing = timings::stage("post");
+    let post = rt.block_on(post::run(settings, &plan));
+    drop(timing);
+    tracing::debug!(
+        ?post,
+        run_checks = settings.run_checks,
+        checks = plan.checks.len(),
+        "post-apply"
+    );
+    let reason = match &post.failure {
+        None => match apply::commit(state, &applied.txid, &plan.next_inventory, now) {
+            Ok(()) => {
+                if marks.interrupted.remove(&commit).is_some() {
+                    if let Err(e) = marks::save(state, marks) {
+                        warn!("cannot update {}: {e:#}", state.path().display());
+                    }
+                }
+                info!(commit = %short(&commit), txid = %applied.txid, "applied");
+                return Ok(Report {
+                    commit,
+                    applied: Some(applied),
+                    plan,
+                    recovered: recovered.to_vec(),
+                    skipped_bad: false,
+                    post: Some(post),
+                    quick: false,
+                });
+            }
+            // Not the commit's fault (a full disk, a failing state
+            // directory): revert, but do not mark it bad.
+            Err(e) => Err(format!(
+                "its checks passed but it could not be recorded: {e:#}"
+            )),
+        },
+        Some(reason) => Ok(reason.clone()),
+    };
+    let failed = match &reason {
+        Ok(r) | Err(r) => r.clone(),
+    };
+    warn!(commit = %short(&commit), reason = %failed, "reverting the transaction");
+    if reason.is_ok() {
+        // Durable before the revert starts: a crash during the revert is
+        // finished by recovery, and the commit is not tried again.
+        marks.bad.insert(
+            commit.clone(),
+            marks::Mark {
+                time: now,
+                reason: failed.clone(),
+            },
+        );
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
+    let after = match reverted {
+        Ok(()) => {
+            info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
+            let again = rt.block_on(post::run(settings, &plan));
+            again.failure
+        }
+        Err(e) => Some(format!("the revert itself failed: {}", e)),
+    };
+    if let Some(revert_failure) = after {
+        marks.halted = Some(marks::Halt {
+            time: now,
+            commit: Some(commit.clone()),
+            reason: format!(
+                "commit {} failed ({failed}) and after reverting it: {revert_failure}",
+                short(&commit)
+            ),
+        });
+        marks::save(state, marks).kind(Failure::Failed)?;
+        return Err(Error::new(
+            Failure::Degraded,
+            anyhow!(
+                "commit {} failed ({failed}); it was reverted, but the previous state fails too ({revert_failure}). \
+                 driftless stops touching this host until `driftless sync --retry`",
+                short(&commit)
+            ),
+        ));
+    }
+    match reason {
+        Ok(reason) => Err(Error::new(Failure::Failed, Reverted { commit, reason })),
+        Err(why) => Err(Error::new(
+            Failure::Failed,
+            anyhow!(
+                "commit {} was switched in and {why}; the host was reverted to its previous state. The next run tries again",
+                short(&commit)
+            ),
+        )),
+    }
+}
