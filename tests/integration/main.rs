@@ -11,6 +11,7 @@ mod crash_windows;
 mod daemon;
 mod golden;
 mod hostile_templates;
+mod leak_catalogue;
 mod pipeline;
 mod quick;
 mod quickstart;
