@@ -18,7 +18,7 @@ use super::walk::{self, Rules};
 use super::*;
 
 #[path = "../../../tests/common/skip.rs"]
-mod skip;
+pub(crate) mod skip;
 
 /// The project's own sops fixtures (see their README).
 fn sops_fixtures() -> PathBuf {

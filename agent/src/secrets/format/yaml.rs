@@ -585,9 +585,14 @@ pub(crate) fn parse(text: &str) -> Result<Parsed, ErrorKind> {
 const INDENT: usize = 4;
 
 /// Whether a string can be written as a plain scalar and read back as the
-/// same string.
+/// same string, by a YAML 1.2 parser (yaml.v3, which sops uses) and by a
+/// YAML 1.1 one (PyYAML, many Go and Ruby programs) alike.
 fn plain_ok(s: &str) -> bool {
-    if s.is_empty() || s != s.trim() || !matches!(gocompat::resolve_plain(s), Resolved::Str) {
+    if s.is_empty()
+        || s != s.trim()
+        || !matches!(gocompat::resolve_plain(s), Resolved::Str)
+        || yaml11_typed(s)
+    {
         return false;
     }
     let first = s.chars().next().unwrap_or(' ');
@@ -606,6 +611,36 @@ fn plain_ok(s: &str) -> bool {
         return false;
     }
     !s.chars().any(|c| c.is_control() || needs_escape(c))
+}
+
+/// Whether a YAML 1.1 (or a lenient 1.2) parser could read the plain
+/// scalar `s` as something other than a string: the 1.1 booleans (`yes`,
+/// `no`, `on`, `off`, `y`, `n`), nulls (`~`, `null`), and anything shaped
+/// like a number or a date: sexagesimal `12:30`, octal `012` and `0o12`,
+/// hex, binary, `1_000`, `1e3`, `.inf`, `2024-01-02`. Quoting a string
+/// that did not need it is harmless; the reverse changes its type.
+fn yaml11_typed(s: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "y", "yes", "n", "no", "on", "off", "true", "false", "null", "~", ".inf", "-.inf", "+.inf",
+        ".nan", "=", "<<",
+    ];
+    let lower = s.to_ascii_lowercase();
+    if WORDS.contains(&lower.as_str()) {
+        return true;
+    }
+    let body = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let numberish = body
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || c == '.')
+        && body
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || "_.:+-xXoO".contains(c));
+    // Dates and timestamps: PyYAML reads `2024-01-02 03:04:05` as one.
+    let dateish = body.len() >= 8
+        && body.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+        && body.as_bytes()[4] == b'-';
+    numberish || dateish
 }
 
 fn needs_escape(c: char) -> bool {
@@ -917,6 +952,131 @@ mod tests {
             parsed.sops.unwrap().get("m"),
             Some(Node::Scalar(Scalar::Int(1)))
         ));
+    }
+
+    /// The YAML 1.1 pitfalls of issue 13 §2: written unquoted, a PyYAML
+    /// consumer read `yes` as true, `12:30` as 750, `0o12`/`012` as 10.
+    const AMBIGUOUS: &[&str] = &[
+        "yes",
+        "no",
+        "on",
+        "off",
+        "y",
+        "n",
+        "Y",
+        "N",
+        "YES",
+        "No",
+        "On",
+        "OFF",
+        "~",
+        "null",
+        "Null",
+        "true",
+        "False",
+        "12:30",
+        "1:02:03",
+        "0o12",
+        "012",
+        "007",
+        "0x1F",
+        "0b101",
+        "1_000",
+        "1e3",
+        "1E-3",
+        "+1",
+        "-1",
+        ".5",
+        "1.",
+        ".inf",
+        "-.Inf",
+        ".NaN",
+        "2024-01-02",
+        "2024-01-02 03:04:05",
+        "2024-01-02T03:04:05Z",
+        "=",
+        "<<",
+        "123",
+        "1.5",
+    ];
+
+    fn corpus_doc() -> Node {
+        Node::Map(
+            AMBIGUOUS
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Entry::Pair(format!("k{i}"), Node::str(*v)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn strings_that_yaml_1_1_would_type_are_quoted() {
+        for v in AMBIGUOUS {
+            assert!(!plain_ok(v), "{v:?} would be written unquoted");
+        }
+        for v in [
+            "hello",
+            "a1",
+            "v1.2.3-beta",
+            "yesterday",
+            "noon",
+            "x:y",
+            "12 apples",
+        ] {
+            assert!(plain_ok(v), "{v:?} needlessly quoted");
+        }
+        let mut out = String::new();
+        emit(&[corpus_doc()], &mut out);
+        let again = parse(&out).unwrap();
+        for (i, v) in AMBIGUOUS.iter().enumerate() {
+            assert!(
+                matches!(again.docs[0].get(&format!("k{i}")), Some(Node::Scalar(Scalar::Str(s))) if s.as_str() == *v),
+                "{v:?} did not come back as the same string:\n{out}"
+            );
+        }
+    }
+
+    /// The same corpus, read back by PyYAML (YAML 1.1): every value is the
+    /// string it was.
+    #[test]
+    fn pyyaml_reads_back_every_string_as_the_same_string() {
+        let python = std::env::var_os("DRIFTLESS_TEST_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/opt/driftless-test-tools/sops-venv/bin/python3".into());
+        if !python.exists() {
+            return crate::secrets::tests::skip::missing(
+                "PyYAML (tests/install-prereqs installs it in /opt/driftless-test-tools/sops-venv)",
+            );
+        }
+        let mut out = String::new();
+        emit(&[corpus_doc()], &mut out);
+        let mut child = std::process::Command::new(&python)
+            .args([
+                "-c",
+                "import sys, json, yaml; print(json.dumps(yaml.safe_load(sys.stdin), default=str))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(out.as_bytes())
+            .expect("write");
+        let res = child.wait_with_output().expect("python ends");
+        assert!(res.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&res.stdout).expect("JSON");
+        for (i, want) in AMBIGUOUS.iter().enumerate() {
+            assert_eq!(
+                v[format!("k{i}")],
+                serde_json::Value::String(want.to_string()),
+                "PyYAML read {want:?} differently from:\n{out}"
+            );
+        }
     }
 
     #[test]
