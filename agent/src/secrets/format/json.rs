@@ -406,7 +406,15 @@ pub(crate) fn emit(doc: &Node, out: &mut String) -> Result<(), (String, String)>
             Node::Scalar(s) => match s {
                 Scalar::Str(v) => write_string(v, out),
                 Scalar::Int(i) => out.push_str(&i.to_string()),
-                Scalar::Float(f) if f.is_finite() => out.push_str(&gocompat::format_float(*f)),
+                Scalar::Float(f) if f.is_finite() => {
+                    // Keep the type: sops writes 7.0 as `7`, which a
+                    // consumer then reads as an integer.
+                    let t = gocompat::format_float(*f);
+                    out.push_str(&t);
+                    if !t.contains(['.', 'e', 'E']) {
+                        out.push_str(".0");
+                    }
+                }
                 Scalar::Float(_) => {
                     return Err((path.to_string(), "JSON cannot hold NaN or infinity".into()))
                 }
@@ -488,7 +496,7 @@ mod tests {
         emit(&p.docs[0], &mut out).unwrap();
         assert_eq!(
             out,
-            "{\n\t\"a\": {\n\t\t\"b\": [\n\t\t\t1,\n\t\t\t2.5,\n\t\t\t\"q\\\"\\n\",\n\t\t\tfalse,\n\t\t\tnull,\n\t\t\t{},\n\t\t\t[]\n\t\t]\n\t},\n\t\"c\": 7\n}\n"
+            "{\n\t\"a\": {\n\t\t\"b\": [\n\t\t\t1,\n\t\t\t2.5,\n\t\t\t\"q\\\"\\n\",\n\t\t\tfalse,\n\t\t\tnull,\n\t\t\t{},\n\t\t\t[]\n\t\t]\n\t},\n\t\"c\": 7.0\n}\n"
         );
         assert!(parse(&out).is_ok());
     }
