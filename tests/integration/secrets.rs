@@ -221,3 +221,31 @@ fn host_recipient_prints_the_ssh_and_age_recipients() {
     assert!(text.lines().any(|l| l == want), "{text}");
     assert!(text.lines().any(|l| l.starts_with("age1")), "{text}");
 }
+
+/// Issue 13 §2: an identity file readable by others is used, with a
+/// warning that says what to do (as ssh does); a 0600 one gives none.
+#[test]
+fn a_world_readable_age_key_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let repo = canary_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("age.key");
+    std::fs::copy(workspace().join("tests/fixtures/secrets/keys.txt"), &key).unwrap();
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false)] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let host = Host::new("h");
+        let run = host
+            .run(
+                repo.path(),
+                &["sync", "--once", "--age-key", &key.display().to_string()],
+            )
+            .ok();
+        assert_eq!(
+            run.stderr
+                .contains(&format!("run `chmod 600 {}`", key.display())),
+            warned,
+            "mode {mode:o}: {}",
+            run.stderr
+        );
+    }
+}
