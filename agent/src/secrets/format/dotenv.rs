@@ -99,7 +99,10 @@ pub(crate) fn emit(doc: &Node, out: &mut String) -> Result<(), (String, String)>
                             "the value is binary data, which dotenv cannot hold".to_string(),
                         )
                     })?,
-                    Node::Null => zeroize::Zeroizing::new(String::new()),
+                    // What sops 3.11 writes (`sops decrypt --output-type
+                    // dotenv` of `a: null` or `a: ~` gives `a=<nil>`, Go's
+                    // rendering of nil): the same bytes as `sops -d`.
+                    Node::Null => zeroize::Zeroizing::new("<nil>".to_string()),
                     other => {
                         return Err((
                             k.clone(),
@@ -141,5 +144,20 @@ mod tests {
         let mut out = String::new();
         emit(d, &mut out).unwrap();
         assert_eq!(out, "#c\nfoo = bar \nA=x\\ny\n");
+    }
+
+    /// sops 3.11, `decrypt --output-type dotenv` of
+    /// `a: null\nb: "multi\nline"\nc: ~\nd: ""`, byte for byte.
+    #[test]
+    fn nulls_and_newlines_come_out_as_sops_writes_them() {
+        let doc = Node::Map(vec![
+            Entry::Pair("a".into(), Node::Null),
+            Entry::Pair("b".into(), Node::str("multi\nline")),
+            Entry::Pair("c".into(), Node::Null),
+            Entry::Pair("d".into(), Node::str("")),
+        ]);
+        let mut out = String::new();
+        emit(&doc, &mut out).unwrap();
+        assert_eq!(out, "a=<nil>\nb=multi\\nline\nc=<nil>\nd=\n");
     }
 }
