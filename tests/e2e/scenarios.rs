@@ -227,7 +227,7 @@ fn e2e_3_unit_file_change_daemon_reloads_then_restarts() {
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{log}");
     let reload_at = log.find("daemon-reload").expect("daemon-reload logged");
-    let restart_at = log.find("unit action").expect("unit action logged");
+    let restart_at = log.find("unit action unit=").expect("unit action logged");
     assert!(
         reload_at < restart_at,
         "daemon-reload must come first:\n{log}"
