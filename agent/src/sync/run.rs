@@ -88,6 +88,21 @@ pub(super) fn begin<'a>(
     let (state, guard) = lock(settings, opts.wait)?;
     let fs = open_root(settings)?;
     drop(timing);
+    // Temp files of a run that died while replacing a state file.
+    for dir in [
+        Some(state.path().to_path_buf()),
+        crate::effects::state::floor::path(&settings.root)
+            .parent()
+            .map(|p| p.to_path_buf()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let n = crate::effects::state::remove_stale_temps(&dir);
+        if n > 0 {
+            tracing::info!(dir = %dir.display(), removed = n, "removed temp files left by an interrupted run");
+        }
+    }
     // A quick-check record whose inventory stamp still holds proves that no
     // transaction started since the last successful sync (a transaction
     // removes the record, durably, before it touches anything): there is

@@ -228,19 +228,107 @@ pub(crate) fn create_temp(path: &Path) -> Result<(PathBuf, File)> {
         .file_name()
         .and_then(|n| n.to_str())
         .context("state file name")?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}{TEMP_MARK}{}", std::process::id()));
+    // A leftover of an earlier process with this pid, or something planted
+    // there: unlink (never follows a link), then create afresh, refusing
+    // to follow a link that appears in between.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", tmp.display())),
+    }
     let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     Ok((tmp, f))
+}
+
+/// The middle of a temp file's name: `.<file>.tmp-<pid>`.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Removes the temp files that a crash left in `dir` (`.<file>.tmp-<pid>`
+/// of another process). Call under the lock. Returns how many.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let ours = format!("{TEMP_MARK}{}", std::process::id());
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let stale = name.starts_with('.')
+            && name
+                .rsplit_once(TEMP_MARK)
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            && !name.ends_with(&ours);
+        if stale
+            && e.file_type().is_ok_and(|t| !t.is_dir())
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod temp_tests {
+    use super::*;
+
+    /// Issue 12 §6: `.applied-commit.json.tmp` and friends, left by a run
+    /// that died mid-write, stayed forever.
+    #[test]
+    fn stale_temp_files_are_removed_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::write(p.join(".inventory.json.tmp-12345"), "x").unwrap();
+        std::fs::write(p.join(".applied-commit.json.tmp-7"), "x").unwrap();
+        std::fs::write(p.join("inventory.json"), "{}").unwrap();
+        std::fs::write(p.join(".keep.tmp-notapid"), "x").unwrap();
+        let ours = format!(".x.json.tmp-{}", std::process::id());
+        std::fs::write(p.join(&ours), "x").unwrap();
+        assert_eq!(remove_stale_temps(p), 2);
+        let mut left: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ".keep.tmp-notapid".to_string(),
+                ours,
+                "inventory.json".into()
+            ]
+        );
+    }
+
+    /// Issue 12 §4: a link planted at the temp name was followed, and the
+    /// state file's content written wherever it pointed.
+    #[test]
+    fn a_link_planted_at_the_temp_name_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("victim");
+        std::fs::write(&target, "untouched").unwrap();
+        let path = d.path().join("marks.json");
+        let tmp = d
+            .path()
+            .join(format!(".marks.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}");
+    }
 }
