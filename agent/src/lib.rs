@@ -25,3 +25,9 @@ pub mod sync;
 pub mod time;
 pub mod timings;
 pub mod trust;
+
+/// Counted skips for tests whose system prerequisites are missing (see
+/// `tests/common/skip.rs`).
+#[cfg(test)]
+#[path = "../../tests/common/skip.rs"]
+pub(crate) mod test_skip;

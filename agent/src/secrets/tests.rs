@@ -17,8 +17,7 @@ use super::tree::{Entry, Node, Scalar};
 use super::walk::{self, Rules};
 use super::*;
 
-#[path = "../../../tests/common/skip.rs"]
-pub(crate) mod skip;
+use crate::test_skip as skip;
 
 /// The project's own sops fixtures (see their README).
 fn sops_fixtures() -> PathBuf {

@@ -548,7 +548,7 @@ fn https_fixture(root: &Path) -> Option<HttpsFixture> {
         ("git", "--version"),
     ] {
         if !tool_available(tool, arg) {
-            eprintln!("SKIP: {tool} is not installed");
+            crate::test_skip::missing(&format!("{tool} (tests/install-prereqs installs it)"));
             return None;
         }
     }
@@ -810,7 +810,9 @@ struct Sshd {
 
 fn start_sshd(dir: &Path) -> Option<Sshd> {
     if !sshd_available() {
-        eprintln!("SKIP: sshd is not installed (apt-get install -y openssh-server)");
+        crate::test_skip::missing(
+            "sshd (apt-get install -y openssh-server; tests/install-prereqs installs it)",
+        );
         return None;
     }
     for (tool, arg) in [
@@ -820,7 +822,7 @@ fn start_sshd(dir: &Path) -> Option<Sshd> {
         ("git", "--version"),
     ] {
         if !tool_available(tool, arg) {
-            eprintln!("SKIP: {tool} is not installed");
+            crate::test_skip::missing(&format!("{tool} (tests/install-prereqs installs it)"));
             return None;
         }
     }

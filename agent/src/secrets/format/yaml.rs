@@ -1045,7 +1045,7 @@ mod tests {
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| "/opt/driftless-test-tools/sops-venv/bin/python3".into());
         if !python.exists() {
-            return crate::secrets::tests::skip::missing(
+            return crate::test_skip::missing(
                 "PyYAML (tests/install-prereqs installs it in /opt/driftless-test-tools/sops-venv)",
             );
         }
