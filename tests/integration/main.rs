@@ -6,6 +6,7 @@
 mod support;
 
 mod cli;
+mod corrupt_state;
 mod crash;
 mod crash_windows;
 mod daemon;

@@ -168,6 +168,9 @@ differ per host). Exit code 3 if anything fails, with every problem listed.")]
     /// Signed git bundles for air-gapped hosts: create, verify, import, USB sticks
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Check or repair the state directory (corrupt inventory, marks, caches, floor)
+    #[command(subcommand)]
+    State(StateCommand),
     /// Print this host's age recipients (from its SSH host keys), to encrypt secrets to it
     #[command(after_help = "\
 Add a printed line to the recipients of a SOPS file (e.g. `sops --age 'ssh-ed25519 AAAA…'`
@@ -191,6 +194,19 @@ and the host's SSH keys. The output contains secrets: it is for a terminal, not 
     },
     /// Verify that a SOPS file decrypts and its MAC is intact, without printing values
     Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Report unusable state files and what repair would do; changes nothing
+    #[command(after_help = "\
+Exit 0 when every state file is usable, 1 otherwise (each file listed with its problem
+and remedy). Every sync runs the same repair first, so this is for a look before it.")]
+    Check,
+    /// Repair now, under the lock: drop corrupt caches, rebuild the inventory, set corrupt
+    /// marks aside (the agent then halts until `sync --retry`). The anti-rollback floor
+    /// is never guessed: the command says how to resolve it.
+    Repair,
 }
 
 #[derive(Debug, Subcommand)]
@@ -560,6 +576,37 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             output::secrets(&s, cmd)
         }
         Command::Bundle(cmd) => bundle::run(g, cmd),
+        Command::State(cmd) => {
+            let s = settings(g, false)?;
+            let findings = match cmd {
+                StateCommand::Check => {
+                    match crate::effects::state::StateDir::existing(&s.state_dir) {
+                        Some(st) => crate::sync::state_repair::check(&st, &s.root),
+                        None => Vec::new(),
+                    }
+                }
+                StateCommand::Repair => {
+                    let (st, _guard) = crate::sync::lock(&s, Duration::ZERO)?;
+                    crate::sync::state_repair::repair(&st, &s.root, now()).kind(Failure::Failed)?
+                }
+            };
+            if findings.is_empty() {
+                outln!("state {}: every file is usable", s.state_dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            for f in &findings {
+                outln!(
+                    "{}\n  problem: {}\n  remedy:  {}",
+                    f.file.display(),
+                    f.problem,
+                    f.remedy
+                );
+            }
+            Ok(match cmd {
+                StateCommand::Check => ExitCode::from(1),
+                StateCommand::Repair => ExitCode::SUCCESS,
+            })
+        }
         Command::HostRecipient => {
             let s = settings(g, false)?;
             output::host_recipient(&s)

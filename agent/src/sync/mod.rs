@@ -12,6 +12,7 @@ pub mod quick;
 pub mod repair;
 mod run;
 mod runlog;
+pub mod state_repair;
 pub mod stick;
 
 use std::collections::BTreeSet;

@@ -108,6 +108,12 @@ pub(super) fn begin<'a>(
     // removes the record, durably, before it touches anything): there is
     // nothing to recover, and the applied commit is the record's.
     let stamps = quick::current(&state);
+    // Corrupt state files: rebuilt, moved aside, or (the marks) halting.
+    // A valid quick-check record vouches for the inventory, so an idle
+    // poll skips the parse.
+    if stamps.is_none() {
+        super::state_repair::repair(&state, &settings.root, now).kind(Failure::Failed)?;
+    }
     let recovered = match &stamps {
         Some(_) => Vec::new(),
         None => {
@@ -115,7 +121,13 @@ pub(super) fn begin<'a>(
             apply::recover(&fs, &state).kind(Failure::Failed)?
         }
     };
-    let mut marks = marks::load(&state).kind(Failure::Failed)?;
+    let mut marks = match marks::load(&state) {
+        Ok(m) => m,
+        Err(_) => {
+            super::state_repair::repair(&state, &settings.root, now).kind(Failure::Failed)?;
+            marks::load(&state).kind(Failure::Failed)?
+        }
+    };
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
     if let Some(h) = &marks.halted {
         if !opts.retry {

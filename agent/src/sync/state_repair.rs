@@ -1,0 +1,204 @@
+//! Corrupt state must never wedge a host (issue 12 §6). A state file that
+//! does not parse (a disk error, a hand edit, a truncated write on a
+//! filesystem that lies about fsync) used to stop every run with the same
+//! error and no remedy. Now each kind gets the treatment its meaning
+//! allows:
+//!
+//! - **Caches**: `last-run.json` is deleted and rewritten by the next run;
+//!   `quick.json`'s loader already treats an unreadable record as absent
+//!   (a full sync instead of a quick one).
+//! - **The inventory**: moved aside and rebuilt from the host and the
+//!   commit being applied: every file of the commit is taken over again
+//!   (already-saved originals are kept). What is lost: files the
+//!   repository stopped managing since are left in place, not pruned.
+//! - **The marks** (bad commits, the halt): moved aside, and the agent
+//!   halts, because the list of commits known to break this host is gone
+//!   and guessing would re-apply one. The message names the command.
+//! - **The anti-rollback floor** is never guessed: the run refuses and
+//!   says how to resolve it (see [`crate::effects::state::floor::load`]).
+//!
+//! `driftless state check` reports all of this without changing anything;
+//! `driftless state repair` does the repair now (every run also does it
+//! first, under the lock).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::marks::{self, Halt, Marks};
+use crate::effects::state::{floor, read_json, StateDir};
+use crate::plan::inventory::Inventory;
+
+/// One state file and what is (or would be) done about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub file: PathBuf,
+    /// Why it is unusable.
+    pub problem: String,
+    /// What repair does (or did).
+    pub remedy: String,
+}
+
+fn corrupt<T: serde::de::DeserializeOwned>(path: &Path) -> Option<String> {
+    match read_json::<T>(path) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{e:#}")),
+    }
+}
+
+/// Every unusable state file, read-only.
+pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
+    let mut out = Vec::new();
+    // (`quick.json` is a cache in its own format, which its loader already
+    // treats as absent when unreadable.)
+    for (path, problem) in [(
+        state.last_run_path(),
+        corrupt::<serde_json::Value>(&state.last_run_path()),
+    )] {
+        if let Some(problem) = problem {
+            out.push(Finding {
+                file: path,
+                problem,
+                remedy: "a cache: deleted and rebuilt by the next run".into(),
+            });
+        }
+    }
+    let inv = state.inventory_path();
+    if let Some(problem) =
+        corrupt::<Inventory>(&inv).or_else(|| state.inventory().err().map(|e| format!("{e:#}")))
+    {
+        out.push(Finding {
+            file: inv,
+            problem,
+            remedy: "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)".into(),
+        });
+    }
+    let m = state.path().join("marks.json");
+    if let Some(problem) = corrupt::<Marks>(&m) {
+        out.push(Finding {
+            file: m,
+            problem,
+            remedy: "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`".into(),
+        });
+    }
+    let f = floor::path(root);
+    if let Err(e) = floor::load(root) {
+        out.push(Finding {
+            file: f.clone(),
+            problem: format!("{e:#}"),
+            remedy: format!(
+                "not repaired automatically (guessing would allow a downgrade): restore it from a backup, or `rm {}` to accept the next commit that descends from the applied one",
+                f.display()
+            ),
+        });
+    }
+    out
+}
+
+/// Repairs what can be repaired (see the module docs). Call under the
+/// lock. Returns what was done; the floor is left to the operator.
+pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Finding>> {
+    let findings = check(state, root);
+    for f in &findings {
+        let name = f
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        match name {
+            "last-run.json" => match std::fs::remove_file(&f.file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            },
+            "inventory.json" => {
+                aside(&f.file, now)?;
+            }
+            "marks.json" => {
+                let moved = aside(&f.file, now)?;
+                let halted = Marks {
+                    halted: Some(Halt {
+                        time: now,
+                        commit: None,
+                        reason: format!(
+                            "the marks file was corrupt ({}) and was moved to {}: the list of commits that failed on this host is lost. Check `driftless history` for reverted commits, then run `driftless sync --retry`",
+                            f.problem,
+                            moved.display()
+                        ),
+                    }),
+                    ..Marks::default()
+                };
+                marks::save(state, &halted)?;
+            }
+            _ => {}
+        }
+        tracing::warn!(file = %f.file.display(), problem = %f.problem, "corrupt state file: {}", f.remedy);
+    }
+    Ok(findings)
+}
+
+/// Renames `path` to `path.corrupt-<now>` (kept for a post-mortem).
+fn aside(path: &Path, now: i64) -> anyhow::Result<PathBuf> {
+    let mut to = path.as_os_str().to_owned();
+    to.push(format!(".corrupt-{now}"));
+    let to = PathBuf::from(to);
+    std::fs::rename(path, &to)?;
+    crate::effects::state::fsync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (tempfile::TempDir, StateDir, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        (d, s, tempfile::tempdir().unwrap())
+    }
+
+    #[test]
+    fn a_clean_state_has_no_findings() {
+        let (_d, s, root) = state();
+        assert!(check(&s, root.path()).is_empty());
+    }
+
+    /// Issue 12 §6: a corrupt marks file stopped the agent forever.
+    #[test]
+    fn corrupt_marks_are_moved_aside_and_the_agent_halts_with_the_remedy() {
+        let (_d, s, root) = state();
+        std::fs::write(s.path().join("marks.json"), "{not json").unwrap();
+        let done = repair(&s, root.path(), 42).unwrap();
+        assert_eq!(done.len(), 1);
+        assert!(s.path().join("marks.json.corrupt-42").exists());
+        let m = marks::load(&s).unwrap();
+        let h = m.halted.expect("halted");
+        assert!(h.reason.contains("sync --retry"), "{}", h.reason);
+        assert!(check(&s, root.path()).is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_inventory_is_moved_aside_and_caches_are_dropped() {
+        let (_d, s, root) = state();
+        std::fs::write(s.inventory_path(), "\0\0\0").unwrap();
+        std::fs::write(s.last_run_path(), "{").unwrap();
+        let done = repair(&s, root.path(), 7).unwrap();
+        assert_eq!(done.len(), 2);
+        assert!(s.path().join("inventory.json.corrupt-7").exists());
+        assert!(s.inventory().unwrap().files.is_empty());
+        assert!(!s.last_run_path().exists());
+        assert!(check(&s, root.path()).is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_floor_is_reported_never_repaired() {
+        let (_d, s, root) = state();
+        let f = floor::path(root.path());
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, "garbage").unwrap();
+        let done = repair(&s, root.path(), 1).unwrap();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].remedy.contains("rm "), "{}", done[0].remedy);
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "garbage");
+    }
+}
