@@ -670,7 +670,29 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
     let inv = state.inventory()?;
     let mut recovered = Vec::new();
     for (txid, path) in list_transactions(state)? {
-        let Some(mut journal) = read_json::<Journal>(&path.join(JOURNAL))? else {
+        let journal = match read_json::<Journal>(&path.join(JOURNAL)) {
+            Ok(j) => j,
+            // The committed transaction only serves a later revert: set it
+            // aside and go on (issue 12 §6: it stopped the agent forever).
+            Err(e) if inv.txid == txid => {
+                let aside = state.path().join(format!("tx-corrupt-{txid}"));
+                fs::rename(&path, &aside).with_context(|| {
+                    format!("cannot move the corrupt transaction {} aside", path.display())
+                })?;
+                tracing::warn!(txid = %txid, moved_to = %aside.display(), "the journal of the committed transaction is corrupt ({e:#}); moved aside: this transaction can no longer be reverted as a whole");
+                continue;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "transaction {txid} was interrupted and its journal is unreadable, so driftless cannot tell which files it changed. \
+                     Its staged files are named `.<file>.driftless-{txid}` next to their targets and its backups are in {}/backups. \
+                     Compare the host with `driftless plan`, restore what is needed, then move {} away and sync again",
+                    path.display(),
+                    path.display()
+                )))
+            }
+        };
+        let Some(mut journal) = journal else {
             // Crashed before the intent was written: nothing was staged.
             remove_tx_dir(&path)?;
             continue;

@@ -369,3 +369,38 @@ fn only_a_switched_transaction_can_be_committed() {
     let err = commit(&e.state, &a.txid, &p.next_inventory, 1).unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
+
+/// Issue 12 §6: a corrupt journal of the committed transaction stopped
+/// every later run.
+#[test]
+fn a_corrupt_journal_of_the_committed_transaction_is_set_aside() {
+    let e = env();
+    let a = e.apply(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let tx = e.state.tx_dir().join(&a.txid);
+    std::fs::write(tx.join(JOURNAL), "{truncated").unwrap();
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+    assert!(!tx.exists());
+    assert!(e
+        .state
+        .path()
+        .join(format!("tx-corrupt-{}", a.txid))
+        .exists());
+    assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
+}
+
+/// An interrupted transaction whose journal is unreadable cannot be
+/// rolled back blind: the error says where its files are and what to do.
+#[test]
+fn a_corrupt_journal_of_an_interrupted_transaction_names_the_remedy() {
+    let e = env();
+    e.apply(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let p = e.plan(&desired(&[("/etc/a", "b\n", 0o644)]));
+    let a = e.switch_in(&p);
+    let tx = e.state.tx_dir().join(&a.txid);
+    std::fs::write(tx.join(JOURNAL), "{truncated").unwrap();
+    let err = format!("{:#}", recover(&e.fs, &e.state).unwrap_err());
+    assert!(
+        err.contains("driftless plan") && err.contains(&a.txid),
+        "{err}"
+    );
+}
