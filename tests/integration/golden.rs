@@ -42,6 +42,7 @@ fn render_case(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
             TargetPath::parse("/etc").unwrap(),
             TargetPath::parse("/srv").unwrap(),
         ],
+        reserved: Vec::new(),
     };
     let cfg = load_host(&snap, host.trim(), &opts).map_err(|e| e.to_string())?;
     let resolver = std::sync::Arc::new(SecretResolver::without_keys(&snap));

@@ -16,6 +16,7 @@ mod leak_catalogue;
 mod pipeline;
 mod quick;
 mod quickstart;
+mod reserved;
 mod revert;
 mod secrets;
 mod stick_device;

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::Format;
 use crate::config::Settings;
-use crate::desired::load::{self, LoadOptions};
+use crate::desired::load;
 use crate::desired::render::Renderer;
 use crate::effects::apply::journal::{Journal, TxState};
 use crate::effects::state::{read_json, StateDir};
@@ -339,9 +339,7 @@ pub fn validate(s: &Settings, dir: Option<&Path>, format: Format) -> Result<Exit
             fetch::read_tree(&got.repo, got.commit, &s.path).kind(Failure::InvalidRepo)?
         }
     };
-    let opts = LoadOptions {
-        allowed_roots: s.allowed_roots.clone(),
-    };
+    let opts = crate::sync::load_options(s);
     let mut hosts = load::host_names(&snap);
     if snap.contains(&format!("hosts/{}.toml", load::DEFAULT_HOST)) {
         hosts.push(load::DEFAULT_HOST.to_string());

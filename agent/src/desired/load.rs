@@ -36,6 +36,10 @@ pub const DEFAULT_HOST: &str = "default";
 pub struct LoadOptions {
     /// Every target must lie under one of these.
     pub allowed_roots: Vec<TargetPath>,
+    /// Paths the agent itself owns (its config, trust anchors, floor,
+    /// state, runtime dir), each with what it is: no target may be one,
+    /// lie below one, or be a directory above one.
+    pub reserved: Vec<(TargetPath, String)>,
 }
 
 /// Where a managed file's content comes from.
@@ -283,6 +287,17 @@ fn file_decl(
             roots.join(", ")
         ));
     }
+    if let Some((r, what)) = opts
+        .reserved
+        .iter()
+        .find(|(r, _)| path.is_under(r) || r.is_under(&path))
+    {
+        return Err(format!(
+            "{path} is reserved for the agent itself: {r} holds {what}. A repository may not manage it \
+             (a compromised or careless commit could otherwise lower the anti-rollback floor, replace the \
+             trust anchors or halt the agent); remove this entry"
+        ));
+    }
     let files_dir = format!("roles/{role}/files");
     if spec.format.is_some() && spec.secret.is_none() {
         return Err("key `format` only goes with `secret`".into());
@@ -314,6 +329,26 @@ fn file_decl(
         Some(m) => Mode::parse(&m).map_err(|e| format!("key `mode`: {e}"))?,
         None => Mode::DEFAULT_FILE,
     };
+    let special = mode.0 & 0o7002;
+    if special != 0 && !spec.allow_special_mode {
+        let mut what = Vec::new();
+        for (bit, name) in [
+            (0o4000, "setuid"),
+            (0o2000, "setgid"),
+            (0o1000, "sticky"),
+            (0o0002, "world-writable"),
+        ] {
+            if special & bit != 0 {
+                what.push(name);
+            }
+        }
+        return Err(format!(
+            "{path}: key `mode`: {:04o} is {}; such a mode is refused unless the entry says so with \
+             `allow_special_mode = true`",
+            mode.0,
+            what.join(" and ")
+        ));
+    }
     let owner = principal(spec.owner, "owner")?;
     let group = principal(spec.group, "group")?;
     let mut on_change = Vec::new();
@@ -481,6 +516,10 @@ mod tests {
     fn opts() -> LoadOptions {
         LoadOptions {
             allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
+            reserved: vec![(
+                TargetPath::parse("/etc/driftless").unwrap(),
+                "the agent's configuration".into(),
+            )],
         }
     }
 

@@ -103,6 +103,10 @@ pub struct FileSpec {
     /// Unit actions to run when this file changes (content, owner or mode).
     #[serde(default)]
     pub on_change: OnChangeSpec,
+    /// Allow a setuid, setgid, sticky or world-writable `mode` (refused
+    /// otherwise: one careless commit would open the host).
+    #[serde(default)]
+    pub allow_special_mode: bool,
 }
 
 /// `on_change = { reload = ["nginx.service"], restart = [...] }`.

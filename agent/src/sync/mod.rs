@@ -342,11 +342,60 @@ pub fn plan_for(
     plan_files(settings, state, fs, fetched, facts, &config, None)
 }
 
+/// How to load a repository for these settings: the allowed roots, and
+/// the paths the agent owns (issue 12 §5: a role could claim the
+/// anti-rollback floor, the trust anchors, agent.toml or marks.json).
+pub fn load_options(settings: &Settings) -> LoadOptions {
+    let mut reserved: Vec<(TargetPath, String)> = Vec::new();
+    let mut add = |p: &Path, what: &str| {
+        // A path on the host as a target path: under the managed root.
+        let rel = if settings.root == Path::new("/") {
+            Some(p.to_path_buf())
+        } else {
+            p.strip_prefix(&settings.root)
+                .ok()
+                .map(|r| Path::new("/").join(r))
+        };
+        if let Some(t) = rel.and_then(|r| TargetPath::parse(&r.to_string_lossy()).ok()) {
+            if !reserved.iter().any(|(r, _)| t.is_under(r)) {
+                reserved.push((t, what.to_string()));
+            }
+        }
+    };
+    for (p, what) in [
+        (
+            "/etc/driftless",
+            "the agent's configuration, trust anchors (allowed_signers), keys and anti-rollback record",
+        ),
+        ("/var/lib/driftless", "the agent's state"),
+        ("/run/driftless", "the agent's runtime configuration"),
+        ("/usr/lib/driftless", "the agent's packaged configuration"),
+    ] {
+        add(&settings.root.join(p.trim_start_matches('/')), what);
+    }
+    add(&settings.state_dir, "the agent's state (state_dir)");
+    add(
+        &settings.allowed_signers,
+        "the trust anchors (allowed_signers)",
+    );
+    for k in settings.age_keys.iter().chain(&settings.ssh_host_keys) {
+        add(k, "a key the agent decrypts secrets with");
+    }
+    for k in settings.ssh_key.iter().chain(&settings.ssh_known_hosts) {
+        add(k, "the agent's ssh key or known_hosts for fetching");
+    }
+    for f in &settings.config_files {
+        add(f, "an agent configuration file");
+    }
+    LoadOptions {
+        allowed_roots: settings.allowed_roots.clone(),
+        reserved,
+    }
+}
+
 /// This host's configuration in the fetched commit.
 fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::HostConfig, Error> {
-    let opts = LoadOptions {
-        allowed_roots: settings.allowed_roots.clone(),
-    };
+    let opts = load_options(settings);
     let host = host_name(settings, snap);
     let _t = timings::stage("load");
     load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)

@@ -1,0 +1,96 @@
+//! Issue 12 §5: the repository must not own the agent. A role could claim
+//! the anti-rollback floor, the trust anchors, agent.toml and files in the
+//! state directory (writing marks.json halted the agent), and a careless
+//! `mode = "4777"` went through.
+
+use std::process::Command;
+
+use crate::support::*;
+
+/// A repository whose one role manages `target` (with `extra` keys).
+fn claiming(target: &str, extra: &str) -> Repo {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write("roles/app/files/f", "payload\n");
+    r.write(
+        "roles/app/role.toml",
+        &format!("[[files]]\npath = \"{target}\"\nsource = \"f\"\n{extra}"),
+    );
+    r.commit("claims");
+    r
+}
+
+/// The sync, the plan and validate all refuse with exit 3, naming the
+/// role file, the target and `needle`; the host is unchanged.
+#[track_caller]
+fn refused(target: &str, extra: &str, needle: &str) {
+    let repo = claiming(target, extra);
+    let host = Host::new("h");
+    let before = host.tree();
+    for args in [&["sync", "--once"][..], &["plan"][..]] {
+        let run = host.run(repo.path(), args).code(3);
+        for want in ["roles/app/role.toml", target, needle] {
+            assert!(
+                run.stderr.contains(want),
+                "{args:?}: {want:?} not in {}",
+                run.stderr
+            );
+        }
+    }
+    assert_eq!(host.tree(), before, "the host changed");
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config"])
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains(needle), "{text}");
+}
+
+#[test]
+fn a_role_cannot_claim_the_anti_rollback_floor() {
+    refused(
+        "/etc/driftless/applied-commit.json",
+        "",
+        "reserved for the agent",
+    );
+}
+
+#[test]
+fn a_role_cannot_replace_the_allowed_signers_or_agent_toml() {
+    refused("/etc/driftless/allowed_signers", "", "trust anchors");
+    refused("/etc/driftless/agent.toml", "", "reserved for the agent");
+}
+
+#[test]
+fn a_role_cannot_write_marks_json_in_the_state_dir() {
+    refused("/var/lib/driftless/marks.json", "", "the agent's state");
+}
+
+#[test]
+fn a_role_cannot_replace_a_directory_above_the_agents_files() {
+    refused("/etc", "", "reserved for the agent");
+}
+
+#[test]
+fn setuid_mode_is_refused_without_opt_in() {
+    refused("/etc/app.bin", "mode = \"4755\"\n", "setuid");
+    refused("/etc/app.conf", "mode = \"0666\"\n", "world-writable");
+}
+
+#[test]
+fn world_writable_mode_is_allowed_with_opt_in() {
+    let repo = claiming(
+        "/etc/shared.txt",
+        "mode = \"0666\"\nallow_special_mode = true\n",
+    );
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let m = std::fs::metadata(host.path("/etc/shared.txt")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,
+        0o666
+    );
+}
