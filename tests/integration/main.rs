@@ -13,6 +13,7 @@ mod daemon;
 mod golden;
 mod hostile_templates;
 mod leak_catalogue;
+mod originals;
 mod pipeline;
 mod quick;
 mod quickstart;

@@ -34,6 +34,7 @@
 //! next one commits.
 
 pub mod journal;
+pub mod originals;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -303,12 +304,7 @@ fn prepare(
         if let (Some(tmp), Some(new)) = (&e.staged, e.new) {
             let content = match &c.restore_original {
                 Some(orig) if c.kind == ChangeKind::Remove => {
-                    fs::read(state.originals().join(&orig.stored)).with_context(|| {
-                        format!(
-                            "cannot read the saved original of {display} from {}",
-                            state.originals().display()
-                        )
-                    })?
+                    originals::read_verified(state, &orig.stored, &display)?
                 }
                 _ => c
                     .after
@@ -331,25 +327,15 @@ fn prepare(
     Ok(())
 }
 
-/// Saves the pre-driftless content of a file once; never overwrites.
+/// Saves the pre-driftless content of a file once, durably and verified
+/// (see [`originals`]); never overwrites a verified copy.
 fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
     let Some(before) = &c.before else {
         return Ok(());
     };
     let stored = crate::plan::sha256_hex(c.path.as_str().as_bytes());
-    let path = state.originals().join(&stored);
-    if path.exists() {
-        return Ok(());
-    }
-    let dir = open_dir_path(&state.originals())?;
-    write_new_file(&dir, &stored, &before.content, 0o600).with_context(|| {
-        format!(
-            "cannot save the original of {} to {}",
-            c.path,
-            path.display()
-        )
-    })?;
-    Ok(())
+    originals::save(state, &stored, c.path.as_str(), &before.content)
+        .with_context(|| format!("cannot save the original of {}", c.path))
 }
 
 fn open_dir_path(path: &Path) -> Result<OwnedFd> {
