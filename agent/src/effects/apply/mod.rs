@@ -6,7 +6,7 @@
 //!    link (free; the old inode survives the rename), or by copy across
 //!    filesystems. A file taken over for the first time is also copied to
 //!    `originals/` once.
-//! 2. **Stage** each new file as `.<name>.driftless-<txid>` next to its
+//! 2. **Stage** each new file as `.driftless-<n>-<txid>` next to its
 //!    target, with final owner and mode; create missing parents.
 //! 3. **Journal** the transaction to `tx/<txid>/journal.json` (`Prepared`).
 //! 4. **Flush** with one `syncfs` per filesystem (targets and state), not an
@@ -218,8 +218,12 @@ fn new_txid(now: i64) -> String {
     format!("{now}-{:08x}-{}", nanos, std::process::id())
 }
 
-fn staged_name(name: &str, txid: &str) -> String {
-    format!(".{name}.driftless-{txid}")
+/// The staged file of the `index`th change: short and independent of the
+/// target's name (`.<name>.driftless-<txid>` overflowed NAME_MAX for a
+/// 240-character file name). The journal records it, so recovery needs no
+/// rule to find it.
+fn staged_name(index: usize, txid: &str) -> String {
+    format!(".driftless-{index}-{txid}")
 }
 
 fn parent_key(path: &TargetPath) -> String {
@@ -239,7 +243,7 @@ fn intent(plan: &Plan, txid: &str) -> Vec<JournalEntry> {
             let meta = |mode, uid, gid| Meta { mode, uid, gid };
             let old = c.before.as_ref().map(|b| meta(b.mode, b.uid, b.gid));
             let mut new = c.after.as_ref().map(|a| meta(a.mode, a.uid, a.gid));
-            let staged = Some(staged_name(c.path.file_name(), txid));
+            let staged = Some(staged_name(i, txid));
             let (op, staged) = match c.kind {
                 ChangeKind::Adopt => (Op::Adopt, None),
                 ChangeKind::Create | ChangeKind::Update if c.content_changed => {
@@ -585,7 +589,10 @@ fn restore_backup(
     old: Meta,
     ownership: bool,
 ) -> Result<()> {
-    let tmp = format!(".{name}.driftless-restore-{txid}");
+    let tmp = format!(
+        ".driftless-restore-{}-{txid}",
+        &crate::plan::sha256_hex(name.as_bytes())[..12]
+    );
     match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => {}
         Err(err) => return Err(err.into()),

@@ -404,3 +404,19 @@ fn a_corrupt_journal_of_an_interrupted_transaction_names_the_remedy() {
         "{err}"
     );
 }
+
+/// Issue 12 §4: a 240-character file name failed, because the staged
+/// name (`.<name>.driftless-<txid>`) exceeded NAME_MAX.
+#[test]
+fn a_file_name_of_240_characters_is_applied_and_reverted() {
+    let e = env();
+    let long = format!("/etc/{}", "n".repeat(240));
+    e.apply(&desired(&[(long.as_str(), "v1\n", 0o644)]));
+    assert_eq!(e.read(&long).as_deref(), Some("v1\n"));
+    let p = e.plan(&desired(&[(long.as_str(), "v2\n", 0o644)]));
+    let a = e.switch_in(&p);
+    assert_eq!(e.read(&long).as_deref(), Some("v2\n"));
+    revert(&e.fs, &e.state, &a.txid).unwrap();
+    assert_eq!(e.read(&long).as_deref(), Some("v1\n"));
+    assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
+}
