@@ -620,3 +620,31 @@ fn e2e_9_quickstart_on_a_stock_debian_without_chrony() {
     );
     assert_eq!(m.ok("sha256sum /etc/motd"), motd_before);
 }
+
+/// Issue 14 §2: a unit that the commit itself installs is loaded by the
+/// daemon-reload and started by its `restart` action, in one sync.
+#[test]
+fn e2e_10_a_unit_the_commit_installs_is_started_after_daemon_reload() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-newunit", &demo);
+    assert!(sync(&m).status.success());
+    demo.write(
+        "roles/demo/files/sleeper.service",
+        "[Unit]\nDescription=installed by the commit\n\n[Service]\nExecStart=/bin/sleep infinity\n",
+    );
+    let role = std::fs::read_to_string(demo.path().join("roles/demo/role.toml")).unwrap();
+    demo.write(
+        "roles/demo/role.toml",
+        &format!(
+            "{role}\n[[files]]\npath = \"/etc/systemd/system/sleeper.service\"\nsource = \"sleeper.service\"\n\
+             on_change = {{ restart = [\"sleeper.service\"] }}\n"
+        ),
+    );
+    demo.commit("add a unit");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.prop("sleeper.service", "ActiveState"), "active", "{log}");
+    assert_eq!(m.prop("sleeper.service", "NeedDaemonReload"), "no");
+}
