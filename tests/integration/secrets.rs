@@ -249,3 +249,49 @@ fn a_world_readable_age_key_is_warned_about() {
         );
     }
 }
+
+/// Issue 14 §3: `validate` needed every secret key. With
+/// `--skip-secrets` it checks structure and templates, renders secrets as
+/// placeholders and lists the files it did not decrypt; a missing SOPS
+/// file is still an error.
+#[test]
+fn validate_skip_secrets_checks_everything_but_the_values() {
+    let repo = canary_repo();
+    // Without keys it fails (the identities are not there).
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config"])
+        .arg(repo.path())
+        .env_remove("SOPS_AGE_KEY_FILE")
+        .env_remove("SOPS_AGE_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config", "--skip-secrets"])
+        .arg(repo.path())
+        .env_remove("SOPS_AGE_KEY_FILE")
+        .env_remove("SOPS_AGE_KEY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("not decrypted (--skip-secrets") && text.contains("secrets/db.enc.yaml"),
+        "{text}"
+    );
+    assert!(!text.contains(MARKER));
+    // A secret naming a file that is not there is still caught.
+    repo.write(
+        "roles/app/files/db.conf.tera",
+        "{{ secret(file=\"secrets/missing.enc.yaml\", key=\"x\") }}\n",
+    );
+    repo.commit("typo");
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config", "--skip-secrets"])
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("secrets/missing.enc.yaml"), "{text}");
+}

@@ -370,6 +370,10 @@ struct FormatArgs {
 struct ValidateArgs {
     /// A repository directory (working tree); default: the configured source
     dir: Option<PathBuf>,
+    /// Check structure and templates without decrypting: each secret renders as a
+    /// placeholder, and the SOPS files not decrypted are listed (for CI without keys)
+    #[arg(long)]
+    skip_secrets: bool,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
@@ -613,7 +617,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Validate(args) => {
             let s = settings(g, false)?;
-            output::validate(&s, args.dir.as_deref(), args.format)
+            output::validate(&s, args.dir.as_deref(), args.format, args.skip_secrets)
         }
     }
 }

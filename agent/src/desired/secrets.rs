@@ -32,6 +32,9 @@ pub struct SecretResolver {
     used: AtomicBool,
     /// Every value decrypted so far, to scrub from messages.
     redactor: Redactor,
+    /// `validate --skip-secrets`: nothing is decrypted; each use gives a
+    /// placeholder, and the files are listed here.
+    placeholders: Option<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// True if `bytes` may be a sops file (cheap pre-filter).
@@ -51,7 +54,41 @@ impl SecretResolver {
             cache: Mutex::new(HashMap::new()),
             used: AtomicBool::new(false),
             redactor: Redactor::default(),
+            placeholders: None,
         }
+    }
+
+    /// A resolver that decrypts nothing (`validate --skip-secrets`): a
+    /// secret must name a SOPS file of the repository, and renders as a
+    /// placeholder; [`SecretResolver::skipped`] lists the files.
+    pub fn placeholders(snap: &Snapshot) -> Self {
+        let mut r = Self::without_keys(snap);
+        r.placeholders = Some(Mutex::new(Default::default()));
+        r
+    }
+
+    /// The SOPS files a placeholder resolver was asked for.
+    pub fn skipped(&self) -> Vec<String> {
+        self.placeholders
+            .as_ref()
+            .and_then(|p| p.lock().ok().map(|s| s.iter().cloned().collect()))
+            .unwrap_or_default()
+    }
+
+    /// With placeholders: checks that `file` is a SOPS file and records it.
+    fn placeholder(&self, file: &str) -> Option<Result<(), String>> {
+        let set = self.placeholders.as_ref()?;
+        self.used.store(true, Ordering::SeqCst);
+        let ok = matches!(self.snap.read_file(file), Ok(Some(b)) if looks_like_sops(&b));
+        if !ok {
+            return Some(Err(format!(
+                "{file}: no such SOPS file in the repository (paths are relative to the repository root)"
+            )));
+        }
+        if let Ok(mut s) = set.lock() {
+            s.insert(file.to_string());
+        }
+        Some(Ok(()))
     }
 
     /// A resolver for repositories rendered without keys (`validate`):
@@ -104,6 +141,9 @@ impl SecretResolver {
 
     /// One value as text (numbers and booleans as written).
     pub fn value(&self, file: &str, key: &str) -> Result<String, String> {
+        if let Some(r) = self.placeholder(file) {
+            return r.map(|()| format!("<secret {file} {key}>"));
+        }
         let d = self.decrypted(file)?;
         let v = d.get(key).map_err(|e| e.to_string())?;
         if let Some(text) = v.expose_text() {
@@ -127,6 +167,9 @@ impl SecretResolver {
 
     /// A whole decrypted file re-emitted in `format`.
     pub fn whole(&self, file: &str, format: Store) -> Result<Vec<u8>, String> {
+        if let Some(r) = self.placeholder(file) {
+            return r.map(|()| format!("<secret {file}>\n").into_bytes());
+        }
         let d = self.decrypted(file)?;
         let out = d.emit(format).map_err(|e| e.to_string())?;
         Ok(out.expose_secret().to_vec())
