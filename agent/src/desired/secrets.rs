@@ -79,7 +79,7 @@ impl SecretResolver {
     fn placeholder(&self, file: &str) -> Option<Result<(), String>> {
         let set = self.placeholders.as_ref()?;
         self.used.store(true, Ordering::SeqCst);
-        let ok = matches!(self.snap.read_file(file), Ok(Some(b)) if looks_like_sops(&b));
+        let ok = matches!(self.snap.read_file(file), Ok(Some(b)) if looks_like_sops(b));
         if !ok {
             return Some(Err(format!(
                 "{file}: no such SOPS file in the repository (paths are relative to the repository root)"
