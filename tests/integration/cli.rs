@@ -196,3 +196,35 @@ fn quiet_prints_nothing_on_success() {
     }
     assert_eq!(host.read("/etc/a").as_deref(), Some("a\n"));
 }
+
+/// Issue 14 §3: an unknown filter (or function) named no line.
+#[test]
+fn an_unknown_filter_or_function_names_its_line() {
+    for (body, want) in [
+        (
+            "one\ntwo\nthree {{ 1 | nofilter }}\n",
+            "x.tera:3: Filter `nofilter` does not exist",
+        ),
+        (
+            "one\n{{ nofn(a=1) }}\n",
+            "x.tera:2: Function `nofn` does not exist",
+        ),
+    ] {
+        let repo = Repo::new();
+        repo.write("driftless.toml", "roles = [\"app\"]\n");
+        repo.write("hosts/default.toml", "");
+        repo.write(
+            "roles/app/role.toml",
+            "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n",
+        );
+        repo.write("roles/app/files/x.tera", body);
+        let out = Command::new(BIN)
+            .args(["validate", "--no-config"])
+            .arg(repo.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
+}

@@ -476,6 +476,51 @@ impl Renderer {
                 }
             }
         }
+        // Tera names no line for an unknown filter, test or function: find
+        // the first use in the template's source.
+        let rendering = chain.iter().find_map(|m| {
+            m.strip_prefix("Failed to render '")
+                .and_then(|r| r.split_once('\''))
+                .map(|(t, _)| t.to_string())
+        });
+        for msg in &chain {
+            for (kind, patterns) in [
+                ("Filter", &["|{}", "| {}"][..]),
+                ("Test", &["is {}", "is not {}"][..]),
+                ("Function", &["{}("][..]),
+            ] {
+                let Some(name) = msg
+                    .strip_prefix(&format!("{kind} '"))
+                    .and_then(|r| r.strip_suffix("' not found"))
+                else {
+                    continue;
+                };
+                let Some(template) = &rendering else { continue };
+                let line = self.sources.get(template).and_then(|src| {
+                    src.lines().position(|l| {
+                        patterns.iter().any(|p| {
+                            let pat = p.replace("{}", name);
+                            l.match_indices(&pat).any(|(i, _)| {
+                                // Whole names only: `| upper` is not `| upperx`.
+                                let end = i + pat.len();
+                                !l[end..]
+                                    .chars()
+                                    .next()
+                                    .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                                    || pat.ends_with('(')
+                            })
+                        })
+                    })
+                });
+                if let Some(l) = line {
+                    return format!(
+                        "{template}:{}: {kind} `{name}` does not exist (a typo, or a {} that only another template engine has?)",
+                        l + 1,
+                        kind.to_lowercase()
+                    );
+                }
+            }
+        }
         chain.join(": ")
     }
 
