@@ -123,6 +123,12 @@ fn failing_revert_halts_until_retry() {
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
     let status = host.run(repo.path(), &["status"]).ok();
     assert!(status.stdout.contains("degraded"), "{}", status.stdout);
+    assert!(status.stdout.contains("HALTED"), "{}", status.stdout);
+    // A rollback that is refused early leaves the halt in place.
+    host.run(repo.path(), &["rollback", "--to", "no-such-commit"])
+        .code(1);
+    let status = host.run(repo.path(), &["status"]).ok();
+    assert!(status.stdout.contains("HALTED"), "{}", status.stdout);
     // The operator clears it.
     sync(&host, &repo, &["--retry"]).ok();
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v3\n"));

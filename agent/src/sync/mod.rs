@@ -474,12 +474,10 @@ pub fn rollback(
     now: i64,
     rt: &Handle,
 ) -> Result<Report, Error> {
-    // The operator's rollback also resumes a halted agent.
-    let opts = SyncOptions {
-        retry: true,
-        ..SyncOptions::default()
-    };
-    let mut pass = begin(settings, &opts, now, rt)?;
+    // The operator's rollback also resumes a halted agent (once it is
+    // about to apply: a rollback refused early leaves the halt in place).
+    let opts = SyncOptions::default();
+    let mut pass = begin(settings, &opts, now, rt, true)?;
     let inventory = pass.state.inventory().kind(Failure::Failed)?;
     let current = inventory.commit.clone();
     let target = match to {

@@ -41,7 +41,7 @@ pub fn sync_once(
     now: i64,
     rt: &Handle,
 ) -> Result<Report, Error> {
-    let mut pass = begin(settings, opts, now, rt)?;
+    let mut pass = begin(settings, opts, now, rt, false)?;
     let result = (|| {
         let fetched = fetch_phase(&pass)?;
         match plan_phase(&pass, fetched)? {
@@ -77,12 +77,15 @@ pub(super) struct Pass<'a> {
 }
 
 /// Takes the lock, rolls back what a crash left behind, and refuses to go
-/// on while halted (unless `--retry`).
+/// on while halted (unless `--retry`, which clears the halt). With
+/// `operator` (a `rollback`), a halt neither refuses nor is cleared here:
+/// the caller clears it once it knows what it applies.
 pub(super) fn begin<'a>(
     settings: &'a Settings,
     opts: &'a SyncOptions,
     now: i64,
     rt: &'a Handle,
+    operator: bool,
 ) -> Result<Pass<'a>, Error> {
     let timing = timings::stage("lock");
     let (state, guard) = lock(settings, opts.wait)?;
@@ -129,7 +132,7 @@ pub(super) fn begin<'a>(
         }
     };
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
-    if let Some(h) = &marks.halted {
+    if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
             return Err(Error::new(
                 Failure::Degraded,
