@@ -101,3 +101,65 @@ fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     assert_eq!(report["outcome"], "applied");
     assert_eq!(report["commit"], repo.head());
 }
+
+/// Issue 12 §7: symlinks on the stick were followed, so the report was
+/// written as root to a host path the stick chose. The stick is mounted
+/// `nosymfollow`: a link in place of `driftless/reports` leads nowhere.
+#[test]
+fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
+    if let Some(why) = unavailable() {
+        return skip::missing(&format!("the USB stick device test cannot run: {why}"));
+    }
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "from the stick\n");
+    let content = tempfile::tempdir().unwrap();
+    let bundles = content.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
+    let victim = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(victim.path(), content.path().join("driftless/reports")).unwrap();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("stick.img");
+    let mk = sh(&format!(
+        "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+        img.display(),
+        content.path().display()
+    ));
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let out = sh(&format!("losetup --find --show {}", img.display()));
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).to_string();
+        return skip::missing(&format!("cannot attach a loop device: {why}"));
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let host = Host::new("web1");
+    let run = run_with(
+        &host,
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        &signer,
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
+    // The stick's update itself still applies.
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("from the stick\n"),
+        "{}",
+        run.stderr
+    );
+    let leaked: Vec<_> = std::fs::read_dir(victim.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the report went through the stick's link to {}: {leaked:?}\n{}",
+        victim.path().display(),
+        run.stderr
+    );
+}

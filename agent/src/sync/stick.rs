@@ -394,10 +394,15 @@ fn fs_candidates(device: &Path) -> Vec<String> {
     out
 }
 
-/// Nothing on a stick is executed or treated as a device.
+/// Nothing on a stick is executed, treated as a device, or followed as a
+/// symlink (`MS_NOSYMFOLLOW`, Linux 5.10: a link on the stick cannot point
+/// the report, or a read, at a host path; issue 12 §7).
 fn mount_flags() -> nix::mount::MsFlags {
     use nix::mount::MsFlags;
-    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+    MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC
+        | MsFlags::from_bits_retain(nix::libc::MS_NOSYMFOLLOW)
 }
 
 impl Mount {
@@ -431,6 +436,8 @@ impl Mount {
                 Err(e) => tried.push(format!("{fstype}: {}", e.desc())),
             }
         }
+        // Do not leave the mount point behind (only removed if empty).
+        let _ = std::fs::remove_dir(&target);
         bail!(
             "cannot mount {} read-only (tried {}): is it a stick with a filesystem this kernel supports?",
             device.display(),
