@@ -54,6 +54,22 @@ pub fn record(reason: &str) {
     }
 }
 
+/// A cross-check against data outside this repository (`../shared`) could
+/// not run because that data is absent. Not a skip: the repository's own
+/// tests cover the same code; `tests/run` lists and counts these apart, and
+/// they never fail a run. The caller returns.
+pub fn cross_check_absent(reason: &str) {
+    let line = format!("cross-check not run: {}: {reason}\n", test_name());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path())
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
 /// A system prerequisite (`what`) is missing: fails the test, naming what
 /// to install, unless the user opted out with `DRIFTLESS_TEST_ALLOW_SKIP=1`;
 /// then records the skip. The caller returns when this returns.

@@ -37,7 +37,7 @@ fn shared() -> Option<PathBuf> {
     if p.join("manifest.json").is_file() {
         return Some(p);
     }
-    skip::record(&format!("{} absent (cross-check only)", p.display()));
+    skip::cross_check_absent(&format!("{} absent", p.display()));
     None
 }
 
