@@ -308,7 +308,7 @@ fn prepare(
         if let (Some(tmp), Some(new)) = (&e.staged, e.new) {
             let content = match &c.restore_original {
                 Some(orig) if c.kind == ChangeKind::Remove => {
-                    originals::read_verified(state, &orig.stored, &display)?
+                    originals::read_verified(state, &orig.stored, c.path.as_str(), &display)?
                 }
                 _ => c
                     .after

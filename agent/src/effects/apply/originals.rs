@@ -10,12 +10,12 @@
 //! after it. A copy without a sidecar or not matching it is unverified: it
 //! is made again from the target, which is still the untouched original
 //! when a file is taken over (the copy happens in `prepare`, before any
-//! target is switched). A restore reads only a verified copy; a damaged
-//! one refuses the transaction, leaving the host as it is.
+//! target is switched). A restore reads only a verified copy; a damaged,
+//! unrecorded or missing one refuses the transaction, leaving the host as
+//! it is, with a message that says what to do.
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::effects::failpoint;
-use crate::effects::state::{fsync_dir, read_json, write_json_atomic, StateDir};
+use crate::effects::state::{
+    create_temp, fsync_dir, read_json, remove_stale_temps, write_json_atomic, StateDir,
+};
 
 const CHUNK: usize = 1 << 20;
 
@@ -38,6 +40,12 @@ pub struct Record {
 
 fn sidecar(dir: &Path, stored: &str) -> PathBuf {
     dir.join(format!("{stored}.json"))
+}
+
+/// The first characters of a digest, for a message (a hand-edited
+/// sidecar may hold anything: never slice it by bytes).
+fn short(sha: &str) -> String {
+    sha.chars().take(12).collect()
 }
 
 /// The sha256 and size of a file, read in chunks.
@@ -57,12 +65,16 @@ fn digest_file(path: &Path) -> Result<(u64, String)> {
     Ok((size, hex::encode(h.finalize())))
 }
 
-/// Whether the copy `stored` exists and matches its sidecar.
-pub fn verify(state: &StateDir, stored: &str) -> Result<Option<Record>> {
+/// Whether the copy `stored` of `path` exists and matches its sidecar
+/// (which must name `path`).
+pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Record>> {
     let dir = state.originals();
     let Some(rec) = read_json::<Record>(&sidecar(&dir, stored)).ok().flatten() else {
         return Ok(None);
     };
+    if rec.path != path {
+        return Ok(None);
+    }
     match digest_file(&dir.join(stored)) {
         Ok((size, sha)) if size == rec.size && sha == rec.sha256 => Ok(Some(rec)),
         _ => Ok(None),
@@ -70,24 +82,21 @@ pub fn verify(state: &StateDir, stored: &str) -> Result<Option<Record>> {
 }
 
 /// Saves `content` (the untouched target `path`) as the original
-/// `stored`, unless a verified copy is already there. Durable and
-/// verified on return.
+/// `stored`, unless a verified copy is already there; an unverified one
+/// (no sidecar, or not matching it) is made again. Durable and verified
+/// on return. Call under the state lock.
 pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Result<()> {
-    if verify(state, stored)?.is_some() {
+    if verify(state, stored, path)?.is_some() {
         return Ok(());
     }
     let dir = state.originals();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{stored}.tmp-{}", std::process::id()));
-    // Leftovers of a copy that died: this one, or another process's.
-    remove_temps(&dir, stored);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    // Leftovers of copies (and sidecars) that died: any file's, since the
+    // file they were for may never be taken over again.
+    remove_stale_temps(&dir);
+    let fin = dir.join(stored);
+    // `.<stored>.tmp-<pid>`: O_EXCL, O_NOFOLLOW, 0600.
+    let (tmp, mut f) = create_temp(&fin)?;
     for chunk in content.chunks(CHUNK) {
         f.write_all(chunk)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -96,7 +105,6 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
     f.sync_all()
         .with_context(|| format!("cannot flush {}", tmp.display()))?;
     drop(f);
-    let fin = dir.join(stored);
     fs::rename(&tmp, &fin).with_context(|| format!("cannot rename into {}", fin.display()))?;
     fsync_dir(&dir)?;
     failpoint::hit("originals.renamed")?;
@@ -107,7 +115,7 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
     };
     write_json_atomic(&sidecar(&dir, stored), &rec)?;
     failpoint::hit("originals.recorded")?;
-    if verify(state, stored)?.is_none() {
+    if verify(state, stored, path)?.is_none() {
         bail!(
             "the saved original of {path} ({}) does not read back as written: the state directory's disk may be failing; nothing was changed",
             fin.display()
@@ -116,60 +124,76 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
     Ok(())
 }
 
-fn remove_temps(dir: &Path, stored: &str) {
-    let prefix = format!(".{stored}.tmp-");
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
-/// The saved original `stored` of `display`, for a restore: only a copy
-/// that matches its sidecar. A copy saved before sidecars existed is used
-/// with a warning; a damaged one refuses.
-pub fn read_verified(state: &StateDir, stored: &str, target: &str) -> Result<Vec<u8>> {
+/// The saved original `stored` of `path` (shown as `display`), for a
+/// restore: only a copy that matches its sidecar. Anything else (no copy,
+/// no sidecar, a damaged copy) refuses, naming the file and what to do:
+/// a copy that cannot be checked may be one cut short, and restoring it
+/// would lose data.
+pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) -> Result<Vec<u8>> {
     let dir = state.originals();
     let file = dir.join(stored);
+    let side = sidecar(&dir, stored);
     let content = fs::read(&file).with_context(|| {
         format!(
-            "cannot read the saved original of {target} from {}",
-            file.display()
+            "cannot read the saved original of {display} from {}: refusing to remove the file without its original; nothing was changed. \
+             Keep {path} in the repository, or put the original in {} and describe it in {} as {{\"path\":\"{path}\",\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",
+            file.display(),
+            file.display(),
+            side.display()
         )
     })?;
-    match read_json::<Record>(&sidecar(&dir, stored)) {
-        Ok(Some(rec)) => {
-            let sha = hex::encode(Sha256::digest(&content));
-            if content.len() as u64 != rec.size || sha != rec.sha256 {
-                bail!(
-                    "the saved original of {target} ({}) is damaged: {} bytes, sha256 {}, where {} bytes, sha256 {} were saved. \
-                     Refusing to restore it, so nothing was changed; put the original back by hand (or keep the file managed), \
-                     then remove {} and its .json",
-                    file.display(),
-                    content.len(),
-                    &sha[..12],
-                    rec.size,
-                    &rec.sha256[..rec.sha256.len().min(12)],
-                    file.display()
-                );
-            }
-        }
-        Ok(None) => tracing::warn!(
-            "the saved original of {} ({}) has no size and checksum record (saved by an older driftless): restoring it unverified",
-            target,
-            file.display()
+    let sha = hex::encode(Sha256::digest(&content));
+    let found = Record {
+        path: path.to_string(),
+        size: content.len() as u64,
+        sha256: sha.clone(),
+    };
+    let vouch = serde_json::to_string(&found).context("cannot serialise a record")?;
+    match read_json::<Record>(&side) {
+        Ok(Some(rec)) if rec.path != path => bail!(
+            "the record {} of the saved original of {display} names another file ({}): refusing to restore it; nothing was changed",
+            side.display(),
+            rec.path
+        ),
+        Ok(Some(rec)) if content.len() as u64 != rec.size || sha != rec.sha256 => bail!(
+            "the saved original of {display} ({}) is damaged: {} bytes, sha256 {}, where {} bytes, sha256 {} were saved. \
+             Refusing to restore it, so nothing was changed. Keep {path} in the repository, or put the complete original \
+             in {} (it must match {}), then sync again",
+            file.display(),
+            content.len(),
+            short(&sha),
+            rec.size,
+            short(&rec.sha256),
+            file.display(),
+            side.display()
+        ),
+        Ok(Some(_)) => Ok(content),
+        Ok(None) => bail!(
+            "the saved original of {display} ({}) has no record of its size and checksum ({} is missing): it may be a copy \
+             cut short (saved by an older driftless, or interrupted), so it is not restored; nothing was changed. \
+             Check {}; if it is the complete original, record it by writing {} to {}, then sync again. \
+             Otherwise keep {path} in the repository",
+            file.display(),
+            side.display(),
+            file.display(),
+            vouch,
+            side.display()
         ),
         Err(e) => bail!(
-            "the record of the saved original of {target} is unreadable ({e:#}): refusing to restore it unverified; nothing was changed"
+            "the record {} of the saved original of {display} is unreadable ({e:#}): refusing to restore {} unverified; \
+             nothing was changed. If {} is the complete original, replace the record with {}, then sync again",
+            side.display(),
+            file.display(),
+            file.display(),
+            vouch
         ),
     }
-    Ok(content)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn state() -> (tempfile::TempDir, StateDir) {
@@ -178,12 +202,40 @@ mod tests {
         (d, s)
     }
 
+    fn read(s: &StateDir) -> Result<Vec<u8>> {
+        read_verified(s, "k", "/etc/x", "/etc/x")
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn a_saved_original_is_verified_and_never_overwritten() {
         let (_d, s) = state();
         save(&s, "k", "/etc/x", b"first").unwrap();
         save(&s, "k", "/etc/x", b"second").unwrap();
-        assert_eq!(read_verified(&s, "k", "/etc/x").unwrap(), b"first");
+        assert_eq!(read(&s).unwrap(), b"first");
+        let rec = verify(&s, "k", "/etc/x").unwrap().unwrap();
+        assert_eq!(rec.size, 5);
+        assert_eq!(rec.sha256, hex::encode(Sha256::digest(b"first")));
+    }
+
+    #[test]
+    fn the_copy_and_its_record_are_private() {
+        let (_d, s) = state();
+        save(&s, "k", "/etc/shadow", b"secret").unwrap();
+        assert_eq!(mode(&s.originals().join("k")), 0o600);
+        assert_eq!(mode(&s.originals().join("k.json")), 0o600);
+    }
+
+    /// A copy spanning several chunks reads back whole.
+    #[test]
+    fn a_copy_larger_than_a_chunk_is_complete() {
+        let (_d, s) = state();
+        let big: Vec<u8> = (0..(CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        save(&s, "k", "/etc/x", &big).unwrap();
+        assert!(read(&s).unwrap() == big);
     }
 
     /// Issue 12 §3: a copy cut short by a kill was restored truncated.
@@ -191,29 +243,98 @@ mod tests {
     fn a_truncated_copy_is_redone_from_the_target_and_never_restored() {
         let (_d, s) = state();
         save(&s, "k", "/etc/x", b"the whole original").unwrap();
-        std::fs::write(s.originals().join("k"), b"the who").unwrap();
-        let err = format!("{:#}", read_verified(&s, "k", "/etc/x").unwrap_err());
+        fs::write(s.originals().join("k"), b"the who").unwrap();
+        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains("damaged") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert!(
+            err.contains("/etc/x") && err.contains("originals/k"),
             "{err}"
         );
         // Taking the file over again (the target is still the original)
         // makes a good copy.
         save(&s, "k", "/etc/x", b"the whole original").unwrap();
-        assert_eq!(
-            read_verified(&s, "k", "/etc/x").unwrap(),
-            b"the whole original"
+        assert_eq!(read(&s).unwrap(), b"the whole original");
+    }
+
+    /// A kill after the rename, before the record: the copy is unverified,
+    /// so taking the file over again redoes it; stale temps of any file go.
+    #[test]
+    fn a_copy_without_its_record_is_redone_and_stale_temps_are_removed() {
+        let (_d, s) = state();
+        let dir = s.originals();
+        fs::write(dir.join("k"), b"partial").unwrap();
+        fs::write(dir.join(".k.tmp-1"), b"stale").unwrap();
+        fs::write(dir.join(".other.tmp-2"), b"stale").unwrap();
+        fs::write(dir.join(".other.json.tmp-3"), b"stale").unwrap();
+        save(&s, "k", "/etc/x", b"complete").unwrap();
+        assert_eq!(read(&s).unwrap(), b"complete");
+        let left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A copy with no record (an older driftless's, maybe cut short) is
+    /// never restored; the message gives the record to write once the
+    /// copy is checked, and writing it lets the restore go through.
+    #[test]
+    fn a_copy_without_its_record_is_never_restored_unchecked() {
+        let (_d, s) = state();
+        fs::write(s.originals().join("k"), b"maybe whole").unwrap();
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(
+            err.contains("no record") && err.contains("nothing was changed"),
+            "{err}"
         );
+        let vouch = err
+            .split_once("by writing ")
+            .and_then(|(_, r)| r.split_once(" to "))
+            .map(|(j, _)| j.to_string())
+            .expect("the record to write");
+        fs::write(s.originals().join("k.json"), vouch).unwrap();
+        assert_eq!(read(&s).unwrap(), b"maybe whole");
     }
 
     #[test]
-    fn a_copy_without_its_record_is_redone() {
+    fn a_missing_copy_refuses_the_restore() {
         let (_d, s) = state();
-        std::fs::create_dir_all(s.originals()).unwrap();
-        std::fs::write(s.originals().join("k"), b"partial").unwrap();
-        std::fs::write(s.originals().join(".k.tmp-1"), b"stale").unwrap();
-        save(&s, "k", "/etc/x", b"complete").unwrap();
-        assert_eq!(read_verified(&s, "k", "/etc/x").unwrap(), b"complete");
-        assert!(!s.originals().join(".k.tmp-1").exists());
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(
+            err.contains("/etc/x") && err.contains("nothing was changed"),
+            "{err}"
+        );
+    }
+
+    /// The sidecar is the user's to edit: odd content is refused, not a
+    /// panic, and a record naming another file does not verify.
+    #[test]
+    fn a_hand_edited_record_is_refused_without_panicking() {
+        let (_d, s) = state();
+        save(&s, "k", "/etc/x", b"whole").unwrap();
+        let side = s.originals().join("k.json");
+        fs::write(
+            &side,
+            r#"{"path":"/etc/x","size":5,"sha256":"aéééééééééé"}"#,
+        )
+        .unwrap();
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(err.contains("damaged"), "{err}");
+        fs::write(&side, "not json").unwrap();
+        assert!(format!("{:#}", read(&s).unwrap_err()).contains("unreadable"));
+        let rec = Record {
+            path: "/etc/y".into(),
+            size: 5,
+            sha256: hex::encode(Sha256::digest(b"whole")),
+        };
+        write_json_atomic(&side, &rec).unwrap();
+        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(format!("{:#}", read(&s).unwrap_err()).contains("another file"));
     }
 }
