@@ -11,17 +11,56 @@ use crate::support::*;
 
 const TARGET: &str = "/etc/big.dat";
 
-/// 24 MiB of deterministic pseudo-random bytes (xorshift).
-fn original() -> Vec<u8> {
+/// `len` deterministic pseudo-random bytes (xorshift).
+fn original(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(24 << 20);
-    while out.len() < 24 << 20 {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(&x.to_le_bytes());
     }
+    out.truncate(len);
     out
+}
+
+/// The saved copy in the host's `originals/` (not a sidecar, not a temp).
+fn stored_copy(host: &Host) -> std::path::PathBuf {
+    std::fs::read_dir(host.state.path().join("originals"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_none() && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+        })
+        .expect("a saved original")
+}
+
+/// Temp files left in `originals/`.
+fn temps(host: &Host) -> Vec<String> {
+    std::fs::read_dir(host.state.path().join("originals"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// The failpoints a run reached, in order.
+fn trace(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .expect("no failpoint trace: failpoints exist in debug builds only")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn host_with(content: &[u8]) -> Host {
+    let host = Host::new("h");
+    std::fs::create_dir_all(host.path("/etc")).unwrap();
+    std::fs::write(host.path(TARGET), content).unwrap();
+    host
 }
 
 fn set_role(r: &Repo, managed: bool) {
@@ -52,21 +91,24 @@ fn repo() -> Repo {
 
 #[test]
 fn a_kill_during_the_original_copy_never_restores_a_truncated_file() {
-    let big = original();
+    let big = original(24 << 20);
     let r = repo();
+    let dir = tempfile::tempdir().unwrap();
     for point in [
         "originals.chunk:1",
         "originals.chunk:7",
+        "originals.chunk:23",
         "originals.chunk:24",
         "originals.renamed",
         "originals.recorded",
     ] {
-        let host = Host::new("h");
-        std::fs::create_dir_all(host.path("/etc")).unwrap();
-        std::fs::write(host.path(TARGET), &big).unwrap();
+        let host = host_with(&big);
+        let killed = dir.path().join("killed");
+        let _ = std::fs::remove_file(&killed);
         let out = host
             .cmd(r.path(), &["sync", "--once", "--branch", "take"])
             .env("DRIFTLESS_TEST_FAILPOINT", point)
+            .env("DRIFTLESS_TEST_FAILPOINT_TRACE", &killed)
             .output()
             .unwrap();
         assert_eq!(
@@ -74,19 +116,112 @@ fn a_kill_during_the_original_copy_never_restores_a_truncated_file() {
             Some(9),
             "{point}: the kill did not happen"
         );
+        let seen = trace(&killed);
+        let name = point.split(':').next().unwrap();
+        assert_eq!(seen.last().map(String::as_str), Some(name), "{point}");
+        assert!(
+            !seen.iter().any(|p| p.starts_with("apply.")),
+            "{point}: the transaction got past prepare before the original was saved: {seen:?}"
+        );
         assert!(
             std::fs::read(host.path(TARGET)).unwrap() == big,
             "{point}: the original was touched before its copy was safe"
         );
-        host.run(r.path(), &["sync", "--once", "--branch", "take"])
-            .ok();
+
+        // The next sync takes the file over; the copy is redone unless it
+        // was complete and recorded, and always before the switch.
+        let next = dir.path().join("next");
+        let _ = std::fs::remove_file(&next);
+        let out = host
+            .cmd(r.path(), &["sync", "--once", "--branch", "take"])
+            .env("DRIFTLESS_TEST_FAILPOINT_TRACE", &next)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = trace(&next);
+        let recorded = seen.iter().position(|p| p == "originals.recorded");
+        let switch = seen.iter().position(|p| p == "apply.switch");
+        assert!(switch.is_some(), "{point}: no switch: {seen:?}");
+        if name == "originals.recorded" {
+            assert_eq!(recorded, None, "{point}: a verified copy was redone");
+        } else {
+            assert!(
+                recorded.is_some() && recorded < switch,
+                "{point}: the copy was not redone before the switch: {seen:?}"
+            );
+        }
         assert_eq!(host.read(TARGET).as_deref(), Some("ours\n"), "{point}");
+        assert_eq!(temps(&host), Vec::<String>::new(), "{point}: stale temps");
+
+        // The repository lets the file go: the original comes back whole.
         host.sync(r.path()).ok();
         assert!(
             std::fs::read(host.path(TARGET)).unwrap() == big,
             "{point}: the original did not come back byte for byte"
         );
     }
+}
+
+/// Killed mid-copy, then the repository stopped managing the file before
+/// any sync took it over: the file was never ours, so nothing is restored
+/// (least of all the partial copy) and the original stays as it was.
+#[test]
+fn a_copy_killed_before_the_take_over_is_never_restored_when_the_repo_lets_go() {
+    let big = original(3 << 20);
+    let r = repo();
+    let host = host_with(&big);
+    let out = host
+        .cmd(r.path(), &["sync", "--once", "--branch", "take"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "originals.chunk:2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9));
+    host.sync(r.path()).ok();
+    assert!(std::fs::read(host.path(TARGET)).unwrap() == big);
+    assert_eq!(host.read("/etc/keep").as_deref(), Some("keep\n"));
+}
+
+/// A copy with no size and checksum record (as an older driftless left
+/// every copy, complete or cut short) is not restored: the sync refuses,
+/// names the file, changes nothing, and prints the record to write once
+/// the copy is checked; written, the restore goes through.
+#[test]
+fn a_copy_without_its_record_is_not_restored_until_it_is_vouched_for() {
+    let content = original(100_000);
+    let host = host_with(&content);
+    let r = repo();
+    host.run(r.path(), &["sync", "--once", "--branch", "take"])
+        .ok();
+    let copy = stored_copy(&host);
+    let side = copy.with_file_name(format!(
+        "{}.json",
+        copy.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::remove_file(&side).unwrap();
+    let before = host.tree();
+    let run = host.sync(r.path());
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("no record"), "{}", run.stderr);
+    assert!(run.stderr.contains(TARGET), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&copy.display().to_string()),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.tree(), before, "the host changed");
+    let record = run
+        .stderr
+        .split_once("by writing ")
+        .and_then(|(_, rest)| rest.split_once(" to "))
+        .map(|(json, _)| json.to_string())
+        .unwrap_or_else(|| panic!("no record to write in: {}", run.stderr));
+    std::fs::write(&side, record).unwrap();
+    host.sync(r.path()).ok();
+    assert!(std::fs::read(host.path(TARGET)).unwrap() == content);
 }
 
 /// A stored original damaged later (a disk error, a hand edit) is never
@@ -99,20 +234,22 @@ fn a_damaged_stored_original_refuses_the_restore_and_changes_nothing() {
     let r = repo();
     host.run(r.path(), &["sync", "--once", "--branch", "take"])
         .ok();
-    let dir = host.state.path().join("originals");
-    let copy = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_none() && !p.file_name().unwrap().to_string_lossy().starts_with('.')
-        })
-        .expect("a saved original");
+    let copy = stored_copy(&host);
     std::fs::write(&copy, b"the distri").unwrap();
     let before = host.tree();
     let run = host.sync(r.path());
     assert_ne!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("is damaged"), "{}", run.stderr);
     assert!(run.stderr.contains(TARGET), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&copy.display().to_string()),
+        "{}",
+        run.stderr
+    );
     assert_eq!(host.tree(), before, "the host changed");
+    assert_eq!(
+        host.read(TARGET).as_deref(),
+        Some("ours\n"),
+        "the managed file must stay"
+    );
 }
