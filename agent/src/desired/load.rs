@@ -666,4 +666,78 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Loads a repository whose role `a` manages `path` with `extra` keys.
+    fn one_file(path: &str, extra: &str) -> Result<HostConfig, String> {
+        let role = format!("[[files]]\npath = \"{path}\"\nsource = \"x\"\n{extra}");
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", &role),
+            ("roles/a/files/x", ""),
+        ]);
+        load_host(&s, "h", &opts()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_reserved_path_its_contents_and_its_parents_are_refused() {
+        for target in [
+            "/etc/driftless",
+            "/etc/driftless/applied-commit.json",
+            "/etc/driftless/allowed_signers",
+            "/etc/driftless/conf.d/x.toml",
+            "/etc",
+        ] {
+            let err = one_file(target, "").unwrap_err();
+            for want in [
+                "roles/a/role.toml files[0]",
+                target,
+                "reserved for the agent",
+                "/etc/driftless holds the agent's configuration",
+            ] {
+                assert!(err.contains(want), "{target}: {want:?} not in {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sibling_sharing_the_reserved_prefix_is_allowed() {
+        for target in ["/etc/driftless.d/x", "/etc/driftlessx", "/etc/drift"] {
+            assert!(one_file(target, "").is_ok(), "{target}");
+        }
+    }
+
+    #[test]
+    fn special_modes_need_allow_special_mode() {
+        for (mode, what) in [
+            ("4755", "setuid"),
+            ("2755", "setgid"),
+            ("1777", "sticky and world-writable"),
+            ("0666", "world-writable"),
+            ("6755", "setuid and setgid"),
+        ] {
+            let err = one_file("/etc/app", &format!("mode = \"{mode}\"\n")).unwrap_err();
+            assert!(err.contains("roles/a/role.toml files[0]"), "{err}");
+            assert!(err.contains(&format!("is {what};")), "{mode}: {err}");
+            assert!(err.contains("allow_special_mode = true"), "{err}");
+            let ok = one_file(
+                "/etc/app",
+                &format!("mode = \"{mode}\"\nallow_special_mode = true\n"),
+            )
+            .unwrap();
+            assert_eq!(format!("{:04o}", ok.files[0].mode.0), mode);
+        }
+        // Ordinary modes need nothing; 0664 is group- not world-writable.
+        for mode in ["0644", "0600", "0755", "0664", "0640"] {
+            assert!(one_file("/etc/app", &format!("mode = \"{mode}\"\n")).is_ok());
+        }
+    }
+
+    #[test]
+    fn allow_special_mode_is_known_and_a_misspelling_is_not() {
+        assert!(one_file("/etc/app", "allow_special_mode = false\n").is_ok());
+        let err =
+            one_file("/etc/app", "mode = \"4755\"\nallow_special_modes = true\n").unwrap_err();
+        assert!(err.contains("allow_special_modes"), "{err}");
+    }
 }
