@@ -347,14 +347,17 @@ pub fn plan_for(
 /// anti-rollback floor, the trust anchors, agent.toml or marks.json).
 pub fn load_options(settings: &Settings) -> LoadOptions {
     let mut reserved: Vec<(TargetPath, String)> = Vec::new();
+    let root = lexical(&settings.root);
     let mut add = |p: &Path, what: &str| {
         // A path on the host as a target path: under the managed root.
-        let rel = if settings.root == Path::new("/") {
-            Some(p.to_path_buf())
+        // Compared lexically normalised: `state_dir = "/srv/state/"` (or
+        // `//srv/state`, `/srv/x/../state`) once failed to parse as a
+        // target path and so reserved nothing.
+        let p = lexical(p);
+        let rel = if root == Path::new("/") {
+            Some(p)
         } else {
-            p.strip_prefix(&settings.root)
-                .ok()
-                .map(|r| Path::new("/").join(r))
+            p.strip_prefix(&root).ok().map(|r| Path::new("/").join(r))
         };
         if let Some(t) = rel.and_then(|r| TargetPath::parse(&r.to_string_lossy()).ok()) {
             if !reserved.iter().any(|(r, _)| t.is_under(r)) {
@@ -391,6 +394,25 @@ pub fn load_options(settings: &Settings) -> LoadOptions {
         allowed_roots: settings.allowed_roots.clone(),
         reserved,
     }
+}
+
+/// `p` with `.`, `..`, repeated and trailing separators resolved without
+/// touching the filesystem (`..` at the root stays at the root).
+fn lexical(p: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                if out.parent().is_some() {
+                    out.pop();
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// This host's configuration in the fetched commit.
@@ -594,4 +616,94 @@ pub fn snapshot_of_dir(dir: &Path, sub_path: &str) -> anyhow::Result<Snapshot> {
         dir.join(sub_path)
     };
     Snapshot::from_dir(&root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, Fragment, SshFragment};
+    use std::path::PathBuf;
+
+    fn settings(f: Fragment) -> Settings {
+        let f = Fragment {
+            host: Some("h".into()),
+            ..f
+        };
+        crate::config::load(&ConfigSource::None, f).expect("settings")
+    }
+
+    fn reserved(s: &Settings) -> Vec<String> {
+        load_options(s)
+            .reserved
+            .iter()
+            .map(|(t, _)| t.as_str().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn live_root_reserves_the_agents_directories() {
+        let r = reserved(&settings(Fragment::default()));
+        for want in [
+            "/etc/driftless",
+            "/var/lib/driftless",
+            "/run/driftless",
+            "/usr/lib/driftless",
+        ] {
+            assert!(r.iter().any(|p| p == want), "{want} not in {r:?}");
+        }
+        // allowed_signers is below /etc/driftless: covered, not repeated.
+        assert!(!r.iter().any(|p| p == "/etc/driftless/allowed_signers"));
+    }
+
+    #[test]
+    fn configured_paths_are_reserved_even_when_not_normalised() {
+        let s = settings(Fragment {
+            state_dir: Some(PathBuf::from("/srv//state/")),
+            allowed_signers: Some(PathBuf::from("/opt/trust/./x/../signers")),
+            age_keys: Some(vec![PathBuf::from("/opt/keys/age.txt")]),
+            ssh: SshFragment {
+                key: Some(PathBuf::from("/opt/ssh/deploy")),
+                known_hosts: Some(PathBuf::from("/opt/ssh/known_hosts")),
+            },
+            ..Fragment::default()
+        });
+        let r = reserved(&s);
+        for want in [
+            "/srv/state",
+            "/opt/trust/signers",
+            "/opt/keys/age.txt",
+            "/opt/ssh/deploy",
+            "/opt/ssh/known_hosts",
+        ] {
+            assert!(r.iter().any(|p| p == want), "{want} not in {r:?}");
+        }
+    }
+
+    #[test]
+    fn under_a_root_prefix_only_paths_inside_it_are_reserved() {
+        let s = settings(Fragment {
+            root: Some(PathBuf::from("/tmp/host-root/")),
+            state_dir: Some(PathBuf::from("/tmp/host-root/srv/state")),
+            allowed_signers: Some(PathBuf::from("/home/me/signers")),
+            ..Fragment::default()
+        });
+        let r = reserved(&s);
+        for want in ["/etc/driftless", "/var/lib/driftless", "/srv/state"] {
+            assert!(r.iter().any(|p| p == want), "{want} not in {r:?}");
+        }
+        // Outside the root: not a target path of this host.
+        assert!(!r.iter().any(|p| p.contains("home")), "{r:?}");
+    }
+
+    #[test]
+    fn lexical_normalisation() {
+        for (a, b) in [
+            ("/a//b/", "/a/b"),
+            ("/a/./b/../c", "/a/c"),
+            ("/../a", "/a"),
+            ("/", "/"),
+        ] {
+            assert_eq!(lexical(Path::new(a)), PathBuf::from(b), "{a}");
+        }
+    }
 }
