@@ -46,7 +46,9 @@ fn refused(target: &str, extra: &str, needle: &str) {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{text}");
-    assert!(text.contains(needle), "{text}");
+    for want in ["roles/app/role.toml files[0]", target, needle] {
+        assert!(text.contains(want), "validate: {want:?} not in {text}");
+    }
 }
 
 #[test]
@@ -93,4 +95,74 @@ fn world_writable_mode_is_allowed_with_opt_in() {
         std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,
         0o666
     );
+}
+
+/// A `state_dir` under the root, configured as `<root>/srv/x/../state/`: it
+/// was not reserved at all (the path did not parse as a target path), so a
+/// role could write the agent's marks.json.
+#[test]
+fn a_role_cannot_write_into_a_configured_state_dir_given_unnormalised() {
+    let repo = claiming("/srv/state/marks.json", "");
+    let host = Host::new("h");
+    let state = format!("{}/srv/x/../state/", host.root.path().display());
+    let outside_state = |t: Vec<(String, Vec<u8>)>| -> Vec<(String, Vec<u8>)> {
+        t.into_iter()
+            .filter(|(p, _)| !p.starts_with("/srv/state/"))
+            .collect()
+    };
+    let before = outside_state(host.tree());
+    for args in [&["sync", "--once"][..], &["plan"][..]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--no-config", "--host", "h", "--source"])
+            .arg(repo.path())
+            .arg("--root")
+            .arg(host.root.path())
+            .args(["--state-dir", &state])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        for want in [
+            "roles/app/role.toml files[0]",
+            "/srv/state/marks.json",
+            "/srv/state holds the agent's state (state_dir)",
+        ] {
+            assert!(err.contains(want), "{args:?}: {want:?} not in {err}");
+        }
+    }
+    assert_eq!(outside_state(host.tree()), before, "the host changed");
+    // The agent's own marks.json, if any, is not the repository's payload.
+    assert_ne!(
+        host.read("/srv/state/marks.json").as_deref(),
+        Some("payload\n")
+    );
+}
+
+/// `rollback --to` an old commit goes through the same loader: a commit
+/// that claims the floor cannot be rolled back to.
+#[test]
+fn rollback_to_a_commit_claiming_the_floor_is_refused() {
+    let repo = claiming("/etc/driftless/applied-commit.json", "");
+    let bad = repo.head();
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"f\"\n",
+    );
+    repo.commit("fixed");
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let before = host.tree();
+    let run = host
+        .run(repo.path(), &["rollback", "--to", &bad[..12]])
+        .code(3);
+    for want in [
+        "roles/app/role.toml files[0]",
+        "/etc/driftless/applied-commit.json",
+        "reserved for the agent",
+    ] {
+        assert!(run.stderr.contains(want), "{want:?} not in {}", run.stderr);
+    }
+    assert_eq!(host.tree(), before, "the host changed");
 }
