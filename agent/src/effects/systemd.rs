@@ -167,36 +167,32 @@ impl Systemd {
             .with_context(|| format!("cannot read the unit file state of {unit}"))
     }
 
-    /// The unit's current state (loads it if needed).
-    /// The unit's `LoadState`: "loaded", "not-found", "masked", "error", ...
-    pub async fn load_state(&self, unit: &str) -> Result<String> {
+    /// A proxy for `unit` (loaded if needed).
+    async fn unit_proxy(&self, unit: &str) -> Result<UnitProxy<'static>> {
         let path = self
             .manager
             .load_unit(unit.to_string())
             .await
             .with_context(|| format!("cannot load unit {unit}"))?;
-        let proxy = UnitProxy::builder(&self.conn)
+        UnitProxy::builder(&self.conn)
             .path(path)
             .build()
             .await
-            .with_context(|| format!("cannot reach unit {unit}"))?;
-        proxy
+            .with_context(|| format!("cannot reach unit {unit}"))
+    }
+
+    /// The unit's `LoadState`: "loaded", "not-found", "masked", "error", ...
+    pub async fn load_state(&self, unit: &str) -> Result<String> {
+        self.unit_proxy(unit)
+            .await?
             .load_state()
             .await
             .with_context(|| format!("cannot read {unit} LoadState"))
     }
 
+    /// The unit's current state (loads it if needed).
     pub async fn state(&self, unit: &str) -> Result<UnitState> {
-        let path = self
-            .manager
-            .load_unit(unit.to_string())
-            .await
-            .with_context(|| format!("cannot load unit {unit}"))?;
-        let proxy = UnitProxy::builder(&self.conn)
-            .path(path)
-            .build()
-            .await
-            .with_context(|| format!("cannot reach unit {unit}"))?;
+        let proxy = self.unit_proxy(unit).await?;
         let active = proxy
             .active_state()
             .await
