@@ -65,6 +65,8 @@ pub struct FileDecl {
     pub mode: Mode,
     /// The role set `mode` (otherwise sensitive files get 0600).
     pub mode_explicit: bool,
+    /// Mode of the parent directories created for it.
+    pub dir_mode: Mode,
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
@@ -178,9 +180,17 @@ pub fn load_host(
             }
         };
         merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
+        let role_dir_mode = match role_file.dir_mode.as_deref().map(parse_dir_mode) {
+            None => Mode::DEFAULT_DIR,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                diags.push(format!("{role_path}: {e}"));
+                Mode::DEFAULT_DIR
+            }
+        };
         for (i, spec) in role_file.files.into_iter().enumerate() {
             let origin = format!("{role_path} files[{i}]");
-            match file_decl(snap, role, &origin, spec, opts) {
+            match file_decl(snap, role, &origin, spec, role_dir_mode, opts) {
                 Ok(decl) => {
                     if let Some(other) = claimed.get(&decl.path) {
                         diags.push(format!(
@@ -277,6 +287,7 @@ fn file_decl(
     role: &str,
     origin: &str,
     spec: FileSpec,
+    role_dir_mode: Mode,
     opts: &LoadOptions,
 ) -> Result<FileDecl, String> {
     let path = TargetPath::parse(&spec.path)?;
@@ -329,26 +340,13 @@ fn file_decl(
         Some(m) => Mode::parse(&m).map_err(|e| format!("key `mode`: {e}"))?,
         None => Mode::DEFAULT_FILE,
     };
-    let special = mode.0 & 0o7002;
-    if special != 0 && !spec.allow_special_mode {
-        let mut what = Vec::new();
-        for (bit, name) in [
-            (0o4000, "setuid"),
-            (0o2000, "setgid"),
-            (0o1000, "sticky"),
-            (0o0002, "world-writable"),
-        ] {
-            if special & bit != 0 {
-                what.push(name);
-            }
-        }
-        return Err(format!(
-            "{path}: key `mode`: {:04o} is {}; such a mode is refused unless the entry says so with \
-             `allow_special_mode = true`",
-            mode.0,
-            what.join(" and ")
-        ));
+    if !spec.allow_special_mode {
+        refuse_special_mode(mode, "mode").map_err(|e| format!("{path}: {e}"))?;
     }
+    let dir_mode = match &spec.dir_mode {
+        Some(m) => parse_dir_mode(m)?,
+        None => role_dir_mode,
+    };
     let owner = principal(spec.owner, "owner")?;
     let group = principal(spec.group, "group")?;
     let mut on_change = Vec::new();
@@ -372,11 +370,57 @@ fn file_decl(
         content,
         mode,
         mode_explicit,
+        dir_mode,
         owner,
         group,
         on_change,
         origin: origin.to_string(),
     })
+}
+
+/// A setuid, setgid, sticky or world-writable `mode` needs the entry's
+/// `allow_special_mode = true`: one careless commit would open the host.
+fn refuse_special_mode(mode: Mode, key: &str) -> Result<(), String> {
+    let special = mode.0 & 0o7002;
+    if special == 0 {
+        return Ok(());
+    }
+    let what: Vec<&str> = [
+        (0o4000, "setuid"),
+        (0o2000, "setgid"),
+        (0o1000, "sticky"),
+        (0o0002, "world-writable"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| special & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    Err(format!(
+        "key `{key}`: {:04o} is {}; such a mode is refused unless the entry says so with \
+         `allow_special_mode = true`",
+        mode.0,
+        what.join(" and ")
+    ))
+}
+
+/// `dir_mode` (of a file entry or a role): a directory must stay
+/// traversable by its owner, and is never setuid, sticky or world-writable
+/// (setgid, for shared group directories, is allowed).
+fn parse_dir_mode(s: &str) -> Result<Mode, String> {
+    let mode = Mode::parse(s).map_err(|e| format!("key `dir_mode`: {e}"))?;
+    if mode.0 & 0o700 != 0o700 {
+        return Err(format!(
+            "key `dir_mode`: {:04o} does not give the owner rwx; driftless could not manage files in it (use e.g. \"0755\" or \"0750\")",
+            mode.0
+        ));
+    }
+    if mode.0 & 0o5002 != 0 {
+        return Err(format!(
+            "key `dir_mode`: {:04o} is setuid, sticky or world-writable, which driftless never creates for a directory",
+            mode.0
+        ));
+    }
+    Ok(mode)
 }
 
 fn principal(value: Option<String>, key: &str) -> Result<Principal, String> {
@@ -677,6 +721,45 @@ mod tests {
             ("roles/a/files/x", ""),
         ]);
         load_host(&s, "h", &opts()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn dir_mode_defaults_to_0755_and_a_file_entry_beats_its_role() {
+        let dir_mode = |role_toml: &str| -> Result<u32, String> {
+            let s = repo(&[
+                ("driftless.toml", "roles = [\"a\"]"),
+                ("hosts/default.toml", ""),
+                ("roles/a/role.toml", role_toml),
+                ("roles/a/files/x", ""),
+            ]);
+            load_host(&s, "h", &opts())
+                .map(|h| h.files[0].dir_mode.0)
+                .map_err(|e| e.to_string())
+        };
+        let file = "[[files]]\npath = \"/etc/a/x\"\nsource = \"x\"\n";
+        assert_eq!(dir_mode(file), Ok(0o755));
+        assert_eq!(dir_mode(&format!("dir_mode = \"0750\"\n{file}")), Ok(0o750));
+        assert_eq!(
+            dir_mode(&format!("dir_mode = \"0750\"\n{file}dir_mode = \"2770\"\n")),
+            Ok(0o2770)
+        );
+        let err = dir_mode(&format!("dir_mode = \"0644\"\n{file}")).unwrap_err();
+        assert!(
+            err.contains("roles/a/role.toml: key `dir_mode`: 0644 does not give the owner rwx"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_world_writable_or_sticky_dir_mode_is_refused() {
+        for mode in ["0777", "1755", "4755"] {
+            let err = one_file("/etc/a/x", &format!("dir_mode = \"{mode}\"\n")).unwrap_err();
+            assert!(
+                err.contains("roles/a/role.toml files[0]: key `dir_mode`")
+                    && err.contains("setuid, sticky or world-writable"),
+                "{mode}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct RoleFile {
     pub checks: Vec<CheckSpec>,
     #[serde(default)]
     pub units: Vec<UnitSpec>,
+    /// Mode of the directories driftless creates for this role's files
+    /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
+    #[serde(default)]
+    pub dir_mode: Option<String>,
 }
 
 /// One `[[units]]` entry of a role: the state a systemd unit must be in.
@@ -107,6 +111,11 @@ pub struct FileSpec {
     /// otherwise: one careless commit would open the host).
     #[serde(default)]
     pub allow_special_mode: bool,
+    /// Mode of the missing parent directories driftless creates for this
+    /// file (e.g. "0750"), whatever the process umask. Default: the role's
+    /// `dir_mode`, else "0755". Existing directories are left as they are.
+    #[serde(default)]
+    pub dir_mode: Option<String>,
 }
 
 /// `on_change = { reload = ["nginx.service"], restart = [...] }`.

@@ -44,6 +44,8 @@ pub struct DesiredFile {
     pub role: String,
     pub content: Vec<u8>,
     pub mode: Mode,
+    /// Mode of the parent directories created for it.
+    pub dir_mode: Mode,
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
@@ -410,6 +412,7 @@ impl Renderer {
                 role: decl.role.clone(),
                 content,
                 mode,
+                dir_mode: decl.dir_mode,
                 owner: decl.owner.clone(),
                 group: decl.group.clone(),
                 on_change: decl.on_change.clone(),

@@ -94,6 +94,8 @@ pub struct Mode(pub u32);
 
 impl Mode {
     pub const DEFAULT_FILE: Mode = Mode(0o644);
+    /// Directories driftless creates for a managed file.
+    pub const DEFAULT_DIR: Mode = Mode(0o755);
 
     /// Parses "0644", "644" or "0o644".
     pub fn parse(s: &str) -> Result<Self, String> {

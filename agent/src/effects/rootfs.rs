@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
-use nix::sys::stat::{fstatat, mkdirat, Mode as NixMode, SFlag};
+use nix::sys::stat::{fchmod, fstatat, mkdirat, Mode as NixMode, SFlag};
 
 use crate::desired::spec::TargetPath;
 use crate::plan::quick::Stamp;
@@ -28,8 +28,15 @@ pub struct RootFs {
     path: PathBuf,
 }
 
-/// Mode of directories driftless creates for missing parents.
-pub const NEW_DIR_MODE: u32 = 0o755;
+/// How [`RootFs::open_parent`] creates missing parent directories.
+pub struct MkParents<'a> {
+    /// Each directory created is appended (outermost first).
+    pub created: &'a mut Vec<TargetPath>,
+    /// Their mode, set with `fchmod` after `mkdirat`: independent of the
+    /// process umask (the units run with `UMask=0077`, which made new
+    /// directories 0700 and a web server answer 403).
+    pub mode: u32,
+}
 
 impl RootFs {
     pub fn open(path: &Path) -> Result<Self> {
@@ -63,12 +70,12 @@ impl RootFs {
     }
 
     /// Opens the directory containing `target`. Missing directories are
-    /// created (mode 0755) and appended to `created` when it is given;
-    /// otherwise a missing directory gives `Ok(None)`.
+    /// created as `mk` says when it is given; otherwise a missing
+    /// directory gives `Ok(None)`.
     pub fn open_parent(
         &self,
         target: &TargetPath,
-        mut created: Option<&mut Vec<TargetPath>>,
+        mut mk: Option<MkParents<'_>>,
     ) -> Result<Option<OwnedFd>> {
         let comps: Vec<&str> = target.components().collect();
         let mut dir = self
@@ -81,21 +88,30 @@ impl RootFs {
             sofar.push_str(comp);
             let next = match open_dir(&dir, comp) {
                 Ok(fd) => fd,
-                Err(Errno::ENOENT) => match created.as_deref_mut() {
+                Err(Errno::ENOENT) => match mk.as_mut() {
                     None => return Ok(None),
-                    Some(list) => {
-                        match mkdirat(&dir, *comp, NixMode::from_bits_truncate(NEW_DIR_MODE)) {
-                            Ok(()) => list.push(TargetPath::parse(&sofar).map_err(|e| anyhow!(e))?),
-                            Err(Errno::EEXIST) => {}
+                    Some(mk) => {
+                        let mode = NixMode::from_bits_truncate(mk.mode);
+                        let made = match mkdirat(&dir, *comp, mode) {
+                            Ok(()) => true,
+                            Err(Errno::EEXIST) => false,
                             Err(e) => {
                                 return Err(e).with_context(|| {
                                     format!("cannot create directory {}", self.display_str(&sofar))
                                 })
                             }
-                        }
-                        open_dir(&dir, comp).with_context(|| {
+                        };
+                        let fd = open_dir(&dir, comp).with_context(|| {
                             format!("cannot open directory {}", self.display_str(&sofar))
-                        })?
+                        })?;
+                        if made {
+                            mk.created
+                                .push(TargetPath::parse(&sofar).map_err(|e| anyhow!(e))?);
+                            fchmod(&fd, mode).with_context(|| {
+                                format!("cannot set the mode of {}", self.display_str(&sofar))
+                            })?;
+                        }
+                        fd
                     }
                 },
                 Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
@@ -260,9 +276,11 @@ mod tests {
             "{err:#}"
         );
         let mut created = Vec::new();
-        assert!(fs
-            .open_parent(&tp("/etc/app/conf"), Some(&mut created))
-            .is_err());
+        let mk = MkParents {
+            created: &mut created,
+            mode: 0o755,
+        };
+        assert!(fs.open_parent(&tp("/etc/app/conf"), Some(mk)).is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 
@@ -283,10 +301,44 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let fs = RootFs::open(root.path()).unwrap();
         let mut created = Vec::new();
-        fs.open_parent(&tp("/etc/a/b/c"), Some(&mut created))
-            .unwrap();
+        let mk = MkParents {
+            created: &mut created,
+            mode: 0o755,
+        };
+        fs.open_parent(&tp("/etc/a/b/c"), Some(mk)).unwrap();
         let got: Vec<&str> = created.iter().map(|p| p.as_str()).collect();
         assert_eq!(got, vec!["/etc", "/etc/a", "/etc/a/b"]);
         assert_eq!(fs.observe(&tp("/etc/a/b/c")).unwrap(), Observation::Missing);
+    }
+
+    /// The units' `UMask=0077` made created directories 0700 (nginx then
+    /// answered 403): the mode is set explicitly. 0775 is what no common
+    /// umask (022, 077) leaves alone, so `mkdirat` alone cannot pass this.
+    #[test]
+    fn created_directories_get_the_requested_mode_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("srv")).unwrap();
+        std::fs::set_permissions(
+            root.path().join("srv"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        let mut created = Vec::new();
+        let mk = MkParents {
+            created: &mut created,
+            mode: 0o775,
+        };
+        fs.open_parent(&tp("/srv/www/site/index.html"), Some(mk))
+            .unwrap();
+        for (dir, want) in [("srv", 0o700), ("srv/www", 0o775), ("srv/www/site", 0o775)] {
+            let got = std::fs::metadata(root.path().join(dir))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777;
+            assert_eq!(got, want, "{dir}: {got:o}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! Pure data; `effects::state` persists it as `inventory.json`, and its
 //! atomic replacement is the commit point of every apply transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,11 @@ pub struct Inventory {
     pub applied_at: i64,
     #[serde(default)]
     pub files: BTreeMap<TargetPath, ManagedEntry>,
+    /// Directories driftless created for managed files and has not removed
+    /// yet: once no managed file is left under one and it is empty, it is
+    /// removed (directories that existed before are never touched).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dirs: BTreeSet<TargetPath>,
 }
 
 pub const INVENTORY_VERSION: u32 = 1;
@@ -64,7 +69,27 @@ impl Inventory {
             commit: self.commit.clone(),
             applied_at: self.applied_at,
             files: BTreeMap::new(),
+            dirs: self.dirs.clone(),
         }
+    }
+
+    /// Created directories no managed file lives under, deepest first:
+    /// the ones to remove if they are empty.
+    pub fn unneeded_dirs(&self) -> Vec<TargetPath> {
+        // Keys are in string order, so the files under `d` follow `d/`.
+        let files: Vec<&str> = self.files.keys().map(TargetPath::as_str).collect();
+        let mut out: Vec<TargetPath> = self
+            .dirs
+            .iter()
+            .filter(|d| {
+                let prefix = format!("{d}/");
+                let i = files.partition_point(|f| *f < prefix.as_str());
+                !files.get(i).is_some_and(|f| f.starts_with(&prefix))
+            })
+            .cloned()
+            .collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        out
     }
 }
 

@@ -108,6 +108,9 @@ pub struct NewFile {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Mode of the parent directories created for it.
+    #[serde(skip)]
+    pub dir_mode: u32,
 }
 
 /// The state a file had before the change (for display and the journal).
@@ -221,6 +224,7 @@ pub fn plan(
         commit: commit.map(str::to_string),
         applied_at: 0,
         files: BTreeMap::new(),
+        dirs: previous.dirs.clone(),
     };
 
     for f in &desired.files {
@@ -255,6 +259,7 @@ pub fn plan(
             mode: f.mode.0,
             uid,
             gid,
+            dir_mode: f.dir_mode.0,
         };
         let mut original = prev.and_then(|p| p.original.clone());
         let change = match obs {

@@ -12,6 +12,7 @@ fn file(path: &str, content: &str, mode: u32) -> DesiredFile {
         role: "r".into(),
         content: content.as_bytes().to_vec(),
         mode: Mode(mode),
+        dir_mode: Mode::DEFAULT_DIR,
         owner: Principal::root(),
         group: Principal::root(),
         on_change: vec![UnitAction {

@@ -472,7 +472,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         "post-apply"
     );
     let reason = match &post.failure {
-        None => match apply::commit(state, &applied.txid, &plan.next_inventory, now) {
+        None => match apply::commit(fs, state, &applied.txid, &plan.next_inventory, now) {
             Ok(()) => {
                 if marks.interrupted.remove(&commit).is_some() {
                     if let Err(e) = marks::save(state, marks) {

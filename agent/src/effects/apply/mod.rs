@@ -51,7 +51,7 @@ use nix::sys::stat::{fchmod, fstat, Mode as NixMode};
 use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
-use crate::effects::rootfs::RootFs;
+use crate::effects::rootfs::{MkParents, RootFs};
 use crate::effects::state::{fsync_dir, quick, read_json, write_json_atomic, StateDir};
 use crate::plan::inventory::Inventory;
 use crate::plan::{ChangeKind, FileChange, Plan};
@@ -180,7 +180,7 @@ pub fn post_actions(plan: &Plan) -> PostActions {
 /// with `next` naming `txid`, durably. Call only after the unit actions and
 /// health checks passed. On error the transaction is still switched in and
 /// uncommitted: the caller must [`revert`] it.
-pub fn commit(state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Result<()> {
+pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Result<()> {
     let _t = crate::timings::stage("commit");
     let tx_dir = state.tx_dir().join(txid);
     let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?
@@ -194,6 +194,7 @@ pub fn commit(state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Resul
     let mut inv: Inventory = next.clone();
     inv.txid = txid.to_string();
     inv.applied_at = now;
+    inv.dirs.extend(journal.created_dirs.iter().cloned());
     failpoint::hit("apply.commit.inventory")?;
     write_json_atomic(&state.inventory_path(), &inv)
         .context("cannot record the applied commit in the inventory")?;
@@ -203,7 +204,45 @@ pub fn commit(state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Resul
     journal.state = TxState::Committed;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     prune_old_transactions(state, txid)?;
+    remove_unneeded_dirs(fs, state, &mut inv);
     Ok(())
+}
+
+/// Removes the directories driftless created that no managed file needs
+/// any more, if they are empty (something else may have put files there:
+/// then they stay, and are tried again after the next commit). Best
+/// effort, after the commit point: a crash here leaves an empty directory
+/// until the next commit, never a missing one.
+fn remove_unneeded_dirs(fs: &RootFs, state: &StateDir, inv: &mut Inventory) {
+    let mut removed = false;
+    for d in inv.unneeded_dirs() {
+        let gone = match fs.open_parent(&d, None) {
+            Ok(None) => true,
+            Ok(Some(parent)) => match unlinkat(&parent, d.file_name(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => true,
+                // Not empty, or no longer a directory (ENOTDIR: a file or
+                // link took its place): not ours to remove.
+                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => false,
+                Err(Errno::ENOTDIR) => true,
+                Err(e) => {
+                    tracing::warn!("cannot remove the empty directory {}: {e}", fs.display(&d));
+                    false
+                }
+            },
+            // A link or file now sits above it: forget it.
+            Err(_) => true,
+        };
+        if gone {
+            tracing::debug!(dir = %d, "removed a directory no managed file needs");
+            inv.dirs.remove(&d);
+            removed = true;
+        }
+    }
+    if removed {
+        if let Err(e) = write_json_atomic(&state.inventory_path(), &*inv) {
+            tracing::warn!("cannot update the inventory after removing directories: {e:#}");
+        }
+    }
 }
 
 fn timed<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
@@ -285,7 +324,16 @@ fn prepare(
         let key = parent_key(&c.path);
         if !dirs.contains_key(&key) {
             let dir = fs
-                .open_parent(&c.path, Some(&mut journal.created_dirs))?
+                .open_parent(
+                    &c.path,
+                    Some(MkParents {
+                        created: &mut journal.created_dirs,
+                        mode: c
+                            .after
+                            .as_ref()
+                            .map_or(crate::desired::spec::Mode::DEFAULT_DIR.0, |a| a.dir_mode),
+                    }),
+                )?
                 .ok_or_else(|| anyhow!("cannot open the directory of {}", c.path))?;
             dirs.insert(key.clone(), dir);
         }

@@ -45,6 +45,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
                 role: "r".into(),
                 content: c.as_bytes().to_vec(),
                 mode: Mode(*m),
+                dir_mode: Mode::DEFAULT_DIR,
                 owner: Principal::root(),
                 group: Principal::root(),
                 on_change: vec![],
@@ -71,7 +72,7 @@ impl Env {
     fn apply(&self, d: &Desired) -> Applied {
         let p = self.plan(d);
         let a = self.switch_in(&p);
-        commit(&self.state, &a.txid, &p.next_inventory, 1).unwrap();
+        commit(&self.fs, &self.state, &a.txid, &p.next_inventory, 1).unwrap();
         a
     }
     /// Applies up to the switch-in: files live, not committed.
@@ -365,8 +366,8 @@ fn only_a_switched_transaction_can_be_committed() {
     let e = env();
     let p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
     let a = e.switch_in(&p);
-    commit(&e.state, &a.txid, &p.next_inventory, 1).unwrap();
-    let err = commit(&e.state, &a.txid, &p.next_inventory, 1).unwrap_err();
+    commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1).unwrap();
+    let err = commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1).unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
 
@@ -419,4 +420,50 @@ fn a_file_name_of_240_characters_is_applied_and_reverted() {
     revert(&e.fs, &e.state, &a.txid).unwrap();
     assert_eq!(e.read(&long).as_deref(), Some("v1\n"));
     assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
+}
+
+/// Pruning a file left the directories driftless had created for it
+/// behind, empty. Only the directories it created go, and only when empty.
+#[test]
+fn directories_created_for_pruned_files_are_removed_when_empty_and_only_those() {
+    let e = env();
+    std::fs::create_dir(e.path("/etc")).unwrap();
+    e.apply(&desired(&[
+        ("/etc/app/conf.d/a.conf", "a\n", 0o644),
+        ("/etc/app/conf.d/b.conf", "b\n", 0o644),
+        ("/etc/other/x", "x\n", 0o644),
+    ]));
+    let dirs = |e: &Env| -> Vec<String> {
+        e.state
+            .inventory()
+            .unwrap()
+            .dirs
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    };
+    assert_eq!(dirs(&e), ["/etc/app", "/etc/app/conf.d", "/etc/other"]);
+
+    // One of two files goes: its directory is still needed.
+    e.apply(&desired(&[
+        ("/etc/app/conf.d/a.conf", "a\n", 0o644),
+        ("/etc/other/x", "x\n", 0o644),
+    ]));
+    assert!(e.path("/etc/app/conf.d").is_dir());
+
+    // An admin's file keeps /etc/other; /etc/app goes entirely; /etc,
+    // which existed before, stays.
+    std::fs::write(e.path("/etc/other/admin.conf"), "mine").unwrap();
+    e.apply(&desired(&[("/etc/new", "n\n", 0o644)]));
+    assert!(!e.path("/etc/app").exists());
+    assert_eq!(e.read("/etc/other/admin.conf").as_deref(), Some("mine"));
+    assert!(e.path("/etc").is_dir());
+    assert_eq!(dirs(&e), ["/etc/other"]);
+
+    // Once the admin's file is gone, the next commit removes /etc/other.
+    std::fs::remove_file(e.path("/etc/other/admin.conf")).unwrap();
+    e.apply(&desired(&[("/etc/new", "n2\n", 0o644)]));
+    assert!(!e.path("/etc/other").exists());
+    assert!(dirs(&e).is_empty());
+    assert!(e.path("/etc").is_dir());
 }
