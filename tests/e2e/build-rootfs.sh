@@ -8,7 +8,7 @@
 set -euo pipefail
 
 cache=${1:-/var/cache/driftless-e2e}
-recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps v3"
+recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps nginx-light v4"
 rootfs="$cache/rootfs"
 stamp="$cache/rootfs.recipe"
 
@@ -25,7 +25,7 @@ mkdir -p "$cache"
 tmp="$cache/rootfs.tmp"
 rm -rf "$tmp"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps \
+    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps,nginx-light \
     bookworm "$tmp" "$mirror" >&2
 # Boot quickly and quietly: no getty, no network waits, fixed identity.
 echo "e2e" > "$tmp/etc/hostname"
@@ -34,6 +34,10 @@ rm -f "$tmp/etc/systemd/system/getty.target.wants/"* || true
 ln -sf /dev/null "$tmp/etc/systemd/system/systemd-networkd-wait-online.service"
 ln -sf /dev/null "$tmp/etc/systemd/system/getty@.service"
 ln -sf /dev/null "$tmp/etc/systemd/system/console-getty.service"
+# nginx (a real web server for the directory-mode test) starts only when a
+# test asks for it: not enabled, no default site.
+rm -f "$tmp/etc/systemd/system/multi-user.target.wants/nginx.service" \
+      "$tmp/etc/nginx/sites-enabled/default"
 mkdir -p "$tmp/opt/driftless"
 rm -rf "$rootfs"
 mv "$tmp" "$rootfs"

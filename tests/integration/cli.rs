@@ -228,3 +228,41 @@ fn an_unknown_filter_or_function_names_its_line() {
         assert!(text.contains(want), "{want:?} not in {text}");
     }
 }
+
+/// Issue 14 §3: a local source with uncommitted edits silently applied the
+/// last commit; `sync` and `plan` now say the edits are ignored.
+#[test]
+fn uncommitted_edits_in_a_local_source_are_named_as_ignored() {
+    let repo = simple_repo(&[("/etc/a", "a\n"), ("/etc/b", "b\n")]);
+    let host = Host::new("h");
+    let clean = host.sync(repo.path()).ok();
+    assert!(!clean.stderr.contains("uncommitted"), "{}", clean.stderr);
+
+    // One modified, one new untracked, one ignored: two changes.
+    repo.write("roles/app/files/f0", "edited\n");
+    repo.write("notes.txt", "scratch\n");
+    repo.write(".gitignore", "*.swp\n");
+    repo.write("x.swp", "editor\n");
+    let run = host.sync(repo.path()).ok();
+    let want = format!(
+        "note: 3 uncommitted changes in {} are ignored (driftless applies commits",
+        repo.path().display()
+    );
+    assert!(run.stderr.contains(&want), "{}", run.stderr);
+    assert_eq!(
+        host.read("/etc/a").as_deref(),
+        Some("a\n"),
+        "the edit is not applied"
+    );
+    let plan = host.run(repo.path(), &["plan"]).ok();
+    assert!(plan.stderr.contains(&want), "{}", plan.stderr);
+    let quiet = host.run(repo.path(), &["sync", "--once", "-q"]).ok();
+    assert_eq!(quiet.stderr, "");
+
+    // On another branch than the followed one, edits say nothing about it.
+    repo.commit("edits");
+    git(repo.path(), &["checkout", "-q", "-b", "topic"]);
+    repo.write("roles/app/files/f1", "topic edit\n");
+    let other = host.sync(repo.path()).ok();
+    assert!(!other.stderr.contains("uncommitted"), "{}", other.stderr);
+}

@@ -523,6 +523,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let report = result?;
             if !g.quiet {
                 output::print_sync(&report);
+                note_uncommitted(&s);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -563,6 +564,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let marks = crate::sync::marks::load(&state).kind(Failure::Failed)?;
             let bad = marks.bad.get(&prepared.fetched.commit);
             output::print_plan(&s, &prepared, args.format, color, !args.no_diff, bad)?;
+            if !g.quiet {
+                note_uncommitted(&s);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
@@ -619,6 +623,23 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let s = settings(g, false)?;
             output::validate(&s, args.dir.as_deref(), args.format, args.skip_secrets)
         }
+    }
+}
+
+/// Edits in a local source's working copy are not applied (only commits
+/// are): say so after `sync` and `plan`, on stderr, so a user who edited
+/// and ran `sync` knows why nothing changed.
+fn note_uncommitted(s: &config::Settings) {
+    let Ok(spec) = crate::sync::source_spec(s) else {
+        return;
+    };
+    if let Some(n @ 1..) = crate::effects::fetch::uncommitted_changes(&spec) {
+        eprintln!(
+            "note: {n} uncommitted change{} in {} {} ignored (driftless applies commits: commit them to apply)",
+            if n == 1 { "" } else { "s" },
+            s.source.as_deref().unwrap_or("the source"),
+            if n == 1 { "is" } else { "are" },
+        );
     }
 }
 

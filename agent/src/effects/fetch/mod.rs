@@ -160,6 +160,36 @@ pub fn fetch(spec: &SourceSpec, mirror_dir: &Path) -> Result<Fetched> {
     }
 }
 
+/// Uncommitted changes in the working tree of a local source: files
+/// modified, staged, deleted or untracked (not ignored), counted once per
+/// path. Only when the followed branch is the one checked out there (edits
+/// on another branch say nothing about it). `None` for remote, bundle and
+/// bare sources, and when the status cannot be read: this feeds a note,
+/// never a decision. driftless applies commits; a user who edits the
+/// working copy and runs `sync` is told why nothing changed.
+pub fn uncommitted_changes(spec: &SourceSpec) -> Option<usize> {
+    let Location::Local(path) = &spec.location else {
+        return None;
+    };
+    let repo = open_local_uncached(path).ok()?;
+    repo.workdir()?;
+    let full_ref = full_ref_name(&spec.branch).ok()?;
+    let head = repo.head_name().ok()??;
+    if head.as_bstr() != full_ref.as_str() {
+        return None;
+    }
+    let iter = repo
+        .status(gix::progress::Discard)
+        .ok()?
+        .into_iter(Vec::<gix::bstr::BString>::new())
+        .ok()?;
+    let mut paths = std::collections::BTreeSet::new();
+    for item in iter {
+        paths.insert(item.ok()?.location().to_owned());
+    }
+    Some(paths.len())
+}
+
 /// Opens the object database of an earlier [`fetch`] again (for status or
 /// history): the local repository itself, or the mirror for remote sources.
 pub fn open(spec: &SourceSpec, mirror_dir: &Path) -> Result<gix::Repository> {
