@@ -340,7 +340,7 @@ fn e2e_5_timer_and_cron_paths_match_the_daemon_and_share_its_lock() {
 /// `driftless bundle create` on the "connected side" (outside the container).
 fn make_bundle(demo: &Demo, key: &Path, out: &Path, since: Option<&str>) {
     let mut c = std::process::Command::new(crate::machine::BIN);
-    c.args(["bundle", "create", "--no-config", "--repo"])
+    c.args(["bundle", "create", "--repo"])
         .arg(demo.path())
         .arg("--out")
         .arg(out)
@@ -453,7 +453,7 @@ fn e2e_6_air_gapped_host_updates_from_a_signed_usb_bundle_and_reports_back() {
     );
     // The summary on the connected side.
     let o = std::process::Command::new(crate::machine::BIN)
-        .args(["bundle", "reports", "--no-config"])
+        .args(["bundle", "reports"])
         .arg(stick.path())
         .output()
         .unwrap();

@@ -266,3 +266,98 @@ fn uncommitted_edits_in_a_local_source_are_named_as_ignored() {
     let other = host.sync(repo.path()).ok();
     assert!(!other.stderr.contains("uncommitted"), "{}", other.stderr);
 }
+
+/// Issue 14 §3: every flag was global, so `status --help` listed
+/// `--source`, `--age-key`, `--run-checks`… Each subcommand's help lists
+/// what it uses, and a flag it does not use is a usage error (exit 2).
+#[test]
+fn each_subcommands_help_lists_only_the_flags_it_uses() {
+    let help = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cases: &[(&[&str], &[&str], &[&str])] = &[
+        (
+            &["sync"],
+            &[
+                "--source",
+                "--host",
+                "--root",
+                "--state-dir",
+                "--age-key",
+                "--run-checks",
+                "--require-signed",
+                "--config",
+                "--quiet",
+            ],
+            &[],
+        ),
+        (
+            &["plan"],
+            &["--source", "--host", "--age-key"],
+            &["--run-checks"],
+        ),
+        (
+            &["status"],
+            &["--root", "--state-dir", "--config"],
+            &[
+                "--source",
+                "--host",
+                "--age-key",
+                "--run-checks",
+                "--allowed-root",
+            ],
+        ),
+        (&["history"], &["--state-dir"], &["--source", "--age-key"]),
+        (
+            &["validate"],
+            &["--source", "--age-key", "--allowed-root"],
+            &["--host", "--run-checks"],
+        ),
+        (
+            &["secrets", "decrypt"],
+            &["--age-key", "--config"],
+            &["--source", "--root", "--host"],
+        ),
+        (
+            &["state", "check"],
+            &["--state-dir", "--root"],
+            &["--source", "--age-key"],
+        ),
+        (
+            &["bundle", "create"],
+            &["--repo", "--branch", "--sign-key"],
+            &["--config", "--root", "--state-dir", "--source"],
+        ),
+        (
+            &["bundle", "verify"],
+            &["--allowed-signers", "--state-dir"],
+            &["--source", "--age-key"],
+        ),
+        (
+            &["bundle", "stick"],
+            &["--host", "--age-key", "--run-checks"],
+            &[],
+        ),
+        (&["host-recipient"], &["--config"], &["--source", "--root"]),
+    ];
+    for (cmd, has, lacks) in cases {
+        let text = help(cmd);
+        for f in *has {
+            assert!(
+                text.contains(&format!("{f} ")) || text.contains(&format!("{f}\n")),
+                "{cmd:?} --help lacks {f}:\n{text}"
+            );
+        }
+        for f in *lacks {
+            assert!(!text.contains(f), "{cmd:?} --help lists {f}:\n{text}");
+        }
+    }
+    let out = Command::new(BIN)
+        .args(["status", "--source", "/srv/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--source'"));
+}

@@ -311,9 +311,7 @@ fn no_failing_filter_test_or_function_leaks_a_secret_into_any_channel_or_state_f
     let ok = host.run(repo2.path(), &args).ok();
     assert_clean("the good sync", &ok.stderr);
     assert_clean("the good sync", &ok.stdout);
-    args[0] = "status";
-    args.remove(1);
-    let st = host.run(repo2.path(), &args).ok();
+    let st = host.run(repo2.path(), &["status"]).ok();
     assert_clean("status after the good sync", &st.stdout);
     let holders: Vec<String> = all_files(host.root.path())
         .into_iter()

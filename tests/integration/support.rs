@@ -139,24 +139,44 @@ impl Host {
         }
     }
 
-    /// A command for the binary with `--no-config`, this host's name, root
-    /// and state dir, and `source`.
+    /// A command for the binary with `--no-config` and, as far as the
+    /// subcommand takes them (`driftless status` has no `--source`), this
+    /// host's name, root, state dir, age key and `source`.
     pub fn cmd(&self, source: &Path, args: &[&str]) -> Command {
+        #[derive(PartialEq, PartialOrd)]
+        enum Takes {
+            State,
+            Keys,
+            Validate,
+            All,
+        }
+        let words: Vec<&str> = args.iter().take(2).copied().collect();
+        let takes = match words.as_slice() {
+            ["status" | "history" | "state", ..] | ["bundle", "verify"] => Takes::State,
+            ["secrets", ..] => Takes::Keys,
+            ["validate", ..] => Takes::Validate,
+            _ => Takes::All,
+        };
         let mut c = Command::new(BIN);
-        c.args(args)
-            .arg("--no-config")
-            .arg("--source")
-            .arg(source)
-            .arg("--host")
-            .arg(&self.name)
-            .arg("--root")
-            .arg(self.root.path())
-            .arg("--state-dir")
-            .arg(self.state.path())
+        c.args(args).arg("--no-config");
+        if matches!(takes, Takes::All | Takes::Validate) {
+            c.arg("--source").arg(source);
+        }
+        if takes == Takes::All {
+            c.arg("--host").arg(&self.name);
+        }
+        if takes != Takes::Keys {
+            c.arg("--root")
+                .arg(self.root.path())
+                .arg("--state-dir")
+                .arg(self.state.path());
+        }
+        if takes != Takes::State {
             // Only read when a file uses a secret.
-            .arg("--age-key")
-            .arg(workspace().join("examples/DEMO-age-key.txt"))
-            .env_remove("DRIFTLESS_TEST_CRASH_AFTER")
+            c.arg("--age-key")
+                .arg(workspace().join("examples/DEMO-age-key.txt"));
+        }
+        c.env_remove("DRIFTLESS_TEST_CRASH_AFTER")
             .env_remove("DRIFTLESS_TEST_FAILPOINT")
             .env_remove("DRIFTLESS_TEST_FAILPOINT_TRACE")
             .env_remove("SOPS_AGE_KEY")

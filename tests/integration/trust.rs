@@ -89,7 +89,10 @@ fn trusted<'a>(signer: &'a Signer, extra: &[&'a str]) -> Vec<String> {
 
 pub fn run_with(host: &Host, source: &Path, args: &[&str], signer: &Signer) -> Run {
     let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    all.extend(trusted(signer, &[]));
+    // `status` and `history` read no repository: no trust flags.
+    if !matches!(args.first(), Some(&"status" | &"history")) {
+        all.extend(trusted(signer, &[]));
+    }
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
     host.run(source, &refs)
 }
@@ -247,7 +250,7 @@ fn anti_rollback_survives_a_wiped_state_dir() {
 /// Runs `driftless bundle create`.
 pub fn create_bundle(repo: &Repo, out: &Path, signer: &Signer, since: Option<&str>) -> Run {
     let mut c = Command::new(BIN);
-    c.args(["bundle", "create", "--no-config", "--repo"])
+    c.args(["bundle", "create", "--repo"])
         .arg(repo.path())
         .arg("--out")
         .arg(out)
@@ -422,19 +425,12 @@ fn bad_bundles_are_refused_with_a_reason_and_change_nothing() {
     git(repo.path(), &["checkout", "-q", "-b", "other"]);
     let other = out.path().join("other.bundle");
     let mut c = Command::new(BIN);
-    c.args([
-        "bundle",
-        "create",
-        "--no-config",
-        "--branch",
-        "other",
-        "--repo",
-    ])
-    .arg(repo.path())
-    .arg("--out")
-    .arg(&other)
-    .arg("--sign-key")
-    .arg(signer.key());
+    c.args(["bundle", "create", "--branch", "other", "--repo"])
+        .arg(repo.path())
+        .arg("--out")
+        .arg(&other)
+        .arg("--sign-key")
+        .arg(signer.key());
     assert!(c.output().unwrap().status.success());
     let run = import(&host, &signer, &[&other]).code(4);
     assert!(
@@ -578,7 +574,7 @@ fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
 
     let summary = Command::new(BIN)
-        .args(["bundle", "reports", "--no-config"])
+        .args(["bundle", "reports"])
         .arg(stick.path())
         .output()
         .unwrap();

@@ -8,17 +8,17 @@ use std::time::Duration;
 use anyhow::anyhow;
 use serde_json::json;
 
-use super::{output, BundleCommand, Format, GlobalArgs};
+use super::{output, BundleCommand, Format, Overrides};
 use crate::effects::bundle::create::{self, CreateOptions};
 use crate::effects::state::history::Outcome;
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
 use crate::sync::stick::{self, StickOptions};
 
-pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error> {
+pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
     match cmd {
         BundleCommand::Create(a) => {
-            let branch = g
+            let branch = a
                 .branch
                 .clone()
                 .unwrap_or_else(|| crate::config::DEFAULT_BRANCH.into());
@@ -55,8 +55,19 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
             }
             Ok(ExitCode::SUCCESS)
         }
-        BundleCommand::Verify { file, format } => {
-            let s = super::settings(g, false)?;
+        BundleCommand::Verify {
+            file,
+            format,
+            config,
+            trust,
+            state,
+        } => {
+            let s = super::settings(&Overrides {
+                config: Some(&config),
+                trust: Some(&trust),
+                state: Some(&state),
+                ..Default::default()
+            })?;
             let r = crate::sync::bundle::verify_file(&s, &file)?;
             match format {
                 Format::Json => output::print_json(&json!({
@@ -81,7 +92,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
             Ok(ExitCode::SUCCESS)
         }
         BundleCommand::Import(a) => {
-            let s = super::settings(g, false)?;
+            let s = super::settings(&Overrides::host(&a.host).checks(&a.checks))?;
             let outcomes = crate::sync::bundle::import_files(
                 &s,
                 &a.files,
@@ -148,7 +159,7 @@ pub(super) fn run(g: &GlobalArgs, cmd: BundleCommand) -> Result<ExitCode, Error>
             }
         }
         BundleCommand::Stick(a) => {
-            let s = super::settings(g, false)?;
+            let s = super::settings(&Overrides::host(&a.host).checks(&a.checks))?;
             let rt = super::runtime()?;
             let opts = crate::sync::SyncOptions {
                 wait: Duration::from_secs(a.wait),

@@ -70,53 +70,9 @@ pub struct Cli {
     global: GlobalArgs,
 }
 
+/// Flags every subcommand takes: how much it says.
 #[derive(Debug, Args)]
 pub(crate) struct GlobalArgs {
-    /// Agent config file to use instead of /etc/driftless/agent.toml (drop-ins are then not read)
-    #[arg(long, global = true, value_name = "FILE", conflicts_with = "no_config")]
-    config: Option<PathBuf>,
-    /// Read no config file at all: command-line options and defaults only
-    #[arg(long, global = true)]
-    no_config: bool,
-    /// Repository: a path, file://, https://, ssh:// or user@host:path
-    #[arg(long, global = true, value_name = "REPO")]
-    source: Option<String>,
-    /// Branch (or full ref) to follow [default: main]
-    #[arg(long, global = true)]
-    branch: Option<String>,
-    /// Sub-directory of the repository that holds driftless.toml
-    #[arg(long, global = true, value_name = "DIR")]
-    path: Option<String>,
-    /// This host's name in the repository [default: the hostname]
-    #[arg(long, global = true, value_name = "NAME")]
-    host: Option<String>,
-    /// Apply everything under this prefix instead of / (like systemd-tmpfiles --root)
-    #[arg(long, global = true, value_name = "DIR")]
-    root: Option<PathBuf>,
-    /// State directory [default: /var/lib/driftless]
-    #[arg(long, global = true, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Allow writing under this directory (repeat; replaces the configured list)
-    #[arg(long = "allowed-root", global = true, value_name = "DIR")]
-    allowed_roots: Vec<String>,
-    /// SSH private key for ssh:// sources
-    #[arg(long, global = true, value_name = "FILE")]
-    ssh_key: Option<PathBuf>,
-    /// known_hosts file pinning the SSH server's key
-    #[arg(long, global = true, value_name = "FILE")]
-    ssh_known_hosts: Option<PathBuf>,
-    /// age identity file for SOPS secrets (repeat; replaces `age_keys`)
-    #[arg(long = "age-key", global = true, value_name = "FILE")]
-    age_keys: Vec<PathBuf>,
-    /// Refuse commits not signed by a key in --allowed-signers (SSH signatures, `gpg.format=ssh`)
-    #[arg(long, global = true)]
-    require_signed: bool,
-    /// git allowed_signers file: who may sign commits and bundles [default: /etc/driftless/allowed_signers]
-    #[arg(long, global = true, value_name = "FILE")]
-    allowed_signers: Option<PathBuf>,
-    /// Run health checks even under a --root prefix (unit actions never run there)
-    #[arg(long, global = true)]
-    run_checks: bool,
     /// More log output (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -124,6 +80,159 @@ pub(crate) struct GlobalArgs {
     /// any output)
     #[arg(short, long, global = true)]
     quiet: bool,
+}
+
+// The other flags come in groups, each flattened into the subcommands it
+// applies to, so `driftless status --help` lists only what `status` uses.
+// Each group writes its values into the command-line config fragment.
+
+/// Which agent config is read.
+#[derive(Debug, Args, Default)]
+pub(crate) struct ConfigArgs {
+    /// Agent config file to use instead of /etc/driftless/agent.toml (drop-ins are then not read)
+    #[arg(long, value_name = "FILE", conflicts_with = "no_config")]
+    config: Option<PathBuf>,
+    /// Read no config file at all: command-line options and defaults only
+    #[arg(long)]
+    no_config: bool,
+}
+
+/// Where the repository comes from.
+#[derive(Debug, Args, Default)]
+pub(crate) struct SourceArgs {
+    /// Repository: a path, file://, https://, ssh:// or user@host:path
+    #[arg(long, value_name = "REPO")]
+    source: Option<String>,
+    /// Branch (or full ref) to follow [default: main]
+    #[arg(long)]
+    branch: Option<String>,
+    /// Sub-directory of the repository that holds driftless.toml
+    #[arg(long, value_name = "DIR")]
+    path: Option<String>,
+    /// SSH private key for ssh:// sources
+    #[arg(long, value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
+    /// known_hosts file pinning the SSH server's key
+    #[arg(long, value_name = "FILE")]
+    ssh_known_hosts: Option<PathBuf>,
+}
+
+/// Who may sign commits and bundles.
+#[derive(Debug, Args, Default)]
+pub(crate) struct TrustArgs {
+    /// Refuse commits not signed by a key in --allowed-signers (SSH signatures, `gpg.format=ssh`)
+    #[arg(long)]
+    require_signed: bool,
+    /// git allowed_signers file: who may sign commits and bundles [default: /etc/driftless/allowed_signers]
+    #[arg(long, value_name = "FILE")]
+    allowed_signers: Option<PathBuf>,
+}
+
+/// Where the managed filesystem and the agent's state are.
+#[derive(Debug, Args, Default)]
+pub(crate) struct StateArgs {
+    /// Apply everything under this prefix instead of / (like systemd-tmpfiles --root)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// State directory [default: /var/lib/driftless]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+/// What rendering needs: allowed targets and secret keys.
+#[derive(Debug, Args, Default)]
+pub(crate) struct RenderArgs {
+    /// Allow writing under this directory (repeat; replaces the configured list)
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<String>,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// age identities for SOPS secrets.
+#[derive(Debug, Args, Default)]
+pub(crate) struct KeyArgs {
+    /// age identity file for SOPS secrets (repeat; replaces `age_keys`)
+    #[arg(long = "age-key", value_name = "FILE")]
+    age_keys: Vec<PathBuf>,
+}
+
+/// Everything a run that renders this host and applies it takes.
+#[derive(Debug, Args, Default)]
+pub(crate) struct HostArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
+    #[command(flatten)]
+    state: StateArgs,
+    /// This host's name in the repository [default: the hostname]
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    #[command(flatten)]
+    render: RenderArgs,
+}
+
+/// Health checks under `--root`.
+#[derive(Debug, Args, Default)]
+pub(crate) struct ChecksArgs {
+    /// Run health checks even under a --root prefix (unit actions never run there)
+    #[arg(long)]
+    run_checks: bool,
+}
+
+/// The command-line layer of the settings: what the groups a subcommand
+/// takes say, nothing for the flags it does not take.
+#[derive(Default)]
+pub(crate) struct Overrides<'a> {
+    config: Option<&'a ConfigArgs>,
+    source: Option<&'a SourceArgs>,
+    trust: Option<&'a TrustArgs>,
+    state: Option<&'a StateArgs>,
+    host: Option<&'a str>,
+    render: Option<&'a RenderArgs>,
+    keys: Option<&'a KeyArgs>,
+    run_checks: bool,
+    allow_nff: bool,
+    interval: Option<String>,
+    splay: Option<String>,
+}
+
+impl<'a> Overrides<'a> {
+    fn host(h: &'a HostArgs) -> Self {
+        Overrides {
+            config: Some(&h.config),
+            source: Some(&h.source),
+            trust: Some(&h.trust),
+            state: Some(&h.state),
+            host: h.host.as_deref(),
+            render: Some(&h.render),
+            ..Default::default()
+        }
+    }
+    fn config(c: &'a ConfigArgs) -> Self {
+        Overrides {
+            config: Some(c),
+            ..Default::default()
+        }
+    }
+    fn state(c: &'a ConfigArgs, s: &'a StateArgs) -> Self {
+        Overrides {
+            config: Some(c),
+            state: Some(s),
+            ..Default::default()
+        }
+    }
+    fn checks(mut self, c: &ChecksArgs) -> Self {
+        self.run_checks = c.run_checks;
+        self
+    }
+    fn allow_non_fast_forward(mut self, yes: bool) -> Self {
+        self.allow_nff = yes;
+        self
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,7 +261,7 @@ marked bad, so the agent does not re-apply it; the next new commit on the
 branch is applied as usual.")]
     Rollback(RollbackArgs),
     /// Show what is applied and how the last run went
-    Status(FormatArgs),
+    Status(StatusArgs),
     /// Render every host of a repository without touching anything (for the repository's CI)
     #[command(after_help = "\
 Without DIR the configured --source is fetched. Every hosts/*.toml (and
@@ -177,11 +286,11 @@ Add a printed line to the recipients of a SOPS file (e.g. `sops --age 'ssh-ed255
 or the `age:` list of .sops.yaml) and this host can decrypt it with its own SSH host key:
 no extra key to distribute. Both forms are printed: the ssh-ed25519 recipient and the
 age1… key that ssh-to-age derives from it (sops-nix's convention).")]
-    HostRecipient,
+    HostRecipient(ConfigOnlyArgs),
 }
 
 #[derive(Debug, Subcommand)]
-pub enum SecretsCommand {
+pub(crate) enum SecretsCommand {
     /// Print a decrypted SOPS file (like `sops -d`), for debugging on a host
     #[command(after_help = "\
 Identities: --age-key FILE, `age_keys` in agent.toml, SOPS_AGE_KEY / SOPS_AGE_KEY_FILE,
@@ -191,26 +300,36 @@ and the host's SSH keys. The output contains secrets: it is for a terminal, not 
         /// Output: the file's own format (default), yaml, json, dotenv, ini, raw; `--format json` keeps value types
         #[arg(long)]
         format: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Verify that a SOPS file decrypts and its MAC is intact, without printing values
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
-pub enum StateCommand {
+pub(crate) enum StateCommand {
     /// Report unusable state files and what repair would do; changes nothing
     #[command(after_help = "\
 Exit 0 when every state file is usable, 1 otherwise (each file listed with its problem
 and remedy). Every sync runs the same repair first, so this is for a look before it.")]
-    Check,
+    Check(StateDirArgs),
     /// Repair now, under the lock: drop corrupt caches, rebuild the inventory, set corrupt
     /// marks aside (the agent then halts until `sync --retry`). The anti-rollback floor
     /// is never guessed: the command says how to resolve it.
-    Repair,
+    Repair(StateDirArgs),
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BundleCommand {
+pub(crate) enum BundleCommand {
     /// On a connected machine: write FILE (a git bundle), FILE.manifest and FILE.manifest.sig
     #[command(after_help = "\
 Needs git on this machine (hosts importing the bundle do not). The manifest pins the
@@ -230,6 +349,12 @@ Example:
         file: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Verify and import bundles into this host's mirror, then sync
     #[command(after_help = "\
@@ -259,7 +384,7 @@ only to write the report, then unmounted. A directory is used as it is.")]
 }
 
 #[derive(Debug, Args)]
-pub struct BundleCreateArgs {
+pub(crate) struct BundleCreateArgs {
     /// Repository to bundle: a path or a URL git can fetch
     #[arg(long, value_name = "PATH|URL")]
     repo: String,
@@ -272,10 +397,13 @@ pub struct BundleCreateArgs {
     /// OpenSSH private key to sign with (unencrypted ed25519 or RSA)
     #[arg(long, value_name = "FILE")]
     sign_key: PathBuf,
+    /// Branch (or full ref) to bundle: the one the hosts follow [default: main]
+    #[arg(long)]
+    branch: Option<String>,
 }
 
 #[derive(Debug, Args)]
-pub struct BundleImportArgs {
+pub(crate) struct BundleImportArgs {
     /// Bundle files (FILE.manifest and FILE.manifest.sig must be beside each)
     #[arg(required = true)]
     files: Vec<PathBuf>,
@@ -287,10 +415,14 @@ pub struct BundleImportArgs {
     wait: u64,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(flatten)]
+    checks: ChecksArgs,
 }
 
 #[derive(Debug, Args)]
-pub struct BundleStickArgs {
+pub(crate) struct BundleStickArgs {
     /// The stick: a block device (e.g. /dev/sdb1) or a mounted directory
     #[arg(value_name = "DEVICE|DIR")]
     stick: PathBuf,
@@ -300,6 +432,10 @@ pub struct BundleStickArgs {
     /// Wait up to this many seconds for a running sync
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     wait: u64,
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(flatten)]
+    checks: ChecksArgs,
 }
 
 #[derive(Debug, Args)]
@@ -323,6 +459,10 @@ struct SyncArgs {
     /// Print where the time went (fetch, render, observe, write, flush, ...) to stderr
     #[arg(long)]
     timings: bool,
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(flatten)]
+    checks: ChecksArgs,
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +470,10 @@ struct RollbackArgs {
     /// Commit to apply (full or abbreviated id, or any revision the repository knows)
     #[arg(long, value_name = "COMMIT")]
     to: Option<String>,
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(flatten)]
+    checks: ChecksArgs,
 }
 
 #[derive(Debug, Args)]
@@ -340,6 +484,10 @@ struct RunArgs {
     /// Random extra delay per poll, e.g. 1m (overrides `splay`)
     #[arg(long, value_name = "DURATION")]
     splay: Option<String>,
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(flatten)]
+    checks: ChecksArgs,
 }
 
 #[derive(Debug, Args)]
@@ -358,12 +506,32 @@ struct PlanArgs {
     /// Plan even if the tracked branch's history was rewritten
     #[arg(long)]
     allow_non_fast_forward: bool,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(Debug, Args)]
-struct FormatArgs {
+struct StatusArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StateDirArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConfigOnlyArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -376,6 +544,14 @@ struct ValidateArgs {
     skip_secrets: bool,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    state: StateArgs,
+    #[command(flatten)]
+    render: RenderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -385,6 +561,10 @@ struct HistoryArgs {
     limit: usize,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    state: StateArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -441,46 +621,47 @@ fn init_logging(g: &GlobalArgs) {
     }
 }
 
-pub(crate) fn settings(g: &GlobalArgs, allow_nff: bool) -> Result<config::Settings, Error> {
-    settings_with(g, allow_nff, None, None)
-}
-
-fn settings_with(
-    g: &GlobalArgs,
-    allow_nff: bool,
-    interval: Option<String>,
-    splay: Option<String>,
-) -> Result<config::Settings, Error> {
-    let source = if g.no_config {
-        ConfigSource::None
-    } else if let Some(f) = &g.config {
-        ConfigSource::File(f.clone())
-    } else {
-        ConfigSource::System
+pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {
+    let cfg = o
+        .config
+        .map_or((false, None), |c| (c.no_config, c.config.clone()));
+    let source = match cfg {
+        (true, _) => ConfigSource::None,
+        (false, Some(f)) => ConfigSource::File(f),
+        (false, None) => ConfigSource::System,
     };
+    let src = o.source;
+    let trust = o.trust;
+    let state = o.state;
+    let keys = o.keys.or(o.render.map(|r| &r.keys));
     let cli = Fragment {
-        source: g.source.clone(),
-        branch: g.branch.clone(),
-        path: g.path.clone(),
-        host: g.host.clone(),
-        state_dir: g.state_dir.clone(),
-        root: g.root.clone(),
-        allowed_roots: (!g.allowed_roots.is_empty()).then(|| g.allowed_roots.clone()),
-        allow_non_fast_forward: allow_nff.then_some(true),
-        interval,
-        splay,
+        source: src.and_then(|a| a.source.clone()),
+        branch: src.and_then(|a| a.branch.clone()),
+        path: src.and_then(|a| a.path.clone()),
+        host: o.host.map(str::to_string),
+        state_dir: state.and_then(|a| a.state_dir.clone()),
+        root: state.and_then(|a| a.root.clone()),
+        allowed_roots: o
+            .render
+            .filter(|r| !r.allowed_roots.is_empty())
+            .map(|r| r.allowed_roots.clone()),
+        allow_non_fast_forward: o.allow_nff.then_some(true),
+        interval: o.interval.clone(),
+        splay: o.splay.clone(),
         job_timeout: None,
-        run_checks: g.run_checks.then_some(true),
-        age_keys: (!g.age_keys.is_empty()).then(|| g.age_keys.clone()),
+        run_checks: o.run_checks.then_some(true),
+        age_keys: keys
+            .filter(|k| !k.age_keys.is_empty())
+            .map(|k| k.age_keys.clone()),
         ssh_host_keys: None,
-        require_signed: g.require_signed.then_some(true),
-        allowed_signers: g.allowed_signers.clone(),
+        require_signed: trust.and_then(|t| t.require_signed.then_some(true)),
+        allowed_signers: trust.and_then(|t| t.allowed_signers.clone()),
         signature_policy: None,
         max_file_size: None,
         max_render_size: None,
         ssh: SshFragment {
-            key: g.ssh_key.clone(),
-            known_hosts: g.ssh_known_hosts.clone(),
+            key: src.and_then(|a| a.ssh_key.clone()),
+            known_hosts: src.and_then(|a| a.ssh_known_hosts.clone()),
         },
     };
     config::load(&source, cli).kind(Failure::Config)
@@ -501,7 +682,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Sync(args) => {
             let _ = args.once; // one pass is the only mode of `sync`
-            let s = settings(g, args.allow_non_fast_forward)?;
+            let s = settings(
+                &Overrides::host(&args.host)
+                    .checks(&args.checks)
+                    .allow_non_fast_forward(args.allow_non_fast_forward),
+            )?;
             let opts = crate::sync::SyncOptions {
                 wait: Duration::from_secs(args.wait),
                 apply: crate::effects::apply::ApplyOptions {
@@ -528,7 +713,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let s = settings_with(g, false, args.interval, args.splay)?;
+            let s = settings(&Overrides {
+                interval: args.interval.clone(),
+                splay: args.splay.clone(),
+                ..Overrides::host(&args.host).checks(&args.checks)
+            })?;
             let opts = crate::sync::SyncOptions {
                 wait: Duration::ZERO,
                 apply: crate::effects::apply::ApplyOptions {
@@ -541,7 +730,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollback(args) => {
-            let s = settings(g, false)?;
+            let s = settings(&Overrides::host(&args.host).checks(&args.checks))?;
             let rt = runtime()?;
             let report = crate::sync::rollback(&s, args.to.as_deref(), now(), rt.handle())?;
             if !g.quiet {
@@ -550,7 +739,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => {
-            let s = settings(g, args.allow_non_fast_forward)?;
+            let s = settings(
+                &Overrides::host(&args.host).allow_non_fast_forward(args.allow_non_fast_forward),
+            )?;
             let (state, _guard) = crate::sync::lock(&s, Duration::from_secs(args.wait))?;
             let fs = crate::sync::open_root(&s)?;
             let prepared = crate::sync::prepare(&s, &state, &fs)?;
@@ -570,30 +761,36 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
-            let s = settings(g, false)?;
+            let s = settings(&Overrides::state(&args.config, &args.state))?;
             output::print_status(&s, args.format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::History(args) => {
-            let s = settings(g, false)?;
+            let s = settings(&Overrides::state(&args.config, &args.state))?;
             output::print_history(&s, args.limit, args.format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Secrets(cmd) => {
-            let s = settings(g, false)?;
+            let (SecretsCommand::Decrypt { config, keys, .. }
+            | SecretsCommand::Check { config, keys, .. }) = &cmd;
+            let s = settings(&Overrides {
+                keys: Some(keys),
+                ..Overrides::config(config)
+            })?;
             output::secrets(&s, cmd)
         }
-        Command::Bundle(cmd) => bundle::run(g, cmd),
+        Command::Bundle(cmd) => bundle::run(cmd),
         Command::State(cmd) => {
-            let s = settings(g, false)?;
+            let (StateCommand::Check(a) | StateCommand::Repair(a)) = &cmd;
+            let s = settings(&Overrides::state(&a.config, &a.state))?;
             let findings = match cmd {
-                StateCommand::Check => {
+                StateCommand::Check(_) => {
                     match crate::effects::state::StateDir::existing(&s.state_dir) {
                         Some(st) => crate::sync::state_repair::check(&st, &s.root),
                         None => Vec::new(),
                     }
                 }
-                StateCommand::Repair => {
+                StateCommand::Repair(_) => {
                     let (st, _guard) = crate::sync::lock(&s, Duration::ZERO)?;
                     crate::sync::state_repair::repair(&st, &s.root, now()).kind(Failure::Failed)?
                 }
@@ -611,16 +808,22 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             }
             Ok(match cmd {
-                StateCommand::Check => ExitCode::from(1),
-                StateCommand::Repair => ExitCode::SUCCESS,
+                StateCommand::Check(_) => ExitCode::from(1),
+                StateCommand::Repair(_) => ExitCode::SUCCESS,
             })
         }
-        Command::HostRecipient => {
-            let s = settings(g, false)?;
+        Command::HostRecipient(a) => {
+            let s = settings(&Overrides::config(&a.config))?;
             output::host_recipient(&s)
         }
         Command::Validate(args) => {
-            let s = settings(g, false)?;
+            let s = settings(&Overrides {
+                config: Some(&args.config),
+                source: Some(&args.source),
+                state: Some(&args.state),
+                render: Some(&args.render),
+                ..Default::default()
+            })?;
             output::validate(&s, args.dir.as_deref(), args.format, args.skip_secrets)
         }
     }

@@ -436,7 +436,7 @@ pub fn secrets(s: &Settings, cmd: super::SecretsCommand) -> Result<ExitCode, Err
     use crate::secrets::{self, Store};
     use secrecy::ExposeSecret;
     match cmd {
-        super::SecretsCommand::Decrypt { file, format } => {
+        super::SecretsCommand::Decrypt { file, format, .. } => {
             let name = file.display().to_string();
             let bytes = std::fs::read(&file).map_err(|e| {
                 Error::new(Failure::Failed, anyhow::anyhow!("cannot read {name}: {e}"))
@@ -460,7 +460,7 @@ pub fn secrets(s: &Settings, cmd: super::SecretsCommand) -> Result<ExitCode, Err
                 .kind(Failure::Failed)?;
             Ok(ExitCode::SUCCESS)
         }
-        super::SecretsCommand::Check { file } => {
+        super::SecretsCommand::Check { file, .. } => {
             let name = file.display().to_string();
             let bytes = std::fs::read(&file).map_err(|e| {
                 Error::new(Failure::Failed, anyhow::anyhow!("cannot read {name}: {e}"))
