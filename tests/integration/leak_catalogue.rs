@@ -307,7 +307,7 @@ fn no_failing_filter_test_or_function_leaks_a_secret_into_any_channel_or_state_f
     // Only the good file left: it is applied, and the canary is in its
     // target (0600) and nowhere else but the state dir's 0600 copies.
     let repo2 = repo_with(&[good]);
-    let mut args = vec!["sync", "--once", "--age-key", k.as_str()];
+    let args = vec!["sync", "--once", "--age-key", k.as_str()];
     let ok = host.run(repo2.path(), &args).ok();
     assert_clean("the good sync", &ok.stderr);
     assert_clean("the good sync", &ok.stdout);
