@@ -20,6 +20,7 @@ pub mod desired;
 pub mod effects;
 pub mod exit;
 pub mod plan;
+pub mod progress;
 pub mod secrets;
 pub mod sync;
 pub mod time;

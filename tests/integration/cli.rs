@@ -361,3 +361,58 @@ fn each_subcommands_help_lists_only_the_flags_it_uses() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--source'"));
 }
+
+/// Runs `cmd` on a pseudo-terminal (util-linux `script`), returning what
+/// the terminal received.
+fn on_a_terminal(cmd: &Command) -> String {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', "'\\''"));
+    let line: Vec<String> = std::iter::once(quote(cmd.get_program()))
+        .chain(cmd.get_args().map(quote))
+        .collect();
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+        .env("NO_COLOR", "1")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap_or_else(|e| panic!("util-linux `script` is needed for this test: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+/// Issue 14 §3: a cold apply of thousands of files showed nothing on a
+/// terminal (and logged a line per file). On a terminal it shows progress;
+/// on a pipe (cron, journald) and with -q, not a byte of it.
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let files: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("/etc/many/f{i}"), format!("{i}\n")))
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect();
+    let repo = simple_repo(&refs);
+
+    let piped = Host::new("h");
+    let run = piped.sync(repo.path()).ok();
+    for word in ["rendering", "staging files", "switching in"] {
+        assert!(
+            !run.stderr.contains(word),
+            "{word} on a pipe:\n{}",
+            run.stderr
+        );
+    }
+
+    let tty = Host::new("h");
+    let text = on_a_terminal(&tty.cmd(repo.path(), &["sync", "--once"]));
+    for word in ["rendering [", "staging files [", "switching in [", "/300"] {
+        assert!(text.contains(word), "{word} missing on a terminal:\n{text}");
+    }
+    assert!(text.contains("applied"), "{text}");
+    assert_eq!(tty.read("/etc/many/f299").as_deref(), Some("299\n"));
+
+    let quiet = Host::new("h");
+    let text = on_a_terminal(&quiet.cmd(repo.path(), &["sync", "--once", "-q"]));
+    assert_eq!(text, "", "-q on a terminal");
+}

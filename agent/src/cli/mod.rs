@@ -583,7 +583,9 @@ enum ColorChoice {
 /// Entry point used by the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.global);
+    // The daemon is never watched on a terminal the way a one-off is.
+    let daemon = matches!(cli.command, Command::Run(_));
+    init_logging(&cli.global, daemon);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -593,7 +595,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(g: &GlobalArgs) {
+fn init_logging(g: &GlobalArgs, daemon: bool) {
     use tracing_subscriber::EnvFilter;
     let level = if g.quiet {
         "warn"
@@ -608,9 +610,14 @@ fn init_logging(g: &GlobalArgs) {
         .unwrap_or_else(|_| EnvFilter::new(format!("driftless={level},warn")));
     let tty = std::io::stderr().is_terminal();
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Progress bars for a human at a terminal only: never under cron,
+    // journald, `-q`, or the daemon.
+    if tty && !journald && !g.quiet && !daemon {
+        crate::progress::enable();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::progress::LogWriter)
         .with_ansi(tty)
         .with_target(false);
     // journald stamps lines itself; a terminal user wants short lines.

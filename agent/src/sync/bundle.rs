@@ -153,6 +153,7 @@ fn import_one(
     signers: &crate::trust::AllowedSigners,
     policy: &import::Policy<'_>,
 ) -> anyhow::Result<(import::Imported, String)> {
+    let _spinner = crate::progress::spinner(&format!("importing {}", file.display()));
     let (m, signer) = manifest::verify_manifest(file, signers)?;
     let header = manifest::check_contents(file, &m, Some(staged))?;
     let imported = import::import(repo, staged, file, &header, &m, policy)?;

@@ -26,6 +26,7 @@ pub(super) fn fetch(
     mirror_dir: &Path,
 ) -> Result<(gix::Repository, gix::ObjectId)> {
     let shown = redact(url);
+    let _spinner = crate::progress::spinner(&format!("fetching {shown}"));
     ensure_mirror(mirror_dir)?;
     let ssh_log = mirror_dir.join(SSH_STDERR_FILE);
     let repo = open_mirror(mirror_dir, ssh, Some(&ssh_log))?;
