@@ -11,11 +11,12 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::desired::model::{CommandCheckSpec, HttpCheckSpec, TcpCheckSpec, UnitCheckSpec};
+use crate::desired::model::{CommandCheckSpec, TcpCheckSpec, UnitCheckSpec};
 use crate::desired::spec::{parse_duration, Check, Probe};
 use crate::effects::systemd::Systemd;
+
+mod http;
 
 /// The outcome of one check, as shown in status and history.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,7 +38,7 @@ pub async fn run_all(checks: &[Check], systemd: Option<&Systemd>) -> Vec<CheckRe
 }
 
 pub async fn run_one(check: &Check, systemd: Option<&Systemd>) -> CheckResult {
-    attempt_loop(check, || probe(&check.probe, systemd)).await
+    attempt_loop(check, || probe(&check.probe, check.timeout, systemd)).await
 }
 
 /// Retries `attempt` per the check's retries/interval/timeout.
@@ -51,7 +52,7 @@ where
     for attempt in 1..=attempts {
         let r = tokio::time::timeout(check.timeout, attempt_fn())
             .await
-            .unwrap_or_else(|_| Err(anyhow!("timed out after {:?}", check.timeout)));
+            .unwrap_or_else(|_| Err(timed_out(&check.probe, check.timeout)));
         match r {
             Ok(()) => {
                 return CheckResult {
@@ -75,9 +76,19 @@ where
     }
 }
 
-async fn probe(p: &Probe, systemd: Option<&Systemd>) -> Result<()> {
+/// The error of an attempt cut off by the check's `timeout`. An http
+/// attempt is also bounded by the client's own timeout (the same duration),
+/// so either may fire first: both name the request.
+fn timed_out(p: &Probe, timeout: Duration) -> anyhow::Error {
     match p {
-        Probe::Http(h) => http(h).await,
+        Probe::Http(h) => anyhow!("GET {}: timed out after {timeout:?}", h.url),
+        _ => anyhow!("timed out after {timeout:?}"),
+    }
+}
+
+async fn probe(p: &Probe, timeout: Duration, systemd: Option<&Systemd>) -> Result<()> {
+    match p {
+        Probe::Http(h) => http::check(h, timeout).await,
         Probe::Tcp(t) => tcp(t).await,
         Probe::Command(c) => command(c).await,
         Probe::Unit(u) => unit(u, systemd).await,
@@ -89,90 +100,6 @@ async fn tcp(t: &TcpCheckSpec) -> Result<()> {
         .await
         .with_context(|| format!("cannot connect to {}", t.address))?;
     Ok(())
-}
-
-/// A plain HTTP/1.1 GET (checks target local services; `https://` URLs go
-/// through the same TLS stack as fetching).
-async fn http(h: &HttpCheckSpec) -> Result<()> {
-    let (status, body) = if h.url.starts_with("https://") {
-        https_get(&h.url).await?
-    } else {
-        http_get(&h.url).await?
-    };
-    if status != h.status {
-        bail!("GET {}: status {status}, expected {}", h.url, h.status);
-    }
-    if let Some(needle) = &h.body_contains {
-        if !body.contains(needle.as_str()) {
-            bail!("GET {}: the body does not contain {needle:?}", h.url);
-        }
-    }
-    Ok(())
-}
-
-/// Largest body read for a check.
-const MAX_BODY: u64 = 1 << 20;
-
-async fn http_get(url: &str) -> Result<(u16, String)> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// and https:// URLs can be checked"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = if authority.contains(':') && !authority.ends_with(']') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let mut stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .with_context(|| format!("GET {url}: cannot connect to {addr}"))?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: driftless-check\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let mut buf = Vec::new();
-    stream
-        .take(MAX_BODY)
-        .read_to_end(&mut buf)
-        .await
-        .with_context(|| format!("GET {url}: reading the response"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let status_line = text.lines().next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("GET {url}: not an HTTP response: {status_line:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-async fn https_get(url: &str) -> Result<(u16, String)> {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || -> Result<(u16, String)> {
-        crate::effects::fetch::install_tls_provider();
-        let client = reqwest::blocking::Client::builder()
-            .build()
-            .context("cannot build an HTTPS client")?;
-        let resp = client
-            .get(&url)
-            .send()
-            .with_context(|| format!("GET {url}"))?;
-        let status = resp.status().as_u16();
-        let body = resp.text().unwrap_or_default();
-        Ok((status, body))
-    })
-    .await
-    .context("HTTPS check task failed")?
 }
 
 async fn command(c: &CommandCheckSpec) -> Result<()> {
@@ -228,5 +155,7 @@ async fn unit(u: &UnitCheckSpec, systemd: Option<&Systemd>) -> Result<()> {
     }
 }
 
+#[cfg(test)]
+mod http_tests;
 #[cfg(test)]
 mod tests;
