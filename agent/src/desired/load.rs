@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value as Json;
 
-use super::model::{CheckSpec, FileSpec, HostFile, RepoFile, RoleFile, UnitSpec};
+use super::model::{CheckSpec, FileSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec};
 use super::snapshot::Snapshot;
 use super::spec::{
     parse_duration, validate_unit_name, Check, Mode, Principal, Probe, TargetPath, UnitAction,
@@ -468,6 +468,7 @@ fn repo_relative(snap: &Snapshot, files_dir: &str, rel: &str, key: &str) -> Resu
 fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
     let mut probes = Vec::new();
     if let Some(h) = spec.http {
+        validate_http(&h)?;
         probes.push(Probe::Http(h));
     }
     if let Some(t) = spec.tcp {
@@ -505,6 +506,36 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
         interval,
         timeout,
     })
+}
+
+/// What can be checked without the host: the URL's scheme and that
+/// `ca_file` is an absolute path (whether it exists is the host's business,
+/// reported when the check runs).
+fn validate_http(h: &HttpCheckSpec) -> Result<(), String> {
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        h.url
+            .get(..scheme.len())
+            .filter(|s| s.eq_ignore_ascii_case(scheme))
+            .and_then(|_| h.url.get(scheme.len()..))
+    });
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {}
+        _ => {
+            return Err(format!(
+                "http.url: {:?} is not an http:// or https:// URL with a host",
+                h.url
+            ))
+        }
+    }
+    if let Some(ca) = &h.ca_file {
+        if !ca.is_absolute() {
+            return Err(format!(
+                "http.ca_file: {:?} must be an absolute path on the host",
+                ca.display().to_string()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(
@@ -709,6 +740,66 @@ mod tests {
             err.contains("roles/a/role.toml checks[0]: a check needs exactly one"),
             "{err}"
         );
+    }
+
+    /// Loads a repository whose role `a` has one check,
+    /// `http = { <http> }`.
+    fn one_http_check(http: &str) -> Result<HostConfig, String> {
+        let role = format!("[[checks]]\nhttp = {{ {http} }}\n");
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", &role),
+        ]);
+        load_host(&s, "h", &opts()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn http_check_fields_parse_with_defaults() {
+        let host = one_http_check(r#"url = "http://127.0.0.1/""#).unwrap();
+        let Probe::Http(h) = &host.checks[0].probe else {
+            panic!("{:?}", host.checks[0].probe)
+        };
+        assert_eq!(h.status, 200);
+        assert!(!h.follow_redirects && h.ca_file.is_none() && h.body_contains.is_none());
+
+        let host = one_http_check(
+            r#"url = "HTTPS://db.example/health", status = 204, follow_redirects = true, ca_file = "/etc/ssl/private-ca.pem""#,
+        )
+        .unwrap();
+        let Probe::Http(h) = &host.checks[0].probe else {
+            panic!("{:?}", host.checks[0].probe)
+        };
+        assert_eq!(h.status, 204);
+        assert!(h.follow_redirects);
+        assert_eq!(
+            h.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ssl/private-ca.pem"))
+        );
+    }
+
+    #[test]
+    fn http_check_url_scheme_ca_file_and_unknown_keys_are_checked() {
+        for (keys, want) in [
+            (
+                r#"url = "ftp://x/""#,
+                "http.url: \"ftp://x/\" is not an http:// or https://",
+            ),
+            (r#"url = "127.0.0.1:80/""#, "is not an http:// or https://"),
+            (r#"url = "http:///x""#, "with a host"),
+            (
+                r#"url = "https://x/", ca_file = "ca.pem""#,
+                "http.ca_file: \"ca.pem\" must be an absolute path",
+            ),
+            (
+                r#"url = "http://x/", follow_redirect = true"#,
+                "follow_redirect",
+            ),
+        ] {
+            let err = one_http_check(keys).unwrap_err();
+            assert!(err.contains("roles/a/role.toml"), "{keys}: {err}");
+            assert!(err.contains(want), "{keys}: {want:?} not in {err}");
+        }
     }
 
     /// Loads a repository whose role `a` manages `path` with `extra` keys.

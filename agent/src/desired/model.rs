@@ -162,12 +162,20 @@ pub struct CheckSpec {
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheckSpec {
+    /// An `http://` or `https://` URL.
     pub url: String,
     #[serde(default = "default_http_status")]
     pub status: u16,
-    /// A substring the body must contain.
+    /// A substring the body (its first MiB, read as lossy UTF-8) must contain.
     #[serde(default)]
     pub body_contains: Option<String>,
+    /// Follow redirects (at most 5). Off by default: a 301 is status 301.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow_redirects: bool,
+    /// A PEM file of CA certificates trusted for `https://`, in addition to
+    /// the system roots (a private CA). An absolute path on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_http_status() -> u16 {
