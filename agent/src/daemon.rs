@@ -95,7 +95,7 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
     let mut int = signal(SignalKind::interrupt()).kind(Failure::Failed)?;
     // Refuse to start on a broken setup rather than loop: the state
     // directory must be usable.
-    crate::effects::state::StateDir::open(&settings.state_dir).kind(Failure::Config)?;
+    crate::sync::open_state(&settings).kind(Failure::Config)?;
     let ping_every = sd_notify::watchdog_enabled()
         .map(|d| d / 2)
         .unwrap_or(Duration::from_secs(3600));

@@ -16,6 +16,7 @@ mod hostile_templates;
 mod leak_catalogue;
 mod originals;
 mod pipeline;
+mod planted_links;
 mod quick;
 mod quickstart;
 mod reserved;

@@ -62,8 +62,20 @@ pub fn gather(root: &Path) -> Json {
     })
 }
 
+/// Largest os-release or machine-id read.
+const MAX_FACT_FILE: u64 = 64 * 1024;
+
+/// A file of the root, symlinks resolved inside it (an image's link to
+/// `/etc/machine-id` reads the image's file, never the host's).
 fn read_under(root: &Path, rel: &str) -> Option<String> {
-    std::fs::read_to_string(root.join(rel)).ok()
+    let fs = crate::effects::rootfs::RootFs::open(root).ok()?;
+    match fs.read_contained(rel, MAX_FACT_FILE) {
+        Ok(bytes) => bytes.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        Err(e) => {
+            tracing::warn!("fact source not read: {e:#}");
+            None
+        }
+    }
 }
 
 /// `KEY=value` and `KEY="quoted value"` lines; comments and blanks skipped.

@@ -68,12 +68,15 @@ pub fn resolve(root: &Path, desired: &Desired) -> Result<Ids> {
     Ok(ids)
 }
 
+/// Largest passwd or group file read under `--root`.
+const MAX_DB: u64 = 64 * 1024 * 1024;
+
+/// An account database of the root, symlinks resolved inside it.
 fn read_db(root: &Path, rel: &str) -> Result<Option<String>> {
-    match std::fs::read_to_string(root.join(rel)) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", root.join(rel).display())),
-    }
+    let fs = crate::effects::rootfs::RootFs::open(root)?;
+    Ok(fs
+        .read_contained(rel, MAX_DB)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
 /// Finds `name` in a passwd/group style database (`name:x:id:...`).

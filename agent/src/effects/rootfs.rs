@@ -174,6 +174,162 @@ impl RootFs {
     }
 }
 
+impl RootFs {
+    /// Opens (creating with `mode` if missing, parents 0755) the directory
+    /// at `dir` under the root, never through a symlink: a link at it or
+    /// above it is refused with an error naming it. For the agent's own
+    /// directories under `--root` (the state directory, `etc/driftless`),
+    /// which a hostile image could otherwise point anywhere on the host.
+    pub fn ensure_dir(&self, dir: &TargetPath, mode: u32) -> Result<OwnedFd> {
+        let mut created = Vec::new();
+        let parent = self
+            .open_parent(
+                dir,
+                Some(MkParents {
+                    created: &mut created,
+                    mode: NEW_PARENT_MODE,
+                }),
+            )?
+            .ok_or_else(|| anyhow!("cannot open the directory above {}", self.display(dir)))?;
+        let name = dir.file_name();
+        match open_dir(&parent, name) {
+            Ok(fd) => Ok(fd),
+            Err(Errno::ENOENT) => {
+                let m = NixMode::from_bits_truncate(mode);
+                match mkdirat(&parent, name, m) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot create {}", self.display(dir)))
+                    }
+                }
+                let fd = open_dir(&parent, name)
+                    .with_context(|| format!("cannot open {}", self.display(dir)))?;
+                fchmod(&fd, m).with_context(|| format!("cannot set the mode of {}", self.display(dir)))?;
+                Ok(fd)
+            }
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => bail!(
+                "{} is {}, not a directory: driftless never follows a symlink to its own files under the root; replace it with a real directory",
+                self.display(dir),
+                describe_non_dir(&parent, name)
+            ),
+            Err(e) => Err(e).with_context(|| format!("cannot open {}", self.display(dir))),
+        }
+    }
+
+    /// Reads a small file of the root (os-release, machine-id, passwd)
+    /// with symlinks resolved *inside* the root (`openat2` with
+    /// `RESOLVE_IN_ROOT`): an image's `/etc/os-release -> ../usr/lib/os-release`
+    /// works, and a link to `/etc/machine-id` reads the image's file, never
+    /// the host's. Only a regular file is read (a FIFO cannot hang the
+    /// agent), at most `cap` bytes. `Ok(None)` if it does not exist.
+    pub fn read_contained(&self, rel: &str, cap: u64) -> Result<Option<Vec<u8>>> {
+        use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+        let shown = self.display_str(&format!("/{}", rel.trim_start_matches('/')));
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = match openat2(&self.fd, rel.trim_start_matches('/'), how) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {shown}")),
+        };
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot examine {shown}"))?;
+        if !meta.is_file() {
+            bail!("{shown} is not a regular file: not read");
+        }
+        if meta.len() > cap {
+            bail!(
+                "{shown} is {} bytes, more than the {cap} read: not read",
+                meta.len()
+            );
+        }
+        let mut content = Vec::with_capacity(meta.len() as usize);
+        file.take(cap)
+            .read_to_end(&mut content)
+            .with_context(|| format!("cannot read {shown}"))?;
+        Ok(Some(content))
+    }
+}
+
+/// Mode of the parents [`RootFs::ensure_dir`] creates.
+const NEW_PARENT_MODE: u32 = 0o755;
+
+/// Reads `name` in `dir` without following a symlink: a regular file of at
+/// most `cap` bytes, `Ok(None)` if it does not exist.
+pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let fd = match openat(
+        dir,
+        name,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY,
+        NixMode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(Errno::ELOOP) => {
+            return Err(std::io::Error::other(
+                "it is a symlink, which driftless never follows here",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let file = File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > cap {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than the {cap} allowed",
+            meta.len()
+        )));
+    }
+    let mut content = Vec::new();
+    file.take(cap).read_to_end(&mut content)?;
+    Ok(Some(content))
+}
+
+/// Replaces `name` in `dir` atomically and durably with `bytes` (mode
+/// `mode`): a temp file created `O_EXCL|O_NOFOLLOW`, fsync, rename, fsync
+/// of the directory. A link planted at the temp name is never followed.
+pub fn replace_in(dir: &OwnedFd, name: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use nix::fcntl::renameat;
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    use std::io::Write;
+    let tmp = format!(".{name}.tmp-{}", std::process::id());
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let m = NixMode::from_bits_truncate(mode);
+    let fd = match openat(dir, tmp.as_str(), flags, m) {
+        Err(Errno::EEXIST) => {
+            // A leftover of an earlier process with our pid (or a planted
+            // name): removing a name never follows it.
+            unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir)?;
+            openat(dir, tmp.as_str(), flags, m)?
+        }
+        r => r?,
+    };
+    let mut f = File::from(fd);
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| fchmod(&f, m).map_err(Into::into))
+        .and_then(|()| f.sync_all())
+        .and_then(|()| renameat(dir, tmp.as_str(), dir, name).map_err(Into::into));
+    if let Err(e) = written {
+        let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        return Err(e);
+    }
+    nix::unistd::fsync(dir)?;
+    Ok(())
+}
+
 /// Observes `name` inside an open directory, never following a symlink.
 pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
     let fd = match openat(
@@ -340,5 +496,62 @@ mod tests {
                 & 0o7777;
             assert_eq!(got, want, "{dir}: {got:o}");
         }
+    }
+
+    /// A link planted at the temp name of [`replace_in`] is replaced, never
+    /// written through.
+    #[test]
+    fn replace_in_never_writes_through_a_link_at_its_temp_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "host").unwrap();
+        let tmp = format!(".f.tmp-{}", std::process::id());
+        std::os::unix::fs::symlink(&victim, dir.path().join(&tmp)).unwrap();
+        let fd = nix::fcntl::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            NixMode::empty(),
+        )
+        .unwrap();
+        replace_in(&fd, "f", b"new", 0o600).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("f")).unwrap(),
+            "new"
+        );
+        assert!(!dir.path().join(&tmp).exists());
+        let meta = std::fs::symlink_metadata(dir.path().join("f")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn ensure_dir_creates_with_its_mode_and_refuses_a_link_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        fs.ensure_dir(&tp("/var/lib/driftless"), 0o700).unwrap();
+        let mode = |p: &str| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(root.path().join(p))
+                    .unwrap()
+                    .permissions(),
+            ) & 0o7777
+        };
+        assert_eq!(mode("var/lib/driftless"), 0o700);
+        assert_eq!(mode("var/lib"), 0o755);
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("etc")).unwrap();
+        let err = format!(
+            "{:#}",
+            fs.ensure_dir(&tp("/etc/driftless"), 0o755).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("{}/etc is a symlink", root.path().display())),
+            "{err}"
+        );
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 }

@@ -105,9 +105,31 @@ pub fn source_spec(settings: &Settings) -> Result<SourceSpec, Error> {
     })
 }
 
+/// Opens (creating) the state directory. Under a `--root` prefix it is,
+/// by default, inside the root, which may be a hostile image: its path is
+/// then walked from a handle on the root without following any symlink (a
+/// link at `var/lib/driftless` would otherwise put the agent's state, and
+/// its lock, anywhere on the host).
+pub fn open_state(settings: &Settings) -> anyhow::Result<StateDir> {
+    // Lexically normalised, as the reserved paths are: the walk below
+    // resolves no `..` through a link, and the directory opened is the
+    // one walked.
+    let root = lexical(&settings.root);
+    let dir = lexical(&settings.state_dir);
+    if root != Path::new("/") {
+        if let Ok(rel) = dir.strip_prefix(&root) {
+            let target = TargetPath::parse(&format!("/{}", rel.display()))
+                .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", settings.state_dir.display()))?;
+            RootFs::open(&root)?.ensure_dir(&target, 0o700)?;
+            return StateDir::open(&dir);
+        }
+    }
+    StateDir::open(&settings.state_dir)
+}
+
 /// Opens the state directory and takes the lock.
 pub fn lock(settings: &Settings, wait: Duration) -> Result<(StateDir, LockGuard), Error> {
-    let state = StateDir::open(&settings.state_dir).kind(Failure::Failed)?;
+    let state = open_state(settings).kind(Failure::Failed)?;
     let guard = state.lock(wait).map_err(|e| {
         let kind = if e.is::<crate::effects::state::LockBusy>() {
             Failure::Busy

@@ -24,10 +24,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{read_json, write_json_atomic};
+use crate::desired::spec::TargetPath;
+use crate::effects::rootfs::{read_file_in, replace_in, RootFs};
 
 /// Relative to the managed root.
 pub const FLOOR_FILE: &str = "etc/driftless/applied-commit.json";
+const FLOOR_DIR: &str = "etc/driftless";
+const FILE_NAME: &str = "applied-commit.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,24 +49,57 @@ pub fn path(root: &Path) -> PathBuf {
     root.join(FLOOR_FILE)
 }
 
-/// The recorded floor, if any. A corrupt file is an error: silently
-/// ignoring it would disable the protection.
-pub fn load(root: &Path) -> Result<Option<Floor>> {
-    let p = path(root);
-    read_json(&p).with_context(|| {
-        format!(
-            "the anti-rollback record {} is unreadable: restore it, or remove it to accept the next commit as a new start",
-            p.display()
-        )
-    })
+/// Largest floor record read (it is a few hundred bytes).
+const MAX_FLOOR: u64 = 64 * 1024;
+
+fn target() -> TargetPath {
+    TargetPath::parse(&format!("/{FLOOR_FILE}")).expect("FLOOR_FILE is a valid target path")
 }
 
-/// Records `floor` (atomically, durably; mode 0600, directory 0755).
+/// The recorded floor, if any. A corrupt file is an error: silently
+/// ignoring it would disable the protection. Read through a handle on the
+/// root: a symlink at `etc`, `etc/driftless` or the file itself is refused
+/// (a hostile image could otherwise point the floor at any host file).
+pub fn load(root: &Path) -> Result<Option<Floor>> {
+    let p = path(root);
+    let remedy = "restore it, or remove it to accept the next commit as a new start";
+    let fs = RootFs::open(root)?;
+    let Some(dir) = fs
+        .open_parent(&target(), None)
+        .with_context(|| format!("the anti-rollback record {} is unreachable", p.display()))?
+    else {
+        return Ok(None);
+    };
+    let Some(bytes) = read_file_in(&dir, FILE_NAME, MAX_FLOOR).with_context(|| {
+        format!(
+            "the anti-rollback record {} is unreadable: {remedy}",
+            p.display()
+        )
+    })?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{} is corrupt", p.display()))
+        .with_context(|| {
+            format!(
+                "the anti-rollback record {} is unreadable: {remedy}",
+                p.display()
+            )
+        })
+}
+
+/// Records `floor` (atomically, durably; mode 0600, directory 0755),
+/// through a handle on the root as [`load`] reads it.
 pub fn save(root: &Path, floor: &Floor) -> Result<()> {
     let p = path(root);
-    let dir = p.parent().context("floor path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_json_atomic(&p, floor)
+    let bytes = serde_json::to_vec_pretty(floor).context("cannot serialise the floor")?;
+    let fs = RootFs::open(root)?;
+    let dir_target =
+        TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = fs.ensure_dir(&dir_target, 0o755)?;
+    replace_in(&dir, FILE_NAME, &bytes, 0o600)
         .with_context(|| format!("cannot record the applied commit in {}", p.display()))
 }
 

@@ -57,6 +57,7 @@ impl StateDir {
             .mode(0o700)
             .create(root)
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
+        refuse_links(root)?;
         for sub in ["tx", "originals"] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -107,6 +108,7 @@ impl StateDir {
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         loop {
@@ -134,7 +136,7 @@ impl StateDir {
     /// random bytes, 0600), created on first use.
     pub fn hash_key(&self) -> Result<Vec<u8>> {
         let path = self.root.join("hash.key");
-        match fs::read(&path) {
+        match read_nofollow(&path) {
             Ok(k) if k.len() == 32 => return Ok(k),
             Ok(_) => bail!(
                 "{} is corrupt (not 32 bytes): remove it to make a new one",
@@ -174,9 +176,55 @@ impl StateDir {
     }
 }
 
+/// The entries of a state directory that must be what they say: a symlink
+/// planted at any of them (the state directory is untrusted input under
+/// `--root`) would make the agent read or write a host file of the
+/// link's choosing.
+const STATE_ENTRIES: &[&str] = &[
+    "lock",
+    "inventory.json",
+    "history.jsonl",
+    "last-run.json",
+    "marks.json",
+    "quick.json",
+    "hash.key",
+    "mirror.git",
+    "tx",
+    "originals",
+];
+
+/// Refuses a state directory with a symlink at one of its entries, naming
+/// it (`driftless state repair` does not guess: the operator removes it).
+fn refuse_links(root: &Path) -> Result<()> {
+    for name in STATE_ENTRIES {
+        let p = root.join(name);
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "{} is a symlink: driftless never follows links in its state directory; remove it (the agent rebuilds what it needs)",
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `fs::read` that does not follow a symlink at the last component.
+fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut out)?;
+    Ok(out)
+}
+
 /// Reads a JSON file; `Ok(None)` if it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
+    let bytes = match read_nofollow(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
