@@ -584,3 +584,58 @@ fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
         "{text}"
     );
 }
+
+/// Issue 12 §7: the objects of a refused bundle stayed in the mirror (its
+/// pack was indexed into the mirror before the ancestry check). They are
+/// now indexed into a quarantine and only moved in once accepted.
+#[test]
+fn a_refused_bundle_leaves_the_mirror_untouched() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let out = tempfile::tempdir().unwrap();
+    let good = out.path().join("good.bundle");
+    create_bundle(&repo, &good, &signer, None).ok();
+    let host = Host::new("h");
+    import(&host, &signer, &[&good]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+
+    // Same signer, unrelated history: refused by ancestry, after indexing.
+    let stranger = app_repo(&signer, "rewritten\n");
+    let foreign = out.path().join("foreign.bundle");
+    create_bundle(&stranger, &foreign, &signer, None).ok();
+    let mirror = host.state.path().join("mirror.git");
+    let objects = |m: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(m.join("objects/pack"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = objects(&mirror);
+    let run = import(&host, &signer, &[&foreign]).code(4);
+    assert!(
+        run.stderr
+            .contains("does not descend from the applied commit"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        objects(&mirror),
+        before,
+        "the refused pack reached the mirror"
+    );
+    let has = Command::new("git")
+        .arg("--git-dir")
+        .arg(&mirror)
+        .args(["cat-file", "-e", &stranger.head()])
+        .status()
+        .unwrap();
+    assert!(!has.success(), "the refused tip is in the mirror");
+    let incoming: Vec<_> = std::fs::read_dir(host.state.path().join("incoming"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(incoming.is_empty(), "quarantine left behind: {incoming:?}");
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+}

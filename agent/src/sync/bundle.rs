@@ -69,6 +69,7 @@ pub fn import_files(
     std::fs::create_dir_all(&incoming)
         .with_context(|| format!("cannot create {}", incoming.display()))
         .kind(Failure::Failed)?;
+    import::clean_quarantines(&incoming);
 
     // Oldest first, by the signed creation time; unreadable manifests sort
     // last and are refused with their own message below.

@@ -102,8 +102,20 @@ pub fn import(
             return Ok(Imported::Outdated { tip, reason });
         }
     }
-    index_pack(repo, staged, header.pack_offset, shown)?;
-    let commit = repo
+    // The pack goes into a quarantine first: a bundle refused below (not a
+    // commit, not descending from the applied commit, outdated) leaves the
+    // mirror exactly as it was. Checks read through the quarantine, which
+    // sees the mirror's objects too.
+    let quarantine = Quarantine::new(repo, &staged.with_extension("quarantine"))?;
+    index_pack(
+        repo,
+        &quarantine.pack_dir(),
+        staged,
+        header.pack_offset,
+        shown,
+    )?;
+    let q = &quarantine.repo;
+    let commit = q
         .find_object(tip)
         .with_context(|| {
             format!(
@@ -120,11 +132,11 @@ pub fn import(
             )
         })?;
     drop(commit);
-    if let Some(reason) = older(repo, tip, current, policy, shown)? {
+    if let Some(reason) = older(q, tip, current, policy, shown)? {
         return Ok(Imported::Outdated { tip, reason });
     }
     for applied in policy.applied {
-        if !policy.allow_non_fast_forward && !fetch::is_ancestor(repo, *applied, tip)? {
+        if !policy.allow_non_fast_forward && !fetch::is_ancestor(q, *applied, tip)? {
             bail!(
                 "{}: its tip {} does not descend from the applied commit {}: the bundle comes from a rewritten history or another repository. Nothing applied; if intended, use `driftless rollback` or allow_non_fast_forward",
                 shown.display(),
@@ -136,6 +148,7 @@ pub fn import(
     if current == Some(tip) {
         return Ok(Imported::AlreadyHave { tip });
     }
+    quarantine.promote(repo)?;
     repo.reference(
         tracking.as_str(),
         tip,
@@ -185,21 +198,101 @@ fn older(
     Ok(None)
 }
 
+/// A bare repository in the state directory's `incoming/` holding the
+/// objects of one bundle until it is accepted; its object store borrows
+/// the mirror's through `objects/info/alternates`. Removed when dropped
+/// (accepted packs have been moved out by then); a crash leaves it for
+/// [`clean_quarantines`].
+struct Quarantine {
+    dir: std::path::PathBuf,
+    repo: gix::Repository,
+}
+
+impl Quarantine {
+    fn new(mirror: &gix::Repository, dir: &Path) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(dir.join("objects/pack"))?;
+            std::fs::create_dir_all(dir.join("objects/info"))?;
+            std::fs::create_dir_all(dir.join("refs/heads"))?;
+            std::fs::write(dir.join("HEAD"), "ref: refs/heads/main\n")?;
+            let objects = std::fs::canonicalize(mirror.objects.store_ref().path())?;
+            std::fs::write(
+                dir.join("objects/info/alternates"),
+                format!("{}\n", objects.display()),
+            )
+        })();
+        made.with_context(|| format!("cannot create the quarantine {}", dir.display()))?;
+        let repo = gix::open_opts(dir, gix::open::Options::isolated())
+            .with_context(|| format!("cannot open the quarantine {}", dir.display()))?;
+        Ok(Quarantine {
+            dir: dir.to_path_buf(),
+            repo,
+        })
+    }
+
+    fn pack_dir(&self) -> std::path::PathBuf {
+        self.dir.join("objects/pack")
+    }
+
+    /// Moves the accepted pack into the mirror: the pack first, its index
+    /// last (a pack is only looked at through its index), then the
+    /// directory is made durable.
+    fn promote(&self, mirror: &gix::Repository) -> Result<()> {
+        let to = mirror.objects.store_ref().path().join("pack");
+        std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
+        let mut files: Vec<_> = std::fs::read_dir(self.pack_dir())
+            .with_context(|| format!("cannot read {}", self.pack_dir().display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pack" || x == "idx"))
+            .collect();
+        files.sort_by_key(|p| p.extension().is_some_and(|x| x == "idx"));
+        for f in files {
+            let name = f.file_name().context("pack file without a name")?;
+            std::fs::rename(&f, to.join(name))
+                .with_context(|| format!("cannot move {} into the mirror", f.display()))?;
+        }
+        crate::effects::state::fsync_dir(&to)
+    }
+}
+
+impl Drop for Quarantine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes quarantines an interrupted import left in `incoming` (under
+/// the lock: no import is running).
+pub fn clean_quarantines(incoming: &Path) {
+    if let Ok(rd) = std::fs::read_dir(incoming) {
+        for e in rd.flatten() {
+            if e.path().extension().is_some_and(|x| x == "quarantine") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Hands the pack after the header to gix, which checks every object,
-/// completes a thin pack from the mirror, and writes pack + index.
-fn index_pack(repo: &gix::Repository, staged: &Path, offset: usize, shown: &Path) -> Result<()> {
+/// completes a thin pack from the mirror, and writes pack + index into
+/// `pack_dir` (the quarantine).
+fn index_pack(
+    repo: &gix::Repository,
+    pack_dir: &Path,
+    staged: &Path,
+    offset: usize,
+    shown: &Path,
+) -> Result<()> {
     let mut file = std::fs::File::open(staged)
         .with_context(|| format!("cannot open the staged copy {}", staged.display()))?;
     file.seek(SeekFrom::Start(offset as u64))
         .with_context(|| format!("cannot read {}", staged.display()))?;
     let mut reader = BufReader::with_capacity(256 * 1024, file);
-    let pack_dir = repo.objects.store_ref().path().join("pack");
-    std::fs::create_dir_all(&pack_dir)
-        .with_context(|| format!("cannot create {}", pack_dir.display()))?;
     let never = AtomicBool::new(false);
     let outcome = gix::odb::pack::Bundle::write_to_directory(
         &mut reader,
-        Some(&pack_dir),
+        Some(pack_dir),
         &mut gix::progress::Discard,
         &never,
         Some(repo.objects.clone()),
