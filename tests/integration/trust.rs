@@ -639,3 +639,138 @@ fn a_refused_bundle_leaves_the_mirror_untouched() {
     assert!(incoming.is_empty(), "quarantine left behind: {incoming:?}");
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
 }
+
+/// Issue 12 §7: a directory stick's links were followed (the report went
+/// to a host path of the stick's choosing; a linked "bundle" leaked a host
+/// file's size and hash into the report), a FIFO in place of a bundle hung
+/// the agent under the lock, and a bundle had no size cap.
+#[test]
+fn a_hostile_directory_stick_is_refused_without_following_or_hanging() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let made = tempfile::tempdir().unwrap();
+    let good = made.path().join("good.bundle");
+    create_bundle(&repo, &good, &signer, None).ok();
+    let copy_bundle = |to: &Path| {
+        for ext in ["", ".manifest", ".manifest.sig"] {
+            std::fs::copy(
+                format!("{}{ext}", good.display()),
+                format!("{}{ext}", to.display()),
+            )
+            .unwrap();
+        }
+    };
+    let stick_run = |host: &Host, stick: &Path, extra: &[&str]| {
+        let mut args = vec!["bundle", "stick", stick.to_str().unwrap(), "--wait", "5"];
+        args.extend_from_slice(extra);
+        run_with(host, bundles(), &args, &signer)
+    };
+
+    // 1. The reports directory links to a host directory.
+    let stick = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(stick.path().join("driftless/bundles")).unwrap();
+    copy_bundle(&stick.path().join("driftless/bundles/a.bundle"));
+    std::os::unix::fs::symlink(outside.path(), stick.path().join("driftless/reports")).unwrap();
+    let host = Host::new("web1");
+    let run = stick_run(&host, stick.path(), &[]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("driftless/reports is a symlink"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "report written through the link"
+    );
+
+    // 2. A "bundle" that links to a host file: refused by name; nothing of
+    //    the host file (size, hash) reaches the report.
+    let stick = tempfile::tempdir().unwrap();
+    let bdir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bdir).unwrap();
+    copy_bundle(&bdir.join("x.bundle"));
+    std::fs::remove_file(bdir.join("x.bundle")).unwrap();
+    let secret = outside.path().join("host-secret");
+    std::fs::write(&secret, "host secret content\n").unwrap();
+    std::os::unix::fs::symlink(&secret, bdir.join("x.bundle")).unwrap();
+    let host = Host::new("web1");
+    let run = stick_run(&host, stick.path(), &[]).code(4);
+    assert!(run.stderr.contains("is a symlink"), "{}", run.stderr);
+    let report = std::fs::read_to_string(stick.path().join("driftless/reports/web1.json")).unwrap();
+    assert!(report.contains("x.bundle is a symlink"), "{report}");
+    assert!(
+        !report.contains("20 bytes") && !report.contains("size 20"),
+        "{report}"
+    );
+
+    // 3. The bundles directory itself links elsewhere.
+    let stick = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    copy_bundle(&elsewhere.path().join("a.bundle"));
+    std::fs::create_dir_all(stick.path().join("driftless")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), stick.path().join("driftless/bundles")).unwrap();
+    let host = Host::new("web1");
+    let run = stick_run(&host, stick.path(), &[]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("driftless/bundles is a symlink"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.read("/etc/app.conf"), None);
+
+    // 4. A FIFO in place of the bundle: refused at once, not a hang.
+    let stick = tempfile::tempdir().unwrap();
+    let bdir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bdir).unwrap();
+    copy_bundle(&bdir.join("f.bundle"));
+    std::fs::remove_file(bdir.join("f.bundle")).unwrap();
+    nix::unistd::mkfifo(
+        &bdir.join("f.bundle"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let host = Host::new("web1");
+    let started = std::time::Instant::now();
+    let run = stick_run(&host, stick.path(), &[]).code(4);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(
+        run.stderr.contains("f.bundle is not a regular file"),
+        "{}",
+        run.stderr
+    );
+
+    // 5. Larger than max_bundle_size: refused before it is read.
+    let stick = tempfile::tempdir().unwrap();
+    let bdir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bdir).unwrap();
+    copy_bundle(&bdir.join("big.bundle"));
+    let conf = made.path().join("agent.toml");
+    std::fs::write(&conf, "max_bundle_size = \"100B\"\n").unwrap();
+    let host = Host::new("web1");
+    let out = Command::new(BIN)
+        .args([
+            "bundle",
+            "stick",
+            stick.path().to_str().unwrap(),
+            "--config",
+        ])
+        .arg(&conf)
+        .args(["--source", "bundle:", "--host", "web1", "--root"])
+        .arg(host.root.path())
+        .arg("--state-dir")
+        .arg(host.state.path())
+        .arg("--allowed-signers")
+        .arg(signer.allowed())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("more than max_bundle_size (100 bytes)"),
+        "{stderr}"
+    );
+    assert_eq!(host.read("/etc/app.conf"), None);
+}

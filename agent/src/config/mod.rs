@@ -85,6 +85,9 @@ pub struct Fragment {
     /// Largest content of all of a host's files together, e.g. "1GiB"
     /// (the default).
     pub max_render_size: Option<SizeValue>,
+    /// Largest bundle file imported (from a stick or `bundle import`),
+    /// e.g. "2GiB" (the default).
+    pub max_bundle_size: Option<SizeValue>,
     #[serde(default)]
     pub ssh: SshFragment,
 }
@@ -122,6 +125,7 @@ impl Fragment {
             signature_policy,
             max_file_size,
             max_render_size,
+            max_bundle_size,
             ssh: SshFragment { key, known_hosts },
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
@@ -148,10 +152,15 @@ impl Fragment {
         take(&mut self.signature_policy, signature_policy);
         take(&mut self.max_file_size, max_file_size);
         take(&mut self.max_render_size, max_render_size);
+        take(&mut self.max_bundle_size, max_bundle_size);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
     }
 }
+
+/// Default `max_bundle_size`: a config repository's full history fits many
+/// times over; a stick cannot make the agent copy and hash without end.
+pub const DEFAULT_MAX_BUNDLE_SIZE: u64 = 2 << 30;
 
 /// Validated settings.
 #[derive(Debug, Clone, Serialize)]
@@ -181,6 +190,8 @@ pub struct Settings {
     /// Rendered output limits.
     #[serde(skip)]
     pub limits: crate::desired::guard::Limits,
+    /// Largest bundle file imported, in bytes.
+    pub max_bundle_size: u64,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
 }
@@ -326,8 +337,14 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         None if live => PathBuf::from(DEFAULT_STATE_DIR),
         None => root.join(DEFAULT_STATE_DIR.trim_start_matches('/')),
     };
+    let max_bundle_size = size(
+        "max_bundle_size",
+        f.max_bundle_size,
+        DEFAULT_MAX_BUNDLE_SIZE,
+    )?;
     Ok(Settings {
         limits,
+        max_bundle_size,
         interval,
         splay: duration("splay", f.splay, DEFAULT_SPLAY)?,
         job_timeout: duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?,

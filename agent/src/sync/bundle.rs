@@ -92,7 +92,14 @@ pub fn import_files(
     let mut out = Vec::new();
     for (_, file) in ordered {
         let staged = incoming.join(format!("import-{}.bundle", std::process::id()));
-        let result = import_one(&repo, &file, &staged, &signers, &policy);
+        let result = import_one(
+            &repo,
+            &file,
+            &staged,
+            &signers,
+            &policy,
+            settings.max_bundle_size,
+        );
         let _ = std::fs::remove_file(&staged);
         let shown = file.display().to_string();
         out.push(match result {
@@ -153,10 +160,11 @@ fn import_one(
     staged: &Path,
     signers: &crate::trust::AllowedSigners,
     policy: &import::Policy<'_>,
+    max_size: u64,
 ) -> anyhow::Result<(import::Imported, String)> {
     let _spinner = crate::progress::spinner(&format!("importing {}", file.display()));
     let (m, signer) = manifest::verify_manifest(file, signers)?;
-    let header = manifest::check_contents(file, &m, Some(staged))?;
+    let header = manifest::check_contents(file, &m, Some(staged), max_size)?;
     let imported = import::import(repo, staged, file, &header, &m, policy)?;
     Ok((
         imported,
@@ -170,7 +178,8 @@ fn import_one(
 pub fn verify_file(settings: &Settings, file: &Path) -> Result<VerifyReport, Error> {
     let signers = super::allowed_signers(settings)?;
     let (m, signer) = manifest::verify_manifest(file, &signers).kind(Failure::Refused)?;
-    let header = manifest::check_contents(file, &m, None).kind(Failure::Refused)?;
+    let header = manifest::check_contents(file, &m, None, settings.max_bundle_size)
+        .kind(Failure::Refused)?;
     let mut missing = Vec::new();
     let mirror = settings.state_dir.join("mirror.git");
     if mirror.exists() {

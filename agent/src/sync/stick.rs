@@ -18,6 +18,8 @@
 //! The report is written whatever happened (bad bundle, failed sync):
 //! the point is that the operator learns why, without console access.
 
+use crate::desired::spec::TargetPath;
+use crate::effects::rootfs::{replace_in, RootFs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -125,13 +127,15 @@ pub fn run(
         .as_ref()
         .map_or(opts.path.clone(), |m| m.target.clone());
     let report = process(settings, &dir, sync_opts, opts.wait, now, rt);
-    let reports_dir = opts
-        .reports
-        .clone()
-        .unwrap_or_else(|| dir.join(STICK_DIR).join("reports"));
+    // The operator's --reports directory is trusted; the stick's own is
+    // written through a handle on the stick, never through a link on it.
+    let write = || match &opts.reports {
+        Some(d) => write_report(d, &report),
+        None => write_report_on_stick(&dir, &report),
+    };
     let written = match &mount {
-        Some(m) => m.writable(|| write_report(&reports_dir, &report)),
-        None => write_report(&reports_dir, &report),
+        Some(m) => m.writable(write),
+        None => write(),
     };
     if let Some(m) = mount {
         m.unmount();
@@ -181,7 +185,7 @@ fn process(
         message: None,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let files = match list_bundles(&dir.join(STICK_DIR).join("bundles")) {
+    let files = match stick_bundles(dir) {
         Ok(f) => f,
         Err(e) => {
             report.message = Some(format!("{e:#}"));
@@ -278,6 +282,38 @@ pub fn drifted(plan: &crate::plan::Plan, before: &Inventory) -> Vec<String> {
             differs.then(|| c.path.to_string())
         })
         .collect()
+}
+
+/// The bundles of a stick: `driftless/bundles` is reached without
+/// following a link on the stick (each file is then opened `O_NOFOLLOW`,
+/// regular files only, by the import).
+fn stick_bundles(stick: &Path) -> Result<Vec<PathBuf>> {
+    let fs = RootFs::open(stick)?;
+    let probe = TargetPath::parse(&format!("/{STICK_DIR}/bundles/probe"))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    fs.open_parent(&probe, None)
+        .with_context(|| format!("refusing the stick {}", stick.display()))?;
+    list_bundles(&stick.join(STICK_DIR).join("bundles"))
+}
+
+/// Writes the report into `<stick>/driftless/reports/` through a handle on
+/// the stick: a link there (or at `driftless`) is refused, never followed
+/// to a host path of the stick's choosing.
+fn write_report_on_stick(stick: &Path, report: &StickReport) -> Result<()> {
+    let fs = RootFs::open(stick)?;
+    let dir_target =
+        TargetPath::parse(&format!("/{STICK_DIR}/reports")).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = fs
+        .ensure_dir(&dir_target, 0o755)
+        .with_context(|| format!("cannot write the report onto the stick {}", stick.display()))?;
+    let bytes = serde_json::to_vec_pretty(report).context("cannot serialise the report")?;
+    let name = format!("{}.json", sanitize(&report.host));
+    replace_in(&dir, &name, &bytes, 0o644).with_context(|| {
+        format!(
+            "cannot write {}",
+            stick.join(STICK_DIR).join("reports").join(&name).display()
+        )
+    })
 }
 
 /// `*.bundle` files in `dir`, by name (import orders them by signed time).

@@ -97,9 +97,28 @@ pub fn check_contents(
     bundle: &Path,
     manifest: &Manifest,
     copy_to: Option<&Path>,
+    max_size: u64,
 ) -> Result<Header> {
-    let mut input =
-        File::open(bundle).with_context(|| format!("cannot open bundle {}", bundle.display()))?;
+    if manifest.bundle_size > max_size {
+        bail!(
+            "{}: its manifest says {} bytes, more than max_bundle_size ({} bytes); refused unread (raise max_bundle_size in agent.toml if it is genuine)",
+            bundle.display(),
+            manifest.bundle_size,
+            max_size
+        );
+    }
+    let mut input = open_untrusted(bundle, "bundle")?;
+    let len = input
+        .metadata()
+        .with_context(|| format!("cannot examine bundle {}", bundle.display()))?
+        .len();
+    if len > max_size {
+        bail!(
+            "{} is {len} bytes, more than max_bundle_size ({max_size} bytes); refused unread",
+            bundle.display()
+        );
+    }
+    let mut input = (&mut input).take(max_size + 1);
     let mut copy = match copy_to {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -172,15 +191,43 @@ pub fn check_contents(
     Ok(header)
 }
 
+/// Opens a file of a bundle (on a stick: untrusted) for reading: never
+/// through a symlink, only a regular file (a FIFO would hang the agent
+/// while it holds the lock; a device could be anything).
+pub fn open_untrusted(path: &Path, what: &str) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                anyhow::anyhow!(
+                    "{} is a symlink: bundle files are never read through a link",
+                    path.display()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!(
+                    "cannot read the {what} {}: a driftless bundle is FILE, FILE{MANIFEST_SUFFIX} and FILE{SIGNATURE_SUFFIX}, made by `driftless bundle create`",
+                    path.display()
+                ))
+            }
+        })?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("cannot examine {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file (a directory, FIFO or device): refused",
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
 /// Manifests and signatures are tiny; refuse to slurp anything large.
 fn read_small(path: &Path, what: &str) -> Result<Vec<u8>> {
     const LIMIT: u64 = 64 * 1024;
-    let f = File::open(path).with_context(|| {
-        format!(
-            "cannot read the bundle's {what} {}: a driftless bundle is FILE, FILE{MANIFEST_SUFFIX} and FILE{SIGNATURE_SUFFIX}, made by `driftless bundle create`",
-            path.display()
-        )
-    })?;
+    let f = open_untrusted(path, &format!("bundle's {what}"))?;
     let mut bytes = Vec::new();
     f.take(LIMIT + 1)
         .read_to_end(&mut bytes)
