@@ -774,3 +774,116 @@ fn a_hostile_directory_stick_is_refused_without_following_or_hanging() {
     );
     assert_eq!(host.read("/etc/app.conf"), None);
 }
+
+/// Issue 12 §7: `bundle verify` checked signature and hash but not what an
+/// import decides; on a host it now reports the import's verdict (older,
+/// unrelated history, would import) and still changes nothing.
+#[test]
+fn bundle_verify_on_a_host_judges_ancestry_like_an_import_and_changes_nothing() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let out = tempfile::tempdir().unwrap();
+    let v1 = out.path().join("v1.bundle");
+    create_bundle(&repo, &v1, &signer, None).ok();
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    let v2 = out.path().join("v2.bundle");
+    create_bundle(&repo, &v2, &signer, None).ok();
+    repo.write("roles/app/files/app.conf", "three\n");
+    signed_commit(&repo, &signer, "v3");
+    let v3 = out.path().join("v3.bundle");
+    create_bundle(&repo, &v3, &signer, None).ok();
+    let foreign_repo = app_repo(&signer, "rewritten\n");
+    let foreign = out.path().join("foreign.bundle");
+    create_bundle(&foreign_repo, &foreign, &signer, None).ok();
+
+    let host = Host::new("h");
+    import(&host, &signer, &[&v2]).ok();
+    let mirror = host.state.path().join("mirror.git");
+    let snapshot = || {
+        let mut v: Vec<String> = std::fs::read_dir(mirror.join("objects/pack"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        (v, git(&mirror, &["for-each-ref"]))
+    };
+    let before = snapshot();
+    let verify = |b: &Path| {
+        run_with(
+            &host,
+            bundles(),
+            &["bundle", "verify", b.to_str().unwrap()],
+            &signer,
+        )
+    };
+
+    let older = verify(&v1).code(4);
+    assert!(
+        older.stderr.contains("older than what this host runs"),
+        "{}",
+        older.stderr
+    );
+    let unrelated = verify(&foreign).code(4);
+    assert!(
+        unrelated
+            .stderr
+            .contains("does not descend from the applied commit"),
+        "{}",
+        unrelated.stderr
+    );
+    let newer = verify(&v3).ok();
+    assert!(newer.stdout.contains("would import"), "{}", newer.stdout);
+    assert_eq!(snapshot(), before, "verify changed the mirror");
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));
+    let incoming: Vec<_> = std::fs::read_dir(host.state.path().join("incoming"))
+        .unwrap()
+        .collect();
+    assert!(incoming.is_empty());
+
+    // An outdated import is refused and, unlike before, recorded.
+    import(&host, &signer, &[&v1]).code(4);
+    let history = host.run(bundles(), &["history", "--format", "json"]).ok();
+    let entries: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let newest = &entries["status"]["entries"][0];
+    assert_eq!(newest["outcome"], "outdated", "{}", history.stdout);
+    assert!(
+        newest["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("v1.bundle set aside"),
+        "{}",
+        history.stdout
+    );
+}
+
+/// Issue 12 §7: the stick path exited 4 where `sync` exits 3 for the same
+/// refusal (an invalid repository): one code per kind of refusal.
+#[test]
+fn an_invalid_repository_on_a_stick_exits_3_like_sync() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    repo.write("driftless.toml", "roles = [\"app\"]\ntypo_key = 1\n");
+    signed_commit(&repo, &signer, "broken");
+    let stick = tempfile::tempdir().unwrap();
+    let bdir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bdir).unwrap();
+    create_bundle(&repo, &bdir.join("b.bundle"), &signer, None).ok();
+    let host = Host::new("web1");
+    let run = run_with(
+        &host,
+        bundles(),
+        &["bundle", "stick", stick.path().to_str().unwrap()],
+        &signer,
+    )
+    .code(3);
+    assert!(run.stderr.contains("typo_key"), "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["outcome"], "refused");
+    // The same commit fetched over git: exit 3 too.
+    let direct = Host::new("web1");
+    direct.run(repo.path(), &["sync", "--once"]).code(3);
+}

@@ -76,7 +76,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                     "status": r,
                 }))?,
                 Format::Text => outln!(
-                    "{}: good signature by {}; {} at {} ({} bytes{})",
+                    "{}: good signature by {}; {} at {} ({} bytes{}); {}",
                     file.display(),
                     r.signer,
                     r.manifest.branch,
@@ -86,7 +86,8 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                         ", full".to_string()
                     } else {
                         ", incremental".to_string()
-                    }
+                    },
+                    r.result
                 ),
             }
             Ok(ExitCode::SUCCESS)

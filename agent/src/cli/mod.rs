@@ -48,9 +48,11 @@ on the command line, which wins.
 Exit codes: 0 ok (applied, nothing to do, or the fetched commit is marked bad and
 was skipped: `status` lists bad commits); 1 failed (host unchanged or reverted,
 retry later); 2 usage; 3 repository invalid for this host (nothing applied);
-4 refused (history rewritten, signature, bundle); 5 halted (a revert failed its
+4 refused (history rewritten, signature, a bundle that is older, unrelated,
+damaged, too large or reached through a link); 5 halted (a revert failed its
 checks too; nothing is touched until `sync --retry`); 75 another run holds the
-lock; 78 agent configuration invalid.";
+lock; 78 agent configuration invalid. `bundle import` and `bundle stick` exit
+with the same code as `sync` for the same cause.";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -57,19 +57,8 @@ pub fn import_files(
     let spec = super::source_spec(settings)?;
     let repo = fetch::mirror_for_import(&spec, &state.mirror()).kind(Failure::Config)?;
     let full_ref = fetch::full_ref_name(&settings.branch).kind(Failure::Config)?;
-    let mut applied = Vec::new();
-    for c in super::applied_commits(settings, &state)? {
-        applied.push(
-            gix::ObjectId::from_hex(c.as_bytes())
-                .with_context(|| format!("the state names an invalid commit {c:?}"))
-                .kind(Failure::Failed)?,
-        );
-    }
-    let incoming = state.path().join("incoming");
-    std::fs::create_dir_all(&incoming)
-        .with_context(|| format!("cannot create {}", incoming.display()))
-        .kind(Failure::Failed)?;
-    import::clean_quarantines(&incoming);
+    let applied = applied_ids(settings, &state)?;
+    let incoming = incoming_dir(&state)?;
 
     // Oldest first, by the signed creation time; unreadable manifests sort
     // last and are refused with their own message below.
@@ -88,6 +77,7 @@ pub fn import_files(
         full_ref: &full_ref,
         applied: &applied,
         allow_non_fast_forward: settings.allow_non_fast_forward,
+        dry_run: false,
     };
     let mut out = Vec::new();
     for (_, file) in ordered {
@@ -116,6 +106,15 @@ pub fn import_files(
                     }
                     import::Imported::Outdated { tip, reason } => {
                         info!(bundle = %shown, tip = %short(&tip.to_string()), "bundle skipped: {reason}");
+                        super::record(
+                            &state,
+                            now,
+                            crate::effects::state::history::Outcome::Outdated,
+                            Some(tip.to_string()),
+                            None,
+                            None,
+                            Some(format!("bundle {shown} set aside: {reason}")),
+                        );
                         message = Some(reason);
                         ("outdated", tip)
                     }
@@ -172,27 +171,38 @@ fn import_one(
     ))
 }
 
-/// `driftless bundle verify FILE`: signature, hash and header, and (when
-/// this host has a mirror) whether the prerequisites are present. Changes
-/// nothing.
+/// The commits this host applied (inventory, anti-rollback floor).
+fn applied_ids(settings: &Settings, state: &super::StateDir) -> Result<Vec<gix::ObjectId>, Error> {
+    let mut applied = Vec::new();
+    for c in super::applied_commits(settings, state)? {
+        applied.push(
+            gix::ObjectId::from_hex(c.as_bytes())
+                .with_context(|| format!("the state names an invalid commit {c:?}"))
+                .kind(Failure::Failed)?,
+        );
+    }
+    Ok(applied)
+}
+
+/// `incoming/` of the state directory, without the quarantines an
+/// interrupted import left (the caller holds the lock).
+fn incoming_dir(state: &super::StateDir) -> Result<PathBuf, Error> {
+    let incoming = state.path().join("incoming");
+    std::fs::create_dir_all(&incoming)
+        .with_context(|| format!("cannot create {}", incoming.display()))
+        .kind(Failure::Failed)?;
+    import::clean_quarantines(&incoming);
+    Ok(incoming)
+}
+
+/// `driftless bundle verify FILE`: signature, hash and header; on a host
+/// with a mirror, also everything an import decides (prerequisites, not
+/// older than the applied commit, descends from it), by importing into a
+/// quarantine that is then thrown away. Changes nothing.
 pub fn verify_file(settings: &Settings, file: &Path) -> Result<VerifyReport, Error> {
     let signers = super::allowed_signers(settings)?;
     let (m, signer) = manifest::verify_manifest(file, &signers).kind(Failure::Refused)?;
-    let header = manifest::check_contents(file, &m, None, settings.max_bundle_size)
-        .kind(Failure::Refused)?;
-    let mut missing = Vec::new();
-    let mirror = settings.state_dir.join("mirror.git");
-    if mirror.exists() {
-        let spec = super::source_spec(settings)?;
-        if let Ok(repo) = fetch::open(&spec, &settings.state_dir.join("mirror.git")) {
-            missing = header
-                .prerequisites
-                .iter()
-                .filter(|p| !repo.has_object(**p))
-                .map(|p| p.to_string())
-                .collect();
-        }
-    }
+    let signer = format!("{} ({})", signer.principal, signer.fingerprint);
     let full_ref = fetch::full_ref_name(&settings.branch).kind(Failure::Config)?;
     if m.branch != full_ref {
         return Err(Error::new(
@@ -204,19 +214,48 @@ pub fn verify_file(settings: &Settings, file: &Path) -> Result<VerifyReport, Err
             ),
         ));
     }
-    if !missing.is_empty() {
-        return Err(Error::new(
-            Failure::Refused,
-            anyhow!(
-                "{} is valid but needs commits this host does not have: {}; make a bundle with --since <the host's applied commit>, or a full one",
-                file.display(),
-                missing.iter().map(|m| short(m).to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        ));
+    if !settings.state_dir.join("mirror.git").exists() {
+        manifest::check_contents(file, &m, None, settings.max_bundle_size)
+            .kind(Failure::Refused)?;
+        return Ok(VerifyReport {
+            manifest: m,
+            signer,
+            result:
+                "valid; this host has no mirror, so it was not compared with what the host applied"
+                    .into(),
+        });
     }
+    let (state, _guard) = super::lock(settings, Duration::from_secs(30))?;
+    let spec = super::source_spec(settings).unwrap_or_else(|_| fetch::SourceSpec {
+        location: fetch::Location::Bundles,
+        branch: settings.branch.clone(),
+        ssh: Default::default(),
+    });
+    let repo = fetch::mirror_for_import(&spec, &state.mirror()).kind(Failure::Config)?;
+    let applied = applied_ids(settings, &state)?;
+    let staged = incoming_dir(&state)?.join(format!("verify-{}.bundle", std::process::id()));
+    let policy = import::Policy {
+        full_ref: &full_ref,
+        applied: &applied,
+        allow_non_fast_forward: settings.allow_non_fast_forward,
+        dry_run: true,
+    };
+    let checked = manifest::check_contents(file, &m, Some(&staged), settings.max_bundle_size)
+        .and_then(|header| import::import(&repo, &staged, file, &header, &m, &policy));
+    let _ = std::fs::remove_file(&staged);
+    let result = match checked.kind(Failure::Refused)? {
+        import::Imported::New { tip, .. } => format!("would import {}", short(&tip.to_string())),
+        import::Imported::AlreadyHave { tip } => {
+            format!("already imported ({})", short(&tip.to_string()))
+        }
+        import::Imported::Outdated { reason, .. } => {
+            return Err(Error::new(Failure::Refused, anyhow!("{reason}")))
+        }
+    };
     Ok(VerifyReport {
         manifest: m,
-        signer: format!("{} ({})", signer.principal, signer.fingerprint),
+        signer,
+        result,
     })
 }
 
@@ -224,4 +263,6 @@ pub fn verify_file(settings: &Settings, file: &Path) -> Result<VerifyReport, Err
 pub struct VerifyReport {
     pub manifest: manifest::Manifest,
     pub signer: String,
+    /// What an import would do.
+    pub result: String,
 }

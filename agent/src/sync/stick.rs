@@ -126,7 +126,7 @@ pub fn run(
     let dir = mount
         .as_ref()
         .map_or(opts.path.clone(), |m| m.target.clone());
-    let report = process(settings, &dir, sync_opts, opts.wait, now, rt);
+    let (report, failure) = process(settings, &dir, sync_opts, opts.wait, now, rt);
     // The operator's --reports directory is trusted; the stick's own is
     // written through a handle on the stick, never through a link on it.
     let write = || match &opts.reports {
@@ -142,6 +142,14 @@ pub fn run(
     }
     written.map_err(|e| Error::new(Failure::Failed, e))?;
     info!(outcome = ?report.outcome, commit = ?report.commit, "report written to the stick");
+    // The same refusal exits with the same code as `sync` and `bundle
+    // import` (an invalid repository arriving on a stick exited 4, not 3).
+    if let Some(kind) = failure {
+        return Err(Error::new(
+            kind,
+            anyhow::anyhow!("{}", report.message.clone().unwrap_or_default()),
+        ));
+    }
     match report.outcome {
         Outcome::Applied | Outcome::Unchanged | Outcome::Skipped => Ok(report),
         Outcome::Refused => Err(Error::new(
@@ -159,7 +167,8 @@ pub fn run(
     }
 }
 
-/// Imports and syncs; every failure ends up in the report.
+/// Imports and syncs; every failure ends up in the report, and the kind of
+/// an error (for the exit code) beside it.
 fn process(
     settings: &Settings,
     dir: &Path,
@@ -167,7 +176,7 @@ fn process(
     wait: Duration,
     now: i64,
     rt: &tokio::runtime::Handle,
-) -> StickReport {
+) -> (StickReport, Option<Failure>) {
     let before = crate::effects::state::StateDir::existing(&settings.state_dir)
         .and_then(|s| s.inventory().ok())
         .unwrap_or_default();
@@ -189,7 +198,7 @@ fn process(
         Ok(f) => f,
         Err(e) => {
             report.message = Some(format!("{e:#}"));
-            return report;
+            return (report, Some(Failure::Refused));
         }
     };
     let outcomes = match bundles::import_files(settings, &files, wait, now) {
@@ -197,7 +206,7 @@ fn process(
         Err(e) => {
             report.outcome = outcome_of(&e);
             report.message = Some(format!("{:#}", e.error));
-            return report;
+            return (report, Some(e.kind));
         }
     };
     report.bundles = outcomes.iter().map(BundleReport::from).collect();
@@ -215,6 +224,7 @@ fn process(
     for r in &refused {
         warn!("bundle refused: {r}");
     }
+    let mut failure = None;
     match super::sync_once(settings, sync_opts, now, rt) {
         Ok(r) => {
             report.commit = Some(r.commit.clone());
@@ -235,6 +245,7 @@ fn process(
         }
         Err(e) => {
             report.outcome = outcome_of(&e);
+            failure = Some(e.kind);
             let mut msg = format!("{:#}", e.error);
             if !refused.is_empty() {
                 msg = format!("{msg}; bundles refused: {}", refused.join("; "));
@@ -246,10 +257,12 @@ fn process(
         && !refused.is_empty()
         && report.bundles.iter().all(|b| b.result == "refused")
     {
-        // Nothing usable on the stick: say so in the outcome too.
+        // Nothing usable on the stick: say so in the outcome (and the
+        // exit code) too; the sync's own error is only a consequence.
         report.outcome = Outcome::Refused;
+        failure = Some(Failure::Refused);
     }
-    report
+    (report, failure)
 }
 
 fn report_name(file: &str) -> String {

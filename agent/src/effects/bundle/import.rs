@@ -34,6 +34,9 @@ pub struct Policy<'a> {
     /// Commits the host has applied (inventory, anti-rollback floor).
     pub applied: &'a [gix::ObjectId],
     pub allow_non_fast_forward: bool,
+    /// Check everything, change nothing (`bundle verify`): the pack stays
+    /// in the quarantine, which is then removed, and the ref is not moved.
+    pub dry_run: bool,
 }
 
 /// Imports the staged copy of a checked bundle into `repo` (the mirror).
@@ -147,6 +150,12 @@ pub fn import(
     }
     if current == Some(tip) {
         return Ok(Imported::AlreadyHave { tip });
+    }
+    if policy.dry_run {
+        return Ok(Imported::New {
+            tip,
+            previous: current,
+        });
     }
     quarantine.promote(repo)?;
     repo.reference(

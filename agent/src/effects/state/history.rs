@@ -34,6 +34,9 @@ pub enum Outcome {
     Degraded,
     /// The fetched commit is marked bad: not applied again.
     Skipped,
+    /// A bundle older than what the host runs was offered (an old bundle
+    /// left on a stick): set aside, nothing imported.
+    Outdated,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
