@@ -303,3 +303,52 @@ fn local_source_needs_no_git_binary() {
     );
     assert_eq!(host.read("/etc/a").as_deref(), Some("y\n"));
 }
+
+/// Issue 12 §7: a genuine fast-forward whose commit dates were skewed by
+/// more than a week (a committer's clock) was refused as rewritten history:
+/// the ancestry walk stopped at the date cutoff. Ancestry decides now.
+#[test]
+fn a_fast_forward_with_skewed_commit_dates_is_applied() {
+    let repo = simple_repo(&[("/etc/a", "one\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    // A commit dated 30 days before its parent, then a normal one.
+    repo.write("roles/app/files/f0", "two\n");
+    git(repo.path(), &["add", "-A"]);
+    let parent_time: i64 = git(repo.path(), &["log", "-1", "--format=%ct"])
+        .trim()
+        .parse()
+        .unwrap();
+    let skewed = format!("@{} +0000", parent_time - 30 * 24 * 3600);
+    let out = std::process::Command::new("git")
+        .current_dir(repo.path())
+        .args(["commit", "-q", "-m", "from a machine with a wrong clock"])
+        .env("GIT_COMMITTER_DATE", &skewed)
+        .env("GIT_AUTHOR_DATE", &skewed)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    repo.write("roles/app/files/f0", "three\n");
+    repo.commit("a normal commit");
+    let run = host.sync(repo.path()).ok();
+    assert_eq!(
+        host.read("/etc/a").as_deref(),
+        Some("three\n"),
+        "{}",
+        run.stderr
+    );
+
+    // A real rewrite is still refused, and says by which rule.
+    git(repo.path(), &["reset", "-q", "--hard", "HEAD~2"]);
+    repo.write("roles/app/files/f0", "rewritten\n");
+    repo.commit("rewritten");
+    let refused = host.sync(repo.path()).code(4);
+    assert!(
+        refused
+            .stderr
+            .contains("judged by ancestry through the whole history, not by commit dates"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(host.read("/etc/a").as_deref(), Some("three\n"));
+}

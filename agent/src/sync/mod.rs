@@ -216,7 +216,7 @@ pub fn fetch_head(
             let why = if older {
                 "which is older than (an ancestor of) the applied commit: applying it would downgrade the host"
             } else {
-                "which does not descend from the applied commit: its history was rewritten (force-push?) or the source changed"
+                "which does not descend from the applied commit (judged by ancestry through the whole history, not by commit dates): its history was rewritten (force-push?) or the source changed"
             };
             return Err(Error::new(
                 Failure::Refused,

@@ -222,16 +222,20 @@ pub fn tracking_ref(full_ref: &str) -> String {
 }
 
 /// How far commit times may go backwards along history (clock skew between
-/// committers) without [`is_ancestor`] missing an ancestor.
+/// committers) for the fast walk of [`is_ancestor`].
 const CLOCK_SKEW_SLACK_SECS: i64 = 7 * 24 * 3600;
 
-/// True if `ancestor` is `descendant` or one of its ancestors.
+/// True if `ancestor` is `descendant` or one of its ancestors. Ancestry
+/// decides, never dates.
 ///
 /// A missing `ancestor` (e.g. the previously applied commit was force-pushed
-/// away and never fetched into this mirror) gives `Ok(false)`. The walk goes
-/// newest-first from `descendant` and stops at commits older than
-/// `ancestor`'s committer time minus a week of slack for clock skew, so its
-/// cost follows the distance between the two, not the size of history.
+/// away and never fetched into this mirror) gives `Ok(false)`. The first
+/// walk goes newest-first from `descendant` and stops at commits older than
+/// `ancestor`'s committer time minus a week of slack, so its cost follows
+/// the distance between the two. Commit dates can lie (a committer's clock
+/// off by more than the slack made a genuine fast-forward look like
+/// rewritten history), so a miss is confirmed by a walk of the whole
+/// history before it is believed: only a refusal pays for it.
 pub fn is_ancestor(
     repo: &gix::Repository,
     ancestor: gix::ObjectId,
@@ -257,12 +261,28 @@ pub fn is_ancestor(
         .with_context(|| format!("cannot read the committer time of {ancestor}"))?
         .seconds
         .saturating_sub(CLOCK_SKEW_SLACK_SECS);
+    Ok(reaches(repo, ancestor, descendant, Some(cutoff))?
+        || reaches(repo, ancestor, descendant, None)?)
+}
+
+/// Walks the history of `descendant` (newest first, down to `cutoff` if
+/// given) looking for `ancestor`.
+fn reaches(
+    repo: &gix::Repository,
+    ancestor: gix::ObjectId,
+    descendant: gix::ObjectId,
+    cutoff: Option<i64>,
+) -> Result<bool> {
+    let sorting = match cutoff {
+        Some(seconds) => gix::revision::walk::Sorting::ByCommitTimeCutoff {
+            order: gix::traverse::commit::simple::CommitTimeOrder::NewestFirst,
+            seconds,
+        },
+        None => gix::revision::walk::Sorting::BreadthFirst,
+    };
     let walk = repo
         .rev_walk([descendant])
-        .sorting(gix::revision::walk::Sorting::ByCommitTimeCutoff {
-            order: gix::traverse::commit::simple::CommitTimeOrder::NewestFirst,
-            seconds: cutoff,
-        })
+        .sorting(sorting)
         .all()
         .with_context(|| format!("cannot walk the history of {descendant}"))?;
     for info in walk {
