@@ -214,3 +214,43 @@ fn reverting_the_first_commit_restores_the_preexisting_file() {
     sync(&host, &repo, &[]).ok();
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
 }
+
+/// Issue 12 §7: after the state directory was wiped, the next sync
+/// re-applied the commit the operator had rolled back from (the bad mark
+/// lived only in the state directory). It is kept beside the
+/// anti-rollback record now; `sync --retry` applies it on purpose.
+#[test]
+fn a_rollback_survives_a_wiped_state_directory() {
+    let repo = simple_repo(&[("/etc/a", "v1\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    repo.write("roles/app/files/f0", "v2\n");
+    let v2 = repo.commit("v2");
+    host.sync(repo.path()).ok();
+    host.run(repo.path(), &["rollback"]).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+
+    for e in std::fs::read_dir(host.state.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    let again = host.sync(repo.path()).ok();
+    assert!(again.stdout.contains("marked bad"), "{}", again.stdout);
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    assert!(status.stdout.contains(&v2), "{}", status.stdout);
+
+    // On purpose: applied, and no longer remembered as rolled back.
+    host.run(repo.path(), &["sync", "--once", "--retry"]).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v2\n"));
+    let floor = std::fs::read_to_string(host.path("/etc/driftless/applied-commit.json")).unwrap();
+    assert!(!floor.contains("rolled_back"), "{floor}");
+    repo.write("roles/app/files/f0", "v3\n");
+    repo.commit("v3");
+    host.sync(repo.path()).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("v3\n"));
+}

@@ -314,10 +314,11 @@ fn raise_floor(settings: &Settings, fetched_commit: &str, commit_time: i64, now:
     let full_ref =
         fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
     let current = floor::load(&settings.root).ok().flatten();
-    if current
-        .as_ref()
-        .is_some_and(|f| f.commit == fetched_commit && f.branch == full_ref)
-    {
+    if current.as_ref().is_some_and(|f| {
+        f.commit == fetched_commit
+            && f.branch == full_ref
+            && !f.rolled_back.iter().any(|c| c == fetched_commit)
+    }) {
         return;
     }
     let record = floor::Floor {
@@ -325,6 +326,7 @@ fn raise_floor(settings: &Settings, fetched_commit: &str, commit_time: i64, now:
         commit_time,
         branch: full_ref,
         recorded_at: now,
+        rolled_back: current.map_or_else(Vec::new, |f| f.rolled_back_without(fetched_commit)),
     };
     if let Err(e) = floor::save(&settings.root, &record) {
         warn!("cannot record the anti-rollback floor: {e:#}");
@@ -589,11 +591,22 @@ pub fn rollback(
             // The operator lowered the floor on purpose.
             let full_ref =
                 fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
+            let mut rolled_back = floor::load(&settings.root)
+                .ok()
+                .flatten()
+                .map_or_else(Vec::new, |f| f.rolled_back_without(&r.commit));
+            if let Some(cur) = current.as_ref().filter(|c| **c != r.commit) {
+                rolled_back.retain(|c| c != cur);
+                rolled_back.push(cur.clone());
+            }
+            let excess = rolled_back.len().saturating_sub(floor::MAX_ROLLED_BACK);
+            rolled_back.drain(..excess);
             let lowered = floor::Floor {
                 commit: r.commit.clone(),
                 commit_time,
                 branch: full_ref,
                 recorded_at: now,
+                rolled_back,
             };
             if let Err(e) = floor::save(&settings.root, &lowered) {
                 warn!("cannot record the anti-rollback floor: {e:#}");

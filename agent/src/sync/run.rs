@@ -131,6 +131,7 @@ pub(super) fn begin<'a>(
             marks::load(&state).kind(Failure::Failed)?
         }
     };
+    remember_rollbacks(settings, &state, &mut marks)?;
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
@@ -338,6 +339,38 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
 /// history. One that was switched in had told systemd to reload or
 /// restart units: they are told again, for the restored files (if that
 /// fails, the host is in a state nobody verified, and the agent halts).
+/// Commits the operator rolled back from are kept in the anti-rollback
+/// record too: after the state directory is wiped (and its marks with it),
+/// they are marked bad again here, so the next sync does not re-apply
+/// what the operator rolled back.
+fn remember_rollbacks(
+    settings: &Settings,
+    state: &StateDir,
+    marks: &mut Marks,
+) -> Result<(), Error> {
+    let Ok(Some(f)) = super::floor::load(&settings.root) else {
+        return Ok(());
+    };
+    let mut added = false;
+    for c in &f.rolled_back {
+        if !marks.bad.contains_key(c) {
+            marks.bad.insert(
+                c.clone(),
+                marks::Mark {
+                    time: f.recorded_at,
+                    reason: "rolled back by the operator (remembered in the anti-rollback record)"
+                        .into(),
+                },
+            );
+            added = true;
+        }
+    }
+    if added {
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    Ok(())
+}
+
 /// A commit whose checks were interrupted [`marks::MAX_INTERRUPTED`]
 /// times is marked bad; below that, the next sync simply tries again.
 pub(super) fn after_recovery(

@@ -43,6 +43,25 @@ pub struct Floor {
     pub branch: String,
     /// When it was recorded, seconds since the epoch.
     pub recorded_at: i64,
+    /// Commits the operator rolled back from (newest last): not applied
+    /// again without `sync --retry`. Kept here, beside the floor, because
+    /// the marks in the state directory do not survive its wipe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolled_back: Vec<String>,
+}
+
+/// Rolled-back commits remembered, at most.
+pub const MAX_ROLLED_BACK: usize = 16;
+
+impl Floor {
+    /// `rolled_back` without `commit` (applied again on purpose).
+    pub fn rolled_back_without(&self, commit: &str) -> Vec<String> {
+        self.rolled_back
+            .iter()
+            .filter(|c| *c != commit)
+            .cloned()
+            .collect()
+    }
 }
 
 pub fn path(root: &Path) -> PathBuf {
@@ -116,6 +135,7 @@ mod tests {
             commit_time: 5,
             branch: "refs/heads/main".into(),
             recorded_at: 6,
+            rolled_back: vec!["b".repeat(40)],
         };
         save(dir.path(), &f).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(f));
