@@ -716,3 +716,93 @@ fn e2e_11_nginx_serves_a_file_the_agent_wrote_under_a_new_directory() {
     assert_eq!(get("/new-site/index.html"), "200 hello from driftless");
     assert_eq!(get("/private/index.html"), "403");
 }
+
+/// Runs a shell command on the machine running the suite.
+fn host_sh(cmd: &str) -> std::process::Output {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap()
+}
+
+/// Unmounts and detaches a loop-mounted image at the end.
+struct LoopMount {
+    dir: std::path::PathBuf,
+}
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = host_sh(&format!("umount -d {}", self.dir.display()));
+    }
+}
+
+/// Issue 12 §7 in the container: a hostile stick image (ext4, loop-mounted
+/// with its links intact) whose reports directory links to `/etc/cron.d`
+/// and whose second "bundle" links to `/etc/shadow`. The good bundle is
+/// applied; nothing is read through the bundle link; the report is not
+/// written through the reports link (a cron job of the stick's choosing
+/// as root); the run says why and fails.
+#[test]
+fn e2e_12_a_hostile_stick_image_cannot_write_or_read_through_its_links() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("release");
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let pubkey = std::fs::read_to_string(keys.path().join("release.pub")).unwrap();
+
+    let content = tempfile::tempdir().unwrap();
+    let bundles = content.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    make_bundle(&demo, &key, &bundles.join("1-full.bundle"), None);
+    for ext in [".manifest", ".manifest.sig"] {
+        std::fs::copy(
+            bundles.join(format!("1-full.bundle{ext}")),
+            bundles.join(format!("2-evil.bundle{ext}")),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("/etc/shadow", bundles.join("2-evil.bundle")).unwrap();
+    std::os::unix::fs::symlink("/etc/cron.d", content.path().join("driftless/reports")).unwrap();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("stick.img");
+    let mnt = img_dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mk = host_sh(&format!(
+        "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0} && mount -o loop {0} {2}",
+        img.display(),
+        content.path().display(),
+        mnt.display()
+    ));
+    assert!(
+        mk.status.success(),
+        "loop-mounting the stick image: {}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let _mounted = LoopMount { dir: mnt.clone() };
+
+    let m = Machine::boot("e2e-hostile-stick", &[(&mnt, "/media/stick", true)]);
+    m.ok(&format!(
+        "mkdir -p /etc/driftless /etc/cron.d && printf 'source = \"bundle:\"\\nhost = \"e2e\"\\njob_timeout = \"30s\"\\n' > /etc/driftless/agent.toml && \
+         printf 'release namespaces=\"driftless-bundle\" {}\\n' > /etc/driftless/allowed_signers",
+        pubkey.trim()
+    ));
+    let cron_before = m.ok("ls -A /etc/cron.d");
+    let out = m.sh("driftless bundle stick /media/stick 2>&1");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("2-evil.bundle is a symlink"), "{log}");
+    assert!(log.contains("driftless/reports is a symlink"), "{log}");
+    assert_eq!(curl(&m), "hello ok v1", "the good bundle is applied: {log}");
+    assert_eq!(
+        m.ok("ls -A /etc/cron.d"),
+        cron_before,
+        "a report reached /etc/cron.d"
+    );
+    let shadow_hash = m.ok("sha256sum /etc/shadow | cut -c1-64");
+    assert!(!log.contains(shadow_hash.trim()), "{log}");
+}
