@@ -37,15 +37,15 @@ impl Signer {
         .unwrap();
         Signer { dir }
     }
-    fn key(&self) -> PathBuf {
+    pub fn key(&self) -> PathBuf {
         self.dir.path().join("key")
     }
-    fn allowed(&self) -> PathBuf {
+    pub fn allowed(&self) -> PathBuf {
         self.dir.path().join("allowed_signers")
     }
 }
 
-fn signed_commit(repo: &Repo, signer: &Signer, msg: &str) -> String {
+pub fn signed_commit(repo: &Repo, signer: &Signer, msg: &str) -> String {
     git(repo.path(), &["add", "-A"]);
     git(
         repo.path(),
@@ -267,11 +267,11 @@ pub fn create_bundle(repo: &Repo, out: &Path, signer: &Signer, since: Option<&st
     }
 }
 
-fn bundles() -> &'static Path {
+pub fn bundles() -> &'static Path {
     Path::new("bundle:")
 }
 
-fn import(host: &Host, signer: &Signer, files: &[&Path]) -> Run {
+pub fn import(host: &Host, signer: &Signer, files: &[&Path]) -> Run {
     let mut args = vec!["bundle".to_string(), "import".to_string()];
     args.extend(files.iter().map(|f| f.display().to_string()));
     run_with(

@@ -102,6 +102,62 @@ pub struct SshFragment {
 }
 
 impl Fragment {
+    /// The keys this fragment sets (for messages naming where a value
+    /// came from).
+    pub fn keys_set(&self) -> Vec<&'static str> {
+        let Fragment {
+            source,
+            branch,
+            path,
+            host,
+            state_dir,
+            root,
+            allowed_roots,
+            allow_non_fast_forward,
+            interval,
+            splay,
+            job_timeout,
+            run_checks,
+            age_keys,
+            ssh_host_keys,
+            require_signed,
+            allowed_signers,
+            signature_policy,
+            max_file_size,
+            max_render_size,
+            max_bundle_size,
+            ssh,
+        } = self;
+        let mut out = Vec::new();
+        let mut add = |set: bool, k: &'static str| {
+            if set {
+                out.push(k);
+            }
+        };
+        add(source.is_some(), "source");
+        add(branch.is_some(), "branch");
+        add(path.is_some(), "path");
+        add(host.is_some(), "host");
+        add(state_dir.is_some(), "state_dir");
+        add(root.is_some(), "root");
+        add(allowed_roots.is_some(), "allowed_roots");
+        add(allow_non_fast_forward.is_some(), "allow_non_fast_forward");
+        add(interval.is_some(), "interval");
+        add(splay.is_some(), "splay");
+        add(job_timeout.is_some(), "job_timeout");
+        add(run_checks.is_some(), "run_checks");
+        add(age_keys.is_some(), "age_keys");
+        add(ssh_host_keys.is_some(), "ssh_host_keys");
+        add(require_signed.is_some(), "require_signed");
+        add(allowed_signers.is_some(), "allowed_signers");
+        add(signature_policy.is_some(), "signature_policy");
+        add(max_file_size.is_some(), "max_file_size");
+        add(max_render_size.is_some(), "max_render_size");
+        add(max_bundle_size.is_some(), "max_bundle_size");
+        add(ssh.key.is_some() || ssh.known_hosts.is_some(), "ssh");
+        out
+    }
+
     /// `other` wins where it sets a key. Destructuring makes a new key a
     /// compile error here until it is merged too.
     pub fn merge(&mut self, other: Fragment) {
@@ -211,26 +267,51 @@ pub enum ConfigSource {
 pub fn load(source: &ConfigSource, cli: Fragment) -> Result<Settings> {
     let mut merged = Fragment::default();
     let mut read = Vec::new();
+    // Which layer set each key last, for errors found after merging
+    // ("interval: …" names the file that says so).
+    let mut origins: BTreeMap<String, String> = BTreeMap::new();
+    let mut layer = |path: &Path, merged: &mut Fragment| -> Result<()> {
+        let (fragment, keys) = read_fragment(path)?;
+        for k in keys {
+            origins.insert(k, path.display().to_string());
+        }
+        merged.merge(fragment);
+        read.push(path.to_path_buf());
+        Ok(())
+    };
     match source {
         ConfigSource::None => {}
-        ConfigSource::File(path) => {
-            merged.merge(read_fragment(path)?);
-            read.push(path.clone());
-        }
+        ConfigSource::File(path) => layer(path, &mut merged)?,
         ConfigSource::System => {
             let main = Path::new(MAIN_CONFIG);
             if main.exists() {
-                merged.merge(read_fragment(main)?);
-                read.push(main.to_path_buf());
+                layer(main, &mut merged)?;
             }
             for path in drop_ins(DROP_IN_DIRS)? {
-                merged.merge(read_fragment(&path)?);
-                read.push(path);
+                layer(&path, &mut merged)?;
             }
         }
     }
+    for k in cli.keys_set() {
+        origins.insert(k.to_string(), "the command line".to_string());
+    }
     merged.merge(cli);
-    validate(merged, read)
+    validate(merged, read).map_err(|e| with_origin(e, &origins))
+}
+
+/// Prefixes a validation error with the file (or "the command line") that
+/// set the key it is about: every message of [`validate`] starts with its
+/// key (`interval: …`, `max_render_size (…) is smaller …`).
+fn with_origin(e: anyhow::Error, origins: &BTreeMap<String, String>) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    let key: String = msg
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    match origins.get(&key) {
+        Some(origin) => anyhow::anyhow!("{origin}: {msg}"),
+        None => e,
+    }
 }
 
 /// Drop-in files by name; later directories mask earlier ones.
@@ -253,10 +334,17 @@ pub fn drop_ins(dirs: &[&str]) -> Result<Vec<PathBuf>> {
     Ok(by_name.into_values().collect())
 }
 
-fn read_fragment(path: &Path) -> Result<Fragment> {
+/// A config file and the top-level keys it sets.
+fn read_fragment(path: &Path) -> Result<(Fragment, Vec<String>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read agent config {}", path.display()))?;
-    toml_file::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)
+    let fragment =
+        toml_file::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
+    let keys = text
+        .parse::<toml::Table>()
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
+    Ok((fragment, keys))
 }
 
 fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
@@ -276,7 +364,7 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
             .map_err(|_| anyhow::anyhow!("the hostname is not UTF-8; set `host` or pass --host"))?,
     };
     if host.is_empty() || host.contains('/') || host.starts_with('.') {
-        bail!("host name {host:?} is not usable as hosts/<name>.toml; set `host` or pass --host");
+        bail!("host: {host:?} is not usable as hosts/<name>.toml; set `host` or pass --host");
     }
     let roots = f.allowed_roots.unwrap_or_else(|| {
         DEFAULT_ALLOWED_ROOTS

@@ -25,7 +25,27 @@ fn describe(file: &str, text: &str, err: &toml::de::Error) -> String {
     };
     let message = err.message().trim().to_string();
     let message = add_hint(&message);
-    format!("{location}: {message}")
+    // A value of the wrong type: say which key holds it (toml points at
+    // the value, and names only the types).
+    let key = err
+        .span()
+        .filter(|_| message.starts_with("invalid type") || message.starts_with("invalid value"))
+        .and_then(|span| key_of_line(text, span.start));
+    match key {
+        Some(k) => format!("{location}: key `{k}`: {message}"),
+        None => format!("{location}: {message}"),
+    }
+}
+
+/// The key assigned on the line holding byte `offset` (`key = value`).
+fn key_of_line(text: &str, offset: usize) -> Option<String> {
+    let start = text[..floor_char_boundary(text, offset)]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.contains(char::is_whitespace)).then(|| key.to_string())
 }
 
 /// 1-based line and column of a byte offset.
@@ -95,5 +115,18 @@ mod tests {
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let err = parse::<crate::config::Fragment>(
+            "agent.toml",
+            "host = \"h\"\nrequire_signed = \"yes\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("agent.toml:2:18: key `require_signed`: invalid type"),
+            "{err}"
+        );
     }
 }
