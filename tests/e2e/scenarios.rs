@@ -337,6 +337,21 @@ fn e2e_5_timer_and_cron_paths_match_the_daemon_and_share_its_lock() {
     assert_eq!(m.ok("cat /etc/demo/message").trim(), "ok v2");
 }
 
+/// A release signing key on the "connected side": (its directory, the
+/// private key, the public key line).
+fn release_key() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("release");
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let pubkey = std::fs::read_to_string(keys.path().join("release.pub")).unwrap();
+    (keys, key, pubkey)
+}
+
 /// `driftless bundle create` on the "connected side" (outside the container).
 fn make_bundle(demo: &Demo, key: &Path, out: &Path, since: Option<&str>) {
     let mut c = std::process::Command::new(crate::machine::BIN);
@@ -364,15 +379,7 @@ fn e2e_6_air_gapped_host_updates_from_a_signed_usb_bundle_and_reports_back() {
     let demo = Demo::new();
     let v1 = git(demo.path(), &["rev-parse", "HEAD"]);
     // The release key, on the connected side.
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("release");
-    let o = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let pubkey = std::fs::read_to_string(keys.path().join("release.pub")).unwrap();
+    let (_keys, key, pubkey) = release_key();
     // The "stick": a directory bound into the container (no network: the
     // container has --private-network and its source is `bundle:`).
     let stick = tempfile::tempdir().unwrap();
@@ -745,15 +752,7 @@ impl Drop for LoopMount {
 fn e2e_12_a_hostile_stick_image_cannot_write_or_read_through_its_links() {
     let Some(_g) = guard() else { return };
     let demo = Demo::new();
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("release");
-    let o = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "release", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let pubkey = std::fs::read_to_string(keys.path().join("release.pub")).unwrap();
+    let (_keys, key, pubkey) = release_key();
 
     let content = tempfile::tempdir().unwrap();
     let bundles = content.path().join("driftless/bundles");

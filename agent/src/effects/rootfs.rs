@@ -255,13 +255,10 @@ impl RootFs {
     }
 }
 
-/// Mode of the parents [`RootFs::ensure_dir`] creates.
-const NEW_PARENT_MODE: u32 = 0o755;
-
-/// Reads `name` in `dir` without following a symlink: a regular file of at
-/// most `cap` bytes, `Ok(None)` if it does not exist.
-pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
-    let fd = match openat(
+/// Opens `name` in `dir` for reading: never through a symlink (ELOOP),
+/// never blocking on a FIFO, never becoming a controlling terminal.
+fn open_leaf(dir: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
+    openat(
         dir,
         name,
         OFlag::O_RDONLY
@@ -270,7 +267,16 @@ pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Opti
             | OFlag::O_CLOEXEC
             | OFlag::O_NOCTTY,
         NixMode::empty(),
-    ) {
+    )
+}
+
+/// Mode of the parents [`RootFs::ensure_dir`] creates.
+const NEW_PARENT_MODE: u32 = 0o755;
+
+/// Reads `name` in `dir` without following a symlink: a regular file of at
+/// most `cap` bytes, `Ok(None)` if it does not exist.
+pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let fd = match open_leaf(dir, name) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(None),
         Err(Errno::ELOOP) => {
@@ -332,16 +338,7 @@ pub fn replace_in(dir: &OwnedFd, name: &str, bytes: &[u8], mode: u32) -> std::io
 
 /// Observes `name` inside an open directory, never following a symlink.
 pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
-    let fd = match openat(
-        dir,
-        name,
-        OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_CLOEXEC
-            | OFlag::O_NOCTTY,
-        NixMode::empty(),
-    ) {
+    let fd = match open_leaf(dir, name) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(Observation::Missing),
         Err(Errno::ELOOP) => return Ok(Observation::Other { kind: "symlink" }),

@@ -82,6 +82,10 @@ fn target() -> TargetPath {
 pub fn load(root: &Path) -> Result<Option<Floor>> {
     let p = path(root);
     let remedy = "restore it, or remove it to accept the next commit as a new start";
+    if !root.exists() {
+        // A --root prefix nothing was applied to yet.
+        return Ok(None);
+    }
     let fs = RootFs::open(root)?;
     let Some(dir) = fs
         .open_parent(&target(), None)
