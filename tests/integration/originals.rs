@@ -253,3 +253,37 @@ fn a_damaged_stored_original_refuses_the_restore_and_changes_nothing() {
         "the managed file must stay"
     );
 }
+
+/// A copy was never retired: take over, let go (restored), the admin
+/// edits the file, take over again, let go: the *first* original came
+/// back, and the admin's edit was lost. The copy of a new take-over is the
+/// file as it is then, and a restored copy is removed.
+#[test]
+fn a_second_take_over_saves_the_file_as_it_is_then() {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write("roles/app/files/small", "ours\n");
+    r.write("roles/app/files/keep", "keep\n");
+    let host = host_with(b"first original\n");
+    let step = |managed: bool, msg: &str| {
+        set_role(&r, managed);
+        r.commit(msg);
+        host.sync(r.path()).ok();
+    };
+    step(true, "take it over");
+    assert_eq!(host.read(TARGET).as_deref(), Some("ours\n"));
+    step(false, "let it go");
+    assert_eq!(host.read(TARGET).as_deref(), Some("first original\n"));
+    std::fs::write(host.path(TARGET), "the admin's edit\n").unwrap();
+    step(true, "take it over again");
+    assert_eq!(host.read(TARGET).as_deref(), Some("ours\n"));
+    step(false, "let it go again");
+    assert_eq!(host.read(TARGET).as_deref(), Some("the admin's edit\n"));
+    let left: Vec<_> = std::fs::read_dir(host.state.path().join("originals"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "a restored copy stayed: {left:?}");
+}

@@ -191,6 +191,7 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
             journal.state
         );
     }
+    let before = state.inventory()?;
     let mut inv: Inventory = next.clone();
     inv.txid = txid.to_string();
     inv.applied_at = now;
@@ -204,6 +205,12 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
     journal.state = TxState::Committed;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     prune_old_transactions(state, txid)?;
+    // Files released with their original restored: the copies are done.
+    for (path, entry) in &before.files {
+        if let (false, Some(orig)) = (inv.files.contains_key(path), &entry.original) {
+            originals::retire(state, &orig.stored);
+        }
+    }
     remove_unneeded_dirs(fs, state, &mut inv);
     Ok(())
 }

@@ -82,12 +82,19 @@ pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Recor
 }
 
 /// Saves `content` (the untouched target `path`) as the original
-/// `stored`, unless a verified copy is already there; an unverified one
-/// (no sidecar, or not matching it) is made again. Durable and verified
-/// on return. Call under the state lock.
+/// `stored`, unless a verified copy of exactly this content is already
+/// there (a retried take-over); an unverified one (no sidecar, or not
+/// matching it) is made again, and so is a verified copy of other content:
+/// a file is only taken over while unmanaged, so such a copy is left from
+/// an earlier take-over whose restore did not retire it, and the file as
+/// it is now is the original to keep (restoring the old copy lost an
+/// admin's edit). Durable and verified on return. Call under the state
+/// lock.
 pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Result<()> {
-    if verify(state, stored, path)?.is_some() {
-        return Ok(());
+    if let Some(rec) = verify(state, stored, path)? {
+        if rec.size == content.len() as u64 && rec.sha256 == hex::encode(Sha256::digest(content)) {
+            return Ok(());
+        }
     }
     let dir = state.originals();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -122,6 +129,14 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
         );
     }
     Ok(())
+}
+
+/// Removes the copy `stored` and its sidecar once its restore committed
+/// (best effort: a copy left behind is refreshed by the next take-over).
+pub fn retire(state: &StateDir, stored: &str) {
+    let dir = state.originals();
+    let _ = fs::remove_file(sidecar(&dir, stored));
+    let _ = fs::remove_file(dir.join(stored));
 }
 
 /// The saved original `stored` of `path` (shown as `display`), for a
@@ -211,14 +226,25 @@ mod tests {
     }
 
     #[test]
-    fn a_saved_original_is_verified_and_never_overwritten() {
+    fn a_saved_original_is_kept_for_a_retry_and_refreshed_by_a_new_take_over() {
         let (_d, s) = state();
         save(&s, "k", "/etc/x", b"first").unwrap();
-        save(&s, "k", "/etc/x", b"second").unwrap();
+        let ino = |s: &StateDir| {
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.originals().join("k")).unwrap())
+        };
+        let before = ino(&s);
+        // A retried take-over (same content): the verified copy stays.
+        save(&s, "k", "/etc/x", b"first").unwrap();
+        assert_eq!(ino(&s), before);
         assert_eq!(read(&s).unwrap(), b"first");
         let rec = verify(&s, "k", "/etc/x").unwrap().unwrap();
         assert_eq!(rec.size, 5);
         assert_eq!(rec.sha256, hex::encode(Sha256::digest(b"first")));
+        // A new take-over of a file that changed since: the file as it is.
+        save(&s, "k", "/etc/x", b"second").unwrap();
+        assert_eq!(read(&s).unwrap(), b"second");
+        retire(&s, "k");
+        assert!(fs::read_dir(s.originals()).unwrap().next().is_none());
     }
 
     #[test]
