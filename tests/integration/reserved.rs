@@ -166,3 +166,45 @@ fn rollback_to_a_commit_claiming_the_floor_is_refused() {
     }
     assert_eq!(host.tree(), before, "the host changed");
 }
+
+/// A role could stop the agent for good: a drop-in with an empty
+/// `ExecStart=`, its timer disabled in `[[units]]`, its cron job or udev
+/// rule replaced, or `restart = ["driftless.service"]` killing the sync
+/// that applies it. How the agent is started is reserved like its files.
+#[test]
+fn a_role_cannot_stop_or_reconfigure_the_agent_itself() {
+    for target in [
+        "/etc/systemd/system/driftless.service.d/override.conf",
+        "/etc/systemd/system/driftless.timer",
+        "/etc/systemd/system/driftless-usb@.service.d/x.conf",
+        "/etc/cron.d/driftless",
+        "/etc/udev/rules.d/99-driftless-usb.rules",
+    ] {
+        refused(target, "", "how the agent is started");
+    }
+    for (extra, unit) in [
+        (
+            "\n[[units]]\nname = \"driftless.timer\"\nenabled = false\n",
+            "driftless.timer",
+        ),
+        (
+            "on_change = { restart = [\"driftless.service\"] }\n",
+            "driftless.service",
+        ),
+        (
+            "\n[[units]]\nname = \"driftless-usb@sdb1.service\"\nstarted = false\n",
+            "driftless-usb@sdb1.service",
+        ),
+    ] {
+        let repo = claiming("/etc/app.conf", extra);
+        let host = Host::new("h");
+        let run = host.sync(repo.path()).code(3);
+        assert!(
+            run.stderr
+                .contains(&format!("{unit} is the agent's own unit")),
+            "{unit}: {}",
+            run.stderr
+        );
+        assert_eq!(host.read("/etc/app.conf"), None);
+    }
+}

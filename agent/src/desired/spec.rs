@@ -187,6 +187,15 @@ pub fn validate_unit_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
         return Err(format!("{name:?} is not a valid unit name"));
     }
+    let template = match name.split_once('@') {
+        Some((stem, rest)) => rest.rsplit_once('.').map(|(_, t)| format!("{stem}@.{t}")),
+        None => None,
+    };
+    if AGENT_UNITS.contains(&name) || template.is_some_and(|t| AGENT_UNITS.contains(&t.as_str())) {
+        return Err(format!(
+            "{name} is the agent's own unit: a commit cannot stop, restart or reconfigure the agent that applies it (manage it outside the repository)"
+        ));
+    }
     match name.rsplit_once('.') {
         Some((stem, suffix)) if !stem.is_empty() && UNIT_SUFFIXES.contains(&suffix) => Ok(()),
         _ => Err(format!(
@@ -194,6 +203,15 @@ pub fn validate_unit_name(name: &str) -> Result<(), String> {
         )),
     }
 }
+
+/// The systemd units driftless ships (`units/`): no role may declare
+/// their state, act on them, write them or their drop-ins.
+pub const AGENT_UNITS: &[&str] = &[
+    "driftless.service",
+    "driftless-once.service",
+    "driftless.timer",
+    "driftless-usb@.service",
+];
 
 /// A health check, validated. Executed by the checks effect (issue: systemd
 /// and health checks); the core only carries it into the plan.

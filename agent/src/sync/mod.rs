@@ -414,6 +414,30 @@ pub fn load_options(settings: &Settings) -> LoadOptions {
     for f in &settings.config_files {
         add(f, "an agent configuration file");
     }
+    // How the agent is started: a role that overrides its units (a drop-in
+    // with an empty ExecStart=), its timer, cron job or udev rule could
+    // stop it for good, and nothing would ever sync the fix.
+    for unit in crate::desired::spec::AGENT_UNITS {
+        for dir in [
+            "/etc/systemd/system",
+            "/run/systemd/system",
+            "/usr/lib/systemd/system",
+        ] {
+            let what = "how the agent is started (its systemd units and their drop-ins)";
+            add(&settings.root.join(format!("{}/{unit}", &dir[1..])), what);
+            add(&settings.root.join(format!("{}/{unit}.d", &dir[1..])), what);
+        }
+    }
+    add(
+        &settings.root.join("etc/cron.d/driftless"),
+        "how the agent is started (its cron job)",
+    );
+    add(
+        &settings
+            .root
+            .join("etc/udev/rules.d/99-driftless-usb.rules"),
+        "how the agent is started (its USB stick rule)",
+    );
     LoadOptions {
         allowed_roots: settings.allowed_roots.clone(),
         reserved,
