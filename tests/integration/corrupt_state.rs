@@ -64,3 +64,35 @@ fn a_corrupt_floor_is_refused_with_the_command_that_resolves_it() {
     );
     assert_eq!(std::fs::read_to_string(&floor).unwrap(), "not json");
 }
+
+/// Issue 12 §6: a flipped bit that still parses (a digit of the applied
+/// commit) was believed. State files carry a checksum now: the inventory
+/// is then rebuilt like any corrupt one, and the anti-rollback record is
+/// refused with its remedy, never trusted.
+#[test]
+fn a_flipped_bit_that_still_parses_is_caught_by_the_checksum() {
+    let repo = simple_repo(&[("/etc/a", "a\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let commit = repo.head();
+    let flip = |p: &std::path::Path| {
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(text.contains(&commit), "{text}");
+        let last = commit.chars().last().unwrap();
+        let other = if last == '0' { '1' } else { '0' };
+        let flipped = format!("{}{other}", &commit[..commit.len() - 1]);
+        std::fs::write(p, text.replace(&commit, &flipped)).unwrap();
+    };
+    flip(&host.state.path().join("inventory.json"));
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stderr.contains("checksum"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/a").as_deref(), Some("a\n"));
+
+    flip(&host.path("/etc/driftless/applied-commit.json"));
+    let run = host.sync(repo.path()).code(1);
+    assert!(
+        run.stderr.contains("applied-commit.json") && run.stderr.contains("checksum"),
+        "{}",
+        run.stderr
+    );
+}

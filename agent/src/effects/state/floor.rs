@@ -102,7 +102,7 @@ pub fn load(root: &Path) -> Result<Option<Floor>> {
     else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes)
+    super::decode_state(&bytes)
         .map(Some)
         .with_context(|| format!("{} is corrupt", p.display()))
         .with_context(|| {
@@ -117,7 +117,7 @@ pub fn load(root: &Path) -> Result<Option<Floor>> {
 /// through a handle on the root as [`load`] reads it.
 pub fn save(root: &Path, floor: &Floor) -> Result<()> {
     let p = path(root);
-    let bytes = serde_json::to_vec_pretty(floor).context("cannot serialise the floor")?;
+    let bytes = super::encode_state(floor)?;
     let fs = RootFs::open(root)?;
     let dir_target =
         TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;

@@ -12,6 +12,11 @@
 //! ```
 //!
 //! Everything is created mode 0700 / 0600: backups may hold secrets.
+//!
+//! Every JSON state file (and the anti-rollback record) is an envelope
+//! `{"driftless_state": 1, "sha256": …, "data": …}`: versioned, and
+//! checksummed so that a flipped bit that still parses is caught (see
+//! [`encode_state`]). What can be rebuilt is rebuilt (`sync::state_repair`).
 
 pub mod floor;
 pub mod history;
@@ -229,16 +234,62 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    serde_json::from_slice(&bytes)
+    decode_state(&bytes)
         .map(Some)
         .with_context(|| format!("{} is corrupt", path.display()))
+}
+
+/// Format version of the state envelope (`driftless_state`).
+pub const STATE_FORMAT: u64 = 1;
+
+/// A state file's bytes: `{"driftless_state": 1, "sha256": H, "data": V}`,
+/// where H is the sha256 of V's compact JSON. A parse error catches a
+/// torn file; the checksum catches what still parses (a flipped bit in a
+/// commit id would otherwise be believed).
+pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    use sha2::Digest;
+    let data = serde_json::to_value(value).context("cannot serialise state")?;
+    let sum = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(&data).context("cannot serialise state")?,
+    ));
+    serde_json::to_vec_pretty(&serde_json::json!({
+        "driftless_state": STATE_FORMAT,
+        "sha256": sum,
+        "data": data,
+    }))
+    .context("cannot serialise state")
+}
+
+/// Reads what [`encode_state`] wrote, checking version and checksum. A
+/// file without the envelope (written before it existed) is read as it is.
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    use sha2::Digest;
+    let value: serde_json::Value = serde_json::from_slice(bytes).context("not JSON")?;
+    let Some(format) = value.get("driftless_state") else {
+        return serde_json::from_value(value).context("not what this file holds");
+    };
+    if format.as_u64() != Some(STATE_FORMAT) {
+        bail!("state format {format} is not supported by this driftless (expects {STATE_FORMAT}); was the agent downgraded?");
+    }
+    let (Some(sum), Some(data)) = (
+        value.get("sha256").and_then(|s| s.as_str()),
+        value.get("data"),
+    ) else {
+        bail!("the state envelope has no sha256 or no data");
+    };
+    let actual = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(data).context("cannot serialise state")?,
+    ));
+    if actual != sum {
+        bail!("its checksum does not match its content (a flipped bit or a torn write)");
+    }
+    serde_json::from_value(data.clone()).context("not what this file holds")
 }
 
 /// Replaces `path` atomically and durably with `value` as JSON: write a
 /// temp file, fsync it, rename it over, fsync the directory.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).context("cannot serialise state")?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &encode_state(value)?)
 }
 
 /// Replaces `path` atomically but not durably: readers see the old or the
@@ -246,8 +297,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// files that are rewritten on every poll (two fsyncs per idle poll would
 /// be most of its cost, for nothing the next poll does not rewrite).
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).context("cannot serialise state")?;
-    replace(path, &bytes, false)
+    replace(path, &encode_state(value)?, false)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -378,5 +428,32 @@ mod temp_tests {
         write_atomic(&path, b"{}").unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}");
+    }
+
+    /// JSON that still parses after a flipped bit was believed: the
+    /// envelope's checksum refuses it; files written before the envelope
+    /// still read; a newer format is named.
+    #[test]
+    fn state_files_carry_a_checksum_that_catches_what_still_parses() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.json");
+        let value = serde_json::json!({"commit": "a".repeat(40), "n": 1});
+        write_json_atomic(&p, &value).unwrap();
+        assert_eq!(
+            read_json::<serde_json::Value>(&p).unwrap(),
+            Some(value.clone())
+        );
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replacen("aaaa", "aaab", 1)).unwrap();
+        let err = format!("{:#}", read_json::<serde_json::Value>(&p).unwrap_err());
+        assert!(
+            err.contains("x.json is corrupt") && err.contains("checksum"),
+            "{err}"
+        );
+        std::fs::write(&p, serde_json::to_vec(&value).unwrap()).unwrap();
+        assert_eq!(read_json::<serde_json::Value>(&p).unwrap(), Some(value));
+        std::fs::write(&p, r#"{"driftless_state": 2, "sha256": "", "data": {}}"#).unwrap();
+        let err = format!("{:#}", read_json::<serde_json::Value>(&p).unwrap_err());
+        assert!(err.contains("state format 2"), "{err}");
     }
 }
