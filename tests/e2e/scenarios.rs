@@ -805,3 +805,47 @@ fn e2e_12_a_hostile_stick_image_cannot_write_or_read_through_its_links() {
     let shadow_hash = m.ok("sha256sum /etc/shadow | cut -c1-64");
     assert!(!log.contains(shadow_hash.trim()), "{log}");
 }
+
+/// Issue 12 §3 in the container: a 24 MiB file that existed before
+/// driftless is taken over while the agent is killed in the middle of
+/// saving its original (twice, at different chunks); the next runs redo
+/// the copy, and when the repository lets the file go, it comes back byte
+/// for byte.
+#[test]
+fn e2e_13_a_kill_while_saving_an_original_never_loses_it() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-originals", &demo);
+    assert!(sync(&m).status.success());
+    m.ok("head -c 25165824 /dev/urandom > /etc/demo/big.dat && sha256sum /etc/demo/big.dat > /root/big.sum");
+    demo.write("roles/demo/files/big.dat", "managed now\n");
+    let role = std::fs::read_to_string(demo.path().join("roles/demo/role.toml")).unwrap();
+    demo.write(
+        "roles/demo/role.toml",
+        &format!("{role}\n[[files]]\npath = \"/etc/demo/big.dat\"\nsource = \"big.dat\"\n"),
+    );
+    demo.commit("take big.dat over");
+    for point in ["originals.chunk:3:kill", "originals.chunk:17:kill"] {
+        let out = m.sh(&format!(
+            "DRIFTLESS_TEST_FAILPOINT={point} driftless sync --once 2>&1"
+        ));
+        assert_eq!(
+            out.status.code(),
+            Some(137),
+            "{point}: not killed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        m.ok("sha256sum -c /root/big.sum");
+    }
+    assert!(sync(&m).status.success());
+    assert_eq!(m.ok("cat /etc/demo/big.dat"), "managed now\n");
+    demo.write("roles/demo/role.toml", &role);
+    demo.commit("let big.dat go");
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    m.ok("sha256sum -c /root/big.sum");
+}
