@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod desired;
 pub mod effects;
 pub mod exit;
+pub mod fuzz_entry;
 pub mod plan;
 pub mod progress;
 pub mod secrets;

@@ -1,0 +1,134 @@
+//! The entry points of the fuzz targets `repo_config`, `role_file` and
+//! `state_file` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
+//! reach, called exactly as the agent calls
+//! them. Each must return (an error is fine), never panic, hang or
+//! allocate without bound. Unit tests below feed each a few odd inputs so
+//! the entry points cannot rot between fuzz runs.
+
+use std::sync::Arc;
+
+use crate::desired::load::{load_host, LoadOptions};
+use crate::desired::render::Renderer;
+use crate::desired::secrets::SecretResolver;
+use crate::desired::snapshot::Snapshot;
+use crate::desired::spec::TargetPath;
+
+/// Splits fuzz input into up to `n` parts at 0xFF bytes (never valid in
+/// UTF-8, so the parts stay independent text).
+fn parts(data: &[u8], n: usize) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = data.splitn(n, |b| *b == 0xff).map(<[u8]>::to_vec).collect();
+    out.resize(n, Vec::new());
+    out
+}
+
+fn load_options() -> LoadOptions {
+    let t = |p: &str| TargetPath::parse(p).expect("a valid target path");
+    LoadOptions {
+        allowed_roots: vec![t("/etc"), t("/srv")],
+        reserved: vec![(t("/etc/driftless"), "the agent's configuration".into())],
+    }
+}
+
+/// Loads (and, if that works, renders) a repository whose files come from
+/// the input: `driftless.toml`, `hosts/h.toml`, `roles/a/role.toml` and
+/// the template `roles/a/files/t.tera`.
+fn load_and_render(files: [(&str, Vec<u8>); 4]) {
+    let mut snap = Snapshot::new();
+    for (path, bytes) in files {
+        snap.insert_file(path, bytes, false);
+    }
+    let Ok(host) = load_host(&snap, "h", &load_options()) else {
+        return;
+    };
+    let secrets = Arc::new(SecretResolver::placeholders(&snap));
+    let Ok(renderer) = Renderer::new(&snap, &[&host], secrets) else {
+        return;
+    };
+    let facts = serde_json::json!({ "hostname": "h" });
+    let _ = renderer.render_only(&snap, &host, &facts, None);
+}
+
+/// `driftless.toml` and a host file from the input; a fixed role.
+pub fn repo_config(data: &[u8]) {
+    let p = parts(data, 2);
+    load_and_render([
+        ("driftless.toml", p[0].clone()),
+        ("hosts/h.toml", p[1].clone()),
+        (
+            "roles/a/role.toml",
+            b"[[files]]\npath = \"/etc/a\"\ntemplate = \"t.tera\"\n".to_vec(),
+        ),
+        (
+            "roles/a/files/t.tera",
+            b"{{ vars | json_encode() }}\n".to_vec(),
+        ),
+    ]);
+}
+
+/// A role file and its template from the input; a fixed repository file.
+pub fn role_file(data: &[u8]) {
+    let p = parts(data, 2);
+    load_and_render([
+        ("driftless.toml", b"roles = [\"a\"]\n".to_vec()),
+        ("hosts/h.toml", Vec::new()),
+        ("roles/a/role.toml", p[0].clone()),
+        ("roles/a/files/t.tera", p[1].clone()),
+    ]);
+}
+
+/// The state files, parsed as the agent reads them: the first byte picks
+/// the file.
+pub fn state_file(data: &[u8]) {
+    let Some((kind, rest)) = data.split_first() else {
+        return;
+    };
+    match kind % 7 {
+        0 => drop(serde_json::from_slice::<crate::plan::inventory::Inventory>(
+            rest,
+        )),
+        1 => drop(serde_json::from_slice::<crate::sync::marks::Marks>(rest)),
+        2 => drop(serde_json::from_slice::<
+            crate::effects::apply::journal::Journal,
+        >(rest)),
+        3 => drop(serde_json::from_slice::<crate::effects::state::floor::Floor>(rest)),
+        4 => {
+            for line in rest.split(|b| *b == b'\n') {
+                drop(serde_json::from_slice::<
+                    crate::effects::state::history::Entry,
+                >(line));
+            }
+        }
+        5 => drop(serde_json::from_slice::<crate::plan::quick::QuickRecord>(
+            rest,
+        )),
+        _ => drop(crate::desired::toml_file::parse::<crate::config::Fragment>(
+            "agent.toml",
+            &String::from_utf8_lossy(rest),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ODD: &[&[u8]] = &[
+        b"",
+        b"\xff",
+        b"roles = [\"a\"]\xffroles = [\"a\", \"a\"]",
+        b"[[files]]\npath = \"/etc/x\"\ntemplate = \"t.tera\"\xff{% for i in range(end=3) %}{{ i }}{% endfor %}",
+        b"[[files]]\npath = \"/etc/x\"\ntemplate = \"t.tera\"\xff{% include \"roles/a/files/t.tera\" %}",
+        b"\x00{\"version\": 1, \"files\": {\"/etc/a\": 5}}",
+        b"\x04{\"time\": 1}\n{\n\x00",
+        b"\x06interval = [",
+    ];
+
+    #[test]
+    fn every_entry_point_returns_on_odd_inputs() {
+        for input in ODD {
+            repo_config(input);
+            role_file(input);
+            state_file(input);
+        }
+    }
+}
