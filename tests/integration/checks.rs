@@ -143,13 +143,8 @@ fn validate_names_a_bad_http_check() {
          [[checks]]\nhttp = { url = \"https://127.0.0.1/\", ca_file = \"ca.pem\" }\n\n\
          [[checks]]\nhttp = { url = \"https://127.0.0.1/\", ca_file = \"/etc/ssl/ca.pem\", follow_redirects = true }\n",
     );
-    let out = std::process::Command::new(BIN)
-        .args(["validate", "--no-config"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let (code, text) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(3), "{text}");
     for want in [
         "roles/app/role.toml checks[0]: http.url: \"ftp://127.0.0.1/\" is not an http:// or https:// URL",
         "roles/app/role.toml checks[1]: http.ca_file: \"ca.pem\" must be an absolute path",

@@ -145,13 +145,8 @@ fn validate_reports_every_broken_host_with_exit_3() {
         "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n",
     );
     repo.write("roles/app/files/x.tera", "{{ vars.missing }}\n");
-    let out = Command::new(BIN)
-        .args(["validate", "--no-config"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let (code, text) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(3), "{text}");
     assert!(
         text.contains("FAIL  a:") && text.contains("undefined variable `vars.missing`"),
         "{text}"
@@ -218,13 +213,8 @@ fn an_unknown_filter_or_function_names_its_line() {
             "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n",
         );
         repo.write("roles/app/files/x.tera", body);
-        let out = Command::new(BIN)
-            .args(["validate", "--no-config"])
-            .arg(repo.path())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(3), "{text}");
+        let (code, text) = validate(repo.path(), &[]);
+        assert_eq!(code, Some(3), "{text}");
         assert!(text.contains(want), "{want:?} not in {text}");
     }
 }

@@ -55,27 +55,36 @@ fn sync_default_state(host: &Host, repo: &Path) -> Run {
     }
 }
 
+/// Plants a link at `planted` (under a fresh host's root) to an empty
+/// directory outside, runs `run`, and checks the refusal: exit 1, the
+/// link named, nothing written outside, `target` not applied.
+fn refuses_link(planted: &str, target: &str, run: impl Fn(&Host) -> Run) {
+    let host = Host::new("h");
+    let outside = tempfile::tempdir().unwrap();
+    let link = host.root.path().join(planted);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    symlink(outside.path(), &link).unwrap();
+    let out = run(&host).code(1);
+    assert!(
+        out.stderr
+            .contains(&format!("{} is a symlink", link.display())),
+        "{planted}: {}",
+        out.stderr
+    );
+    assert!(
+        listing(outside.path()).is_empty(),
+        "{planted}: written outside the root"
+    );
+    assert_eq!(host.read(target), None, "{planted}: applied anyway");
+}
+
 #[test]
 fn a_link_at_the_state_directory_under_the_root_is_refused() {
     let repo = simple_repo(&[("/etc/a", "a\n")]);
     for planted in ["var/lib/driftless", "var/lib", "var"] {
-        let host = Host::new("h");
-        let outside = tempfile::tempdir().unwrap();
-        let link = host.root.path().join(planted);
-        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-        symlink(outside.path(), &link).unwrap();
-        let run = sync_default_state(&host, repo.path()).code(1);
-        assert!(
-            run.stderr
-                .contains(&format!("{} is a symlink", link.display())),
-            "{planted}: {}",
-            run.stderr
-        );
-        assert!(
-            listing(outside.path()).is_empty(),
-            "{planted}: written outside the root"
-        );
-        assert_eq!(host.read("/etc/a"), None, "{planted}: applied anyway");
+        refuses_link(planted, "/etc/a", |host| {
+            sync_default_state(host, repo.path())
+        });
     }
 }
 
@@ -83,25 +92,9 @@ fn a_link_at_the_state_directory_under_the_root_is_refused() {
 fn a_link_at_etc_driftless_is_refused_and_no_floor_is_written_outside() {
     let repo = simple_repo(&[("/srv/a", "a\n")]);
     for planted in ["etc/driftless", "etc"] {
-        let host = Host::new("h");
-        let outside = tempfile::tempdir().unwrap();
-        let link = host.root.path().join(planted);
-        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-        symlink(outside.path(), &link).unwrap();
-        let run = host
-            .run(repo.path(), &["sync", "--once", "--allowed-root", "/srv"])
-            .code(1);
-        assert!(
-            run.stderr
-                .contains(&format!("{} is a symlink", link.display())),
-            "{planted}: {}",
-            run.stderr
-        );
-        assert!(
-            listing(outside.path()).is_empty(),
-            "{planted}: written outside the root"
-        );
-        assert_eq!(host.read("/srv/a"), None, "{planted}: applied anyway");
+        refuses_link(planted, "/srv/a", |host| {
+            host.run(repo.path(), &["sync", "--once", "--allowed-root", "/srv"])
+        });
     }
 }
 

@@ -39,13 +39,8 @@ fn refused(target: &str, extra: &str, needle: &str) {
         }
     }
     assert_eq!(host.tree(), before, "the host changed");
-    let out = Command::new(BIN)
-        .args(["validate", "--no-config"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let (code, text) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(3), "{text}");
     for want in ["roles/app/role.toml files[0]", target, needle] {
         assert!(text.contains(want), "validate: {want:?} not in {text}");
     }

@@ -258,23 +258,9 @@ fn a_world_readable_age_key_is_warned_about() {
 fn validate_skip_secrets_checks_everything_but_the_values() {
     let repo = canary_repo();
     // Without keys it fails (the identities are not there).
-    let out = Command::new(BIN)
-        .args(["validate", "--no-config"])
-        .arg(repo.path())
-        .env_remove("SOPS_AGE_KEY_FILE")
-        .env_remove("SOPS_AGE_KEY")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    let out = Command::new(BIN)
-        .args(["validate", "--no-config", "--skip-secrets"])
-        .arg(repo.path())
-        .env_remove("SOPS_AGE_KEY_FILE")
-        .env_remove("SOPS_AGE_KEY")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(validate(repo.path(), &[]).0, Some(3));
+    let (code, text) = validate(repo.path(), &["--skip-secrets"]);
+    assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("not decrypted (--skip-secrets") && text.contains("secrets/db.enc.yaml"),
         "{text}"
@@ -286,12 +272,7 @@ fn validate_skip_secrets_checks_everything_but_the_values() {
         "{{ secret(file=\"secrets/missing.enc.yaml\", key=\"x\") }}\n",
     );
     repo.commit("typo");
-    let out = Command::new(BIN)
-        .args(["validate", "--no-config", "--skip-secrets"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let (code, text) = validate(repo.path(), &["--skip-secrets"]);
+    assert_eq!(code, Some(3), "{text}");
     assert!(text.contains("secrets/missing.enc.yaml"), "{text}");
 }

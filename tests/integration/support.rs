@@ -242,3 +242,21 @@ pub fn simple_repo(files: &[(&str, &str)]) -> Repo {
     r.commit("initial");
     r
 }
+
+/// `driftless validate --no-config [extra…] DIR`, without secret keys from
+/// the environment: (exit code, stdout).
+pub fn validate(dir: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["validate", "--no-config"])
+        .args(extra)
+        .arg(dir)
+        .env_remove("SOPS_AGE_KEY_FILE")
+        .env_remove("SOPS_AGE_KEY")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("driftless runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
