@@ -278,6 +278,20 @@ fn e2e_4_daemon_under_systemd_ready_status_sighup_watchdog() {
     let status = m.sh("systemctl status --no-pager driftless.service");
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("Status: \"idle since"), "{status}");
+    // Issue 15 §6: the shipped unit is sandboxed (it was 6.4 MEDIUM), and
+    // the agent above did its whole job inside that sandbox.
+    for unit in ["driftless.service", "driftless-once.service"] {
+        let line = m.ok(&format!(
+            "systemd-analyze security --no-pager {unit} | grep 'Overall exposure level'"
+        ));
+        let score: f64 = line
+            .split(": ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no score in {line:?}"));
+        assert!(score <= 4.0, "{unit}: {line}");
+    }
     assert_eq!(curl(&m), "hello ok v1");
 
     // SIGHUP (systemctl reload) syncs now; the interval is 1h.
