@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod desired;
 pub mod effects;
+pub mod events;
 pub mod exit;
 pub mod fuzz_entry;
 pub mod plan;

@@ -863,3 +863,48 @@ fn e2e_13_a_kill_while_saving_an_original_never_loses_it() {
     );
     m.ok("sha256sum -c /root/big.sum");
 }
+
+/// The journal entries of `unit` with `MESSAGE_ID=id`, as JSON objects.
+fn journal_entries(m: &Machine, unit: &str, id: &str, priority: &str) -> Vec<serde_json::Value> {
+    m.ok(&format!(
+        "journalctl --no-pager -o json -u {unit} -p {priority} MESSAGE_ID={id}"
+    ))
+    .lines()
+    .filter_map(|l| serde_json::from_str(l).ok())
+    .collect()
+}
+
+/// Issue 15 §2: every line went to the journal at priority info, with no
+/// fields. Under systemd the agent now logs to journald with priorities,
+/// structured fields and a MESSAGE_ID per main event: `journalctl -p
+/// warning` shows the revert, `MESSAGE_ID=` finds it, `COMMIT=` says which.
+#[test]
+fn e2e_14_journald_gets_priorities_fields_and_message_ids() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let good = git(demo.path(), &["rev-parse", "HEAD"]);
+    let m = boot_with_units("e2e-journal", &demo);
+    m.ok("systemctl start driftless-once.service");
+    let applied = journal_entries(&m, "driftless-once.service", driftless::events::APPLIED, "notice");
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0]["PRIORITY"], "5");
+    assert_eq!(applied[0]["COMMIT"], good.as_str());
+    assert_eq!(applied[0]["SYSLOG_IDENTIFIER"], "driftless");
+
+    demo.set("BROKEN on purpose", "0644", "root");
+    let bad = demo.commit("breaks the service");
+    assert!(!m.sh("systemctl start driftless-once.service").status.success());
+    let reverted =
+        journal_entries(&m, "driftless-once.service", driftless::events::REVERTED, "warning");
+    assert_eq!(reverted.len(), 1, "{reverted:?}");
+    assert_eq!(reverted[0]["PRIORITY"], "4");
+    assert_eq!(reverted[0]["COMMIT"], bad.as_str());
+    assert!(
+        reverted[0]["MESSAGE"].as_str().unwrap_or("").contains("reverted"),
+        "{}",
+        reverted[0]
+    );
+    // Nothing of the good run reached warning.
+    let warnings = m.ok("journalctl --no-pager -o cat -u driftless-once.service -p warning");
+    assert!(!warnings.contains("applied"), "{warnings}");
+}

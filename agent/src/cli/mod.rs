@@ -612,6 +612,22 @@ fn init_logging(g: &GlobalArgs, daemon: bool) {
         .unwrap_or_else(|_| EnvFilter::new(format!("driftless={level},warn")));
     let tty = std::io::stderr().is_terminal();
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Straight to journald, with priorities, fields and MESSAGE_IDs, when
+    // stderr is the journal (not merely inherited JOURNAL_STREAM).
+    if stderr_is_journal() {
+        if let Ok(layer) = tracing_journald::layer() {
+            use tracing_subscriber::prelude::*;
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier("driftless".into());
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .init();
+            crate::events::enable();
+            return;
+        }
+    }
     // Progress bars for a human at a terminal only: never under cron,
     // journald, `-q`, or the daemon.
     if tty && !journald && !g.quiet && !daemon {
@@ -628,6 +644,22 @@ fn init_logging(g: &GlobalArgs, daemon: bool) {
     } else {
         builder.init();
     }
+}
+
+/// `JOURNAL_STREAM` (`dev:inode`) names stderr itself: systemd connected
+/// it to the journal. A shell started from a service inherits the variable
+/// with another stderr.
+fn stderr_is_journal() -> bool {
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = var.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
 }
 
 pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {

@@ -293,15 +293,23 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
     let (state, now) = (&pass.state, pass.now);
     match result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
-            (Some(a), _) => record(
-                state,
-                now,
-                Outcome::Applied,
-                Some(r.commit.clone()),
-                Some(a.txid.clone()),
-                Some(a),
-                None,
-            ),
+            (Some(a), _) => {
+                crate::events::outcome(
+                    Outcome::Applied,
+                    Some(&r.commit),
+                    Some(&a.txid),
+                    Some(&format!("+{} ~{} -{}", a.created, a.changed, a.removed)),
+                );
+                record(
+                    state,
+                    now,
+                    Outcome::Applied,
+                    Some(r.commit.clone()),
+                    Some(a.txid.clone()),
+                    Some(a),
+                    None,
+                )
+            }
             (None, true) => write_last_run(
                 state,
                 now,
@@ -321,6 +329,12 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
                 _ => Outcome::Failed,
             };
             let commit = e.error.downcast_ref::<Reverted>().map(|r| r.commit.clone());
+            crate::events::outcome(
+                outcome.clone(),
+                commit.as_deref(),
+                None,
+                Some(&format!("{:#}", e.error)),
+            );
             record(
                 state,
                 now,
@@ -391,6 +405,12 @@ pub(super) fn after_recovery(
             _ => "interrupted before all its files were switched in",
         };
         warn!(txid = %r.txid, commit = %commit, "rolled back a transaction {what}; the host is back at its last verified state");
+        crate::events::outcome(
+            Outcome::Recovered,
+            r.commit.as_deref(),
+            Some(&r.txid),
+            Some(what),
+        );
         record(
             state,
             now,
