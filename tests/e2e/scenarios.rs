@@ -885,7 +885,12 @@ fn e2e_14_journald_gets_priorities_fields_and_message_ids() {
     let good = git(demo.path(), &["rev-parse", "HEAD"]);
     let m = boot_with_units("e2e-journal", &demo);
     m.ok("systemctl start driftless-once.service");
-    let applied = journal_entries(&m, "driftless-once.service", driftless::events::APPLIED, "notice");
+    let applied = journal_entries(
+        &m,
+        "driftless-once.service",
+        driftless::events::APPLIED,
+        "notice",
+    );
     assert_eq!(applied.len(), 1, "{applied:?}");
     assert_eq!(applied[0]["PRIORITY"], "5");
     assert_eq!(applied[0]["COMMIT"], good.as_str());
@@ -893,14 +898,24 @@ fn e2e_14_journald_gets_priorities_fields_and_message_ids() {
 
     demo.set("BROKEN on purpose", "0644", "root");
     let bad = demo.commit("breaks the service");
-    assert!(!m.sh("systemctl start driftless-once.service").status.success());
-    let reverted =
-        journal_entries(&m, "driftless-once.service", driftless::events::REVERTED, "warning");
+    assert!(!m
+        .sh("systemctl start driftless-once.service")
+        .status
+        .success());
+    let reverted = journal_entries(
+        &m,
+        "driftless-once.service",
+        driftless::events::REVERTED,
+        "warning",
+    );
     assert_eq!(reverted.len(), 1, "{reverted:?}");
     assert_eq!(reverted[0]["PRIORITY"], "4");
     assert_eq!(reverted[0]["COMMIT"], bad.as_str());
     assert!(
-        reverted[0]["MESSAGE"].as_str().unwrap_or("").contains("reverted"),
+        reverted[0]["MESSAGE"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reverted"),
         "{}",
         reverted[0]
     );
