@@ -87,6 +87,10 @@ pub struct Journal {
     /// puts the previous files back can tell it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post: Option<PostActions>,
+    /// Saved originals (`originals/` names) of the files this transaction
+    /// stops managing: removed once it commits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released_originals: Vec<String>,
 }
 
 /// The systemd side of a transaction: after its files change (or change

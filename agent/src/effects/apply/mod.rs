@@ -111,6 +111,12 @@ pub fn apply(
         created_dirs: Vec::new(),
         ownership,
         post: None,
+        released_originals: before
+            .files
+            .iter()
+            .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
+            .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
+            .collect(),
     };
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
@@ -191,7 +197,6 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
             journal.state
         );
     }
-    let before = state.inventory()?;
     let mut inv: Inventory = next.clone();
     inv.txid = txid.to_string();
     inv.applied_at = now;
@@ -205,11 +210,9 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
     journal.state = TxState::Committed;
     write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
     prune_old_transactions(state, txid)?;
-    // Files released with their original restored: the copies are done.
-    for (path, entry) in &before.files {
-        if let (false, Some(orig)) = (inv.files.contains_key(path), &entry.original) {
-            originals::retire(state, &orig.stored);
-        }
+    // Files released (their originals restored): the copies are done.
+    for stored in &journal.released_originals {
+        originals::retire(state, stored);
     }
     remove_unneeded_dirs(fs, state, &mut inv);
     Ok(())
