@@ -91,25 +91,10 @@ impl RootFs {
                 Err(Errno::ENOENT) => match mk.as_mut() {
                     None => return Ok(None),
                     Some(mk) => {
-                        let mode = NixMode::from_bits_truncate(mk.mode);
-                        let made = match mkdirat(&dir, *comp, mode) {
-                            Ok(()) => true,
-                            Err(Errno::EEXIST) => false,
-                            Err(e) => {
-                                return Err(e).with_context(|| {
-                                    format!("cannot create directory {}", self.display_str(&sofar))
-                                })
-                            }
-                        };
-                        let fd = open_dir(&dir, comp).with_context(|| {
-                            format!("cannot open directory {}", self.display_str(&sofar))
-                        })?;
+                        let (fd, made) = self.make_dir(&dir, comp, &sofar, mk.mode)?;
                         if made {
                             mk.created
                                 .push(TargetPath::parse(&sofar).map_err(|e| anyhow!(e))?);
-                            fchmod(&fd, mode).with_context(|| {
-                                format!("cannot set the mode of {}", self.display_str(&sofar))
-                            })?;
                         }
                         fd
                     }
@@ -194,20 +179,7 @@ impl RootFs {
         let name = dir.file_name();
         match open_dir(&parent, name) {
             Ok(fd) => Ok(fd),
-            Err(Errno::ENOENT) => {
-                let m = NixMode::from_bits_truncate(mode);
-                match mkdirat(&parent, name, m) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("cannot create {}", self.display(dir)))
-                    }
-                }
-                let fd = open_dir(&parent, name)
-                    .with_context(|| format!("cannot open {}", self.display(dir)))?;
-                fchmod(&fd, m).with_context(|| format!("cannot set the mode of {}", self.display(dir)))?;
-                Ok(fd)
-            }
+            Err(Errno::ENOENT) => Ok(self.make_dir(&parent, name, dir.as_str(), mode)?.0),
             Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => bail!(
                 "{} is {}, not a directory: driftless never follows a symlink to its own files under the root; replace it with a real directory",
                 self.display(dir),
@@ -215,6 +187,36 @@ impl RootFs {
             ),
             Err(e) => Err(e).with_context(|| format!("cannot open {}", self.display(dir))),
         }
+    }
+
+    /// Creates `name` in `parent` (shown as `shown`, a path under the
+    /// root) with exactly `mode`, whatever the umask, and opens it without
+    /// following a link. `true` if this call created it (a concurrent
+    /// creator wins the race and keeps its mode).
+    fn make_dir(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        shown: &str,
+        mode: u32,
+    ) -> Result<(OwnedFd, bool)> {
+        let mode = NixMode::from_bits_truncate(mode);
+        let made = match mkdirat(parent, name, mode) {
+            Ok(()) => true,
+            Err(Errno::EEXIST) => false,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create directory {}", self.display_str(shown))
+                })
+            }
+        };
+        let fd = open_dir(parent, name)
+            .with_context(|| format!("cannot open directory {}", self.display_str(shown)))?;
+        if made {
+            fchmod(&fd, mode)
+                .with_context(|| format!("cannot set the mode of {}", self.display_str(shown)))?;
+        }
+        Ok((fd, made))
     }
 
     /// Reads a small file of the root (os-release, machine-id, passwd)
@@ -234,24 +236,9 @@ impl RootFs {
             Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {shown}")),
         };
-        let file = File::from(fd);
-        let meta = file
-            .metadata()
-            .with_context(|| format!("cannot examine {shown}"))?;
-        if !meta.is_file() {
-            bail!("{shown} is not a regular file: not read");
-        }
-        if meta.len() > cap {
-            bail!(
-                "{shown} is {} bytes, more than the {cap} read: not read",
-                meta.len()
-            );
-        }
-        let mut content = Vec::with_capacity(meta.len() as usize);
-        file.take(cap)
-            .read_to_end(&mut content)
-            .with_context(|| format!("cannot read {shown}"))?;
-        Ok(Some(content))
+        read_regular(File::from(fd), cap)
+            .map(Some)
+            .map_err(|e| anyhow!("{shown} is {e}: not read"))
     }
 }
 
@@ -286,7 +273,13 @@ pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Opti
         }
         Err(e) => return Err(e.into()),
     };
-    let file = File::from(fd);
+    read_regular(File::from(fd), cap).map(Some)
+}
+
+/// Reads an opened file in full if it is a regular file of at most `cap`
+/// bytes (read through `take(cap)`: a file that grows meanwhile is cut,
+/// never read without end). The errors read after "… is".
+fn read_regular(file: File, cap: u64) -> std::io::Result<Vec<u8>> {
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
@@ -297,9 +290,9 @@ pub fn read_file_in(dir: &OwnedFd, name: &str, cap: u64) -> std::io::Result<Opti
             meta.len()
         )));
     }
-    let mut content = Vec::new();
+    let mut content = Vec::with_capacity(meta.len() as usize);
     file.take(cap).read_to_end(&mut content)?;
-    Ok(Some(content))
+    Ok(content)
 }
 
 /// Replaces `name` in `dir` atomically and durably with `bytes` (mode
