@@ -295,10 +295,17 @@ fn read_regular(file: File, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(content)
 }
 
-/// Replaces `name` in `dir` atomically and durably with `bytes` (mode
-/// `mode`): a temp file created `O_EXCL|O_NOFOLLOW`, fsync, rename, fsync
-/// of the directory. A link planted at the temp name is never followed.
-pub fn replace_in(dir: &OwnedFd, name: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+/// Replaces `name` in `dir` atomically with `bytes` (mode `mode`): a temp
+/// file `.<name>.tmp-<pid>` created `O_EXCL|O_NOFOLLOW`, renamed over it;
+/// `durable` adds an fsync of the file before and of the directory after.
+/// A link planted at the temp name is never followed.
+pub fn replace_in(
+    dir: &OwnedFd,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+    durable: bool,
+) -> std::io::Result<()> {
     use nix::fcntl::renameat;
     use nix::unistd::{unlinkat, UnlinkatFlags};
     use std::io::Write;
@@ -319,13 +326,15 @@ pub fn replace_in(dir: &OwnedFd, name: &str, bytes: &[u8], mode: u32) -> std::io
     let written = f
         .write_all(bytes)
         .and_then(|()| fchmod(&f, m).map_err(Into::into))
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
         .and_then(|()| renameat(dir, tmp.as_str(), dir, name).map_err(Into::into));
     if let Err(e) = written {
         let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
         return Err(e);
     }
-    nix::unistd::fsync(dir)?;
+    if durable {
+        nix::unistd::fsync(dir)?;
+    }
     Ok(())
 }
 
@@ -504,7 +513,7 @@ mod tests {
             NixMode::empty(),
         )
         .unwrap();
-        replace_in(&fd, "f", b"new", 0o600).unwrap();
+        replace_in(&fd, "f", b"new", 0o600, true).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("f")).unwrap(),

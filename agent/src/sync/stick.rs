@@ -321,7 +321,7 @@ fn write_report_on_stick(stick: &Path, report: &StickReport) -> Result<()> {
         .with_context(|| format!("cannot write the report onto the stick {}", stick.display()))?;
     let bytes = serde_json::to_vec_pretty(report).context("cannot serialise the report")?;
     let name = format!("{}.json", sanitize(&report.host));
-    replace_in(&dir, &name, &bytes, 0o644).with_context(|| {
+    replace_in(&dir, &name, &bytes, 0o644, true).with_context(|| {
         format!(
             "cannot write {}",
             stick.join(STICK_DIR).join("reports").join(&name).display()

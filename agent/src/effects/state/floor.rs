@@ -122,7 +122,7 @@ pub fn save(root: &Path, floor: &Floor) -> Result<()> {
     let dir_target =
         TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;
     let dir = fs.ensure_dir(&dir_target, 0o755)?;
-    replace_in(&dir, FILE_NAME, &bytes, 0o600)
+    replace_in(&dir, FILE_NAME, &bytes, 0o600, true)
         .with_context(|| format!("cannot record the applied commit in {}", p.display()))
 }
 

@@ -23,7 +23,6 @@ pub mod history;
 pub mod quick;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -304,19 +303,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     replace(path, bytes, true)
 }
 
+/// The state files' atomic replace: [`replace_in`] (temp `O_EXCL` and
+/// `O_NOFOLLOW` beside the file, rename) in the file's directory, 0600.
+///
+/// [`replace_in`]: crate::effects::rootfs::replace_in
 fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().context("state file has no parent")?;
-    let (tmp, mut f) = create_temp(path)?;
-    {
-        f.write_all(bytes)
-            .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    if durable {
-        fsync_dir(dir)?;
-    }
-    Ok(())
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("state file name")?;
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", dir.display()))?;
+    crate::effects::rootfs::replace_in(&fd, name, bytes, 0o600, durable)
+        .with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// A new private (0600) temp file beside `path`, for an atomic replace.
