@@ -263,26 +263,27 @@ pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 /// file without the envelope (written before it existed) is read as it is.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     use sha2::Digest;
-    let value: serde_json::Value = serde_json::from_slice(bytes).context("not JSON")?;
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).context("not JSON")?;
     let Some(format) = value.get("driftless_state") else {
         return serde_json::from_value(value).context("not what this file holds");
     };
     if format.as_u64() != Some(STATE_FORMAT) {
         bail!("state format {format} is not supported by this driftless (expects {STATE_FORMAT}); was the agent downgraded?");
     }
-    let (Some(sum), Some(data)) = (
-        value.get("sha256").and_then(|s| s.as_str()),
-        value.get("data"),
-    ) else {
+    let sum = value
+        .get("sha256")
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    let (Some(sum), Some(data)) = (sum, value.get_mut("data").map(serde_json::Value::take)) else {
         bail!("the state envelope has no sha256 or no data");
     };
     let actual = hex::encode(sha2::Sha256::digest(
-        serde_json::to_vec(data).context("cannot serialise state")?,
+        serde_json::to_vec(&data).context("cannot serialise state")?,
     ));
     if actual != sum {
         bail!("its checksum does not match its content (a flipped bit or a torn write)");
     }
-    serde_json::from_value(data.clone()).context("not what this file holds")
+    serde_json::from_value(data).context("not what this file holds")
 }
 
 /// Replaces `path` atomically and durably with `value` as JSON: write a
