@@ -355,7 +355,8 @@ pub fn validate(
             anyhow::anyhow!("no host files: add hosts/<name>.toml or hosts/default.toml"),
         ));
     }
-    let base_facts = facts::gather(Path::new("/"));
+    let base_facts =
+        facts::gather(&crate::effects::rootfs::RootFs::open(Path::new("/")).kind(Failure::Failed)?);
     let mut results = Vec::new();
     let mut failed = 0;
     let mut skipped = std::collections::BTreeSet::new();

@@ -18,13 +18,14 @@
 //! | `addresses` | `[{iface="eth0", family="ipv4", address="192.0.2.10"}]` |
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde_json::{json, Value as Json};
 
+use crate::effects::rootfs::RootFs;
+
 /// Gathers the facts of this machine, with `/etc` files read under `root`.
 /// Never fails: a fact that cannot be read is empty, and logged.
-pub fn gather(root: &Path) -> Json {
+pub fn gather(root: &RootFs) -> Json {
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -67,9 +68,8 @@ const MAX_FACT_FILE: u64 = 64 * 1024;
 
 /// A file of the root, symlinks resolved inside it (an image's link to
 /// `/etc/machine-id` reads the image's file, never the host's).
-fn read_under(root: &Path, rel: &str) -> Option<String> {
-    let fs = crate::effects::rootfs::RootFs::open(root).ok()?;
-    match fs.read_contained(rel, MAX_FACT_FILE) {
+fn read_under(root: &RootFs, rel: &str) -> Option<String> {
+    match root.read_contained(rel, MAX_FACT_FILE) {
         Ok(bytes) => bytes.map(|b| String::from_utf8_lossy(&b).into_owned()),
         Err(e) => {
             tracing::warn!("fact source not read: {e:#}");
@@ -155,7 +155,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("etc")).unwrap();
         std::fs::write(root.path().join("etc/os-release"), "ID=testos\n").unwrap();
-        let f = gather(root.path());
+        let f = gather(&RootFs::open(root.path()).unwrap());
         assert_eq!(f["os_release"]["ID"], "testos");
         assert!(f["cpus"].as_u64().unwrap() >= 1);
     }

@@ -11,9 +11,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::desired::render::Desired;
+use crate::effects::rootfs::RootFs;
 use crate::plan::Ids;
 
-pub fn resolve(root: &Path, desired: &Desired) -> Result<Ids> {
+pub fn resolve(root: &RootFs, desired: &Desired) -> Result<Ids> {
     let euid = nix::unistd::geteuid();
     let egid = nix::unistd::getegid();
     let mut ids = Ids {
@@ -24,7 +25,7 @@ pub fn resolve(root: &Path, desired: &Desired) -> Result<Ids> {
     };
     let users: BTreeSet<&str> = desired.files.iter().map(|f| f.owner.0.as_str()).collect();
     let groups: BTreeSet<&str> = desired.files.iter().map(|f| f.group.0.as_str()).collect();
-    let live = root == Path::new("/");
+    let live = root.path() == Path::new("/");
     let passwd = if live {
         None
     } else {
@@ -72,9 +73,8 @@ pub fn resolve(root: &Path, desired: &Desired) -> Result<Ids> {
 const MAX_DB: u64 = 64 * 1024 * 1024;
 
 /// An account database of the root, symlinks resolved inside it.
-fn read_db(root: &Path, rel: &str) -> Result<Option<String>> {
-    let fs = crate::effects::rootfs::RootFs::open(root)?;
-    Ok(fs
+fn read_db(root: &RootFs, rel: &str) -> Result<Option<String>> {
+    Ok(root
         .read_contained(rel, MAX_DB)?
         .map(|b| String::from_utf8_lossy(&b).into_owned()))
 }

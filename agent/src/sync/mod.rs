@@ -351,7 +351,7 @@ fn host_name(settings: &Settings, snap: &Snapshot) -> String {
 /// the templates see the same values).
 pub fn gather_facts(fs: &RootFs) -> serde_json::Value {
     let _t = timings::stage("facts");
-    facts::gather(fs.path())
+    facts::gather(fs)
 }
 
 /// Load, render, observe and plan for this host.
@@ -503,7 +503,7 @@ fn plan_files(
         .kind(Failure::InvalidRepo)?;
     drop(timing);
     let timing = timings::stage("ids");
-    let mut ids = ids::resolve(fs.path(), &desired).kind(Failure::Failed)?;
+    let mut ids = ids::resolve(fs, &desired).kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
         None => (inventory, Vec::new()),
