@@ -202,17 +202,7 @@ fn a_copy_without_its_record_is_not_restored_until_it_is_vouched_for() {
         copy.file_name().unwrap().to_string_lossy()
     ));
     std::fs::remove_file(&side).unwrap();
-    let before = host.tree();
-    let run = host.sync(r.path());
-    assert_ne!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.contains("no record"), "{}", run.stderr);
-    assert!(run.stderr.contains(TARGET), "{}", run.stderr);
-    assert!(
-        run.stderr.contains(&copy.display().to_string()),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(host.tree(), before, "the host changed");
+    let run = release_refused(&host, &r, &copy, "no record");
     let record = run
         .stderr
         .split_once("by writing ")
@@ -222,6 +212,25 @@ fn a_copy_without_its_record_is_not_restored_until_it_is_vouched_for() {
     std::fs::write(&side, record).unwrap();
     host.sync(r.path()).ok();
     assert!(std::fs::read(host.path(TARGET)).unwrap() == content);
+}
+
+/// Syncing `r` (which releases TARGET) is refused: a non-zero exit whose
+/// message says `why` and names TARGET and the stored `copy`, and the host
+/// exactly as it was.
+#[track_caller]
+fn release_refused(host: &Host, r: &Repo, copy: &std::path::Path, why: &str) -> Run {
+    let before = host.tree();
+    let run = host.sync(r.path());
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains(why), "{}", run.stderr);
+    assert!(run.stderr.contains(TARGET), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&copy.display().to_string()),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.tree(), before, "the host changed");
+    run
 }
 
 /// A stored original damaged later (a disk error, a hand edit) is never
@@ -236,17 +245,7 @@ fn a_damaged_stored_original_refuses_the_restore_and_changes_nothing() {
         .ok();
     let copy = stored_copy(&host);
     std::fs::write(&copy, b"the distri").unwrap();
-    let before = host.tree();
-    let run = host.sync(r.path());
-    assert_ne!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.contains("is damaged"), "{}", run.stderr);
-    assert!(run.stderr.contains(TARGET), "{}", run.stderr);
-    assert!(
-        run.stderr.contains(&copy.display().to_string()),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(host.tree(), before, "the host changed");
+    release_refused(&host, &r, &copy, "is damaged");
     assert_eq!(
         host.read(TARGET).as_deref(),
         Some("ours\n"),
