@@ -39,6 +39,14 @@ fn serve(close: bool, reply: fn(&str) -> &'static str) -> String {
     format!("http://{addr}")
 }
 
+/// A repository whose hosts all get the role `app` (see [`write_role`]).
+fn app_repo() -> Repo {
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    repo
+}
+
 fn write_role(repo: &Repo, content: &str, http: &str) {
     repo.write("roles/app/files/app.conf", content);
     repo.write(
@@ -71,10 +79,8 @@ fn a_chunked_healthy_service_passes_its_http_check_and_the_commit_is_applied() {
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n\
          4\r\nstat\r\n6\r\nus: ok\r\n0\r\n\r\n"
     });
-    let repo = Repo::new();
+    let repo = app_repo();
     let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
     write_role(
         &repo,
         "v1\n",
@@ -94,10 +100,8 @@ fn http_checks_report_a_redirect_unless_follow_redirects() {
         "/old" => "HTTP/1.1 301 Moved Permanently\r\nLocation: /new\r\nContent-Length: 0\r\n\r\n",
         _ => "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\narrived",
     });
-    let repo = Repo::new();
+    let repo = app_repo();
     let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
     write_role(
         &repo,
         "v1\n",
@@ -134,9 +138,7 @@ fn http_checks_report_a_redirect_unless_follow_redirects() {
 
 #[test]
 fn validate_names_a_bad_http_check() {
-    let repo = Repo::new();
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let repo = app_repo();
     repo.write(
         "roles/app/role.toml",
         "[[checks]]\nhttp = { url = \"ftp://127.0.0.1/\" }\n\n\
