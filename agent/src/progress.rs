@@ -31,8 +31,16 @@ pub fn enable() {
 #[must_use]
 pub struct Bar(Option<ProgressBar>);
 
-/// A bar counting `len` items: `message [=====>    ] 1200/5000`.
+/// Fewer items than this get no bar: one that flashes for a handful of
+/// files is noise.
+pub const MIN_BAR_ITEMS: u64 = 100;
+
+/// A bar counting `len` items: `message [=====>    ] 1200/5000` (nothing
+/// under [`MIN_BAR_ITEMS`]).
 pub fn bar(len: u64, message: &str) -> Bar {
+    if len < MIN_BAR_ITEMS {
+        return Bar(None);
+    }
     start(message, || {
         let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
             .unwrap_or_else(|_| ProgressStyle::default_bar())

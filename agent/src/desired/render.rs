@@ -308,16 +308,13 @@ impl Renderer {
             "roles": host.roles,
             "facts": facts,
         });
-        let bar = (host.files.len() >= 100)
-            .then(|| crate::progress::bar(host.files.len() as u64, "rendering"));
+        let bar = crate::progress::bar(host.files.len() as u64, "rendering");
         for decl in host
             .files
             .iter()
             .filter(|d| only.is_none_or(|o| o.contains(&d.path)))
         {
-            if let Some(bar) = &bar {
-                bar.inc(1);
-            }
+            bar.inc(1);
             self.secrets.take_used();
             let content = match &decl.content {
                 ContentRef::Secret { path, format } => match self.secrets.whole(path, *format) {

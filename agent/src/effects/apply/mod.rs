@@ -255,12 +255,6 @@ fn remove_unneeded_dirs(fs: &RootFs, state: &StateDir, inv: &mut Inventory) {
     }
 }
 
-/// Enough changes to be worth a progress bar on a terminal (a bar that
-/// flashes for a handful of files is noise).
-fn big(changes: usize) -> bool {
-    changes >= 100
-}
-
 fn timed<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
     let _t = crate::timings::stage(stage);
     f()
@@ -336,12 +330,9 @@ fn prepare(
     dirs: &mut BTreeMap<String, OwnedFd>,
 ) -> Result<()> {
     let backups_fd = open_dir_path(backups)?;
-    let bar = big(plan.changes.len())
-        .then(|| crate::progress::bar(plan.changes.len() as u64, "staging files"));
+    let bar = crate::progress::bar(plan.changes.len() as u64, "staging files");
     for (c, e) in plan.changes.iter().zip(journal.entries.clone()) {
-        if let Some(bar) = &bar {
-            bar.inc(1);
-        }
+        bar.inc(1);
         let key = parent_key(&c.path);
         if !dirs.contains_key(&key) {
             let dir = fs
@@ -473,12 +464,9 @@ fn flush(fs: &RootFs, state: &StateDir, dirs: &BTreeMap<String, OwnedFd>) -> Res
 /// Step 5: make the staged state live.
 fn switch(journal: &Journal, dirs: &BTreeMap<String, OwnedFd>, opts: &ApplyOptions) -> Result<()> {
     let mut done = 0usize;
-    let bar = big(journal.entries.len())
-        .then(|| crate::progress::bar(journal.entries.len() as u64, "switching in"));
+    let bar = crate::progress::bar(journal.entries.len() as u64, "switching in");
     for e in &journal.entries {
-        if let Some(bar) = &bar {
-            bar.inc(1);
-        }
+        bar.inc(1);
         let dir = &dirs[&parent_key(&e.path)];
         let name = e.path.file_name();
         match e.op {
