@@ -23,11 +23,14 @@ pub mod exit;
 pub mod fuzz_entry;
 pub mod plan;
 pub mod progress;
-pub mod secrets;
 pub mod sync;
 pub mod time;
 pub mod timings;
 pub mod trust;
+
+/// SOPS reading lives in its own crate (`sops/`, no dependency on the
+/// agent); re-exported under its old path.
+pub use driftless_sops as secrets;
 
 /// Counted skips for tests whose system prerequisites are missing (see
 /// `tests/common/skip.rs`).

@@ -8,7 +8,7 @@
 //! line. The log is `$DRIFTLESS_SKIP_LOG`, or `driftless-test-skips.log` in
 //! the cargo profile directory (`target/debug/`).
 //!
-//! Shared by the unit tests (`agent/src/secrets/tests.rs`), the integration
+//! Shared by the unit tests (`sops/src/tests.rs`), the integration
 //! suite and the end-to-end suite through `#[path]`.
 
 #![allow(dead_code)]

@@ -1570,14 +1570,14 @@ fn regenerate_examples() {
     let k = own_keys();
     let recipients: Vec<&str> = k.recipients.iter().map(String::as_str).collect();
     let spec = Spec::simple(&recipients);
-    let canary = crate::secrets::testenc::encrypt_text(
+    let canary = crate::testenc::encrypt_text(
         Store::Yaml,
         "db:\n    password: CANARY-d41f7e2b-never-leak\n    user: app\n",
         &spec,
         &KEY,
     );
     std::fs::write(own().join("canary.enc.yaml"), canary).expect("write canary");
-    let demo = crate::secrets::testenc::encrypt_text(
+    let demo = crate::testenc::encrypt_text(
         Store::Yaml,
         "db:\n    user: app\n    password: demo-password-not-a-secret\napi_token: demo-token-0000\n",
         &spec,

@@ -720,3 +720,9 @@ pub mod fuzzing {
         let _ = super::crypt::decrypt_value(text, &[0u8; 32], "a:");
     }
 }
+
+/// Counted skips for tests whose system prerequisites are missing (see
+/// `tests/common/skip.rs`).
+#[cfg(test)]
+#[path = "../../tests/common/skip.rs"]
+pub(crate) mod test_skip;
