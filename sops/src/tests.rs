@@ -984,6 +984,19 @@ fn key_groups_need_the_threshold() {
     }
 }
 
+/// The PKCS#1 PEM form of an RSA key (`ssh-keygen -m PEM`) gives the same
+/// recipient as its OpenSSH form and opens the same files.
+#[test]
+fn pkcs1_pem_rsa_key_is_the_same_identity_as_its_openssh_form() {
+    let openssh = Identities::from_ssh_private_key(&own().join("ssh_host_rsa_key")).expect("rsa");
+    let pem = Identities::from_ssh_private_key(&own().join("ssh_host_rsa_key.pem")).expect("pem");
+    let line = recipients(&openssh);
+    assert_eq!(recipients(&pem), line);
+    let text = testenc::encrypt_text(Store::Yaml, "k: v\n", &Spec::simple(&[&line[0]]), &KEY);
+    let d = decrypt("ssh.yaml", text.as_bytes(), Store::Yaml, &pem).expect("pem decrypts");
+    assert_eq!(d.report().opened_with, line);
+}
+
 #[test]
 fn ssh_host_keys_are_identities() {
     let ed =
