@@ -583,6 +583,12 @@ enum ColorChoice {
 }
 
 /// Entry point used by the binary.
+/// The command-line definition (for man pages and completions, built by
+/// `xtask`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon is never watched on a terminal the way a one-off is.
