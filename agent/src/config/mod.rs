@@ -564,6 +564,36 @@ mod tests {
     }
 
     #[test]
+    fn metrics_file_defaults_under_the_root_and_can_be_turned_off() {
+        let with = |text: &str, root: Option<&str>| {
+            let mut f: Fragment = toml::from_str(text).unwrap();
+            f.host = Some("h".into());
+            f.root = root.map(PathBuf::from);
+            validate(f, Vec::new()).map(|s| s.metrics_file)
+        };
+        let default = Some(PathBuf::from(crate::effects::metrics::DEFAULT_METRICS_FILE));
+        assert_eq!(with("", None).unwrap(), default);
+        assert_eq!(with("metrics_file = true", None).unwrap(), default);
+        assert_eq!(
+            with("", Some("/tmp/r")).unwrap(),
+            Some(PathBuf::from(
+                "/tmp/r/var/lib/prometheus/node-exporter/driftless.prom"
+            ))
+        );
+        assert_eq!(with("metrics_file = false", None).unwrap(), None);
+        assert_eq!(with("metrics_file = \"\"", None).unwrap(), None);
+        assert_eq!(
+            with("metrics_file = \"/srv/m.prom\"", Some("/tmp/r")).unwrap(),
+            Some(PathBuf::from("/srv/m.prom"))
+        );
+        let err = format!("{:#}", with("metrics_file = \"/srv/\"", None).unwrap_err());
+        assert!(
+            err.starts_with("metrics_file: /srv/ names a directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn sub_path_is_normalised_and_confined() {
         assert_eq!(normalise_sub_path("/a//b/./").unwrap(), "a/b");
         assert!(normalise_sub_path("a/../b").is_err());
