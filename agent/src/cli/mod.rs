@@ -721,6 +721,7 @@ pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {
         max_file_size: None,
         max_render_size: None,
         max_bundle_size: None,
+        metrics_file: None,
         ssh: SshFragment {
             key: src.and_then(|a| a.ssh_key.clone()),
             known_hosts: src.and_then(|a| a.ssh_known_hosts.clone()),
