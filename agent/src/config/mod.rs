@@ -90,6 +90,9 @@ pub struct Fragment {
     pub max_bundle_size: Option<SizeValue>,
     #[serde(default)]
     pub ssh: SshFragment,
+    /// `[[webhooks]]`: notifications of run outcomes. A layer that sets
+    /// any replaces the list of the layers below it.
+    pub webhooks: Option<Vec<crate::effects::notify::config::WebhookFragment>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -127,6 +130,7 @@ impl Fragment {
             max_render_size,
             max_bundle_size,
             ssh,
+            webhooks,
         } = self;
         let mut out = Vec::new();
         let mut add = |set: bool, k: &'static str| {
@@ -155,6 +159,7 @@ impl Fragment {
         add(max_render_size.is_some(), "max_render_size");
         add(max_bundle_size.is_some(), "max_bundle_size");
         add(ssh.key.is_some() || ssh.known_hosts.is_some(), "ssh");
+        add(webhooks.is_some(), "webhooks");
         out
     }
 
@@ -183,6 +188,7 @@ impl Fragment {
             max_render_size,
             max_bundle_size,
             ssh: SshFragment { key, known_hosts },
+            webhooks,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -211,6 +217,7 @@ impl Fragment {
         take(&mut self.max_bundle_size, max_bundle_size);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
+        take(&mut self.webhooks, webhooks);
     }
 }
 
@@ -250,6 +257,8 @@ pub struct Settings {
     pub max_bundle_size: u64,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
+    /// `[[webhooks]]`, validated.
+    pub webhooks: Vec<crate::effects::notify::config::Webhook>,
 }
 
 /// Where to look for config files.
@@ -430,7 +439,10 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         f.max_bundle_size,
         DEFAULT_MAX_BUNDLE_SIZE,
     )?;
+    let webhooks =
+        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
     Ok(Settings {
+        webhooks,
         limits,
         max_bundle_size,
         interval,

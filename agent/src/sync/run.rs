@@ -135,6 +135,15 @@ pub(super) fn begin<'a>(
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
+            crate::effects::notify::halted(
+                settings,
+                &state,
+                rt,
+                now,
+                h.time,
+                h.commit.as_deref(),
+                &h.reason,
+            );
             return Err(Error::new(
                 Failure::Degraded,
                 anyhow!(
@@ -346,6 +355,7 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
             );
         }
     }
+    crate::effects::notify::run_finished(pass.settings, state, pass.rt, now, result);
 }
 
 /// What a crash left behind is rolled back by [`apply::recover`]; this
