@@ -556,3 +556,41 @@ fn an_unknown_webhook_key_names_the_file_and_the_key() {
         "{err}"
     );
 }
+
+/// An air-gapped host keeps its events spooled; a USB stick carries them
+/// back in the host's report.
+#[test]
+fn the_stick_report_carries_the_pending_events() {
+    let log = Log::default();
+    let rx = Receiver::start(0, &log);
+    let a = Agent::new(rx.port);
+    rx.kill();
+    let v1 = a.commit("good\n", "true");
+    a.sync_code(0);
+    assert_eq!(a.spooled().len(), 1);
+    // A stick without bundles: refused, but the report is written.
+    let stick = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(stick.path().join("driftless/bundles")).unwrap();
+    let out = Command::new(BIN)
+        .args(["bundle", "stick"])
+        .arg(stick.path())
+        .arg("--config")
+        .arg(&a.config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap_or_else(|e| {
+            panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        }),
+    )
+    .unwrap();
+    let pending = report["pending_events"].as_array().expect("pending_events");
+    assert_eq!(pending.len(), 1, "{report}");
+    assert_eq!(pending[0]["event"], "applied");
+    assert_eq!(pending[0]["commit"], v1.as_str());
+    assert_eq!(pending[0]["host"], "web1");
+    // Still spooled: the stick is a copy, the webhook gets it when it can.
+    assert_eq!(a.spooled().len(), 1);
+    assert!(log.all().is_empty());
+}
