@@ -8,7 +8,7 @@
 set -euo pipefail
 
 cache=${1:-/var/cache/driftless-e2e}
-recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps nginx-light v4"
+recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps nginx-light prometheus-node-exporter v5"
 rootfs="$cache/rootfs"
 stamp="$cache/rootfs.recipe"
 
@@ -25,7 +25,7 @@ mkdir -p "$cache"
 tmp="$cache/rootfs.tmp"
 rm -rf "$tmp"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps,nginx-light \
+    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps,nginx-light,prometheus-node-exporter \
     bookworm "$tmp" "$mirror" >&2
 # Boot quickly and quietly: no getty, no network waits, fixed identity.
 echo "e2e" > "$tmp/etc/hostname"
@@ -38,6 +38,11 @@ ln -sf /dev/null "$tmp/etc/systemd/system/console-getty.service"
 # test asks for it: not enabled, no default site.
 rm -f "$tmp/etc/systemd/system/multi-user.target.wants/nginx.service" \
       "$tmp/etc/nginx/sites-enabled/default"
+# node_exporter (the metrics test reads driftless's textfile through it)
+# likewise starts only when asked; its own textfile timers (apt, smartmon,
+# …) never run.
+rm -f "$tmp/etc/systemd/system/multi-user.target.wants/prometheus-node-exporter.service" \
+      "$tmp/etc/systemd/system/timers.target.wants/prometheus-node-exporter-"*
 mkdir -p "$tmp/opt/driftless"
 rm -rf "$rootfs"
 mv "$tmp" "$rootfs"

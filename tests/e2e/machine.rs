@@ -196,4 +196,4 @@ mod git_cli;
 pub use git_cli::git;
 
 #[path = "../common/skip.rs"]
-mod skip;
+pub mod skip;

@@ -14,4 +14,5 @@
 //! line and is counted as skipped by `tests/run`.
 
 mod machine;
+mod package;
 mod scenarios;

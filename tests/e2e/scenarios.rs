@@ -923,3 +923,119 @@ fn e2e_14_journald_gets_priorities_fields_and_message_ids() {
     let warnings = m.ok("journalctl --no-pager -o cat -u driftless-once.service -p warning");
     assert!(!warnings.contains("applied"), "{warnings}");
 }
+
+/// `promtool` on this host, or the test fails naming the package.
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file());
+    if found.is_none() {
+        crate::machine::skip::missing("promtool (Debian package prometheus)");
+    }
+    found
+}
+
+/// What node_exporter serves on :9100, fetched inside the container.
+fn scrape(m: &Machine) -> String {
+    m.ok("python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:9100/metrics\").read().decode())'")
+}
+
+/// Issue 15 §3: after each run the agent (the daemon under the shipped,
+/// sandboxed unit, then the timer's service) writes the textfile that
+/// Debian's node_exporter serves; `promtool check metrics` accepts it.
+#[test]
+fn e2e_15_node_exporter_serves_the_driftless_metrics() {
+    let Some(_g) = guard() else { return };
+    let Some(promtool) = promtool() else { return };
+    let demo = Demo::new();
+    let good = git(demo.path(), &["rev-parse", "HEAD"]);
+    let m = boot_with_units("e2e-metrics", &demo);
+    m.ok("systemctl start prometheus-node-exporter.service");
+    m.ok("systemctl start driftless.service");
+    m.wait_ok(
+        "systemctl show -P StatusText driftless.service | grep -q 'idle since'",
+        Duration::from_secs(60),
+    );
+    m.wait_ok(
+        "python3 -c 'import urllib.request;urllib.request.urlopen(\"http://127.0.0.1:9100/metrics\")'",
+        Duration::from_secs(30),
+    );
+    let served = scrape(&m);
+    for line in [
+        "driftless_last_run_result{result=\"applied\"} 1",
+        "driftless_halted 0",
+        "driftless_reverts_total 0",
+        "node_textfile_scrape_error 0",
+    ] {
+        assert!(served.lines().any(|l| l == line), "{line} not in\n{served}");
+    }
+    let info = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("driftless_applied_commit_info{"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let commit = info(&served);
+    assert!(
+        commit.contains(&format!("commit=\"{good}\"")) && commit.ends_with(" 1"),
+        "{served}"
+    );
+    let file = "/var/lib/prometheus/node-exporter/driftless.prom";
+    assert_eq!(m.ok(&format!("stat -c %a {file}")).trim(), "644");
+    let text = m.ok(&format!("cat {file}"));
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A breaking commit, synced now (SIGHUP): reverted, the host stays on
+    // the good commit, and node_exporter says so.
+    demo.set("BROKEN on purpose", "0644", "root");
+    demo.commit("breaks the service");
+    m.ok("systemctl reload driftless.service");
+    m.wait_ok(
+        "python3 -c 'import urllib.request;assert \"\\ndriftless_reverts_total 1\\n\" in urllib.request.urlopen(\"http://127.0.0.1:9100/metrics\").read().decode()'",
+        Duration::from_secs(120),
+    );
+    let served = scrape(&m);
+    assert!(
+        served
+            .lines()
+            .any(|l| l == "driftless_last_run_result{result=\"reverted\"} 1"),
+        "{served}"
+    );
+    assert!(
+        served.lines().any(|l| l == "driftless_bad_commits 1"),
+        "{served}"
+    );
+    assert_eq!(info(&served), commit, "still on the good commit");
+
+    // The timer's service writes it too (the bad commit: skipped).
+    m.ok("systemctl stop driftless.service");
+    m.ok("systemctl start driftless-once.service");
+    let served = scrape(&m);
+    assert!(
+        served
+            .lines()
+            .any(|l| l == "driftless_last_run_result{result=\"skipped\"} 1"),
+        "{served}"
+    );
+    assert!(
+        served
+            .lines()
+            .any(|l| l == "driftless_runs_total{result=\"applied\"} 1"),
+        "{served}"
+    );
+}

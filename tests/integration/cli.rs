@@ -406,3 +406,74 @@ fn progress_shows_on_a_terminal_only() {
     let text = on_a_terminal(&quiet.cmd(repo.path(), &["sync", "--once", "-q"]));
     assert_eq!(text, "", "-q on a terminal");
 }
+
+/// The units' ExecCondition: an installed agent without a `source` is
+/// skipped with the remedy named; with one it runs; an unreadable config
+/// is left to the agent itself to report (exit 0 here).
+#[test]
+fn config_has_source_is_the_units_start_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let run = |p: &std::path::Path| {
+        Command::new(BIN)
+            .args(["config", "has-source", "--config"])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    let none = run(&cfg("none.toml", "branch = \"main\"\n"));
+    assert_eq!(none.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("no source configured") && err.contains("/etc/driftless/agent.toml"),
+        "{err}"
+    );
+    let some = run(&cfg("some.toml", "source = \"/srv/config\"\n"));
+    assert_eq!(some.status.code(), Some(0), "{some:?}");
+    let broken = run(&cfg("broken.toml", "sorce = \"/srv/config\"\n"));
+    assert_eq!(broken.status.code(), Some(0), "{broken:?}");
+}
+
+/// The package's default agent.toml: nothing set (so nothing runs), and
+/// every commented key, uncommented, is a valid key of the right type.
+#[test]
+fn packaged_agent_toml_sets_nothing_and_documents_only_real_keys() {
+    let shipped = workspace().join("packaging/agent.toml");
+    let out = Command::new(BIN)
+        .args(["config", "has-source", "--config"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the shipped config must not set a source"
+    );
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let uncommented: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
+        .map(|l| l.replace("\"<hostname>\"", "\"web1\"") + "\n")
+        .collect();
+    assert!(uncommented.contains("source = "), "{uncommented}");
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("agent.toml");
+    std::fs::write(&full, &uncommented).unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&full)
+        .args(["--root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uncommented packaging/agent.toml is invalid:\n{}\n{uncommented}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -15,6 +15,7 @@ mod daemon;
 mod golden;
 mod hostile_templates;
 mod leak_catalogue;
+mod metrics;
 mod notify;
 mod originals;
 mod pipeline;

@@ -289,6 +289,20 @@ or the `age:` list of .sops.yaml) and this host can decrypt it with its own SSH 
 no extra key to distribute. Both forms are printed: the ssh-ed25519 recipient and the
 age1… key that ssh-to-age derives from it (sops-nix's convention).")]
     HostRecipient(ConfigOnlyArgs),
+    /// Questions about the agent's own configuration (for units, cron and scripts)
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Exit 0 if a `source` is configured, 1 (with the remedy) if not
+    #[command(after_help = "\
+The shipped units run it as ExecCondition=, so an installed but unconfigured agent is
+skipped (not failed) until `source` is set, and the cron fallback does nothing. A
+configuration that cannot be read also exits 0: the agent itself then fails and names
+the file and key.")]
+    HasSource(ConfigOnlyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -583,6 +597,12 @@ enum ColorChoice {
 }
 
 /// Entry point used by the binary.
+/// The command-line definition (for man pages and completions, built by
+/// `xtask`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon is never watched on a terminal the way a one-off is.
@@ -701,6 +721,7 @@ pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {
         max_file_size: None,
         max_render_size: None,
         max_bundle_size: None,
+        metrics_file: None,
         ssh: SshFragment {
             key: src.and_then(|a| a.ssh_key.clone()),
             known_hosts: src.and_then(|a| a.ssh_known_hosts.clone()),
@@ -854,6 +875,20 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 StateCommand::Check(_) => ExitCode::from(1),
                 StateCommand::Repair(_) => ExitCode::SUCCESS,
             })
+        }
+        Command::Config(ConfigCommand::HasSource(a)) => {
+            match settings(&Overrides::config(&a.config)) {
+                Ok(s) if s.source.is_none() => {
+                    eprintln!(
+                    "driftless: no source configured: set `source` in {} (or a drop-in in {}), \
+                     then `systemctl start driftless`",
+                    config::MAIN_CONFIG,
+                    config::DROP_IN_DIRS[2]
+                );
+                    Ok(ExitCode::from(1))
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::HostRecipient(a) => {
             let s = settings(&Overrides::config(&a.config))?;

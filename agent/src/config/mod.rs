@@ -88,11 +88,23 @@ pub struct Fragment {
     /// Largest bundle file imported (from a stick or `bundle import`),
     /// e.g. "2GiB" (the default).
     pub max_bundle_size: Option<SizeValue>,
+    /// node_exporter textfile written after every run (default
+    /// /var/lib/prometheus/node-exporter/driftless.prom); `""` or `false`
+    /// turns it off.
+    pub metrics_file: Option<MetricsFileValue>,
     #[serde(default)]
     pub ssh: SshFragment,
     /// `[[webhooks]]`: notifications of run outcomes. A layer that sets
     /// any replaces the list of the layers below it.
     pub webhooks: Option<Vec<crate::effects::notify::config::WebhookFragment>>,
+}
+
+/// `metrics_file`: a path, or `false` (off; `true` is the default path).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MetricsFileValue {
+    Enabled(bool),
+    Path(PathBuf),
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -129,6 +141,7 @@ impl Fragment {
             max_file_size,
             max_render_size,
             max_bundle_size,
+            metrics_file,
             ssh,
             webhooks,
         } = self;
@@ -158,6 +171,7 @@ impl Fragment {
         add(max_file_size.is_some(), "max_file_size");
         add(max_render_size.is_some(), "max_render_size");
         add(max_bundle_size.is_some(), "max_bundle_size");
+        add(metrics_file.is_some(), "metrics_file");
         add(ssh.key.is_some() || ssh.known_hosts.is_some(), "ssh");
         add(webhooks.is_some(), "webhooks");
         out
@@ -187,6 +201,7 @@ impl Fragment {
             max_file_size,
             max_render_size,
             max_bundle_size,
+            metrics_file,
             ssh: SshFragment { key, known_hosts },
             webhooks,
         } = other;
@@ -215,6 +230,7 @@ impl Fragment {
         take(&mut self.max_file_size, max_file_size);
         take(&mut self.max_render_size, max_render_size);
         take(&mut self.max_bundle_size, max_bundle_size);
+        take(&mut self.metrics_file, metrics_file);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
         take(&mut self.webhooks, webhooks);
@@ -255,6 +271,8 @@ pub struct Settings {
     pub limits: crate::desired::guard::Limits,
     /// Largest bundle file imported, in bytes.
     pub max_bundle_size: u64,
+    /// Where the node_exporter textfile goes after every run; `None`: off.
+    pub metrics_file: Option<PathBuf>,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
     /// `[[webhooks]]`, validated.
@@ -439,9 +457,32 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         f.max_bundle_size,
         DEFAULT_MAX_BUNDLE_SIZE,
     )?;
+    // Like the state directory: the default belongs to the root it
+    // describes (under `--root R`, R/var/lib/prometheus/…).
+    let metrics_file = match f.metrics_file {
+        Some(MetricsFileValue::Enabled(false)) => None,
+        Some(MetricsFileValue::Path(p)) if p.as_os_str().is_empty() => None,
+        Some(MetricsFileValue::Path(p)) => {
+            if p.file_name().is_none() || p.to_string_lossy().ends_with('/') {
+                bail!(
+                    "metrics_file: {} names a directory; give the file, e.g. {}",
+                    p.display(),
+                    crate::effects::metrics::DEFAULT_METRICS_FILE
+                );
+            }
+            Some(absolute(p))
+        }
+        None | Some(MetricsFileValue::Enabled(true)) if live => {
+            Some(PathBuf::from(crate::effects::metrics::DEFAULT_METRICS_FILE))
+        }
+        None | Some(MetricsFileValue::Enabled(true)) => {
+            Some(root.join(crate::effects::metrics::DEFAULT_METRICS_FILE.trim_start_matches('/')))
+        }
+    };
     let webhooks =
-        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
+        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), &absolute)?;
     Ok(Settings {
+        metrics_file,
         webhooks,
         limits,
         max_bundle_size,
@@ -532,6 +573,36 @@ mod tests {
         std::fs::write(etc.join("notes.txt"), "").unwrap();
         let got = drop_ins(&[usr.to_str().unwrap(), etc.to_str().unwrap()]).unwrap();
         assert_eq!(got, vec![etc.join("10-a.toml"), usr.join("20-b.toml")]);
+    }
+
+    #[test]
+    fn metrics_file_defaults_under_the_root_and_can_be_turned_off() {
+        let with = |text: &str, root: Option<&str>| {
+            let mut f: Fragment = toml::from_str(text).unwrap();
+            f.host = Some("h".into());
+            f.root = root.map(PathBuf::from);
+            validate(f, Vec::new()).map(|s| s.metrics_file)
+        };
+        let default = Some(PathBuf::from(crate::effects::metrics::DEFAULT_METRICS_FILE));
+        assert_eq!(with("", None).unwrap(), default);
+        assert_eq!(with("metrics_file = true", None).unwrap(), default);
+        assert_eq!(
+            with("", Some("/tmp/r")).unwrap(),
+            Some(PathBuf::from(
+                "/tmp/r/var/lib/prometheus/node-exporter/driftless.prom"
+            ))
+        );
+        assert_eq!(with("metrics_file = false", None).unwrap(), None);
+        assert_eq!(with("metrics_file = \"\"", None).unwrap(), None);
+        assert_eq!(
+            with("metrics_file = \"/srv/m.prom\"", Some("/tmp/r")).unwrap(),
+            Some(PathBuf::from("/srv/m.prom"))
+        );
+        let err = format!("{:#}", with("metrics_file = \"/srv/\"", None).unwrap_err());
+        assert!(
+            err.starts_with("metrics_file: /srv/ names a directory"),
+            "{err}"
+        );
     }
 
     #[test]

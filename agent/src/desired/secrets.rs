@@ -100,6 +100,11 @@ impl SecretResolver {
         )
     }
 
+    /// How many SOPS files were decrypted (each once per render).
+    pub fn decrypted_files(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+
     /// Whether a secret was read since the last call; resets the flag.
     pub fn take_used(&self) -> bool {
         self.used.swap(false, Ordering::SeqCst)

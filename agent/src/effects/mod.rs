@@ -9,6 +9,7 @@ pub mod failpoint;
 pub mod fetch;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod rootfs;

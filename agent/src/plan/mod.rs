@@ -167,6 +167,13 @@ pub struct Plan {
     /// source (see `DesiredFile::self_contained`).
     #[serde(skip)]
     pub self_contained: std::collections::BTreeSet<TargetPath>,
+    /// Changes to files that differ from what driftless last wrote (set
+    /// by the sync, which knows the inventory; for the metrics).
+    #[serde(skip)]
+    pub drifted: usize,
+    /// SOPS files decrypted to render this plan (for the metrics).
+    #[serde(skip)]
+    pub secrets_decrypted: usize,
 }
 
 impl Plan {
@@ -390,6 +397,8 @@ pub fn plan(
             .filter(|f| f.self_contained)
             .map(|f| f.path.clone())
             .collect(),
+        drifted: 0,
+        secrets_decrypted: 0,
     })
 }
 

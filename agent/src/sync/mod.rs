@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod marks;
+mod metrics;
 pub mod post;
 pub mod quick;
 pub mod repair;
@@ -494,8 +495,8 @@ fn plan_files(
     ));
     let timing = timings::stage("parse");
     let renderer = match only {
-        None => Renderer::new(snap, &[config], resolver),
-        Some(only) => Renderer::for_files(snap, config, only, resolver),
+        None => Renderer::new(snap, &[config], resolver.clone()),
+        Some(only) => Renderer::for_files(snap, config, only, resolver.clone()),
     }
     .kind(Failure::InvalidRepo)?
     .with_limits(settings.limits);
@@ -524,6 +525,8 @@ fn plan_files(
         .kind(Failure::InvalidRepo)?;
     plan.unchanged += carried.len();
     plan.next_inventory.files.extend(carried);
+    plan.drifted = stick::drifted(&plan, &inventory).len();
+    plan.secrets_decrypted = resolver.decrypted_files();
     Ok(plan)
 }
 
@@ -661,6 +664,7 @@ pub fn rollback(
             Some(format!("rollback: {:#}", e.error)),
         ),
     }
+    metrics::after_run(&pass, &result);
     result
 }
 

@@ -109,6 +109,8 @@ pub fn assess(
                 ownership_applied: super::ownership_applied(),
                 next_inventory: Inventory::default(),
                 self_contained: BTreeSet::new(),
+                drifted: 0,
+                secrets_decrypted: 0,
             }))
         }
         Ok(changed) => {

@@ -62,9 +62,17 @@ pub fn sync_once(
 
 /// One sync under the lock: what every phase needs.
 pub(super) struct Pass<'a> {
-    settings: &'a Settings,
+    pub(super) settings: &'a Settings,
     opts: &'a SyncOptions,
-    now: i64,
+    pub(super) now: i64,
+    /// When the run started (before the lock), for its duration.
+    pub(super) started: std::time::Instant,
+    /// How long another run's lock was waited for.
+    pub(super) lock_wait: Option<std::time::Duration>,
+    /// SOPS files decrypted to render the plan.
+    pub(super) secrets_decrypted: usize,
+    /// Checks failing when they last ran in this pass (`None`: not run).
+    pub(super) checks_failing: Option<usize>,
     rt: &'a Handle,
     pub(super) state: StateDir,
     _guard: LockGuard,
@@ -87,6 +95,7 @@ pub(super) fn begin<'a>(
     rt: &'a Handle,
     operator: bool,
 ) -> Result<Pass<'a>, Error> {
+    let started = std::time::Instant::now();
     let timing = timings::stage("lock");
     let (state, guard) = lock(settings, opts.wait)?;
     let fs = open_root(settings)?;
@@ -135,6 +144,7 @@ pub(super) fn begin<'a>(
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
+            super::metrics::while_halted(settings, &state, now, started, guard.waited, &marks);
             crate::effects::notify::halted(
                 settings,
                 &state,
@@ -160,6 +170,10 @@ pub(super) fn begin<'a>(
         settings,
         opts,
         now,
+        started,
+        lock_wait: guard.waited,
+        secrets_decrypted: 0,
+        checks_failing: None,
         rt,
         state,
         _guard: guard,
@@ -256,6 +270,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
 /// record.
 fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Report, Error> {
     let commit = prepared.fetched.commit.clone();
+    pass.secrets_decrypted = prepared.plan.secrets_decrypted;
     if let Some(bad) = pass.marks.bad.get(&commit) {
         if !pass.opts.retry {
             warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
@@ -355,6 +370,7 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
             );
         }
     }
+    super::metrics::after_run(pass, result);
     crate::effects::notify::run_finished(pass.settings, state, pass.rt, now, result);
 }
 
@@ -528,6 +544,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     let timing = timings::stage("post");
     let post = rt.block_on(post::run(settings, &plan));
     drop(timing);
+    pass.checks_failing = Some(post.checks.iter().filter(|c| !c.ok).count());
     tracing::debug!(
         ?post,
         run_checks = settings.run_checks,
@@ -582,6 +599,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         Ok(()) => {
             info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
             let again = rt.block_on(post::run(settings, &plan));
+            pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
             again.failure
         }
         Err(e) => Some(format!("the revert itself failed: {}", e)),

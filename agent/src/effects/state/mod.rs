@@ -44,6 +44,8 @@ pub struct StateDir {
 /// Held while a sync (or anything that reads or writes state) runs.
 pub struct LockGuard {
     _lock: Flock<File>,
+    /// How long another run's lock was waited for (`None`: it was free).
+    pub waited: Option<Duration>,
 }
 
 /// Why a lock could not be taken.
@@ -116,10 +118,17 @@ impl StateDir {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        let mut busy = false;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(LockGuard { _lock: lock }),
+                Ok(lock) => {
+                    return Ok(LockGuard {
+                        _lock: lock,
+                        waited: busy.then(|| start.elapsed()),
+                    })
+                }
                 Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    busy = true;
                     if start.elapsed() >= wait {
                         return Err(LockBusy {
                             path,

@@ -1,0 +1,208 @@
+//! The Debian package as an operator meets it: `apt-get install` of the
+//! .deb built by `packaging/build-deb`, pointed at a repository, started,
+//! upgraded to a newer build, removed and purged, in the container with
+//! the package's own units (no path rewriting), and lintian on the file.
+//!
+//! `tests/run` builds the two packages first and passes their paths in
+//! `DRIFTLESS_DEB` and `DRIFTLESS_DEB_UPGRADE` (the same binary with a
+//! higher Debian revision: what dpkg sees as a newer build).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::machine::{git, guard, skip, Machine};
+
+fn deb(var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var).map(PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        _ => {
+            skip::missing(&format!(
+                "the Debian package in ${var} (tests/run builds it with packaging/build-deb, \
+                 which needs cargo-deb)"
+            ));
+            None
+        }
+    }
+}
+
+#[test]
+fn e2e_16_package_is_lintian_clean() {
+    let Some(deb) = deb("DRIFTLESS_DEB") else {
+        return;
+    };
+    let out = match Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--pedantic", "--display-info"])
+        .arg(&deb)
+        .output()
+    {
+        Ok(out) => out,
+        Err(_) => return skip::missing("lintian (Debian package lintian)"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "lintian on {}:\n{text}{}",
+        deb.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |rel: &str, text: &str| {
+        let p = dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    git(dir.path(), &["init", "-q", "-b", "main"]);
+    w("driftless.toml", "roles = [\"motd\"]\n");
+    w("hosts/default.toml", "");
+    w(
+        "roles/motd/role.toml",
+        "[[files]]\npath = \"/etc/motd.d/driftless\"\ntemplate = \"motd.tera\"\n",
+    );
+    w("roles/motd/files/motd.tera", "managed on {{ host.name }}\n");
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "motd"]);
+    dir
+}
+
+fn bound(p: &Path) -> String {
+    format!("/opt/deb/{}", p.file_name().unwrap().to_string_lossy())
+}
+
+#[test]
+fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
+    let Some(_g) = guard() else { return };
+    let (Some(first), Some(second)) = (deb("DRIFTLESS_DEB"), deb("DRIFTLESS_DEB_UPGRADE")) else {
+        return;
+    };
+    let repo = repo();
+    let debs = tempfile::tempdir().unwrap();
+    for d in [&first, &second] {
+        std::fs::copy(d, debs.path().join(d.file_name().unwrap())).unwrap();
+    }
+    let m = Machine::boot(
+        "e2e-deb",
+        &[
+            (repo.path(), "/srv/config", false),
+            (debs.path(), "/opt/deb", false),
+        ],
+    );
+    // The package's binary, not the one the suite binds into /usr/local.
+    m.ok("rm -f /usr/local/bin/driftless 2>/dev/null; umount /usr/local/bin/driftless 2>/dev/null; true");
+
+    // Install: enabled, not started, and it says what to do.
+    let install = m.ok(&format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {} 2>&1",
+        bound(&first)
+    ));
+    assert!(
+        install.contains("not started: no repository is configured")
+            && install.contains("/etc/driftless/agent.toml"),
+        "{install}"
+    );
+    assert_eq!(
+        m.ok("systemctl is-enabled driftless.service").trim(),
+        "enabled"
+    );
+    assert_eq!(
+        m.ok("systemctl is-enabled driftless.timer || true").trim(),
+        "disabled"
+    );
+    assert_eq!(m.ok("stat -c %a /var/lib/driftless").trim(), "700");
+    for f in [
+        "/usr/bin/driftless",
+        "/usr/share/man/man1/driftless.1.gz",
+        "/usr/share/man/man1/driftless-sync.1.gz",
+        "/usr/share/bash-completion/completions/driftless",
+        "/usr/share/zsh/vendor-completions/_driftless",
+        "/usr/share/fish/vendor_completions.d/driftless.fish",
+        "/usr/lib/systemd/catalog/driftless.catalog",
+        "/usr/lib/udev/rules.d/99-driftless-usb.rules",
+        "/etc/cron.d/driftless",
+    ] {
+        m.ok(&format!("test -f {f}"));
+    }
+    // The journal catalog was updated: the revert entry is explained.
+    let catalog = m.ok("journalctl --list-catalog 2>/dev/null | grep -c driftless || true");
+    assert!(
+        catalog.trim().parse::<u32>().unwrap_or(0) >= 5,
+        "catalog: {catalog}"
+    );
+    // Started without a source: skipped by its ExecCondition, not failed.
+    m.ok("systemctl start driftless.service");
+    assert_eq!(m.prop("driftless.service", "ActiveState"), "inactive");
+    assert_eq!(m.prop("driftless.service", "Result"), "success");
+    // The cron fallback does nothing either.
+    let cron_line =
+        m.ok("grep -v '^#' /etc/cron.d/driftless | grep driftless | sed 's/.* root //'");
+    m.sh(&cron_line);
+    m.ok("test ! -e /etc/motd.d/driftless");
+
+    // Configure and start: the repository is applied.
+    m.ok("printf 'source = \"/srv/config\"\\nhost = \"web1\"\\ninterval = \"1h\"\\nsplay = \"0s\"\\n' >> /etc/driftless/agent.toml");
+    m.ok("systemctl start driftless.service");
+    m.wait_ok(
+        "systemctl show -P StatusText driftless.service | grep -q 'idle since'",
+        Duration::from_secs(60),
+    );
+    assert_eq!(m.ok("cat /etc/motd.d/driftless"), "managed on web1\n");
+    let head = git(repo.path(), &["rev-parse", "HEAD"]);
+    let status = m.ok("driftless status");
+    assert!(status.contains(&head[..12]), "{status}");
+    // While the daemon is active, the cron line is a no-op: a run would
+    // have recorded a second history entry.
+    let runs = m.ok("driftless history --format json | grep -c '\"commit\"' || true");
+    m.sh(&cron_line);
+    assert_eq!(
+        m.ok("driftless history --format json | grep -c '\"commit\"' || true"),
+        runs,
+        "cron ran beside the daemon"
+    );
+
+    // Upgrade to a newer build: restarted, configuration and state kept.
+    let pid = m.prop("driftless.service", "MainPID");
+    m.ok(&format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {} 2>&1",
+        bound(&second)
+    ));
+    m.wait_ok(
+        "systemctl show -P StatusText driftless.service | grep -q 'idle since'",
+        Duration::from_secs(60),
+    );
+    assert_ne!(m.prop("driftless.service", "MainPID"), pid, "not restarted");
+    assert_eq!(m.prop("driftless.service", "ActiveState"), "active");
+    assert!(m
+        .ok("dpkg-query -W -f '${Version}' driftless")
+        .ends_with("-2"));
+    assert!(m
+        .ok("cat /etc/driftless/agent.toml")
+        .contains("/srv/config"));
+    let status = m.ok("driftless status");
+    assert!(
+        status.contains(&head[..12]),
+        "state lost on upgrade: {status}"
+    );
+
+    // Remove: the agent stops and goes; managed files, state and config stay.
+    m.ok("DEBIAN_FRONTEND=noninteractive apt-get remove -y driftless 2>&1");
+    m.ok("test ! -e /usr/bin/driftless");
+    assert_ne!(m.prop("driftless.service", "ActiveState"), "active");
+    assert_eq!(m.ok("cat /etc/motd.d/driftless"), "managed on web1\n");
+    m.ok("test -d /var/lib/driftless && test -f /etc/driftless/agent.toml");
+
+    // Purge: the agent's state and config go; the managed files never do.
+    m.ok("DEBIAN_FRONTEND=noninteractive apt-get purge -y driftless 2>&1");
+    m.ok("test ! -e /var/lib/driftless && test ! -e /etc/driftless");
+    assert_eq!(m.ok("cat /etc/motd.d/driftless"), "managed on web1\n");
+    assert!(
+        m.ok("dpkg-query -W -f '${db:Status-Abbrev}' driftless 2>/dev/null || true")
+            .trim()
+            .is_empty()
+            || !m
+                .ok("dpkg -l driftless 2>/dev/null | tail -1 || true")
+                .starts_with("ii")
+    );
+}
