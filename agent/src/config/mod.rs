@@ -480,7 +480,7 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         }
     };
     let webhooks =
-        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), &absolute)?;
+        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
     Ok(Settings {
         metrics_file,
         webhooks,
