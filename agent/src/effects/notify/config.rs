@@ -45,8 +45,8 @@ pub struct Webhook {
 
 impl Webhook {
     /// The spool queue of this webhook: a short hash of its URL (a changed
-    /// URL starts a new queue; the old one is reported, not sent to the new
-    /// URL).
+    /// URL starts a new queue; the old queue's events are not sent to the
+    /// new URL and stay in the spool).
     pub fn queue(&self) -> String {
         use sha2::Digest;
         hex::encode(&sha2::Sha256::digest(self.url.as_bytes())[..8])
