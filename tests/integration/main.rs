@@ -16,6 +16,7 @@ mod golden;
 mod hostile_templates;
 mod leak_catalogue;
 mod metrics;
+mod notify;
 mod originals;
 mod pipeline;
 mod planted_links;

@@ -726,6 +726,7 @@ pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {
             key: src.and_then(|a| a.ssh_key.clone()),
             known_hosts: src.and_then(|a| a.ssh_known_hosts.clone()),
         },
+        webhooks: None,
     };
     config::load(&source, cli).kind(Failure::Config)
 }

@@ -94,6 +94,9 @@ pub struct Fragment {
     pub metrics_file: Option<MetricsFileValue>,
     #[serde(default)]
     pub ssh: SshFragment,
+    /// `[[webhooks]]`: notifications of run outcomes. A layer that sets
+    /// any replaces the list of the layers below it.
+    pub webhooks: Option<Vec<crate::effects::notify::config::WebhookFragment>>,
 }
 
 /// `metrics_file`: a path, or `false` (off; `true` is the default path).
@@ -140,6 +143,7 @@ impl Fragment {
             max_bundle_size,
             metrics_file,
             ssh,
+            webhooks,
         } = self;
         let mut out = Vec::new();
         let mut add = |set: bool, k: &'static str| {
@@ -169,6 +173,7 @@ impl Fragment {
         add(max_bundle_size.is_some(), "max_bundle_size");
         add(metrics_file.is_some(), "metrics_file");
         add(ssh.key.is_some() || ssh.known_hosts.is_some(), "ssh");
+        add(webhooks.is_some(), "webhooks");
         out
     }
 
@@ -198,6 +203,7 @@ impl Fragment {
             max_bundle_size,
             metrics_file,
             ssh: SshFragment { key, known_hosts },
+            webhooks,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -227,6 +233,7 @@ impl Fragment {
         take(&mut self.metrics_file, metrics_file);
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
+        take(&mut self.webhooks, webhooks);
     }
 }
 
@@ -268,6 +275,8 @@ pub struct Settings {
     pub metrics_file: Option<PathBuf>,
     /// Config files that were read, in order.
     pub config_files: Vec<PathBuf>,
+    /// `[[webhooks]]`, validated.
+    pub webhooks: Vec<crate::effects::notify::config::Webhook>,
 }
 
 /// Where to look for config files.
@@ -470,8 +479,11 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
             Some(root.join(crate::effects::metrics::DEFAULT_METRICS_FILE.trim_start_matches('/')))
         }
     };
+    let webhooks =
+        crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
     Ok(Settings {
         metrics_file,
+        webhooks,
         limits,
         max_bundle_size,
         interval,

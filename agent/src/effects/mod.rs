@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod ids;
 pub mod keys;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod rootfs;
 pub mod state;

@@ -415,6 +415,9 @@ pub fn load_options(settings: &Settings) -> LoadOptions {
     for f in &settings.config_files {
         add(f, "an agent configuration file");
     }
+    for w in &settings.webhooks {
+        add(&w.secret_file, "a webhook's signing key (secret_file)");
+    }
     // How the agent is started: a role that overrides its units (a drop-in
     // with an empty ExecStart=), its timer, cron job or udev rule could
     // stop it for good, and nothing would ever sync the fix.

@@ -145,6 +145,15 @@ pub(super) fn begin<'a>(
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
             super::metrics::while_halted(settings, &state, now, started, guard.waited, &marks);
+            crate::effects::notify::halted(
+                settings,
+                &state,
+                rt,
+                now,
+                h.time,
+                h.commit.as_deref(),
+                &h.reason,
+            );
             return Err(Error::new(
                 Failure::Degraded,
                 anyhow!(
@@ -362,6 +371,7 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
         }
     }
     super::metrics::after_run(pass, result);
+    crate::effects::notify::run_finished(pass.settings, state, pass.rt, now, result);
 }
 
 /// What a crash left behind is rolled back by [`apply::recover`]; this

@@ -65,6 +65,10 @@ pub struct StickReport {
     #[serde(default)]
     pub message: Option<String>,
     pub agent_version: String,
+    /// Webhook events not delivered yet (an air-gapped host keeps them in
+    /// its spool): the stick carries them to the connected side.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_events: Vec<crate::effects::notify::event::Event>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,7 +130,8 @@ pub fn run(
     let dir = mount
         .as_ref()
         .map_or(opts.path.clone(), |m| m.target.clone());
-    let (report, failure) = process(settings, &dir, sync_opts, opts.wait, now, rt);
+    let (mut report, failure) = process(settings, &dir, sync_opts, opts.wait, now, rt);
+    report.pending_events = crate::effects::notify::pending(settings);
     // The operator's --reports directory is trusted; the stick's own is
     // written through a handle on the stick, never through a link on it.
     let write = || match &opts.reports {
@@ -193,6 +198,7 @@ fn process(
         bundles: Vec::new(),
         message: None,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        pending_events: Vec::new(),
     };
     let files = match stick_bundles(dir) {
         Ok(f) => f,

@@ -79,6 +79,12 @@ pub struct Applied {
 const JOURNAL: &str = "journal.json";
 const INVENTORY_BEFORE: &str = "inventory.before.json";
 
+/// The inventory a transaction started from (kept with the latest
+/// committed transaction): `None` once the transaction is pruned.
+pub fn inventory_before(state: &StateDir, txid: &str) -> Result<Option<Inventory>> {
+    read_json(&state.tx_dir().join(txid).join(INVENTORY_BEFORE))
+}
+
 /// Applies `plan` and commits `plan.next_inventory`. On error before the
 /// commit point, the transaction is rolled back before returning.
 pub fn apply(

@@ -72,14 +72,34 @@ pub(super) async fn check(h: &HttpCheckSpec, timeout: Duration) -> Result<()> {
 /// A client for one check, built per attempt (it is cheap, and a `ca_file`
 /// replaced on the host is picked up on the next attempt).
 fn client(h: &HttpCheckSpec, timeout: Duration) -> Result<reqwest::Client> {
+    build_client(
+        USER_AGENT,
+        &h.url,
+        h.ca_file.as_deref(),
+        h.follow_redirects,
+        timeout,
+    )
+}
+
+/// The agent's HTTP client (checks, webhooks): rustls with `ring`, no
+/// proxy from the environment, a fresh connection per client, each request
+/// bounded by `timeout` (connecting by at most [`CONNECT_TIMEOUT`] of it);
+/// `ca_file` adds its CA certificates to the system roots.
+pub(crate) fn build_client(
+    user_agent: &str,
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+    follow_redirects: bool,
+    timeout: Duration,
+) -> Result<reqwest::Client> {
     crate::effects::fetch::install_tls_provider();
-    let redirects = if h.follow_redirects {
+    let redirects = if follow_redirects {
         reqwest::redirect::Policy::limited(MAX_REDIRECTS)
     } else {
         reqwest::redirect::Policy::none()
     };
     let mut builder = reqwest::Client::builder()
-        .user_agent(USER_AGENT)
+        .user_agent(user_agent)
         .no_proxy()
         .redirect(redirects)
         .timeout(timeout)
@@ -87,17 +107,17 @@ fn client(h: &HttpCheckSpec, timeout: Duration) -> Result<reqwest::Client> {
         // A fresh connection per attempt: a check says whether the service
         // accepts connections now.
         .pool_max_idle_per_host(0);
-    if let Some(path) = &h.ca_file {
+    if let Some(path) = ca_file {
         let certs = ca_certs(path)?;
         builder = builder.tls_certs_merge(certs);
-    } else if !may_use_tls(h) {
+    } else if !may_use_tls(url, follow_redirects) {
         // Plain http:// without redirects never reaches TLS: do not load
         // the system roots, so the check also works on a host without a CA
         // bundle (reqwest refuses to build a client when it finds none).
         builder = builder.tls_certs_only([]);
     }
     builder.build().map_err(|e| {
-        let what = match &h.ca_file {
+        let what = match ca_file {
             Some(path) => format!("cannot set up the client with ca_file {}", path.display()),
             None => "cannot set up the client".to_string(),
         };
@@ -106,9 +126,9 @@ fn client(h: &HttpCheckSpec, timeout: Duration) -> Result<reqwest::Client> {
 }
 
 /// Whether the request can end up on an `https://` URL.
-fn may_use_tls(h: &HttpCheckSpec) -> bool {
-    h.follow_redirects
-        || h.url
+fn may_use_tls(url: &str, follow_redirects: bool) -> bool {
+    follow_redirects
+        || url
             .get(..8)
             .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
 }

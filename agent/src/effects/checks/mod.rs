@@ -17,6 +17,7 @@ use crate::desired::spec::{parse_duration, Check, Probe};
 use crate::effects::systemd::Systemd;
 
 mod http;
+pub(crate) use http::build_client;
 
 /// The outcome of one check, as shown in status and history.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -9,6 +9,7 @@
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
 //! tx/<txid>/        journal.json + backups/ of the latest transactions
 //! originals/        files that existed before driftless managed them
+//! spool/            webhook events not delivered yet (see `effects::notify::spool`)
 //! ```
 //!
 //! Everything is created mode 0700 / 0600: backups may hold secrets.
@@ -204,6 +205,7 @@ const STATE_ENTRIES: &[&str] = &[
     "mirror.git",
     "tx",
     "originals",
+    "spool",
 ];
 
 /// Refuses a state directory with a symlink at one of its entries, naming
