@@ -39,9 +39,15 @@ fn e2e_16_package_is_lintian_clean() {
         Ok(out) => out,
         Err(_) => return skip::missing("lintian (Debian package lintian)"),
     };
+    // Errors and warnings fail (--fail-on); informational tags about the
+    // Rust binary (no fortify functions, misspellings inside dependencies'
+    // strings) are shown, not failed.
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.trim().is_empty(),
+        out.status.success()
+            && !text
+                .lines()
+                .any(|l| l.starts_with("E:") || l.starts_with("W:")),
         "lintian on {}:\n{text}{}",
         deb.display(),
         String::from_utf8_lossy(&out.stderr)
@@ -95,7 +101,7 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
 
     // Install: enabled, not started, and it says what to do.
     let install = m.ok(&format!(
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {} 2>&1",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y {} 2>&1",
         bound(&first)
     ));
     assert!(
@@ -134,7 +140,8 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
     // Started without a source: skipped by its ExecCondition, not failed.
     m.ok("systemctl start driftless.service");
     assert_eq!(m.prop("driftless.service", "ActiveState"), "inactive");
-    assert_eq!(m.prop("driftless.service", "Result"), "success");
+    assert_eq!(m.prop("driftless.service", "Result"), "exec-condition");
+    m.ok("! systemctl --quiet is-failed driftless.service");
     // The cron fallback does nothing either.
     let cron_line =
         m.ok("grep -v '^#' /etc/cron.d/driftless | grep driftless | sed 's/.* root //'");
@@ -165,7 +172,7 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
     // Upgrade to a newer build: restarted, configuration and state kept.
     let pid = m.prop("driftless.service", "MainPID");
     m.ok(&format!(
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download {} 2>&1",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y {} 2>&1",
         bound(&second)
     ));
     m.wait_ok(
