@@ -32,6 +32,11 @@ pub const FAILED: &str = "904ae774990c45e98033baa2c18b60c0";
 /// An interrupted transaction was rolled back at start-up.
 pub const RECOVERED: &str = "ae6cf5ed3765488ea4ff47bd9bad10bf";
 
+/// Files changed on the host (not by a commit) were put back.
+pub const DRIFT_REPAIRED: &str = "70401d6b840c4021a5a73f86e7c7b569";
+/// A run found the agent halted and changed nothing.
+pub const HALTED: &str = "cba3cbb1d405476fa68db49aa15275cd";
+
 /// The id and what the entry says, for an outcome worth an event
 /// (nothing for "unchanged" and "skipped": every idle poll would log one).
 pub fn id_of(outcome: &Outcome) -> Option<(&'static str, &'static str)> {
@@ -77,13 +82,51 @@ pub fn outcome(outcome: Outcome, commit: Option<&str>, txid: Option<&str>, messa
     }
 }
 
+/// Logs that a run rewrote `files` managed files someone had changed on
+/// the host (whether or not it also applied a new commit).
+pub fn drift_repaired(commit: &str, txid: &str, files: usize) {
+    if !ENABLED.load(Ordering::Relaxed) || files == 0 {
+        return;
+    }
+    tracing::warn!(
+        message_id = DRIFT_REPAIRED,
+        commit,
+        txid,
+        result = "drift_repaired",
+        "drift repaired at {commit}: {files} managed file(s) changed on the host were restored"
+    );
+}
+
+/// Logs that a run was refused because the agent is halted.
+pub fn halted(commit: Option<&str>, since: &str, reason: &str) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let commit = commit.unwrap_or("");
+    tracing::error!(
+        message_id = HALTED,
+        commit,
+        result = "halted",
+        "halted since {since}: {reason}; nothing changed (`driftless sync --retry` once repaired)"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn message_ids_are_distinct_128_bit_hex() {
-        let ids = [APPLIED, REVERTED, DEGRADED, REFUSED, FAILED, RECOVERED];
+        let ids = [
+            APPLIED,
+            REVERTED,
+            DEGRADED,
+            REFUSED,
+            FAILED,
+            RECOVERED,
+            DRIFT_REPAIRED,
+            HALTED,
+        ];
         for id in ids {
             assert_eq!(id.len(), 32);
             assert!(id
@@ -100,7 +143,16 @@ mod tests {
     #[test]
     fn the_catalog_explains_every_message_id() {
         let catalog = include_str!("../../packaging/catalog/driftless.catalog");
-        for id in [APPLIED, REVERTED, DEGRADED, REFUSED, FAILED, RECOVERED] {
+        for id in [
+            APPLIED,
+            REVERTED,
+            DEGRADED,
+            REFUSED,
+            FAILED,
+            RECOVERED,
+            DRIFT_REPAIRED,
+            HALTED,
+        ] {
             assert!(catalog.contains(&format!("-- {id}\n")), "{id}");
         }
     }

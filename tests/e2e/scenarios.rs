@@ -896,6 +896,21 @@ fn e2e_14_journald_gets_priorities_fields_and_message_ids() {
     assert_eq!(applied[0]["COMMIT"], good.as_str());
     assert_eq!(applied[0]["SYSLOG_IDENTIFIER"], "driftless");
 
+    // A managed file edited on the host: the next run puts it back and
+    // says so, at warning.
+    m.ok("echo edited by hand > /etc/demo/message");
+    m.ok("systemctl start driftless-once.service");
+    let drift = journal_entries(
+        &m,
+        "driftless-once.service",
+        driftless::events::DRIFT_REPAIRED,
+        "warning",
+    );
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0]["PRIORITY"], "4");
+    assert_eq!(drift[0]["COMMIT"], good.as_str());
+    assert_eq!(m.ok("cat /etc/demo/message"), "ok v1\n");
+
     demo.set("BROKEN on purpose", "0644", "root");
     let bad = demo.commit("breaks the service");
     assert!(!m

@@ -145,6 +145,11 @@ pub(super) fn begin<'a>(
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
             super::metrics::while_halted(settings, &state, now, started, guard.waited, &marks);
+            crate::events::halted(
+                h.commit.as_deref(),
+                &crate::time::time_str(h.time),
+                &h.reason,
+            );
             crate::effects::notify::halted(
                 settings,
                 &state,
@@ -324,6 +329,7 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
                     Some(&a.txid),
                     Some(&format!("+{} ~{} -{}", a.created, a.changed, a.removed)),
                 );
+                crate::events::drift_repaired(&r.commit, &a.txid, r.plan.drifted);
                 record(
                     state,
                     now,
