@@ -213,3 +213,68 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
                 .starts_with("ii")
     );
 }
+
+fn oldroot() -> Option<PathBuf> {
+    let root = std::env::var_os("DRIFTLESS_E2E_OLDROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/driftless-e2e/bullseye"));
+    if root.join("usr/bin/dpkg").exists() {
+        Some(root)
+    } else {
+        skip::missing(&format!(
+            "the Debian 11 root at {} (built by tests/e2e/build-oldroot.sh)",
+            root.display()
+        ));
+        None
+    }
+}
+
+/// The package's glibc floor, proven on the oldest release it names:
+/// Debian 11 (glibc 2.31) takes the .deb with dpkg (its Depends hold) and
+/// the binary syncs a repository there. The cached root is the lower layer
+/// of an overlay in a private mount namespace: nothing is left in it.
+#[test]
+fn e2e_17_package_installs_and_syncs_on_debian_11_glibc_2_31() {
+    let Some(deb) = deb("DRIFTLESS_DEB") else {
+        return;
+    };
+    let Some(lower) = oldroot() else { return };
+    if !nix::unistd::geteuid().is_root() {
+        return skip::missing("root (the Debian 11 test mounts an overlay and chroots)");
+    }
+    let repo = repo();
+    let work = tempfile::tempdir().unwrap();
+    for d in ["upper", "work", "merged"] {
+        std::fs::create_dir(work.path().join(d)).unwrap();
+    }
+    std::fs::copy(&deb, work.path().join("driftless.deb")).unwrap();
+    let script = r#"set -e
+w=$1; lower=$2; repo=$3
+m=$w/merged
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$w/upper,workdir=$w/work" "$m"
+mount -t proc proc "$m/proc"
+mount --bind /dev "$m/dev"
+mkdir -p "$m/srv/config" "$m/tmp/pkg"
+mount --bind "$repo" "$m/srv/config"
+cp "$w/driftless.deb" "$m/tmp/pkg/"
+chroot "$m" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c '
+  ldd --version | head -1
+  dpkg -i /tmp/pkg/driftless.deb
+  driftless --version
+  driftless sync --once --no-config --source /srv/config --host web1 --root /tmp/r --state-dir /tmp/s
+  cat /tmp/r/etc/motd.d/driftless
+'"#;
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(work.path())
+        .arg(&lower)
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("2.31"), "not glibc 2.31:\n{stdout}");
+    assert!(stdout.contains("driftless 0."), "{stdout}");
+    assert!(stdout.ends_with("managed on web1\n"), "{stdout}\n{stderr}");
+}
