@@ -9,6 +9,9 @@ pub enum Failure {
     /// 1: the run failed (network, I/O, apply); the host keeps its previous
     /// state; retrying later may succeed.
     Failed,
+    /// 2: a usage error the command line parser could not see (e.g.
+    /// `init` into a directory that is not empty).
+    Usage,
     /// 3: the repository content is invalid for this host (parse, render,
     /// plan errors); nothing was applied; fix the repository.
     InvalidRepo,
@@ -28,6 +31,7 @@ impl Failure {
     pub fn code(self) -> u8 {
         match self {
             Failure::Failed => 1,
+            Failure::Usage => 2,
             Failure::InvalidRepo => 3,
             Failure::Refused => 4,
             Failure::Degraded => 5,

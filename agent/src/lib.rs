@@ -21,6 +21,7 @@ pub mod effects;
 pub mod events;
 pub mod exit;
 pub mod fuzz_entry;
+pub mod init;
 pub mod plan;
 pub mod progress;
 pub mod sync;

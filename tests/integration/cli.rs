@@ -331,6 +331,11 @@ fn each_subcommands_help_lists_only_the_flags_it_uses() {
             &[],
         ),
         (&["host-recipient"], &["--config"], &["--source", "--root"]),
+        (
+            &["init"],
+            &["--host", "--force", "--quiet"],
+            &["--source", "--root", "--state-dir", "--config", "--age-key"],
+        ),
     ];
     for (cmd, has, lacks) in cases {
         let text = help(cmd);

@@ -14,6 +14,7 @@ mod crash_windows;
 mod daemon;
 mod golden;
 mod hostile_templates;
+mod init;
 mod leak_catalogue;
 mod metrics;
 mod notify;

@@ -18,6 +18,7 @@ macro_rules! out {
 }
 
 mod bundle;
+mod init;
 mod output;
 
 pub(crate) use crate::time::{now, time_str};
@@ -292,6 +293,30 @@ age1… key that ssh-to-age derives from it (sops-nix's convention).")]
     /// Questions about the agent's own configuration (for units, cron and scripts)
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Start a config repository in DIR: driftless.toml, a host file, starter roles, git
+    #[command(after_help = "\
+Writes driftless.toml, hosts/<NAME>.toml (this host, or --host), README.md and the
+starter roles timesync, unit-dropin, cron-job (enabled in the host file), sshd-hardening
+and app-behind-proxy (listed there, commented: they need a decision or software first),
+then `git init` (branch main) and a first commit, without needing the git binary.
+DIR must be missing or empty; --force adds only the files that are missing and never
+overwrites one (an existing git repository is then left alone: commit yourself).
+
+Example:
+  driftless init ~/config && driftless validate ~/config")]
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Directory to create the repository in (missing or empty)
+    dir: PathBuf,
+    /// Name of the host file, hosts/<NAME>.toml [default: the hostname]
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// DIR may be non-empty: add only the missing files, never overwrite one
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -894,6 +919,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let s = settings(&Overrides::config(&a.config))?;
             output::host_recipient(&s)
         }
+        Command::Init(args) => init::run(&args, g.quiet),
         Command::Validate(args) => {
             let s = settings(&Overrides {
                 config: Some(&args.config),

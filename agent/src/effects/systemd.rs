@@ -274,13 +274,16 @@ fn dbus_message(e: &zbus::Error) -> String {
     }
 }
 
-/// True for paths systemd reads unit files from (within the allowed roots).
+/// True for paths systemd reads unit files from (within the allowed roots),
+/// and for Podman quadlet files, which podman's systemd generator turns
+/// into units at `daemon-reload` (`app.container` → `app.service`).
 pub fn is_unit_file(path: &str) -> bool {
     const DIRS: &[&str] = &[
         "/etc/systemd/system/",
         "/etc/systemd/user/",
         "/usr/local/lib/systemd/system/",
         "/run/systemd/system/",
+        "/etc/containers/systemd/",
     ];
     DIRS.iter().any(|d| path.starts_with(d))
 }
@@ -296,5 +299,8 @@ mod tests {
             "/etc/systemd/system/app.service.d/override.conf"
         ));
         assert!(!is_unit_file("/etc/app.service"));
+        assert!(is_unit_file("/etc/containers/systemd/app.container"));
+        assert!(is_unit_file("/etc/containers/systemd/users/app.container"));
+        assert!(!is_unit_file("/etc/containers/registries.conf"));
     }
 }
