@@ -174,6 +174,13 @@ fn a_role_cannot_stop_or_reconfigure_the_agent_itself() {
         "/etc/systemd/system/driftless-usb@.service.d/x.conf",
         "/etc/cron.d/driftless",
         "/etc/udev/rules.d/99-driftless-usb.rules",
+        // Drop-ins systemd reads before /etc/systemd/system's, and units
+        // under /usr/local (an allowed root).
+        "/etc/systemd/system.control/driftless.service.d/50-x.conf",
+        "/usr/local/lib/systemd/system/driftless.service.d/x.conf",
+        // A quadlet generates the unit it is named after.
+        "/etc/containers/systemd/driftless.container",
+        "/etc/containers/systemd/driftless-once.kube",
     ] {
         refused(target, "", "how the agent is started");
     }

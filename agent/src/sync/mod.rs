@@ -423,13 +423,36 @@ pub fn load_options(settings: &Settings) -> LoadOptions {
     // stop it for good, and nothing would ever sync the fix.
     for unit in crate::desired::spec::AGENT_UNITS {
         for dir in [
+            "/etc/systemd/system.control",
             "/etc/systemd/system",
             "/run/systemd/system",
+            "/usr/local/lib/systemd/system",
             "/usr/lib/systemd/system",
         ] {
             let what = "how the agent is started (its systemd units and their drop-ins)";
             add(&settings.root.join(format!("{}/{unit}", &dir[1..])), what);
             add(&settings.root.join(format!("{}/{unit}.d", &dir[1..])), what);
+        }
+    }
+    // A Podman quadlet named like an agent unit generates that unit (in
+    // /run/systemd/generator, above the packaged one in /usr/lib).
+    for unit in crate::desired::spec::AGENT_UNITS {
+        let stem = unit.rsplit_once('.').map_or(*unit, |(stem, _)| stem);
+        for kind in [
+            "container",
+            "kube",
+            "pod",
+            "network",
+            "volume",
+            "image",
+            "build",
+        ] {
+            add(
+                &settings
+                    .root
+                    .join(format!("etc/containers/systemd/{stem}.{kind}")),
+                "how the agent is started (a quadlet would generate its unit)",
+            );
         }
     }
     add(
