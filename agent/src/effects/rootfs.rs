@@ -301,11 +301,6 @@ pub enum Durability {
     /// No barrier: atomic for readers, but after a power loss the file may
     /// be old, new, or (as for any unsynced write) torn.
     None,
-    /// `fdatasync` of the temp file before the rename: whatever the name
-    /// points to after a power loss is complete (old or new, never torn),
-    /// but the rename itself is durable only at the caller's next barrier
-    /// (an `fsync` of the directory or a `syncfs`).
-    Content,
     /// `fsync` of the file before the rename and of the directory after:
     /// the new content is durable when this returns.
     Full,
@@ -343,7 +338,6 @@ pub fn replace_in_with(
     let tmp = write_temp_in(dir, name, bytes, mode)?;
     let written = match durability {
         Durability::None => Ok(()),
-        Durability::Content => tmp.1.sync_data(),
         Durability::Full => tmp.1.sync_all(),
     }
     .and_then(|()| renameat(dir, tmp.0.as_str(), dir, name).map_err(Into::into));

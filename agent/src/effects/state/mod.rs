@@ -7,7 +7,8 @@
 //! last-run.json     the outcome of the latest sync, for `status`
 //! quick.json        stamps that let an idle poll skip rendering (a cache)
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
-//! tx/<txid>/        journal.json + backups/ of the latest transactions
+//! tx/<txid>/        journal.json (intent.json before it), switched/committed
+//!                   marks, inventory.before.json, backups/ (latest transactions)
 //! originals/        files that existed before driftless managed them
 //! spool/            webhook events not delivered yet (see `effects::notify::spool`)
 //! ```
@@ -310,13 +311,6 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// be most of its cost, for nothing the next poll does not rewrite).
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     replace(path, &encode_state(value)?, Durability::None)
-}
-
-/// Replaces `path` atomically with its content durable before the rename
-/// (never torn after a power loss), while the rename itself becomes
-/// durable at the caller's next barrier (see [`Durability::Content`]).
-pub fn write_json_content_durable<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    replace(path, &encode_state(value)?, Durability::Content)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
