@@ -6,6 +6,7 @@
 mod support;
 
 mod bad_inputs;
+mod barriers;
 mod checks;
 mod cli;
 mod corrupt_state;

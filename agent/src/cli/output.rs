@@ -10,8 +10,8 @@ use super::Format;
 use crate::config::Settings;
 use crate::desired::load;
 use crate::desired::render::Renderer;
-use crate::effects::apply::journal::{Journal, TxState};
-use crate::effects::state::{read_json, StateDir};
+use crate::effects::apply::journal::TxState;
+use crate::effects::state::StateDir;
 use crate::effects::{facts, fetch};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::{content_diff, render_plan, short, Style};
@@ -278,7 +278,10 @@ fn pending_transactions(state: &StateDir) -> Vec<String> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
-            let j = read_json::<Journal>(&e.path().join("journal.json")).ok()??;
+            if name.ends_with(".removed") {
+                return None; // being removed (see `apply::remove_tx_dir`)
+            }
+            let j = crate::effects::apply::load_journal(&e.path()).ok()??;
             let interrupted = match j.state {
                 TxState::Preparing | TxState::Reverting => true,
                 // A Prepared journal named by the inventory has committed.

@@ -295,6 +295,17 @@ fn read_regular(file: File, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(content)
 }
 
+/// How far [`replace_in_with`] makes a replacement durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// No barrier: atomic for readers, but after a power loss the file may
+    /// be old, new, or (as for any unsynced write) torn.
+    None,
+    /// `fsync` of the file before the rename and of the directory after:
+    /// the new content is durable when this returns.
+    Full,
+}
+
 /// Replaces `name` in `dir` atomically with `bytes` (mode `mode`): a temp
 /// file `.<name>.tmp-<pid>` created `O_EXCL|O_NOFOLLOW`, renamed over it;
 /// `durable` adds an fsync of the file before and of the directory after.
@@ -306,7 +317,49 @@ pub fn replace_in(
     mode: u32,
     durable: bool,
 ) -> std::io::Result<()> {
+    let durability = if durable {
+        Durability::Full
+    } else {
+        Durability::None
+    };
+    replace_in_with(dir, name, bytes, mode, durability)
+}
+
+/// [`replace_in`] with a choice of [`Durability`].
+pub fn replace_in_with(
+    dir: &OwnedFd,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> std::io::Result<()> {
     use nix::fcntl::renameat;
+    use nix::unistd::unlinkat;
+    let tmp = write_temp_in(dir, name, bytes, mode)?;
+    let written = match durability {
+        Durability::None => Ok(()),
+        Durability::Full => tmp.1.sync_all(),
+    }
+    .and_then(|()| renameat(dir, tmp.0.as_str(), dir, name).map_err(Into::into));
+    if let Err(e) = written {
+        let _ = unlinkat(dir, tmp.0.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        return Err(e);
+    }
+    if durability == Durability::Full {
+        nix::unistd::fsync(dir)?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to the temp name of `name` (`.<name>.tmp-<pid>`, created
+/// `O_EXCL|O_NOFOLLOW`, mode `mode`) without syncing or renaming it:
+/// returns the temp name and the open file. On error nothing is left.
+pub fn write_temp_in(
+    dir: &OwnedFd,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+) -> std::io::Result<(String, File)> {
     use nix::unistd::{unlinkat, UnlinkatFlags};
     use std::io::Write;
     let tmp = format!(".{name}.tmp-{}", std::process::id());
@@ -325,17 +378,12 @@ pub fn replace_in(
     let mut f = File::from(fd);
     let written = f
         .write_all(bytes)
-        .and_then(|()| fchmod(&f, m).map_err(Into::into))
-        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
-        .and_then(|()| renameat(dir, tmp.as_str(), dir, name).map_err(Into::into));
+        .and_then(|()| fchmod(&f, m).map_err(Into::into));
     if let Err(e) = written {
         let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
         return Err(e);
     }
-    if durable {
-        nix::unistd::fsync(dir)?;
-    }
-    Ok(())
+    Ok((tmp, f))
 }
 
 /// Observes `name` inside an open directory, never following a symlink.

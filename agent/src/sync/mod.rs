@@ -312,6 +312,24 @@ fn applied_commits_from(
 /// Raises the anti-rollback floor to `fetched` after it was applied (or
 /// found already in place).
 fn raise_floor(settings: &Settings, fetched_commit: &str, commit_time: i64, now: i64) {
+    let Some(record) = floor_to_raise(settings, fetched_commit, commit_time, now) else {
+        return;
+    };
+    if let Err(e) = floor::save(&settings.root, &record) {
+        warn!("cannot record the anti-rollback floor: {e:#}");
+    }
+}
+
+/// The anti-rollback record that applying `fetched_commit` should leave,
+/// or `None` when the current one already says so. The commit writes it
+/// with the inventory (see `apply::commit`); [`raise_floor`] afterwards
+/// finds it in place, or writes it if that failed.
+fn floor_to_raise(
+    settings: &Settings,
+    fetched_commit: &str,
+    commit_time: i64,
+    now: i64,
+) -> Option<floor::Floor> {
     let full_ref =
         fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
     let current = floor::load(&settings.root).ok().flatten();
@@ -320,18 +338,15 @@ fn raise_floor(settings: &Settings, fetched_commit: &str, commit_time: i64, now:
             && f.branch == full_ref
             && !f.rolled_back.iter().any(|c| c == fetched_commit)
     }) {
-        return;
+        return None;
     }
-    let record = floor::Floor {
+    Some(floor::Floor {
         commit: fetched_commit.to_string(),
         commit_time,
         branch: full_ref,
         recorded_at: now,
         rolled_back: current.map_or_else(Vec::new, |f| f.rolled_back_without(fetched_commit)),
-    };
-    if let Err(e) = floor::save(&settings.root, &record) {
-        warn!("cannot record the anti-rollback floor: {e:#}");
-    }
+    })
 }
 
 /// Picks the host name to look up: the configured name, or for an FQDN

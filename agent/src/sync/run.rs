@@ -12,9 +12,9 @@ use tracing::{info, warn};
 use super::marks::{self, Marks};
 use super::runlog::{record, write_last_run};
 use super::{
-    applied_commits, applied_commits_from, fetch_head, gather_facts, lock, open_root,
-    ownership_applied, plan_for, post, quick, raise_floor, read_base, read_snapshot, repair,
-    Fetched, Head, Prepared, Report, SyncOptions,
+    applied_commits, applied_commits_from, fetch_head, floor_to_raise, gather_facts, lock,
+    open_root, ownership_applied, plan_for, post, quick, raise_floor, read_base, read_snapshot,
+    repair, Fetched, Head, Prepared, Report, SyncOptions,
 };
 use crate::config::Settings;
 use crate::desired::snapshot::Snapshot;
@@ -48,6 +48,7 @@ pub fn sync_once(
             Planned::QuickHit { prepared } => {
                 let commit = prepared.fetched.commit.clone();
                 let commit_time = prepared.fetched.commit_time;
+                pass.floor = floor_to_raise(settings, &commit, commit_time, now);
                 let mut report = deploy(&mut pass, prepared)?;
                 report.quick = true;
                 raise_floor(settings, &commit, commit_time, now);
@@ -82,6 +83,8 @@ pub(super) struct Pass<'a> {
     stamps: Option<std::sync::Arc<crate::plan::quick::QuickRecord>>,
     /// Transactions rolled back at the start of this run.
     recovered: Vec<String>,
+    /// The anti-rollback record the next commit writes with its inventory.
+    floor: Option<crate::effects::state::floor::Floor>,
 }
 
 /// Takes the lock, rolls back what a crash left behind, and refuses to go
@@ -186,6 +189,7 @@ pub(super) fn begin<'a>(
         marks,
         stamps,
         recovered: recovered.into_iter().map(|r| r.txid).collect(),
+        floor: None,
     })
 }
 
@@ -297,6 +301,7 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
     let units = prepared.plan.units.clone();
     let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
     let self_contained = prepared.plan.self_contained.clone();
+    pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
     let report = deploy(pass, prepared)?;
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
     raise_floor(pass.settings, &commit, commit_time, pass.now);
@@ -509,6 +514,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         pass.opts,
         pass.rt,
     );
+    let floor = pass.floor.take();
     let marks = &mut pass.marks;
     let recovered = &pass.recovered;
     let commit = prepared.fetched.commit.clone();
@@ -557,8 +563,26 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         checks = plan.checks.len(),
         "post-apply"
     );
+    let staged_floor = match (&post.failure, floor) {
+        (None, Some(f)) => match crate::effects::state::floor::stage(&settings.root, &f) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // Written after the commit instead (`raise_floor`).
+                warn!("cannot prepare the anti-rollback floor: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
     let reason = match &post.failure {
-        None => match apply::commit(fs, state, &applied.txid, &plan.next_inventory, now) {
+        None => match apply::commit(
+            fs,
+            state,
+            &applied.txid,
+            &plan.next_inventory,
+            now,
+            staged_floor,
+        ) {
             Ok(()) => {
                 if marks.interrupted.remove(&commit).is_some() {
                     if let Err(e) = marks::save(state, marks) {

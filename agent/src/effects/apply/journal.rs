@@ -1,5 +1,8 @@
 //! The transaction journal: everything needed to undo a transaction,
-//! written durably before its first rename.
+//! written durably before its first rename (`journal.json`; before it,
+//! `intent.json` says `Preparing`). Later states are told by empty marker
+//! files rather than rewrites (see [`super::load_journal`] and, for why,
+//! the barriers section of [`super`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -14,14 +17,16 @@ pub enum TxState {
     /// Staged and journalled; renames may be under way. Recovery rolls it
     /// back unless the inventory names this transaction (then it committed).
     Prepared,
-    /// Every target is switched in and flushed; unit actions and health
+    /// Every target is switched in and flushed (the `switched` mark); unit
+    /// actions and health
     /// checks are running. The inventory still names the previous
     /// transaction: the commit is not applied until its checks pass and
     /// the inventory naming it is durable. Recovery rolls it back (and
     /// re-runs the unit actions for the restored files) unless the
     /// inventory names this transaction.
     Switched,
-    /// The inventory was replaced: the transaction is the current state.
+    /// The inventory was replaced: the transaction is the current state
+    /// (the `committed` mark; older journals say so themselves).
     Committed,
     /// A revert of this transaction is under way. Recovery finishes it
     /// (rolls back and restores the previous inventory).

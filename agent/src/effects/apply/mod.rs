@@ -2,22 +2,28 @@
 //! or fully new, whatever instant the process dies at, and a commit counts
 //! as applied only once its health checks passed and its record is durable.
 //!
-//! 1. **Back up** each existing target into `tx/<txid>/backups/` by hard
+//! 1. **Intent**: `quick.json` is removed, `tx/<txid>/inventory.before.json`
+//!    and `tx/<txid>/intent.json` (the journal, `Preparing`) are written.
+//! 2. **Back up** each existing target into `tx/<txid>/backups/` by hard
 //!    link (free; the old inode survives the rename), or by copy across
 //!    filesystems. A file taken over for the first time is also copied to
 //!    `originals/` once.
-//! 2. **Stage** each new file as `.driftless-<n>-<txid>` next to its
-//!    target, with final owner and mode; create missing parents.
-//! 3. **Journal** the transaction to `tx/<txid>/journal.json` (`Prepared`).
-//! 4. **Flush** with one `syncfs` per filesystem (targets and state), not an
-//!    `fsync` per file: the staged data, the backups and the journal are now
-//!    durable.
+//! 3. **Stage** each new file as `.driftless-<n>-<txid>` next to its
+//!    target, with final owner and mode; create missing parents. The
+//!    journal (`Prepared`: every entry, the created directories, what
+//!    systemd must be told) is written to its temp name.
+//! 4. **Flush (1)**: one `syncfs` per filesystem (targets and state), not an
+//!    `fsync` per file. Then the journal is renamed to `journal.json` and
+//!    **flush (2)**, an `fsync` of `tx/<txid>/`, makes that name durable.
 //! 5. **Switch**: rename each staged file over its target, change
 //!    owner/mode in place for metadata-only changes, unlink pruned files;
-//!    flush again and journal `Switched` ([`apply`] returns here).
+//!    mark the transaction `switched` (an empty file) and **flush (3)**
+//!    ([`apply`] returns here).
 //! 6. The caller reloads units and runs the health checks. Then either
 //!    **commit** ([`commit`]): atomically replace `inventory.json` with one
-//!    naming this transaction (the commit point), or **revert** ([`revert`]).
+//!    naming this transaction (the commit point; with it the anti-rollback
+//!    record), or **revert** ([`revert`]). A committed transaction is
+//!    marked `committed` (an empty file).
 //!
 //! Recovery ([`recover`], at the start of every run, under the lock) rolls
 //! back every transaction that did not reach the commit point, including
@@ -32,6 +38,85 @@
 //!
 //! The backups of the latest committed transaction are kept until the
 //! next one commits.
+//!
+//! # Durability barriers, and why these are enough
+//!
+//! A `kill -9` loses nothing the process wrote (the page cache survives
+//! it); a power loss loses every write that no barrier (`fsync`,
+//! `fdatasync`, `syncfs`) covered, in any order and any subset, and a file
+//! written but not synced may come back empty or torn. The ordering below
+//! is what power loss needs; the kill campaign (`tests/integration/
+//! crash_windows.rs`) checks the same state machine against kills. On one
+//! filesystem a change costs **5 barriers** whatever its size (it was 19:
+//! 16 `fsync`, 2 `syncfs`, 1 `fdatasync`); with the state on another
+//! filesystem than the targets, flushes (1), (3) and the commit's two
+//! count once per filesystem.
+//!
+//! | barrier | makes durable | needed before |
+//! |---|---|---|
+//! | flush (1): `syncfs` per filesystem | staged files (data, owner, mode, name), backups, created directories, `inventory.before.json`, the journal's temp file, the removal of `quick.json` | the journal's rename: a `journal.json` whose name survives has a complete content and complete companions |
+//! | flush (2): `fsync` of `tx/<txid>/` | the name `journal.json` | the first target is touched |
+//! | flush (3): `syncfs` per filesystem | the renames, in-place owner/mode changes and unlinks of the switch, and the `switched` mark | the checks run (a check that kills the host must be counted, see `marks`) and the commit record |
+//! | commit: `fsync` of the temp inventory, or with a new anti-rollback record one `syncfs` per filesystem for both temp files | the contents of the commit record (and of the floor) | their renames: never a torn inventory or floor |
+//! | commit: `fsync` of the state directory, or with a floor one `syncfs` per filesystem | the commit point (and the floor's new name) | the run reports "applied" |
+//!
+//! What each removed barrier was, and why dropping it weakens nothing:
+//!
+//! - **`quick.json` removal** (an `fsync` of the state directory): the
+//!   record must not survive a power loss once a target may have changed;
+//!   flush (1) precedes the first rename and covers the state filesystem.
+//! - **`inventory.before.json`** (file and directory `fsync`): it is read
+//!   only through a `journal.json`, which is renamed into place after
+//!   flush (1) made this file complete and durable.
+//! - **The `Preparing` journal** (file and directory `fsync`), now
+//!   `intent.json` without a barrier: while `journal.json` does not exist,
+//!   flush (2) has not returned and no target was touched, so rolling back
+//!   means deleting staged files only. After a kill the intent is always
+//!   complete and names them (as before). After a power loss *during
+//!   staging* it may be missing or torn; recovery then removes the
+//!   transaction's directory, no managed file having changed, and the
+//!   hidden `.driftless-<n>-<txid>` files staged before the loss may be
+//!   left beside their targets (logged). Those are the only difference a
+//!   power loss can make, and they are never a managed file.
+//! - **The `Prepared` journal's directory `fsync`, its `fsync` before the
+//!   rename**: both replaced by flush (1) then flush (2), which also cover
+//!   the staged files, so the journal costs one barrier of its own.
+//! - **The `Switched` journal rewrite** (file and directory `fsync`): a
+//!   rewritten journal is torn if its rename survives a power loss and its
+//!   data does not, so it needed its own barrier before the rename. The
+//!   `switched` mark is an empty file, which cannot be torn; flush (3)
+//!   makes it durable with the renames it vouches for. What it recorded
+//!   besides the state (the unit actions) is in the `Prepared` journal.
+//! - **The `Committed` journal rewrite** (file and directory `fsync`):
+//!   recovery treats a transaction named by the inventory as committed
+//!   whatever its journal says, so after the durable inventory the
+//!   `committed` mark needs no barrier of its own. It must be durable
+//!   before another transaction's commit could make the inventory name
+//!   someone else (else a pruned directory that came back would read as
+//!   interrupted): that transaction's flush (1) covers the state
+//!   filesystem long before its commit.
+//! - **The `fsync` of `tx/` after pruning**: a pruned directory that comes
+//!   back is marked `committed` (or says `Committed`/`RolledBack`), and
+//!   recovery leaves it alone until the next commit prunes it again.
+//! - **The anti-rollback record's own two `fsync`s**: written to its temp
+//!   name before the commit, it shares the commit's barriers (renamed just
+//!   after the inventory, both names durable at the second one). A power
+//!   loss between the two renames and that barrier can keep the new floor
+//!   and lose the inventory: the transaction is then rolled back while the
+//!   floor names its commit, which passed its checks and which the next
+//!   sync applies again. That floor is higher than the old order could
+//!   leave, never lower: it refuses nothing but commits older than one
+//!   this host verified.
+//! - **The history line's `fdatasync`**: see [`crate::effects::state::history`].
+//!
+//! Rename after data: every file that a name makes visible (staged file,
+//! journal, inventory, floor) had its data synced before the rename, so a
+//! surviving name never points to a torn file. Directory after rename: the
+//! renames of the switch are synced (flush 3) before the commit record is
+//! written, and the commit record's name is synced before the run reports
+//! success. The rest of the run (quick-check record, `last-run.json`,
+//! history) is written without a barrier: caches and reports, never read
+//! by recovery.
 
 pub mod journal;
 pub mod originals;
@@ -52,7 +137,7 @@ use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{MkParents, RootFs};
-use crate::effects::state::{fsync_dir, quick, read_json, write_json_atomic, StateDir};
+use crate::effects::state::{quick, read_json, write_json_atomic, write_json_replace, StateDir};
 use crate::plan::inventory::Inventory;
 use crate::plan::{ChangeKind, FileChange, Plan};
 use journal::{Journal, JournalEntry, Meta, Op, PostActions, TxState};
@@ -77,7 +162,11 @@ pub struct Applied {
 }
 
 const JOURNAL: &str = "journal.json";
+const INTENT: &str = "intent.json";
+const SWITCHED: &str = "switched";
+const COMMITTED: &str = "committed";
 const INVENTORY_BEFORE: &str = "inventory.before.json";
+const INVENTORY: &str = "inventory.json";
 
 /// The inventory a transaction started from (kept with the latest
 /// committed transaction): `None` once the transaction is pruned.
@@ -96,7 +185,9 @@ pub fn apply(
     opts: &ApplyOptions,
 ) -> Result<Applied> {
     let timing = crate::timings::stage("write");
-    quick::clear(state)?;
+    // No barrier of its own: flush (1) below makes the removal durable
+    // before any target is touched.
+    quick::clear_unsynced(state)?;
     let txid = new_txid(now);
     let tx_dir = state.tx_dir().join(&txid);
     let backups = tx_dir.join("backups");
@@ -106,7 +197,9 @@ pub fn apply(
         .create(&backups)
         .with_context(|| format!("cannot create {}", backups.display()))?;
     let before = state.inventory()?;
-    write_json_atomic(&tx_dir.join(INVENTORY_BEFORE), &before)?;
+    // Read only through a `journal.json`, which exists only after flush (1)
+    // made this file's content durable.
+    write_json_replace(&tx_dir.join(INVENTORY_BEFORE), &before)?;
 
     let mut journal = Journal {
         txid: txid.clone(),
@@ -124,20 +217,40 @@ pub fn apply(
             .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
             .collect(),
     };
-    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    write_json_replace(&tx_dir.join(INTENT), &journal)?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
         failpoint::hit("apply.staged")?;
         journal.state = TxState::Prepared;
-        write_json_atomic(&tx_dir.join(JOURNAL), &journal)
+        // What systemd must be told if the files change back: recorded
+        // now, used only once the transaction is switched in.
+        journal.post = Some(post_actions(plan));
+        // The journal's temp file; renamed to `journal.json` after flush (1).
+        let tx_fd = open_dir_path(&tx_dir)?;
+        let bytes = crate::effects::state::encode_state(&journal)?;
+        let (tmp, _) = crate::effects::rootfs::write_temp_in(&tx_fd, JOURNAL, &bytes, 0o600)
+            .with_context(|| format!("cannot write the journal in {}", tx_dir.display()))?;
+        Ok((tx_fd, tmp))
     });
     drop(timing);
-    if let Err(e) = prepared {
-        let _ = rollback(fs, state, &mut journal);
-        return Err(e);
-    }
+    let (tx_fd, journal_tmp) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = rollback(fs, state, &mut journal);
+            return Err(e);
+        }
+    };
     let switched = timed("flush", || flush(fs, state, &dirs))
+        .and_then(|()| {
+            renameat(&tx_fd, journal_tmp.as_str(), &tx_fd, JOURNAL)
+                .context("cannot put the journal in place")?;
+            timed("flush", || {
+                nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")
+            })
+        })
         .and_then(|()| timed("switch", || switch(&journal, &dirs, opts)))
+        .and_then(|()| failpoint::hit("apply.switched"))
+        .and_then(|()| mark(&tx_fd, SWITCHED))
         .and_then(|()| timed("flush", || flush(fs, state, &dirs)));
     if let Err(e) = switched {
         if let Err(re) = rollback(fs, state, &mut journal) {
@@ -147,19 +260,7 @@ pub fn apply(
         }
         return Err(e.context(format!("transaction {txid} rolled back")));
     }
-
     journal.state = TxState::Switched;
-    journal.post = Some(post_actions(plan));
-    let recorded = failpoint::hit("apply.switched")
-        .and_then(|()| write_json_atomic(&tx_dir.join(JOURNAL), &journal));
-    if let Err(e) = recorded {
-        if let Err(re) = rollback(fs, state, &mut journal) {
-            return Err(e.context(format!(
-                "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
-            )));
-        }
-        return Err(e.context(format!("transaction {txid} rolled back")));
-    }
 
     let mut applied = Applied {
         txid,
@@ -192,10 +293,21 @@ pub fn post_actions(plan: &Plan) -> PostActions {
 /// with `next` naming `txid`, durably. Call only after the unit actions and
 /// health checks passed. On error the transaction is still switched in and
 /// uncommitted: the caller must [`revert`] it.
-pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: i64) -> Result<()> {
+///
+/// `floor`, a new anti-rollback record already written to its temp name,
+/// is put in place with the inventory and made durable by the same
+/// barriers (see the module docs); on error it is discarded.
+pub fn commit(
+    fs: &RootFs,
+    state: &StateDir,
+    txid: &str,
+    next: &Inventory,
+    now: i64,
+    floor: Option<crate::effects::state::floor::Pending>,
+) -> Result<()> {
     let _t = crate::timings::stage("commit");
     let tx_dir = state.tx_dir().join(txid);
-    let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?
+    let journal = load_journal(&tx_dir)?
         .with_context(|| format!("the journal of transaction {txid} is missing"))?;
     if journal.state != TxState::Switched {
         bail!(
@@ -208,13 +320,13 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
     inv.applied_at = now;
     inv.dirs.extend(journal.created_dirs.iter().cloned());
     failpoint::hit("apply.commit.inventory")?;
-    write_json_atomic(&state.inventory_path(), &inv)
+    write_commit_record(state, &inv, floor)
         .context("cannot record the applied commit in the inventory")?;
     // Committed from here on: the inventory names the transaction, and
     // recovery treats it as committed whatever its journal says.
     failpoint::hit("apply.commit.journal")?;
-    journal.state = TxState::Committed;
-    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    let tx_fd = open_dir_path(&tx_dir)?;
+    mark(&tx_fd, COMMITTED)?;
     prune_old_transactions(state, txid)?;
     // Files released (their originals restored): the copies are done.
     for stored in &journal.released_originals {
@@ -222,6 +334,108 @@ pub fn commit(fs: &RootFs, state: &StateDir, txid: &str, next: &Inventory, now: 
     }
     remove_unneeded_dirs(fs, state, &mut inv);
     Ok(())
+}
+
+/// The commit record: `inventory.json` replaced atomically (and, with
+/// `floor`, the anti-rollback record beside it), durable on return.
+///
+/// Without a floor: `fsync` of the temp file, rename, `fsync` of the state
+/// directory (2 barriers). With one: both temp files written, one `syncfs`
+/// per filesystem (their contents durable), both renamed (inventory
+/// first), one `syncfs` per filesystem again (both names durable): 2
+/// barriers when the state and the root share a filesystem, instead of 4.
+fn write_commit_record(
+    state: &StateDir,
+    inv: &Inventory,
+    floor: Option<crate::effects::state::floor::Pending>,
+) -> Result<()> {
+    let Some(floor) = floor else {
+        return write_json_atomic(&state.inventory_path(), inv);
+    };
+    let state_fd = open_dir_path(state.path())?;
+    let bytes = crate::effects::state::encode_state(inv)?;
+    let (tmp, _) = crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
+        .with_context(|| format!("cannot write {}", state.inventory_path().display()))?;
+    let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {
+        renameat(&state_fd, tmp.as_str(), &state_fd, INVENTORY)
+            .with_context(|| format!("cannot replace {}", state.inventory_path().display()))
+    });
+    if let Err(e) = written {
+        let _ = unlinkat(&state_fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        return Err(e);
+    }
+    let dir = floor.dir_fd()?;
+    if let Err(e) = floor.install() {
+        // The commit is not at stake: the next sync raises the floor.
+        tracing::warn!("cannot record the anti-rollback floor: {e:#}");
+    }
+    syncfs_each([state_fd.as_fd(), dir.as_fd()])
+}
+
+/// One `syncfs` per filesystem among `fds`.
+fn syncfs_each<'a>(fds: impl IntoIterator<Item = std::os::fd::BorrowedFd<'a>>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for fd in fds {
+        let dev = fstat(fd).context("cannot stat a directory")?.st_dev;
+        if seen.insert(dev) {
+            nix::unistd::syncfs(fd).context("syncfs failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// Records a state transition as an empty file in the transaction's
+/// directory: an empty file cannot be torn by a power loss, so (unlike a
+/// rewritten journal) it needs no barrier before it is trusted; it
+/// becomes durable at the next barrier of the transaction.
+fn mark(tx_fd: &OwnedFd, name: &str) -> Result<()> {
+    match openat(
+        tx_fd,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::from_bits_truncate(0o600),
+    ) {
+        Ok(_) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot record the transaction as {name}")),
+    }
+}
+
+/// The journal of the transaction in `tx_dir` and the state it reached,
+/// or `None` when nothing was recorded (a crash before the intent).
+///
+/// `journal.json` is written once, before the first target is touched,
+/// and rewritten only to say `Reverting` or `RolledBack` (durably). Until
+/// it exists, `intent.json` (state `Preparing`) names what may have been
+/// staged. Past `Prepared`, the state is told by empty marker files:
+/// `switched` (every target switched in and flushed) and `committed`
+/// (the inventory named this transaction). A journal of an older
+/// driftless, which rewrote the state in place, reads as it is.
+pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
+    let Some(mut journal) = read_json::<Journal>(&tx_dir.join(JOURNAL))? else {
+        // No `journal.json`: flush (2) had not returned, so no target was
+        // touched. The intent was written without a barrier: after a
+        // power loss it may be missing or torn, and then there is nothing
+        // to undo but staged files it would have named (see the module
+        // docs).
+        return Ok(match read_json::<Journal>(&tx_dir.join(INTENT)) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(
+                    "the intent of an interrupted transaction in {} is unreadable ({e:#}); no target was touched, but files staged as `.driftless-*` next to targets may be left",
+                    tx_dir.display()
+                );
+                None
+            }
+        });
+    };
+    if matches!(journal.state, TxState::Prepared | TxState::Switched) {
+        if tx_dir.join(COMMITTED).exists() {
+            journal.state = TxState::Committed;
+        } else if tx_dir.join(SWITCHED).exists() {
+            journal.state = TxState::Switched;
+        }
+    }
+    Ok(Some(journal))
 }
 
 /// Removes the directories driftless created that no managed file needs
@@ -453,18 +667,11 @@ fn stage(
 /// One `syncfs` per filesystem holding a touched directory or the state.
 fn flush(fs: &RootFs, state: &StateDir, dirs: &BTreeMap<String, OwnedFd>) -> Result<()> {
     let state_fd = open_dir_path(state.path())?;
-    let mut seen = std::collections::BTreeSet::new();
-    let all = dirs
-        .values()
-        .map(|d| d.as_fd())
-        .chain([fs.fd().as_fd(), state_fd.as_fd()]);
-    for fd in all {
-        let dev = fstat(fd).context("cannot stat a directory")?.st_dev;
-        if seen.insert(dev) {
-            nix::unistd::syncfs(fd).context("syncfs failed")?;
-        }
-    }
-    Ok(())
+    syncfs_each(
+        dirs.values()
+            .map(|d| d.as_fd())
+            .chain([fs.fd().as_fd(), state_fd.as_fd()]),
+    )
 }
 
 /// Step 5: make the staged state live.
@@ -731,7 +938,7 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
     let inv = state.inventory()?;
     let mut recovered = Vec::new();
     for (txid, path) in list_transactions(state)? {
-        let journal = match read_json::<Journal>(&path.join(JOURNAL)) {
+        let journal = match load_journal(&path) {
             Ok(j) => j,
             // The committed transaction only serves a later revert: set it
             // aside and go on (issue 12 §6: it stopped the agent forever).
@@ -779,9 +986,11 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
                 recovered.push(done(&journal));
             }
             TxState::Prepared | TxState::Switched if inv.txid == txid => {
-                // Committed, but crashed before the journal said so.
-                journal.state = TxState::Committed;
-                write_json_atomic(&path.join(JOURNAL), &journal)?;
+                // Committed, but crashed before it was marked so. No
+                // barrier: the inventory, durable, says it already; the
+                // next transaction's first flush makes the mark durable
+                // before that transaction's commit could name another.
+                mark(&open_dir_path(&path)?, COMMITTED)?;
             }
             TxState::Prepared | TxState::Switched => {
                 // Through `finish_revert`: the inventory goes back to the
@@ -805,7 +1014,7 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
 /// finished by [`recover`] on the next start.
 pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<()> {
     let tx_dir = state.tx_dir().join(txid);
-    let mut journal = read_json::<Journal>(&tx_dir.join(JOURNAL))?.with_context(|| {
+    let mut journal = load_journal(&tx_dir)?.with_context(|| {
         format!(
             "the journal of transaction {txid} is missing in {}",
             tx_dir.display()
@@ -842,12 +1051,20 @@ fn list_transactions(state: &StateDir) -> Result<Vec<(String, PathBuf)>> {
     for e in rd {
         let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
         if let Some(name) = e.file_name().to_str() {
+            if name.ends_with(REMOVED) {
+                // Half removed by an interrupted `remove_tx_dir`.
+                let _ = fs::remove_dir_all(e.path());
+                continue;
+            }
             out.push((name.to_string(), e.path()));
         }
     }
     out.sort();
     Ok(out)
 }
+
+/// The suffix of a transaction directory being removed.
+const REMOVED: &str = ".removed";
 
 /// Keeps only the transaction `keep` (the latest committed).
 fn prune_old_transactions(state: &StateDir, keep: &str) -> Result<()> {
@@ -856,10 +1073,28 @@ fn prune_old_transactions(state: &StateDir, keep: &str) -> Result<()> {
             remove_tx_dir(&path)?;
         }
     }
-    fsync_dir(&state.tx_dir())
+    // No barrier: a directory that comes back after a power loss is one
+    // whose journal says `Committed` or `RolledBack`, or is marked
+    // `committed` (durable since this transaction's first flush), and
+    // recovery leaves it alone; the next commit prunes it again.
+    Ok(())
 }
 
+/// Removes a transaction's directory: first renamed to `<txid>.removed`
+/// (atomic), which no reader takes for a transaction, then deleted. Deleted
+/// in place, a crash or power loss could leave a part of it: say a
+/// committed transaction's `journal.json` without its `committed` mark,
+/// which would read as interrupted and be rolled back.
 fn remove_tx_dir(path: &Path) -> Result<()> {
+    let mut gone = path.as_os_str().to_owned();
+    gone.push(REMOVED);
+    let gone = PathBuf::from(gone);
+    let path = match fs::rename(path, &gone) {
+        Ok(()) => gone.as_path(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // Renaming failed: remove it in place, as before.
+        Err(_) => path,
+    };
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

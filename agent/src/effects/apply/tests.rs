@@ -72,7 +72,7 @@ impl Env {
     fn apply(&self, d: &Desired) -> Applied {
         let p = self.plan(d);
         let a = self.switch_in(&p);
-        commit(&self.fs, &self.state, &a.txid, &p.next_inventory, 1).unwrap();
+        commit(&self.fs, &self.state, &a.txid, &p.next_inventory, 1, None).unwrap();
         a
     }
     /// Applies up to the switch-in: files live, not committed.
@@ -217,6 +217,7 @@ fn recovery_rolls_back_a_transaction_that_never_committed() {
     let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
     j.state = TxState::Prepared;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
+    unmark(&tx);
     write_json_atomic(&e.state.inventory_path(), &committed).unwrap();
 
     let recovered = Env::txids(recover(&e.fs, &e.state).unwrap());
@@ -239,6 +240,7 @@ fn recovery_keeps_a_transaction_whose_inventory_was_written() {
     let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
     j.state = TxState::Prepared;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
+    unmark(&tx);
     assert!(recover(&e.fs, &e.state).unwrap().is_empty());
     assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
 }
@@ -338,7 +340,7 @@ fn a_switched_transaction_whose_inventory_was_written_counts_as_committed() {
     write_json_atomic(&e.state.inventory_path(), &inv).unwrap();
     assert!(recover(&e.fs, &e.state).unwrap().is_empty());
     assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
-    let j: Journal = read_json(&e.state.tx_dir().join(&a.txid).join(JOURNAL))
+    let j: Journal = load_journal(&e.state.tx_dir().join(&a.txid))
         .unwrap()
         .unwrap();
     assert_eq!(j.state, TxState::Committed);
@@ -366,8 +368,8 @@ fn only_a_switched_transaction_can_be_committed() {
     let e = env();
     let p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
     let a = e.switch_in(&p);
-    commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1).unwrap();
-    let err = commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1).unwrap_err();
+    commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1, None).unwrap();
+    let err = commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1, None).unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
 
@@ -466,4 +468,12 @@ fn directories_created_for_pruned_files_are_removed_when_empty_and_only_those() 
     assert!(!e.path("/etc/other").exists());
     assert!(dirs(&e).is_empty());
     assert!(e.path("/etc").is_dir());
+}
+
+/// Takes a transaction back to the state its `journal.json` says, as if
+/// the crash came before its `switched` and `committed` marks.
+fn unmark(tx: &std::path::Path) {
+    for m in [SWITCHED, COMMITTED] {
+        let _ = std::fs::remove_file(tx.join(m));
+    }
 }

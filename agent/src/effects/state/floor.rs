@@ -126,6 +126,69 @@ pub fn save(root: &Path, floor: &Floor) -> Result<()> {
         .with_context(|| format!("cannot record the applied commit in {}", p.display()))
 }
 
+/// A floor record written to its temp name beside the record, not yet in
+/// place: the commit makes its content durable with the inventory's, and
+/// renames it in right after the inventory (see
+/// [`crate::effects::apply::commit`]). Dropped without [`Pending::install`],
+/// the temp file is removed.
+pub struct Pending {
+    dir: std::os::fd::OwnedFd,
+    tmp: String,
+    installed: bool,
+}
+
+impl Pending {
+    /// The record's directory (`etc/driftless` under the root).
+    pub fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.dir)
+    }
+
+    /// A second handle on the record's directory.
+    pub fn dir_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        self.dir
+            .try_clone()
+            .context("cannot duplicate a directory handle")
+    }
+
+    /// Renames the record into place (no barrier: the caller's).
+    pub fn install(mut self) -> Result<()> {
+        nix::fcntl::renameat(&self.dir, self.tmp.as_str(), &self.dir, FILE_NAME)
+            .context("cannot put the anti-rollback record in place")?;
+        self.installed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = nix::unistd::unlinkat(
+                &self.dir,
+                self.tmp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
+/// Writes `floor` to its temp name (mode 0600, directory 0755, through a
+/// handle on the root as [`save`]), without a barrier or a rename.
+pub fn stage(root: &Path, floor: &Floor) -> Result<Pending> {
+    let p = path(root);
+    let bytes = super::encode_state(floor)?;
+    let fs = RootFs::open(root)?;
+    let dir_target =
+        TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = fs.ensure_dir(&dir_target, 0o755)?;
+    let (tmp, _) = crate::effects::rootfs::write_temp_in(&dir, FILE_NAME, &bytes, 0o600)
+        .with_context(|| format!("cannot record the applied commit in {}", p.display()))?;
+    Ok(Pending {
+        dir,
+        tmp,
+        installed: false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,17 @@
 //! `history.jsonl`: one line per sync attempt, newest last. Appended with
 //! `O_APPEND` in a single write, so concurrent readers never see half a
 //! line; a torn last line after a crash is skipped when reading.
+//!
+//! The append is not synced (it used to end with an `fdatasync`, one
+//! journal commit per applied change): the history is a report for
+//! people, never an input of recovery, the quick check or the
+//! anti-rollback checks (those read the inventory, the journals, the
+//! marks and the floor, which keep their barriers). After a power loss
+//! the newest lines may be missing, or the last one torn, which the
+//! reader skips (`rollback` without `--to` looks for the newest applied
+//! commit *other than the current one*: a lost newest line names the
+//! current commit, which it skips anyway); the kernel writes it back within seconds, and the next
+//! transaction's first `syncfs` makes every earlier line durable.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -72,7 +83,6 @@ impl StateDir {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         f.write_all(&line)
-            .and_then(|()| f.sync_data())
             .with_context(|| format!("cannot append to {}", path.display()))?;
         let size = f.metadata().map_or(0, |m| m.len());
         if size > MAX_HISTORY_BYTES {

@@ -7,7 +7,8 @@
 //! last-run.json     the outcome of the latest sync, for `status`
 //! quick.json        stamps that let an idle poll skip rendering (a cache)
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
-//! tx/<txid>/        journal.json + backups/ of the latest transactions
+//! tx/<txid>/        journal.json (intent.json before it), switched/committed
+//!                   marks, inventory.before.json, backups/ (latest transactions)
 //! originals/        files that existed before driftless managed them
 //! spool/            webhook events not delivered yet (see `effects::notify::spool`)
 //! ```
@@ -32,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::effects::rootfs::Durability;
 use crate::plan::inventory::{Inventory, INVENTORY_VERSION};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftless";
@@ -308,18 +310,18 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// files that are rewritten on every poll (two fsyncs per idle poll would
 /// be most of its cost, for nothing the next poll does not rewrite).
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    replace(path, &encode_state(value)?, false)
+    replace(path, &encode_state(value)?, Durability::None)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    replace(path, bytes, true)
+    replace(path, bytes, Durability::Full)
 }
 
 /// The state files' atomic replace: [`replace_in`] (temp `O_EXCL` and
 /// `O_NOFOLLOW` beside the file, rename) in the file's directory, 0600.
 ///
 /// [`replace_in`]: crate::effects::rootfs::replace_in
-fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+fn replace(path: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
     let dir = path.parent().context("state file has no parent")?;
     let name = path
         .file_name()
@@ -331,7 +333,7 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         nix::sys::stat::Mode::empty(),
     )
     .with_context(|| format!("cannot open {}", dir.display()))?;
-    crate::effects::rootfs::replace_in(&fd, name, bytes, 0o600, durable)
+    crate::effects::rootfs::replace_in_with(&fd, name, bytes, 0o600, durability)
         .with_context(|| format!("cannot replace {}", path.display()))
 }
 

@@ -143,6 +143,25 @@ pub fn clear(state: &StateDir) -> Result<()> {
     }
 }
 
+/// Removes the record without a barrier of its own: for a transaction,
+/// whose first flush (a `syncfs` of the state's filesystem, before any
+/// target is touched) makes the removal durable. The order that matters
+/// (no record survives a power loss once a target may have changed) is
+/// kept: the flush precedes the first rename.
+pub fn clear_unsynced(state: &StateDir) -> Result<()> {
+    forget();
+    match fs::remove_file(state.path().join(FILE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot remove {}; remove it by hand",
+                state.path().join(FILE).display()
+            )
+        }),
+    }
+}
+
 /// Writes a new record. `build` receives the filesystem's current time
 /// (the mtime of the freshly created temp file), taken before it stamps
 /// the files: the racy-stamp rule needs a time from the same clock.
