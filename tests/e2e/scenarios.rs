@@ -132,10 +132,16 @@ fn sync(m: &Machine) -> std::process::Output {
     m.sh("driftless sync --once 2>&1")
 }
 
+/// The demo service's answer. `systemctl is-active` says the unit
+/// started, not that it listens yet: a restarted python http.server takes a
+/// moment to bind, so a refused connection is retried (e2e_8 failed on it).
 fn curl(m: &Machine) -> String {
-    m.ok("python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8080/\").read().decode().strip())'")
-        .trim()
-        .to_string()
+    m.wait_ok(
+        "python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8080/\").read().decode().strip())'",
+        Duration::from_secs(20),
+    )
+    .trim()
+    .to_string()
 }
 
 #[test]
