@@ -70,7 +70,8 @@ pub struct FileDecl {
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
-    /// Where it was declared, for error messages: `roles/web/role.toml files[2]`.
+    /// Where it was declared, for error messages: `roles/web/role.toml:9 files[2]`
+    /// (the line of the entry's `[[files]]` table).
     pub origin: String,
 }
 
@@ -171,13 +172,18 @@ pub fn load_host(
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
         let role_path = format!("roles/{role}/role.toml");
-        let role_file: RoleFile = match read_toml(snap, &role_path) {
+        let (role_file, role_text): (RoleFile, &str) = match read_toml_text(snap, &role_path) {
             Ok(Some(r)) => r,
-            Ok(None) => unreachable_role(&mut diags, &role_path),
+            Ok(None) => (unreachable_role(&mut diags, &role_path), ""),
             Err(e) => {
                 diags.push(e);
                 continue;
             }
+        };
+        // `roles/a/role.toml:12 files[0]`: the line of the entry's table.
+        let at = |key: &str, i: usize, span: std::ops::Range<usize>| {
+            let (line, _) = toml_file::line_col(role_text, span.start);
+            format!("{role_path}:{line} {key}[{i}]")
         };
         merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
         let role_dir_mode = match role_file.dir_mode.as_deref().map(parse_dir_mode) {
@@ -189,7 +195,8 @@ pub fn load_host(
             }
         };
         for (i, spec) in role_file.files.into_iter().enumerate() {
-            let origin = format!("{role_path} files[{i}]");
+            let origin = at("files", i, spec.span());
+            let spec = spec.into_inner();
             match file_decl(snap, role, &origin, spec, role_dir_mode, opts) {
                 Ok(decl) => {
                     if let Some(other) = claimed.get(&decl.path) {
@@ -206,7 +213,8 @@ pub fn load_host(
             }
         }
         for (i, spec) in role_file.units.into_iter().enumerate() {
-            let origin = format!("{role_path} units[{i}]");
+            let origin = at("units", i, spec.span());
+            let spec = spec.into_inner();
             if let Err(e) = validate_unit_name(&spec.name) {
                 diags.push(format!("{origin}: key `name`: {e}"));
                 continue;
@@ -222,9 +230,10 @@ pub fn load_host(
             units.push(spec);
         }
         for (i, spec) in role_file.checks.into_iter().enumerate() {
-            match check(role, spec) {
+            let origin = at("checks", i, spec.span());
+            match check(role, spec.into_inner()) {
                 Ok(c) => checks.push(c),
-                Err(e) => diags.push(format!("{role_path} checks[{i}]: {e}")),
+                Err(e) => diags.push(format!("{origin}: {e}")),
             }
         }
     }
@@ -542,13 +551,21 @@ fn read_toml<T: serde::de::DeserializeOwned>(
     snap: &Snapshot,
     path: &str,
 ) -> Result<Option<T>, String> {
+    read_toml_text(snap, path).map(|r| r.map(|(t, _)| t))
+}
+
+/// [`read_toml`], also returning the text (for the line of a span).
+fn read_toml_text<'s, T: serde::de::DeserializeOwned>(
+    snap: &'s Snapshot,
+    path: &str,
+) -> Result<Option<(T, &'s str)>, String> {
     let bytes = match snap.read(path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(format!("{e:#}")),
     };
     let text = std::str::from_utf8(bytes).map_err(|e| format!("{path}: not valid UTF-8: {e}"))?;
-    toml_file::parse(path, text).map(Some)
+    toml_file::parse(path, text).map(|t| Some((t, text)))
 }
 
 /// Converts TOML to JSON for the template context. Datetimes become strings.
@@ -670,9 +687,68 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("already managed by roles/a/role.toml files[0]"),
+            err.contains(
+                "roles/b/role.toml:1 files[0]: /etc/x is already managed by roles/a/role.toml:1 files[0]"
+            ),
             "{err}"
         );
+    }
+
+    /// Step 0 of docs/design/resources.md: a semantic error names the
+    /// line of its entry (the `[[files]]` header, or the inline table),
+    /// whatever comes before it: comments, blank lines, multi-line strings,
+    /// other kinds of entries.
+    #[test]
+    fn semantic_errors_name_the_line_of_their_entry() {
+        let role = concat!(
+            "# the app\n",                                 // 1
+            "description = \"\"\"\nmulti\nline\n\"\"\"\n", // 2-5
+            "\n",                                          // 6
+            "[[files]]\n",                                 // 7
+            "path = \"/etc/ok\"\n",                        // 8
+            "source = \"x\"\n",                            // 9
+            "\n",                                          // 10
+            "[[checks]]\n",                                // 11
+            "name = \"none\"\n",                           // 12
+            "\n",                                          // 13
+            "  [[files]]   # indented, with a comment\n",  // 14
+            "path = \"/etc/bad\"\n",                       // 15
+            "source = \"x\"\n",                            // 16
+            "mode = \"0999\"\n",                           // 17
+            "[[units]]\n",                                 // 18
+            "name = \"bad unit\"\n",                       // 19
+            "[[files]]\n",                                 // 20
+            "path = \"/etc/ok\"\n",                        // 21
+            "source = \"x\"\n",                            // 22
+        );
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", role),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        for want in [
+            "roles/a/role.toml:11 checks[0]: a check needs exactly one",
+            "roles/a/role.toml:14 files[1]: key `mode`",
+            "roles/a/role.toml:18 units[0]: key `name`",
+            "roles/a/role.toml:20 files[2]: /etc/ok is already managed by roles/a/role.toml:7 files[0]",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+
+        // Entries of an inline array name their own line.
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "files = [\n  { path = \"/etc/x\", source = \"x\" },\n  { path = \"rel\", source = \"x\" },\n]\n",
+            ),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(err.contains("roles/a/role.toml:3 files[1]: "), "{err}");
     }
 
     #[test]
@@ -721,11 +797,11 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("roles/a/role.toml units[1]: key `name`"),
+            err.contains("roles/a/role.toml:4 units[1]: key `name`"),
             "{err}"
         );
         assert!(err.contains("did you mean \"app.service\""), "{err}");
-        assert!(err.contains("roles/b/role.toml units[0]: unit app.service is already declared by roles/a/role.toml units[0]"), "{err}");
+        assert!(err.contains("roles/b/role.toml:1 units[0]: unit app.service is already declared by roles/a/role.toml:1 units[0]"), "{err}");
     }
 
     #[test]
@@ -737,7 +813,7 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("roles/a/role.toml checks[0]: a check needs exactly one"),
+            err.contains("roles/a/role.toml:1 checks[0]: a check needs exactly one"),
             "{err}"
         );
     }
@@ -846,7 +922,7 @@ mod tests {
         for mode in ["0777", "1755", "4755"] {
             let err = one_file("/etc/a/x", &format!("dir_mode = \"{mode}\"\n")).unwrap_err();
             assert!(
-                err.contains("roles/a/role.toml files[0]: key `dir_mode`")
+                err.contains("roles/a/role.toml:1 files[0]: key `dir_mode`")
                     && err.contains("setuid, sticky or world-writable"),
                 "{mode}: {err}"
             );
@@ -864,7 +940,7 @@ mod tests {
         ] {
             let err = one_file(target, "").unwrap_err();
             for want in [
-                "roles/a/role.toml files[0]",
+                "roles/a/role.toml:1 files[0]",
                 target,
                 "reserved for the agent",
                 "/etc/driftless holds the agent's configuration",
@@ -891,7 +967,7 @@ mod tests {
             ("6755", "setuid and setgid"),
         ] {
             let err = one_file("/etc/app", &format!("mode = \"{mode}\"\n")).unwrap_err();
-            assert!(err.contains("roles/a/role.toml files[0]"), "{err}");
+            assert!(err.contains("roles/a/role.toml:1 files[0]"), "{err}");
             assert!(err.contains(&format!("is {what};")), "{mode}: {err}");
             assert!(err.contains("allow_special_mode = true"), "{err}");
             let ok = one_file(

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 /// `driftless.toml` at the repository root (or configured sub-path).
 #[derive(Debug, Default, Deserialize)]
@@ -50,12 +51,14 @@ pub struct RoleFile {
     pub description: Option<String>,
     #[serde(default)]
     pub vars: toml::Table,
+    /// Each entry keeps its byte span in `role.toml`, so that a semantic
+    /// error can name its line (`roles/a/role.toml:12 files[0]`).
     #[serde(default)]
-    pub files: Vec<FileSpec>,
+    pub files: Vec<Spanned<FileSpec>>,
     #[serde(default)]
-    pub checks: Vec<CheckSpec>,
+    pub checks: Vec<Spanned<CheckSpec>>,
     #[serde(default)]
-    pub units: Vec<UnitSpec>,
+    pub units: Vec<Spanned<UnitSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
