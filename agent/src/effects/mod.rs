@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod process;
 pub mod rootfs;
 pub mod state;
 pub mod systemd;
