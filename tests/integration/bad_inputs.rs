@@ -377,6 +377,68 @@ fn repo_cases() -> Vec<RepoCase> {
             want: "roles/app/role.toml:5 files[1]: set only one of",
         },
         RepoCase {
+            name: "hook whose program is not an absolute path",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"post\"\nargv = [\"migrate\", \"--apply\"]\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `argv`: the program \"migrate\" must be an absolute path",
+        },
+        RepoCase {
+            name: "hook with an empty argv",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"post\"\nargv = []\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `argv` is empty",
+        },
+        RepoCase {
+            name: "hook with a bad timeout",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"post\"\nargv = [\"/bin/true\"]\ntimeout = \"soon\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `timeout`: \"soon\" is not a duration",
+        },
+        RepoCase {
+            name: "hook with an unknown when",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"during\"\nargv = [\"/bin/true\"]\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `when`: \"during\" is neither \"pre\"",
+        },
+        RepoCase {
+            name: "hook with an unknown run",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\nrun = \"sometimes\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `run`: \"sometimes\" is neither \"on-change\"",
+        },
+        RepoCase {
+            name: "hook with an unknown key",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\nshell = true\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:12:1: unknown field `shell`",
+        },
+        RepoCase {
+            name: "hook with a zero timeout",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\ntimeout = \"0s\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `timeout`: must be more than 0s",
+        },
+        RepoCase {
             name: "a template that raises an error",
             edit: |r| {
                 r.write(

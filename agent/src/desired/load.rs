@@ -19,11 +19,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value as Json;
 
-use super::model::{CheckSpec, FileSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec};
+use super::model::{
+    CheckSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec,
+};
 use super::snapshot::Snapshot;
 use super::spec::{
-    parse_duration, validate_unit_name, Check, Mode, Principal, Probe, TargetPath, UnitAction,
-    UnitActionKind,
+    parse_duration, validate_unit_name, Check, Hook, HookRun, HookWhen, Mode, Principal, Probe,
+    TargetPath, UnitAction, UnitActionKind,
 };
 use super::toml_file;
 use super::Diagnostics;
@@ -87,6 +89,8 @@ pub struct HostConfig {
     pub files: Vec<FileDecl>,
     pub checks: Vec<Check>,
     pub units: Vec<UnitSpec>,
+    /// Every declared hook, in role order, then declaration order.
+    pub hooks: Vec<Hook>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -168,6 +172,7 @@ pub fn load_host(
     let mut files: Vec<FileDecl> = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
     let mut units: Vec<UnitSpec> = Vec::new();
+    let mut hooks: Vec<Hook> = Vec::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
@@ -236,6 +241,13 @@ pub fn load_host(
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
         }
+        for (i, spec) in role_file.hooks.into_iter().enumerate() {
+            let origin = at("hooks", i, spec.span());
+            match hook(role, &origin, spec.into_inner()) {
+                Ok(h) => hooks.push(h),
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
     }
     merge(&mut vars, toml_to_json(toml::Value::Table(host_file.vars)));
 
@@ -252,6 +264,7 @@ pub fn load_host(
         files,
         checks,
         units,
+        hooks,
     })
 }
 
@@ -517,6 +530,75 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
     })
 }
 
+/// The time limit of a hook without `timeout`.
+pub const DEFAULT_HOOK_TIMEOUT: &str = "30s";
+
+/// Validates a `[[hooks]]` entry. What needs the host (does the program
+/// exist, does the user) is the run's business, reported then.
+fn hook(role: &str, origin: &str, spec: HookSpec) -> Result<Hook, String> {
+    let when = match spec.when.as_str() {
+        "pre" => HookWhen::Pre,
+        "post" => HookWhen::Post,
+        other => {
+            return Err(format!(
+                "key `when`: {other:?} is neither \"pre\" (before the files switch) nor \"post\" (after the unit actions, before the checks)"
+            ))
+        }
+    };
+    let run = match spec.run.as_deref() {
+        None | Some("on-change") => HookRun::OnChange,
+        Some("always") => HookRun::Always,
+        Some(other) => {
+            return Err(format!(
+                "key `run`: {other:?} is neither \"on-change\" (when the role has changes) nor \"always\" (whenever anything changes)"
+            ))
+        }
+    };
+    let Some(program) = spec.argv.first() else {
+        return Err(
+            "key `argv` is empty: give the program (an absolute path) and its arguments".into(),
+        );
+    };
+    if !program.starts_with('/') {
+        return Err(format!(
+            "key `argv`: the program {program:?} must be an absolute path (hooks run without a shell and without a search path; write e.g. \"/usr/bin/{}\")",
+            program.rsplit('/').next().unwrap_or(program)
+        ));
+    }
+    if let Some(a) = spec.argv.iter().find(|a| a.contains('\0')) {
+        return Err(format!("key `argv`: {a:?} contains a NUL byte"));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(format!(
+                "key `env`: {k:?} is not an environment variable name (empty, or with '=' or NUL)"
+            ));
+        }
+        if v.contains('\0') {
+            return Err(format!("key `env.{k}`: the value contains a NUL byte"));
+        }
+    }
+    let timeout_text = spec.timeout.as_deref().unwrap_or(DEFAULT_HOOK_TIMEOUT);
+    let timeout = parse_duration(timeout_text).map_err(|e| format!("key `timeout`: {e}"))?;
+    if timeout.is_zero() {
+        return Err("key `timeout`: must be more than 0s".into());
+    }
+    let user = match spec.user {
+        None => None,
+        Some(u) => Some(principal(Some(u), "user")?),
+    };
+    Ok(Hook {
+        role: role.to_string(),
+        when,
+        argv: spec.argv,
+        user,
+        timeout,
+        env: spec.env,
+        run,
+        origin: origin.to_string(),
+    })
+}
+
 /// What can be checked without the host: the URL's scheme and that
 /// `ca_file` is an absolute path (whether it exists is the host's business,
 /// reported when the check runs).
@@ -749,6 +831,94 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(err.contains("roles/a/role.toml:3 files[1]: "), "{err}");
+    }
+
+    fn hooks_of(role: &str) -> Result<Vec<Hook>, String> {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", role),
+        ]);
+        load_host(&s, "h", &opts())
+            .map(|h| h.hooks)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hooks_parse_with_defaults() {
+        let hooks = hooks_of(
+            "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\n\n[[hooks]]\nwhen = \"post\"\nargv = [\"/usr/local/bin/m\", \"a; b\"]\nuser = \"app\"\ntimeout = \"60s\"\nenv = { A = \"1\" }\nrun = \"always\"\n",
+        )
+        .unwrap();
+        assert_eq!(hooks.len(), 2);
+        assert_eq!(hooks[0].when, HookWhen::Pre);
+        assert_eq!(hooks[0].run, HookRun::OnChange);
+        assert_eq!(hooks[0].timeout, std::time::Duration::from_secs(30));
+        assert_eq!(hooks[0].user, None);
+        assert_eq!(hooks[0].origin, "roles/a/role.toml:1 hooks[0]");
+        assert_eq!(hooks[1].when, HookWhen::Post);
+        assert_eq!(hooks[1].run, HookRun::Always);
+        assert_eq!(hooks[1].argv, vec!["/usr/local/bin/m", "a; b"]);
+        assert_eq!(hooks[1].user, Some(Principal("app".into())));
+        assert_eq!(hooks[1].timeout, std::time::Duration::from_secs(60));
+        assert_eq!(hooks[1].env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(hooks[1].origin, "roles/a/role.toml:5 hooks[1]");
+    }
+
+    #[test]
+    fn bad_hooks_name_role_line_and_key() {
+        for (body, want) in [
+            (
+                "when = \"post\"\nargv = [\"rel\"]",
+                "hooks[0]: key `argv`: the program \"rel\" must be an absolute path",
+            ),
+            (
+                "when = \"post\"\nargv = []",
+                "hooks[0]: key `argv` is empty",
+            ),
+            (
+                "when = \"post\"\nargv = [\"/x\"]\ntimeout = \"x\"",
+                "hooks[0]: key `timeout`",
+            ),
+            (
+                "when = \"post\"\nargv = [\"/x\"]\ntimeout = \"0s\"",
+                "hooks[0]: key `timeout`: must be more than 0s",
+            ),
+            (
+                "when = \"later\"\nargv = [\"/x\"]",
+                "hooks[0]: key `when`: \"later\" is neither",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nrun = \"often\"",
+                "hooks[0]: key `run`: \"often\" is neither",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nuser = \"a b\"",
+                "hooks[0]: key `user`",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nenv = { \"A=B\" = \"1\" }",
+                "hooks[0]: key `env`",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\\u0000\"]",
+                "hooks[0]: key `argv`",
+            ),
+        ] {
+            let err = hooks_of(&format!("\n\n[[hooks]]\n{body}\n")).unwrap_err();
+            assert!(
+                err.contains(&format!("roles/a/role.toml:3 {want}")),
+                "{want:?} not in {err}"
+            );
+        }
+        let err =
+            hooks_of("[[hooks]]\nwhen = \"pre\"\nargv = [\"/x\"]\ncommand = \"x\"\n").unwrap_err();
+        assert!(
+            err.contains("roles/a/role.toml:4:1: unknown field `command`"),
+            "{err}"
+        );
+        let err = hooks_of("[[hooks]]\nargv = [\"/x\"]\n").unwrap_err();
+        assert!(err.contains("missing field `when`"), "{err}");
     }
 
     #[test]

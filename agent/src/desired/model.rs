@@ -59,6 +59,10 @@ pub struct RoleFile {
     pub checks: Vec<Spanned<CheckSpec>>,
     #[serde(default)]
     pub units: Vec<Spanned<UnitSpec>>,
+    /// Commands run before the files switch (`pre`) or after the unit
+    /// actions (`post`) of a transaction.
+    #[serde(default)]
+    pub hooks: Vec<Spanned<HookSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
@@ -209,4 +213,29 @@ pub struct UnitCheckSpec {
     /// How long the unit must stay active, e.g. "3s". Default "0s".
     #[serde(default)]
     pub settle: Option<String>,
+}
+
+/// One `[[hooks]]` entry of a role: a command run when a transaction
+/// changes the host, never through a shell. See `spec::Hook`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSpec {
+    /// "pre" (before the files switch) or "post" (after the unit actions,
+    /// before the checks).
+    pub when: String,
+    /// Program (an absolute path) and arguments.
+    pub argv: Vec<String>,
+    /// User name or numeric uid to run as. Default: the agent's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Time limit, e.g. "60s". Default "30s".
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// The hook's whole environment, besides a minimal `PATH`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// "on-change" (default: the role has changes in this transaction) or
+    /// "always" (whenever a transaction changes anything).
+    #[serde(default)]
+    pub run: Option<String>,
 }

@@ -248,6 +248,86 @@ impl Probe {
     }
 }
 
+/// When a hook runs: `pre`, before the files of a transaction switch in;
+/// `post`, after the unit actions and before the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookWhen {
+    Pre,
+    Post,
+}
+
+impl std::fmt::Display for HookWhen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HookWhen::Pre => "pre",
+            HookWhen::Post => "post",
+        })
+    }
+}
+
+/// Which transactions run a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookRun {
+    /// Its role has a change (create, update or remove) in the transaction.
+    OnChange,
+    /// Every transaction (anything changes).
+    Always,
+}
+
+/// A validated `[[hooks]]` entry. A hook is a command with effects that
+/// driftless cannot see: it is never undone, and never re-run by crash
+/// recovery. Its argv and environment are literal strings from the
+/// repository (no templating); the environment's values are never shown in
+/// plans, logs or history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hook {
+    pub role: String,
+    pub when: HookWhen,
+    pub argv: Vec<String>,
+    /// Run as this user (name or uid); `None`: the agent's own user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<Principal>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// The environment besides `PATH`: only its names are serialised.
+    #[serde(serialize_with = "env_names")]
+    pub env: std::collections::BTreeMap<String, String>,
+    pub run: HookRun,
+    /// Where it was declared: `roles/app/role.toml:12 hooks[0]`.
+    pub origin: String,
+}
+
+impl Hook {
+    /// `pre roles/app: /usr/local/bin/app-migrate --check (user app, 60s)`.
+    pub fn describe(&self) -> String {
+        let mut extra = Vec::new();
+        if let Some(u) = &self.user {
+            extra.push(format!("user {}", u.0));
+        }
+        extra.push(humantime::format_duration(self.timeout).to_string());
+        if !self.env.is_empty() {
+            let names: Vec<&str> = self.env.keys().map(String::as_str).collect();
+            extra.push(format!("env {}", names.join(" ")));
+        }
+        format!(
+            "{} roles/{}: {} ({})",
+            self.when,
+            self.role,
+            self.argv.join(" "),
+            extra.join(", ")
+        )
+    }
+}
+
+fn env_names<S: serde::Serializer>(
+    env: &std::collections::BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(env.keys())
+}
+
 /// Parses "5s", "250ms", "1m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
