@@ -522,3 +522,67 @@ fn a_hook_runs_as_its_user() {
     sync(&host, &repo).ok();
     assert_eq!(w.read("who.out"), "65534\n65534\n");
 }
+
+/// A `kill -9` at the new failpoints, before a pre hook (nothing of the
+/// transaction is written yet) and before a post hook (switched in, not
+/// committed): the next sync finds the old files, rolls back what needs
+/// it, applies the commit anew and runs each hook once more, in that new
+/// transaction; no staged file is left.
+#[test]
+fn a_kill_at_the_hook_failpoints_converges_to_the_new_commit() {
+    for point in ["apply.hook.pre", "post.hook"] {
+        let w = Scratch::new();
+        let host = Host::new("h");
+        let rec = w.recorder(&host, "/etc/app.conf");
+        let repo = app_repo("v1\n", "");
+        sync(&host, &repo).ok();
+        let before = host.tree();
+        set_app(
+            &repo,
+            "v2\n",
+            &format!(
+                "{}{}",
+                hook("pre", &[&rec, "pre"], ""),
+                hook("post", &[&rec, "post"], "")
+            ),
+        );
+        repo.commit("v2");
+        let out = host
+            .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+            .env("DRIFTLESS_TEST_FAILPOINT", format!("{point}:kill"))
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{point}");
+        // Killed before the pre hook: nothing ran, nothing changed. Before
+        // the post hook: the pre hook ran and the files are switched in.
+        let (seen, live) = match point {
+            "apply.hook.pre" => ("", "v1\n"),
+            _ => ("pre: v1\n", "v2\n"),
+        };
+        assert_eq!(w.read("log"), seen, "{point}");
+        assert_eq!(host.read("/etc/app.conf").as_deref(), Some(live), "{point}");
+        if point == "apply.hook.pre" {
+            assert_eq!(host.tree(), before, "{point}");
+        }
+        let run = sync(&host, &repo).ok();
+        if point == "post.hook" {
+            assert!(
+                run.stderr.contains("rolled back a transaction"),
+                "{point}: {}",
+                run.stderr
+            );
+        }
+        assert_eq!(
+            host.read("/etc/app.conf").as_deref(),
+            Some("v2\n"),
+            "{point}"
+        );
+        assert_eq!(
+            w.read("log"),
+            format!("{seen}pre: v1\npost: v2\n"),
+            "{point}"
+        );
+        assert_no_staged(host.root.path());
+    }
+}
