@@ -311,13 +311,27 @@ impl Hook {
             let names: Vec<&str> = self.env.keys().map(String::as_str).collect();
             extra.push(format!("env {}", names.join(" ")));
         }
+        let argv: Vec<String> = self.argv.iter().map(|a| shown_arg(a)).collect();
         format!(
             "{} roles/{}: {} ({})",
             self.when,
             self.role,
-            self.argv.join(" "),
+            argv.join(" "),
             extra.join(", ")
         )
+    }
+}
+
+/// An argument as shown: plain when unambiguous, quoted otherwise (`x; y`
+/// is one argument, never a shell's two commands).
+fn shown_arg(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./=:,@%+-".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("{a:?}")
     }
 }
 
@@ -345,6 +359,33 @@ mod humantime_serde_compat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_shows_an_ambiguous_argument_quoted() {
+        let h = Hook {
+            role: "app".into(),
+            when: HookWhen::Post,
+            argv: vec![
+                "/usr/bin/m".into(),
+                "--to=v2".into(),
+                "x; y".into(),
+                "".into(),
+            ],
+            user: Some(Principal("app".into())),
+            timeout: Duration::from_secs(90),
+            env: [
+                ("B".to_string(), "secret".to_string()),
+                ("A".to_string(), "1".to_string()),
+            ]
+            .into(),
+            run: HookRun::OnChange,
+            origin: "roles/app/role.toml:1 hooks[0]".into(),
+        };
+        assert_eq!(
+            h.describe(),
+            "post roles/app: /usr/bin/m --to=v2 \"x; y\" \"\" (user app, 1m 30s, env A B)"
+        );
+    }
 
     #[test]
     fn target_path_rejects_relative_dotdot_and_empty_components() {

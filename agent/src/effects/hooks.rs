@@ -113,9 +113,9 @@ async fn run_one(h: &Hook) -> Result<()> {
         return Ok(());
     }
     let tail = done.stderr.last_line(200);
+    // (The caller's message shows the argv.)
     Err(anyhow!(
-        "{} {}{}",
-        h.argv.join(" "),
+        "{}{}",
         done.describe(Some(h.timeout)),
         if tail.is_empty() {
             String::new()
