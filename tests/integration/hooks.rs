@@ -586,3 +586,37 @@ fn a_kill_at_the_hook_failpoints_converges_to_the_new_commit() {
         assert_no_staged(host.root.path());
     }
 }
+
+/// A hook's output goes to the log, where the values of its `env` are
+/// hidden; the last stderr line is in the error of a failing hook.
+#[test]
+fn hook_output_is_logged_without_its_environment_values() {
+    let w = Scratch::new();
+    let host = Host::new("h");
+    let repo = app_repo(
+        "v1\n",
+        &hook(
+            "post",
+            &["/usr/bin/env"],
+            "env = { TOKEN = \"hunter2\", ON = \"1\" }",
+        ),
+    );
+    let run = sync(&host, &repo).ok();
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    assert!(run.stderr.contains("TOKEN=[env TOKEN]"), "{}", run.stderr);
+    assert!(run.stderr.contains("ON=1"), "{}", run.stderr);
+    let fail = w.script("fail", "echo \"token was $TOKEN\" >&2\nexit 1");
+    set_app(
+        &repo,
+        "v2\n",
+        &hook("post", &[&fail], "env = { TOKEN = \"hunter2\" }"),
+    );
+    repo.commit("v2");
+    let run = sync(&host, &repo).code(1);
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("exited with 1: token was [env TOKEN]"),
+        "{}",
+        run.stderr
+    );
+}

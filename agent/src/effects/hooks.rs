@@ -14,7 +14,9 @@
 //! directory `/`, as its `user` (switching user needs root) and within its
 //! `timeout` (`effects::process`). Its output goes to the log, bounded:
 //! the last [`LOG_LINES`] lines of each stream, each cut to
-//! [`LOG_LINE_CHARS`]. Its environment's values are never logged.
+//! [`LOG_LINE_CHARS`]. Its environment's values are never logged: where
+//! the program prints one (of 4 characters or more), the log shows
+//! `[env NAME]`.
 //!
 //! Like checks, hooks act on the live system, so under `--root` they run
 //! only with `--run-checks` (`run_checks = true`), and are skipped with a
@@ -106,13 +108,14 @@ async fn run_one(h: &Hook) -> Result<()> {
             info!(target: "driftless::hook", origin = %h.origin, stream, "({skip} earlier lines and {} bytes not logged)", out.dropped);
         }
         for line in &lines[skip..] {
+            let line = hide_env(h, line);
             info!(target: "driftless::hook", origin = %h.origin, stream, "{line}");
         }
     }
     if !done.timed_out && done.status.is_some_and(|s| s.success()) {
         return Ok(());
     }
-    let tail = done.stderr.last_line(200);
+    let tail = hide_env(h, &done.stderr.last_line(200));
     // (The caller's message shows the argv.)
     Err(anyhow!(
         "{}{}",
@@ -123,6 +126,19 @@ async fn run_one(h: &Hook) -> Result<()> {
             format!(": {tail}")
         }
     ))
+}
+
+/// `line` with every value of the hook's `env` (of 4 characters or more)
+/// replaced by `[env NAME]`: a hook that prints its environment does not
+/// put it in the log.
+fn hide_env(h: &Hook, line: &str) -> String {
+    let mut out = line.to_string();
+    for (name, value) in &h.env {
+        if value.chars().count() >= 4 {
+            out = out.replace(value.as_str(), &format!("[env {name}]"));
+        }
+    }
+    out
 }
 
 /// The uid and primary gid of `user` (a name or a uid) on the live
