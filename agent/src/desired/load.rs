@@ -191,13 +191,16 @@ pub fn load_host(
             format!("{role_path}:{line} {key}[{i}]")
         };
         merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
-        let role_dir_mode = match role_file.dir_mode.as_deref().map(parse_dir_mode) {
+        let role_dir_mode = match &role_file.dir_mode {
             None => Mode::DEFAULT_DIR,
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                diags.push(format!("{role_path}: {e}"));
-                Mode::DEFAULT_DIR
-            }
+            Some(m) => match parse_dir_mode(m.get_ref()) {
+                Ok(m) => m,
+                Err(e) => {
+                    let (line, _) = toml_file::line_col(role_text, m.span().start);
+                    diags.push(format!("{role_path}:{line}: {e}"));
+                    Mode::DEFAULT_DIR
+                }
+            },
         };
         for (i, spec) in role_file.files.into_iter().enumerate() {
             let origin = at("files", i, spec.span());
@@ -1082,7 +1085,7 @@ mod tests {
         );
         let err = dir_mode(&format!("dir_mode = \"0644\"\n{file}")).unwrap_err();
         assert!(
-            err.contains("roles/a/role.toml: key `dir_mode`: 0644 does not give the owner rwx"),
+            err.contains("roles/a/role.toml:1: key `dir_mode`: 0644 does not give the owner rwx"),
             "{err}"
         );
     }

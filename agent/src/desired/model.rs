@@ -66,7 +66,7 @@ pub struct RoleFile {
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
-    pub dir_mode: Option<String>,
+    pub dir_mode: Option<Spanned<String>>,
 }
 
 /// One `[[units]]` entry of a role: the state a systemd unit must be in.
