@@ -186,8 +186,9 @@ pub async fn run(inv: &Invocation<'_>) -> Result<Finished> {
             }
         }
     };
-    // Finished (or killed and waited for): nothing to kill on drop.
-    if status.is_some() && !timed_out {
+    // The leader was reaped (it ended, or was killed and waited for): its
+    // id is free again, so the group is not signalled any more.
+    if status.is_some() {
         guard.0 = None;
     }
     drop(guard);
