@@ -128,7 +128,7 @@ fn repo_cases() -> Vec<RepoCase> {
             name: "relative target path",
             edit: |r| append_role(r, "[[files]]\npath = \"etc/rel\"\nsource = \"static\"\n"),
             code: 3,
-            want: "etc/rel",
+            want: "roles/app/role.toml:9 files[2]: ",
         },
         RepoCase {
             name: "target path with ..",
@@ -145,7 +145,7 @@ fn repo_cases() -> Vec<RepoCase> {
             name: "target outside the allowed roots",
             edit: |r| append_role(r, "[[files]]\npath = \"/boot/x\"\nsource = \"static\"\n"),
             code: 3,
-            want: "outside the allowed roots",
+            want: "roles/app/role.toml:9 files[2]: /boot/x is outside the allowed roots",
         },
         RepoCase {
             name: "two entries claim one path",
@@ -156,7 +156,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 )
             },
             code: 3,
-            want: "/etc/static",
+            want: "roles/app/role.toml:9 files[2]: /etc/static is already managed by roles/app/role.toml:5 files[1]",
         },
         RepoCase {
             name: "template file missing",
@@ -164,7 +164,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 r.remove("roles/app/files/app.conf.tera");
             },
             code: 3,
-            want: "app.conf.tera",
+            want: "roles/app/role.toml:1 files[0]: key `template`: roles/app/files/app.conf.tera",
         },
         RepoCase {
             name: "template syntax error",
@@ -207,7 +207,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "0999",
+            want: "roles/app/role.toml:5 files[1]: key `mode`",
         },
         RepoCase {
             name: "setuid mode without opting in",
@@ -221,7 +221,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "allow_special_mode",
+            want: "roles/app/role.toml:5 files[1]: /etc/static: key `mode`: 4755 is setuid",
         },
         RepoCase {
             name: "owner that is not a name",
@@ -235,7 +235,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "owner",
+            want: "roles/app/role.toml:5 files[1]: key `owner`",
         },
         RepoCase {
             name: "dir_mode without owner rwx",
@@ -249,7 +249,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "dir_mode",
+            want: "roles/app/role.toml:5 files[1]: key `dir_mode`",
         },
         RepoCase {
             name: "invalid unit name in on_change",
@@ -263,19 +263,19 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "../evil",
+            want: "roles/app/role.toml:5 files[1]: on_change.restart",
         },
         RepoCase {
             name: "check with no probe",
             edit: |r| append_role(r, "[[checks]]\nname = \"nothing\"\n"),
             code: 3,
-            want: "exactly one",
+            want: "roles/app/role.toml:9 checks[0]: a check needs exactly one",
         },
         RepoCase {
             name: "http check with a bad url",
             edit: |r| append_role(r, "[[checks]]\nhttp = { url = \"ftp://x/\" }\n"),
             code: 3,
-            want: "ftp://x/",
+            want: "roles/app/role.toml:9 checks[0]: http.url: \"ftp://x/\"",
         },
         RepoCase {
             name: "target reserved for the agent",
@@ -286,7 +286,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 )
             },
             code: 3,
-            want: "reserved for the agent",
+            want: "roles/app/role.toml:9 files[2]: /etc/driftless/allowed_signers is reserved for the agent",
         },
         RepoCase {
             name: "host file syntax error",
@@ -313,7 +313,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 )
             },
             code: 3,
-            want: "secrets/none.yaml",
+            want: "roles/app/role.toml:9 files[2]: key `secret`: secrets/none.yaml",
         },
         RepoCase {
             name: "secret that is not a SOPS file",
@@ -346,7 +346,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 )
             },
             code: 3,
-            want: "no spaces allowed.service",
+            want: "roles/app/role.toml:9 units[0]: key `name`",
         },
         RepoCase {
             name: "format without secret",
@@ -360,7 +360,7 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "format",
+            want: "roles/app/role.toml:5 files[1]: key `format` only goes with `secret`",
         },
         RepoCase {
             name: "template and source both set",
@@ -374,7 +374,69 @@ fn repo_cases() -> Vec<RepoCase> {
                 );
             },
             code: 3,
-            want: "only one",
+            want: "roles/app/role.toml:5 files[1]: set only one of",
+        },
+        RepoCase {
+            name: "hook whose program is not an absolute path",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"post\"\nargv = [\"migrate\", \"--apply\"]\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `argv`: the program \"migrate\" must be an absolute path",
+        },
+        RepoCase {
+            name: "hook with an empty argv",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"post\"\nargv = []\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `argv` is empty",
+        },
+        RepoCase {
+            name: "hook with a bad timeout",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"post\"\nargv = [\"/bin/true\"]\ntimeout = \"soon\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `timeout`: \"soon\" is not a duration",
+        },
+        RepoCase {
+            name: "hook with an unknown when",
+            edit: |r| append_role(r, "[[hooks]]\nwhen = \"during\"\nargv = [\"/bin/true\"]\n"),
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `when`: \"during\" is neither \"pre\"",
+        },
+        RepoCase {
+            name: "hook with an unknown run",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\nrun = \"sometimes\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `run`: \"sometimes\" is neither \"on-change\"",
+        },
+        RepoCase {
+            name: "hook with an unknown key",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\nshell = true\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:12:1: unknown field `shell`",
+        },
+        RepoCase {
+            name: "hook with a zero timeout",
+            edit: |r| {
+                append_role(
+                    r,
+                    "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\ntimeout = \"0s\"\n",
+                )
+            },
+            code: 3,
+            want: "roles/app/role.toml:9 hooks[0]: key `timeout`: must be more than 0s",
         },
         RepoCase {
             name: "a template that raises an error",

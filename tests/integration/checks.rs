@@ -148,8 +148,8 @@ fn validate_names_a_bad_http_check() {
     let (code, text) = validate(repo.path(), &[]);
     assert_eq!(code, Some(3), "{text}");
     for want in [
-        "roles/app/role.toml checks[0]: http.url: \"ftp://127.0.0.1/\" is not an http:// or https:// URL",
-        "roles/app/role.toml checks[1]: http.ca_file: \"ca.pem\" must be an absolute path",
+        "roles/app/role.toml:1 checks[0]: http.url: \"ftp://127.0.0.1/\" is not an http:// or https:// URL",
+        "roles/app/role.toml:4 checks[1]: http.ca_file: \"ca.pem\" must be an absolute path",
     ] {
         assert!(text.contains(want), "{want:?} not in {text}");
     }

@@ -96,3 +96,180 @@ fn a_flipped_bit_that_still_parses_is_caught_by_the_checksum() {
         run.stderr
     );
 }
+
+/// Every file under the state directory with its content, sorted.
+fn state_files(host: &Host) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![host.state.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let rel = e
+                .path()
+                .strip_prefix(host.state.path())
+                .unwrap()
+                .display()
+                .to_string();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+                out.push((format!("{rel}/"), Vec::new()));
+            } else {
+                out.push((rel, std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Rewrites the envelope of a state file as a newer driftless would
+/// (format 2; the checksum covers `data` only, so it still holds).
+fn bump_format(path: &std::path::Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains("\"driftless_state\": 1,"), "{text}");
+    std::fs::write(
+        path,
+        text.replacen("\"driftless_state\": 1,", "\"driftless_state\": 2,", 1),
+    )
+    .unwrap();
+}
+
+/// The single transaction directory of the state.
+fn only_tx(host: &Host) -> std::path::PathBuf {
+    let mut txs: Vec<_> = std::fs::read_dir(host.state.path().join("tx"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(txs.len(), 1, "{txs:?}");
+    txs.remove(0)
+}
+
+/// Asserts that a sync and `state repair` refuse the newer `file`, name it
+/// and the remedy, and change nothing: every state file and every file of
+/// the root stays byte-identical (nothing moved aside, rebuilt, rolled
+/// back or recorded).
+#[track_caller]
+fn refused_and_untouched(host: &Host, repo: &Repo, file: &std::path::Path) {
+    let state = state_files(host);
+    let tree = host.tree();
+    let run = host.sync(repo.path()).code(1);
+    let err = run
+        .stderr
+        .lines()
+        .rfind(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    for want in [
+        &file.display().to_string(),
+        "written by a newer driftless",
+        "format 2; this agent knows up to format 1",
+        "upgrade the agent",
+    ] {
+        assert!(
+            err.contains(want),
+            "{want:?} not in {err:?}\n{}",
+            run.stderr
+        );
+    }
+    assert!(!run.stderr.contains("corrupt"), "{}", run.stderr);
+    let check = host.run(repo.path(), &["state", "check"]).code(1);
+    assert!(
+        check.stdout.contains("upgrade the agent"),
+        "{}",
+        check.stdout
+    );
+    let repair = host.run(repo.path(), &["state", "repair"]);
+    assert_ne!(repair.code, 0, "{}", repair.stdout);
+    assert!(
+        repair.stderr.contains("written by a newer driftless"),
+        "{}",
+        repair.stderr
+    );
+    assert_eq!(state_files(host), state, "a state file changed");
+    assert_eq!(host.tree(), tree, "a managed file changed");
+}
+
+/// Step 0 of docs/design/resources.md: an inventory or a journal written
+/// by a newer driftless (envelope `driftless_state` 2) is refused, not
+/// moved aside and rebuilt as a corrupt one was: it may record what only
+/// the newer agent can undo.
+#[test]
+fn a_newer_format_inventory_is_refused_and_left_untouched() {
+    let repo = simple_repo(&[("/etc/a", "a\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let inv = host.state.path().join("inventory.json");
+    bump_format(&inv);
+    // A newer agent's commit leaves no quick record of this agent's.
+    std::fs::remove_file(host.state.path().join("quick.json")).ok();
+    refused_and_untouched(&host, &repo, &inv);
+    repo.write("roles/app/files/f0", "a v2\n");
+    repo.commit("v2");
+    refused_and_untouched(&host, &repo, &inv);
+}
+
+/// The committed transaction's journal (set aside as `tx-corrupt-*` when
+/// corrupt), the journal of an interrupted one and its intent are refused.
+#[test]
+fn a_newer_format_journal_or_intent_is_refused_and_left_untouched() {
+    // Committed.
+    let repo = simple_repo(&[("/etc/a", "a\n"), ("/etc/b", "b\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let journal = only_tx(&host).join("journal.json");
+    bump_format(&journal);
+    std::fs::remove_file(host.state.path().join("quick.json")).ok();
+    refused_and_untouched(&host, &repo, &journal);
+
+    // Interrupted after one switch operation (`journal.json`), and before
+    // the journal existed (`intent.json`).
+    for (point, file) in [
+        ("apply.switch:1", "journal.json"),
+        ("apply.staged", "intent.json"),
+    ] {
+        let repo = simple_repo(&[("/etc/a", "a\n"), ("/etc/b", "b\n")]);
+        let host = Host::new("h");
+        host.sync(repo.path()).ok();
+        let first = only_tx(&host);
+        repo.write("roles/app/files/f0", "a v2\n");
+        repo.write("roles/app/files/f1", "b v2\n");
+        repo.commit("v2");
+        let out = host
+            .cmd(repo.path(), &["sync", "--once"])
+            .env("DRIFTLESS_TEST_FAILPOINT", format!("{point}:kill"))
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{point}");
+        let tx = std::fs::read_dir(host.state.path().join("tx"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| *p != first)
+            .unwrap();
+        if file == "intent.json" {
+            assert!(!tx.join("journal.json").exists(), "{point}");
+        }
+        bump_format(&tx.join(file));
+        refused_and_untouched(&host, &repo, &tx.join(file));
+    }
+}
+
+/// Format 1 is still what a sync writes: an agent of before the format
+/// number (or after a downgrade) reads it.
+#[test]
+fn state_files_of_a_files_only_host_stay_format_1() {
+    let repo = simple_repo(&[("/etc/a", "a\n")]);
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    let tx = only_tx(&host);
+    for f in [
+        host.state.path().join("inventory.json"),
+        tx.join("journal.json"),
+    ] {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            text.contains("\n  \"driftless_state\": 1,\n"),
+            "{}: {text}",
+            f.display()
+        );
+    }
+}

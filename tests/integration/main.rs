@@ -14,6 +14,7 @@ mod crash;
 mod crash_windows;
 mod daemon;
 mod golden;
+mod hooks;
 mod hostile_templates;
 mod init;
 mod leak_catalogue;

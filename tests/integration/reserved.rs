@@ -41,7 +41,7 @@ fn refused(target: &str, extra: &str, needle: &str) {
     assert_eq!(host.tree(), before, "the host changed");
     let (code, text) = validate(repo.path(), &[]);
     assert_eq!(code, Some(3), "{text}");
-    for want in ["roles/app/role.toml files[0]", target, needle] {
+    for want in ["roles/app/role.toml:1 files[0]", target, needle] {
         assert!(text.contains(want), "validate: {want:?} not in {text}");
     }
 }
@@ -120,7 +120,7 @@ fn a_role_cannot_write_into_a_configured_state_dir_given_unnormalised() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
         for want in [
-            "roles/app/role.toml files[0]",
+            "roles/app/role.toml:1 files[0]",
             "/srv/state/marks.json",
             "/srv/state holds the agent's state (state_dir)",
         ] {
@@ -153,7 +153,7 @@ fn rollback_to_a_commit_claiming_the_floor_is_refused() {
         .run(repo.path(), &["rollback", "--to", &bad[..12]])
         .code(3);
     for want in [
-        "roles/app/role.toml files[0]",
+        "roles/app/role.toml:1 files[0]",
         "/etc/driftless/applied-commit.json",
         "reserved for the agent",
     ] {

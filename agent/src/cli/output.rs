@@ -95,7 +95,7 @@ pub fn print_plan(
                     v
                 })
                 .collect();
-            print_json(&json!({
+            let mut plan = json!({
                 "apiVersion": API_VERSION,
                 "kind": "Plan",
                 "spec": {
@@ -114,7 +114,20 @@ pub fn print_plan(
                     "unit_actions": p.plan.unit_actions,
                     "checks": p.plan.checks,
                 },
-            }))
+            });
+            // Only when there are hooks: a plan without them keeps its
+            // bytes for today's consumers.
+            if let (false, Some(status)) = (
+                p.plan.hooks.is_empty(),
+                plan.get_mut("status").and_then(|v| v.as_object_mut()),
+            ) {
+                status.insert("hooks".into(), json!(p.plan.hooks));
+                status.insert(
+                    "irreversible".into(),
+                    json!([{"what": "hooks", "why": "hooks are not undone"}]),
+                );
+            }
+            print_json(&plan)
         }
     }
 }

@@ -19,11 +19,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value as Json;
 
-use super::model::{CheckSpec, FileSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec};
+use super::model::{
+    CheckSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec,
+};
 use super::snapshot::Snapshot;
 use super::spec::{
-    parse_duration, validate_unit_name, Check, Mode, Principal, Probe, TargetPath, UnitAction,
-    UnitActionKind,
+    parse_duration, validate_unit_name, Check, Hook, HookRun, HookWhen, Mode, Principal, Probe,
+    TargetPath, UnitAction, UnitActionKind,
 };
 use super::toml_file;
 use super::Diagnostics;
@@ -70,7 +72,8 @@ pub struct FileDecl {
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
-    /// Where it was declared, for error messages: `roles/web/role.toml files[2]`.
+    /// Where it was declared, for error messages: `roles/web/role.toml:9 files[2]`
+    /// (the line of the entry's `[[files]]` table).
     pub origin: String,
 }
 
@@ -86,6 +89,8 @@ pub struct HostConfig {
     pub files: Vec<FileDecl>,
     pub checks: Vec<Check>,
     pub units: Vec<UnitSpec>,
+    /// Every declared hook, in role order, then declaration order.
+    pub hooks: Vec<Hook>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -167,29 +172,39 @@ pub fn load_host(
     let mut files: Vec<FileDecl> = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
     let mut units: Vec<UnitSpec> = Vec::new();
+    let mut hooks: Vec<Hook> = Vec::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
         let role_path = format!("roles/{role}/role.toml");
-        let role_file: RoleFile = match read_toml(snap, &role_path) {
+        let (role_file, role_text): (RoleFile, &str) = match read_toml_text(snap, &role_path) {
             Ok(Some(r)) => r,
-            Ok(None) => unreachable_role(&mut diags, &role_path),
+            Ok(None) => (unreachable_role(&mut diags, &role_path), ""),
             Err(e) => {
                 diags.push(e);
                 continue;
             }
         };
+        // `roles/a/role.toml:12 files[0]`: the line of the entry's table.
+        let at = |key: &str, i: usize, span: std::ops::Range<usize>| {
+            let (line, _) = toml_file::line_col(role_text, span.start);
+            format!("{role_path}:{line} {key}[{i}]")
+        };
         merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
-        let role_dir_mode = match role_file.dir_mode.as_deref().map(parse_dir_mode) {
+        let role_dir_mode = match &role_file.dir_mode {
             None => Mode::DEFAULT_DIR,
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                diags.push(format!("{role_path}: {e}"));
-                Mode::DEFAULT_DIR
-            }
+            Some(m) => match parse_dir_mode(m.get_ref()) {
+                Ok(m) => m,
+                Err(e) => {
+                    let (line, _) = toml_file::line_col(role_text, m.span().start);
+                    diags.push(format!("{role_path}:{line}: {e}"));
+                    Mode::DEFAULT_DIR
+                }
+            },
         };
         for (i, spec) in role_file.files.into_iter().enumerate() {
-            let origin = format!("{role_path} files[{i}]");
+            let origin = at("files", i, spec.span());
+            let spec = spec.into_inner();
             match file_decl(snap, role, &origin, spec, role_dir_mode, opts) {
                 Ok(decl) => {
                     if let Some(other) = claimed.get(&decl.path) {
@@ -206,7 +221,8 @@ pub fn load_host(
             }
         }
         for (i, spec) in role_file.units.into_iter().enumerate() {
-            let origin = format!("{role_path} units[{i}]");
+            let origin = at("units", i, spec.span());
+            let spec = spec.into_inner();
             if let Err(e) = validate_unit_name(&spec.name) {
                 diags.push(format!("{origin}: key `name`: {e}"));
                 continue;
@@ -222,9 +238,17 @@ pub fn load_host(
             units.push(spec);
         }
         for (i, spec) in role_file.checks.into_iter().enumerate() {
-            match check(role, spec) {
+            let origin = at("checks", i, spec.span());
+            match check(role, spec.into_inner()) {
                 Ok(c) => checks.push(c),
-                Err(e) => diags.push(format!("{role_path} checks[{i}]: {e}")),
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.hooks.into_iter().enumerate() {
+            let origin = at("hooks", i, spec.span());
+            match hook(role, &origin, spec.into_inner()) {
+                Ok(h) => hooks.push(h),
+                Err(e) => diags.push(format!("{origin}: {e}")),
             }
         }
     }
@@ -243,6 +267,7 @@ pub fn load_host(
         files,
         checks,
         units,
+        hooks,
     })
 }
 
@@ -508,6 +533,75 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
     })
 }
 
+/// The time limit of a hook without `timeout`.
+pub const DEFAULT_HOOK_TIMEOUT: &str = "30s";
+
+/// Validates a `[[hooks]]` entry. What needs the host (does the program
+/// exist, does the user) is the run's business, reported then.
+fn hook(role: &str, origin: &str, spec: HookSpec) -> Result<Hook, String> {
+    let when = match spec.when.as_str() {
+        "pre" => HookWhen::Pre,
+        "post" => HookWhen::Post,
+        other => {
+            return Err(format!(
+                "key `when`: {other:?} is neither \"pre\" (before the files switch) nor \"post\" (after the unit actions, before the checks)"
+            ))
+        }
+    };
+    let run = match spec.run.as_deref() {
+        None | Some("on-change") => HookRun::OnChange,
+        Some("always") => HookRun::Always,
+        Some(other) => {
+            return Err(format!(
+                "key `run`: {other:?} is neither \"on-change\" (when the role has changes) nor \"always\" (whenever anything changes)"
+            ))
+        }
+    };
+    let Some(program) = spec.argv.first() else {
+        return Err(
+            "key `argv` is empty: give the program (an absolute path) and its arguments".into(),
+        );
+    };
+    if !program.starts_with('/') {
+        return Err(format!(
+            "key `argv`: the program {program:?} must be an absolute path (hooks run without a shell and without a search path; write e.g. \"/usr/bin/{}\")",
+            program.rsplit('/').next().unwrap_or(program)
+        ));
+    }
+    if let Some(a) = spec.argv.iter().find(|a| a.contains('\0')) {
+        return Err(format!("key `argv`: {a:?} contains a NUL byte"));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(format!(
+                "key `env`: {k:?} is not an environment variable name (empty, or with '=' or NUL)"
+            ));
+        }
+        if v.contains('\0') {
+            return Err(format!("key `env.{k}`: the value contains a NUL byte"));
+        }
+    }
+    let timeout_text = spec.timeout.as_deref().unwrap_or(DEFAULT_HOOK_TIMEOUT);
+    let timeout = parse_duration(timeout_text).map_err(|e| format!("key `timeout`: {e}"))?;
+    if timeout.is_zero() {
+        return Err("key `timeout`: must be more than 0s".into());
+    }
+    let user = match spec.user {
+        None => None,
+        Some(u) => Some(principal(Some(u), "user")?),
+    };
+    Ok(Hook {
+        role: role.to_string(),
+        when,
+        argv: spec.argv,
+        user,
+        timeout,
+        env: spec.env,
+        run,
+        origin: origin.to_string(),
+    })
+}
+
 /// What can be checked without the host: the URL's scheme and that
 /// `ca_file` is an absolute path (whether it exists is the host's business,
 /// reported when the check runs).
@@ -542,13 +636,21 @@ fn read_toml<T: serde::de::DeserializeOwned>(
     snap: &Snapshot,
     path: &str,
 ) -> Result<Option<T>, String> {
+    read_toml_text(snap, path).map(|r| r.map(|(t, _)| t))
+}
+
+/// [`read_toml`], also returning the text (for the line of a span).
+fn read_toml_text<'s, T: serde::de::DeserializeOwned>(
+    snap: &'s Snapshot,
+    path: &str,
+) -> Result<Option<(T, &'s str)>, String> {
     let bytes = match snap.read(path) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
         Err(e) => return Err(format!("{e:#}")),
     };
     let text = std::str::from_utf8(bytes).map_err(|e| format!("{path}: not valid UTF-8: {e}"))?;
-    toml_file::parse(path, text).map(Some)
+    toml_file::parse(path, text).map(|t| Some((t, text)))
 }
 
 /// Converts TOML to JSON for the template context. Datetimes become strings.
@@ -670,9 +772,156 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("already managed by roles/a/role.toml files[0]"),
+            err.contains(
+                "roles/b/role.toml:1 files[0]: /etc/x is already managed by roles/a/role.toml:1 files[0]"
+            ),
             "{err}"
         );
+    }
+
+    /// Step 0 of docs/design/resources.md: a semantic error names the
+    /// line of its entry (the `[[files]]` header, or the inline table),
+    /// whatever comes before it: comments, blank lines, multi-line strings,
+    /// other kinds of entries.
+    #[test]
+    fn semantic_errors_name_the_line_of_their_entry() {
+        let role = concat!(
+            "# the app\n",                                 // 1
+            "description = \"\"\"\nmulti\nline\n\"\"\"\n", // 2-5
+            "\n",                                          // 6
+            "[[files]]\n",                                 // 7
+            "path = \"/etc/ok\"\n",                        // 8
+            "source = \"x\"\n",                            // 9
+            "\n",                                          // 10
+            "[[checks]]\n",                                // 11
+            "name = \"none\"\n",                           // 12
+            "\n",                                          // 13
+            "  [[files]]   # indented, with a comment\n",  // 14
+            "path = \"/etc/bad\"\n",                       // 15
+            "source = \"x\"\n",                            // 16
+            "mode = \"0999\"\n",                           // 17
+            "[[units]]\n",                                 // 18
+            "name = \"bad unit\"\n",                       // 19
+            "[[files]]\n",                                 // 20
+            "path = \"/etc/ok\"\n",                        // 21
+            "source = \"x\"\n",                            // 22
+        );
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", role),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        for want in [
+            "roles/a/role.toml:11 checks[0]: a check needs exactly one",
+            "roles/a/role.toml:14 files[1]: key `mode`",
+            "roles/a/role.toml:18 units[0]: key `name`",
+            "roles/a/role.toml:20 files[2]: /etc/ok is already managed by roles/a/role.toml:7 files[0]",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+
+        // Entries of an inline array name their own line.
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "files = [\n  { path = \"/etc/x\", source = \"x\" },\n  { path = \"rel\", source = \"x\" },\n]\n",
+            ),
+            ("roles/a/files/x", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        assert!(err.contains("roles/a/role.toml:3 files[1]: "), "{err}");
+    }
+
+    fn hooks_of(role: &str) -> Result<Vec<Hook>, String> {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\"]"),
+            ("hosts/default.toml", ""),
+            ("roles/a/role.toml", role),
+        ]);
+        load_host(&s, "h", &opts())
+            .map(|h| h.hooks)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hooks_parse_with_defaults() {
+        let hooks = hooks_of(
+            "[[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/true\"]\n\n[[hooks]]\nwhen = \"post\"\nargv = [\"/usr/local/bin/m\", \"a; b\"]\nuser = \"app\"\ntimeout = \"60s\"\nenv = { A = \"1\" }\nrun = \"always\"\n",
+        )
+        .unwrap();
+        assert_eq!(hooks.len(), 2);
+        assert_eq!(hooks[0].when, HookWhen::Pre);
+        assert_eq!(hooks[0].run, HookRun::OnChange);
+        assert_eq!(hooks[0].timeout, std::time::Duration::from_secs(30));
+        assert_eq!(hooks[0].user, None);
+        assert_eq!(hooks[0].origin, "roles/a/role.toml:1 hooks[0]");
+        assert_eq!(hooks[1].when, HookWhen::Post);
+        assert_eq!(hooks[1].run, HookRun::Always);
+        assert_eq!(hooks[1].argv, vec!["/usr/local/bin/m", "a; b"]);
+        assert_eq!(hooks[1].user, Some(Principal("app".into())));
+        assert_eq!(hooks[1].timeout, std::time::Duration::from_secs(60));
+        assert_eq!(hooks[1].env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(hooks[1].origin, "roles/a/role.toml:5 hooks[1]");
+    }
+
+    #[test]
+    fn bad_hooks_name_role_line_and_key() {
+        for (body, want) in [
+            (
+                "when = \"post\"\nargv = [\"rel\"]",
+                "hooks[0]: key `argv`: the program \"rel\" must be an absolute path",
+            ),
+            (
+                "when = \"post\"\nargv = []",
+                "hooks[0]: key `argv` is empty",
+            ),
+            (
+                "when = \"post\"\nargv = [\"/x\"]\ntimeout = \"x\"",
+                "hooks[0]: key `timeout`",
+            ),
+            (
+                "when = \"post\"\nargv = [\"/x\"]\ntimeout = \"0s\"",
+                "hooks[0]: key `timeout`: must be more than 0s",
+            ),
+            (
+                "when = \"later\"\nargv = [\"/x\"]",
+                "hooks[0]: key `when`: \"later\" is neither",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nrun = \"often\"",
+                "hooks[0]: key `run`: \"often\" is neither",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nuser = \"a b\"",
+                "hooks[0]: key `user`",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\"]\nenv = { \"A=B\" = \"1\" }",
+                "hooks[0]: key `env`",
+            ),
+            (
+                "when = \"pre\"\nargv = [\"/x\\u0000\"]",
+                "hooks[0]: key `argv`",
+            ),
+        ] {
+            let err = hooks_of(&format!("\n\n[[hooks]]\n{body}\n")).unwrap_err();
+            assert!(
+                err.contains(&format!("roles/a/role.toml:3 {want}")),
+                "{want:?} not in {err}"
+            );
+        }
+        let err =
+            hooks_of("[[hooks]]\nwhen = \"pre\"\nargv = [\"/x\"]\ncommand = \"x\"\n").unwrap_err();
+        assert!(
+            err.contains("roles/a/role.toml:4:1: unknown field `command`"),
+            "{err}"
+        );
+        let err = hooks_of("[[hooks]]\nargv = [\"/x\"]\n").unwrap_err();
+        assert!(err.contains("missing field `when`"), "{err}");
     }
 
     #[test]
@@ -721,11 +970,11 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("roles/a/role.toml units[1]: key `name`"),
+            err.contains("roles/a/role.toml:4 units[1]: key `name`"),
             "{err}"
         );
         assert!(err.contains("did you mean \"app.service\""), "{err}");
-        assert!(err.contains("roles/b/role.toml units[0]: unit app.service is already declared by roles/a/role.toml units[0]"), "{err}");
+        assert!(err.contains("roles/b/role.toml:1 units[0]: unit app.service is already declared by roles/a/role.toml:1 units[0]"), "{err}");
     }
 
     #[test]
@@ -737,7 +986,7 @@ mod tests {
         ]);
         let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
         assert!(
-            err.contains("roles/a/role.toml checks[0]: a check needs exactly one"),
+            err.contains("roles/a/role.toml:1 checks[0]: a check needs exactly one"),
             "{err}"
         );
     }
@@ -836,7 +1085,7 @@ mod tests {
         );
         let err = dir_mode(&format!("dir_mode = \"0644\"\n{file}")).unwrap_err();
         assert!(
-            err.contains("roles/a/role.toml: key `dir_mode`: 0644 does not give the owner rwx"),
+            err.contains("roles/a/role.toml:1: key `dir_mode`: 0644 does not give the owner rwx"),
             "{err}"
         );
     }
@@ -846,7 +1095,7 @@ mod tests {
         for mode in ["0777", "1755", "4755"] {
             let err = one_file("/etc/a/x", &format!("dir_mode = \"{mode}\"\n")).unwrap_err();
             assert!(
-                err.contains("roles/a/role.toml files[0]: key `dir_mode`")
+                err.contains("roles/a/role.toml:1 files[0]: key `dir_mode`")
                     && err.contains("setuid, sticky or world-writable"),
                 "{mode}: {err}"
             );
@@ -864,7 +1113,7 @@ mod tests {
         ] {
             let err = one_file(target, "").unwrap_err();
             for want in [
-                "roles/a/role.toml files[0]",
+                "roles/a/role.toml:1 files[0]",
                 target,
                 "reserved for the agent",
                 "/etc/driftless holds the agent's configuration",
@@ -891,7 +1140,7 @@ mod tests {
             ("6755", "setuid and setgid"),
         ] {
             let err = one_file("/etc/app", &format!("mode = \"{mode}\"\n")).unwrap_err();
-            assert!(err.contains("roles/a/role.toml files[0]"), "{err}");
+            assert!(err.contains("roles/a/role.toml:1 files[0]"), "{err}");
             assert!(err.contains(&format!("is {what};")), "{mode}: {err}");
             assert!(err.contains("allow_special_mode = true"), "{err}");
             let ok = one_file(

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 /// `driftless.toml` at the repository root (or configured sub-path).
 #[derive(Debug, Default, Deserialize)]
@@ -50,16 +51,22 @@ pub struct RoleFile {
     pub description: Option<String>,
     #[serde(default)]
     pub vars: toml::Table,
+    /// Each entry keeps its byte span in `role.toml`, so that a semantic
+    /// error can name its line (`roles/a/role.toml:12 files[0]`).
     #[serde(default)]
-    pub files: Vec<FileSpec>,
+    pub files: Vec<Spanned<FileSpec>>,
     #[serde(default)]
-    pub checks: Vec<CheckSpec>,
+    pub checks: Vec<Spanned<CheckSpec>>,
     #[serde(default)]
-    pub units: Vec<UnitSpec>,
+    pub units: Vec<Spanned<UnitSpec>>,
+    /// Commands run before the files switch (`pre`) or after the unit
+    /// actions (`post`) of a transaction.
+    #[serde(default)]
+    pub hooks: Vec<Spanned<HookSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
-    pub dir_mode: Option<String>,
+    pub dir_mode: Option<Spanned<String>>,
 }
 
 /// One `[[units]]` entry of a role: the state a systemd unit must be in.
@@ -206,4 +213,29 @@ pub struct UnitCheckSpec {
     /// How long the unit must stay active, e.g. "3s". Default "0s".
     #[serde(default)]
     pub settle: Option<String>,
+}
+
+/// One `[[hooks]]` entry of a role: a command run when a transaction
+/// changes the host, never through a shell. See `spec::Hook`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSpec {
+    /// "pre" (before the files switch) or "post" (after the unit actions,
+    /// before the checks).
+    pub when: String,
+    /// Program (an absolute path) and arguments.
+    pub argv: Vec<String>,
+    /// User name or numeric uid to run as. Default: the agent's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Time limit, e.g. "60s". Default "30s".
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// The hook's whole environment, besides a minimal `PATH`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// "on-change" (default: the role has changes in this transaction) or
+    /// "always" (whenever a transaction changes anything).
+    #[serde(default)]
+    pub run: Option<String>,
 }

@@ -77,6 +77,8 @@ pub struct Desired {
     pub checks: Vec<Check>,
     /// Units that must be enabled/disabled, started/stopped.
     pub units: Vec<UnitSpec>,
+    /// Declared hooks; the plan picks those a transaction runs.
+    pub hooks: Vec<crate::desired::spec::Hook>,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -431,6 +433,7 @@ impl Renderer {
             files,
             checks: host.checks.clone(),
             units: host.units.clone(),
+            hooks: host.hooks.clone(),
         })
     }
 

@@ -248,6 +248,100 @@ impl Probe {
     }
 }
 
+/// When a hook runs: `pre`, before the files of a transaction switch in;
+/// `post`, after the unit actions and before the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookWhen {
+    Pre,
+    Post,
+}
+
+impl std::fmt::Display for HookWhen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HookWhen::Pre => "pre",
+            HookWhen::Post => "post",
+        })
+    }
+}
+
+/// Which transactions run a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookRun {
+    /// Its role has a change (create, update or remove) in the transaction.
+    OnChange,
+    /// Every transaction (anything changes).
+    Always,
+}
+
+/// A validated `[[hooks]]` entry. A hook is a command with effects that
+/// driftless cannot see: it is never undone, and never re-run by crash
+/// recovery. Its argv and environment are literal strings from the
+/// repository (no templating); the environment's values are never shown in
+/// plans, logs or history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hook {
+    pub role: String,
+    pub when: HookWhen,
+    pub argv: Vec<String>,
+    /// Run as this user (name or uid); `None`: the agent's own user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<Principal>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// The environment besides `PATH`: only its names are serialised.
+    #[serde(serialize_with = "env_names")]
+    pub env: std::collections::BTreeMap<String, String>,
+    pub run: HookRun,
+    /// Where it was declared: `roles/app/role.toml:12 hooks[0]`.
+    pub origin: String,
+}
+
+impl Hook {
+    /// `pre roles/app: /usr/local/bin/app-migrate --check (user app, 60s)`.
+    pub fn describe(&self) -> String {
+        let mut extra = Vec::new();
+        if let Some(u) = &self.user {
+            extra.push(format!("user {}", u.0));
+        }
+        extra.push(humantime::format_duration(self.timeout).to_string());
+        if !self.env.is_empty() {
+            let names: Vec<&str> = self.env.keys().map(String::as_str).collect();
+            extra.push(format!("env {}", names.join(" ")));
+        }
+        let argv: Vec<String> = self.argv.iter().map(|a| shown_arg(a)).collect();
+        format!(
+            "{} roles/{}: {} ({})",
+            self.when,
+            self.role,
+            argv.join(" "),
+            extra.join(", ")
+        )
+    }
+}
+
+/// An argument as shown: plain when unambiguous, quoted otherwise (`x; y`
+/// is one argument, never a shell's two commands).
+fn shown_arg(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./=:,@%+-".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("{a:?}")
+    }
+}
+
+fn env_names<S: serde::Serializer>(
+    env: &std::collections::BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(env.keys())
+}
+
 /// Parses "5s", "250ms", "1m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -265,6 +359,33 @@ mod humantime_serde_compat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_shows_an_ambiguous_argument_quoted() {
+        let h = Hook {
+            role: "app".into(),
+            when: HookWhen::Post,
+            argv: vec![
+                "/usr/bin/m".into(),
+                "--to=v2".into(),
+                "x; y".into(),
+                "".into(),
+            ],
+            user: Some(Principal("app".into())),
+            timeout: Duration::from_secs(90),
+            env: [
+                ("B".to_string(), "secret".to_string()),
+                ("A".to_string(), "1".to_string()),
+            ]
+            .into(),
+            run: HookRun::OnChange,
+            origin: "roles/app/role.toml:1 hooks[0]".into(),
+        };
+        assert_eq!(
+            h.describe(),
+            "post roles/app: /usr/bin/m --to=v2 \"x; y\" \"\" (user app, 1m 30s, env A B)"
+        );
+    }
 
     #[test]
     fn target_path_rejects_relative_dotdot_and_empty_components() {

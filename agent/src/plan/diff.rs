@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use super::{ChangeKind, FileChange, Plan};
+use crate::desired::spec::HookWhen;
 
 /// ANSI colours, or none.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +40,16 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             plan.unchanged
         );
     }
+    let hook_lines = |out: &mut String, when: HookWhen| {
+        for h in plan.hooks.iter().filter(|h| h.when == when) {
+            let _ = writeln!(
+                out,
+                "{}",
+                style.paint("33", &format!("~ hook {}", h.describe()))
+            );
+        }
+    };
+    hook_lines(&mut out, HookWhen::Pre);
     for c in &plan.changes {
         let _ = writeln!(out, "{}", summary_line(c, style));
         if show_diff && c.content_changed && c.kind != ChangeKind::Adopt {
@@ -64,6 +75,7 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     for a in &plan.unit_actions {
         let _ = writeln!(out, "unit {} {}", a.action, a.unit);
     }
+    hook_lines(&mut out, HookWhen::Post);
     let checks: &[_] = if plan.changes.is_empty() {
         &[]
     } else {
@@ -71,6 +83,12 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     };
     for c in checks {
         let _ = writeln!(out, "check {} (role {})", c.name, c.role);
+    }
+    if !plan.hooks.is_empty() {
+        let _ = writeln!(
+            out,
+            "irreversible: hooks are not undone (a revert restores the files, not what a hook did)"
+        );
     }
     if !plan.ownership_applied {
         let _ = writeln!(

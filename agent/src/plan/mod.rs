@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::desired::render::{Desired, DesiredFile};
-use crate::desired::spec::{Check, Principal, TargetPath, UnitAction, UnitActionKind};
+use crate::desired::spec::{
+    Check, Hook, HookRun, Principal, TargetPath, UnitAction, UnitActionKind,
+};
 use crate::desired::Diagnostics;
 use inventory::{Inventory, ManagedEntry, Original};
 
@@ -157,6 +159,13 @@ pub struct Plan {
     pub checks: Vec<Check>,
     /// Declared unit states, converged on every sync on the live system.
     pub units: Vec<crate::desired::model::UnitSpec>,
+    /// The hooks this transaction runs (pre and post, in role order, then
+    /// declaration order): those of the roles with a change, and every
+    /// `run = "always"` one; none when nothing changes. They are not
+    /// changes: they only ride along with a transaction, and are never
+    /// undone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
     /// False when running unprivileged: owners were not compared and
     /// will not be applied.
     pub ownership_applied: bool,
@@ -381,6 +390,7 @@ pub fn plan(
     }
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let unit_actions = merge_actions(changes.iter().flat_map(|c| c.on_change.iter()));
+    let hooks = hooks_to_run(&desired.hooks, &changes);
     Ok(Plan {
         host: desired.host.clone(),
         commit: commit.map(str::to_string),
@@ -389,6 +399,7 @@ pub fn plan(
         unit_actions,
         checks: desired.checks.clone(),
         units: desired.units.clone(),
+        hooks,
         ownership_applied: ids.apply_ownership,
         next_inventory: next,
         self_contained: desired
@@ -400,6 +411,28 @@ pub fn plan(
         drifted: 0,
         secrets_decrypted: 0,
     })
+}
+
+/// The hooks a transaction of `changes` runs: none without a change;
+/// `always` ones; `on-change` ones of a role with a change that writes
+/// (an adoption writes nothing, so it does not count).
+pub fn hooks_to_run(hooks: &[Hook], changes: &[FileChange]) -> Vec<Hook> {
+    if changes.is_empty() {
+        return Vec::new();
+    }
+    let changed: std::collections::BTreeSet<&str> = changes
+        .iter()
+        .filter(|c| c.kind != ChangeKind::Adopt)
+        .map(|c| c.role.as_str())
+        .collect();
+    hooks
+        .iter()
+        .filter(|h| match h.run {
+            HookRun::Always => true,
+            HookRun::OnChange => changed.contains(h.role.as_str()),
+        })
+        .cloned()
+        .collect()
 }
 
 fn old_file(cur: &FileState, sha256: String) -> OldFile {

@@ -31,6 +31,7 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         files,
         checks: vec![],
         units: vec![],
+        hooks: vec![],
     }
 }
 
@@ -363,4 +364,49 @@ fn a_file_that_becomes_sensitive_shows_neither_side() {
     assert!(!json.contains(&sha256_hex(b"CANARY-new\n")), "{json}");
     let text = diff::content_diff(c, diff::Style { color: false });
     assert!(!text.contains("CANARY"), "{text}");
+}
+
+fn hook(role: &str, run: HookRun) -> Hook {
+    Hook {
+        role: role.into(),
+        when: crate::desired::spec::HookWhen::Post,
+        argv: vec![format!("/bin/{role}")],
+        user: None,
+        timeout: std::time::Duration::from_secs(30),
+        env: Default::default(),
+        run,
+        origin: format!("roles/{role}/role.toml:1 hooks[0]"),
+    }
+}
+
+/// `on-change` follows its role's writes (an adoption writes nothing),
+/// `always` any change; nothing runs without a change.
+#[test]
+fn hooks_ride_along_with_the_changes_of_their_role() {
+    let hooks = vec![
+        hook("r", HookRun::OnChange),
+        hook("other", HookRun::OnChange),
+        hook("other", HookRun::Always),
+    ];
+    let mut d = desired(vec![file("/etc/a", "new\n", 0o644)]);
+    d.hooks = hooks.clone();
+    let observed: Observed = [(tp("/etc/a"), on_disk("old\n", 0o644))].into();
+    let p = plan(&d, None, &observed, &Inventory::default(), &ids()).unwrap();
+    let roles: Vec<(&str, HookRun)> = p.hooks.iter().map(|h| (h.role.as_str(), h.run)).collect();
+    assert_eq!(
+        roles,
+        vec![("r", HookRun::OnChange), ("other", HookRun::Always)]
+    );
+
+    // Already as desired and managed: no change, no hook.
+    let applied = inventory_of(&p);
+    let observed: Observed = [(tp("/etc/a"), on_disk("new\n", 0o644))].into();
+    let p = plan(&d, None, &observed, &applied, &ids()).unwrap();
+    assert!(p.is_empty() && p.hooks.is_empty(), "{:?}", p.hooks);
+
+    // An adoption only: `always` rides along, `on-change` does not.
+    let p = plan(&d, None, &observed, &Inventory::default(), &ids()).unwrap();
+    assert_eq!(p.changes[0].kind, ChangeKind::Adopt);
+    let roles: Vec<&str> = p.hooks.iter().map(|h| h.role.as_str()).collect();
+    assert_eq!(roles, vec!["other"]);
 }

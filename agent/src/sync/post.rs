@@ -1,13 +1,16 @@
-//! After the commit point: daemon-reload, unit actions, health checks, and
-//! the revert when any of them fails.
+//! After the switch-in, before the commit point: daemon-reload, unit
+//! actions, post hooks, health checks (the caller reverts when any of them
+//! fails).
 
 use anyhow::{bail, Result};
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::desired::spec::HookWhen;
 use crate::effects::apply::journal::PostActions;
 use crate::effects::checks::{self, CheckResult};
 use crate::effects::failpoint;
+use crate::effects::hooks::{self, HookResult};
 use crate::effects::systemd::{is_unit_file, Systemd};
 use crate::plan::Plan;
 
@@ -17,22 +20,41 @@ pub struct PostReport {
     pub daemon_reload: bool,
     pub actions: Vec<String>,
     pub checks: Vec<CheckResult>,
+    /// The post hooks run, in order (a failing one is the last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<HookResult>,
     /// Set when this stage failed: why.
     pub failure: Option<String>,
 }
 
-/// Runs the plan's systemd side and its checks. Unit actions need the live
-/// system (`root = "/"`); checks run there, or under a prefix with
-/// `run_checks`. Returns the report; `failure` is set if anything failed.
-pub async fn run(settings: &Settings, plan: &Plan) -> PostReport {
+/// Which run of the post stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// After the transaction switched in: unit actions, post hooks, checks.
+    Apply,
+    /// After a revert, for the restored files: unit actions and checks,
+    /// never the hooks (they are not undone, nor re-run).
+    Restored,
+}
+
+/// Runs the plan's systemd side, its post hooks and its checks. Unit
+/// actions need the live system (`root = "/"`); hooks and checks run
+/// there, or under a prefix with `run_checks`. Returns the report;
+/// `failure` is set if anything failed.
+pub async fn run(settings: &Settings, plan: &Plan, stage: Stage) -> PostReport {
     let mut report = PostReport::default();
-    if let Err(e) = run_inner(settings, plan, &mut report).await {
+    if let Err(e) = run_inner(settings, plan, stage, &mut report).await {
         report.failure = Some(format!("{e:#}"));
     }
     report
 }
 
-async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) -> Result<()> {
+async fn run_inner(
+    settings: &Settings,
+    plan: &Plan,
+    stage: Stage,
+    report: &mut PostReport,
+) -> Result<()> {
     let unit_files = plan.changes.iter().any(|c| is_unit_file(c.path.as_str()));
     let needs_units = unit_files
         || !plan.units.is_empty()
@@ -55,6 +77,13 @@ async fn run_inner(settings: &Settings, plan: &Plan, report: &mut PostReport) ->
             unit_actions: plan.unit_actions.clone(),
         };
         tell(sd, &actions, report).await?;
+    }
+    if stage == Stage::Apply {
+        if settings.run_checks {
+            hooks::run(&plan.hooks, HookWhen::Post, &mut report.hooks).await?;
+        } else {
+            hooks::skipped(&plan.hooks, HookWhen::Post);
+        }
     }
     if settings.run_checks && !plan.checks.is_empty() {
         failpoint::hit("post.checks")?;

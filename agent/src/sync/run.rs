@@ -542,6 +542,29 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     for c in &plan.changes {
         tracing::debug!(path = %c.path, change = ?c.kind, "planned");
     }
+    // Pre hooks: before anything of the transaction is written. A failing
+    // one stops the sync with nothing applied; the commit is not marked
+    // bad (nothing of it was tried yet, and what failed may be the host's
+    // moment: the next poll tries again, pre hooks first).
+    if settings.run_checks {
+        let mut ran = Vec::new();
+        let pre = rt.block_on(crate::effects::hooks::run(
+            &plan.hooks,
+            crate::desired::spec::HookWhen::Pre,
+            &mut ran,
+        ));
+        if let Err(e) = pre {
+            return Err(Error::new(
+                Failure::Failed,
+                e.context(format!(
+                    "commit {} not applied: a pre hook failed, nothing was changed",
+                    short(&commit)
+                )),
+            ));
+        }
+    } else {
+        crate::effects::hooks::skipped(&plan.hooks, crate::desired::spec::HookWhen::Pre);
+    }
     let applied = apply::apply(fs, state, &plan, ownership_applied(), now, &opts.apply)
         .kind(Failure::Failed)?;
     info!(
@@ -554,7 +577,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         "switched in; running unit actions and checks"
     );
     let timing = timings::stage("post");
-    let post = rt.block_on(post::run(settings, &plan));
+    let post = rt.block_on(post::run(settings, &plan, post::Stage::Apply));
     drop(timing);
     pass.checks_failing = Some(post.checks.iter().filter(|c| !c.ok).count());
     tracing::debug!(
@@ -628,7 +651,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     let after = match reverted {
         Ok(()) => {
             info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
-            let again = rt.block_on(post::run(settings, &plan));
+            let again = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
             pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
             again.failure
         }

@@ -16,6 +16,12 @@
 //!   and guessing would re-apply one. The message names the command.
 //! - **The anti-rollback floor** is never guessed: the run refuses and
 //!   says how to resolve it (see [`crate::effects::state::floor::load`]).
+//! - **A file of a newer format** (written by a newer driftless, see
+//!   [`crate::effects::state::NewerFormat`]) is not corrupt: it may record
+//!   what only that agent can undo. Nothing is repaired then, not even the
+//!   other files: the run refuses, naming the file, and leaves the state
+//!   directory as it is until the agent is upgraded. (The interrupted
+//!   transactions' journals are refused the same way by `apply::recover`.)
 //!
 //! `driftless state check` reports all of this without changing anything;
 //! `driftless state repair` does the repair now (every run also does it
@@ -26,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::marks::{self, Halt, Marks};
-use crate::effects::state::{floor, read_json, StateDir};
+use crate::effects::state::{floor, is_newer_format, read_json, StateDir};
 use crate::plan::inventory::Inventory;
 
 /// One state file and what is (or would be) done about it.
@@ -37,12 +43,27 @@ pub struct Finding {
     pub problem: String,
     /// What repair does (or did).
     pub remedy: String,
+    /// Written by a newer driftless: repair refuses to touch anything.
+    #[serde(skip)]
+    pub newer: bool,
 }
 
-fn corrupt<T: serde::de::DeserializeOwned>(path: &Path) -> Option<String> {
-    match read_json::<T>(path) {
-        Ok(_) => None,
-        Err(e) => Some(format!("{e:#}")),
+/// What a newer-format file gets instead of a repair.
+const REFUSED_NEWER: &str = "not repaired (neither moved aside nor rebuilt): it was written by a newer driftless and may record what only that version can undo; upgrade the agent";
+
+fn corrupt<T: serde::de::DeserializeOwned>(path: &Path) -> Option<anyhow::Error> {
+    read_json::<T>(path).err()
+}
+
+/// A finding for `file`, whose problem is `e`, repaired by `remedy`
+/// unless `e` is a newer format.
+fn finding(file: PathBuf, e: &anyhow::Error, remedy: &str) -> Finding {
+    let newer = is_newer_format(e);
+    Finding {
+        file,
+        problem: format!("{e:#}"),
+        remedy: if newer { REFUSED_NEWER } else { remedy }.to_string(),
+        newer,
     }
 }
 
@@ -55,31 +76,28 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
         state.last_run_path(),
         corrupt::<serde_json::Value>(&state.last_run_path()),
     )] {
-        if let Some(problem) = problem {
-            out.push(Finding {
-                file: path,
-                problem,
-                remedy: "a cache: deleted and rebuilt by the next run".into(),
-            });
+        if let Some(e) = problem {
+            out.push(finding(
+                path,
+                &e,
+                "a cache: deleted and rebuilt by the next run",
+            ));
         }
     }
     let inv = state.inventory_path();
-    if let Some(problem) =
-        corrupt::<Inventory>(&inv).or_else(|| state.inventory().err().map(|e| format!("{e:#}")))
-    {
-        out.push(Finding {
-            file: inv,
-            problem,
-            remedy: "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)".into(),
-        });
+    if let Some(e) = corrupt::<Inventory>(&inv).or_else(|| state.inventory().err()) {
+        out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
     }
     let m = state.path().join("marks.json");
-    if let Some(problem) = corrupt::<Marks>(&m) {
-        out.push(Finding {
-            file: m,
-            problem,
-            remedy: "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`".into(),
-        });
+    if let Some(e) = corrupt::<Marks>(&m) {
+        out.push(finding(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`"));
+    }
+    // Transactions' journals are recovery's business (`apply::recover`),
+    // which refuses a newer one: listed here so that `state check` says so.
+    for journal in transaction_files(state) {
+        if let Some(e) = corrupt::<serde_json::Value>(&journal).filter(is_newer_format) {
+            out.push(finding(journal, &e, ""));
+        }
     }
     let f = floor::path(root);
     if let Err(e) = floor::load(root) {
@@ -90,15 +108,38 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
                 "not repaired automatically (guessing would allow a downgrade): restore it from a backup, or `rm {}` to accept the next commit that descends from the applied one",
                 f.display()
             ),
+            newer: false,
         });
     }
     out
 }
 
+/// `journal.json` and `intent.json` of every transaction directory.
+fn transaction_files(state: &StateDir) -> Vec<PathBuf> {
+    let Ok(dirs) = std::fs::read_dir(state.tx_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = dirs
+        .flatten()
+        .flat_map(|d| ["journal.json", "intent.json"].map(|f| d.path().join(f)))
+        .filter(|p| p.exists())
+        .collect();
+    out.sort();
+    out
+}
+
 /// Repairs what can be repaired (see the module docs). Call under the
-/// lock. Returns what was done; the floor is left to the operator.
+/// lock. Returns what was done; the floor is left to the operator. A file
+/// of a newer format fails the repair before anything is touched.
 pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Finding>> {
     let findings = check(state, root);
+    if let Some(f) = findings.iter().find(|f| f.newer) {
+        anyhow::bail!(
+            "{} (the state directory {} was left as it is)",
+            f.problem,
+            state.path().display()
+        );
+    }
     for f in &findings {
         let name = f
             .file
@@ -188,6 +229,32 @@ mod tests {
         assert!(s.inventory().unwrap().files.is_empty());
         assert!(!s.last_run_path().exists());
         assert!(check(&s, root.path()).is_empty());
+    }
+
+    /// A newer agent's inventory is not corrupt: refused, never moved
+    /// aside, and nothing else is repaired either.
+    #[test]
+    fn a_newer_format_is_refused_and_nothing_is_touched() {
+        for (envelope, version) in [(2, 1), (1, 2)] {
+            let (_d, s, root) = state();
+            let data = serde_json::json!({"version": version, "commit": "c", "files": {}});
+            let inv = serde_json::to_vec(&serde_json::json!({
+                "driftless_state": envelope,
+                "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(serde_json::to_vec(&data).unwrap())),
+                "data": data,
+            }))
+            .unwrap();
+            std::fs::write(s.inventory_path(), &inv).unwrap();
+            std::fs::write(s.last_run_path(), "{").unwrap();
+            let found = check(&s, root.path());
+            let f = found.iter().find(|f| f.file == s.inventory_path()).unwrap();
+            assert!(f.newer && f.remedy.contains("upgrade the agent"), "{f:?}");
+            let err = format!("{:#}", repair(&s, root.path(), 7).unwrap_err());
+            assert!(err.contains("written by a newer driftless"), "{err}");
+            assert_eq!(std::fs::read(s.inventory_path()).unwrap(), inv);
+            assert_eq!(std::fs::read(s.last_run_path()).unwrap(), b"{");
+            assert!(!s.path().join("inventory.json.corrupt-7").exists());
+        }
     }
 
     #[test]

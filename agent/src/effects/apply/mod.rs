@@ -227,7 +227,8 @@ pub fn apply(
         journal.post = Some(post_actions(plan));
         // The journal's temp file; renamed to `journal.json` after flush (1).
         let tx_fd = open_dir_path(&tx_dir)?;
-        let bytes = crate::effects::state::encode_state(&journal)?;
+        let bytes =
+            crate::effects::state::encode_state(&journal, crate::effects::state::STATE_FORMAT)?;
         let (tmp, _) = crate::effects::rootfs::write_temp_in(&tx_fd, JOURNAL, &bytes, 0o600)
             .with_context(|| format!("cannot write the journal in {}", tx_dir.display()))?;
         Ok((tx_fd, tmp))
@@ -353,7 +354,7 @@ fn write_commit_record(
         return write_json_atomic(&state.inventory_path(), inv);
     };
     let state_fd = open_dir_path(state.path())?;
-    let bytes = crate::effects::state::encode_state(inv)?;
+    let bytes = crate::effects::state::encode_state(inv, crate::effects::state::STATE_FORMAT)?;
     let (tmp, _) = crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
         .with_context(|| format!("cannot write {}", state.inventory_path().display()))?;
     let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {
@@ -419,6 +420,9 @@ pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
         // docs).
         return Ok(match read_json::<Journal>(&tx_dir.join(INTENT)) {
             Ok(j) => j,
+            // A newer agent's intent may name what this one cannot undo:
+            // refused, never treated as torn.
+            Err(e) if crate::effects::state::is_newer_format(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(
                     "the intent of an interrupted transaction in {} is unreadable ({e:#}); no target was touched, but files staged as `.driftless-*` next to targets may be left",
@@ -940,6 +944,14 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
     for (txid, path) in list_transactions(state)? {
         let journal = match load_journal(&path) {
             Ok(j) => j,
+            // A newer agent's journal is never set aside, even the
+            // committed one: it may record what only that agent can undo.
+            Err(e) if crate::effects::state::is_newer_format(&e) => {
+                return Err(e.context(format!(
+                    "cannot recover: the transaction {txid} in {} was written by a newer driftless",
+                    path.display()
+                )))
+            }
             // The committed transaction only serves a later revert: set it
             // aside and go on (issue 12 §6: it stopped the agent forever).
             Err(e) if inv.txid == txid => {

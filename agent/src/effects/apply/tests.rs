@@ -56,6 +56,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
             .collect(),
         checks: vec![],
         units: vec![],
+        hooks: vec![],
     }
 }
 

@@ -6,7 +6,10 @@
 //! no wall-clock time.
 //!
 //! `command` runs the program directly (no shell): write
-//! `argv = ["/bin/sh", "-c", "..."]` to ask for one.
+//! `argv = ["/bin/sh", "-c", "..."]` to ask for one. It inherits the
+//! agent's environment and runs in a process group of its own, killed as
+//! a whole when an attempt times out (`effects::process`, shared with
+//! hooks).
 
 use std::time::Duration;
 
@@ -103,25 +106,19 @@ async fn tcp(t: &TcpCheckSpec) -> Result<()> {
     Ok(())
 }
 
+/// Runs the program (see `effects::process`: no shell, its own process
+/// group, killed with it when the attempt's timeout drops this future).
 async fn command(c: &CommandCheckSpec) -> Result<()> {
-    let (prog, args) = c.argv.split_first().context("empty argv")?;
-    let out = tokio::process::Command::new(prog)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("cannot run {prog}"))?;
-    let code = out.status.code();
+    let done = crate::effects::process::run(&crate::effects::process::Invocation {
+        argv: &c.argv,
+        env: None,
+        user: None,
+        timeout: None,
+    })
+    .await?;
+    let code = done.status.and_then(|s| s.code());
     if code != Some(c.exit_code) {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
+        let tail = done.stderr.last_line(200);
         bail!(
             "{} exited with {}, expected {}{}",
             c.argv.join(" "),

@@ -117,7 +117,7 @@ pub fn load(root: &Path) -> Result<Option<Floor>> {
 /// through a handle on the root as [`load`] reads it.
 pub fn save(root: &Path, floor: &Floor) -> Result<()> {
     let p = path(root);
-    let bytes = super::encode_state(floor)?;
+    let bytes = super::encode_state(floor, super::STATE_FORMAT)?;
     let fs = RootFs::open(root)?;
     let dir_target =
         TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;
@@ -175,7 +175,7 @@ impl Drop for Pending {
 /// handle on the root as [`save`]), without a barrier or a rename.
 pub fn stage(root: &Path, floor: &Floor) -> Result<Pending> {
     let p = path(root);
-    let bytes = super::encode_state(floor)?;
+    let bytes = super::encode_state(floor, super::STATE_FORMAT)?;
     let fs = RootFs::open(root)?;
     let dir_target =
         TargetPath::parse(&format!("/{}", FLOOR_DIR)).map_err(|e| anyhow::anyhow!(e))?;

@@ -18,7 +18,13 @@
 //! Every JSON state file (and the anti-rollback record) is an envelope
 //! `{"driftless_state": 1, "sha256": …, "data": …}`: versioned, and
 //! checksummed so that a flipped bit that still parses is caught (see
-//! [`encode_state`]). What can be rebuilt is rebuilt (`sync::state_repair`).
+//! [`encode_state`]). What can be rebuilt is rebuilt (`sync::state_repair`),
+//! except a file of a *newer* format than this binary knows
+//! ([`NewerFormat`]): a newer agent may have recorded in it what this one
+//! cannot undo (an installed package, a created user), so it is refused,
+//! never moved aside or rebuilt. A state that holds only files is written
+//! as format 1, byte for byte what older agents wrote, so a downgrade
+//! stays possible while nothing else is managed.
 
 pub mod floor;
 pub mod history;
@@ -48,6 +54,27 @@ pub struct LockGuard {
     _lock: Flock<File>,
     /// How long another run's lock was waited for (`None`: it was free).
     pub waited: Option<Duration>,
+}
+
+/// A state file written by a newer driftless: its envelope (or the
+/// inventory's own `version`) is a format this binary does not know. Such
+/// a file is never read, moved aside or rebuilt (see the module docs).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "written by a newer driftless ({what} format {format}; this agent knows up to format {known}): \
+     upgrade the agent, or, to downgrade on purpose, move the file away yourself and accept that \
+     what it records is forgotten; this agent leaves it untouched"
+)]
+pub struct NewerFormat {
+    /// `state` (the envelope) or `inventory`.
+    pub what: &'static str,
+    pub format: u64,
+    pub known: u64,
+}
+
+/// Whether `e` (or one of its causes) is a [`NewerFormat`].
+pub fn is_newer_format(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<NewerFormat>().is_some())
 }
 
 /// Why a lock could not be taken.
@@ -175,6 +202,14 @@ impl StateDir {
     pub fn inventory(&self) -> Result<Inventory> {
         match read_json::<Inventory>(&self.inventory_path())? {
             Some(inv) => {
+                if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
+                    return Err(anyhow::Error::new(NewerFormat {
+                        what: "inventory",
+                        format: inv.version.into(),
+                        known: INVENTORY_VERSION.into(),
+                    })
+                    .context(self.inventory_path().display().to_string()));
+                }
                 if inv.version != INVENTORY_VERSION {
                     bail!(
                         "{}: inventory format {} is not supported by this driftless (expects {INVENTORY_VERSION}); was the agent downgraded?",
@@ -246,26 +281,39 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    decode_state(&bytes)
-        .map(Some)
-        .with_context(|| format!("{} is corrupt", path.display()))
+    match decode_state(&bytes) {
+        Ok(v) => Ok(Some(v)),
+        // It says what it is; "corrupt" would send the reader astray.
+        Err(e) if is_newer_format(&e) => Err(e.context(path.display().to_string())),
+        Err(e) => Err(e.context(format!("{} is corrupt", path.display()))),
+    }
 }
 
-/// Format version of the state envelope (`driftless_state`).
+/// Format of the state envelope (`driftless_state`) of a state that holds
+/// only files: what every driftless so far wrote, and still writes.
 pub const STATE_FORMAT: u64 = 1;
 
-/// A state file's bytes: `{"driftless_state": 1, "sha256": H, "data": V}`,
-/// where H is the sha256 of V's compact JSON. A parse error catches a
-/// torn file; the checksum catches what still parses (a flipped bit in a
-/// commit id would otherwise be believed).
-pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+/// The newest envelope format this binary reads. A larger one is a
+/// [`NewerFormat`], refused.
+pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT;
+
+/// A state file's bytes: `{"driftless_state": F, "sha256": H, "data": V}`,
+/// where F is `format` (1, [`STATE_FORMAT`], unless the state holds
+/// something an older agent could not undo) and H is the sha256 of V's
+/// compact JSON. A parse error catches a torn file; the checksum catches
+/// what still parses (a flipped bit in a commit id would otherwise be
+/// believed).
+pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     use sha2::Digest;
+    if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
+        bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
+    }
     let data = serde_json::to_value(value).context("cannot serialise state")?;
     let sum = hex::encode(sha2::Sha256::digest(
         serde_json::to_vec(&data).context("cannot serialise state")?,
     ));
     serde_json::to_vec_pretty(&serde_json::json!({
-        "driftless_state": STATE_FORMAT,
+        "driftless_state": format,
         "sha256": sum,
         "data": data,
     }))
@@ -280,8 +328,16 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let Some(format) = value.get("driftless_state") else {
         return serde_json::from_value(value).context("not what this file holds");
     };
-    if format.as_u64() != Some(STATE_FORMAT) {
-        bail!("state format {format} is not supported by this driftless (expects {STATE_FORMAT}); was the agent downgraded?");
+    match format.as_u64() {
+        Some(f) if (STATE_FORMAT..=STATE_FORMAT_MAX).contains(&f) => {}
+        Some(f) if f > STATE_FORMAT_MAX => {
+            return Err(anyhow::Error::new(NewerFormat {
+                what: "state",
+                format: f,
+                known: STATE_FORMAT_MAX,
+            }));
+        }
+        _ => bail!("state format {format} is not supported by this driftless (it reads {STATE_FORMAT} to {STATE_FORMAT_MAX})"),
     }
     let sum = value
         .get("sha256")
@@ -302,7 +358,7 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 /// Replaces `path` atomically and durably with `value` as JSON: write a
 /// temp file, fsync it, rename it over, fsync the directory.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    write_atomic(path, &encode_state(value)?)
+    write_atomic(path, &encode_state(value, STATE_FORMAT)?)
 }
 
 /// Replaces `path` atomically but not durably: readers see the old or the
@@ -310,7 +366,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// files that are rewritten on every poll (two fsyncs per idle poll would
 /// be most of its cost, for nothing the next poll does not rewrite).
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    replace(path, &encode_state(value)?, Durability::None)
+    replace(path, &encode_state(value, STATE_FORMAT)?, Durability::None)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -471,7 +527,38 @@ mod temp_tests {
         std::fs::write(&p, serde_json::to_vec(&value).unwrap()).unwrap();
         assert_eq!(read_json::<serde_json::Value>(&p).unwrap(), Some(value));
         std::fs::write(&p, r#"{"driftless_state": 2, "sha256": "", "data": {}}"#).unwrap();
-        let err = format!("{:#}", read_json::<serde_json::Value>(&p).unwrap_err());
-        assert!(err.contains("state format 2"), "{err}");
+        let err = read_json::<serde_json::Value>(&p).unwrap_err();
+        assert!(is_newer_format(&err), "{err:#}");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("x.json: written by a newer driftless (state format 2; this agent knows up to format 1)")
+                && err.contains("upgrade the agent")
+                && !err.contains("corrupt"),
+            "{err}"
+        );
+        std::fs::write(&p, r#"{"driftless_state": 0, "sha256": "", "data": {}}"#).unwrap();
+        let err = read_json::<serde_json::Value>(&p).unwrap_err();
+        assert!(!is_newer_format(&err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("state format 0 is not supported"),
+            "{err:#}"
+        );
+    }
+
+    /// Format 1 is what every agent so far wrote: the same bytes.
+    #[test]
+    fn format_1_is_the_envelope_older_agents_wrote_and_others_are_refused() {
+        let v = serde_json::json!({"b": [1, 2], "a": "x"});
+        let bytes = encode_state(&v, STATE_FORMAT).unwrap();
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            br#"{"a":"x","b":[1,2]}"#,
+        ));
+        // Exactly what the encoder wrote before it took a format number.
+        let want = format!(
+            "{{\n  \"data\": {{\n    \"a\": \"x\",\n    \"b\": [\n      1,\n      2\n    ]\n  }},\n  \"driftless_state\": 1,\n  \"sha256\": \"{sum}\"\n}}"
+        );
+        assert_eq!(String::from_utf8(bytes).unwrap(), want);
+        assert!(encode_state(&v, 0).is_err());
+        assert!(encode_state(&v, STATE_FORMAT_MAX + 1).is_err());
     }
 }
