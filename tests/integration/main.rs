@@ -13,6 +13,7 @@ mod corrupt_state;
 mod crash;
 mod crash_windows;
 mod daemon;
+mod fleet;
 mod golden;
 mod hostile_templates;
 mod init;
