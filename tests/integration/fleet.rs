@@ -152,9 +152,8 @@ impl Etcd {
                 else {
                     break;
                 };
-                if let Some(h) = resp.header() {
-                    seen = seen.max(h.revision());
-                }
+                // (Not the header's revision: the response that creates the
+                // watch carries the current one, before any event.)
                 for e in resp.events() {
                     let Some(kv) = e.kv() else { continue };
                     out.push((
