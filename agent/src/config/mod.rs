@@ -754,6 +754,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "etcd")]
     #[test]
     fn fleet_is_validated_and_absent_by_default() {
         let with = |text: &str| {
@@ -801,6 +802,18 @@ mod tests {
         assert!(
             err.contains("agent.toml:2:1") && err.contains("did you mean `endpoints`?"),
             "{err}"
+        );
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn fleet_is_refused_without_the_etcd_feature() {
+        let mut f: Fragment = toml::from_str("[fleet]\nendpoints = [\"e:1\"]\n").unwrap();
+        f.host = Some("h".into());
+        let e = format!("{:#}", validate(f, Vec::new()).unwrap_err());
+        assert!(
+            e.starts_with("fleet: this driftless was built without etcd support"),
+            "{e}"
         );
     }
 

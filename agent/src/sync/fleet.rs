@@ -14,15 +14,13 @@
 //!
 //! Without `[fleet]` nothing here runs: no connection, no change.
 
-use std::time::Duration;
-
 use tracing::{info, warn};
 
-use super::run::{Pass, Reverted};
+use super::run::Pass;
 use super::{Head, Report};
 use crate::config::{FleetSettings, OnUnreachable};
 use crate::effects::fetch;
-use crate::effects::fleet::{HostStatus, Waiting};
+use crate::effects::fleet::Waiting;
 use crate::exit::{Error, Failure};
 use crate::plan::diff::short;
 use crate::rollout::{self, Decision, Policy};
@@ -44,7 +42,8 @@ pub(super) struct FleetRun {
     #[cfg(feature = "etcd")]
     permit: Option<crate::effects::fleet::Permit>,
     /// This host's previous status (for `since`).
-    prev: Option<HostStatus>,
+    #[cfg(feature = "etcd")]
+    prev: Option<crate::effects::fleet::HostStatus>,
     held: Option<Waiting>,
     /// The store did not answer (logged once per run).
     unreachable: bool,
@@ -78,7 +77,8 @@ fn policy_of(pass: &Pass, head: &Head) -> Result<Policy, Error> {
 }
 
 /// How long a status entry outlives its host: three polls.
-fn status_ttl(settings: &crate::config::Settings, fleet: &FleetSettings) -> Duration {
+#[cfg(feature = "etcd")]
+fn status_ttl(settings: &crate::config::Settings, fleet: &FleetSettings) -> std::time::Duration {
     (settings.interval * 3 + settings.splay).max(fleet.lease_ttl)
 }
 
@@ -235,12 +235,13 @@ impl FleetRun {
         }
     }
 
+    #[cfg(feature = "etcd")]
     fn status(
         &self,
         pass: &Pass,
         fleet: &FleetSettings,
         result: &Result<Report, Error>,
-    ) -> HostStatus {
+    ) -> crate::effects::fleet::HostStatus {
         let settings = pass.settings;
         let commit = pass.state.inventory().ok().and_then(|i| i.commit);
         let prev = self.prev.as_ref();
@@ -267,14 +268,16 @@ impl FleetRun {
                     ("unchanged", kept_since.or(Some(pass.now)))
                 }
             }
-            Err(e) if e.error.downcast_ref::<Reverted>().is_some() => ("reverted", kept_since),
+            Err(e) if e.error.downcast_ref::<super::run::Reverted>().is_some() => {
+                ("reverted", kept_since)
+            }
             Err(_) => ("failed", kept_since),
         };
         let healthy = match pass.checks_failing {
             Some(n) => n == 0 && failing.is_empty(),
             None => prev.is_none_or(|p| p.healthy),
         };
-        HostStatus {
+        crate::effects::fleet::HostStatus {
             host: settings.host.clone(),
             group: fleet.group.clone(),
             labels: fleet.labels.clone(),
@@ -303,7 +306,7 @@ impl FleetRun {
         let settings = pass.settings;
         let ttl = status_ttl(settings, fleet);
         let reverted = match result {
-            Err(e) => e.error.downcast_ref::<Reverted>(),
+            Err(e) => e.error.downcast_ref::<super::run::Reverted>(),
             Ok(_) => None,
         };
         let mut store = self.store.take();

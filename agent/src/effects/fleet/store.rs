@@ -55,7 +55,7 @@ impl Store {
     }
 
     fn ctx(&self, what: &str) -> String {
-        format!("etcd at {}: {what}", self.endpoints)
+        format!("etcd at {} ([fleet] endpoints): {what}", self.endpoints)
     }
 
     /// Every key of the fleet: statuses, bad marks, permits, policies.
