@@ -206,9 +206,9 @@ pub fn decide(
                 ),
             };
         }
-        let ready = p
-            .healthy_enough_at
-            .map_or(i64::MAX, |t| t.saturating_add(w.bake as i64));
+        let ready = p.healthy_enough_at.map_or(i64::MAX, |t| {
+            t.saturating_add(i64::try_from(w.bake).unwrap_or(i64::MAX))
+        });
         if now < ready {
             return Decision::Wait {
                 wave,
