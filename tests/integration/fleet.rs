@@ -21,14 +21,38 @@ use crate::support::*;
 /// killed when dropped.
 struct Etcd {
     child: Child,
-    _dir: tempfile::TempDir,
+    bin: &'static str,
+    dir: tempfile::TempDir,
     endpoint: String,
+    peer_url: String,
     rt: tokio::runtime::Runtime,
 }
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+fn spawn_etcd(bin: &str, dir: &Path, endpoint: &str, peer_url: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    Command::new(bin)
+        .arg("--name=t")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={endpoint}"))
+        .arg(format!("--advertise-client-urls={endpoint}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=t={peer_url}"))
+        .arg("--logger=zap")
+        .arg("--log-level=error")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 impl Etcd {
@@ -42,47 +66,52 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("--name=t")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=t={peer_url}"))
-            .arg("--logger=zap")
-            .arg("--log-level=error")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn_etcd(bin, dir.path(), &endpoint, &peer_url);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let etcd = Etcd {
             child,
-            _dir: dir,
+            bin,
+            dir,
             endpoint,
+            peer_url,
             rt,
         };
+        etcd.wait_ready();
+        Some(etcd)
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ok = etcd.rt.block_on(async {
-                let mut c = Client::connect([etcd.endpoint.as_str()], None).await.ok()?;
+            let ok = self.rt.block_on(async {
+                let mut c = Client::connect([self.endpoint.as_str()], None).await.ok()?;
                 c.get("ready", None).await.ok()
             });
             if ok.is_some() {
-                return Some(etcd);
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "etcd did not start: {}",
-                std::fs::read_to_string(etcd._dir.path().join("etcd.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills etcd (SIGKILL: no goodbye to its clients).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and data.
+    fn restart(&mut self) {
+        self.child = spawn_etcd(self.bin, self.dir.path(), &self.endpoint, &self.peer_url);
+        self.wait_ready();
     }
 
     fn client(&self) -> Client {
@@ -172,8 +201,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -557,4 +585,74 @@ fn a_killed_hosts_permit_returns_after_the_lease_ttl() {
     b.cmd(&["sync", "--once"]).output().unwrap();
     assert_eq!(b.content().as_deref(), Some("good v1\n"));
     eprintln!("permit of a killed host freed {freed:?} after the kill (lease_ttl 2s)");
+}
+
+#[test]
+fn etcd_killed_mid_rollout_no_host_applies_without_a_permit() {
+    let Some(mut etcd) = etcd_or_skip() else {
+        return;
+    };
+    let policy = "[rollout]\nmax_concurrent = 2\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 10, 1, "10s");
+    let applied = |agents: &[Agent]| {
+        agents
+            .iter()
+            .filter(|a| a.content().as_deref() == Some("good v1\n"))
+            .count()
+    };
+    round(&agents);
+    let before = applied(&agents);
+    assert!(
+        (1..=2).contains(&before),
+        "{before} applied in the first round"
+    );
+    etcd.kill();
+    // etcd down: every agent waits (on_unreachable = "wait"), none applies.
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+        if agents
+            .iter()
+            .any(|a| a.name == name && a.content().is_none())
+        {
+            assert!(out.contains("until etcd answers"), "{name}: {out}");
+        }
+    }
+    assert_eq!(
+        applied(&agents),
+        before,
+        "a host applied while etcd was down"
+    );
+    etcd.restart();
+    let mut rounds = 0;
+    while applied(&agents) < agents.len() {
+        rounds += 1;
+        assert!(rounds <= 15, "the rollout did not resume");
+        round(&agents);
+    }
+    // Every host that applied took a permit first, at most 2 at a time.
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut permitted: BTreeSet<String> = BTreeSet::new();
+    let mut on_c1: BTreeSet<String> = BTreeSet::new();
+    for (rev, put, key, value) in etcd.history("/t/") {
+        if let Some(host) = key.strip_prefix("/t/permits/g0/") {
+            if put {
+                held.insert(host.to_string());
+                permitted.insert(host.to_string());
+            } else {
+                held.remove(host);
+            }
+            assert!(held.len() <= 2, "revision {rev}: {held:?}");
+        } else if let Some(host) = key.strip_prefix("/t/hosts/") {
+            let s: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+            if put && s["commit"] == c1.as_str() && on_c1.insert(host.to_string()) {
+                assert!(
+                    permitted.contains(host),
+                    "{host} applied at {rev} without a permit"
+                );
+            }
+        }
+    }
+    assert_eq!(on_c1.len(), 10);
 }
