@@ -396,6 +396,11 @@ fn a_good_commit_rolls_out_wave_by_wave_within_the_permits() {
         .map(|w| w["applied"].as_u64().unwrap())
         .sum();
     assert_eq!(applied, 50, "{mine}");
+    // One status lease per live host: each run's put revokes the lease
+    // of the run before, and released permits revoke theirs.
+    let mut c = etcd.client();
+    let leases = etcd.rt.block_on(c.leases()).unwrap().leases().len();
+    assert!(leases <= 50, "{leases} leases alive after {rounds} rounds");
     let table = agents[0].cmd(&["fleet", "status"]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

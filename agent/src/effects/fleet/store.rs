@@ -164,6 +164,17 @@ impl Store {
     /// recorded already (every host derives the same from the commit).
     pub async fn publish_policy(&mut self, commit: &str, policy: &Policy) -> Result<()> {
         let key = self.keys.policy(commit);
+        // A read first: a transaction with a write in it goes through
+        // consensus even when its comparison fails, and every waiting host
+        // asks on every poll.
+        let existing = self
+            .client
+            .get(key.clone(), Some(GetOptions::new().with_count_only()))
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        if existing.count() > 0 {
+            return Ok(());
+        }
         let value = serde_json::to_string(policy)?;
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -308,14 +319,26 @@ impl Store {
             .with_context(|| self.ctx("cannot create a lease for the status"))?
             .id();
         let value = serde_json::to_string(status)?;
-        self.client
+        let put = self
+            .client
             .put(
                 key.clone(),
                 value,
-                Some(PutOptions::new().with_lease(lease)),
+                Some(PutOptions::new().with_lease(lease).with_prev_key()),
             )
             .await
             .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        // The key now lives on the new lease: the previous run's lease
+        // holds nothing and is revoked rather than left to expire (a fleet
+        // polling every few minutes would otherwise keep three leases per
+        // host alive).
+        if let Some(old) = put
+            .prev_key()
+            .map(|kv| kv.lease())
+            .filter(|l| *l != 0 && *l != lease)
+        {
+            self.revoke(old).await;
+        }
         Ok(())
     }
 
