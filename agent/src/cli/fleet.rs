@@ -33,6 +33,8 @@ pub struct CommitSummary {
     pub reverted_by: BTreeMap<String, String>,
     /// `max_failures` reached: no host applies it any more.
     pub halted: bool,
+    /// "halted", "rolling out" (some host waits for it) or "settled".
+    pub state: &'static str,
     pub max_concurrent: u32,
     pub waves: Vec<WaveSummary>,
 }
@@ -109,8 +111,17 @@ pub fn summarize(snap: &Snapshot) -> Vec<CommitSummary> {
                     w.failed += 1;
                 }
             }
+            let halted = reverted_by.len() >= policy.max_failures as usize;
+            let state = if halted {
+                "halted"
+            } else if waves.iter().any(|w| w.waiting > 0) {
+                "rolling out"
+            } else {
+                "settled"
+            };
             CommitSummary {
-                halted: reverted_by.len() >= policy.max_failures as usize,
+                halted,
+                state,
                 max_concurrent: policy.max_concurrent,
                 commit,
                 policy_known: known,
@@ -181,13 +192,7 @@ fn print_text(snap: &Snapshot, summary: &[CommitSummary]) {
         outln!("no commit reported yet");
     }
     for c in summary {
-        let state = if c.halted {
-            "HALTED"
-        } else if c.waves.iter().any(|w| w.waiting > 0) {
-            "rolling out"
-        } else {
-            "settled"
-        };
+        let state = if c.halted { "HALTED" } else { c.state };
         outln!(
             "\ncommit {}  {state}{}",
             short(&c.commit),
@@ -278,6 +283,8 @@ mod tests {
         assert_eq!(sum[0].commit, "new", "the commit in progress first");
         assert!(!sum[0].policy_known);
         assert!(sum[0].halted, "default max_failures is 1");
+        assert_eq!(sum[0].state, "halted");
+        assert_eq!(sum[1].state, "settled");
         let w = &sum[0].waves[0];
         assert_eq!(
             (w.hosts, w.applied, w.healthy, w.failed, w.waiting),
