@@ -156,6 +156,9 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         match result {
             Ok(Ok(report)) => {
                 let what = match (&report.applied, report.skipped_bad) {
+                    _ if report.waiting.is_some() => {
+                        format!("{} waits for its turn in the fleet", short(&report.commit))
+                    }
                     (Some(a), _) => format!(
                         "applied {} (+{} ~{} -{})",
                         short(&report.commit),

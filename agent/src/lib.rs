@@ -10,6 +10,9 @@
 //!   state directory.
 //! - [`sync`] wires one pass of the pipeline together; [`cli`] parses
 //!   arguments and prints; [`config`] layers the agent's own settings.
+//! - [`rollout`] decides, purely, whether a host of a fleet may apply a
+//!   new commit now (waves, bake times, permits, halting); the etcd side
+//!   is in `effects::fleet`.
 //! - [`trust`] verifies SSH signatures (signed commits, signed bundle
 //!   manifests) against an `allowed_signers` file, in-process.
 
@@ -24,6 +27,7 @@ pub mod fuzz_entry;
 pub mod init;
 pub mod plan;
 pub mod progress;
+pub mod rollout;
 pub mod sync;
 pub mod time;
 pub mod timings;

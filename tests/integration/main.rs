@@ -13,6 +13,7 @@ mod corrupt_state;
 mod crash;
 mod crash_windows;
 mod daemon;
+mod fleet;
 mod golden;
 mod hooks;
 mod hostile_templates;

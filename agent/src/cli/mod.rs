@@ -18,6 +18,7 @@ macro_rules! out {
 }
 
 mod bundle;
+mod fleet;
 mod init;
 mod output;
 
@@ -293,6 +294,9 @@ age1… key that ssh-to-age derives from it (sops-nix's convention).")]
     /// Questions about the agent's own configuration (for units, cron and scripts)
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The fleet's rollouts, read from etcd (`[fleet]` in agent.toml)
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Start a config repository in DIR: driftless.toml, a host file, starter roles, git
     #[command(after_help = "\
 Writes driftless.toml, hosts/<NAME>.toml (this host, or --host), README.md and the
@@ -317,6 +321,24 @@ pub(crate) struct InitArgs {
     /// DIR may be non-empty: add only the missing files, never overwrite one
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FleetCommand {
+    /// Per commit and wave: hosts applied, healthy, failed, waiting, and why each waits
+    #[command(after_help = "\
+Reads the keys under `[fleet] prefix` in etcd: the live hosts' statuses, the permits
+held, the hosts that reverted a commit, and each commit's rollout policy. Hosts whose
+status expired (dead, or not polling for three intervals) are not counted.")]
+    Status(FleetStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FleetStatusArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -752,6 +774,7 @@ pub(crate) fn settings(o: &Overrides<'_>) -> Result<config::Settings, Error> {
             known_hosts: src.and_then(|a| a.ssh_known_hosts.clone()),
         },
         webhooks: None,
+        fleet: None,
     };
     config::load(&source, cli).kind(Failure::Config)
 }
@@ -914,6 +937,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 }
                 _ => Ok(ExitCode::SUCCESS),
             }
+        }
+        Command::Fleet(FleetCommand::Status(a)) => {
+            let s = settings(&Overrides::config(&a.config))?;
+            fleet::status(&s, a.format)
         }
         Command::HostRecipient(a) => {
             let s = settings(&Overrides::config(&a.config))?;

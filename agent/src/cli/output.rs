@@ -28,6 +28,15 @@ pub(super) fn print_json(v: &serde_json::Value) -> Result<(), Error> {
 }
 
 pub fn print_sync(r: &Report) {
+    if let Some(w) = &r.waiting {
+        let what = if w.halted { "halted" } else { "waiting" };
+        outln!(
+            "{} not applied ({what}, fleet rollout): {}",
+            short(&r.commit),
+            w.reason
+        );
+        return;
+    }
     if r.skipped_bad {
         outln!(
             "{} is marked bad (it failed before and was reverted): not applied; push a fix or use --retry",

@@ -97,7 +97,83 @@ pub struct Fragment {
     /// `[[webhooks]]`: notifications of run outcomes. A layer that sets
     /// any replaces the list of the layers below it.
     pub webhooks: Option<Vec<crate::effects::notify::config::WebhookFragment>>,
+    /// `[fleet]`: coordinate rollouts with other hosts through etcd
+    /// (issue 17). Absent: this host applies new commits on its own, as
+    /// always. Merged key by key across layers.
+    pub fleet: Option<FleetFragment>,
 }
+
+/// `[fleet]` as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFragment {
+    /// etcd client URLs, e.g. `["http://10.0.0.5:2379"]`.
+    pub endpoints: Option<Vec<String>>,
+    /// Key prefix for this fleet in etcd (default "/driftless").
+    pub prefix: Option<String>,
+    /// The group whose permits this host takes (default "default").
+    pub group: Option<String>,
+    /// Labels the rollout's waves select on, e.g. `{ canary = "yes" }`.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// TTL of the lease behind this host's permit, e.g. "30s" (default):
+    /// how long a permit of a host that died mid-apply stays taken.
+    pub lease_ttl: Option<String>,
+    /// etcd unreachable: "wait" (default: apply nothing new) or
+    /// "apply-alone" (apply without coordination).
+    pub on_unreachable: Option<String>,
+}
+
+impl FleetFragment {
+    fn merge(&mut self, other: FleetFragment) {
+        let FleetFragment {
+            endpoints,
+            prefix,
+            group,
+            labels,
+            lease_ttl,
+            on_unreachable,
+        } = other;
+        fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        take(&mut self.endpoints, endpoints);
+        take(&mut self.prefix, prefix);
+        take(&mut self.group, group);
+        take(&mut self.labels, labels);
+        take(&mut self.lease_ttl, lease_ttl);
+        take(&mut self.on_unreachable, on_unreachable);
+    }
+}
+
+/// What to do when etcd cannot be reached before applying a new commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnUnreachable {
+    /// Keep the current state; try again next run (the default: a
+    /// partition must not turn into an uncoordinated rollout).
+    Wait,
+    /// Apply as if there were no fleet (for hosts that must converge even
+    /// when the coordination store is down).
+    ApplyAlone,
+}
+
+/// `[fleet]`, validated.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetSettings {
+    pub endpoints: Vec<String>,
+    /// Starts with `/`, no trailing `/`.
+    pub prefix: String,
+    pub group: String,
+    pub labels: BTreeMap<String, String>,
+    pub lease_ttl: Duration,
+    pub on_unreachable: OnUnreachable,
+}
+
+pub const DEFAULT_FLEET_PREFIX: &str = "/driftless";
+pub const DEFAULT_FLEET_GROUP: &str = "default";
+pub const DEFAULT_LEASE_TTL: &str = "30s";
 
 /// `metrics_file`: a path, or `false` (off; `true` is the default path).
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +220,7 @@ impl Fragment {
             metrics_file,
             ssh,
             webhooks,
+            fleet,
         } = self;
         let mut out = Vec::new();
         let mut add = |set: bool, k: &'static str| {
@@ -174,6 +251,7 @@ impl Fragment {
         add(metrics_file.is_some(), "metrics_file");
         add(ssh.key.is_some() || ssh.known_hosts.is_some(), "ssh");
         add(webhooks.is_some(), "webhooks");
+        add(fleet.is_some(), "fleet");
         out
     }
 
@@ -204,6 +282,7 @@ impl Fragment {
             metrics_file,
             ssh: SshFragment { key, known_hosts },
             webhooks,
+            fleet,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -234,6 +313,11 @@ impl Fragment {
         take(&mut self.ssh.key, key);
         take(&mut self.ssh.known_hosts, known_hosts);
         take(&mut self.webhooks, webhooks);
+        match (&mut self.fleet, fleet) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine @ None, Some(theirs)) => *mine = Some(theirs),
+            (_, None) => {}
+        }
     }
 }
 
@@ -277,6 +361,8 @@ pub struct Settings {
     pub config_files: Vec<PathBuf>,
     /// `[[webhooks]]`, validated.
     pub webhooks: Vec<crate::effects::notify::config::Webhook>,
+    /// `[fleet]`, validated; `None`: no fleet coordination.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// Where to look for config files.
@@ -481,7 +567,9 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
     };
     let webhooks =
         crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
+    let fleet = f.fleet.map(validate_fleet).transpose()?;
     Ok(Settings {
+        fleet,
         metrics_file,
         webhooks,
         limits,
@@ -517,6 +605,67 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         ),
         signature_policy,
         config_files,
+    })
+}
+
+/// `[fleet]`: every message starts with `fleet.<key>` (the origin prefix
+/// then names the file that set it).
+fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
+    if !cfg!(feature = "etcd") {
+        bail!(
+            "fleet: this driftless was built without etcd support (cargo feature `etcd`, e.g. \
+             `cargo install --no-default-features`); rebuild with the default features, or remove [fleet]"
+        );
+    }
+    let endpoints = f.endpoints.unwrap_or_default();
+    if endpoints.is_empty() {
+        bail!("fleet.endpoints: missing or empty; list the etcd client URLs, e.g. endpoints = [\"http://etcd1:2379\"]");
+    }
+    for e in &endpoints {
+        let rest = e.strip_prefix("http://").unwrap_or(e);
+        if e.starts_with("https://") {
+            bail!(
+                "fleet.endpoints: {e:?}: TLS to etcd is not supported yet; use http:// on a trusted \
+                 network (loopback, a VPN or a private link)"
+            );
+        }
+        if rest.is_empty() || rest.contains("://") || rest.contains('/') || !rest.contains(':') {
+            bail!("fleet.endpoints: {e:?} is not an etcd client URL like \"http://10.0.0.5:2379\"");
+        }
+    }
+    let prefix = f.prefix.unwrap_or_else(|| DEFAULT_FLEET_PREFIX.to_string());
+    if !prefix.starts_with('/')
+        || prefix.ends_with('/')
+        || prefix.contains("//")
+        || prefix.contains(char::is_whitespace)
+    {
+        bail!("fleet.prefix: {prefix:?} must start with '/', not end with '/' and hold no empty part or space, e.g. \"/driftless\"");
+    }
+    let group = f.group.unwrap_or_else(|| DEFAULT_FLEET_GROUP.to_string());
+    if group.is_empty() || group.contains('/') || group.contains(char::is_whitespace) {
+        bail!("fleet.group: {group:?} must be a non-empty name without '/' or spaces");
+    }
+    let ttl_text = f.lease_ttl.unwrap_or_else(|| DEFAULT_LEASE_TTL.to_string());
+    let lease_ttl = crate::desired::spec::parse_duration(&ttl_text)
+        .map_err(|e| anyhow::anyhow!("fleet.lease_ttl: {e}"))?;
+    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(3600) {
+        bail!("fleet.lease_ttl: {ttl_text:?} is outside 2s..1h (etcd grants no shorter lease, and a longer one keeps a dead host's permit for too long)");
+    }
+    let on_unreachable = match f.on_unreachable.as_deref() {
+        None | Some("wait") => OnUnreachable::Wait,
+        Some("apply-alone") => OnUnreachable::ApplyAlone,
+        Some(other) => bail!(
+            "fleet.on_unreachable: {other:?} is not a choice; use \"wait\" (apply nothing new until etcd answers, the default) \
+             or \"apply-alone\" (apply without coordination)"
+        ),
+    };
+    Ok(FleetSettings {
+        endpoints,
+        prefix,
+        group,
+        labels: f.labels.unwrap_or_default(),
+        lease_ttl,
+        on_unreachable,
     })
 }
 
@@ -603,6 +752,80 @@ mod tests {
             err.starts_with("metrics_file: /srv/ names a directory"),
             "{err}"
         );
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn fleet_is_validated_and_absent_by_default() {
+        let with = |text: &str| {
+            let mut f: Fragment = toml::from_str(text).unwrap();
+            f.host = Some("h".into());
+            validate(f, Vec::new()).map(|s| s.fleet)
+        };
+        assert!(with("").unwrap().is_none());
+        let f = with(
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nlabels = { canary = \"yes\" }\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f.prefix, "/driftless");
+        assert_eq!(f.group, "default");
+        assert_eq!(f.lease_ttl, Duration::from_secs(30));
+        assert_eq!(f.on_unreachable, OnUnreachable::Wait);
+        assert_eq!(f.labels.get("canary").map(String::as_str), Some("yes"));
+        for (text, want) in [
+            ("[fleet]\n", "fleet.endpoints: missing"),
+            ("[fleet]\nendpoints = [\"https://e:2379\"]\n", "TLS to etcd"),
+            ("[fleet]\nendpoints = [\"e\"]\n", "not an etcd client URL"),
+            (
+                "[fleet]\nendpoints = [\"e:1\"]\nprefix = \"x/\"\n",
+                "fleet.prefix",
+            ),
+            (
+                "[fleet]\nendpoints = [\"e:1\"]\ngroup = \"a/b\"\n",
+                "fleet.group",
+            ),
+            (
+                "[fleet]\nendpoints = [\"e:1\"]\nlease_ttl = \"1s\"\n",
+                "fleet.lease_ttl",
+            ),
+            (
+                "[fleet]\nendpoints = [\"e:1\"]\non_unreachable = \"yolo\"\n",
+                "fleet.on_unreachable",
+            ),
+        ] {
+            let e = format!("{:#}", with(text).unwrap_err());
+            assert!(e.starts_with(want) || e.contains(want), "{text}: {e}");
+        }
+        let err =
+            toml_file::parse::<Fragment>("agent.toml", "[fleet]\nendpoint = []\n").unwrap_err();
+        assert!(
+            err.contains("agent.toml:2:1") && err.contains("did you mean `endpoints`?"),
+            "{err}"
+        );
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn fleet_is_refused_without_the_etcd_feature() {
+        let mut f: Fragment = toml::from_str("[fleet]\nendpoints = [\"e:1\"]\n").unwrap();
+        f.host = Some("h".into());
+        let e = format!("{:#}", validate(f, Vec::new()).unwrap_err());
+        assert!(
+            e.starts_with("fleet: this driftless was built without etcd support"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fleet_merges_key_by_key() {
+        let mut a: Fragment =
+            toml::from_str("[fleet]\nendpoints = [\"a:1\"]\ngroup = \"g\"\n").unwrap();
+        let b: Fragment = toml::from_str("[fleet]\ngroup = \"h\"\n").unwrap();
+        a.merge(b);
+        let f = a.fleet.unwrap();
+        assert_eq!(f.endpoints, Some(vec!["a:1".to_string()]));
+        assert_eq!(f.group.as_deref(), Some("h"));
     }
 
     #[test]

@@ -124,6 +124,14 @@ pub fn load_host(
             return Err(diags);
         }
     };
+    // The rollout policy: its syntax was checked above, its meaning
+    // (ordered percentages, reachable waves, …) here, so `validate` shows
+    // both.
+    if repo.rollout.is_some() {
+        if let Err(e) = crate::rollout::policy::load(snap) {
+            diags.push(e);
+        }
+    }
 
     let own = format!("hosts/{host}.toml");
     let fallback = format!("hosts/{DEFAULT_HOST}.toml");

@@ -27,6 +27,10 @@ pub struct RepoFile {
     /// Lowest-precedence variables.
     #[serde(default)]
     pub vars: toml::Table,
+    /// How a new commit rolls out across a fleet (agents with `[fleet]`
+    /// in agent.toml); see [`crate::rollout::policy`].
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::policy::RolloutFile>,
 }
 
 /// `hosts/<name>.toml`.

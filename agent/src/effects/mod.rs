@@ -7,6 +7,7 @@ pub mod checks;
 pub mod facts;
 pub mod failpoint;
 pub mod fetch;
+pub mod fleet;
 pub mod hooks;
 pub mod ids;
 pub mod keys;

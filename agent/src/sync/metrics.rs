@@ -29,7 +29,7 @@ pub(super) fn after_run(pass: &Pass, result: &Result<Report, Error>) {
     run.secrets_decrypted = pass.secrets_decrypted as u64;
     run.checks_failing = pass.checks_failing.map(|n| n as u64);
     match result {
-        Ok(r) if r.skipped_bad => run.result = "skipped",
+        Ok(r) if r.skipped_bad || r.waiting.is_some() => run.result = "skipped",
         Ok(r) => {
             run.result = if r.applied.is_some() {
                 "applied"

@@ -6,6 +6,7 @@
 //! leaves the host as it was.
 
 pub mod bundle;
+mod fleet;
 pub mod marks;
 mod metrics;
 pub mod post;
@@ -84,6 +85,9 @@ pub struct Report {
     /// Nothing changed since the last sync, proven by the quick check
     /// without rendering.
     pub quick: bool,
+    /// `[fleet]`: the fetched commit is new, and this host may not apply
+    /// it yet (or its rollout is halted); nothing was touched.
+    pub waiting: Option<crate::effects::fleet::Waiting>,
 }
 
 pub fn source_spec(settings: &Settings) -> Result<SourceSpec, Error> {

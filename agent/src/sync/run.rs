@@ -42,8 +42,12 @@ pub fn sync_once(
     rt: &Handle,
 ) -> Result<Report, Error> {
     let mut pass = begin(settings, opts, now, rt, false)?;
+    let mut fleet = super::fleet::FleetRun::default();
     let result = (|| {
         let fetched = fetch_phase(&pass)?;
+        if let Some(waiting) = ask_fleet(&pass, &mut fleet, &fetched.head)? {
+            return Ok(waiting_report(&pass, fetched.head, waiting));
+        }
         match plan_phase(&pass, fetched)? {
             Planned::QuickHit { prepared } => {
                 let commit = prepared.fetched.commit.clone();
@@ -58,7 +62,61 @@ pub fn sync_once(
         }
     })();
     record_outcome(&pass, &result);
+    fleet.finish(&pass, &result);
     result
+}
+
+/// `[fleet]`: before a new commit is applied, asks whether this host may
+/// apply it now. `Some`: it may not (yet); nothing is touched. Not asked
+/// for the commit already applied (drift repair goes on as always), nor
+/// for one this host marked bad itself (it is skipped anyway).
+fn ask_fleet(
+    pass: &Pass,
+    fleet: &mut super::fleet::FleetRun,
+    head: &Head,
+) -> Result<Option<crate::effects::fleet::Waiting>, Error> {
+    if super::fleet::active(pass.settings).is_none() {
+        return Ok(None);
+    }
+    let current = match &pass.stamps {
+        Some(r) => Some(r.commit.clone()),
+        None => pass.state.inventory().kind(Failure::Failed)?.commit,
+    };
+    let locally_bad = pass.marks.bad.contains_key(&head.commit) && !pass.opts.retry;
+    if current.as_deref() == Some(head.commit.as_str()) || locally_bad {
+        return Ok(None);
+    }
+    match fleet.ask(pass, head, current.as_deref())? {
+        super::fleet::Gate::Go => Ok(None),
+        super::fleet::Gate::Hold(w) => Ok(Some(w)),
+    }
+}
+
+/// The report of a run that left a new commit waiting for the fleet.
+fn waiting_report(pass: &Pass, head: Head, waiting: crate::effects::fleet::Waiting) -> Report {
+    Report {
+        plan: crate::plan::Plan {
+            host: pass.settings.host.clone(),
+            commit: Some(head.commit.clone()),
+            changes: Vec::new(),
+            unchanged: 0,
+            unit_actions: Vec::new(),
+            checks: Vec::new(),
+            units: Vec::new(),
+            ownership_applied: super::ownership_applied(),
+            next_inventory: Default::default(),
+            self_contained: Default::default(),
+            drifted: 0,
+            secrets_decrypted: 0,
+        },
+        commit: head.commit,
+        applied: None,
+        recovered: pass.recovered.clone(),
+        skipped_bad: false,
+        post: None,
+        quick: false,
+        waiting: Some(waiting),
+    }
 }
 
 /// One sync under the lock: what every phase needs.
@@ -74,7 +132,7 @@ pub(super) struct Pass<'a> {
     pub(super) secrets_decrypted: usize,
     /// Checks failing when they last ran in this pass (`None`: not run).
     pub(super) checks_failing: Option<usize>,
-    rt: &'a Handle,
+    pub(super) rt: &'a Handle,
     pub(super) state: StateDir,
     _guard: LockGuard,
     pub(super) fs: RootFs,
@@ -291,6 +349,7 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
                 skipped_bad: true,
                 post: None,
                 quick: false,
+                waiting: None,
             });
         }
     }
@@ -325,6 +384,23 @@ fn record_outcome(pass: &Pass, result: &Result<Report, Error>) {
         warn!("{e:#}");
     }
     let (state, now) = (&pass.state, pass.now);
+    if let Ok(Report {
+        waiting: Some(w),
+        commit,
+        ..
+    }) = result
+    {
+        let what = if w.halted { "halted" } else { "waiting" };
+        write_last_run(
+            state,
+            now,
+            Outcome::Skipped,
+            Some(commit.clone()),
+            Some(format!("fleet: {what}: {}", w.reason)),
+        );
+        super::metrics::after_run(pass, result);
+        return;
+    }
     match result {
         Ok(r) => match (&r.applied, r.skipped_bad) {
             (Some(a), _) => {
@@ -537,6 +613,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             skipped_bad: false,
             post: None,
             quick: false,
+            waiting: None,
         });
     }
     for c in &plan.changes {
@@ -621,6 +698,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                     skipped_bad: false,
                     post: Some(post),
                     quick: false,
+                    waiting: None,
                 });
             }
             // Not the commit's fault (a full disk, a failing state

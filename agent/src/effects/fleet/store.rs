@@ -1,0 +1,369 @@
+//! The etcd side: a client, leases, the semaphore, status and bad marks
+//! (the key layout is in the parent module).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tracing::{debug, warn};
+
+use super::{parts, HostStatus, Keys, Snapshot};
+use crate::config::FleetSettings;
+use crate::rollout::Policy;
+
+/// How long connecting, and then each request, may take: a poll must not
+/// hang on an unreachable store (it then waits or applies alone, as
+/// `on_unreachable` says).
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Attempts at taking a permit when other hosts take permits at the same
+/// moment (each failed attempt means someone else got one).
+const ACQUIRE_ATTEMPTS: usize = 5;
+
+/// A connection to the fleet's etcd.
+pub struct Store {
+    client: Client,
+    keys: Keys,
+    endpoints: String,
+}
+
+/// A permit held by this host: its key and the lease keeping it, renewed
+/// in the background until [`Store::release`] (or the process dies, and
+/// the lease expires after `lease_ttl`).
+pub struct Permit {
+    pub key: String,
+    lease: i64,
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Store {
+    pub async fn connect(fleet: &FleetSettings) -> Result<Store> {
+        let endpoints = fleet.endpoints.join(", ");
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(TIMEOUT)
+            .with_timeout(TIMEOUT);
+        let client = Client::connect(&fleet.endpoints, Some(opts))
+            .await
+            .with_context(|| {
+                format!("cannot connect to etcd at {endpoints} ([fleet] endpoints)")
+            })?;
+        Ok(Store {
+            client,
+            keys: Keys::new(&fleet.prefix),
+            endpoints,
+        })
+    }
+
+    fn ctx(&self, what: &str) -> String {
+        format!("etcd at {} ([fleet] endpoints): {what}", self.endpoints)
+    }
+
+    /// Every key of the fleet: statuses, bad marks, permits, policies.
+    pub async fn snapshot(&mut self) -> Result<Snapshot> {
+        let mut out = Snapshot::default();
+        let prefix = self.keys.hosts();
+        for (key, value) in self.list(&prefix).await? {
+            match serde_json::from_str::<HostStatus>(&value) {
+                Ok(s) => out.statuses.push(s),
+                Err(e) => out.unreadable.push(format!("{key}: {e}")),
+            }
+        }
+        let prefix = self.keys.all_bad();
+        for (key, value) in self.list(&prefix).await? {
+            match parts(&prefix, &key).as_deref() {
+                Some([commit, host]) => {
+                    out.bad
+                        .entry(commit.to_string())
+                        .or_default()
+                        .insert(host.to_string(), value);
+                }
+                _ => out.unreadable.push(key),
+            }
+        }
+        let prefix = self.keys.all_permits();
+        for (key, _) in self.list(&prefix).await? {
+            match parts(&prefix, &key).as_deref() {
+                Some([group, host]) => {
+                    out.permits
+                        .entry(group.to_string())
+                        .or_default()
+                        .insert(host.to_string());
+                }
+                _ => out.unreadable.push(key),
+            }
+        }
+        let prefix = self.keys.policies();
+        for (key, value) in self.list(&prefix).await? {
+            match (
+                parts(&prefix, &key).as_deref(),
+                serde_json::from_str::<Policy>(&value),
+            ) {
+                (Some([commit]), Ok(p)) => {
+                    out.policies.insert(commit.to_string(), p);
+                }
+                _ => out.unreadable.push(key),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the decision for `commit` needs: live statuses, the hosts
+    /// that reverted `commit`, and the permits of `group` (three reads,
+    /// not the whole prefix).
+    pub async fn view(&mut self, commit: &str, group: &str) -> Result<Snapshot> {
+        let mut out = Snapshot::default();
+        let prefix = self.keys.hosts();
+        for (key, value) in self.list(&prefix).await? {
+            match serde_json::from_str::<HostStatus>(&value) {
+                Ok(s) => out.statuses.push(s),
+                Err(e) => out.unreadable.push(format!("{key}: {e}")),
+            }
+        }
+        let prefix = self.keys.bad(commit);
+        for (key, value) in self.list(&prefix).await? {
+            if let Some(host) = key.strip_prefix(&prefix) {
+                out.bad
+                    .entry(commit.to_string())
+                    .or_default()
+                    .insert(host.to_string(), value);
+            }
+        }
+        let prefix = self.keys.permits(group);
+        for (key, _) in self.list(&prefix).await? {
+            if let Some(host) = key.strip_prefix(&prefix) {
+                out.permits
+                    .entry(group.to_string())
+                    .or_default()
+                    .insert(host.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keys and values under `prefix` (values that are not UTF-8 are
+    /// replaced, lossily: they are JSON written by agents).
+    async fn list(&mut self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let resp = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {prefix}")))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// Records `policy` as the rollout policy of `commit` unless one is
+    /// recorded already (every host derives the same from the commit).
+    pub async fn publish_policy(&mut self, commit: &str, policy: &Policy) -> Result<()> {
+        let key = self.keys.policy(commit);
+        // A read first: a transaction with a write in it goes through
+        // consensus even when its comparison fails, and every waiting host
+        // asks on every poll.
+        let existing = self
+            .client
+            .get(key.clone(), Some(GetOptions::new().with_count_only()))
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        if existing.count() > 0 {
+            return Ok(());
+        }
+        let value = serde_json::to_string(policy)?;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(key.clone(), value, None)]);
+        self.client
+            .txn(txn)
+            .await
+            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        Ok(())
+    }
+
+    /// Takes a permit of `group` for `host` if fewer than `max` are held
+    /// (or `host` holds one already). `Ok(None)`: all taken.
+    pub async fn acquire(
+        &mut self,
+        group: &str,
+        host: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<Option<Permit>> {
+        let prefix = self.keys.permits(group);
+        let key = self.keys.permit(group, host);
+        let lease = self
+            .client
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .with_context(|| self.ctx("cannot create a lease for the permit"))?
+            .id();
+        for attempt in 0..ACQUIRE_ATTEMPTS {
+            let resp = self
+                .client
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .with_context(|| self.ctx(&format!("cannot read {prefix}")))?;
+            let revision = resp
+                .header()
+                .map(|h| h.revision())
+                .ok_or_else(|| anyhow!("{}", self.ctx("a response without a header")))?;
+            let held = resp.kvs().len();
+            let mine = resp.kvs().iter().any(|kv| kv.key() == key.as_bytes());
+            if !mine && held >= max as usize {
+                self.revoke(lease).await;
+                return Ok(None);
+            }
+            // Nothing under the group's prefix changed since `revision`:
+            // the count just read still holds when the put happens.
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    prefix.clone(),
+                    CompareOp::Less,
+                    revision + 1,
+                )
+                .with_prefix()])
+                .and_then(vec![TxnOp::put(
+                    key.clone(),
+                    host,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let done = self
+                .client
+                .txn(txn)
+                .await
+                .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+            if done.succeeded() {
+                debug!(key = %key, lease, attempt, "permit taken");
+                let keepalive = self.keep_alive(lease, ttl).await?;
+                return Ok(Some(Permit {
+                    key,
+                    lease,
+                    keepalive,
+                }));
+            }
+            debug!(key = %key, attempt, "another host took a permit at the same time; reading again");
+        }
+        self.revoke(lease).await;
+        Ok(None)
+    }
+
+    /// Renews `lease` every third of its TTL until aborted.
+    async fn keep_alive(
+        &mut self,
+        lease: i64,
+        ttl: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_keep_alive(lease)
+            .await
+            .with_context(|| self.ctx("cannot keep the permit's lease alive"))?;
+        let every = (ttl / 3).max(Duration::from_millis(500));
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let renewed = match keeper.keep_alive().await {
+                    Ok(()) => stream.message().await.map(|m| m.map(|r| r.ttl())),
+                    Err(e) => Err(e),
+                };
+                match renewed {
+                    Ok(Some(ttl)) if ttl > 0 => {}
+                    Ok(_) => {
+                        warn!(
+                            lease,
+                            "the permit's lease expired: another host may take the permit"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(lease, "cannot renew the permit's lease: {e}");
+                        return;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Gives a permit back.
+    pub async fn release(&mut self, permit: Permit) -> Result<()> {
+        permit.keepalive.abort();
+        let deleted = self.client.delete(permit.key.clone(), None).await;
+        self.revoke(permit.lease).await;
+        deleted.with_context(|| self.ctx(&format!("cannot delete {}", permit.key)))?;
+        Ok(())
+    }
+
+    async fn revoke(&mut self, lease: i64) {
+        if let Err(e) = self.client.lease_revoke(lease).await {
+            debug!(lease, "cannot revoke a lease (it expires by itself): {e}");
+        }
+    }
+
+    /// Publishes this host's status under a lease of `ttl`.
+    pub async fn put_status(&mut self, status: &HostStatus, ttl: Duration) -> Result<()> {
+        let key = self.keys.host(&status.host);
+        let lease = self
+            .client
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .with_context(|| self.ctx("cannot create a lease for the status"))?
+            .id();
+        let value = serde_json::to_string(status)?;
+        let put = self
+            .client
+            .put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease).with_prev_key()),
+            )
+            .await
+            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        // The key now lives on the new lease: the previous run's lease
+        // holds nothing and is revoked rather than left to expire (a fleet
+        // polling every few minutes would otherwise keep three leases per
+        // host alive).
+        if let Some(old) = put
+            .prev_key()
+            .map(|kv| kv.lease())
+            .filter(|l| *l != 0 && *l != lease)
+        {
+            self.revoke(old).await;
+        }
+        Ok(())
+    }
+
+    /// Marks `commit` as reverted by `host` (no lease: the mark outlives
+    /// the host).
+    pub async fn mark_bad(&mut self, commit: &str, host: &str, reason: &str) -> Result<()> {
+        let key = self.keys.bad_mark(commit, host);
+        self.client
+            .put(key.clone(), reason, None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        Ok(())
+    }
+
+    /// This host's own last status, if its entry has not expired.
+    pub async fn own_status(&mut self, host: &str) -> Result<Option<HostStatus>> {
+        let key = self.keys.host(host);
+        let resp = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+}

@@ -1,0 +1,355 @@
+//! The sync's one question to the fleet, and its one answer back.
+//!
+//! Before a new commit is applied ([`FleetRun::ask`]): the commit's
+//! rollout policy, this host and the fleet's state go to
+//! [`crate::rollout::decide`]; `Apply` then takes a permit of the host's
+//! group (held, and kept alive, until the run ends). `Wait` and `Halt`
+//! leave the host exactly as it is, with the reason in the log, in
+//! `status` (the last run's message) and in the fleet.
+//!
+//! After every run ([`FleetRun::finish`]): this host's status is
+//! published (whatever the outcome, so the fleet sees live hosts and
+//! their health), a revert marks the commit bad fleet-wide, and the permit
+//! is released.
+//!
+//! Without `[fleet]` nothing here runs: no connection, no change.
+
+use tracing::{info, warn};
+
+use super::run::Pass;
+use super::{Head, Report};
+use crate::config::{FleetSettings, OnUnreachable};
+use crate::effects::fetch;
+use crate::effects::fleet::Waiting;
+use crate::exit::{Error, Failure};
+use crate::plan::diff::short;
+use crate::rollout::{self, Decision, Policy};
+
+/// What [`FleetRun::ask`] answered.
+pub(super) enum Gate {
+    /// Apply (a permit is held, or the store was unreachable and
+    /// `on_unreachable = "apply-alone"`).
+    Go,
+    /// Keep the current state; the reason says why.
+    Hold(Waiting),
+}
+
+/// The fleet side of one sync.
+#[derive(Default)]
+pub(super) struct FleetRun {
+    #[cfg(feature = "etcd")]
+    store: Option<crate::effects::fleet::Store>,
+    #[cfg(feature = "etcd")]
+    permit: Option<crate::effects::fleet::Permit>,
+    /// This host's previous status (for `since`).
+    #[cfg(feature = "etcd")]
+    prev: Option<crate::effects::fleet::HostStatus>,
+    held: Option<Waiting>,
+    /// The store did not answer (logged once per run).
+    unreachable: bool,
+}
+
+/// `[fleet]`, unless this host is air-gapped (`source = "bundle:"`, the
+/// USB path): bundles are carried by a person, who is the rollout.
+pub(super) fn active(settings: &crate::config::Settings) -> Option<&FleetSettings> {
+    if settings.source.as_deref() == Some(crate::effects::fetch::BUNDLE_SOURCE) {
+        return None;
+    }
+    settings.fleet.as_ref()
+}
+
+/// The rollout policy of the fetched commit (`[rollout]` of its
+/// `driftless.toml`), or the default one.
+fn policy_of(pass: &Pass, head: &Head) -> Result<Policy, Error> {
+    let snap = fetch::read_tree(&head.repo, head.id, &pass.settings.path)
+        .map_err(|e| Error::new(Failure::InvalidRepo, e))?;
+    match rollout::policy::load(&snap) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Ok(Policy::default_policy()),
+        Err(e) => Err(Error::new(
+            Failure::InvalidRepo,
+            anyhow::anyhow!(
+                "commit {}: the rollout policy is invalid, nothing applied:\n{e}",
+                short(&head.commit)
+            ),
+        )),
+    }
+}
+
+/// How long a status entry outlives its host: three polls.
+#[cfg(feature = "etcd")]
+fn status_ttl(settings: &crate::config::Settings, fleet: &FleetSettings) -> std::time::Duration {
+    (settings.interval * 3 + settings.splay).max(fleet.lease_ttl)
+}
+
+impl FleetRun {
+    /// May this host apply `head` now? `current` is the applied commit.
+    pub(super) fn ask(
+        &mut self,
+        pass: &Pass,
+        head: &Head,
+        current: Option<&str>,
+    ) -> Result<Gate, Error> {
+        let Some(fleet) = active(pass.settings) else {
+            return Ok(Gate::Go);
+        };
+        let policy = policy_of(pass, head)?;
+        let settings = pass.settings;
+        let commit = head.commit.as_str();
+        let wave = rollout::decide::wave_of(&policy, &settings.host, &fleet.labels)
+            .and_then(|w| policy.waves.get(w))
+            .map(|w| w.name.clone());
+        let answer = self.ask_store(pass, fleet, &policy, commit, current);
+        let decision = match answer {
+            Ok(d) => d,
+            Err(e) => {
+                self.unreachable = true;
+                return Ok(match fleet.on_unreachable {
+                    OnUnreachable::Wait => {
+                        let reason = format!(
+                            "{e:#}; not applying {} until etcd answers (on_unreachable = \"wait\")",
+                            short(commit)
+                        );
+                        warn!("{reason}");
+                        self.hold(commit, wave, reason, false)
+                    }
+                    OnUnreachable::ApplyAlone => {
+                        warn!(commit = %short(commit), "{e:#}; applying without the fleet (on_unreachable = \"apply-alone\")");
+                        Gate::Go
+                    }
+                });
+            }
+        };
+        Ok(match decision {
+            Decision::Apply { reason, .. } => {
+                info!(commit = %short(commit), wave = wave.as_deref().unwrap_or("?"), "fleet: {reason}");
+                Gate::Go
+            }
+            Decision::Wait { reason, .. } => {
+                info!(commit = %short(commit), "fleet: waiting: {reason}");
+                self.hold(commit, wave, reason, false)
+            }
+            Decision::Halt { reason } => {
+                warn!(commit = %short(commit), "fleet: {reason}");
+                self.hold(commit, wave, reason, true)
+            }
+        })
+    }
+
+    fn hold(&mut self, commit: &str, wave: Option<String>, reason: String, halted: bool) -> Gate {
+        let w = Waiting {
+            commit: commit.to_string(),
+            wave,
+            reason,
+            halted,
+        };
+        self.held = Some(w.clone());
+        Gate::Hold(w)
+    }
+
+    /// The decision, and for `Apply` the permit (a lost race for the last
+    /// permit turns into a `Wait`).
+    #[cfg(feature = "etcd")]
+    fn ask_store(
+        &mut self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        policy: &Policy,
+        commit: &str,
+        current: Option<&str>,
+    ) -> anyhow::Result<Decision> {
+        let settings = pass.settings;
+        let store = &mut self.store;
+        let (decision, prev, permit) = pass.rt.block_on(async {
+            if store.is_none() {
+                *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
+            }
+            let Some(s) = store.as_mut() else {
+                anyhow::bail!("no etcd connection");
+            };
+            s.publish_policy(commit, policy).await?;
+            let snap = s.view(commit, &fleet.group).await?;
+            let prev = snap
+                .statuses
+                .iter()
+                .find(|st| st.host == settings.host)
+                .cloned();
+            let host = rollout::ThisHost {
+                name: &settings.host,
+                group: &fleet.group,
+                labels: &fleet.labels,
+                current,
+            };
+            let mut decision = rollout::decide(policy, &host, &snap.view(), commit, pass.now);
+            let mut permit = None;
+            if let Decision::Apply { wave, .. } = &decision {
+                match s
+                    .acquire(
+                        &fleet.group,
+                        &settings.host,
+                        policy.max_concurrent,
+                        fleet.lease_ttl,
+                    )
+                    .await?
+                {
+                    Some(p) => permit = Some(p),
+                    None => {
+                        decision = Decision::Wait {
+                            wave: *wave,
+                            reason: format!(
+                                "group {:?} has all {} permit(s) taken (max_concurrent = {})",
+                                fleet.group, policy.max_concurrent, policy.max_concurrent
+                            ),
+                        }
+                    }
+                }
+            }
+            anyhow::Ok((decision, prev, permit))
+        })?;
+        self.prev = prev;
+        self.permit = permit;
+        Ok(decision)
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn ask_store(
+        &mut self,
+        _pass: &Pass,
+        _fleet: &FleetSettings,
+        _policy: &Policy,
+        _commit: &str,
+        _current: Option<&str>,
+    ) -> anyhow::Result<Decision> {
+        anyhow::bail!("this driftless was built without etcd support (cargo feature `etcd`)")
+    }
+
+    /// After the run: status, bad mark, permit. Failures are logged: the
+    /// run's outcome on this host stands, and a permit not released
+    /// expires with its lease.
+    pub(super) fn finish(self, pass: &Pass, result: &Result<Report, Error>) {
+        let Some(fleet) = active(pass.settings) else {
+            return;
+        };
+        if let Err(e) = self.finish_inner(pass, fleet, result) {
+            warn!("fleet: cannot report this run to etcd: {e:#}");
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    fn status(
+        &self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        result: &Result<Report, Error>,
+    ) -> crate::effects::fleet::HostStatus {
+        let settings = pass.settings;
+        let commit = pass.state.inventory().ok().and_then(|i| i.commit);
+        let prev = self.prev.as_ref();
+        let kept_since = prev
+            .filter(|p| p.commit.is_some() && p.commit == commit)
+            .and_then(|p| p.since);
+        let mut failing = Vec::new();
+        let (result_word, since) = match result {
+            Ok(_) if self.held.as_ref().is_some_and(|w| w.halted) => ("halted", kept_since),
+            Ok(_) if self.held.is_some() => ("waiting", kept_since),
+            Ok(r) if r.skipped_bad => ("skipped", kept_since),
+            Ok(r) => {
+                if let Some(post) = &r.post {
+                    failing = post
+                        .checks
+                        .iter()
+                        .filter(|c| !c.ok)
+                        .map(|c| c.name.clone())
+                        .collect();
+                }
+                if r.applied.is_some() {
+                    ("applied", Some(pass.now))
+                } else {
+                    ("unchanged", kept_since.or(Some(pass.now)))
+                }
+            }
+            Err(e) if e.error.downcast_ref::<super::run::Reverted>().is_some() => {
+                ("reverted", kept_since)
+            }
+            Err(_) => ("failed", kept_since),
+        };
+        let healthy = match pass.checks_failing {
+            Some(n) => n == 0 && failing.is_empty(),
+            None => prev.is_none_or(|p| p.healthy),
+        };
+        crate::effects::fleet::HostStatus {
+            host: settings.host.clone(),
+            group: fleet.group.clone(),
+            labels: fleet.labels.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            commit,
+            since,
+            healthy,
+            result: result_word.to_string(),
+            failing_checks: failing,
+            last_run: crate::time::now(),
+            waiting: self.held.clone(),
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    fn finish_inner(
+        mut self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        result: &Result<Report, Error>,
+    ) -> anyhow::Result<()> {
+        if self.unreachable {
+            // Asked and got no answer this run: do not wait again.
+            return Ok(());
+        }
+        let settings = pass.settings;
+        let ttl = status_ttl(settings, fleet);
+        let reverted = match result {
+            Err(e) => e.error.downcast_ref::<super::run::Reverted>(),
+            Ok(_) => None,
+        };
+        let mut store = self.store.take();
+        let permit = self.permit.take();
+        let need_prev = self.prev.is_none();
+        let prev = pass.rt.block_on(async {
+            if store.is_none() {
+                store = Some(crate::effects::fleet::Store::connect(fleet).await?);
+            }
+            let Some(s) = store.as_mut() else {
+                anyhow::bail!("no etcd connection");
+            };
+            if let Some(r) = reverted {
+                s.mark_bad(&r.commit, &settings.host, &r.reason).await?;
+                warn!(commit = %short(&r.commit), "fleet: marked bad fleet-wide: this host reverted it");
+            }
+            if let Some(p) = permit {
+                s.release(p).await?;
+            }
+            if need_prev {
+                return s.own_status(&settings.host).await;
+            }
+            Ok(None)
+        })?;
+        if need_prev {
+            self.prev = prev;
+        }
+        let status = self.status(pass, fleet, result);
+        pass.rt.block_on(async {
+            match store.as_mut() {
+                Some(s) => s.put_status(&status, ttl).await,
+                None => anyhow::bail!("no etcd connection"),
+            }
+        })
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn finish_inner(
+        self,
+        _pass: &Pass,
+        _fleet: &FleetSettings,
+        _result: &Result<Report, Error>,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,663 @@
+//! Fleet rollout against a real etcd (issue 17): many agents, each its
+//! own process with its own `--root`, state dir and host name, against
+//! one repository and one etcd started here on loopback.
+//!
+//! What the agents did is judged from etcd's revision history (every
+//! put and delete of the fleet's keys, replayed with a watch from
+//! revision 1), not from their logs.
+
+#![cfg(feature = "etcd")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+
+use crate::support::*;
+
+/// A single-member etcd on free loopback ports with a temp data dir,
+/// killed when dropped.
+struct Etcd {
+    child: Child,
+    bin: &'static str,
+    dir: tempfile::TempDir,
+    endpoint: String,
+    peer_url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn spawn_etcd(bin: &str, dir: &Path, endpoint: &str, peer_url: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    Command::new(bin)
+        .arg("--name=t")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={endpoint}"))
+        .arg(format!("--advertise-client-urls={endpoint}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=t={peer_url}"))
+        .arg("--logger=zap")
+        .arg("--log-level=error")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+impl Etcd {
+    /// `None`: the etcd binary is missing (the test then fails, or skips
+    /// with DRIFTLESS_TEST_ALLOW_SKIP=1).
+    fn start() -> Option<Etcd> {
+        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = spawn_etcd(bin, dir.path(), &endpoint, &peer_url);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let etcd = Etcd {
+            child,
+            bin,
+            dir,
+            endpoint,
+            peer_url,
+            rt,
+        };
+        etcd.wait_ready();
+        Some(etcd)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = self.rt.block_on(async {
+                let mut c = Client::connect([self.endpoint.as_str()], None).await.ok()?;
+                c.get("ready", None).await.ok()
+            });
+            if ok.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills etcd (SIGKILL: no goodbye to its clients).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and data.
+    fn restart(&mut self) {
+        self.child = spawn_etcd(self.bin, self.dir.path(), &self.endpoint, &self.peer_url);
+        self.wait_ready();
+    }
+
+    fn client(&self) -> Client {
+        self.rt
+            .block_on(Client::connect([self.endpoint.as_str()], None))
+            .unwrap()
+    }
+
+    /// Keys under `prefix` now.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut c = self.client();
+        self.rt.block_on(async {
+            let r = c
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .unwrap();
+            r.kvs()
+                .iter()
+                .map(|kv| kv.key_str().unwrap().to_string())
+                .collect()
+        })
+    }
+
+    /// The store's current revision.
+    fn revision(&self) -> i64 {
+        let mut c = self.client();
+        self.rt.block_on(async {
+            c.get("/", Some(GetOptions::new().with_count_only()))
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision()
+        })
+    }
+
+    /// Every change under `prefix` since revision 1, in order:
+    /// (revision, put?, key, value).
+    fn history(&self, prefix: &str) -> Vec<(i64, bool, String, String)> {
+        let mut c = self.client();
+        self.rt.block_on(async {
+            let now = c
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision();
+            let mut stream = c
+                .watch(
+                    prefix,
+                    Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+                )
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let mut seen = 0;
+            while seen < now {
+                let Ok(Ok(Some(resp))) =
+                    tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+                else {
+                    break;
+                };
+                // (Not the header's revision: the response that creates the
+                // watch carries the current one, before any event.)
+                for e in resp.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    out.push((
+                        kv.mod_revision(),
+                        e.event_type() == EventType::Put,
+                        kv.key_str().unwrap().to_string(),
+                        kv.value_str().unwrap_or("").to_string(),
+                    ));
+                    seen = seen.max(kv.mod_revision());
+                }
+            }
+            out
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn etcd_or_skip() -> Option<Etcd> {
+    let e = Etcd::start();
+    if e.is_none() {
+        skip::missing("etcd (Debian package etcd-server): run tests/install-prereqs");
+    }
+    e
+}
+
+/// One agent: its own root, state dir, name and config file.
+struct Agent {
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn new(name: &str, repo: &Path, etcd: &Etcd, group: &str, labels: &str, ttl: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(
+            dir.path().join("agent.toml"),
+            format!(
+                "source = {:?}\nhost = {name:?}\nroot = {:?}\nstate_dir = {:?}\nrun_checks = true\n\
+                 metrics_file = false\ninterval = \"1m\"\nsplay = \"0s\"\n\
+                 [fleet]\nendpoints = [{:?}]\nprefix = \"/t\"\ngroup = {group:?}\nlease_ttl = {ttl:?}\n\
+                 labels = {{ {labels} }}\n",
+                repo.display().to_string(),
+                root.display().to_string(),
+                dir.path().join("state").display().to_string(),
+                etcd.endpoint,
+            ),
+        )
+        .unwrap();
+        Agent {
+            name: name.into(),
+            dir,
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .env("APP_ROOT", self.root())
+            .env("NO_COLOR", "1")
+            .env_remove("DRIFTLESS_TEST_FAILPOINT")
+            .env_remove("DRIFTLESS_TEST_CRASH_AFTER");
+        c
+    }
+
+    fn spawn_sync(&self) -> Child {
+        use std::os::unix::process::CommandExt;
+        self.cmd(&["sync", "--once"])
+            // Its own process group: a kill takes its checks along.
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn content(&self) -> Option<String> {
+        std::fs::read_to_string(self.root().join("etc/app.conf")).ok()
+    }
+}
+
+/// A repository with one role (`/etc/app.conf`, checked by grepping for
+/// "good" after a short pause) and `policy` as its `[rollout]`.
+fn repo_with(policy: &str, content: &str) -> Repo {
+    let repo = Repo::new();
+    repo.write("driftless.toml", &format!("roles = [\"app\"]\n{policy}"));
+    repo.write("hosts/default.toml", "");
+    set_content(&repo, content);
+    repo
+}
+
+fn set_content(repo: &Repo, content: &str) {
+    repo.write("roles/app/files/app.conf", content);
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"app is good\"\nretries = 1\n\
+         command = { argv = [\"/bin/sh\", \"-c\", \"sleep 0.2; grep -q good \\\"$APP_ROOT/etc/app.conf\\\"\"] }\n",
+    );
+}
+
+/// Runs every agent once, all at the same time; returns their outputs.
+fn round(agents: &[Agent]) -> Vec<(String, i32, String)> {
+    let children: Vec<(String, Child)> = agents
+        .iter()
+        .map(|a| (a.name.clone(), a.spawn_sync()))
+        .collect();
+    children
+        .into_iter()
+        .map(|(n, c)| {
+            let out = c.wait_with_output().unwrap();
+            (
+                n,
+                out.status.code().unwrap_or(-1),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+        .collect()
+}
+
+const POLICY: &str = "[rollout]\nmax_concurrent = 4\n\n\
+    [[rollout.waves]]\nname = \"canary\"\nlabels = { canary = \"yes\" }\nmin_healthy = 1\nbake = \"1s\"\n\n\
+    [[rollout.waves]]\nname = \"early\"\npercent = 25\nmin_healthy = 3\nbake = \"1s\"\n\n\
+    [[rollout.waves]]\nname = \"rest\"\npercent = 100\n";
+
+fn fleet(repo: &Repo, etcd: &Etcd, n: usize, groups: usize, ttl: &str) -> Vec<Agent> {
+    (0..n)
+        .map(|i| {
+            let labels = if i == 0 { "canary = \"yes\"" } else { "" };
+            Agent::new(
+                &format!("h{i:02}"),
+                repo.path(),
+                etcd,
+                &format!("g{}", i % groups),
+                labels,
+                ttl,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_good_commit_rolls_out_wave_by_wave_within_the_permits() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let started = Instant::now();
+    let repo = repo_with(POLICY, "good v1\n");
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 50, 2, "10s");
+    let policy = driftless::rollout::policy::parse("driftless.toml", POLICY)
+        .unwrap()
+        .unwrap();
+    let wave_of = |name: &str| {
+        let labels: BTreeMap<String, String> = if name == "h00" {
+            [("canary".to_string(), "yes".to_string())].into()
+        } else {
+            BTreeMap::new()
+        };
+        driftless::rollout::decide::wave_of(&policy, name, &labels).unwrap()
+    };
+    let mut rounds = 0;
+    while agents
+        .iter()
+        .any(|a| a.content().as_deref() != Some("good v1\n"))
+    {
+        rounds += 1;
+        assert!(
+            rounds <= 30,
+            "the rollout did not finish in 30 rounds ({:?}); waiting: {:?}",
+            started.elapsed(),
+            round(&agents[..3])
+        );
+        for (name, code, out) in round(&agents) {
+            assert_eq!(code, 0, "{name}: {out}");
+        }
+        // A bake is 1s: do not spin through rounds faster than it.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // `fleet status` shows the settled rollout.
+    let out = agents[0]
+        .cmd(&["fleet", "status", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let commits = v["status"]["commits"].as_array().unwrap();
+    let mine = commits.iter().find(|c| c["commit"] == c1.as_str()).unwrap();
+    let applied: u64 = mine["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["applied"].as_u64().unwrap())
+        .sum();
+    assert_eq!(applied, 50, "{mine}");
+    // One status lease per live host: each run's put revokes the lease
+    // of the run before, and released permits revoke theirs.
+    let mut c = etcd.client();
+    let leases = etcd.rt.block_on(c.leases()).unwrap().leases().len();
+    assert!(leases <= 50, "{leases} leases alive after {rounds} rounds");
+    let table = agents[0].cmd(&["fleet", "status"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("50 live host(s)") && table.contains("canary"),
+        "{table}"
+    );
+
+    // The history: permits never exceeded, every apply held one, and
+    // waves started in order.
+    let hist = etcd.history("/t/");
+    let mut held: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut most = 0;
+    let mut holding: BTreeSet<String> = BTreeSet::new();
+    let mut applied_at: BTreeMap<String, i64> = BTreeMap::new();
+    let mut healthy_per_wave: Vec<Vec<i64>> = vec![Vec::new(); policy.waves.len()];
+    let mut permit_at: BTreeMap<String, i64> = BTreeMap::new();
+    for (rev, put, key, value) in &hist {
+        if let Some(rest) = key.strip_prefix("/t/permits/") {
+            let (group, host) = rest.split_once('/').unwrap();
+            let set = held.entry(group.to_string()).or_default();
+            if *put {
+                set.insert(host.to_string());
+                holding.insert(host.to_string());
+                permit_at.entry(host.to_string()).or_insert(*rev);
+            } else {
+                set.remove(host);
+                holding.remove(host);
+            }
+            assert!(
+                set.len() <= 4,
+                "revision {rev}: group {group} holds {} permits: {set:?}",
+                set.len()
+            );
+            most = most.max(set.len());
+        } else if let Some(host) = key.strip_prefix("/t/hosts/") {
+            if !put || applied_at.contains_key(host) {
+                continue;
+            }
+            let s: serde_json::Value = serde_json::from_str(value).unwrap();
+            if s["commit"] == c1.as_str() {
+                assert_eq!(s["result"], "applied", "{host} at {rev}: {s}");
+                assert!(
+                    permit_at.contains_key(host),
+                    "{host} applied at revision {rev} without ever holding a permit"
+                );
+                applied_at.insert(host.to_string(), *rev);
+                if s["healthy"] == true {
+                    healthy_per_wave[wave_of(host)].push(*rev);
+                }
+            }
+        }
+    }
+    assert_eq!(applied_at.len(), 50);
+    assert!(
+        most >= 2,
+        "permits were never used concurrently (most {most})"
+    );
+    for (host, at) in &permit_at {
+        let w = wave_of(host);
+        for (j, wave) in policy.waves.iter().enumerate().take(w) {
+            let before = healthy_per_wave[j].iter().filter(|r| **r < *at).count();
+            assert!(
+                before >= wave.min_healthy as usize,
+                "{host} (wave {w}) took a permit at revision {at} when wave {j} had {before} healthy report(s)"
+            );
+        }
+    }
+    eprintln!(
+        "fleet rollout: 50 agents, {rounds} rounds, {} etcd changes, at most {most} permits per group, {:?}",
+        hist.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_failing_canary_halts_the_rollout() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 4\n\n\
+        [[rollout.waves]]\nname = \"canary\"\nlabels = { canary = \"yes\" }\n\n\
+        [[rollout.waves]]\nname = \"rest\"\npercent = 100\n";
+    let repo = repo_with(policy, "good v1\n");
+    repo.commit("v1");
+    // Everyone on v1 first.
+    let agents = fleet(&repo, &etcd, 12, 1, "10s");
+    let mut rounds = 0;
+    while agents
+        .iter()
+        .any(|a| a.content().as_deref() != Some("good v1\n"))
+    {
+        rounds += 1;
+        assert!(rounds <= 30, "v1 did not roll out");
+        round(&agents);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    set_content(&repo, "broken v2\n");
+    let bad = repo.commit("v2 breaks the check");
+    let before = etcd.revision();
+    for _ in 0..4 {
+        round(&agents);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The canary tried, failed its check and reverted; nobody else
+    // applied v2, ever (the history of every status says so).
+    assert_eq!(agents[0].content().as_deref(), Some("good v1\n"));
+    let marks = etcd.keys(&format!("/t/bad/{bad}/"));
+    assert_eq!(marks, vec![format!("/t/bad/{bad}/h00")]);
+    for (rev, put, key, value) in etcd.history("/t/hosts/") {
+        if put {
+            let s: serde_json::Value = serde_json::from_str(&value).unwrap();
+            assert_ne!(s["commit"], bad.as_str(), "{key} at {rev} applied v2: {s}");
+        }
+    }
+    for (rev, put, key, _) in etcd.history("/t/permits/") {
+        if put && rev > before {
+            assert!(
+                key.ends_with("/h00"),
+                "{key} took a permit after v2 while only the canary may: revision {rev}"
+            );
+        }
+    }
+    for a in &agents {
+        assert_eq!(a.content().as_deref(), Some("good v1\n"), "{}", a.name);
+    }
+    let st = agents[3].cmd(&["fleet", "status"]).output().unwrap();
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.contains("HALTED") && st.contains("reverted by h00"),
+        "{st}"
+    );
+    let status = agents[3]
+        .cmd(&["status", "--format", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(v.to_string().contains("halted"), "`status` says why: {v}");
+}
+
+#[test]
+fn a_killed_hosts_permit_returns_after_the_lease_ttl() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 1\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    // The check hangs: the first agent holds its permit until killed.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"slow\"\nretries = 1\ntimeout = \"60s\"\n\
+         command = { argv = [\"/bin/sh\", \"-c\", \"test -e \\\"$APP_ROOT/fast\\\" || sleep 60\"] }\n",
+    );
+    repo.commit("v1");
+    let a = Agent::new("slow", repo.path(), &etcd, "g", "", "2s");
+    let b = Agent::new("next", repo.path(), &etcd, "g", "", "2s");
+    std::fs::write(b.root().join("fast"), "").unwrap();
+    let mut child = a.spawn_sync();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while etcd.keys("/t/permits/g/") != vec!["/t/permits/g/slow".to_string()] {
+        assert!(
+            Instant::now() < deadline,
+            "the first agent never took its permit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Held (kept alive) for longer than the TTL while the agent lives.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(etcd.keys("/t/permits/g/"), vec!["/t/permits/g/slow"]);
+    // Meanwhile the other host waits for the permit.
+    let out = b.cmd(&["sync", "--once"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("permit"), "{text}");
+    assert!(b.content().is_none());
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    while !etcd.keys("/t/permits/g/").is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(8),
+            "the permit outlived its 2s lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let freed = killed.elapsed();
+    assert!(
+        freed >= Duration::from_millis(500),
+        "freed at once: {freed:?}"
+    );
+    b.cmd(&["sync", "--once"]).output().unwrap();
+    assert_eq!(b.content().as_deref(), Some("good v1\n"));
+    eprintln!("permit of a killed host freed {freed:?} after the kill (lease_ttl 2s)");
+}
+
+#[test]
+fn etcd_killed_mid_rollout_no_host_applies_without_a_permit() {
+    let Some(mut etcd) = etcd_or_skip() else {
+        return;
+    };
+    let policy = "[rollout]\nmax_concurrent = 2\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 10, 1, "10s");
+    let applied = |agents: &[Agent]| {
+        agents
+            .iter()
+            .filter(|a| a.content().as_deref() == Some("good v1\n"))
+            .count()
+    };
+    round(&agents);
+    let before = applied(&agents);
+    assert!(
+        (1..=2).contains(&before),
+        "{before} applied in the first round"
+    );
+    etcd.kill();
+    // etcd down: every agent waits (on_unreachable = "wait"), none applies.
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+        if agents
+            .iter()
+            .any(|a| a.name == name && a.content().is_none())
+        {
+            assert!(out.contains("until etcd answers"), "{name}: {out}");
+        }
+    }
+    assert_eq!(
+        applied(&agents),
+        before,
+        "a host applied while etcd was down"
+    );
+    etcd.restart();
+    let mut rounds = 0;
+    while applied(&agents) < agents.len() {
+        rounds += 1;
+        assert!(rounds <= 15, "the rollout did not resume");
+        round(&agents);
+    }
+    // Every host that applied took a permit first, at most 2 at a time.
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut permitted: BTreeSet<String> = BTreeSet::new();
+    let mut on_c1: BTreeSet<String> = BTreeSet::new();
+    for (rev, put, key, value) in etcd.history("/t/") {
+        if let Some(host) = key.strip_prefix("/t/permits/g0/") {
+            if put {
+                held.insert(host.to_string());
+                permitted.insert(host.to_string());
+            } else {
+                held.remove(host);
+            }
+            assert!(held.len() <= 2, "revision {rev}: {held:?}");
+        } else if let Some(host) = key.strip_prefix("/t/hosts/") {
+            let s: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+            if put && s["commit"] == c1.as_str() && on_c1.insert(host.to_string()) {
+                assert!(
+                    permitted.contains(host),
+                    "{host} applied at {rev} without a permit"
+                );
+            }
+        }
+    }
+    assert_eq!(on_c1.len(), 10);
+}
