@@ -437,6 +437,11 @@ pub fn load_options(settings: &Settings) -> LoadOptions {
     for w in &settings.webhooks {
         add(&w.secret_file, "a webhook's signing key (secret_file)");
     }
+    // The agent rewrites its metrics file after every run: a role that
+    // managed it would flap with the agent, and the file would lie.
+    if let Some(m) = &settings.metrics_file {
+        add(m, "the agent's metrics file (metrics_file)");
+    }
     // How the agent is started: a role that overrides its units (a drop-in
     // with an empty ExecStart=), its timer, cron job or udev rule could
     // stop it for good, and nothing would ever sync the fix.
@@ -761,6 +766,20 @@ mod tests {
         }
         // allowed_signers is below /etc/driftless: covered, not repeated.
         assert!(!r.iter().any(|p| p == "/etc/driftless/allowed_signers"));
+    }
+
+    #[test]
+    fn metrics_file_is_reserved() {
+        let s = settings(Fragment::default());
+        let Some(m) = s.metrics_file.clone() else {
+            panic!("metrics are on by default");
+        };
+        let r = reserved(&s);
+        assert!(
+            r.iter().any(|p| Path::new(p) == m),
+            "{} not in {r:?}",
+            m.display()
+        );
     }
 
     #[test]
