@@ -102,6 +102,7 @@ fn waiting_report(pass: &Pass, head: Head, waiting: crate::effects::fleet::Waiti
             unchanged: 0,
             unit_actions: Vec::new(),
             checks: Vec::new(),
+            hooks: Vec::new(),
             units: Vec::new(),
             ownership_applied: super::ownership_applied(),
             next_inventory: Default::default(),
