@@ -25,6 +25,7 @@ mod pipeline;
 mod planted_links;
 mod quick;
 mod quickstart;
+mod reboot;
 mod reserved;
 mod revert;
 mod secrets;

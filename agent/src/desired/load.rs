@@ -72,6 +72,8 @@ pub struct FileDecl {
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
+    /// A change to it needs a reboot (`reboot = true`).
+    pub reboot: bool,
     /// Where it was declared, for error messages: `roles/web/role.toml:9 files[2]`
     /// (the line of the entry's `[[files]]` table).
     pub origin: String,
@@ -399,6 +401,7 @@ fn file_decl(
         owner,
         group,
         on_change,
+        reboot: spec.reboot,
         origin: origin.to_string(),
     })
 }

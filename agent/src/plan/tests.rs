@@ -21,6 +21,7 @@ fn file(path: &str, content: &str, mode: u32) -> DesiredFile {
         }],
         sensitive: false,
         self_contained: true,
+        reboot: false,
         origin: "roles/r/role.toml files[0]".into(),
     }
 }
