@@ -1067,6 +1067,25 @@ mod tests {
     }
 
     #[test]
+    fn reboot_is_a_strict_boolean_naming_role_line_and_key() {
+        let h = one_file("/etc/default/grub", "reboot = true\n").unwrap();
+        assert!(h.files[0].reboot);
+        assert!(!one_file("/etc/default/grub", "").unwrap().files[0].reboot);
+        for bad in ["reboot = \"yes\"", "reboot = 1", "reboot = \"fleet-lock\""] {
+            let err = one_file("/etc/default/grub", &format!("{bad}\n")).unwrap_err();
+            assert!(
+                err.contains("roles/a/role.toml:4") && err.contains("reboot"),
+                "{bad}: {err}"
+            );
+        }
+        let err = one_file("/etc/default/grub", "reboots = true\n").unwrap_err();
+        assert!(
+            err.contains("roles/a/role.toml:4") && err.contains("unknown field `reboots`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn dir_mode_defaults_to_0755_and_a_file_entry_beats_its_role() {
         let dir_mode = |role_toml: &str| -> Result<u32, String> {
             let s = repo(&[
