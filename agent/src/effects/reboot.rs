@@ -62,6 +62,9 @@ pub fn pending<'a>(inv: &'a Inventory, boot: &str) -> Option<&'a RebootRequest> 
 /// owner). Only run when a transaction asks for a reboot.
 pub fn owners(fs: &RootFs, paths: &[TargetPath]) -> Vec<(TargetPath, String)> {
     let mut found: Vec<Option<String>> = vec![None; paths.len()];
+    if paths.is_empty() {
+        return Vec::new();
+    }
     if let Err(e) = scan_dpkg_lists(fs, paths, &mut found) {
         tracing::debug!("no package owners for the reboot request: {e:#}");
     }
