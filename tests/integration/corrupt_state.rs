@@ -123,13 +123,14 @@ fn state_files(host: &Host) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Rewrites the envelope of a state file as a newer driftless would
-/// (format 2; the checksum covers `data` only, so it still holds).
+/// (format 3, one past what this agent knows; the checksum covers `data`
+/// only, so it still holds).
 fn bump_format(path: &std::path::Path) {
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.contains("\"driftless_state\": 1,"), "{text}");
     std::fs::write(
         path,
-        text.replacen("\"driftless_state\": 1,", "\"driftless_state\": 2,", 1),
+        text.replacen("\"driftless_state\": 1,", "\"driftless_state\": 3,", 1),
     )
     .unwrap();
 }
@@ -161,7 +162,7 @@ fn refused_and_untouched(host: &Host, repo: &Repo, file: &std::path::Path) {
     for want in [
         &file.display().to_string(),
         "written by a newer driftless",
-        "format 2; this agent knows up to format 1",
+        "format 3; this agent knows up to format 2",
         "upgrade the agent",
     ] {
         assert!(
@@ -189,7 +190,7 @@ fn refused_and_untouched(host: &Host, repo: &Repo, file: &std::path::Path) {
 }
 
 /// Step 0 of docs/design/resources.md: an inventory or a journal written
-/// by a newer driftless (envelope `driftless_state` 2) is refused, not
+/// by a newer driftless (envelope `driftless_state` 3) is refused, not
 /// moved aside and rebuilt as a corrupt one was: it may record what only
 /// the newer agent can undo.
 #[test]

@@ -26,6 +26,7 @@ mod pipeline;
 mod planted_links;
 mod quick;
 mod quickstart;
+mod reboot;
 mod reserved;
 mod revert;
 mod secrets;

@@ -136,6 +136,12 @@ pub fn print_plan(
                     json!([{"what": "hooks", "why": "hooks are not undone"}]),
                 );
             }
+            if let (false, Some(status)) = (
+                p.plan.reboot_required.is_empty(),
+                plan.get_mut("status").and_then(|v| v.as_object_mut()),
+            ) {
+                status.insert("reboot_required".into(), json!(p.plan.reboot_required));
+            }
             print_json(&plan)
         }
     }
@@ -160,6 +166,10 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
         None => Ok(Default::default()),
     };
     let applied = inventory.as_ref().filter(|i| !i.txid.is_empty());
+    let boot = crate::effects::reboot::boot_id();
+    let reboot = inventory
+        .as_ref()
+        .and_then(|i| crate::effects::reboot::pending(i, &boot));
     // Unreadable floor: shown as an error string, status still prints.
     let floor = crate::effects::state::floor::load(&s.root).map_err(|e| format!("{e:#}"));
     match format {
@@ -197,6 +207,14 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                 },
                 "halted": marks.as_ref().ok().and_then(|m| m.halted.clone()),
                 "interrupted_attempts": marks.as_ref().map(|m| json!(m.interrupted)).unwrap_or(json!({})),
+                "reboot_required": match reboot {
+                    Some(r) => json!({
+                        "required": true,
+                        "boot_id": r.boot_id,
+                        "files": r.reasons,
+                    }),
+                    None => json!({ "required": false }),
+                },
             },
         })),
         Format::Text => {
@@ -259,6 +277,12 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     }
                 }
                 None => outln!("last run: never"),
+            }
+            if let Some(r) = reboot {
+                outln!(
+                    "reboot required: yes (files: {}); driftless never reboots by itself",
+                    crate::effects::reboot::describe(r)
+                );
             }
             if !pending.is_empty() {
                 outln!(

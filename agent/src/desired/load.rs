@@ -72,6 +72,8 @@ pub struct FileDecl {
     pub owner: Principal,
     pub group: Principal,
     pub on_change: Vec<UnitAction>,
+    /// A change to it needs a reboot (`reboot = true`).
+    pub reboot: bool,
     /// Where it was declared, for error messages: `roles/web/role.toml:9 files[2]`
     /// (the line of the entry's `[[files]]` table).
     pub origin: String,
@@ -407,6 +409,7 @@ fn file_decl(
         owner,
         group,
         on_change,
+        reboot: spec.reboot,
         origin: origin.to_string(),
     })
 }
@@ -1069,6 +1072,25 @@ mod tests {
             ("roles/a/files/x", ""),
         ]);
         load_host(&s, "h", &opts()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reboot_is_a_strict_boolean_naming_role_line_and_key() {
+        let h = one_file("/etc/default/grub", "reboot = true\n").unwrap();
+        assert!(h.files[0].reboot);
+        assert!(!one_file("/etc/default/grub", "").unwrap().files[0].reboot);
+        for bad in ["reboot = \"yes\"", "reboot = 1", "reboot = \"fleet-lock\""] {
+            let err = one_file("/etc/default/grub", &format!("{bad}\n")).unwrap_err();
+            assert!(
+                err.contains("roles/a/role.toml:4") && err.contains("reboot"),
+                "{bad}: {err}"
+            );
+        }
+        let err = one_file("/etc/default/grub", "reboots = true\n").unwrap_err();
+        assert!(
+            err.contains("roles/a/role.toml:4") && err.contains("unknown field `reboots`"),
+            "{err}"
+        );
     }
 
     #[test]

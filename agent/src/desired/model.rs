@@ -127,6 +127,11 @@ pub struct FileSpec {
     /// `dir_mode`, else "0755". Existing directories are left as they are.
     #[serde(default)]
     pub dir_mode: Option<String>,
+    /// A change to this file (create, update, owner or mode, removal) needs
+    /// a reboot: after the commit the agent writes `/run/reboot-required`.
+    /// It never reboots by itself.
+    #[serde(default)]
+    pub reboot: bool,
 }
 
 /// `on_change = { reload = ["nginx.service"], restart = [...] }`.

@@ -56,6 +56,8 @@ pub struct DesiredFile {
     /// commit that changes other role files cannot change it (see
     /// `sync::repair`).
     pub self_contained: bool,
+    /// A change to it needs a reboot (`reboot = true`).
+    pub reboot: bool,
     /// Where it was declared, for messages.
     pub origin: String,
 }
@@ -422,6 +424,7 @@ impl Renderer {
                 on_change: decl.on_change.clone(),
                 sensitive,
                 self_contained,
+                reboot: decl.reboot,
                 origin: decl.origin.clone(),
             });
         }

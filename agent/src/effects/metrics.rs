@@ -63,6 +63,9 @@ pub struct Totals {
     pub applied_commit: Option<String>,
     pub files_managed: Option<u64>,
     pub checks_failing: u64,
+    /// The boot in which the last run that read the inventory found a
+    /// reboot request pending (`None`: none was).
+    pub reboot_required_boot: Option<String>,
 }
 
 /// One run, as far as it got.
@@ -90,6 +93,12 @@ pub struct Run {
     pub halted: bool,
     /// How long it waited for another run's lock (`None`: it was free).
     pub lock_wait: Option<Duration>,
+    /// Whether a committed reboot request is pending in this boot (`None`:
+    /// the run did not look; the last answer stands while the boot is
+    /// the same).
+    pub reboot_required: Option<bool>,
+    /// The running kernel's boot id.
+    pub boot_id: String,
 }
 
 impl Run {
@@ -133,6 +142,9 @@ pub fn update(t: &mut Totals, run: &Run) {
     }
     if let Some(n) = run.checks_failing {
         t.checks_failing = n;
+    }
+    if let Some(r) = run.reboot_required {
+        t.reboot_required_boot = r.then(|| run.boot_id.clone());
     }
 }
 
@@ -313,6 +325,14 @@ pub fn render(t: &Totals, run: &Run, l: &Labels) -> String {
         &n(u64::from(run.halted)),
     );
     family(
+        "driftless_reboot_required",
+        "gauge",
+        "1 while a committed change to a file with `reboot = true` waits for a reboot (/run/reboot-required; driftless never reboots by itself).",
+        &n(u64::from(
+            t.reboot_required_boot.as_deref() == Some(run.boot_id.as_str()),
+        )),
+    );
+    family(
         "driftless_lock_waits_total",
         "counter",
         "Runs that found another run holding the lock and waited for it.",
@@ -438,6 +458,8 @@ mod tests {
             bad_commits: 0,
             halted: false,
             lock_wait: None,
+            reboot_required: Some(false),
+            boot_id: "b".into(),
         }
     }
 
@@ -480,6 +502,7 @@ mod tests {
             ("driftless_bad_commits", "0"),
             ("driftless_checks_failing", "0"),
             ("driftless_halted", "0"),
+            ("driftless_reboot_required", "0"),
             ("driftless_lock_waits_total", "0"),
             ("driftless_lock_wait_seconds_total", "0"),
             ("driftless_last_run_secrets_decrypted", "1"),

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod process;
+pub mod reboot;
 pub mod rootfs;
 pub mod state;
 pub mod systemd;

@@ -90,6 +90,18 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             "irreversible: hooks are not undone (a revert restores the files, not what a hook did)"
         );
     }
+    if !plan.reboot_required.is_empty() {
+        let files: Vec<String> = plan
+            .reboot_required
+            .iter()
+            .map(|p| format!("file {p}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "reboot required after this commit: {} (driftless writes /run/reboot-required; it never reboots)",
+            files.join(", ")
+        );
+    }
     if !plan.ownership_applied {
         let _ = writeln!(
             out,

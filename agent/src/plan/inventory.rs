@@ -32,9 +32,87 @@ pub struct Inventory {
     /// removed (directories that existed before are never touched).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dirs: BTreeSet<TargetPath>,
+    /// A reboot that committed changes asked for (files with `reboot =
+    /// true`), until the host boots again. Recorded with the commit, so a
+    /// crash before `/run/reboot-required` is written loses nothing: every
+    /// full sync writes it again while the boot is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRequest>,
+}
+
+/// Why the host needs a reboot, and since which boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// `/proc/sys/kernel/random/boot_id` when the request was committed:
+    /// once the host booted again, the request is done.
+    pub boot_id: String,
+    /// Each file whose change asked for it (the latest change wins).
+    pub reasons: Vec<RebootReason>,
+}
+
+/// One change that needs a reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootReason {
+    pub path: TargetPath,
+    /// The commit and transaction that changed it.
+    #[serde(default)]
+    pub commit: Option<String>,
+    pub txid: String,
+    /// What `/run/reboot-required.pkgs` lists for it: the package that owns
+    /// the file in the dpkg database, else `driftless`.
+    pub package: String,
+}
+
+impl RebootRequest {
+    /// The request after a transaction `txid` of `commit` changed `paths`
+    /// (`package` names each path's entry for `.pkgs`): `previous` is kept
+    /// only if it was made in this boot.
+    pub fn merged(
+        previous: Option<&RebootRequest>,
+        boot_id: &str,
+        commit: Option<&str>,
+        txid: &str,
+        paths: &[(TargetPath, String)],
+    ) -> Option<RebootRequest> {
+        let mut reasons: Vec<RebootReason> = previous
+            .filter(|p| p.boot_id == boot_id)
+            .map(|p| p.reasons.clone())
+            .unwrap_or_default();
+        for (path, package) in paths {
+            reasons.retain(|r| &r.path != path);
+            reasons.push(RebootReason {
+                path: path.clone(),
+                commit: commit.map(str::to_string),
+                txid: txid.to_string(),
+                package: package.clone(),
+            });
+        }
+        reasons.sort_by(|a, b| a.path.cmp(&b.path));
+        (!reasons.is_empty()).then(|| RebootRequest {
+            boot_id: boot_id.to_string(),
+            reasons,
+        })
+    }
+
+    /// The package names for `/run/reboot-required.pkgs`, unique, sorted.
+    pub fn packages(&self) -> BTreeSet<&str> {
+        self.reasons.iter().map(|r| r.package.as_str()).collect()
+    }
 }
 
 pub const INVENTORY_VERSION: u32 = 1;
+
+impl Inventory {
+    /// Whether it records anything an agent older than `reboot = true`
+    /// cannot read (its entries deny unknown fields): such an inventory is
+    /// written as state format 2, which those agents refuse instead of
+    /// rebuilding it as corrupt.
+    pub fn uses_reboot(&self) -> bool {
+        self.reboot.is_some() || self.files.values().any(|e| e.reboot)
+    }
+}
 
 impl Inventory {
     /// The same inventory with only the entries for `paths`.
@@ -70,6 +148,7 @@ impl Inventory {
             applied_at: self.applied_at,
             files: BTreeMap::new(),
             dirs: self.dirs.clone(),
+            reboot: self.reboot.clone(),
         }
     }
 
@@ -114,6 +193,11 @@ pub struct ManagedEntry {
     /// The file that was there before driftless managed it, if any.
     #[serde(default)]
     pub original: Option<Original>,
+    /// `reboot = true`: a change to it, its removal included, needs a
+    /// reboot. Absent when false (a files-only inventory stays the bytes
+    /// older agents wrote).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
 }
 
 /// A pre-existing file, saved once when driftless first took it over and

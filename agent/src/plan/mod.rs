@@ -144,6 +144,10 @@ pub struct FileChange {
     pub adopt_original: bool,
     /// A pruned file that existed before driftless: put it back.
     pub restore_original: Option<Original>,
+    /// The file has `reboot = true` (for a removal: had), and this change
+    /// writes it: the host needs a reboot once the transaction commits.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +170,10 @@ pub struct Plan {
     /// undone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<Hook>,
+    /// The changed files that ask for a reboot once this transaction
+    /// commits (`reboot = true`). Like hooks, not changes of their own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reboot_required: Vec<TargetPath>,
     /// False when running unprivileged: owners were not compared and
     /// will not be applied.
     pub ownership_applied: bool,
@@ -241,6 +249,9 @@ pub fn plan(
         applied_at: 0,
         files: BTreeMap::new(),
         dirs: previous.dirs.clone(),
+        // Merged with this transaction's request (and dropped once the
+        // host rebooted) when it commits: that needs the boot id.
+        reboot: previous.reboot.clone(),
     };
 
     for f in &desired.files {
@@ -299,6 +310,7 @@ pub fn plan(
                 on_change: f.on_change.clone(),
                 adopt_original: false,
                 restore_original: None,
+                reboot: f.reboot,
             }),
             Observation::File(cur) => {
                 // A change is sensitive if either side is: a file that stops
@@ -346,6 +358,8 @@ pub fn plan(
                         },
                         adopt_original: adopt,
                         restore_original: None,
+                        // An adoption writes nothing.
+                        reboot: f.reboot && kind != ChangeKind::Adopt,
                     })
                 } else {
                     None
@@ -378,6 +392,7 @@ pub fn plan(
                 on_change: entry.on_change.clone(),
                 adopt_original: false,
                 restore_original: entry.original.clone(),
+                reboot: entry.reboot,
             }),
             // Already gone, or replaced by something that is not ours:
             // forget it, touch nothing.
@@ -391,6 +406,11 @@ pub fn plan(
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let unit_actions = merge_actions(changes.iter().flat_map(|c| c.on_change.iter()));
     let hooks = hooks_to_run(&desired.hooks, &changes);
+    let reboot_required = changes
+        .iter()
+        .filter(|c| c.reboot)
+        .map(|c| c.path.clone())
+        .collect();
     Ok(Plan {
         host: desired.host.clone(),
         commit: commit.map(str::to_string),
@@ -400,6 +420,7 @@ pub fn plan(
         checks: desired.checks.clone(),
         units: desired.units.clone(),
         hooks,
+        reboot_required,
         ownership_applied: ids.apply_ownership,
         next_inventory: next,
         self_contained: desired
@@ -457,6 +478,7 @@ fn managed_entry(f: &DesiredFile, new: &NewFile, original: Option<Original>) -> 
         on_change: f.on_change.clone(),
         sensitive: f.sensitive,
         original,
+        reboot: f.reboot,
     }
 }
 

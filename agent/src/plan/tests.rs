@@ -21,6 +21,7 @@ fn file(path: &str, content: &str, mode: u32) -> DesiredFile {
         }],
         sensitive: false,
         self_contained: true,
+        reboot: false,
         origin: "roles/r/role.toml files[0]".into(),
     }
 }
@@ -409,4 +410,89 @@ fn hooks_ride_along_with_the_changes_of_their_role() {
     assert_eq!(p.changes[0].kind, ChangeKind::Adopt);
     let roles: Vec<&str> = p.hooks.iter().map(|h| h.role.as_str()).collect();
     assert_eq!(roles, vec!["other"]);
+}
+
+/// Step 8: which changes of a `reboot = true` file ask for a reboot.
+#[test]
+fn reboot_is_asked_by_a_write_meta_change_or_prune_never_by_an_adoption() {
+    let grub = || {
+        let mut f = file("/etc/default/grub", "x\n", 0o644);
+        f.reboot = true;
+        f
+    };
+    // Create.
+    let created = plan(
+        &desired(vec![grub(), file("/etc/a", "a\n", 0o644)]),
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(created.reboot_required, vec![tp("/etc/default/grub")]);
+    let inv = inventory_of(&created);
+    assert!(inv.files[&tp("/etc/default/grub")].reboot);
+    assert!(!inv.files[&tp("/etc/a")].reboot);
+    assert!(inv.uses_reboot());
+    // Mode only.
+    let obs = Observed::from([
+        (tp("/etc/default/grub"), on_disk("x\n", 0o600)),
+        (tp("/etc/a"), on_disk("a\n", 0o644)),
+    ]);
+    let p = plan(
+        &desired(vec![grub(), file("/etc/a", "a\n", 0o644)]),
+        Some("c2"),
+        &obs,
+        &inv,
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.reboot_required, vec![tp("/etc/default/grub")]);
+    // Another file changes: no reboot.
+    let obs = Observed::from([
+        (tp("/etc/default/grub"), on_disk("x\n", 0o644)),
+        (tp("/etc/a"), on_disk("old\n", 0o644)),
+    ]);
+    let p = plan(
+        &desired(vec![grub(), file("/etc/a", "a\n", 0o644)]),
+        Some("c2"),
+        &obs,
+        &inv,
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.changes.len(), 1);
+    assert!(p.reboot_required.is_empty());
+    // Pruned.
+    let p = plan(
+        &desired(vec![file("/etc/a", "a\n", 0o644)]),
+        Some("c3"),
+        &obs,
+        &inv,
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.reboot_required, vec![tp("/etc/default/grub")]);
+    // Adopted as it is: nothing written, no reboot.
+    let obs = Observed::from([(tp("/etc/default/grub"), on_disk("x\n", 0o644))]);
+    let p = plan(
+        &desired(vec![grub()]),
+        Some("c1"),
+        &obs,
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    assert_eq!(p.changes[0].kind, ChangeKind::Adopt);
+    assert!(p.reboot_required.is_empty());
+    // A files-only plan records nothing of it.
+    let plain = plan(
+        &desired(vec![file("/etc/a", "a\n", 0o644)]),
+        Some("c1"),
+        &Observed::new(),
+        &Inventory::default(),
+        &ids(),
+    )
+    .unwrap();
+    assert!(!inventory_of(&plain).uses_reboot());
 }

@@ -28,6 +28,7 @@ pub(super) fn after_run(pass: &Pass, result: &Result<Report, Error>) {
     );
     run.secrets_decrypted = pass.secrets_decrypted as u64;
     run.checks_failing = pass.checks_failing.map(|n| n as u64);
+    run.reboot_required = pass.reboot_pending;
     match result {
         Ok(r) if r.skipped_bad || r.waiting.is_some() => run.result = "skipped",
         Ok(r) => {
@@ -85,6 +86,7 @@ fn base(
         bad_commits: marks.bad.len() as u64,
         halted: marks.halted.is_some(),
         lock_wait,
+        boot_id: crate::effects::reboot::boot_id(),
         ..Run::default()
     }
 }

@@ -106,6 +106,7 @@ pub fn assess(
                 unit_actions: Vec::new(),
                 checks: Vec::new(),
                 units: record.units.clone(),
+                reboot_required: Vec::new(),
                 hooks: Vec::new(),
                 ownership_applied: super::ownership_applied(),
                 next_inventory: Inventory::default(),

@@ -61,6 +61,9 @@ pub fn sync_once(
             Planned::Full { prepared, inputs } => apply_phase(&mut pass, prepared, &inputs),
         }
     })();
+    if !result.as_ref().is_ok_and(|r| r.quick) {
+        keep_reboot_request(&mut pass);
+    }
     record_outcome(&pass, &result);
     fleet.finish(&pass, &result);
     result
@@ -144,6 +147,10 @@ pub(super) struct Pass<'a> {
     recovered: Vec<String>,
     /// The anti-rollback record the next commit writes with its inventory.
     floor: Option<crate::effects::state::floor::Floor>,
+    /// Whether a committed reboot request is pending in this boot (`None`:
+    /// this run did not read the inventory; the metrics keep what the last
+    /// run that did found).
+    pub(super) reboot_pending: Option<bool>,
 }
 
 /// Takes the lock, rolls back what a crash left behind, and refuses to go
@@ -249,6 +256,7 @@ pub(super) fn begin<'a>(
         stamps,
         recovered: recovered.into_iter().map(|r| r.txid).collect(),
         floor: None,
+        reboot_pending: None,
     })
 }
 
@@ -595,7 +603,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     let marks = &mut pass.marks;
     let recovered = &pass.recovered;
     let commit = prepared.fetched.commit.clone();
-    let plan = prepared.plan;
+    let mut plan = prepared.plan;
     if plan.is_empty() {
         let timing = timings::stage("units");
         let fixed = rt
@@ -675,6 +683,20 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         },
         _ => None,
     };
+    if post.failure.is_none() {
+        // The reboot request goes into the commit record: a crash before
+        // `/run/reboot-required` is written loses nothing. A request of an
+        // earlier boot is dropped (the host rebooted since).
+        let boot = crate::effects::reboot::boot_id();
+        let paths = crate::effects::reboot::owners(fs, &plan.reboot_required);
+        plan.next_inventory.reboot = crate::plan::inventory::RebootRequest::merged(
+            plan.next_inventory.reboot.as_ref(),
+            &boot,
+            Some(commit.as_str()),
+            &applied.txid,
+            &paths,
+        );
+    }
     let reason = match &post.failure {
         None => match apply::commit(
             fs,
@@ -691,6 +713,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                     }
                 }
                 info!(commit = %short(&commit), txid = %applied.txid, "applied");
+                publish_reboot_request(fs, &plan.next_inventory);
                 return Ok(Report {
                     commit,
                     applied: Some(applied),
@@ -764,5 +787,40 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                 short(&commit)
             ),
         )),
+    }
+}
+
+/// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the
+/// committed inventory holds a request of this boot. Never fails the run:
+/// the request is in the inventory, and the next full sync writes it again.
+fn publish_reboot_request(fs: &RootFs, inv: &crate::plan::inventory::Inventory) -> bool {
+    let boot = crate::effects::reboot::boot_id();
+    let Some(request) = crate::effects::reboot::pending(inv, &boot) else {
+        return false;
+    };
+    match crate::effects::reboot::publish(fs, request) {
+        Ok(true) => {
+            info!(
+                files = %crate::effects::reboot::describe(request),
+                "reboot required: wrote {} (driftless never reboots by itself)",
+                fs.path().join("run/reboot-required").display()
+            );
+        }
+        Ok(false) => {}
+        Err(e) => warn!(
+            "a reboot is required ({}), but {e:#}; the next sync tries again",
+            crate::effects::reboot::describe(request)
+        ),
+    }
+    true
+}
+
+/// Every run that read the state (not a quick hit) makes sure a request
+/// committed in this boot is in `/run` (a crash between the commit and
+/// the write lost it), rewriting nothing that is already there.
+fn keep_reboot_request(pass: &mut Pass) {
+    match pass.state.inventory() {
+        Ok(inv) => pass.reboot_pending = Some(publish_reboot_request(&pass.fs, &inv)),
+        Err(e) => tracing::debug!("reboot request not checked: {e:#}"),
     }
 }

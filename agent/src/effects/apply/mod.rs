@@ -199,7 +199,7 @@ pub fn apply(
     let before = state.inventory()?;
     // Read only through a `journal.json`, which exists only after flush (1)
     // made this file's content durable.
-    write_json_replace(&tx_dir.join(INVENTORY_BEFORE), &before)?;
+    crate::effects::state::write_inventory_replace(&tx_dir.join(INVENTORY_BEFORE), &before)?;
 
     let mut journal = Journal {
         txid: txid.clone(),
@@ -351,10 +351,11 @@ fn write_commit_record(
     floor: Option<crate::effects::state::floor::Pending>,
 ) -> Result<()> {
     let Some(floor) = floor else {
-        return write_json_atomic(&state.inventory_path(), inv);
+        return crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv);
     };
     let state_fd = open_dir_path(state.path())?;
-    let bytes = crate::effects::state::encode_state(inv, crate::effects::state::STATE_FORMAT)?;
+    let bytes =
+        crate::effects::state::encode_state(inv, crate::effects::state::inventory_format(inv))?;
     let (tmp, _) = crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
         .with_context(|| format!("cannot write {}", state.inventory_path().display()))?;
     let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {
@@ -473,7 +474,8 @@ fn remove_unneeded_dirs(fs: &RootFs, state: &StateDir, inv: &mut Inventory) {
         }
     }
     if removed {
-        if let Err(e) = write_json_atomic(&state.inventory_path(), &*inv) {
+        if let Err(e) = crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv)
+        {
             tracing::warn!("cannot update the inventory after removing directories: {e:#}");
         }
     }
@@ -805,7 +807,7 @@ fn rollback_then(
     flush(fs, state, &dirs)?;
     if let Some(inv) = inventory {
         failpoint::hit("apply.revert.inventory")?;
-        write_json_atomic(&state.inventory_path(), inv)?;
+        crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv)?;
     }
     journal.state = TxState::RolledBack;
     write_json_atomic(&tx_dir.join(JOURNAL), journal)?;

@@ -51,6 +51,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
                 on_change: vec![],
                 sensitive: false,
                 self_contained: true,
+                reboot: false,
                 origin: "test".into(),
             })
             .collect(),

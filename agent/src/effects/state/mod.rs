@@ -293,9 +293,40 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 /// only files: what every driftless so far wrote, and still writes.
 pub const STATE_FORMAT: u64 = 1;
 
+/// The envelope format of an inventory that records something agents
+/// before it cannot read: a file with `reboot = true`, or a pending reboot
+/// request (see [`Inventory::uses_reboot`]). Agents since step 0 of
+/// `docs/design/resources.md` refuse it as [`NewerFormat`] rather than
+/// rebuild it as corrupt.
+pub const STATE_FORMAT_REBOOT: u64 = 2;
+
 /// The newest envelope format this binary reads. A larger one is a
 /// [`NewerFormat`], refused.
-pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT;
+pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_REBOOT;
+
+/// The envelope format `inv` is written with: 1 ([`STATE_FORMAT`], the
+/// bytes every agent so far wrote) unless it uses `reboot`.
+pub fn inventory_format(inv: &Inventory) -> u64 {
+    if inv.uses_reboot() {
+        STATE_FORMAT_REBOOT
+    } else {
+        STATE_FORMAT
+    }
+}
+
+/// [`write_json_atomic`] for an inventory, in [`inventory_format`].
+pub fn write_inventory_atomic(path: &Path, inv: &Inventory) -> Result<()> {
+    write_atomic(path, &encode_state(inv, inventory_format(inv))?)
+}
+
+/// [`write_json_replace`] for an inventory, in [`inventory_format`].
+pub fn write_inventory_replace(path: &Path, inv: &Inventory) -> Result<()> {
+    replace(
+        path,
+        &encode_state(inv, inventory_format(inv))?,
+        Durability::None,
+    )
+}
 
 /// A state file's bytes: `{"driftless_state": F, "sha256": H, "data": V}`,
 /// where F is `format` (1, [`STATE_FORMAT`], unless the state holds
@@ -526,12 +557,12 @@ mod temp_tests {
         );
         std::fs::write(&p, serde_json::to_vec(&value).unwrap()).unwrap();
         assert_eq!(read_json::<serde_json::Value>(&p).unwrap(), Some(value));
-        std::fs::write(&p, r#"{"driftless_state": 2, "sha256": "", "data": {}}"#).unwrap();
+        std::fs::write(&p, r#"{"driftless_state": 3, "sha256": "", "data": {}}"#).unwrap();
         let err = read_json::<serde_json::Value>(&p).unwrap_err();
         assert!(is_newer_format(&err), "{err:#}");
         let err = format!("{err:#}");
         assert!(
-            err.contains("x.json: written by a newer driftless (state format 2; this agent knows up to format 1)")
+            err.contains("x.json: written by a newer driftless (state format 3; this agent knows up to format 2)")
                 && err.contains("upgrade the agent")
                 && !err.contains("corrupt"),
             "{err}"
