@@ -106,6 +106,7 @@ fn waiting_report(pass: &Pass, head: Head, waiting: crate::effects::fleet::Waiti
             unit_actions: Vec::new(),
             checks: Vec::new(),
             hooks: Vec::new(),
+            reboot_required: Vec::new(),
             units: Vec::new(),
             ownership_applied: super::ownership_applied(),
             next_inventory: Default::default(),
