@@ -196,8 +196,9 @@ pub fn load_host(
             }
         };
         // `roles/a/role.toml:12 files[0]`: the line of the entry's table.
+        let lines = toml_file::LineIndex::new(role_text);
         let at = |key: &str, i: usize, span: std::ops::Range<usize>| {
-            let (line, _) = toml_file::line_col(role_text, span.start);
+            let line = lines.line(span.start);
             format!("{role_path}:{line} {key}[{i}]")
         };
         merge(&mut vars, toml_to_json(toml::Value::Table(role_file.vars)));
@@ -206,7 +207,7 @@ pub fn load_host(
             Some(m) => match parse_dir_mode(m.get_ref()) {
                 Ok(m) => m,
                 Err(e) => {
-                    let (line, _) = toml_file::line_col(role_text, m.span().start);
+                    let line = lines.line(m.span().start);
                     diags.push(format!("{role_path}:{line}: {e}"));
                     Mode::DEFAULT_DIR
                 }
