@@ -176,6 +176,28 @@ pub fn inventory_before(state: &StateDir, txid: &str) -> Result<Option<Inventory
 
 /// Applies `plan` and commits `plan.next_inventory`. On error before the
 /// commit point, the transaction is rolled back before returning.
+/// `tx/<txid>/inventory.before.json`: a hard link to `inventory.json`,
+/// whose bytes `before` was just read from. `inventory.json` is only ever
+/// replaced by a rename, never rewritten in place, so the link keeps the
+/// old inventory byte for byte, and costs nothing where encoding it again
+/// cost tens of milliseconds at 10,000 files (issue 18). Without an
+/// inventory yet (or where links fail) it is written from `before`.
+fn save_inventory_before(state: &StateDir, tx_dir: &Path, before: &Inventory) -> Result<()> {
+    let dest = tx_dir.join(INVENTORY_BEFORE);
+    match fs::hard_link(state.inventory_path(), &dest) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(
+                    "cannot link the inventory into {}: {e}; writing it",
+                    tx_dir.display()
+                );
+            }
+            crate::effects::state::write_inventory_replace(&dest, before)
+        }
+    }
+}
+
 pub fn apply(
     fs: &RootFs,
     state: &StateDir,
@@ -199,7 +221,7 @@ pub fn apply(
     let before = state.inventory()?;
     // Read only through a `journal.json`, which exists only after flush (1)
     // made this file's content durable.
-    crate::effects::state::write_inventory_replace(&tx_dir.join(INVENTORY_BEFORE), &before)?;
+    save_inventory_before(state, &tx_dir, &before)?;
 
     let mut journal = Journal {
         txid: txid.clone(),
