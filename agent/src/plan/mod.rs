@@ -150,7 +150,7 @@ pub struct FileChange {
     pub reboot: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Plan {
     pub host: String,
     pub commit: Option<String>,

@@ -15,7 +15,6 @@ use crate::desired::model::UnitSpec;
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{stamp_path, RootFs};
 use crate::effects::state::{quick as store, StateDir};
-use crate::plan::inventory::Inventory;
 use crate::plan::quick::{self, Inputs, QuickRecord, Stamp, QUICK_VERSION};
 use crate::plan::Plan;
 
@@ -101,18 +100,10 @@ pub fn assess(
             Assessment::Hit(Box::new(Plan {
                 host: settings.host.clone(),
                 commit: Some(record.commit.clone()),
-                changes: Vec::new(),
                 unchanged: record.files.len(),
-                unit_actions: Vec::new(),
-                checks: Vec::new(),
                 units: record.units.clone(),
-                reboot_required: Vec::new(),
-                hooks: Vec::new(),
                 ownership_applied: super::ownership_applied(),
-                next_inventory: Inventory::default(),
-                self_contained: BTreeSet::new(),
-                drifted: 0,
-                secrets_decrypted: 0,
+                ..Plan::default()
             }))
         }
         Ok(changed) => {
