@@ -114,6 +114,16 @@ impl FleetRun {
                         self.hold(commit, wave, reason, false)
                     }
                     OnUnreachable::ApplyAlone => {
+                        // Alone, but never outside the maintenance window.
+                        let tz = jiff::tz::TimeZone::system();
+                        if let Some(why) =
+                            rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
+                        {
+                            let reason =
+                                format!("{e:#}; on_unreachable = \"apply-alone\", but {why}");
+                            warn!("{reason}");
+                            return Ok(self.hold(commit, wave, reason, false));
+                        }
                         warn!(commit = %short(commit), "{e:#}; applying without the fleet (on_unreachable = \"apply-alone\")");
                         Gate::Go
                     }
@@ -174,11 +184,13 @@ impl FleetRun {
                 .iter()
                 .find(|st| st.host == settings.host)
                 .cloned();
+            let tz = jiff::tz::TimeZone::system();
             let host = rollout::ThisHost {
                 name: &settings.host,
                 group: &fleet.group,
                 labels: &fleet.labels,
                 current,
+                tz: &tz,
             };
             let mut decision = rollout::decide(policy, &host, &snap.view(), commit, pass.now);
             let mut permit = None;
