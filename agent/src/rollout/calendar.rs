@@ -46,7 +46,7 @@ impl Component {
             None => true,
             Some(rs) => rs
                 .iter()
-                .any(|r| v >= r.lo && v <= r.hi && (v - r.lo) % r.step == 0),
+                .any(|r| v >= r.lo && v <= r.hi && (v - r.lo).is_multiple_of(r.step)),
         }
     }
 }

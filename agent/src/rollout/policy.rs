@@ -382,10 +382,10 @@ pub fn validate(file: &str, text: &str, r: &RolloutFile) -> Result<Policy, Strin
             }
         };
         let length = match crate::desired::spec::parse_duration(w.length.get_ref()) {
-            Ok(d) if d.as_secs() >= 60 => Some(d.as_secs()),
+            Ok(d) if d.as_secs() >= 1 => Some(d.as_secs()),
             Ok(_) => {
                 errors.push(format!(
-                    "{file}:{}: {key}.length: {:?} is shorter than a minute; a window has to outlast a poll (e.g. \"8h\")",
+                    "{file}:{}: {key}.length: {:?} is shorter than a second; give the window a length such as \"8h\"",
                     at(w.length.span()),
                     w.length.get_ref()
                 ));

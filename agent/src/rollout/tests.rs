@@ -737,7 +737,7 @@ fn bad_windows_name_the_line_and_key() {
     let base = "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\n[[rollout.windows]]\n";
     for (tail, want) in [
         ("calendar = \"Fri..Mon 22:00\"\nlength = \"8h\"\n", "driftless.toml:6: rollout.windows[0].calendar: \"Fri..Mon\": a weekday range runs forwards"),
-        ("calendar = \"22:00\"\nlength = \"30s\"\n", "driftless.toml:7: rollout.windows[0].length: \"30s\" is shorter than a minute"),
+        ("calendar = \"22:00\"\nlength = \"0s\"\n", "driftless.toml:7: rollout.windows[0].length: \"0s\" is shorter than a second"),
         ("calendar = \"22:00\"\nlength = \"soon\"\n", "driftless.toml:7: rollout.windows[0].length"),
         ("groups = []\ncalendar = \"22:00\"\nlength = \"1h\"\n", "rollout.windows[0].groups: empty"),
         ("calendar = \"22:00\"\n", "missing field `length`"),

@@ -443,6 +443,22 @@ impl Store {
         Ok(())
     }
 
+    /// The rollout policy recorded for `commit`, if any host recorded one.
+    pub async fn policy(&mut self, commit: &str) -> Result<Option<Policy>> {
+        let key = self.keys.policy(commit);
+        let resp = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(Some)
+                .with_context(|| self.ctx(&format!("{key} is not a rollout policy"))),
+        }
+    }
+
     /// This host's own last status, if its entry has not expired.
     pub async fn own_status(&mut self, host: &str) -> Result<Option<HostStatus>> {
         let key = self.keys.host(host);
