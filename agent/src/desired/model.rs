@@ -67,6 +67,10 @@ pub struct RoleFile {
     /// actions (`post`) of a transaction.
     #[serde(default)]
     pub hooks: Vec<Spanned<HookSpec>>,
+    /// Podman quadlet files: a file under /etc/containers/systemd and the
+    /// unit podman generates from it (`super::quadlet`).
+    #[serde(default)]
+    pub quadlets: Vec<Spanned<super::quadlet::QuadletSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
