@@ -19,13 +19,17 @@ use crate::support::*;
 
 /// A single-member etcd on free loopback ports with a temp data dir,
 /// killed when dropped.
-struct Etcd {
+pub(super) struct Etcd {
     child: Child,
     bin: &'static str,
-    dir: tempfile::TempDir,
-    endpoint: String,
+    pub(super) dir: tempfile::TempDir,
+    pub(super) endpoint: String,
     peer_url: String,
-    rt: tokio::runtime::Runtime,
+    pub(super) rt: tokio::runtime::Runtime,
+    /// Extra etcd flags (TLS).
+    extra: Vec<String>,
+    /// How the test itself connects (TLS options, user).
+    opts: Option<etcd_client::ConnectOptions>,
 }
 
 fn free_port() -> u16 {
@@ -33,7 +37,7 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn spawn_etcd(bin: &str, dir: &Path, endpoint: &str, peer_url: &str) -> Child {
+fn spawn_etcd(bin: &str, dir: &Path, endpoint: &str, peer_url: &str, extra: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -49,6 +53,7 @@ fn spawn_etcd(bin: &str, dir: &Path, endpoint: &str, peer_url: &str) -> Child {
         .arg(format!("--initial-cluster=t={peer_url}"))
         .arg("--logger=zap")
         .arg("--log-level=error")
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -59,14 +64,24 @@ impl Etcd {
     /// `None`: the etcd binary is missing (the test then fails, or skips
     /// with DRIFTLESS_TEST_ALLOW_SKIP=1).
     fn start() -> Option<Etcd> {
+        Etcd::start_with(tempfile::tempdir().unwrap(), "http", Vec::new(), None)
+    }
+
+    /// `scheme` "https" with `extra` TLS flags (files under `dir`), and
+    /// the options this test's own client connects with.
+    pub(super) fn start_with(
+        dir: tempfile::TempDir,
+        scheme: &str,
+        extra: Vec<String>,
+        opts: Option<etcd_client::ConnectOptions>,
+    ) -> Option<Etcd> {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| Path::new(p).exists())?;
-        let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = spawn_etcd(bin, dir.path(), &endpoint, &peer_url);
+        let child = spawn_etcd(bin, dir.path(), &endpoint, &peer_url, &extra);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -78,6 +93,8 @@ impl Etcd {
             endpoint,
             peer_url,
             rt,
+            extra,
+            opts,
         };
         etcd.wait_ready();
         Some(etcd)
@@ -87,7 +104,9 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ok = self.rt.block_on(async {
-                let mut c = Client::connect([self.endpoint.as_str()], None).await.ok()?;
+                let mut c = Client::connect([self.endpoint.as_str()], self.opts.clone())
+                    .await
+                    .ok()?;
                 c.get("ready", None).await.ok()
             });
             if ok.is_some() {
@@ -110,18 +129,24 @@ impl Etcd {
 
     /// Starts it again on the same ports and data.
     fn restart(&mut self) {
-        self.child = spawn_etcd(self.bin, self.dir.path(), &self.endpoint, &self.peer_url);
+        self.child = spawn_etcd(
+            self.bin,
+            self.dir.path(),
+            &self.endpoint,
+            &self.peer_url,
+            &self.extra,
+        );
         self.wait_ready();
     }
 
-    fn client(&self) -> Client {
+    pub(super) fn client(&self) -> Client {
         self.rt
-            .block_on(Client::connect([self.endpoint.as_str()], None))
+            .block_on(Client::connect([self.endpoint.as_str()], self.opts.clone()))
             .unwrap()
     }
 
     /// Keys under `prefix` now.
-    fn keys(&self, prefix: &str) -> Vec<String> {
+    pub(super) fn keys(&self, prefix: &str) -> Vec<String> {
         let mut c = self.client();
         self.rt.block_on(async {
             let r = c
@@ -205,7 +230,7 @@ impl Drop for Etcd {
     }
 }
 
-fn etcd_or_skip() -> Option<Etcd> {
+pub(super) fn etcd_or_skip() -> Option<Etcd> {
     let e = Etcd::start();
     if e.is_none() {
         skip::missing("etcd (Debian package etcd-server): run tests/install-prereqs");
@@ -214,13 +239,26 @@ fn etcd_or_skip() -> Option<Etcd> {
 }
 
 /// One agent: its own root, state dir, name and config file.
-struct Agent {
-    name: String,
+pub(super) struct Agent {
+    pub(super) name: String,
     dir: tempfile::TempDir,
 }
 
 impl Agent {
     fn new(name: &str, repo: &Path, etcd: &Etcd, group: &str, labels: &str, ttl: &str) -> Agent {
+        Agent::with_fleet_keys(name, repo, etcd, group, labels, ttl, "")
+    }
+
+    /// With `keys` (TOML lines) added to its `[fleet]` section.
+    pub(super) fn with_fleet_keys(
+        name: &str,
+        repo: &Path,
+        etcd: &Etcd,
+        group: &str,
+        labels: &str,
+        ttl: &str,
+        keys: &str,
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).unwrap();
@@ -230,7 +268,7 @@ impl Agent {
                 "source = {:?}\nhost = {name:?}\nroot = {:?}\nstate_dir = {:?}\nrun_checks = true\n\
                  metrics_file = false\ninterval = \"1m\"\nsplay = \"0s\"\n\
                  [fleet]\nendpoints = [{:?}]\nprefix = \"/t\"\ngroup = {group:?}\nlease_ttl = {ttl:?}\n\
-                 labels = {{ {labels} }}\n",
+                 labels = {{ {labels} }}\n{keys}",
                 repo.display().to_string(),
                 root.display().to_string(),
                 dir.path().join("state").display().to_string(),
@@ -244,11 +282,11 @@ impl Agent {
         }
     }
 
-    fn root(&self) -> PathBuf {
+    pub(super) fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(super) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args)
             .arg("--config")
@@ -271,14 +309,14 @@ impl Agent {
             .unwrap()
     }
 
-    fn content(&self) -> Option<String> {
+    pub(super) fn content(&self) -> Option<String> {
         std::fs::read_to_string(self.root().join("etc/app.conf")).ok()
     }
 }
 
 /// A repository with one role (`/etc/app.conf`, checked by grepping for
 /// "good" after a short pause) and `policy` as its `[rollout]`.
-fn repo_with(policy: &str, content: &str) -> Repo {
+pub(super) fn repo_with(policy: &str, content: &str) -> Repo {
     let repo = Repo::new();
     repo.write("driftless.toml", &format!("roles = [\"app\"]\n{policy}"));
     repo.write("hosts/default.toml", "");
@@ -297,7 +335,7 @@ fn set_content(repo: &Repo, content: &str) {
 }
 
 /// Runs every agent once, all at the same time; returns their outputs.
-fn round(agents: &[Agent]) -> Vec<(String, i32, String)> {
+pub(super) fn round(agents: &[Agent]) -> Vec<(String, i32, String)> {
     let children: Vec<(String, Child)> = agents
         .iter()
         .map(|a| (a.name.clone(), a.spawn_sync()))

@@ -14,6 +14,7 @@ mod crash;
 mod crash_windows;
 mod daemon;
 mod fleet;
+mod fleet_tls;
 mod golden;
 mod hooks;
 mod hostile_templates;

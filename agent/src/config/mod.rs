@@ -121,6 +121,18 @@ pub struct FleetFragment {
     /// etcd unreachable: "wait" (default: apply nothing new) or
     /// "apply-alone" (apply without coordination).
     pub on_unreachable: Option<String>,
+    /// With `https://` endpoints: the CA (PEM) that signed etcd's
+    /// certificate.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's `--client-cert-auth`; with
+    /// `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM); readable by its owner only.
+    pub key_file: Option<PathBuf>,
+    /// etcd's own authentication: a user, with `password_file`.
+    pub user: Option<String>,
+    /// The user's password (one line); readable by its owner only.
+    pub password_file: Option<PathBuf>,
 }
 
 impl FleetFragment {
@@ -132,6 +144,11 @@ impl FleetFragment {
             labels,
             lease_ttl,
             on_unreachable,
+            ca_file,
+            cert_file,
+            key_file,
+            user,
+            password_file,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -144,6 +161,11 @@ impl FleetFragment {
         take(&mut self.labels, labels);
         take(&mut self.lease_ttl, lease_ttl);
         take(&mut self.on_unreachable, on_unreachable);
+        take(&mut self.ca_file, ca_file);
+        take(&mut self.cert_file, cert_file);
+        take(&mut self.key_file, key_file);
+        take(&mut self.user, user);
+        take(&mut self.password_file, password_file);
     }
 }
 
@@ -169,6 +191,26 @@ pub struct FleetSettings {
     pub labels: BTreeMap<String, String>,
     pub lease_ttl: Duration,
     pub on_unreachable: OnUnreachable,
+    /// `https://` endpoints: how to trust etcd and how to be known to it.
+    pub tls: Option<FleetTls>,
+    /// etcd's authentication (only over TLS).
+    pub auth: Option<FleetAuth>,
+}
+
+/// TLS to etcd: the CA, and an optional client certificate.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetTls {
+    pub ca_file: PathBuf,
+    /// Certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// etcd user and the file holding its password (read at connect time,
+/// never kept in the settings).
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetAuth {
+    pub user: String,
+    pub password_file: PathBuf,
 }
 
 pub const DEFAULT_FLEET_PREFIX: &str = "/driftless";
@@ -621,14 +663,18 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
     if endpoints.is_empty() {
         bail!("fleet.endpoints: missing or empty; list the etcd client URLs, e.g. endpoints = [\"http://etcd1:2379\"]");
     }
+    let https = endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    if https != 0 && https != endpoints.len() {
+        bail!("fleet.endpoints: some are https:// and some are not; one fleet speaks one of them to etcd");
+    }
     for e in &endpoints {
-        let rest = e.strip_prefix("http://").unwrap_or(e);
-        if e.starts_with("https://") {
-            bail!(
-                "fleet.endpoints: {e:?}: TLS to etcd is not supported yet; use http:// on a trusted \
-                 network (loopback, a VPN or a private link)"
-            );
-        }
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+            .unwrap_or(e);
         if rest.is_empty() || rest.contains("://") || rest.contains('/') || !rest.contains(':') {
             bail!("fleet.endpoints: {e:?} is not an etcd client URL like \"http://10.0.0.5:2379\"");
         }
@@ -659,6 +705,49 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
              or \"apply-alone\" (apply without coordination)"
         ),
     };
+    let absolute = |key: &str, p: Option<PathBuf>| -> Result<Option<PathBuf>> {
+        match p {
+            Some(p) if !p.is_absolute() => {
+                bail!("fleet.{key}: {} is not an absolute path", p.display())
+            }
+            other => Ok(other),
+        }
+    };
+    let ca_file = absolute("ca_file", f.ca_file)?;
+    let cert_file = absolute("cert_file", f.cert_file)?;
+    let key_file = absolute("key_file", f.key_file)?;
+    let password_file = absolute("password_file", f.password_file)?;
+    let identity = match (cert_file, key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!(
+            "fleet.cert_file and fleet.key_file go together: a client certificate needs its key"
+        ),
+    };
+    let tls = if https > 0 {
+        let Some(ca_file) = ca_file else {
+            bail!(
+                "fleet.ca_file: missing; https:// endpoints need the CA (PEM) that signed etcd's certificate"
+            );
+        };
+        Some(FleetTls { ca_file, identity })
+    } else {
+        if ca_file.is_some() || identity.is_some() {
+            bail!("fleet.ca_file, cert_file and key_file are for https:// endpoints; these are http://");
+        }
+        None
+    };
+    let auth = match (f.user, password_file) {
+        (None, None) => None,
+        (Some(_), Some(_)) if tls.is_none() => bail!(
+            "fleet.user: over http:// the password would cross the network in clear; use https:// endpoints (and ca_file)"
+        ),
+        (Some(user), Some(password_file)) if !user.is_empty() => Some(FleetAuth {
+            user,
+            password_file,
+        }),
+        _ => bail!("fleet.user and fleet.password_file go together (and the user is not empty)"),
+    };
     Ok(FleetSettings {
         endpoints,
         prefix,
@@ -666,6 +755,8 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
         labels: f.labels.unwrap_or_default(),
         lease_ttl,
         on_unreachable,
+        tls,
+        auth,
     })
 }
 
@@ -773,9 +864,50 @@ mod tests {
         assert_eq!(f.lease_ttl, Duration::from_secs(30));
         assert_eq!(f.on_unreachable, OnUnreachable::Wait);
         assert_eq!(f.labels.get("canary").map(String::as_str), Some("yes"));
+        assert!(f.tls.is_none() && f.auth.is_none());
+        let f = with(
+            "[fleet]\nendpoints = [\"https://e:2379\"]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\n\
+             key_file = \"/c.key\"\nuser = \"agent\"\npassword_file = \"/pw\"\n",
+        )
+        .unwrap()
+        .unwrap();
+        let tls = f.tls.unwrap();
+        assert_eq!(tls.ca_file, Path::new("/ca.pem"));
+        assert_eq!(
+            tls.identity,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/c.key")))
+        );
+        assert_eq!(f.auth.map(|a| a.user).as_deref(), Some("agent"));
         for (text, want) in [
             ("[fleet]\n", "fleet.endpoints: missing"),
-            ("[fleet]\nendpoints = [\"https://e:2379\"]\n", "TLS to etcd"),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\"]\n",
+                "fleet.ca_file: missing; https:// endpoints need the CA",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\", \"http://f:2379\"]\nca_file = \"/ca\"\n",
+                "some are https:// and some are not",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\"]\nca_file = \"ca.pem\"\n",
+                "fleet.ca_file: ca.pem is not an absolute path",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\"]\nca_file = \"/ca\"\ncert_file = \"/c\"\n",
+                "fleet.cert_file and fleet.key_file go together",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://e:2379\"]\nca_file = \"/ca\"\n",
+                "are for https:// endpoints",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://e:2379\"]\nuser = \"u\"\npassword_file = \"/p\"\n",
+                "fleet.user: over http:// the password would cross the network in clear",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\"]\nca_file = \"/ca\"\nuser = \"u\"\n",
+                "fleet.user and fleet.password_file go together",
+            ),
             ("[fleet]\nendpoints = [\"e\"]\n", "not an etcd client URL"),
             (
                 "[fleet]\nendpoints = [\"e:1\"]\nprefix = \"x/\"\n",

@@ -44,9 +44,35 @@ pub struct Permit {
 impl Store {
     pub async fn connect(fleet: &FleetSettings) -> Result<Store> {
         let endpoints = fleet.endpoints.join(", ");
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(TIMEOUT)
             .with_timeout(TIMEOUT);
+        if let Some(tls) = &fleet.tls {
+            let ca = std::fs::read(&tls.ca_file)
+                .with_context(|| format!("fleet.ca_file: cannot read {}", tls.ca_file.display()))?;
+            let mut options = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(ca));
+            if let Some((cert_file, key_file)) = &tls.identity {
+                let cert = std::fs::read(cert_file).with_context(|| {
+                    format!("fleet.cert_file: cannot read {}", cert_file.display())
+                })?;
+                let key = read_private("fleet.key_file", key_file)?;
+                options = options.identity(etcd_client::Identity::from_pem(cert, key.as_slice()));
+            }
+            opts = opts.with_tls(options);
+        }
+        if let Some(auth) = &fleet.auth {
+            let password = read_private("fleet.password_file", &auth.password_file)?;
+            let text = std::str::from_utf8(&password).with_context(|| {
+                format!(
+                    "fleet.password_file: {} is not UTF-8 text",
+                    auth.password_file.display()
+                )
+            })?;
+            let line = text.strip_suffix('\n').unwrap_or(text);
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            opts = opts.with_user(auth.user.clone(), line.to_string());
+        }
         let client = Client::connect(&fleet.endpoints, Some(opts))
             .await
             .with_context(|| {
@@ -472,4 +498,24 @@ impl Store {
             .first()
             .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
     }
+}
+
+/// A key or password file: read only if no one but its owner can read or
+/// write it (as ssh does with private keys), so a copy that went
+/// world-readable is noticed rather than used. The bytes are wiped when
+/// dropped.
+fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{key}: {} is readable or writable by others (mode {mode:04o}); it holds a secret: chmod 600 it",
+            path.display()
+        );
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    Ok(zeroize::Zeroizing::new(bytes))
 }
