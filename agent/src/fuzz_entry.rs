@@ -1,5 +1,5 @@
-//! The entry points of the fuzz targets `repo_config`, `role_file` and
-//! `state_file` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
+//! The entry points of the fuzz targets `repo_config`, `role_file`,
+//! `state_file` and `rollout` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
 //! reach, called exactly as the agent calls
 //! them. Each must return (an error is fine), never panic, hang or
 //! allocate without bound. Unit tests below feed each a few odd inputs so
@@ -108,6 +108,46 @@ pub fn state_file(data: &[u8]) {
     }
 }
 
+/// A `[rollout]` policy (`driftless.toml` of a commit: every host of a
+/// fleet reads it) parsed as the agent does, then the decision and each
+/// maintenance window evaluated at times taken from the input, in UTC and
+/// in a zone with daylight saving: the calendar search must end.
+pub fn rollout(data: &[u8]) {
+    let (times, text) = data.split_at(data.len().min(8));
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let Ok(Some(policy)) = crate::rollout::policy::parse("driftless.toml", text) else {
+        return;
+    };
+    let mut t = [0u8; 8];
+    t[..times.len()].copy_from_slice(times);
+    // Any instant from 1970 to about 2170.
+    let now = (u64::from_le_bytes(t) % 6_300_000_000) as i64;
+    let berlin = jiff::tz::TimeZone::get("Europe/Berlin").unwrap_or(jiff::tz::TimeZone::UTC);
+    for tz in [jiff::tz::TimeZone::UTC, berlin] {
+        for rule in &policy.windows {
+            let _ = rule.window.open_until(now, &tz);
+            let _ = rule.window.next_open(now, &tz);
+        }
+        let labels = std::collections::BTreeMap::new();
+        let host = crate::rollout::ThisHost {
+            name: "h",
+            group: "g",
+            labels: &labels,
+            current: None,
+            tz: &tz,
+        };
+        let _ = crate::rollout::decide(
+            &policy,
+            &host,
+            &crate::rollout::FleetView::default(),
+            "c",
+            now,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +161,8 @@ mod tests {
         b"\x00{\"version\": 1, \"files\": {\"/etc/a\": 5}}",
         b"\x04{\"time\": 1}\n{\n\x00",
         b"\x06interval = [",
+        b"\0\0\0\0\0\0\0\0[rollout]\n[[rollout.waves]]\nname = \"a\"\npercent = 100\n[[rollout.windows]]\ncalendar = \"*-02-30 00:00\"\nlength = \"1h\"\n",
+        b"\xff\xff\xff\xff\xff\xff\xff\xff[rollout]\n[[rollout.waves]]\nname = \"a\"\npercent = 100\n[[rollout.windows]]\ncalendar = \"*:*:*\"\nlength = \"100d\"\n",
     ];
 
     #[test]
@@ -129,6 +171,7 @@ mod tests {
             repo_config(input);
             role_file(input);
             state_file(input);
+            rollout(input);
         }
     }
 }
