@@ -33,6 +33,8 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         checks: vec![],
         units: vec![],
         hooks: vec![],
+        links: Vec::new(),
+        absent: Vec::new(),
     }
 }
 

@@ -89,6 +89,11 @@ pub fn assess(
     inputs: &str,
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
+    let links = fs.stamps(record.links.iter().map(|(p, _)| p));
+    if let Err(miss) = quick::check_paths(&record, &links, |p| !fs.confirms_absent(p)) {
+        debug!("quick check: {miss}; full sync");
+        return Assessment::Miss;
+    }
     let files = fs.stamps(record.files.iter().map(|(p, _, _)| p));
     // `current` checked the inventory stamp under the same lock.
     match quick::changed_files(&record, inputs, Some(record.inventory), &files) {
@@ -131,6 +136,8 @@ pub fn record(
     units: &[UnitSpec],
     managed: &[TargetPath],
     self_contained: &BTreeSet<TargetPath>,
+    links: &[TargetPath],
+    absent: &[TargetPath],
 ) {
     let _t = crate::timings::stage("quick-record");
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
@@ -145,6 +152,16 @@ pub fn record(
             .zip(stamps)
             .map(|(p, s)| s.map(|s| (p.clone(), s, self_contained.contains(p))))
             .collect::<Option<Vec<_>>>()?;
+        // Likewise a link; and an absent path that exists right after
+        // the sync (re-created at once) is simply not recorded as held.
+        let links = links
+            .iter()
+            .zip(fs.stamps(links))
+            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .collect::<Option<Vec<_>>>()?;
+        if !absent.iter().all(|p| fs.confirms_absent(p)) {
+            return None;
+        }
         Some(QuickRecord {
             version: QUICK_VERSION,
             inputs: inputs.to_string(),
@@ -153,6 +170,8 @@ pub fn record(
             taken_at_ns,
             files,
             units: units.to_vec(),
+            links,
+            absent: absent.to_vec(),
         })
     });
     if let Err(e) = saved {

@@ -58,6 +58,8 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
         checks: vec![],
         units: vec![],
         hooks: vec![],
+        links: Vec::new(),
+        absent: Vec::new(),
     }
 }
 
