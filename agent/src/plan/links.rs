@@ -228,11 +228,13 @@ mod tests {
         }
     }
 
+    type Diffed = (Vec<LinkChange>, BTreeMap<TargetPath, LinkEntry>);
+
     fn diff(
         decls: &[LinkDecl],
         obs: &[(&str, Observation)],
         prev: &[(&str, LinkEntry)],
-    ) -> Result<(Vec<LinkChange>, BTreeMap<TargetPath, LinkEntry>), Vec<String>> {
+    ) -> Result<Diffed, Vec<String>> {
         let observed: Observed = obs.iter().map(|(k, o)| (p(k), o.clone())).collect();
         let prev: BTreeMap<_, _> = prev.iter().map(|(k, e)| (p(k), e.clone())).collect();
         let mut diags = Diagnostics::default();

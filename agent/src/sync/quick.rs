@@ -125,6 +125,16 @@ pub fn assess(
     }
 }
 
+/// What a successful sync left under management, for [`record`].
+pub struct Managed<'a> {
+    pub files: &'a [TargetPath],
+    /// The files whose content depends only on their own source.
+    pub self_contained: &'a BTreeSet<TargetPath>,
+    pub links: &'a [TargetPath],
+    /// Every declared absent path.
+    pub absent: &'a [TargetPath],
+}
+
 /// Records the host as matching `commit` after a successful sync that
 /// left exactly `managed` under management. A failure here only costs the
 /// next poll a full sync.
@@ -134,12 +144,15 @@ pub fn record(
     commit: &str,
     inputs: &str,
     units: &[UnitSpec],
-    managed: &[TargetPath],
-    self_contained: &BTreeSet<TargetPath>,
-    links: &[TargetPath],
-    absent: &[TargetPath],
+    managed: Managed<'_>,
 ) {
     let _t = crate::timings::stage("quick-record");
+    let Managed {
+        files: managed,
+        self_contained,
+        links,
+        absent,
+    } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };

@@ -373,10 +373,12 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
         &commit,
         inputs,
         &units,
-        &managed,
-        &self_contained,
-        &links,
-        &absent,
+        quick::Managed {
+            files: &managed,
+            self_contained: &self_contained,
+            links: &links,
+            absent: &absent,
+        },
     );
     Ok(report)
 }

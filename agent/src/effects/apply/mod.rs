@@ -757,7 +757,7 @@ fn prepare_paths(
         let key = parent_key(&e.path);
         let display = fs.display(&e.path);
         if !dirs.contains_key(&key) {
-            let mk = (e.op == Op::Link).then(|| MkParents {
+            let mk = (e.op == Op::Link).then_some(MkParents {
                 created: &mut journal.created_dirs,
                 mode: dir_mode,
             });
