@@ -465,3 +465,53 @@ fn a_planted_link_above_a_link_or_absent_path_is_refused() {
         );
     }
 }
+
+/// A commit that changes only a file's source takes the partial path
+/// (only that file is rendered): the links and absent paths keep their
+/// inventory records and stay as they are, and a full sync then finds
+/// nothing to do. A link drifted at the same time takes the full path.
+#[test]
+fn a_source_only_commit_keeps_links_on_the_partial_path() {
+    const FULL: &str = "updating only what changed is not possible";
+    let r = repo(LINKS);
+    let host = debian_host();
+    sync(&host, &r).ok();
+    settle(&host, &r);
+    let inv_before = |host: &Host| {
+        let text = std::fs::read_to_string(host.state.path().join("inventory.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["data"]["links"].clone()
+    };
+    let links = inv_before(&host);
+    r.write("roles/web/files/app", "server app v2;\n");
+    r.commit("site v2");
+    let run = host
+        .run(r.path(), &["sync", "--once", "--run-checks", "-v"])
+        .ok();
+    assert!(run.stdout.contains("1 changed"), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("updating only what changed") && !run.stderr.contains(FULL),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(inv_before(&host), links);
+    let plan = host.run(r.path(), &["plan"]).ok();
+    assert!(plan.stdout.contains("no changes"), "{}", plan.stdout);
+    settle(&host, &r);
+
+    // A retargeted link plus a new commit: the full path, both repaired.
+    let app = host.path("/etc/nginx/sites-enabled/app");
+    std::fs::remove_file(&app).unwrap();
+    symlink("elsewhere", &app).unwrap();
+    r.write("roles/web/files/app", "server app v3;\n");
+    r.commit("site v3");
+    sync(&host, &r).ok();
+    assert_eq!(
+        target(&host, "/etc/nginx/sites-enabled/app").as_deref(),
+        Some("../sites-available/app")
+    );
+    assert_eq!(
+        host.read("/etc/nginx/sites-enabled/app").as_deref(),
+        Some("server app v3;\n")
+    );
+}
