@@ -180,6 +180,14 @@ fn links_and_absent_apply_stay_quick_and_drift_is_repaired() {
         inv["data"]["links"]["/etc/nginx/sites-enabled/default"]["created"],
         false
     );
+    let text = host.run(r.path(), &["status"]).ok().stdout;
+    assert!(text.contains("(1 files, 2 links, transaction"), "{text}");
+    let (code, out) = validate(r.path(), &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok    default: 1 file(s), 1 check(s), 2 link(s), 2 absent"),
+        "{out}"
+    );
     let status = host.run(r.path(), &["status", "--format", "json"]).ok();
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(

@@ -275,10 +275,15 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             );
             match applied {
                 Some(i) => outln!(
-                    "applied:  {} at {} ({} files, transaction {})",
+                    "applied:  {} at {} ({} files{}, transaction {})",
                     i.commit.as_deref().map(short).unwrap_or("?"),
                     time_str(i.applied_at),
                     i.files.len(),
+                    if i.links.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} links", i.links.len())
+                    },
                     i.txid
                 ),
                 None => outln!("applied:  nothing yet"),
@@ -473,10 +478,22 @@ pub fn validate(
             Ok((cfg, d?))
         });
         match outcome {
-            Ok((cfg, d)) => results.push(json!({
-                "host": name, "ok": true, "roles": cfg.roles, "files": d.files.len(),
-                "checks": d.checks.len(), "errors": [],
-            })),
+            Ok((cfg, d)) => {
+                let mut r = json!({
+                    "host": name, "ok": true, "roles": cfg.roles, "files": d.files.len(),
+                    "checks": d.checks.len(), "errors": [],
+                });
+                // Only when declared: a files-only validation keeps its bytes.
+                if let Some(o) = r.as_object_mut() {
+                    if !d.links.is_empty() {
+                        o.insert("links".into(), json!(d.links.len()));
+                    }
+                    if !d.absent.is_empty() {
+                        o.insert("absent".into(), json!(d.absent.len()));
+                    }
+                }
+                results.push(r)
+            }
             Err(diags) => {
                 failed += 1;
                 let errors: Vec<&String> = diags.iter().collect();
@@ -494,8 +511,15 @@ pub fn validate(
             for r in &results {
                 let host = r["host"].as_str().unwrap_or("?");
                 if r["ok"].as_bool() == Some(true) {
+                    let mut others = String::new();
+                    if let Some(n) = r.get("links") {
+                        others.push_str(&format!(", {n} link(s)"));
+                    }
+                    if let Some(n) = r.get("absent") {
+                        others.push_str(&format!(", {n} absent"));
+                    }
                     outln!(
-                        "ok    {host}: {} file(s), {} check(s)",
+                        "ok    {host}: {} file(s), {} check(s){others}",
                         r["files"],
                         r["checks"]
                     );
