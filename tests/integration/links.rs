@@ -523,3 +523,54 @@ fn a_source_only_commit_keeps_links_on_the_partial_path() {
         Some("server app v3;\n")
     );
 }
+
+/// A link at a managed link's path or at an absent path may point out of
+/// the root: it is replaced or removed as a link, never followed, and
+/// what it points to is never touched, even by a revert.
+#[test]
+fn links_out_of_the_root_at_the_paths_themselves_are_never_followed() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "outside\n").unwrap();
+    let host = debian_host();
+    let out_dir = outside.path().display().to_string();
+    let out_file = outside.path().join("secret").display().to_string();
+    std::fs::remove_file(host.path("/etc/old-link")).unwrap();
+    symlink(&out_file, host.path("/etc/old-link")).unwrap();
+    std::fs::remove_file(host.path("/etc/nginx/sites-enabled/default")).unwrap();
+    symlink(&out_dir, host.path("/etc/nginx/sites-enabled/default")).unwrap();
+    let r = repo("");
+    sync(&host, &r).ok();
+    let before = snapshot(&host);
+    // A failing commit: switched in, then reverted.
+    let link = host.path("/etc/nginx/sites-enabled/app");
+    set_role(
+        &r,
+        LINKS,
+        &format!(
+            "[\"/usr/bin/test\", \"!\", \"-L\", {:?}]",
+            link.display().to_string()
+        ),
+    );
+    r.commit("v2 fails");
+    sync(&host, &r).code(1);
+    assert_eq!(snapshot(&host), before);
+    // Then one that passes.
+    set_role(&r, LINKS, PASS);
+    r.commit("v3");
+    sync(&host, &r).ok();
+    assert!(std::fs::symlink_metadata(host.path("/etc/old-link")).is_err());
+    assert_eq!(
+        target(&host, "/etc/nginx/sites-enabled/default").as_deref(),
+        Some("../sites-available/app")
+    );
+    let mut names: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["secret"]);
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("secret")).unwrap(),
+        "outside\n"
+    );
+}
