@@ -1069,3 +1069,123 @@ fn e2e_15_node_exporter_serves_the_driftless_metrics() {
         "{served}"
     );
 }
+
+/// Issue 16, quadlets: the bundled `examples/container-proxy` repository,
+/// as shipped: an app run from a Podman quadlet behind nginx, whose site
+/// is rendered from host variables, checked through the proxy. Debian 12
+/// has no quadlet generator (podman 4.3), so a stand-in takes its place
+/// (`tests/e2e/quadlet-standin/`): what is real here is systemd, the
+/// generator protocol, daemon-reload, nginx and driftless; podman and the
+/// image are not. Apply, a no-op, a change, a drift repair and a
+/// failing-check revert, byte for byte.
+#[test]
+fn e2e_18_a_quadlet_app_behind_nginx_applies_changes_repairs_and_reverts() {
+    let Some(_g) = guard() else { return };
+    let repo = tempfile::tempdir().unwrap();
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/container-proxy"),
+        repo.path(),
+    );
+    let demo = Demo { dir: repo };
+    git(demo.path(), &["init", "-q", "-b", "main"]);
+    demo.commit("the example as shipped");
+    let standin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/quadlet-standin");
+    let generator = standin.join("podman-system-generator");
+    let echo = standin.join("quadlet-standin-echo.py");
+    let m = Machine::boot(
+        "e2e-quadlet",
+        &[
+            (demo.path(), "/srv/config", false),
+            (
+                &generator,
+                "/usr/lib/systemd/system-generators/podman-system-generator",
+                false,
+            ),
+            (&echo, "/usr/local/lib/quadlet-standin-echo.py", false),
+        ],
+    );
+    m.ok(&format!(
+        "mkdir -p /etc/driftless && printf '{}' > /etc/driftless/agent.toml",
+        AGENT_TOML.replace('\n', "\\n")
+    ));
+    let through_proxy = || {
+        m.wait_ok(
+            "python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8082/\").read().decode().strip())'",
+            Duration::from_secs(20),
+        )
+        .trim()
+        .to_string()
+    };
+
+    // Apply: the quadlet is written, daemon-reload makes app.service of
+    // it, the restart starts it, nginx proxies to it, the check passes.
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.prop("app.service", "ActiveState"), "active", "{log}");
+    assert_eq!(m.prop("nginx.service", "ActiveState"), "active", "{log}");
+    assert_eq!(through_proxy(), "hello from driftless");
+    let quadlet = "/etc/containers/systemd/app.container";
+    assert!(m
+        .ok(&format!("cat {quadlet}"))
+        .contains("Exec=-listen=:5678 -text=\"hello from driftless\""));
+
+    // No-op: nothing restarts.
+    let invocation = m.prop("app.service", "InvocationID");
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(m.prop("app.service", "InvocationID"), invocation);
+
+    // A change to the quadlet: daemon-reload, then a restart onto it.
+    let toml = std::fs::read_to_string(demo.path().join("driftless.toml")).unwrap();
+    demo.write(
+        "driftless.toml",
+        &toml.replace("\"hello from driftless\"", "\"hello again from driftless\""),
+    );
+    demo.commit("a new message");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_ne!(m.prop("app.service", "InvocationID"), invocation);
+    assert_eq!(m.prop("app.service", "NeedDaemonReload"), "no");
+    assert_eq!(through_proxy(), "hello again from driftless");
+    let good = m.ok(&format!("sha256sum {quadlet} /etc/nginx/conf.d/app.conf"));
+
+    // Drift: the quadlet edited on the host is put back and the app
+    // restarted onto it.
+    m.ok(&format!("sed -i 's/again/tampered/' {quadlet}"));
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        m.ok(&format!("sha256sum {quadlet} /etc/nginx/conf.d/app.conf")),
+        good
+    );
+    assert_eq!(through_proxy(), "hello again from driftless");
+
+    // A commit whose app no longer answers what the check looks for:
+    // reverted, byte for byte, and the app restarted onto the old quadlet.
+    let toml = std::fs::read_to_string(demo.path().join("driftless.toml")).unwrap();
+    demo.write(
+        "driftless.toml",
+        &toml.replace("\"hello again from driftless\"", "\"something else\""),
+    );
+    demo.commit("breaks the check");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("the app answers through nginx"), "{log}");
+    assert_eq!(
+        m.ok(&format!("sha256sum {quadlet} /etc/nginx/conf.d/app.conf")),
+        good
+    );
+    assert_eq!(m.prop("app.service", "ActiveState"), "active");
+    assert_eq!(through_proxy(), "hello again from driftless");
+}

@@ -661,3 +661,212 @@ fn etcd_killed_mid_rollout_no_host_applies_without_a_permit() {
     }
     assert_eq!(on_c1.len(), 10);
 }
+
+/// The commit each host's status names, from the history (last put wins).
+fn last_commits(etcd: &Etcd) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (_, put, key, value) in etcd.history("/t/hosts/") {
+        if let (true, Some(host)) = (put, key.strip_prefix("/t/hosts/")) {
+            let s: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+            out.insert(
+                host.to_string(),
+                s["commit"].as_str().unwrap_or("").to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    // v2 passes its check everywhere except on h03, which reverts it.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"app is good\"\nretries = 1\n\
+         command = { argv = [\"/bin/sh\", \"-c\", \"sleep 0.2; cd \\\"$APP_ROOT\\\"; \
+         ! { test -e v2-breaks-here && grep -q v2 etc/app.conf; }\"] }\n",
+    );
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 6, 1, "10s");
+    round(&agents);
+    assert!(agents
+        .iter()
+        .all(|a| a.content().as_deref() == Some("good v1\n")));
+    std::fs::write(agents[3].root().join("v2-breaks-here"), "").unwrap();
+    repo.write("roles/app/files/app.conf", "good v2\n");
+    let c2 = repo.commit("v2 breaks on h03");
+    for (name, code, out) in round(&agents) {
+        let want = if name == "h03" { 1 } else { 0 };
+        assert_eq!(code, want, "{name}: {out}");
+    }
+    let on_v2 = agents
+        .iter()
+        .filter(|a| a.content().as_deref() == Some("good v2\n"))
+        .count();
+    assert_eq!(on_v2, 5, "all but h03 applied v2 in the same round");
+    assert_eq!(
+        etcd.keys(&format!("/t/bad/{c2}/")),
+        vec![format!("/t/bad/{c2}/h03")]
+    );
+    // Next poll: v2 is halted fleet-wide, and the hosts on it roll back.
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+        if name != "h03" {
+            assert!(
+                out.contains("halted fleet-wide") && out.contains("rolling back"),
+                "{name}: {out}"
+            );
+        }
+    }
+    for a in &agents {
+        assert_eq!(a.content().as_deref(), Some("good v1\n"), "{}", a.name);
+    }
+    // And stay there: v2 is marked bad on each host, the statuses say v1.
+    round(&agents);
+    for a in &agents {
+        assert_eq!(a.content().as_deref(), Some("good v1\n"), "{}", a.name);
+    }
+    let commits = last_commits(&etcd);
+    assert_eq!(commits.len(), 6);
+    assert!(commits.values().all(|c| *c == c1), "{commits:?}");
+    let hist = agents[0].cmd(&["history"]).output().unwrap();
+    let hist = String::from_utf8_lossy(&hist.stdout);
+    assert!(hist.contains("rollback from"), "{hist}");
+    // The operator resumes v2's rollout: the fleet's marks go; a host's own
+    // bad mark stays until it retries (`sync --retry`) or a newer commit.
+    let out = agents[0]
+        .cmd(&["resume", "--commit", &c2])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("removed the bad marks of h03"),
+        "{text}"
+    );
+    assert!(etcd.keys(&format!("/t/bad/{c2}/")).is_empty());
+    let out = agents[0]
+        .cmd(&["resume", "--commit", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("full 40-character commit id"));
+}
+
+#[test]
+fn a_suspended_group_waits_until_resumed_and_the_others_go_on() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 6, 2, "10s");
+    round(&agents);
+    let out = agents[0]
+        .cmd(&["suspend", "--group", "g0", "--reason", "db migration"])
+        .env("SUDO_USER", "alice")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    set_content(&repo, "good v2\n");
+    repo.commit("v2");
+    for _ in 0..2 {
+        for (name, code, out) in round(&agents) {
+            assert_eq!(code, 0, "{name}: {out}");
+        }
+    }
+    for (i, a) in agents.iter().enumerate() {
+        let want = if i % 2 == 0 { "good v1\n" } else { "good v2\n" };
+        assert_eq!(a.content().as_deref(), Some(want), "{}", a.name);
+    }
+    let st = agents[1].cmd(&["fleet", "status"]).output().unwrap();
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.contains("SUSPENDED: group g0, by alice@h00") && st.contains("db migration"),
+        "{st}"
+    );
+    assert!(
+        st.contains("rollouts are suspended for group \"g0\" by alice@h00"),
+        "each waiting host says why: {st}"
+    );
+    // A fleet-wide suspension holds every group; resuming g0 alone does
+    // not lift it.
+    let ok = |args: &[&str]| {
+        let out = agents[0].cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["suspend"]);
+    assert!(ok(&["resume", "--group", "g0"]).contains("resumed rollouts for group \"g0\""));
+    round(&agents);
+    assert_eq!(agents[0].content().as_deref(), Some("good v1\n"));
+    assert!(ok(&["resume"]).contains("resumed rollouts for every group"));
+    assert!(ok(&["resume"]).contains("no fleet-wide suspension"));
+    round(&agents);
+    for a in &agents {
+        assert_eq!(a.content().as_deref(), Some("good v2\n"), "{}", a.name);
+    }
+    let out = agents[0]
+        .cmd(&["suspend", "--group", "a/b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn no_host_applies_outside_the_maintenance_window() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    // Open 6 s of every 15 s; one host at a time, so the rollout of 12
+    // hosts outlasts a window and has to wait for the next.
+    let policy = "[rollout]\nmax_concurrent = 1\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n\
+        [[rollout.windows]]\ncalendar = \"*:*:00/15 UTC\"\nlength = \"6s\"\n";
+    let repo = repo_with(policy, "good v1\n");
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 12, 1, "10s");
+    let started = Instant::now();
+    let mut waited_for_window = false;
+    while agents
+        .iter()
+        .any(|a| a.content().as_deref() != Some("good v1\n"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the rollout did not finish in 120 s"
+        );
+        for (name, code, out) in round(&agents) {
+            assert_eq!(code, 0, "{name}: {out}");
+            waited_for_window |= out.contains("outside its maintenance window");
+        }
+    }
+    assert!(waited_for_window, "no host ever waited for the window");
+    // Every apply was decided inside a window: its status's `since` is
+    // the time of the decision.
+    let mut applied = 0;
+    for (rev, put, key, value) in etcd.history("/t/hosts/") {
+        let s: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+        if put && s["result"] == "applied" && s["commit"] == c1.as_str() {
+            let since = s["since"].as_i64().unwrap();
+            assert!(
+                since % 15 < 6,
+                "{key} at revision {rev} applied at {since} ({} s into a 15 s cycle, the window is 6 s)",
+                since % 15
+            );
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 12);
+    eprintln!(
+        "windowed rollout of 12 hosts, one at a time, 6 s of every 15 s: {:?}",
+        started.elapsed()
+    );
+}

@@ -137,16 +137,144 @@ pub fn summarize(snap: &Snapshot) -> Vec<CommitSummary> {
     out
 }
 
-/// Reads the fleet and prints the summary.
-pub(crate) fn status(s: &Settings, format: Format) -> Result<ExitCode, Error> {
-    let Some(fleet) = s.fleet.as_ref() else {
-        return Err(Error::new(
+fn fleet_of(s: &Settings) -> Result<&crate::config::FleetSettings, Error> {
+    s.fleet.as_ref().ok_or_else(|| {
+        Error::new(
             Failure::Config,
             anyhow::anyhow!(
-                "no [fleet] section in the agent config: add one with `endpoints` (and the fleet's `prefix`) to read a fleet"
+                "no [fleet] section in the agent config: add one with `endpoints` (and the fleet's `prefix`) to reach a fleet"
+            ),
+        )
+    })
+}
+
+/// A group name as a key part: what `[fleet] group` allows.
+fn check_group(group: &str) -> Result<(), Error> {
+    if group.is_empty()
+        || group == crate::rollout::decide::ALL_GROUPS
+        || group.contains('/')
+        || group.contains(char::is_whitespace)
+    {
+        return Err(Error::new(
+            Failure::Usage,
+            anyhow::anyhow!(
+                "--group {group:?}: not a group name (a `[fleet] group` has no '/', spaces or '*'); leave --group out for every group"
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Who runs this command, for the suspension record: the user who ran
+/// sudo, or the user, at this host.
+fn operator(s: &Settings) -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid {}", nix::unistd::getuid()));
+    format!("{user}@{}", s.host)
+}
+
+/// `driftless suspend [--group G] [--reason R]`.
+pub(crate) fn suspend(s: &Settings, group: Option<&str>, reason: &str) -> Result<ExitCode, Error> {
+    let fleet = fleet_of(s)?;
+    if let Some(g) = group {
+        check_group(g)?;
+    }
+    let key = group.unwrap_or(crate::rollout::decide::ALL_GROUPS);
+    let sus = crate::rollout::decide::Suspension {
+        by: operator(s),
+        reason: reason.to_string(),
+        since: crate::time::now(),
     };
+    change(fleet, Change::Suspend(key, &sus))?;
+    match group {
+        Some(g) => outln!(
+            "suspended new rollouts for group {g:?}; `driftless resume --group {g}` lifts it"
+        ),
+        None => outln!("suspended new rollouts for every group; `driftless resume` lifts it"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `driftless resume [--group G | --commit C]`.
+pub(crate) fn resume(
+    s: &Settings,
+    group: Option<&str>,
+    commit: Option<&str>,
+) -> Result<ExitCode, Error> {
+    let fleet = fleet_of(s)?;
+    if let Some(c) = commit {
+        if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::new(
+                Failure::Usage,
+                anyhow::anyhow!(
+                    "--commit {c:?}: give the full 40-character commit id (as `driftless fleet status --format json` lists it)"
+                ),
+            ));
+        }
+        let hosts = change(fleet, Change::ClearBad(c))?;
+        if hosts.is_empty() {
+            outln!("commit {} has no bad marks: nothing to resume", short(c));
+        } else {
+            outln!(
+                "resumed the rollout of {}: removed the bad marks of {}",
+                short(c),
+                hosts.join(", ")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(g) = group {
+        check_group(g)?;
+    }
+    let key = group.unwrap_or(crate::rollout::decide::ALL_GROUPS);
+    let lifted = !change(fleet, Change::Resume(key))?.is_empty();
+    match (group, lifted) {
+        (Some(g), true) => outln!("resumed rollouts for group {g:?}"),
+        (None, true) => outln!("resumed rollouts for every group"),
+        (Some(g), false) => outln!("group {g:?} was not suspended (a fleet-wide suspension is lifted by `driftless resume` without --group)"),
+        (None, false) => outln!("no fleet-wide suspension (a group's is lifted with --group G)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+enum Change<'a> {
+    Suspend(&'a str, &'a crate::rollout::decide::Suspension),
+    Resume(&'a str),
+    ClearBad(&'a str),
+}
+
+/// Carries out `c` against the store; the names it affected.
+#[cfg(feature = "etcd")]
+fn change(fleet: &crate::config::FleetSettings, c: Change) -> Result<Vec<String>, Error> {
+    use crate::exit::Classify;
+    let rt = super::runtime()?;
+    rt.block_on(async {
+        let mut store = crate::effects::fleet::Store::connect(fleet).await?;
+        match c {
+            Change::Suspend(g, s) => store.suspend(g, s).await.map(|()| vec![g.to_string()]),
+            Change::Resume(g) => Ok(if store.resume(g).await? {
+                vec![g.to_string()]
+            } else {
+                Vec::new()
+            }),
+            Change::ClearBad(commit) => store.clear_bad(commit).await,
+        }
+    })
+    .kind(Failure::Failed)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn change(_fleet: &crate::config::FleetSettings, _c: Change) -> Result<Vec<String>, Error> {
+    Err(Error::new(
+        Failure::Config,
+        anyhow::anyhow!("this driftless was built without etcd support (cargo feature `etcd`)"),
+    ))
+}
+
+/// Reads the fleet and prints the summary.
+pub(crate) fn status(s: &Settings, format: Format) -> Result<ExitCode, Error> {
+    let fleet = fleet_of(s)?;
     let snap = read(s, fleet)?;
     let summary = summarize(&snap);
     match format {
@@ -157,6 +285,7 @@ pub(crate) fn status(s: &Settings, format: Format) -> Result<ExitCode, Error> {
             "status": {
                 "commits": summary,
                 "permits": snap.permits,
+                "suspended": snap.suspended,
                 "hosts": snap.statuses,
                 "unreadable": snap.unreadable,
             }
@@ -188,6 +317,23 @@ fn read(_s: &Settings, _fleet: &crate::config::FleetSettings) -> Result<Snapshot
 
 fn print_text(snap: &Snapshot, summary: &[CommitSummary]) {
     outln!("{} live host(s)", snap.statuses.len());
+    for (group, s) in &snap.suspended {
+        let scope = if group == crate::rollout::decide::ALL_GROUPS {
+            "every group".to_string()
+        } else {
+            format!("group {group}")
+        };
+        outln!(
+            "SUSPENDED: {scope}, by {} since {}{}",
+            s.by,
+            crate::time::time_str(s.since),
+            if s.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.reason)
+            }
+        );
+    }
     if summary.is_empty() {
         outln!("no commit reported yet");
     }

@@ -297,6 +297,30 @@ age1… key that ssh-to-age derives from it (sops-nix's convention).")]
     /// The fleet's rollouts, read from etcd (`[fleet]` in agent.toml)
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Stop new rollouts fleet-wide or for one group (etcd, `[fleet]` in agent.toml)
+    #[command(after_help = "\
+Writes a suspension to etcd: no host of the group (every group without --group)
+applies a new commit until `driftless resume`. Hosts already on a commit keep
+repairing drift and running checks; a host in the middle of an apply finishes it.
+`driftless fleet status` and each waiting host's `status` show who suspended and why.
+
+Examples:
+  driftless suspend --reason \"incident 4711\"
+  driftless suspend --group db --reason \"db migration until 18:00\"")]
+    Suspend(SuspendArgs),
+    /// Let suspended rollouts go on, or resume a halted commit (--commit)
+    #[command(after_help = "\
+Without options, lifts a fleet-wide `driftless suspend`; with --group G, the
+suspension of group G. With --commit C, deletes the bad marks of commit C (the
+hosts that reverted it), so its halted rollout starts again from its first wave
+that is not yet healthy: do this only after fixing what made C fail elsewhere
+(a newer commit is the usual way to resume).
+
+Examples:
+  driftless resume
+  driftless resume --group db
+  driftless resume --commit 3f2a9c1e0b7d4c8a...")]
+    Resume(ResumeArgs),
     /// Start a config repository in DIR: driftless.toml, a host file, starter roles, git
     #[command(after_help = "\
 Writes driftless.toml, hosts/<NAME>.toml (this host, or --host), README.md and the
@@ -321,6 +345,30 @@ pub(crate) struct InitArgs {
     /// DIR may be non-empty: add only the missing files, never overwrite one
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SuspendArgs {
+    /// Suspend only this `[fleet] group` [default: every group]
+    #[arg(long, value_name = "G")]
+    pub(crate) group: Option<String>,
+    /// Why (shown to everyone who asks why a host waits)
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub(crate) reason: String,
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ResumeArgs {
+    /// Lift the suspension of this group [default: the fleet-wide one]
+    #[arg(long, value_name = "G", conflicts_with = "commit")]
+    pub(crate) group: Option<String>,
+    /// Resume the halted rollout of this commit (full id): delete its bad marks
+    #[arg(long, value_name = "COMMIT")]
+    pub(crate) commit: Option<String>,
+    #[command(flatten)]
+    pub(crate) config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -941,6 +989,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Fleet(FleetCommand::Status(a)) => {
             let s = settings(&Overrides::config(&a.config))?;
             fleet::status(&s, a.format)
+        }
+        Command::Suspend(a) => {
+            let s = settings(&Overrides::config(&a.config))?;
+            fleet::suspend(&s, a.group.as_deref(), &a.reason)
+        }
+        Command::Resume(a) => {
+            let s = settings(&Overrides::config(&a.config))?;
+            fleet::resume(&s, a.group.as_deref(), a.commit.as_deref())
         }
         Command::HostRecipient(a) => {
             let s = settings(&Overrides::config(&a.config))?;

@@ -311,6 +311,43 @@ pub fn load_host(
             unit_origin.insert(spec.name.clone(), origin);
             units.push(spec);
         }
+        for (i, spec) in role_file.quadlets.into_iter().enumerate() {
+            let origin = at("quadlets", i, spec.span());
+            let (file, unit) = match super::quadlet::desugar(spec.into_inner()) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    diags.push(format!("{origin}: {e}"));
+                    continue;
+                }
+            };
+            match file_decl(snap, role, &origin, file, role_dir_mode, opts) {
+                Ok(decl) => {
+                    if let Some(other) = claimed.get(&decl.path) {
+                        diags.push(format!(
+                            "{origin}: {} is already managed by {other}; a path can belong to one role only",
+                            decl.path
+                        ));
+                        continue;
+                    }
+                    claimed.insert(decl.path.clone(), origin.clone());
+                    files.push(decl);
+                }
+                Err(e) => {
+                    diags.push(format!("{origin}: {e}"));
+                    continue;
+                }
+            }
+            if let Some(other) = unit_origin.get(&unit.name) {
+                diags.push(format!(
+                    "{origin}: unit {} (generated from the quadlet) is already declared by {other}; \
+                     leave the generated unit to the quadlet entry (`started`, `on_change`)",
+                    unit.name
+                ));
+                continue;
+            }
+            unit_origin.insert(unit.name.clone(), origin);
+            units.push(unit);
+        }
         for (i, spec) in role_file.checks.into_iter().enumerate() {
             let origin = at("checks", i, spec.span());
             match check(role, spec.into_inner()) {
@@ -1073,6 +1110,62 @@ mod tests {
         );
         let err = hooks_of("[[hooks]]\nargv = [\"/x\"]\n").unwrap_err();
         assert!(err.contains("missing field `when`"), "{err}");
+    }
+
+    #[test]
+    fn a_quadlet_is_a_file_and_its_generated_unit_naming_its_line() {
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\", \"b\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "\n[[quadlets]]\nname = \"app.container\"\ntemplate = \"app.container.tera\"\n",
+            ),
+            ("roles/a/files/app.container.tera", "[Container]\nImage=x\n"),
+            ("roles/b/role.toml", ""),
+        ]);
+        let h = load_host(&s, "h", &opts()).unwrap();
+        assert_eq!(h.files.len(), 1);
+        let f = &h.files[0];
+        assert_eq!(f.path.as_str(), "/etc/containers/systemd/app.container");
+        assert_eq!(f.origin, "roles/a/role.toml:2 quadlets[0]");
+        assert_eq!(
+            f.on_change,
+            [UnitAction {
+                unit: "app.service".into(),
+                action: UnitActionKind::Restart
+            }]
+        );
+        assert_eq!(h.units.len(), 1);
+        assert_eq!(
+            (h.units[0].name.as_str(), h.units[0].started),
+            ("app.service", Some(true))
+        );
+
+        // The generated unit declared again, a file at the quadlet's path,
+        // a bad name: each names its role, line and key.
+        let s = repo(&[
+            ("driftless.toml", "roles = [\"a\", \"b\"]"),
+            ("hosts/default.toml", ""),
+            (
+                "roles/a/role.toml",
+                "[[quadlets]]\nname = \"app.container\"\nsource = \"q\"\n\n[[quadlets]]\nname = \"x.service\"\nsource = \"q\"\n",
+            ),
+            ("roles/a/files/q", ""),
+            (
+                "roles/b/role.toml",
+                "[[units]]\nname = \"app.service\"\nstarted = true\n\n[[files]]\npath = \"/etc/containers/systemd/app.container\"\nsource = \"q\"\n",
+            ),
+            ("roles/b/files/q", ""),
+        ]);
+        let err = load_host(&s, "h", &opts()).unwrap_err().to_string();
+        for want in [
+            "roles/a/role.toml:5 quadlets[1]: key `name`: \"x.service\": .service is not a quadlet type",
+            "roles/b/role.toml:1 units[0]: unit app.service is already declared by roles/a/role.toml:1 quadlets[0]",
+            "roles/b/role.toml:5 files[0]: /etc/containers/systemd/app.container is already managed by roles/a/role.toml:1 quadlets[0]",
+        ] {
+            assert!(err.contains(want), "{want:?} not in\n{err}");
+        }
     }
 
     #[test]

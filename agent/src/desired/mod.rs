@@ -5,6 +5,7 @@
 pub mod guard;
 pub mod load;
 pub mod model;
+pub mod quadlet;
 pub mod redact;
 pub mod render;
 pub mod secrets;

@@ -67,6 +67,10 @@ pub struct RoleFile {
     /// actions (`post`) of a transaction.
     #[serde(default)]
     pub hooks: Vec<Spanned<HookSpec>>,
+    /// Podman quadlet files: a file under /etc/containers/systemd and the
+    /// unit podman generates from it (`super::quadlet`).
+    #[serde(default)]
+    pub quadlets: Vec<Spanned<super::quadlet::QuadletSpec>>,
     /// Managed symlinks, replaced atomically.
     #[serde(default)]
     pub links: Vec<Spanned<LinkSpec>>,

@@ -21,6 +21,8 @@ pub struct ThisHost<'a> {
     pub labels: &'a BTreeMap<String, String>,
     /// The commit it has applied, if any.
     pub current: Option<&'a str>,
+    /// Its local time zone, for maintenance windows written without one.
+    pub tz: &'a jiff::tz::TimeZone,
 }
 
 /// What one host last reported (its status key in the store).
@@ -48,6 +50,22 @@ pub struct FleetView {
     pub bad: BTreeMap<String, BTreeMap<String, String>>,
     /// Per group, the hosts holding a permit.
     pub permits: BTreeMap<String, BTreeSet<String>>,
+    /// Suspended rollouts: per group, or [`ALL_GROUPS`] for every group.
+    pub suspended: BTreeMap<String, Suspension>,
+}
+
+/// The key of [`FleetView::suspended`] that suspends every group.
+pub const ALL_GROUPS: &str = "*";
+
+/// An operator's `driftless suspend`: no host of the group applies a new
+/// commit until `driftless resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// Who suspended (user@host of the operator's command).
+    pub by: String,
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub since: i64,
 }
 
 /// The answer, with the reason a person reads in the log and in
@@ -143,13 +161,70 @@ pub fn progress(policy: &Policy, view: &FleetView, commit: &str) -> Vec<WaveProg
     out
 }
 
+/// Why `group` may not apply a new commit at `now` because of the
+/// policy's maintenance windows: `None` when no window holds for the group
+/// or one of them is open. Used by [`decide`] and, with etcd unreachable,
+/// by the agent alone (`on_unreachable = "apply-alone"` never applies
+/// outside a window).
+pub fn outside_window(
+    policy: &Policy,
+    group: &str,
+    now: i64,
+    tz: &jiff::tz::TimeZone,
+) -> Option<String> {
+    let rules: Vec<_> = policy
+        .windows
+        .iter()
+        .filter(|r| r.holds_for(group))
+        .collect();
+    if rules.is_empty() || rules.iter().any(|r| r.window.open_until(now, tz).is_some()) {
+        return None;
+    }
+    let which: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            format!(
+                "{:?} for {}",
+                r.window.calendar.to_string(),
+                humantime::format_duration(std::time::Duration::from_secs(r.window.length))
+            )
+        })
+        .collect();
+    let next = rules
+        .iter()
+        .filter_map(|r| r.window.next_open(now, tz))
+        .min();
+    Some(format!(
+        "group {group:?} is outside its maintenance window ({}); {}",
+        which.join(", "),
+        match next {
+            Some(t) => format!(
+                "the next opens at {} ({}s from now)",
+                crate::time::time_str(t),
+                t.saturating_sub(now)
+            ),
+            None => "none of them opens again: fix the policy".to_string(),
+        }
+    ))
+}
+
+/// If an operator suspended rollouts for `group` (or for all groups).
+pub fn suspension<'a>(view: &'a FleetView, group: &str) -> Option<(&'a str, &'a Suspension)> {
+    view.suspended
+        .get_key_value(group)
+        .or_else(|| view.suspended.get_key_value(ALL_GROUPS))
+        .map(|(k, v)| (k.as_str(), v))
+}
+
 /// May `host` apply `commit` at `now`?
 ///
 /// In order: a commit reverted by `max_failures` hosts is halted; a host
-/// already on the commit just converges; every earlier wave must have
+/// already on the commit just converges; an operator's suspension of the
+/// host's group holds every new commit; every earlier wave must have
 /// `min_healthy` healthy reports and have baked `bake` since the
-/// `min_healthy`-th; and the host's group must have a free permit (or the
-/// host holds one already).
+/// `min_healthy`-th; the group's maintenance window (if any) must be
+/// open; and the host's group must have a free permit (or the host holds
+/// one already).
 pub fn decide(
     policy: &Policy,
     host: &ThisHost,
@@ -192,6 +267,31 @@ pub fn decide(
             reason: format!("already on {c}"),
         };
     }
+    if let Some((key, s)) = suspension(view, host.group) {
+        let scope = if key == ALL_GROUPS {
+            "every group".to_string()
+        } else {
+            format!("group {key:?}")
+        };
+        return Decision::Wait {
+            wave,
+            reason: format!(
+                "rollouts are suspended for {scope} by {} since {}{}; `driftless resume{}` lets {c} go on",
+                s.by,
+                crate::time::time_str(s.since),
+                if s.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.reason)
+                },
+                if key == ALL_GROUPS {
+                    String::new()
+                } else {
+                    format!(" --group {key}")
+                }
+            ),
+        };
+    }
     let progress = progress(policy, view, commit);
     for (j, (w, p)) in policy.waves.iter().zip(&progress).enumerate().take(wave) {
         if w.min_healthy == 0 {
@@ -220,6 +320,9 @@ pub fn decide(
                 ),
             };
         }
+    }
+    if let Some(reason) = outside_window(policy, host.group, now, host.tz) {
+        return Decision::Wait { wave, reason };
     }
     let empty = BTreeSet::new();
     let held = view.permits.get(host.group).unwrap_or(&empty);

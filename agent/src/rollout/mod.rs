@@ -22,6 +22,7 @@
 //! leases and the semaphore live with the other effects
 //! (`crate::effects::fleet`).
 
+pub mod calendar;
 pub mod decide;
 pub mod policy;
 

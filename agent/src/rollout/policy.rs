@@ -19,6 +19,11 @@
 //! [[rollout.waves]]
 //! name = "rest"
 //! percent = 100                 # everyone else; the last wave must say so
+//!
+//! [[rollout.windows]]           # when new commits may be applied
+//! groups = ["db"]               # default: every group
+//! calendar = "Mon..Fri 22:00"   # opens: systemd OnCalendar= syntax, the host's local time
+//! length = "8h"                 # stays open this long
 //! ```
 //!
 //! The policy is read from the commit being rolled out: a commit carries
@@ -32,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::calendar::{Calendar, Window};
 use crate::desired::load::REPO_FILE;
 use crate::desired::snapshot::Snapshot;
 use crate::desired::toml_file;
@@ -49,6 +55,23 @@ pub struct RolloutFile {
     /// In order: the first wave a host matches is its wave.
     #[serde(default)]
     pub waves: Vec<toml::Spanned<WaveFile>>,
+    /// Maintenance windows: outside them, hosts of the groups they name
+    /// do not apply a new commit.
+    #[serde(default)]
+    pub windows: Vec<toml::Spanned<WindowFile>>,
+}
+
+/// One `[[rollout.windows]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowFile {
+    /// The `[fleet] group`s it applies to; every group when absent.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    /// When it opens, in systemd's `OnCalendar=` syntax.
+    pub calendar: toml::Spanned<String>,
+    /// How long it stays open, e.g. "8h".
+    pub length: toml::Spanned<String>,
 }
 
 /// One `[[rollout.waves]]` entry as written.
@@ -88,6 +111,26 @@ pub struct Policy {
     pub max_concurrent: u32,
     pub max_failures: u32,
     pub waves: Vec<Wave>,
+    /// Absent from the JSON of a policy without windows (as written by
+    /// agents before windows existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<WindowRule>,
+}
+
+/// A maintenance window and the groups it holds for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRule {
+    /// Empty: every group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(flatten)]
+    pub window: Window,
+}
+
+impl WindowRule {
+    pub fn holds_for(&self, group: &str) -> bool {
+        self.groups.is_empty() || self.groups.iter().any(|g| g == group)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +169,7 @@ impl Policy {
                 bake: 0,
                 min_healthy: 0,
             }],
+            windows: Vec::new(),
         }
     }
 }
@@ -310,11 +354,61 @@ pub fn validate(file: &str, text: &str, r: &RolloutFile) -> Result<Policy, Strin
              end with a wave of percent = 100 (everyone else)"
         ));
     }
+    let mut windows = Vec::new();
+    for (i, spanned) in r.windows.iter().enumerate() {
+        let line = at(spanned.span());
+        let w = spanned.get_ref();
+        let key = format!("rollout.windows[{i}]");
+        let groups = w.groups.clone().unwrap_or_default();
+        if w.groups.as_ref().is_some_and(|g| g.is_empty()) {
+            errors.push(format!(
+                "{file}:{line}: {key}.groups: empty, so the window would hold for no group; \
+                 name the groups, or remove `groups` for every group"
+            ));
+        }
+        if let Some(g) = groups.iter().find(|g| g.trim().is_empty()) {
+            errors.push(format!(
+                "{file}:{line}: {key}.groups: {g:?} is not a group name"
+            ));
+        }
+        let calendar = match Calendar::parse(w.calendar.get_ref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(format!(
+                    "{file}:{}: {key}.calendar: {e}",
+                    at(w.calendar.span())
+                ));
+                None
+            }
+        };
+        let length = match crate::desired::spec::parse_duration(w.length.get_ref()) {
+            Ok(d) if d.as_secs() >= 1 => Some(d.as_secs()),
+            Ok(_) => {
+                errors.push(format!(
+                    "{file}:{}: {key}.length: {:?} is shorter than a second; give the window a length such as \"8h\"",
+                    at(w.length.span()),
+                    w.length.get_ref()
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(format!("{file}:{}: {key}.length: {e}", at(w.length.span())));
+                None
+            }
+        };
+        if let (Some(calendar), Some(length)) = (calendar, length) {
+            windows.push(WindowRule {
+                groups,
+                window: Window { calendar, length },
+            });
+        }
+    }
     if errors.is_empty() {
         Ok(Policy {
             max_concurrent,
             max_failures,
             waves,
+            windows,
         })
     } else {
         Err(errors.join("\n"))

@@ -412,6 +412,7 @@ fn decisions_table() {
             group: "g",
             labels: &c.labels,
             current: c.current,
+            tz: &jiff::tz::TimeZone::UTC,
         };
         let d = decide(&p, &host, &view, C, c.now);
         let kind = match d {
@@ -440,6 +441,7 @@ fn max_failures_above_one_tolerates_fewer_reverts() {
         group: "g",
         labels: &none,
         current: Some(OLD),
+        tz: &jiff::tz::TimeZone::UTC,
     };
     assert!(matches!(
         decide(&p, &host, &view, C, 0),
@@ -503,7 +505,11 @@ impl Lcg {
 /// apply takes `apply_ticks`, and then the host reports healthy (or
 /// reverts, if `broken` says so) and frees its permit.
 fn simulate(seed: u64, hosts: usize, broken: impl Fn(&str) -> bool) -> Simulated {
-    let p = policy(THREE_WAVES);
+    simulate_with(THREE_WAVES, seed, hosts, broken)
+}
+
+fn simulate_with(text: &str, seed: u64, hosts: usize, broken: impl Fn(&str) -> bool) -> Simulated {
+    let p = policy(text);
     let mut rng = Lcg(seed);
     let names: Vec<String> = (0..hosts).map(|i| format!("sim-{seed}-{i}")).collect();
     let canaries: BTreeSet<usize> = [0usize, 1].into_iter().collect();
@@ -561,6 +567,7 @@ fn simulate(seed: u64, hosts: usize, broken: impl Fn(&str) -> bool) -> Simulated
                 group: "g",
                 labels: &l,
                 current: current[i].as_deref(),
+                tz: &jiff::tz::TimeZone::UTC,
             };
             match decide(&p, &host, &view, C, now) {
                 Decision::Apply { wave, .. } => {
@@ -670,9 +677,242 @@ fn the_default_policy_is_one_wave_one_at_a_time() {
         group: "g",
         labels: &none,
         current: None,
+        tz: &jiff::tz::TimeZone::UTC,
     };
     assert!(matches!(
         decide(&p, &host, &FleetView::default(), C, 0),
         Decision::Apply { wave: 0, .. }
     ));
+}
+
+const WINDOWED: &str = r#"
+roles = ["x"]
+[rollout]
+max_concurrent = 2
+
+[[rollout.waves]]
+name = "canary"
+labels = { canary = "yes" }
+min_healthy = 1
+bake = "60s"
+
+[[rollout.waves]]
+name = "rest"
+percent = 100
+
+[[rollout.windows]]
+calendar = "*:00/10:00 UTC"
+length = "2m"
+"#;
+
+#[test]
+fn windows_parse_with_their_groups_and_lengths() {
+    let p = policy(
+        "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\n\
+         [[rollout.windows]]\ngroups = [\"db\"]\ncalendar = \"Mon..Fri 22:00\"\nlength = \"8h\"\n\
+         [[rollout.windows]]\ncalendar = \"Sat,Sun 02:00 UTC\"\nlength = \"2h\"\n",
+    );
+    assert_eq!(p.windows.len(), 2);
+    assert!(p.windows[0].holds_for("db") && !p.windows[0].holds_for("web"));
+    assert!(p.windows[1].holds_for("web"));
+    assert_eq!(p.windows[0].window.length, 8 * 3600);
+    assert_eq!(
+        p.windows[1].window.calendar.to_string(),
+        "Sat,Sun 02:00 UTC"
+    );
+    // Stored in etcd and read back by `fleet status` and other hosts.
+    let j = serde_json::to_string(&p).unwrap();
+    assert!(
+        j.contains(r#""windows":[{"groups":["db"],"calendar":"Mon..Fri 22:00","length":28800}"#),
+        "{j}"
+    );
+    assert_eq!(serde_json::from_str::<Policy>(&j).unwrap(), p);
+    // A policy without windows serialises as before windows existed.
+    let plain = serde_json::to_string(&policy(THREE_WAVES)).unwrap();
+    assert!(!plain.contains("windows"), "{plain}");
+}
+
+#[test]
+fn bad_windows_name_the_line_and_key() {
+    let base = "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\n[[rollout.windows]]\n";
+    for (tail, want) in [
+        ("calendar = \"Fri..Mon 22:00\"\nlength = \"8h\"\n", "driftless.toml:6: rollout.windows[0].calendar: \"Fri..Mon\": a weekday range runs forwards"),
+        ("calendar = \"22:00\"\nlength = \"0s\"\n", "driftless.toml:7: rollout.windows[0].length: \"0s\" is shorter than a second"),
+        ("calendar = \"22:00\"\nlength = \"soon\"\n", "driftless.toml:7: rollout.windows[0].length"),
+        ("groups = []\ncalendar = \"22:00\"\nlength = \"1h\"\n", "rollout.windows[0].groups: empty"),
+        ("calendar = \"22:00\"\n", "missing field `length`"),
+        ("calendar = \"22:00\"\nlength = \"1h\"\nstart = \"x\"\n", "unknown field `start`"),
+    ] {
+        let e = err(&format!("{base}{tail}"));
+        assert!(e.contains(want), "{tail:?}: {e}");
+    }
+}
+
+fn at_utc(s: &str) -> i64 {
+    let dt: jiff::civil::DateTime = s.parse().unwrap();
+    jiff::tz::TimeZone::UTC
+        .to_ambiguous_timestamp(dt)
+        .compatible()
+        .unwrap()
+        .as_second()
+}
+
+#[test]
+fn outside_its_window_a_group_waits_and_says_when_it_opens() {
+    let p = policy(
+        "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n\
+         [[rollout.windows]]\ngroups = [\"db\"]\ncalendar = \"Mon..Fri 22:00\"\nlength = \"8h\"\n",
+    );
+    let none = BTreeMap::new();
+    let utc = jiff::tz::TimeZone::UTC;
+    let host = |group| ThisHost {
+        name: "h",
+        group,
+        labels: &none,
+        current: Some(OLD),
+        tz: &utc,
+    };
+    let view = FleetView::default();
+    let friday_noon = at_utc("2026-12-04 12:00:00");
+    match decide(&p, &host("db"), &view, C, friday_noon) {
+        Decision::Wait { reason, .. } => assert!(
+            reason.contains(
+                "group \"db\" is outside its maintenance window (\"Mon..Fri 22:00\" for 8h)"
+            ) && reason.contains("the next opens at 2026-12-04T22:00:00Z (36000s from now)"),
+            "{reason}"
+        ),
+        d => panic!("{d:?}"),
+    }
+    // Other groups have no window.
+    assert!(matches!(
+        decide(&p, &host("web"), &view, C, friday_noon),
+        Decision::Apply { .. }
+    ));
+    // Inside: Friday night, and Saturday 05:59 (Friday's window).
+    for t in ["2026-12-04 22:00:00", "2026-12-05 05:59:59"] {
+        assert!(
+            matches!(
+                decide(&p, &host("db"), &view, C, at_utc(t)),
+                Decision::Apply { .. }
+            ),
+            "{t}"
+        );
+    }
+    assert!(matches!(
+        decide(&p, &host("db"), &view, C, at_utc("2026-12-05 06:00:00")),
+        Decision::Wait { .. }
+    ));
+    // A host already on the commit converges (drift repair) at any time.
+    let on = ThisHost {
+        current: Some(C),
+        ..host("db")
+    };
+    assert!(matches!(
+        decide(&p, &on, &view, C, friday_noon),
+        Decision::Apply { .. }
+    ));
+    // The window is read in the host's time zone: 22:00 in Tokyo is
+    // 13:00 UTC, so at 14:00 UTC on a Friday a Tokyo host is inside.
+    let tokyo = jiff::tz::TimeZone::get("Asia/Tokyo").unwrap();
+    let far = ThisHost {
+        tz: &tokyo,
+        ..host("db")
+    };
+    assert!(matches!(
+        decide(&p, &far, &view, C, at_utc("2026-12-04 14:00:00")),
+        Decision::Apply { .. }
+    ));
+}
+
+#[test]
+fn a_suspension_holds_its_group_or_every_group_but_not_a_halt() {
+    let p = policy(THREE_WAVES);
+    let utc = jiff::tz::TimeZone::UTC;
+    let canary = labels(&[("canary", "yes")]);
+    let host = |group| ThisHost {
+        name: "c",
+        group,
+        labels: &canary,
+        current: Some(OLD),
+        tz: &utc,
+    };
+    let mut view = FleetView::default();
+    view.suspended.insert(
+        "db".into(),
+        decide::Suspension {
+            by: "ops@admin1".into(),
+            reason: "db migration".into(),
+            since: 1_000,
+        },
+    );
+    match decide(&p, &host("db"), &view, C, 2_000) {
+        Decision::Wait { reason, .. } => assert!(
+            reason.contains("suspended for group \"db\" by ops@admin1")
+                && reason.contains("(db migration)")
+                && reason.contains("`driftless resume --group db`"),
+            "{reason}"
+        ),
+        d => panic!("{d:?}"),
+    }
+    assert!(matches!(
+        decide(&p, &host("web"), &view, C, 2_000),
+        Decision::Apply { .. }
+    ));
+    view.suspended.insert(
+        decide::ALL_GROUPS.into(),
+        decide::Suspension {
+            by: "ops@admin1".into(),
+            reason: String::new(),
+            since: 1_000,
+        },
+    );
+    match decide(&p, &host("web"), &view, C, 2_000) {
+        Decision::Wait { reason, .. } => {
+            assert!(reason.contains("suspended for every group"), "{reason}");
+            assert!(reason.contains("`driftless resume`"), "{reason}");
+        }
+        d => panic!("{d:?}"),
+    }
+    // A host on the commit still converges; a halted commit stays halted.
+    let on = ThisHost {
+        current: Some(C),
+        ..host("web")
+    };
+    assert!(matches!(
+        decide(&p, &on, &view, C, 2_000),
+        Decision::Apply { .. }
+    ));
+    view.bad
+        .entry(C.into())
+        .or_default()
+        .insert("x".into(), "check".into());
+    assert!(matches!(
+        decide(&p, &host("web"), &view, C, 2_000),
+        Decision::Halt { .. }
+    ));
+}
+
+#[test]
+fn property_no_host_starts_outside_the_window_and_the_rollout_still_finishes() {
+    let p = policy(WINDOWED);
+    let utc = jiff::tz::TimeZone::UTC;
+    for seed in 40..=42u64 {
+        let s = simulate_with(WINDOWED, seed, 40, |_| false);
+        assert!(s.done_at.is_some(), "seed {seed}: the rollout finished");
+        assert_eq!(s.started.len(), 40, "seed {seed}");
+        for (host, _, t) in &s.started {
+            assert!(
+                decide::outside_window(&p, "g", *t, &utc).is_none(),
+                "seed {seed}: {host} started at {t}, outside the window"
+            );
+        }
+        // It took more than one window: the closing one made hosts wait.
+        let first = s.started.iter().map(|(_, _, t)| *t).min().unwrap();
+        let last = s.started.iter().map(|(_, _, t)| *t).max().unwrap();
+        assert!(
+            last - first > 600,
+            "seed {seed}: all within {}s",
+            last - first
+        );
+    }
 }

@@ -114,6 +114,16 @@ impl FleetRun {
                         self.hold(commit, wave, reason, false)
                     }
                     OnUnreachable::ApplyAlone => {
+                        // Alone, but never outside the maintenance window.
+                        let tz = jiff::tz::TimeZone::system();
+                        if let Some(why) =
+                            rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
+                        {
+                            let reason =
+                                format!("{e:#}; on_unreachable = \"apply-alone\", but {why}");
+                            warn!("{reason}");
+                            return Ok(self.hold(commit, wave, reason, false));
+                        }
                         warn!(commit = %short(commit), "{e:#}; applying without the fleet (on_unreachable = \"apply-alone\")");
                         Gate::Go
                     }
@@ -134,6 +144,80 @@ impl FleetRun {
                 self.hold(commit, wave, reason, true)
             }
         })
+    }
+
+    /// Is `current`, the commit this host runs, halted fleet-wide (other
+    /// hosts reverted it, `max_failures` of them)? Then the reason: the
+    /// caller rolls this host back to its previous good commit, like the
+    /// hosts that reverted it. Not asked when this run is about to apply
+    /// a newer commit (`applying_newer`), nor when etcd does not answer
+    /// (the host stays as it is, and asks again next run).
+    pub(super) fn current_halted(
+        &mut self,
+        pass: &Pass,
+        current: Option<&str>,
+        applying_newer: bool,
+    ) -> Option<String> {
+        let fleet = active(pass.settings)?;
+        let current = current?;
+        if applying_newer {
+            return None;
+        }
+        match self.halted_in_store(pass, fleet, current) {
+            Ok(why) => why,
+            Err(e) => {
+                warn!(commit = %short(current), "fleet: cannot tell whether the applied commit was halted: {e:#}");
+                None
+            }
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    fn halted_in_store(
+        &mut self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        current: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let store = &mut self.store;
+        let (marks, policy) = pass.rt.block_on(async {
+            if store.is_none() {
+                *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
+            }
+            let Some(s) = store.as_mut() else {
+                anyhow::bail!("no etcd connection");
+            };
+            let marks = s.bad_marks(current).await?;
+            if marks.is_empty() {
+                return Ok((marks, None));
+            }
+            let policy = s.policy(current).await?;
+            anyhow::Ok((marks, policy))
+        })?;
+        let max = policy.map_or(Policy::default_policy().max_failures, |p| p.max_failures);
+        if marks.len() < max as usize || marks.contains_key(&pass.settings.host) {
+            return Ok(None);
+        }
+        let who: Vec<String> = marks
+            .iter()
+            .take(3)
+            .map(|(h, why)| format!("{h} ({why})"))
+            .collect();
+        Ok(Some(format!(
+            "halted fleet-wide: reverted by {}{}",
+            who.join("; "),
+            if marks.len() > 3 { "; …" } else { "" }
+        )))
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn halted_in_store(
+        &mut self,
+        _pass: &Pass,
+        _fleet: &FleetSettings,
+        _current: &str,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(None)
     }
 
     fn hold(&mut self, commit: &str, wave: Option<String>, reason: String, halted: bool) -> Gate {
@@ -174,11 +258,13 @@ impl FleetRun {
                 .iter()
                 .find(|st| st.host == settings.host)
                 .cloned();
+            let tz = jiff::tz::TimeZone::system();
             let host = rollout::ThisHost {
                 name: &settings.host,
                 group: &fleet.group,
                 labels: &fleet.labels,
                 current,
+                tz: &tz,
             };
             let mut decision = rollout::decide(policy, &host, &snap.view(), commit, pass.now);
             let mut permit = None;

@@ -601,6 +601,16 @@ pub fn rollback(
     // about to apply: a rollback refused early leaves the halt in place).
     let opts = SyncOptions::default();
     let mut pass = begin(settings, &opts, now, rt, true)?;
+    let result = rollback_in(&mut pass, to, "rolled back by the operator");
+    metrics::after_run(&pass, &result);
+    result
+}
+
+/// A rollback within a pass that holds the lock: to `to`, or the previous
+/// good commit of the history. `why` is the bad mark's reason for the
+/// commit rolled back from. Records the outcome in the history.
+fn rollback_in(pass: &mut run::Pass, to: Option<&str>, why: &str) -> Result<Report, Error> {
+    let (settings, now) = (pass.settings, pass.now);
     let inventory = pass.state.inventory().kind(Failure::Failed)?;
     let current = inventory.commit.clone();
     let target = match to {
@@ -654,7 +664,7 @@ pub fn rollback(
             cur.clone(),
             marks::Mark {
                 time: now,
-                reason: format!("rolled back by the operator to {}", short(&fetched.commit)),
+                reason: format!("{why} to {}", short(&fetched.commit)),
             },
         );
     }
@@ -662,10 +672,10 @@ pub fn rollback(
     pass.marks.halted = None;
     marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
     let prepared = Prepared { fetched, plan };
-    let result = deploy(&mut pass, prepared);
+    let result = deploy(pass, prepared);
     match &result {
         Ok(r) => {
-            // The operator lowered the floor on purpose.
+            // The operator (or the fleet) lowered the floor on purpose.
             let full_ref =
                 fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
             let mut rolled_back = floor::load(&settings.root)
@@ -711,7 +721,6 @@ pub fn rollback(
             Some(format!("rollback: {:#}", e.error)),
         ),
     }
-    metrics::after_run(&pass, &result);
     result
 }
 

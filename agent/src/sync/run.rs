@@ -43,10 +43,25 @@ pub fn sync_once(
 ) -> Result<Report, Error> {
     let mut pass = begin(settings, opts, now, rt, false)?;
     let mut fleet = super::fleet::FleetRun::default();
+    let mut fleet_rollback = false;
     let result = (|| {
         let fetched = fetch_phase(&pass)?;
-        if let Some(waiting) = ask_fleet(&pass, &mut fleet, &fetched.head)? {
-            return Ok(waiting_report(&pass, fetched.head, waiting));
+        match ask_fleet(&pass, &mut fleet, &fetched.head)? {
+            FleetGate::Proceed => {}
+            FleetGate::Wait(waiting) => return Ok(waiting_report(&pass, fetched.head, waiting)),
+            FleetGate::RollBack(why) => {
+                fleet_rollback = true;
+                warn!(
+                    "fleet: the applied commit is {why}; rolling back to the previous good commit"
+                );
+                return super::rollback_in(&mut pass, None, &format!("fleet: {why}; rolled back"))
+                    .map_err(|mut e| {
+                        e.error = e.error.context(format!(
+                            "the applied commit is {why}, and this host cannot roll back"
+                        ));
+                        e
+                    });
+            }
         }
         match plan_phase(&pass, fetched)? {
             Planned::QuickHit { prepared } => {
@@ -61,38 +76,69 @@ pub fn sync_once(
             Planned::Full { prepared, inputs } => apply_phase(&mut pass, prepared, &inputs),
         }
     })();
-    if !result.as_ref().is_ok_and(|r| r.quick) {
-        keep_reboot_request(&mut pass);
+    if fleet_rollback {
+        // rollback_in recorded the history itself.
+        super::metrics::after_run(&pass, &result);
+    } else {
+        if !result.as_ref().is_ok_and(|r| r.quick) {
+            keep_reboot_request(&mut pass);
+        }
+        record_outcome(&pass, &result);
     }
-    record_outcome(&pass, &result);
     fleet.finish(&pass, &result);
     result
+}
+
+/// What the fleet says about this run.
+enum FleetGate {
+    /// Go on as without a fleet.
+    Proceed,
+    /// The new commit waits (or is halted); nothing is touched.
+    Wait(crate::effects::fleet::Waiting),
+    /// The applied commit was halted fleet-wide: roll back (the reason).
+    RollBack(String),
 }
 
 /// `[fleet]`: before a new commit is applied, asks whether this host may
 /// apply it now. `Some`: it may not (yet); nothing is touched. Not asked
 /// for the commit already applied (drift repair goes on as always), nor
 /// for one this host marked bad itself (it is skipped anyway).
+///
+/// And whether the applied commit was halted fleet-wide since (other
+/// hosts reverted it): unless a newer commit is about to be applied, this
+/// host then rolls back too ("hosts of the failing wave revert"). That
+/// rollback takes no permit and ignores maintenance windows: the commit is
+/// known bad.
 fn ask_fleet(
     pass: &Pass,
     fleet: &mut super::fleet::FleetRun,
     head: &Head,
-) -> Result<Option<crate::effects::fleet::Waiting>, Error> {
+) -> Result<FleetGate, Error> {
     if super::fleet::active(pass.settings).is_none() {
-        return Ok(None);
+        return Ok(FleetGate::Proceed);
     }
     let current = match &pass.stamps {
         Some(r) => Some(r.commit.clone()),
         None => pass.state.inventory().kind(Failure::Failed)?.commit,
     };
     let locally_bad = pass.marks.bad.contains_key(&head.commit) && !pass.opts.retry;
-    if current.as_deref() == Some(head.commit.as_str()) || locally_bad {
-        return Ok(None);
+    let newer = current.as_deref() != Some(head.commit.as_str()) && !locally_bad;
+    let waiting = if newer {
+        match fleet.ask(pass, head, current.as_deref())? {
+            super::fleet::Gate::Go => None,
+            super::fleet::Gate::Hold(w) => Some(w),
+        }
+    } else {
+        None
+    };
+    let applying_newer = newer && waiting.is_none();
+    if let Some(why) = fleet.current_halted(pass, current.as_deref(), applying_newer) {
+        return Ok(FleetGate::RollBack(why));
     }
-    match fleet.ask(pass, head, current.as_deref())? {
-        super::fleet::Gate::Go => Ok(None),
-        super::fleet::Gate::Hold(w) => Ok(Some(w)),
-    }
+    Ok(match waiting {
+        Some(w) => FleetGate::Wait(w),
+        None => FleetGate::Proceed,
+    })
 }
 
 /// The report of a run that left a new commit waiting for the fleet.

@@ -18,6 +18,10 @@
 //! P/policy/<commit>          the commit's validated rollout policy (JSON), written once
 //!                            by the first host that judges the commit, for
 //!                            `driftless fleet status`
+//! P/suspend/<group>          an operator's `driftless suspend [--group G]` (JSON,
+//!                            [`crate::rollout::decide::Suspension`]; `*` for every
+//!                            group): no host of the group applies a new commit until
+//!                            `driftless resume` deletes it
 //! ```
 //!
 //! The semaphore: a host takes a permit by reading the group's permits
@@ -79,6 +83,12 @@ impl Keys {
     }
     pub fn policy(&self, commit: &str) -> String {
         format!("{}/policy/{commit}", self.prefix)
+    }
+    pub fn all_suspended(&self) -> String {
+        format!("{}/suspend/", self.prefix)
+    }
+    pub fn suspended(&self, group: &str) -> String {
+        format!("{}/suspend/{group}", self.prefix)
     }
 }
 
@@ -147,6 +157,8 @@ pub struct Snapshot {
     pub permits: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// commit → policy.
     pub policies: BTreeMap<String, crate::rollout::Policy>,
+    /// group (or `*`) → the operator's suspension.
+    pub suspended: BTreeMap<String, crate::rollout::decide::Suspension>,
     /// Keys that could not be read (not JSON, unexpected layout).
     pub unreadable: Vec<String>,
 }
@@ -158,6 +170,7 @@ impl Snapshot {
             reports: self.statuses.iter().map(HostStatus::as_report).collect(),
             bad: self.bad.clone(),
             permits: self.permits.clone(),
+            suspended: self.suspended.clone(),
         }
     }
 }
@@ -180,6 +193,8 @@ mod tests {
         assert_eq!(k.bad_mark("abc", "web1"), "/fleet/bad/abc/web1");
         assert!(k.bad_mark("abc", "web1").starts_with(&k.bad("abc")));
         assert_eq!(k.policy("abc"), "/fleet/policy/abc");
+        assert_eq!(k.suspended("*"), "/fleet/suspend/*");
+        assert!(k.suspended("db").starts_with(&k.all_suspended()));
         assert_eq!(
             parts(&k.all_permits(), "/fleet/permits/db/web1"),
             Some(vec!["db", "web1"])

@@ -4,11 +4,16 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use std::collections::BTreeMap;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+};
 use tracing::{debug, warn};
 
 use super::{parts, HostStatus, Keys, Snapshot};
 use crate::config::FleetSettings;
+use crate::rollout::decide::Suspension;
 use crate::rollout::Policy;
 
 /// How long connecting, and then each request, may take: a poll must not
@@ -104,12 +109,96 @@ impl Store {
                 _ => out.unreadable.push(key),
             }
         }
+        self.read_suspensions(&mut out).await?;
         Ok(out)
     }
 
+    async fn read_suspensions(&mut self, out: &mut Snapshot) -> Result<()> {
+        let prefix = self.keys.all_suspended();
+        for (key, value) in self.list(&prefix).await? {
+            match (
+                parts(&prefix, &key).as_deref(),
+                serde_json::from_str::<Suspension>(&value),
+            ) {
+                (Some([group]), Ok(s)) => {
+                    out.suspended.insert(group.to_string(), s);
+                }
+                // An unreadable suspension still suspends: an operator
+                // meant to stop the rollout.
+                (Some([group]), Err(e)) => {
+                    out.unreadable.push(format!("{key}: {e}"));
+                    out.suspended.insert(
+                        group.to_string(),
+                        Suspension {
+                            by: "?".into(),
+                            reason: format!("unreadable suspension key {key}"),
+                            since: 0,
+                        },
+                    );
+                }
+                _ => out.unreadable.push(key),
+            }
+        }
+        Ok(())
+    }
+
+    /// Suspends new rollouts for `group` (`*`: every group).
+    pub async fn suspend(&mut self, group: &str, s: &Suspension) -> Result<()> {
+        let key = self.keys.suspended(group);
+        self.client
+            .put(key.clone(), serde_json::to_string(s)?, None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        Ok(())
+    }
+
+    /// Lifts the suspension of `group`; `false` if there was none.
+    pub async fn resume(&mut self, group: &str) -> Result<bool> {
+        let key = self.keys.suspended(group);
+        let r = self
+            .client
+            .delete(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot delete {key}")))?;
+        Ok(r.deleted() > 0)
+    }
+
+    /// Deletes the bad marks of `commit` (an operator resumes its halted
+    /// rollout); returns the hosts whose marks were removed.
+    pub async fn clear_bad(&mut self, commit: &str) -> Result<Vec<String>> {
+        let prefix = self.keys.bad(commit);
+        let r = self
+            .client
+            .delete(
+                prefix.clone(),
+                Some(DeleteOptions::new().with_prefix().with_prev_key()),
+            )
+            .await
+            .with_context(|| self.ctx(&format!("cannot delete {prefix}")))?;
+        Ok(r.prev_kvs()
+            .iter()
+            .filter_map(|kv| {
+                String::from_utf8_lossy(kv.key())
+                    .strip_prefix(&prefix)
+                    .map(str::to_string)
+            })
+            .collect())
+    }
+
+    /// The hosts that reverted `commit`, with why.
+    pub async fn bad_marks(&mut self, commit: &str) -> Result<BTreeMap<String, String>> {
+        let prefix = self.keys.bad(commit);
+        Ok(self
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|h| (h.to_string(), v)))
+            .collect())
+    }
+
     /// What the decision for `commit` needs: live statuses, the hosts
-    /// that reverted `commit`, and the permits of `group` (three reads,
-    /// not the whole prefix).
+    /// that reverted `commit`, the permits of `group` and the operators'
+    /// suspensions (four reads, not the whole prefix).
     pub async fn view(&mut self, commit: &str, group: &str) -> Result<Snapshot> {
         let mut out = Snapshot::default();
         let prefix = self.keys.hosts();
@@ -137,6 +226,7 @@ impl Store {
                     .insert(host.to_string());
             }
         }
+        self.read_suspensions(&mut out).await?;
         Ok(out)
     }
 
@@ -351,6 +441,22 @@ impl Store {
             .await
             .with_context(|| self.ctx(&format!("cannot write {key}")))?;
         Ok(())
+    }
+
+    /// The rollout policy recorded for `commit`, if any host recorded one.
+    pub async fn policy(&mut self, commit: &str) -> Result<Option<Policy>> {
+        let key = self.keys.policy(commit);
+        let resp = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(Some)
+                .with_context(|| self.ctx(&format!("{key} is not a rollout policy"))),
+        }
     }
 
     /// This host's own last status, if its entry has not expired.
