@@ -141,3 +141,43 @@ fn a_sync_that_changes_nothing_issues_no_barrier() {
         assert_eq!(total(&counts), 0, "a no-op sync: {counts:?}");
     }
 }
+
+/// Links and absent paths (issue #16 step 3) join the files' transaction
+/// and its flushes: a retargeted link plus an absent file removed cost no
+/// more barriers than a one-file change.
+#[test]
+fn a_retargeted_link_and_an_absent_removal_issue_at_most_five_barriers() {
+    if !have_strace() {
+        return skip::missing("strace (Debian package strace)");
+    }
+    let repo = repo_of_many();
+    let role = std::fs::read_to_string(repo.path().join("roles/app/role.toml")).unwrap();
+    let with_link = |target: &str| {
+        format!(
+            "{role}[[links]]\npath = \"/etc/app/current\"\ntarget = \"{target}\"\n\n\
+             [[absent]]\npath = \"/etc/app/stale\"\n"
+        )
+    };
+    repo.write("roles/app/role.toml", &with_link("f00.conf"));
+    repo.commit("a link and an absent path");
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    host.sync(repo.path()).ok();
+    std::fs::write(host.path("/etc/app/stale"), "stale\n").unwrap();
+    repo.write("roles/app/role.toml", &with_link("f01.conf"));
+    repo.commit("retarget the link");
+    let (run, counts) = traced_sync(&host, &repo);
+    let run = run.ok();
+    assert!(
+        run.stdout.contains("0 created, 1 changed, 1 removed"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        std::fs::read_link(host.path("/etc/app/current")).unwrap(),
+        std::path::Path::new("f01.conf")
+    );
+    assert!(!host.path("/etc/app/stale").exists());
+    assert!(total(&counts) <= 5, "a retarget and a removal: {counts:?}");
+    assert!(total(&counts) >= 3, "a retarget and a removal: {counts:?}");
+}

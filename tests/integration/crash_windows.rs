@@ -26,23 +26,48 @@ const FILES: &[(&str, Option<&str>, Option<&str>)] = &[
     ("/opt/app/new/file", None, Some("new v2\n")),
 ];
 
+/// A managed link retargeted by the new commit (issue #16 step 3): old
+/// and new target.
+const LINK: (&str, &str, &str) = ("/etc/app/current", "a.conf", "b.conf");
+
+/// A regular file nobody manages, which the new commit declares absent:
+/// its content before.
+const ABSENT: (&str, &str) = ("/etc/app/stale", "stale v1\n");
+
 type State = BTreeMap<String, Option<String>>;
 
 fn expected(new: bool) -> State {
-    FILES
+    let mut out: State = FILES
         .iter()
         .map(|(p, o, n)| {
             let c = if new { n } else { o };
             (p.to_string(), c.map(str::to_string))
         })
-        .collect()
+        .collect();
+    let target = if new { LINK.2 } else { LINK.1 };
+    out.insert(format!("{} ->", LINK.0), Some(target.to_string()));
+    out.insert(ABSENT.0.to_string(), (!new).then(|| ABSENT.1.to_string()));
+    out
 }
 
+/// Each managed file's content (read without following a link: a link
+/// where a file belongs reads as `link -> …`), the link's target, and the
+/// absent path's content.
 fn state_of(host: &Host) -> State {
-    FILES
+    let read = |p: &str| match std::fs::read_link(host.path(p)) {
+        Ok(t) => Some(format!("link -> {}", t.display())),
+        Err(_) => host.read(p),
+    };
+    let mut out: State = FILES
         .iter()
-        .map(|(p, _, _)| (p.to_string(), host.read(p)))
-        .collect()
+        .map(|(p, _, _)| (p.to_string(), read(p)))
+        .chain([(ABSENT.0.to_string(), read(ABSENT.0))])
+        .collect();
+    let target = std::fs::read_link(host.path(LINK.0))
+        .ok()
+        .map(|t| t.display().to_string());
+    out.insert(format!("{} ->", LINK.0), target);
+    out
 }
 
 /// The repository at the old commit (branch `v1`) and the new one
@@ -85,6 +110,14 @@ fn scenario(check_passes: bool) -> Scenario {
         // The check reads the live file. A failing v2 wants v1's content:
         // it fails on v2's files and passes again once they are reverted.
         let wanted = if !new || check_passes { "v" } else { "a v1" };
+        role.push_str(&format!(
+            "[[links]]\npath = \"{}\"\ntarget = \"{}\"\n\n",
+            LINK.0,
+            if new { LINK.2 } else { LINK.1 }
+        ));
+        if new {
+            role.push_str(&format!("[[absent]]\npath = \"{}\"\n\n", ABSENT.0));
+        }
         role.push_str(&format!(
             "[[checks]]\nname = \"a.conf is good\"\nretries = 1\ninterval = \"10ms\"\n\
              command = {{ argv = [\"/bin/grep\", \"-q\", {wanted:?}, {:?}] }}\n",
@@ -144,6 +177,8 @@ fn host_at_old(s: &Scenario) -> Host {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Not managed by v1: the new commit declares it absent.
+    std::fs::write(host.path(ABSENT.0), ABSENT.1).expect("write");
     assert_eq!(state_of(&host), expected(false));
     host
 }
@@ -234,7 +269,8 @@ fn campaign(check_passes: bool) -> usize {
     let mut must = vec![
         "sync.fetched:1",
         "apply.staged:1",
-        "apply.switch:4",
+        // 4 files, the link, the absent path.
+        "apply.switch:6",
         "apply.switched:1",
         "post.checks:1",
         "post.checked:1",
@@ -249,7 +285,7 @@ fn campaign(check_passes: bool) -> usize {
     } else {
         must.extend([
             "apply.revert.started:1",
-            "apply.undo:4",
+            "apply.undo:6",
             "apply.revert.inventory:1",
         ]);
     }

@@ -20,6 +20,7 @@ mod hooks;
 mod hostile_templates;
 mod init;
 mod leak_catalogue;
+mod links;
 mod metrics;
 mod notify;
 mod originals;

@@ -142,9 +142,46 @@ pub fn print_plan(
             ) {
                 status.insert("reboot_required".into(), json!(p.plan.reboot_required));
             }
+            // Links and absent paths, in the order they switch; only
+            // when there are some (a files-only plan keeps its bytes).
+            let resources = resources_json(&p.plan);
+            if let (false, Some(status)) = (
+                resources.is_empty(),
+                plan.get_mut("status").and_then(|v| v.as_object_mut()),
+            ) {
+                status.insert("resources".into(), json!(resources));
+            }
             print_json(&plan)
         }
     }
+}
+
+/// `status.resources` of a plan: one object per link or absent change,
+/// `{"kind": "link", "action": "retarget", "path": …, "target": …, "was": …}`
+/// or `{"kind": "absent", "action": "remove", "path": …, "file"|"link": …}`.
+fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
+    let tagged = |kind: &str, action: Option<&str>, v: serde_json::Value| {
+        let mut out = serde_json::Map::new();
+        out.insert("kind".into(), json!(kind));
+        if let Some(a) = action {
+            out.insert("action".into(), json!(a));
+        }
+        if let serde_json::Value::Object(fields) = v {
+            out.extend(fields);
+        }
+        serde_json::Value::Object(out)
+    };
+    plan.links
+        .iter()
+        .map(|c| tagged("link", None, serde_json::to_value(c).unwrap_or_default()))
+        .chain(plan.absent.iter().map(|c| {
+            tagged(
+                "absent",
+                Some("remove"),
+                serde_json::to_value(c).unwrap_or_default(),
+            )
+        }))
+        .collect()
 }
 
 pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
@@ -193,12 +230,19 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     Ok(f) => json!(f),
                     Err(e) => json!({ "error": e }),
                 },
-                "applied": applied.map(|i| json!({
-                    "commit": i.commit,
-                    "txid": i.txid,
-                    "applied_at": i.applied_at,
-                    "files": i.files.len(),
-                })),
+                "applied": applied.map(|i| {
+                    let mut v = json!({
+                        "commit": i.commit,
+                        "txid": i.txid,
+                        "applied_at": i.applied_at,
+                        "files": i.files.len(),
+                    });
+                    // Only with links: a files-only status keeps its bytes.
+                    if let (false, Some(o)) = (i.links.is_empty(), v.as_object_mut()) {
+                        o.insert("links".into(), json!(i.links));
+                    }
+                    v
+                }),
                 "last_run": last,
                 "interrupted_transactions": pending,
                 "bad_commits": match &marks {
@@ -231,10 +275,15 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             );
             match applied {
                 Some(i) => outln!(
-                    "applied:  {} at {} ({} files, transaction {})",
+                    "applied:  {} at {} ({} files{}, transaction {})",
                     i.commit.as_deref().map(short).unwrap_or("?"),
                     time_str(i.applied_at),
                     i.files.len(),
+                    if i.links.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} links", i.links.len())
+                    },
                     i.txid
                 ),
                 None => outln!("applied:  nothing yet"),
@@ -429,10 +478,22 @@ pub fn validate(
             Ok((cfg, d?))
         });
         match outcome {
-            Ok((cfg, d)) => results.push(json!({
-                "host": name, "ok": true, "roles": cfg.roles, "files": d.files.len(),
-                "checks": d.checks.len(), "errors": [],
-            })),
+            Ok((cfg, d)) => {
+                let mut r = json!({
+                    "host": name, "ok": true, "roles": cfg.roles, "files": d.files.len(),
+                    "checks": d.checks.len(), "errors": [],
+                });
+                // Only when declared: a files-only validation keeps its bytes.
+                if let Some(o) = r.as_object_mut() {
+                    if !d.links.is_empty() {
+                        o.insert("links".into(), json!(d.links.len()));
+                    }
+                    if !d.absent.is_empty() {
+                        o.insert("absent".into(), json!(d.absent.len()));
+                    }
+                }
+                results.push(r)
+            }
             Err(diags) => {
                 failed += 1;
                 let errors: Vec<&String> = diags.iter().collect();
@@ -450,8 +511,15 @@ pub fn validate(
             for r in &results {
                 let host = r["host"].as_str().unwrap_or("?");
                 if r["ok"].as_bool() == Some(true) {
+                    let mut others = String::new();
+                    if let Some(n) = r.get("links") {
+                        others.push_str(&format!(", {n} link(s)"));
+                    }
+                    if let Some(n) = r.get("absent") {
+                        others.push_str(&format!(", {n} absent"));
+                    }
                     outln!(
-                        "ok    {host}: {} file(s), {} check(s)",
+                        "ok    {host}: {} file(s), {} check(s){others}",
                         r["files"],
                         r["checks"]
                     );

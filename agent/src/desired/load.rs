@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value as Json;
 
 use super::model::{
-    CheckSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, RepoFile, RoleFile, UnitSpec,
+    AbsentSpec, CheckSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, LinkSpec, RepoFile,
+    RoleFile, UnitSpec,
 };
 use super::snapshot::Snapshot;
 use super::spec::{
@@ -79,6 +80,28 @@ pub struct FileDecl {
     pub origin: String,
 }
 
+/// One symlink the host must have (`[[links]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDecl {
+    pub path: TargetPath,
+    pub role: String,
+    /// The link's content, verbatim: never resolved, never normalised.
+    pub target: String,
+    /// Mode of the parent directories created for it (the role's).
+    pub dir_mode: Mode,
+    /// `roles/web/role.toml:9 links[0]`.
+    pub origin: String,
+}
+
+/// One path that must not exist (`[[absent]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsentDecl {
+    pub path: TargetPath,
+    pub role: String,
+    /// `roles/web/role.toml:9 absent[0]`.
+    pub origin: String,
+}
+
 /// Everything the repository says about one host.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -93,6 +116,10 @@ pub struct HostConfig {
     pub units: Vec<UnitSpec>,
     /// Every declared hook, in role order, then declaration order.
     pub hooks: Vec<Hook>,
+    /// Managed symlinks, sorted by path.
+    pub links: Vec<LinkDecl>,
+    /// Paths that must not exist, sorted by path.
+    pub absent: Vec<AbsentDecl>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -183,6 +210,8 @@ pub fn load_host(
     let mut checks: Vec<Check> = Vec::new();
     let mut units: Vec<UnitSpec> = Vec::new();
     let mut hooks: Vec<Hook> = Vec::new();
+    let mut links: Vec<LinkDecl> = Vec::new();
+    let mut absent: Vec<AbsentDecl> = Vec::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
@@ -227,6 +256,40 @@ pub fn load_host(
                     }
                     claimed.insert(decl.path.clone(), origin.clone());
                     files.push(decl);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.links.into_iter().enumerate() {
+            let origin = at("links", i, spec.span());
+            match link_decl(role, &origin, spec.into_inner(), role_dir_mode, opts) {
+                Ok(decl) => {
+                    if let Some(other) = claimed.get(&decl.path) {
+                        diags.push(format!(
+                            "{origin}: {} is already managed by {other}; a path can belong to one entry only",
+                            decl.path
+                        ));
+                        continue;
+                    }
+                    claimed.insert(decl.path.clone(), origin.clone());
+                    links.push(decl);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.absent.into_iter().enumerate() {
+            let origin = at("absent", i, spec.span());
+            match absent_decl(role, &origin, spec.into_inner(), opts) {
+                Ok(decl) => {
+                    if let Some(other) = claimed.get(&decl.path) {
+                        diags.push(format!(
+                            "{origin}: {} is already managed by {other}; a path cannot be both managed and absent (remove one of the two entries)",
+                            decl.path
+                        ));
+                        continue;
+                    }
+                    claimed.insert(decl.path.clone(), origin.clone());
+                    absent.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -301,11 +364,31 @@ pub fn load_host(
         }
     }
     merge(&mut vars, toml_to_json(toml::Value::Table(host_file.vars)));
+    // A link or an absent path above another entry's path: the link
+    // would have to be followed (driftless never does), the absent path
+    // is a directory holding managed files.
+    for (path, origin, what) in links
+        .iter()
+        .map(|l| (&l.path, &l.origin, "a symlink"))
+        .chain(absent.iter().map(|a| (&a.path, &a.origin, "absent")))
+    {
+        for (below, other) in &claimed {
+            if below != path && below.is_under(path) {
+                diags.push(format!(
+                    "{origin}: {path} is {what}, but {other} manages {below} below it; \
+                     driftless never writes through a symlink and absent removes no directory: \
+                     remove one of the two entries"
+                ));
+            }
+        }
+    }
 
     if !diags.is_empty() {
         return Err(diags);
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    links.sort_by(|a, b| a.path.cmp(&b.path));
+    absent.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(HostConfig {
         name: host.to_string(),
         host_file: host_file_path,
@@ -316,6 +399,8 @@ pub fn load_host(
         checks,
         units,
         hooks,
+        links,
+        absent,
     })
 }
 
@@ -355,15 +440,10 @@ fn check_role_name(snap: &Snapshot, role: &str) -> Result<(), String> {
     ))
 }
 
-fn file_decl(
-    snap: &Snapshot,
-    role: &str,
-    origin: &str,
-    spec: FileSpec,
-    role_dir_mode: Mode,
-    opts: &LoadOptions,
-) -> Result<FileDecl, String> {
-    let path = TargetPath::parse(&spec.path)?;
+/// A target path of any kind: absolute, plain, under an allowed root and
+/// not the agent's own.
+fn target_path(spec_path: &str, opts: &LoadOptions) -> Result<TargetPath, String> {
+    let path = TargetPath::parse(spec_path)?;
     if !opts.allowed_roots.iter().any(|r| path.is_under(r)) {
         let roots: Vec<&str> = opts.allowed_roots.iter().map(TargetPath::as_str).collect();
         return Err(format!(
@@ -382,6 +462,65 @@ fn file_decl(
              trust anchors or halt the agent); remove this entry"
         ));
     }
+    Ok(path)
+}
+
+/// The longest link target accepted (`PATH_MAX` less its NUL).
+const MAX_LINK_TARGET: usize = 4095;
+
+fn link_decl(
+    role: &str,
+    origin: &str,
+    spec: LinkSpec,
+    role_dir_mode: Mode,
+    opts: &LoadOptions,
+) -> Result<LinkDecl, String> {
+    let path = target_path(&spec.path, opts)?;
+    if spec.target.is_empty() {
+        return Err(format!(
+            "{path}: key `target` is empty: give what the link points to, e.g. \"../sites-available/app\""
+        ));
+    }
+    if spec.target.contains('\0') {
+        return Err(format!("{path}: key `target` contains a NUL byte"));
+    }
+    if spec.target.len() > MAX_LINK_TARGET {
+        return Err(format!(
+            "{path}: key `target` is {} bytes long; a symlink holds at most {MAX_LINK_TARGET}",
+            spec.target.len()
+        ));
+    }
+    Ok(LinkDecl {
+        path,
+        role: role.to_string(),
+        target: spec.target,
+        dir_mode: role_dir_mode,
+        origin: origin.to_string(),
+    })
+}
+
+fn absent_decl(
+    role: &str,
+    origin: &str,
+    spec: AbsentSpec,
+    opts: &LoadOptions,
+) -> Result<AbsentDecl, String> {
+    Ok(AbsentDecl {
+        path: target_path(&spec.path, opts)?,
+        role: role.to_string(),
+        origin: origin.to_string(),
+    })
+}
+
+fn file_decl(
+    snap: &Snapshot,
+    role: &str,
+    origin: &str,
+    spec: FileSpec,
+    role_dir_mode: Mode,
+    opts: &LoadOptions,
+) -> Result<FileDecl, String> {
+    let path = target_path(&spec.path, opts)?;
     let files_dir = format!("roles/{role}/files");
     if spec.format.is_some() && spec.secret.is_none() {
         return Err("key `format` only goes with `secret`".into());

@@ -71,6 +71,12 @@ pub struct RoleFile {
     /// unit podman generates from it (`super::quadlet`).
     #[serde(default)]
     pub quadlets: Vec<Spanned<super::quadlet::QuadletSpec>>,
+    /// Managed symlinks, replaced atomically.
+    #[serde(default)]
+    pub links: Vec<Spanned<LinkSpec>>,
+    /// Paths that must not exist (a regular file or a symlink).
+    #[serde(default)]
+    pub absent: Vec<Spanned<AbsentSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
@@ -136,6 +142,26 @@ pub struct FileSpec {
     /// It never reboots by itself.
     #[serde(default)]
     pub reboot: bool,
+}
+
+/// One `[[links]]` entry of a role: a symlink at `path` pointing to
+/// `target`, stored verbatim and never resolved by driftless.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// Absolute path of the link on the host.
+    pub path: String,
+    /// What the link points to, relative or absolute, exactly as written.
+    pub target: String,
+}
+
+/// One `[[absent]]` entry of a role: a path that must not exist.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbsentSpec {
+    /// Absolute path; a regular file or a symlink there is removed (backed
+    /// up). A directory is refused.
+    pub path: String,
 }
 
 /// `on_change = { reload = ["nginx.service"], restart = [...] }`.

@@ -81,6 +81,10 @@ pub struct Desired {
     pub units: Vec<UnitSpec>,
     /// Declared hooks; the plan picks those a transaction runs.
     pub hooks: Vec<crate::desired::spec::Hook>,
+    /// Managed symlinks (`[[links]]`), sorted by path.
+    pub links: Vec<crate::desired::load::LinkDecl>,
+    /// Paths that must not exist (`[[absent]]`), sorted by path.
+    pub absent: Vec<crate::desired::load::AbsentDecl>,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -437,6 +441,8 @@ impl Renderer {
             checks: host.checks.clone(),
             units: host.units.clone(),
             hooks: host.hooks.clone(),
+            links: host.links.clone(),
+            absent: host.absent.clone(),
         })
     }
 

@@ -20,5 +20,18 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
             out.insert(p.clone(), fs.observe(p)?);
         }
     }
+    // Links and absent paths read a symlink rather than refuse it. A path
+    // also read above (a pruned file now declared absent or a link) reads
+    // the same for a regular file, and a file entry refuses a `Link` as it
+    // refuses any symlink.
+    let paths = desired
+        .links
+        .iter()
+        .map(|l| &l.path)
+        .chain(desired.absent.iter().map(|a| &a.path))
+        .chain(inventory.links.keys());
+    for p in paths {
+        out.insert(p.clone(), fs.observe_link(p)?);
+    }
     Ok(out)
 }

@@ -157,6 +157,56 @@ impl RootFs {
         observe_in(&dir, target.file_name())
             .with_context(|| format!("cannot read {}", self.display(target)))
     }
+
+    /// What is at the path of a link or an absent entry: like
+    /// [`RootFs::observe`], but a symlink is read (never followed) into
+    /// [`Observation::Link`].
+    pub fn observe_link(&self, target: &TargetPath) -> Result<Observation> {
+        let Some(dir) = self.open_parent(target, None)? else {
+            return Ok(Observation::Missing);
+        };
+        observe_link_in(&dir, target.file_name())
+            .with_context(|| format!("cannot read {}", self.display(target)))
+    }
+
+    /// True when nothing is at `target` (`lstat` says ENOENT, here or
+    /// above): what the quick check needs of an absent path. A symlink
+    /// planted above it is not "nothing": the full sync refuses it.
+    pub fn confirms_absent(&self, target: &TargetPath) -> bool {
+        match self.open_parent(target, None) {
+            Ok(None) => true,
+            Ok(Some(dir)) => matches!(
+                fstatat(&dir, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW),
+                Err(Errno::ENOENT)
+            ),
+            Err(_) => false,
+        }
+    }
+}
+
+/// [`observe_in`] that reads a symlink instead of refusing it.
+pub fn observe_link_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
+    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(Observation::Missing),
+        Err(e) => return Err(e.into()),
+    };
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFLNK {
+        return observe_in(dir, name);
+    }
+    let target = nix::fcntl::readlinkat(dir, name)?;
+    match target.into_string() {
+        Ok(target) => Ok(Observation::Link {
+            target,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }),
+        // A TOML target is UTF-8: such a link can be neither desired nor
+        // put back byte for byte after a removal.
+        Err(_) => Ok(Observation::Other {
+            kind: "symlink with a non-UTF-8 target",
+        }),
+    }
 }
 
 impl RootFs {

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use super::links::LinkAction;
 use super::{ChangeKind, FileChange, Plan};
 use crate::desired::spec::HookWhen;
 
@@ -33,7 +34,7 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     let mut out = String::new();
     let commit = plan.commit.as_deref().map(short).unwrap_or("working tree");
     let _ = writeln!(out, "host {} at {commit}", plan.host);
-    if plan.changes.is_empty() {
+    if plan.is_empty() {
         let _ = writeln!(
             out,
             "no changes: {} managed file(s) already as desired",
@@ -56,7 +57,10 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             out.push_str(&content_diff(c, style));
         }
     }
-    if !plan.changes.is_empty() {
+    for line in path_lines(plan) {
+        let _ = writeln!(out, "{}", style.paint(line.0, &line.1));
+    }
+    if !plan.is_empty() {
         let mut counts = [0usize; 4];
         for c in &plan.changes {
             counts[match c.kind {
@@ -66,9 +70,16 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
                 ChangeKind::Adopt => 3,
             }] += 1;
         }
+        let mut others = String::new();
+        if !plan.links.is_empty() {
+            let _ = write!(others, "; {} link(s)", plan.links.len());
+        }
+        if !plan.absent.is_empty() {
+            let _ = write!(others, "; {} absent", plan.absent.len());
+        }
         let _ = writeln!(
             out,
-            "{} to create, {} to change, {} to remove, {} to adopt, {} unchanged",
+            "{} to create, {} to change, {} to remove, {} to adopt, {} unchanged{others}",
             counts[0], counts[1], counts[2], counts[3], plan.unchanged
         );
     }
@@ -76,11 +87,7 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         let _ = writeln!(out, "unit {} {}", a.action, a.unit);
     }
     hook_lines(&mut out, HookWhen::Post);
-    let checks: &[_] = if plan.changes.is_empty() {
-        &[]
-    } else {
-        &plan.checks
-    };
+    let checks: &[_] = if plan.is_empty() { &[] } else { &plan.checks };
     for c in checks {
         let _ = writeln!(out, "check {} (role {})", c.name, c.role);
     }
@@ -107,6 +114,45 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             out,
             "note: not running as root: owner and group are neither compared nor applied"
         );
+    }
+    out
+}
+
+/// The lines of the link and absent changes, with their colour: after
+/// the files, in the order the transaction switches them.
+pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for c in &plan.links {
+        let target = c.target.as_deref().unwrap_or_default();
+        let was = c.was.as_deref().unwrap_or_default();
+        out.push(match c.action {
+            LinkAction::Create => ("32", format!("+ link {} -> {target}", c.path)),
+            LinkAction::Retarget => (
+                "33",
+                format!("~ relink {} -> {target} (was -> {was})", c.path),
+            ),
+            LinkAction::Remove => (
+                "31",
+                format!(
+                    "- unlink {} (was -> {was}; no longer declared, driftless created it)",
+                    c.path
+                ),
+            ),
+        });
+    }
+    for c in &plan.absent {
+        let link = c
+            .link
+            .as_deref()
+            .map(|t| format!(" -> {t}"))
+            .unwrap_or_default();
+        out.push((
+            "31",
+            format!(
+                "- remove {}{link} (absent in role {}; backed up)",
+                c.path, c.role
+            ),
+        ));
     }
     out
 }

@@ -38,6 +38,24 @@ pub struct Inventory {
     /// full sync writes it again while the boot is the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot: Option<RebootRequest>,
+    /// Managed symlinks (`[[links]]`) as last applied: a link that leaves
+    /// the repository is removed if driftless created it. Absent when
+    /// there are none (a files-only inventory keeps its bytes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<TargetPath, LinkEntry>,
+}
+
+/// One managed symlink as last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkEntry {
+    pub role: String,
+    /// Its content, verbatim.
+    pub target: String,
+    /// Nothing was at the path before driftless managed it: pruning the
+    /// entry removes the link. Otherwise (a link driftless retargeted or
+    /// found as desired) it stays as it is.
+    pub created: bool,
 }
 
 /// Why the host needs a reboot, and since which boot.
@@ -112,6 +130,12 @@ impl Inventory {
     pub fn uses_reboot(&self) -> bool {
         self.reboot.is_some() || self.files.values().any(|e| e.reboot)
     }
+
+    /// Whether it records managed symlinks, which agents before them
+    /// cannot read either: state format 2 as well.
+    pub fn uses_links(&self) -> bool {
+        !self.links.is_empty()
+    }
 }
 
 impl Inventory {
@@ -149,14 +173,21 @@ impl Inventory {
             files: BTreeMap::new(),
             dirs: self.dirs.clone(),
             reboot: self.reboot.clone(),
+            links: self.links.clone(),
         }
     }
 
-    /// Created directories no managed file lives under, deepest first:
+    /// Created directories no managed file or link lives under, deepest first:
     /// the ones to remove if they are empty.
     pub fn unneeded_dirs(&self) -> Vec<TargetPath> {
         // Keys are in string order, so the files under `d` follow `d/`.
-        let files: Vec<&str> = self.files.keys().map(TargetPath::as_str).collect();
+        let mut files: Vec<&str> = self
+            .files
+            .keys()
+            .chain(self.links.keys())
+            .map(TargetPath::as_str)
+            .collect();
+        files.sort_unstable();
         let mut out: Vec<TargetPath> = self
             .dirs
             .iter()

@@ -7,6 +7,7 @@
 
 pub mod diff;
 pub mod inventory;
+pub mod links;
 pub mod quick;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,14 @@ pub enum Observation {
     /// Not a regular file: `kind` is "symlink", "directory", ...
     Other {
         kind: &'static str,
+    },
+    /// A symlink, read (never followed) at a path of a kind that manages
+    /// or removes links (`[[links]]`, `[[absent]]`); file paths see a
+    /// symlink as `Other`.
+    Link {
+        target: String,
+        uid: u32,
+        gid: u32,
     },
 }
 
@@ -174,6 +183,17 @@ pub struct Plan {
     /// commits (`reboot = true`). Like hooks, not changes of their own.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reboot_required: Vec<TargetPath>,
+    /// Changes to managed symlinks (`[[links]]`), by path; switched in
+    /// after the files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<links::LinkChange>,
+    /// Absent paths to remove (`[[absent]]`), by path; after the links.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<links::AbsentChange>,
+    /// Every declared absent path: the quick check proves each still
+    /// missing.
+    #[serde(skip)]
+    pub absent_paths: Vec<TargetPath>,
     /// False when running unprivileged: owners were not compared and
     /// will not be applied.
     pub ownership_applied: bool,
@@ -195,7 +215,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+        self.changes.is_empty() && self.links.is_empty() && self.absent.is_empty()
     }
 }
 
@@ -252,6 +272,7 @@ pub fn plan(
         // Merged with this transaction's request (and dropped once the
         // host rebooted) when it commits: that needs the boot id.
         reboot: previous.reboot.clone(),
+        links: BTreeMap::new(),
     };
 
     for f in &desired.files {
@@ -293,6 +314,13 @@ pub fn plan(
             Observation::Other { kind } => {
                 diags.push(format!(
                     "{} ({}): the target is a {kind}; driftless never follows or replaces a {kind}: remove it, or manage the real path",
+                    f.path, f.origin
+                ));
+                continue;
+            }
+            Observation::Link { .. } => {
+                diags.push(format!(
+                    "{} ({}): the target is a symlink; driftless never follows or replaces a symlink: remove it, or manage the real path",
                     f.path, f.origin
                 ));
                 continue;
@@ -374,8 +402,12 @@ pub fn plan(
         }
     }
 
+    let absent_paths: std::collections::BTreeSet<&TargetPath> =
+        desired.absent.iter().map(|a| &a.path).collect();
     for (path, entry) in &previous.files {
-        if next.files.contains_key(path) {
+        // A pruned file now declared absent: the absent entry removes it
+        // (backed up), nothing is restored.
+        if next.files.contains_key(path) || absent_paths.contains(path) {
             continue;
         }
         match observed.get(path).unwrap_or(&Observation::Missing) {
@@ -396,16 +428,52 @@ pub fn plan(
             }),
             // Already gone, or replaced by something that is not ours:
             // forget it, touch nothing.
-            Observation::Missing | Observation::Other { .. } => {}
+            Observation::Missing | Observation::Other { .. } | Observation::Link { .. } => {}
         }
     }
+
+    let claimed_elsewhere: std::collections::BTreeSet<&TargetPath> = desired
+        .files
+        .iter()
+        .map(|f| &f.path)
+        .chain(absent_paths.iter().copied())
+        .collect();
+    let (link_changes, next_links) = links::diff_links(
+        &desired.links,
+        observed,
+        &previous.links,
+        &claimed_elsewhere,
+        &mut diags,
+    );
+    next.links = next_links;
+    let absent = links::diff_absent(
+        &desired.absent,
+        observed,
+        &|bytes| digest(ids, false, bytes),
+        &mut diags,
+    );
 
     if !diags.is_empty() {
         return Err(diags);
     }
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let unit_actions = merge_actions(changes.iter().flat_map(|c| c.on_change.iter()));
-    let hooks = hooks_to_run(&desired.hooks, &changes);
+    let mut hooks = hooks_to_run(&desired.hooks, &changes);
+    if !link_changes.is_empty() || !absent.is_empty() {
+        let roles: std::collections::BTreeSet<&str> = link_changes
+            .iter()
+            .map(|c| c.role.as_str())
+            .chain(absent.iter().map(|c| c.role.as_str()))
+            .collect();
+        hooks = desired
+            .hooks
+            .iter()
+            .filter(|h| {
+                hooks.contains(h) || h.run == HookRun::Always || roles.contains(h.role.as_str())
+            })
+            .cloned()
+            .collect();
+    }
     let reboot_required = changes
         .iter()
         .filter(|c| c.reboot)
@@ -421,6 +489,9 @@ pub fn plan(
         units: desired.units.clone(),
         hooks,
         reboot_required,
+        links: link_changes,
+        absent,
+        absent_paths: desired.absent.iter().map(|a| a.path.clone()).collect(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,
         self_contained: desired

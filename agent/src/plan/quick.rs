@@ -69,6 +69,13 @@ pub struct QuickRecord {
     /// Declared unit states, still converged on every poll.
     #[serde(default)]
     pub units: Vec<UnitSpec>,
+    /// Every managed symlink with its `lstat` stamp (a retarget replaces
+    /// the link: another inode and ctime).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<(TargetPath, Stamp)>,
+    /// Every absent path: each must still be missing for a hit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<TargetPath>,
 }
 
 /// Everything, besides the commit, that the rendered result depends on.
@@ -116,6 +123,30 @@ impl Inputs<'_> {
     }
 }
 
+/// The links and absent paths of `record` against the host: `links` are
+/// the links' stamps now, in the record's order, and `present` names the
+/// absent paths that exist now (or cannot be shown missing). Any
+/// difference takes the full path, which repairs it (a partial update
+/// renders files only).
+pub fn check_paths(
+    record: &QuickRecord,
+    links: &[Option<Stamp>],
+    present: impl Fn(&TargetPath) -> bool,
+) -> Result<(), Miss> {
+    if links.len() != record.links.len() {
+        return Err(Miss::Inventory);
+    }
+    for ((path, then), now) in record.links.iter().zip(links) {
+        if let Some(miss) = file_miss(path, then, now, record.taken_at_ns) {
+            return Err(miss);
+        }
+    }
+    match record.absent.iter().find(|p| present(p)) {
+        Some(p) => Err(Miss::Present(p.clone())),
+        None => Ok(()),
+    }
+}
+
 /// Why the quick check did not hold (logged at debug level).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
@@ -127,6 +158,8 @@ pub enum Miss {
     Changed(TargetPath),
     /// The file changed in the same clock tick as the record was taken.
     Racy(TargetPath),
+    /// A path that must be absent exists.
+    Present(TargetPath),
 }
 
 impl std::fmt::Display for Miss {
@@ -137,6 +170,7 @@ impl std::fmt::Display for Miss {
             Miss::Inputs => write!(f, "settings, facts or account files changed"),
             Miss::Inventory => write!(f, "the inventory changed"),
             Miss::Changed(p) => write!(f, "{p} changed on disk"),
+            Miss::Present(p) => write!(f, "{p} must be absent and exists"),
             Miss::Racy(p) => write!(
                 f,
                 "{p} changed too close to the last check to trust its stamp"
@@ -255,6 +289,8 @@ mod tests {
             commit: "c1".into(),
             inventory: stamp(1, 100),
             taken_at_ns: 1_000,
+            links: Vec::new(),
+            absent: Vec::new(),
             files: vec![
                 (path("/etc/a"), stamp(2, 500), true),
                 (path("/etc/b"), stamp(3, 600), true),

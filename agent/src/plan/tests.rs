@@ -33,6 +33,8 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         checks: vec![],
         units: vec![],
         hooks: vec![],
+        links: Vec::new(),
+        absent: Vec::new(),
     }
 }
 
@@ -495,4 +497,52 @@ fn reboot_is_asked_by_a_write_meta_change_or_prune_never_by_an_adoption() {
     )
     .unwrap();
     assert!(!inventory_of(&plain).uses_reboot());
+}
+
+/// Step 3: a link or absent change is a change of its role: its
+/// `on-change` hooks ride along, and the plan is not empty; the link is
+/// recorded in the next inventory and a pruned file now declared absent
+/// is removed once, by the absent entry (no restore of its original).
+#[test]
+fn links_and_absent_join_the_plan_and_its_hooks() {
+    use crate::desired::load::{AbsentDecl, LinkDecl};
+    let mut d = desired(vec![]);
+    d.hooks = vec![hook("web", HookRun::OnChange), hook("r", HookRun::OnChange)];
+    d.links = vec![LinkDecl {
+        path: tp("/etc/l"),
+        role: "web".into(),
+        target: "t".into(),
+        dir_mode: Mode::DEFAULT_DIR,
+        origin: "roles/web/role.toml:1 links[0]".into(),
+    }];
+    let p = plan(&d, None, &Observed::new(), &Inventory::default(), &ids()).unwrap();
+    assert!(!p.is_empty());
+    assert_eq!(p.links.len(), 1);
+    assert!(p.next_inventory.links[&tp("/etc/l")].created);
+    let roles: Vec<&str> = p.hooks.iter().map(|h| h.role.as_str()).collect();
+    assert_eq!(roles, vec!["web"]);
+
+    // /etc/a was a managed file with a saved original; now it is absent.
+    let f = file("/etc/a", "x\n", 0o644);
+    let mut managed = applied(f, &ids());
+    if let Some(e) = managed.files.get_mut(&tp("/etc/a")) {
+        e.original = Some(Original {
+            stored: "abc".into(),
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        });
+    }
+    let mut d = desired(vec![]);
+    d.absent = vec![AbsentDecl {
+        path: tp("/etc/a"),
+        role: "r".into(),
+        origin: "roles/r/role.toml:1 absent[0]".into(),
+    }];
+    let observed: Observed = [(tp("/etc/a"), on_disk("x\n", 0o644))].into();
+    let p = plan(&d, None, &observed, &managed, &ids()).unwrap();
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(p.absent.len(), 1);
+    assert_eq!(p.absent_paths, vec![tp("/etc/a")]);
+    assert!(p.next_inventory.files.is_empty());
 }

@@ -89,6 +89,11 @@ pub fn assess(
     inputs: &str,
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
+    let links = fs.stamps(record.links.iter().map(|(p, _)| p));
+    if let Err(miss) = quick::check_paths(&record, &links, |p| !fs.confirms_absent(p)) {
+        debug!("quick check: {miss}; full sync");
+        return Assessment::Miss;
+    }
     let files = fs.stamps(record.files.iter().map(|(p, _, _)| p));
     // `current` checked the inventory stamp under the same lock.
     match quick::changed_files(&record, inputs, Some(record.inventory), &files) {
@@ -120,6 +125,16 @@ pub fn assess(
     }
 }
 
+/// What a successful sync left under management, for [`record`].
+pub struct Managed<'a> {
+    pub files: &'a [TargetPath],
+    /// The files whose content depends only on their own source.
+    pub self_contained: &'a BTreeSet<TargetPath>,
+    pub links: &'a [TargetPath],
+    /// Every declared absent path.
+    pub absent: &'a [TargetPath],
+}
+
 /// Records the host as matching `commit` after a successful sync that
 /// left exactly `managed` under management. A failure here only costs the
 /// next poll a full sync.
@@ -129,10 +144,15 @@ pub fn record(
     commit: &str,
     inputs: &str,
     units: &[UnitSpec],
-    managed: &[TargetPath],
-    self_contained: &BTreeSet<TargetPath>,
+    managed: Managed<'_>,
 ) {
     let _t = crate::timings::stage("quick-record");
+    let Managed {
+        files: managed,
+        self_contained,
+        links,
+        absent,
+    } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };
@@ -145,6 +165,16 @@ pub fn record(
             .zip(stamps)
             .map(|(p, s)| s.map(|s| (p.clone(), s, self_contained.contains(p))))
             .collect::<Option<Vec<_>>>()?;
+        // Likewise a link; and an absent path that exists right after
+        // the sync (re-created at once) is simply not recorded as held.
+        let links = links
+            .iter()
+            .zip(fs.stamps(links))
+            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .collect::<Option<Vec<_>>>()?;
+        if !absent.iter().all(|p| fs.confirms_absent(p)) {
+            return None;
+        }
         Some(QuickRecord {
             version: QUICK_VERSION,
             inputs: inputs.to_string(),
@@ -153,6 +183,8 @@ pub fn record(
             taken_at_ns,
             files,
             units: units.to_vec(),
+            links,
+            absent: absent.to_vec(),
         })
     });
     if let Err(e) = saved {

@@ -406,6 +406,8 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
     let units = prepared.plan.units.clone();
     let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
     let self_contained = prepared.plan.self_contained.clone();
+    let links: Vec<_> = prepared.plan.next_inventory.links.keys().cloned().collect();
+    let absent = prepared.plan.absent_paths.clone();
     pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
     let report = deploy(pass, prepared)?;
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
@@ -417,8 +419,12 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
         &commit,
         inputs,
         &units,
-        &managed,
-        &self_contained,
+        quick::Managed {
+            files: &managed,
+            self_contained: &self_contained,
+            links: &links,
+            absent: &absent,
+        },
     );
     Ok(report)
 }

@@ -54,6 +54,8 @@ pub enum Op {
     Remove,
     /// Nothing on the target; an original copy was saved.
     Adopt,
+    /// Rename the staged symlink (pointing to `link`) over the target.
+    Link,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +75,22 @@ pub struct JournalEntry {
     /// Owner and mode after (absent for removals).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new: Option<Meta>,
+    /// For `Link`: the new link's target, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// The target was a symlink to this (its owner in `old`): undo
+    /// re-creates it. A symlink is never backed up as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_link: Option<String>,
+}
+
+impl JournalEntry {
+    /// Whether an agent without managed symlinks would misread it (it
+    /// would not re-create a removed link): the journal is then written
+    /// as state format 2, which such agents refuse.
+    pub fn uses_links(&self) -> bool {
+        self.op == Op::Link || self.link.is_some() || self.old_link.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

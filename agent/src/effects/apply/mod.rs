@@ -137,8 +137,9 @@ use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{MkParents, RootFs};
-use crate::effects::state::{quick, read_json, write_json_atomic, write_json_replace, StateDir};
+use crate::effects::state::{quick, read_json, StateDir};
 use crate::plan::inventory::Inventory;
+use crate::plan::links::LinkAction;
 use crate::plan::{ChangeKind, FileChange, Plan};
 use journal::{Journal, JournalEntry, Meta, Op, PostActions, TxState};
 
@@ -239,7 +240,11 @@ pub fn apply(
             .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
             .collect(),
     };
-    write_json_replace(&tx_dir.join(INTENT), &journal)?;
+    crate::effects::state::write_state_replace(
+        &tx_dir.join(INTENT),
+        &journal,
+        journal_format(&journal),
+    )?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
         failpoint::hit("apply.staged")?;
@@ -249,8 +254,7 @@ pub fn apply(
         journal.post = Some(post_actions(plan));
         // The journal's temp file; renamed to `journal.json` after flush (1).
         let tx_fd = open_dir_path(&tx_dir)?;
-        let bytes =
-            crate::effects::state::encode_state(&journal, crate::effects::state::STATE_FORMAT)?;
+        let bytes = crate::effects::state::encode_state(&journal, journal_format(&journal))?;
         let (tmp, _) = crate::effects::rootfs::write_temp_in(&tx_fd, JOURNAL, &bytes, 0o600)
             .with_context(|| format!("cannot write the journal in {}", tx_dir.display()))?;
         Ok((tx_fd, tmp))
@@ -297,6 +301,14 @@ pub fn apply(
             ChangeKind::Adopt => {}
         }
     }
+    for c in &plan.links {
+        match c.action {
+            LinkAction::Create => applied.created += 1,
+            LinkAction::Retarget => applied.changed += 1,
+            LinkAction::Remove => applied.removed += 1,
+        }
+    }
+    applied.removed += plan.absent.len();
     Ok(applied)
 }
 
@@ -307,7 +319,10 @@ pub fn post_actions(plan: &Plan) -> PostActions {
         daemon_reload: plan
             .changes
             .iter()
-            .any(|c| crate::effects::systemd::is_unit_file(c.path.as_str())),
+            .map(|c| &c.path)
+            .chain(plan.links.iter().map(|c| &c.path))
+            .chain(plan.absent.iter().map(|c| &c.path))
+            .any(|p| crate::effects::systemd::is_unit_file(p.as_str())),
         unit_actions: plan.unit_actions.clone(),
     }
 }
@@ -563,9 +578,92 @@ fn intent(plan: &Plan, txid: &str) -> Vec<JournalEntry> {
                 backup,
                 old,
                 new,
+                link: None,
+                old_link: None,
             }
         })
+        .chain(path_intent(plan, txid))
         .collect()
+}
+
+/// The journal entries of the links, then the absent paths, after the
+/// files' (indices, hence staged and backup names, continue theirs).
+fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = JournalEntry> + 'a {
+    let first = plan.changes.len();
+    let link_meta = |owner: Option<(u32, u32)>| {
+        owner.map(|(uid, gid)| Meta {
+            mode: 0o777,
+            uid,
+            gid,
+        })
+    };
+    let links = plan.links.iter().map(move |c| (c, link_meta(c.was_owner)));
+    let links = links.enumerate().map(move |(j, (c, old))| {
+        let i = first + j;
+        match c.action {
+            LinkAction::Create | LinkAction::Retarget => JournalEntry {
+                path: c.path.clone(),
+                op: Op::Link,
+                staged: Some(staged_name(i, txid)),
+                backup: None,
+                old,
+                new: None,
+                link: c.target.clone(),
+                old_link: c.was.clone(),
+            },
+            LinkAction::Remove => JournalEntry {
+                path: c.path.clone(),
+                op: Op::Remove,
+                staged: None,
+                backup: None,
+                old,
+                new: None,
+                link: None,
+                old_link: c.was.clone(),
+            },
+        }
+    });
+    let first = first + plan.links.len();
+    let absent = plan.absent.iter().enumerate().map(move |(j, c)| {
+        let i = first + j;
+        match (&c.file, &c.link) {
+            (Some(f), _) => JournalEntry {
+                path: c.path.clone(),
+                op: Op::Remove,
+                staged: None,
+                backup: Some(i.to_string()),
+                old: Some(Meta {
+                    mode: f.mode,
+                    uid: f.uid,
+                    gid: f.gid,
+                }),
+                new: None,
+                link: None,
+                old_link: None,
+            },
+            (None, link) => JournalEntry {
+                path: c.path.clone(),
+                op: Op::Remove,
+                staged: None,
+                backup: None,
+                old: link_meta(Some(c.link_owner)),
+                new: None,
+                link: None,
+                old_link: link.clone(),
+            },
+        }
+    });
+    links.chain(absent)
+}
+
+/// The envelope format of `journal`: 1 unless it records links (see
+/// [`JournalEntry::uses_links`]).
+fn journal_format(journal: &Journal) -> u64 {
+    if journal.entries.iter().any(JournalEntry::uses_links) {
+        crate::effects::state::STATE_FORMAT_REBOOT
+    } else {
+        crate::effects::state::STATE_FORMAT
+    }
 }
 
 /// Steps 1–2: save originals, back up, stage, as the journal's intent says.
@@ -604,14 +702,8 @@ fn prepare(
             save_original(state, c)?;
         }
         if let (Some(backup), Some(before)) = (&e.backup, &c.before) {
-            match linkat(dir, name, &backups_fd, backup.as_str(), AtFlags::empty()) {
-                Ok(()) => {}
-                Err(Errno::EXDEV) | Err(Errno::EPERM) => {
-                    write_new_file(&backups_fd, backup, &before.content, 0o600)
-                        .with_context(|| format!("cannot back up {display}"))?;
-                }
-                Err(err) => return Err(err).with_context(|| format!("cannot back up {display}")),
-            }
+            backup_target(dir, name, &backups_fd, backup, &before.content)
+                .with_context(|| format!("cannot back up {display}"))?;
         }
         if let (Some(tmp), Some(new)) = (&e.staged, e.new) {
             let content = match &c.restore_original {
@@ -636,7 +728,73 @@ fn prepare(
             .with_context(|| format!("cannot stage the new {display}"))?;
         }
     }
+    prepare_paths(fs, plan, &backups_fd, journal, dirs)
+}
+
+/// Step 1–2 for the links and absent paths (the entries after the
+/// files'): a link is staged as a symlink at its staged name; a regular
+/// file to remove is backed up like a file's previous content (a symlink
+/// needs no backup: the journal holds its target).
+fn prepare_paths(
+    fs: &RootFs,
+    plan: &Plan,
+    backups_fd: &OwnedFd,
+    journal: &mut Journal,
+    dirs: &mut BTreeMap<String, OwnedFd>,
+) -> Result<()> {
+    let entries = journal.entries[plan.changes.len()..].to_vec();
+    let dir_modes = plan
+        .links
+        .iter()
+        .map(|c| c.dir_mode)
+        .chain(plan.absent.iter().map(|_| 0));
+    let absent_files = plan
+        .links
+        .iter()
+        .map(|_| None)
+        .chain(plan.absent.iter().map(|c| c.file.as_ref()));
+    for ((e, dir_mode), before) in entries.iter().zip(dir_modes).zip(absent_files) {
+        let key = parent_key(&e.path);
+        let display = fs.display(&e.path);
+        if !dirs.contains_key(&key) {
+            let mk = (e.op == Op::Link).then_some(MkParents {
+                created: &mut journal.created_dirs,
+                mode: dir_mode,
+            });
+            let dir = fs
+                .open_parent(&e.path, mk)?
+                .ok_or_else(|| anyhow!("{display}: its directory is gone since the plan"))?;
+            dirs.insert(key.clone(), dir);
+        }
+        let dir = &dirs[&key];
+        if let (Some(backup), Some(before)) = (&e.backup, before) {
+            backup_target(dir, e.path.file_name(), backups_fd, backup, &before.content)
+                .with_context(|| format!("cannot back up {display}"))?;
+        }
+        if let (Op::Link, Some(tmp), Some(target)) = (e.op, &e.staged, &e.link) {
+            nix::unistd::symlinkat(target.as_str(), dir, tmp.as_str())
+                .with_context(|| format!("cannot stage the link {display} -> {target}"))?;
+        }
+    }
     Ok(())
+}
+
+/// Backs `name` up as `backup`: a hard link (free), or a copy of
+/// `content` across filesystems.
+fn backup_target(
+    dir: &OwnedFd,
+    name: &str,
+    backups_fd: &OwnedFd,
+    backup: &str,
+    content: &[u8],
+) -> Result<()> {
+    match linkat(dir, name, backups_fd, backup, AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXDEV) | Err(Errno::EPERM) => {
+            write_new_file(backups_fd, backup, content, 0o600).map(|_| ())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Saves the pre-driftless content of a file once, durably and verified
@@ -712,7 +870,7 @@ fn switch(journal: &Journal, dirs: &BTreeMap<String, OwnedFd>, opts: &ApplyOptio
         let name = e.path.file_name();
         match e.op {
             Op::Adopt => continue,
-            Op::Replace => {
+            Op::Replace | Op::Link => {
                 let tmp = e
                     .staged
                     .as_deref()
@@ -832,7 +990,11 @@ fn rollback_then(
         crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv)?;
     }
     journal.state = TxState::RolledBack;
-    write_json_atomic(&tx_dir.join(JOURNAL), journal)?;
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(JOURNAL),
+        journal,
+        journal_format(journal),
+    )?;
     Ok(())
 }
 
@@ -854,7 +1016,7 @@ fn undo_entry(
             },
             None => Ok(()),
         },
-        Op::Replace | Op::Remove => {
+        Op::Replace | Op::Remove | Op::Link => {
             if let Some(tmp) = &e.staged {
                 match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
                     // Still staged: the rename never happened; the target is untouched.
@@ -862,6 +1024,9 @@ fn undo_entry(
                     Err(Errno::ENOENT) => {}
                     Err(err) => return Err(err.into()),
                 }
+            }
+            if let Some(target) = &e.old_link {
+                return restore_link(dir, name, target, e.old, txid, ownership);
             }
             match (&e.backup, e.old) {
                 (Some(backup), Some(old)) => {
@@ -875,6 +1040,46 @@ fn undo_entry(
             }
         }
     }
+}
+
+/// Puts a symlink to `target` back at `name`, atomically (created at a
+/// temp name, owner restored, renamed over). Nothing to do when it is
+/// there already (a removal that had not run yet).
+fn restore_link(
+    dir: &OwnedFd,
+    name: &str,
+    target: &str,
+    old: Option<Meta>,
+    txid: &str,
+    ownership: bool,
+) -> Result<()> {
+    if let Ok(now) = nix::fcntl::readlinkat(dir, name) {
+        if now.as_encoded_bytes() == target.as_bytes() {
+            return Ok(());
+        }
+    }
+    let tmp = format!(
+        ".driftless-restore-{}-{txid}",
+        &crate::plan::sha256_hex(name.as_bytes())[..12]
+    );
+    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(err) => return Err(err.into()),
+    }
+    nix::unistd::symlinkat(target, dir, tmp.as_str())
+        .with_context(|| format!("cannot re-create the link to {target}"))?;
+    if let (true, Some(old)) = (ownership, old) {
+        nix::unistd::fchownat(
+            dir,
+            tmp.as_str(),
+            Some(Uid::from_raw(old.uid)),
+            Some(Gid::from_raw(old.gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .context("cannot set the owner of the re-created link")?;
+    }
+    renameat(dir, tmp.as_str(), dir, name)?;
+    Ok(())
 }
 
 fn is_enoent(err: &anyhow::Error) -> bool {
@@ -1058,7 +1263,11 @@ pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<()> {
     })?;
     quick::clear(state)?;
     journal.state = TxState::Reverting;
-    write_json_atomic(&tx_dir.join(JOURNAL), &journal)?;
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(JOURNAL),
+        &journal,
+        journal_format(&journal),
+    )?;
     failpoint::hit("apply.revert.started")?;
     finish_revert(fs, state, &mut journal)
 }

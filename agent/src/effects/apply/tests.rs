@@ -4,6 +4,7 @@ use super::*;
 use crate::desired::render::{Desired, DesiredFile};
 use crate::desired::spec::{Mode, Principal, TargetPath};
 use crate::effects::observe::observe;
+use crate::effects::state::write_json_atomic;
 use crate::plan::{plan, Ids};
 
 struct Env {
@@ -58,6 +59,8 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
         checks: vec![],
         units: vec![],
         hooks: vec![],
+        links: Vec::new(),
+        absent: Vec::new(),
     }
 }
 

@@ -307,7 +307,7 @@ pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_REBOOT;
 /// The envelope format `inv` is written with: 1 ([`STATE_FORMAT`], the
 /// bytes every agent so far wrote) unless it uses `reboot`.
 pub fn inventory_format(inv: &Inventory) -> u64 {
-    if inv.uses_reboot() {
+    if inv.uses_reboot() || inv.uses_links() {
         STATE_FORMAT_REBOOT
     } else {
         STATE_FORMAT
@@ -398,6 +398,16 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// be most of its cost, for nothing the next poll does not rewrite).
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     replace(path, &encode_state(value, STATE_FORMAT)?, Durability::None)
+}
+
+/// [`write_json_atomic`] in envelope `format`.
+pub fn write_state_atomic<T: Serialize>(path: &Path, value: &T, format: u64) -> Result<()> {
+    write_atomic(path, &encode_state(value, format)?)
+}
+
+/// [`write_json_replace`] in envelope `format`.
+pub fn write_state_replace<T: Serialize>(path: &Path, value: &T, format: u64) -> Result<()> {
+    replace(path, &encode_state(value, format)?, Durability::None)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -221,6 +221,8 @@ mod tests {
                 (TargetPath::parse("/etc/c").unwrap(), stamp(3), false),
             ],
             units: vec![],
+            links: vec![(TargetPath::parse("/etc/l").unwrap(), stamp(4))],
+            absent: vec![TargetPath::parse("/etc/gone").unwrap()],
         };
         let bytes = encode(&record).unwrap();
         assert_eq!(decode(&bytes).unwrap(), record);
