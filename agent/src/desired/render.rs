@@ -372,7 +372,14 @@ impl Renderer {
                     let mut out = LimitedWriter::new(limit);
                     guard::reset_depth();
                     match self.tera.render_to(name, &ctx, &mut out) {
-                        Ok(()) => out.buf,
+                        Ok(()) => {
+                            // The buffer grew by doubling: up to half of it
+                            // is slack, kept for the whole sync otherwise
+                            // (8 MiB at 10,000 files).
+                            let mut buf = out.buf;
+                            buf.shrink_to_fit();
+                            buf
+                        }
                         Err(_) if out.exceeded => {
                             diags.push(self.too_large(decl, name, total));
                             break;
@@ -642,8 +649,19 @@ fn parse(sources: &[(String, String)]) -> tera::Result<Tera> {
             let mine = instance(shared.iter().chain(a).copied());
             (mine, other.map(|h| h.join()))
         });
-        if let (Ok(mut first), Ok(Ok(Ok(second)))) = (first, second) {
-            if first.extend(&second).is_ok() {
+        if let (Ok(mut first), Ok(Ok(Ok(mut second)))) = (first, second) {
+            // Moved, not `Tera::extend`ed: that clones every template of
+            // the other half while the other half is still alive, and at
+            // 10,000 role templates that copy made the parse the peak of a
+            // cold sync's memory. The shared templates are in both
+            // halves; the first half's copies stay. Each half resolved its
+            // own imports already (one importing from the other failed
+            // above and takes the one-thread path).
+            for (name, template) in second.templates.drain() {
+                first.templates.entry(name).or_insert(template);
+            }
+            drop(second);
+            if first.build_inheritance_chains().is_ok() {
                 return Ok(first);
             }
         }
@@ -724,5 +742,73 @@ mod refs_tests {
         assert_eq!(template_refs("{% include some_variable %}"), None);
         assert_eq!(template_refs("{% include \"unterminated %}"), None);
         assert_eq!(template_refs("{% include \"a.tera\" "), None);
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::{instance, parse, PARALLEL_PARSE_MIN};
+
+    fn render_all(tera: &tera::Tera, names: &[String]) -> Vec<String> {
+        let mut ctx = tera::Context::new();
+        ctx.insert("n", &7);
+        names
+            .iter()
+            .map(|n| {
+                tera.render(n, &ctx)
+                    .unwrap_or_else(|e| format!("error: {e}"))
+            })
+            .collect()
+    }
+
+    /// Role templates that extend and import shared templates, and (in
+    /// the second set) one that imports macros from a role template of the
+    /// other half: the two-thread parse with its merge must give exactly
+    /// what one Tera instance of everything gives.
+    #[test]
+    fn the_split_parse_renders_like_one_instance() {
+        for cross_half in [false, true] {
+            let mut sources = vec![
+                (
+                    "templates/base.tera".to_string(),
+                    "base[{% block body %}{% endblock %}]".to_string(),
+                ),
+                (
+                    "templates/m.tera".to_string(),
+                    "{% macro twice(x) %}{{ x }}{{ x }}{% endmacro %}".to_string(),
+                ),
+            ];
+            let count = PARALLEL_PARSE_MIN * 2;
+            for i in 0..count {
+                let body = match i % 3 {
+                    0 => format!(
+                        "{{% extends \"templates/base.tera\" %}}{{% block body %}}{i}:{{{{ n }}}}{{% endblock %}}"
+                    ),
+                    1 => format!(
+                        "{{% import \"templates/m.tera\" as m %}}{i}:{{{{ m::twice(x=n) }}}}"
+                    ),
+                    _ => format!("{i}:{{{{ n * 2 }}}}"),
+                };
+                sources.push((format!("roles/r/files/t{i:03}.tera"), body));
+            }
+            if cross_half {
+                // The first role template imports from the last one: they
+                // land in different halves.
+                sources.push((
+                    "roles/r/files/z-macros.tera".to_string(),
+                    "{% macro z(x) %}<{{ x }}>{% endmacro %}".to_string(),
+                ));
+                sources[2].1 =
+                    "{% import \"roles/r/files/z-macros.tera\" as z %}{{ z::z(x=n) }}".to_string();
+            }
+            let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
+            let split = parse(&sources).unwrap();
+            let whole = instance(sources.iter()).unwrap();
+            assert_eq!(split.templates.len(), whole.templates.len());
+            let got = render_all(&split, &names);
+            assert_eq!(got, render_all(&whole, &names), "cross_half {cross_half}");
+            assert!(!got.iter().any(|r| r.starts_with("error")), "{got:?}");
+            assert_eq!(got[2], if cross_half { "<7>" } else { "base[0:7]" });
+        }
     }
 }

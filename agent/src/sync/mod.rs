@@ -552,6 +552,10 @@ fn plan_files(
     let desired = renderer
         .render_only(snap, config, facts, only)
         .kind(Failure::InvalidRepo)?;
+    // The parsed templates are done with: freed before the plan copies
+    // the rendered files (at 10,000 templates they are the largest thing
+    // a cold sync holds).
+    drop(renderer);
     drop(timing);
     let timing = timings::stage("ids");
     let mut ids = ids::resolve(fs, &desired).kind(Failure::Failed)?;
