@@ -55,10 +55,27 @@ def table(title, rows):
         row(label, vals)
 
 
+def short_error(e):
+    """The gRPC message when there is one (the context before it names
+    the endpoint and the key)."""
+    if "message: " in e:
+        return e.split("message: ", 1)[1].strip('"')[:150]
+    return e[:150]
+
+
 def errors(p):
     if not p or not p["errors"]:
         return "none"
-    return "; ".join(f"{n}× {e[:110]}" for e in sorted(p["errors"], key=lambda e: -p["errors"][e]) for n in [p["errors"][e]])
+    return "; ".join(f"{n}× {short_error(e)}" for e in sorted(p["errors"], key=lambda e: -p["errors"][e]) for n in [p["errors"][e]])
+
+
+def effective_interval(r, name):
+    """Per host, the wall time of the phase over the runs it completed."""
+    p = phase(r, name)
+    done = p["run_ms"]["n"] if p["run_ms"] else 0
+    if done < r["hosts"]:
+        return f"**{done:,} of {r['hosts']:,} hosts finished a run** in {f(p['wall_s'], 0)} s"
+    return f"{f(p['wall_s'] * r['hosts'] / done)} s (nominal {f(p['nominal_interval_s'])} s)"
 
 
 def per_interval(p, r, value):
@@ -101,6 +118,10 @@ table(
         ("steady: etcd CPU ms per run", lambda r: f(phase(r, "idle")["etcd"]["cpu_s"] * 1e3 / r["hosts"], 2)),
         (f"derived: etcd writes/s at a {REAL_INTERVAL / 60:.0f}-min interval, nothing to roll out",
          lambda r: f(phase(r, "idle")["etcd"]["proposals_committed"] / REAL_INTERVAL, 0)),
+        ("etcd db growth per steady round (MB; no compaction configured)",
+         lambda r: f(phase(r, "idle")["etcd"]["db_mb"] - phase(r, "register")["etcd"]["db_mb"], 1)),
+        (f"derived: db growth per day at a {REAL_INTERVAL / 60:.0f}-min interval (MB), against etcd's 2 GB default quota",
+         lambda r: f((phase(r, "idle")["etcd"]["db_mb"] - phase(r, "register")["etcd"]["db_mb"]) * 86400 / REAL_INTERVAL, 0)),
     ],
 )
 
@@ -165,7 +186,7 @@ table(
         ("per wave: applied/hosts (first–last apply, s)", waves),
         ("permits granted/s in the last wave", rest_rate),
         ("most permits held at once", lambda r: f"{phase(r, 'rollout')['max_held_at_once']:,}"),
-        ("effective poll interval (s; nominal)", lambda r: f"{f(phase(r, 'rollout')['effective_interval_s'])} ({f(phase(r, 'rollout')['nominal_interval_s'])})"),
+        ("effective poll interval (phase time × hosts / runs finished)", lambda r: effective_interval(r, "rollout")),
         ("view ms min / median / max", lambda r: mmm(phase(r, "rollout")["view_ms"])),
         ("acquire ms min / median / max", lambda r: mmm(phase(r, "rollout")["acquire_ms"])),
         ("run ms min / median / max", lambda r: mmm(phase(r, "rollout")["run_ms"])),
@@ -183,14 +204,19 @@ table(
     ],
 )
 
+def bad(r, fn):
+    p = phase(r, "bad_commit")
+    return fn(p) if p else "not run (the rollout did not finish)"
+
+
 if any(phase(r, "bad_commit") for r in runs):
     table(
         "A bad commit after it: the canary reverts it and marks it bad",
         [
-            ("every host halted or reverted (s)", lambda r: f(phase(r, "bad_commit")["time_to_done_s"]) if phase(r, "bad_commit")["done"] else "**no**"),
-            ("hosts halted / canaries reverted", lambda r: f"{phase(r, 'bad_commit')['halted']:,} / {phase(r, 'bad_commit')['reverted']}"),
-            ("hosts outside the canary wave that applied it", lambda r: f"{phase(r, 'bad_commit')['applied_bad_outside_canaries']}"),
-            ("errors", lambda r: errors(phase(r, "bad_commit"))),
+            ("every host halted or reverted (s)", lambda r: bad(r, lambda p: f(p["time_to_done_s"]) if p["done"] else "**no**")),
+            ("hosts halted / canaries reverted", lambda r: bad(r, lambda p: f"{p['halted']:,} / {p['reverted']}")),
+            ("hosts outside the canary wave that applied it", lambda r: bad(r, lambda p: f"{p['applied_bad_outside_canaries']}")),
+            ("errors", lambda r: bad(r, errors)),
         ],
     )
 
@@ -200,7 +226,7 @@ table(
         ("bytes per waiting status (key + JSON)", lambda r: f(phase(r, "all_waiting")["bytes_per_status"], 0)),
         ("bytes view() must read", lambda r: f"{phase(r, 'all_waiting')['status_bytes'] / 2**20:.2f} MiB"),
         ("view()", lambda r: "ok, " + mmm(phase(r, "all_waiting")["view_ms"]) + " ms" if phase(r, "all_waiting")["view"] == "ok"
-         else "**fails**: " + phase(r, "all_waiting")["view"][:160]),
+         else "**fails**: " + short_error(phase(r, "all_waiting")["view"])),
         ("derived: hosts at which the statuses alone reach 4 MiB", lambda r: f(4 * 2**20 / phase(r, "all_waiting")["bytes_per_status"], 0)),
     ],
 )
