@@ -186,6 +186,8 @@ table(
         ("per wave: applied/hosts (first–last apply, s)", waves),
         ("permits granted/s in the last wave", rest_rate),
         ("most permits held at once", lambda r: f"{phase(r, 'rollout')['max_held_at_once']:,}"),
+        ("acquire() returned None after decide() said Apply (the host waits a poll)",
+         lambda r: f"{phase(r, 'rollout')['refused_after_apply_decision']:,} of {phase(r, 'rollout')['granted'] + phase(r, 'rollout')['refused_after_apply_decision']:,}"),
         ("effective poll interval (phase time × hosts / runs finished)", lambda r: effective_interval(r, "rollout")),
         ("view ms min / median / max", lambda r: mmm(phase(r, "rollout")["view_ms"])),
         ("acquire ms min / median / max", lambda r: mmm(phase(r, "rollout")["acquire_ms"])),
