@@ -74,7 +74,7 @@ def effective_interval(r, name):
     p = phase(r, name)
     done = p["run_ms"]["n"] if p["run_ms"] else 0
     if done < r["hosts"]:
-        return f"**{done:,} of {r['hosts']:,} hosts finished a run** in {f(p['wall_s'], 0)} s"
+        return f"**{done:,} runs finished** by {r['hosts']:,} hosts in {f(p['wall_s'], 0)} s"
     return f"{f(p['wall_s'] * r['hosts'] / done)} s (nominal {f(p['nominal_interval_s'])} s)"
 
 
