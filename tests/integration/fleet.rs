@@ -871,6 +871,12 @@ fn no_host_applies_outside_the_maintenance_window() {
     let repo = repo_with(policy, "good v1\n");
     let c1 = repo.commit("v1");
     let agents = fleet(&repo, &etcd, 12, 1, "10s");
+    // Start well outside a window (7 to 12 s into a cycle), so the first
+    // round must wait whatever the machine's speed (CI found a rollout
+    // that fit into one window).
+    while !(7..12).contains(&(driftless::time::now() % 15)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let started = Instant::now();
     let mut waited_for_window = false;
     while agents
@@ -906,5 +912,65 @@ fn no_host_applies_outside_the_maintenance_window() {
     eprintln!(
         "windowed rollout of 12 hosts, one at a time, 6 s of every 15 s: {:?}",
         started.elapsed()
+    );
+}
+
+/// bench/fleet-sim found it: every host reads all host statuses before it
+/// decides, in one range request, and past gRPC's 4 MiB message limit
+/// (about 7,600 statuses) the client refused the answer, so no host of a
+/// large fleet could apply anything. The statuses are now read in pages
+/// at one revision.
+#[test]
+fn a_fleet_whose_statuses_exceed_one_grpc_message_still_decides() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let mut c = etcd.client();
+    let padding = "x".repeat(420);
+    let n = 8_000;
+    etcd.rt.block_on(async {
+        for batch in 0..n / 100 {
+            let ops: Vec<etcd_client::TxnOp> = (0..100)
+                .map(|i| {
+                    let host = format!("sim{:05}", batch * 100 + i);
+                    let status = serde_json::json!({
+                        "host": host, "group": "g", "labels": { "pad": padding },
+                        "version": "0", "commit": null, "since": null, "healthy": true,
+                        "result": "unchanged", "last_run": 1,
+                    });
+                    etcd_client::TxnOp::put(format!("/t/hosts/{host}"), status.to_string(), None)
+                })
+                .collect();
+            c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+        }
+    });
+    let total: usize = etcd.rt.block_on(async {
+        let r = c
+            .get(
+                "/t/hosts/",
+                Some(GetOptions::new().with_prefix().with_limit(1)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.count(), n as i64);
+        n * 560
+    });
+    assert!(
+        total > 4 << 20,
+        "the statuses must outgrow one gRPC message"
+    );
+    let policy = "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    repo.commit("v1");
+    let a = Agent::new("h0", repo.path(), &etcd, "g", "", "10s");
+    let out = a.cmd(&["sync", "--once"]).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(a.content().as_deref(), Some("good v1\n"), "{text}");
+    let st = a.cmd(&["fleet", "status"]).output().unwrap();
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.contains(&format!("{} live host(s)", n + 1)),
+        "{}",
+        &st[..st.len().min(400)]
     );
 }

@@ -258,22 +258,44 @@ impl Store {
 
     /// Keys and values under `prefix` (values that are not UTF-8 are
     /// replaced, lossily: they are JSON written by agents).
+    ///
+    /// Read in pages of [`PAGE`] keys, all at the revision of the first
+    /// page (one consistent view): a single range over every host status
+    /// of a large fleet is one gRPC response, and past 4 MiB (about 7,600
+    /// statuses, found by `bench/fleet-sim`) the client refuses it, so no
+    /// host of such a fleet could ever decide.
     async fn list(&mut self, prefix: &str) -> Result<Vec<(String, String)>> {
-        let resp = self
-            .client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {prefix}")))?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision != 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .client
+                .get(from.clone(), Some(opts))
+                .await
+                .with_context(|| self.ctx(&format!("cannot read {prefix}")))?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push((
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     String::from_utf8_lossy(kv.value()).into_owned(),
-                )
-            })
-            .collect())
+                ));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Records `policy` as the rollout policy of `commit` unless one is
@@ -497,6 +519,36 @@ impl Store {
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+}
+
+/// Keys read per request by `Store::list`: a page of host statuses stays
+/// far below gRPC's 4 MiB message limit.
+const PAGE: i64 = 500;
+
+/// The first key after every key starting with `prefix` (etcd's range end
+/// for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/t/hosts/"), b"/t/hosts0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }
 
