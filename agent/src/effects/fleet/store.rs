@@ -587,18 +587,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::prefix_end;
-
-    #[test]
-    fn prefix_ends() {
-        assert_eq!(prefix_end(b"/t/hosts/"), b"/t/hosts0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
-    }
-}
-
 /// A key or password file: read only if no one but its owner can read or
 /// write it (as ssh does with private keys), so a copy that went
 /// world-readable is noticed rather than used. The bytes are wiped when
@@ -617,4 +605,16 @@ fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<
     let bytes =
         std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
     Ok(zeroize::Zeroizing::new(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/t/hosts/"), b"/t/hosts0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 }
