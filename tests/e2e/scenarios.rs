@@ -1189,3 +1189,57 @@ fn e2e_18_a_quadlet_app_behind_nginx_applies_changes_repairs_and_reverts() {
     assert_eq!(m.prop("app.service", "ActiveState"), "active");
     assert_eq!(through_proxy(), "hello again from driftless");
 }
+
+/// Issue 16 step 8 on a real Debian: a commit that changes a file marked
+/// `reboot = true` writes `/run/reboot-required` and `.pkgs` (the file's
+/// dpkg package), `status` says so; a commit whose check fails writes
+/// nothing; the agent does not reboot.
+#[test]
+fn e2e_19_a_reboot_requiring_change_writes_run_reboot_required_and_nothing_on_revert() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-reboot", &demo);
+    assert!(sync(&m).status.success());
+    // /etc/issue belongs to base-files: the .pkgs line names it.
+    assert!(m.ok("dpkg -S /etc/issue").starts_with("base-files:"));
+    let role = std::fs::read_to_string(demo.path().join("roles/demo/role.toml")).unwrap();
+    let with_issue =
+        format!("{role}\n[[files]]\npath = \"/etc/issue\"\nsource = \"issue\"\nreboot = true\n");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.write("roles/demo/files/issue", "managed by driftless v1\n");
+    // First a commit whose check fails: reverted, nothing requested.
+    demo.set("BROKEN v2", "0644", "root");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.commit("issue v1, and a message that breaks the service");
+    let issue_before = m.ok("sha256sum /etc/issue");
+    let out = sync(&m);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(m.ok("sha256sum /etc/issue"), issue_before);
+    assert!(!m.sh("test -e /run/reboot-required").status.success());
+    // Then a good one: written after the commit, and reported.
+    demo.set("ok v3", "0644", "root");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.commit("issue v1, message fixed");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.ok("cat /etc/issue"), "managed by driftless v1\n");
+    assert!(m
+        .ok("cat /run/reboot-required")
+        .contains("System restart required"));
+    assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "base-files\n");
+    let status = m.ok("driftless status");
+    assert!(status.contains("reboot required: yes"), "{status}");
+    assert!(status.contains("/etc/issue"), "{status}");
+    // A no-op keeps the request and adds no line; the machine is still up.
+    assert!(sync(&m).status.success());
+    assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "base-files\n");
+    assert_eq!(
+        m.ok("systemctl is-system-running || true").trim(),
+        "running"
+    );
+}
