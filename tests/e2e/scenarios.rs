@@ -1240,3 +1240,120 @@ fn e2e_19_a_reboot_requiring_change_writes_run_reboot_required_and_nothing_on_re
     assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "base-files\n");
     assert_eq!(m.ok("cat /proc/1/comm").trim(), "systemd");
 }
+
+// `restart`, not `reload`: after a reload nginx's old workers keep
+// answering on the old ports for a moment, and a check right after it can
+// pass against the old configuration (this test first did).
+const SITES_ROLE: &str = r#"
+[[files]]
+path = "/etc/nginx/sites-available/app"
+source = "app.site"
+on_change = { restart = ["nginx.service"] }
+
+[[links]]
+path = "/etc/nginx/sites-enabled/app"
+target = "../sites-available/app"
+
+[[absent]]
+path = "/etc/nginx/sites-enabled/default"
+
+[[units]]
+name = "nginx.service"
+started = true
+
+[[checks]]
+name = "the site answers"
+http = { url = "http://127.0.0.1:8083/", status = 200, body_contains = "app site" }
+retries = 20
+interval = "200ms"
+timeout = "2s"
+"#;
+
+/// Issue 16 step 3 on a real Debian and a real nginx: Debian's
+/// `sites-enabled/default` link is removed (`[[absent]]`), a site is
+/// enabled by a managed link, nginx serves it; a commit whose check fails
+/// puts every link and file back byte for byte (the default site's link
+/// with its target), and a link retargeted by hand is repaired.
+#[test]
+fn e2e_20_nginx_sites_by_links_and_absent_apply_revert_and_repair() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let web = Demo { dir };
+    git(web.path(), &["init", "-q", "-b", "main"]);
+    web.write("driftless.toml", "roles = [\"web\"]\n");
+    web.write("hosts/default.toml", "");
+    web.write("roles/web/role.toml", SITES_ROLE);
+    let site = |port: u16, body: &str| {
+        format!(
+            "server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"{body}\\n\"; }}\n}}\n"
+        )
+    };
+    web.write("roles/web/files/app.site", &site(8083, "app site v1"));
+    web.commit("enable the app site");
+    let m = boot("e2e-sites", &web);
+    // Debian enables its default site this way (the e2e rootfs recipe
+    // removed the link so that no other test starts nginx on port 80).
+    m.ok("ln -s /etc/nginx/sites-available/default /etc/nginx/sites-enabled/default");
+    let default = m.ok("readlink /etc/nginx/sites-enabled/default");
+    assert_eq!(default.trim(), "/etc/nginx/sites-available/default");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        m.ok("readlink /etc/nginx/sites-enabled/app").trim(),
+        "../sites-available/app"
+    );
+    assert!(!m
+        .sh("test -L /etc/nginx/sites-enabled/default")
+        .status
+        .success());
+    let get = || {
+        m.wait_ok(
+            "python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8083/\").read().decode().strip())'",
+            Duration::from_secs(20),
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(get(), "app site v1");
+    let good = m.ok(
+        "ls -l --time-style=+ /etc/nginx/sites-enabled; sha256sum /etc/nginx/sites-available/*",
+    );
+
+    // The site moves to a port the check does not ask: reverted.
+    web.write("roles/web/files/app.site", &site(8084, "app site v2"));
+    web.commit("breaks the check");
+    let out = sync(&m);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        m.ok(
+            "ls -l --time-style=+ /etc/nginx/sites-enabled; sha256sum /etc/nginx/sites-available/*"
+        ),
+        good
+    );
+    assert_eq!(get(), "app site v1");
+
+    // Drift: the link retargeted and Debian's default re-enabled by hand.
+    m.ok("ln -sfn /etc/nginx/sites-available/default /etc/nginx/sites-enabled/app && ln -s /etc/nginx/sites-available/default /etc/nginx/sites-enabled/default");
+    web.write("roles/web/files/app.site", &site(8083, "app site v3"));
+    web.commit("v3");
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        m.ok("readlink /etc/nginx/sites-enabled/app").trim(),
+        "../sites-available/app"
+    );
+    assert!(!m
+        .sh("test -L /etc/nginx/sites-enabled/default")
+        .status
+        .success());
+    assert_eq!(get(), "app site v3");
+}
