@@ -1241,14 +1241,14 @@ fn e2e_19_a_reboot_requiring_change_writes_run_reboot_required_and_nothing_on_re
     assert_eq!(m.ok("cat /proc/1/comm").trim(), "systemd");
 }
 
-// `restart`, not `reload`: after a reload nginx's old workers keep
-// answering on the old ports for a moment, and a check right after it can
-// pass against the old configuration (this test first did).
+// After a reload nginx's old workers keep answering on the old ports for
+// a moment: without `delay`, the check passed against the old
+// configuration (this test first did) and the breaking commit stayed.
 const SITES_ROLE: &str = r#"
 [[files]]
 path = "/etc/nginx/sites-available/app"
 source = "app.site"
-on_change = { restart = ["nginx.service"] }
+on_change = { reload-or-restart = ["nginx.service"] }
 
 [[links]]
 path = "/etc/nginx/sites-enabled/app"
@@ -1264,6 +1264,7 @@ started = true
 [[checks]]
 name = "the site answers"
 http = { url = "http://127.0.0.1:8083/", status = 200, body_contains = "app site" }
+delay = "1s"
 retries = 20
 interval = "200ms"
 timeout = "2s"
