@@ -211,6 +211,14 @@ impl Store {
             .collect())
     }
 
+    /// The operators' suspensions only (as a view for
+    /// `rollout::decide::suspension`).
+    pub async fn suspensions(&mut self) -> Result<crate::rollout::FleetView> {
+        let mut snap = Snapshot::default();
+        self.read_suspensions(&mut snap).await?;
+        Ok(snap.view())
+    }
+
     /// The hosts that reverted `commit`, with why.
     pub async fn bad_marks(&mut self, commit: &str) -> Result<BTreeMap<String, String>> {
         let prefix = self.keys.bad(commit);
