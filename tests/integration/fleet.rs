@@ -959,9 +959,11 @@ fn no_host_applies_outside_the_maintenance_window() {
         .iter()
         .any(|a| a.content().as_deref() != Some("good v1\n"))
     {
+        // One host at a time, 6 s open of every 15: a slow machine may
+        // need a window per host.
         assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the rollout did not finish in 120 s"
+            started.elapsed() < Duration::from_secs(12 * 15 + 60),
+            "the rollout did not finish in 240 s"
         );
         for (name, code, out) in round(&agents) {
             assert_eq!(code, 0, "{name}: {out}");

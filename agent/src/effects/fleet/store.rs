@@ -600,8 +600,14 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// world-readable is noticed rather than used. The bytes are wiped when
 /// dropped.
 fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Checked on the open file, not the path: nothing can swap it between
+    // the check and the read.
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    let meta = file
+        .metadata()
         .with_context(|| format!("{key}: cannot read {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -610,9 +616,20 @@ fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<
             path.display()
         );
     }
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
-    Ok(zeroize::Zeroizing::new(bytes))
+    // Owned by root or by the agent's own user (anyone else could replace
+    // it with a key of their choosing), as ssh requires of its keys.
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        anyhow::bail!(
+            "{key}: {} belongs to uid {}, not to root or the agent's user (uid {me}); chown it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
