@@ -449,36 +449,57 @@ impl FleetRun {
         };
         let mut store = self.store.take();
         let permit = self.permit.take();
-        let need_prev = self.prev.is_none();
-        let prev = pass.rt.block_on(async {
-            if store.is_none() {
-                store = Some(crate::effects::fleet::Store::connect(fleet).await?);
-            }
-            let Some(s) = store.as_mut() else {
-                anyhow::bail!("no etcd connection");
+        // Each step is tried again once on a fresh connection: the one
+        // opened before the apply may have broken, or (etcd users) its
+        // token expired while the checks ran (etcd-client authenticates
+        // once, at connect). The bad mark first, before the permit goes
+        // back, so no host takes the permit and applies the commit before
+        // the mark is there.
+        // `$call` on the store (connecting if needed), and on failure once
+        // more on a fresh connection.
+        macro_rules! retried {
+            ($what:expr, |$s:ident| $call:expr) => {
+                pass.rt.block_on(async {
+                    let mut last = anyhow::anyhow!("no etcd connection");
+                    for attempt in 0..2 {
+                        if attempt > 0 || store.is_none() {
+                            store = None;
+                            match crate::effects::fleet::Store::connect(fleet).await {
+                                Ok(fresh) => store = Some(fresh),
+                                Err(e) => {
+                                    last = e;
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some($s) = store.as_mut() else { continue };
+                        match $call.await {
+                            Ok(v) => return Ok(v),
+                            Err(e) => last = e,
+                        }
+                    }
+                    Err(last.context(format!("cannot {}", $what)))
+                })
             };
-            if let Some(r) = reverted {
-                s.mark_bad(&r.commit, &settings.host, &r.reason).await?;
-                warn!(commit = %short(&r.commit), "fleet: marked bad fleet-wide: this host reverted it");
+        }
+        if let Some(r) = reverted {
+            retried!("mark the commit bad", |s| s.mark_bad(
+                &r.commit,
+                &settings.host,
+                &r.reason
+            ))?;
+            warn!(commit = %short(&r.commit), "fleet: marked bad fleet-wide: this host reverted it");
+        }
+        if let Some(p) = permit {
+            if let Err(e) = retried!("give the permit back", |s| s.give_back(&p)) {
+                warn!("fleet: {e:#} (it frees when its lease expires)");
             }
-            if let Some(p) = permit {
-                s.release(p).await?;
-            }
-            if need_prev {
-                return s.own_status(&settings.host).await;
-            }
-            Ok(None)
-        })?;
-        if need_prev {
-            self.prev = prev;
+        }
+        if self.prev.is_none() {
+            self.prev = retried!("read this host's status", |s| s.own_status(&settings.host))?;
         }
         let status = self.status(pass, fleet, result);
-        pass.rt.block_on(async {
-            match store.as_mut() {
-                Some(s) => s.put_status(&status, ttl).await,
-                None => anyhow::bail!("no etcd connection"),
-            }
-        })
+        retried!("publish this host's status", |s| s.put_status(&status, ttl))
     }
 
     #[cfg(not(feature = "etcd"))]

@@ -463,6 +463,12 @@ impl Store {
 
     /// Gives a permit back.
     pub async fn release(&mut self, permit: Permit) -> Result<()> {
+        self.give_back(&permit).await
+    }
+
+    /// [`Store::release`] that can be tried again (on another connection)
+    /// when it fails.
+    pub async fn give_back(&mut self, permit: &Permit) -> Result<()> {
         permit.keepalive.abort();
         let deleted = self.client.delete(permit.key.clone(), None).await;
         self.revoke(permit.lease).await;
