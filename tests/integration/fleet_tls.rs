@@ -275,6 +275,10 @@ fn agents_authenticate_as_etcd_users_over_tls() {
         status, 1,
         "the status written after a token expired: {text}"
     );
+    assert!(
+        !text.contains("give the permit back"),
+        "the permit went back on a new connection: {text}"
+    );
 
     let bad = Agent::with_fleet_keys(
         "h1",
