@@ -1058,3 +1058,49 @@ fn a_fleet_whose_statuses_exceed_one_grpc_message_still_decides() {
         &st[..st.len().min(400)]
     );
 }
+
+/// etcd restarts while a host holds a permit through a slow check: the
+/// permit's keep-alive loses its stream and renews on a new connection,
+/// so the permit is held throughout and given back at the end.
+#[test]
+fn a_permit_survives_an_etcd_restart_during_the_apply() {
+    let Some(mut etcd) = etcd_or_skip() else {
+        return;
+    };
+    let policy = "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"slow\"\nretries = 1\ntimeout = \"30s\"\n\
+         command = { argv = [\"/bin/sleep\", \"6\"] }\n",
+    );
+    repo.commit("v1");
+    let a = Agent::new("h0", repo.path(), &etcd, "g", "", "4s");
+    let child = a.spawn_sync();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while etcd.keys("/t/permits/g/").is_empty() {
+        assert!(Instant::now() < deadline, "the agent never took its permit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    etcd.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    etcd.restart();
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(a.content().as_deref(), Some("good v1\n"));
+    assert!(
+        !text.contains("cannot renew the permit's lease") && !text.contains("lease expired"),
+        "{text}"
+    );
+    // Held until the end, then given back.
+    assert!(etcd.keys("/t/permits/g/").is_empty(), "{text}");
+    let puts = etcd
+        .history("/t/permits/g/")
+        .iter()
+        .filter(|(_, put, _, _)| *put)
+        .count();
+    assert_eq!(puts, 1, "one permit, held across the restart");
+}

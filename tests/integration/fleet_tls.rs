@@ -253,7 +253,8 @@ fn agents_authenticate_as_etcd_users_over_tls() {
         &etcd,
         "g",
         "",
-        "10s",
+        // Renewed every ~0.7 s: renewals happen after the token expired.
+        "2s",
         &password("pw-good", "s3cret-pw"),
     );
     let out = good.cmd(&["sync", "--once"]).output().unwrap();
@@ -278,6 +279,10 @@ fn agents_authenticate_as_etcd_users_over_tls() {
     assert!(
         !text.contains("give the permit back"),
         "the permit went back on a new connection: {text}"
+    );
+    assert!(
+        !text.contains("cannot renew the permit's lease") && !text.contains("lease expired"),
+        "the permit's keep-alive renewed on a new connection when its token expired: {text}"
     );
 
     let bad = Agent::with_fleet_keys(

@@ -30,6 +30,9 @@ pub struct Store {
     client: Client,
     keys: Keys,
     endpoints: String,
+    /// To connect again (the permit's keep-alive, when its connection
+    /// breaks or its auth token expires).
+    settings: FleetSettings,
 }
 
 /// A permit held by this host: its key and the lease keeping it, renewed
@@ -82,6 +85,7 @@ impl Store {
             client,
             keys: Keys::new(&fleet.prefix),
             endpoints,
+            settings: fleet.clone(),
         })
     }
 
@@ -436,7 +440,9 @@ impl Store {
             .await
             .with_context(|| self.ctx("cannot keep the permit's lease alive"))?;
         let every = (ttl / 3).max(Duration::from_millis(500));
+        let settings = self.settings.clone();
         Ok(tokio::spawn(async move {
+            let mut renewed_at = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(every).await;
                 let renewed = match keeper.keep_alive().await {
@@ -444,7 +450,7 @@ impl Store {
                     Err(e) => Err(e),
                 };
                 match renewed {
-                    Ok(Some(ttl)) if ttl > 0 => {}
+                    Ok(Some(ttl)) if ttl > 0 => renewed_at = tokio::time::Instant::now(),
                     Ok(_) => {
                         warn!(
                             lease,
@@ -453,8 +459,39 @@ impl Store {
                         return;
                     }
                     Err(e) => {
-                        warn!(lease, "cannot renew the permit's lease: {e}");
-                        return;
+                        // A broken connection (etcd restarted, a network
+                        // blip): the lease lives on in etcd for its TTL,
+                        // so keep renewing it on a new connection until
+                        // then.
+                        debug!(
+                            lease,
+                            "the permit's keep-alive stream broke ({e}); connecting again"
+                        );
+                        loop {
+                            let again = async {
+                                let mut fresh = Store::connect(&settings).await?;
+                                let (k, s) = fresh.client.lease_keep_alive(lease).await?;
+                                anyhow::Ok((k, s))
+                            };
+                            match again.await {
+                                Ok((k, s)) => {
+                                    keeper = k;
+                                    stream = s;
+                                    break;
+                                }
+                                Err(e2) if renewed_at.elapsed() < ttl => {
+                                    debug!(
+                                        lease,
+                                        "cannot reach etcd to renew the permit's lease yet: {e2:#}"
+                                    );
+                                    tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+                                }
+                                Err(e2) => {
+                                    warn!(lease, "cannot renew the permit's lease: {e}; nor on a new connection within its TTL: {e2:#}; another host may take the permit");
+                                    return;
+                                }
+                            }
+                        }
                     }
                 }
             }
