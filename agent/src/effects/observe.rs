@@ -33,5 +33,16 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
     for p in paths {
         out.insert(p.clone(), fs.observe_link(p)?);
     }
+    // Managed directories (declared, or recorded and maybe to prune).
+    for p in desired
+        .dirs
+        .iter()
+        .map(|d| &d.path)
+        .chain(inventory.directories.keys())
+    {
+        if !out.contains_key(p) {
+            out.insert(p.clone(), fs.observe_dir(p)?);
+        }
+    }
     Ok(out)
 }

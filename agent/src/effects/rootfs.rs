@@ -169,6 +169,32 @@ impl RootFs {
             .with_context(|| format!("cannot read {}", self.display(target)))
     }
 
+    /// What is at the path of a managed directory: its mode and owner
+    /// ([`Observation::Dir`]), read by `lstat` through its parent, so a
+    /// symlink there (or above) is never followed.
+    pub fn observe_dir(&self, target: &TargetPath) -> Result<Observation> {
+        let Some(dir) = self.open_parent(target, None)? else {
+            return Ok(Observation::Missing);
+        };
+        let st = match fstatat(&dir, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => return Ok(Observation::Missing),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.display(target)))
+            }
+        };
+        match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => Ok(Observation::Dir {
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            }),
+            SFlag::S_IFLNK => Ok(Observation::Other { kind: "symlink" }),
+            _ => observe_in(&dir, target.file_name())
+                .with_context(|| format!("cannot read {}", self.display(target))),
+        }
+    }
+
     /// True when nothing is at `target` (`lstat` says ENOENT, here or
     /// above): what the quick check needs of an absent path. A symlink
     /// planted above it is not "nothing": the full sync refuses it.

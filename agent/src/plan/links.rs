@@ -112,6 +112,14 @@ pub fn diff_links(
                 ));
                 continue;
             }
+            Observation::Dir { .. } => {
+                diags.push(format!(
+                    "{} ({}): a directory is where the link must go; driftless never replaces a \
+                     directory with a link: remove it, or manage another path",
+                    d.path, d.origin
+                ));
+                continue;
+            }
             Observation::Other { kind } => {
                 diags.push(format!(
                     "{} ({}): a {kind} is where the link must go; driftless never replaces a {kind} \
@@ -182,6 +190,11 @@ pub fn diff_absent(
                 link: Some(target.clone()),
                 link_owner: (*uid, *gid),
             }),
+            Observation::Dir { .. } => diags.push(format!(
+                "{} ({}): it is a directory; absent removes only a regular file or a symlink (a \
+                 directory is refused): remove it by hand, or drop this entry",
+                d.path, d.origin
+            )),
             Observation::Other { kind } => diags.push(format!(
                 "{} ({}): it is a {kind}; absent removes only a regular file or a symlink (a \
                  {kind} is refused): remove it by hand, or drop this entry",
