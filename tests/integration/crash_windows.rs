@@ -34,7 +34,26 @@ const LINK: (&str, &str, &str) = ("/etc/app/current", "a.conf", "b.conf");
 /// its content before.
 const ABSENT: (&str, &str) = ("/etc/app/stale", "stale v1\n");
 
+/// Managed directories (issue #16 step 2): path, mode before and after
+/// (None: missing). The new commit creates the first and corrects the
+/// second's mode (created for the files by v1, so 0755).
+const DIRS: &[(&str, Option<u32>, Option<u32>)] = &[
+    ("/opt/app/data", None, Some(0o750)),
+    ("/etc/app", Some(0o755), Some(0o700)),
+];
+
 type State = BTreeMap<String, Option<String>>;
+
+/// A directory's state: its mode, or what else is there.
+fn dir_state(host: &Host, p: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(host.path(p)).ok()?;
+    Some(if m.is_dir() {
+        format!("dir {:04o}", m.mode() & 0o7777)
+    } else {
+        "not a directory".to_string()
+    })
+}
 
 fn expected(new: bool) -> State {
     let mut out: State = FILES
@@ -47,6 +66,10 @@ fn expected(new: bool) -> State {
     let target = if new { LINK.2 } else { LINK.1 };
     out.insert(format!("{} ->", LINK.0), Some(target.to_string()));
     out.insert(ABSENT.0.to_string(), (!new).then(|| ABSENT.1.to_string()));
+    for (p, o, n) in DIRS {
+        let m = if new { n } else { o };
+        out.insert(format!("{p}/"), m.map(|m| format!("dir {m:04o}")));
+    }
     out
 }
 
@@ -67,6 +90,9 @@ fn state_of(host: &Host) -> State {
         .ok()
         .map(|t| t.display().to_string());
     out.insert(format!("{} ->", LINK.0), target);
+    for (p, _, _) in DIRS {
+        out.insert(format!("{p}/"), dir_state(host, p));
+    }
     out
 }
 
@@ -117,6 +143,10 @@ fn scenario(check_passes: bool) -> Scenario {
         ));
         if new {
             role.push_str(&format!("[[absent]]\npath = \"{}\"\n\n", ABSENT.0));
+            for (p, _, n) in DIRS {
+                let m = n.expect("a new mode");
+                role.push_str(&format!("[[dirs]]\npath = \"{p}\"\nmode = \"{m:04o}\"\n\n"));
+            }
         }
         role.push_str(&format!(
             "[[checks]]\nname = \"a.conf is good\"\nretries = 1\ninterval = \"10ms\"\n\
@@ -269,8 +299,9 @@ fn campaign(check_passes: bool) -> usize {
     let mut must = vec![
         "sync.fetched:1",
         "apply.staged:1",
-        // 4 files, the link, the absent path.
-        "apply.switch:6",
+        // 4 files, the link, the absent path, a directory's mode (the
+        // created one is made whole while staging).
+        "apply.switch:7",
         "apply.switched:1",
         "post.checks:1",
         "post.checked:1",
@@ -285,7 +316,8 @@ fn campaign(check_passes: bool) -> usize {
     } else {
         must.extend([
             "apply.revert.started:1",
-            "apply.undo:6",
+            // The same and the created directory.
+            "apply.undo:8",
             "apply.revert.inventory:1",
         ]);
     }
