@@ -202,6 +202,18 @@ fn dirs_apply_stay_quick_and_drift_is_repaired() {
     assert_eq!(mode(&host, "/srv/app/data"), 0o2770);
     settle(&host, &r);
 
+    // Drift of the owner (as root only: unprivileged, owners are neither
+    // compared nor applied).
+    if uid == 0 {
+        let data = host.path("/srv/app/data");
+        std::os::unix::fs::chown(&data, Some(4242), Some(4242)).unwrap();
+        let run = sync(&host, &r).ok();
+        assert!(!run.stdout.contains(QUICK), "{}", run.stdout);
+        let m = std::fs::metadata(&data).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o2770));
+        settle(&host, &r);
+    }
+
     // Drift: a removed directory is created again.
     std::fs::remove_dir(host.path("/srv/app/data")).unwrap();
     let run = sync(&host, &r).ok();
@@ -236,9 +248,13 @@ fn a_failing_check_reverts_dirs_byte_exact() {
     let before = snapshot(&host);
     // Fails while the new directory exists: passes again once reverted.
     let data = host.path("/srv/app/data");
+    // As root, the owner changes too (and must come back).
+    let owner = if ids().0 == 0 { 4242 } else { ids().0 };
     set_role(
         &r,
-        &format!("{DIRS}\n[[dirs]]\npath = \"/srv/shared\"\nmode = \"0700\"\n"),
+        &format!(
+            "{DIRS}\n[[dirs]]\npath = \"/srv/shared\"\nmode = \"0700\"\nowner = \"{owner}\"\n"
+        ),
         &format!(
             "[\"/usr/bin/test\", \"!\", \"-d\", {:?}]",
             data.display().to_string()
