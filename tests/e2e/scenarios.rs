@@ -1189,3 +1189,172 @@ fn e2e_18_a_quadlet_app_behind_nginx_applies_changes_repairs_and_reverts() {
     assert_eq!(m.prop("app.service", "ActiveState"), "active");
     assert_eq!(through_proxy(), "hello again from driftless");
 }
+
+/// Issue 16 step 8 on a real Debian: a commit that changes a file marked
+/// `reboot = true` writes `/run/reboot-required` and `.pkgs` (the file's
+/// dpkg package), `status` says so; a commit whose check fails writes
+/// nothing; the agent does not reboot.
+#[test]
+fn e2e_19_a_reboot_requiring_change_writes_run_reboot_required_and_nothing_on_revert() {
+    let Some(_g) = guard() else { return };
+    let demo = Demo::new();
+    let m = boot("e2e-reboot", &demo);
+    assert!(sync(&m).status.success());
+    // /etc/issue belongs to base-files: the .pkgs line names it.
+    assert!(m.ok("dpkg -S /etc/issue").starts_with("base-files:"));
+    let role = std::fs::read_to_string(demo.path().join("roles/demo/role.toml")).unwrap();
+    let with_issue =
+        format!("{role}\n[[files]]\npath = \"/etc/issue\"\nsource = \"issue\"\nreboot = true\n");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.write("roles/demo/files/issue", "managed by driftless v1\n");
+    // First a commit whose check fails: reverted, nothing requested.
+    demo.set("BROKEN v2", "0644", "root");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.commit("issue v1, and a message that breaks the service");
+    let issue_before = m.ok("sha256sum /etc/issue");
+    let out = sync(&m);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(m.ok("sha256sum /etc/issue"), issue_before);
+    assert!(!m.sh("test -e /run/reboot-required").status.success());
+    // Then a good one: written after the commit, and reported.
+    demo.set("ok v3", "0644", "root");
+    demo.write("roles/demo/role.toml", &with_issue);
+    demo.commit("issue v1, message fixed");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.ok("cat /etc/issue"), "managed by driftless v1\n");
+    assert!(m
+        .ok("cat /run/reboot-required")
+        .contains("System restart required"));
+    assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "base-files\n");
+    let status = m.ok("driftless status");
+    assert!(status.contains("reboot required: yes"), "{status}");
+    assert!(status.contains("/etc/issue"), "{status}");
+    // A no-op keeps the request and adds no line; the machine is still up.
+    assert!(sync(&m).status.success());
+    assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "base-files\n");
+    assert_eq!(m.ok("cat /proc/1/comm").trim(), "systemd");
+}
+
+// After a reload nginx's old workers keep answering on the old ports for
+// a moment: without `delay`, the check passed against the old
+// configuration (this test first did) and the breaking commit stayed.
+const SITES_ROLE: &str = r#"
+[[files]]
+path = "/etc/nginx/sites-available/app"
+source = "app.site"
+on_change = { reload-or-restart = ["nginx.service"] }
+
+[[links]]
+path = "/etc/nginx/sites-enabled/app"
+target = "../sites-available/app"
+
+[[absent]]
+path = "/etc/nginx/sites-enabled/default"
+
+[[units]]
+name = "nginx.service"
+started = true
+
+[[checks]]
+name = "the site answers"
+http = { url = "http://127.0.0.1:8083/", status = 200, body_contains = "app site" }
+delay = "1s"
+retries = 20
+interval = "200ms"
+timeout = "2s"
+"#;
+
+/// Issue 16 step 3 on a real Debian and a real nginx: Debian's
+/// `sites-enabled/default` link is removed (`[[absent]]`), a site is
+/// enabled by a managed link, nginx serves it; a commit whose check fails
+/// puts every link and file back byte for byte (the default site's link
+/// with its target), and a link retargeted by hand is repaired.
+#[test]
+fn e2e_20_nginx_sites_by_links_and_absent_apply_revert_and_repair() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let web = Demo { dir };
+    git(web.path(), &["init", "-q", "-b", "main"]);
+    web.write("driftless.toml", "roles = [\"web\"]\n");
+    web.write("hosts/default.toml", "");
+    web.write("roles/web/role.toml", SITES_ROLE);
+    let site = |port: u16, body: &str| {
+        format!(
+            "server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"{body}\\n\"; }}\n}}\n"
+        )
+    };
+    web.write("roles/web/files/app.site", &site(8083, "app site v1"));
+    web.commit("enable the app site");
+    let m = boot("e2e-sites", &web);
+    // Debian enables its default site this way (the e2e rootfs recipe
+    // removed the link so that no other test starts nginx on port 80).
+    m.ok("ln -s /etc/nginx/sites-available/default /etc/nginx/sites-enabled/default");
+    let default = m.ok("readlink /etc/nginx/sites-enabled/default");
+    assert_eq!(default.trim(), "/etc/nginx/sites-available/default");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        m.ok("readlink /etc/nginx/sites-enabled/app").trim(),
+        "../sites-available/app"
+    );
+    assert!(!m
+        .sh("test -L /etc/nginx/sites-enabled/default")
+        .status
+        .success());
+    let get = || {
+        m.wait_ok(
+            "python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8083/\").read().decode().strip())'",
+            Duration::from_secs(20),
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(get(), "app site v1");
+    let good = m.ok(
+        "ls -l --time-style=+ /etc/nginx/sites-enabled; sha256sum /etc/nginx/sites-available/*",
+    );
+
+    // The site moves to a port the check does not ask: reverted.
+    web.write("roles/web/files/app.site", &site(8084, "app site v2"));
+    web.commit("breaks the check");
+    let out = sync(&m);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        m.ok(
+            "ls -l --time-style=+ /etc/nginx/sites-enabled; sha256sum /etc/nginx/sites-available/*"
+        ),
+        good
+    );
+    assert_eq!(get(), "app site v1");
+
+    // Drift: the link retargeted and Debian's default re-enabled by hand.
+    m.ok("ln -sfn /etc/nginx/sites-available/default /etc/nginx/sites-enabled/app && ln -s /etc/nginx/sites-available/default /etc/nginx/sites-enabled/default");
+    web.write("roles/web/files/app.site", &site(8083, "app site v3"));
+    web.commit("v3");
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        m.ok("readlink /etc/nginx/sites-enabled/app").trim(),
+        "../sites-available/app"
+    );
+    assert!(!m
+        .sh("test -L /etc/nginx/sites-enabled/default")
+        .status
+        .success());
+    assert_eq!(get(), "app site v3");
+}

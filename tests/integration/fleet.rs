@@ -893,6 +893,12 @@ fn no_host_applies_outside_the_maintenance_window() {
         }
     }
     assert!(waited_for_window, "no host ever waited for the window");
+    let st = agents[0].cmd(&["fleet", "status"]).output().unwrap();
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.contains("window for every group: \"*:*:00/15 UTC\" for 6s: "),
+        "fleet status shows the window: {st}"
+    );
     // Every apply was decided inside a window: its status's `since` is
     // the time of the decision.
     let mut applied = 0;

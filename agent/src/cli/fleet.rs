@@ -37,6 +37,8 @@ pub struct CommitSummary {
     pub state: &'static str,
     pub max_concurrent: u32,
     pub waves: Vec<WaveSummary>,
+    /// The policy's maintenance windows (empty: none).
+    pub windows: Vec<crate::rollout::policy::WindowRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -122,6 +124,7 @@ pub fn summarize(snap: &Snapshot) -> Vec<CommitSummary> {
             CommitSummary {
                 halted,
                 state,
+                windows: policy.windows.clone(),
                 max_concurrent: policy.max_concurrent,
                 commit,
                 policy_known: known,
@@ -370,6 +373,25 @@ fn print_text(snap: &Snapshot, summary: &[CommitSummary]) {
                 w.waiting
             );
         }
+        let tz = jiff::tz::TimeZone::system();
+        let now = crate::time::now();
+        for w in &c.windows {
+            let groups = if w.groups.is_empty() {
+                "every group".to_string()
+            } else {
+                format!("group(s) {}", w.groups.join(", "))
+            };
+            let state = match (w.window.open_until(now, &tz), w.window.next_open(now, &tz)) {
+                (Some(until), _) => format!("open until {}", crate::time::time_str(until)),
+                (None, Some(next)) => format!("closed, opens {}", crate::time::time_str(next)),
+                (None, None) => "never opens again".to_string(),
+            };
+            outln!(
+                "  window for {groups}: {:?} for {}: {state} (in this machine's time zone; each host reads it in its own)",
+                w.window.calendar.to_string(),
+                humantime::format_duration(std::time::Duration::from_secs(w.window.length))
+            );
+        }
         for (host, why) in &c.reverted_by {
             outln!("  reverted by {host}: {why}");
         }
@@ -439,6 +461,7 @@ mod tests {
             (3, 1, 1, 1, 2)
         );
         assert_eq!(w.waits.get("b").map(String::as_str), Some("permits taken"));
+        assert!(sum[0].windows.is_empty(), "the default policy has none");
         assert_eq!(sum[1].commit, "old");
         assert_eq!(sum[1].waves[0].applied, 2);
     }

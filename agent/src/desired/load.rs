@@ -785,6 +785,13 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
         .map_err(|e| format!("key `interval`: {e}"))?;
     let timeout = parse_duration(spec.timeout.as_deref().unwrap_or("5s"))
         .map_err(|e| format!("key `timeout`: {e}"))?;
+    let delay = match spec.delay.as_deref() {
+        None => std::time::Duration::ZERO,
+        Some(d) => parse_duration(d).map_err(|e| format!("key `delay`: {e}"))?,
+    };
+    if delay > std::time::Duration::from_secs(600) {
+        return Err("key `delay`: more than 10 minutes; a check waits that long while the host runs the new commit unverified".into());
+    }
     Ok(Check {
         name: spec.name.unwrap_or_else(|| probe.describe()),
         role: role.to_string(),
@@ -792,6 +799,7 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
         retries: spec.retries.unwrap_or(5),
         interval,
         timeout,
+        delay,
     })
 }
 
@@ -1239,6 +1247,34 @@ mod tests {
             "roles/b/role.toml:5 files[0]: /etc/containers/systemd/app.container is already managed by roles/a/role.toml:1 quadlets[0]",
         ] {
             assert!(err.contains(want), "{want:?} not in\n{err}");
+        }
+    }
+
+    #[test]
+    fn a_check_delay_is_a_duration_of_at_most_ten_minutes() {
+        let role = |delay: &str| {
+            repo(&[
+                ("driftless.toml", "roles = [\"a\"]"),
+                ("hosts/default.toml", ""),
+                (
+                    "roles/a/role.toml",
+                    &format!(
+                        "[[checks]]\ntcp = {{ address = \"127.0.0.1:1\" }}\ndelay = {delay:?}\n"
+                    ),
+                ),
+            ])
+        };
+        let h = load_host(&role("1500ms"), "h", &opts()).unwrap();
+        assert_eq!(h.checks[0].delay, std::time::Duration::from_millis(1500));
+        for (bad, want) in [
+            ("soon", "key `delay`: \"soon\" is not a duration"),
+            ("1h", "more than 10 minutes"),
+        ] {
+            let e = load_host(&role(bad), "h", &opts()).unwrap_err().to_string();
+            assert!(
+                e.contains("roles/a/role.toml:1 checks[0]") && e.contains(want),
+                "{e}"
+            );
         }
     }
 

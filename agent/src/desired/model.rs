@@ -223,6 +223,10 @@ pub struct CheckSpec {
     /// Time limit of one attempt, e.g. "5s". Default "5s".
     #[serde(default)]
     pub timeout: Option<String>,
+    /// Wait before the first attempt, e.g. "1s" (after a reload, old
+    /// workers may still answer). Default none.
+    #[serde(default)]
+    pub delay: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]

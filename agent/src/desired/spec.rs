@@ -225,6 +225,14 @@ pub struct Check {
     pub interval: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
+    /// Wait this long before the first attempt (default none): after a
+    /// `reload`, a server's old workers can still answer for a moment,
+    /// and a check that passes against them proves nothing.
+    #[serde(
+        with = "humantime_serde_compat",
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

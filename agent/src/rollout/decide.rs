@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::policy::{Policy, Select};
 use crate::plan::diff::short;
+/// Re-exported for callers that build a [`ThisHost`] without naming jiff.
+pub use jiff::tz::TimeZone;
 
 /// This host, as the decision sees it.
 #[derive(Debug, Clone)]

@@ -269,8 +269,9 @@ impl FleetRun {
             let mut decision = rollout::decide(policy, &host, &snap.view(), commit, pass.now);
             let mut permit = None;
             if let Decision::Apply { wave, .. } = &decision {
+                use crate::effects::fleet::Acquired;
                 match s
-                    .acquire(
+                    .try_acquire(
                         &fleet.group,
                         &settings.host,
                         policy.max_concurrent,
@@ -278,13 +279,22 @@ impl FleetRun {
                     )
                     .await?
                 {
-                    Some(p) => permit = Some(p),
-                    None => {
+                    Acquired::Permit(p) => permit = Some(p),
+                    Acquired::Full { held } => {
                         decision = Decision::Wait {
                             wave: *wave,
                             reason: format!(
-                                "group {:?} has all {} permit(s) taken (max_concurrent = {})",
-                                fleet.group, policy.max_concurrent, policy.max_concurrent
+                                "group {:?} has all {held} permit(s) taken (max_concurrent = {})",
+                                fleet.group, policy.max_concurrent
+                            ),
+                        }
+                    }
+                    Acquired::Contended { attempts } => {
+                        decision = Decision::Wait {
+                            wave: *wave,
+                            reason: format!(
+                                "group {:?} had a free permit, but other hosts took permits at the same moment {attempts} times; the next run tries again",
+                                fleet.group
                             ),
                         }
                     }

@@ -534,6 +534,7 @@ async fn ask(
     };
     let prev = snap.statuses.iter().find(|s| s.host == h.name).cloned();
     let this = rollout::ThisHost {
+        tz: &jiff_utc(),
         name: &h.name,
         group: GROUP,
         labels: &h.labels,
@@ -744,6 +745,7 @@ async fn probe(ctx: &Arc<Ctx>, policy: &Policy) -> Result<Value> {
             })
             .sum();
         let this = rollout::ThisHost {
+            tz: &jiff_utc(),
             name: &h.name,
             group: GROUP,
             labels: &h.labels,
@@ -958,6 +960,7 @@ async fn all_waiting(ctx: &Arc<Ctx>, policy: &Policy) -> Result<Value> {
         tasks.push(tokio::spawn(async move {
             let h = Host::new(i, ctx.args.canaries);
             let this = rollout::ThisHost {
+                tz: &jiff_utc(),
                 name: &h.name,
                 group: GROUP,
                 labels: &h.labels,
@@ -1075,6 +1078,8 @@ async fn run(args: Args) -> Result<Value> {
         labels: BTreeMap::new(),
         lease_ttl: PERMIT_TTL,
         on_unreachable: OnUnreachable::Wait,
+        tls: None,
+        auth: None,
     };
     let stats = Stats::default();
     let t0 = Instant::now();
@@ -1199,4 +1204,10 @@ fn main() -> Result<()> {
     // Leftover keep-alive tasks of aborted hosts: do not wait for them.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Simulated hosts read maintenance windows in UTC (the policies here
+/// have none).
+fn jiff_utc() -> driftless::rollout::decide::TimeZone {
+    driftless::rollout::decide::TimeZone::UTC
 }

@@ -133,6 +133,7 @@ fn http_check(url: String, set: impl FnOnce(&mut HttpCheckSpec)) -> Check {
         retries: 1,
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(5),
+        delay: Duration::ZERO,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Health checks: `http`, `tcp`, `command`, `unit`.
 //!
 //! Each check is attempted up to `retries` times, `interval` apart, each
-//! attempt bounded by `timeout`; the first success passes. Time comes from
+//! attempt bounded by `timeout`, the first after `delay`; the first
+//! success passes. Time comes from
 //! tokio, so tests run with a paused clock (`tokio::time::pause`) and take
 //! no wall-clock time.
 //!
@@ -53,6 +54,9 @@ where
 {
     let attempts = check.retries.max(1);
     let mut last = String::new();
+    if !check.delay.is_zero() {
+        tokio::time::sleep(check.delay).await;
+    }
     for attempt in 1..=attempts {
         let r = tokio::time::timeout(check.timeout, attempt_fn())
             .await

@@ -9,6 +9,7 @@ fn check(probe: Probe, retries: u32) -> Check {
         retries,
         interval: Duration::from_secs(30),
         timeout: Duration::from_secs(5),
+        delay: Duration::ZERO,
     }
 }
 
@@ -129,4 +130,31 @@ async fn unit_check_without_systemd_fails_clearly() {
     )
     .await;
     assert!(!r.ok && r.message.contains("need systemd"), "{}", r.message);
+}
+
+/// A check right after a `reload` can reach the old workers: `delay`
+/// holds the first attempt back.
+#[tokio::test(start_paused = true)]
+async fn delay_holds_back_the_first_attempt() {
+    let mut c = check(
+        Probe::Tcp(TcpCheckSpec {
+            address: "unused".into(),
+        }),
+        1,
+    );
+    c.delay = Duration::from_secs(3);
+    let start = tokio::time::Instant::now();
+    let r = attempt_loop(&c, || {
+        let at = start.elapsed();
+        async move {
+            if at >= Duration::from_secs(3) {
+                Ok(())
+            } else {
+                bail!("probed after {at:?}, before the delay")
+            }
+        }
+    })
+    .await;
+    assert!(r.ok && r.attempts == 1, "{r:?}");
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
 }

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "etcd")]
 mod store;
 #[cfg(feature = "etcd")]
-pub use store::{Permit, Store};
+pub use store::{Acquired, Permit, Store};
 
 /// The key layout under a prefix.
 #[derive(Debug, Clone)]

@@ -329,7 +329,8 @@ impl Store {
     }
 
     /// Takes a permit of `group` for `host` if fewer than `max` are held
-    /// (or `host` holds one already). `Ok(None)`: all taken.
+    /// (or `host` holds one already). `Ok(None)`: none was had (all taken,
+    /// or lost to other hosts taking permits at the same moment).
     pub async fn acquire(
         &mut self,
         group: &str,
@@ -337,6 +338,20 @@ impl Store {
         max: u32,
         ttl: Duration,
     ) -> Result<Option<Permit>> {
+        Ok(match self.try_acquire(group, host, max, ttl).await? {
+            Acquired::Permit(p) => Some(p),
+            Acquired::Full { .. } | Acquired::Contended { .. } => None,
+        })
+    }
+
+    /// [`Store::acquire`], saying why no permit was had.
+    pub async fn try_acquire(
+        &mut self,
+        group: &str,
+        host: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<Acquired> {
         let prefix = self.keys.permits(group);
         let key = self.keys.permit(group, host);
         let lease = self
@@ -359,7 +374,7 @@ impl Store {
             let mine = resp.kvs().iter().any(|kv| kv.key() == key.as_bytes());
             if !mine && held >= max as usize {
                 self.revoke(lease).await;
-                return Ok(None);
+                return Ok(Acquired::Full { held });
             }
             // Nothing under the group's prefix changed since `revision`:
             // the count just read still holds when the put happens.
@@ -383,16 +398,22 @@ impl Store {
             if done.succeeded() {
                 debug!(key = %key, lease, attempt, "permit taken");
                 let keepalive = self.keep_alive(lease, ttl).await?;
-                return Ok(Some(Permit {
+                return Ok(Acquired::Permit(Permit {
                     key,
                     lease,
                     keepalive,
                 }));
             }
             debug!(key = %key, attempt, "another host took a permit at the same time; reading again");
+            // Hosts that lost together would collide again at once: each
+            // waits a different few milliseconds (bench/fleet-sim saw 785
+            // of 1,785 attempts lost with permits still free).
+            tokio::time::sleep(jitter(attempt)).await;
         }
         self.revoke(lease).await;
-        Ok(None)
+        Ok(Acquired::Contended {
+            attempts: ACQUIRE_ATTEMPTS,
+        })
     }
 
     /// Renews `lease` every third of its TTL until aborted.
@@ -522,6 +543,32 @@ impl Store {
     }
 }
 
+/// What [`Store::try_acquire`] got.
+pub enum Acquired {
+    Permit(Permit),
+    /// `held` permits of `max` are taken.
+    Full {
+        held: usize,
+    },
+    /// Permits were free, but other hosts took permits at the same moment
+    /// on every attempt.
+    Contended {
+        attempts: usize,
+    },
+}
+
+/// A pause of 5 to 5 + 20·(attempt + 1) ms, different per process and
+/// call (no random-number crate for this: the clock's nanoseconds and the
+/// process id spread hosts well enough).
+fn jitter(attempt: usize) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = 20 * (attempt as u64 + 1);
+    let seed = u64::from(nanos) ^ (u64::from(std::process::id()) << 7);
+    Duration::from_millis(5 + seed % spread)
+}
+
 /// Keys read per request by `Store::list`: a page of host statuses stays
 /// far below gRPC's 4 MiB message limit.
 const PAGE: i64 = 500;
@@ -538,18 +585,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // All 0xff (or empty): to the end of the keyspace.
     vec![0]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefix_end;
-
-    #[test]
-    fn prefix_ends() {
-        assert_eq!(prefix_end(b"/t/hosts/"), b"/t/hosts0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
-    }
 }
 
 /// A key or password file: read only if no one but its owner can read or
@@ -570,4 +605,16 @@ fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<
     let bytes =
         std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
     Ok(zeroize::Zeroizing::new(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/t/hosts/"), b"/t/hosts0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 }
