@@ -485,3 +485,187 @@ fn no_dirs_no_trace() {
         .stdout;
     assert!(!plan.contains("resources"), "{plan}");
 }
+
+/// Role `web` with a managed site file in a purged /etc/nginx/conf.d
+/// that keeps README, and a check running `check`.
+fn set_purge_role(r: &Repo, check: &str) {
+    r.write("roles/web/files/app", "server app;\n");
+    r.write(
+        "roles/web/role.toml",
+        &format!(
+            "[[dirs]]\npath = \"/etc/nginx/conf.d\"\npurge = true\nkeep = [\"README\"]\n\n\
+             [[files]]\npath = \"/etc/nginx/conf.d/app.conf\"\nsource = \"app\"\n\n\
+             [[checks]]\nname = \"site\"\nretries = 1\ninterval = \"10ms\"\n\
+             command = {{ argv = {check} }}\n"
+        ),
+    );
+}
+
+/// What a Debian nginx leaves in conf.d, plus a stray link and a README.
+fn nginx_host() -> Host {
+    let host = Host::new("h");
+    let d = host.path("/etc/nginx/conf.d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(d.join("default.conf"), "server default;\n").unwrap();
+    std::fs::set_permissions(
+        d.join("default.conf"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    if ids().0 == 0 {
+        std::os::unix::fs::chown(d.join("default.conf"), Some(4242), Some(4343)).unwrap();
+    }
+    std::fs::write(d.join("README"), "local notes\n").unwrap();
+    symlink("/nowhere", d.join("stray")).unwrap();
+    host
+}
+
+/// `purge = true`: the entries nobody manages are removed (backed up),
+/// shown in `plan`, restored byte for byte by a failing check's revert;
+/// `keep` stays; a file dropped in later is caught by the quick check
+/// (the directory's stamp) and removed at the next poll.
+#[test]
+fn purge_removes_unmanaged_entries_restores_them_on_revert_and_catches_drift() {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"web\"]\n");
+    r.write("hosts/default.toml", "");
+    let host = nginx_host();
+    let conf = host.path("/etc/nginx/conf.d/app.conf");
+    // Fails while the new file exists: passes again once reverted.
+    set_purge_role(
+        &r,
+        &format!(
+            "[\"/usr/bin/test\", \"!\", \"-e\", {:?}]",
+            conf.display().to_string()
+        ),
+    );
+    r.commit("purge, its check fails");
+    let plan = host.run(r.path(), &["plan"]).ok();
+    for want in [
+        "- purge /etc/nginx/conf.d/default.conf (not managed; backed up)\n",
+        "- purge /etc/nginx/conf.d/stray -> /nowhere (not managed; backed up)\n",
+        "1 to create, 0 to change, 0 to remove, 0 to adopt, 0 unchanged; 2 purged\n",
+    ] {
+        assert!(
+            plan.stdout.contains(want),
+            "{want:?} not in\n{}",
+            plan.stdout
+        );
+    }
+    assert!(!plan.stdout.contains("README"), "{}", plan.stdout);
+    let json = host
+        .run(r.path(), &["plan", "--format", "json"])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let kinds: Vec<&str> = v["status"]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["purge", "purge"], "{json}");
+
+    let before = snapshot(&host);
+    let run = sync(&host, &r).code(1);
+    assert!(run.stderr.contains("reverted"), "{}", run.stderr);
+    assert_eq!(snapshot(&host), before, "the revert is not byte-exact");
+
+    set_purge_role(&r, PASS);
+    r.commit("purge, its check passes");
+    sync(&host, &r).ok();
+    let d = host.path("/etc/nginx/conf.d");
+    let mut names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["README", "app.conf"]);
+    settle(&host, &r);
+
+    // Drift: a file dropped into the purged directory.
+    std::fs::write(d.join("dropped.conf"), "server evil;\n").unwrap();
+    let run = sync(&host, &r).ok();
+    assert!(!run.stdout.contains(QUICK), "{}", run.stdout);
+    assert!(!d.join("dropped.conf").exists());
+    settle(&host, &r);
+}
+
+/// An unmanaged subdirectory in a purged directory is refused, named.
+#[test]
+fn purge_refuses_an_unmanaged_subdirectory_naming_it() {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"web\"]\n");
+    r.write("hosts/default.toml", "");
+    set_purge_role(&r, PASS);
+    r.commit("purge");
+    let host = nginx_host();
+    std::fs::create_dir(host.path("/etc/nginx/conf.d/snippets")).unwrap();
+    let before = snapshot(&host);
+    let run = sync(&host, &r);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains(
+            "/etc/nginx/conf.d/snippets: the purge of /etc/nginx/conf.d (roles/web/role.toml:1 dirs[0]) would remove this directory"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(snapshot(&host), before);
+}
+
+/// What the repository itself contradicts about a purge.
+#[test]
+fn purge_contradictions_are_refused_with_role_and_line() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[[dirs]]\npath = \"/srv/p\"\npurge = true\nkeep = [\"x\"]\n\n[[files]]\npath = \"/srv/p/x\"\nsource = \"app\"\n",
+            "",
+            "roles/a/role.toml:1 dirs[0]: keep entry \"x\" of /srv/p is declared by roles/a/role.toml:6 files[0]: it is managed, not kept",
+        ),
+        (
+            "[[dirs]]\npath = \"/srv/p\"\npurge = true\n\n[[absent]]\npath = \"/srv/p/old\"\n",
+            "",
+            "roles/a/role.toml:5 absent[0]: /srv/p/old is inside /srv/p, which roles/a/role.toml:1 dirs[0] purges",
+        ),
+        (
+            "[[dirs]]\npath = \"/srv/p\"\nkeep = [\"x\"]\n",
+            "",
+            "roles/a/role.toml:1 dirs[0]: /srv/p: key `keep` only goes with `purge = true`",
+        ),
+        (
+            "[[dirs]]\npath = \"/srv/p\"\npurge = true\nkeep = [\"a/b\"]\n",
+            "",
+            "roles/a/role.toml:1 dirs[0]: /srv/p: key `keep`: \"a/b\" is not the name of an entry",
+        ),
+        (
+            "[[dirs]]\npath = \"/srv/p\"\npurge = true\n",
+            "[[dirs]]\npath = \"/srv/p/q\"\npurge = true\n",
+            "roles/b/role.toml:1 dirs[0]: /srv/p/q is purged, but it is inside /srv/p, which roles/a/role.toml:1 dirs[0] purges too",
+        ),
+    ];
+    for (a, b, want) in cases {
+        let r = Repo::new();
+        r.write("driftless.toml", "roles = [\"a\", \"b\"]\n");
+        r.write("hosts/default.toml", "");
+        r.write("roles/a/files/app", "x\n");
+        r.write("roles/a/role.toml", a);
+        r.write("roles/b/role.toml", b);
+        r.commit("bad");
+        let (code, out) = validate(r.path(), &[]);
+        assert_ne!(code, Some(0), "{a}{b}: {out}");
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+    // The same nesting in one role is fine (the inner one is managed).
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"a\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write(
+        "roles/a/role.toml",
+        "[[dirs]]\npath = \"/srv/p\"\npurge = true\n\n[[dirs]]\npath = \"/srv/p/q\"\npurge = true\n",
+    );
+    r.commit("nested in one role");
+    let (code, out) = validate(r.path(), &[]);
+    assert_eq!(code, Some(0), "{out}");
+}

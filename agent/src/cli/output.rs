@@ -181,7 +181,7 @@ fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
         )
         .chain(plan.absent.iter().map(|c| {
             tagged(
-                "absent",
+                if c.purged { "purge" } else { "absent" },
                 Some("remove"),
                 serde_json::to_value(c).unwrap_or_default(),
             )

@@ -112,6 +112,10 @@ pub struct DirDecl {
     pub group: Principal,
     /// Mode of the parent directories created for it (the role's).
     pub dir_mode: Mode,
+    /// Entries no role manages are removed (`purge = true`)...
+    pub purge: bool,
+    /// ...except these names (`keep`).
+    pub keep: BTreeSet<String>,
     /// `roles/web/role.toml:9 dirs[0]`.
     pub origin: String,
 }
@@ -417,6 +421,38 @@ pub fn load_host(
         }
     }
 
+    // What the repository itself contradicts about a purged directory.
+    for d in dirs.iter().filter(|d| d.purge) {
+        for k in &d.keep {
+            let kept = TargetPath::parse(&format!("{}/{k}", d.path));
+            if let Some(other) = kept.ok().and_then(|p| claimed.get(&p)) {
+                diags.push(format!(
+                    "{}: keep entry {k:?} of {} is declared by {other}: it is managed, not kept; drop it from keep",
+                    d.origin, d.path
+                ));
+            }
+        }
+        for o in dirs
+            .iter()
+            .filter(|o| o.purge && o.path != d.path && o.path.is_under(&d.path) && o.role != d.role)
+        {
+            diags.push(format!(
+                "{}: {} is purged, but it is inside {}, which {} purges too: whose purge wins? \
+                 Declare both in one role, or drop one of the two purges",
+                o.origin, o.path, d.path, d.origin
+            ));
+        }
+        for a in absent
+            .iter()
+            .filter(|a| a.path != d.path && a.path.is_under(&d.path))
+        {
+            diags.push(format!(
+                "{}: {} is inside {}, which {} purges: the purge removes it already; drop this entry (say it once)",
+                a.origin, a.path, d.path, d.origin
+            ));
+        }
+    }
+
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -562,7 +598,23 @@ fn dir_decl(
             mode
         }
     };
+    if !spec.keep.is_empty() && !spec.purge {
+        return Err(format!(
+            "{path}: key `keep` only goes with `purge = true`: add it, or drop `keep`"
+        ));
+    }
+    let mut keep = BTreeSet::new();
+    for k in spec.keep {
+        if k.is_empty() || k == "." || k == ".." || k.contains('/') || k.contains('\0') {
+            return Err(format!(
+                "{path}: key `keep`: {k:?} is not the name of an entry of the directory (a plain name such as \"README\", no '/')"
+            ));
+        }
+        keep.insert(k);
+    }
     Ok(DirDecl {
+        purge: spec.purge,
+        keep,
         path: path.clone(),
         role: role.to_string(),
         mode,

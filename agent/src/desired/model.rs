@@ -173,6 +173,13 @@ pub struct DirSpec {
     /// Group name or gid. Default root.
     #[serde(default)]
     pub group: Option<String>,
+    /// Remove the entries of the directory no role manages (backed up,
+    /// restored on a revert).
+    #[serde(default)]
+    pub purge: bool,
+    /// Names of entries `purge` leaves alone.
+    #[serde(default)]
+    pub keep: Vec<String>,
 }
 
 /// One `[[absent]]` entry of a role: a path that must not exist.

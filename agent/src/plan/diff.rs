@@ -86,8 +86,12 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         if !plan.links.is_empty() {
             let _ = write!(others, "; {} link(s)", plan.links.len());
         }
-        if !plan.absent.is_empty() {
-            let _ = write!(others, "; {} absent", plan.absent.len());
+        let purged = plan.absent.iter().filter(|c| c.purged).count();
+        if plan.absent.len() > purged {
+            let _ = write!(others, "; {} absent", plan.absent.len() - purged);
+        }
+        if purged > 0 {
+            let _ = write!(others, "; {purged} purged");
         }
         let _ = writeln!(
             out,
@@ -195,6 +199,13 @@ pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
             .as_deref()
             .map(|t| format!(" -> {t}"))
             .unwrap_or_default();
+        if c.purged {
+            out.push((
+                "31",
+                format!("- purge {}{link} (not managed; backed up)", c.path),
+            ));
+            continue;
+        }
         out.push((
             "31",
             format!(

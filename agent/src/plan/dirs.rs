@@ -197,6 +197,73 @@ pub fn diff_dirs(
     (changes, next)
 }
 
+/// The entries of each purged directory that nothing manages: removed,
+/// backed up first (the same removal as an absent path's, marked
+/// `purged`). `managed` are the paths some entry declares or the previous
+/// inventory still manages (a pruned file is the prune's business); a
+/// `keep` name stays. A subdirectory or a special file nobody manages is
+/// refused (v1: no recursive backup), naming it and what to do.
+pub fn diff_purge(
+    decls: &[DirDecl],
+    observed: &Observed,
+    managed: &BTreeSet<&TargetPath>,
+    digest: &dyn Fn(&[u8]) -> String,
+    diags: &mut Diagnostics,
+) -> Vec<super::links::AbsentChange> {
+    let mut out = Vec::new();
+    for d in decls.iter().filter(|d| d.purge) {
+        if !matches!(observed.get(&d.path), Some(Observation::Dir { .. })) {
+            // Missing (created empty by this transaction) or refused.
+            continue;
+        }
+        let prefix = format!("{}/", d.path);
+        let children = observed.iter().filter(|(p, _)| {
+            p.as_str()
+                .strip_prefix(&prefix)
+                .is_some_and(|rest| !rest.contains('/'))
+        });
+        for (path, obs) in children {
+            if managed.contains(path) || d.keep.contains(path.file_name()) {
+                continue;
+            }
+            let change = |file, link, link_owner| super::links::AbsentChange {
+                path: path.clone(),
+                role: d.role.clone(),
+                file,
+                link,
+                link_owner,
+                purged: true,
+            };
+            match obs {
+                Observation::Missing => {}
+                Observation::File(cur) => out.push(change(
+                    Some(super::old_file(cur, digest(&cur.content))),
+                    None,
+                    (0, 0),
+                )),
+                Observation::Link { target, uid, gid } => {
+                    out.push(change(None, Some(target.clone()), (*uid, *gid)))
+                }
+                Observation::Dir { .. } | Observation::Other { .. } => {
+                    let kind = match obs {
+                        Observation::Other { kind } => kind,
+                        _ => "directory",
+                    };
+                    diags.push(format!(
+                        "{path}: the purge of {} ({}) would remove this {kind}, which no role \
+                         manages; driftless purges only files and symlinks (v1): declare it, add \
+                         {:?} to keep, or remove it by hand",
+                        d.path,
+                        d.origin,
+                        path.file_name()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +281,8 @@ mod tests {
             owner: Principal(owner.into()),
             group: Principal(owner.into()),
             dir_mode: Mode(0o755),
+            purge: false,
+            keep: BTreeSet::new(),
             origin: "roles/web/role.toml:3 dirs[0]".into(),
         }
     }
@@ -407,6 +476,95 @@ mod tests {
             let (c, _, _) = diff(&[], &obs, &[("/srv/old", entry(true))], &[], &root_ids());
             assert!(c.is_empty());
         }
+    }
+
+    fn purged(p: &str, keep: &[&str]) -> DirDecl {
+        DirDecl {
+            purge: true,
+            keep: keep.iter().map(|k| k.to_string()).collect(),
+            ..decl(p, 0o755, "root")
+        }
+    }
+
+    fn file(content: &str) -> Observation {
+        Observation::File(crate::plan::FileState {
+            content: content.as_bytes().to_vec(),
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+        })
+    }
+
+    fn purge(
+        decls: &[DirDecl],
+        observed: &[(&str, Observation)],
+        managed: &[&str],
+    ) -> (Vec<super::super::links::AbsentChange>, Diagnostics) {
+        let observed: Observed = observed.iter().map(|(p, o)| (path(p), o.clone())).collect();
+        let managed: Vec<TargetPath> = managed.iter().map(|p| path(p)).collect();
+        let managed: BTreeSet<&TargetPath> = managed.iter().collect();
+        let mut diags = Diagnostics::default();
+        let out = diff_purge(decls, &observed, &managed, &|_| "d".into(), &mut diags);
+        (out, diags)
+    }
+
+    #[test]
+    fn purge_removes_what_nobody_manages_but_keeps_managed_kept_and_deeper_paths() {
+        let conf = [
+            ("/etc/c", dir(0o755, 0)),
+            ("/etc/c/app.conf", file("managed")),
+            ("/etc/c/default.conf", file("stray")),
+            ("/etc/c/README", file("kept")),
+            (
+                "/etc/c/ln",
+                Observation::Link {
+                    target: "/x".into(),
+                    uid: 0,
+                    gid: 0,
+                },
+            ),
+            ("/etc/c/gone", Observation::Missing),
+            ("/etc/c/sub/deeper", file("not a child")),
+            ("/etc/cx", file("a sibling, not a child")),
+        ];
+        let (out, d) = purge(
+            &[purged("/etc/c", &["README"])],
+            &conf,
+            &["/etc/c/app.conf"],
+        );
+        assert!(d.is_empty(), "{d:?}");
+        let paths: Vec<&str> = out.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["/etc/c/default.conf", "/etc/c/ln"]);
+        assert!(out.iter().all(|c| c.purged));
+        assert_eq!(out[0].file.as_ref().map(|f| f.mode), Some(0o640));
+        assert_eq!(out[1].link.as_deref(), Some("/x"));
+        // Without purge, nothing.
+        let (out, _) = purge(&[decl("/etc/c", 0o755, "root")], &conf, &[]);
+        assert!(out.is_empty());
+        // A missing directory (created now) has nothing to purge.
+        let (out, _) = purge(&[purged("/etc/c", &[])], &conf[1..], &[]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn purge_refuses_an_unmanaged_subdirectory_naming_it() {
+        let conf = [
+            ("/etc/c", dir(0o755, 0)),
+            ("/etc/c/sub", Observation::Other { kind: "directory" }),
+        ];
+        let (out, d) = purge(&[purged("/etc/c", &[])], &conf, &[]);
+        assert!(out.is_empty());
+        let all = d.iter().cloned().collect::<Vec<_>>().join("\n");
+        assert!(
+            all.contains("/etc/c/sub: the purge of /etc/c (roles/web/role.toml:3 dirs[0]) would remove this directory")
+                && all.contains("add \"sub\" to keep"),
+            "{all}"
+        );
+        // Kept or managed, it is fine.
+        let (_, d) = purge(&[purged("/etc/c", &["sub"])], &conf, &[]);
+        assert!(d.is_empty());
+        let (_, d) = purge(&[purged("/etc/c", &[])], &conf, &["/etc/c/sub"]);
+        assert!(d.is_empty());
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct AbsentChange {
     /// Owner of the removed symlink.
     #[serde(skip)]
     pub link_owner: (u32, u32),
+    /// Removed by the purge of its directory (`[[dirs]]` with `purge =
+    /// true`), not by an `[[absent]]` entry: the same removal, backed up.
+    #[serde(skip)]
+    pub purged: bool,
 }
 
 /// The link changes of `decls` against the host and the previous
@@ -182,6 +186,7 @@ pub fn diff_absent(
                 file: Some(super::old_file(cur, digest(&cur.content))),
                 link: None,
                 link_owner: (0, 0),
+                purged: false,
             }),
             Observation::Link { target, uid, gid } => changes.push(AbsentChange {
                 path: d.path.clone(),
@@ -189,6 +194,7 @@ pub fn diff_absent(
                 file: None,
                 link: Some(target.clone()),
                 link_owner: (*uid, *gid),
+                purged: false,
             }),
             Observation::Dir { .. } => diags.push(format!(
                 "{} ({}): it is a directory; absent removes only a regular file or a symlink (a \

@@ -497,6 +497,23 @@ pub fn plan(
         &mut diags,
     );
     next.directories = next_dirs;
+    let mut absent = absent;
+    if desired.dirs.iter().any(|d| d.purge) {
+        let managed: std::collections::BTreeSet<&TargetPath> = claimed_by_others
+            .iter()
+            .copied()
+            .chain(desired.dirs.iter().map(|d| &d.path))
+            .chain(previous.files.keys())
+            .chain(previous.links.keys())
+            .collect();
+        absent.extend(dirs::diff_purge(
+            &desired.dirs,
+            observed,
+            &managed,
+            &|bytes| digest(ids, false, bytes),
+            &mut diags,
+        ));
+    }
     // A directory that left the repository and that driftless created is
     // handed over to the directories created for files: removed after
     // the commit once empty, and tried again after each later commit.
