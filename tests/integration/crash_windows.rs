@@ -42,6 +42,16 @@ const DIRS: &[(&str, Option<u32>, Option<u32>)] = &[
     ("/etc/app", Some(0o755), Some(0o700)),
 ];
 
+/// A directory the new commit purges (`purge = true`), and what nobody
+/// manages in it: a file and a symlink (its state as read below).
+const PURGED: (&str, &[(&str, &str)]) = (
+    "/etc/jobs.d",
+    &[
+        ("/etc/jobs.d/job", "0 3 * * * root job\n"),
+        ("/etc/jobs.d/ln", "link -> /nowhere"),
+    ],
+);
+
 type State = BTreeMap<String, Option<String>>;
 
 /// A directory's state: its mode, or what else is there.
@@ -70,6 +80,9 @@ fn expected(new: bool) -> State {
         let m = if new { n } else { o };
         out.insert(format!("{p}/"), m.map(|m| format!("dir {m:04o}")));
     }
+    for (p, old) in PURGED.1 {
+        out.insert(p.to_string(), (!new).then(|| old.to_string()));
+    }
     out
 }
 
@@ -85,6 +98,7 @@ fn state_of(host: &Host) -> State {
         .iter()
         .map(|(p, _, _)| (p.to_string(), read(p)))
         .chain([(ABSENT.0.to_string(), read(ABSENT.0))])
+        .chain(PURGED.1.iter().map(|(p, _)| (p.to_string(), read(p))))
         .collect();
     let target = std::fs::read_link(host.path(LINK.0))
         .ok()
@@ -147,6 +161,10 @@ fn scenario(check_passes: bool) -> Scenario {
                 let m = n.expect("a new mode");
                 role.push_str(&format!("[[dirs]]\npath = \"{p}\"\nmode = \"{m:04o}\"\n\n"));
             }
+            role.push_str(&format!(
+                "[[dirs]]\npath = \"{}\"\npurge = true\n\n",
+                PURGED.0
+            ));
         }
         role.push_str(&format!(
             "[[checks]]\nname = \"a.conf is good\"\nretries = 1\ninterval = \"10ms\"\n\
@@ -209,6 +227,15 @@ fn host_at_old(s: &Scenario) -> Host {
     );
     // Not managed by v1: the new commit declares it absent.
     std::fs::write(host.path(ABSENT.0), ABSENT.1).expect("write");
+    // Not managed by anyone: the new commit purges them.
+    std::fs::create_dir_all(host.path(PURGED.0)).expect("mkdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(host.path(PURGED.0), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::write(host.path(PURGED.1[0].0), PURGED.1[0].1).expect("write");
+    std::os::unix::fs::symlink("/nowhere", host.path(PURGED.1[1].0)).expect("link");
     assert_eq!(state_of(&host), expected(false));
     host
 }
@@ -299,9 +326,9 @@ fn campaign(check_passes: bool) -> usize {
     let mut must = vec![
         "sync.fetched:1",
         "apply.staged:1",
-        // 4 files, the link, the absent path, a directory's mode (the
-        // created one is made whole while staging).
-        "apply.switch:7",
+        // 4 files, the link, the absent path, 2 purged entries, a
+        // directory's mode (the created one is made whole while staging).
+        "apply.switch:9",
         "apply.switched:1",
         "post.checks:1",
         "post.checked:1",
@@ -317,7 +344,7 @@ fn campaign(check_passes: bool) -> usize {
         must.extend([
             "apply.revert.started:1",
             // The same and the created directory.
-            "apply.undo:8",
+            "apply.undo:10",
             "apply.revert.inventory:1",
         ]);
     }
