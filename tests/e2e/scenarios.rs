@@ -1158,6 +1158,7 @@ fn e2e_18_a_quadlet_app_behind_nginx_applies_changes_repairs_and_reverts() {
     // Drift: the quadlet edited on the host is put back and the app
     // restarted onto it.
     m.ok(&format!("sed -i 's/again/tampered/' {quadlet}"));
+    let before_repair = m.prop("app.service", "InvocationID");
     let out = sync(&m);
     assert!(
         out.status.success(),
@@ -1168,6 +1169,12 @@ fn e2e_18_a_quadlet_app_behind_nginx_applies_changes_repairs_and_reverts() {
         m.ok(&format!("sha256sum {quadlet} /etc/nginx/conf.d/app.conf")),
         good
     );
+    assert_ne!(
+        m.prop("app.service", "InvocationID"),
+        before_repair,
+        "the repaired quadlet restarts the app"
+    );
+    assert_eq!(m.prop("app.service", "NeedDaemonReload"), "no");
     assert_eq!(through_proxy(), "hello again from driftless");
 
     // A commit whose app no longer answers what the check looks for:

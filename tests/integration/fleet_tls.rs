@@ -117,7 +117,7 @@ fn tls_opts(dir: &Path, client: Option<&str>) -> ConnectOptions {
     ConnectOptions::new().with_tls(tls)
 }
 
-fn tls_etcd(client_cert_auth: bool, clients: &[&str]) -> Option<Etcd> {
+fn tls_etcd(client_cert_auth: bool, clients: &[&str], flags: &[&str]) -> Option<Etcd> {
     // A missing etcd is reported (and counted) by etcd_or_skip.
     drop(etcd_or_skip()?);
     let dir = tempfile::tempdir().unwrap();
@@ -127,6 +127,7 @@ fn tls_etcd(client_cert_auth: bool, clients: &[&str]) -> Option<Etcd> {
         format!("--cert-file={d}/server.pem"),
         format!("--key-file={d}/server.key"),
     ];
+    extra.extend(flags.iter().map(|f| f.to_string()));
     if client_cert_auth {
         // (etcd 3.4 with a trusted CA but without client-cert-auth cannot
         // reach its own gateway: the two go together here.)
@@ -141,7 +142,7 @@ fn tls_etcd(client_cert_auth: bool, clients: &[&str]) -> Option<Etcd> {
 
 #[test]
 fn agents_reach_etcd_over_tls_with_client_certificates_and_refuse_a_readable_key() {
-    let Some(etcd) = tls_etcd(true, &["tester", "h0", "h1"]) else {
+    let Some(etcd) = tls_etcd(true, &["tester", "h0", "h1"], &[]) else {
         return;
     };
     let pki = etcd.dir.path();
@@ -206,7 +207,10 @@ fn agents_reach_etcd_over_tls_with_client_certificates_and_refuse_a_readable_key
 
 #[test]
 fn agents_authenticate_as_etcd_users_over_tls() {
-    let Some(etcd) = tls_etcd(false, &[]) else {
+    // Tokens live 2 s: the agent's run (a 3 s check) outlives its token,
+    // and its closing writes must still land (etcd-client authenticates
+    // only at connect; the agent reconnects).
+    let Some(etcd) = tls_etcd(false, &[], &["--auth-token=simple", "--auth-token-ttl=2"]) else {
         return;
     };
     let pki = etcd.dir.path().to_path_buf();
@@ -226,6 +230,12 @@ fn agents_authenticate_as_etcd_users_over_tls() {
     });
     let policy = "[rollout]\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
     let repo = repo_with(policy, "good v1\n");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"slow\"\nretries = 1\ntimeout = \"10s\"\n\
+         command = { argv = [\"/bin/sleep\", \"3\"] }\n",
+    );
     repo.commit("v1");
     let password = |name: &str, pw: &str| {
         let p = pki.join(name);
@@ -251,6 +261,24 @@ fn agents_authenticate_as_etcd_users_over_tls() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert_eq!(good.content().as_deref(), Some("good v1\n"), "{text}");
+    assert!(!text.contains("cannot report this run"), "{text}");
+    let status = etcd.rt.block_on(async {
+        let mut c = etcd_client::Client::connect(
+            [etcd.endpoint.as_str()],
+            Some(tls_opts(&pki, None).with_user("root", "rootpw")),
+        )
+        .await
+        .unwrap();
+        c.get("/t/hosts/h0", None).await.unwrap().count()
+    });
+    assert_eq!(
+        status, 1,
+        "the status written after a token expired: {text}"
+    );
+    assert!(
+        !text.contains("give the permit back"),
+        "the permit went back on a new connection: {text}"
+    );
 
     let bad = Agent::with_fleet_keys(
         "h1",

@@ -207,6 +207,8 @@ pub(crate) fn resume(
 ) -> Result<ExitCode, Error> {
     let fleet = fleet_of(s)?;
     if let Some(c) = commit {
+        // Commit ids are stored lowercase.
+        let c = &c.to_ascii_lowercase();
         if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::new(
                 Failure::Usage,

@@ -688,8 +688,12 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
         bail!("fleet.prefix: {prefix:?} must start with '/', not end with '/' and hold no empty part or space, e.g. \"/driftless\"");
     }
     let group = f.group.unwrap_or_else(|| DEFAULT_FLEET_GROUP.to_string());
-    if group.is_empty() || group.contains('/') || group.contains(char::is_whitespace) {
-        bail!("fleet.group: {group:?} must be a non-empty name without '/' or spaces");
+    if group.is_empty()
+        || group == crate::rollout::decide::ALL_GROUPS
+        || group.contains('/')
+        || group.contains(char::is_whitespace)
+    {
+        bail!("fleet.group: {group:?} must be a non-empty name without '/' or spaces, and not \"*\" (which means every group)");
     }
     let ttl_text = f.lease_ttl.unwrap_or_else(|| DEFAULT_LEASE_TTL.to_string());
     let lease_ttl = crate::desired::spec::parse_duration(&ttl_text)
@@ -916,6 +920,10 @@ mod tests {
             (
                 "[fleet]\nendpoints = [\"e:1\"]\ngroup = \"a/b\"\n",
                 "fleet.group",
+            ),
+            (
+                "[fleet]\nendpoints = [\"e:1\"]\ngroup = \"*\"\n",
+                "not \"*\" (which means every group)",
             ),
             (
                 "[fleet]\nendpoints = [\"e:1\"]\nlease_ttl = \"1s\"\n",

@@ -84,14 +84,20 @@ pub fn generated_unit(name: &str) -> Result<String, String> {
             kinds()
         ));
     };
+    if stem.contains('@') {
+        return Err(format!(
+            "key `name`: {name:?}: template quadlets (with '@') are not supported: their unit cannot be \
+             started without an instance; declare the file with [[files]] and the instances with [[units]]"
+        ));
+    }
     if stem.is_empty()
         || !stem
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         || stem.starts_with('.')
     {
         return Err(format!(
-            "key `name`: {name:?}: a quadlet name may only use letters, digits, '-', '_', '.' and '@', \
+            "key `name`: {name:?}: a quadlet name may only use letters, digits, '-', '_' and '.', \
              and no '/' (it is a file in {QUADLET_DIR})"
         ));
     }
@@ -169,6 +175,10 @@ mod tests {
             (".container", "may only use"),
             ("a/b.container", "no '/'"),
             ("a b.container", "may only use"),
+            (
+                "app@.container",
+                "template quadlets (with '@') are not supported",
+            ),
         ] {
             let e = generated_unit(bad).unwrap_err();
             assert!(e.contains(want), "{bad}: {e}");

@@ -133,6 +133,10 @@ fn parse_weekdays(s: &str) -> Result<u8, String> {
 }
 
 fn number(s: &str, what: &str, min: u32, max: u32) -> Result<u32, String> {
+    // Digits only: Rust would also read "+5", which systemd refuses.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{s:?} is not a number (in the {what})"));
+    }
     let n: u32 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number (in the {what})"))?;
@@ -157,12 +161,26 @@ fn parse_component(s: &str, what: &str, min: u32, max: u32) -> Result<Component,
         ));
     }
     let mut out = Vec::new();
-    for item in s.split(',') {
+    let items: Vec<&str> = s.split(',').collect();
+    if items.len() > 64 {
+        return Err(format!(
+            "{} values in one list (in the {what}); write a range such as 1..20 instead",
+            items.len()
+        ));
+    }
+    for item in items {
         let (range, step) = match item.split_once('/') {
             Some((r, st)) => (r, Some(number(st, what, 1, max.max(1))?)),
             None => (item, None),
         };
         let (lo, hi) = if range == "*" {
+            if step.is_some() {
+                // systemd refuses "*/15": it wants the start, "0/15".
+                return Err(format!(
+                    "{item:?}: a repetition needs a start value, e.g. {min}/{} (in the {what})",
+                    step.unwrap_or(1)
+                ));
+            }
             (min, max)
         } else if let Some((a, b)) = range.split_once("..") {
             let (a, b) = (number(a, what, min, max)?, number(b, what, min, max)?);
@@ -357,9 +375,16 @@ impl Calendar {
                 dt = next_unit(dt, 1)?;
                 continue;
             }
-            // A civil time that a DST change skips is taken as the
-            // instant after the gap (jiff's "compatible", as systemd).
-            let at = tz.to_ambiguous_timestamp(dt).compatible().ok()?.as_second();
+            // A civil time that a DST change skips does not happen that
+            // day, as with systemd (`02:30 Europe/Berlin` does not elapse
+            // on the last Sunday of March); one it repeats elapses at its
+            // first occurrence, also as systemd.
+            let ambiguous = tz.to_ambiguous_timestamp(dt);
+            if matches!(ambiguous.offset(), jiff::tz::AmbiguousOffset::Gap { .. }) {
+                dt = next_unit(dt, 1)?;
+                continue;
+            }
+            let at = ambiguous.compatible().ok()?.as_second();
             if at >= t {
                 return Some(at);
             }
@@ -555,13 +580,68 @@ mod tests {
     }
 
     #[test]
-    fn a_time_skipped_by_daylight_saving_opens_after_the_gap() {
-        // 2027-03-28 02:30 does not exist in Berlin (02:00 -> 03:00).
-        let c = Calendar::parse("*-03-28 02:30 Europe/Berlin").unwrap();
+    fn a_time_skipped_by_daylight_saving_does_not_elapse_that_day() {
+        // 2027-03-28 02:30 does not exist in Berlin (02:00 -> 03:00):
+        // systemd skips the day (next: the 29th, 00:30 UTC), so do we.
+        let c = Calendar::parse("*-*-* 02:30 Europe/Berlin").unwrap();
         let t = c
-            .next_after(at("2027-03-01 00:00:00"), &TimeZone::UTC)
+            .next_after(at("2027-03-27 12:00:00"), &TimeZone::UTC)
             .unwrap();
-        assert_eq!(show(t), "Sun 2027-03-28 01:30:00");
+        assert_eq!(show(t), "Mon 2027-03-29 00:30:00");
+        // A repeated hour (the last Sunday of October) elapses once, at
+        // its first occurrence.
+        let t = c
+            .next_after(at("2027-10-30 12:00:00"), &TimeZone::UTC)
+            .unwrap();
+        assert_eq!(show(t), "Sun 2027-10-31 00:30:00");
+    }
+
+    /// Days with a daylight-saving change, through `systemd-analyze
+    /// calendar --base-time` (the review found the gap handled unlike
+    /// systemd, and no cross-check covering it).
+    #[test]
+    fn daylight_saving_days_match_systemd_analyze() {
+        if std::process::Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            crate::test_skip::missing(
+                "systemd-analyze (Debian package systemd; tests/install-prereqs installs it)",
+            );
+            return;
+        }
+        for (spec, base) in [
+            ("*-*-* 02:30 Europe/Berlin", "2027-03-27 12:00:00"),
+            ("*-*-* 02:30 Europe/Berlin", "2027-10-30 12:00:00"),
+            ("*-*-* 01:30 America/New_York", "2027-03-13 12:00:00"),
+            ("*-*-* 01:30 America/New_York", "2027-11-06 12:00:00"),
+            ("Sun *-*-* 02,03:00 Europe/Berlin", "2027-03-27 00:00:00"),
+        ] {
+            let out = std::process::Command::new("systemd-analyze")
+                .args([
+                    "calendar",
+                    "--iterations=3",
+                    &format!("--base-time={base} UTC"),
+                    spec,
+                ])
+                .env("TZ", "UTC")
+                .env("LC_ALL", "C")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let theirs: Vec<String> = text
+                .lines()
+                .filter_map(|l| {
+                    let (k, v) = l.split_once(": ")?;
+                    let k = k.trim();
+                    (k == "Next elapse" || k.starts_with("Iter. #"))
+                        .then(|| v.trim().trim_end_matches(" UTC").to_string())
+                })
+                .collect();
+            assert_eq!(theirs.len(), 3, "{spec} from {base}: {text}");
+            assert_eq!(next_n(spec, at(base), 3), theirs, "{spec} from {base}");
+        }
     }
 
     #[test]
@@ -580,10 +660,16 @@ mod tests {
             ("5..1:00", "backwards"),
             ("soon", "not a weekday"),
             ("?", "neither weekdays"),
+            ("*:*/15", "a repetition needs a start value, e.g. 0/15"),
+            ("2026-12-24 +5:00", "\"+5\" is not a number"),
         ] {
             let e = Calendar::parse(spec).unwrap_err();
             assert!(e.contains(want), "{spec:?}: {e}");
         }
+        let long = format!("*-02-{} 00:00", vec!["30"; 100].join(","));
+        assert!(Calendar::parse(&long)
+            .unwrap_err()
+            .contains("100 values in one list"));
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub(super) struct FleetRun {
     held: Option<Waiting>,
     /// The store did not answer (logged once per run).
     unreachable: bool,
+    /// This run was a rollback from a halted commit ([`FleetRun::rolled_back`]).
+    rolled_back: bool,
 }
 
 /// `[fleet]`, unless this host is air-gapped (`source = "bundle:"`, the
@@ -73,6 +75,26 @@ fn policy_of(pass: &Pass, head: &Head) -> Result<Policy, Error> {
                 short(&head.commit)
             ),
         )),
+    }
+}
+
+/// The rollout policy of an applied commit, read from its tree in the
+/// mirror (every host judges a commit by the same rules: the store's copy
+/// is for `fleet status` and could be anyone's); the default one when the
+/// commit or its policy cannot be read.
+fn policy_of_commit(pass: &Pass, head: &Head, commit: &str) -> Policy {
+    let read = || -> anyhow::Result<Option<Policy>> {
+        let id = head.repo.rev_parse_single(commit)?.detach();
+        let snap = fetch::read_tree(&head.repo, id, &pass.settings.path)?;
+        rollout::policy::load(&snap).map_err(|e| anyhow::anyhow!(e))
+    };
+    match read() {
+        Ok(Some(p)) => p,
+        Ok(None) => Policy::default_policy(),
+        Err(e) => {
+            warn!(commit = %short(commit), "fleet: cannot read the applied commit's rollout policy, judging it by the default one: {e:#}");
+            Policy::default_policy()
+        }
     }
 }
 
@@ -147,23 +169,27 @@ impl FleetRun {
     }
 
     /// Is `current`, the commit this host runs, halted fleet-wide (other
-    /// hosts reverted it, `max_failures` of them)? Then the reason: the
-    /// caller rolls this host back to its previous good commit, like the
-    /// hosts that reverted it. Not asked when this run is about to apply
-    /// a newer commit (`applying_newer`), nor when etcd does not answer
-    /// (the host stays as it is, and asks again next run).
+    /// hosts reverted it, `max_failures` of them, by the rules of
+    /// `current`'s own `[rollout]`, read from the commit, not from the
+    /// store)? Then the reason: the caller rolls this host back to its
+    /// previous good commit, like the hosts that reverted it. Not asked
+    /// when this run is about to apply a newer commit (`applying_newer`),
+    /// when etcd did not answer this run, or while an operator suspended
+    /// the host's group (a suspension freezes the fleet, rollbacks too).
     pub(super) fn current_halted(
         &mut self,
         pass: &Pass,
+        head: &Head,
         current: Option<&str>,
         applying_newer: bool,
     ) -> Option<String> {
         let fleet = active(pass.settings)?;
         let current = current?;
-        if applying_newer {
+        if applying_newer || self.unreachable {
             return None;
         }
-        match self.halted_in_store(pass, fleet, current) {
+        let max_failures = policy_of_commit(pass, head, current).max_failures;
+        match self.halted_in_store(pass, fleet, current, max_failures) {
             Ok(why) => why,
             Err(e) => {
                 warn!(commit = %short(current), "fleet: cannot tell whether the applied commit was halted: {e:#}");
@@ -178,9 +204,10 @@ impl FleetRun {
         pass: &Pass,
         fleet: &FleetSettings,
         current: &str,
+        max: u32,
     ) -> anyhow::Result<Option<String>> {
         let store = &mut self.store;
-        let (marks, policy) = pass.rt.block_on(async {
+        let (marks, suspended) = pass.rt.block_on(async {
             if store.is_none() {
                 *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
             }
@@ -188,14 +215,19 @@ impl FleetRun {
                 anyhow::bail!("no etcd connection");
             };
             let marks = s.bad_marks(current).await?;
-            if marks.is_empty() {
+            if marks.len() < max as usize {
                 return Ok((marks, None));
             }
-            let policy = s.policy(current).await?;
-            anyhow::Ok((marks, policy))
+            let view = s.suspensions().await?;
+            let suspended = rollout::decide::suspension(&view, &fleet.group)
+                .map(|(k, s)| format!("{k} by {}", s.by));
+            anyhow::Ok((marks, suspended))
         })?;
-        let max = policy.map_or(Policy::default_policy().max_failures, |p| p.max_failures);
         if marks.len() < max as usize || marks.contains_key(&pass.settings.host) {
+            return Ok(None);
+        }
+        if let Some(who) = suspended {
+            warn!(commit = %short(current), "fleet: the applied commit is halted fleet-wide, but rollouts are suspended ({who}): not rolling back until `driftless resume`");
             return Ok(None);
         }
         let who: Vec<String> = marks
@@ -216,8 +248,18 @@ impl FleetRun {
         _pass: &Pass,
         _fleet: &FleetSettings,
         _current: &str,
+        _max: u32,
     ) -> anyhow::Result<Option<String>> {
         Ok(None)
+    }
+
+    /// This run rolled the host back (a halted commit): its status is the
+    /// rollback's, not a wait, and a revert inside that rollback is this
+    /// host's business, never a fleet-wide bad mark for the commit it
+    /// tried to return to (that would halt the commit most hosts run).
+    pub(super) fn rolled_back(&mut self) {
+        self.rolled_back = true;
+        self.held = None;
     }
 
     fn hold(&mut self, commit: &str, wave: Option<String>, reason: String, halted: bool) -> Gate {
@@ -402,41 +444,62 @@ impl FleetRun {
         let settings = pass.settings;
         let ttl = status_ttl(settings, fleet);
         let reverted = match result {
-            Err(e) => e.error.downcast_ref::<super::run::Reverted>(),
-            Ok(_) => None,
+            Err(e) if !self.rolled_back => e.error.downcast_ref::<super::run::Reverted>(),
+            _ => None,
         };
         let mut store = self.store.take();
         let permit = self.permit.take();
-        let need_prev = self.prev.is_none();
-        let prev = pass.rt.block_on(async {
-            if store.is_none() {
-                store = Some(crate::effects::fleet::Store::connect(fleet).await?);
-            }
-            let Some(s) = store.as_mut() else {
-                anyhow::bail!("no etcd connection");
+        // Each step is tried again once on a fresh connection: the one
+        // opened before the apply may have broken, or (etcd users) its
+        // token expired while the checks ran (etcd-client authenticates
+        // once, at connect). The bad mark first, before the permit goes
+        // back, so no host takes the permit and applies the commit before
+        // the mark is there.
+        // `$call` on the store (connecting if needed), and on failure once
+        // more on a fresh connection.
+        macro_rules! retried {
+            ($what:expr, |$s:ident| $call:expr) => {
+                pass.rt.block_on(async {
+                    let mut last = anyhow::anyhow!("no etcd connection");
+                    for attempt in 0..2 {
+                        if attempt > 0 || store.is_none() {
+                            store = None;
+                            match crate::effects::fleet::Store::connect(fleet).await {
+                                Ok(fresh) => store = Some(fresh),
+                                Err(e) => {
+                                    last = e;
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some($s) = store.as_mut() else { continue };
+                        match $call.await {
+                            Ok(v) => return Ok(v),
+                            Err(e) => last = e,
+                        }
+                    }
+                    Err(last.context(format!("cannot {}", $what)))
+                })
             };
-            if let Some(r) = reverted {
-                s.mark_bad(&r.commit, &settings.host, &r.reason).await?;
-                warn!(commit = %short(&r.commit), "fleet: marked bad fleet-wide: this host reverted it");
+        }
+        if let Some(r) = reverted {
+            retried!("mark the commit bad", |s| s.mark_bad(
+                &r.commit,
+                &settings.host,
+                &r.reason
+            ))?;
+            warn!(commit = %short(&r.commit), "fleet: marked bad fleet-wide: this host reverted it");
+        }
+        if let Some(p) = permit {
+            if let Err(e) = retried!("give the permit back", |s| s.give_back(&p)) {
+                warn!("fleet: {e:#} (it frees when its lease expires)");
             }
-            if let Some(p) = permit {
-                s.release(p).await?;
-            }
-            if need_prev {
-                return s.own_status(&settings.host).await;
-            }
-            Ok(None)
-        })?;
-        if need_prev {
-            self.prev = prev;
+        }
+        if self.prev.is_none() {
+            self.prev = retried!("read this host's status", |s| s.own_status(&settings.host))?;
         }
         let status = self.status(pass, fleet, result);
-        pass.rt.block_on(async {
-            match store.as_mut() {
-                Some(s) => s.put_status(&status, ttl).await,
-                None => anyhow::bail!("no etcd connection"),
-            }
-        })
+        retried!("publish this host's status", |s| s.put_status(&status, ttl))
     }
 
     #[cfg(not(feature = "etcd"))]

@@ -610,6 +610,47 @@ pub fn rollback(
     result
 }
 
+/// The newest commit of the history applied before, that is not
+/// `current` and not marked bad here: where a rollback goes by default.
+fn previous_good(pass: &run::Pass, current: Option<&str>) -> Result<Option<String>, Error> {
+    let history = pass.state.history().kind(Failure::Failed)?;
+    Ok(history
+        .iter()
+        .rev()
+        .filter(|e| e.outcome == Outcome::Applied)
+        .filter_map(|e| e.commit.clone())
+        .find(|c| Some(c.as_str()) != current && !pass.marks.bad.contains_key(c)))
+}
+
+/// May the fleet roll this host back from `current` by itself?
+enum RollbackEligibility {
+    Yes,
+    /// Nothing earlier in the history to return to.
+    NoEarlierCommit,
+    /// `current` was itself reached by a rollback (the operator's or the
+    /// fleet's): one automatic step is the limit.
+    ReachedByRollback,
+}
+
+fn rollback_eligibility(pass: &run::Pass, current: &str) -> Result<RollbackEligibility, Error> {
+    let history = pass.state.history().kind(Failure::Failed)?;
+    let reached = history
+        .iter()
+        .rev()
+        .find(|e| e.outcome == Outcome::Applied && e.commit.as_deref() == Some(current));
+    if reached.is_some_and(|e| {
+        e.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("rollback from"))
+    }) {
+        return Ok(RollbackEligibility::ReachedByRollback);
+    }
+    Ok(match previous_good(pass, Some(current))? {
+        Some(_) => RollbackEligibility::Yes,
+        None => RollbackEligibility::NoEarlierCommit,
+    })
+}
+
 /// A rollback within a pass that holds the lock: to `to`, or the previous
 /// good commit of the history. `why` is the bad mark's reason for the
 /// commit rolled back from. Records the outcome in the history.
@@ -619,21 +660,12 @@ fn rollback_in(pass: &mut run::Pass, to: Option<&str>, why: &str) -> Result<Repo
     let current = inventory.commit.clone();
     let target = match to {
         Some(t) => t.to_string(),
-        None => {
-            let history = pass.state.history().kind(Failure::Failed)?;
-            history
-                .iter()
-                .rev()
-                .filter(|e| e.outcome == Outcome::Applied)
-                .filter_map(|e| e.commit.clone())
-                .find(|c| Some(c) != current.as_ref() && !pass.marks.bad.contains_key(c))
-                .ok_or_else(|| {
-                    Error::new(
-                        Failure::Failed,
-                        anyhow!("no earlier good commit in the history: name one with --to COMMIT"),
-                    )
-                })?
-        }
+        None => previous_good(pass, current.as_deref())?.ok_or_else(|| {
+            Error::new(
+                Failure::Failed,
+                anyhow!("no earlier good commit in the history: name one with --to COMMIT"),
+            )
+        })?,
     };
     let spec = source_spec(settings)?;
     let repo = fetch::open(&spec, &pass.state.mirror()).kind(Failure::Failed)?;

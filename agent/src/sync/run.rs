@@ -51,6 +51,7 @@ pub fn sync_once(
             FleetGate::Wait(waiting) => return Ok(waiting_report(&pass, fetched.head, waiting)),
             FleetGate::RollBack(why) => {
                 fleet_rollback = true;
+                fleet.rolled_back();
                 warn!(
                     "fleet: the applied commit is {why}; rolling back to the previous good commit"
                 );
@@ -132,8 +133,24 @@ fn ask_fleet(
         None
     };
     let applying_newer = newer && waiting.is_none();
-    if let Some(why) = fleet.current_halted(pass, current.as_deref(), applying_newer) {
-        return Ok(FleetGate::RollBack(why));
+    if let Some(why) = fleet.current_halted(pass, head, current.as_deref(), applying_newer) {
+        // Only one step, and only where there is a step to take: a host
+        // with nothing earlier stays and keeps repairing drift, and a
+        // commit this host reached by a rollback is not rolled back again
+        // automatically (bad marks come from any host: a chain of them
+        // must not walk the fleet down its history).
+        let cur = current.as_deref().unwrap_or_default();
+        match super::rollback_eligibility(pass, cur)? {
+            super::RollbackEligibility::Yes => return Ok(FleetGate::RollBack(why)),
+            super::RollbackEligibility::NoEarlierCommit => warn!(
+                commit = %short(cur),
+                "fleet: the applied commit is {why}, but this host has no earlier good commit to return to: it stays, and keeps repairing drift"
+            ),
+            super::RollbackEligibility::ReachedByRollback => warn!(
+                commit = %short(cur),
+                "fleet: the applied commit is {why}, but this host came to it by a rollback: not rolling back further by itself (an operator decides: `driftless rollback --to COMMIT`)"
+            ),
+        }
     }
     Ok(match waiting {
         Some(w) => FleetGate::Wait(w),

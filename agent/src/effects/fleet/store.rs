@@ -211,6 +211,14 @@ impl Store {
             .collect())
     }
 
+    /// The operators' suspensions only (as a view for
+    /// `rollout::decide::suspension`).
+    pub async fn suspensions(&mut self) -> Result<crate::rollout::FleetView> {
+        let mut snap = Snapshot::default();
+        self.read_suspensions(&mut snap).await?;
+        Ok(snap.view())
+    }
+
     /// The hosts that reverted `commit`, with why.
     pub async fn bad_marks(&mut self, commit: &str) -> Result<BTreeMap<String, String>> {
         let prefix = self.keys.bad(commit);
@@ -455,6 +463,12 @@ impl Store {
 
     /// Gives a permit back.
     pub async fn release(&mut self, permit: Permit) -> Result<()> {
+        self.give_back(&permit).await
+    }
+
+    /// [`Store::release`] that can be tried again (on another connection)
+    /// when it fails.
+    pub async fn give_back(&mut self, permit: &Permit) -> Result<()> {
         permit.keepalive.abort();
         let deleted = self.client.delete(permit.key.clone(), None).await;
         self.revoke(permit.lease).await;
@@ -592,8 +606,14 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// world-readable is noticed rather than used. The bytes are wiped when
 /// dropped.
 fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Checked on the open file, not the path: nothing can swap it between
+    // the check and the read.
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    let meta = file
+        .metadata()
         .with_context(|| format!("{key}: cannot read {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -602,9 +622,20 @@ fn read_private(key: &str, path: &std::path::Path) -> Result<zeroize::Zeroizing<
             path.display()
         );
     }
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
-    Ok(zeroize::Zeroizing::new(bytes))
+    // Owned by root or by the agent's own user (anyone else could replace
+    // it with a key of their choosing), as ssh requires of its keys.
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        anyhow::bail!(
+            "{key}: {} belongs to uid {}, not to root or the agent's user (uid {me}); chown it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
