@@ -181,3 +181,55 @@ fn a_retargeted_link_and_an_absent_removal_issue_at_most_five_barriers() {
     assert!(total(&counts) <= 5, "a retarget and a removal: {counts:?}");
     assert!(total(&counts) >= 3, "a retarget and a removal: {counts:?}");
 }
+
+/// Managed directories (issue #16 step 2) join the files' transaction and
+/// its flushes: a directory created (with a file inside) and another's
+/// mode corrected cost no more barriers than a one-file change.
+#[test]
+fn a_created_directory_and_a_mode_change_issue_at_most_five_barriers() {
+    if !have_strace() {
+        return skip::missing("strace (Debian package strace)");
+    }
+    let repo = repo_of_many();
+    let role = std::fs::read_to_string(repo.path().join("roles/app/role.toml")).unwrap();
+    repo.write(
+        "roles/app/role.toml",
+        &format!("{role}[[dirs]]\npath = \"/etc/app\"\nmode = \"0750\"\n"),
+    );
+    repo.commit("a managed directory");
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    host.sync(repo.path()).ok();
+    repo.write(
+        "roles/app/role.toml",
+        &format!(
+            "{role}[[dirs]]\npath = \"/etc/app\"\nmode = \"0700\"\n\n\
+             [[dirs]]\npath = \"/etc/app/new.d\"\nmode = \"0750\"\n\n\
+             [[files]]\npath = \"/etc/app/new.d/x.conf\"\ntemplate = \"f00.tera\"\n"
+        ),
+    );
+    repo.commit("a new directory with a file, the other's mode changed");
+    let (run, counts) = traced_sync(&host, &repo);
+    let run = run.ok();
+    assert!(
+        run.stdout.contains("2 created, 1 changed, 0 removed"),
+        "{}",
+        run.stdout
+    );
+    use std::os::unix::fs::MetadataExt;
+    let mode = |p: &str| std::fs::metadata(host.path(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("/etc/app"), 0o700);
+    assert_eq!(mode("/etc/app/new.d"), 0o750);
+    assert_eq!(
+        host.read("/etc/app/new.d/x.conf").as_deref(),
+        Some("file 0 on h\n")
+    );
+    assert!(
+        total(&counts) <= 5,
+        "a new directory and a mode change: {counts:?}"
+    );
+    assert!(
+        total(&counts) >= 3,
+        "a new directory and a mode change: {counts:?}"
+    );
+}

@@ -34,7 +34,36 @@ const LINK: (&str, &str, &str) = ("/etc/app/current", "a.conf", "b.conf");
 /// its content before.
 const ABSENT: (&str, &str) = ("/etc/app/stale", "stale v1\n");
 
+/// Managed directories (issue #16 step 2): path, mode before and after
+/// (None: missing). The new commit creates the first and corrects the
+/// second's mode (created for the files by v1, so 0755).
+const DIRS: &[(&str, Option<u32>, Option<u32>)] = &[
+    ("/opt/app/data", None, Some(0o750)),
+    ("/etc/app", Some(0o755), Some(0o700)),
+];
+
+/// A directory the new commit purges (`purge = true`), and what nobody
+/// manages in it: a file and a symlink (its state as read below).
+const PURGED: (&str, &[(&str, &str)]) = (
+    "/etc/jobs.d",
+    &[
+        ("/etc/jobs.d/job", "0 3 * * * root job\n"),
+        ("/etc/jobs.d/ln", "link -> /nowhere"),
+    ],
+);
+
 type State = BTreeMap<String, Option<String>>;
+
+/// A directory's state: its mode, or what else is there.
+fn dir_state(host: &Host, p: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(host.path(p)).ok()?;
+    Some(if m.is_dir() {
+        format!("dir {:04o}", m.mode() & 0o7777)
+    } else {
+        "not a directory".to_string()
+    })
+}
 
 fn expected(new: bool) -> State {
     let mut out: State = FILES
@@ -47,6 +76,13 @@ fn expected(new: bool) -> State {
     let target = if new { LINK.2 } else { LINK.1 };
     out.insert(format!("{} ->", LINK.0), Some(target.to_string()));
     out.insert(ABSENT.0.to_string(), (!new).then(|| ABSENT.1.to_string()));
+    for (p, o, n) in DIRS {
+        let m = if new { n } else { o };
+        out.insert(format!("{p}/"), m.map(|m| format!("dir {m:04o}")));
+    }
+    for (p, old) in PURGED.1 {
+        out.insert(p.to_string(), (!new).then(|| old.to_string()));
+    }
     out
 }
 
@@ -62,11 +98,15 @@ fn state_of(host: &Host) -> State {
         .iter()
         .map(|(p, _, _)| (p.to_string(), read(p)))
         .chain([(ABSENT.0.to_string(), read(ABSENT.0))])
+        .chain(PURGED.1.iter().map(|(p, _)| (p.to_string(), read(p))))
         .collect();
     let target = std::fs::read_link(host.path(LINK.0))
         .ok()
         .map(|t| t.display().to_string());
     out.insert(format!("{} ->", LINK.0), target);
+    for (p, _, _) in DIRS {
+        out.insert(format!("{p}/"), dir_state(host, p));
+    }
     out
 }
 
@@ -117,6 +157,14 @@ fn scenario(check_passes: bool) -> Scenario {
         ));
         if new {
             role.push_str(&format!("[[absent]]\npath = \"{}\"\n\n", ABSENT.0));
+            for (p, _, n) in DIRS {
+                let m = n.expect("a new mode");
+                role.push_str(&format!("[[dirs]]\npath = \"{p}\"\nmode = \"{m:04o}\"\n\n"));
+            }
+            role.push_str(&format!(
+                "[[dirs]]\npath = \"{}\"\npurge = true\n\n",
+                PURGED.0
+            ));
         }
         role.push_str(&format!(
             "[[checks]]\nname = \"a.conf is good\"\nretries = 1\ninterval = \"10ms\"\n\
@@ -179,6 +227,15 @@ fn host_at_old(s: &Scenario) -> Host {
     );
     // Not managed by v1: the new commit declares it absent.
     std::fs::write(host.path(ABSENT.0), ABSENT.1).expect("write");
+    // Not managed by anyone: the new commit purges them.
+    std::fs::create_dir_all(host.path(PURGED.0)).expect("mkdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(host.path(PURGED.0), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::write(host.path(PURGED.1[0].0), PURGED.1[0].1).expect("write");
+    std::os::unix::fs::symlink("/nowhere", host.path(PURGED.1[1].0)).expect("link");
     assert_eq!(state_of(&host), expected(false));
     host
 }
@@ -269,8 +326,9 @@ fn campaign(check_passes: bool) -> usize {
     let mut must = vec![
         "sync.fetched:1",
         "apply.staged:1",
-        // 4 files, the link, the absent path.
-        "apply.switch:6",
+        // 4 files, the link, the absent path, 2 purged entries, a
+        // directory's mode (the created one is made whole while staging).
+        "apply.switch:9",
         "apply.switched:1",
         "post.checks:1",
         "post.checked:1",
@@ -285,7 +343,8 @@ fn campaign(check_passes: bool) -> usize {
     } else {
         must.extend([
             "apply.revert.started:1",
-            "apply.undo:6",
+            // The same and the created directory.
+            "apply.undo:10",
             "apply.revert.inventory:1",
         ]);
     }

@@ -13,6 +13,7 @@ mod corrupt_state;
 mod crash;
 mod crash_windows;
 mod daemon;
+mod dirs;
 mod fleet;
 mod fleet_tls;
 mod golden;

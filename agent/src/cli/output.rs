@@ -156,7 +156,7 @@ pub fn print_plan(
     }
 }
 
-/// `status.resources` of a plan: one object per link or absent change,
+/// `status.resources` of a plan: one object per directory, link or absent change,
 /// `{"kind": "link", "action": "retarget", "path": …, "target": …, "was": …}`
 /// or `{"kind": "absent", "action": "remove", "path": …, "file"|"link": …}`.
 fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
@@ -171,12 +171,17 @@ fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
         }
         serde_json::Value::Object(out)
     };
-    plan.links
+    plan.dirs
         .iter()
-        .map(|c| tagged("link", None, serde_json::to_value(c).unwrap_or_default()))
+        .map(|c| tagged("dir", None, serde_json::to_value(c).unwrap_or_default()))
+        .chain(
+            plan.links
+                .iter()
+                .map(|c| tagged("link", None, serde_json::to_value(c).unwrap_or_default())),
+        )
         .chain(plan.absent.iter().map(|c| {
             tagged(
-                "absent",
+                if c.purged { "purge" } else { "absent" },
                 Some("remove"),
                 serde_json::to_value(c).unwrap_or_default(),
             )
@@ -241,6 +246,9 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     if let (false, Some(o)) = (i.links.is_empty(), v.as_object_mut()) {
                         o.insert("links".into(), json!(i.links));
                     }
+                    if let (false, Some(o)) = (i.directories.is_empty(), v.as_object_mut()) {
+                        o.insert("directories".into(), json!(i.directories));
+                    }
                     v
                 }),
                 "last_run": last,
@@ -283,6 +291,10 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                         String::new()
                     } else {
                         format!(", {} links", i.links.len())
+                    } + &match i.directories.len() {
+                        0 => String::new(),
+                        1 => ", 1 directory".to_string(),
+                        n => format!(", {n} directories"),
                     },
                     i.txid
                 ),
@@ -491,6 +503,9 @@ pub fn validate(
                     if !d.absent.is_empty() {
                         o.insert("absent".into(), json!(d.absent.len()));
                     }
+                    if !d.dirs.is_empty() {
+                        o.insert("dirs".into(), json!(d.dirs.len()));
+                    }
                 }
                 results.push(r)
             }
@@ -517,6 +532,14 @@ pub fn validate(
                     }
                     if let Some(n) = r.get("absent") {
                         others.push_str(&format!(", {n} absent"));
+                    }
+                    if let Some(n) = r.get("dirs") {
+                        let word = if n.as_u64() == Some(1) {
+                            "directory"
+                        } else {
+                            "directories"
+                        };
+                        others.push_str(&format!(", {n} {word}"));
                     }
                     outln!(
                         "ok    {host}: {} file(s), {} check(s){others}",

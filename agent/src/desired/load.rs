@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value as Json;
 
 use super::model::{
-    AbsentSpec, CheckSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, LinkSpec, RepoFile,
-    RoleFile, UnitSpec,
+    AbsentSpec, CheckSpec, DirSpec, FileSpec, HookSpec, HostFile, HttpCheckSpec, LinkSpec,
+    RepoFile, RoleFile, UnitSpec,
 };
 use super::snapshot::Snapshot;
 use super::spec::{
@@ -102,6 +102,24 @@ pub struct AbsentDecl {
     pub origin: String,
 }
 
+/// One directory the host must have (`[[dirs]]`), with mode and owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirDecl {
+    pub path: TargetPath,
+    pub role: String,
+    pub mode: Mode,
+    pub owner: Principal,
+    pub group: Principal,
+    /// Mode of the parent directories created for it (the role's).
+    pub dir_mode: Mode,
+    /// Entries no role manages are removed (`purge = true`)...
+    pub purge: bool,
+    /// ...except these names (`keep`).
+    pub keep: BTreeSet<String>,
+    /// `roles/web/role.toml:9 dirs[0]`.
+    pub origin: String,
+}
+
 /// Everything the repository says about one host.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -120,6 +138,8 @@ pub struct HostConfig {
     pub links: Vec<LinkDecl>,
     /// Paths that must not exist, sorted by path.
     pub absent: Vec<AbsentDecl>,
+    /// Managed directories, sorted by path (parents before children).
+    pub dirs: Vec<DirDecl>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -212,6 +232,7 @@ pub fn load_host(
     let mut hooks: Vec<Hook> = Vec::new();
     let mut links: Vec<LinkDecl> = Vec::new();
     let mut absent: Vec<AbsentDecl> = Vec::new();
+    let mut dirs: Vec<DirDecl> = Vec::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
@@ -290,6 +311,23 @@ pub fn load_host(
                     }
                     claimed.insert(decl.path.clone(), origin.clone());
                     absent.push(decl);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.dirs.into_iter().enumerate() {
+            let origin = at("dirs", i, spec.span());
+            match dir_decl(role, &origin, spec.into_inner(), role_dir_mode, opts) {
+                Ok(decl) => {
+                    if let Some(other) = claimed.get(&decl.path) {
+                        diags.push(format!(
+                            "{origin}: {} is already managed by {other}; a path can belong to one entry only (remove one of the two)",
+                            decl.path
+                        ));
+                        continue;
+                    }
+                    claimed.insert(decl.path.clone(), origin.clone());
+                    dirs.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -383,12 +421,45 @@ pub fn load_host(
         }
     }
 
+    // What the repository itself contradicts about a purged directory.
+    for d in dirs.iter().filter(|d| d.purge) {
+        for k in &d.keep {
+            let kept = TargetPath::parse(&format!("{}/{k}", d.path));
+            if let Some(other) = kept.ok().and_then(|p| claimed.get(&p)) {
+                diags.push(format!(
+                    "{}: keep entry {k:?} of {} is declared by {other}: it is managed, not kept; drop it from keep",
+                    d.origin, d.path
+                ));
+            }
+        }
+        for o in dirs
+            .iter()
+            .filter(|o| o.purge && o.path != d.path && o.path.is_under(&d.path) && o.role != d.role)
+        {
+            diags.push(format!(
+                "{}: {} is purged, but it is inside {}, which {} purges too: whose purge wins? \
+                 Declare both in one role, or drop one of the two purges",
+                o.origin, o.path, d.path, d.origin
+            ));
+        }
+        for a in absent
+            .iter()
+            .filter(|a| a.path != d.path && a.path.is_under(&d.path))
+        {
+            diags.push(format!(
+                "{}: {} is inside {}, which {} purges: the purge removes it already; drop this entry (say it once)",
+                a.origin, a.path, d.path, d.origin
+            ));
+        }
+    }
+
     if !diags.is_empty() {
         return Err(diags);
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     links.sort_by(|a, b| a.path.cmp(&b.path));
     absent.sort_by(|a, b| a.path.cmp(&b.path));
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(HostConfig {
         name: host.to_string(),
         host_file: host_file_path,
@@ -401,6 +472,7 @@ pub fn load_host(
         hooks,
         links,
         absent,
+        dirs,
     })
 }
 
@@ -494,6 +566,60 @@ fn link_decl(
         path,
         role: role.to_string(),
         target: spec.target,
+        dir_mode: role_dir_mode,
+        origin: origin.to_string(),
+    })
+}
+
+fn dir_decl(
+    role: &str,
+    origin: &str,
+    spec: DirSpec,
+    role_dir_mode: Mode,
+    opts: &LoadOptions,
+) -> Result<DirDecl, String> {
+    let path = target_path(&spec.path, opts)?;
+    let mode = match &spec.mode {
+        None => Mode::DEFAULT_DIR,
+        Some(m) => {
+            let mode = Mode::parse(m).map_err(|e| format!("{path}: key `mode`: {e}"))?;
+            if mode.0 & 0o700 != 0o700 {
+                return Err(format!(
+                    "{path}: key `mode`: {:04o} does not give the owner rwx; driftless could not manage what is in it (use e.g. \"0755\" or \"0750\")",
+                    mode.0
+                ));
+            }
+            if mode.0 & 0o4000 != 0 {
+                return Err(format!(
+                    "{path}: key `mode`: {:04o} is setuid, which means nothing on a directory; drop the 4 (setgid \"2775\" and sticky \"1777\" are accepted)",
+                    mode.0
+                ));
+            }
+            mode
+        }
+    };
+    if !spec.keep.is_empty() && !spec.purge {
+        return Err(format!(
+            "{path}: key `keep` only goes with `purge = true`: add it, or drop `keep`"
+        ));
+    }
+    let mut keep = BTreeSet::new();
+    for k in spec.keep {
+        if k.is_empty() || k == "." || k == ".." || k.contains('/') || k.contains('\0') {
+            return Err(format!(
+                "{path}: key `keep`: {k:?} is not the name of an entry of the directory (a plain name such as \"README\", no '/')"
+            ));
+        }
+        keep.insert(k);
+    }
+    Ok(DirDecl {
+        purge: spec.purge,
+        keep,
+        path: path.clone(),
+        role: role.to_string(),
+        mode,
+        owner: principal(spec.owner, "owner").map_err(|e| format!("{path}: {e}"))?,
+        group: principal(spec.group, "group").map_err(|e| format!("{path}: {e}"))?,
         dir_mode: role_dir_mode,
         origin: origin.to_string(),
     })

@@ -77,6 +77,9 @@ pub struct RoleFile {
     /// Paths that must not exist (a regular file or a symlink).
     #[serde(default)]
     pub absent: Vec<Spanned<AbsentSpec>>,
+    /// Managed directories: created if missing, mode and owner kept.
+    #[serde(default)]
+    pub dirs: Vec<Spanned<DirSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]
@@ -153,6 +156,30 @@ pub struct LinkSpec {
     pub path: String,
     /// What the link points to, relative or absolute, exactly as written.
     pub target: String,
+}
+
+/// One `[[dirs]]` entry of a role: a directory with mode and owner.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirSpec {
+    /// Absolute path of the directory on the host.
+    pub path: String,
+    /// Octal, e.g. "0750". Default "0755".
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// User name or uid. Default root.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Group name or gid. Default root.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Remove the entries of the directory no role manages (backed up,
+    /// restored on a revert).
+    #[serde(default)]
+    pub purge: bool,
+    /// Names of entries `purge` leaves alone.
+    #[serde(default)]
+    pub keep: Vec<String>,
 }
 
 /// One `[[absent]]` entry of a role: a path that must not exist.

@@ -85,6 +85,8 @@ pub struct Desired {
     pub links: Vec<crate::desired::load::LinkDecl>,
     /// Paths that must not exist (`[[absent]]`), sorted by path.
     pub absent: Vec<crate::desired::load::AbsentDecl>,
+    /// Managed directories (`[[dirs]]`), sorted by path.
+    pub dirs: Vec<crate::desired::load::DirDecl>,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -450,6 +452,7 @@ impl Renderer {
             hooks: host.hooks.clone(),
             links: host.links.clone(),
             absent: host.absent.clone(),
+            dirs: host.dirs.clone(),
         })
     }
 

@@ -23,8 +23,18 @@ pub fn resolve(root: &RootFs, desired: &Desired) -> Result<Ids> {
         own_gid: egid.as_raw(),
         ..Default::default()
     };
-    let users: BTreeSet<&str> = desired.files.iter().map(|f| f.owner.0.as_str()).collect();
-    let groups: BTreeSet<&str> = desired.files.iter().map(|f| f.group.0.as_str()).collect();
+    let users: BTreeSet<&str> = desired
+        .files
+        .iter()
+        .map(|f| f.owner.0.as_str())
+        .chain(desired.dirs.iter().map(|d| d.owner.0.as_str()))
+        .collect();
+    let groups: BTreeSet<&str> = desired
+        .files
+        .iter()
+        .map(|f| f.group.0.as_str())
+        .chain(desired.dirs.iter().map(|d| d.group.0.as_str()))
+        .collect();
     let live = root.path() == Path::new("/");
     let passwd = if live {
         None

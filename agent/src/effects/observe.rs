@@ -4,6 +4,7 @@
 use anyhow::Result;
 
 use crate::desired::render::Desired;
+use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::plan::inventory::Inventory;
 use crate::plan::Observed;
@@ -32,6 +33,29 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
         .chain(inventory.links.keys());
     for p in paths {
         out.insert(p.clone(), fs.observe_link(p)?);
+    }
+    // Managed directories (declared, or recorded and maybe to prune).
+    for p in desired
+        .dirs
+        .iter()
+        .map(|d| &d.path)
+        .chain(inventory.directories.keys())
+    {
+        if !out.contains_key(p) {
+            out.insert(p.clone(), fs.observe_dir(p)?);
+        }
+    }
+    // Every entry of a purged directory (links read, never followed): the
+    // plan removes those no role manages.
+    for d in desired.dirs.iter().filter(|d| d.purge) {
+        for name in fs.list_dir(&d.path)?.unwrap_or_default() {
+            let child = TargetPath::parse(&format!("{}/{name}", d.path))
+                .map_err(|e| anyhow::anyhow!("cannot purge {}: {e}", fs.display(&d.path)))?;
+            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(child) {
+                let obs = fs.observe_link(e.key())?;
+                e.insert(obs);
+            }
+        }
     }
     Ok(out)
 }

@@ -169,6 +169,69 @@ impl RootFs {
             .with_context(|| format!("cannot read {}", self.display(target)))
     }
 
+    /// What is at the path of a managed directory: its mode and owner
+    /// ([`Observation::Dir`]), read by `lstat` through its parent, so a
+    /// symlink there (or above) is never followed.
+    pub fn observe_dir(&self, target: &TargetPath) -> Result<Observation> {
+        let Some(dir) = self.open_parent(target, None)? else {
+            return Ok(Observation::Missing);
+        };
+        let st = match fstatat(&dir, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => return Ok(Observation::Missing),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.display(target)))
+            }
+        };
+        match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => Ok(Observation::Dir {
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            }),
+            SFlag::S_IFLNK => Ok(Observation::Other { kind: "symlink" }),
+            _ => observe_in(&dir, target.file_name())
+                .with_context(|| format!("cannot read {}", self.display(target))),
+        }
+    }
+
+    /// The names in the directory at `target` (a purged directory), none
+    /// of ours (`.driftless-*`, staged by a transaction): `None` when it
+    /// is missing or not a directory (the directory's own observation
+    /// says so). Opened without following a symlink, here or above.
+    pub fn list_dir(&self, target: &TargetPath) -> Result<Option<Vec<String>>> {
+        let Some(parent) = self.open_parent(target, None)? else {
+            return Ok(None);
+        };
+        let fd = match open_dir(&parent, target.file_name()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open {}", self.display(target)))
+            }
+        };
+        let mut dir = nix::dir::Dir::from_fd(fd)
+            .with_context(|| format!("cannot list {}", self.display(target)))?;
+        let mut out = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.with_context(|| format!("cannot list {}", self.display(target)))?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." || name.starts_with(b".driftless-") {
+                continue;
+            }
+            match std::str::from_utf8(name) {
+                Ok(n) => out.push(n.to_string()),
+                Err(_) => bail!(
+                    "{} holds an entry whose name is not UTF-8 ({}); purge cannot name it: rename or remove it",
+                    self.display(target),
+                    String::from_utf8_lossy(name)
+                ),
+            }
+        }
+        out.sort();
+        Ok(Some(out))
+    }
+
     /// True when nothing is at `target` (`lstat` says ENOENT, here or
     /// above): what the quick check needs of an absent path. A symlink
     /// planted above it is not "nothing": the full sync refuses it.

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use super::dirs::DirAction;
 use super::links::LinkAction;
 use super::{ChangeKind, FileChange, Plan};
 use crate::desired::spec::HookWhen;
@@ -51,6 +52,9 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         }
     };
     hook_lines(&mut out, HookWhen::Pre);
+    for line in dir_lines(plan) {
+        let _ = writeln!(out, "{}", style.paint(line.0, &line.1));
+    }
     for c in &plan.changes {
         let _ = writeln!(out, "{}", summary_line(c, style));
         if show_diff && c.content_changed && c.kind != ChangeKind::Adopt {
@@ -71,11 +75,23 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             }] += 1;
         }
         let mut others = String::new();
+        if !plan.dirs.is_empty() {
+            let n = plan.dirs.len();
+            let _ = write!(
+                others,
+                "; {n} {}",
+                if n == 1 { "directory" } else { "directories" }
+            );
+        }
         if !plan.links.is_empty() {
             let _ = write!(others, "; {} link(s)", plan.links.len());
         }
-        if !plan.absent.is_empty() {
-            let _ = write!(others, "; {} absent", plan.absent.len());
+        let purged = plan.absent.iter().filter(|c| c.purged).count();
+        if plan.absent.len() > purged {
+            let _ = write!(others, "; {} absent", plan.absent.len() - purged);
+        }
+        if purged > 0 {
+            let _ = write!(others, "; {purged} purged");
         }
         let _ = writeln!(
             out,
@@ -118,6 +134,43 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     out
 }
 
+/// The lines of the managed directory changes, with their colour: before
+/// the files, which may go inside them.
+pub fn dir_lines(plan: &Plan) -> Vec<(&'static str, String)> {
+    plan.dirs
+        .iter()
+        .map(|c| {
+            let m = c.meta;
+            match c.action {
+                DirAction::Create => (
+                    "32",
+                    format!(
+                        "+ create directory {} ({:04o}, {}:{})",
+                        c.path, m.mode, m.uid, m.gid
+                    ),
+                ),
+                DirAction::Meta => {
+                    let w = c.was.unwrap_or(m);
+                    (
+                        "33",
+                        format!(
+                            "~ directory {} ({:04o}, {}:{}; was {:04o}, {}:{})",
+                            c.path, m.mode, m.uid, m.gid, w.mode, w.uid, w.gid
+                        ),
+                    )
+                }
+                DirAction::Remove => (
+                    "31",
+                    format!(
+                        "- remove directory {} if empty (no longer declared, driftless created it)",
+                        c.path
+                    ),
+                ),
+            }
+        })
+        .collect()
+}
+
 /// The lines of the link and absent changes, with their colour: after
 /// the files, in the order the transaction switches them.
 pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
@@ -146,6 +199,13 @@ pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
             .as_deref()
             .map(|t| format!(" -> {t}"))
             .unwrap_or_default();
+        if c.purged {
+            out.push((
+                "31",
+                format!("- purge {}{link} (not managed; backed up)", c.path),
+            ));
+            continue;
+        }
         out.push((
             "31",
             format!(

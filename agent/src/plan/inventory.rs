@@ -43,6 +43,27 @@ pub struct Inventory {
     /// there are none (a files-only inventory keeps its bytes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub links: BTreeMap<TargetPath, LinkEntry>,
+    /// Managed directories (`[[dirs]]`) as last applied (`dirs` above
+    /// means the directories created for files). One that leaves the
+    /// repository is handed over to `dirs` if driftless created it, so it
+    /// is removed once empty; otherwise it is left as it is. Absent when
+    /// there are none (a files-only inventory keeps its bytes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub directories: BTreeMap<TargetPath, DirectoryEntry>,
+}
+
+/// One managed directory as last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryEntry {
+    pub role: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Nothing was at the path before driftless managed it (or driftless
+    /// had created it for files): when the entry leaves the repository,
+    /// the directory is removed if it is empty. Otherwise it stays.
+    pub created: bool,
 }
 
 /// One managed symlink as last applied.
@@ -136,6 +157,11 @@ impl Inventory {
     pub fn uses_links(&self) -> bool {
         !self.links.is_empty()
     }
+
+    /// Whether it records managed directories: state format 2 as well.
+    pub fn uses_directories(&self) -> bool {
+        !self.directories.is_empty()
+    }
 }
 
 impl Inventory {
@@ -174,23 +200,27 @@ impl Inventory {
             dirs: self.dirs.clone(),
             reboot: self.reboot.clone(),
             links: self.links.clone(),
+            directories: self.directories.clone(),
         }
     }
 
-    /// Created directories no managed file or link lives under, deepest first:
-    /// the ones to remove if they are empty.
+    /// Created directories no managed file, link or directory lives under
+    /// and that are not managed directories themselves, deepest first: the
+    /// ones to remove if they are empty.
     pub fn unneeded_dirs(&self) -> Vec<TargetPath> {
         // Keys are in string order, so the files under `d` follow `d/`.
         let mut files: Vec<&str> = self
             .files
             .keys()
             .chain(self.links.keys())
+            .chain(self.directories.keys())
             .map(TargetPath::as_str)
             .collect();
         files.sort_unstable();
         let mut out: Vec<TargetPath> = self
             .dirs
             .iter()
+            .filter(|d| !self.directories.contains_key(*d))
             .filter(|d| {
                 let prefix = format!("{d}/");
                 let i = files.partition_point(|f| *f < prefix.as_str());

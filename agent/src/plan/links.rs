@@ -59,6 +59,10 @@ pub struct AbsentChange {
     /// Owner of the removed symlink.
     #[serde(skip)]
     pub link_owner: (u32, u32),
+    /// Removed by the purge of its directory (`[[dirs]]` with `purge =
+    /// true`), not by an `[[absent]]` entry: the same removal, backed up.
+    #[serde(skip)]
+    pub purged: bool,
 }
 
 /// The link changes of `decls` against the host and the previous
@@ -108,6 +112,14 @@ pub fn diff_links(
                     "{} ({}): a regular file is where the link must go; driftless replaces only a \
                      symlink with a link: remove the file, or declare it in [[absent]] in one commit \
                      and the link in the next",
+                    d.path, d.origin
+                ));
+                continue;
+            }
+            Observation::Dir { .. } => {
+                diags.push(format!(
+                    "{} ({}): a directory is where the link must go; driftless never replaces a \
+                     directory with a link: remove it, or manage another path",
                     d.path, d.origin
                 ));
                 continue;
@@ -174,6 +186,7 @@ pub fn diff_absent(
                 file: Some(super::old_file(cur, digest(&cur.content))),
                 link: None,
                 link_owner: (0, 0),
+                purged: false,
             }),
             Observation::Link { target, uid, gid } => changes.push(AbsentChange {
                 path: d.path.clone(),
@@ -181,7 +194,13 @@ pub fn diff_absent(
                 file: None,
                 link: Some(target.clone()),
                 link_owner: (*uid, *gid),
+                purged: false,
             }),
+            Observation::Dir { .. } => diags.push(format!(
+                "{} ({}): it is a directory; absent removes only a regular file or a symlink (a \
+                 directory is refused): remove it by hand, or drop this entry",
+                d.path, d.origin
+            )),
             Observation::Other { kind } => diags.push(format!(
                 "{} ({}): it is a {kind}; absent removes only a regular file or a symlink (a \
                  {kind} is refused): remove it by hand, or drop this entry",

@@ -6,6 +6,7 @@
 //! `driftless plan` print exactly what `sync` will do.
 
 pub mod diff;
+pub mod dirs;
 pub mod inventory;
 pub mod links;
 pub mod quick;
@@ -35,6 +36,13 @@ pub enum Observation {
     /// symlink as `Other`.
     Link {
         target: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// A directory, at a path of `[[dirs]]` (file paths see a directory
+    /// as `Other`).
+    Dir {
+        mode: u32,
         uid: u32,
         gid: u32,
     },
@@ -190,6 +198,10 @@ pub struct Plan {
     /// Absent paths to remove (`[[absent]]`), by path; after the links.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub absent: Vec<links::AbsentChange>,
+    /// Changes to managed directories (`[[dirs]]`), parents first;
+    /// created before the files are staged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<dirs::DirChange>,
     /// Every declared absent path: the quick check proves each still
     /// missing.
     #[serde(skip)]
@@ -215,7 +227,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.links.is_empty() && self.absent.is_empty()
+        self.changes.is_empty()
+            && self.links.is_empty()
+            && self.absent.is_empty()
+            && self.dirs.is_empty()
     }
 }
 
@@ -273,6 +288,7 @@ pub fn plan(
         // host rebooted) when it commits: that needs the boot id.
         reboot: previous.reboot.clone(),
         links: BTreeMap::new(),
+        directories: BTreeMap::new(),
     };
 
     for f in &desired.files {
@@ -311,6 +327,13 @@ pub fn plan(
         };
         let mut original = prev.and_then(|p| p.original.clone());
         let change = match obs {
+            Observation::Dir { .. } => {
+                diags.push(format!(
+                    "{} ({}): the target is a directory; driftless never replaces a directory: remove it, or manage another path",
+                    f.path, f.origin
+                ));
+                continue;
+            }
             Observation::Other { kind } => {
                 diags.push(format!(
                     "{} ({}): the target is a {kind}; driftless never follows or replaces a {kind}: remove it, or manage the real path",
@@ -428,7 +451,10 @@ pub fn plan(
             }),
             // Already gone, or replaced by something that is not ours:
             // forget it, touch nothing.
-            Observation::Missing | Observation::Other { .. } | Observation::Link { .. } => {}
+            Observation::Missing
+            | Observation::Other { .. }
+            | Observation::Link { .. }
+            | Observation::Dir { .. } => {}
         }
     }
 
@@ -437,6 +463,7 @@ pub fn plan(
         .iter()
         .map(|f| &f.path)
         .chain(absent_paths.iter().copied())
+        .chain(desired.dirs.iter().map(|d| &d.path))
         .collect();
     let (link_changes, next_links) = links::diff_links(
         &desired.links,
@@ -453,17 +480,61 @@ pub fn plan(
         &mut diags,
     );
 
+    let claimed_by_others: std::collections::BTreeSet<&TargetPath> = desired
+        .files
+        .iter()
+        .map(|f| &f.path)
+        .chain(desired.links.iter().map(|l| &l.path))
+        .chain(absent_paths.iter().copied())
+        .collect();
+    let (dir_changes, next_dirs) = dirs::diff_dirs(
+        &desired.dirs,
+        observed,
+        &previous.directories,
+        &previous.dirs,
+        &claimed_by_others,
+        ids,
+        &mut diags,
+    );
+    next.directories = next_dirs;
+    let mut absent = absent;
+    if desired.dirs.iter().any(|d| d.purge) {
+        let managed: std::collections::BTreeSet<&TargetPath> = claimed_by_others
+            .iter()
+            .copied()
+            .chain(desired.dirs.iter().map(|d| &d.path))
+            .chain(previous.files.keys())
+            .chain(previous.links.keys())
+            .collect();
+        absent.extend(dirs::diff_purge(
+            &desired.dirs,
+            observed,
+            &managed,
+            &|bytes| digest(ids, false, bytes),
+            &mut diags,
+        ));
+    }
+    // A directory that left the repository and that driftless created is
+    // handed over to the directories created for files: removed after
+    // the commit once empty, and tried again after each later commit.
+    for c in &dir_changes {
+        if c.action == dirs::DirAction::Remove {
+            next.dirs.insert(c.path.clone());
+        }
+    }
+
     if !diags.is_empty() {
         return Err(diags);
     }
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let unit_actions = merge_actions(changes.iter().flat_map(|c| c.on_change.iter()));
     let mut hooks = hooks_to_run(&desired.hooks, &changes);
-    if !link_changes.is_empty() || !absent.is_empty() {
+    if !link_changes.is_empty() || !absent.is_empty() || !dir_changes.is_empty() {
         let roles: std::collections::BTreeSet<&str> = link_changes
             .iter()
             .map(|c| c.role.as_str())
             .chain(absent.iter().map(|c| c.role.as_str()))
+            .chain(dir_changes.iter().map(|c| c.role.as_str()))
             .collect();
         hooks = desired
             .hooks
@@ -491,6 +562,7 @@ pub fn plan(
         reboot_required,
         links: link_changes,
         absent,
+        dirs: dir_changes,
         absent_paths: desired.absent.iter().map(|a| a.path.clone()).collect(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,

@@ -76,6 +76,10 @@ pub struct QuickRecord {
     /// Every absent path: each must still be missing for a hit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub absent: Vec<TargetPath>,
+    /// Every managed directory with its `lstat` stamp: a mode or owner
+    /// change moves its ctime, an entry added or removed its mtime.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub directories: Vec<(TargetPath, Stamp)>,
 }
 
 /// Everything, besides the commit, that the rendered result depends on.
@@ -123,20 +127,23 @@ impl Inputs<'_> {
     }
 }
 
-/// The links and absent paths of `record` against the host: `links` are
-/// the links' stamps now, in the record's order, and `present` names the
+/// The links, directories and absent paths of `record` against the host:
+/// `links` and `dirs` are their stamps now, in the record's order, and
+/// `present` names the
 /// absent paths that exist now (or cannot be shown missing). Any
 /// difference takes the full path, which repairs it (a partial update
 /// renders files only).
 pub fn check_paths(
     record: &QuickRecord,
     links: &[Option<Stamp>],
+    dirs: &[Option<Stamp>],
     present: impl Fn(&TargetPath) -> bool,
 ) -> Result<(), Miss> {
-    if links.len() != record.links.len() {
+    if links.len() != record.links.len() || dirs.len() != record.directories.len() {
         return Err(Miss::Inventory);
     }
-    for ((path, then), now) in record.links.iter().zip(links) {
+    let stamped = record.links.iter().chain(&record.directories);
+    for ((path, then), now) in stamped.zip(links.iter().chain(dirs)) {
         if let Some(miss) = file_miss(path, then, now, record.taken_at_ns) {
             return Err(miss);
         }
@@ -291,6 +298,7 @@ mod tests {
             taken_at_ns: 1_000,
             links: Vec::new(),
             absent: Vec::new(),
+            directories: Vec::new(),
             files: vec![
                 (path("/etc/a"), stamp(2, 500), true),
                 (path("/etc/b"), stamp(3, 600), true),

@@ -35,6 +35,7 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         hooks: vec![],
         links: Vec::new(),
         absent: Vec::new(),
+        dirs: Vec::new(),
     }
 }
 

@@ -90,7 +90,8 @@ pub fn assess(
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
     let links = fs.stamps(record.links.iter().map(|(p, _)| p));
-    if let Err(miss) = quick::check_paths(&record, &links, |p| !fs.confirms_absent(p)) {
+    let dirs = fs.stamps(record.directories.iter().map(|(p, _)| p));
+    if let Err(miss) = quick::check_paths(&record, &links, &dirs, |p| !fs.confirms_absent(p)) {
         debug!("quick check: {miss}; full sync");
         return Assessment::Miss;
     }
@@ -133,6 +134,8 @@ pub struct Managed<'a> {
     pub links: &'a [TargetPath],
     /// Every declared absent path.
     pub absent: &'a [TargetPath],
+    /// Every managed directory.
+    pub directories: &'a [TargetPath],
 }
 
 /// Records the host as matching `commit` after a successful sync that
@@ -152,6 +155,7 @@ pub fn record(
         self_contained,
         links,
         absent,
+        directories,
     } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
@@ -172,6 +176,11 @@ pub fn record(
             .zip(fs.stamps(links))
             .map(|(p, s)| s.map(|s| (p.clone(), s)))
             .collect::<Option<Vec<_>>>()?;
+        let directories = directories
+            .iter()
+            .zip(fs.stamps(directories))
+            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .collect::<Option<Vec<_>>>()?;
         if !absent.iter().all(|p| fs.confirms_absent(p)) {
             return None;
         }
@@ -185,6 +194,7 @@ pub fn record(
             units: units.to_vec(),
             links,
             absent: absent.to_vec(),
+            directories,
         })
     });
     if let Err(e) = saved {

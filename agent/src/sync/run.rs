@@ -425,6 +425,13 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
     let self_contained = prepared.plan.self_contained.clone();
     let links: Vec<_> = prepared.plan.next_inventory.links.keys().cloned().collect();
     let absent = prepared.plan.absent_paths.clone();
+    let directories: Vec<_> = prepared
+        .plan
+        .next_inventory
+        .directories
+        .keys()
+        .cloned()
+        .collect();
     pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
     let report = deploy(pass, prepared)?;
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
@@ -441,6 +448,7 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
             self_contained: &self_contained,
             links: &links,
             absent: &absent,
+            directories: &directories,
         },
     );
     Ok(report)

@@ -56,6 +56,13 @@ pub enum Op {
     Adopt,
     /// Rename the staged symlink (pointing to `link`) over the target.
     Link,
+    /// A managed directory that did not exist: made at `staged` with its
+    /// owner and mode (`new`) and renamed into place while preparing, so
+    /// it appears whole. Undo removes it if it is empty.
+    Mkdir,
+    /// A managed directory whose owner and mode change in place (`old`
+    /// to `new`), never through a symlink.
+    DirMeta,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +97,12 @@ impl JournalEntry {
     /// as state format 2, which such agents refuse.
     pub fn uses_links(&self) -> bool {
         self.op == Op::Link || self.link.is_some() || self.old_link.is_some()
+    }
+
+    /// Whether it is a managed directory's, which an agent without them
+    /// cannot undo: state format 2 as well.
+    pub fn uses_directories(&self) -> bool {
+        matches!(self.op, Op::Mkdir | Op::DirMeta)
     }
 }
 

@@ -138,6 +138,7 @@ use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{MkParents, RootFs};
 use crate::effects::state::{quick, read_json, StateDir};
+use crate::plan::dirs::DirAction;
 use crate::plan::inventory::Inventory;
 use crate::plan::links::LinkAction;
 use crate::plan::{ChangeKind, FileChange, Plan};
@@ -309,6 +310,14 @@ pub fn apply(
         }
     }
     applied.removed += plan.absent.len();
+    for c in &plan.dirs {
+        match c.action {
+            DirAction::Create => applied.created += 1,
+            DirAction::Meta => applied.changed += 1,
+            // Removed after the commit, and only if empty.
+            DirAction::Remove => {}
+        }
+    }
     Ok(applied)
 }
 
@@ -583,7 +592,40 @@ fn intent(plan: &Plan, txid: &str) -> Vec<JournalEntry> {
             }
         })
         .chain(path_intent(plan, txid))
+        .chain(dir_intent(plan, txid))
         .collect()
+}
+
+/// The journal entries of the managed directories to create or correct,
+/// after the links' and absent paths' (a directory leaving the
+/// repository has none: it is removed after the commit, if empty).
+fn dir_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = JournalEntry> + 'a {
+    let first = plan.changes.len() + plan.links.len() + plan.absent.len();
+    let meta = |m: crate::plan::dirs::DirMeta| Meta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+    };
+    plan.dirs
+        .iter()
+        .filter(|c| c.action != DirAction::Remove)
+        .enumerate()
+        .map(move |(j, c)| {
+            let (op, staged) = match c.action {
+                DirAction::Create => (Op::Mkdir, Some(staged_name(first + j, txid))),
+                _ => (Op::DirMeta, None),
+            };
+            JournalEntry {
+                path: c.path.clone(),
+                op,
+                staged,
+                backup: None,
+                old: c.was.map(meta),
+                new: Some(meta(c.meta)),
+                link: None,
+                old_link: None,
+            }
+        })
 }
 
 /// The journal entries of the links, then the absent paths, after the
@@ -659,8 +701,12 @@ fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = Journa
 /// The envelope format of `journal`: 1 unless it records links (see
 /// [`JournalEntry::uses_links`]).
 fn journal_format(journal: &Journal) -> u64 {
-    if journal.entries.iter().any(JournalEntry::uses_links) {
-        crate::effects::state::STATE_FORMAT_REBOOT
+    if journal
+        .entries
+        .iter()
+        .any(|e| e.uses_links() || e.uses_directories())
+    {
+        crate::effects::state::STATE_FORMAT_RESOURCES
     } else {
         crate::effects::state::STATE_FORMAT
     }
@@ -676,6 +722,8 @@ fn prepare(
     dirs: &mut BTreeMap<String, OwnedFd>,
 ) -> Result<()> {
     let backups_fd = open_dir_path(backups)?;
+    // Managed directories first: files may be staged inside them.
+    prepare_dirs(fs, plan, journal, dirs)?;
     let bar = crate::progress::bar(plan.changes.len() as u64, "staging files");
     for (c, e) in plan.changes.iter().zip(journal.entries.clone()) {
         bar.inc(1);
@@ -779,6 +827,80 @@ fn prepare_paths(
     Ok(())
 }
 
+/// Step 1–2 for the managed directories (the last entries): a missing one
+/// is made at its staged name with its owner and mode, then renamed into
+/// place (never over anything: `RENAME_NOREPLACE`), so it appears whole;
+/// one to correct only has its parent opened (corrected in the switch).
+fn prepare_dirs(
+    fs: &RootFs,
+    plan: &Plan,
+    journal: &mut Journal,
+    dirs: &mut BTreeMap<String, OwnedFd>,
+) -> Result<()> {
+    let first = plan.changes.len() + plan.links.len() + plan.absent.len();
+    let entries = journal.entries[first..].to_vec();
+    let changes = plan.dirs.iter().filter(|c| c.action != DirAction::Remove);
+    for (e, c) in entries.iter().zip(changes) {
+        let key = parent_key(&e.path);
+        let display = fs.display(&e.path);
+        if !dirs.contains_key(&key) {
+            let mk = (e.op == Op::Mkdir).then_some(MkParents {
+                created: &mut journal.created_dirs,
+                mode: c.dir_mode,
+            });
+            let dir = fs
+                .open_parent(&e.path, mk)?
+                .ok_or_else(|| anyhow!("{display}: its parent directory is gone since the plan"))?;
+            dirs.insert(key.clone(), dir);
+        }
+        let (Op::Mkdir, Some(tmp), Some(new)) = (e.op, &e.staged, e.new) else {
+            continue;
+        };
+        let dir = &dirs[&key];
+        make_dir_whole(dir, tmp, e.path.file_name(), new, journal.ownership)
+            .with_context(|| format!("cannot create the directory {display}"))?;
+    }
+    Ok(())
+}
+
+/// Makes the directory `name` in `dir` with `meta`, atomically: created
+/// as `tmp` (owner only), owner and mode set, renamed to `name` unless
+/// something is there.
+fn make_dir_whole(dir: &OwnedFd, tmp: &str, name: &str, meta: Meta, ownership: bool) -> Result<()> {
+    nix::sys::stat::mkdirat(dir, tmp, NixMode::from_bits_truncate(0o700))?;
+    set_dir_meta(dir, tmp, meta, ownership)?;
+    nix::fcntl::renameat2(
+        dir,
+        tmp,
+        dir,
+        name,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .with_context(|| "something appeared at its path since the plan")?;
+    Ok(())
+}
+
+/// Sets owner (when `ownership`) and mode of the directory `name`,
+/// opened without following a symlink (a symlink there fails: `ELOOP`,
+/// a non-directory: `ENOTDIR`).
+fn set_dir_meta(dir: &impl AsFd, name: &str, meta: Meta, ownership: bool) -> Result<()> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )?;
+    if ownership {
+        fchown(
+            &fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )?;
+    }
+    fchmod(&fd, NixMode::from_bits_truncate(meta.mode))?;
+    Ok(())
+}
+
 /// Backs `name` up as `backup`: a hard link (free), or a copy of
 /// `content` across filesystems.
 fn backup_target(
@@ -869,7 +991,14 @@ fn switch(journal: &Journal, dirs: &BTreeMap<String, OwnedFd>, opts: &ApplyOptio
         let dir = &dirs[&parent_key(&e.path)];
         let name = e.path.file_name();
         match e.op {
-            Op::Adopt => continue,
+            // Made whole while preparing.
+            Op::Adopt | Op::Mkdir => continue,
+            Op::DirMeta => {
+                let new = e.new.context("journal entry without new metadata")?;
+                set_dir_meta(dir, name, new, journal.ownership).with_context(|| {
+                    format!("cannot change owner/mode of the directory {}", e.path)
+                })?;
+            }
             Op::Replace | Op::Link => {
                 let tmp = e
                     .staged
@@ -952,8 +1081,10 @@ fn rollback_then(
         let dir = &dirs[&key];
         failpoint::hit("apply.undo")?;
         let result = if journal.state == TxState::Preparing {
-            // No target was touched yet: only staged files to delete.
+            // No target was touched yet: only staged files to delete (a
+            // created directory is removed with the others below).
             match &e.staged {
+                Some(tmp) if e.op == Op::Mkdir => remove_empty_dir(dir, tmp),
                 Some(tmp) => match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
                     Ok(()) | Err(Errno::ENOENT) => Ok(()),
                     Err(err) => Err(err.into()),
@@ -967,10 +1098,25 @@ fn rollback_then(
             errors.push(format!("{}: {err:#}", fs.display(&e.path)));
         }
     }
-    for d in journal.created_dirs.iter().rev() {
+    // Directories created for files and managed directories created,
+    // deepest first, if empty (something else may have been put there).
+    let mut made: Vec<&TargetPath> = journal
+        .entries
+        .iter()
+        .filter(|e| e.op == Op::Mkdir)
+        .map(|e| &e.path)
+        .chain(journal.created_dirs.iter())
+        .collect();
+    made.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in made {
         if let Ok(Some(parent)) = fs.open_parent(d, None) {
             match unlinkat(&parent, d.file_name(), UnlinkatFlags::RemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) => {}
+                // ENOTDIR: a symlink or file took its place; not ours.
+                Ok(())
+                | Err(Errno::ENOENT)
+                | Err(Errno::ENOTEMPTY)
+                | Err(Errno::EEXIST)
+                | Err(Errno::ENOTDIR) => {}
                 Err(err) => {
                     errors.push(format!("{}: cannot remove directory: {err}", fs.display(d)))
                 }
@@ -1008,6 +1154,20 @@ fn undo_entry(
     let name = e.path.file_name();
     match e.op {
         Op::Adopt => Ok(()),
+        // The staged name (a crash before its rename), if still there;
+        // the directory itself is removed, if empty, after every entry.
+        Op::Mkdir => match &e.staged {
+            Some(tmp) => remove_empty_dir(dir, tmp),
+            None => Ok(()),
+        },
+        Op::DirMeta => match e.old {
+            Some(old) => match set_dir_meta(dir, name, old, ownership) {
+                Ok(()) => Ok(()),
+                Err(err) if is_enoent(&err) => Ok(()),
+                Err(err) => Err(err),
+            },
+            None => Ok(()),
+        },
         Op::Meta => match e.old {
             Some(old) => match set_meta(dir, name, old, ownership) {
                 Ok(()) => Ok(()),
@@ -1080,6 +1240,14 @@ fn restore_link(
     }
     renameat(dir, tmp.as_str(), dir, name)?;
     Ok(())
+}
+
+/// Removes the directory `name` in `dir` if it is there and empty.
+fn remove_empty_dir(dir: &OwnedFd, name: &str) -> Result<()> {
+    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn is_enoent(err: &anyhow::Error) -> bool {

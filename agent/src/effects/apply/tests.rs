@@ -61,6 +61,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
         hooks: vec![],
         links: Vec::new(),
         absent: Vec::new(),
+        dirs: Vec::new(),
     }
 }
 

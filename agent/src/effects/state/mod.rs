@@ -293,22 +293,25 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 /// only files: what every driftless so far wrote, and still writes.
 pub const STATE_FORMAT: u64 = 1;
 
-/// The envelope format of an inventory that records something agents
-/// before it cannot read: a file with `reboot = true`, or a pending reboot
-/// request (see [`Inventory::uses_reboot`]). Agents since step 0 of
+/// The envelope format of a journal or inventory that records something
+/// agents before it cannot read or undo: a file with `reboot = true` or a
+/// pending reboot request ([`Inventory::uses_reboot`]), managed symlinks
+/// or removed ones ([`Inventory::uses_links`]), managed directories
+/// ([`Inventory::uses_directories`]). Agents since step 0 of
 /// `docs/design/resources.md` refuse it as [`NewerFormat`] rather than
-/// rebuild it as corrupt.
-pub const STATE_FORMAT_REBOOT: u64 = 2;
+/// rebuild it as corrupt. (It was called `STATE_FORMAT_REBOOT`, after the
+/// first kind that needed it.)
+pub const STATE_FORMAT_RESOURCES: u64 = 2;
 
 /// The newest envelope format this binary reads. A larger one is a
 /// [`NewerFormat`], refused.
-pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_REBOOT;
+pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_RESOURCES;
 
 /// The envelope format `inv` is written with: 1 ([`STATE_FORMAT`], the
 /// bytes every agent so far wrote) unless it uses `reboot`.
 pub fn inventory_format(inv: &Inventory) -> u64 {
-    if inv.uses_reboot() || inv.uses_links() {
-        STATE_FORMAT_REBOOT
+    if inv.uses_reboot() || inv.uses_links() || inv.uses_directories() {
+        STATE_FORMAT_RESOURCES
     } else {
         STATE_FORMAT
     }

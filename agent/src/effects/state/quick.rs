@@ -223,6 +223,7 @@ mod tests {
             units: vec![],
             links: vec![(TargetPath::parse("/etc/l").unwrap(), stamp(4))],
             absent: vec![TargetPath::parse("/etc/gone").unwrap()],
+            directories: vec![(TargetPath::parse("/srv/app").unwrap(), stamp(5))],
         };
         let bytes = encode(&record).unwrap();
         assert_eq!(decode(&bytes).unwrap(), record);
