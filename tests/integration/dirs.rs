@@ -10,50 +10,6 @@ use crate::support::*;
 
 const QUICK: &str = "(quick check)";
 
-/// One entry under the root, as `lstat` and `readlink` see it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry {
-    path: String,
-    kind: &'static str,
-    content: Vec<u8>,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-}
-
-/// Every entry under the root (links never followed), with mode and
-/// owner: what a byte-exact revert must give back.
-fn snapshot(host: &Host) -> Vec<Entry> {
-    fn walk(base: &std::path::Path, dir: &std::path::Path, out: &mut Vec<Entry>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&path).unwrap();
-            let rel = format!("/{}", path.strip_prefix(base).unwrap().display());
-            let (kind, content) = if m.file_type().is_symlink() {
-                let t = std::fs::read_link(&path).unwrap();
-                ("link", t.into_os_string().into_encoded_bytes())
-            } else if m.is_dir() {
-                walk(base, &path, out);
-                ("dir", Vec::new())
-            } else {
-                ("file", std::fs::read(&path).unwrap())
-            };
-            out.push(Entry {
-                path: rel,
-                kind,
-                content,
-                mode: if kind == "link" { 0 } else { m.mode() & 0o7777 },
-                uid: m.uid(),
-                gid: m.gid(),
-            });
-        }
-    }
-    let mut out = Vec::new();
-    walk(host.root.path(), host.root.path(), &mut out);
-    out.sort();
-    out
-}
-
 fn mode(host: &Host, path: &str) -> u32 {
     std::fs::symlink_metadata(host.path(path)).unwrap().mode() & 0o7777
 }
@@ -170,17 +126,17 @@ fn dirs_apply_stay_quick_and_drift_is_repaired() {
     );
     // No staged directory is left behind.
     assert!(
-        !snapshot(&host)
+        !root_snapshot(&host)
             .iter()
             .any(|e| e.path.contains(".driftless-")),
         "{:?}",
-        snapshot(&host)
+        root_snapshot(&host)
     );
 
     // No-op: the quick check holds, nothing is written.
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     settle(&host, &r);
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 
     // Drift: a mode changed by hand is caught by the quick check (the
     // directory's ctime moved) and put back.
@@ -221,7 +177,7 @@ fn dirs_apply_stay_quick_and_drift_is_repaired() {
     assert_eq!(mode(&host, "/srv/app/data"), 0o2770);
     settle(&host, &r);
     assert_eq!(
-        snapshot(&host)
+        root_snapshot(&host)
             .into_iter()
             .map(|e| (e.path, e.kind, e.content, e.mode))
             .collect::<Vec<_>>(),
@@ -245,7 +201,7 @@ fn a_failing_check_reverts_dirs_byte_exact() {
     )
     .unwrap();
     sync(&host, &r).ok();
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     // Fails while the new directory exists: passes again once reverted.
     let data = host.path("/srv/app/data");
     // As root, the owner changes too (and must come back).
@@ -263,7 +219,7 @@ fn a_failing_check_reverts_dirs_byte_exact() {
     r.commit("v2 with dirs, its check fails");
     let run = sync(&host, &r).code(1);
     assert!(run.stderr.contains("reverted"), "{}", run.stderr);
-    assert_eq!(snapshot(&host), before, "the revert is not byte-exact");
+    assert_eq!(root_snapshot(&host), before, "the revert is not byte-exact");
     assert_eq!(mode(&host, "/srv/shared"), 0o775);
     assert!(!host.path("/srv/app/data").exists());
     // The inventory is the one before: no directories recorded.
@@ -415,7 +371,7 @@ fn bad_dirs_entries_name_role_line_and_entry() {
         let run = host.sync(r.path());
         assert_ne!(run.code, 0);
         assert!(run.stderr.contains(want), "{want:?} not in\n{}", run.stderr);
-        assert!(snapshot(&host).is_empty(), "{extra}");
+        assert!(root_snapshot(&host).is_empty(), "{extra}");
     }
 }
 
@@ -455,11 +411,11 @@ fn a_planted_link_at_or_above_a_dir_or_a_file_there_is_refused() {
             }
             symlink(outside.path(), host.path(link_at)).unwrap();
         }
-        let before = snapshot(&host);
+        let before = root_snapshot(&host);
         let run = sync(&host, &r);
         assert_ne!(run.code, 0, "{extra}");
         assert!(run.stderr.contains(want), "{want:?} not in\n{}", run.stderr);
-        assert_eq!(snapshot(&host), before, "{extra}");
+        assert_eq!(root_snapshot(&host), before, "{extra}");
         let names: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
         assert!(names.is_empty(), "written outside the root: {names:?}");
         assert_eq!(
@@ -567,10 +523,10 @@ fn purge_removes_unmanaged_entries_restores_them_on_revert_and_catches_drift() {
         .collect();
     assert_eq!(kinds, ["purge", "purge"], "{json}");
 
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     let run = sync(&host, &r).code(1);
     assert!(run.stderr.contains("reverted"), "{}", run.stderr);
-    assert_eq!(snapshot(&host), before, "the revert is not byte-exact");
+    assert_eq!(root_snapshot(&host), before, "the revert is not byte-exact");
 
     set_purge_role(&r, PASS);
     r.commit("purge, its check passes");
@@ -602,7 +558,7 @@ fn purge_refuses_an_unmanaged_subdirectory_naming_it() {
     r.commit("purge");
     let host = nginx_host();
     std::fs::create_dir(host.path("/etc/nginx/conf.d/snippets")).unwrap();
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     let run = sync(&host, &r);
     assert_ne!(run.code, 0);
     assert!(
@@ -612,7 +568,7 @@ fn purge_refuses_an_unmanaged_subdirectory_naming_it() {
         "{}",
         run.stderr
     );
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 }
 
 /// What the repository itself contradicts about a purge.

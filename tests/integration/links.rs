@@ -3,58 +3,11 @@
 //! the quick check, drift repair, prune and a failing-check revert, under
 //! a `--root` prefix.
 
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, PermissionsExt};
 
 use crate::support::*;
 
 const QUICK: &str = "(quick check)";
-
-/// One entry under the root, as `lstat` and `readlink` see it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry {
-    path: String,
-    /// "file", "link" or "dir".
-    kind: &'static str,
-    /// A file's bytes, or a link's target.
-    content: Vec<u8>,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-}
-
-/// Every entry under the root, links included (never followed), with
-/// mode and owner: what a byte-exact revert must give back.
-fn snapshot(host: &Host) -> Vec<Entry> {
-    fn walk(base: &std::path::Path, dir: &std::path::Path, out: &mut Vec<Entry>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&path).unwrap();
-            let rel = format!("/{}", path.strip_prefix(base).unwrap().display());
-            let (kind, content) = if m.file_type().is_symlink() {
-                let t = std::fs::read_link(&path).unwrap();
-                ("link", t.into_os_string().into_encoded_bytes())
-            } else if m.is_dir() {
-                walk(base, &path, out);
-                ("dir", Vec::new())
-            } else {
-                ("file", std::fs::read(&path).unwrap())
-            };
-            out.push(Entry {
-                path: rel,
-                kind,
-                content,
-                // A link's mode is always 0777; compare what can differ.
-                mode: if kind == "link" { 0 } else { m.mode() & 0o7777 },
-                uid: m.uid(),
-                gid: m.gid(),
-            });
-        }
-    }
-    let mut out = Vec::new();
-    walk(host.root.path(), host.root.path(), &mut out);
-    out.sort();
-    out
-}
 
 fn target(host: &Host, path: &str) -> Option<String> {
     std::fs::read_link(host.path(path))
@@ -196,9 +149,9 @@ fn links_and_absent_apply_stay_quick_and_drift_is_repaired() {
     );
 
     // No-op: the quick check holds, nothing is written.
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     settle(&host, &r);
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 
     // Drift: a link retargeted by hand is put back.
     let app = host.path("/etc/nginx/sites-enabled/app");
@@ -223,7 +176,7 @@ fn links_and_absent_apply_stay_quick_and_drift_is_repaired() {
     sync(&host, &r).ok();
     assert!(std::fs::symlink_metadata(host.path("/etc/old-link")).is_err());
     settle(&host, &r);
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 }
 
 /// A failing check reverts links and absent paths with the files: the
@@ -234,7 +187,7 @@ fn a_failing_check_reverts_links_and_absent_paths_byte_exact() {
     let r = repo("");
     let host = debian_host();
     sync(&host, &r).ok();
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     // Fails while the new link exists: passes again once reverted.
     let link = host.path("/etc/nginx/sites-enabled/app");
     set_role(
@@ -248,12 +201,12 @@ fn a_failing_check_reverts_links_and_absent_paths_byte_exact() {
     r.commit("v2 with links, its check fails");
     let run = sync(&host, &r).code(1);
     assert!(run.stderr.contains("reverted"), "{}", run.stderr);
-    assert_eq!(snapshot(&host), before, "the revert is not byte-exact");
+    assert_eq!(root_snapshot(&host), before, "the revert is not byte-exact");
     assert!(
         !host.path("/etc/nginx/sites-enabled/app").exists()
             && std::fs::symlink_metadata(host.path("/etc/nginx/sites-enabled/app")).is_err()
     );
-    let leftovers: Vec<_> = snapshot(&host)
+    let leftovers: Vec<_> = root_snapshot(&host)
         .into_iter()
         .filter(|e| e.path.contains(".driftless-"))
         .collect();
@@ -403,7 +356,7 @@ fn bad_links_and_absent_entries_name_role_line_and_entry() {
         let run = host.sync(r.path());
         assert_ne!(run.code, 0);
         assert!(run.stderr.contains(want), "{want:?} not in\n{}", run.stderr);
-        assert!(snapshot(&host).is_empty(), "{extra}");
+        assert!(root_snapshot(&host).is_empty(), "{extra}");
     }
 }
 
@@ -413,7 +366,7 @@ fn bad_links_and_absent_entries_name_role_line_and_entry() {
 fn a_directory_at_an_absent_path_or_a_file_at_a_link_is_refused() {
     let r = repo("[[absent]]\npath = \"/etc/nginx/sites-enabled\"\n");
     let host = debian_host();
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     let run = sync(&host, &r);
     assert_ne!(run.code, 0);
     assert!(
@@ -423,7 +376,7 @@ fn a_directory_at_an_absent_path_or_a_file_at_a_link_is_refused() {
         "{}",
         run.stderr
     );
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 
     let r = repo("[[links]]\npath = \"/etc/cron.d/old-backup\"\ntarget = \"x\"\n");
     let run = sync(&host, &r);
@@ -435,7 +388,7 @@ fn a_directory_at_an_absent_path_or_a_file_at_a_link_is_refused() {
         "{}",
         run.stderr
     );
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
 }
 
 /// A symlink planted above a link's path (its parent directory replaced
@@ -540,7 +493,7 @@ fn links_out_of_the_root_at_the_paths_themselves_are_never_followed() {
     symlink(&out_dir, host.path("/etc/nginx/sites-enabled/default")).unwrap();
     let r = repo("");
     sync(&host, &r).ok();
-    let before = snapshot(&host);
+    let before = root_snapshot(&host);
     // A failing commit: switched in, then reverted.
     let link = host.path("/etc/nginx/sites-enabled/app");
     set_role(
@@ -553,7 +506,7 @@ fn links_out_of_the_root_at_the_paths_themselves_are_never_followed() {
     );
     r.commit("v2 fails");
     sync(&host, &r).code(1);
-    assert_eq!(snapshot(&host), before);
+    assert_eq!(root_snapshot(&host), before);
     // Then one that passes.
     set_role(&r, LINKS, PASS);
     r.commit("v3");

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -259,4 +260,51 @@ pub fn validate(dir: &Path, extra: &[&str]) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// One entry under the root, as `lstat` and `readlink` see it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RootEntry {
+    pub path: String,
+    /// "file", "link" or "dir".
+    pub kind: &'static str,
+    /// A file's bytes, or a link's target.
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Every entry under the root, links included (never followed), with
+/// mode and owner: what a byte-exact revert must give back.
+pub fn root_snapshot(host: &Host) -> Vec<RootEntry> {
+    fn walk(base: &std::path::Path, dir: &std::path::Path, out: &mut Vec<RootEntry>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let rel = format!("/{}", path.strip_prefix(base).unwrap().display());
+            let (kind, content) = if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&path).unwrap();
+                ("link", t.into_os_string().into_encoded_bytes())
+            } else if m.is_dir() {
+                walk(base, &path, out);
+                ("dir", Vec::new())
+            } else {
+                ("file", std::fs::read(&path).unwrap())
+            };
+            out.push(RootEntry {
+                path: rel,
+                kind,
+                content,
+                // A link's mode is always 0777; compare what can differ.
+                mode: if kind == "link" { 0 } else { m.mode() & 0o7777 },
+                uid: m.uid(),
+                gid: m.gid(),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    walk(host.root.path(), host.root.path(), &mut out);
+    out.sort();
+    out
 }

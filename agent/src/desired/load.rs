@@ -268,15 +268,15 @@ pub fn load_host(
             let spec = spec.into_inner();
             match file_decl(snap, role, &origin, spec, role_dir_mode, opts) {
                 Ok(decl) => {
-                    if let Some(other) = claimed.get(&decl.path) {
-                        diags.push(format!(
-                            "{origin}: {} is already managed by {other}; a path can belong to one role only",
-                            decl.path
-                        ));
-                        continue;
+                    if claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "a path can belong to one role only",
+                    ) {
+                        files.push(decl);
                     }
-                    claimed.insert(decl.path.clone(), origin.clone());
-                    files.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -285,15 +285,15 @@ pub fn load_host(
             let origin = at("links", i, spec.span());
             match link_decl(role, &origin, spec.into_inner(), role_dir_mode, opts) {
                 Ok(decl) => {
-                    if let Some(other) = claimed.get(&decl.path) {
-                        diags.push(format!(
-                            "{origin}: {} is already managed by {other}; a path can belong to one entry only",
-                            decl.path
-                        ));
-                        continue;
+                    if claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "a path can belong to one entry only",
+                    ) {
+                        links.push(decl);
                     }
-                    claimed.insert(decl.path.clone(), origin.clone());
-                    links.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -302,15 +302,15 @@ pub fn load_host(
             let origin = at("absent", i, spec.span());
             match absent_decl(role, &origin, spec.into_inner(), opts) {
                 Ok(decl) => {
-                    if let Some(other) = claimed.get(&decl.path) {
-                        diags.push(format!(
-                            "{origin}: {} is already managed by {other}; a path cannot be both managed and absent (remove one of the two entries)",
-                            decl.path
-                        ));
-                        continue;
+                    if claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "a path cannot be both managed and absent (remove one of the two entries)",
+                    ) {
+                        absent.push(decl);
                     }
-                    claimed.insert(decl.path.clone(), origin.clone());
-                    absent.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -319,15 +319,15 @@ pub fn load_host(
             let origin = at("dirs", i, spec.span());
             match dir_decl(role, &origin, spec.into_inner(), role_dir_mode, opts) {
                 Ok(decl) => {
-                    if let Some(other) = claimed.get(&decl.path) {
-                        diags.push(format!(
-                            "{origin}: {} is already managed by {other}; a path can belong to one entry only (remove one of the two)",
-                            decl.path
-                        ));
-                        continue;
+                    if claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "a path can belong to one entry only (remove one of the two)",
+                    ) {
+                        dirs.push(decl);
                     }
-                    claimed.insert(decl.path.clone(), origin.clone());
-                    dirs.push(decl);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -360,14 +360,15 @@ pub fn load_host(
             };
             match file_decl(snap, role, &origin, file, role_dir_mode, opts) {
                 Ok(decl) => {
-                    if let Some(other) = claimed.get(&decl.path) {
-                        diags.push(format!(
-                            "{origin}: {} is already managed by {other}; a path can belong to one role only",
-                            decl.path
-                        ));
+                    if !claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "a path can belong to one role only",
+                    ) {
                         continue;
                     }
-                    claimed.insert(decl.path.clone(), origin.clone());
                     files.push(decl);
                 }
                 Err(e) => {
@@ -474,6 +475,26 @@ pub fn load_host(
         absent,
         dirs,
     })
+}
+
+/// Records that the entry at `origin` manages `path`; `false`, with the
+/// error, when another entry does already (`why` says what to do for
+/// this kind of entry).
+fn claim(
+    claimed: &mut BTreeMap<TargetPath, String>,
+    diags: &mut Diagnostics,
+    origin: &str,
+    path: &TargetPath,
+    why: &str,
+) -> bool {
+    if let Some(other) = claimed.get(path) {
+        diags.push(format!(
+            "{origin}: {path} is already managed by {other}; {why}"
+        ));
+        return false;
+    }
+    claimed.insert(path.clone(), origin.to_string());
+    true
 }
 
 // A role whose role.toml vanished between check_role_name and reading it

@@ -618,27 +618,8 @@ mod tests {
             ("*-*-* 01:30 America/New_York", "2027-11-06 12:00:00"),
             ("Sun *-*-* 02,03:00 Europe/Berlin", "2027-03-27 00:00:00"),
         ] {
-            let out = std::process::Command::new("systemd-analyze")
-                .args([
-                    "calendar",
-                    "--iterations=3",
-                    &format!("--base-time={base} UTC"),
-                    spec,
-                ])
-                .env("TZ", "UTC")
-                .env("LC_ALL", "C")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            let theirs: Vec<String> = text
-                .lines()
-                .filter_map(|l| {
-                    let (k, v) = l.split_once(": ")?;
-                    let k = k.trim();
-                    (k == "Next elapse" || k.starts_with("Iter. #"))
-                        .then(|| v.trim().trim_end_matches(" UTC").to_string())
-                })
-                .collect();
+            let base_time = format!("--base-time={base} UTC");
+            let (theirs, text) = systemd_elapses(&["calendar", "--iterations=3", &base_time, spec]);
             assert_eq!(theirs.len(), 3, "{spec} from {base}: {text}");
             assert_eq!(next_n(spec, at(base), 3), theirs, "{spec} from {base}");
         }
@@ -730,6 +711,27 @@ mod tests {
         );
     }
 
+    /// `systemd-analyze ARGS` in UTC: the elapses it lists, and its output.
+    fn systemd_elapses(args: &[&str]) -> (Vec<String>, String) {
+        let out = std::process::Command::new("systemd-analyze")
+            .args(args)
+            .env("TZ", "UTC")
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let elapses = text
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                let k = k.trim();
+                (k == "Next elapse" || k.starts_with("Iter. #"))
+                    .then(|| v.trim().trim_end_matches(" UTC").to_string())
+            })
+            .collect();
+        (elapses, text)
+    }
+
     /// The same specs through `systemd-analyze calendar`: our next five
     /// elapses are systemd's.
     #[test]
@@ -766,22 +768,7 @@ mod tests {
             let mut last = String::new();
             let ok = (0..2).any(|_| {
                 let now = crate::time::now();
-                let out = std::process::Command::new("systemd-analyze")
-                    .args(["calendar", "--iterations=5", spec])
-                    .env("TZ", "UTC")
-                    .env("LC_ALL", "C")
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                let theirs: Vec<String> = text
-                    .lines()
-                    .filter_map(|l| {
-                        let (k, v) = l.split_once(": ")?;
-                        let k = k.trim();
-                        (k == "Next elapse" || k.starts_with("Iter. #"))
-                            .then(|| v.trim().trim_end_matches(" UTC").to_string())
-                    })
-                    .collect();
+                let (theirs, text) = systemd_elapses(&["calendar", "--iterations=5", spec]);
                 let ours = next_n(spec, now, 5);
                 last = format!("{spec:?}: systemd {theirs:?}, ours {ours:?}\n{text}");
                 theirs == ours && theirs.len() == 5
