@@ -98,6 +98,20 @@ fn policy_of_commit(pass: &Pass, head: &Head, commit: &str) -> Policy {
     }
 }
 
+/// The run's etcd connection, opened on first use.
+#[cfg(feature = "etcd")]
+async fn connected<'a>(
+    store: &'a mut Option<crate::effects::fleet::Store>,
+    fleet: &FleetSettings,
+) -> anyhow::Result<&'a mut crate::effects::fleet::Store> {
+    if store.is_none() {
+        *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
+    }
+    store
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("no etcd connection"))
+}
+
 /// How long a status entry outlives its host: three polls.
 #[cfg(feature = "etcd")]
 fn status_ttl(settings: &crate::config::Settings, fleet: &FleetSettings) -> std::time::Duration {
@@ -208,12 +222,7 @@ impl FleetRun {
     ) -> anyhow::Result<Option<String>> {
         let store = &mut self.store;
         let (marks, suspended) = pass.rt.block_on(async {
-            if store.is_none() {
-                *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
-            }
-            let Some(s) = store.as_mut() else {
-                anyhow::bail!("no etcd connection");
-            };
+            let s = connected(store, fleet).await?;
             let marks = s.bad_marks(current).await?;
             if marks.len() < max as usize {
                 return Ok((marks, None));
@@ -287,12 +296,7 @@ impl FleetRun {
         let settings = pass.settings;
         let store = &mut self.store;
         let (decision, prev, permit) = pass.rt.block_on(async {
-            if store.is_none() {
-                *store = Some(crate::effects::fleet::Store::connect(fleet).await?);
-            }
-            let Some(s) = store.as_mut() else {
-                anyhow::bail!("no etcd connection");
-            };
+            let s = connected(store, fleet).await?;
             s.publish_policy(commit, policy).await?;
             let snap = s.view(commit, &fleet.group).await?;
             let prev = snap
