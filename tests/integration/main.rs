@@ -5,6 +5,7 @@
 
 mod support;
 
+mod accounts;
 mod bad_inputs;
 mod barriers;
 mod checks;

@@ -57,6 +57,10 @@ pub enum ContentRef {
         path: String,
         format: crate::secrets::Store,
     },
+    /// Content driftless makes from a role's declarations (the sysusers.d
+    /// fragment of `[[users]]`/`[[groups]]`); `from` is the repository
+    /// path it is made of.
+    Generated { bytes: Vec<u8>, from: String },
 }
 
 /// One file the host must have, as declared (not yet rendered).
@@ -140,6 +144,8 @@ pub struct HostConfig {
     pub absent: Vec<AbsentDecl>,
     /// Managed directories, sorted by path (parents before children).
     pub dirs: Vec<DirDecl>,
+    /// Declared system users and groups.
+    pub accounts: super::accounts::Accounts,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -233,6 +239,9 @@ pub fn load_host(
     let mut links: Vec<LinkDecl> = Vec::new();
     let mut absent: Vec<AbsentDecl> = Vec::new();
     let mut dirs: Vec<DirDecl> = Vec::new();
+    let mut accounts = super::accounts::Accounts::default();
+    let mut user_origin: BTreeMap<String, String> = BTreeMap::new();
+    let mut group_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut claimed: BTreeMap<TargetPath, String> = BTreeMap::new();
     for role in &roles {
@@ -331,6 +340,69 @@ pub fn load_host(
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
+        }
+        let (mut role_groups, mut role_users) = (Vec::new(), Vec::new());
+        let mut first_account: Option<String> = None;
+        for (i, spec) in role_file.groups.into_iter().enumerate() {
+            let origin = at("groups", i, spec.span());
+            first_account.get_or_insert_with(|| origin.clone());
+            match super::accounts::group_decl(role, &origin, spec.into_inner()) {
+                Ok(g) => {
+                    if let Some(other) = group_origin.get(&g.name) {
+                        diags.push(format!(
+                            "{origin}: group {} is already declared by {other}; declare an account in one role only",
+                            g.name
+                        ));
+                        continue;
+                    }
+                    group_origin.insert(g.name.clone(), origin);
+                    role_groups.push(g);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        for (i, spec) in role_file.users.into_iter().enumerate() {
+            let origin = at("users", i, spec.span());
+            first_account.get_or_insert_with(|| origin.clone());
+            match super::accounts::user_decl(role, &origin, spec.into_inner()) {
+                Ok(u) => {
+                    if let Some(other) = user_origin.get(&u.name) {
+                        diags.push(format!(
+                            "{origin}: user {} is already declared by {other}; declare an account in one role only",
+                            u.name
+                        ));
+                        continue;
+                    }
+                    user_origin.insert(u.name.clone(), origin);
+                    role_users.push(u);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+        }
+        if let Some(origin) = first_account {
+            match account_fragment(
+                role,
+                &origin,
+                &role_groups,
+                &role_users,
+                role_dir_mode,
+                opts,
+            ) {
+                Ok(decl) => {
+                    if claim(
+                        &mut claimed,
+                        &mut diags,
+                        &origin,
+                        &decl.path,
+                        "the sysusers.d fragment of a role's accounts is driftless's to write",
+                    ) {
+                        files.push(decl);
+                    }
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
+            accounts.groups.extend(role_groups);
+            accounts.users.extend(role_users);
         }
         for (i, spec) in role_file.units.into_iter().enumerate() {
             let origin = at("units", i, spec.span());
@@ -454,6 +526,32 @@ pub fn load_host(
         }
     }
 
+    if !accounts.is_empty() {
+        let mut uses: Vec<(&str, &str, &str, &str)> = Vec::new();
+        for f in &files {
+            uses.push((&f.role, &f.origin, "user", &f.owner.0));
+            uses.push((&f.role, &f.origin, "group", &f.group.0));
+        }
+        for d in &dirs {
+            uses.push((&d.role, &d.origin, "user", &d.owner.0));
+            uses.push((&d.role, &d.origin, "group", &d.group.0));
+        }
+        for h in &hooks {
+            if let Some(u) = &h.user {
+                uses.push((&h.role, &h.origin, "user", &u.0));
+            }
+        }
+        for u in &accounts.users {
+            if let Some(g) = &u.group {
+                uses.push((&u.role, &u.origin, "group", g));
+            }
+            for g in &u.members_of {
+                uses.push((&u.role, &u.origin, "group", g));
+            }
+        }
+        check_account_order(&roles, &accounts, &uses, &mut diags);
+    }
+
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -474,7 +572,79 @@ pub fn load_host(
         links,
         absent,
         dirs,
+        accounts,
     })
+}
+
+/// The managed file holding one role's sysusers.d lines.
+fn account_fragment(
+    role: &str,
+    origin: &str,
+    groups: &[super::accounts::GroupDecl],
+    users: &[super::accounts::UserDecl],
+    role_dir_mode: Mode,
+    opts: &LoadOptions,
+) -> Result<FileDecl, String> {
+    let path = target_path(&super::accounts::fragment_path(role), opts)?;
+    Ok(FileDecl {
+        path,
+        role: role.to_string(),
+        content: ContentRef::Generated {
+            bytes: super::accounts::fragment(role, groups, users),
+            from: format!("roles/{role}/role.toml"),
+        },
+        mode: Mode::DEFAULT_FILE,
+        mode_explicit: true,
+        dir_mode: role_dir_mode,
+        owner: Principal::root(),
+        group: Principal::root(),
+        on_change: Vec::new(),
+        reboot: false,
+        origin: origin.to_string(),
+    })
+}
+
+/// A principal used by a role before the role that declares it: `owner`
+/// or `group` of a file or directory, a hook's `user`, a user's `group` or
+/// `members_of`. Execution order would not care (accounts are created
+/// first), but a role that depends on a later one cannot be read on its
+/// own: list the declaring role first.
+fn check_account_order(
+    roles: &[String],
+    accounts: &super::accounts::Accounts,
+    uses: &[(&str, &str, &str, &str)],
+    diags: &mut Diagnostics,
+) {
+    let rank = |role: &str| roles.iter().position(|r| r == role);
+    for (role, origin, kind, name) in uses {
+        let declared = if *kind == "user" {
+            accounts
+                .users
+                .iter()
+                .find(|u| u.name == *name)
+                .map(|u| (&u.role, &u.origin))
+        } else {
+            accounts
+                .groups
+                .iter()
+                .map(|g| (&g.role, &g.origin, g.name.as_str()))
+                .chain(
+                    accounts
+                        .users
+                        .iter()
+                        .filter_map(|u| Some((&u.role, &u.origin, u.implicit_group()?))),
+                )
+                .find(|(_, _, n)| n == name)
+                .map(|(r, o, _)| (r, o))
+        };
+        if let Some((by, at)) = declared {
+            if rank(by) > rank(role) {
+                diags.push(format!(
+                    "{origin}: {kind} {name:?} is declared later, in {at}; list role {by} before {role}"
+                ));
+            }
+        }
+    }
 }
 
 /// Records that the entry at `origin` manages `path`; `false`, with the

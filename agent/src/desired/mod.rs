@@ -2,6 +2,7 @@
 //! rendered desired state. Nothing here touches the disk, the network or
 //! the clock; inputs are a [`snapshot::Snapshot`] and the host's facts.
 
+pub mod accounts;
 pub mod guard;
 pub mod load;
 pub mod model;

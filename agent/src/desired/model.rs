@@ -80,6 +80,13 @@ pub struct RoleFile {
     /// Managed directories: created if missing, mode and owner kept.
     #[serde(default)]
     pub dirs: Vec<Spanned<DirSpec>>,
+    /// System users (`super::accounts`), created by systemd-sysusers
+    /// before the files of the same commit.
+    #[serde(default)]
+    pub users: Vec<Spanned<super::accounts::UserSpec>>,
+    /// System groups, created before the users.
+    #[serde(default)]
+    pub groups: Vec<Spanned<super::accounts::GroupSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]

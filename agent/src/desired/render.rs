@@ -87,6 +87,8 @@ pub struct Desired {
     pub absent: Vec<crate::desired::load::AbsentDecl>,
     /// Managed directories (`[[dirs]]`), sorted by path.
     pub dirs: Vec<crate::desired::load::DirDecl>,
+    /// Declared system users and groups (`[[users]]`, `[[groups]]`).
+    pub accounts: crate::desired::accounts::Accounts,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -334,6 +336,7 @@ impl Renderer {
                         continue;
                     }
                 },
+                ContentRef::Generated { bytes, .. } => bytes.clone(),
                 ContentRef::Source(path) => match snap.read(path) {
                     Ok(Some(b)) => b.to_vec(),
                     Ok(None) => {
@@ -403,7 +406,9 @@ impl Renderer {
             {
                 let what = match &decl.content {
                     ContentRef::Template(t) | ContentRef::Source(t) => t.clone(),
-                    ContentRef::Secret { path, .. } => path.clone(),
+                    ContentRef::Secret { path, .. } | ContentRef::Generated { from: path, .. } => {
+                        path.clone()
+                    }
                 };
                 diags.push(self.too_large(decl, &what, total));
                 break;
@@ -419,6 +424,7 @@ impl Renderer {
                         matches!(snap.entry(name), Some(Entry::File { .. }))
                             && self.uses_only_shared_templates(name)
                     }
+                    ContentRef::Generated { .. } => true,
                     ContentRef::Secret { .. } => false,
                 };
             let mode = if sensitive && !decl.mode_explicit {
@@ -453,6 +459,7 @@ impl Renderer {
             links: host.links.clone(),
             absent: host.absent.clone(),
             dirs: host.dirs.clone(),
+            accounts: host.accounts.clone(),
         })
     }
 

@@ -14,7 +14,14 @@ use crate::desired::render::Desired;
 use crate::effects::rootfs::RootFs;
 use crate::plan::Ids;
 
-pub fn resolve(root: &RootFs, desired: &Desired) -> Result<Ids> {
+/// Resolves every owner and group name of `desired`; a name missing on
+/// the host that `accounts` predicts (a user or group the commit creates)
+/// gets its predicted id.
+pub fn resolve(
+    root: &RootFs,
+    desired: &Desired,
+    accounts: &crate::plan::accounts::ObservedAccounts,
+) -> Result<Ids> {
     let euid = nix::unistd::geteuid();
     let egid = nix::unistd::getegid();
     let mut ids = Ids {
@@ -57,6 +64,7 @@ pub fn resolve(root: &RootFs, desired: &Desired) -> Result<Ids> {
         } else {
             lookup(passwd.as_deref(), u).or_else(|| (u == "root").then_some(0))
         };
+        let id = id.or_else(|| accounts.predicted_users.get(u).map(|p| p.0));
         if let Some(id) = id {
             ids.users.insert(u.to_string(), id);
         }
@@ -72,6 +80,7 @@ pub fn resolve(root: &RootFs, desired: &Desired) -> Result<Ids> {
         } else {
             lookup(group_db.as_deref(), g).or_else(|| (g == "root").then_some(0))
         };
+        let id = id.or_else(|| accounts.predicted_groups.get(g).copied());
         if let Some(id) = id {
             ids.groups.insert(g.to_string(), id);
         }

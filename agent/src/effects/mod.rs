@@ -1,6 +1,7 @@
 //! Effects: everything that reads or changes the world outside the
 //! process. The pure core never calls into here; [`crate::sync`] does.
 
+pub mod accounts;
 pub mod apply;
 pub mod bundle;
 pub mod checks;

@@ -119,6 +119,17 @@ impl Drop for KillGroupOnDrop {
     }
 }
 
+/// [`run`] from synchronous code (the transaction's system tools:
+/// `systemd-sysusers`, `userdel`), on a runtime of its own for the one
+/// run. Must not be called from inside an async task.
+pub fn run_blocking(inv: &Invocation<'_>) -> Result<Finished> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime to run a program")?
+        .block_on(run(inv))
+}
+
 /// Runs `inv` to its end (or its time limit). An error means it could not
 /// be started; how it ended is in [`Finished`].
 pub async fn run(inv: &Invocation<'_>) -> Result<Finished> {

@@ -52,6 +52,9 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         }
     };
     hook_lines(&mut out, HookWhen::Pre);
+    for a in &plan.accounts {
+        let _ = writeln!(out, "{}", style.paint("32", &a.line()));
+    }
     for line in dir_lines(plan) {
         let _ = writeln!(out, "{}", style.paint(line.0, &line.1));
     }
@@ -75,6 +78,9 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             }] += 1;
         }
         let mut others = String::new();
+        if !plan.accounts.is_empty() {
+            let _ = write!(others, "; {} account change(s)", plan.accounts.len());
+        }
         if !plan.dirs.is_empty() {
             let n = plan.dirs.len();
             let _ = write!(
@@ -129,6 +135,12 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         let _ = writeln!(
             out,
             "note: not running as root: owner and group are neither compared nor applied"
+        );
+    }
+    if plan.accounts_skipped {
+        let _ = writeln!(
+            out,
+            "note: not running as root: [[users]] and [[groups]] are not created"
         );
     }
     out

@@ -5,6 +5,7 @@
 //! [`Observed`] map first. Same inputs, same plan, which is what makes
 //! `driftless plan` print exactly what `sync` will do.
 
+pub mod accounts;
 pub mod diff;
 pub mod dirs;
 pub mod inventory;
@@ -202,6 +203,17 @@ pub struct Plan {
     /// created before the files are staged.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<dirs::DirChange>,
+    /// Users, groups and memberships to create (`[[users]]`,
+    /// `[[groups]]`), before anything is staged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<accounts::AccountChange>,
+    /// The sysusers lines of every declared account (what the accounts
+    /// stage runs).
+    #[serde(skip)]
+    pub account_lines: Vec<String>,
+    /// Accounts are declared but not managed (not running as root).
+    #[serde(skip)]
+    pub accounts_skipped: bool,
     /// Every declared absent path: the quick check proves each still
     /// missing.
     #[serde(skip)]
@@ -228,6 +240,7 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+            && self.accounts.is_empty()
             && self.links.is_empty()
             && self.absent.is_empty()
             && self.dirs.is_empty()
@@ -563,6 +576,9 @@ pub fn plan(
         links: link_changes,
         absent,
         dirs: dir_changes,
+        accounts: Vec::new(),
+        account_lines: desired.accounts.lines(),
+        accounts_skipped: !ids.apply_ownership && !desired.accounts.is_empty(),
         absent_paths: desired.absent.iter().map(|a| a.path.clone()).collect(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,

@@ -36,6 +36,7 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         links: Vec::new(),
         absent: Vec::new(),
         dirs: Vec::new(),
+        accounts: Default::default(),
     }
 }
 

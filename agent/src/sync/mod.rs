@@ -558,7 +558,10 @@ fn plan_files(
     drop(renderer);
     drop(timing);
     let timing = timings::stage("ids");
-    let mut ids = ids::resolve(fs, &desired).kind(Failure::Failed)?;
+    let observed_accounts =
+        crate::effects::accounts::observe(fs, &desired.accounts, ownership_applied())
+            .kind(Failure::Failed)?;
+    let mut ids = ids::resolve(fs, &desired, &observed_accounts).kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
         None => (inventory, Vec::new()),
@@ -572,8 +575,21 @@ fn plan_files(
     let observed = observe::observe(fs, &desired, &inventory).kind(Failure::InvalidRepo)?;
     drop(timing);
     let _t = timings::stage("plan");
-    let mut plan = plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids)
-        .kind(Failure::InvalidRepo)?;
+    let account_changes = plan::accounts::diff(&desired.accounts, &observed_accounts);
+    let mut plan = match (
+        plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids),
+        account_changes,
+    ) {
+        (Ok(mut p), Ok(a)) => {
+            p.accounts = a;
+            p
+        }
+        (Err(mut d), Err(a)) => {
+            d.extend(a);
+            return Err(d).kind(Failure::InvalidRepo);
+        }
+        (Err(d), Ok(_)) | (Ok(_), Err(d)) => return Err(d).kind(Failure::InvalidRepo),
+    };
     plan.unchanged += carried.len();
     plan.next_inventory.files.extend(carried);
     plan.drifted = stick::drifted(&plan, &inventory).len();

@@ -116,7 +116,9 @@ fn plan_inner(
     }
     for decl in &config.files {
         let own = match &decl.content {
-            ContentRef::Template(p) | ContentRef::Source(p) => Some(p),
+            ContentRef::Template(p)
+            | ContentRef::Source(p)
+            | ContentRef::Generated { from: p, .. } => Some(p),
             ContentRef::Secret { .. } => None,
         };
         if own.is_some_and(|p| changed_in_repo.contains(p)) {

@@ -127,6 +127,11 @@ pub struct Journal {
     /// stops managing: removed once it commits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub released_originals: Vec<String>,
+    /// The users, groups and memberships this transaction creates before
+    /// staging its files (`effects::accounts`), so that any undo removes
+    /// what it made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<crate::plan::accounts::AccountsRecord>,
 }
 
 /// The systemd side of a transaction: after its files change (or change

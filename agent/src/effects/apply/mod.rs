@@ -240,12 +240,40 @@ pub fn apply(
             .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
             .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
             .collect(),
+        accounts: (ownership && !plan.accounts.is_empty()).then(|| {
+            crate::plan::accounts::AccountsRecord::of(&plan.accounts, plan.account_lines.clone())
+        }),
     };
-    crate::effects::state::write_state_replace(
-        &tx_dir.join(INTENT),
-        &journal,
-        journal_format(&journal),
-    )?;
+    if journal.accounts.is_some() {
+        // Accounts are made before flush (1): the intent naming them must
+        // survive a power loss, or a failed transaction's users would stay.
+        crate::effects::state::write_state_atomic(
+            &tx_dir.join(INTENT),
+            &journal,
+            journal_format(&journal),
+        )?;
+    } else {
+        crate::effects::state::write_state_replace(
+            &tx_dir.join(INTENT),
+            &journal,
+            journal_format(&journal),
+        )?;
+    }
+    // The accounts stage: users and groups exist before any file is
+    // staged with them as owner.
+    if let Some(record) = &journal.accounts {
+        let made = failpoint::hit("apply.accounts.started")
+            .and_then(|()| crate::effects::accounts::create(fs, record))
+            .and_then(|()| failpoint::hit("apply.accounts.done"));
+        if let Err(e) = made {
+            if let Err(re) = rollback(fs, state, &mut journal) {
+                return Err(e.context(format!(
+                    "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
+                )));
+            }
+            return Err(e);
+        }
+    }
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
         failpoint::hit("apply.staged")?;
@@ -701,10 +729,11 @@ fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = Journa
 /// The envelope format of `journal`: 1 unless it records links (see
 /// [`JournalEntry::uses_links`]).
 fn journal_format(journal: &Journal) -> u64 {
-    if journal
-        .entries
-        .iter()
-        .any(|e| e.uses_links() || e.uses_directories())
+    if journal.accounts.is_some()
+        || journal
+            .entries
+            .iter()
+            .any(|e| e.uses_links() || e.uses_directories())
     {
         crate::effects::state::STATE_FORMAT_RESOURCES
     } else {
@@ -1130,6 +1159,15 @@ fn rollback_then(
             errors.join("\n  ")
         );
     }
+    // Accounts last: the files the transaction gave them are gone now.
+    if let Some(record) = &journal.accounts {
+        failpoint::hit("apply.undo.accounts")?;
+        let watched = match inventory {
+            Some(inv) => watched_paths(fs, inv),
+            None => watched_paths(fs, &state.inventory()?),
+        };
+        crate::effects::accounts::undo(fs, record, &watched);
+    }
     flush(fs, state, &dirs)?;
     if let Some(inv) = inventory {
         failpoint::hit("apply.revert.inventory")?;
@@ -1142,6 +1180,17 @@ fn rollback_then(
         journal_format(journal),
     )?;
     Ok(())
+}
+
+/// The paths `inv` manages, on the host: an account that owns one of them
+/// is not removed by an undo.
+fn watched_paths(fs: &RootFs, inv: &Inventory) -> Vec<PathBuf> {
+    inv.files
+        .keys()
+        .chain(inv.directories.keys())
+        .chain(inv.dirs.iter())
+        .map(|p| fs.path().join(p.as_str().trim_start_matches('/')))
+        .collect()
 }
 
 fn undo_entry(

@@ -62,6 +62,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
         links: Vec::new(),
         absent: Vec::new(),
         dirs: Vec::new(),
+        accounts: Default::default(),
     }
 }
 

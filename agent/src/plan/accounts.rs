@@ -1,0 +1,380 @@
+//! The accounts part of a plan: which declared users, groups and
+//! memberships the host lacks, with the ids `systemd-sysusers` predicted
+//! for them (see `desired::accounts` for the model, `effects::accounts`
+//! for how they are read, made and undone).
+//!
+//! Pure: the observation comes in as [`ObservedAccounts`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::accounts::Accounts;
+use crate::desired::Diagnostics;
+
+/// What exists on the host of the accounts a commit declares or names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedAccounts {
+    /// Existing users: name → (uid, primary gid).
+    pub users: BTreeMap<String, (u32, u32)>,
+    /// Existing groups: name → (gid, members).
+    pub groups: BTreeMap<String, (u32, Vec<String>)>,
+    /// What `systemd-sysusers --dry-run` would create: user → (uid, gid).
+    pub predicted_users: BTreeMap<String, (u32, u32)>,
+    /// group → gid.
+    pub predicted_groups: BTreeMap<String, u32>,
+    /// Accounts are managed (running as root). Otherwise nothing is
+    /// created, and the plan says so.
+    pub managed: bool,
+}
+
+/// One account change, in the order sysusers makes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum AccountChange {
+    CreateGroup {
+        name: String,
+        gid: u32,
+        /// Allocated by sysusers (a prediction), not declared.
+        allocated: bool,
+        role: String,
+    },
+    CreateUser {
+        name: String,
+        uid: u32,
+        gid: u32,
+        allocated: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        home: Option<String>,
+        role: String,
+    },
+    AddMember {
+        user: String,
+        group: String,
+        role: String,
+    },
+}
+
+impl AccountChange {
+    /// `+ group webadm (gid 995, allocated by systemd-sysusers)`.
+    pub fn line(&self) -> String {
+        let how = |allocated: bool| {
+            if allocated {
+                ", allocated by systemd-sysusers"
+            } else {
+                ""
+            }
+        };
+        match self {
+            AccountChange::CreateGroup {
+                name,
+                gid,
+                allocated,
+                role,
+            } => format!("+ group {name} (gid {gid}{}; role {role})", how(*allocated)),
+            AccountChange::CreateUser {
+                name,
+                uid,
+                gid,
+                allocated,
+                home,
+                role,
+            } => {
+                let home = home
+                    .as_deref()
+                    .map_or(String::new(), |h| format!(", home {h} (not created)"));
+                format!(
+                    "+ user {name} (uid {uid}, gid {gid}{}{home}; role {role})",
+                    how(*allocated)
+                )
+            }
+            AccountChange::AddMember { user, group, role } => {
+                format!("+ member {user} of group {group} (role {role})")
+            }
+        }
+    }
+}
+
+/// The accounts part of a transaction's journal: enough to undo it
+/// without the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsRecord {
+    /// The sysusers lines run.
+    pub lines: Vec<String>,
+    /// Users absent when the transaction was planned, with their uid.
+    pub users: Vec<(String, u32)>,
+    /// Groups absent when the transaction was planned, with their gid.
+    pub groups: Vec<(String, u32)>,
+    /// Memberships (user, group) absent when the transaction was planned.
+    pub members: Vec<(String, String)>,
+}
+
+impl AccountsRecord {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty() && self.members.is_empty()
+    }
+
+    /// The record of `changes`, which `lines` carry out.
+    pub fn of(changes: &[AccountChange], lines: Vec<String>) -> AccountsRecord {
+        let mut r = AccountsRecord {
+            lines,
+            ..Default::default()
+        };
+        for c in changes {
+            match c {
+                AccountChange::CreateGroup { name, gid, .. } => r.groups.push((name.clone(), *gid)),
+                AccountChange::CreateUser { name, uid, .. } => r.users.push((name.clone(), *uid)),
+                AccountChange::AddMember { user, group, .. } => {
+                    r.members.push((user.clone(), group.clone()))
+                }
+            }
+        }
+        r
+    }
+}
+
+/// The changes that bring the host's accounts to `declared`.
+pub fn diff(
+    declared: &Accounts,
+    observed: &ObservedAccounts,
+) -> Result<Vec<AccountChange>, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let mut changes = Vec::new();
+    if !observed.managed || declared.is_empty() {
+        return Ok(changes);
+    }
+    let predicted_gid = |name: &str| observed.predicted_groups.get(name).copied();
+    let mut creating_groups: BTreeMap<&str, ()> = BTreeMap::new();
+    for g in &declared.groups {
+        if observed.groups.contains_key(&g.name) {
+            continue;
+        }
+        match predicted_gid(&g.name) {
+            Some(gid) => {
+                creating_groups.insert(&g.name, ());
+                changes.push(AccountChange::CreateGroup {
+                    name: g.name.clone(),
+                    gid,
+                    allocated: g.gid.is_none(),
+                    role: g.role.clone(),
+                });
+            }
+            None => diags.push(format!(
+                "{}: systemd-sysusers would not create group {} (its dry run did not say so); \
+                 is the name or gid taken by another account?",
+                g.origin, g.name
+            )),
+        }
+    }
+    let group_known = |name: &str, creating: &BTreeMap<&str, ()>| {
+        observed.groups.contains_key(name)
+            || creating.contains_key(name)
+            || declared.declares_group(name)
+    };
+    for u in &declared.users {
+        if let Some(g) = &u.group {
+            if !group_known(g, &creating_groups) {
+                diags.push(format!(
+                    "{}: group {g:?} (primary group of user {}) is neither declared in [[groups]] nor on this host",
+                    u.origin, u.name
+                ));
+                continue;
+            }
+        }
+        if !observed.users.contains_key(&u.name) {
+            if let Some(own) = u.implicit_group() {
+                if !observed.groups.contains_key(own) && !creating_groups.contains_key(own) {
+                    match predicted_gid(own) {
+                        Some(gid) => {
+                            changes.push(AccountChange::CreateGroup {
+                                name: own.to_string(),
+                                gid,
+                                allocated: u.uid.is_none_or(|uid| uid != gid),
+                                role: u.role.clone(),
+                            });
+                        }
+                        None => {
+                            // sysusers may reuse a group of that name
+                            // declared elsewhere; otherwise it must say.
+                            if !declared.groups.iter().any(|g| g.name == own) {
+                                diags.push(format!(
+                                    "{}: systemd-sysusers would not create group {own} for user {} (its dry run did not say so)",
+                                    u.origin, u.name
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            match observed.predicted_users.get(&u.name) {
+                Some(&(uid, gid)) => changes.push(AccountChange::CreateUser {
+                    name: u.name.clone(),
+                    uid,
+                    gid,
+                    allocated: u.uid.is_none(),
+                    home: u.home.clone(),
+                    role: u.role.clone(),
+                }),
+                None => {
+                    diags.push(format!(
+                        "{}: systemd-sysusers would not create user {} (its dry run did not say so); \
+                         is the uid taken by another account?",
+                        u.origin, u.name
+                    ));
+                    continue;
+                }
+            }
+        }
+        for g in &u.members_of {
+            if !group_known(g, &creating_groups) {
+                diags.push(format!(
+                    "{}: group {g:?} (in members_of of user {}) is neither declared in [[groups]] nor on this host",
+                    u.origin, u.name
+                ));
+                continue;
+            }
+            let member = observed
+                .groups
+                .get(g)
+                .is_some_and(|(_, m)| m.contains(&u.name));
+            if !member {
+                changes.push(AccountChange::AddMember {
+                    user: u.name.clone(),
+                    group: g.clone(),
+                    role: u.role.clone(),
+                });
+            }
+        }
+    }
+    if diags.is_empty() {
+        // Groups first, then users, then memberships: sysusers' order.
+        changes.sort_by_key(|c| match c {
+            AccountChange::CreateGroup { .. } => 0,
+            AccountChange::CreateUser { .. } => 1,
+            AccountChange::AddMember { .. } => 2,
+        });
+        Ok(changes)
+    } else {
+        Err(diags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::accounts::{group_decl, user_decl, GroupSpec, UserSpec};
+
+    fn user(name: &str, group: Option<&str>, members_of: &[&str]) -> UserSpec {
+        UserSpec {
+            name: name.into(),
+            uid: None,
+            group: group.map(str::to_string),
+            members_of: members_of.iter().map(|s| s.to_string()).collect(),
+            home: None,
+            shell: None,
+            description: None,
+            allow_regular_ids: false,
+        }
+    }
+
+    fn declared() -> Accounts {
+        Accounts {
+            groups: vec![group_decl(
+                "web",
+                "roles/web/role.toml:1 groups[0]",
+                GroupSpec {
+                    name: "webadm".into(),
+                    gid: None,
+                    allow_regular_ids: false,
+                },
+            )
+            .unwrap()],
+            users: vec![
+                user_decl(
+                    "web",
+                    "roles/web/role.toml:4 users[0]",
+                    user("app", Some("webadm"), &["adm"]),
+                )
+                .unwrap(),
+                user_decl(
+                    "web",
+                    "roles/web/role.toml:9 users[1]",
+                    user("worker", None, &[]),
+                )
+                .unwrap(),
+            ],
+        }
+    }
+
+    fn host() -> ObservedAccounts {
+        ObservedAccounts {
+            groups: BTreeMap::from([("adm".to_string(), (4, vec!["syslog".to_string()]))]),
+            managed: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_fresh_host_gets_groups_then_users_then_memberships_with_the_predicted_ids() {
+        let mut obs = host();
+        obs.predicted_groups = BTreeMap::from([("webadm".into(), 995), ("worker".into(), 993)]);
+        obs.predicted_users =
+            BTreeMap::from([("app".into(), (994, 995)), ("worker".into(), (993, 993))]);
+        let changes = diff(&declared(), &obs).unwrap();
+        let lines: Vec<String> = changes.iter().map(AccountChange::line).collect();
+        assert_eq!(
+            lines,
+            [
+                "+ group webadm (gid 995, allocated by systemd-sysusers; role web)",
+                "+ group worker (gid 993, allocated by systemd-sysusers; role web)",
+                "+ user app (uid 994, gid 995, allocated by systemd-sysusers; role web)",
+                "+ user worker (uid 993, gid 993, allocated by systemd-sysusers; role web)",
+                "+ member app of group adm (role web)",
+            ]
+        );
+        let record = AccountsRecord::of(&changes, vec![]);
+        assert_eq!(record.users, [("app".into(), 994), ("worker".into(), 993)]);
+        assert_eq!(record.members, [("app".into(), "adm".into())]);
+    }
+
+    #[test]
+    fn existing_accounts_and_memberships_are_no_change() {
+        let mut obs = host();
+        obs.groups.insert("webadm".into(), (995, vec![]));
+        obs.groups.insert("worker".into(), (993, vec![]));
+        obs.groups.get_mut("adm").unwrap().1.push("app".into());
+        obs.users.insert("app".into(), (994, 995));
+        obs.users.insert("worker".into(), (993, 993));
+        assert_eq!(diff(&declared(), &obs).unwrap(), []);
+    }
+
+    #[test]
+    fn a_group_neither_declared_nor_on_the_host_is_refused_with_its_line() {
+        let mut d = declared();
+        d.users[0].members_of = vec!["docker".into()];
+        let mut obs = host();
+        obs.predicted_groups = BTreeMap::from([("webadm".into(), 995), ("worker".into(), 993)]);
+        obs.predicted_users =
+            BTreeMap::from([("app".into(), (994, 995)), ("worker".into(), (993, 993))]);
+        let e = diff(&d, &obs).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "roles/web/role.toml:4 users[0]: group \"docker\" (in members_of of user app) is neither declared in [[groups]] nor on this host"
+        );
+    }
+
+    #[test]
+    fn a_missing_prediction_is_an_error_not_a_guess() {
+        let obs = host();
+        let e = diff(&declared(), &obs).unwrap_err().to_string();
+        assert!(e.contains("would not create group webadm"), "{e}");
+    }
+
+    #[test]
+    fn unmanaged_accounts_plan_nothing() {
+        let mut obs = host();
+        obs.managed = false;
+        assert_eq!(diff(&declared(), &obs).unwrap(), []);
+    }
+}
