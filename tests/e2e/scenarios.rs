@@ -1365,3 +1365,167 @@ fn e2e_20_nginx_sites_by_links_and_absent_apply_revert_and_repair() {
         .success());
     assert_eq!(get(), "app site v3");
 }
+
+/// A service that answers with the ids it runs as and its config.
+const WHOAMI: &str = r#"import http.server, os, grp
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        msg = open("/etc/app/config").read().strip()
+        if msg.startswith("BROKEN"):
+            os._exit(1)
+        groups = sorted(grp.getgrgid(g).gr_name for g in os.getgroups())
+        body = ("uid=%d groups=%s %s\n" % (os.getuid(), ",".join(groups), msg)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", 8085), H).serve_forever()
+"#;
+
+const ACCOUNTS_ROLE: &str = r#"
+[[groups]]
+name = "svcadm"
+
+[[users]]
+name = "app"
+members_of = ["svcadm"]
+home = "/var/lib/app"
+description = "e2e app"
+EXTRA
+
+[[dirs]]
+path = "/var/lib/app"
+owner = "app"
+group = "app"
+mode = "0750"
+
+[[files]]
+path = "/opt/app/server.py"
+source = "server.py"
+on_change = { restart = ["app.service"] }
+
+[[files]]
+path = "/etc/app/config"
+source = "config"
+owner = "root"
+group = "app"
+mode = "0640"
+on_change = { restart = ["app.service"] }
+
+[[files]]
+path = "/etc/systemd/system/app.service"
+source = "app.service"
+on_change = { restart = ["app.service"] }
+
+[[units]]
+name = "app.service"
+enabled = true
+started = true
+
+[[checks]]
+name = "the app answers as its user"
+http = { url = "http://127.0.0.1:8085/", status = 200, body_contains = "svcadm" }
+retries = 20
+interval = "200ms"
+timeout = "2s"
+"#;
+
+/// Issue 16, accounts, on a real Debian: systemd-sysusers creates a
+/// group, a user (member of it) and the user's own group before the files
+/// and directory they own; a unit runs as that user (`User=`, resolved by
+/// the real NSS). A membership removed by hand is repaired. A commit that
+/// adds a user and fails its check is reverted: the user is removed, and
+/// the four account databases are back byte for byte.
+#[test]
+fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Demo { dir };
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    repo.write("roles/app/files/server.py", WHOAMI);
+    repo.write(
+        "roles/app/files/app.service",
+        "[Unit]\nDescription=e2e app\n\n[Service]\nUser=app\nExecStart=/usr/bin/python3 /opt/app/server.py\n\n[Install]\nWantedBy=multi-user.target\n",
+    );
+    repo.write("roles/app/files/config", "ok v1\n");
+    repo.write("roles/app/role.toml", &ACCOUNTS_ROLE.replace("EXTRA", ""));
+    repo.commit("v1");
+    let m = boot("e2e-accounts", &repo);
+    let dbs = "sha256sum /etc/passwd /etc/group /etc/shadow /etc/gshadow";
+    let plan = m.ok("driftless plan 2>&1");
+    assert!(plan.contains("+ group svcadm (gid "), "{plan}");
+    assert!(plan.contains("+ user app (uid "), "{plan}");
+    assert!(
+        plan.contains("+ member app of group svcadm (role app)"),
+        "{plan}"
+    );
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let uid = m.ok("id -u app").trim().to_string();
+    let get = || {
+        m.wait_ok(
+            "python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://127.0.0.1:8085/\").read().decode().strip())'",
+            Duration::from_secs(20),
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
+    assert_eq!(
+        m.ok("stat -c '%U:%G %a' /var/lib/app /etc/app/config"),
+        "app:app 750\nroot:app 640\n"
+    );
+    assert!(m
+        .ok("cat /etc/sysusers.d/driftless-app.conf")
+        .contains("u app - \"e2e app\" /var/lib/app -\n"));
+    // Nothing left to do.
+    let again = sync(&m);
+    let log = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{log}");
+    assert!(
+        log.contains("nothing to do") || log.contains("quick check"),
+        "{log}"
+    );
+
+    // Drift: the membership removed by hand comes back.
+    m.ok("gpasswd -d app svcadm >/dev/null");
+    let plan = m.ok("driftless plan 2>&1");
+    assert!(
+        plan.contains("+ member app of group svcadm (role app)"),
+        "{plan}"
+    );
+    let out = sync(&m);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(m.ok("getent group svcadm").trim().ends_with(":app"));
+    m.ok("systemctl restart app.service");
+    assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
+
+    // A failing commit that adds a user: reverted, the user removed, the
+    // databases byte for byte as before.
+    let before = m.ok(dbs);
+    repo.write("roles/app/files/config", "BROKEN v2\n");
+    repo.write(
+        "roles/app/role.toml",
+        &ACCOUNTS_ROLE.replace("EXTRA", "\n[[users]]\nname = \"extra\"\n"),
+    );
+    repo.commit("v2 breaks the app");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("reverted: user removed"), "{log}");
+    assert!(!m.sh("id extra").status.success(), "{log}");
+    assert_eq!(m.ok(dbs), before, "{log}");
+    assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
+}
