@@ -139,6 +139,29 @@ fn accounts_are_created_before_the_files_they_own_and_then_stay_quick() {
     }
     // Accounts first, then directories and files.
     assert!(plan.find("+ user app").unwrap() < plan.find("+ create directory /srv/work").unwrap());
+    // JSON: `status.resources`, in the order they are made.
+    let json: serde_json::Value = serde_json::from_str(
+        &host
+            .run(r.path(), &["plan", "--format", "json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    let resources = &json["status"]["resources"];
+    assert_eq!(
+        resources[0],
+        serde_json::json!({"kind": "group", "action": "create", "name": "webadm", "gid": 999, "allocated": true, "role": "app"})
+    );
+    assert_eq!(
+        resources[2],
+        serde_json::json!({"kind": "user", "action": "create", "name": "app", "uid": 998, "gid": 999,
+            "allocated": true, "home": "/var/lib/app", "role": "app"})
+    );
+    assert_eq!(
+        resources[4],
+        serde_json::json!({"kind": "member", "action": "add", "user": "app", "group": "adm", "role": "app"})
+    );
+    assert_eq!(resources[5]["kind"], "dir");
     // `plan` changes nothing.
     assert_eq!(dbs(&host), before);
 

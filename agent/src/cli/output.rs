@@ -156,7 +156,9 @@ pub fn print_plan(
     }
 }
 
-/// `status.resources` of a plan: one object per directory, link or absent change,
+/// `status.resources` of a plan: one object per account, directory, link
+/// or absent change, in the order the transaction makes them,
+/// `{"kind": "user", "action": "create", "name": …, "uid": …, …}`,
 /// `{"kind": "link", "action": "retarget", "path": …, "target": …, "was": …}`
 /// or `{"kind": "absent", "action": "remove", "path": …, "file"|"link": …}`.
 fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
@@ -171,9 +173,21 @@ fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
         }
         serde_json::Value::Object(out)
     };
-    plan.dirs
+    plan.accounts
         .iter()
-        .map(|c| tagged("dir", None, serde_json::to_value(c).unwrap_or_default()))
+        .map(|c| {
+            let (kind, action) = c.kind_action();
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("action");
+            }
+            tagged(kind, Some(action), v)
+        })
+        .chain(
+            plan.dirs
+                .iter()
+                .map(|c| tagged("dir", None, serde_json::to_value(c).unwrap_or_default())),
+        )
         .chain(
             plan.links
                 .iter()

@@ -56,6 +56,16 @@ pub enum AccountChange {
 }
 
 impl AccountChange {
+    /// `("group", "create")`, `("user", "create")`, `("member", "add")`:
+    /// how `status.resources` names it.
+    pub fn kind_action(&self) -> (&'static str, &'static str) {
+        match self {
+            AccountChange::CreateGroup { .. } => ("group", "create"),
+            AccountChange::CreateUser { .. } => ("user", "create"),
+            AccountChange::AddMember { .. } => ("member", "add"),
+        }
+    }
+
     /// `+ group webadm (gid 995, allocated by systemd-sysusers)`.
     pub fn line(&self) -> String {
         let how = |allocated: bool| {
