@@ -366,6 +366,7 @@ fn undo_inner(
             // userdel drops a removed user's memberships itself.
             continue;
         }
+        let _ = crate::effects::failpoint::hit("apply.undo.account");
         let mut argv = vec!["usermod".to_string()];
         prefix(&mut argv);
         argv.extend(["-r", "-G", group, user].map(str::to_string));
@@ -386,6 +387,7 @@ fn undo_inner(
             kept.push(format!("kept user {name}: {why}"));
             continue;
         }
+        let _ = crate::effects::failpoint::hit("apply.undo.account");
         let mut argv = vec!["userdel".to_string()];
         prefix(&mut argv);
         argv.push(name.clone());
@@ -412,6 +414,7 @@ fn undo_inner(
             kept.push(format!("kept group {name}: {why}"));
             continue;
         }
+        let _ = crate::effects::failpoint::hit("apply.undo.account");
         let mut argv = vec!["groupdel".to_string()];
         prefix(&mut argv);
         argv.push(name.clone());
