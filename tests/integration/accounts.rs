@@ -33,6 +33,13 @@ fn host() -> Option<Host> {
     }
     let host = Host::new("h");
     std::fs::create_dir_all(host.path("/etc")).unwrap();
+    // Debian's: userdel removes the group named like the user with it
+    // (USERGROUPS_ENAB yes), which the undo must account for.
+    std::fs::write(
+        host.path("/etc/login.defs"),
+        "USERGROUPS_ENAB yes\nSYS_UID_MIN 100\nSYS_UID_MAX 999\nSYS_GID_MIN 100\nSYS_GID_MAX 999\n",
+    )
+    .unwrap();
     for (p, text, mode) in [
         ("/etc/passwd", PASSWD, 0o644),
         ("/etc/group", GROUP, 0o644),
@@ -442,6 +449,182 @@ fn a_membership_in_an_unknown_group_is_refused_before_anything_changes() {
         run.stderr.contains(
             "roles/app/role.toml:1 users[0]: group \"docker\" (in members_of of user app) is neither declared in [[groups]] nor on this host"
         ),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(dbs(&host), before);
+}
+
+/// A pre hook that makes, the way a package's postinst would, an account
+/// the commit declares (`still_missing`), or one that takes the uid the
+/// plan predicted (`made`).
+fn pre_hook(host: &Host, line: &str) -> String {
+    format!(
+        "[[hooks]]\nwhen = \"pre\"\nrun = \"always\"\nargv = [\"/usr/bin/systemd-sysusers\", \"--root={}\", \"--inline\", \"{line}\"]\n",
+        host.root.path().display()
+    )
+}
+
+/// The review's defect 1: an account made by something else between the
+/// plan and the accounts stage was removed by the rollback, as if the
+/// transaction had made it.
+#[test]
+fn an_account_made_by_something_else_after_the_plan_is_never_undone() {
+    let Some(host) = host() else { return };
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[users]]\nname = \"svc\"\n\n{}",
+            pre_hook(&host, "u svc - - - -")
+        ),
+    );
+    r.commit("v1");
+    let run = host.run(r.path(), &["sync", "--once", "--run-checks"]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("user svc was created by something else since the plan"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("reverted: user removed"),
+        "{}",
+        run.stderr
+    );
+    assert!(user(&host, "svc").is_some(), "the other's user was removed");
+    assert!(
+        group(&host, "svc").is_some(),
+        "the other's group was removed"
+    );
+}
+
+/// The review's defect 5: sysusers gave another uid than predicted (one
+/// was taken meanwhile): the accounts it made are removed all the same,
+/// by their real ids, and the other's stays.
+#[test]
+fn accounts_made_with_other_ids_than_planned_are_still_undone() {
+    let Some(host) = host() else { return };
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[users]]\nname = \"svc\"\n\n{}",
+            pre_hook(&host, "u pkguser - - - -")
+        ),
+    );
+    r.commit("v1");
+    let plan = host.run(r.path(), &["plan"]).ok().stdout;
+    assert!(plan.contains("+ user svc (uid 999, gid 999"), "{plan}");
+    let run = host.run(r.path(), &["sync", "--once", "--run-checks"]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("user svc was created with uid 998, not the 999 the plan predicted"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(user(&host, "svc"), None, "{}", run.stderr);
+    assert_eq!(group(&host, "svc"), None, "{}", run.stderr);
+    assert_eq!(user(&host, "pkguser"), Some((999, 999)));
+}
+
+/// The review's defect 2: the host has group `app` already; the commit
+/// declares user `app`, whose primary group it becomes. Debian's userdel
+/// would remove that group with the user: the user is kept instead.
+#[test]
+fn a_user_whose_group_existed_before_is_kept_with_it() {
+    let Some(host) = host() else { return };
+    let mut group_db = std::fs::read_to_string(host.path("/etc/group")).unwrap();
+    group_db.push_str("app:x:901:\n");
+    std::fs::write(host.path("/etc/group"), group_db).unwrap();
+    let mut gshadow = std::fs::read_to_string(host.path("/etc/gshadow")).unwrap();
+    gshadow.push_str("app:!::\n");
+    std::fs::write(host.path("/etc/gshadow"), gshadow).unwrap();
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write("roles/app/files/conf", "x\n");
+    r.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[users]]\nname = \"app\"\n\n[[files]]\npath = \"/srv/app/app.conf\"\nsource = \"conf\"\n\n\
+             [[checks]]\nname = \"app\"\nretries = 1\ninterval = \"10ms\"\ncommand = {{ argv = {} }}\n",
+            fail(&host)
+        ),
+    );
+    r.commit("v1");
+    let run = sync(&host, &r).code(1);
+    assert!(
+        run.stderr.contains("kept user app although its transaction was reverted: userdel would remove its group app (gid 901) as well, which this transaction did not create"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(group(&host, "app"), Some((901, String::new())));
+    // The failing sync says so too.
+    assert!(
+        run.stderr
+            .contains("(but kept user app: userdel would remove"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// The review's defect 3: a directory the transaction created for its
+/// user survives the revert (something was written into it during the
+/// check): the user and its group stay, or the directory would belong to
+/// a uid the next account inherits.
+#[test]
+fn a_user_owning_a_directory_that_survived_the_revert_is_kept() {
+    let Some(host) = host() else { return };
+    let check = format!(
+        "[\"/bin/sh\", \"-c\", \"touch {} && ! test -e {}\"]",
+        host.path("/srv/work/data").display(),
+        host.path("/srv/app/app.conf").display()
+    );
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    role(&r, ACCOUNTS, &check);
+    r.commit("v1");
+    let run = sync(&host, &r).code(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "kept user worker and its group although its transaction was reverted: gid 850 owns {}",
+            host.path("/srv/work").display()
+        )) || run.stderr.contains(&format!(
+            "kept user worker although its transaction was reverted: uid 850 owns {}",
+            host.path("/srv/work").display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(user(&host, "worker"), Some((850, 850)));
+    // The others owned nothing: gone.
+    assert_eq!(user(&host, "app"), None);
+}
+
+#[test]
+fn a_pre_hook_cannot_run_as_a_user_the_commit_creates() {
+    let Some(host) = host() else { return };
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"app\"]\n");
+    r.write("hosts/default.toml", "");
+    r.write(
+        "roles/app/role.toml",
+        "[[users]]\nname = \"app\"\n\n[[hooks]]\nwhen = \"pre\"\nrun = \"always\"\nuser = \"app\"\nargv = [\"/bin/true\"]\n",
+    );
+    r.commit("v1");
+    let before = dbs(&host);
+    let run = host.run(r.path(), &["plan"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("roles/app/role.toml:4 hooks[0]: this pre hook runs as user app, which this commit creates"),
         "{}",
         run.stderr
     );

@@ -261,12 +261,12 @@ fn check_id(id: u32, key: &str, allow_regular: bool) -> Result<(), String> {
 fn check_path_field(value: &str, key: &str) -> Result<(), String> {
     if !value.starts_with('/')
         || value.len() > 256
-        || value
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '"' | '\'' | '\\'))
+        || value.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, ':' | '"' | '\'' | '\\' | '%')
+        })
     {
         return Err(format!(
-            "key `{key}`: {value:?} must be an absolute path without spaces, quotes, `:` or `\\`"
+            "key `{key}`: {value:?} must be an absolute path without spaces, quotes, `:`, `%` or `\\`"
         ));
     }
     Ok(())
@@ -279,10 +279,11 @@ fn check_description(value: &str) -> Result<(), String> {
         || value.chars().count() > 128
         || value
             .chars()
-            .any(|c| c.is_control() || matches!(c, ':' | '"' | '\\'))
+            .any(|c| c.is_control() || matches!(c, ':' | '"' | '\\' | '%'))
     {
         return Err(format!(
-            "key `description`: {value:?} must be 1 to 128 printable characters without `:`, `\"` or `\\`"
+            "key `description`: {value:?} must be 1 to 128 printable characters without `:`, `\"`, `%` or `\\` \
+             (sysusers would expand `%` specifiers)"
         ));
     }
     Ok(())
@@ -415,6 +416,8 @@ mod tests {
             ("description", "line\nu evil - - - -"),
             ("home", "relative"),
             ("home", "/var/lib/a b"),
+            ("home", "/srv/%v"),
+            ("description", "on %H"),
             ("shell", "/bin/sh\n"),
         ] {
             let mut spec = user("app");

@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -161,24 +161,26 @@ impl Db {
         }
     }
 
-    /// Whether any user has `gid` as primary group.
-    fn primary_of(&self, gid: u32) -> Result<Option<String>> {
+    /// A user other than `except` with `gid` as primary group.
+    fn primary_of(&self, gid: u32, except: Option<&str>) -> Result<Option<String>> {
         match &self.files {
             None => {
                 // getpwent through NSS is not exposed by nix; the files
                 // are what sysusers writes, so they are what is checked.
-                let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-                Ok(primary_in(&passwd, gid))
+                let passwd =
+                    std::fs::read_to_string("/etc/passwd").context("cannot read /etc/passwd")?;
+                Ok(primary_in(&passwd, gid, except))
             }
-            Some((passwd, _)) => Ok(primary_in(passwd, gid)),
+            Some((passwd, _)) => Ok(primary_in(passwd, gid, except)),
         }
     }
 }
 
-fn primary_in(passwd: &str, gid: u32) -> Option<String> {
+fn primary_in(passwd: &str, gid: u32, except: Option<&str>) -> Option<String> {
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[3].parse::<u32>().ok() == Some(gid)).then(|| f[0].to_string())
+        (f.len() >= 4 && f[3].parse::<u32>().ok() == Some(gid) && Some(f[0]) != except)
+            .then(|| f[0].to_string())
     })
 }
 
@@ -200,6 +202,8 @@ fn tool(argv: &[String]) -> Result<process::Finished> {
         env: Some(&env),
         user: None,
         timeout: Some(TOOL_TIMEOUT),
+        // The dry run prints a line per account to create: all are read.
+        keep: 16 * 1024 * 1024,
     })
     .map_err(|e| {
         if argv[0] == "systemd-sysusers" {
@@ -238,6 +242,9 @@ pub fn predict(
     let f = sysusers(fs, &args)?;
     ok_or_explain("systemd-sysusers --dry-run", &f)
         .context("cannot predict the ids of the accounts to create")?;
+    if f.stderr.dropped > 0 || f.stdout.dropped > 0 {
+        bail!("systemd-sysusers' dry run printed more than 16 MiB: too many accounts to create in one commit");
+    }
     // Its messages go to stderr (stdout too, in some versions).
     let mut text = String::from_utf8_lossy(&f.stderr.tail).into_owned();
     text.push('\n');
@@ -278,32 +285,47 @@ fn parse_predictions(text: &str) -> (BTreeMap<String, (u32, u32)>, BTreeMap<Stri
     (users, groups)
 }
 
-/// Creates what `record` says is missing, then checks every recorded id.
-pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
-    // Still missing? An account that appeared since the plan is not this
-    // transaction's to undo.
+/// Fails if anything of `record` exists already: made since the plan by
+/// something else (a package's sysusers run, a pre hook, an operator), it
+/// is not this transaction's to make, or to undo.
+pub fn still_missing(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
     let db = Db::read(fs)?;
+    let again = "nothing was applied; the next sync plans again";
     for (name, _) in &record.users {
         if db.user(name)?.is_some() {
-            bail!("user {name} was created by something else since the plan; nothing was applied, the next sync plans again");
+            bail!("user {name} was created by something else since the plan; {again}");
         }
     }
     for (name, _) in &record.groups {
         if db.group(name)?.is_some() {
-            bail!("group {name} was created by something else since the plan; nothing was applied, the next sync plans again");
+            bail!("group {name} was created by something else since the plan; {again}");
         }
     }
+    for (user, group) in &record.members {
+        if db
+            .group(group)?
+            .is_some_and(|(_, members)| members.contains(user))
+        {
+            bail!("{user} was added to group {group} by something else since the plan; {again}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs sysusers on `record`'s lines, then checks every recorded id.
+pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
     let mut args = vec!["--inline"];
     args.extend(record.lines.iter().map(String::as_str));
     let f = sysusers(fs, &args)?;
     ok_or_explain("systemd-sysusers", &f).context("cannot create the declared accounts")?;
     let db = Db::read(fs)?;
+    let again =
+        "(another account was created meanwhile); nothing was applied, the next sync plans again";
     for (name, uid) in &record.users {
         match db.user(name)? {
             Some((got, _)) if got == *uid => {}
             Some((got, _)) => bail!(
-                "user {name} was created with uid {got}, not the {uid} the plan predicted \
-                 (another account was created meanwhile); nothing was applied, the next sync plans again"
+                "user {name} was created with uid {got}, not the {uid} the plan predicted {again}"
             ),
             None => bail!("systemd-sysusers did not create user {name}"),
         }
@@ -312,8 +334,7 @@ pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
         match db.group(name)? {
             Some((got, _)) if got == *gid => {}
             Some((got, _)) => bail!(
-                "group {name} was created with gid {got}, not the {gid} the plan predicted \
-                 (another group was created meanwhile); nothing was applied, the next sync plans again"
+                "group {name} was created with gid {got}, not the {gid} the plan predicted {again}"
             ),
             None => bail!("systemd-sysusers did not create group {name}"),
         }
@@ -321,7 +342,7 @@ pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
     for (user, group) in &record.members {
         let added = db
             .group(group)?
-            .is_some_and(|(_, members)| members.iter().any(|m| m == user));
+            .is_some_and(|(_, members)| members.contains(user));
         if !added {
             bail!("systemd-sysusers did not add {user} to group {group}");
         }
@@ -329,27 +350,58 @@ pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
     Ok(())
 }
 
-/// Undoes `record` as far as it is safe. `watched` are paths driftless
-/// manages (as they are after the file undo): a created account that owns
-/// one of them is kept. Never fails: an account that cannot be removed is
-/// kept (always the safe side), and a note per account kept is returned
-/// and logged.
-pub fn undo(fs: &RootFs, record: &AccountsRecord, watched: &[std::path::PathBuf]) -> Vec<String> {
-    match undo_inner(fs, record, watched) {
-        Ok(kept) => kept,
-        Err(e) => {
-            warn!("the accounts of a reverted transaction were kept: {e:#}");
-            vec![format!("accounts kept: {e:#}")]
+/// `record` as sysusers really made it (run right after it, before any
+/// comparison): each recorded account that exists, with its real id; each
+/// recorded membership that exists. Missing ones are dropped.
+pub fn made(fs: &RootFs, record: &AccountsRecord) -> Result<AccountsRecord> {
+    let db = Db::read(fs)?;
+    let mut out = AccountsRecord {
+        lines: record.lines.clone(),
+        ..Default::default()
+    };
+    for (name, _) in &record.users {
+        if let Some((uid, _)) = db.user(name)? {
+            out.users.push((name.clone(), uid));
         }
     }
+    for (name, _) in &record.groups {
+        if let Some((gid, _)) = db.group(name)? {
+            out.groups.push((name.clone(), gid));
+        }
+    }
+    for (user, group) in &record.members {
+        if db
+            .group(group)?
+            .is_some_and(|(_, members)| members.contains(user))
+        {
+            out.members.push((user.clone(), group.clone()));
+        }
+    }
+    Ok(out)
 }
 
-fn undo_inner(
+/// `userdel`'s exit status for "the user is logged in / runs a process".
+const USERDEL_IN_USE: i32 = 8;
+
+/// Undoes `record` as far as it is safe. `watched` are paths driftless
+/// manages and what survived of the transaction (after the file undo);
+/// `scanned` are those of them looked into as well (a created directory
+/// something else wrote in). An account that owns something there is
+/// kept, as is one whose removal would take along an account the
+/// transaction did not make: a note per kept account is returned and
+/// logged. An error (a tool that cannot run or fails otherwise, an
+/// unreadable database) leaves the rest for the next run to try again.
+pub fn undo(
     fs: &RootFs,
     record: &AccountsRecord,
-    watched: &[std::path::PathBuf],
+    watched: &[PathBuf],
+    scanned: &[PathBuf],
 ) -> Result<Vec<String>> {
     let mut kept = Vec::new();
+    let mut keep = |what: String, why: String| {
+        warn!("kept {what} although its transaction was reverted: {why}");
+        kept.push(format!("kept {what}: {why}"));
+    };
     let prefix = |argv: &mut Vec<String>| {
         if !live(fs) {
             argv.push("--prefix".into());
@@ -360,98 +412,168 @@ fn undo_inner(
     for (user, group) in &record.members {
         let is_member = db
             .group(group)?
-            .is_some_and(|(_, members)| members.iter().any(|m| m == user));
-        let created_user = record.users.iter().any(|(u, _)| u == user);
-        if !is_member || created_user {
+            .is_some_and(|(_, members)| members.contains(user));
+        let user_exists = db.user(user)?.is_some();
+        let user_goes = record.users.iter().any(|(u, _)| u == user);
+        if !is_member || !user_exists || user_goes {
             // userdel drops a removed user's memberships itself.
             continue;
         }
-        let _ = crate::effects::failpoint::hit("apply.undo.account");
+        crate::effects::failpoint::hit("apply.undo.account")?;
         let mut argv = vec!["usermod".to_string()];
         prefix(&mut argv);
         argv.extend(["-r", "-G", group, user].map(str::to_string));
-        if let Err(e) = tool(&argv).and_then(|f| ok_or_explain("usermod", &f)) {
-            warn!(user = %user, group = %group, "kept {user} in group {group}: {e:#}");
-            kept.push(format!("kept {user} in group {group}: {e:#}"));
-            continue;
-        }
+        let f = tool(&argv)?;
+        ok_or_explain("usermod", &f)
+            .with_context(|| format!("cannot take {user} out of group {group}"))?;
         info!(user = %user, group = %group, "reverted: membership removed");
     }
+    let ours_group =
+        |name: &str, gid: u32| record.groups.iter().any(|(g, id)| g == name && *id == gid);
     for (name, uid) in &record.users {
-        match db.user(name)? {
-            Some((got, _)) if got == *uid => {}
-            _ => continue,
-        }
-        if let Some(why) = user_owns(fs, name, *uid, watched)? {
-            warn!(user = %name, uid, "kept user {name} although its transaction was reverted: {why}");
-            kept.push(format!("kept user {name}: {why}"));
+        let Some((got, primary)) = db.user(name)? else {
+            continue;
+        };
+        if got != *uid {
+            keep(
+                format!("user {name}"),
+                format!("it has uid {got}, not the {uid} this transaction gave it"),
+            );
             continue;
         }
-        let _ = crate::effects::failpoint::hit("apply.undo.account");
+        // Debian's userdel (USERGROUPS_ENAB) also removes the group named
+        // like the user when it is the user's primary group: only if that
+        // group is this transaction's too, and may go.
+        if let Some((gid, _)) = db.group(name)?.filter(|(gid, _)| *gid == primary) {
+            if !ours_group(name, gid) {
+                keep(
+                    format!("user {name}"),
+                    format!("userdel would remove its group {name} (gid {gid}) as well, which this transaction did not create"),
+                );
+                continue;
+            }
+            if let Some(why) = group_stays(fs, &db, name, gid, Some(name), watched, scanned)? {
+                keep(format!("user {name} and its group"), why);
+                continue;
+            }
+        }
+        if let Some(why) = user_owns(fs, name, *uid, watched, scanned)? {
+            keep(format!("user {name}"), why);
+            continue;
+        }
+        crate::effects::failpoint::hit("apply.undo.account")?;
         let mut argv = vec!["userdel".to_string()];
         prefix(&mut argv);
         argv.push(name.clone());
-        if let Err(e) = tool(&argv).and_then(|f| ok_or_explain("userdel", &f)) {
-            warn!(user = %name, "kept user {name}: {e:#}");
-            kept.push(format!("kept user {name}: {e:#}"));
+        let f = tool(&argv)?;
+        if f.status.and_then(|s| s.code()) == Some(USERDEL_IN_USE) {
+            keep(format!("user {name}"), f.stderr.last_line(300));
             continue;
         }
+        ok_or_explain("userdel", &f).with_context(|| format!("cannot remove user {name}"))?;
         info!(user = %name, uid, "reverted: user removed");
     }
     let db = Db::read(fs)?;
     for (name, gid) in &record.groups {
-        match db.group(name)? {
-            Some((got, _)) if got == *gid => {}
-            _ => continue,
-        }
-        let why = match db.primary_of(*gid)? {
-            Some(user) => Some(format!("it is the primary group of user {user}")),
-            None => owner_among(watched, |m| m.gid() == *gid)
-                .map(|p| format!("gid {gid} owns {}", p.display())),
+        let Some((got, _)) = db.group(name)? else {
+            continue;
         };
-        if let Some(why) = why {
-            warn!(group = %name, gid, "kept group {name} although its transaction was reverted: {why}");
-            kept.push(format!("kept group {name}: {why}"));
+        if got != *gid {
+            keep(
+                format!("group {name}"),
+                format!("it has gid {got}, not the {gid} this transaction gave it"),
+            );
             continue;
         }
-        let _ = crate::effects::failpoint::hit("apply.undo.account");
+        if let Some(why) = group_stays(fs, &db, name, *gid, None, watched, scanned)? {
+            keep(format!("group {name}"), why);
+            continue;
+        }
+        crate::effects::failpoint::hit("apply.undo.account")?;
         let mut argv = vec!["groupdel".to_string()];
         prefix(&mut argv);
         argv.push(name.clone());
-        if let Err(e) = tool(&argv).and_then(|f| ok_or_explain("groupdel", &f)) {
-            warn!(group = %name, "kept group {name}: {e:#}");
-            kept.push(format!("kept group {name}: {e:#}"));
-            continue;
-        }
+        let f = tool(&argv)?;
+        ok_or_explain("groupdel", &f).with_context(|| format!("cannot remove group {name}"))?;
         info!(group = %name, gid, "reverted: group removed");
     }
     Ok(kept)
 }
 
+/// Why group `name` (`gid`) must stay, if it must: another user (not
+/// `going`) has it as primary group, a process runs with it, or it owns
+/// something driftless can see.
+fn group_stays(
+    fs: &RootFs,
+    db: &Db,
+    name: &str,
+    gid: u32,
+    going: Option<&str>,
+    watched: &[PathBuf],
+    scanned: &[PathBuf],
+) -> Result<Option<String>> {
+    if let Some(user) = db.primary_of(gid, going)? {
+        return Ok(Some(format!("it is the primary group of user {user}")));
+    }
+    if live(fs) {
+        if let Some(pid) = process_with(gid, "Gid:") {
+            return Ok(Some(format!("process {pid} runs with gid {gid}")));
+        }
+    }
+    let places = service_dirs(fs, name);
+    Ok(owned(watched, scanned, &places, |m| m.gid() == gid)
+        .map(|p| format!("gid {gid} owns {}", p.display())))
+}
+
 /// Why user `name` (`uid`) may not be removed, if it owns anything
-/// driftless can see.
+/// driftless can see: a process, a watched path, something in a scanned
+/// directory, its home, or `/var/{lib,log,cache}/<name>` (where a
+/// service's `StateDirectory=` and the like put its data).
 fn user_owns(
     fs: &RootFs,
     name: &str,
     uid: u32,
-    watched: &[std::path::PathBuf],
+    watched: &[PathBuf],
+    scanned: &[PathBuf],
 ) -> Result<Option<String>> {
     if live(fs) {
-        if let Some(pid) = process_of(uid) {
+        if let Some(pid) = process_with(uid, "Uid:") {
             return Ok(Some(format!("process {pid} runs as uid {uid}")));
         }
     }
-    if let Some(p) = owner_among(watched, |m| m.uid() == uid) {
-        return Ok(Some(format!("uid {uid} owns {}", p.display())));
+    let mut places = service_dirs(fs, name);
+    if let Some(home) = home_of(fs, name)?.filter(|h| h != "/" && h.starts_with('/')) {
+        places.push(fs.path().join(home.trim_start_matches('/')));
     }
-    let home = home_of(fs, name)?;
-    if let Some(home) = home.filter(|h| h != "/" && h.starts_with('/')) {
-        let at = fs.path().join(home.trim_start_matches('/'));
-        if let Some(p) = owned_under(&at, uid) {
-            return Ok(Some(format!("uid {uid} owns {}", p.display())));
-        }
+    Ok(owned(watched, scanned, &places, |m| m.uid() == uid)
+        .map(|p| format!("uid {uid} owns {}", p.display())))
+}
+
+fn service_dirs(fs: &RootFs, name: &str) -> Vec<PathBuf> {
+    ["var/lib", "var/log", "var/cache"]
+        .iter()
+        .map(|d| fs.path().join(d).join(name))
+        .collect()
+}
+
+/// The first path that `owns`: among `watched` (the path itself), under
+/// `scanned` and `places` (looked into).
+fn owned(
+    watched: &[PathBuf],
+    scanned: &[PathBuf],
+    places: &[PathBuf],
+    owns: impl Fn(&std::fs::Metadata) -> bool + Copy,
+) -> Option<PathBuf> {
+    if let Some(p) = watched
+        .iter()
+        .find(|p| std::fs::symlink_metadata(p).is_ok_and(|m| owns(&m)))
+    {
+        return Some(p.clone());
     }
-    Ok(None)
+    scanned
+        .iter()
+        .chain(places)
+        .find_map(|d| owned_under(d, owns))
 }
 
 fn home_of(fs: &RootFs, name: &str) -> Result<Option<String>> {
@@ -470,23 +592,13 @@ fn home_of(fs: &RootFs, name: &str) -> Result<Option<String>> {
     }))
 }
 
-fn owner_among(
-    paths: &[std::path::PathBuf],
-    owns: impl Fn(&std::fs::Metadata) -> bool,
-) -> Option<std::path::PathBuf> {
-    paths
-        .iter()
-        .find(|p| std::fs::symlink_metadata(p).is_ok_and(|m| owns(&m)))
-        .cloned()
-}
-
-/// The first entry under `dir` (itself included) owned by `uid`, looking
-/// at no more than [`HOME_SCAN_LIMIT`] entries; past that the directory
-/// counts as owned (the safe answer: the user is kept). Symlinks are not
-/// followed; other filesystems are not entered.
-fn owned_under(dir: &Path, uid: u32) -> Option<std::path::PathBuf> {
+/// The first entry under `dir` (itself included) that `owns`, looking at
+/// no more than [`HOME_SCAN_LIMIT`] entries; past that the directory
+/// counts as owned (the safe answer: the account is kept). Symlinks are
+/// not followed; other filesystems are not entered.
+fn owned_under(dir: &Path, owns: impl Fn(&std::fs::Metadata) -> bool) -> Option<PathBuf> {
     let top = std::fs::symlink_metadata(dir).ok()?;
-    if top.uid() == uid {
+    if owns(&top) {
         return Some(dir.to_path_buf());
     }
     if !top.is_dir() {
@@ -504,7 +616,7 @@ fn owned_under(dir: &Path, uid: u32) -> Option<std::path::PathBuf> {
                 return Some(d);
             }
             let Ok(m) = e.metadata() else { continue };
-            if m.uid() == uid {
+            if owns(&m) {
                 return Some(e.path());
             }
             if m.is_dir() && m.dev() == top.dev() {
@@ -515,8 +627,9 @@ fn owned_under(dir: &Path, uid: u32) -> Option<std::path::PathBuf> {
     None
 }
 
-/// A process whose real, effective, saved or filesystem uid is `uid`.
-fn process_of(uid: u32) -> Option<u32> {
+/// A process whose real, effective, saved or filesystem id on the
+/// `/proc/PID/status` line `field` (`Uid:`, `Gid:`) is `id`.
+fn process_with(id: u32, field: &str) -> Option<u32> {
     let entries = std::fs::read_dir("/proc").ok()?;
     for e in entries.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
@@ -527,8 +640,8 @@ fn process_of(uid: u32) -> Option<u32> {
         };
         let runs_as = status
             .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .is_some_and(|ids| ids.split_whitespace().any(|i| i.parse() == Ok(uid)));
+            .find_map(|l| l.strip_prefix(field))
+            .is_some_and(|ids| ids.split_whitespace().any(|i| i.parse() == Ok(id)));
         if runs_as {
             return Some(pid);
         }
@@ -560,7 +673,8 @@ mod tests {
     #[test]
     fn a_primary_group_is_found_by_gid() {
         let passwd = "root:x:0:0::/root:/bin/sh\napp:x:994:995::/:/usr/sbin/nologin\n";
-        assert_eq!(primary_in(passwd, 995), Some("app".into()));
-        assert_eq!(primary_in(passwd, 996), None);
+        assert_eq!(primary_in(passwd, 995, None), Some("app".into()));
+        assert_eq!(primary_in(passwd, 995, Some("app")), None);
+        assert_eq!(primary_in(passwd, 996, None), None);
     }
 }

@@ -99,6 +99,7 @@ async fn run_one(h: &Hook) -> Result<()> {
         env: Some(&h.env),
         user,
         timeout: Some(h.timeout),
+        keep: 0,
     })
     .await?;
     for (stream, out) in [("stdout", &done.stdout), ("stderr", &done.stderr)] {

@@ -38,6 +38,9 @@ pub struct Invocation<'a> {
     pub user: Option<(u32, u32)>,
     /// The time limit; `None`: the caller bounds the run.
     pub timeout: Option<Duration>,
+    /// Bytes of each output stream kept (the last ones); 0 means
+    /// [`OUTPUT_KEPT`].
+    pub keep: usize,
 }
 
 /// How a run ended.
@@ -76,15 +79,23 @@ impl Finished {
 #[derive(Debug, Default)]
 pub struct Output {
     pub tail: Vec<u8>,
-    /// Bytes dropped from the front to keep [`OUTPUT_KEPT`].
+    /// Bytes dropped from the front to keep [`OUTPUT_KEPT`] (or the
+    /// invocation's own `keep`).
     pub dropped: u64,
+    /// Bytes kept; 0 means [`OUTPUT_KEPT`].
+    limit: usize,
 }
 
 impl Output {
     fn push(&mut self, bytes: &[u8]) {
         self.tail.extend_from_slice(bytes);
-        if self.tail.len() > OUTPUT_KEPT {
-            let excess = self.tail.len() - OUTPUT_KEPT;
+        let limit = if self.limit == 0 {
+            OUTPUT_KEPT
+        } else {
+            self.limit
+        };
+        if self.tail.len() > limit {
+            let excess = self.tail.len() - limit;
             self.tail.drain(..excess);
             self.dropped += excess as u64;
         }
@@ -157,8 +168,14 @@ pub async fn run(inv: &Invocation<'_>) -> Result<Finished> {
         .map(Pid::from_raw);
     let mut guard = KillGroupOnDrop(pgid);
     let (out_pipe, err_pipe) = (child.stdout.take(), child.stderr.take());
-    let mut stdout = Output::default();
-    let mut stderr = Output::default();
+    let mut stdout = Output {
+        limit: inv.keep,
+        ..Default::default()
+    };
+    let mut stderr = Output {
+        limit: inv.keep,
+        ..Default::default()
+    };
     let mut timed_out = false;
     let status = {
         let work = async {
@@ -249,6 +266,7 @@ mod tests {
             env: Some(&env),
             user: None,
             timeout: Some(Duration::from_secs(30)),
+            keep: 0,
         })
         .await
         .unwrap();
@@ -269,6 +287,7 @@ mod tests {
             env: None,
             user: None,
             timeout: None,
+            keep: 0,
         })
         .await
         .unwrap_err();

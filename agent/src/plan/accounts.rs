@@ -105,6 +105,51 @@ impl AccountChange {
     }
 }
 
+/// The hooks of a transaction that also makes `changes`: besides those it
+/// runs already (`planned`), every `always` hook and the `on-change` ones
+/// of the roles whose accounts change. A pre hook may not run as a user
+/// the transaction creates (pre hooks run before the accounts stage).
+pub fn with_hooks(
+    declared: &[crate::desired::spec::Hook],
+    planned: &[crate::desired::spec::Hook],
+    changes: &[AccountChange],
+) -> Result<Vec<crate::desired::spec::Hook>, Diagnostics> {
+    use crate::desired::spec::{HookRun, HookWhen};
+    if changes.is_empty() {
+        return Ok(planned.to_vec());
+    }
+    let role_of = |c: &AccountChange| match c {
+        AccountChange::CreateGroup { role, .. }
+        | AccountChange::CreateUser { role, .. }
+        | AccountChange::AddMember { role, .. } => role.clone(),
+    };
+    let roles: std::collections::BTreeSet<String> = changes.iter().map(role_of).collect();
+    let hooks: Vec<_> = declared
+        .iter()
+        .filter(|h| planned.contains(h) || h.run == HookRun::Always || roles.contains(&h.role))
+        .cloned()
+        .collect();
+    let mut diags = Diagnostics::default();
+    for h in hooks.iter().filter(|h| h.when == HookWhen::Pre) {
+        let Some(user) = &h.user else { continue };
+        let created = changes
+            .iter()
+            .any(|c| matches!(c, AccountChange::CreateUser { name, .. } if *name == user.0));
+        if created {
+            diags.push(format!(
+                "{}: this pre hook runs as user {}, which this commit creates; pre hooks run before \
+                 the accounts are made: make it a post hook, or let the user exist first",
+                h.origin, user.0
+            ));
+        }
+    }
+    if diags.is_empty() {
+        Ok(hooks)
+    } else {
+        Err(diags)
+    }
+}
+
 /// The accounts part of a transaction's journal: enough to undo it
 /// without the plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +206,13 @@ pub fn diff(
             continue;
         }
         match predicted_gid(&g.name) {
+            Some(gid) if g.gid.is_some_and(|want| want != gid) => diags.push(format!(
+                "{}: gid {} of group {} is taken on this host (systemd-sysusers would allocate {gid}); \
+                 free it, or remove `gid` to let sysusers allocate one",
+                g.origin,
+                g.gid.unwrap_or_default(),
+                g.name
+            )),
             Some(gid) => {
                 creating_groups.insert(&g.name, ());
                 changes.push(AccountChange::CreateGroup {
@@ -218,6 +270,16 @@ pub fn diff(
                 }
             }
             match observed.predicted_users.get(&u.name) {
+                Some(&(uid, _)) if u.uid.is_some_and(|want| want != uid) => {
+                    diags.push(format!(
+                        "{}: uid {} of user {} is taken on this host (systemd-sysusers would allocate {uid}); \
+                         free it, or remove `uid` to let sysusers allocate one",
+                        u.origin,
+                        u.uid.unwrap_or_default(),
+                        u.name
+                    ));
+                    continue;
+                }
                 Some(&(uid, gid)) => changes.push(AccountChange::CreateUser {
                     name: u.name.clone(),
                     uid,
@@ -379,6 +441,26 @@ mod tests {
         let obs = host();
         let e = diff(&declared(), &obs).unwrap_err().to_string();
         assert!(e.contains("would not create group webadm"), "{e}");
+    }
+
+    #[test]
+    fn a_declared_id_that_is_taken_is_refused_not_silently_replaced() {
+        let mut d = declared();
+        d.users[1].uid = Some(850);
+        d.groups[0].gid = Some(900);
+        let mut obs = host();
+        // What sysusers predicts when 850 and 900 are taken.
+        obs.predicted_groups = BTreeMap::from([("webadm".into(), 999), ("worker".into(), 998)]);
+        obs.predicted_users =
+            BTreeMap::from([("app".into(), (997, 999)), ("worker".into(), (998, 998))]);
+        let e = diff(&d, &obs).unwrap_err().to_string();
+        assert!(e.contains("roles/web/role.toml:1 groups[0]: gid 900 of group webadm is taken on this host (systemd-sysusers would allocate 999)"), "{e}");
+        assert!(
+            e.contains(
+                "roles/web/role.toml:9 users[1]: uid 850 of user worker is taken on this host"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

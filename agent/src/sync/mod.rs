@@ -581,6 +581,8 @@ fn plan_files(
         account_changes,
     ) {
         (Ok(mut p), Ok(a)) => {
+            p.hooks = plan::accounts::with_hooks(&desired.hooks, &p.hooks, &a)
+                .kind(Failure::InvalidRepo)?;
             p.accounts = a;
             p
         }

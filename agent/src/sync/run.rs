@@ -608,7 +608,10 @@ pub(super) fn after_recovery(
             r.commit.clone(),
             Some(r.txid.clone()),
             None,
-            Some(format!("transaction {what}: rolled back")),
+            Some(format!(
+                "transaction {what}: rolled back{}",
+                kept_suffix(&r.kept)
+            )),
         );
         if let Some(actions) = r.post.as_ref().filter(|_| r.was_live()) {
             if let Err(e) = rt.block_on(post::retell(settings, actions)) {
@@ -651,10 +654,21 @@ pub(super) fn after_recovery(
 
 /// A commit that was applied, failed its actions or checks, and was reverted.
 #[derive(Debug, thiserror::Error)]
-#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad", short(commit))]
+#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad{}", short(commit), kept_suffix(kept))]
 pub struct Reverted {
     pub commit: String,
     pub reason: String,
+    /// Accounts the commit made that the revert kept, and why.
+    pub kept: Vec<String>,
+}
+
+/// `" (but kept user app: uid 850 owns …)"`, or nothing.
+fn kept_suffix(kept: &[String]) -> String {
+    if kept.is_empty() {
+        String::new()
+    } else {
+        format!(" (but {})", kept.join("; "))
+    }
 }
 
 /// Apply, then run unit actions and checks; revert as a whole on failure.
@@ -818,8 +832,10 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         marks::save(state, marks).kind(Failure::Failed)?;
     }
     let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
+    let mut kept = Vec::new();
     let after = match reverted {
-        Ok(()) => {
+        Ok(k) => {
+            kept = k;
             info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
             let again = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
             pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
@@ -847,7 +863,14 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         ));
     }
     match reason {
-        Ok(reason) => Err(Error::new(Failure::Failed, Reverted { commit, reason })),
+        Ok(reason) => Err(Error::new(
+            Failure::Failed,
+            Reverted {
+                commit,
+                reason,
+                kept,
+            },
+        )),
         Err(why) => Err(Error::new(
             Failure::Failed,
             anyhow!(

@@ -235,7 +235,7 @@ mod tests {
     /// aside, and nothing else is repaired either.
     #[test]
     fn a_newer_format_is_refused_and_nothing_is_touched() {
-        for (envelope, version) in [(3, 1), (1, 2)] {
+        for (envelope, version) in [(4, 1), (1, 2)] {
             let (_d, s, root) = state();
             let data = serde_json::json!({"version": version, "commit": "c", "files": {}});
             let inv = serde_json::to_vec(&serde_json::json!({

@@ -132,6 +132,10 @@ pub struct Journal {
     /// what it made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounts: Option<crate::plan::accounts::AccountsRecord>,
+    /// Accounts an undo of this transaction kept, and why (for the log
+    /// and the history; not stored).
+    #[serde(skip)]
+    pub kept: Vec<String>,
 }
 
 /// The systemd side of a transaction: after its files change (or change

@@ -240,32 +240,20 @@ pub fn apply(
             .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
             .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
             .collect(),
+        kept: Vec::new(),
         accounts: (ownership && !plan.accounts.is_empty()).then(|| {
             crate::plan::accounts::AccountsRecord::of(&plan.accounts, plan.account_lines.clone())
         }),
     };
-    if journal.accounts.is_some() {
-        // Accounts are made before flush (1): the intent naming them must
-        // survive a power loss, or a failed transaction's users would stay.
-        crate::effects::state::write_state_atomic(
-            &tx_dir.join(INTENT),
-            &journal,
-            journal_format(&journal),
-        )?;
-    } else {
-        crate::effects::state::write_state_replace(
-            &tx_dir.join(INTENT),
-            &journal,
-            journal_format(&journal),
-        )?;
-    }
+    crate::effects::state::write_state_replace(
+        &tx_dir.join(INTENT),
+        &journal,
+        journal_format(&journal),
+    )?;
     // The accounts stage: users and groups exist before any file is
     // staged with them as owner.
-    if let Some(record) = &journal.accounts {
-        let made = failpoint::hit("apply.accounts.started")
-            .and_then(|()| crate::effects::accounts::create(fs, record))
-            .and_then(|()| failpoint::hit("apply.accounts.done"));
-        if let Err(e) = made {
+    if journal.accounts.is_some() {
+        if let Err(e) = accounts_stage(fs, state, &tx_dir, &mut journal) {
             if let Err(re) = rollback(fs, state, &mut journal) {
                 return Err(e.context(format!(
                     "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
@@ -347,6 +335,59 @@ pub fn apply(
         }
     }
     Ok(applied)
+}
+
+/// The mark, in a transaction's directory, that its accounts stage began:
+/// only then may an undo remove accounts (before it, an account of the
+/// record that exists was made by something else).
+const ACCOUNTS_STARTED: &str = "accounts-started";
+
+/// Creates the journal's accounts: checks they are still missing (what
+/// appeared since the plan is not this transaction's: the record is
+/// dropped and nothing is undone), makes the intent and the
+/// `accounts-started` mark durable (a power loss after sysusers must not
+/// lose the record), runs sysusers, and records the ids it really gave
+/// before comparing them with the plan's, so an undo removes what was
+/// made.
+fn accounts_stage(
+    fs: &RootFs,
+    state: &StateDir,
+    tx_dir: &Path,
+    journal: &mut Journal,
+) -> Result<()> {
+    let Some(record) = journal.accounts.clone() else {
+        return Ok(());
+    };
+    failpoint::hit("apply.accounts.started")?;
+    if let Err(e) = crate::effects::accounts::still_missing(fs, &record) {
+        journal.accounts = None;
+        return Err(e);
+    }
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(INTENT),
+        &*journal,
+        journal_format(journal),
+    )?;
+    let tx_fd = open_dir_path(tx_dir)?;
+    mark(&tx_fd, ACCOUNTS_STARTED)?;
+    nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
+    // The transaction's own directory entry, created just now.
+    nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
+        .context("cannot fsync the transactions directory")?;
+    let made = crate::effects::accounts::create(fs, &record);
+    // What sysusers made, whatever it was: the undo works from this.
+    if let Ok(real) = crate::effects::accounts::made(fs, &record) {
+        if real != record {
+            journal.accounts = Some(real);
+            crate::effects::state::write_state_atomic(
+                &tx_dir.join(INTENT),
+                &*journal,
+                journal_format(journal),
+            )?;
+        }
+    }
+    made?;
+    failpoint::hit("apply.accounts.done")
 }
 
 /// What systemd must be told after the files of `plan` change (or change
@@ -729,11 +770,12 @@ fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = Journa
 /// The envelope format of `journal`: 1 unless it records links (see
 /// [`JournalEntry::uses_links`]).
 fn journal_format(journal: &Journal) -> u64 {
-    if journal.accounts.is_some()
-        || journal
-            .entries
-            .iter()
-            .any(|e| e.uses_links() || e.uses_directories())
+    if journal.accounts.is_some() {
+        crate::effects::state::STATE_FORMAT_ACCOUNTS
+    } else if journal
+        .entries
+        .iter()
+        .any(|e| e.uses_links() || e.uses_directories())
     {
         crate::effects::state::STATE_FORMAT_RESOURCES
     } else {
@@ -1160,13 +1202,33 @@ fn rollback_then(
         );
     }
     // Accounts last: the files the transaction gave them are gone now.
-    if let Some(record) = &journal.accounts {
+    let started = tx_dir.join(ACCOUNTS_STARTED).exists();
+    if let Some(record) = journal.accounts.as_ref().filter(|_| started) {
         failpoint::hit("apply.undo.accounts")?;
-        let watched = match inventory {
+        let mut watched = match inventory {
             Some(inv) => watched_paths(fs, inv),
             None => watched_paths(fs, &state.inventory()?),
         };
-        crate::effects::accounts::undo(fs, record, &watched);
+        // What of the transaction survived its undo (a created directory
+        // something was put in) is looked into too.
+        let mut scanned: Vec<PathBuf> = journal
+            .entries
+            .iter()
+            .map(|e| &e.path)
+            .chain(journal.created_dirs.iter())
+            .map(|p| fs.path().join(p.as_str().trim_start_matches('/')))
+            .collect();
+        scanned.sort();
+        scanned.dedup();
+        watched.extend(scanned.iter().cloned());
+        let kept =
+            crate::effects::accounts::undo(fs, record, &watched, &scanned).with_context(|| {
+                format!(
+                    "cannot undo the accounts of transaction {}; the next run tries again",
+                    journal.txid
+                )
+            })?;
+        journal.kept = kept;
     }
     flush(fs, state, &dirs)?;
     if let Some(inv) = inventory {
@@ -1372,6 +1434,8 @@ pub struct Recovered {
     /// Set when files that units may have loaded were put back: what
     /// systemd must be told again.
     pub post: Option<PostActions>,
+    /// Accounts the transaction made that its undo kept, and why.
+    pub kept: Vec<String>,
 }
 
 impl Recovered {
@@ -1431,6 +1495,7 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
             post: matches!(phase, TxState::Switched | TxState::Reverting)
                 .then(|| journal.post.clone())
                 .flatten(),
+            kept: journal.kept.clone(),
         };
         match phase {
             TxState::Reverting => {
@@ -1470,7 +1535,9 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
 ///
 /// The journal is marked `Reverting` first, so a crash in the middle is
 /// finished by [`recover`] on the next start.
-pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<()> {
+///
+/// Returns a note per account the undo kept (`accounts::undo`).
+pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<Vec<String>> {
     let tx_dir = state.tx_dir().join(txid);
     let mut journal = load_journal(&tx_dir)?.with_context(|| {
         format!(
@@ -1486,7 +1553,8 @@ pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<()> {
         journal_format(&journal),
     )?;
     failpoint::hit("apply.revert.started")?;
-    finish_revert(fs, state, &mut journal)
+    finish_revert(fs, state, &mut journal)?;
+    Ok(journal.kept)
 }
 
 /// Rolls back a transaction and puts its previous inventory back.

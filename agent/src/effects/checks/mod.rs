@@ -118,6 +118,7 @@ async fn command(c: &CommandCheckSpec) -> Result<()> {
         env: None,
         user: None,
         timeout: None,
+        keep: 0,
     })
     .await?;
     let code = done.status.and_then(|s| s.code());

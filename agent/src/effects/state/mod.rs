@@ -303,9 +303,16 @@ pub const STATE_FORMAT: u64 = 1;
 /// first kind that needed it.)
 pub const STATE_FORMAT_RESOURCES: u64 = 2;
 
+/// The envelope format of a journal that records accounts
+/// (`[[users]]`, `[[groups]]`). Agents that read format 2 but know no
+/// accounts would recover such a transaction's files and silently drop
+/// the record of the accounts it made (their journal ignores unknown
+/// fields): they must refuse it instead.
+pub const STATE_FORMAT_ACCOUNTS: u64 = 3;
+
 /// The newest envelope format this binary reads. A larger one is a
 /// [`NewerFormat`], refused.
-pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_RESOURCES;
+pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_ACCOUNTS;
 
 /// The envelope format `inv` is written with: 1 ([`STATE_FORMAT`], the
 /// bytes every agent so far wrote) unless it uses `reboot`.
@@ -570,12 +577,12 @@ mod temp_tests {
         );
         std::fs::write(&p, serde_json::to_vec(&value).unwrap()).unwrap();
         assert_eq!(read_json::<serde_json::Value>(&p).unwrap(), Some(value));
-        std::fs::write(&p, r#"{"driftless_state": 3, "sha256": "", "data": {}}"#).unwrap();
+        std::fs::write(&p, r#"{"driftless_state": 4, "sha256": "", "data": {}}"#).unwrap();
         let err = read_json::<serde_json::Value>(&p).unwrap_err();
         assert!(is_newer_format(&err), "{err:#}");
         let err = format!("{err:#}");
         assert!(
-            err.contains("x.json: written by a newer driftless (state format 3; this agent knows up to format 2)")
+            err.contains("x.json: written by a newer driftless (state format 4; this agent knows up to format 3)")
                 && err.contains("upgrade the agent")
                 && !err.contains("corrupt"),
             "{err}"
