@@ -8,7 +8,7 @@
 set -euo pipefail
 
 cache=${1:-/var/cache/driftless-e2e}
-recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps nginx-light prometheus-node-exporter v5"
+recipe="bookworm minbase systemd systemd-sysv dbus python3 iproute2 procps nginx-light prometheus-node-exporter dpkg-dev v6"
 rootfs="$cache/rootfs"
 stamp="$cache/rootfs.recipe"
 
@@ -25,7 +25,7 @@ mkdir -p "$cache"
 tmp="$cache/rootfs.tmp"
 rm -rf "$tmp"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps,nginx-light,prometheus-node-exporter \
+    --include=systemd,systemd-sysv,dbus,python3,iproute2,procps,nginx-light,prometheus-node-exporter,dpkg-dev \
     bookworm "$tmp" "$mirror" >&2
 # Boot quickly and quietly: no getty, no network waits, fixed identity.
 echo "e2e" > "$tmp/etc/hostname"

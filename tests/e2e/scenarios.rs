@@ -1529,3 +1529,169 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
     assert_eq!(m.ok(dbs), before, "{log}");
     assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
 }
+
+/// Builds `drift-demo` 1.0 and 2.0 (2.0 depends on `drift-dep`), each
+/// with a conffile `/etc/drift-demo.conf` and `/usr/share/drift-demo/VERSION`,
+/// into a local repository `/srv/repo` made with dpkg-scanpackages, the
+/// container's only apt source (there is no network). `copy:` rather than
+/// `file:`: apt then fetches into its cache, as from a network mirror
+/// (from a `file:` source it reads the .deb in place and saves nothing,
+/// so an undo could not reinstall an old version).
+fn local_apt_repo(m: &Machine) {
+    let pkg = |name: &str, version: &str, depends: &str, files: &[(&str, &str)]| {
+        let dir = format!("/tmp/build/{name}-{version}");
+        let mut cmd = format!("mkdir -p {dir}/DEBIAN && ");
+        let mut conffiles = String::new();
+        for (path, content) in files {
+            cmd.push_str(&format!(
+                "mkdir -p $(dirname {dir}{path}) && printf '{content}' > {dir}{path} && "
+            ));
+            if path.starts_with("/etc/") {
+                conffiles.push_str(path);
+                conffiles.push_str("\\n");
+            }
+        }
+        let depends = if depends.is_empty() {
+            String::new()
+        } else {
+            format!("Depends: {depends}\\n")
+        };
+        cmd.push_str(&format!(
+            "printf 'Package: {name}\\nVersion: {version}\\nArchitecture: all\\nMaintainer: e2e <e2e@example.org>\\n{depends}Description: driftless e2e package\\n' > {dir}/DEBIAN/control && \
+             printf '{conffiles}' > {dir}/DEBIAN/conffiles && \
+             dpkg-deb --root-owner-group --build {dir} /srv/repo/{name}_{version}_all.deb >/dev/null"
+        ));
+        m.ok(&format!("mkdir -p /srv/repo && {cmd}"));
+    };
+    pkg(
+        "drift-dep",
+        "1.0",
+        "",
+        &[("/usr/share/drift-dep/VERSION", "1.0\\n")],
+    );
+    pkg(
+        "drift-demo",
+        "1.0",
+        "",
+        &[
+            ("/usr/share/drift-demo/VERSION", "1.0\\n"),
+            ("/etc/drift-demo.conf", "setting = package default\\n"),
+        ],
+    );
+    pkg(
+        "drift-demo",
+        "2.0",
+        "drift-dep",
+        &[
+            ("/usr/share/drift-demo/VERSION", "2.0\\n"),
+            ("/etc/drift-demo.conf", "setting = package default\\n"),
+        ],
+    );
+    m.ok(
+        "cd /srv/repo && dpkg-scanpackages --multiversion . > Packages 2>/dev/null && \
+         rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* && \
+         echo 'deb [trusted=yes] copy:/srv/repo ./' > /etc/apt/sources.list.d/local.list && \
+         apt-get update -qq 2>&1",
+    );
+}
+
+const PACKAGES_ROLE: &str = r#"
+[[packages]]
+name = "drift-demo"
+version = "PINNED"
+
+[[files]]
+path = "/etc/drift-demo.conf"
+source = "demo.conf"
+
+[[checks]]
+name = "drift-demo 1.0 is installed with our config"
+command = { argv = ["/bin/sh", "-c", "grep -qx 1.0 /usr/share/drift-demo/VERSION && grep -qx 'setting = ours' /etc/drift-demo.conf"] }
+retries = 1
+interval = "100ms"
+"#;
+
+/// Issue 16, packages, on a real Debian with a real apt and a local
+/// repository: a package installed before the file that configures it
+/// (its conffile, which the plan took for missing: planned again after
+/// apt ran, so the package's version is backed up, not lost); no-op; a
+/// package removed by hand reinstalled; an upgrade whose check fails put
+/// back to the old version from the transaction's saved .deb, with the
+/// dependency it pulled in removed, and the config byte for byte.
+#[test]
+fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Demo { dir };
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    repo.write("driftless.toml", "roles = [\"demo\"]\n");
+    repo.write("hosts/default.toml", "");
+    repo.write("roles/demo/files/demo.conf", "setting = ours\n");
+    repo.write(
+        "roles/demo/role.toml",
+        &PACKAGES_ROLE.replace("PINNED", "1.0"),
+    );
+    repo.commit("v1");
+    let m = boot("e2e-packages", &repo);
+    local_apt_repo(&m);
+    let status = "dpkg-query -W -f '${Package} ${db:Status-Abbrev}${Version}\\n' drift-demo drift-dep 2>/dev/null; true";
+    let dpkg_before = m.ok("sha256sum /var/lib/dpkg/status");
+    let plan = m.ok("driftless plan 2>&1");
+    assert!(
+        plan.contains("+ install drift-demo 1.0 (role demo)"),
+        "{plan}"
+    );
+    assert!(plan.contains("+ create /etc/drift-demo.conf"), "{plan}");
+    // `plan` changes nothing.
+    assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);
+
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n");
+    assert_eq!(m.ok("cat /etc/drift-demo.conf"), "setting = ours\n");
+    // The package's own version of its conffile was saved as the
+    // original (the file was planned again after apt): pruning the entry
+    // would put it back.
+    let again = sync(&m);
+    let log2 = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{log2}");
+    assert!(
+        log2.contains("nothing to do") || log2.contains("quick check"),
+        "{log2}"
+    );
+
+    // Drift: removed by hand (its conffile stays), reinstalled.
+    m.ok("apt-get remove -y -qq drift-demo >/dev/null 2>&1");
+    assert_eq!(m.ok(status), "drift-demo rc 1.0\n");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n");
+
+    // An upgrade whose check fails: back to 1.0, from the saved .deb,
+    // and the dependency it brought is removed again.
+    let config_before = m.ok("sha256sum /etc/drift-demo.conf");
+    repo.write(
+        "roles/demo/role.toml",
+        &PACKAGES_ROLE.replace("PINNED", "2.0"),
+    );
+    repo.commit("v2 upgrades and breaks the check");
+    let plan = m.ok("driftless plan 2>&1");
+    assert!(
+        plan.contains("~ change drift-demo 1.0 -> 2.0 (role demo)"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("+ install drift-dep 1.0 (a dependency)"),
+        "{plan}"
+    );
+    assert!(!plan.contains("irreversible: change"), "{plan}");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("reverted: packages put back"), "{log}");
+    // The dependency it brought is gone again (no conffiles: no `rc`).
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+    assert_eq!(m.ok("sha256sum /etc/drift-demo.conf"), config_before);
+}

@@ -26,6 +26,7 @@ mod links;
 mod metrics;
 mod notify;
 mod originals;
+mod packages;
 mod pipeline;
 mod planted_links;
 mod quick;

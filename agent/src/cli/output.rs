@@ -183,6 +183,15 @@ fn resources_json(plan: &crate::plan::Plan) -> Vec<serde_json::Value> {
             }
             tagged(kind, Some(action), v)
         })
+        .chain(plan.packages.iter().map(|c| {
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            let action = v
+                .as_object_mut()
+                .and_then(|o| o.remove("action"))
+                .and_then(|a| a.as_str().map(str::to_string))
+                .unwrap_or_default();
+            tagged("package", Some(&action), v)
+        }))
         .chain(
             plan.dirs
                 .iter()

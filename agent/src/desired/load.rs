@@ -146,6 +146,8 @@ pub struct HostConfig {
     pub dirs: Vec<DirDecl>,
     /// Declared system users and groups.
     pub accounts: super::accounts::Accounts,
+    /// Declared packages, in role order, then declaration order.
+    pub packages: Vec<super::packages::PackageDecl>,
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.
@@ -240,6 +242,7 @@ pub fn load_host(
     let mut absent: Vec<AbsentDecl> = Vec::new();
     let mut dirs: Vec<DirDecl> = Vec::new();
     let mut accounts = super::accounts::Accounts::default();
+    let mut packages: Vec<super::packages::PackageDecl> = Vec::new();
     let mut user_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut group_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut unit_origin: BTreeMap<String, String> = BTreeMap::new();
@@ -403,6 +406,33 @@ pub fn load_host(
             }
             accounts.groups.extend(role_groups);
             accounts.users.extend(role_users);
+        }
+        for (i, spec) in role_file.packages.into_iter().enumerate() {
+            let origin = at("packages", i, spec.span());
+            match super::packages::package_decl(role, &origin, spec.into_inner()) {
+                Ok(p) => {
+                    if let Some(other) = packages.iter().find(|o| o.name == p.name) {
+                        let state = |present: bool| if present { "present" } else { "absent" };
+                        diags.push(if other.present == p.present {
+                            format!(
+                                "{origin}: package {} is already declared by {}; declare a package in one role only",
+                                p.name, other.origin
+                            )
+                        } else {
+                            format!(
+                                "{origin}: package {} is {} here but {} in {}; remove one of the two",
+                                p.name,
+                                state(p.present),
+                                state(other.present),
+                                other.origin
+                            )
+                        });
+                        continue;
+                    }
+                    packages.push(p);
+                }
+                Err(e) => diags.push(format!("{origin}: {e}")),
+            }
         }
         for (i, spec) in role_file.units.into_iter().enumerate() {
             let origin = at("units", i, spec.span());
@@ -573,6 +603,7 @@ pub fn load_host(
         absent,
         dirs,
         accounts,
+        packages,
     })
 }
 

@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod guard;
 pub mod load;
 pub mod model;
+pub mod packages;
 pub mod quadlet;
 pub mod redact;
 pub mod render;

@@ -87,6 +87,10 @@ pub struct RoleFile {
     /// System groups, created before the users.
     #[serde(default)]
     pub groups: Vec<Spanned<super::accounts::GroupSpec>>,
+    /// Debian packages present or absent (`super::packages`), installed
+    /// with apt before the files.
+    #[serde(default)]
+    pub packages: Vec<Spanned<super::packages::PackageSpec>>,
     /// Mode of the directories driftless creates for this role's files
     /// (e.g. "0750"); a file's own `dir_mode` wins. Default "0755".
     #[serde(default)]

@@ -89,6 +89,8 @@ pub struct Desired {
     pub dirs: Vec<crate::desired::load::DirDecl>,
     /// Declared system users and groups (`[[users]]`, `[[groups]]`).
     pub accounts: crate::desired::accounts::Accounts,
+    /// Declared packages (`[[packages]]`).
+    pub packages: Vec<crate::desired::packages::PackageDecl>,
 }
 
 /// Templates of a repository, parsed once, rendered for any number of hosts.
@@ -460,6 +462,7 @@ impl Renderer {
             absent: host.absent.clone(),
             dirs: host.dirs.clone(),
             accounts: host.accounts.clone(),
+            packages: host.packages.clone(),
         })
     }
 

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod packages;
 pub mod process;
 pub mod reboot;
 pub mod rootfs;

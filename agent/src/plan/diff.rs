@@ -55,6 +55,14 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
     for a in &plan.accounts {
         let _ = writeln!(out, "{}", style.paint("32", &a.line()));
     }
+    for p in &plan.packages {
+        let color = match p {
+            crate::plan::packages::PackageChange::Install { .. } => "32",
+            crate::plan::packages::PackageChange::Change { .. } => "33",
+            crate::plan::packages::PackageChange::Remove { .. } => "31",
+        };
+        let _ = writeln!(out, "{}", style.paint(color, &p.line()));
+    }
     for line in dir_lines(plan) {
         let _ = writeln!(out, "{}", style.paint(line.0, &line.1));
     }
@@ -80,6 +88,9 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         let mut others = String::new();
         if !plan.accounts.is_empty() {
             let _ = write!(others, "; {} account change(s)", plan.accounts.len());
+        }
+        if !plan.packages.is_empty() {
+            let _ = write!(others, "; {} package(s)", plan.packages.len());
         }
         if !plan.dirs.is_empty() {
             let n = plan.dirs.len();
@@ -119,6 +130,13 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             "irreversible: hooks are not undone (a revert restores the files, not what a hook did)"
         );
     }
+    for p in plan.packages.iter().filter(|p| p.irreversible()) {
+        let _ = writeln!(
+            out,
+            "irreversible: {} (its current version cannot be had again: a revert cannot put it back)",
+            p.line().trim_start_matches(['+', '~', '-', ' '])
+        );
+    }
     if !plan.reboot_required.is_empty() {
         let files: Vec<String> = plan
             .reboot_required
@@ -135,6 +153,12 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
         let _ = writeln!(
             out,
             "note: not running as root: owner and group are neither compared nor applied"
+        );
+    }
+    if plan.packages_skipped {
+        let _ = writeln!(
+            out,
+            "note: [[packages]] are read but not changed under --root or without root"
         );
     }
     if plan.accounts_skipped {

@@ -10,6 +10,7 @@ pub mod diff;
 pub mod dirs;
 pub mod inventory;
 pub mod links;
+pub mod packages;
 pub mod quick;
 
 use std::collections::BTreeMap;
@@ -214,6 +215,20 @@ pub struct Plan {
     /// Accounts are declared but not managed (not running as root).
     #[serde(skip)]
     pub accounts_skipped: bool,
+    /// Packages to install, change or remove (`[[packages]]`), after the
+    /// accounts, before anything is staged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<packages::PackageChange>,
+    /// What the packages stage runs, and what it replaces.
+    #[serde(skip)]
+    pub package_record: packages::PackagesRecord,
+    /// Packages are declared but not managed (under `--root`, or not
+    /// running as root): read, never changed.
+    #[serde(skip)]
+    pub packages_skipped: bool,
+    /// The commit declares packages (the quick check watches dpkg).
+    #[serde(skip)]
+    pub packages_declared: bool,
     /// Every declared absent path: the quick check proves each still
     /// missing.
     #[serde(skip)]
@@ -238,9 +253,28 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Takes the file part (files, links, absent paths, directories, the
+    /// next inventory, unit actions) of `again`, a plan of the same commit
+    /// made after the packages stage; keeps accounts, packages, hooks and
+    /// checks.
+    pub fn replace_files(&mut self, again: Plan) {
+        self.changes = again.changes;
+        self.unchanged = again.unchanged;
+        self.unit_actions = again.unit_actions;
+        self.reboot_required = again.reboot_required;
+        self.links = again.links;
+        self.absent = again.absent;
+        self.dirs = again.dirs;
+        self.absent_paths = again.absent_paths;
+        self.next_inventory = again.next_inventory;
+        self.packages_declared = again.packages_declared;
+        self.self_contained = again.self_contained;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
             && self.accounts.is_empty()
+            && self.packages.is_empty()
             && self.links.is_empty()
             && self.absent.is_empty()
             && self.dirs.is_empty()
@@ -579,6 +613,10 @@ pub fn plan(
         accounts: Vec::new(),
         account_lines: desired.accounts.lines(),
         accounts_skipped: !ids.apply_ownership && !desired.accounts.is_empty(),
+        packages: Vec::new(),
+        package_record: Default::default(),
+        packages_skipped: false,
+        packages_declared: !desired.packages.is_empty(),
         absent_paths: desired.absent.iter().map(|a| a.path.clone()).collect(),
         ownership_applied: ids.apply_ownership,
         next_inventory: next,

@@ -80,6 +80,11 @@ pub struct QuickRecord {
     /// change moves its ctime, an entry added or removed its mtime.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub directories: Vec<(TargetPath, Stamp)>,
+    /// Other paths whose change means a full sync, with their stamps:
+    /// dpkg's status file when packages are declared (a package removed
+    /// by hand changes no managed file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watched: Vec<(TargetPath, Stamp)>,
 }
 
 /// Everything, besides the commit, that the rendered result depends on.
@@ -299,6 +304,7 @@ mod tests {
             links: Vec::new(),
             absent: Vec::new(),
             directories: Vec::new(),
+            watched: Vec::new(),
             files: vec![
                 (path("/etc/a"), stamp(2, 500), true),
                 (path("/etc/b"), stamp(3, 600), true),

@@ -37,6 +37,7 @@ fn desired(files: Vec<DesiredFile>) -> Desired {
         absent: Vec::new(),
         dirs: Vec::new(),
         accounts: Default::default(),
+        packages: Vec::new(),
     }
 }
 

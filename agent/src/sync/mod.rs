@@ -562,6 +562,9 @@ fn plan_files(
         crate::effects::accounts::observe(fs, &desired.accounts, ownership_applied())
             .kind(Failure::Failed)?;
     let mut ids = ids::resolve(fs, &desired, &observed_accounts).kind(Failure::Failed)?;
+    let observed_packages =
+        crate::effects::packages::observe(fs, &desired.packages, ownership_applied())
+            .kind(Failure::InvalidRepo)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
         None => (inventory, Vec::new()),
@@ -592,6 +595,30 @@ fn plan_files(
         }
         (Err(d), Ok(_)) | (Ok(_), Err(d)) => return Err(d).kind(Failure::InvalidRepo),
     };
+    let packages =
+        plan::packages::diff(&desired.packages, &observed_packages).kind(Failure::InvalidRepo)?;
+    if !packages.is_empty() {
+        // Hooks ride along with package changes as with any change.
+        let roles: BTreeSet<&str> = desired
+            .packages
+            .iter()
+            .filter(|d| packages.iter().any(|c| c.name() == d.name))
+            .map(|d| d.role.as_str())
+            .collect();
+        plan.hooks = desired
+            .hooks
+            .iter()
+            .filter(|h| {
+                plan.hooks.contains(h)
+                    || h.run == crate::desired::spec::HookRun::Always
+                    || roles.contains(h.role.as_str())
+            })
+            .cloned()
+            .collect();
+    }
+    plan.package_record = plan::packages::PackagesRecord::of(&desired.packages, &packages);
+    plan.packages = packages;
+    plan.packages_skipped = !observed_packages.managed && !desired.packages.is_empty();
     plan.unchanged += carried.len();
     plan.next_inventory.files.extend(carried);
     plan.drifted = stick::drifted(&plan, &inventory).len();

@@ -89,6 +89,16 @@ pub fn assess(
     inputs: &str,
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
+    let watched = fs.stamps(record.watched.iter().map(|(p, _)| p));
+    if record
+        .watched
+        .iter()
+        .zip(watched)
+        .any(|((_, was), now)| now != Some(*was))
+    {
+        debug!("quick check: a watched path changed (dpkg's status); full sync");
+        return Assessment::Miss;
+    }
     let links = fs.stamps(record.links.iter().map(|(p, _)| p));
     let dirs = fs.stamps(record.directories.iter().map(|(p, _)| p));
     if let Err(miss) = quick::check_paths(&record, &links, &dirs, |p| !fs.confirms_absent(p)) {
@@ -136,6 +146,8 @@ pub struct Managed<'a> {
     pub absent: &'a [TargetPath],
     /// Every managed directory.
     pub directories: &'a [TargetPath],
+    /// Other paths whose change means a full sync.
+    pub watched: &'a [TargetPath],
 }
 
 /// Records the host as matching `commit` after a successful sync that
@@ -156,6 +168,7 @@ pub fn record(
         links,
         absent,
         directories,
+        watched,
     } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
@@ -181,6 +194,11 @@ pub fn record(
             .zip(fs.stamps(directories))
             .map(|(p, s)| s.map(|s| (p.clone(), s)))
             .collect::<Option<Vec<_>>>()?;
+        let watched = watched
+            .iter()
+            .zip(fs.stamps(watched))
+            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .collect::<Option<Vec<_>>>()?;
         if !absent.iter().all(|p| fs.confirms_absent(p)) {
             return None;
         }
@@ -195,6 +213,7 @@ pub fn record(
             links,
             absent: absent.to_vec(),
             directories,
+            watched,
         })
     });
     if let Err(e) = saved {

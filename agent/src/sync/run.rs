@@ -432,6 +432,15 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
         .keys()
         .cloned()
         .collect();
+    let watched: Vec<crate::desired::spec::TargetPath> = if prepared.plan.packages_declared {
+        vec![
+            crate::desired::spec::TargetPath::parse(crate::effects::packages::DPKG_STATUS)
+                .map_err(|e| anyhow!("{e}"))
+                .kind(Failure::Failed)?,
+        ]
+    } else {
+        Vec::new()
+    };
     pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
     let report = deploy(pass, prepared)?;
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
@@ -449,6 +458,7 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
             links: &links,
             absent: &absent,
             directories: &directories,
+            watched: &watched,
         },
     );
     Ok(report)
@@ -733,8 +743,23 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     } else {
         crate::effects::hooks::skipped(&plan.hooks, crate::desired::spec::HookWhen::Pre);
     }
-    let applied = apply::apply(fs, state, &plan, ownership_applied(), now, &opts.apply)
-        .kind(Failure::Failed)?;
+    // After a packages stage, the files are planned again (a package may
+    // have brought a file the plan took for missing).
+    let fetched = &prepared.fetched;
+    let mut replan = || -> anyhow::Result<crate::plan::Plan> {
+        let facts = super::gather_facts(fs);
+        super::plan_for(settings, state, fs, fetched, &facts).map_err(|e| e.error)
+    };
+    let applied = apply::apply_with(
+        fs,
+        state,
+        &mut plan,
+        ownership_applied(),
+        now,
+        &opts.apply,
+        Some(&mut replan),
+    )
+    .kind(Failure::Failed)?;
     info!(
         commit = %short(&commit),
         summary = %prepared.fetched.summary,

@@ -132,6 +132,10 @@ pub struct Journal {
     /// what it made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounts: Option<crate::plan::accounts::AccountsRecord>,
+    /// The packages this transaction installs, changes or removes before
+    /// staging its files (`effects::packages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<crate::plan::packages::PackagesRecord>,
     /// Accounts an undo of this transaction kept, and why (for the log
     /// and the history; not stored).
     #[serde(skip)]

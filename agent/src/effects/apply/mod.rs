@@ -208,6 +208,25 @@ pub fn apply(
     now: i64,
     opts: &ApplyOptions,
 ) -> Result<Applied> {
+    apply_with(fs, state, &mut plan.clone(), ownership, now, opts, None)
+}
+
+/// Plans the files again after the packages stage changed the host (a
+/// package may have installed a file the plan thought missing).
+pub type Replan<'a> = &'a mut dyn FnMut() -> Result<Plan>;
+
+/// [`apply`], and when the plan's packages stage changes anything, the
+/// files are planned again with `replan` (their part of `plan` replaced,
+/// the journal's intent rewritten) before anything is staged.
+pub fn apply_with(
+    fs: &RootFs,
+    state: &StateDir,
+    plan: &mut Plan,
+    ownership: bool,
+    now: i64,
+    opts: &ApplyOptions,
+    replan: Option<Replan<'_>>,
+) -> Result<Applied> {
     let timing = crate::timings::stage("write");
     // No barrier of its own: flush (1) below makes the removal durable
     // before any target is touched.
@@ -241,6 +260,7 @@ pub fn apply(
             .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
             .collect(),
         kept: Vec::new(),
+        packages: (ownership && !plan.packages.is_empty()).then(|| plan.package_record.clone()),
         accounts: (ownership && !plan.accounts.is_empty()).then(|| {
             crate::plan::accounts::AccountsRecord::of(&plan.accounts, plan.account_lines.clone())
         }),
@@ -252,16 +272,40 @@ pub fn apply(
     )?;
     // The accounts stage: users and groups exist before any file is
     // staged with them as owner.
-    if journal.accounts.is_some() {
-        if let Err(e) = accounts_stage(fs, state, &tx_dir, &mut journal) {
-            if let Err(re) = rollback(fs, state, &mut journal) {
-                return Err(e.context(format!(
-                    "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
-                )));
-            }
-            return Err(e);
+    let staged = (|| {
+        if journal.accounts.is_some() {
+            accounts_stage(fs, state, &tx_dir, &mut journal)?;
         }
+        if journal.packages.is_some() {
+            packages_stage(state, &tx_dir, &mut journal)?;
+            if let Some(replan) = replan {
+                let again = replan().context("cannot plan the files again after the packages")?;
+                plan.replace_files(again);
+                journal.entries = intent(plan, &txid);
+                journal.released_originals = before
+                    .files
+                    .iter()
+                    .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
+                    .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
+                    .collect();
+                crate::effects::state::write_state_replace(
+                    &tx_dir.join(INTENT),
+                    &journal,
+                    journal_format(&journal),
+                )?;
+            }
+        }
+        anyhow::Ok(())
+    })();
+    if let Err(e) = staged {
+        if let Err(re) = rollback(fs, state, &mut journal) {
+            return Err(e.context(format!(
+                "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
+            )));
+        }
+        return Err(e);
     }
+    let plan: &Plan = plan;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
         failpoint::hit("apply.staged")?;
@@ -388,6 +432,32 @@ fn accounts_stage(
     }
     made?;
     failpoint::hit("apply.accounts.done")
+}
+
+/// Installs, changes and removes the journal's packages: saves the
+/// versions it replaces into `debs/` (for the undo), makes the
+/// `packages-started` mark durable, runs apt.
+fn packages_stage(state: &StateDir, tx_dir: &Path, journal: &mut Journal) -> Result<()> {
+    let Some(record) = journal.packages.clone() else {
+        return Ok(());
+    };
+    failpoint::hit("apply.packages.started")?;
+    let missing = crate::effects::packages::save_previous(&record, &tx_dir.join("debs"))?;
+    for m in &missing {
+        tracing::warn!("{m} cannot be put back by an undo: its .deb could not be saved");
+    }
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(INTENT),
+        &*journal,
+        journal_format(journal),
+    )?;
+    let tx_fd = open_dir_path(tx_dir)?;
+    mark(&tx_fd, crate::effects::packages::STARTED)?;
+    nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
+    nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
+        .context("cannot fsync the transactions directory")?;
+    crate::effects::packages::change(&record)?;
+    failpoint::hit("apply.packages.done")
 }
 
 /// What systemd must be told after the files of `plan` change (or change
@@ -770,7 +840,7 @@ fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = Journa
 /// The envelope format of `journal`: 1 unless it records links (see
 /// [`JournalEntry::uses_links`]).
 fn journal_format(journal: &Journal) -> u64 {
-    if journal.accounts.is_some() {
+    if journal.accounts.is_some() || journal.packages.is_some() {
         crate::effects::state::STATE_FORMAT_ACCOUNTS
     } else if journal
         .entries
@@ -1201,7 +1271,20 @@ fn rollback_then(
             errors.join("\n  ")
         );
     }
-    // Accounts last: the files the transaction gave them are gone now.
+    // Packages, then accounts: the files the transaction gave them are
+    // gone now.
+    let packages_started = tx_dir.join(crate::effects::packages::STARTED).exists();
+    if let Some(record) = journal.packages.as_ref().filter(|_| packages_started) {
+        failpoint::hit("apply.undo.packages")?;
+        let kept =
+            crate::effects::packages::undo(record, &tx_dir.join("debs")).with_context(|| {
+                format!(
+                    "cannot put back the packages of transaction {}; the next run tries again",
+                    journal.txid
+                )
+            })?;
+        journal.kept.extend(kept);
+    }
     let started = tx_dir.join(ACCOUNTS_STARTED).exists();
     if let Some(record) = journal.accounts.as_ref().filter(|_| started) {
         failpoint::hit("apply.undo.accounts")?;
@@ -1228,7 +1311,7 @@ fn rollback_then(
                     journal.txid
                 )
             })?;
-        journal.kept = kept;
+        journal.kept.extend(kept);
     }
     flush(fs, state, &dirs)?;
     if let Some(inv) = inventory {

@@ -63,6 +63,7 @@ fn desired(files: &[(&str, &str, u32)]) -> Desired {
         absent: Vec::new(),
         dirs: Vec::new(),
         accounts: Default::default(),
+        packages: Vec::new(),
     }
 }
 

@@ -223,6 +223,7 @@ mod tests {
             units: vec![],
             links: vec![(TargetPath::parse("/etc/l").unwrap(), stamp(4))],
             absent: vec![TargetPath::parse("/etc/gone").unwrap()],
+            watched: vec![(TargetPath::parse("/var/lib/dpkg/status").unwrap(), stamp(6))],
             directories: vec![(TargetPath::parse("/srv/app").unwrap(), stamp(5))],
         };
         let bytes = encode(&record).unwrap();

@@ -1,0 +1,415 @@
+//! The packages part of a plan: what apt must install, change or remove
+//! so that the declared packages are as declared, with what apt would do
+//! besides (dependencies, and removals nobody asked for, which are
+//! refused), and whether each change can be undone.
+//!
+//! Pure: the observation (`dpkg-query`, `apt-get -s`) comes in as
+//! [`ObservedPackages`]; `effects::packages` makes it and carries the
+//! changes out.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::packages::PackageDecl;
+use crate::desired::Diagnostics;
+
+/// What the host has of the packages involved, and what apt would do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedPackages {
+    /// Installed packages (dpkg status `ii`, or half-installed states
+    /// treated as installed for removal): name → version.
+    pub installed: BTreeMap<String, String>,
+    /// `apt-get -s` of the declared packages, when anything must change.
+    pub simulation: Option<Simulation>,
+    /// Old versions whose `.deb` can be had again (the apt cache or a
+    /// configured source): name → version.
+    pub reinstallable: BTreeMap<String, String>,
+    /// Packages are changed here (running as root on the live system).
+    pub managed: bool,
+}
+
+/// What `apt-get -s install …` says it would do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Simulation {
+    /// `Inst name [old] (new …)`: name → (old, new).
+    pub installs: BTreeMap<String, (Option<String>, String)>,
+    /// `Remv name [old]`: name → old.
+    pub removes: BTreeMap<String, String>,
+}
+
+/// One package change, in apt's terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum PackageChange {
+    Install {
+        name: String,
+        version: String,
+        /// A dependency apt pulls in, not declared.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+    },
+    Change {
+        name: String,
+        from: String,
+        to: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+        /// `from` cannot be reinstalled by an undo.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        irreversible: bool,
+    },
+    Remove {
+        name: String,
+        version: String,
+        role: String,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        irreversible: bool,
+    },
+}
+
+impl PackageChange {
+    pub fn name(&self) -> &str {
+        match self {
+            PackageChange::Install { name, .. }
+            | PackageChange::Change { name, .. }
+            | PackageChange::Remove { name, .. } => name,
+        }
+    }
+
+    /// Irreversible: an undo cannot put the previous version back.
+    pub fn irreversible(&self) -> bool {
+        match self {
+            PackageChange::Install { .. } => false,
+            PackageChange::Change { irreversible, .. }
+            | PackageChange::Remove { irreversible, .. } => *irreversible,
+        }
+    }
+
+    /// `+ install nginx-light 1.22.1-9 (role web)`.
+    pub fn line(&self) -> String {
+        let irr = |i: bool, what: &str| {
+            if i {
+                format!("  [irreversible: {what} is in no configured source and not in /var/cache/apt/archives]")
+            } else {
+                String::new()
+            }
+        };
+        match self {
+            PackageChange::Install {
+                name,
+                version,
+                role,
+            } => match role {
+                Some(r) => format!("+ install {name} {version} (role {r})"),
+                None => format!("+ install {name} {version} (a dependency)"),
+            },
+            PackageChange::Change {
+                name,
+                from,
+                to,
+                role,
+                irreversible,
+            } => format!(
+                "~ {} {name} {from} -> {to}{}{}",
+                if role.is_some() {
+                    "change"
+                } else {
+                    "change dependency"
+                },
+                role.as_ref()
+                    .map_or(String::new(), |r| format!(" (role {r})")),
+                irr(*irreversible, &format!("{name} {from}"))
+            ),
+            PackageChange::Remove {
+                name,
+                version,
+                role,
+                irreversible,
+            } => format!(
+                "- remove {name} {version} (role {role}){}",
+                irr(*irreversible, &format!("{name} {version}"))
+            ),
+        }
+    }
+}
+
+/// The packages part of a transaction's journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagesRecord {
+    /// What `apt-get install` is given: `name`, `name=version`, `name-`.
+    pub args: Vec<String>,
+    /// Every package the change touches and its version before (`None`:
+    /// not installed).
+    pub before: Vec<(String, Option<String>)>,
+}
+
+impl PackagesRecord {
+    pub fn of(decls: &[PackageDecl], changes: &[PackageChange]) -> PackagesRecord {
+        let touched: std::collections::BTreeSet<&str> =
+            changes.iter().map(PackageChange::name).collect();
+        PackagesRecord {
+            args: decls
+                .iter()
+                .filter(|d| touched.contains(d.name.as_str()))
+                .map(PackageDecl::apt_arg)
+                .collect(),
+            before: changes
+                .iter()
+                .map(|c| match c {
+                    PackageChange::Install { name, .. } => (name.clone(), None),
+                    PackageChange::Change { name, from, .. } => (name.clone(), Some(from.clone())),
+                    PackageChange::Remove { name, version, .. } => {
+                        (name.clone(), Some(version.clone()))
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The base name of a declared package (`libc6:amd64` → `libc6`), as
+/// dpkg-query and apt's simulation print it.
+fn base(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(b, _)| b)
+}
+
+/// The changes that bring the host's packages to `declared`.
+pub fn diff(
+    declared: &[PackageDecl],
+    observed: &ObservedPackages,
+) -> Result<Vec<PackageChange>, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let mut changes = Vec::new();
+    if !observed.managed || declared.is_empty() {
+        return Ok(changes);
+    }
+    let sim = observed.simulation.clone().unwrap_or_default();
+    let reversible = |name: &str, version: &str| {
+        observed
+            .reinstallable
+            .get(name)
+            .is_some_and(|v| v == version)
+    };
+    let mut named = std::collections::BTreeSet::new();
+    for d in declared {
+        let name = base(&d.name);
+        named.insert(name.to_string());
+        let have = observed.installed.get(name);
+        match (d.present, have) {
+            (false, None) => {}
+            (false, Some(v)) => changes.push(PackageChange::Remove {
+                name: name.to_string(),
+                version: v.clone(),
+                role: d.role.clone(),
+                irreversible: !reversible(name, v),
+            }),
+            (true, Some(v)) if d.version.as_ref().is_none_or(|want| want == v) => {}
+            (true, have) => match sim.installs.get(name) {
+                Some((_, new)) => match have {
+                    None => changes.push(PackageChange::Install {
+                        name: name.to_string(),
+                        version: new.clone(),
+                        role: Some(d.role.clone()),
+                    }),
+                    Some(old) => changes.push(PackageChange::Change {
+                        name: name.to_string(),
+                        from: old.clone(),
+                        to: new.clone(),
+                        role: Some(d.role.clone()),
+                        irreversible: !reversible(name, old),
+                    }),
+                },
+                None => diags.push(format!(
+                    "{}: apt cannot install {}: no configured source has it{} (run apt-get update, or check the name and version)",
+                    d.origin,
+                    d.apt_arg(),
+                    d.version.as_ref().map_or(String::new(), |v| format!(" at version {v}"))
+                )),
+            },
+        }
+    }
+    // What apt would do besides: dependencies are shown; removals that
+    // no role declares are refused (apt decided them, not the repository).
+    for (name, (old, new)) in &sim.installs {
+        if named.contains(name) {
+            continue;
+        }
+        changes.push(match old {
+            None => PackageChange::Install {
+                name: name.clone(),
+                version: new.clone(),
+                role: None,
+            },
+            Some(old) => PackageChange::Change {
+                name: name.clone(),
+                from: old.clone(),
+                to: new.clone(),
+                role: None,
+                irreversible: !reversible(name, old),
+            },
+        });
+    }
+    for (name, old) in &sim.removes {
+        if named.contains(name) {
+            continue;
+        }
+        let why = declared
+            .iter()
+            .map(|d| d.origin.as_str())
+            .next()
+            .unwrap_or("[[packages]]");
+        diags.push(format!(
+            "{why}: apt would also remove {name} {old}, which no role declares absent; \
+             declare it absent, or change what makes apt remove it"
+        ));
+    }
+    if diags.is_empty() {
+        Ok(changes)
+    } else {
+        Err(diags)
+    }
+}
+
+/// Parses `apt-get -s` output: `Inst`/`Remv` lines.
+pub fn parse_simulation(text: &str) -> Simulation {
+    let mut sim = Simulation::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Inst"), Some(name)) => {
+                let rest: Vec<&str> = words.collect();
+                let (old, rest) = match rest.first() {
+                    Some(w) if w.starts_with('[') => (
+                        Some(w.trim_matches(|c| c == '[' || c == ']').to_string()),
+                        &rest[1..],
+                    ),
+                    _ => (None, &rest[..]),
+                };
+                if let Some(new) = rest.first().map(|w| w.trim_start_matches('(')) {
+                    sim.installs
+                        .insert(base(name).to_string(), (old, new.to_string()));
+                }
+            }
+            (Some("Remv"), Some(name)) => {
+                let old = words
+                    .next()
+                    .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
+                    .unwrap_or_default();
+                sim.removes.insert(base(name).to_string(), old);
+            }
+            _ => {}
+        }
+    }
+    sim
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::packages::{package_decl, PackageSpec};
+
+    fn decl(name: &str, state: Option<&str>, version: Option<&str>) -> PackageDecl {
+        package_decl(
+            "web",
+            "roles/web/role.toml:1 packages[0]",
+            PackageSpec {
+                name: name.into(),
+                state: state.map(str::to_string),
+                version: version.map(str::to_string),
+            },
+        )
+        .unwrap()
+    }
+
+    const SIM: &str = "NOTE: This is only a simulation!\n\
+        Reading package lists...\n\
+        Remv telnet [0.17+2.4-2]\n\
+        Inst libdemo (1.0 local [all])\n\
+        Inst demo [1.0] (2.0 local [all])\n\
+        Conf libdemo (1.0 local [all])\n\
+        Conf demo (2.0 local [all])\n";
+
+    #[test]
+    fn apt_simulations_are_read() {
+        let sim = parse_simulation(SIM);
+        assert_eq!(sim.installs["demo"], (Some("1.0".into()), "2.0".into()));
+        assert_eq!(sim.installs["libdemo"], (None, "1.0".into()));
+        assert_eq!(sim.removes["telnet"], "0.17+2.4-2");
+    }
+
+    #[test]
+    fn changes_dependencies_and_irreversibility() {
+        let obs = ObservedPackages {
+            installed: BTreeMap::from([
+                ("demo".into(), "1.0".into()),
+                ("telnet".into(), "0.17+2.4-2".into()),
+            ]),
+            simulation: Some(parse_simulation(SIM)),
+            reinstallable: BTreeMap::from([("demo".into(), "1.0".into())]),
+            managed: true,
+        };
+        let changes = diff(
+            &[
+                decl("demo", None, Some("2.0")),
+                decl("telnet", Some("absent"), None),
+            ],
+            &obs,
+        )
+        .unwrap();
+        let lines: Vec<String> = changes.iter().map(PackageChange::line).collect();
+        assert_eq!(
+            lines,
+            [
+                "~ change demo 1.0 -> 2.0 (role web)",
+                "- remove telnet 0.17+2.4-2 (role web)  [irreversible: telnet 0.17+2.4-2 is in no configured source and not in /var/cache/apt/archives]",
+                "+ install libdemo 1.0 (a dependency)",
+            ]
+        );
+        let record = PackagesRecord::of(
+            &[
+                decl("demo", None, Some("2.0")),
+                decl("telnet", Some("absent"), None),
+            ],
+            &changes,
+        );
+        assert_eq!(record.args, ["demo=2.0", "telnet-"]);
+        assert_eq!(record.before[2], ("libdemo".to_string(), None));
+    }
+
+    #[test]
+    fn a_removal_nobody_declared_is_refused() {
+        let obs = ObservedPackages {
+            installed: BTreeMap::from([("telnet".into(), "0.17+2.4-2".into())]),
+            simulation: Some(parse_simulation(SIM)),
+            managed: true,
+            ..Default::default()
+        };
+        let e = diff(&[decl("demo", None, Some("2.0"))], &obs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("apt would also remove telnet 0.17+2.4-2, which no role declares absent"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn what_no_source_has_is_refused_and_what_is_there_is_no_change() {
+        let obs = ObservedPackages {
+            installed: BTreeMap::from([("nginx-light".into(), "1.22.1-9".into())]),
+            simulation: Some(Simulation::default()),
+            managed: true,
+            ..Default::default()
+        };
+        assert_eq!(diff(&[decl("nginx-light", None, None)], &obs).unwrap(), []);
+        let e = diff(&[decl("nope", None, None)], &obs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("apt cannot install nope: no configured source has it"),
+            "{e}"
+        );
+    }
+}
