@@ -39,8 +39,9 @@ use crate::effects::rootfs::RootFs;
 pub use crate::plan::packages::{ObservedPackages, PackagesRecord};
 
 /// The longest an apt or dpkg run may take (it waits for dpkg's lock
-/// within this, then installs).
-const APT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// within this, then installs). Below the daemon's `MAX_SYNC`, after
+/// which its watchdog would stop the agent mid-sync.
+const APT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// How long apt waits for dpkg's lock before it fails naming it.
 const LOCK_WAIT_SECS: u32 = 120;
