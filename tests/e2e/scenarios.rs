@@ -1587,6 +1587,15 @@ fn local_apt_repo(m: &Machine) {
             ("/etc/drift-demo.conf", "setting = package default\\n"),
         ],
     );
+    // drift-slow's postinst waits while /run/drift-fifo is a FIFO nobody
+    // writes: a kill lands inside dpkg, deterministically.
+    m.ok(
+        "mkdir -p /tmp/build/drift-slow/DEBIAN && \
+         printf 'Package: drift-slow\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: e2e <e2e@example.org>\\nDescription: driftless e2e package\\n' > /tmp/build/drift-slow/DEBIAN/control && \
+         printf '#!/bin/sh\\n[ -p /run/drift-fifo ] && cat /run/drift-fifo >/dev/null\\nexit 0\\n' > /tmp/build/drift-slow/DEBIAN/postinst && \
+         chmod 755 /tmp/build/drift-slow/DEBIAN/postinst && \
+         dpkg-deb --root-owner-group --build /tmp/build/drift-slow /srv/repo/drift-slow_1.0_all.deb >/dev/null",
+    );
     m.ok(
         "cd /srv/repo && dpkg-scanpackages --multiversion . > Packages 2>/dev/null && \
          rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* && \
@@ -1694,4 +1703,62 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     // The dependency it brought is gone again (no conffiles: no `rc`).
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
     assert_eq!(m.ok("sha256sum /etc/drift-demo.conf"), config_before);
+
+    // A package the failing commit installs is removed again.
+    repo.write(
+        "roles/demo/role.toml",
+        &format!(
+            "{}\n[[packages]]\nname = \"drift-dep\"\n",
+            PACKAGES_ROLE
+                .replace("PINNED", "1.0")
+                .replace("grep -qx 1.0", "grep -qx 9.9")
+        ),
+    );
+    repo.commit("v3 installs drift-dep and breaks the check");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("reverted: packages put back"), "{log}");
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+}
+
+/// A power loss inside dpkg (agent, apt and dpkg all killed while a
+/// package's postinst runs): the next run's recovery finishes dpkg's
+/// half-done work (`dpkg --configure -a`), undoes the transaction's
+/// packages, and the sync then applies the commit again, whole.
+#[test]
+fn e2e_23_a_kill_inside_dpkg_is_recovered_and_the_commit_applied_again() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Demo { dir };
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    repo.write("driftless.toml", "roles = [\"slow\"]\n");
+    repo.write("hosts/default.toml", "");
+    repo.write(
+        "roles/slow/role.toml",
+        "[[packages]]\nname = \"drift-slow\"\n",
+    );
+    repo.commit("v1");
+    let m = boot("e2e-dpkg-kill", &repo);
+    local_apt_repo(&m);
+    m.ok("mkfifo /run/drift-fifo");
+    m.ok("setsid driftless sync --once > /tmp/sync.log 2>&1 < /dev/null &");
+    m.wait_ok("pgrep -x cat", Duration::from_secs(60));
+    m.ok("pkill -9 -x driftless; pkill -9 -x apt-get; pkill -9 -x dpkg; pkill -9 -x cat; rm -f /run/drift-fifo; true");
+    let half = m.ok("dpkg-query -W -f '${db:Status-Abbrev}' drift-slow");
+    assert!(half.starts_with("iF") || half.starts_with("iU"), "{half:?}");
+    assert!(
+        m.ok("ls /var/lib/driftless/tx").trim().len() > 0,
+        "no transaction left to recover"
+    );
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("rolled back a transaction"), "{log}");
+    assert!(log.contains("reverted: packages put back"), "{log}");
+    assert_eq!(
+        m.ok("dpkg-query -W -f '${db:Status-Abbrev}${Version}' drift-slow"),
+        "ii 1.0"
+    );
+    assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0");
 }
