@@ -625,3 +625,51 @@ fn purge_contradictions_are_refused_with_role_and_line() {
     let (code, out) = validate(r.path(), &[]);
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// Design §2.2: a purge never removes a file an installed package owns
+/// (dpkg's file lists in the root's database), naming the package; `keep`
+/// lets it stay.
+#[test]
+fn a_purge_refuses_to_remove_a_file_a_package_owns() {
+    let host = Host::new("h");
+    std::fs::create_dir_all(host.path("/etc/jobs.d")).unwrap();
+    std::fs::write(
+        host.path("/etc/jobs.d/e2scrub_all"),
+        "30 3 * * 0 root e2scrub_all\n",
+    )
+    .unwrap();
+    std::fs::write(host.path("/etc/jobs.d/stale"), "0 1 * * * root stale\n").unwrap();
+    std::fs::create_dir_all(host.path("/var/lib/dpkg/info")).unwrap();
+    std::fs::write(
+        host.path("/var/lib/dpkg/info/e2fsprogs.list"),
+        "/.\n/etc\n/etc/jobs.d\n/etc/jobs.d/e2scrub_all\n",
+    )
+    .unwrap();
+    let r = repo("[[dirs]]\npath = \"/etc/jobs.d\"\npurge = true\n");
+    let before = root_snapshot(&host);
+    let run = host.run(r.path(), &["plan"]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stderr.contains(
+            "/etc/jobs.d/e2scrub_all (role app): the purge of its directory would remove it, but package e2fsprogs owns it; declare it, add it to `keep`, or remove the package"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert_ne!(sync(&host, &r).code, 0);
+    assert_eq!(
+        root_snapshot(&host),
+        before,
+        "a refused purge changed the host"
+    );
+    // Kept: the purge goes on without it.
+    set_role(
+        &r,
+        "[[dirs]]\npath = \"/etc/jobs.d\"\npurge = true\nkeep = [\"e2scrub_all\"]\n",
+        PASS,
+    );
+    r.commit("keep it");
+    sync(&host, &r).ok();
+    assert!(host.path("/etc/jobs.d/e2scrub_all").exists());
+    assert!(!host.path("/etc/jobs.d/stale").exists());
+}

@@ -61,19 +61,32 @@ pub fn pending<'a>(inv: &'a Inventory, boot: &str) -> Option<&'a RebootRequest> 
 /// following a link at or above `var/lib/dpkg/info` (a link gives no
 /// owner). Only run when a transaction asks for a reboot.
 pub fn owners(fs: &RootFs, paths: &[TargetPath]) -> Vec<(TargetPath, String)> {
-    let mut found: Vec<Option<String>> = vec![None; paths.len()];
     if paths.is_empty() {
         return Vec::new();
     }
-    if let Err(e) = scan_dpkg_lists(fs, paths, &mut found) {
-        tracing::debug!("no package owners for the reboot request: {e:#}");
-    }
+    let found = match dpkg_owners(fs, paths) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!("no package owners for the reboot request: {e:#}");
+            vec![None; paths.len()]
+        }
+    };
     paths
         .iter()
         .cloned()
         .zip(found)
         .map(|(p, o)| (p, o.unwrap_or_else(|| OWN_NAME.to_string())))
         .collect()
+}
+
+/// The package whose file list in the root's dpkg database
+/// (`var/lib/dpkg/info/*.list`) names each of `paths`, if any.
+pub fn dpkg_owners(fs: &RootFs, paths: &[TargetPath]) -> Result<Vec<Option<String>>> {
+    let mut found: Vec<Option<String>> = vec![None; paths.len()];
+    if !paths.is_empty() {
+        scan_dpkg_lists(fs, paths, &mut found)?;
+    }
+    Ok(found)
 }
 
 fn scan_dpkg_lists(fs: &RootFs, paths: &[TargetPath], found: &mut [Option<String>]) -> Result<()> {

@@ -595,6 +595,7 @@ fn plan_files(
         }
         (Err(d), Ok(_)) | (Ok(_), Err(d)) => return Err(d).kind(Failure::InvalidRepo),
     };
+    refuse_purging_package_files(fs, &plan)?;
     let packages =
         plan::packages::diff(&desired.packages, &observed_packages).kind(Failure::InvalidRepo)?;
     if !packages.is_empty() {
@@ -624,6 +625,35 @@ fn plan_files(
     plan.drifted = stick::drifted(&plan, &inventory).len();
     plan.secrets_decrypted = resolver.decrypted_files();
     Ok(plan)
+}
+
+/// A purge (`[[dirs]]` with `purge = true`) never removes a file an
+/// installed package owns (dpkg would miss it, and the next upgrade put it
+/// back): `/etc/cron.d/e2scrub_all` belongs to e2fsprogs, so purging
+/// `/etc/cron.d` must name it.
+fn refuse_purging_package_files(fs: &RootFs, plan: &Plan) -> Result<(), Error> {
+    let purged: Vec<&crate::plan::links::AbsentChange> =
+        plan.absent.iter().filter(|a| a.purged).collect();
+    if purged.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<TargetPath> = purged.iter().map(|a| a.path.clone()).collect();
+    let owners = crate::effects::reboot::dpkg_owners(fs, &paths).kind(Failure::Failed)?;
+    let mut diags = crate::desired::Diagnostics::default();
+    for (a, owner) in purged.iter().zip(owners) {
+        if let Some(package) = owner {
+            diags.push(format!(
+                "{} (role {}): the purge of its directory would remove it, but package {package} owns it; \
+                 declare it, add it to `keep`, or remove the package",
+                a.path, a.role
+            ));
+        }
+    }
+    if diags.is_empty() {
+        Ok(())
+    } else {
+        Err(diags).kind(Failure::InvalidRepo)
+    }
 }
 
 /// Prepares a plan under an already-held lock.
