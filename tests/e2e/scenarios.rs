@@ -1748,7 +1748,7 @@ fn e2e_23_a_kill_inside_dpkg_is_recovered_and_the_commit_applied_again() {
     let half = m.ok("dpkg-query -W -f '${db:Status-Abbrev}' drift-slow");
     assert!(half.starts_with("iF") || half.starts_with("iU"), "{half:?}");
     assert!(
-        m.ok("ls /var/lib/driftless/tx").trim().len() > 0,
+        !m.ok("ls /var/lib/driftless/tx").trim().is_empty(),
         "no transaction left to recover"
     );
     let out = sync(&m);
