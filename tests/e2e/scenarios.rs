@@ -1401,6 +1401,15 @@ owner = "app"
 group = "app"
 mode = "0750"
 
+[[dirs]]
+path = "/etc/app.d"
+purge = true
+keep = ["README"]
+
+[[files]]
+path = "/etc/app.d/main.conf"
+source = "config"
+
 [[files]]
 path = "/opt/app/server.py"
 source = "server.py"
@@ -1455,6 +1464,9 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
     repo.write("roles/app/role.toml", &ACCOUNTS_ROLE.replace("EXTRA", ""));
     repo.commit("v1");
     let m = boot("e2e-accounts", &repo);
+    // A purged directory (issue 16 step 2 on a real host): an entry
+    // nobody manages goes, a kept one stays.
+    m.ok("mkdir -p /etc/app.d && echo keep me > /etc/app.d/README && echo stale > /etc/app.d/stale.conf");
     let dbs = "sha256sum /etc/passwd /etc/group /etc/shadow /etc/gshadow";
     let plan = m.ok("driftless plan 2>&1");
     assert!(plan.contains("+ group svcadm (gid "), "{plan}");
@@ -1486,6 +1498,7 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
     assert!(m
         .ok("cat /etc/sysusers.d/driftless-app.conf")
         .contains("u app - \"e2e app\" /var/lib/app -\n"));
+    assert_eq!(m.ok("ls /etc/app.d"), "README\nmain.conf\n");
     // Nothing left to do.
     let again = sync(&m);
     let log = String::from_utf8_lossy(&again.stdout);
@@ -1514,6 +1527,10 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
 
     // A failing commit that adds a user: reverted, the user removed, the
     // databases byte for byte as before.
+    // Dropped in by hand: the failing commit purges it, its revert puts
+    // it back byte for byte.
+    m.ok("printf 'late\\n' > /etc/app.d/late.conf && chmod 0600 /etc/app.d/late.conf");
+    let late = m.ok("stat -c '%a %U' /etc/app.d/late.conf; sha256sum /etc/app.d/late.conf");
     let before = m.ok(dbs);
     repo.write("roles/app/files/config", "BROKEN v2\n");
     repo.write(
@@ -1527,6 +1544,10 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
     assert!(log.contains("reverted: user removed"), "{log}");
     assert!(!m.sh("id extra").status.success(), "{log}");
     assert_eq!(m.ok(dbs), before, "{log}");
+    assert_eq!(
+        m.ok("stat -c '%a %U' /etc/app.d/late.conf; sha256sum /etc/app.d/late.conf"),
+        late
+    );
     assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
 }
 
