@@ -105,6 +105,42 @@ impl AccountChange {
     }
 }
 
+/// What differs between an existing account and its declaration, which
+/// driftless never changes (sysusers' rule): said in the plan, so that a
+/// pinned uid that is not what the host has does not go unnoticed.
+pub fn notes(declared: &Accounts, observed: &ObservedAccounts) -> Vec<String> {
+    let mut out = Vec::new();
+    for u in &declared.users {
+        let Some(&(uid, gid)) = observed.users.get(&u.name) else {
+            continue;
+        };
+        if let Some(want) = u.uid.filter(|w| *w != uid) {
+            out.push(format!(
+                "user {} exists with uid {uid}, not the declared {want} ({}); an existing account is never changed",
+                u.name, u.origin
+            ));
+        }
+        let group = u.primary_group();
+        if let Some((want, _)) = observed.groups.get(group).filter(|(g, _)| *g != gid) {
+            out.push(format!(
+                "user {} exists with primary gid {gid}, not {group}'s {want} ({}); an existing account is never changed",
+                u.name, u.origin
+            ));
+        }
+    }
+    for g in &declared.groups {
+        if let (Some(want), Some((gid, _))) = (g.gid, observed.groups.get(&g.name)) {
+            if want != *gid {
+                out.push(format!(
+                    "group {} exists with gid {gid}, not the declared {want} ({}); an existing account is never changed",
+                    g.name, g.origin
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// The hooks of a transaction that also makes `changes`: besides those it
 /// runs already (`planned`), every `always` hook and the `on-change` ones
 /// of the roles whose accounts change. A pre hook may not run as a user
@@ -460,6 +496,24 @@ mod tests {
                 "roles/web/role.toml:9 users[1]: uid 850 of user worker is taken on this host"
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn an_existing_account_unlike_its_declaration_is_noted_not_changed() {
+        let mut d = declared();
+        d.users[1].uid = Some(850);
+        let mut obs = host();
+        obs.groups.insert("webadm".into(), (995, vec![]));
+        obs.groups.insert("worker".into(), (990, vec![]));
+        obs.users.insert("app".into(), (994, 4));
+        obs.users.insert("worker".into(), (990, 990));
+        assert_eq!(
+            notes(&d, &obs),
+            [
+                "user app exists with primary gid 4, not webadm's 995 (roles/web/role.toml:4 users[0]); an existing account is never changed",
+                "user worker exists with uid 990, not the declared 850 (roles/web/role.toml:9 users[1]); an existing account is never changed",
+            ]
         );
     }
 

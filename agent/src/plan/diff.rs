@@ -155,6 +155,9 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             "note: not running as root: owner and group are neither compared nor applied"
         );
     }
+    for n in &plan.account_notes {
+        let _ = writeln!(out, "note: {n}");
+    }
     if plan.packages_skipped {
         let _ = writeln!(
             out,

@@ -215,6 +215,9 @@ pub struct Plan {
     /// Accounts are declared but not managed (not running as root).
     #[serde(skip)]
     pub accounts_skipped: bool,
+    /// Existing accounts unlike their declaration (never changed).
+    #[serde(skip)]
+    pub account_notes: Vec<String>,
     /// Packages to install, change or remove (`[[packages]]`), after the
     /// accounts, before anything is staged.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -613,6 +616,7 @@ pub fn plan(
         accounts: Vec::new(),
         account_lines: desired.accounts.lines(),
         accounts_skipped: !ids.apply_ownership && !desired.accounts.is_empty(),
+        account_notes: Vec::new(),
         packages: Vec::new(),
         package_record: Default::default(),
         packages_skipped: false,

@@ -587,6 +587,7 @@ fn plan_files(
             p.hooks = plan::accounts::with_hooks(&desired.hooks, &p.hooks, &a)
                 .kind(Failure::InvalidRepo)?;
             p.accounts = a;
+            p.account_notes = plan::accounts::notes(&desired.accounts, &observed_accounts);
             p
         }
         (Err(mut d), Err(a)) => {
