@@ -1729,18 +1729,37 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     repo.write(
         "roles/demo/role.toml",
         &format!(
-            "{}\n[[packages]]\nname = \"drift-dep\"\n",
-            PACKAGES_ROLE
-                .replace("PINNED", "1.0")
-                .replace("grep -qx 1.0", "grep -qx 9.9")
+            "{}\n[[packages]]\nname = \"drift-dep\"\n\n[[checks]]\nname = \"no drift-dep\"\n\
+             command = {{ argv = [\"/bin/sh\", \"-c\", \"! test -e /usr/share/drift-dep/VERSION\"] }}\n\
+             retries = 1\ninterval = \"100ms\"\n",
+            PACKAGES_ROLE.replace("PINNED", "1.0")
         ),
     );
     repo.commit("v3 installs drift-dep and breaks the check");
     let out = sync(&m);
     let log = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{log}");
+    assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(log.contains("reverted: packages put back"), "{log}");
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+
+    // A package no source has: the plan names the entry, nothing changes.
+    repo.write(
+        "roles/demo/role.toml",
+        &format!(
+            "{}\n[[packages]]\nname = \"drift-nope\"\n",
+            PACKAGES_ROLE.replace("PINNED", "1.0")
+        ),
+    );
+    repo.commit("v4 asks for a package nobody has");
+    let dpkg_before = m.ok("sha256sum /var/lib/dpkg/status");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("roles/demo/role.toml:16 packages[1]: Unable to locate package drift-nope"),
+        "{log}"
+    );
+    assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);
 }
 
 /// A power loss inside dpkg (agent, apt and dpkg all killed while a

@@ -154,10 +154,27 @@ pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<Observe
     let f = run(&argv, Duration::from_secs(120))?;
     let text = String::from_utf8_lossy(&f.stdout.tail).into_owned();
     if !f.status.is_some_and(|s| s.success()) {
-        // "Unable to locate package x", "Version 'v' for 'x' was not
-        // found": the plan names the entry; apt's words say why.
-        let why = f.stderr.lines(400).join("; ");
-        bail!("apt cannot do what [[packages]] asks: {why} (run apt-get update, or check the names and versions)");
+        // "E: Unable to locate package x", "E: Version 'v' for 'x' was
+        // not found": each named with the entry that asked for it.
+        let lines = f.stderr.lines(400);
+        let mut named = Vec::new();
+        for d in decls {
+            let base = d.name.split_once(':').map_or(d.name.as_str(), |(b, _)| b);
+            for l in lines.iter().filter(|l| {
+                l.contains(&format!("package {base}"))
+                    || l.contains(&format!("'{base}'"))
+                    || l.contains(&format!("{base} :"))
+            }) {
+                named.push(format!("{}: {}", d.origin, l.trim_start_matches("E: ")));
+            }
+        }
+        if named.is_empty() {
+            named.push(format!("[[packages]]: {}", lines.join("; ")));
+        }
+        bail!(
+            "apt cannot do what the repository asks:\n{}\n(run apt-get update if the package lists are old, or check the names and versions)",
+            named.join("\n")
+        );
     }
     let sim = crate::plan::packages::parse_simulation(&text);
     let replaced: Vec<(String, String)> = sim
