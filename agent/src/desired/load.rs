@@ -351,15 +351,9 @@ pub fn load_host(
             first_account.get_or_insert_with(|| origin.clone());
             match super::accounts::group_decl(role, &origin, spec.into_inner()) {
                 Ok(g) => {
-                    if let Some(other) = group_origin.get(&g.name) {
-                        diags.push(format!(
-                            "{origin}: group {} is already declared by {other}; declare an account in one role only",
-                            g.name
-                        ));
-                        continue;
+                    if claim_name(&mut group_origin, &mut diags, &origin, "group", &g.name) {
+                        role_groups.push(g);
                     }
-                    group_origin.insert(g.name.clone(), origin);
-                    role_groups.push(g);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -369,15 +363,9 @@ pub fn load_host(
             first_account.get_or_insert_with(|| origin.clone());
             match super::accounts::user_decl(role, &origin, spec.into_inner()) {
                 Ok(u) => {
-                    if let Some(other) = user_origin.get(&u.name) {
-                        diags.push(format!(
-                            "{origin}: user {} is already declared by {other}; declare an account in one role only",
-                            u.name
-                        ));
-                        continue;
+                    if claim_name(&mut user_origin, &mut diags, &origin, "user", &u.name) {
+                        role_users.push(u);
                     }
-                    user_origin.insert(u.name.clone(), origin);
-                    role_users.push(u);
                 }
                 Err(e) => diags.push(format!("{origin}: {e}")),
             }
@@ -695,6 +683,25 @@ fn claim(
         return false;
     }
     claimed.insert(path.clone(), origin.to_string());
+    true
+}
+
+/// Records that the entry at `origin` declares the account `name` of
+/// `kind`; `false`, with the error, if another entry did already.
+fn claim_name(
+    claimed: &mut BTreeMap<String, String>,
+    diags: &mut Diagnostics,
+    origin: &str,
+    kind: &str,
+    name: &str,
+) -> bool {
+    if let Some(other) = claimed.get(name) {
+        diags.push(format!(
+            "{origin}: {kind} {name} is already declared by {other}; declare an account in one role only"
+        ));
+        return false;
+    }
+    claimed.insert(name.to_string(), origin.to_string());
     true
 }
 

@@ -312,8 +312,10 @@ fn log_output(f: &process::Finished) {
     }
 }
 
-/// `apt-get install -y …` of `record`'s arguments.
-pub fn change(record: &PackagesRecord) -> Result<()> {
+/// `apt-get install -y` as every change runs it: downgrades allowed (an
+/// undo reinstalls older versions), the old conffiles kept, dpkg's lock
+/// waited for.
+fn apt_install() -> Vec<String> {
     let mut argv = strings(&[
         "apt-get",
         "install",
@@ -326,6 +328,12 @@ pub fn change(record: &PackagesRecord) -> Result<()> {
     ]);
     argv.push("-o".into());
     argv.push(format!("DPkg::Lock::Timeout={LOCK_WAIT_SECS}"));
+    argv
+}
+
+/// `apt-get install -y …` of `record`'s arguments.
+pub fn change(record: &PackagesRecord) -> Result<()> {
+    let mut argv = apt_install();
     argv.extend(record.args.iter().cloned());
     let f = run(&argv, APT_TIMEOUT)?;
     log_output(&f);
@@ -396,18 +404,7 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
     if remove.is_empty() && reinstall.is_empty() {
         return Ok(kept);
     }
-    let mut argv = strings(&[
-        "apt-get",
-        "install",
-        "-y",
-        "--allow-downgrades",
-        "-o",
-        "Dpkg::Options::=--force-confdef",
-        "-o",
-        "Dpkg::Options::=--force-confold",
-    ]);
-    argv.push("-o".into());
-    argv.push(format!("DPkg::Lock::Timeout={LOCK_WAIT_SECS}"));
+    let mut argv = apt_install();
     argv.extend(reinstall);
     argv.extend(remove);
     let f = run(&argv, APT_TIMEOUT)?;

@@ -407,17 +407,7 @@ fn accounts_stage(
         journal.accounts = None;
         return Err(e);
     }
-    crate::effects::state::write_state_atomic(
-        &tx_dir.join(INTENT),
-        &*journal,
-        journal_format(journal),
-    )?;
-    let tx_fd = open_dir_path(tx_dir)?;
-    mark(&tx_fd, ACCOUNTS_STARTED)?;
-    nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
-    // The transaction's own directory entry, created just now.
-    nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
-        .context("cannot fsync the transactions directory")?;
+    stage_started(state, tx_dir, journal, ACCOUNTS_STARTED)?;
     let made = crate::effects::accounts::create(fs, &record);
     // What sysusers made, whatever it was: the undo works from this.
     if let Ok(real) = crate::effects::accounts::made(fs, &record) {
@@ -434,6 +424,23 @@ fn accounts_stage(
     failpoint::hit("apply.accounts.done")
 }
 
+/// Before a stage that changes the host outside the file switch (sysusers,
+/// apt): the intent naming what it will do, and the mark `started` that
+/// allows its undo, made durable, with the transaction's own directory
+/// entry (a power loss after the tool ran must not lose the record).
+fn stage_started(state: &StateDir, tx_dir: &Path, journal: &Journal, started: &str) -> Result<()> {
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(INTENT),
+        journal,
+        journal_format(journal),
+    )?;
+    let tx_fd = open_dir_path(tx_dir)?;
+    mark(&tx_fd, started)?;
+    nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
+    nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
+        .context("cannot fsync the transactions directory")
+}
+
 /// Installs, changes and removes the journal's packages: saves the
 /// versions it replaces into `debs/` (for the undo), makes the
 /// `packages-started` mark durable, runs apt.
@@ -446,16 +453,7 @@ fn packages_stage(state: &StateDir, tx_dir: &Path, journal: &mut Journal) -> Res
     for m in &missing {
         tracing::warn!("{m} cannot be put back by an undo: its .deb could not be saved");
     }
-    crate::effects::state::write_state_atomic(
-        &tx_dir.join(INTENT),
-        &*journal,
-        journal_format(journal),
-    )?;
-    let tx_fd = open_dir_path(tx_dir)?;
-    mark(&tx_fd, crate::effects::packages::STARTED)?;
-    nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
-    nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
-        .context("cannot fsync the transactions directory")?;
+    stage_started(state, tx_dir, journal, crate::effects::packages::STARTED)?;
     crate::effects::packages::change(&record)?;
     failpoint::hit("apply.packages.done")
 }
