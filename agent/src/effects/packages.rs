@@ -135,11 +135,11 @@ pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<Observe
     }
     let names: Vec<&str> = decls
         .iter()
-        .map(|d| d.name.split_once(':').map_or(d.name.as_str(), |(b, _)| b))
+        .map(|d| crate::plan::packages::base(&d.name))
         .collect();
     out.installed = installed(fs, &names)?;
     let settled = decls.iter().all(|d| {
-        let base = d.name.split_once(':').map_or(d.name.as_str(), |(b, _)| b);
+        let base = crate::plan::packages::base(&d.name);
         match (d.present, out.installed.get(base)) {
             (false, None) => true,
             (true, Some(v)) => d.version.as_ref().is_none_or(|want| want == v),
@@ -159,7 +159,7 @@ pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<Observe
         let lines = f.stderr.lines(400);
         let mut named = Vec::new();
         for d in decls {
-            let base = d.name.split_once(':').map_or(d.name.as_str(), |(b, _)| b);
+            let base = crate::plan::packages::base(&d.name);
             for l in lines.iter().filter(|l| {
                 l.contains(&format!("package {base}"))
                     || l.contains(&format!("'{base}'"))
@@ -192,18 +192,15 @@ pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<Observe
     Ok(out)
 }
 
-/// `name_version_*.deb` in apt's cache (an epoch's `:` is `%3a` there).
+/// `name_version_*.deb` in apt's cache.
 fn cached_deb(name: &str, version: &str) -> Option<PathBuf> {
-    let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
-    std::fs::read_dir("/var/cache/apt/archives")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-        })
+    deb_in(Path::new("/var/cache/apt/archives"), name, version)
+}
+
+/// How apt names the .debs of `name` `version`: `name_version_` then the
+/// architecture (an epoch's `:` is `%3a` there).
+fn deb_prefix(name: &str, version: &str) -> String {
+    format!("{name}_{}_", version.replace(':', "%3a"))
 }
 
 /// Whether `name` `version` can be had again: in apt's cache, or listed
@@ -283,7 +280,7 @@ pub fn save_previous(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>
         let keep = e.file_name().to_str().is_some_and(|n| {
             record.before.iter().any(|(name, old)| {
                 old.as_ref()
-                    .is_some_and(|o| n.starts_with(&format!("{name}_{}_", o.replace(':', "%3a"))))
+                    .is_some_and(|o| n.starts_with(&deb_prefix(name, o)))
             })
         });
         if !keep && e.path().is_file() {
@@ -293,8 +290,9 @@ pub fn save_previous(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>
     Ok(missing)
 }
 
+/// `name_version_*.deb` in `debs`.
 fn deb_in(debs: &Path, name: &str, version: &str) -> Option<PathBuf> {
-    let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
+    let prefix = deb_prefix(name, version);
     std::fs::read_dir(debs)
         .ok()?
         .flatten()

@@ -171,7 +171,7 @@ impl PackagesRecord {
 
 /// The base name of a declared package (`libc6:amd64` → `libc6`), as
 /// dpkg-query and apt's simulation print it.
-fn base(name: &str) -> &str {
+pub fn base(name: &str) -> &str {
     name.split_once(':').map_or(name, |(b, _)| b)
 }
 
