@@ -1617,6 +1617,15 @@ fn local_apt_repo(m: &Machine) {
          chmod 755 /tmp/build/drift-slow/DEBIAN/postinst && \
          dpkg-deb --root-owner-group --build /tmp/build/drift-slow /srv/repo/drift-slow_1.0_all.deb >/dev/null",
     );
+    // drift-demo 3.0's postinst fails: apt stops with it half-configured.
+    m.ok(
+        "mkdir -p /tmp/build/drift-demo-3.0/DEBIAN /tmp/build/drift-demo-3.0/usr/share/drift-demo && \
+         echo 3.0 > /tmp/build/drift-demo-3.0/usr/share/drift-demo/VERSION && \
+         printf 'Package: drift-demo\\nVersion: 3.0\\nArchitecture: all\\nMaintainer: e2e <e2e@example.org>\\nDescription: driftless e2e package\\n' > /tmp/build/drift-demo-3.0/DEBIAN/control && \
+         printf '#!/bin/sh\\necho drift-demo 3.0 postinst fails >&2\\nexit 1\\n' > /tmp/build/drift-demo-3.0/DEBIAN/postinst && \
+         chmod 755 /tmp/build/drift-demo-3.0/DEBIAN/postinst && \
+         dpkg-deb --root-owner-group --build /tmp/build/drift-demo-3.0 /srv/repo/drift-demo_3.0_all.deb >/dev/null",
+    );
     m.ok(
         "cd /srv/repo && dpkg-scanpackages --multiversion . > Packages 2>/dev/null && \
          rm -f /etc/apt/sources.list /etc/apt/sources.list.d/* && \
@@ -1760,6 +1769,45 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
         "{log}"
     );
     assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);
+
+    // A held package: apt's simulation is run as the change is (with
+    // -y), so it refuses in the plan, naming the entry and the package;
+    // nothing changes.
+    m.ok("apt-mark hold drift-demo >/dev/null");
+    let dpkg_before = m.ok("sha256sum /var/lib/dpkg/status");
+    repo.write(
+        "roles/demo/role.toml",
+        &PACKAGES_ROLE.replace("PINNED", "2.0"),
+    );
+    repo.commit("v5 upgrades a held package");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("roles/demo/role.toml:2 packages[0]: Held packages were changed")
+            && log.contains("[drift-demo (held)]"),
+        "{log}"
+    );
+    assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);
+    m.ok("apt-mark unhold drift-demo >/dev/null");
+
+    // An upgrade whose postinst fails: apt stops with drift-demo 3.0
+    // half-configured; the undo's `dpkg --configure -a` fails the same
+    // way, is reported, and 1.0 is put back from the saved .deb anyway.
+    repo.write(
+        "roles/demo/role.toml",
+        &PACKAGES_ROLE.replace("PINNED", "3.0"),
+    );
+    repo.commit("v6 upgrades to a version whose postinst fails");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("drift-demo 3.0 postinst fails"), "{log}");
+    assert!(log.contains("dpkg --configure -a failed first"), "{log}");
+    assert!(log.contains("reverted: packages put back"), "{log}");
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+    assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0");
+    assert_eq!(m.ok("sha256sum /etc/drift-demo.conf"), config_before);
 }
 
 /// A power loss inside dpkg (agent, apt and dpkg all killed while a

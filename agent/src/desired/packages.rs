@@ -56,35 +56,43 @@ impl PackageDecl {
 }
 
 /// Debian policy §5.6.1: lower case letters, digits, `+`, `-`, `.`; at
-/// least two characters, starting with a letter or digit. An architecture
-/// qualifier (`:amd64`) is allowed. Nothing else reaches apt's argv.
+/// least two characters, starting with a letter or digit. Nothing else
+/// reaches apt's argv.
+///
+/// Two more refusals, because apt reads them as something else:
+/// - a trailing `-` (apt's "remove this" suffix: `nginx-` declared
+///   present would remove nginx);
+/// - an architecture qualifier (`libc6:i386`): dpkg-query and apt's
+///   simulation name packages without it, so the plan could not tell a
+///   foreign-architecture package from the native one.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let (base, arch) = match name.split_once(':') {
-        Some((b, a)) => (b, Some(a)),
-        None => (name, None),
-    };
-    let ok = base.len() >= 2
-        && base.len() <= 128
-        && base
+    if let Some((base, _)) = name.split_once(':') {
+        return Err(format!(
+            "key `name`: {name:?} has an architecture qualifier, which driftless does not \
+             support yet; declare the native package ({base:?})"
+        ));
+    }
+    if name.ends_with('-') {
+        return Err(format!(
+            "key `name`: {name:?} ends with `-`, which apt reads as \"remove\"; write \
+             `state = \"absent\"` to remove a package"
+        ));
+    }
+    let ok = name.len() >= 2
+        && name.len() <= 128
+        && name
             .chars()
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && base
+        && name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'))
-        && arch.is_none_or(|a| {
-            !a.is_empty()
-                && a.len() <= 32
-                && a.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        });
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
     if ok {
         Ok(())
     } else {
         Err(format!(
             "key `name`: {name:?} is not a Debian package name (lower case letters, digits, \
-             `+`, `-` and `.`, at least two characters, starting with a letter or digit; \
-             optionally `:arch`)"
+             `+`, `-` and `.`, at least two characters, starting with a letter or digit)"
         ))
     }
 }
@@ -155,7 +163,7 @@ mod tests {
 
     #[test]
     fn names_and_versions_follow_debian_policy_and_nothing_else_reaches_apt() {
-        for good in ["nginx-light", "g++", "libc6:amd64", "0ad", "lib.x+y"] {
+        for good in ["nginx-light", "g++", "0ad", "lib.x+y"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
         for bad in [
@@ -168,6 +176,9 @@ mod tests {
             "a:",
             "--purge",
             "pkg=1.0",
+            // apt would read these as something else.
+            "nginx-",
+            "libc6:amd64",
         ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }

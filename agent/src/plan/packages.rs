@@ -17,11 +17,21 @@ use crate::desired::Diagnostics;
 /// What the host has of the packages involved, and what apt would do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObservedPackages {
-    /// Installed packages (dpkg status `ii`, or half-installed states
-    /// treated as installed for removal): name → version.
+    /// Installed packages (dpkg's current state "installed", no error
+    /// flag): name → version. Half-installed ones are refused before a
+    /// plan is made (`effects::packages::observe`).
     pub installed: BTreeMap<String, String>,
-    /// `apt-get -s` of the declared packages, when anything must change.
+    /// What apt is given, for the simulation and the change alike: the
+    /// declarations the host does not satisfy yet (`name`, `name=version`,
+    /// `name-`). A satisfied one is left out, so apt never marks an
+    /// automatically installed package manual behind the plan's back.
+    pub args: Vec<String>,
+    /// `apt-get -s install -y …` of `args`, when anything must change.
     pub simulation: Option<Simulation>,
+    /// What apt refused in the simulation, each line naming the entry it
+    /// is about (`roles/web/role.toml:3 packages[0]: Unable to locate
+    /// package nginx-ligth`).
+    pub refused: Vec<String>,
     /// Old versions whose `.deb` can be had again (the apt cache or a
     /// configured source): name → version.
     pub reinstallable: BTreeMap<String, String>,
@@ -34,8 +44,21 @@ pub struct ObservedPackages {
 pub struct Simulation {
     /// `Inst name [old] (new …)`: name → (old, new).
     pub installs: BTreeMap<String, (Option<String>, String)>,
-    /// `Remv name [old]`: name → old.
+    /// `Remv name [old]` (and `Purg`, which the same options never make):
+    /// name → old.
     pub removes: BTreeMap<String, String>,
+}
+
+impl Simulation {
+    /// Every package apt would touch, and its version after (`None`:
+    /// removed).
+    pub fn effect(&self) -> BTreeMap<String, Option<String>> {
+        self.installs
+            .iter()
+            .map(|(n, (_, new))| (n.clone(), Some(new.clone())))
+            .chain(self.removes.keys().map(|n| (n.clone(), None)))
+            .collect()
+    }
 }
 
 /// One package change, in apt's terms.
@@ -138,41 +161,61 @@ impl PackageChange {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PackagesRecord {
-    /// What `apt-get install` is given: `name`, `name=version`, `name-`.
+    /// What `apt-get install` is given: `name`, `name=version`, `name-`
+    /// (the simulation was given the same).
     pub args: Vec<String>,
     /// Every package the change touches and its version before (`None`:
     /// not installed).
     pub before: Vec<(String, Option<String>)>,
+    /// The same packages' versions after (`None`: removed): what the plan
+    /// showed, and once apt ran, what dpkg says it did. The undo leaves a
+    /// package alone that is at neither version (someone else changed it
+    /// since).
+    #[serde(default)]
+    pub after: Vec<(String, Option<String>)>,
+    /// Packages whose change the plan showed as irreversible: the only
+    /// ones whose old `.deb` may be missing when apt runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub irreversible: Vec<String>,
 }
 
 impl PackagesRecord {
-    pub fn of(decls: &[PackageDecl], changes: &[PackageChange]) -> PackagesRecord {
-        let touched: std::collections::BTreeSet<&str> =
-            changes.iter().map(PackageChange::name).collect();
+    pub fn of(args: &[String], changes: &[PackageChange]) -> PackagesRecord {
+        if changes.is_empty() {
+            return PackagesRecord::default();
+        }
+        let (before, after) = changes
+            .iter()
+            .map(|c| match c {
+                PackageChange::Install { name, version, .. } => {
+                    ((name.clone(), None), (name.clone(), Some(version.clone())))
+                }
+                PackageChange::Change { name, from, to, .. } => (
+                    (name.clone(), Some(from.clone())),
+                    (name.clone(), Some(to.clone())),
+                ),
+                PackageChange::Remove { name, version, .. } => {
+                    ((name.clone(), Some(version.clone())), (name.clone(), None))
+                }
+            })
+            .unzip();
         PackagesRecord {
-            args: decls
+            args: args.to_vec(),
+            before,
+            after,
+            irreversible: changes
                 .iter()
-                .filter(|d| touched.contains(d.name.as_str()))
-                .map(PackageDecl::apt_arg)
-                .collect(),
-            before: changes
-                .iter()
-                .map(|c| match c {
-                    PackageChange::Install { name, .. } => (name.clone(), None),
-                    PackageChange::Change { name, from, .. } => (name.clone(), Some(from.clone())),
-                    PackageChange::Remove { name, version, .. } => {
-                        (name.clone(), Some(version.clone()))
-                    }
-                })
+                .filter(|c| c.irreversible())
+                .map(|c| c.name().to_string())
                 .collect(),
         }
     }
-}
 
-/// The base name of a declared package (`libc6:amd64` → `libc6`), as
-/// dpkg-query and apt's simulation print it.
-pub fn base(name: &str) -> &str {
-    name.split_once(':').map_or(name, |(b, _)| b)
+    /// What the plan expects apt to do: every touched package's version
+    /// after (`None`: removed).
+    pub fn expected(&self) -> BTreeMap<String, Option<String>> {
+        self.after.iter().cloned().collect()
+    }
 }
 
 /// The changes that bring the host's packages to `declared`.
@@ -185,6 +228,12 @@ pub fn diff(
     if !observed.managed || declared.is_empty() {
         return Ok(changes);
     }
+    if !observed.refused.is_empty() {
+        for r in &observed.refused {
+            diags.push(r.clone());
+        }
+        return Err(diags);
+    }
     let sim = observed.simulation.clone().unwrap_or_default();
     let reversible = |name: &str, version: &str| {
         observed
@@ -194,7 +243,7 @@ pub fn diff(
     };
     let mut named = std::collections::BTreeSet::new();
     for d in declared {
-        let name = base(&d.name);
+        let name = d.name.as_str();
         named.insert(name.to_string());
         let have = observed.installed.get(name);
         match (d.present, have) {
@@ -221,11 +270,15 @@ pub fn diff(
                         irreversible: !reversible(name, old),
                     }),
                 },
+                // apt accepted the name but installs nothing by it: a
+                // virtual package (apt chose a provider, which dpkg will
+                // never report under this name).
                 None => diags.push(format!(
-                    "{}: apt cannot install {}: no configured source has it{} (run apt-get update, or check the name and version)",
+                    "{}: apt installs no package named {}{}: it is a virtual package, or no configured source has it; declare the real package (`apt-cache showpkg {}` lists the providers), or run apt-get update",
                     d.origin,
-                    d.apt_arg(),
-                    d.version.as_ref().map_or(String::new(), |v| format!(" at version {v}"))
+                    d.name,
+                    d.version.as_ref().map_or(String::new(), |v| format!(" at version {v}")),
+                    d.name,
                 )),
             },
         }
@@ -272,7 +325,9 @@ pub fn diff(
     }
 }
 
-/// Parses `apt-get -s` output: `Inst`/`Remv` lines.
+/// Parses `apt-get -s` output: `Inst`/`Remv`/`Purg` lines. An
+/// architecture-qualified name (`libc6:amd64`) counts under its package
+/// name, as dpkg-query prints it.
 pub fn parse_simulation(text: &str) -> Simulation {
     let mut sim = Simulation::default();
     for line in text.lines() {
@@ -289,20 +344,24 @@ pub fn parse_simulation(text: &str) -> Simulation {
                 };
                 if let Some(new) = rest.first().map(|w| w.trim_start_matches('(')) {
                     sim.installs
-                        .insert(base(name).to_string(), (old, new.to_string()));
+                        .insert(unqualified(name).to_string(), (old, new.to_string()));
                 }
             }
-            (Some("Remv"), Some(name)) => {
+            (Some("Remv" | "Purg"), Some(name)) => {
                 let old = words
                     .next()
                     .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
                     .unwrap_or_default();
-                sim.removes.insert(base(name).to_string(), old);
+                sim.removes.insert(unqualified(name).to_string(), old);
             }
             _ => {}
         }
     }
     sim
+}
+
+fn unqualified(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(b, _)| b)
 }
 
 #[cfg(test)]
@@ -332,6 +391,33 @@ mod tests {
         Conf demo (2.0 local [all])\n";
 
     #[test]
+    fn purges_count_as_removals_and_qualified_names_as_their_package() {
+        let sim = parse_simulation(
+            "Purg telnet [0.17+2.4-2]\nInst libc6:amd64 [2.36-9] (2.36-9+deb12u4 Debian:12.8/stable [amd64])\n",
+        );
+        assert_eq!(sim.removes["telnet"], "0.17+2.4-2");
+        assert_eq!(
+            sim.installs["libc6"],
+            (Some("2.36-9".into()), "2.36-9+deb12u4".into())
+        );
+    }
+
+    #[test]
+    fn what_apt_refused_is_the_plan_error() {
+        let obs = ObservedPackages {
+            refused: vec![
+                "roles/web/role.toml:1 packages[0]: Unable to locate package nope".into(),
+            ],
+            managed: true,
+            ..Default::default()
+        };
+        let e = diff(&[decl("nope", None, None)], &obs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Unable to locate package nope"), "{e}");
+    }
+
+    #[test]
     fn apt_simulations_are_read() {
         let sim = parse_simulation(SIM);
         assert_eq!(sim.installs["demo"], (Some("1.0".into()), "2.0".into()));
@@ -349,6 +435,7 @@ mod tests {
             simulation: Some(parse_simulation(SIM)),
             reinstallable: BTreeMap::from([("demo".into(), "1.0".into())]),
             managed: true,
+            ..Default::default()
         };
         let changes = diff(
             &[
@@ -367,15 +454,12 @@ mod tests {
                 "+ install libdemo 1.0 (a dependency)",
             ]
         );
-        let record = PackagesRecord::of(
-            &[
-                decl("demo", None, Some("2.0")),
-                decl("telnet", Some("absent"), None),
-            ],
-            &changes,
-        );
+        let record = PackagesRecord::of(&["demo=2.0".into(), "telnet-".into()], &changes);
         assert_eq!(record.args, ["demo=2.0", "telnet-"]);
         assert_eq!(record.before[2], ("libdemo".to_string(), None));
+        assert_eq!(record.irreversible, ["telnet"]);
+        // What the plan expects is what the simulation said.
+        assert_eq!(record.expected(), obs.simulation.as_ref().unwrap().effect());
     }
 
     #[test]
@@ -408,7 +492,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("apt cannot install nope: no configured source has it"),
+            e.contains("apt installs no package named nope: it is a virtual package, or no configured source has it"),
             "{e}"
         );
     }

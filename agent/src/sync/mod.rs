@@ -564,7 +564,7 @@ fn plan_files(
     let mut ids = ids::resolve(fs, &desired, &observed_accounts).kind(Failure::Failed)?;
     let observed_packages =
         crate::effects::packages::observe(fs, &desired.packages, ownership_applied())
-            .kind(Failure::InvalidRepo)?;
+            .kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
         None => (inventory, Vec::new()),
@@ -618,7 +618,7 @@ fn plan_files(
             .cloned()
             .collect();
     }
-    plan.package_record = plan::packages::PackagesRecord::of(&desired.packages, &packages);
+    plan.package_record = plan::packages::PackagesRecord::of(&observed_packages.args, &packages);
     plan.packages = packages;
     plan.packages_skipped = !observed_packages.managed && !desired.packages.is_empty();
     plan.unchanged += carried.len();

@@ -602,6 +602,7 @@ pub(super) fn after_recovery(
         let what = match r.phase {
             TxState::Switched => "interrupted during its unit actions or health checks",
             TxState::Reverting => "interrupted while it was being reverted",
+            _ if r.packages_interrupted => "interrupted during its packages stage",
             _ => "interrupted before all its files were switched in",
         };
         warn!(txid = %r.txid, commit = %commit, "rolled back a transaction {what}; the host is back at its last verified state");
@@ -636,19 +637,22 @@ pub(super) fn after_recovery(
                 changed = true;
             }
         }
-        if let (TxState::Switched, Some(c)) = (r.phase, &r.commit) {
+        if let (true, Some(c)) = (
+            r.phase == TxState::Switched || r.packages_interrupted,
+            &r.commit,
+        ) {
             let n = marks.interrupted.entry(c.clone()).or_insert(0);
             *n += 1;
             if *n >= marks::MAX_INTERRUPTED {
                 let n = *n;
                 marks.interrupted.remove(c);
-                warn!(commit = %short(c), times = n, "commit marked bad: its unit actions or checks were interrupted every time");
+                warn!(commit = %short(c), times = n, "commit marked bad: its packages stage, unit actions or checks were interrupted every time");
                 marks.bad.insert(
                     c.clone(),
                     marks::Mark {
                         time: now,
                         reason: format!(
-                            "its unit actions or health checks were interrupted {n} times (the agent was killed or the host went down each time)"
+                            "its packages stage, unit actions or health checks were interrupted {n} times (the agent was killed or the host went down each time)"
                         ),
                     },
                 );

@@ -288,7 +288,9 @@ pub fn apply_with(
                     .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
                     .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
                     .collect();
-                crate::effects::state::write_state_replace(
+                // Durable: a torn intent after the packages stage would
+                // lose the record its undo needs.
+                crate::effects::state::write_state_atomic(
                     &tx_dir.join(INTENT),
                     &journal,
                     journal_format(&journal),
@@ -301,6 +303,12 @@ pub fn apply_with(
         if let Err(re) = rollback(fs, state, &mut journal) {
             return Err(e.context(format!(
                 "and rolling back transaction {txid} failed too: {re:#}; the next run retries the rollback"
+            )));
+        }
+        if !journal.kept.is_empty() {
+            return Err(e.context(format!(
+                "transaction {txid} rolled back; not undone: {}",
+                journal.kept.join("; ")
             )));
         }
         return Err(e);
@@ -424,6 +432,10 @@ fn accounts_stage(
     failpoint::hit("apply.accounts.done")
 }
 
+/// How many runs try a packages undo that fails before it is given up
+/// (and reported in the history).
+const PACKAGE_UNDO_TRIES: u32 = 3;
+
 /// Before a stage that changes the host outside the file switch (sysusers,
 /// apt): the intent naming what it will do, and the mark `started` that
 /// allows its undo, made durable, with the transaction's own directory
@@ -441,20 +453,31 @@ fn stage_started(state: &StateDir, tx_dir: &Path, journal: &Journal, started: &s
         .context("cannot fsync the transactions directory")
 }
 
-/// Installs, changes and removes the journal's packages: saves the
-/// versions it replaces into `debs/` (for the undo), makes the
-/// `packages-started` mark durable, runs apt.
+/// Installs, changes and removes the journal's packages: checks apt
+/// would still do what the plan showed, saves the versions it replaces
+/// into `debs/` (for the undo), makes the `packages-started` mark
+/// durable, runs apt, and records durably what dpkg says apt did.
 fn packages_stage(state: &StateDir, tx_dir: &Path, journal: &mut Journal) -> Result<()> {
-    let Some(record) = journal.packages.clone() else {
+    let Some(mut record) = journal.packages.clone() else {
         return Ok(());
     };
+    let budget = crate::effects::packages::Budget::new(
+        "packages stage",
+        crate::effects::packages::STAGE_BUDGET,
+    );
     failpoint::hit("apply.packages.started")?;
-    let missing = crate::effects::packages::save_previous(&record, &tx_dir.join("debs"))?;
-    for m in &missing {
-        tracing::warn!("{m} cannot be put back by an undo: its .deb could not be saved");
-    }
+    let before = crate::effects::packages::prepare(&record, &tx_dir.join("debs"), &budget)?;
     stage_started(state, tx_dir, journal, crate::effects::packages::STARTED)?;
-    crate::effects::packages::change(&record)?;
+    let changed = crate::effects::packages::change(&mut record, &before, &budget);
+    if journal.packages.as_ref() != Some(&record) {
+        journal.packages = Some(record);
+        crate::effects::state::write_state_atomic(
+            &tx_dir.join(INTENT),
+            &*journal,
+            journal_format(journal),
+        )?;
+    }
+    changed?;
     failpoint::hit("apply.packages.done")
 }
 
@@ -607,6 +630,18 @@ pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
             // A newer agent's intent may name what this one cannot undo:
             // refused, never treated as torn.
             Err(e) if crate::effects::state::is_newer_format(&e) => return Err(e),
+            // After a stage's mark, the intent was made durable before
+            // sysusers or apt ran: unreadable, it is damage, not a torn
+            // write, and what it recorded must not be thrown away.
+            Err(e)
+                if tx_dir.join(ACCOUNTS_STARTED).exists()
+                    || tx_dir.join(crate::effects::packages::STARTED).exists() =>
+            {
+                return Err(e.context(format!(
+                    "the intent of transaction {} is unreadable, but users, groups or packages were already changed by it",
+                    tx_dir.display()
+                )))
+            }
             Err(e) => {
                 tracing::warn!(
                     "the intent of an interrupted transaction in {} is unreadable ({e:#}); no target was touched, but files staged as `.driftless-*` next to targets may be left",
@@ -1274,14 +1309,28 @@ fn rollback_then(
     let packages_started = tx_dir.join(crate::effects::packages::STARTED).exists();
     if let Some(record) = journal.packages.as_ref().filter(|_| packages_started) {
         failpoint::hit("apply.undo.packages")?;
-        let kept =
-            crate::effects::packages::undo(record, &tx_dir.join("debs")).with_context(|| {
-                format!(
-                    "cannot put back the packages of transaction {}; the next run tries again",
-                    journal.txid
-                )
-            })?;
-        journal.kept.extend(kept);
+        match crate::effects::packages::undo(record, &tx_dir.join("debs")) {
+            Ok(kept) => journal.kept.extend(kept),
+            Err(e) => {
+                // Tried again by the next runs, but not forever: a dpkg
+                // that keeps failing must not stop the agent from ever
+                // applying the fix.
+                let tries = (1..=PACKAGE_UNDO_TRIES)
+                    .find(|n| !tx_dir.join(format!("packages-undo-failed.{n}")).exists())
+                    .unwrap_or(PACKAGE_UNDO_TRIES);
+                let _ = fs::File::create(tx_dir.join(format!("packages-undo-failed.{tries}")));
+                if tries < PACKAGE_UNDO_TRIES {
+                    return Err(e.context(format!(
+                        "cannot put back the packages of transaction {} (attempt {tries} of {PACKAGE_UNDO_TRIES}); the next run tries again",
+                        journal.txid
+                    )));
+                }
+                tracing::error!(txid = %journal.txid, "packages not put back after {tries} attempts, given up: {e:#}; check `dpkg --audit` and `apt-get -f install`");
+                journal.kept.push(format!(
+                    "packages not put back after {tries} attempts ({e:#}): check `dpkg --audit` and `apt-get -f install`"
+                ));
+            }
+        }
     }
     let started = tx_dir.join(ACCOUNTS_STARTED).exists();
     if let Some(record) = journal.accounts.as_ref().filter(|_| started) {
@@ -1517,6 +1566,9 @@ pub struct Recovered {
     pub post: Option<PostActions>,
     /// Accounts the transaction made that its undo kept, and why.
     pub kept: Vec<String>,
+    /// It was interrupted after its packages stage began (apt, or a
+    /// package's maintainer script, may be what stopped the agent).
+    pub packages_interrupted: bool,
 }
 
 impl Recovered {
@@ -1577,6 +1629,8 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
                 .then(|| journal.post.clone())
                 .flatten(),
             kept: journal.kept.clone(),
+            packages_interrupted: matches!(phase, TxState::Preparing | TxState::Prepared)
+                && path.join(crate::effects::packages::STARTED).exists(),
         };
         match phase {
             TxState::Reverting => {
