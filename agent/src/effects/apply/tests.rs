@@ -485,3 +485,31 @@ fn unmark(tx: &std::path::Path) {
         let _ = std::fs::remove_file(tx.join(m));
     }
 }
+
+/// Review of the packages stage: a torn intent was taken for "crashed
+/// before anything was staged" and the transaction directory deleted,
+/// even when the mark said apt had already run, losing what its undo
+/// needs.
+#[test]
+fn an_unreadable_intent_after_a_stage_mark_is_refused_not_thrown_away() {
+    let e = env();
+    for started in [ACCOUNTS_STARTED, crate::effects::packages::STARTED] {
+        let tx = e.state.tx_dir().join("20261204T000000Z-torn");
+        fs::create_dir_all(&tx).unwrap();
+        fs::write(tx.join(INTENT), b"{\"txid\": \"20261204T0").unwrap();
+        fs::write(tx.join(started), b"").unwrap();
+        let err = format!("{:#}", recover(&e.fs, &e.state).unwrap_err());
+        assert!(
+            err.contains("users, groups or packages were already changed by it"),
+            "{err}"
+        );
+        assert!(tx.join(INTENT).exists(), "the evidence was deleted");
+        fs::remove_dir_all(&tx).unwrap();
+    }
+    // Without a mark it is what it always was: nothing was touched.
+    let tx = e.state.tx_dir().join("20261204T000000Z-torn");
+    fs::create_dir_all(&tx).unwrap();
+    fs::write(tx.join(INTENT), b"{\"txid\": \"20261204T0").unwrap();
+    assert!(recover(&e.fs, &e.state).unwrap().is_empty());
+    assert!(!tx.exists());
+}

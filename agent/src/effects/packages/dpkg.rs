@@ -1,0 +1,229 @@
+//! dpkg's side: what its database says of a package (installed, or left
+//! half-way by an interrupted run), a snapshot of every package to tell
+//! what apt did, and the repair of an interrupted run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tracing::warn;
+
+use super::apt::log_output;
+use super::{check, live, run, strings, Budget};
+use crate::effects::rootfs::RootFs;
+
+/// What dpkg says of one package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Status {
+    /// Current state "installed", no error flag.
+    Installed(String),
+    /// Unpacked, half-configured, half-installed, awaiting triggers, or
+    /// flagged for reinstallation: a dpkg run did not finish.
+    Half { version: String, abbrev: String },
+}
+
+pub(super) fn dpkg_query(fs: &RootFs, names: &[&str]) -> Result<BTreeMap<String, Status>> {
+    let mut argv = vec!["dpkg-query".to_string()];
+    if !live(fs) {
+        argv.push(format!(
+            "--admindir={}",
+            fs.path().join("var/lib/dpkg").display()
+        ));
+    }
+    argv.extend(strings(&[
+        "-W",
+        "-f",
+        "${Package}\t${db:Status-Abbrev}\t${Version}\n",
+    ]));
+    argv.extend(names.iter().map(|n| n.to_string()));
+    let timeout = Duration::from_secs(60);
+    let f = run(&argv, timeout)?;
+    // Exit 1 with "no packages found matching X" for unknown names: fine.
+    if f.status.and_then(|s| s.code()).is_none_or(|c| c > 1) {
+        check(&argv, &f, timeout)?;
+    }
+    Ok(parse_status(&String::from_utf8_lossy(&f.stdout.tail)))
+}
+
+/// `name\tii \tversion` lines. Not installed (`n`) and config files only
+/// (`c`) are absent; a name listed twice (several architectures) reads as
+/// all its versions joined, so any change to one shows.
+pub(super) fn parse_status(text: &str) -> BTreeMap<String, Status> {
+    let mut out: BTreeMap<String, Status> = BTreeMap::new();
+    for l in text.lines() {
+        let mut f = l.split('\t');
+        let (Some(name), Some(abbrev), Some(version)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let mut c = abbrev.chars();
+        let (current, error) = (c.nth(1), c.next().unwrap_or(' '));
+        let status = match current {
+            None | Some('n' | 'c') => continue,
+            Some('i') if error == ' ' => Status::Installed(version.to_string()),
+            Some(_) => Status::Half {
+                version: version.to_string(),
+                abbrev: abbrev.trim_end().to_string(),
+            },
+        };
+        match out.get_mut(name) {
+            Some(Status::Installed(v)) | Some(Status::Half { version: v, .. }) => {
+                v.push(',');
+                v.push_str(version);
+            }
+            None => {
+                out.insert(name.to_string(), status);
+            }
+        }
+    }
+    out
+}
+
+/// Installed versions of `names` in the root's dpkg database (a
+/// half-installed package is not installed).
+pub fn installed(fs: &RootFs, names: &[&str]) -> Result<BTreeMap<String, String>> {
+    if names.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(dpkg_query(fs, names)?
+        .into_iter()
+        .filter_map(|(n, s)| match s {
+            Status::Installed(v) => Some((n, v)),
+            Status::Half { .. } => None,
+        })
+        .collect())
+}
+
+/// Every package dpkg knows, with its state: before and after apt runs,
+/// their difference is what apt did.
+pub(super) fn snapshot() -> Result<BTreeMap<String, String>> {
+    Ok(dpkg_query(&RootFs::open(Path::new("/"))?, &[])?
+        .into_iter()
+        .map(|(n, s)| match s {
+            Status::Installed(v) => (n, v),
+            Status::Half { version, abbrev } => (n, format!("{version} (dpkg state {abbrev})")),
+        })
+        .collect())
+}
+
+/// What changed between two snapshots: name → version after (`None`:
+/// gone).
+pub(super) fn difference(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> BTreeMap<String, Option<String>> {
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    names
+        .into_iter()
+        .filter(|n| before.get(*n) != after.get(*n))
+        .map(|n| (n.clone(), after.get(n).cloned()))
+        .collect()
+}
+
+/// `dpkg --audit`: anything half-installed on the host (not only what the
+/// repository declares) makes apt refuse to run, after the plan said it
+/// would.
+pub(super) fn audit() -> Result<()> {
+    let argv = strings(&["dpkg", "--audit"]);
+    let timeout = Duration::from_secs(60);
+    let f = run(&argv, timeout)?;
+    let said = f.stdout.lines(40);
+    if !f.status.is_some_and(|s| s.success()) || said.iter().any(|l| !l.trim().is_empty()) {
+        bail!(
+            "dpkg's database needs repair before packages can change (dpkg --audit: {}): run `dpkg --configure -a` (or `apt-get -f install`) as root, then sync again",
+            said.iter()
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty())
+                .take(6)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Repairs what an interrupted dpkg left (only when `dpkg --audit` says
+/// so): `dpkg --configure -a`, keeping the old conffiles. A failure is
+/// reported and the undo goes on (reinstalling the old version often is
+/// the repair), unless dpkg's lock is held (then the next run tries
+/// again).
+pub(super) fn repair_dpkg(budget: &Budget, kept: &mut Vec<String>) -> Result<()> {
+    let timeout = budget.left()?;
+    let argv = strings(&["dpkg", "--audit"]);
+    let f = run(&argv, timeout)?;
+    if f.status.is_some_and(|s| s.success())
+        && f.stdout.lines(1).iter().all(|l| l.trim().is_empty())
+    {
+        return Ok(());
+    }
+    let argv = strings(&[
+        "dpkg",
+        "--force-confdef",
+        "--force-confold",
+        "--configure",
+        "-a",
+    ]);
+    let timeout = budget.left()?;
+    let f = run(&argv, timeout)?;
+    log_output(&f);
+    if let Err(e) = check(&argv, &f, timeout) {
+        if f.stderr.lines(40).iter().any(|l| l.contains("lock")) {
+            return Err(e.context("dpkg's lock is held by another program"));
+        }
+        let why = format!("{}: {}", f.describe(Some(timeout)), f.stderr.last_line(300));
+        warn!("dpkg --configure -a {why}; putting the old versions back anyway");
+        kept.push(format!("dpkg --configure -a failed first ({why})"));
+    }
+    Ok(())
+}
+
+/// dpkg's database of installed packages: the quick check watches it
+/// when packages are declared.
+pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn dpkg_query_lines_are_read_and_half_installed_is_not_installed() {
+        let got = parse_status(
+            "demo\tii \t1.0\nheld\thi \t3.0\nold\trc \t0.9\ngone\tun \t\nhalf\tiF \t2.0\nreinst\tiiR\t4.0\nlib\tii \t1\nlib\tii \t2\n",
+        );
+        let half = |v: &str, a: &str| Status::Half {
+            version: v.into(),
+            abbrev: a.into(),
+        };
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("demo".to_string(), Status::Installed("1.0".into())),
+                ("held".to_string(), Status::Installed("3.0".into())),
+                ("half".to_string(), half("2.0", "iF")),
+                ("reinst".to_string(), half("4.0", "iiR")),
+                ("lib".to_string(), Status::Installed("1,2".into())),
+            ])
+        );
+    }
+
+    #[test]
+    fn what_apt_did_is_the_difference_of_two_snapshots() {
+        let before = BTreeMap::from([
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "1".to_string()),
+            ("c".to_string(), "1".to_string()),
+        ]);
+        let after = BTreeMap::from([
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+            ("d".to_string(), "1".to_string()),
+        ]);
+        assert_eq!(
+            difference(&before, &after),
+            BTreeMap::from([
+                ("b".to_string(), Some("2".to_string())),
+                ("c".to_string(), None),
+                ("d".to_string(), Some("1".to_string())),
+            ])
+        );
+    }
+}
