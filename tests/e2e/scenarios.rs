@@ -1617,6 +1617,16 @@ fn local_apt_repo(m: &Machine) {
          chmod 755 /tmp/build/drift-slow/DEBIAN/postinst && \
          dpkg-deb --root-owner-group --build /tmp/build/drift-slow /srv/repo/drift-slow_1.0_all.deb >/dev/null",
     );
+    // drift-killer 2.0's postinst kills the agent (as an OOM kill or a
+    // watchdog would, mid-apt) and then finishes normally; 1.0 is plain.
+    m.ok(
+        "for v in 1.0 2.0; do d=/tmp/build/drift-killer-$v; mkdir -p $d/DEBIAN && \
+         printf 'Package: drift-killer\\nVersion: %s\\nArchitecture: all\\nMaintainer: e2e <e2e@example.org>\\nDescription: driftless e2e package\\n' $v > $d/DEBIAN/control && \
+         dpkg-deb --root-owner-group --build $d /srv/repo/drift-killer_${v}_all.deb >/dev/null || exit 1; done && \
+         printf '#!/bin/sh\\npkill -9 -x driftless\\nexit 0\\n' > /tmp/build/drift-killer-2.0/DEBIAN/postinst && \
+         chmod 755 /tmp/build/drift-killer-2.0/DEBIAN/postinst && \
+         dpkg-deb --root-owner-group --build /tmp/build/drift-killer-2.0 /srv/repo/drift-killer_2.0_all.deb >/dev/null",
+    );
     // drift-demo 3.0's postinst fails: apt stops with it half-configured.
     m.ok(
         "mkdir -p /tmp/build/drift-demo-3.0/DEBIAN /tmp/build/drift-demo-3.0/usr/share/drift-demo && \
@@ -1849,4 +1859,42 @@ fn e2e_23_a_kill_inside_dpkg_is_recovered_and_the_commit_applied_again() {
         "ii 1.0"
     );
     assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0");
+
+    // A commit whose packages stage kills the agent every time: each
+    // next run undoes it and counts it, and the third interruption marks
+    // it bad instead of looping forever (the review found such a commit
+    // was never counted: only interrupted checks were).
+    m.ok("apt-get install -y -qq drift-killer=1.0 >/dev/null 2>&1");
+    let killer = "dpkg-query -W -f '${db:Status-Abbrev}${Version}' drift-killer";
+    repo.write(
+        "roles/slow/role.toml",
+        "[[packages]]\nname = \"drift-slow\"\n\n[[packages]]\nname = \"drift-killer\"\nversion = \"2.0\"\n",
+    );
+    repo.commit("v2 upgrades a package whose postinst kills the agent");
+    for round in 1..=3 {
+        let out = sync(&m);
+        assert!(
+            !out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // apt and dpkg finish on their own after the agent died.
+        m.wait_ok(
+            "! pgrep -x apt-get && ! pgrep -x dpkg",
+            Duration::from_secs(60),
+        );
+    }
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("interrupted during its packages stage") && log.contains("marked bad"),
+        "{log}"
+    );
+    assert_eq!(m.ok(killer), "ii 1.0", "{log}");
+    assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0");
+    let status = m.ok("driftless status --format json");
+    assert!(
+        status.contains("packages stage, unit actions or health checks were interrupted 3 times"),
+        "{status}"
+    );
 }
