@@ -1697,6 +1697,10 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     let out = sync(&m);
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("planned again after the packages: /etc/drift-demo.conf: Create -> Update"),
+        "{log}"
+    );
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n");
     assert_eq!(m.ok("cat /etc/drift-demo.conf"), "setting = ours\n");
     // The package's own version of its conffile was saved as the

@@ -259,8 +259,42 @@ impl Plan {
     /// Takes the file part (files, links, absent paths, directories, the
     /// next inventory, unit actions) of `again`, a plan of the same commit
     /// made after the packages stage; keeps accounts, packages, hooks and
-    /// checks.
-    pub fn replace_files(&mut self, again: Plan) {
+    /// checks. Returns how the file part differs (`/etc/x.conf: Create ->
+    /// Adopt`), for the log: what a package brought is then visible.
+    pub fn replace_files(&mut self, again: Plan) -> Vec<String> {
+        let kinds = |p: &Plan| -> BTreeMap<String, String> {
+            p.changes
+                .iter()
+                .map(|c| (c.path.as_str().to_string(), format!("{:?}", c.kind)))
+                .chain(
+                    p.links
+                        .iter()
+                        .map(|c| (c.path.as_str().to_string(), format!("link {:?}", c.action))),
+                )
+                .chain(
+                    p.absent
+                        .iter()
+                        .map(|c| (c.path.as_str().to_string(), "Absent".to_string())),
+                )
+                .chain(
+                    p.dirs
+                        .iter()
+                        .map(|c| (c.path.as_str().to_string(), format!("dir {:?}", c.action))),
+                )
+                .collect()
+        };
+        let (was, now) = (kinds(self), kinds(&again));
+        let differences = was
+            .keys()
+            .chain(now.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|p| was.get(*p) != now.get(*p))
+            .map(|p| {
+                let or_none = |k: Option<&String>| k.map_or("nothing".to_string(), String::clone);
+                format!("{p}: {} -> {}", or_none(was.get(p)), or_none(now.get(p)))
+            })
+            .collect();
         self.changes = again.changes;
         self.unchanged = again.unchanged;
         self.unit_actions = again.unit_actions;
@@ -272,6 +306,7 @@ impl Plan {
         self.next_inventory = again.next_inventory;
         self.packages_declared = again.packages_declared;
         self.self_contained = again.self_contained;
+        differences
     }
 
     pub fn is_empty(&self) -> bool {

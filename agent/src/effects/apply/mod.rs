@@ -280,7 +280,9 @@ pub fn apply_with(
             packages_stage(state, &tx_dir, &mut journal)?;
             if let Some(replan) = replan {
                 let again = replan().context("cannot plan the files again after the packages")?;
-                plan.replace_files(again);
+                for d in plan.replace_files(again) {
+                    tracing::info!("planned again after the packages: {d}");
+                }
                 journal.entries = intent(plan, &txid);
                 journal.released_originals = before
                     .files
