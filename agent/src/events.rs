@@ -36,6 +36,8 @@ pub const RECOVERED: &str = "ae6cf5ed3765488ea4ff47bd9bad10bf";
 pub const DRIFT_REPAIRED: &str = "70401d6b840c4021a5a73f86e7c7b569";
 /// A run found the agent halted and changed nothing.
 pub const HALTED: &str = "cba3cbb1d405476fa68db49aa15275cd";
+/// The agent asked systemd to reboot the host (`[fleet] reboot = true`).
+pub const REBOOTING: &str = "0f5b1c9e4d2a4e8b9c7a6d3e2f1b0a94";
 
 /// The id and what the entry says, for an outcome worth an event
 /// (nothing for "unchanged" and "skipped": every idle poll would log one).
@@ -97,6 +99,17 @@ pub fn drift_repaired(commit: &str, txid: &str, files: usize) {
     );
 }
 
+/// Logs that the agent is rebooting the host, holding a fleet permit
+/// (always: it is the run's last word, no other line says it).
+pub fn rebooting(commit: &str, reasons: &str) {
+    tracing::warn!(
+        message_id = REBOOTING,
+        commit,
+        result = "rebooting",
+        "rebooting the host for commit {commit}: {reasons}"
+    );
+}
+
 /// Logs that a run was refused because the agent is halted.
 pub fn halted(commit: Option<&str>, since: &str, reason: &str) {
     if !ENABLED.load(Ordering::Relaxed) {
@@ -122,6 +135,7 @@ mod tests {
             REVERTED,
             DEGRADED,
             REFUSED,
+            REBOOTING,
             FAILED,
             RECOVERED,
             DRIFT_REPAIRED,

@@ -51,6 +51,10 @@ pub fn guard() -> Option<MutexGuard<'static, ()>> {
 pub struct Machine {
     nspawn: Child,
     pub pid: i32,
+    /// How it was started: a reboot starts it again the same way.
+    args: Vec<String>,
+    /// nspawn has exited (a reboot, waited for): nothing left to stop.
+    exited: bool,
 }
 
 fn children(pid: u32) -> Vec<i32> {
@@ -61,24 +65,70 @@ fn children(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// A machine that survives a reboot: its own copy of the rootfs (changes
+/// stay, unlike `--volatile=overlay`), in a network namespace the test
+/// made (a service there, such as etcd, outlives the container).
+pub struct Persistent<'a> {
+    pub dir: &'a Path,
+    pub netns: &'a str,
+}
+
 impl Machine {
     /// Boots a container with `binds` (host path, container path, writable).
     pub fn boot(name: &str, binds: &[(&Path, &str, bool)]) -> Machine {
+        Machine::start(Machine::args(name, binds, None))
+    }
+
+    /// [`Machine::boot`] of a copy of the rootfs in `p.dir`, in network
+    /// namespace `p.netns`; it can reboot ([`Machine::rebooted`]).
+    pub fn boot_persistent(name: &str, binds: &[(&Path, &str, bool)], p: &Persistent) -> Machine {
+        let out = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(format!("{}/.", rootfs().display()))
+            .arg(p.dir)
+            .output()
+            .expect("cp runs");
+        assert!(
+            out.status.success(),
+            "cannot copy the rootfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Machine::start(Machine::args(name, binds, Some(p)))
+    }
+
+    fn args(
+        name: &str,
+        binds: &[(&Path, &str, bool)],
+        persistent: Option<&Persistent>,
+    ) -> Vec<String> {
         let mut args = vec![
             "--boot".to_string(),
             "--register=no".into(),
             "--keep-unit".into(),
-            "--private-network".into(),
-            "--volatile=overlay".into(),
             format!("--machine={name}"),
-            "-D".into(),
-            rootfs().display().to_string(),
-            format!("--bind-ro={BIN}:/usr/local/bin/driftless"),
         ];
+        match persistent {
+            None => args.extend([
+                "--private-network".to_string(),
+                "--volatile=overlay".into(),
+                "-D".into(),
+                rootfs().display().to_string(),
+            ]),
+            Some(p) => args.extend([
+                format!("--network-namespace-path=/run/netns/{}", p.netns),
+                "-D".into(),
+                p.dir.display().to_string(),
+            ]),
+        }
+        args.push(format!("--bind-ro={BIN}:/usr/local/bin/driftless"));
         for (host, guest, rw) in binds {
             let flag = if *rw { "--bind" } else { "--bind-ro" };
             args.push(format!("{flag}={}:{guest}", host.display()));
         }
+        args
+    }
+
+    fn start(args: Vec<String>) -> Machine {
         let script = "mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && exec systemd-nspawn \"$@\"";
         let nspawn = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
@@ -105,7 +155,12 @@ impl Machine {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        let m = Machine { nspawn, pid };
+        let m = Machine {
+            nspawn,
+            pid,
+            args,
+            exited: false,
+        };
         // Wait for boot to finish (running, or degraded with a failed
         // unit); "offline" means the bus is not up yet.
         let start = Instant::now();
@@ -122,6 +177,36 @@ impl Machine {
             std::thread::sleep(Duration::from_millis(200));
         }
         m
+    }
+
+    /// Waits for the container to go down for a reboot (nspawn exits with
+    /// 133 when its systemd reboots), then boots it again the same way.
+    #[track_caller]
+    pub fn rebooted(&mut self, limit: Duration) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.nspawn.try_wait().expect("nspawn can be waited for") {
+                break status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the container did not reboot within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        self.exited = true;
+        assert_eq!(
+            status.code(),
+            Some(133),
+            "nspawn ended with {status}, not a reboot"
+        );
+        let again = Machine::start(self.args.clone());
+        *self = again;
+    }
+
+    /// Whether the container is still up (not gone down for a reboot).
+    pub fn running(&mut self) -> bool {
+        matches!(self.nspawn.try_wait(), Ok(None))
     }
 
     /// Runs `cmd` with `/bin/sh -c` inside the container.
@@ -176,6 +261,9 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
         // SIGTERM to nspawn powers the container off; then make sure.
         let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

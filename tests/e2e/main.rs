@@ -15,4 +15,5 @@
 
 mod machine;
 mod package;
+mod reboot;
 mod scenarios;

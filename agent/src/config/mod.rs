@@ -133,6 +133,12 @@ pub struct FleetFragment {
     pub user: Option<String>,
     /// The user's password (one line); readable by its owner only.
     pub password_file: Option<PathBuf>,
+    /// Reboot this host by itself when a committed change asks for it
+    /// (`reboot = true`), holding one of the group's permits across the
+    /// reboot and only inside the group's maintenance window; the permit
+    /// is given back after the first healthy run of the new boot.
+    /// Default false: only `/run/reboot-required` says a reboot is due.
+    pub reboot: Option<bool>,
 }
 
 impl FleetFragment {
@@ -149,6 +155,7 @@ impl FleetFragment {
             key_file,
             user,
             password_file,
+            reboot,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -166,6 +173,7 @@ impl FleetFragment {
         take(&mut self.key_file, key_file);
         take(&mut self.user, user);
         take(&mut self.password_file, password_file);
+        take(&mut self.reboot, reboot);
     }
 }
 
@@ -195,6 +203,8 @@ pub struct FleetSettings {
     pub tls: Option<FleetTls>,
     /// etcd's authentication (only over TLS).
     pub auth: Option<FleetAuth>,
+    /// Reboot by itself under the fleet lock when a change asks for it.
+    pub reboot: bool,
 }
 
 /// TLS to etcd: the CA, and an optional client certificate.
@@ -753,6 +763,7 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
         _ => bail!("fleet.user and fleet.password_file go together (and the user is not empty)"),
     };
     Ok(FleetSettings {
+        reboot: f.reboot.unwrap_or(false),
         endpoints,
         prefix,
         group,

@@ -64,6 +64,17 @@ impl Systemd {
         })
     }
 
+    /// `systemctl reboot`: queues `reboot.target` (irreversibly: nothing
+    /// started later cancels it). Returns once systemd accepted the job;
+    /// the agent is stopped with every other service.
+    pub async fn reboot(&self) -> Result<()> {
+        self.manager
+            .start_unit("reboot.target".into(), "replace-irreversibly".into())
+            .await
+            .context("systemd refused to start reboot.target")?;
+        Ok(())
+    }
+
     /// `systemctl daemon-reload`: returns when systemd has reloaded.
     pub async fn daemon_reload(&self) -> Result<()> {
         self.manager.reload().await.context("daemon-reload failed")

@@ -11,6 +11,7 @@ pub mod marks;
 mod metrics;
 pub mod post;
 pub mod quick;
+mod reboot;
 pub mod repair;
 mod run;
 mod runlog;
@@ -730,6 +731,41 @@ fn rollback_eligibility(pass: &run::Pass, current: &str) -> Result<RollbackEligi
 /// A rollback within a pass that holds the lock: to `to`, or the previous
 /// good commit of the history. `why` is the bad mark's reason for the
 /// commit rolled back from. Records the outcome in the history.
+/// A commit of the mirror, read as a sync reads the fetched one (its
+/// signatures checked again when they are required).
+pub(super) fn fetched_commit(
+    settings: &Settings,
+    state: &StateDir,
+    commit: &str,
+) -> Result<Fetched, Error> {
+    let spec = source_spec(settings)?;
+    let repo = fetch::open(&spec, &state.mirror()).kind(Failure::Failed)?;
+    let id = repo
+        .rev_parse_single(commit)
+        .map_err(|e| {
+            Error::new(
+                Failure::Failed,
+                anyhow!("{commit:?} is not a commit of the repository: {e}"),
+            )
+        })?
+        .detach();
+    if settings.require_signed {
+        verify_signatures(settings, &repo, None, id)?;
+    }
+    let commit_time = repo
+        .find_commit(id)
+        .ok()
+        .and_then(|c| c.time().ok())
+        .map_or(0, |t| t.seconds);
+    let snapshot = fetch::read_tree(&repo, id, &settings.path).kind(Failure::InvalidRepo)?;
+    Ok(Fetched {
+        commit: id.to_string(),
+        commit_time,
+        summary: String::new(),
+        snapshot,
+    })
+}
+
 fn rollback_in(pass: &mut run::Pass, to: Option<&str>, why: &str) -> Result<Report, Error> {
     let (settings, now) = (pass.settings, pass.now);
     let inventory = pass.state.inventory().kind(Failure::Failed)?;
@@ -743,32 +779,9 @@ fn rollback_in(pass: &mut run::Pass, to: Option<&str>, why: &str) -> Result<Repo
             )
         })?,
     };
-    let spec = source_spec(settings)?;
-    let repo = fetch::open(&spec, &pass.state.mirror()).kind(Failure::Failed)?;
-    let id = repo
-        .rev_parse_single(target.as_str())
-        .map_err(|e| {
-            Error::new(
-                Failure::Failed,
-                anyhow!("{target:?} is not a commit of the repository: {e}"),
-            )
-        })?
-        .detach();
-    if settings.require_signed {
-        verify_signatures(settings, &repo, None, id)?;
-    }
-    let commit_time = repo
-        .find_commit(id)
-        .ok()
-        .and_then(|c| c.time().ok())
-        .map_or(0, |t| t.seconds);
-    let snapshot = fetch::read_tree(&repo, id, &settings.path).kind(Failure::InvalidRepo)?;
-    let fetched = Fetched {
-        commit: id.to_string(),
-        commit_time,
-        summary: format!("rollback to {}", short(&id.to_string())),
-        snapshot,
-    };
+    let mut fetched = fetched_commit(settings, &pass.state, &target)?;
+    fetched.summary = format!("rollback to {}", short(&fetched.commit));
+    let commit_time = fetched.commit_time;
     let facts = gather_facts(&pass.fs);
     let plan = plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?;
     if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {

@@ -87,6 +87,7 @@ pub fn sync_once(
         record_outcome(&pass, &result);
     }
     fleet.finish(&pass, &result);
+    super::reboot::after_run(&pass, &result);
     result
 }
 
@@ -348,7 +349,14 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     let inputs = quick::inputs(settings, &facts);
     let bad = pass.marks.bad.contains_key(&head.commit);
     let mut partial = None;
-    if let Some(record) = pass.stamps.clone().filter(|_| !pass.opts.full && !bad) {
+    // Back from a reboot under a fleet permit: the checks must run, which
+    // the quick check does not do.
+    let verifying = super::reboot::verifying(pass);
+    if let Some(record) = pass
+        .stamps
+        .clone()
+        .filter(|_| !pass.opts.full && !bad && !verifying)
+    {
         match quick::assess(settings, &pass.fs, record, &head.commit, &inputs) {
             quick::Assessment::Partial { record, drifted } => partial = Some((record, drifted)),
             quick::Assessment::Hit(plan) => {

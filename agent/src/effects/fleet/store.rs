@@ -364,7 +364,6 @@ impl Store {
         max: u32,
         ttl: Duration,
     ) -> Result<Acquired> {
-        let prefix = self.keys.permits(group);
         let key = self.keys.permit(group, host);
         let lease = self
             .client
@@ -372,6 +371,76 @@ impl Store {
             .await
             .with_context(|| self.ctx("cannot create a lease for the permit"))?
             .id();
+        match self.take(group, host, max, host, Some(lease)).await {
+            Ok(None) => {
+                let keepalive = self.keep_alive(lease, ttl).await?;
+                Ok(Acquired::Permit(Permit {
+                    key,
+                    lease,
+                    keepalive,
+                }))
+            }
+            Ok(Some(no)) => {
+                self.revoke(lease).await;
+                Ok(no)
+            }
+            Err(e) => {
+                self.revoke(lease).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A permit of `group` held across a reboot: no lease (the host is
+    /// gone while it reboots, and a host that does not come back healthy
+    /// must keep blocking its group until an operator looks). Given back
+    /// with [`Store::release_reboot_permit`]. `Ok(None)`: taken (or held
+    /// already).
+    pub async fn take_reboot_permit(
+        &mut self,
+        group: &str,
+        host: &str,
+        max: u32,
+        why: &str,
+    ) -> Result<Option<Acquired>> {
+        self.take(group, host, max, why, None).await
+    }
+
+    /// Puts this host's reboot permit back unguarded: a run of the new
+    /// boot that applied a commit took the same key with a lease, which
+    /// its end deleted, while the host is not yet healthy.
+    pub async fn keep_reboot_permit(&mut self, group: &str, host: &str, why: &str) -> Result<()> {
+        let key = self.keys.permit(group, host);
+        self.client
+            .put(key.clone(), why, None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
+        Ok(())
+    }
+
+    /// Gives a reboot permit back.
+    pub async fn release_reboot_permit(&mut self, group: &str, host: &str) -> Result<()> {
+        let key = self.keys.permit(group, host);
+        self.client
+            .delete(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot delete {key}")))?;
+        Ok(())
+    }
+
+    /// The semaphore: puts `host`'s permit key (with `lease`, or none) if
+    /// fewer than `max` are held under the group (or `host` holds one
+    /// already). `None`: taken; otherwise why not.
+    async fn take(
+        &mut self,
+        group: &str,
+        host: &str,
+        max: u32,
+        value: &str,
+        lease: Option<i64>,
+    ) -> Result<Option<Acquired>> {
+        let prefix = self.keys.permits(group);
+        let key = self.keys.permit(group, host);
         for attempt in 0..ACQUIRE_ATTEMPTS {
             let resp = self
                 .client
@@ -385,8 +454,7 @@ impl Store {
             let held = resp.kvs().len();
             let mine = resp.kvs().iter().any(|kv| kv.key() == key.as_bytes());
             if !mine && held >= max as usize {
-                self.revoke(lease).await;
-                return Ok(Acquired::Full { held });
+                return Ok(Some(Acquired::Full { held }));
             }
             // Nothing under the group's prefix changed since `revision`:
             // the count just read still holds when the put happens.
@@ -399,8 +467,8 @@ impl Store {
                 .with_prefix()])
                 .and_then(vec![TxnOp::put(
                     key.clone(),
-                    host,
-                    Some(PutOptions::new().with_lease(lease)),
+                    value,
+                    lease.map(|l| PutOptions::new().with_lease(l)),
                 )]);
             let done = self
                 .client
@@ -408,13 +476,8 @@ impl Store {
                 .await
                 .with_context(|| self.ctx(&format!("cannot write {key}")))?;
             if done.succeeded() {
-                debug!(key = %key, lease, attempt, "permit taken");
-                let keepalive = self.keep_alive(lease, ttl).await?;
-                return Ok(Acquired::Permit(Permit {
-                    key,
-                    lease,
-                    keepalive,
-                }));
+                debug!(key = %key, ?lease, attempt, "permit taken");
+                return Ok(None);
             }
             debug!(key = %key, attempt, "another host took a permit at the same time; reading again");
             // Hosts that lost together would collide again at once: each
@@ -422,10 +485,9 @@ impl Store {
             // of 1,785 attempts lost with permits still free).
             tokio::time::sleep(jitter(attempt)).await;
         }
-        self.revoke(lease).await;
-        Ok(Acquired::Contended {
+        Ok(Some(Acquired::Contended {
             attempts: ACQUIRE_ATTEMPTS,
-        })
+        }))
     }
 
     /// Renews `lease` every third of its TTL until aborted.

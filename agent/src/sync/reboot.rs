@@ -1,0 +1,308 @@
+//! Configured reboots under the fleet lock (`[fleet] reboot = true`;
+//! issue 16's "reboot required" with issue 17's semaphore).
+//!
+//! Why a permit held across the reboot: a reboot is the most disruptive
+//! thing an agent can do, and a fleet where every host reboots in the same
+//! poll interval is down. A host reboots only holding one of its group's
+//! permits (the same semaphore as applying, so `max_concurrent` bounds
+//! applies and reboots together), only inside the group's maintenance
+//! window, never while its group is suspended, and only when the run that
+//! found the reboot due was healthy. The permit has no lease (the host is
+//! away while it reboots): it is given back by the host itself after the
+//! first run of the new boot whose health checks pass. A host that does
+//! not come back healthy keeps it, so its group stops rebooting (and
+//! applying) beyond `max_concurrent - 1` until an operator looks; that is
+//! zincati's FleetLock rule too.
+//!
+//! State: `reboot-permit.json` in the state directory, written durably
+//! *before* systemd is asked to reboot, names the group and the boot the
+//! permit was taken in. The same boot id at the next run means the reboot
+//! did not happen (systemd refused, or the agent was killed first): it is
+//! asked again, with the permit it holds. A different one means the host
+//! is back: the run verifies it and gives the permit back.
+//!
+//! Never under `--root` (a prefix is not a host to reboot), never without
+//! `[fleet]` (an air-gapped host only gets `/run/reboot-required`).
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::run::Pass;
+use super::Report;
+use crate::config::FleetSettings;
+use crate::effects::state::{read_json, write_json_atomic, StateDir};
+use crate::exit::Error;
+use crate::plan::diff::short;
+
+const FILE: &str = "reboot-permit.json";
+
+/// A reboot permit this host holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Held {
+    pub group: String,
+    /// The boot in which the permit was taken and the reboot asked for.
+    pub boot_id: String,
+    /// When the permit was taken (Unix seconds).
+    pub since: i64,
+    /// The commit whose change asked for the reboot.
+    pub commit: Option<String>,
+}
+
+/// The reboot permit this host holds, if any. An unreadable file counts
+/// as a permit held from an earlier boot (its group: the configured one):
+/// giving back a permit that may be held is safe, losing one is not.
+pub fn held(state: &StateDir, fleet: &FleetSettings) -> Option<Held> {
+    match read_json::<Held>(&state.path().join(FILE)) {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(
+                "{}: unreadable ({e:#}); taken as a reboot permit held from an earlier boot",
+                FILE
+            );
+            Some(Held {
+                group: fleet.group.clone(),
+                boot_id: String::new(),
+                since: 0,
+                commit: None,
+            })
+        }
+    }
+}
+
+/// `[fleet]` with `reboot = true`, on the live system.
+fn configured<'a>(pass: &Pass<'a>) -> Option<&'a FleetSettings> {
+    super::fleet::active(pass.settings).filter(|f| f.reboot && pass.settings.live)
+}
+
+/// Whether this run starts back from a reboot this host holds a permit
+/// for: it then plans in full (the quick check proves files, not health)
+/// so that its checks run.
+pub(super) fn verifying(pass: &Pass) -> bool {
+    configured(pass)
+        .and_then(|f| held(&pass.state, f))
+        .is_some_and(|h| h.boot_id != crate::effects::reboot::boot_id())
+}
+
+/// At the end of every run (after the fleet saw its result): gives back
+/// the permit of a reboot this host came back from healthy, or reboots
+/// the host when a committed change asks for it and the fleet allows it.
+/// Never fails the run: what it could not do is logged, and the next run
+/// tries again.
+pub(super) fn after_run(pass: &Pass, result: &Result<Report, Error>) {
+    let Some(fleet) = configured(pass) else {
+        return;
+    };
+    if let Err(e) = after_run_inner(pass, fleet, result) {
+        warn!("fleet reboot: {e:#}; the next run tries again");
+    }
+}
+
+fn after_run_inner(
+    pass: &Pass,
+    fleet: &FleetSettings,
+    result: &Result<Report, Error>,
+) -> Result<()> {
+    let boot = crate::effects::reboot::boot_id();
+    if boot.is_empty() {
+        return Err(anyhow!(
+            "cannot read this boot's id ({}), without which a reboot cannot be told from a run of the same boot: not rebooting",
+            "/proc/sys/kernel/random/boot_id"
+        ));
+    }
+    let held = held(&pass.state, fleet);
+    if let Some(h) = held.as_ref().filter(|h| h.boot_id != boot) {
+        return back_from_reboot(pass, fleet, h, result);
+    }
+    let inventory = pass.state.inventory()?;
+    let Some(request) = crate::effects::reboot::pending(&inventory, &boot) else {
+        return Ok(());
+    };
+    let commit = inventory.commit.clone().unwrap_or_default();
+    let reasons: Vec<String> = request
+        .reasons
+        .iter()
+        .map(|r| r.path.as_str().to_string())
+        .collect();
+    if let Err(why) = healthy(pass, result) {
+        warn!(commit = %short(&commit), "a reboot is due ({}), but {why}: not rebooting an unhealthy host", reasons.join(", "));
+        return Ok(());
+    }
+    if held.is_none() {
+        let policy = policy_of(pass, &commit);
+        let tz = jiff::tz::TimeZone::system();
+        if let Some(why) =
+            crate::rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
+        {
+            info!(commit = %short(&commit), "a reboot is due, waiting: {why}");
+            return Ok(());
+        }
+        let value =
+            serde_json::json!({"host": pass.settings.host, "reboot": boot, "commit": commit})
+                .to_string();
+        let taken = pass.rt.block_on(async {
+            let mut store = crate::effects::fleet::Store::connect(fleet).await?;
+            let view = store.suspensions().await?;
+            if let Some((group, s)) = crate::rollout::decide::suspension(&view, &fleet.group) {
+                return Ok(Err(format!(
+                    "rollouts of group {group} are suspended by {} ({})",
+                    s.by, s.reason
+                )));
+            }
+            Ok::<_, anyhow::Error>(
+                match store
+                    .take_reboot_permit(
+                        &fleet.group,
+                        &pass.settings.host,
+                        policy.max_concurrent,
+                        &value,
+                    )
+                    .await?
+                {
+                    None => Ok(()),
+                    Some(crate::effects::fleet::Acquired::Full { held }) => Err(format!(
+                        "all {held} permits of group {} are taken (max_concurrent = {})",
+                        fleet.group, policy.max_concurrent
+                    )),
+                    Some(_) => Err("other hosts took the permits at the same moment".into()),
+                },
+            )
+        })?;
+        if let Err(why) = taken {
+            info!(commit = %short(&commit), "a reboot is due, waiting for a fleet permit: {why}");
+            return Ok(());
+        }
+        write_json_atomic(
+            &pass.state.path().join(FILE),
+            &Held {
+                group: fleet.group.clone(),
+                boot_id: boot.clone(),
+                since: pass.now,
+                commit: Some(commit.clone()),
+            },
+        )
+        .context("cannot record the reboot permit (it stays taken in etcd)")?;
+    }
+    crate::events::rebooting(short(&commit), &reasons.join(", "));
+    crate::effects::failpoint::hit("sync.reboot")?;
+    pass.rt.block_on(async {
+        crate::effects::systemd::Systemd::connect(pass.settings.job_timeout)
+            .await?
+            .reboot()
+            .await
+    })
+}
+
+/// The first runs of a new boot, while the permit is held: healthy gives
+/// it back; otherwise it is kept (put back if this run's own permit, the
+/// same key, was given back by the fleet's end of run).
+fn back_from_reboot(
+    pass: &Pass,
+    fleet: &FleetSettings,
+    held: &Held,
+    result: &Result<Report, Error>,
+) -> Result<()> {
+    let group = held.group.as_str();
+    match healthy(pass, result) {
+        Ok(()) => {
+            pass.rt.block_on(async {
+                crate::effects::fleet::Store::connect(fleet)
+                    .await?
+                    .release_reboot_permit(group, &pass.settings.host)
+                    .await
+            })?;
+            std::fs::remove_file(pass.state.path().join(FILE))
+                .with_context(|| format!("cannot remove {FILE}"))?;
+            info!(
+                group,
+                "back from the reboot and healthy: the fleet permit is given back"
+            );
+        }
+        Err(why) => {
+            let value = serde_json::json!({"host": pass.settings.host, "reboot": held.boot_id, "unhealthy": why})
+                .to_string();
+            pass.rt.block_on(async {
+                crate::effects::fleet::Store::connect(fleet)
+                    .await?
+                    .keep_reboot_permit(group, &pass.settings.host, &value)
+                    .await
+            })?;
+            warn!(group, "back from the reboot, but {why}: keeping the fleet permit, so the group waits, until a run is healthy");
+        }
+    }
+    Ok(())
+}
+
+/// The run ended well and the applied commit's health checks passed in
+/// it (run now if the run itself ran none).
+fn healthy(pass: &Pass, result: &Result<Report, Error>) -> Result<(), String> {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return Err(format!("the run failed ({:#})", e.error)),
+    };
+    if let Some(n) = pass.checks_failing {
+        return if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} health check(s) failed"))
+        };
+    }
+    let checks = if report.plan.checks.is_empty() {
+        match checks_of_applied(pass) {
+            Ok(c) => c,
+            Err(e) => return Err(format!("its health checks could not be read ({e:#})")),
+        }
+    } else {
+        report.plan.checks.clone()
+    };
+    let results = pass.rt.block_on(async {
+        let systemd = crate::effects::systemd::Systemd::connect(pass.settings.job_timeout)
+            .await
+            .ok();
+        crate::effects::checks::run_all(&checks, systemd.as_ref()).await
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.message))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("health checks failed: {}", failed.join("; ")))
+    }
+}
+
+/// The health checks of the applied commit, from a full plan of it.
+fn checks_of_applied(pass: &Pass) -> Result<Vec<crate::desired::spec::Check>> {
+    let inventory = pass.state.inventory()?;
+    let Some(commit) = inventory.commit else {
+        return Ok(Vec::new());
+    };
+    let fetched =
+        super::fetched_commit(pass.settings, &pass.state, &commit).map_err(|e| e.error)?;
+    let facts = super::gather_facts(&pass.fs);
+    let plan = super::plan_for(pass.settings, &pass.state, &pass.fs, &fetched, &facts)
+        .map_err(|e| e.error)?;
+    Ok(plan.checks)
+}
+
+/// The rollout policy of the applied commit (its maintenance windows and
+/// `max_concurrent`), read from its tree; the default one when it has
+/// none or cannot be read.
+fn policy_of(pass: &Pass, commit: &str) -> crate::rollout::Policy {
+    let read = || -> Result<Option<crate::rollout::Policy>> {
+        let fetched =
+            super::fetched_commit(pass.settings, &pass.state, commit).map_err(|e| e.error)?;
+        crate::rollout::policy::load(&fetched.snapshot).map_err(|e| anyhow!(e))
+    };
+    match read() {
+        Ok(Some(p)) => p,
+        Ok(None) => crate::rollout::Policy::default_policy(),
+        Err(e) => {
+            warn!(commit = %short(commit), "cannot read the applied commit's rollout policy, judging the reboot by the default one: {e:#}");
+            crate::rollout::Policy::default_policy()
+        }
+    }
+}
