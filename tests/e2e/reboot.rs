@@ -211,9 +211,33 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     };
 
     // 1. Applied, healthy, a reboot due: the permit is taken and the host
-    //    reboots.
+    //    reboots. First the agent is killed after it recorded the permit
+    //    it is about to take, then after etcd granted it: neither leaves a
+    //    permit nobody gives back, and the next run reboots with it.
     let boot1 = boot(&m);
     m.ok("touch /run/e2e-healthy");
+    let killed = |m: &Machine, point: &str| {
+        let out = m.sh(&format!(
+            "DRIFTLESS_TEST_FAILPOINT={point} driftless sync --once 2>&1"
+        ));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            None,
+            "the shell itself died"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(137),
+            "{point}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    killed(&m, "sync.reboot.recorded");
+    assert!(etcd.keys(PERMITS).is_empty());
+    killed(&m, "sync.reboot.permit");
+    assert_eq!(etcd.keys(PERMITS), [MINE]);
+    assert!(m.running());
+    assert_eq!(boot(&m), boot1);
     let log = sync(&m);
     assert!(log.contains("rebooting the host for commit"), "{log}");
     m.rebooted(Duration::from_secs(90));

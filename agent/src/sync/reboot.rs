@@ -129,8 +129,8 @@ fn after_run_inner(
         warn!(commit = %short(&commit), "a reboot is due ({}), but {why}: not rebooting an unhealthy host", reasons.join(", "));
         return Ok(());
     }
+    let policy = policy_of(pass, &commit);
     if held.is_none() {
-        let policy = policy_of(pass, &commit);
         let tz = jiff::tz::TimeZone::system();
         if let Some(why) =
             crate::rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
@@ -138,11 +138,27 @@ fn after_run_inner(
             info!(commit = %short(&commit), "a reboot is due, waiting: {why}");
             return Ok(());
         }
-        let value =
-            serde_json::json!({"host": pass.settings.host, "reboot": boot, "commit": commit})
-                .to_string();
-        let taken = pass.rt.block_on(async {
-            let mut store = crate::effects::fleet::Store::connect(fleet).await?;
+    }
+    // The record first, durably: a crash after etcd granted the permit
+    // must not leave a permit nobody gives back. With the record, the
+    // next run of this boot takes it again (a host's own permit is
+    // granted again) and reboots, or gives up the record.
+    write_json_atomic(
+        &pass.state.path().join(FILE),
+        &Held {
+            group: fleet.group.clone(),
+            boot_id: boot.clone(),
+            since: held.as_ref().map_or(pass.now, |h| h.since),
+            commit: Some(commit.clone()),
+        },
+    )
+    .context("cannot record the reboot permit about to be taken")?;
+    crate::effects::failpoint::hit("sync.reboot.recorded")?;
+    let value = serde_json::json!({"host": pass.settings.host, "reboot": boot, "commit": commit})
+        .to_string();
+    let taken = pass.rt.block_on(async {
+        let mut store = crate::effects::fleet::Store::connect(fleet).await?;
+        if held.is_none() {
             let view = store.suspensions().await?;
             if let Some((group, s)) = crate::rollout::decide::suspension(&view, &fleet.group) {
                 return Ok(Err(format!(
@@ -150,42 +166,34 @@ fn after_run_inner(
                     s.by, s.reason
                 )));
             }
-            Ok::<_, anyhow::Error>(
-                match store
-                    .take_reboot_permit(
-                        &fleet.group,
-                        &pass.settings.host,
-                        policy.max_concurrent,
-                        &value,
-                    )
-                    .await?
-                {
-                    None => Ok(()),
-                    Some(crate::effects::fleet::Acquired::Full { held }) => Err(format!(
-                        "all {held} permits of group {} are taken (max_concurrent = {})",
-                        fleet.group, policy.max_concurrent
-                    )),
-                    Some(_) => Err("other hosts took the permits at the same moment".into()),
-                },
-            )
-        })?;
-        if let Err(why) = taken {
-            info!(commit = %short(&commit), "a reboot is due, waiting for a fleet permit: {why}");
-            return Ok(());
         }
-        write_json_atomic(
-            &pass.state.path().join(FILE),
-            &Held {
-                group: fleet.group.clone(),
-                boot_id: boot.clone(),
-                since: pass.now,
-                commit: Some(commit.clone()),
+        Ok::<_, anyhow::Error>(
+            match store
+                .take_reboot_permit(
+                    &fleet.group,
+                    &pass.settings.host,
+                    policy.max_concurrent,
+                    &value,
+                )
+                .await?
+            {
+                None => Ok(()),
+                Some(crate::effects::fleet::Acquired::Full { held }) => Err(format!(
+                    "all {held} permits of group {} are taken (max_concurrent = {})",
+                    fleet.group, policy.max_concurrent
+                )),
+                Some(_) => Err("other hosts took the permits at the same moment".into()),
             },
         )
-        .context("cannot record the reboot permit (it stays taken in etcd)")?;
+    })?;
+    if let Err(why) = taken {
+        std::fs::remove_file(pass.state.path().join(FILE))
+            .with_context(|| format!("cannot remove {FILE}"))?;
+        info!(commit = %short(&commit), "a reboot is due, waiting for a fleet permit: {why}");
+        return Ok(());
     }
+    crate::effects::failpoint::hit("sync.reboot.permit")?;
     crate::events::rebooting(short(&commit), &reasons.join(", "));
-    crate::effects::failpoint::hit("sync.reboot")?;
     pass.rt.block_on(async {
         crate::effects::systemd::Systemd::connect(pass.settings.job_timeout)
             .await?
