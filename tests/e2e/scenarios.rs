@@ -1648,6 +1648,7 @@ const PACKAGES_ROLE: &str = r#"
 [[packages]]
 name = "drift-demo"
 version = "PINNED"
+reboot = true
 
 [[files]]
 path = "/etc/drift-demo.conf"
@@ -1691,6 +1692,10 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
         "{plan}"
     );
     assert!(plan.contains("+ create /etc/drift-demo.conf"), "{plan}");
+    assert!(
+        plan.contains("reboot required after this commit: package drift-demo"),
+        "{plan}"
+    );
     // `plan` changes nothing.
     assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);
 
@@ -1703,6 +1708,8 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     );
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n");
     assert_eq!(m.ok("cat /etc/drift-demo.conf"), "setting = ours\n");
+    // `reboot = true` on the package: Debian's flag names it.
+    assert_eq!(m.ok("cat /run/reboot-required.pkgs"), "drift-demo\n");
     // The package's own version of its conffile was saved as the
     // original (the file was planned again after apt): pruning the entry
     // would put it back.
@@ -1779,7 +1786,7 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{log}");
     assert!(
-        log.contains("roles/demo/role.toml:16 packages[1]: Unable to locate package drift-nope"),
+        log.contains("roles/demo/role.toml:17 packages[1]: Unable to locate package drift-nope"),
         "{log}"
     );
     assert_eq!(m.ok("sha256sum /var/lib/dpkg/status"), dpkg_before);

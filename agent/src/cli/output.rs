@@ -142,6 +142,12 @@ pub fn print_plan(
             ) {
                 status.insert("reboot_required".into(), json!(p.plan.reboot_required));
             }
+            if let (false, Some(status)) = (
+                p.plan.reboot_packages.is_empty(),
+                plan.get_mut("status").and_then(|v| v.as_object_mut()),
+            ) {
+                status.insert("reboot_packages".into(), json!(p.plan.reboot_packages));
+            }
             // Links and absent paths, in the order they switch; only
             // when there are some (a files-only plan keeps its bytes).
             let resources = resources_json(&p.plan);

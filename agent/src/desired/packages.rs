@@ -6,9 +6,8 @@
 //! name = "nginx-light"
 //! # state = "present"          # default; or "absent"
 //! # version = "1.22.1-9"       # exact version (epoch included when it has one)
+//! # reboot = true              # a change of it needs a reboot (/run/reboot-required)
 //! ```
-//!
-//! Not yet: `reboot = true` on a package (a file entry has it).
 //!
 //! Packages are installed with apt before the files and units of the same
 //! commit (a config file can only be written once its package made the
@@ -30,6 +29,10 @@ pub struct PackageSpec {
     /// An exact version to install (or keep).
     #[serde(default)]
     pub version: Option<String>,
+    /// A change of this package (install, upgrade, removal) needs a
+    /// reboot: listed in `/run/reboot-required.pkgs` after the commit.
+    #[serde(default)]
+    pub reboot: bool,
 }
 
 /// A validated `[[packages]]` entry.
@@ -38,6 +41,7 @@ pub struct PackageDecl {
     pub name: String,
     pub present: bool,
     pub version: Option<String>,
+    pub reboot: bool,
     pub role: String,
     /// `roles/web/role.toml:3 packages[0]`.
     pub origin: String,
@@ -144,6 +148,7 @@ pub fn package_decl(role: &str, origin: &str, spec: PackageSpec) -> Result<Packa
         name: spec.name,
         present,
         version: spec.version,
+        reboot: spec.reboot,
         role: role.to_string(),
         origin: origin.to_string(),
     })
@@ -158,6 +163,7 @@ mod tests {
             name: name.into(),
             state: state.map(str::to_string),
             version: version.map(str::to_string),
+            reboot: false,
         }
     }
 

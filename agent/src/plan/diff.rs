@@ -137,16 +137,17 @@ pub fn render_plan(plan: &Plan, style: Style, show_diff: bool) -> String {
             p.line().trim_start_matches(['+', '~', '-', ' '])
         );
     }
-    if !plan.reboot_required.is_empty() {
-        let files: Vec<String> = plan
+    if !plan.reboot_required.is_empty() || !plan.reboot_packages.is_empty() {
+        let what: Vec<String> = plan
             .reboot_required
             .iter()
             .map(|p| format!("file {p}"))
+            .chain(plan.reboot_packages.iter().map(|n| format!("package {n}")))
             .collect();
         let _ = writeln!(
             out,
-            "reboot required after this commit: {} (driftless writes /run/reboot-required; it never reboots)",
-            files.join(", ")
+            "reboot required after this commit: {} (driftless writes /run/reboot-required; it reboots only with [fleet] reboot = true, holding a fleet permit)",
+            what.join(", ")
         );
     }
     if !plan.ownership_applied {

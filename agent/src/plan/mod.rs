@@ -222,6 +222,9 @@ pub struct Plan {
     /// accounts, before anything is staged.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<packages::PackageChange>,
+    /// Declared packages with `reboot = true` that this plan changes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reboot_packages: Vec<String>,
     /// What the packages stage runs, and what it replaces.
     #[serde(skip)]
     pub package_record: packages::PackagesRecord,
@@ -645,6 +648,7 @@ pub fn plan(
         units: desired.units.clone(),
         hooks,
         reboot_required,
+        reboot_packages: Vec::new(),
         links: link_changes,
         absent,
         dirs: dir_changes,

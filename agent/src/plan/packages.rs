@@ -377,6 +377,7 @@ mod tests {
                 name: name.into(),
                 state: state.map(str::to_string),
                 version: version.map(str::to_string),
+                reboot: false,
             },
         )
         .unwrap()

@@ -620,6 +620,12 @@ fn plan_files(
             .collect();
     }
     plan.package_record = plan::packages::PackagesRecord::of(&observed_packages.args, &packages);
+    plan.reboot_packages = desired
+        .packages
+        .iter()
+        .filter(|d| d.reboot && packages.iter().any(|c| c.name() == d.name))
+        .map(|d| d.name.clone())
+        .collect();
     plan.packages = packages;
     plan.packages_skipped = !observed_packages.managed && !desired.packages.is_empty();
     plan.unchanged += carried.len();

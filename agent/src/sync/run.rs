@@ -807,7 +807,13 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         // `/run/reboot-required` is written loses nothing. A request of an
         // earlier boot is dropped (the host rebooted since).
         let boot = crate::effects::reboot::boot_id();
-        let paths = crate::effects::reboot::owners(fs, &plan.reboot_required);
+        let mut paths = crate::effects::reboot::owners(fs, &plan.reboot_required);
+        // A package's reason: its dpkg file list, under its own name.
+        paths.extend(plan.reboot_packages.iter().filter_map(|n| {
+            crate::desired::spec::TargetPath::parse(&format!("/var/lib/dpkg/info/{n}.list"))
+                .ok()
+                .map(|p| (p, n.clone()))
+        }));
         plan.next_inventory.reboot = crate::plan::inventory::RebootRequest::merged(
             plan.next_inventory.reboot.as_ref(),
             &boot,
