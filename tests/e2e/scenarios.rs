@@ -1433,6 +1433,12 @@ name = "app.service"
 enabled = true
 started = true
 
+[[hooks]]
+when = "post"
+argv = ["/bin/sh", "-c", "echo \"$HOOK_MSG $(id -un)\" >> /var/lib/app/hooks.log"]
+user = "app"
+env = { HOOK_MSG = "post" }
+HOOKEXTRA
 [[checks]]
 name = "the app answers as its user"
 http = { url = "http://127.0.0.1:8085/", status = 200, body_contains = "svcadm" }
@@ -1461,7 +1467,12 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
         "[Unit]\nDescription=e2e app\n\n[Service]\nUser=app\nExecStart=/usr/bin/python3 /opt/app/server.py\n\n[Install]\nWantedBy=multi-user.target\n",
     );
     repo.write("roles/app/files/config", "ok v1\n");
-    repo.write("roles/app/role.toml", &ACCOUNTS_ROLE.replace("EXTRA", ""));
+    let role = |extra: &str, hook: &str| {
+        ACCOUNTS_ROLE
+            .replace("HOOKEXTRA", hook)
+            .replace("EXTRA", extra)
+    };
+    repo.write("roles/app/role.toml", &role("", ""));
     repo.commit("v1");
     let m = boot("e2e-accounts", &repo);
     // A purged directory (issue 16 step 2 on a real host): an entry
@@ -1499,7 +1510,10 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
         .ok("cat /etc/sysusers.d/driftless-app.conf")
         .contains("u app - \"e2e app\" /var/lib/app -\n"));
     assert_eq!(m.ok("ls /etc/app.d"), "README\nmain.conf\n");
-    // Nothing left to do.
+    // The post hook ran once, as the user the same commit created, with
+    // its environment.
+    assert_eq!(m.ok("cat /var/lib/app/hooks.log"), "post app\n");
+    // Nothing left to do: no hook either.
     let again = sync(&m);
     let log = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success(), "{log}");
@@ -1507,6 +1521,7 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
         log.contains("nothing to do") || log.contains("quick check"),
         "{log}"
     );
+    assert_eq!(m.ok("cat /var/lib/app/hooks.log"), "post app\n");
 
     // Drift: the membership removed by hand comes back.
     m.ok("gpasswd -d app svcadm >/dev/null");
@@ -1535,7 +1550,7 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
     repo.write("roles/app/files/config", "BROKEN v2\n");
     repo.write(
         "roles/app/role.toml",
-        &ACCOUNTS_ROLE.replace("EXTRA", "\n[[users]]\nname = \"extra\"\n"),
+        &role("\n[[users]]\nname = \"extra\"\n", ""),
     );
     repo.commit("v2 breaks the app");
     let out = sync(&m);
@@ -1548,6 +1563,37 @@ fn e2e_21_accounts_own_files_run_a_service_and_are_removed_by_a_revert() {
         m.ok("stat -c '%a %U' /etc/app.d/late.conf; sha256sum /etc/app.d/late.conf"),
         late
     );
+    assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
+
+    // A failing post hook reverts like a failing check: the config is
+    // back byte for byte, the app runs it again; hooks are not undone.
+    let config = m.ok("sha256sum /etc/app/config /etc/app.d/main.conf");
+    repo.write("roles/app/files/config", "ok v3\n");
+    repo.write(
+        "roles/app/role.toml",
+        &role(
+            "",
+            "\n[[hooks]]\nwhen = \"post\"\nargv = [\"/bin/sh\", \"-c\", \"exit 3\"]\n",
+        ),
+    );
+    repo.commit("v3 with a failing post hook");
+    let plan = m.ok("driftless plan 2>&1");
+    assert!(
+        plan.contains("~ hook post roles/app: /bin/sh -c exit 3"),
+        "{plan}"
+    );
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("failed") && log.contains("exited with 3"),
+        "{log}"
+    );
+    assert_eq!(
+        m.ok("sha256sum /etc/app/config /etc/app.d/main.conf"),
+        config
+    );
+    m.ok("systemctl restart app.service");
     assert_eq!(get(), format!("uid={uid} groups=app,svcadm ok v1"));
 }
 

@@ -1080,6 +1080,7 @@ async fn run(args: Args) -> Result<Value> {
         on_unreachable: OnUnreachable::Wait,
         tls: None,
         auth: None,
+        reboot: false,
     };
     let stats = Stats::default();
     let t0 = Instant::now();
