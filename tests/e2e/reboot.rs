@@ -275,8 +275,27 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     assert_eq!(boot(&m), boot2);
     assert_eq!(etcd.keys(PERMITS), ["/driftless/permits/web/other-host"]);
 
-    // 5. The other host gives its permit back: the next run reboots.
+    // 5. The other host gives its permit back, but the group is
+    //    suspended: still no reboot. Resumed, but the host is unhealthy
+    //    now: no reboot of an unhealthy host.
     etcd.delete("/driftless/permits/web/other-host");
+    m.ok("driftless suspend --group web --reason e2e >/dev/null 2>&1");
+    let log = sync(&m);
+    assert!(
+        log.contains("waiting for a fleet permit: rollouts of group web are suspended"),
+        "{log}"
+    );
+    assert!(etcd.keys(PERMITS).is_empty(), "{log}");
+    m.ok("driftless resume --group web >/dev/null 2>&1");
+    m.ok("rm /run/e2e-healthy");
+    let log = sync(&m);
+    assert!(log.contains("not rebooting an unhealthy host"), "{log}");
+    assert!(etcd.keys(PERMITS).is_empty(), "{log}");
+    assert!(m.running());
+    assert_eq!(boot(&m), boot2);
+
+    // 6. Healthy again: the next run reboots.
+    m.ok("touch /run/e2e-healthy");
     let log = sync(&m);
     assert!(log.contains("rebooting the host for commit"), "{log}");
     m.rebooted(Duration::from_secs(90));
@@ -285,6 +304,18 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
         m.ok("cat /etc/sysctl.d/90-e2e.conf"),
         "vm.swappiness = 10\n"
     );
+    // 7. Back, unhealthy, and a new commit arrives (the fix): it is
+    //    applied under the permit the host holds, which stays in place
+    //    (the apply neither leases nor deletes it); the healthy run then
+    //    gives it back.
+    git(
+        repo.path(),
+        &["commit", "-q", "--allow-empty", "-m", "v2 the fix"],
+    );
+    let log = sync(&m);
+    assert!(log.contains("nothing to do"), "{log}");
+    assert!(log.contains("keeping the fleet permit"), "{log}");
+    assert_eq!(etcd.keys(PERMITS), [MINE], "{log}");
     m.ok("touch /run/e2e-healthy");
     let log = sync(&m);
     assert!(log.contains("back from the reboot and healthy"), "{log}");

@@ -241,10 +241,8 @@ pub fn diff(
             .get(name)
             .is_some_and(|v| v == version)
     };
-    let mut named = std::collections::BTreeSet::new();
     for d in declared {
         let name = d.name.as_str();
-        named.insert(name.to_string());
         let have = observed.installed.get(name);
         match (d.present, have) {
             (false, None) => {}
@@ -283,10 +281,15 @@ pub fn diff(
             },
         }
     }
-    // What apt would do besides: dependencies are shown; removals that
-    // no role declares are refused (apt decided them, not the repository).
+    // What apt would do besides: dependencies (and a declared package
+    // already as declared that apt changes along) are shown; removals no
+    // role declares are refused (apt decided them, not the repository).
+    // Everything apt would do is in the plan, so the stage's check of
+    // apt's effect against it never fails on a side effect.
+    let changed: std::collections::BTreeSet<String> =
+        changes.iter().map(|c| c.name().to_string()).collect();
     for (name, (old, new)) in &sim.installs {
-        if named.contains(name) {
+        if changed.contains(name) {
             continue;
         }
         changes.push(match old {
@@ -305,7 +308,15 @@ pub fn diff(
         });
     }
     for (name, old) in &sim.removes {
-        if named.contains(name) {
+        if changed.contains(name) {
+            continue;
+        }
+        if let Some(d) = declared.iter().find(|d| d.present && d.name == *name) {
+            diags.push(format!(
+                "{}: apt would remove {name} {old}, which this entry declares present; \
+                 change what makes apt remove it",
+                d.origin
+            ));
             continue;
         }
         let why = declared
@@ -400,6 +411,39 @@ mod tests {
         assert_eq!(
             sim.installs["libc6"],
             (Some("2.36-9".into()), "2.36-9+deb12u4".into())
+        );
+    }
+
+    /// Review: a declared package already as declared that apt upgrades
+    /// or removes along was left out of the plan, so the stage's check of
+    /// apt's effect failed on every run, blaming the package lists.
+    #[test]
+    fn a_declared_package_apt_changes_along_is_in_the_plan_or_refused() {
+        let obs = ObservedPackages {
+            installed: BTreeMap::from([
+                ("demo".into(), "1.0".into()),
+                ("libdemo".into(), "1.0".into()),
+            ]),
+            simulation: Some(parse_simulation(
+                "Inst libdemo [1.0] (2.0 local [all])\nInst demo [1.0] (2.0 local [all])\n",
+            )),
+            managed: true,
+            ..Default::default()
+        };
+        let decls = [decl("demo", None, Some("2.0")), decl("libdemo", None, None)];
+        let changes = diff(&decls, &obs).unwrap();
+        let record = PackagesRecord::of(&["demo=2.0".into()], &changes);
+        assert_eq!(record.expected(), obs.simulation.as_ref().unwrap().effect());
+        let obs = ObservedPackages {
+            simulation: Some(parse_simulation(
+                "Remv libdemo [1.0]\nInst demo [1.0] (2.0 local [all])\n",
+            )),
+            ..obs
+        };
+        let e = diff(&decls, &obs).unwrap_err().to_string();
+        assert!(
+            e.contains("apt would remove libdemo 1.0, which this entry declares present"),
+            "{e}"
         );
     }
 

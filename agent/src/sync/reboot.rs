@@ -6,21 +6,29 @@
 //! poll interval is down. A host reboots only holding one of its group's
 //! permits (the same semaphore as applying, so `max_concurrent` bounds
 //! applies and reboots together), only inside the group's maintenance
-//! window, never while its group is suspended, and only when the run that
-//! found the reboot due was healthy. The permit has no lease (the host is
-//! away while it reboots): it is given back by the host itself after the
-//! first run of the new boot whose health checks pass. A host that does
-//! not come back healthy keeps it, so its group stops rebooting (and
-//! applying) beyond `max_concurrent - 1` until an operator looks; that is
-//! zincati's FleetLock rule too.
+//! window (read from the applied commit: no reboot when it cannot be
+//! read), never while its group is suspended, and only when the run that
+//! found the reboot due was healthy. Every rule is checked on every
+//! attempt, also when a record of an earlier attempt of the same boot
+//! exists. The permit has no lease (the host is away while it reboots):
+//! the host gives it back itself after the first run of the new boot whose
+//! health checks pass. A host that does not come back healthy keeps it, so
+//! its group stops at `max_concurrent` until a run is healthy or an
+//! operator deletes the key (then the host drops its record too); that is
+//! zincati's FleetLock rule. An apply while the permit is held uses it and
+//! leaves it in place (`Store::try_acquire`).
 //!
 //! State: `reboot-permit.json` in the state directory, written durably
-//! *before* systemd is asked to reboot, names the group and the boot the
-//! permit was taken in. The same boot id at the next run means the reboot
-//! did not happen (systemd refused, or the agent was killed first): it is
-//! asked again, with the permit it holds. A different one means the host
-//! is back: the run verifies it and gives the permit back.
+//! *before* etcd is asked, names the group and the boot the permit was
+//! taken in, so no crash leaves a permit nobody gives back. The same boot
+//! id at the next run means the reboot did not happen (systemd refused, or
+//! the agent was killed first): it is asked again, or the permit given
+//! back. A different one means the host is back: the run verifies it and
+//! gives the permit back. `last-reboot.json` stops a loop: the same commit
+//! and files asking again within 24 hours of their reboot (something
+//! rewrites them at boot) do not reboot the host again.
 //!
+//! A permit held when `reboot = true` is switched off is still given back.
 //! Never under `--root` (a prefix is not a host to reboot), never without
 //! `[fleet]` (an air-gapped host only gets `/run/reboot-required`).
 
@@ -71,16 +79,17 @@ pub fn held(state: &StateDir, fleet: &FleetSettings) -> Option<Held> {
     }
 }
 
-/// `[fleet]` with `reboot = true`, on the live system.
-fn configured<'a>(pass: &Pass<'a>) -> Option<&'a FleetSettings> {
-    super::fleet::active(pass.settings).filter(|f| f.reboot && pass.settings.live)
+/// `[fleet]` on the live system (a permit may be held even once
+/// `reboot = true` was switched off: it is still given back).
+fn fleet_here<'a>(pass: &Pass<'a>) -> Option<&'a FleetSettings> {
+    super::fleet::active(pass.settings).filter(|_| pass.settings.live)
 }
 
 /// Whether this run starts back from a reboot this host holds a permit
 /// for: it then plans in full (the quick check proves files, not health)
 /// so that its checks run.
 pub(super) fn verifying(pass: &Pass) -> bool {
-    configured(pass)
+    fleet_here(pass)
         .and_then(|f| held(&pass.state, f))
         .is_some_and(|h| h.boot_id != crate::effects::reboot::boot_id())
 }
@@ -91,13 +100,28 @@ pub(super) fn verifying(pass: &Pass) -> bool {
 /// Never fails the run: what it could not do is logged, and the next run
 /// tries again.
 pub(super) fn after_run(pass: &Pass, result: &Result<Report, Error>) {
-    let Some(fleet) = configured(pass) else {
+    let Some(fleet) = fleet_here(pass) else {
         return;
     };
     if let Err(e) = after_run_inner(pass, fleet, result) {
         warn!("fleet reboot: {e:#}; the next run tries again");
     }
 }
+
+/// The last automatic reboot: what asked for it, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LastReboot {
+    commit: String,
+    reasons: Vec<String>,
+    time: i64,
+}
+
+const LAST: &str = "last-reboot.json";
+
+/// A request for the same commit and reasons as a reboot less than this
+/// ago is a loop (something rewrites the file at boot), not a new need.
+const LOOP_WINDOW_SECS: i64 = 24 * 3600;
 
 fn after_run_inner(
     pass: &Pass,
@@ -115,9 +139,22 @@ fn after_run_inner(
     if let Some(h) = held.as_ref().filter(|h| h.boot_id != boot) {
         return back_from_reboot(pass, fleet, h, result);
     }
+    // From here on, a record is of this boot: a reboot asked for that did
+    // not happen (a crash, systemd refused). Every rule is checked again
+    // before asking again; when one says no, the permit goes back.
+    let give_back = |why: &str| -> Result<()> {
+        if let Some(h) = &held {
+            release(pass, fleet, &h.group)?;
+            info!(group = %h.group, "{why}: the reboot permit is given back");
+        }
+        Ok(())
+    };
+    if !fleet.reboot {
+        return give_back("[fleet] reboot is off");
+    }
     let inventory = pass.state.inventory()?;
     let Some(request) = crate::effects::reboot::pending(&inventory, &boot) else {
-        return Ok(());
+        return give_back("no reboot is due any more");
     };
     let commit = inventory.commit.clone().unwrap_or_default();
     let reasons: Vec<String> = request
@@ -127,22 +164,33 @@ fn after_run_inner(
         .collect();
     if let Err(why) = healthy(pass, result) {
         warn!(commit = %short(&commit), "a reboot is due ({}), but {why}: not rebooting an unhealthy host", reasons.join(", "));
-        return Ok(());
+        return give_back("the host is not healthy");
     }
-    let policy = policy_of(pass, &commit);
-    if held.is_none() {
-        let tz = jiff::tz::TimeZone::system();
-        if let Some(why) =
-            crate::rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
-        {
-            info!(commit = %short(&commit), "a reboot is due, waiting: {why}");
-            return Ok(());
+    let policy = match policy_of(pass, &commit) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(commit = %short(&commit), "a reboot is due, but the applied commit's rollout policy (its maintenance windows) cannot be read: not rebooting: {e:#}");
+            return give_back("the rollout policy cannot be read");
         }
+    };
+    let tz = jiff::tz::TimeZone::system();
+    if let Some(why) =
+        crate::rollout::decide::outside_window(&policy, &fleet.group, crate::time::now(), &tz)
+    {
+        info!(commit = %short(&commit), "a reboot is due, waiting: {why}");
+        return give_back("outside the maintenance window");
+    }
+    let last: Option<LastReboot> = read_json(&pass.state.path().join(LAST)).unwrap_or(None);
+    if let Some(l) = last.filter(|l| {
+        l.commit == commit && l.reasons == reasons && pass.now - l.time < LOOP_WINDOW_SECS
+    }) {
+        warn!(commit = %short(&commit), "a reboot is due again for the same change ({}) as the reboot at {}: something rewrites it at boot? Not rebooting again within 24 hours for the same commit and files; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), crate::time::time_str(l.time), LAST);
+        return give_back("a reboot loop was stopped");
     }
     // The record first, durably: a crash after etcd granted the permit
     // must not leave a permit nobody gives back. With the record, the
-    // next run of this boot takes it again (a host's own permit is
-    // granted again) and reboots, or gives up the record.
+    // next run of this boot checks every rule again and takes it again (a
+    // host's own permit is granted again), or gives it back.
     write_json_atomic(
         &pass.state.path().join(FILE),
         &Held {
@@ -158,14 +206,12 @@ fn after_run_inner(
         .to_string();
     let taken = pass.rt.block_on(async {
         let mut store = crate::effects::fleet::Store::connect(fleet).await?;
-        if held.is_none() {
-            let view = store.suspensions().await?;
-            if let Some((group, s)) = crate::rollout::decide::suspension(&view, &fleet.group) {
-                return Ok(Err(format!(
-                    "rollouts of group {group} are suspended by {} ({})",
-                    s.by, s.reason
-                )));
-            }
+        let view = store.suspensions().await?;
+        if let Some((group, s)) = crate::rollout::decide::suspension(&view, &fleet.group) {
+            return Ok(Err(format!(
+                "rollouts of group {group} are suspended by {}",
+                s.by
+            )));
         }
         Ok::<_, anyhow::Error>(
             match store
@@ -187,12 +233,20 @@ fn after_run_inner(
         )
     })?;
     if let Err(why) = taken {
-        std::fs::remove_file(pass.state.path().join(FILE))
-            .with_context(|| format!("cannot remove {FILE}"))?;
+        // Ours (taken by an earlier attempt of this boot) goes back too.
+        release(pass, fleet, &fleet.group)?;
         info!(commit = %short(&commit), "a reboot is due, waiting for a fleet permit: {why}");
         return Ok(());
     }
     crate::effects::failpoint::hit("sync.reboot.permit")?;
+    write_json_atomic(
+        &pass.state.path().join(LAST),
+        &LastReboot {
+            commit: commit.clone(),
+            reasons: reasons.clone(),
+            time: pass.now,
+        },
+    )?;
     crate::events::rebooting(short(&commit), &reasons.join(", "));
     pass.rt.block_on(async {
         crate::effects::systemd::Systemd::connect(pass.settings.job_timeout)
@@ -202,9 +256,24 @@ fn after_run_inner(
     })
 }
 
+/// Gives this host's reboot permit of `group` back and drops the record.
+fn release(pass: &Pass, fleet: &FleetSettings, group: &str) -> Result<()> {
+    pass.rt.block_on(async {
+        crate::effects::fleet::Store::connect(fleet)
+            .await?
+            .release_reboot_permit(group, &pass.settings.host)
+            .await
+    })?;
+    match std::fs::remove_file(pass.state.path().join(FILE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {FILE}")),
+    }
+}
+
 /// The first runs of a new boot, while the permit is held: healthy gives
-/// it back; otherwise it is kept (put back if this run's own permit, the
-/// same key, was given back by the fleet's end of run).
+/// it back; otherwise it is kept, unless someone (an operator unblocking
+/// the group) deleted it already.
 fn back_from_reboot(
     pass: &Pass,
     fleet: &FleetSettings,
@@ -212,31 +281,27 @@ fn back_from_reboot(
     result: &Result<Report, Error>,
 ) -> Result<()> {
     let group = held.group.as_str();
+    let holds = pass.rt.block_on(async {
+        crate::effects::fleet::Store::connect(fleet)
+            .await?
+            .holds(group, &pass.settings.host)
+            .await
+    })?;
+    if !holds {
+        release(pass, fleet, group)?;
+        info!(group, "back from the reboot; the fleet permit was already given back by someone else (an operator)");
+        return Ok(());
+    }
     match healthy(pass, result) {
         Ok(()) => {
-            pass.rt.block_on(async {
-                crate::effects::fleet::Store::connect(fleet)
-                    .await?
-                    .release_reboot_permit(group, &pass.settings.host)
-                    .await
-            })?;
-            std::fs::remove_file(pass.state.path().join(FILE))
-                .with_context(|| format!("cannot remove {FILE}"))?;
+            release(pass, fleet, group)?;
             info!(
                 group,
                 "back from the reboot and healthy: the fleet permit is given back"
             );
         }
         Err(why) => {
-            let value = serde_json::json!({"host": pass.settings.host, "reboot": held.boot_id, "unhealthy": why})
-                .to_string();
-            pass.rt.block_on(async {
-                crate::effects::fleet::Store::connect(fleet)
-                    .await?
-                    .keep_reboot_permit(group, &pass.settings.host, &value)
-                    .await
-            })?;
-            warn!(group, "back from the reboot, but {why}: keeping the fleet permit, so the group waits, until a run is healthy");
+            warn!(group, "back from the reboot, but {why}: keeping the fleet permit, so the group waits, until a run is healthy (or an operator deletes {})", crate::effects::fleet::Keys::new(&fleet.prefix).permit(group, &pass.settings.host));
         }
     }
     Ok(())
@@ -298,19 +363,11 @@ fn checks_of_applied(pass: &Pass) -> Result<Vec<crate::desired::spec::Check>> {
 
 /// The rollout policy of the applied commit (its maintenance windows and
 /// `max_concurrent`), read from its tree; the default one when it has
-/// none or cannot be read.
-fn policy_of(pass: &Pass, commit: &str) -> crate::rollout::Policy {
-    let read = || -> Result<Option<crate::rollout::Policy>> {
-        let fetched =
-            super::fetched_commit(pass.settings, &pass.state, commit).map_err(|e| e.error)?;
-        crate::rollout::policy::load(&fetched.snapshot).map_err(|e| anyhow!(e))
-    };
-    match read() {
-        Ok(Some(p)) => p,
-        Ok(None) => crate::rollout::Policy::default_policy(),
-        Err(e) => {
-            warn!(commit = %short(commit), "cannot read the applied commit's rollout policy, judging the reboot by the default one: {e:#}");
-            crate::rollout::Policy::default_policy()
-        }
-    }
+/// none. An error when it cannot be read: no reboot then (the default
+/// policy has no window).
+fn policy_of(pass: &Pass, commit: &str) -> Result<crate::rollout::Policy> {
+    let fetched = super::fetched_commit(pass.settings, &pass.state, commit).map_err(|e| e.error)?;
+    Ok(crate::rollout::policy::load(&fetched.snapshot)
+        .map_err(|e| anyhow!(e))?
+        .unwrap_or_else(crate::rollout::Policy::default_policy))
 }

@@ -434,6 +434,9 @@ fn accounts_stage(
     failpoint::hit("apply.accounts.done")
 }
 
+/// The mark that apt finished (a crash after it is not the stage's).
+const PACKAGES_DONE: &str = "packages-done";
+
 /// How many runs try a packages undo that fails before it is given up
 /// (and reported in the history).
 const PACKAGE_UNDO_TRIES: u32 = 3;
@@ -480,6 +483,9 @@ fn packages_stage(state: &StateDir, tx_dir: &Path, journal: &mut Journal) -> Res
         )?;
     }
     changed?;
+    // Past this mark, a crash is no longer the packages stage's: it does
+    // not count toward marking the commit bad as one.
+    let _ = fs::File::create(tx_dir.join(PACKAGES_DONE));
     failpoint::hit("apply.packages.done")
 }
 
@@ -1313,6 +1319,21 @@ fn rollback_then(
         failpoint::hit("apply.undo.packages")?;
         match crate::effects::packages::undo(record, &tx_dir.join("debs")) {
             Ok(kept) => journal.kept.extend(kept),
+            // dpkg's lock held by another program, or out of time: not a
+            // failure of the undo, only a wait.
+            Err(e)
+                if {
+                    let text = format!("{e:#}");
+                    text.contains("lock")
+                        || text.contains("timed out")
+                        || text.contains("ran out of its")
+                } =>
+            {
+                return Err(e.context(format!(
+                    "cannot put back the packages of transaction {} yet; the next run tries again",
+                    journal.txid
+                )));
+            }
             Err(e) => {
                 // Tried again by the next runs, but not forever: a dpkg
                 // that keeps failing must not stop the agent from ever
@@ -1632,7 +1653,8 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
                 .flatten(),
             kept: journal.kept.clone(),
             packages_interrupted: matches!(phase, TxState::Preparing | TxState::Prepared)
-                && path.join(crate::effects::packages::STARTED).exists(),
+                && path.join(crate::effects::packages::STARTED).exists()
+                && !path.join(PACKAGES_DONE).exists(),
         };
         match phase {
             TxState::Reverting => {

@@ -42,6 +42,9 @@ pub struct Permit {
     pub key: String,
     lease: i64,
     keepalive: tokio::task::JoinHandle<()>,
+    /// The key is this host's reboot permit (no lease), held from before
+    /// this run: the run uses it and leaves it in place.
+    borrowed: bool,
 }
 
 impl Store {
@@ -372,15 +375,29 @@ impl Store {
             .with_context(|| self.ctx("cannot create a lease for the permit"))?
             .id();
         match self.take(group, host, max, host, Some(lease)).await {
-            Ok(None) => {
+            Ok(Taken::Put) => {
                 let keepalive = self.keep_alive(lease, ttl).await?;
                 Ok(Acquired::Permit(Permit {
                     key,
                     lease,
                     keepalive,
+                    borrowed: false,
                 }))
             }
-            Ok(Some(no)) => {
+            // A host back from a reboot, not yet verified, applies a
+            // commit (the fix, say) under the permit it holds: neither
+            // the apply nor its end may turn that permit into a leased one
+            // or delete it.
+            Ok(Taken::HeldWithoutLease) => {
+                self.revoke(lease).await;
+                Ok(Acquired::Permit(Permit {
+                    key,
+                    lease: 0,
+                    keepalive: tokio::spawn(async {}),
+                    borrowed: true,
+                }))
+            }
+            Ok(Taken::No(no)) => {
                 self.revoke(lease).await;
                 Ok(no)
             }
@@ -403,19 +420,22 @@ impl Store {
         max: u32,
         why: &str,
     ) -> Result<Option<Acquired>> {
-        self.take(group, host, max, why, None).await
+        Ok(match self.take(group, host, max, why, None).await? {
+            Taken::Put | Taken::HeldWithoutLease => None,
+            Taken::No(no) => Some(no),
+        })
     }
 
-    /// Puts this host's reboot permit back unguarded: a run of the new
-    /// boot that applied a commit took the same key with a lease, which
-    /// its end deleted, while the host is not yet healthy.
-    pub async fn keep_reboot_permit(&mut self, group: &str, host: &str, why: &str) -> Result<()> {
+    /// Whether this host's permit key of `group` exists (an operator may
+    /// have deleted a reboot permit to unblock the group).
+    pub async fn holds(&mut self, group: &str, host: &str) -> Result<bool> {
         let key = self.keys.permit(group, host);
-        self.client
-            .put(key.clone(), why, None)
+        let resp = self
+            .client
+            .get(key.clone(), None)
             .await
-            .with_context(|| self.ctx(&format!("cannot write {key}")))?;
-        Ok(())
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        Ok(!resp.kvs().is_empty())
     }
 
     /// Gives a reboot permit back.
@@ -430,7 +450,8 @@ impl Store {
 
     /// The semaphore: puts `host`'s permit key (with `lease`, or none) if
     /// fewer than `max` are held under the group (or `host` holds one
-    /// already). `None`: taken; otherwise why not.
+    /// already). A leased take leaves this host's lease-less key (a reboot
+    /// permit) as it is.
     async fn take(
         &mut self,
         group: &str,
@@ -438,7 +459,7 @@ impl Store {
         max: u32,
         value: &str,
         lease: Option<i64>,
-    ) -> Result<Option<Acquired>> {
+    ) -> Result<Taken> {
         let prefix = self.keys.permits(group);
         let key = self.keys.permit(group, host);
         for attempt in 0..ACQUIRE_ATTEMPTS {
@@ -452,9 +473,12 @@ impl Store {
                 .map(|h| h.revision())
                 .ok_or_else(|| anyhow!("{}", self.ctx("a response without a header")))?;
             let held = resp.kvs().len();
-            let mine = resp.kvs().iter().any(|kv| kv.key() == key.as_bytes());
-            if !mine && held >= max as usize {
-                return Ok(Some(Acquired::Full { held }));
+            let own = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes());
+            if lease.is_some() && own.is_some_and(|kv| kv.lease() == 0) {
+                return Ok(Taken::HeldWithoutLease);
+            }
+            if own.is_none() && held >= max as usize {
+                return Ok(Taken::No(Acquired::Full { held }));
             }
             // Nothing under the group's prefix changed since `revision`:
             // the count just read still holds when the put happens.
@@ -477,7 +501,7 @@ impl Store {
                 .with_context(|| self.ctx(&format!("cannot write {key}")))?;
             if done.succeeded() {
                 debug!(key = %key, ?lease, attempt, "permit taken");
-                return Ok(None);
+                return Ok(Taken::Put);
             }
             debug!(key = %key, attempt, "another host took a permit at the same time; reading again");
             // Hosts that lost together would collide again at once: each
@@ -485,7 +509,7 @@ impl Store {
             // of 1,785 attempts lost with permits still free).
             tokio::time::sleep(jitter(attempt)).await;
         }
-        Ok(Some(Acquired::Contended {
+        Ok(Taken::No(Acquired::Contended {
             attempts: ACQUIRE_ATTEMPTS,
         }))
     }
@@ -569,6 +593,9 @@ impl Store {
     /// when it fails.
     pub async fn give_back(&mut self, permit: &Permit) -> Result<()> {
         permit.keepalive.abort();
+        if permit.borrowed {
+            return Ok(());
+        }
         let deleted = self.client.delete(permit.key.clone(), None).await;
         self.revoke(permit.lease).await;
         deleted.with_context(|| self.ctx(&format!("cannot delete {}", permit.key)))?;
@@ -657,6 +684,14 @@ impl Store {
 }
 
 /// What [`Store::try_acquire`] got.
+/// What the semaphore's put did.
+enum Taken {
+    Put,
+    /// This host holds a lease-less permit (its reboot's): kept as it is.
+    HeldWithoutLease,
+    No(Acquired),
+}
+
 pub enum Acquired {
     Permit(Permit),
     /// `held` permits of `max` are taken.

@@ -48,7 +48,7 @@ pub(super) fn dpkg_query(fs: &RootFs, names: &[&str]) -> Result<BTreeMap<String,
 
 /// `name\tii \tversion` lines. Not installed (`n`) and config files only
 /// (`c`) are absent; a name listed twice (several architectures) reads as
-/// all its versions joined, so any change to one shows.
+/// its versions joined when they differ, so any change to one shows.
 pub(super) fn parse_status(text: &str) -> BTreeMap<String, Status> {
     let mut out: BTreeMap<String, Status> = BTreeMap::new();
     for l in text.lines() {
@@ -67,9 +67,13 @@ pub(super) fn parse_status(text: &str) -> BTreeMap<String, Status> {
             },
         };
         match out.get_mut(name) {
+            // Installed for several architectures (Multi-Arch: same): one
+            // version when they agree, as apt's simulation says it.
             Some(Status::Installed(v)) | Some(Status::Half { version: v, .. }) => {
-                v.push(',');
-                v.push_str(version);
+                if !v.split(',').any(|have| have == version) {
+                    v.push(',');
+                    v.push_str(version);
+                }
             }
             None => {
                 out.insert(name.to_string(), status);
@@ -104,6 +108,11 @@ pub(super) fn snapshot() -> Result<BTreeMap<String, String>> {
             Status::Half { version, abbrev } => (n, format!("{version} (dpkg state {abbrev})")),
         })
         .collect())
+}
+
+/// The version part of a snapshot entry (`3.0 (dpkg state iF)` → `3.0`).
+pub(super) fn version_of(entry: &str) -> &str {
+    entry.split_once(" (dpkg state ").map_or(entry, |(v, _)| v)
 }
 
 /// What changed between two snapshots: name → version after (`None`:
@@ -187,7 +196,7 @@ mod tests {
     #[test]
     fn dpkg_query_lines_are_read_and_half_installed_is_not_installed() {
         let got = parse_status(
-            "demo\tii \t1.0\nheld\thi \t3.0\nold\trc \t0.9\ngone\tun \t\nhalf\tiF \t2.0\nreinst\tiiR\t4.0\nlib\tii \t1\nlib\tii \t2\n",
+            "demo\tii \t1.0\nheld\thi \t3.0\nold\trc \t0.9\ngone\tun \t\nhalf\tiF \t2.0\nreinst\tiiR\t4.0\nlib\tii \t1\nlib\tii \t2\nlibc6\tii \t2.36\nlibc6\tii \t2.36\n",
         );
         let half = |v: &str, a: &str| Status::Half {
             version: v.into(),
@@ -201,6 +210,8 @@ mod tests {
                 ("half".to_string(), half("2.0", "iF")),
                 ("reinst".to_string(), half("4.0", "iiR")),
                 ("lib".to_string(), Status::Installed("1,2".into())),
+                // Both architectures at one version: as apt says it.
+                ("libc6".to_string(), Status::Installed("2.36".into())),
             ])
         );
     }

@@ -160,9 +160,13 @@ pub fn change(
                 .before
                 .push((name.clone(), before.get(name).cloned()));
         }
+        // The version only: a package apt left half-configured is at the
+        // version it unpacked (the undo compares versions, after dpkg's
+        // repair may have finished it).
+        let version = now.as_ref().map(|v| super::dpkg::version_of(v).to_string());
         match record.after.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 = now.clone(),
-            None => record.after.push((name.clone(), now.clone())),
+            Some(slot) => slot.1 = version,
+            None => record.after.push((name.clone(), version)),
         }
     }
     ran?;
