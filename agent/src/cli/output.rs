@@ -370,7 +370,7 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             }
             if let Some(r) = reboot {
                 outln!(
-                    "reboot required: yes (files: {}); driftless never reboots by itself",
+                    "reboot required: yes (files: {}); driftless reboots by itself only with [fleet] reboot = true",
                     crate::effects::reboot::describe(r)
                 );
             }

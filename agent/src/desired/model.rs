@@ -153,7 +153,7 @@ pub struct FileSpec {
     pub dir_mode: Option<String>,
     /// A change to this file (create, update, owner or mode, removal) needs
     /// a reboot: after the commit the agent writes `/run/reboot-required`.
-    /// It never reboots by itself.
+    /// It reboots by itself only with `[fleet] reboot = true`.
     #[serde(default)]
     pub reboot: bool,
 }

@@ -327,7 +327,7 @@ pub fn render(t: &Totals, run: &Run, l: &Labels) -> String {
     family(
         "driftless_reboot_required",
         "gauge",
-        "1 while a committed change to a file with `reboot = true` waits for a reboot (/run/reboot-required; driftless never reboots by itself).",
+        "1 while a committed change to a file with `reboot = true` waits for a reboot (/run/reboot-required; driftless reboots by itself only with [fleet] reboot = true).",
         &n(u64::from(
             t.reboot_required_boot.as_deref() == Some(run.boot_id.as_str()),
         )),

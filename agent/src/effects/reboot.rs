@@ -1,7 +1,8 @@
 //! "Reboot required" (issue #16 step 8): after a transaction that changed
 //! a file with `reboot = true` commits, the Debian flag files
 //! `/run/reboot-required` and `/run/reboot-required.pkgs` (under `--root`,
-//! the prefix's `run/`). The agent never reboots by itself.
+//! the prefix's `run/`). The agent reboots by itself only with `[fleet] reboot
+//! = true`, under a fleet permit (`sync::reboot`).
 //!
 //! The request itself lives in the inventory (`Inventory::reboot`), written
 //! by the commit: this module only derives the flag files from it, after

@@ -25,8 +25,9 @@
 //! the agent was killed first): it is asked again, or the permit given
 //! back. A different one means the host is back: the run verifies it and
 //! gives the permit back. `last-reboot.json` stops a loop: the same commit
-//! and files asking again within 24 hours of their reboot (something
-//! rewrites them at boot) do not reboot the host again.
+//! and files asking a third time in a row, each within 24 hours of the
+//! reboot before (something rewrites them at boot), do not reboot the host
+//! again.
 //!
 //! A permit held when `reboot = true` is switched off is still given back.
 //! Never under `--root` (a prefix is not a host to reboot), never without
@@ -115,7 +116,19 @@ struct LastReboot {
     commit: String,
     reasons: Vec<String>,
     time: i64,
+    /// Reboots in a row for this commit and these files, each within
+    /// [`LOOP_WINDOW_SECS`] of the one before.
+    #[serde(default = "one")]
+    count: u32,
 }
+
+fn one() -> u32 {
+    1
+}
+
+/// Reboots in a row for the same commit and files allowed (a drift
+/// repaired after a reboot may honestly ask again, once).
+const LOOP_MAX: u32 = 2;
 
 const LAST: &str = "last-reboot.json";
 
@@ -181,10 +194,13 @@ fn after_run_inner(
         return give_back("outside the maintenance window");
     }
     let last: Option<LastReboot> = read_json(&pass.state.path().join(LAST)).unwrap_or(None);
-    if let Some(l) = last.filter(|l| {
-        l.commit == commit && l.reasons == reasons && pass.now - l.time < LOOP_WINDOW_SECS
-    }) {
-        warn!(commit = %short(&commit), "a reboot is due again for the same change ({}) as the reboot at {}: something rewrites it at boot? Not rebooting again within 24 hours for the same commit and files; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), crate::time::time_str(l.time), LAST);
+    let again = last
+        .filter(|l| {
+            l.commit == commit && l.reasons == reasons && pass.now - l.time < LOOP_WINDOW_SECS
+        })
+        .map_or(0, |l| l.count);
+    if again >= LOOP_MAX {
+        warn!(commit = %short(&commit), "a reboot is due again for the same change ({}), after {again} reboots for it in a row: something rewrites it at boot? Not rebooting again for the same commit and files within 24 hours; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), LAST);
         return give_back("a reboot loop was stopped");
     }
     // The record first, durably: a crash after etcd granted the permit
@@ -245,6 +261,7 @@ fn after_run_inner(
             commit: commit.clone(),
             reasons: reasons.clone(),
             time: pass.now,
+            count: again + 1,
         },
     )?;
     crate::events::rebooting(short(&commit), &reasons.join(", "));

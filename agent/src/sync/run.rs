@@ -936,7 +936,7 @@ fn publish_reboot_request(fs: &RootFs, inv: &crate::plan::inventory::Inventory) 
         Ok(true) => {
             info!(
                 files = %crate::effects::reboot::describe(request),
-                "reboot required: wrote {} (driftless never reboots by itself)",
+                "reboot required: wrote {} (driftless reboots by itself only with [fleet] reboot = true)",
                 fs.path().join("run/reboot-required").display()
             );
         }
