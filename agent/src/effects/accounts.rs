@@ -39,6 +39,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::desired::accounts::Accounts;
+use crate::effects::ids::AccountDb;
 use crate::effects::process::{self, Invocation};
 use crate::effects::rootfs::RootFs;
 pub use crate::plan::accounts::{AccountsRecord, ObservedAccounts};
@@ -77,7 +78,7 @@ pub fn observe(fs: &RootFs, accounts: &Accounts, managed: bool) -> Result<Observ
         return Ok(out);
     }
     let (users, groups) = involved(accounts);
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     for u in users {
         if let Some(ids) = db.user(u)? {
             out.users.insert(u.to_string(), ids);
@@ -102,86 +103,6 @@ pub fn observe(fs: &RootFs, accounts: &Accounts, managed: bool) -> Result<Observ
         out.predicted_groups = groups;
     }
     Ok(out)
-}
-
-/// The host's account databases: NSS on the live system, the root's
-/// files under a prefix.
-struct Db {
-    files: Option<(String, String)>,
-}
-
-impl Db {
-    fn read(fs: &RootFs) -> Result<Db> {
-        if live(fs) {
-            return Ok(Db { files: None });
-        }
-        let read = |rel: &str| -> Result<String> {
-            Ok(fs
-                .read_contained(rel, 64 * 1024 * 1024)?
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default())
-        };
-        Ok(Db {
-            files: Some((read("etc/passwd")?, read("etc/group")?)),
-        })
-    }
-
-    fn user(&self, name: &str) -> Result<Option<(u32, u32)>> {
-        match &self.files {
-            None => Ok(nix::unistd::User::from_name(name)
-                .with_context(|| format!("cannot look up user {name:?}"))?
-                .map(|u| (u.uid.as_raw(), u.gid.as_raw()))),
-            Some((passwd, _)) => Ok(passwd.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 4 && f[0] == name)
-                    .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-                    .flatten()
-            })),
-        }
-    }
-
-    fn group(&self, name: &str) -> Result<Option<(u32, Vec<String>)>> {
-        match &self.files {
-            None => Ok(nix::unistd::Group::from_name(name)
-                .with_context(|| format!("cannot look up group {name:?}"))?
-                .map(|g| (g.gid.as_raw(), g.mem))),
-            Some((_, group)) => Ok(group.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 4 && f[0] == name)
-                    .then(|| {
-                        let members = f[3]
-                            .split(',')
-                            .filter(|m| !m.is_empty())
-                            .map(str::to_string)
-                            .collect();
-                        Some((f[2].parse().ok()?, members))
-                    })
-                    .flatten()
-            })),
-        }
-    }
-
-    /// A user other than `except` with `gid` as primary group.
-    fn primary_of(&self, gid: u32, except: Option<&str>) -> Result<Option<String>> {
-        match &self.files {
-            None => {
-                // getpwent through NSS is not exposed by nix; the files
-                // are what sysusers writes, so they are what is checked.
-                let passwd =
-                    std::fs::read_to_string("/etc/passwd").context("cannot read /etc/passwd")?;
-                Ok(primary_in(&passwd, gid, except))
-            }
-            Some((passwd, _)) => Ok(primary_in(passwd, gid, except)),
-        }
-    }
-}
-
-fn primary_in(passwd: &str, gid: u32, except: Option<&str>) -> Option<String> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[3].parse::<u32>().ok() == Some(gid) && Some(f[0]) != except)
-            .then(|| f[0].to_string())
-    })
 }
 
 /// `systemd-sysusers [--root=R] ARGS…`, with a clean environment and C
@@ -289,7 +210,7 @@ fn parse_predictions(text: &str) -> (BTreeMap<String, (u32, u32)>, BTreeMap<Stri
 /// something else (a package's sysusers run, a pre hook, an operator), it
 /// is not this transaction's to make, or to undo.
 pub fn still_missing(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     let again = "nothing was applied; the next sync plans again";
     for (name, _) in &record.users {
         if db.user(name)?.is_some() {
@@ -318,7 +239,7 @@ pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
     args.extend(record.lines.iter().map(String::as_str));
     let f = sysusers(fs, &args)?;
     ok_or_explain("systemd-sysusers", &f).context("cannot create the declared accounts")?;
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     let again =
         "(another account was created meanwhile); nothing was applied, the next sync plans again";
     for (name, uid) in &record.users {
@@ -354,7 +275,7 @@ pub fn create(fs: &RootFs, record: &AccountsRecord) -> Result<()> {
 /// comparison): each recorded account that exists, with its real id; each
 /// recorded membership that exists. Missing ones are dropped.
 pub fn made(fs: &RootFs, record: &AccountsRecord) -> Result<AccountsRecord> {
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     let mut out = AccountsRecord {
         lines: record.lines.clone(),
         ..Default::default()
@@ -408,7 +329,7 @@ pub fn undo(
             argv.push(fs.path().display().to_string());
         }
     };
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     for (user, group) in &record.members {
         let is_member = db
             .group(group)?
@@ -473,7 +394,7 @@ pub fn undo(
         ok_or_explain("userdel", &f).with_context(|| format!("cannot remove user {name}"))?;
         info!(user = %name, uid, "reverted: user removed");
     }
-    let db = Db::read(fs)?;
+    let db = AccountDb::read(fs)?;
     for (name, gid) in &record.groups {
         let Some((got, _)) = db.group(name)? else {
             continue;
@@ -505,7 +426,7 @@ pub fn undo(
 /// something driftless can see.
 fn group_stays(
     fs: &RootFs,
-    db: &Db,
+    db: &AccountDb,
     name: &str,
     gid: u32,
     going: Option<&str>,
@@ -668,13 +589,5 @@ mod tests {
                 ("x".to_string(), (993, 993))
             ])
         );
-    }
-
-    #[test]
-    fn a_primary_group_is_found_by_gid() {
-        let passwd = "root:x:0:0::/root:/bin/sh\napp:x:994:995::/:/usr/sbin/nologin\n";
-        assert_eq!(primary_in(passwd, 995, None), Some("app".into()));
-        assert_eq!(primary_in(passwd, 995, Some("app")), None);
-        assert_eq!(primary_in(passwd, 996, None), None);
     }
 }
