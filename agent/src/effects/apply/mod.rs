@@ -292,11 +292,7 @@ pub fn apply_with(
                     .collect();
                 // Durable: a torn intent after the packages stage would
                 // lose the record its undo needs.
-                crate::effects::state::write_state_atomic(
-                    &tx_dir.join(INTENT),
-                    &journal,
-                    journal_format(&journal),
-                )?;
+                write_intent_durably(&tx_dir, &journal)?;
             }
         }
         anyhow::Ok(())
@@ -423,11 +419,7 @@ fn accounts_stage(
     if let Ok(real) = crate::effects::accounts::made(fs, &record) {
         if real != record {
             journal.accounts = Some(real);
-            crate::effects::state::write_state_atomic(
-                &tx_dir.join(INTENT),
-                &*journal,
-                journal_format(journal),
-            )?;
+            write_intent_durably(tx_dir, journal)?;
         }
     }
     made?;
@@ -441,16 +433,23 @@ const PACKAGES_DONE: &str = "packages-done";
 /// (and reported in the history).
 const PACKAGE_UNDO_TRIES: u32 = 3;
 
+/// The transaction's intent, replaced durably (once a stage that changes
+/// the host outside the file switch may begin, a torn intent would lose
+/// the record its undo needs).
+fn write_intent_durably(tx_dir: &Path, journal: &Journal) -> Result<()> {
+    crate::effects::state::write_state_atomic(
+        &tx_dir.join(INTENT),
+        journal,
+        journal_format(journal),
+    )
+}
+
 /// Before a stage that changes the host outside the file switch (sysusers,
 /// apt): the intent naming what it will do, and the mark `started` that
 /// allows its undo, made durable, with the transaction's own directory
 /// entry (a power loss after the tool ran must not lose the record).
 fn stage_started(state: &StateDir, tx_dir: &Path, journal: &Journal, started: &str) -> Result<()> {
-    crate::effects::state::write_state_atomic(
-        &tx_dir.join(INTENT),
-        journal,
-        journal_format(journal),
-    )?;
+    write_intent_durably(tx_dir, journal)?;
     let tx_fd = open_dir_path(tx_dir)?;
     mark(&tx_fd, started)?;
     nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
@@ -476,11 +475,7 @@ fn packages_stage(state: &StateDir, tx_dir: &Path, journal: &mut Journal) -> Res
     let changed = crate::effects::packages::change(&mut record, &before, &budget);
     if journal.packages.as_ref() != Some(&record) {
         journal.packages = Some(record);
-        crate::effects::state::write_state_atomic(
-            &tx_dir.join(INTENT),
-            &*journal,
-            journal_format(journal),
-        )?;
+        write_intent_durably(tx_dir, journal)?;
     }
     changed?;
     // Past this mark, a crash is no longer the packages stage's: it does
