@@ -244,13 +244,21 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     assert_ne!(boot(&m), boot1);
     assert_eq!(etcd.keys(PERMITS), [MINE], "the permit survives the reboot");
 
-    // 2. Back, but the check fails: the permit stays (the group waits).
+    // 2. Back, but the check fails: the permit stays (the group waits),
+    //    and `status` says so.
     let log = sync(&m);
     assert!(
         log.contains("back from the reboot, but") && log.contains("keeping the fleet permit"),
         "{log}"
     );
     assert_eq!(etcd.keys(PERMITS), [MINE]);
+    let status = m.ok("driftless status");
+    assert!(
+        status.contains("reboot permit: held since")
+            && status.contains("(group web, commit ")
+            && status.contains("given back after the first healthy run of this boot"),
+        "{status}"
+    );
 
     // 3. Healthy: given back.
     m.ok("touch /run/e2e-healthy");

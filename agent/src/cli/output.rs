@@ -241,6 +241,9 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
     let reboot = inventory
         .as_ref()
         .and_then(|i| crate::effects::reboot::pending(i, &boot));
+    let reboot_permit = state
+        .as_ref()
+        .map(|st| crate::sync::reboot_permit::read(st).map_err(|e| format!("{e:#}")));
     // Unreadable floor: shown as an error string, status still prints.
     let floor = crate::effects::state::floor::load(&s.root).map_err(|e| format!("{e:#}"));
     match format {
@@ -295,6 +298,13 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                         "files": r.reasons,
                     }),
                     None => json!({ "required": false }),
+                },
+                // `[fleet] reboot = true`: a fleet permit held across a
+                // reboot, until a healthy run of the new boot.
+                "reboot_permit": match &reboot_permit {
+                    Some(Ok(h)) => json!(h),
+                    Some(Err(e)) => json!({ "error": e }),
+                    None => json!(null),
                 },
             },
         })),
@@ -373,6 +383,24 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                     "reboot required: yes (files: {}); driftless reboots by itself only with [fleet] reboot = true",
                     crate::effects::reboot::describe(r)
                 );
+            }
+            match &reboot_permit {
+                Some(Ok(Some(h))) => outln!(
+                    "reboot permit: held since {} (group {}{}); {}",
+                    time_str(h.since),
+                    h.group,
+                    h.commit
+                        .as_deref()
+                        .map(|c| format!(", commit {}", short(c)))
+                        .unwrap_or_default(),
+                    if h.boot_id == boot {
+                        "the reboot is asked for at the next run"
+                    } else {
+                        "given back after the first healthy run of this boot"
+                    }
+                ),
+                Some(Err(e)) => outln!("reboot permit: unreadable record ({e})"),
+                _ => {}
             }
             if !pending.is_empty() {
                 outln!(

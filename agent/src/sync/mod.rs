@@ -13,6 +13,7 @@ pub mod post;
 pub mod quick;
 #[cfg(feature = "etcd")]
 mod reboot;
+pub mod reboot_permit;
 /// Without etcd there is no fleet lock, so driftless never reboots.
 #[cfg(not(feature = "etcd"))]
 mod reboot {

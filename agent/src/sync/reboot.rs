@@ -44,26 +44,13 @@ use crate::effects::state::{read_json, write_json_atomic, StateDir};
 use crate::exit::Error;
 use crate::plan::diff::short;
 
-const FILE: &str = "reboot-permit.json";
-
-/// A reboot permit this host holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Held {
-    pub group: String,
-    /// The boot in which the permit was taken and the reboot asked for.
-    pub boot_id: String,
-    /// When the permit was taken (Unix seconds).
-    pub since: i64,
-    /// The commit whose change asked for the reboot.
-    pub commit: Option<String>,
-}
+use super::reboot_permit::{Held, FILE};
 
 /// The reboot permit this host holds, if any. An unreadable file counts
 /// as a permit held from an earlier boot (its group: the configured one):
 /// giving back a permit that may be held is safe, losing one is not.
 pub fn held(state: &StateDir, fleet: &FleetSettings) -> Option<Held> {
-    match read_json::<Held>(&state.path().join(FILE)) {
+    match super::reboot_permit::read(state) {
         Ok(h) => h,
         Err(e) => {
             warn!(
