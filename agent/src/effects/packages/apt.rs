@@ -180,9 +180,45 @@ pub(super) fn log_output(f: &process::Finished) {
     }
 }
 
+/// The packages apt's output says it unpacked, set up or removed, or
+/// `None` when the output was cut (then it cannot say).
+pub(super) fn touched(f: &process::Finished) -> Option<std::collections::BTreeSet<String>> {
+    if f.stdout.dropped > 0 {
+        return None;
+    }
+    Some(touched_in(&String::from_utf8_lossy(&f.stdout.tail)))
+}
+
+fn touched_in(text: &str) -> std::collections::BTreeSet<String> {
+    const VERBS: &[&str] = &[
+        "Unpacking ",
+        "Setting up ",
+        "Removing ",
+        "Purging configuration files for ",
+        "Selecting previously unselected package ",
+    ];
+    text.lines()
+        .filter_map(|l| {
+            let rest = VERBS.iter().find_map(|v| l.strip_prefix(v))?;
+            let name = rest.split_whitespace().next()?.trim_end_matches('.');
+            Some(name.split_once(':').map_or(name, |(b, _)| b).to_string())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_apt_touched_is_read_from_its_output() {
+        let out = "Reading package lists...\nSelecting previously unselected package drift-dep.\n\
+            Preparing to unpack .../drift-dep_1.0_all.deb ...\nUnpacking drift-dep (1.0) ...\n\
+            Unpacking libc6:amd64 (2.36-9+deb12u4) over (2.36-9) ...\nSetting up drift-demo (2.0) ...\n\
+            Removing telnet (0.17+2.4-2) ...\nProcessing triggers for man-db (2.11.2-2) ...\n";
+        let got: Vec<String> = touched_in(out).into_iter().collect();
+        assert_eq!(got, ["drift-demo", "drift-dep", "libc6", "telnet"]);
+    }
 
     #[test]
     fn apt_errors_name_an_entry_only_by_its_whole_name() {

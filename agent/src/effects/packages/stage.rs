@@ -152,8 +152,21 @@ pub fn change(
     log_output(&f);
     let ran = check(&argv, &f, timeout).context("the packages could not be installed");
     let after = snapshot()?;
-    let did = difference(before, &after);
     let expected = record.expected();
+    // What changed while apt ran but neither the plan expected nor apt's
+    // output names was another program's (unattended-upgrades between
+    // the snapshot and apt's lock): not the transaction's to undo.
+    let by_apt = super::apt::touched(&f);
+    let (did, others): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        difference(before, &after).into_iter().partition(|(n, _)| {
+            expected.contains_key(n) || by_apt.as_ref().is_none_or(|t| t.contains(n))
+        });
+    if !others.is_empty() {
+        warn!(
+            "changed while apt ran, but not by it (another program?): {}; left out of the transaction",
+            describe_effect(&others)
+        );
+    }
     for (name, now) in &did {
         if !record.before.iter().any(|(n, _)| n == name) {
             record
