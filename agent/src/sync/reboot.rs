@@ -107,6 +107,11 @@ struct LastReboot {
     /// [`LOOP_WINDOW_SECS`] of the one before.
     #[serde(default = "one")]
     count: u32,
+    /// The boot it was asked from: the same boot now means that reboot
+    /// has not happened yet (it is being asked again), so it is not
+    /// counted twice.
+    #[serde(default)]
+    boot_id: String,
 }
 
 fn one() -> u32 {
@@ -122,6 +127,26 @@ const LAST: &str = "last-reboot.json";
 /// A request for the same commit and reasons as a reboot less than this
 /// ago is a loop (something rewrites the file at boot), not a new need.
 const LOOP_WINDOW_SECS: i64 = 24 * 3600;
+
+/// How many reboots in a row the same commit and files already caused,
+/// each within [`LOOP_WINDOW_SECS`] of the one before; a reboot asked for
+/// in this same boot (it did not happen yet) is not counted again.
+fn in_a_row(
+    last: Option<&LastReboot>,
+    commit: &str,
+    reasons: &[String],
+    boot: &str,
+    now: i64,
+) -> u32 {
+    last.filter(|l| l.commit == commit && l.reasons == reasons && now - l.time < LOOP_WINDOW_SECS)
+        .map_or(0, |l| {
+            if l.boot_id == boot {
+                l.count.saturating_sub(1)
+            } else {
+                l.count
+            }
+        })
+}
 
 fn after_run_inner(
     pass: &Pass,
@@ -181,11 +206,7 @@ fn after_run_inner(
         return give_back("outside the maintenance window");
     }
     let last: Option<LastReboot> = read_json(&pass.state.path().join(LAST)).unwrap_or(None);
-    let again = last
-        .filter(|l| {
-            l.commit == commit && l.reasons == reasons && pass.now - l.time < LOOP_WINDOW_SECS
-        })
-        .map_or(0, |l| l.count);
+    let again = in_a_row(last.as_ref(), &commit, &reasons, &boot, pass.now);
     if again >= LOOP_MAX {
         warn!(commit = %short(&commit), "a reboot is due again for the same change ({}), after {again} reboots for it in a row: something rewrites it at boot? Not rebooting again for the same commit and files within 24 hours; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), LAST);
         return give_back("a reboot loop was stopped");
@@ -249,6 +270,7 @@ fn after_run_inner(
             reasons: reasons.clone(),
             time: pass.now,
             count: again + 1,
+            boot_id: boot.clone(),
         },
     )?;
     crate::events::rebooting(short(&commit), &reasons.join(", "));
@@ -374,4 +396,61 @@ fn policy_of(pass: &Pass, commit: &str) -> Result<crate::rollout::Policy> {
     Ok(crate::rollout::policy::load(&fetched.snapshot)
         .map_err(|e| anyhow!(e))?
         .unwrap_or_else(crate::rollout::Policy::default_policy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last(count: u32, boot: &str, time: i64) -> LastReboot {
+        LastReboot {
+            commit: "c1".into(),
+            reasons: vec!["/etc/f".into()],
+            time,
+            count,
+            boot_id: boot.into(),
+        }
+    }
+
+    /// Review of the reboot loop guard: a reboot asked for again in the
+    /// same boot (systemd refused, or the agent was killed first) was
+    /// counted as another reboot, so two failed attempts stopped a
+    /// legitimate reboot as a "loop".
+    #[test]
+    fn reboots_in_a_row_count_boots_not_attempts() {
+        let r = vec!["/etc/f".to_string()];
+        // Nothing before.
+        assert_eq!(in_a_row(None, "c1", &r, "b1", 100), 0);
+        // Asked in b1, not rebooted yet, asked again in b1: still the first.
+        assert_eq!(in_a_row(Some(&last(1, "b1", 100)), "c1", &r, "b1", 200), 0);
+        // Rebooted into b2, asked again: the second in a row.
+        assert_eq!(in_a_row(Some(&last(1, "b1", 100)), "c1", &r, "b2", 200), 1);
+        // And once more from b3: the loop guard's limit.
+        assert_eq!(
+            in_a_row(Some(&last(2, "b2", 300)), "c1", &r, "b3", 400),
+            LOOP_MAX
+        );
+        // Another commit, other files, or a day later: a new need.
+        assert_eq!(in_a_row(Some(&last(2, "b2", 300)), "c2", &r, "b3", 400), 0);
+        assert_eq!(
+            in_a_row(
+                Some(&last(2, "b2", 300)),
+                "c1",
+                &["/etc/g".to_string()],
+                "b3",
+                400
+            ),
+            0
+        );
+        assert_eq!(
+            in_a_row(
+                Some(&last(2, "b2", 300)),
+                "c1",
+                &r,
+                "b3",
+                300 + LOOP_WINDOW_SECS
+            ),
+            0
+        );
+    }
 }
