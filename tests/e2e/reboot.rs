@@ -252,6 +252,8 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
         "{log}"
     );
     assert_eq!(etcd.keys(PERMITS), [MINE]);
+    let fleet = m.ok("driftless fleet status 2>&1");
+    assert!(fleet.contains("web: e2e-reboot (reboot)"), "{fleet}");
     let status = m.ok("driftless status");
     assert!(
         status.contains("reboot permit: held since")

@@ -292,6 +292,7 @@ pub(crate) fn status(s: &Settings, format: Format) -> Result<ExitCode, Error> {
             "status": {
                 "commits": summary,
                 "permits": snap.permits,
+                "reboot_permits": snap.reboot_permits,
                 "suspended": snap.suspended,
                 "hosts": snap.statuses,
                 "unreadable": snap.unreadable,
@@ -406,7 +407,14 @@ fn print_text(snap: &Snapshot, summary: &[CommitSummary]) {
     if !snap.permits.is_empty() {
         outln!("\npermits held:");
         for (group, hosts) in &snap.permits {
-            let list: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let rebooting = snap.reboot_permits.get(group);
+            let list: Vec<String> = hosts
+                .iter()
+                .map(|h| match rebooting.is_some_and(|r| r.contains(h)) {
+                    true => format!("{h} (reboot)"),
+                    false => h.clone(),
+                })
+                .collect();
             outln!("  {group}: {}", list.join(", "));
         }
     }

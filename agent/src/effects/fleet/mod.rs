@@ -12,7 +12,9 @@
 //! P/hosts/<host>             this host's status (JSON, [`HostStatus`]), bound to a
 //!                            lease of ~3 poll intervals: a dead host's entry expires
 //! P/permits/<group>/<host>   a permit of the group's semaphore, bound to a lease of
-//!                            `lease_ttl`, kept alive while the host applies
+//!                            `lease_ttl`, kept alive while the host applies; or,
+//!                            held across a reboot (`[fleet] reboot = true`), without
+//!                            a lease, its value JSON with `reboot` (`sync::reboot`)
 //! P/bad/<commit>/<host>      the host reverted the commit (no lease: it stays until an
 //!                            operator deletes it, or a newer commit supersedes it)
 //! P/policy/<commit>          the commit's validated rollout policy (JSON), written once
@@ -155,6 +157,10 @@ pub struct Snapshot {
     pub bad: BTreeMap<String, BTreeMap<String, String>>,
     /// group → hosts.
     pub permits: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// group → the hosts among `permits` holding theirs across a reboot
+    /// (`[fleet] reboot = true`: no lease, given back by a healthy run of
+    /// the new boot).
+    pub reboot_permits: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// commit → policy.
     pub policies: BTreeMap<String, crate::rollout::Policy>,
     /// group (or `*`) → the operator's suspension.

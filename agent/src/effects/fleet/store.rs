@@ -119,13 +119,21 @@ impl Store {
             }
         }
         let prefix = self.keys.all_permits();
-        for (key, _) in self.list(&prefix).await? {
+        for (key, value) in self.list(&prefix).await? {
             match parts(&prefix, &key).as_deref() {
                 Some([group, host]) => {
                     out.permits
                         .entry(group.to_string())
                         .or_default()
                         .insert(host.to_string());
+                    let reboot = serde_json::from_str::<serde_json::Value>(&value)
+                        .is_ok_and(|v| v.get("reboot").is_some());
+                    if reboot {
+                        out.reboot_permits
+                            .entry(group.to_string())
+                            .or_default()
+                            .insert(host.to_string());
+                    }
                 }
                 _ => out.unreadable.push(key),
             }
