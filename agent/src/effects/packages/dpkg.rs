@@ -83,21 +83,6 @@ pub(super) fn parse_status(text: &str) -> BTreeMap<String, Status> {
     out
 }
 
-/// Installed versions of `names` in the root's dpkg database (a
-/// half-installed package is not installed).
-pub fn installed(fs: &RootFs, names: &[&str]) -> Result<BTreeMap<String, String>> {
-    if names.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    Ok(dpkg_query(fs, names)?
-        .into_iter()
-        .filter_map(|(n, s)| match s {
-            Status::Installed(v) => Some((n, v)),
-            Status::Half { .. } => None,
-        })
-        .collect())
-}
-
 /// Every package dpkg knows, with its state: before and after apt runs,
 /// their difference is what apt did.
 pub(super) fn snapshot() -> Result<BTreeMap<String, String>> {

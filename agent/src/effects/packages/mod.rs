@@ -55,8 +55,8 @@ use crate::effects::process::{self, Invocation};
 use crate::effects::rootfs::RootFs;
 pub use crate::plan::packages::{ObservedPackages, PackagesRecord};
 use apt::{apt_install, can_fetch_again, refusal};
+pub use dpkg::DPKG_STATUS;
 use dpkg::{audit, dpkg_query, Status};
-pub use dpkg::{installed, DPKG_STATUS};
 pub use stage::{change, prepare};
 pub use undo::undo;
 

@@ -217,12 +217,8 @@ impl StateDir {
     pub fn inventory(&self) -> Result<Inventory> {
         use std::os::unix::fs::MetadataExt;
         let path = self.inventory_path();
-        let mut f = match OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(f) => f,
+        let (mut f, meta) = match open_nofollow(&path) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Inventory {
                     version: INVENTORY_VERSION,
@@ -231,12 +227,6 @@ impl StateDir {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let meta = f
-            .metadata()
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("cannot read {}: not a regular file", path.display());
-        }
         let id: FileId = (
             meta.dev(),
             meta.ino(),
@@ -252,12 +242,7 @@ impl StateDir {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut bytes)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let inv: Inventory = match decode_state(&bytes) {
-            Ok(v) => v,
-            // It says what it is; "corrupt" would send the reader astray.
-            Err(e) if is_newer_format(&e) => return Err(e.context(path.display().to_string())),
-            Err(e) => return Err(e.context(format!("{} is corrupt", path.display()))),
-        };
+        let inv: Inventory = decode_file(&path, &bytes)?;
         if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
             return Err(anyhow::Error::new(NewerFormat {
                 what: "inventory",
@@ -313,18 +298,36 @@ fn refuse_links(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `fs::read` that does not follow a symlink at the last component.
-fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = OpenOptions::new()
+/// Opens a state file without following a symlink at the last
+/// component; anything but a regular file is refused.
+fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
+    let f = OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)?;
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
+    Ok((f, meta))
+}
+
+/// `fs::read` that does not follow a symlink at the last component.
+fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let (mut f, _) = open_nofollow(path)?;
     let mut out = Vec::new();
     std::io::Read::read_to_end(&mut f, &mut out)?;
     Ok(out)
+}
+
+/// Decodes the state file `path` read as `bytes`, its errors named.
+fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
+    match decode_state(bytes) {
+        Ok(v) => Ok(v),
+        // It says what it is; "corrupt" would send the reader astray.
+        Err(e) if is_newer_format(&e) => Err(e.context(path.display().to_string())),
+        Err(e) => Err(e.context(format!("{} is corrupt", path.display()))),
+    }
 }
 
 /// Reads a JSON file; `Ok(None)` if it does not exist.
@@ -334,12 +337,7 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    match decode_state(&bytes) {
-        Ok(v) => Ok(Some(v)),
-        // It says what it is; "corrupt" would send the reader astray.
-        Err(e) if is_newer_format(&e) => Err(e.context(path.display().to_string())),
-        Err(e) => Err(e.context(format!("{} is corrupt", path.display()))),
-    }
+    decode_file(path, &bytes).map(Some)
 }
 
 /// Format of the state envelope (`driftless_state`) of a state that holds
