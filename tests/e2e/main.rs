@@ -15,5 +15,6 @@
 
 mod machine;
 mod package;
+#[cfg(feature = "etcd")]
 mod reboot;
 mod scenarios;

@@ -17,6 +17,7 @@ mod daemon;
 mod dirs;
 mod fleet;
 mod fleet_tls;
+mod fleetlock;
 mod golden;
 mod hooks;
 mod hostile_templates;

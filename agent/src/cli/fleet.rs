@@ -140,15 +140,27 @@ pub fn summarize(snap: &Snapshot) -> Vec<CommitSummary> {
     out
 }
 
-fn fleet_of(s: &Settings) -> Result<&crate::config::FleetSettings, Error> {
-    s.fleet.as_ref().ok_or_else(|| {
+/// `[fleet]` with the etcd backend: every command here reads or writes
+/// etcd.
+pub(super) fn fleet_of(s: &Settings) -> Result<&crate::config::FleetSettings, Error> {
+    let fleet = s.fleet.as_ref().ok_or_else(|| {
         Error::new(
             Failure::Config,
             anyhow::anyhow!(
                 "no [fleet] section in the agent config: add one with `endpoints` (and the fleet's `prefix`) to reach a fleet"
             ),
         )
-    })
+    })?;
+    if let Some(url) = &fleet.fleetlock {
+        return Err(Error::new(
+            Failure::Config,
+            anyhow::anyhow!(
+                "[fleet] uses the FleetLock server {url}, which keeps no fleet view, suspensions or permits to show; \
+                 run this where [fleet] endpoints names the fleet's etcd (with --config FILE)"
+            ),
+        ));
+    }
+    Ok(fleet)
 }
 
 /// A group name as a key part: what `[fleet] group` allows.

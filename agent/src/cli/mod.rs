@@ -19,6 +19,7 @@ macro_rules! out {
 
 mod bundle;
 mod fleet;
+mod fleetlock;
 mod init;
 mod output;
 
@@ -379,6 +380,37 @@ Reads the keys under `[fleet] prefix` in etcd: the live hosts' statuses, the per
 held, the hosts that reverted a commit, and each commit's rollout policy. Hosts whose
 status expired (dead, or not polling for three intervals) are not counted.")]
     Status(FleetStatusArgs),
+    /// Serve the FleetLock protocol (zincati's reboot lock) from the fleet's etcd permits
+    #[command(after_help = "\
+Answers POST /v1/pre-reboot (take a slot of the client's group; granted again to its
+holder) and POST /v1/steady-state (give it back) with the permits of `[fleet]`'s etcd:
+a slot is the key P/permits/<group>/<id>, without a lease, so zincati hosts (Fedora
+CoreOS, `[updates] strategy = \"fleet_lock\"`) and driftless hosts of a group share one
+limit, and `driftless fleet status` lists the slots. `driftless suspend` refuses new
+slots. A slot is held until its client gives it back (or an operator deletes its key).
+
+The protocol has no authentication: listen on a private address, or behind a TLS
+proxy that checks client certificates. The first line printed names the address.
+
+Examples:
+  driftless fleet serve-fleetlock --listen 10.0.0.5:8282 --max 2
+  driftless fleet serve-fleetlock --listen 127.0.0.1:8282 --max 1 --max-for workers=5")]
+    ServeFleetlock(ServeFleetlockArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeFleetlockArgs {
+    /// Address and port to listen on (port 0: any free one)
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: std::net::SocketAddr,
+    /// Slots per group, for groups without --max-for
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    max: u32,
+    /// Slots of one group (repeatable), e.g. --max-for workers=5
+    #[arg(long, value_name = "GROUP=N", value_parser = fleetlock::parse_group_max)]
+    max_for: Vec<(String, u32)>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -989,6 +1021,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Fleet(FleetCommand::Status(a)) => {
             let s = settings(&Overrides::config(&a.config))?;
             fleet::status(&s, a.format)
+        }
+        Command::Fleet(FleetCommand::ServeFleetlock(a)) => {
+            let s = settings(&Overrides::config(&a.config))?;
+            fleetlock::serve(&s, a.listen, a.max, a.max_for)
         }
         Command::Suspend(a) => {
             let s = settings(&Overrides::config(&a.config))?;

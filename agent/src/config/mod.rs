@@ -139,6 +139,12 @@ pub struct FleetFragment {
     /// is given back after the first healthy run of the new boot.
     /// Default false: only `/run/reboot-required` says a reboot is due.
     pub reboot: Option<bool>,
+    /// Instead of `endpoints`: a FleetLock server's base URL (zincati's
+    /// protocol, e.g. `driftless fleet serve-fleetlock` or airlock). The
+    /// host then takes a slot of its group before applying a new commit
+    /// or rebooting, and nothing else of the fleet: no waves, halting or
+    /// status, which need etcd.
+    pub fleetlock: Option<String>,
 }
 
 impl FleetFragment {
@@ -156,6 +162,7 @@ impl FleetFragment {
             user,
             password_file,
             reboot,
+            fleetlock,
         } = other;
         fn take<T>(mine: &mut Option<T>, theirs: Option<T>) {
             if theirs.is_some() {
@@ -174,6 +181,7 @@ impl FleetFragment {
         take(&mut self.user, user);
         take(&mut self.password_file, password_file);
         take(&mut self.reboot, reboot);
+        take(&mut self.fleetlock, fleetlock);
     }
 }
 
@@ -205,6 +213,9 @@ pub struct FleetSettings {
     pub auth: Option<FleetAuth>,
     /// Reboot by itself under the fleet lock when a change asks for it.
     pub reboot: bool,
+    /// The FleetLock backend (`endpoints` is then empty): the server's
+    /// base URL, without a trailing `/`.
+    pub fleetlock: Option<String>,
 }
 
 /// TLS to etcd: the CA, and an optional client certificate.
@@ -619,7 +630,7 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
     };
     let webhooks =
         crate::effects::notify::config::validate(f.webhooks.unwrap_or_default(), absolute)?;
-    let fleet = f.fleet.map(validate_fleet).transpose()?;
+    let fleet = f.fleet.map(|fl| validate_fleet(fl, &host)).transpose()?;
     Ok(Settings {
         fleet,
         metrics_file,
@@ -662,7 +673,10 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
 
 /// `[fleet]`: every message starts with `fleet.<key>` (the origin prefix
 /// then names the file that set it).
-fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
+fn validate_fleet(f: FleetFragment, host: &str) -> Result<FleetSettings> {
+    if f.fleetlock.is_some() {
+        return validate_fleetlock(f, host);
+    }
     if !cfg!(feature = "etcd") {
         bail!(
             "fleet: this driftless was built without etcd support (cargo feature `etcd`, e.g. \
@@ -711,14 +725,7 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(3600) {
         bail!("fleet.lease_ttl: {ttl_text:?} is outside 2s..1h (etcd grants no shorter lease, and a longer one keeps a dead host's permit for too long)");
     }
-    let on_unreachable = match f.on_unreachable.as_deref() {
-        None | Some("wait") => OnUnreachable::Wait,
-        Some("apply-alone") => OnUnreachable::ApplyAlone,
-        Some(other) => bail!(
-            "fleet.on_unreachable: {other:?} is not a choice; use \"wait\" (apply nothing new until etcd answers, the default) \
-             or \"apply-alone\" (apply without coordination)"
-        ),
-    };
+    let on_unreachable = on_unreachable_of(f.on_unreachable.as_deref())?;
     let absolute = |key: &str, p: Option<PathBuf>| -> Result<Option<PathBuf>> {
         match p {
             Some(p) if !p.is_absolute() => {
@@ -772,6 +779,84 @@ fn validate_fleet(f: FleetFragment) -> Result<FleetSettings> {
         on_unreachable,
         tls,
         auth,
+        fleetlock: None,
+    })
+}
+
+/// `on_unreachable`, for both backends.
+fn on_unreachable_of(v: Option<&str>) -> Result<OnUnreachable> {
+    Ok(match v {
+        None | Some("wait") => OnUnreachable::Wait,
+        Some("apply-alone") => OnUnreachable::ApplyAlone,
+        Some(other) => bail!(
+            "fleet.on_unreachable: {other:?} is not a choice; use \"wait\" (apply nothing new until the fleet answers, the default) \
+             or \"apply-alone\" (apply without coordination)"
+        ),
+    })
+}
+
+/// `[fleet] fleetlock = URL`: the FleetLock backend. The keys only etcd
+/// reads are refused, not ignored.
+fn validate_fleetlock(f: FleetFragment, host: &str) -> Result<FleetSettings> {
+    let text = f.fleetlock.clone().unwrap_or_default();
+    if f.endpoints.is_some() {
+        bail!("fleet.fleetlock and fleet.endpoints: choose one backend; `endpoints` is etcd (waves, halting, fleet status), `fleetlock` a FleetLock server (a concurrency limit only)");
+    }
+    let etcd_only = [
+        ("prefix", f.prefix.is_some()),
+        ("labels", f.labels.is_some()),
+        ("lease_ttl", f.lease_ttl.is_some()),
+        ("cert_file", f.cert_file.is_some()),
+        ("key_file", f.key_file.is_some()),
+        ("user", f.user.is_some()),
+        ("password_file", f.password_file.is_some()),
+    ];
+    if let Some((key, _)) = etcd_only.iter().find(|(_, set)| *set) {
+        bail!("fleet.{key}: only the etcd backend (`endpoints`) reads it; a FleetLock server (fleet.fleetlock) knows only groups and ids: remove it");
+    }
+    let url = reqwest::Url::parse(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "fleet.fleetlock: {text:?} is not a URL ({e}); e.g. \"http://fleetlock.example:8282\""
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!("fleet.fleetlock: {text:?} is not an http:// or https:// server URL");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        bail!("fleet.fleetlock: the URL holds a user or password, which would end up in logs; FleetLock has no authentication (put the server on a private network, or behind a TLS proxy that checks client certificates)");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("fleet.fleetlock: {text:?}: give the server's base URL, without ?query or #fragment (the protocol's /v1/... paths are appended)");
+    }
+    let ca_file = match f.ca_file {
+        Some(p) if !p.is_absolute() => {
+            bail!("fleet.ca_file: {} is not an absolute path", p.display())
+        }
+        Some(_) if url.scheme() != "https" => {
+            bail!("fleet.ca_file is for an https:// FleetLock server; {text:?} is http://")
+        }
+        other => other,
+    };
+    let group = f.group.unwrap_or_else(|| DEFAULT_FLEET_GROUP.to_string());
+    crate::effects::fleet::fleetlock::check_group(&group)
+        .map_err(|e| anyhow::anyhow!("fleet.group: {e} (the FleetLock protocol's rule)"))?;
+    crate::effects::fleet::fleetlock::check_id(host).map_err(|e| {
+        anyhow::anyhow!("host: {host:?} is this host's FleetLock id, but the {e}; set `host`")
+    })?;
+    Ok(FleetSettings {
+        endpoints: Vec::new(),
+        prefix: DEFAULT_FLEET_PREFIX.to_string(),
+        group,
+        labels: BTreeMap::new(),
+        lease_ttl: Duration::from_secs(30),
+        on_unreachable: on_unreachable_of(f.on_unreachable.as_deref())?,
+        tls: ca_file.map(|ca_file| FleetTls {
+            ca_file,
+            identity: None,
+        }),
+        auth: None,
+        reboot: f.reboot.unwrap_or(false),
+        fleetlock: Some(text.trim_end_matches('/').to_string()),
     })
 }
 

@@ -135,38 +135,21 @@ impl FleetRun {
         let wave = rollout::decide::wave_of(&policy, &settings.host, &fleet.labels)
             .and_then(|w| policy.waves.get(w))
             .map(|w| w.name.clone());
+        if fleet.fleetlock.is_some() {
+            // No waves without etcd: no wave to name.
+            return self.ask_fleetlock(pass, fleet, &policy, commit, None);
+        }
         let answer = self.ask_store(pass, fleet, &policy, commit, current);
         let decision = match answer {
             Ok(d) => d,
-            Err(e) => {
-                self.unreachable = true;
-                return Ok(match fleet.on_unreachable {
-                    OnUnreachable::Wait => {
-                        let reason = format!(
-                            "{e:#}; not applying {} until etcd answers (on_unreachable = \"wait\")",
-                            short(commit)
-                        );
-                        warn!("{reason}");
-                        self.hold(commit, wave, reason, false)
-                    }
-                    OnUnreachable::ApplyAlone => {
-                        // Alone, but never outside the maintenance window.
-                        let tz = jiff::tz::TimeZone::system();
-                        if let Some(why) =
-                            rollout::decide::outside_window(&policy, &fleet.group, pass.now, &tz)
-                        {
-                            let reason =
-                                format!("{e:#}; on_unreachable = \"apply-alone\", but {why}");
-                            warn!("{reason}");
-                            return Ok(self.hold(commit, wave, reason, false));
-                        }
-                        warn!(commit = %short(commit), "{e:#}; applying without the fleet (on_unreachable = \"apply-alone\")");
-                        Gate::Go
-                    }
-                });
-            }
+            Err(e) => return Ok(self.unreachable(pass, fleet, &policy, commit, wave, e)),
         };
-        Ok(match decision {
+        Ok(self.gate(commit, wave, decision))
+    }
+
+    /// What `decision` means for this run.
+    fn gate(&mut self, commit: &str, wave: Option<String>, decision: Decision) -> Gate {
+        match decision {
             Decision::Apply { reason, .. } => {
                 info!(commit = %short(commit), wave = wave.as_deref().unwrap_or("?"), "fleet: {reason}");
                 Gate::Go
@@ -178,6 +161,84 @@ impl FleetRun {
             Decision::Halt { reason } => {
                 warn!(commit = %short(commit), "fleet: {reason}");
                 self.hold(commit, wave, reason, true)
+            }
+        }
+    }
+
+    /// `on_unreachable` when the fleet did not answer (`e`).
+    fn unreachable(
+        &mut self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        policy: &Policy,
+        commit: &str,
+        wave: Option<String>,
+        e: anyhow::Error,
+    ) -> Gate {
+        self.unreachable = true;
+        let store = if fleet.fleetlock.is_some() {
+            "the FleetLock server"
+        } else {
+            "etcd"
+        };
+        match fleet.on_unreachable {
+            OnUnreachable::Wait => {
+                let reason = format!(
+                    "{e:#}; not applying {} until {store} answers (on_unreachable = \"wait\")",
+                    short(commit)
+                );
+                warn!("{reason}");
+                self.hold(commit, wave, reason, false)
+            }
+            OnUnreachable::ApplyAlone => {
+                // Alone, but never outside the maintenance window.
+                let tz = jiff::tz::TimeZone::system();
+                if let Some(why) =
+                    rollout::decide::outside_window(policy, &fleet.group, pass.now, &tz)
+                {
+                    let reason = format!("{e:#}; on_unreachable = \"apply-alone\", but {why}");
+                    warn!("{reason}");
+                    return self.hold(commit, wave, reason, false);
+                }
+                warn!(commit = %short(commit), "{e:#}; applying without the fleet (on_unreachable = \"apply-alone\")");
+                Gate::Go
+            }
+        }
+    }
+
+    /// The FleetLock backend: the commit's maintenance windows, then a
+    /// slot from the server. Waves, bake times and halting need the
+    /// fleet's shared state, which only etcd keeps; the log says so when
+    /// the commit has them.
+    fn ask_fleetlock(
+        &mut self,
+        pass: &Pass,
+        fleet: &FleetSettings,
+        policy: &Policy,
+        commit: &str,
+        wave: Option<String>,
+    ) -> Result<Gate, Error> {
+        let tz = jiff::tz::TimeZone::system();
+        if let Some(why) = rollout::decide::outside_window(policy, &fleet.group, pass.now, &tz) {
+            info!(commit = %short(commit), "fleet: waiting: {why}");
+            return Ok(self.hold(commit, wave, why, false));
+        }
+        if policy.waves.len() > 1 {
+            info!(commit = %short(commit), "fleet: the commit's rollout has {} waves; with a FleetLock server (fleet.fleetlock) only its maintenance windows and the server's slot limit apply (waves, bake times and halting need etcd)", policy.waves.len());
+        }
+        let asked = super::fleetlock::take(pass, fleet, commit)
+            .map_err(|e| Error::new(crate::exit::Failure::Failed, e))?;
+        Ok(match asked {
+            super::fleetlock::Asked::Granted => {
+                info!(commit = %short(commit), "fleet: FleetLock slot of group {} taken", fleet.group);
+                Gate::Go
+            }
+            super::fleetlock::Asked::Refused(why) => {
+                info!(commit = %short(commit), "fleet: waiting: {why}");
+                self.hold(commit, wave, why, false)
+            }
+            super::fleetlock::Asked::Unreachable(e) => {
+                self.unreachable(pass, fleet, policy, commit, wave, e)
             }
         })
     }
@@ -199,7 +260,7 @@ impl FleetRun {
     ) -> Option<String> {
         let fleet = active(pass.settings)?;
         let current = current?;
-        if applying_newer || self.unreachable {
+        if applying_newer || self.unreachable || fleet.fleetlock.is_some() {
             return None;
         }
         let max_failures = policy_of_commit(pass, head, current).max_failures;
@@ -372,6 +433,12 @@ impl FleetRun {
         let Some(fleet) = active(pass.settings) else {
             return;
         };
+        if fleet.fleetlock.is_some() {
+            // No status or bad marks to publish: a FleetLock server keeps
+            // slots only. A revert is remembered by this host alone.
+            super::fleetlock::finish(pass, fleet);
+            return;
+        }
         if let Err(e) = self.finish_inner(pass, fleet, result) {
             warn!("fleet: cannot report this run to etcd: {e:#}");
         }

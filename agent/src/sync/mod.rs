@@ -7,6 +7,7 @@
 
 pub mod bundle;
 mod fleet;
+mod fleetlock;
 pub mod marks;
 mod metrics;
 pub mod post;

@@ -229,32 +229,15 @@ fn after_run_inner(
     let value = serde_json::json!({"host": pass.settings.host, "reboot": boot, "commit": commit})
         .to_string();
     let taken = pass.rt.block_on(async {
-        let mut store = crate::effects::fleet::Store::connect(fleet).await?;
-        let view = store.suspensions().await?;
-        if let Some((group, s)) = crate::rollout::decide::suspension(&view, &fleet.group) {
-            return Ok(Err(format!(
-                "rollouts of group {group} are suspended by {}",
-                s.by
-            )));
-        }
-        Ok::<_, anyhow::Error>(
-            match store
-                .take_reboot_permit(
-                    &fleet.group,
-                    &pass.settings.host,
-                    policy.max_concurrent,
-                    &value,
-                )
-                .await?
-            {
-                None => Ok(()),
-                Some(crate::effects::fleet::Acquired::Full { held }) => Err(format!(
-                    "all {held} permits of group {} are taken (max_concurrent = {})",
-                    fleet.group, policy.max_concurrent
-                )),
-                Some(_) => Err("other hosts took the permits at the same moment".into()),
-            },
-        )
+        crate::effects::fleet::slots::Slots::connect(fleet)
+            .await?
+            .take(
+                &fleet.group,
+                &pass.settings.host,
+                policy.max_concurrent,
+                &value,
+            )
+            .await
     })?;
     if let Err(why) = taken {
         // Ours (taken by an earlier attempt of this boot) goes back too.
@@ -285,9 +268,9 @@ fn after_run_inner(
 /// Gives this host's reboot permit of `group` back and drops the record.
 fn release(pass: &Pass, fleet: &FleetSettings, group: &str) -> Result<()> {
     pass.rt.block_on(async {
-        crate::effects::fleet::Store::connect(fleet)
+        crate::effects::fleet::slots::Slots::connect(fleet)
             .await?
-            .release_reboot_permit(group, &pass.settings.host)
+            .give_back(group, &pass.settings.host)
             .await
     })?;
     match std::fs::remove_file(pass.state.path().join(FILE)) {
@@ -307,11 +290,13 @@ fn back_from_reboot(
     result: &Result<Report, Error>,
 ) -> Result<()> {
     let group = held.group.as_str();
-    let holds = pass.rt.block_on(async {
-        crate::effects::fleet::Store::connect(fleet)
-            .await?
-            .holds(group, &pass.settings.host)
-            .await
+    let (holds, where_) = pass.rt.block_on(async {
+        let mut slots = crate::effects::fleet::slots::Slots::connect(fleet).await?;
+        let holds = slots.holds(group, &pass.settings.host).await?;
+        anyhow::Ok((
+            holds,
+            slots.describe(&fleet.prefix, group, &pass.settings.host),
+        ))
     })?;
     if !holds {
         release(pass, fleet, group)?;
@@ -327,7 +312,7 @@ fn back_from_reboot(
             );
         }
         Err(why) => {
-            warn!(group, "back from the reboot, but {why}: keeping the fleet permit, so the group waits, until a run is healthy (or an operator deletes {})", crate::effects::fleet::Keys::new(&fleet.prefix).permit(group, &pass.settings.host));
+            warn!(group, "back from the reboot, but {why}: keeping the fleet permit, so the group waits, until a run is healthy (or an operator deletes {where_})");
         }
     }
     Ok(())

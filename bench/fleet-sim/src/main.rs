@@ -1081,6 +1081,7 @@ async fn run(args: Args) -> Result<Value> {
         tls: None,
         auth: None,
         reboot: false,
+        fleetlock: None,
     };
     let stats = Stats::default();
     let t0 = Instant::now();

@@ -39,6 +39,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod fleetlock;
+pub mod slots;
 #[cfg(feature = "etcd")]
 mod store;
 #[cfg(feature = "etcd")]

@@ -456,6 +456,25 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes `host`'s permit key of `group` only if it has no lease (a
+    /// FleetLock slot or a reboot permit), never a permit a host holds
+    /// for an apply in progress. Whether one was deleted.
+    pub async fn release_unleased(&mut self, group: &str, host: &str) -> Result<bool> {
+        let key = self.keys.permit(group, host);
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(key.clone(), CompareOp::Greater, 0),
+                Compare::lease(key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::delete(key.clone(), None)]);
+        let done = self
+            .client
+            .txn(txn)
+            .await
+            .with_context(|| self.ctx(&format!("cannot delete {key}")))?;
+        Ok(done.succeeded())
+    }
+
     /// The semaphore: puts `host`'s permit key (with `lease`, or none) if
     /// fewer than `max` are held under the group (or `host` holds one
     /// already). A leased take leaves this host's lease-less key (a reboot
