@@ -10,7 +10,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::machine::{git, guard, Machine, Persistent};
+use crate::machine::{git, guard, Machine, Persistent, BIN};
 
 const ENDPOINT: &str = "http://127.0.0.1:23790";
 
@@ -146,6 +146,60 @@ impl NetnsEtcd {
             })
         })
         .expect("etcd answers");
+    }
+}
+
+/// `driftless fleet serve-fleetlock` in the namespace, on [`FLEETLOCK`].
+struct NetnsFleetLock {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+const FLEETLOCK: &str = "127.0.0.1:8282";
+
+impl NetnsFleetLock {
+    fn start(etcd: &NetnsEtcd) -> NetnsFleetLock {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("host = \"lock\"\n[fleet]\nendpoints = [\"{ENDPOINT}\"]\n"),
+        )
+        .unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &etcd.ns, BIN])
+            .args([
+                "fleet",
+                "serve-fleetlock",
+                "--listen",
+                FLEETLOCK,
+                "--max",
+                "1",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .expect("ip netns exec driftless runs");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(
+            first.contains(FLEETLOCK),
+            "the FleetLock server did not start: {first:?} {}",
+            std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+        );
+        NetnsFleetLock { child, _dir: dir }
+    }
+}
+
+impl Drop for NetnsFleetLock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -326,6 +380,42 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     assert!(log.contains("nothing to do"), "{log}");
     assert!(log.contains("keeping the fleet permit"), "{log}");
     assert_eq!(etcd.keys(PERMITS), [MINE], "{log}");
+    m.ok("touch /run/e2e-healthy");
+    let log = sync(&m);
+    assert!(log.contains("back from the reboot and healthy"), "{log}");
+    assert!(etcd.keys(PERMITS).is_empty(), "{log}");
+
+    // 8. The same host behind a FleetLock server instead of etcd (zincati's
+    //    protocol, `driftless fleet serve-fleetlock` over the same
+    //    permits): the reboot waits while the group's one slot is
+    //    another's, then reboots holding the slot, and the first healthy
+    //    run of the new boot gives it back.
+    let _server = NetnsFleetLock::start(&etcd);
+    let fleetlock = format!(
+        "source = \"/srv/config\"\nhost = \"e2e-reboot\"\ninterval = \"1h\"\nsplay = \"0s\"\njob_timeout = \"30s\"\n\n\
+         [fleet]\nfleetlock = \"http://{FLEETLOCK}\"\ngroup = \"web\"\nreboot = true\n"
+    );
+    m.ok(&format!(
+        "printf '{}' > /etc/driftless/agent.toml",
+        fleetlock.replace('\n', "\\n")
+    ));
+    etcd.put("/driftless/permits/web/other-host", "other-host");
+    m.ok("echo 'vm.swappiness = 61' > /etc/sysctl.d/90-e2e.conf");
+    let boot3 = boot(&m);
+    let log = sync(&m);
+    assert!(
+        log.contains("a reboot is due, waiting for a fleet permit: the FleetLock server")
+            && log.contains("failed_lock_semaphore_full"),
+        "{log}"
+    );
+    assert!(m.running(), "rebooted without a slot");
+    assert_eq!(boot(&m), boot3);
+    etcd.delete("/driftless/permits/web/other-host");
+    let log = sync(&m);
+    assert!(log.contains("rebooting the host for commit"), "{log}");
+    m.rebooted(Duration::from_secs(90));
+    assert_ne!(boot(&m), boot3);
+    assert_eq!(etcd.keys(PERMITS), [MINE], "the slot survives the reboot");
     m.ok("touch /run/e2e-healthy");
     let log = sync(&m);
     assert!(log.contains("back from the reboot and healthy"), "{log}");
