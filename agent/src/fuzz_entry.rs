@@ -1,5 +1,5 @@
 //! The entry points of the fuzz targets `repo_config`, `role_file`,
-//! `state_file` and `rollout` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
+//! `state_file`, `rollout` and `fleetlock_request` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
 //! reach, called exactly as the agent calls
 //! them. Each must return (an error is fine), never panic, hang or
 //! allocate without bound. Unit tests below feed each a few odd inputs so
@@ -148,6 +148,18 @@ pub fn rollout(data: &[u8]) {
     }
 }
 
+/// A FleetLock request body, as the server reads it from anyone who can
+/// reach it: parsed and checked, and what passes must be a single etcd
+/// key part (no '/', nothing unprintable).
+pub fn fleetlock_request(data: &[u8]) {
+    if let Ok(p) = crate::effects::fleet::fleetlock::parse_request(data) {
+        for part in [&p.id, &p.group] {
+            assert!(!part.is_empty() && !part.contains('/') && part.len() <= 253);
+            assert!(part.bytes().all(|b| b.is_ascii_graphic()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +184,8 @@ mod tests {
             role_file(input);
             state_file(input);
             rollout(input);
+            fleetlock_request(input);
         }
+        fleetlock_request(br#"{"client_params": {"id": "a", "group": "b"}}"#);
     }
 }

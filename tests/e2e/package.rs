@@ -133,7 +133,7 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
     }
     // The packaged units are valid for this systemd (the rootfs has no
     // man-db to look up their Documentation= pages).
-    m.ok("systemd-analyze verify --man=no /usr/lib/systemd/system/driftless.service /usr/lib/systemd/system/driftless-once.service /usr/lib/systemd/system/driftless.timer");
+    m.ok("systemd-analyze verify --man=no /usr/lib/systemd/system/driftless.service /usr/lib/systemd/system/driftless-once.service /usr/lib/systemd/system/driftless.timer /usr/lib/systemd/system/driftless-fleetlock.service");
     // The journal catalog was updated: the revert entry is explained.
     let catalog = m.ok("journalctl --list-catalog 2>/dev/null | grep -c driftless || true");
     assert!(
@@ -150,6 +150,36 @@ fn e2e_16_package_installs_runs_upgrades_removes_and_purges() {
         m.ok("grep -v '^#' /etc/cron.d/driftless | grep driftless | sed 's/.* root //'");
     m.sh(&cron_line);
     m.ok("test ! -e /etc/motd.d/driftless");
+
+    // The FleetLock server's unit, sandboxed, answers the protocol (an
+    // etcd that is not there: 503, store_unavailable) and is not enabled.
+    assert_eq!(
+        m.ok("systemctl is-enabled driftless-fleetlock.service || true")
+            .trim(),
+        "disabled"
+    );
+    m.ok("printf '[fleet]\\nendpoints = [\"http://127.0.0.1:2\"]\\n' > /etc/driftless/fleetlock.toml");
+    m.ok("mkdir -p /etc/systemd/system/driftless-fleetlock.service.d && printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/driftless fleet serve-fleetlock --listen 127.0.0.1:8282 --config /etc/driftless/fleetlock.toml\\n' > /etc/systemd/system/driftless-fleetlock.service.d/e2e.conf && systemctl daemon-reload");
+    m.ok("systemctl start driftless-fleetlock.service");
+    assert_eq!(
+        m.prop("driftless-fleetlock.service", "ActiveState"),
+        "active"
+    );
+    // bash's /dev/tcp, with the protocol's request written out by hand.
+    let answer = m.ok(concat!(
+        "cat > /tmp/fleetlock-req.sh <<'EOF'\n",
+        "exec 3<>/dev/tcp/127.0.0.1/8282\n",
+        "body='{\"client_params\":{\"id\":\"a\",\"group\":\"b\"}}'\n",
+        "printf 'POST /v1/pre-reboot HTTP/1.1\\r\\nHost: x\\r\\nfleet-lock-protocol: true\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s' \"${#body}\" \"$body\" >&3\n",
+        "timeout 20 cat <&3\n",
+        "EOF\n",
+        "bash /tmp/fleetlock-req.sh"
+    ));
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("store_unavailable"),
+        "{answer}"
+    );
+    m.ok("systemctl stop driftless-fleetlock.service && rm -r /etc/systemd/system/driftless-fleetlock.service.d /etc/driftless/fleetlock.toml && systemctl daemon-reload");
 
     // Configure and start: the repository is applied.
     m.ok("printf 'source = \"/srv/config\"\\nhost = \"web1\"\\ninterval = \"1h\"\\nsplay = \"0s\"\\n' >> /etc/driftless/agent.toml");
