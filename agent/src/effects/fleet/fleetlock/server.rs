@@ -102,6 +102,9 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(READ_TIMEOUT)
+                // One request per connection (FleetLock clients make one
+                // call at a time): no idle connection holds a slot.
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 debug!(%peer, "fleetlock: connection ended: {e}");
