@@ -222,7 +222,7 @@ fn the_fleetlock_server_grants_slots_from_the_etcd_permits_as_the_protocol_says(
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("{ZINCATI} (reboot)")),
+        text.contains(&format!("{ZINCATI} (fleetlock)")),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -263,6 +263,49 @@ fn the_fleetlock_server_grants_slots_from_the_etcd_permits_as_the_protocol_says(
         .unwrap();
     assert!(st.success());
     assert_eq!(lock(a, "w3", "workers").0, 200);
+
+    // Ownership: an id may only ever hold a FleetLock slot. A driftless
+    // host's permit of the same name (leased, while it applies; or its
+    // reboot's, without a lease) is neither granted again nor given back,
+    // and it counts against the server's limit.
+    assert_eq!(unlock(a, "node-b", "default").0, 200);
+    let mut c = etcd.client();
+    etcd.rt.block_on(async {
+        let lease = c.lease_grant(60, None).await.unwrap().id();
+        c.put(
+            "/t/permits/default/db1",
+            "db1",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+        c.put(
+            "/t/permits/db/web9",
+            r#"{"host":"web9","reboot":"b1","commit":"c"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    });
+    let (st, b) = lock(a, ZINCATI, "default");
+    assert_eq!(
+        (st, kind(&b).as_str()),
+        (409, "failed_lock_semaphore_full"),
+        "a driftless host's permit was not counted"
+    );
+    let (st, b) = lock(a, "db1", "default");
+    assert_eq!((st, kind(&b).as_str()), (409, "failed_lock_id_in_use"));
+    assert_eq!(unlock(a, "db1", "default").0, 200);
+    assert_eq!(unlock(a, "web9", "db").0, 200);
+    let held = permits(&etcd);
+    assert!(
+        held.iter()
+            .any(|(k, l)| k == "/t/permits/default/db1" && *l != 0)
+            && held
+                .iter()
+                .any(|(k, l)| k == "/t/permits/db/web9" && *l == 0),
+        "a FleetLock request took over or deleted a driftless host's permit: {held:?}"
+    );
 }
 
 /// A host whose `[fleet]` names the FleetLock server.
@@ -357,14 +400,61 @@ fn a_host_with_a_fleetlock_server_applies_only_holding_a_slot_and_gives_it_back(
     assert!(record.exists(), "no record of the slot held");
     assert_eq!(permits(&etcd), vec![(slot.clone(), 0)]);
     assert_eq!(lock(&a, ZINCATI, "default").0, 409);
+    // Suspended meanwhile: the server refuses the holder too; the record
+    // stays, and the end of the run gives the slot back (it was lost once:
+    // a refusal dropped the record of the slot held).
+    let suspend = |verb: &str| {
+        let mut c = Command::new(BIN);
+        c.arg(verb);
+        if verb == "suspend" {
+            c.args(["--reason", "incident"]);
+        }
+        let st = c
+            .arg("--config")
+            .arg(&server.config)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    suspend("suspend");
+    let (code, out) = run(&mut agent, None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("failed_lock_suspended"), "{out}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v1\n");
+    assert!(
+        keys(&etcd).is_empty(),
+        "the held slot was not given back: {:?}",
+        keys(&etcd)
+    );
+    assert!(!record.exists());
+    suspend("resume");
     let (code, out) = run(&mut agent, None);
     assert_eq!(code, 0, "{out}");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v2\n");
     assert!(keys(&etcd).is_empty(), "{:?}", keys(&etcd));
     assert!(!record.exists());
 
-    // Killed after writing the record, before asking: the next run (with
-    // nothing new to apply) still gives back what may be held.
+    // Killed after the commit, before the slot went back: the next run has
+    // nothing new to apply (it asks nothing) and gives the slot back
+    // because of the record alone.
+    repo.write("roles/app/files/app.conf", "good v2b\n");
+    repo.commit("v2b");
+    let (code, out) = run(&mut agent, Some("sync.record"));
+    assert_ne!(code, 0, "the failpoint did not fire: {out}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v2b\n");
+    assert_eq!(permits(&etcd), vec![(slot.clone(), 0)]);
+    let (code, out) = run(&mut agent, None);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.contains("FleetLock slot of group default taken"),
+        "asked again: {out}"
+    );
+    assert!(keys(&etcd).is_empty(), "{:?}", keys(&etcd));
+    assert!(!record.exists());
+
+    // Killed after writing the record, before asking: nothing was taken,
+    // and the next run asks again and gives it back.
     repo.write("roles/app/files/app.conf", "good v3\n");
     repo.commit("v3");
     let (code, _) = run(&mut agent, Some("sync.fleetlock.recorded"));
@@ -403,6 +493,18 @@ fn fleetlock_settings_that_etcd_alone_reads_are_refused() {
         assert_eq!(code, 78, "{extra}: {out}");
         assert!(out.contains(says), "{extra}: {out}");
     }
+    // A ca_file that cannot be read is this host's error (exit 1), never
+    // an unreachable server that "apply-alone" would apply without.
+    let (dir, mut agent) = fleetlock_agent(
+        "web1",
+        repo.path(),
+        "https://127.0.0.1:1",
+        "ca_file = \"/nonexistent/ca.pem\"\non_unreachable = \"apply-alone\"\n",
+    );
+    let (code, out) = run(&mut agent, None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ca.pem"), "{out}");
+    assert!(!dir.path().join("root/etc/app.conf").exists(), "{out}");
     let (_dir, mut agent) = fleetlock_agent("web1", repo.path(), "http://u:secret@127.0.0.1:1", "");
     let (code, out) = run(&mut agent, None);
     assert_eq!(code, 78, "{out}");
@@ -439,8 +541,9 @@ fn a_fleetlock_slot_and_the_etcd_hosts_permits_are_one_limit() {
         "applied past the zincati host's slot: {text}"
     );
     assert!(text.contains("permit(s) taken"), "{text}");
-    // And the other way round: the driftless host's permit, while it
-    // applies, is a slot the FleetLock server counts.
+    // Given back, the driftless host applies (the other way round, a
+    // driftless host's permit counted by the server, is checked in the
+    // protocol test).
     assert_eq!(unlock(&a, ZINCATI, "default").0, 200);
     let out = host.cmd(&["sync", "--once"]).output().unwrap();
     assert!(out.status.success());

@@ -305,6 +305,7 @@ pub(crate) fn status(s: &Settings, format: Format) -> Result<ExitCode, Error> {
                 "commits": summary,
                 "permits": snap.permits,
                 "reboot_permits": snap.reboot_permits,
+                "fleetlock_slots": snap.fleetlock_slots,
                 "suspended": snap.suspended,
                 "hosts": snap.statuses,
                 "unreadable": snap.unreadable,
@@ -420,11 +421,17 @@ fn print_text(snap: &Snapshot, summary: &[CommitSummary]) {
         outln!("\npermits held:");
         for (group, hosts) in &snap.permits {
             let rebooting = snap.reboot_permits.get(group);
+            let slots = snap.fleetlock_slots.get(group);
             let list: Vec<String> = hosts
                 .iter()
-                .map(|h| match rebooting.is_some_and(|r| r.contains(h)) {
-                    true => format!("{h} (reboot)"),
-                    false => h.clone(),
+                .map(|h| {
+                    if slots.is_some_and(|r| r.contains(h)) {
+                        format!("{h} (fleetlock)")
+                    } else if rebooting.is_some_and(|r| r.contains(h)) {
+                        format!("{h} (reboot)")
+                    } else {
+                        h.clone()
+                    }
                 })
                 .collect();
             outln!("  {group}: {}", list.join(", "));

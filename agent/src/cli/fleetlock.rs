@@ -42,9 +42,18 @@ pub(crate) fn serve(
             anyhow::anyhow!("--max 0 would block every group for good; use at least 1"),
         ));
     }
+    let mut groups = BTreeMap::new();
+    for (g, n) in per_group {
+        if groups.insert(g.clone(), n).is_some() {
+            return Err(Error::new(
+                Failure::Usage,
+                anyhow::anyhow!("--max-for {g}=…: given twice; give each group once"),
+            ));
+        }
+    }
     let limits = server::Limits {
         default: default_max,
-        per_group: per_group.into_iter().collect::<BTreeMap<_, _>>(),
+        per_group: groups,
     };
     let rt = super::runtime()?;
     rt.block_on(async {

@@ -386,11 +386,12 @@ Answers POST /v1/pre-reboot (take a slot of the client's group; granted again to
 holder) and POST /v1/steady-state (give it back) with the permits of `[fleet]`'s etcd:
 a slot is the key P/permits/<group>/<id>, without a lease, so zincati hosts (Fedora
 CoreOS, `[updates] strategy = \"fleet_lock\"`) and driftless hosts of a group share one
-limit, and `driftless fleet status` lists the slots. `driftless suspend` refuses new
-slots. A slot is held until its client gives it back (or an operator deletes its key).
+limit, and `driftless fleet status` lists the slots. `driftless suspend` refuses
+slots (a holder's too). A slot is held until its client gives it back (or an operator
+deletes its key); a driftless host's own permit is never taken over or given back.
 
-The protocol has no authentication: listen on a private address, or behind a TLS
-proxy that checks client certificates. The first line printed names the address.
+The protocol has no authentication: listen on a private address only. The first line
+printed names the address.
 
 Examples:
   driftless fleet serve-fleetlock --listen 10.0.0.5:8282 --max 2

@@ -814,19 +814,22 @@ fn validate_fleetlock(f: FleetFragment, host: &str) -> Result<FleetSettings> {
     if let Some((key, _)) = etcd_only.iter().find(|(_, set)| *set) {
         bail!("fleet.{key}: only the etcd backend (`endpoints`) reads it; a FleetLock server (fleet.fleetlock) knows only groups and ids: remove it");
     }
-    let url = reqwest::Url::parse(&text).map_err(|e| {
+    // Before anything echoes the URL: a user or password in it would end
+    // up in the message (and the logs).
+    let shown = redact_userinfo(&text);
+    if shown != text {
+        bail!("fleet.fleetlock: the URL holds a user or password ({shown}), which would end up in logs; FleetLock has no authentication: put the server on a private network");
+    }
+    let url = reqwest::Url::parse(text.trim()).map_err(|e| {
         anyhow::anyhow!(
-            "fleet.fleetlock: {text:?} is not a URL ({e}); e.g. \"http://fleetlock.example:8282\""
+            "fleet.fleetlock: {shown:?} is not a URL ({e}); e.g. \"http://fleetlock.example:8282\""
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        bail!("fleet.fleetlock: {text:?} is not an http:// or https:// server URL");
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        bail!("fleet.fleetlock: the URL holds a user or password, which would end up in logs; FleetLock has no authentication (put the server on a private network, or behind a TLS proxy that checks client certificates)");
+        bail!("fleet.fleetlock: {shown:?} is not an http:// or https:// server URL");
     }
     if url.query().is_some() || url.fragment().is_some() {
-        bail!("fleet.fleetlock: {text:?}: give the server's base URL, without ?query or #fragment (the protocol's /v1/... paths are appended)");
+        bail!("fleet.fleetlock: give the server's base URL, without ?query or #fragment (the protocol's /v1/... paths are appended)");
     }
     let ca_file = match f.ca_file {
         Some(p) if !p.is_absolute() => {
@@ -856,8 +859,24 @@ fn validate_fleetlock(f: FleetFragment, host: &str) -> Result<FleetSettings> {
         }),
         auth: None,
         reboot: f.reboot.unwrap_or(false),
-        fleetlock: Some(text.trim_end_matches('/').to_string()),
+        // As parsed (`https:host` is `https://host/`): what the client
+        // connects to is what was checked.
+        fleetlock: Some(url.as_str().trim_end_matches('/').to_string()),
     })
+}
+
+/// `text` with anything between `://` and the last `@` of its authority
+/// replaced by `***` (a URL's user and password).
+fn redact_userinfo(text: &str) -> String {
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => text.to_string(),
+    }
 }
 
 /// URL schemes and scp-like `user@host:path`.
@@ -1109,4 +1128,90 @@ fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(1u64 << shift)
+}
+
+#[cfg(test)]
+mod fleetlock_tests {
+    use super::*;
+
+    fn with(url: &str, edit: impl FnOnce(&mut FleetFragment)) -> Result<FleetSettings> {
+        let mut f = FleetFragment {
+            fleetlock: Some(url.to_string()),
+            ..FleetFragment::default()
+        };
+        edit(&mut f);
+        validate_fleet(f, "web1")
+    }
+
+    fn err(url: &str, edit: impl FnOnce(&mut FleetFragment)) -> String {
+        format!("{:#}", with(url, edit).unwrap_err())
+    }
+
+    #[test]
+    fn a_fleetlock_url_is_stored_as_parsed() {
+        let s = with("http://lock:8282/base/", |_| {}).unwrap();
+        assert_eq!(s.fleetlock.as_deref(), Some("http://lock:8282/base"));
+        assert!(s.endpoints.is_empty() && s.tls.is_none());
+        // What the client will connect to is what was checked.
+        let s = with("https:lock", |_| {}).unwrap();
+        assert_eq!(s.fleetlock.as_deref(), Some("https://lock"));
+    }
+
+    /// Review of the FleetLock backend: the "not a URL" messages echoed a
+    /// password given in the URL.
+    #[test]
+    fn no_fleetlock_message_echoes_a_password() {
+        for url in [
+            "http://u:secret@lock:8282",
+            "ftp://u:secret@lock",
+            "http://u:secret@lock:99999",
+            "http://secret@lock",
+        ] {
+            let e = err(url, |_| {});
+            assert!(
+                e.contains("user or password") && !e.contains("secret"),
+                "{url}: {e}"
+            );
+        }
+        let e = err("http://lock/?token=secret", |_| {});
+        assert!(e.contains("without ?query") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn fleetlock_keys_are_checked() {
+        assert!(err("file:///x", |_| {}).contains("not an http:// or https://"));
+        assert!(err("http://lock", |f| f.ca_file = Some("/ca.pem".into())).contains("https://"));
+        assert!(err("https://lock", |f| f.ca_file = Some("ca.pem".into())).contains("absolute"));
+        let s = with("https://lock", |f| f.ca_file = Some("/ca.pem".into())).unwrap();
+        assert_eq!(s.tls.map(|t| t.ca_file), Some(PathBuf::from("/ca.pem")));
+        assert!(err("http://lock", |f| f.group = Some("a_b".into())).contains("fleet.group"));
+        for (key, e) in [
+            (
+                "lease_ttl",
+                err("http://lock", |f| f.lease_ttl = Some("30s".into())),
+            ),
+            ("user", err("http://lock", |f| f.user = Some("u".into()))),
+            (
+                "cert_file",
+                err("http://lock", |f| f.cert_file = Some("/c".into())),
+            ),
+        ] {
+            assert!(e.contains(&format!("fleet.{key}")), "{e}");
+        }
+        assert!(validate_fleet(
+            FleetFragment {
+                fleetlock: Some("http://lock".into()),
+                ..FleetFragment::default()
+            },
+            "bad/host"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(redact_userinfo("http://a:b@h:1/p@q"), "http://***@h:1/p@q");
+        assert_eq!(redact_userinfo("http://h/p@q"), "http://h/p@q");
+        assert_eq!(redact_userinfo("a:b@h"), "***@h");
+    }
 }

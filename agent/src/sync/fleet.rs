@@ -223,8 +223,16 @@ impl FleetRun {
             info!(commit = %short(commit), "fleet: waiting: {why}");
             return Ok(self.hold(commit, wave, why, false));
         }
-        if policy.waves.len() > 1 {
-            info!(commit = %short(commit), "fleet: the commit's rollout has {} waves; with a FleetLock server (fleet.fleetlock) only its maintenance windows and the server's slot limit apply (waves, bake times and halting need etcd)", policy.waves.len());
+        let default = Policy::default_policy();
+        if policy.waves.len() > 1
+            || policy
+                .waves
+                .first()
+                .is_some_and(|w| w.bake > 0 || w.min_healthy > 0)
+            || policy.max_concurrent != default.max_concurrent
+            || policy.max_failures != default.max_failures
+        {
+            info!(commit = %short(commit), "fleet: with a FleetLock server (fleet.fleetlock) only the commit's maintenance windows and the server's slot limit apply; its waves, bake times, max_concurrent and max_failures need etcd");
         }
         let asked = super::fleetlock::take(pass, fleet, commit)
             .map_err(|e| Error::new(crate::exit::Failure::Failed, e))?;

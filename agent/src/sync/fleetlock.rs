@@ -41,14 +41,63 @@ pub(super) enum Asked {
     Unreachable(anyhow::Error),
 }
 
+/// The record, if any; an unreadable one stands for a slot of the
+/// configured group that may be held.
+fn record(pass: &Pass, fleet: &FleetSettings) -> Option<Slot> {
+    match read_json(&pass.state.path().join(FILE)) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(
+                "{FILE}: unreadable ({e:#}); taken as a slot of group {} that may be held",
+                fleet.group
+            );
+            Some(Slot {
+                group: fleet.group.clone(),
+                since: 0,
+                commit: String::new(),
+            })
+        }
+    }
+}
+
+async fn give_back(fleet: &FleetSettings, group: &str, host: &str) -> Result<()> {
+    Slots::connect(fleet).await?.give_back(group, host).await
+}
+
 /// Takes the group's slot for applying `commit`.
 pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<Asked> {
     let path = pass.state.path().join(FILE);
+    let host = pass.settings.host.as_str();
+    let mut earlier = record(pass, fleet);
+    // A slot of another group, from before the configuration changed:
+    // given back first, or no new one is taken (its record would be
+    // overwritten, and the slot held for good).
+    if let Some(old) = earlier.as_ref().filter(|o| o.group != fleet.group) {
+        if let Err(e) = pass.rt.block_on(give_back(fleet, &old.group, host)) {
+            return Ok(Asked::Refused(format!(
+                "the FleetLock slot of group {} this host took before cannot be given back yet ({e:#}); no slot of group {} is taken until it is",
+                old.group, fleet.group
+            )));
+        }
+        info!(group = %old.group, "fleet: FleetLock slot of the group this host was in before given back");
+        remove(pass)?;
+        earlier = None;
+    }
+    // A client that cannot be built (an unreadable ca_file) is this
+    // host's error: it must not pass for an unreachable server, which
+    // `on_unreachable = "apply-alone"` would apply without.
+    crate::effects::fleet::fleetlock::client::Client::new(
+        fleet.fleetlock.as_deref().unwrap_or_default(),
+        fleet.tls.as_ref().map(|t| t.ca_file.as_path()),
+        host,
+        &fleet.group,
+    )
+    .context("fleet.fleetlock")?;
     write_json_atomic(
         &path,
         &Slot {
             group: fleet.group.clone(),
-            since: pass.now,
+            since: earlier.as_ref().map_or(pass.now, |e| e.since),
             commit: commit.to_string(),
         },
     )
@@ -57,7 +106,7 @@ pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<A
     let answer = pass.rt.block_on(async {
         Slots::connect(fleet)
             .await?
-            .take(&fleet.group, &pass.settings.host, 0, "")
+            .take(&fleet.group, host, 0, "")
             .await
     });
     Ok(match answer {
@@ -66,8 +115,12 @@ pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<A
             Asked::Granted
         }
         Ok(Err(why)) => {
-            // Not held (a holder is granted again): nothing to give back.
-            remove(pass)?;
+            // Not held now, unless an earlier run took it (and was killed):
+            // then the record stays, and the end of this run gives it back
+            // (a server refuses a holder too, e.g. while suspended).
+            if earlier.is_none() {
+                remove(pass)?;
+            }
             Asked::Refused(why)
         }
         Err(e) => Asked::Unreachable(e),
@@ -78,33 +131,25 @@ pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<A
 /// (this run's, or one a crashed run left). Failures are logged; the
 /// record stays, and the next run tries again.
 pub(super) fn finish(pass: &Pass, fleet: &FleetSettings) {
-    let path = pass.state.path().join(FILE);
-    let slot: Option<Slot> = match read_json(&path) {
-        Ok(s) => s,
-        Err(e) => {
-            // Unreadable: it may stand for a slot held; give it back.
-            warn!("{FILE}: unreadable ({e:#}); giving back the slot it may stand for");
-            Some(Slot {
-                group: fleet.group.clone(),
-                since: 0,
-                commit: String::new(),
-            })
-        }
-    };
-    let Some(slot) = slot else {
+    let Some(slot) = record(pass, fleet) else {
         return;
     };
-    let reboot_held = super::reboot_permit::read(&pass.state)
-        .map(|h| h.is_some_and(|h| h.group == slot.group))
-        .unwrap_or(true);
+    let host = pass.settings.host.as_str();
+    let reboot_held = match super::reboot_permit::read(&pass.state) {
+        Ok(h) => h.is_some_and(|h| h.group == slot.group),
+        Err(e) => {
+            // The reboot path takes it as held; so does this: the slot
+            // stays until the record can be read (the reboot path's runs
+            // give it back).
+            warn!(
+                "{}: unreadable ({e:#}); leaving the FleetLock slot to the reboot path",
+                super::reboot_permit::FILE
+            );
+            return;
+        }
+    };
     if !reboot_held {
-        let given = pass.rt.block_on(async {
-            Slots::connect(fleet)
-                .await?
-                .give_back(&slot.group, &pass.settings.host)
-                .await
-        });
-        if let Err(e) = given {
+        if let Err(e) = pass.rt.block_on(give_back(fleet, &slot.group, host)) {
             warn!(group = %slot.group, "fleet: cannot give the FleetLock slot back: {e:#}; the next run tries again (the group has one slot less until then)");
             return;
         }

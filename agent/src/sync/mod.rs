@@ -12,17 +12,8 @@ pub mod marks;
 mod metrics;
 pub mod post;
 pub mod quick;
-#[cfg(feature = "etcd")]
 mod reboot;
 pub mod reboot_permit;
-/// Without etcd there is no fleet lock, so driftless never reboots.
-#[cfg(not(feature = "etcd"))]
-mod reboot {
-    pub(super) fn verifying(_: &super::run::Pass) -> bool {
-        false
-    }
-    pub(super) fn after_run(_: &super::run::Pass, _: &Result<super::Report, crate::exit::Error>) {}
-}
 pub mod repair;
 mod run;
 mod runlog;

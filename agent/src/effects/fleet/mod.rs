@@ -44,7 +44,7 @@ pub mod slots;
 #[cfg(feature = "etcd")]
 mod store;
 #[cfg(feature = "etcd")]
-pub use store::{Acquired, Permit, Store};
+pub use store::{Acquired, Permit, SlotTaken, Store};
 
 /// The key layout under a prefix.
 #[derive(Debug, Clone)]
@@ -163,6 +163,10 @@ pub struct Snapshot {
     /// (`[fleet] reboot = true`: no lease, given back by a healthy run of
     /// the new boot).
     pub reboot_permits: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// group → the ids among `permits` holding a FleetLock slot
+    /// (`driftless fleet serve-fleetlock`: zincati hosts, or driftless
+    /// hosts with `[fleet] fleetlock`).
+    pub fleetlock_slots: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// commit → policy.
     pub policies: BTreeMap<String, crate::rollout::Policy>,
     /// group (or `*`) → the operator's suspension.

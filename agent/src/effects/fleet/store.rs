@@ -25,7 +25,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// moment (each failed attempt means someone else got one).
 const ACQUIRE_ATTEMPTS: usize = 5;
 
-/// A connection to the fleet's etcd.
+/// A connection to the fleet's etcd (cheap to clone: the clones share
+/// the connection).
+#[derive(Clone)]
 pub struct Store {
     client: Client,
     keys: Keys,
@@ -130,6 +132,12 @@ impl Store {
                         .is_ok_and(|v| v.get("reboot").is_some());
                     if reboot {
                         out.reboot_permits
+                            .entry(group.to_string())
+                            .or_default()
+                            .insert(host.to_string());
+                    }
+                    if super::fleetlock::is_slot(value.as_bytes()) {
+                        out.fleetlock_slots
                             .entry(group.to_string())
                             .or_default()
                             .insert(host.to_string());
@@ -409,6 +417,11 @@ impl Store {
                 self.revoke(lease).await;
                 Ok(no)
             }
+            // Only FleetLock takes (`take_as(.., slot)`) say so.
+            Ok(Taken::InUse) => {
+                self.revoke(lease).await;
+                Err(anyhow!("{}", self.ctx(&format!("{key} is in use"))))
+            }
             Err(e) => {
                 self.revoke(lease).await;
                 Err(e)
@@ -431,6 +444,8 @@ impl Store {
         Ok(match self.take(group, host, max, why, None).await? {
             Taken::Put | Taken::HeldWithoutLease => None,
             Taken::No(no) => Some(no),
+            // Only FleetLock takes (`take_as(.., slot)`) say so.
+            Taken::InUse => Some(Acquired::Contended { attempts: 0 }),
         })
     }
 
@@ -456,16 +471,62 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes `host`'s permit key of `group` only if it has no lease (a
-    /// FleetLock slot or a reboot permit), never a permit a host holds
-    /// for an apply in progress. Whether one was deleted.
-    pub async fn release_unleased(&mut self, group: &str, host: &str) -> Result<bool> {
-        let key = self.keys.permit(group, host);
+    /// A FleetLock slot of `group` for `id` (no lease; its value `value`
+    /// marks it as a slot, [`super::fleetlock::is_slot`]).
+    pub async fn take_fleetlock_slot(
+        &mut self,
+        group: &str,
+        id: &str,
+        max: u32,
+        value: &str,
+    ) -> Result<SlotTaken> {
+        Ok(
+            match self.take_as(group, id, max, value, None, true).await? {
+                Taken::Put | Taken::HeldWithoutLease => SlotTaken::Granted,
+                Taken::InUse => SlotTaken::InUse,
+                Taken::No(Acquired::Full { held }) => SlotTaken::Full { held },
+                Taken::No(_) => SlotTaken::Contended,
+            },
+        )
+    }
+
+    /// Whether `id` holds a FleetLock slot of `group`: `Some(true)` a slot,
+    /// `Some(false)` a key of that name that is not one, `None` no key.
+    pub async fn fleetlock_slot(&mut self, group: &str, id: &str) -> Result<Option<bool>> {
+        let key = self.keys.permit(group, id);
+        let resp = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| kv.lease() == 0 && super::fleetlock::is_slot(kv.value())))
+    }
+
+    /// Gives `id`'s FleetLock slot of `group` back: deletes the key only
+    /// if it is a slot (never a driftless host's permit of the same
+    /// name), and only as it was read. Whether one was deleted.
+    pub async fn release_fleetlock_slot(&mut self, group: &str, id: &str) -> Result<bool> {
+        let key = self.keys.permit(group, id);
+        let resp = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(false);
+        };
+        if kv.lease() != 0 || !super::fleetlock::is_slot(kv.value()) {
+            return Ok(false);
+        }
         let txn = Txn::new()
-            .when(vec![
-                Compare::create_revision(key.clone(), CompareOp::Greater, 0),
-                Compare::lease(key.clone(), CompareOp::Equal, 0),
-            ])
+            .when(vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
             .and_then(vec![TxnOp::delete(key.clone(), None)]);
         let done = self
             .client
@@ -487,6 +548,22 @@ impl Store {
         value: &str,
         lease: Option<i64>,
     ) -> Result<Taken> {
+        self.take_as(group, host, max, value, lease, false).await
+    }
+
+    /// [`Store::take`]; `slot`: for a FleetLock client, whose id may only
+    /// ever own a FleetLock slot: a key of the same name that is not one
+    /// (a driftless host's permit) is [`Taken::InUse`], and its own slot
+    /// is granted again as it is.
+    async fn take_as(
+        &mut self,
+        group: &str,
+        host: &str,
+        max: u32,
+        value: &str,
+        lease: Option<i64>,
+        slot: bool,
+    ) -> Result<Taken> {
         let prefix = self.keys.permits(group);
         let key = self.keys.permit(group, host);
         for attempt in 0..ACQUIRE_ATTEMPTS {
@@ -501,6 +578,17 @@ impl Store {
                 .ok_or_else(|| anyhow!("{}", self.ctx("a response without a header")))?;
             let held = resp.kvs().len();
             let own = resp.kvs().iter().find(|kv| kv.key() == key.as_bytes());
+            if slot {
+                if let Some(kv) = own {
+                    return Ok(
+                        if kv.lease() == 0 && super::fleetlock::is_slot(kv.value()) {
+                            Taken::HeldWithoutLease
+                        } else {
+                            Taken::InUse
+                        },
+                    );
+                }
+            }
             if lease.is_some() && own.is_some_and(|kv| kv.lease() == 0) {
                 return Ok(Taken::HeldWithoutLease);
             }
@@ -716,7 +804,22 @@ enum Taken {
     Put,
     /// This host holds a lease-less permit (its reboot's): kept as it is.
     HeldWithoutLease,
+    /// (FleetLock) the id's key is someone else's: a driftless host's
+    /// permit of the same name.
+    InUse,
     No(Acquired),
+}
+
+/// What [`Store::take_fleetlock_slot`] got.
+pub enum SlotTaken {
+    /// Taken now, or held already (FleetLock locks are recursive).
+    Granted,
+    /// `held` permits of the group are taken.
+    Full { held: usize },
+    /// Lost to other hosts taking permits at the same moment, repeatedly.
+    Contended,
+    /// The id's key is not a FleetLock slot (a driftless host's permit).
+    InUse,
 }
 
 pub enum Acquired {

@@ -114,15 +114,27 @@ impl Client {
                 ),
             ),
         };
-        if (300..400).contains(&status) {
-            anyhow::bail!(
-                "FleetLock server {url}: redirects elsewhere (HTTP {status}); FleetLock requests are not redirected: set fleet.fleetlock to the server's own URL"
-            );
-        }
-        if status >= 500 || !(400..500).contains(&status) {
+        if status >= 500 {
+            // The server cannot decide now (its store is down): like a
+            // server that does not answer.
             anyhow::bail!(
                 "FleetLock server {url}: cannot decide now: {value} (HTTP {status}, {kind})"
             );
+        }
+        if !(400..500).contains(&status) {
+            // A redirect, or a success that is not the protocol's 200: the
+            // URL points at something else. A refusal (the host waits),
+            // never "unreachable" (which may apply alone).
+            let why = if (300..400).contains(&status) {
+                "it redirects elsewhere, and FleetLock requests are not redirected: set fleet.fleetlock to the server's own URL".to_string()
+            } else {
+                format!("HTTP {status} is not the protocol's 200; is fleet.fleetlock a FleetLock server?")
+            };
+            return Ok(Err(Refusal {
+                status,
+                kind: "unexpected_status".into(),
+                value: why,
+            }));
         }
         Ok(Err(Refusal {
             status,

@@ -109,6 +109,20 @@ pub fn check_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The etcd value of a FleetLock slot (`P/permits/<group>/<id>`, no
+/// lease): what makes the key a slot, which only the FleetLock server
+/// takes and gives back (never a driftless host's permit of the same
+/// name).
+pub fn slot_value(id: &str, since: i64) -> String {
+    serde_json::json!({ "host": id, "fleetlock": true, "since": since }).to_string()
+}
+
+/// Whether an etcd value is a FleetLock slot's ([`slot_value`]).
+pub fn is_slot(value: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .is_ok_and(|v| v.get("fleetlock") == Some(&serde_json::Value::Bool(true)))
+}
+
 /// Parses and checks a request body: the client's parameters, or why
 /// not (for a 400). Unknown fields are allowed, as the protocol may grow.
 pub fn parse_request(body: &[u8]) -> Result<ClientParams, String> {
@@ -166,6 +180,14 @@ mod tests {
         ] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn slots_are_told_from_permits() {
+        assert!(is_slot(slot_value("z", 5).as_bytes()));
+        assert!(!is_slot(br#"{"host":"web1","reboot":"b1","commit":"c"}"#));
+        assert!(!is_slot(b"web1"));
+        assert!(!is_slot(br#"{"fleetlock":"true"}"#));
     }
 
     #[test]

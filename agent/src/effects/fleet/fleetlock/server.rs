@@ -7,7 +7,10 @@
 //! semaphore, a zincati host holding a slot blocks driftless hosts of the
 //! group and the other way round, each side counting every key of the
 //! group against its own limit, and `driftless fleet status` lists the
-//! slot as `id (reboot)`. `driftless suspend` stops new slots too.
+//! slot as `id (fleetlock)`. `driftless suspend` stops slots too (a
+//! holder's as well: it waits). A slot's value marks it as one
+//! ([`super::slot_value`]): an id whose key is a driftless host's permit
+//! is refused, and that permit is never given back from here.
 //!
 //! The server keeps no state of its own: it can be restarted, or run
 //! twice behind a load balancer, at any moment. It is reachable by anyone
@@ -32,13 +35,18 @@ use tracing::{debug, info, warn};
 
 use super::{parse_request, ClientParams, ErrorBody, HEADER, MAX_BODY, PRE_REBOOT, STEADY_STATE};
 use crate::config::FleetSettings;
-use crate::effects::fleet::{Acquired, Store};
+use crate::effects::fleet::{SlotTaken, Store};
 
 /// Headers, and then the body, must arrive within this.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// A request's etcd work must end within this: less than a client's own
+/// timeout (driftless: 10 s), so that a slot is not granted to a client
+/// that gave up waiting for the answer.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(8);
 
 /// How many slots each group has.
 #[derive(Debug, Clone)]
@@ -58,7 +66,7 @@ struct Shared {
     fleet: FleetSettings,
     limits: Limits,
     /// The etcd connection, opened on first use and dropped after an
-    /// error (the next request connects again).
+    /// error (the next request connects again); cloned for each request.
     store: Mutex<Option<Store>>,
 }
 
@@ -105,6 +113,8 @@ pub async fn serve(
                 // One request per connection (FleetLock clients make one
                 // call at a time): no idle connection holds a slot.
                 .keep_alive(false)
+                // hyper's smallest read buffer: requests are ~200 bytes.
+                .max_buf_size(8192)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 debug!(%peer, "fleetlock: connection ended: {e}");
@@ -122,10 +132,14 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 }
 
 fn answer(status: StatusCode, body: Option<ErrorBody>) -> Response<Full<Bytes>> {
-    let bytes = body
-        .map(|b| serde_json::to_vec(&b).unwrap_or_default())
-        .unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let Some(body) = body else {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = status;
+        return r;
+    };
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -229,36 +243,38 @@ async fn handle(
     }
 }
 
-/// Runs `f` on the store, connecting first if needed.
+/// Runs `f` on the store (connecting first if needed), within
+/// [`STORE_DEADLINE`]. The lock is held only to connect: requests go to
+/// etcd side by side, each on a clone of the connection.
 async fn with_store<T>(
     shared: &Shared,
-    f: impl for<'s> FnOnce(
-        &'s mut Store,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<T>> + Send + 's>,
-    >,
+    f: impl FnOnce(Store) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>,
 ) -> Result<T> {
-    let mut guard = shared.store.lock().await;
-    if guard.is_none() {
-        *guard = Some(Store::connect(&shared.fleet).await?);
-    }
-    let store = guard
-        .as_mut()
-        .ok_or_else(|| anyhow::anyhow!("no etcd connection"))?;
-    f(store).await
+    let work = async {
+        let store = {
+            let mut guard = shared.store.lock().await;
+            if guard.is_none() {
+                *guard = Some(Store::connect(&shared.fleet).await?);
+            }
+            guard
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no etcd connection"))?
+        };
+        f(store).await
+    };
+    tokio::time::timeout(STORE_DEADLINE, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("etcd did not answer within {STORE_DEADLINE:?}"))?
 }
 
 async fn take(shared: &Shared, p: &ClientParams) -> Result<Response<Full<Bytes>>> {
     let max = shared.limits.of(&p.group);
-    let value = serde_json::json!({
-        "host": p.id,
-        "reboot": "fleetlock",
-        "since": crate::time::now(),
-    })
-    .to_string();
+    let value = super::slot_value(&p.id, crate::time::now());
     let (group, id) = (p.group.clone(), p.id.clone());
-    let outcome = with_store(shared, move |s| {
+    let outcome = with_store(shared, move |mut s| {
         Box::pin(async move {
+            // Suspended: no slot, also not again to its holder (it waits,
+            // as a driftless host of a suspended group does).
             let view = s.suspensions().await?;
             if let Some((key, sus)) = crate::rollout::decide::suspension(&view, &group) {
                 return Ok(Err((
@@ -274,15 +290,19 @@ async fn take(shared: &Shared, p: &ClientParams) -> Result<Response<Full<Bytes>>
                     ),
                 )));
             }
-            Ok(match s.take_reboot_permit(&group, &id, max, &value).await? {
-                None => Ok(()),
-                Some(Acquired::Full { held }) => Err((
+            Ok(match s.take_fleetlock_slot(&group, &id, max, &value).await? {
+                SlotTaken::Granted => Ok(()),
+                SlotTaken::Full { held } => Err((
                     "failed_lock_semaphore_full",
                     format!("all slots of group {group} are taken ({held} held, {max} allowed)"),
                 )),
-                Some(_) => Err((
+                SlotTaken::Contended => Err((
                     "failed_lock_contended",
                     format!("other hosts of group {group} took slots at the same moment; try again"),
+                )),
+                SlotTaken::InUse => Err((
+                    "failed_lock_id_in_use",
+                    format!("id {id} holds a permit of group {group} that is not a FleetLock slot (a driftless host of that name); use another id"),
                 )),
             })
         })
@@ -294,7 +314,8 @@ async fn take(shared: &Shared, p: &ClientParams) -> Result<Response<Full<Bytes>>
             answer(StatusCode::OK, None)
         }
         Err((kind, value)) => {
-            info!(id = %p.id, group = %p.group, "fleetlock: slot refused: {value}");
+            // Not `info`: anyone who reaches the server can ask.
+            debug!(id = %p.id, group = %p.group, "fleetlock: slot refused: {value}");
             refuse(StatusCode::CONFLICT, kind, value)
         }
     })
@@ -302,14 +323,14 @@ async fn take(shared: &Shared, p: &ClientParams) -> Result<Response<Full<Bytes>>
 
 async fn give_back(shared: &Shared, p: &ClientParams) -> Result<Response<Full<Bytes>>> {
     let (group, id) = (p.group.clone(), p.id.clone());
-    let released = with_store(shared, move |s| {
-        Box::pin(async move { s.release_unleased(&group, &id).await })
+    let released = with_store(shared, move |mut s| {
+        Box::pin(async move { s.release_fleetlock_slot(&group, &id).await })
     })
     .await?;
     if released {
         info!(id = %p.id, group = %p.group, "fleetlock: slot given back");
     } else {
-        debug!(id = %p.id, group = %p.group, "fleetlock: no slot held; nothing to give back");
+        debug!(id = %p.id, group = %p.group, "fleetlock: no slot of this id held; nothing to give back");
     }
     Ok(answer(StatusCode::OK, None))
 }
