@@ -465,6 +465,23 @@ fn a_host_with_a_fleetlock_server_applies_only_holding_a_slot_and_gives_it_back(
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v3\n");
     assert!(!record.exists() && keys(&etcd).is_empty());
 
+    // Killed holding a slot, then `[fleet]` removed: the next run (alone
+    // now) gives the slot back to the server its record names.
+    let config = dir.path().join("agent.toml");
+    let with_fleet = std::fs::read_to_string(&config).unwrap();
+    repo.write("roles/app/files/app.conf", "good v3b\n");
+    repo.commit("v3b");
+    let (code, _) = run(&mut agent, Some("sync.fleetlock.granted"));
+    assert_ne!(code, 0);
+    assert_eq!(permits(&etcd), vec![(slot.clone(), 0)]);
+    std::fs::write(&config, with_fleet.split("[fleet]").next().unwrap()).unwrap();
+    let (code, out) = run(&mut agent, None);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v3b\n");
+    assert!(keys(&etcd).is_empty(), "{out}");
+    assert!(!record.exists());
+    std::fs::write(&config, &with_fleet).unwrap();
+
     // The server gone: nothing new is applied (on_unreachable = "wait").
     drop(server);
     repo.write("roles/app/files/app.conf", "good v4\n");
@@ -472,7 +489,7 @@ fn a_host_with_a_fleetlock_server_applies_only_holding_a_slot_and_gives_it_back(
     let (code, out) = run(&mut agent, None);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("until the FleetLock server answers"), "{out}");
-    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v3\n");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "good v3b\n");
 }
 
 #[test]

@@ -438,17 +438,23 @@ impl FleetRun {
     /// run's outcome on this host stands, and a permit not released
     /// expires with its lease.
     pub(super) fn finish(self, pass: &Pass, result: &Result<Report, Error>) {
-        let Some(fleet) = active(pass.settings) else {
-            return;
-        };
-        if fleet.fleetlock.is_some() {
-            // No status or bad marks to publish: a FleetLock server keeps
-            // slots only. A revert is remembered by this host alone.
-            super::fleetlock::finish(pass, fleet);
-            return;
-        }
-        if let Err(e) = self.finish_inner(pass, fleet, result) {
-            warn!("fleet: cannot report this run to etcd: {e:#}");
+        match active(pass.settings) {
+            Some(fleet) if fleet.fleetlock.is_some() => {
+                // No status or bad marks to publish: a FleetLock server
+                // keeps slots only. A revert is remembered by this host
+                // alone.
+                super::fleetlock::finish(pass, fleet);
+            }
+            other => {
+                // Not (or no longer) FleetLock: a slot recorded from
+                // before goes back to the server it names.
+                super::fleetlock::finish_elsewhere(pass);
+                if let Some(fleet) = other {
+                    if let Err(e) = self.finish_inner(pass, fleet, result) {
+                        warn!("fleet: cannot report this run to etcd: {e:#}");
+                    }
+                }
+            }
         }
     }
 

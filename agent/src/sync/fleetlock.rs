@@ -31,6 +31,9 @@ struct Slot {
     since: i64,
     /// The commit it was asked for.
     commit: String,
+    /// The server it was asked from: it is given back there, also after
+    /// `[fleet]` changed.
+    url: String,
 }
 
 /// What the server said.
@@ -55,13 +58,17 @@ fn record(pass: &Pass, fleet: &FleetSettings) -> Option<Slot> {
                 group: fleet.group.clone(),
                 since: 0,
                 commit: String::new(),
+                url: fleet.fleetlock.clone().unwrap_or_default(),
             })
         }
     }
 }
 
-async fn give_back(fleet: &FleetSettings, group: &str, host: &str) -> Result<()> {
-    Slots::connect(fleet).await?.give_back(group, host).await
+async fn give_back(fleet: &FleetSettings, slot: &Slot, host: &str) -> Result<()> {
+    Slots::connect_via(fleet, Some(&slot.url))
+        .await?
+        .give_back(&slot.group, host)
+        .await
 }
 
 /// Takes the group's slot for applying `commit`.
@@ -69,17 +76,21 @@ pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<A
     let path = pass.state.path().join(FILE);
     let host = pass.settings.host.as_str();
     let mut earlier = record(pass, fleet);
-    // A slot of another group, from before the configuration changed:
-    // given back first, or no new one is taken (its record would be
-    // overwritten, and the slot held for good).
-    if let Some(old) = earlier.as_ref().filter(|o| o.group != fleet.group) {
-        if let Err(e) = pass.rt.block_on(give_back(fleet, &old.group, host)) {
+    // A slot of another group or server, from before the configuration
+    // changed: given back first, or no new one is taken (its record would
+    // be overwritten, and the slot held for good).
+    let url = fleet.fleetlock.clone().unwrap_or_default();
+    if let Some(old) = earlier
+        .as_ref()
+        .filter(|o| o.group != fleet.group || o.url != url)
+    {
+        if let Err(e) = pass.rt.block_on(give_back(fleet, old, host)) {
             return Ok(Asked::Refused(format!(
-                "the FleetLock slot of group {} this host took before cannot be given back yet ({e:#}); no slot of group {} is taken until it is",
-                old.group, fleet.group
+                "the FleetLock slot of group {} at {} this host took before cannot be given back yet ({e:#}); no new slot is taken until it is",
+                old.group, old.url
             )));
         }
-        info!(group = %old.group, "fleet: FleetLock slot of the group this host was in before given back");
+        info!(group = %old.group, url = %old.url, "fleet: FleetLock slot of the group or server this host used before given back");
         remove(pass)?;
         earlier = None;
     }
@@ -99,6 +110,7 @@ pub(super) fn take(pass: &Pass, fleet: &FleetSettings, commit: &str) -> Result<A
             group: fleet.group.clone(),
             since: earlier.as_ref().map_or(pass.now, |e| e.since),
             commit: commit.to_string(),
+            url,
         },
     )
     .with_context(|| format!("cannot record the FleetLock slot about to be taken ({FILE})"))?;
@@ -149,7 +161,7 @@ pub(super) fn finish(pass: &Pass, fleet: &FleetSettings) {
         }
     };
     if !reboot_held {
-        if let Err(e) = pass.rt.block_on(give_back(fleet, &slot.group, host)) {
+        if let Err(e) = pass.rt.block_on(give_back(fleet, &slot, host)) {
             warn!(group = %slot.group, "fleet: cannot give the FleetLock slot back: {e:#}; the next run tries again (the group has one slot less until then)");
             return;
         }
@@ -157,6 +169,41 @@ pub(super) fn finish(pass: &Pass, fleet: &FleetSettings) {
     }
     if let Err(e) = remove(pass) {
         warn!("fleet: {e:#}");
+    }
+}
+
+/// After a run without `[fleet] fleetlock` (the section was removed, or
+/// switched to etcd): a slot recorded from before is given back to the
+/// server it names.
+pub(super) fn finish_elsewhere(pass: &Pass) {
+    let path = pass.state.path().join(FILE);
+    let slot: Slot = match read_json(&path) {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            warn!("{FILE}: unreadable ({e:#}), and [fleet] names no FleetLock server any more: the slot it may stand for is not given back; remove the file once the server's operator has");
+            return;
+        }
+    };
+    let host = pass.settings.host.as_str();
+    let given = pass.rt.block_on(async {
+        Slots::FleetLock {
+            url: slot.url.clone(),
+            ca_file: None,
+        }
+        .give_back(&slot.group, host)
+        .await
+    });
+    match given {
+        Ok(()) => {
+            info!(group = %slot.group, url = %slot.url, "fleet: FleetLock slot taken before [fleet] changed given back");
+            if let Err(e) = remove(pass) {
+                warn!("fleet: {e:#}");
+            }
+        }
+        Err(e) => {
+            warn!(group = %slot.group, url = %slot.url, "fleet: cannot give back the FleetLock slot taken before [fleet] changed: {e:#}; the next run tries again")
+        }
     }
 }
 

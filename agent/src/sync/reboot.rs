@@ -62,6 +62,7 @@ pub fn held(state: &StateDir, fleet: &FleetSettings) -> Option<Held> {
                 boot_id: String::new(),
                 since: 0,
                 commit: None,
+                fleetlock: fleet.fleetlock.clone(),
             })
         }
     }
@@ -169,7 +170,7 @@ fn after_run_inner(
     // before asking again; when one says no, the permit goes back.
     let give_back = |why: &str| -> Result<()> {
         if let Some(h) = &held {
-            release(pass, fleet, &h.group)?;
+            release(pass, fleet, &h.group, h.fleetlock.as_deref())?;
             info!(group = %h.group, "{why}: the reboot permit is given back");
         }
         Ok(())
@@ -222,6 +223,7 @@ fn after_run_inner(
             boot_id: boot.clone(),
             since: held.as_ref().map_or(pass.now, |h| h.since),
             commit: Some(commit.clone()),
+            fleetlock: fleet.fleetlock.clone(),
         },
     )
     .context("cannot record the reboot permit about to be taken")?;
@@ -241,7 +243,7 @@ fn after_run_inner(
     })?;
     if let Err(why) = taken {
         // Ours (taken by an earlier attempt of this boot) goes back too.
-        release(pass, fleet, &fleet.group)?;
+        release(pass, fleet, &fleet.group, fleet.fleetlock.as_deref())?;
         info!(commit = %short(&commit), "a reboot is due, waiting for a fleet permit: {why}");
         return Ok(());
     }
@@ -266,9 +268,10 @@ fn after_run_inner(
 }
 
 /// Gives this host's reboot permit of `group` back and drops the record.
-fn release(pass: &Pass, fleet: &FleetSettings, group: &str) -> Result<()> {
+/// `via`: the FleetLock server it was taken from, or etcd (`None`).
+fn release(pass: &Pass, fleet: &FleetSettings, group: &str, via: Option<&str>) -> Result<()> {
     pass.rt.block_on(async {
-        crate::effects::fleet::slots::Slots::connect(fleet)
+        crate::effects::fleet::slots::Slots::connect_via(fleet, via)
             .await?
             .give_back(group, &pass.settings.host)
             .await
@@ -290,8 +293,9 @@ fn back_from_reboot(
     result: &Result<Report, Error>,
 ) -> Result<()> {
     let group = held.group.as_str();
+    let via = held.fleetlock.as_deref();
     let (holds, where_) = pass.rt.block_on(async {
-        let mut slots = crate::effects::fleet::slots::Slots::connect(fleet).await?;
+        let mut slots = crate::effects::fleet::slots::Slots::connect_via(fleet, via).await?;
         let holds = slots.holds(group, &pass.settings.host).await?;
         anyhow::Ok((
             holds,
@@ -299,13 +303,13 @@ fn back_from_reboot(
         ))
     })?;
     if !holds {
-        release(pass, fleet, group)?;
+        release(pass, fleet, group, via)?;
         info!(group, "back from the reboot; the fleet permit was already given back by someone else (an operator)");
         return Ok(());
     }
     match healthy(pass, result) {
         Ok(()) => {
-            release(pass, fleet, group)?;
+            release(pass, fleet, group, via)?;
             info!(
                 group,
                 "back from the reboot and healthy: the fleet permit is given back"

@@ -20,6 +20,10 @@ pub struct Held {
     pub since: i64,
     /// The commit whose change asked for the reboot.
     pub commit: Option<String>,
+    /// The FleetLock server the permit was taken from (`[fleet]
+    /// fleetlock`); none: etcd. It is given back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleetlock: Option<String>,
 }
 
 /// The record, if any.

@@ -45,6 +45,27 @@ impl Slots {
         }
     }
 
+    /// The backend a permit was taken from: `via`, the FleetLock server
+    /// a record names, or etcd (`None`). A permit is given back where it
+    /// was taken, also after `[fleet]` changed backends.
+    pub async fn connect_via(fleet: &FleetSettings, via: Option<&str>) -> Result<Slots> {
+        match via {
+            Some(url) => Ok(Slots::FleetLock {
+                url: url.to_string(),
+                // The configured CA, if it is still the same server.
+                ca_file: fleet
+                    .tls
+                    .as_ref()
+                    .filter(|_| fleet.fleetlock.as_deref() == Some(url))
+                    .map(|t| t.ca_file.clone()),
+            }),
+            None if fleet.fleetlock.is_some() => anyhow::bail!(
+                "this permit was taken from etcd, but [fleet] now names a FleetLock server; an operator gives it back by deleting its key (`driftless fleet status` where [fleet] endpoints is set lists it)"
+            ),
+            None => Slots::connect(fleet).await,
+        }
+    }
+
     fn client(
         url: &str,
         ca_file: Option<&std::path::Path>,
