@@ -163,8 +163,8 @@ impl fmt::Display for UnitActionKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UnitAction {
-    pub unit: String,
     pub action: UnitActionKind,
+    pub unit: String,
 }
 
 /// Unit name suffixes systemd knows.

@@ -11,72 +11,78 @@ use serde::{Deserialize, Serialize};
 
 use crate::desired::spec::{TargetPath, UnitAction};
 
+///
+/// The fields of this struct and of every type in it are declared in
+/// alphabetical order: serialised as they are, they are then already the
+/// canonical JSON that `effects::state::encode_state` checksums (keys
+/// sorted), and a 10,000-file inventory is written without building a
+/// `serde_json::Value` of it first (a unit test there pins it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
-    /// Format version of this file.
-    pub version: u32,
-    /// The transaction that wrote this inventory (empty before the first).
-    #[serde(default)]
-    pub txid: String,
-    /// The commit applied by that transaction.
-    #[serde(default)]
-    pub commit: Option<String>,
     /// Unix time of that transaction.
     #[serde(default)]
     pub applied_at: i64,
+    /// The commit applied by that transaction.
     #[serde(default)]
-    pub files: BTreeMap<TargetPath, ManagedEntry>,
-    /// Directories driftless created for managed files and has not removed
-    /// yet: once no managed file is left under one and it is empty, it is
-    /// removed (directories that existed before are never touched).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub dirs: BTreeSet<TargetPath>,
-    /// A reboot that committed changes asked for (files with `reboot =
-    /// true`), until the host boots again. Recorded with the commit, so a
-    /// crash before `/run/reboot-required` is written loses nothing: every
-    /// full sync writes it again while the boot is the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reboot: Option<RebootRequest>,
-    /// Managed symlinks (`[[links]]`) as last applied: a link that leaves
-    /// the repository is removed if driftless created it. Absent when
-    /// there are none (a files-only inventory keeps its bytes).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub links: BTreeMap<TargetPath, LinkEntry>,
-    /// Managed directories (`[[dirs]]`) as last applied (`dirs` above
+    pub commit: Option<String>,
+    /// Managed directories (`[[dirs]]`) as last applied (`dirs` below
     /// means the directories created for files). One that leaves the
     /// repository is handed over to `dirs` if driftless created it, so it
     /// is removed once empty; otherwise it is left as it is. Absent when
     /// there are none (a files-only inventory keeps its bytes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub directories: BTreeMap<TargetPath, DirectoryEntry>,
+    /// Directories driftless created for managed files and has not removed
+    /// yet: once no managed file is left under one and it is empty, it is
+    /// removed (directories that existed before are never touched).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dirs: BTreeSet<TargetPath>,
+    #[serde(default)]
+    pub files: BTreeMap<TargetPath, ManagedEntry>,
+    /// Managed symlinks (`[[links]]`) as last applied: a link that leaves
+    /// the repository is removed if driftless created it. Absent when
+    /// there are none (a files-only inventory keeps its bytes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<TargetPath, LinkEntry>,
+    /// A reboot that committed changes asked for (files with `reboot =
+    /// true`), until the host boots again. Recorded with the commit, so a
+    /// crash before `/run/reboot-required` is written loses nothing: every
+    /// full sync writes it again while the boot is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRequest>,
+    /// The transaction that wrote this inventory (empty before the first).
+    #[serde(default)]
+    pub txid: String,
+    /// Format version of this file.
+    pub version: u32,
 }
 
 /// One managed directory as last applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryEntry {
-    pub role: String,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
     /// Nothing was at the path before driftless managed it (or driftless
     /// had created it for files): when the entry leaves the repository,
     /// the directory is removed if it is empty. Otherwise it stays.
     pub created: bool,
+    pub gid: u32,
+    pub mode: u32,
+    pub role: String,
+    pub uid: u32,
 }
 
 /// One managed symlink as last applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkEntry {
-    pub role: String,
-    /// Its content, verbatim.
-    pub target: String,
     /// Nothing was at the path before driftless managed it: pruning the
     /// entry removes the link. Otherwise (a link driftless retargeted or
     /// found as desired) it stays as it is.
     pub created: bool,
+    pub role: String,
+    /// Its content, verbatim.
+    pub target: String,
 }
 
 /// Why the host needs a reboot, and since which boot.
@@ -94,14 +100,14 @@ pub struct RebootRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebootReason {
-    pub path: TargetPath,
     /// The commit and transaction that changed it.
     #[serde(default)]
     pub commit: Option<String>,
-    pub txid: String,
     /// What `/run/reboot-required.pkgs` lists for it: the package that owns
     /// the file in the dpkg database, else `driftless`.
     pub package: String,
+    pub path: TargetPath,
+    pub txid: String,
 }
 
 impl RebootRequest {
@@ -237,20 +243,12 @@ impl Inventory {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagedEntry {
-    pub role: String,
-    /// SHA-256 of the content written (hex). For sensitive files a keyed
-    /// hash, never the plain digest of a secret.
-    pub sha256: String,
-    pub size: u64,
-    pub mode: u32,
-    pub uid: u32,
     pub gid: u32,
+    pub mode: u32,
     /// Actions to run when the file changes, kept so that pruning it
     /// triggers them too.
     #[serde(default)]
     pub on_change: Vec<UnitAction>,
-    #[serde(default)]
-    pub sensitive: bool,
     /// The file that was there before driftless managed it, if any.
     #[serde(default)]
     pub original: Option<Original>,
@@ -259,6 +257,14 @@ pub struct ManagedEntry {
     /// older agents wrote).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reboot: bool,
+    pub role: String,
+    #[serde(default)]
+    pub sensitive: bool,
+    /// SHA-256 of the content written (hex). For sensitive files a keyed
+    /// hash, never the plain digest of a secret.
+    pub sha256: String,
+    pub size: u64,
+    pub uid: u32,
 }
 
 /// A pre-existing file, saved once when driftless first took it over and
@@ -266,9 +272,9 @@ pub struct ManagedEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Original {
+    pub gid: u32,
+    pub mode: u32,
     /// File name inside the state dir's `originals/`.
     pub stored: String,
-    pub mode: u32,
     pub uid: u32,
-    pub gid: u32,
 }

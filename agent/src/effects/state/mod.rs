@@ -400,21 +400,204 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
         bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
     }
+    /// The envelope, its keys in order.
+    #[derive(Serialize)]
+    struct Envelope<'a, D: Serialize> {
+        data: &'a D,
+        driftless_state: u64,
+        sha256: &'a str,
+    }
+    // The canonical JSON is what a `serde_json::Value` of `value` (keys
+    // sorted) serialises to. A type whose fields are declared in order
+    // serialises to exactly that by itself (checked here, every time), so
+    // the tree is built only for the others.
+    let direct = serde_json::to_vec(value).context("cannot serialise state")?;
+    if is_canonical_json(&direct) {
+        let sum = hex::encode(sha2::Sha256::digest(&direct));
+        return serde_json::to_vec_pretty(&Envelope {
+            data: value,
+            driftless_state: format,
+            sha256: &sum,
+        })
+        .context("cannot serialise state");
+    }
     let data = serde_json::to_value(value).context("cannot serialise state")?;
     let sum = hex::encode(sha2::Sha256::digest(
         serde_json::to_vec(&data).context("cannot serialise state")?,
     ));
-    serde_json::to_vec_pretty(&serde_json::json!({
-        "driftless_state": format,
-        "sha256": sum,
-        "data": data,
-    }))
+    serde_json::to_vec_pretty(&Envelope {
+        data: &data,
+        driftless_state: format,
+        sha256: &sum,
+    })
     .context("cannot serialise state")
+}
+
+/// Whether compact JSON `text` is canonical: every object's keys in
+/// strictly increasing order (what a `serde_json::Value`, whose objects
+/// are sorted maps, serialises to).
+fn is_canonical_json(text: &[u8]) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
+
+    struct Any;
+    impl<'de> DeserializeSeed<'de> for Any {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    struct Key;
+    impl<'de> DeserializeSeed<'de> for Key {
+        type Value = Cow<'de, str>;
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Cow<'de, str>, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Key {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Cow<'de, str>, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E>(self, v: &str) -> std::result::Result<Cow<'de, str>, E> {
+            Ok(Cow::Owned(v.to_string()))
+        }
+    }
+    impl<'de> Visitor<'de> for Any {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_none<E>(self) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            d.deserialize_any(Any)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            while seq.next_element_seed(Any)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            let mut prev: Option<Cow<'de, str>> = None;
+            while let Some(k) = map.next_key_seed(Key)? {
+                if prev.as_ref().is_some_and(|p| p.as_ref() >= k.as_ref()) {
+                    return Err(serde::de::Error::custom("keys out of order"));
+                }
+                map.next_value_seed(Any)?;
+                prev = Some(k);
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    Any.deserialize(&mut de).and_then(|()| de.end()).is_ok()
 }
 
 /// Reads what [`encode_state`] wrote, checking version and checksum. A
 /// file without the envelope (written before it existed) is read as it is.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    if let Some(v) = decode_state_fast(bytes) {
+        return Ok(v);
+    }
+    decode_state_slow(bytes)
+}
+
+/// The envelope with `data` left as text.
+#[derive(serde::Deserialize)]
+struct RawEnvelope<'a> {
+    driftless_state: u64,
+    sha256: &'a str,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+/// [`decode_state`] without building a `serde_json::Value` of the whole
+/// file (at 10,000 managed files, the inventory is 3 MB and that tree
+/// was most of a run's cost to read it): the checksum is taken over the
+/// data's text with its insignificant whitespace removed, which is the
+/// compact JSON [`encode_state`] hashed, and the data is parsed straight
+/// into `T`. `None` whenever anything differs from what this driftless
+/// writes (a checksum that does not match this way, an unknown format, a
+/// file without the envelope): [`decode_state_slow`] then decides, with
+/// its own errors, so nothing is accepted or refused differently.
+fn decode_state_fast<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    use sha2::Digest;
+    let env: RawEnvelope = serde_json::from_slice(bytes).ok()?;
+    if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&env.driftless_state) {
+        return None;
+    }
+    let compact = strip_json_whitespace(env.data.get().as_bytes());
+    if hex::encode(sha2::Sha256::digest(&compact)) != env.sha256 {
+        return None;
+    }
+    serde_json::from_slice(&compact).ok()
+}
+
+/// JSON text without the whitespace outside its strings. One pass that
+/// copies the runs between whitespace (pretty-printed JSON has some every
+/// few bytes, too often for a `memchr` per run to pay).
+fn strip_json_whitespace(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut run = 0;
+    for (i, &b) in text.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.extend_from_slice(&text[run..i]);
+            run = i + 1;
+        } else if b == b'"' {
+            in_string = true;
+        }
+    }
+    out.extend_from_slice(&text[run..]);
+    out
+}
+
+/// The fast path took `bytes` and read what the reference reads (for the
+/// fuzz target `state_file` and the tests): never a value the reference
+/// would refuse or read otherwise.
+pub fn decoders_agree(bytes: &[u8]) -> bool {
+    match decode_state_fast::<serde_json::Value>(bytes) {
+        None => true,
+        Some(fast) => decode_state_slow::<serde_json::Value>(bytes).is_ok_and(|slow| slow == fast),
+    }
+}
+
+/// [`decode_state`] through a `serde_json::Value` of the whole file: the
+/// reference, for every file the fast path does not take.
+fn decode_state_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     use sha2::Digest;
     let mut value: serde_json::Value = serde_json::from_slice(bytes).context("not JSON")?;
     let Some(format) = value.get("driftless_state") else {
@@ -645,6 +828,130 @@ mod temp_tests {
             format!("{err:#}").contains("state format 0 is not supported"),
             "{err:#}"
         );
+    }
+
+    /// Reading the 3 MB inventory of 10,000 files went through a
+    /// `serde_json::Value` of the whole file (issue 18); the fast path
+    /// must read exactly what that reads, and leave everything else to it.
+    #[test]
+    fn the_fast_reader_reads_what_the_reference_reads_or_steps_aside() {
+        let tricky = serde_json::json!({
+            "z": "a \"quoted\" \\ back\\slash\n with  spaces\t and é and \u{1}",
+            "a": [1, -2, 3.5, true, null, {"y": " ", "x": "}{,:"}],
+            "m": {"/etc/a b": {"sha256": "00", "size": 12}},
+        });
+        for format in [STATE_FORMAT, STATE_FORMAT_MAX] {
+            let pretty = encode_state(&tricky, format).unwrap();
+            assert_eq!(
+                decode_state_fast::<serde_json::Value>(&pretty).as_ref(),
+                Some(&tricky)
+            );
+            assert!(decoders_agree(&pretty));
+            // The same envelope written compactly reads the same.
+            let compact =
+                serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(&pretty).unwrap())
+                    .unwrap();
+            assert_eq!(
+                decode_state_fast::<serde_json::Value>(&compact).as_ref(),
+                Some(&tricky)
+            );
+        }
+        // Keys in another order (a hand edit): the checksum does not match
+        // the text, so the reference decides (and accepts it).
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(br#"{"a":1,"b":2}"#));
+        let reordered =
+            format!(r#"{{"driftless_state":1,"sha256":"{sum}","data":{{"b":2,"a":1}}}}"#);
+        assert!(decode_state_fast::<serde_json::Value>(reordered.as_bytes()).is_none());
+        assert_eq!(
+            decode_state::<serde_json::Value>(reordered.as_bytes()).unwrap(),
+            serde_json::json!({"a": 1, "b": 2})
+        );
+        // A flipped bit, a newer format, no envelope: the reference's errors.
+        let mut flipped = encode_state(&tricky, STATE_FORMAT).unwrap();
+        let at = flipped.windows(4).position(|w| w == b"back").unwrap();
+        flipped[at] = b'B';
+        assert!(decode_state_fast::<serde_json::Value>(&flipped).is_none());
+        assert!(format!(
+            "{:#}",
+            decode_state::<serde_json::Value>(&flipped).unwrap_err()
+        )
+        .contains("checksum"));
+        let newer = format!(
+            r#"{{"driftless_state":{},"sha256":"{sum}","data":{{"a":1,"b":2}}}}"#,
+            STATE_FORMAT_MAX + 1
+        );
+        assert!(decode_state_fast::<serde_json::Value>(newer.as_bytes()).is_none());
+        assert!(is_newer_format(
+            &decode_state::<serde_json::Value>(newer.as_bytes()).unwrap_err()
+        ));
+        assert!(decode_state_fast::<serde_json::Value>(br#"{"a":1}"#).is_none());
+        assert!(decoders_agree(reordered.as_bytes()) && decoders_agree(&flipped));
+    }
+
+    /// What `encode_state` wrote before it skipped the `serde_json::Value`
+    /// for canonical types.
+    fn encode_via_value<T: Serialize>(value: &T, format: u64) -> Vec<u8> {
+        use sha2::Digest;
+        let data = serde_json::to_value(value).unwrap();
+        let sum = hex::encode(sha2::Sha256::digest(serde_json::to_vec(&data).unwrap()));
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "driftless_state": format,
+            "sha256": sum,
+            "data": data,
+        }))
+        .unwrap()
+    }
+
+    /// Issue 18: an inventory of 10,000 files was turned into a
+    /// `serde_json::Value` to be written. Its types declare their fields
+    /// in order, so it is canonical as it serialises, and the bytes are
+    /// those the tree gave: for an inventory using every field, and for
+    /// a type that is not canonical (which still goes through the tree).
+    #[test]
+    fn state_is_written_as_before_without_the_tree_when_canonical() {
+        let full: Inventory = serde_json::from_value(serde_json::json!({
+            "version": 1, "txid": "t1", "commit": "c1", "applied_at": 5,
+            "files": {
+                "/etc/a": {"role": "r", "sha256": "00", "size": 1, "mode": 420, "uid": 0, "gid": 0,
+                    "on_change": [{"unit": "a.service", "action": "reload-or-restart"}],
+                    "sensitive": true, "reboot": true,
+                    "original": {"stored": "o1", "mode": 384, "uid": 1, "gid": 2}},
+                "/etc/b \"q\"": {"role": "r", "sha256": "01", "size": 2, "mode": 420, "uid": 0, "gid": 0}
+            },
+            "dirs": ["/etc/d"],
+            "reboot": {"boot_id": "b", "reasons": [{"path": "/etc/a", "commit": "c1", "txid": "t1", "package": "driftless"}]},
+            "links": {"/etc/l": {"role": "r", "target": "/x", "created": true}},
+            "directories": {"/srv/d": {"role": "r", "mode": 493, "uid": 0, "gid": 0, "created": false}}
+        }))
+        .unwrap();
+        let direct = serde_json::to_vec(&full).unwrap();
+        assert!(
+            is_canonical_json(&direct),
+            "a type in the inventory declares its fields out of order: {}",
+            String::from_utf8_lossy(&direct)
+        );
+        for format in [STATE_FORMAT, STATE_FORMAT_MAX] {
+            assert_eq!(
+                encode_state(&full, format).unwrap(),
+                encode_via_value(&full, format)
+            );
+        }
+        #[derive(Serialize)]
+        struct OutOfOrder {
+            b: u32,
+            a: Vec<&'static str>,
+        }
+        let odd = OutOfOrder { b: 1, a: vec!["x"] };
+        assert!(!is_canonical_json(&serde_json::to_vec(&odd).unwrap()));
+        assert_eq!(
+            encode_state(&odd, STATE_FORMAT).unwrap(),
+            encode_via_value(&odd, STATE_FORMAT)
+        );
+        assert!(!is_canonical_json(br#"{"a":1,"a":2}"#));
+        assert!(is_canonical_json(
+            br#"{"a":{"b":1,"c":[{"d":2,"e":3}]},"b":null}"#
+        ));
+        assert!(!is_canonical_json(br#"{"a":{"c":1,"b":[]}}"#));
     }
 
     /// Format 1 is what every agent so far wrote: the same bytes.
