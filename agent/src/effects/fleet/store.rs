@@ -94,6 +94,14 @@ impl Store {
         })
     }
 
+    /// One key (its value, lease and revisions), read.
+    async fn get_key(&mut self, key: &str) -> Result<etcd_client::GetResponse> {
+        self.client
+            .get(key, None)
+            .await
+            .with_context(|| self.ctx(&format!("cannot read {key}")))
+    }
+
     fn ctx(&self, what: &str) -> String {
         format!("etcd at {} ([fleet] endpoints): {what}", self.endpoints)
     }
@@ -453,11 +461,7 @@ impl Store {
     /// have deleted a reboot permit to unblock the group).
     pub async fn holds(&mut self, group: &str, host: &str) -> Result<bool> {
         let key = self.keys.permit(group, host);
-        let resp = self
-            .client
-            .get(key.clone(), None)
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        let resp = self.get_key(&key).await?;
         Ok(!resp.kvs().is_empty())
     }
 
@@ -490,31 +494,12 @@ impl Store {
         )
     }
 
-    /// Whether `id` holds a FleetLock slot of `group`: `Some(true)` a slot,
-    /// `Some(false)` a key of that name that is not one, `None` no key.
-    pub async fn fleetlock_slot(&mut self, group: &str, id: &str) -> Result<Option<bool>> {
-        let key = self.keys.permit(group, id);
-        let resp = self
-            .client
-            .get(key.clone(), None)
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| kv.lease() == 0 && super::fleetlock::is_slot(kv.value())))
-    }
-
     /// Gives `id`'s FleetLock slot of `group` back: deletes the key only
     /// if it is a slot (never a driftless host's permit of the same
     /// name), and only as it was read. Whether one was deleted.
     pub async fn release_fleetlock_slot(&mut self, group: &str, id: &str) -> Result<bool> {
         let key = self.keys.permit(group, id);
-        let resp = self
-            .client
-            .get(key.clone(), None)
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        let resp = self.get_key(&key).await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(false);
         };
@@ -770,11 +755,7 @@ impl Store {
     /// The rollout policy recorded for `commit`, if any host recorded one.
     pub async fn policy(&mut self, commit: &str) -> Result<Option<Policy>> {
         let key = self.keys.policy(commit);
-        let resp = self
-            .client
-            .get(key.clone(), None)
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        let resp = self.get_key(&key).await?;
         match resp.kvs().first() {
             None => Ok(None),
             Some(kv) => serde_json::from_slice(kv.value())
@@ -786,11 +767,7 @@ impl Store {
     /// This host's own last status, if its entry has not expired.
     pub async fn own_status(&mut self, host: &str) -> Result<Option<HostStatus>> {
         let key = self.keys.host(host);
-        let resp = self
-            .client
-            .get(key.clone(), None)
-            .await
-            .with_context(|| self.ctx(&format!("cannot read {key}")))?;
+        let resp = self.get_key(&key).await?;
         Ok(resp
             .kvs()
             .first()
