@@ -161,10 +161,25 @@ impl fmt::Display for UnitActionKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// Its fields are declared in alphabetical order (the inventory's JSON is
+/// then canonical as it serialises, `effects::state::encode_state`); it
+/// orders by unit, then action, as it always did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitAction {
     pub action: UnitActionKind,
     pub unit: String,
+}
+
+impl Ord for UnitAction {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.unit, self.action).cmp(&(&other.unit, other.action))
+    }
+}
+
+impl PartialOrd for UnitAction {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// Unit name suffixes systemd knows.

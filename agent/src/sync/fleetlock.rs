@@ -148,7 +148,10 @@ pub(super) fn finish(pass: &Pass, fleet: &FleetSettings) {
     };
     let host = pass.settings.host.as_str();
     let reboot_held = match super::reboot_permit::read(&pass.state) {
-        Ok(h) => h.is_some_and(|h| h.group == slot.group),
+        // The same lock: the same group at the same server.
+        Ok(h) => {
+            h.is_some_and(|h| h.group == slot.group && h.fleetlock.as_deref() == Some(&slot.url))
+        }
         Err(e) => {
             // The reboot path takes it as held; so does this: the slot
             // stays until the record can be read (the reboot path's runs
@@ -186,6 +189,23 @@ pub(super) fn finish_elsewhere(pass: &Pass) {
         }
     };
     let host = pass.settings.host.as_str();
+    match super::reboot_permit::read(&pass.state) {
+        Ok(Some(h)) if h.group == slot.group && h.fleetlock.as_deref() == Some(&slot.url) => {
+            // The same lock is this host's reboot permit: the reboot path's.
+            if let Err(e) = remove(pass) {
+                warn!("fleet: {e:#}");
+            }
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(
+                "{}: unreadable ({e:#}); leaving the FleetLock slot to the reboot path",
+                super::reboot_permit::FILE
+            );
+            return;
+        }
+    }
     let given = pass.rt.block_on(async {
         Slots::FleetLock {
             url: slot.url.clone(),

@@ -212,6 +212,16 @@ fn after_run_inner(
         warn!(commit = %short(&commit), "a reboot is due again for the same change ({}), after {again} reboots for it in a row: something rewrites it at boot? Not rebooting again for the same commit and files within 24 hours; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), LAST);
         return give_back("a reboot loop was stopped");
     }
+    // A permit of this boot taken elsewhere (the group or the backend
+    // changed since): given back first, or its record would be
+    // overwritten and the permit held for good.
+    if let Some(h) = held
+        .as_ref()
+        .filter(|h| h.group != fleet.group || h.fleetlock != fleet.fleetlock)
+    {
+        release(pass, fleet, &h.group, h.fleetlock.as_deref())?;
+        info!(group = %h.group, "the reboot permit taken before [fleet] changed is given back");
+    }
     // The record first, durably: a crash after etcd granted the permit
     // must not leave a permit nobody gives back. With the record, the
     // next run of this boot checks every rule again and takes it again (a
