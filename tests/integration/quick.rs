@@ -379,3 +379,69 @@ fn drift_and_a_new_commit_together_are_both_applied() {
     assert!(run.stdout.contains("2 changed"), "{}", run.stdout);
     assert_same_as_a_full_sync(&host, &repo, "drift + commit");
 }
+
+/// The new record keeps the stamps the quick check verified at the start
+/// of the run for every file the run did not write (no second `lstat` of
+/// 10,000 files). The bug this pins, had the record stamped every file
+/// again after the unit actions and hooks: a managed file something else
+/// rewrote during the sync (here a post hook) was vouched for as it was
+/// then, and the idle polls after it never repaired it.
+#[test]
+fn a_file_rewritten_during_a_sync_is_repaired_at_the_next_poll() {
+    let scratch = tempfile::tempdir().unwrap();
+    let flag = scratch.path().join("tamper");
+    let host = Host::new("h");
+    let script = scratch.path().join("hook");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e {flag} ] && echo tampered >> {b}\nexit 0\n",
+            flag = flag.display(),
+            b = host.path("/etc/app/b.conf").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    repo.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[files]]\npath = \"/etc/app/a.conf\"\nsource = \"a\"\n\n\
+             [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\n\n\
+             [[hooks]]\nwhen = \"post\"\nargv = [{:?}]\n",
+            script.display().to_string()
+        ),
+    );
+    repo.write("roles/app/files/a", "one\n");
+    repo.write("roles/app/files/b", "static\n");
+    repo.commit("initial");
+    let sync = || {
+        host.run(repo.path(), &["sync", "--once", "--run-checks"])
+            .ok()
+    };
+    sync();
+    // Until the quick check holds: the next sync starts from a verified record.
+    let settled = (0..3).any(|_| sync().stdout.contains(QUICK));
+    assert!(settled, "the quick check never held");
+
+    std::fs::write(&flag, "").unwrap();
+    repo.write("roles/app/files/a", "two\n");
+    repo.commit("a changes; the hook rewrites b while it runs");
+    let run = sync();
+    assert!(run.stdout.contains("1 changed"), "{}", run.stdout);
+    assert_eq!(
+        host.read("/etc/app/b.conf").as_deref(),
+        Some("static\ntampered\n")
+    );
+    std::fs::remove_file(&flag).unwrap();
+
+    let next = sync();
+    assert!(
+        !next.stdout.contains(QUICK) && next.stdout.contains("1 changed"),
+        "the rewritten file was vouched for: {}",
+        next.stdout
+    );
+    assert_eq!(host.read("/etc/app/b.conf").as_deref(), Some("static\n"));
+}

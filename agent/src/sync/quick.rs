@@ -148,6 +148,59 @@ pub struct Managed<'a> {
     pub directories: &'a [TargetPath],
     /// Other paths whose change means a full sync.
     pub watched: &'a [TargetPath],
+    /// This run's quick check, if it ran and found only `drifted` files.
+    pub verified: Option<&'a Verified>,
+    /// The files this transaction wrote (or changed the owner or mode of).
+    pub written: &'a BTreeSet<TargetPath>,
+}
+
+/// What the quick check at the start of a run proved: every file of
+/// `record` but the `drifted` ones still had its recorded stamp.
+pub struct Verified {
+    pub record: Arc<QuickRecord>,
+    pub drifted: BTreeSet<TargetPath>,
+}
+
+/// The stamps for the new record: the verified stamp of every file this
+/// run neither wrote nor found drifted, a fresh `lstat` for the rest.
+///
+/// Why an old stamp is as good as a fresh one: it matched at the start of
+/// this run, and its ctime is older than the old record's `taken_at`,
+/// hence older than the new one's. Any later change to the file gives it a
+/// newer ctime, so the next quick check sees a different stamp, exactly as
+/// with a stamp taken now. And a file something rewrote during this run
+/// (a hook, a restarted service) keeps the stamp of the content that was
+/// verified, so the next poll repairs it instead of vouching for it.
+fn file_stamps(
+    fs: &RootFs,
+    managed: &[TargetPath],
+    verified: Option<&Verified>,
+    written: &BTreeSet<TargetPath>,
+) -> Vec<Option<Stamp>> {
+    let Some(verified) = verified else {
+        return fs.stamps(managed);
+    };
+    let mut old = verified.record.files.iter().peekable();
+    let mut out: Vec<Option<Stamp>> = Vec::with_capacity(managed.len());
+    let mut missing = Vec::new();
+    for path in managed {
+        // Both lists are in path order (the inventory's); a path found out
+        // of order is simply stamped again.
+        while old.next_if(|(p, _, _)| p < path).is_some() {}
+        let reuse = old
+            .next_if(|(p, _, _)| p == path)
+            .filter(|_| !written.contains(path) && !verified.drifted.contains(path))
+            .map(|(_, stamp, _)| *stamp);
+        if reuse.is_none() {
+            missing.push(out.len());
+        }
+        out.push(reuse);
+    }
+    let fresh = fs.stamps(missing.iter().map(|&i| &managed[i]));
+    for (i, stamp) in missing.into_iter().zip(fresh) {
+        out[i] = stamp;
+    }
+    out
 }
 
 /// Records the host as matching `commit` after a successful sync that
@@ -169,12 +222,14 @@ pub fn record(
         absent,
         directories,
         watched,
+        verified,
+        written,
     } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };
     let saved = store::save(state, |taken_at_ns| {
-        let stamps = fs.stamps(managed);
+        let stamps = file_stamps(fs, managed, verified, written);
         // A managed file that cannot be stamped right after a successful
         // sync is odd: record nothing, so the next poll looks properly.
         let files = managed

@@ -74,7 +74,11 @@ pub fn sync_once(
                 raise_floor(settings, &commit, commit_time, now);
                 Ok(report)
             }
-            Planned::Full { prepared, inputs } => apply_phase(&mut pass, prepared, &inputs),
+            Planned::Full {
+                prepared,
+                inputs,
+                verified,
+            } => apply_phase(&mut pass, prepared, &inputs, verified),
         }
     })();
     if fleet_rollback {
@@ -339,7 +343,13 @@ enum Planned {
     /// may need converging; the tree was not read.
     QuickHit { prepared: Prepared },
     /// A plan from rendering (all files, or the drifted/changed ones).
-    Full { prepared: Prepared, inputs: String },
+    Full {
+        prepared: Prepared,
+        inputs: String,
+        /// The quick check of this run: every file of the record but the
+        /// drifted ones still had its recorded stamp.
+        verified: Option<quick::Verified>,
+    },
 }
 
 /// Quick check, partial repair, or the full load → render → plan.
@@ -380,15 +390,15 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         .filter(|(record, _)| record.commit != head.commit)
         .and_then(|(record, _)| read_base(settings, &head, &record.commit));
     let fetched = read_snapshot(settings, head)?;
-    let repaired = partial.and_then(|(record, drifted)| {
+    let repaired = partial.as_ref().and_then(|(record, drifted)| {
         repair::plan(
             settings,
             &pass.state,
             &pass.fs,
             &fetched,
             &facts,
-            &record,
-            &drifted,
+            record,
+            drifted,
             base.as_ref(),
         )
     });
@@ -400,13 +410,19 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     Ok(Planned::Full {
         prepared: Prepared { fetched, plan },
         inputs,
+        verified: partial.map(|(record, drifted)| quick::Verified { record, drifted }),
     })
 }
 
 /// Skips a commit marked bad (unless `--retry`); otherwise deploys it and,
 /// once applied, raises the anti-rollback floor and writes the quick-check
 /// record.
-fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Report, Error> {
+fn apply_phase(
+    pass: &mut Pass,
+    prepared: Prepared,
+    inputs: &str,
+    verified: Option<quick::Verified>,
+) -> Result<Report, Error> {
     let commit = prepared.fetched.commit.clone();
     pass.secrets_decrypted = prepared.plan.secrets_decrypted;
     if let Some(bad) = pass.marks.bad.get(&commit) {
@@ -431,6 +447,13 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
     let units = prepared.plan.units.clone();
     let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
     let self_contained = prepared.plan.self_contained.clone();
+    // What this transaction writes is stamped again; see `quick::record`.
+    let written: std::collections::BTreeSet<_> = prepared
+        .plan
+        .changes
+        .iter()
+        .map(|c| c.path.clone())
+        .collect();
     let links: Vec<_> = prepared.plan.next_inventory.links.keys().cloned().collect();
     let absent = prepared.plan.absent_paths.clone();
     let directories: Vec<_> = prepared
@@ -467,6 +490,8 @@ fn apply_phase(pass: &mut Pass, prepared: Prepared, inputs: &str) -> Result<Repo
             absent: &absent,
             directories: &directories,
             watched: &watched,
+            verified: verified.as_ref(),
+            written: &written,
         },
     );
     Ok(report)
