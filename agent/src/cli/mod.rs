@@ -1056,7 +1056,15 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 /// Edits in a local source's working copy are not applied (only commits
 /// are): say so after `sync` and `plan`, on stderr, so a user who edited
 /// and ran `sync` knows why nothing changed.
+///
+/// Only for a person at a terminal: the note costs a status of the whole
+/// working copy (an `lstat` of every tracked file: 30 ms at 10,000 files,
+/// more than the rest of a one-file sync), which a timer, cron or a script
+/// would pay on every run for a line nobody reads.
 fn note_uncommitted(s: &config::Settings) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
     let Ok(spec) = crate::sync::source_spec(s) else {
         return;
     };
