@@ -852,7 +852,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             fs,
             state,
             &applied.txid,
-            &plan.next_inventory,
+            &mut plan.next_inventory,
             now,
             staged_floor,
         ) {

@@ -78,9 +78,17 @@ impl Env {
     }
     /// Applies and commits (as after passing checks).
     fn apply(&self, d: &Desired) -> Applied {
-        let p = self.plan(d);
+        let mut p = self.plan(d);
         let a = self.switch_in(&p);
-        commit(&self.fs, &self.state, &a.txid, &p.next_inventory, 1, None).unwrap();
+        commit(
+            &self.fs,
+            &self.state,
+            &a.txid,
+            &mut p.next_inventory,
+            1,
+            None,
+        )
+        .unwrap();
         a
     }
     /// Applies up to the switch-in: files live, not committed.
@@ -374,10 +382,10 @@ fn reverting_after_the_inventory_was_written_restores_the_previous_inventory() {
 #[test]
 fn only_a_switched_transaction_can_be_committed() {
     let e = env();
-    let p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
+    let mut p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
     let a = e.switch_in(&p);
-    commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1, None).unwrap();
-    let err = commit(&e.fs, &e.state, &a.txid, &p.next_inventory, 1, None).unwrap_err();
+    commit(&e.fs, &e.state, &a.txid, &mut p.next_inventory, 1, None).unwrap();
+    let err = commit(&e.fs, &e.state, &a.txid, &mut p.next_inventory, 1, None).unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
 

@@ -389,6 +389,13 @@ pub fn write_inventory_replace(path: &Path, inv: &Inventory) -> Result<()> {
     )
 }
 
+/// State files up to this size (their compact data) are pretty-printed
+/// for the person who opens them; larger ones, which nobody reads by eye
+/// (the inventory of thousands of files: 3 MB pretty, 2 MB compact), are
+/// written compact on one line, which also spares the reader the
+/// whitespace (`jq . FILE` shows them pretty).
+const PRETTY_UP_TO: usize = 64 * 1024;
+
 /// A state file's bytes: `{"driftless_state": F, "sha256": H, "data": V}`,
 /// where F is `format` (1, [`STATE_FORMAT`], unless the state holds
 /// something an older agent could not undo) and H is the sha256 of V's
@@ -414,6 +421,18 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     let direct = serde_json::to_vec(value).context("cannot serialise state")?;
     if is_canonical_json(&direct) {
         let sum = hex::encode(sha2::Sha256::digest(&direct));
+        if direct.len() > PRETTY_UP_TO {
+            // The envelope around the very bytes just hashed, keys in the
+            // same order as the pretty one: no second serialisation.
+            let mut out = Vec::with_capacity(direct.len() + 128);
+            out.extend_from_slice(br#"{"data":"#);
+            out.extend_from_slice(&direct);
+            out.extend_from_slice(
+                format!(r#","driftless_state":{format},"sha256":"{sum}"}}"#).as_bytes(),
+            );
+            out.push(b'\n');
+            return Ok(out);
+        }
         return serde_json::to_vec_pretty(&Envelope {
             data: value,
             driftless_state: format,
@@ -559,7 +578,16 @@ fn decode_state_fast<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&env.driftless_state) {
         return None;
     }
-    let compact = strip_json_whitespace(env.data.get().as_bytes());
+    let raw = env.data.get().as_bytes();
+    // Written compact (large files; JSON strings never hold a raw line
+    // break, pretty-printed data always does): the text is what was hashed.
+    if !raw.contains(&b'\n') {
+        if hex::encode(sha2::Sha256::digest(raw)) != env.sha256 {
+            return None;
+        }
+        return serde_json::from_slice(raw).ok();
+    }
+    let compact = strip_json_whitespace(raw);
     if hex::encode(sha2::Sha256::digest(&compact)) != env.sha256 {
         return None;
     }
@@ -944,6 +972,39 @@ mod temp_tests {
                 encode_via_value(&full, format)
             );
         }
+        // Past `PRETTY_UP_TO`, the same envelope, data and checksum on one
+        // line; both readers take it.
+        let mut big = full.clone();
+        let entry = big.files.values().next().unwrap().clone();
+        for i in 0..1_000 {
+            let path = crate::desired::spec::TargetPath::parse(&format!("/srv/f{i:04}")).unwrap();
+            big.files.insert(path, entry.clone());
+        }
+        assert!(serde_json::to_vec(&big).unwrap().len() > PRETTY_UP_TO);
+        let one_line = encode_state(&big, STATE_FORMAT).unwrap();
+        let pretty = encode_via_value(&big, STATE_FORMAT);
+        assert_eq!(one_line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert!(one_line.starts_with(br#"{"data":{"#) && one_line.ends_with(b"}\n"));
+        let as_value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        assert_eq!(as_value(&one_line), as_value(&pretty));
+        assert!(decode_state_fast::<Inventory>(&one_line).is_some());
+        assert!(decoders_agree(&one_line));
+        let read: Inventory = decode_state(&one_line).unwrap();
+        assert_eq!(
+            serde_json::to_vec(&read).unwrap(),
+            serde_json::to_vec(&big).unwrap()
+        );
+        let slow: Inventory = decode_state_slow(&one_line).unwrap();
+        assert_eq!(
+            serde_json::to_vec(&slow).unwrap(),
+            serde_json::to_vec(&big).unwrap()
+        );
+        // A flipped bit in the one line is refused by both.
+        let mut flipped = one_line.clone();
+        let at = flipped.windows(6).position(|w| w == b"/srv/f").unwrap() + 2;
+        flipped[at] = b'x';
+        assert!(decode_state_fast::<Inventory>(&flipped).is_none());
+        assert!(decode_state::<Inventory>(&flipped).is_err());
         #[derive(Serialize)]
         struct OutOfOrder {
             b: u32,
