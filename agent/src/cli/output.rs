@@ -437,7 +437,10 @@ fn pending_transactions(state: &StateDir) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(state.tx_dir()) else {
         return Vec::new();
     };
-    let committed = state.inventory().map(|i| i.txid).unwrap_or_default();
+    let committed = state
+        .inventory()
+        .map(|i| i.txid.clone())
+        .unwrap_or_default();
     let mut out: Vec<String> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| {

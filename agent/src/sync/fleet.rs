@@ -466,7 +466,7 @@ impl FleetRun {
         result: &Result<Report, Error>,
     ) -> crate::effects::fleet::HostStatus {
         let settings = pass.settings;
-        let commit = pass.state.inventory().ok().and_then(|i| i.commit);
+        let commit = pass.state.inventory().ok().and_then(|i| i.commit.clone());
         let prev = self.prev.as_ref();
         let kept_since = prev
             .filter(|p| p.commit.is_some() && p.commit == commit)

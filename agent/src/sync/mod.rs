@@ -296,7 +296,7 @@ fn verify_signatures(
 /// anti-rollback floor's (the same one, normally).
 pub fn applied_commits(settings: &Settings, state: &StateDir) -> Result<Vec<String>, Error> {
     let inventory = state.inventory().kind(Failure::Failed)?;
-    applied_commits_from(settings, inventory.commit)
+    applied_commits_from(settings, inventory.commit.clone())
 }
 
 /// [`applied_commits`] when the inventory's commit is already known.
@@ -571,7 +571,10 @@ fn plan_files(
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
         None => (inventory, Vec::new()),
-        Some(only) => (inventory.restricted_to(only), inventory.without(only)),
+        Some(only) => (
+            std::sync::Arc::new(inventory.restricted_to(only)),
+            inventory.without(only),
+        ),
     };
     if desired.files.iter().any(|f| f.sensitive) || inventory.files.values().any(|e| e.sensitive) {
         ids.hash_key = state.hash_key().kind(Failure::Failed)?;

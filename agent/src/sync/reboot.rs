@@ -375,7 +375,7 @@ fn healthy(pass: &Pass, result: &Result<Report, Error>) -> Result<(), String> {
 /// The health checks of the applied commit, from a full plan of it.
 fn checks_of_applied(pass: &Pass) -> Result<Vec<crate::desired::spec::Check>> {
     let inventory = pass.state.inventory()?;
-    let Some(commit) = inventory.commit else {
+    let Some(commit) = inventory.commit.clone() else {
         return Ok(Vec::new());
     };
     let fetched =

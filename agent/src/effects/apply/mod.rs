@@ -1361,7 +1361,7 @@ fn rollback_then(
         failpoint::hit("apply.undo.accounts")?;
         let mut watched = match inventory {
             Some(inv) => watched_paths(fs, inv),
-            None => watched_paths(fs, &state.inventory()?),
+            None => watched_paths(fs, state.inventory()?.as_ref()),
         };
         // What of the transaction survived its undo (a created directory
         // something was put in) is looked into too.

@@ -234,7 +234,7 @@ fn recovery_rolls_back_a_transaction_that_never_committed() {
     j.state = TxState::Prepared;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     unmark(&tx);
-    write_json_atomic(&e.state.inventory_path(), &committed).unwrap();
+    write_json_atomic(&e.state.inventory_path(), committed.as_ref()).unwrap();
 
     let recovered = Env::txids(recover(&e.fs, &e.state).unwrap());
     assert_eq!(recovered, vec![applied.txid.clone()]);

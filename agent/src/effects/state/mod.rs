@@ -214,16 +214,16 @@ impl StateDir {
     }
 
     /// The current inventory; empty if nothing was ever applied.
-    pub fn inventory(&self) -> Result<Inventory> {
+    pub fn inventory(&self) -> Result<std::sync::Arc<Inventory>> {
         use std::os::unix::fs::MetadataExt;
         let path = self.inventory_path();
         let (mut f, meta) = match open_nofollow(&path) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Inventory {
+                return Ok(std::sync::Arc::new(Inventory {
                     version: INVENTORY_VERSION,
                     ..Default::default()
-                })
+                }))
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
@@ -236,7 +236,7 @@ impl StateDir {
         );
         if let Some((cached, inv)) = self.inventory_cache.lock().ok().and_then(|c| c.clone()) {
             if cached == id {
-                return Ok((*inv).clone());
+                return Ok(inv);
             }
         }
         let mut bytes = Vec::new();
@@ -258,8 +258,9 @@ impl StateDir {
                 inv.version
             );
         }
+        let inv = std::sync::Arc::new(inv);
         if let Ok(mut c) = self.inventory_cache.lock() {
-            *c = Some((id, std::sync::Arc::new(inv.clone())));
+            *c = Some((id, inv.clone()));
         }
         Ok(inv)
     }
@@ -1054,7 +1055,7 @@ mod inventory_cache_tests {
         let d = tempfile::tempdir().unwrap();
         let state = StateDir::open(d.path()).unwrap();
         let other = state.clone();
-        let mut inv = state.inventory().unwrap();
+        let mut inv = (*state.inventory().unwrap()).clone();
         assert!(inv.commit.is_none());
         inv.commit = Some("c1".into());
         write_inventory_atomic(&state.inventory_path(), &inv).unwrap();
