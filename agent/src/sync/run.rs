@@ -392,6 +392,9 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
             _ => {}
         }
     }
+    // Both paths below plan against the inventory: read it on the other
+    // core while the tree is read and the configuration loaded.
+    pass.state.prefetch_inventory();
     let base = partial
         .as_ref()
         .filter(|(record, _)| record.commit != head.commit)

@@ -214,8 +214,16 @@ impl StateDir {
     }
 
     /// The current inventory; empty if nothing was ever applied.
+    ///
+    /// Holds the cache for the whole read: a second caller (the planner,
+    /// while [`StateDir::prefetch_inventory`] still decodes) waits for the
+    /// first one's result instead of decoding the same file again.
     pub fn inventory(&self) -> Result<std::sync::Arc<Inventory>> {
         use std::os::unix::fs::MetadataExt;
+        let mut cache = self
+            .inventory_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.inventory_path();
         let (mut f, meta) = match open_nofollow(&path) {
             Ok(opened) => opened,
@@ -234,9 +242,9 @@ impl StateDir {
             meta.mtime(),
             meta.mtime_nsec(),
         );
-        if let Some((cached, inv)) = self.inventory_cache.lock().ok().and_then(|c| c.clone()) {
-            if cached == id {
-                return Ok(inv);
+        if let Some((cached, inv)) = cache.as_ref() {
+            if *cached == id {
+                return Ok(inv.clone());
             }
         }
         let mut bytes = Vec::new();
@@ -259,10 +267,25 @@ impl StateDir {
             );
         }
         let inv = std::sync::Arc::new(inv);
-        if let Ok(mut c) = self.inventory_cache.lock() {
-            *c = Some((id, inv.clone()));
-        }
+        *cache = Some((id, inv.clone()));
         Ok(inv)
+    }
+
+    /// Starts reading the inventory on another thread, so that its decode
+    /// (15 ms at 10,000 files) overlaps the loading of the repository's
+    /// configuration instead of following it. Whoever calls
+    /// [`StateDir::inventory`] next gets the result, or an error of its
+    /// own read.
+    pub fn prefetch_inventory(&self) {
+        let state = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("inventory".into())
+            .spawn(move || {
+                let _ = state.inventory();
+            });
+        if let Err(e) = spawned {
+            tracing::debug!("inventory not read ahead: {e}");
+        }
     }
 }
 
