@@ -228,9 +228,5 @@ pub(super) fn finish_elsewhere(pass: &Pass) {
 }
 
 fn remove(pass: &Pass) -> Result<()> {
-    match std::fs::remove_file(pass.state.path().join(FILE)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {FILE}")),
-    }
+    pass.state.remove_file(FILE).map(drop)
 }

@@ -286,11 +286,7 @@ fn release(pass: &Pass, fleet: &FleetSettings, group: &str, via: Option<&str>) -
             .give_back(group, &pass.settings.host)
             .await
     })?;
-    match std::fs::remove_file(pass.state.path().join(FILE)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {FILE}")),
-    }
+    pass.state.remove_file(FILE).map(drop)
 }
 
 /// The first runs of a new boot, while the permit is held: healthy gives

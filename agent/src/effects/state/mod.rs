@@ -213,6 +213,19 @@ impl StateDir {
         Ok(key)
     }
 
+    /// Removes the state file `name` if it is there (`Ok(false)`: it was
+    /// not), without a barrier: the caller decides whether the removal
+    /// must be durable now.
+    pub fn remove_file(&self, name: &str) -> Result<bool> {
+        let path = self.root.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e)
+                .with_context(|| format!("cannot remove {}; remove it by hand", path.display())),
+        }
+    }
+
     /// The current inventory; empty if nothing was ever applied.
     ///
     /// Holds the cache for the whole read: a second caller (the planner,

@@ -131,16 +131,10 @@ fn decode(bytes: &[u8]) -> Result<QuickRecord> {
 /// after it was taken, even across a power loss.
 pub fn clear(state: &StateDir) -> Result<()> {
     forget();
-    match fs::remove_file(state.path().join(FILE)) {
-        Ok(()) => super::fsync_dir(state.path()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "cannot remove {}; remove it by hand",
-                state.path().join(FILE).display()
-            )
-        }),
+    if state.remove_file(FILE)? {
+        super::fsync_dir(state.path())?;
     }
+    Ok(())
 }
 
 /// Removes the record without a barrier of its own: for a transaction,
@@ -150,16 +144,7 @@ pub fn clear(state: &StateDir) -> Result<()> {
 /// kept: the flush precedes the first rename.
 pub fn clear_unsynced(state: &StateDir) -> Result<()> {
     forget();
-    match fs::remove_file(state.path().join(FILE)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "cannot remove {}; remove it by hand",
-                state.path().join(FILE).display()
-            )
-        }),
-    }
+    state.remove_file(FILE).map(drop)
 }
 
 /// Writes a new record. `build` receives the filesystem's current time
