@@ -26,6 +26,7 @@
 //! as format 1, byte for byte what older agents wrote, so a downgrade
 //! stays possible while nothing else is managed.
 
+mod canonical;
 pub mod floor;
 pub mod history;
 pub mod quick;
@@ -453,10 +454,10 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     }
     // The canonical JSON is what a `serde_json::Value` of `value` (keys
     // sorted) serialises to. A type whose fields are declared in order
-    // serialises to exactly that by itself (checked here, every time), so
-    // the tree is built only for the others.
-    let direct = serde_json::to_vec(value).context("cannot serialise state")?;
-    if is_canonical_json(&direct) {
+    // serialises to exactly that by itself (checked while it is written,
+    // every time: `canonical`), so the tree is built only for the others.
+    let (direct, canonical) = canonical::to_vec_checked(value).context("cannot serialise state")?;
+    if canonical {
         let sum = hex::encode(sha2::Sha256::digest(&direct));
         if direct.len() > PRETTY_UP_TO {
             // The envelope around the very bytes just hashed, keys in the
@@ -487,93 +488,6 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
         sha256: &sum,
     })
     .context("cannot serialise state")
-}
-
-/// Whether compact JSON `text` is canonical: every object's keys in
-/// strictly increasing order (what a `serde_json::Value`, whose objects
-/// are sorted maps, serialises to).
-fn is_canonical_json(text: &[u8]) -> bool {
-    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-    use std::borrow::Cow;
-
-    struct Any;
-    impl<'de> DeserializeSeed<'de> for Any {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    struct Key;
-    impl<'de> DeserializeSeed<'de> for Key {
-        type Value = Cow<'de, str>;
-        fn deserialize<D: Deserializer<'de>>(
-            self,
-            d: D,
-        ) -> std::result::Result<Cow<'de, str>, D::Error> {
-            d.deserialize_str(self)
-        }
-    }
-    impl<'de> Visitor<'de> for Key {
-        type Value = Cow<'de, str>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a key")
-        }
-        fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Cow<'de, str>, E> {
-            Ok(Cow::Borrowed(v))
-        }
-        fn visit_str<E>(self, v: &str) -> std::result::Result<Cow<'de, str>, E> {
-            Ok(Cow::Owned(v.to_string()))
-        }
-    }
-    impl<'de> Visitor<'de> for Any {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("JSON")
-        }
-        fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        // A float (or an integer past 64 bits) may be written otherwise
-        // through a Value (f32 widened, i128 refused): the tree decides.
-        fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<(), E> {
-            Err(E::custom("a float"))
-        }
-        fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        fn visit_unit<E>(self) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        fn visit_none<E>(self) -> std::result::Result<(), E> {
-            Ok(())
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-            d.deserialize_any(Any)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-            while seq.next_element_seed(Any)?.is_some() {}
-            Ok(())
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-            let mut prev: Option<Cow<'de, str>> = None;
-            while let Some(k) = map.next_key_seed(Key)? {
-                if prev.as_ref().is_some_and(|p| p.as_ref() >= k.as_ref()) {
-                    return Err(serde::de::Error::custom("keys out of order"));
-                }
-                map.next_value_seed(Any)?;
-                prev = Some(k);
-            }
-            Ok(())
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(text);
-    Any.deserialize(&mut de).and_then(|()| de.end()).is_ok()
 }
 
 /// Reads what [`encode_state`] wrote, checking version and checksum. A
@@ -997,9 +911,9 @@ mod temp_tests {
             "directories": {"/srv/d": {"role": "r", "mode": 493, "uid": 0, "gid": 0, "created": false}}
         }))
         .unwrap();
-        let direct = serde_json::to_vec(&full).unwrap();
+        let (direct, canonical) = canonical::to_vec_checked(&full).unwrap();
         assert!(
-            is_canonical_json(&direct),
+            canonical,
             "a type in the inventory declares its fields out of order: {}",
             String::from_utf8_lossy(&direct)
         );
@@ -1048,16 +962,11 @@ mod temp_tests {
             a: Vec<&'static str>,
         }
         let odd = OutOfOrder { b: 1, a: vec!["x"] };
-        assert!(!is_canonical_json(&serde_json::to_vec(&odd).unwrap()));
+        assert!(!canonical::to_vec_checked(&odd).unwrap().1);
         assert_eq!(
             encode_state(&odd, STATE_FORMAT).unwrap(),
             encode_via_value(&odd, STATE_FORMAT)
         );
-        assert!(!is_canonical_json(br#"{"a":1,"a":2}"#));
-        assert!(is_canonical_json(
-            br#"{"a":{"b":1,"c":[{"d":2,"e":3}]},"b":null}"#
-        ));
-        assert!(!is_canonical_json(br#"{"a":{"c":1,"b":[]}}"#));
     }
 
     /// Format 1 is what every agent so far wrote: the same bytes.
