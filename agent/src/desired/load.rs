@@ -28,6 +28,7 @@ use super::spec::{
     parse_duration, validate_unit_name, Check, Hook, HookRun, HookWhen, Mode, Principal, Probe,
     TargetPath, UnitAction, UnitActionKind,
 };
+use super::targets::Targets;
 use super::toml_file;
 use super::Diagnostics;
 
@@ -166,6 +167,7 @@ pub fn load_host(
     opts: &LoadOptions,
 ) -> Result<HostConfig, Diagnostics> {
     let mut diags = Diagnostics::default();
+    let opts = &Targets::new(opts);
 
     let repo: RepoFile = match read_toml(snap, REPO_FILE) {
         Ok(Some(r)) => r,
@@ -602,9 +604,9 @@ fn account_fragment(
     groups: &[super::accounts::GroupDecl],
     users: &[super::accounts::UserDecl],
     role_dir_mode: Mode,
-    opts: &LoadOptions,
+    opts: &Targets,
 ) -> Result<FileDecl, String> {
-    let path = target_path(&super::accounts::fragment_path(role), opts)?;
+    let path = opts.check(&super::accounts::fragment_path(role))?;
     Ok(FileDecl {
         path,
         role: role.to_string(),
@@ -741,31 +743,6 @@ fn check_role_name(snap: &Snapshot, role: &str) -> Result<(), String> {
     ))
 }
 
-/// A target path of any kind: absolute, plain, under an allowed root and
-/// not the agent's own.
-fn target_path(spec_path: &str, opts: &LoadOptions) -> Result<TargetPath, String> {
-    let path = TargetPath::parse(spec_path)?;
-    if !opts.allowed_roots.iter().any(|r| path.is_under(r)) {
-        let roots: Vec<&str> = opts.allowed_roots.iter().map(TargetPath::as_str).collect();
-        return Err(format!(
-            "{path} is outside the allowed roots ({}); widen `allowed_roots` in the agent config if this is intended",
-            roots.join(", ")
-        ));
-    }
-    if let Some((r, what)) = opts
-        .reserved
-        .iter()
-        .find(|(r, _)| path.is_under(r) || r.is_under(&path))
-    {
-        return Err(format!(
-            "{path} is reserved for the agent itself: {r} holds {what}. A repository may not manage it \
-             (a compromised or careless commit could otherwise lower the anti-rollback floor, replace the \
-             trust anchors or halt the agent); remove this entry"
-        ));
-    }
-    Ok(path)
-}
-
 /// The longest link target accepted (`PATH_MAX` less its NUL).
 const MAX_LINK_TARGET: usize = 4095;
 
@@ -774,9 +751,9 @@ fn link_decl(
     origin: &str,
     spec: LinkSpec,
     role_dir_mode: Mode,
-    opts: &LoadOptions,
+    opts: &Targets,
 ) -> Result<LinkDecl, String> {
-    let path = target_path(&spec.path, opts)?;
+    let path = opts.check(&spec.path)?;
     if spec.target.is_empty() {
         return Err(format!(
             "{path}: key `target` is empty: give what the link points to, e.g. \"../sites-available/app\""
@@ -805,9 +782,9 @@ fn dir_decl(
     origin: &str,
     spec: DirSpec,
     role_dir_mode: Mode,
-    opts: &LoadOptions,
+    opts: &Targets,
 ) -> Result<DirDecl, String> {
-    let path = target_path(&spec.path, opts)?;
+    let path = opts.check(&spec.path)?;
     let mode = match &spec.mode {
         None => Mode::DEFAULT_DIR,
         Some(m) => {
@@ -858,10 +835,10 @@ fn absent_decl(
     role: &str,
     origin: &str,
     spec: AbsentSpec,
-    opts: &LoadOptions,
+    opts: &Targets,
 ) -> Result<AbsentDecl, String> {
     Ok(AbsentDecl {
-        path: target_path(&spec.path, opts)?,
+        path: opts.check(&spec.path)?,
         role: role.to_string(),
         origin: origin.to_string(),
     })
@@ -873,9 +850,9 @@ fn file_decl(
     origin: &str,
     spec: FileSpec,
     role_dir_mode: Mode,
-    opts: &LoadOptions,
+    opts: &Targets,
 ) -> Result<FileDecl, String> {
-    let path = target_path(&spec.path, opts)?;
+    let path = opts.check(&spec.path)?;
     let files_dir = format!("roles/{role}/files");
     if spec.format.is_some() && spec.secret.is_none() {
         return Err("key `format` only goes with `secret`".into());

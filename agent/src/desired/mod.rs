@@ -13,6 +13,7 @@ pub mod render;
 pub mod secrets;
 pub mod snapshot;
 pub mod spec;
+pub mod targets;
 pub mod toml_file;
 
 use std::fmt;

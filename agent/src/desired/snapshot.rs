@@ -177,20 +177,21 @@ impl Snapshot {
     }
 
     fn resolve(&self, path: &str) -> Result<Option<(&str, &Content)>> {
-        let mut current = path.to_string();
+        // Borrowed until a symlink is followed: most lookups are direct.
+        let mut current = std::borrow::Cow::Borrowed(path);
         for _ in 0..MAX_SYMLINK_HOPS {
-            match self.entries.get_key_value(&current) {
+            match self.entries.get_key_value(current.as_ref()) {
                 None => {
-                    if current == path {
+                    if current.as_ref() == path {
                         return Ok(None);
                     }
                     bail!("{path}: symlink points to {current}, which does not exist in the repository");
                 }
                 Some((at, Entry::File { content, .. })) => return Ok(Some((at, content))),
                 Some((_, Entry::Symlink { target })) => {
-                    current = resolve_link(&current, target).with_context(|| {
+                    current = std::borrow::Cow::Owned(resolve_link(&current, target).with_context(|| {
                         format!("{path}: symlink target {target:?} leaves the repository; only links inside the repository are followed")
-                    })?;
+                    })?);
                 }
             }
         }
