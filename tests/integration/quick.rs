@@ -445,3 +445,89 @@ fn a_file_rewritten_during_a_sync_is_repaired_at_the_next_poll() {
     );
     assert_eq!(host.read("/etc/app/b.conf").as_deref(), Some("static\n"));
 }
+
+/// The loaded configuration is kept (`config.cache`) for a sync that
+/// provably loads the same one again: a commit that changed only the
+/// content of role files. The bug this guards against: a cached
+/// configuration used after the role file itself changed, or a damaged
+/// cache believed.
+#[test]
+fn the_configuration_cache_serves_only_commits_that_left_the_configuration_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let repo = templated_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+    let cache = host.state.path().join("config.cache");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "config.cache mode {mode:o}");
+    let sync = |step: &str, cached: bool| {
+        let run = host.run(repo.path(), &["sync", "--once", "--timings"]).ok();
+        // (`load-cached` is the attempt; `load` follows it on a miss.)
+        assert!(
+            run.stderr.contains("timing: load-cached ") || !cached,
+            "{step}: expected the cache used:\n{}",
+            run.stderr
+        );
+        assert_eq!(
+            run.stderr.contains("timing: load "),
+            !cached,
+            "{step}: a load from the repository {}expected:\n{}",
+            if cached { "not " } else { "" },
+            run.stderr
+        );
+        assert_same_as_a_full_sync(&host, &repo, step);
+    };
+
+    repo.write("roles/app/files/a.tera", "v2 {{ vars.greeting }}\n");
+    repo.commit("a template");
+    sync("a template", true);
+    assert_eq!(host.read("/etc/app/a.conf").unwrap(), "v2 hello\n");
+
+    // The role file itself: loaded again, and the new mode applied.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
+         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0600\"\n",
+    );
+    repo.commit("a mode");
+    sync("a mode", false);
+    let b = std::fs::metadata(host.path("/etc/app/b.conf")).unwrap();
+    assert_eq!(b.permissions().mode() & 0o777, 0o600);
+
+    // The cache saved by that load serves the next template change.
+    repo.write("roles/app/files/b", "static v2\n");
+    repo.commit("a source");
+    sync("a source", true);
+
+    // A new file under files/ (not in the old tree): loaded again.
+    repo.write("roles/app/files/new", "new\n");
+    repo.commit("a new file nothing uses");
+    sync("a new file nothing uses", false);
+
+    // A damaged cache: one byte of its data flipped, then cut short.
+    for (step, damage) in [("a flipped byte", 0usize), ("a torn cache", 1usize)] {
+        let mut bytes = std::fs::read(&cache).unwrap();
+        if damage == 0 {
+            let at = bytes.len() - 40;
+            bytes[at] ^= 0x01;
+        } else {
+            bytes.truncate(bytes.len() / 2);
+        }
+        std::fs::write(&cache, &bytes).unwrap();
+        repo.write(
+            "roles/app/files/a.tera",
+            &format!("{step} {{{{ vars.greeting }}}}\n"),
+        );
+        repo.commit(step);
+        sync(step, false);
+        assert_eq!(
+            host.read("/etc/app/a.conf").unwrap(),
+            format!("{step} hello\n")
+        );
+    }
+    // Rebuilt by the load: used again.
+    repo.write("roles/app/files/a.tera", "v9 {{ vars.greeting }}\n");
+    repo.commit("after the repair");
+    sync("after the repair", true);
+}

@@ -89,7 +89,8 @@ pub struct GroupSpec {
 }
 
 /// A validated `[[users]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UserDecl {
     pub name: String,
     pub uid: Option<u32>,
@@ -118,7 +119,8 @@ impl UserDecl {
 }
 
 /// A validated `[[groups]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GroupDecl {
     pub name: String,
     pub gid: Option<u32>,
@@ -128,7 +130,8 @@ pub struct GroupDecl {
 
 /// Every account the host's roles declare, groups before users (the order
 /// sysusers needs), each in role order, then declaration order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Accounts {
     pub groups: Vec<GroupDecl>,
     pub users: Vec<UserDecl>,

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::model::{
@@ -47,7 +48,8 @@ pub struct LoadOptions {
 }
 
 /// Where a managed file's content comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum ContentRef {
     /// A Tera template, by repository path.
     Template(String),
@@ -56,6 +58,7 @@ pub enum ContentRef {
     /// A whole SOPS file, decrypted and written in `format`.
     Secret {
         path: String,
+        #[serde(with = "store_name")]
         format: crate::secrets::Store,
     },
     /// Content driftless makes from a role's declarations (the sysusers.d
@@ -65,7 +68,8 @@ pub enum ContentRef {
 }
 
 /// One file the host must have, as declared (not yet rendered).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileDecl {
     pub path: TargetPath,
     pub role: String,
@@ -86,7 +90,8 @@ pub struct FileDecl {
 }
 
 /// One symlink the host must have (`[[links]]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LinkDecl {
     pub path: TargetPath,
     pub role: String,
@@ -99,7 +104,8 @@ pub struct LinkDecl {
 }
 
 /// One path that must not exist (`[[absent]]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AbsentDecl {
     pub path: TargetPath,
     pub role: String,
@@ -108,7 +114,8 @@ pub struct AbsentDecl {
 }
 
 /// One directory the host must have (`[[dirs]]`), with mode and owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DirDecl {
     pub path: TargetPath,
     pub role: String,
@@ -126,7 +133,12 @@ pub struct DirDecl {
 }
 
 /// Everything the repository says about one host.
-#[derive(Debug, Clone)]
+///
+/// Serialisable for the configuration cache only
+/// (`effects::state::config_cache`): every field, secrets' values never
+/// among them (SOPS files are decrypted when rendered, not loaded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostConfig {
     pub name: String,
     /// The host file used: `hosts/<name>.toml` or `hosts/default.toml`.
@@ -138,6 +150,7 @@ pub struct HostConfig {
     pub checks: Vec<Check>,
     pub units: Vec<UnitSpec>,
     /// Every declared hook, in role order, then declaration order.
+    #[serde(with = "super::spec::hooks_in_full")]
     pub hooks: Vec<Hook>,
     /// Managed symlinks, sorted by path.
     pub links: Vec<LinkDecl>,
@@ -149,6 +162,20 @@ pub struct HostConfig {
     pub accounts: super::accounts::Accounts,
     /// Declared packages, in role order, then declaration order.
     pub packages: Vec<super::packages::PackageDecl>,
+}
+
+/// A SOPS store by its name (`yaml`, `json`, …), as the cache keeps it.
+mod store_name {
+    use crate::secrets::Store;
+
+    pub fn serialize<S: serde::Serializer>(store: &Store, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(store.name())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Store, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        Store::from_name(&name).map_err(|e| serde::de::Error::custom(e.to_string()))
+    }
 }
 
 /// Names of all hosts with their own file (excluding `default`), sorted.

@@ -36,7 +36,8 @@ pub struct PackageSpec {
 }
 
 /// A validated `[[packages]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PackageDecl {
     pub name: String,
     pub present: bool,

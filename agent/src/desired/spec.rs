@@ -230,7 +230,7 @@ pub const AGENT_UNITS: &[&str] = &[
 
 /// A health check, validated. Executed by the checks effect (issue: systemd
 /// and health checks); the core only carries it into the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
     pub name: String,
     pub role: String,
@@ -245,12 +245,13 @@ pub struct Check {
     /// and a check that passes against them proves nothing.
     #[serde(
         with = "humantime_serde_compat",
+        default,
         skip_serializing_if = "Duration::is_zero"
     )]
     pub delay: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Probe {
     Http(HttpCheckSpec),
@@ -273,7 +274,7 @@ impl Probe {
 
 /// When a hook runs: `pre`, before the files of a transaction switch in;
 /// `post`, after the unit actions and before the checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HookWhen {
     Pre,
@@ -290,7 +291,7 @@ impl std::fmt::Display for HookWhen {
 }
 
 /// Which transactions run a hook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HookRun {
     /// Its role has a change (create, update or remove) in the transaction.
@@ -365,6 +366,59 @@ fn env_names<S: serde::Serializer>(
     s.collect_seq(env.keys())
 }
 
+/// Hooks as the configuration cache (`effects::state::config_cache`)
+/// stores them: whole, environment values included, where their own
+/// `Serialize` (plans, status, history) names only the variables.
+pub mod hooks_in_full {
+    use super::{Hook, HookRun, HookWhen, Principal};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Whole {
+        role: String,
+        when: HookWhen,
+        argv: Vec<String>,
+        user: Option<Principal>,
+        #[serde(with = "super::humantime_serde_compat")]
+        timeout: Duration,
+        env: BTreeMap<String, String>,
+        run: HookRun,
+        origin: String,
+    }
+
+    pub fn serialize<S: Serializer>(hooks: &[Hook], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(hooks.iter().map(|h| Whole {
+            role: h.role.clone(),
+            when: h.when,
+            argv: h.argv.clone(),
+            user: h.user.clone(),
+            timeout: h.timeout,
+            env: h.env.clone(),
+            run: h.run,
+            origin: h.origin.clone(),
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Hook>, D::Error> {
+        Ok(Vec::<Whole>::deserialize(d)?
+            .into_iter()
+            .map(|w| Hook {
+                role: w.role,
+                when: w.when,
+                argv: w.argv,
+                user: w.user,
+                timeout: w.timeout,
+                env: w.env,
+                run: w.run,
+                origin: w.origin,
+            })
+            .collect())
+    }
+}
+
 /// Parses "5s", "250ms", "1m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -376,6 +430,12 @@ mod humantime_serde_compat {
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// What `serialize` wrote (the configuration cache reads it back).
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

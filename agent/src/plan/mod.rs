@@ -256,6 +256,10 @@ pub struct Plan {
     /// SOPS files decrypted to render this plan (for the metrics).
     #[serde(skip)]
     pub secrets_decrypted: usize,
+    /// The configuration cache holding the configuration this plan was
+    /// made from, for the quick-check record (`None`: none was saved).
+    #[serde(skip)]
+    pub config_cache: Option<String>,
 }
 
 impl Plan {
@@ -671,6 +675,7 @@ pub fn plan(
             .collect(),
         drifted: 0,
         secrets_decrypted: 0,
+        config_cache: None,
     })
 }
 

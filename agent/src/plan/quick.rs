@@ -85,6 +85,10 @@ pub struct QuickRecord {
     /// by hand changes no managed file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watched: Vec<(TargetPath, Stamp)>,
+    /// The name of the configuration cache that holds this commit's
+    /// loaded configuration (`effects::state::config_cache`), if saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// Everything, besides the commit, that the rendered result depends on.
@@ -310,6 +314,7 @@ mod tests {
                 (path("/etc/b"), stamp(3, 600), true),
             ],
             units: vec![],
+            config: None,
         }
     }
 

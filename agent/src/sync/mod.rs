@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 
 use anyhow::{anyhow, Context};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::Settings;
 use crate::desired::load::{self, LoadOptions};
@@ -38,7 +38,7 @@ use crate::effects::apply::{Applied, ApplyOptions};
 use crate::effects::fetch::{self, Location, SourceSpec, SshOptions};
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::history::Outcome;
-use crate::effects::state::{floor, LockGuard, StateDir};
+use crate::effects::state::{config_cache, floor, LockGuard, StateDir};
 use crate::effects::{facts, ids, observe};
 use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
@@ -389,6 +389,21 @@ pub fn plan_for(
     plan_files(settings, state, fs, fetched, facts, &config, None)
 }
 
+/// [`plan_for`] in a sync: the loaded configuration is also saved as the
+/// configuration cache the quick-check record will name.
+fn plan_for_sync(
+    settings: &Settings,
+    state: &StateDir,
+    fs: &RootFs,
+    fetched: &Fetched,
+    facts: &serde_json::Value,
+) -> Result<Plan, Error> {
+    let (config, cache) = load_config_cached(settings, state, &fetched.snapshot, None)?;
+    let mut plan = plan_files(settings, state, fs, fetched, facts, &config, None)?;
+    plan.config_cache = cache;
+    Ok(plan)
+}
+
 /// How to load a repository for these settings: the allowed roots, and
 /// the paths the agent owns (issue 12 §5: a role could claim the
 /// anti-rollback floor, the trust anchors, agent.toml or marks.json).
@@ -523,6 +538,41 @@ fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::HostConfig,
     let host = host_name(settings, snap);
     let _t = timings::stage("load");
     load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)
+}
+
+/// [`load_config`] through the configuration cache: `reuse` names a
+/// cache that the caller proved holds this snapshot's configuration (see
+/// `effects::state::config_cache` for when that holds); it is read if it
+/// is there for this host, options and agent build. Otherwise the
+/// configuration is loaded and saved as the new cache. Returns the
+/// configuration and the name of the cache that holds it (`None`: none;
+/// a cache that cannot be written only costs the next sync a load).
+fn load_config_cached(
+    settings: &Settings,
+    state: &StateDir,
+    snap: &Snapshot,
+    reuse: Option<&str>,
+) -> Result<(load::HostConfig, Option<String>), Error> {
+    let opts = load_options(settings);
+    let host = host_name(settings, snap);
+    let key = config_cache::Key::new(&host, &opts);
+    if let (Some(key), Some(name)) = (&key, reuse) {
+        let _t = timings::stage("load-cached");
+        if let Some(config) = config_cache::load(state, key, name, &opts) {
+            return Ok((config, Some(name.to_string())));
+        }
+    }
+    let config = {
+        let _t = timings::stage("load");
+        load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?
+    };
+    let name = key.and_then(|key| {
+        let _t = timings::stage("save-config");
+        config_cache::save(state, &key, &config)
+            .map_err(|e| debug!("configuration cache not saved: {e:#}"))
+            .ok()
+    });
+    Ok((config, name))
 }
 
 /// Renders, observes and plans the files of `config`: all of them, or

@@ -148,6 +148,8 @@ pub struct Managed<'a> {
     pub directories: &'a [TargetPath],
     /// Other paths whose change means a full sync.
     pub watched: &'a [TargetPath],
+    /// The configuration cache of this commit (see `Plan::config_cache`).
+    pub config: Option<&'a str>,
     /// This run's quick check, if it ran and found only `drifted` files.
     pub verified: Option<&'a Verified>,
     /// The files this transaction wrote (or changed the owner or mode of).
@@ -224,6 +226,7 @@ pub fn record(
         watched,
         verified,
         written,
+        config,
     } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
@@ -269,6 +272,7 @@ pub fn record(
             absent: absent.to_vec(),
             directories,
             watched,
+            config: config.map(str::to_string),
         })
     });
     if let Err(e) = saved {

@@ -80,6 +80,10 @@ fn plan_inner(
     base: Option<&Snapshot>,
 ) -> anyhow::Result<Plan> {
     let snap = &fetched.snapshot;
+    // Whether B loads to A's configuration: it changed nothing but the
+    // content of role files that are regular files in both (loading reads
+    // none of them, and every path exists in B exactly when it did in A).
+    let mut same_config = true;
     let changed_in_repo: BTreeSet<String> = match base {
         Some(base) if record.commit != fetched.commit => {
             let _t = timings::stage("tree-diff");
@@ -91,6 +95,7 @@ fn plan_inner(
                         !matches!(s.entry(p), Some(Entry::Symlink { .. })),
                         "{p} is a symlink"
                     );
+                    same_config &= matches!(s.entry(p), Some(Entry::File { .. }));
                 }
             }
             changed.into_iter().collect()
@@ -101,7 +106,9 @@ fn plan_inner(
             BTreeSet::new()
         }
     };
-    let config = super::load_config(settings, snap).map_err(|e| e.error)?;
+    let reuse = record.config.as_deref().filter(|_| same_config);
+    let (config, cache) =
+        super::load_config_cached(settings, state, snap, reuse).map_err(|e| e.error)?;
     let declared: BTreeSet<&TargetPath> = config.files.iter().map(|f| &f.path).collect();
     let recorded: BTreeSet<&TargetPath> = record.files.iter().map(|(p, _, _)| p).collect();
     anyhow::ensure!(
@@ -135,6 +142,7 @@ fn plan_inner(
         Some(&affected),
     )
     .map_err(|e| e.error)?;
+    plan.config_cache = cache;
     plan.self_contained.extend(
         record
             .files

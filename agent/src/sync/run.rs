@@ -13,8 +13,8 @@ use super::marks::{self, Marks};
 use super::runlog::{record, write_last_run};
 use super::{
     applied_commits, applied_commits_from, fetch_head, floor_to_raise, gather_facts, lock,
-    open_root, ownership_applied, plan_for, post, quick, raise_floor, read_base, read_snapshot,
-    repair, Fetched, Head, Prepared, Report, SyncOptions,
+    open_root, ownership_applied, post, quick, raise_floor, read_base, read_snapshot, repair,
+    Fetched, Head, Prepared, Report, SyncOptions,
 };
 use crate::config::Settings;
 use crate::desired::snapshot::Snapshot;
@@ -414,7 +414,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     });
     let plan = match repaired {
         Some(plan) => plan,
-        None => plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?,
+        None => super::plan_for_sync(settings, &pass.state, &pass.fs, &fetched, &facts)?,
     };
     failpoint::hit("sync.planned").kind(Failure::Failed)?;
     Ok(Planned::Full {
@@ -457,6 +457,7 @@ fn apply_phase(
     let units = prepared.plan.units.clone();
     let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
     let self_contained = prepared.plan.self_contained.clone();
+    let config_cache = prepared.plan.config_cache.clone();
     // What this transaction writes is stamped again; see `quick::record`.
     let written: std::collections::BTreeSet<_> = prepared
         .plan
@@ -502,6 +503,7 @@ fn apply_phase(
             watched: &watched,
             verified: verified.as_ref(),
             written: &written,
+            config: config_cache.as_deref(),
         },
     );
     Ok(report)

@@ -6,6 +6,7 @@
 //! history.jsonl     one JSON line per sync attempt (time, commit, result)
 //! last-run.json     the outcome of the latest sync, for `status`
 //! quick.json        stamps that let an idle poll skip rendering (a cache)
+//! config.cache      the loaded configuration of the commit quick.json names
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
 //! tx/<txid>/        journal.json (intent.json before it), switched/committed
 //!                   marks, inventory.before.json, backups/ (latest transactions)
@@ -27,6 +28,7 @@
 //! stays possible while nothing else is managed.
 
 mod canonical;
+pub mod config_cache;
 pub mod floor;
 pub mod history;
 pub mod quick;
@@ -639,6 +641,12 @@ pub fn write_state_atomic<T: Serialize>(path: &Path, value: &T, format: u64) -> 
 /// [`write_json_replace`] in envelope `format`.
 pub fn write_state_replace<T: Serialize>(path: &Path, value: &T, format: u64) -> Result<()> {
     replace(path, &encode_state(value, format)?, Durability::None)
+}
+
+/// Replaces `path` atomically, without a barrier: for caches, where an
+/// old, missing or torn file after a power loss only costs a miss.
+pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace(path, bytes, Durability::None)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

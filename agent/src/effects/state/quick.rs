@@ -210,6 +210,7 @@ mod tests {
             absent: vec![TargetPath::parse("/etc/gone").unwrap()],
             watched: vec![(TargetPath::parse("/var/lib/dpkg/status").unwrap(), stamp(6))],
             directories: vec![(TargetPath::parse("/srv/app").unwrap(), stamp(5))],
+            config: Some("c0ffee".into()),
         };
         let bytes = encode(&record).unwrap();
         assert_eq!(decode(&bytes).unwrap(), record);

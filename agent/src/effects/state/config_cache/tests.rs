@@ -1,0 +1,333 @@
+use super::*;
+use crate::desired::load::load_host;
+use crate::desired::snapshot::Snapshot;
+use crate::desired::spec::TargetPath;
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        allowed_roots: vec![
+            TargetPath::parse("/etc").unwrap(),
+            TargetPath::parse("/srv").unwrap(),
+        ],
+        reserved: vec![(
+            TargetPath::parse("/etc/driftless").unwrap(),
+            "the agent's configuration".into(),
+        )],
+    }
+}
+
+fn key() -> Key {
+    Key::of("web1", &opts(), "test build")
+}
+
+/// A repository that declares one of everything a host configuration can
+/// hold, each with its optional fields set.
+fn everything() -> Snapshot {
+    let mut s = Snapshot::new();
+    for (path, text) in [
+        (
+            "driftless.toml",
+            r#"roles = ["base"]
+[vars]
+int = 7
+float = 0.1
+big = 9007199254740993
+neg = -3
+text = "a \"quoted\" ünïcode\nline"
+yes = true
+when = 1979-05-27T07:32:00Z
+day = 1979-05-27
+list = [1, "two", 3.5, [4]]
+nested = { a = { b = { c = "deep" } } }
+"#,
+        ),
+        (
+            "hosts/web1.toml",
+            r#"roles = ["web"]
+labels = { tier = "front", zone = "a" }
+[vars]
+int = 8
+nested = { a = { x = 1 } }
+"#,
+        ),
+        (
+            "roles/base/role.toml",
+            r#"description = "base"
+dir_mode = "0750"
+[vars]
+base_only = "b"
+
+[[files]]
+path = "/etc/base.conf"
+source = "base.conf"
+
+[[groups]]
+name = "app"
+gid = 950
+
+[[users]]
+name = "app"
+uid = 950
+group = "app"
+members_of = ["adm"]
+home = "/srv/app"
+shell = "/bin/sh"
+description = "The app"
+
+[[users]]
+name = "worker"
+"#,
+        ),
+        ("roles/base/files/base.conf", "base\n"),
+        (
+            "roles/web/role.toml",
+            r#"[[files]]
+path = "/etc/web/site.conf"
+template = "site.conf.tera"
+mode = "0640"
+owner = "app"
+group = "950"
+dir_mode = "0700"
+reboot = true
+on_change = { reload = ["nginx.service"], restart = ["a.service"], try-restart = ["b.service"], reload-or-restart = ["c.service"] }
+
+[[files]]
+path = "/etc/web/secret.env"
+secret = "secrets/web.env"
+format = "json"
+
+[[files]]
+path = "/etc/web/raw.bin"
+secret = "secrets/raw.bin"
+
+[[files]]
+path = "/srv/plain"
+source = "plain"
+mode = "0755"
+
+[[links]]
+path = "/etc/web/current"
+target = "../srv/releases/1"
+
+[[absent]]
+path = "/etc/web/old.conf"
+
+[[dirs]]
+path = "/srv/www"
+mode = "0750"
+owner = "app"
+group = "app"
+purge = true
+keep = ["lost+found", ".well-known"]
+
+[[units]]
+name = "nginx.service"
+enabled = true
+started = true
+
+[[units]]
+name = "old.service"
+enabled = false
+
+[[checks]]
+name = "front page"
+http = { url = "https://localhost:8443/health", status = 204, body_contains = "ok", follow_redirects = true, ca_file = "/etc/web/ca.pem" }
+retries = 9
+interval = "1s 500ms"
+timeout = "3s"
+delay = "250ms"
+
+[[checks]]
+tcp = { address = "127.0.0.1:80" }
+
+[[checks]]
+command = { argv = ["/usr/bin/test", "-e", "/srv/www"], exit_code = 1 }
+interval = "1h 2m 3s 4ms 5us 6ns"
+
+[[checks]]
+unit = { name = "nginx.service", settle = "2s" }
+
+[[hooks]]
+when = "pre"
+argv = ["/bin/true"]
+
+[[hooks]]
+when = "post"
+argv = ["/usr/local/bin/migrate", "a; b", ""]
+user = "app"
+timeout = "90s"
+env = { TOKEN = "hook-env-value", LANG = "C" }
+run = "always"
+
+[[packages]]
+name = "nginx"
+version = "1.22.1-9"
+reboot = true
+
+[[packages]]
+name = "telnet"
+state = "absent"
+"#,
+        ),
+        ("roles/web/files/site.conf.tera", "{{ int }}\n"),
+        ("roles/web/files/plain", "plain\n"),
+        ("secrets/web.env", "not decrypted when loading\n"),
+        ("secrets/raw.bin", "not decrypted when loading\n"),
+    ] {
+        s.insert_file(path, text.as_bytes().to_vec(), false);
+    }
+    s
+}
+
+fn round_trip(config: &HostConfig) -> HostConfig {
+    let (bytes, name) = encode(&key(), config).unwrap();
+    decode(&bytes, &key(), &name, &opts()).unwrap()
+}
+
+#[test]
+fn every_part_of_a_configuration_comes_back_as_it_was_loaded() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    // The fixture really holds one of each (a field left empty would
+    // prove nothing about its round trip).
+    assert_eq!(config.files.len(), 6, "{:?}", config.files);
+    assert!(config.files.iter().any(|f| matches!(
+        f.content,
+        crate::desired::load::ContentRef::Generated { .. }
+    )));
+    assert!(!config.links.is_empty() && !config.absent.is_empty() && !config.dirs.is_empty());
+    assert_eq!((config.checks.len(), config.hooks.len()), (4, 2));
+    assert_eq!(config.accounts.users.len(), 2);
+    assert_eq!((config.packages.len(), config.units.len()), (2, 2));
+    assert!(!config.labels.is_empty());
+    // `Debug` shows every field, values included: the oracle.
+    assert_eq!(
+        format!("{:#?}", round_trip(&config)),
+        format!("{config:#?}")
+    );
+}
+
+#[test]
+fn the_bundled_examples_come_back_as_they_were_loaded() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut seen = 0;
+    for name in ["quickstart", "container-proxy"] {
+        let snap = Snapshot::from_dir(&examples.join(name)).unwrap();
+        let hosts = crate::desired::load::host_names(&snap);
+        let hosts = if hosts.is_empty() {
+            vec!["any".to_string()]
+        } else {
+            hosts
+        };
+        for host in hosts {
+            let opts = LoadOptions {
+                allowed_roots: ["/etc", "/srv", "/opt", "/usr/local", "/var"]
+                    .iter()
+                    .map(|r| TargetPath::parse(r).unwrap())
+                    .collect(),
+                reserved: Vec::new(),
+            };
+            let config =
+                load_host(&snap, &host, &opts).unwrap_or_else(|e| panic!("{name} {host}: {e}"));
+            let (bytes, cache) = encode(&key(), &config).unwrap();
+            let back = decode(&bytes, &key(), &cache, &opts).unwrap();
+            assert_eq!(
+                format!("{back:#?}"),
+                format!("{config:#?}"),
+                "{name} {host}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "only {seen} example hosts loaded");
+}
+
+#[test]
+fn hook_environments_are_kept_whole_in_the_cache_only() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, _) = encode(&key(), &config).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    assert!(text.contains("hook-env-value"));
+    // ...while a plan or status shows only the names, as before.
+    let shown = serde_json::to_string(&config.hooks).unwrap();
+    assert!(
+        !shown.contains("hook-env-value") && shown.contains("TOKEN"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn anything_but_the_named_cache_for_this_key_is_a_miss() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, name) = encode(&key(), &config).unwrap();
+    assert!(decode(&bytes, &key(), &name, &opts()).is_ok());
+    // Another host, other options, another build of the agent.
+    for other in [
+        Key::of("web2", &opts(), "test build"),
+        Key::of(
+            "web1",
+            &LoadOptions {
+                allowed_roots: opts().allowed_roots,
+                reserved: Vec::new(),
+            },
+            "test build",
+        ),
+        Key::of("web1", &opts(), "another build"),
+    ] {
+        assert_ne!(other, key());
+        let err = decode(&bytes, &other, &name, &opts()).unwrap_err();
+        assert!(format!("{err:#}").contains("another host"), "{err:#}");
+    }
+    // Not the cache the quick record names.
+    let err = decode(&bytes, &key(), &"0".repeat(64), &opts()).unwrap_err();
+    assert!(format!("{err:#}").contains("quick record"), "{err:#}");
+    // Torn anywhere, or one byte flipped anywhere: never a config.
+    for cut in (0..bytes.len()).step_by(97) {
+        assert!(
+            decode(&bytes[..cut], &key(), &name, &opts()).is_err(),
+            "cut at {cut}"
+        );
+    }
+    for at in (0..bytes.len()).step_by(89) {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x20;
+        assert!(
+            decode(&flipped, &key(), &name, &opts()).is_err(),
+            "flip at {at}"
+        );
+    }
+}
+
+#[test]
+fn a_cached_path_outside_the_allowed_roots_is_a_miss() {
+    // Data that checks out (its checksum rewritten to match) but names a
+    // path loading would refuse: the agent's own configuration.
+    let mut config = load_host(&everything(), "web1", &opts()).unwrap();
+    config.files[0].path = TargetPath::parse("/etc/driftless/agent.toml").unwrap();
+    let (bytes, name) = encode(&key(), &config).unwrap();
+    let err = decode(&bytes, &key(), &name, &opts()).unwrap_err();
+    assert!(format!("{err:#}").contains("/etc/driftless"), "{err:#}");
+    config.files[0].path = TargetPath::parse("/usr/bin/x").unwrap();
+    let (bytes, name) = encode(&key(), &config).unwrap();
+    let err = decode(&bytes, &key(), &name, &opts()).unwrap_err();
+    assert!(format!("{err:#}").contains("allowed roots"), "{err:#}");
+}
+
+#[test]
+fn a_cache_is_saved_and_loaded_through_the_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    assert!(
+        load(&state, &key(), "x", &opts()).is_none(),
+        "nothing saved yet"
+    );
+    let name = save(&state, &key(), &config).unwrap();
+    let back = load(&state, &key(), &name, &opts()).unwrap();
+    assert_eq!(format!("{back:?}"), format!("{config:?}"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join(FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
