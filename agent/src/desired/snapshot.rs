@@ -25,6 +25,33 @@ pub enum Entry {
     Symlink { target: String },
 }
 
+/// What a path is in one tree, as far as comparing two trees needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    File,
+    Symlink,
+}
+
+/// A path whose entry differs between two trees: added (`before` is
+/// `None`), removed (`after` is `None`), or another content, mode or link
+/// target. Directories are not entries: a directory replaced by a file
+/// is each of its files removed and the file added.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Changed {
+    pub path: String,
+    pub before: Option<Kind>,
+    pub after: Option<Kind>,
+}
+
+impl Entry {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Entry::File { .. } => Kind::File,
+            Entry::Symlink { .. } => Kind::Symlink,
+        }
+    }
+}
+
 /// A file's bytes, read from the repository on first use.
 ///
 /// A commit's tree lists every file, but most syncs need few of them:
@@ -219,6 +246,22 @@ impl Snapshot {
             Some(Entry::File { content, .. }) => self.load(path, content).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// The entries that differ between `self` (before) and `other`
+    /// (after), in path order. Compares object ids, so nothing is read.
+    /// (A sync compares two commits' trees without reading them whole:
+    /// `effects::fetch::tree_changes`; this is its reference.)
+    pub fn changes(&self, other: &Snapshot) -> Vec<Changed> {
+        let kind = |s: &Snapshot, p: &str| s.entries.get(p).map(Entry::kind);
+        self.changed_paths(other)
+            .into_iter()
+            .map(|path| Changed {
+                before: kind(self, &path),
+                after: kind(other, &path),
+                path,
+            })
+            .collect()
     }
 
     /// The paths whose entry differs between `self` and `other` (added,

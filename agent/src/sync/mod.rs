@@ -174,12 +174,19 @@ pub struct Head {
     pub summary: String,
 }
 
-/// The tree of an earlier commit (the one the quick-check record vouches
-/// for), without reading any file; `None` if it cannot be read.
-fn read_base(settings: &Settings, head: &Head, commit: &str) -> Option<Snapshot> {
-    let _t = timings::stage("read-base");
+/// What changed in the tree since an earlier commit (the one the
+/// quick-check record vouches for), without reading any file; `None` if
+/// the trees cannot be compared.
+fn read_changes(
+    settings: &Settings,
+    head: &Head,
+    commit: &str,
+) -> Option<Vec<crate::desired::snapshot::Changed>> {
+    let _t = timings::stage("tree-diff");
     let id = gix::ObjectId::from_hex(commit.as_bytes()).ok()?;
-    fetch::read_tree(&head.repo, id, &settings.path).ok()
+    fetch::tree_changes(&head.repo, id, head.id, &settings.path)
+        .map_err(|e| debug!("cannot compare the trees of {commit} and the new commit: {e:#}"))
+        .ok()
 }
 
 /// Reads the configured sub-tree of the fetched commit.

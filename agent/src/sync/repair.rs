@@ -30,17 +30,16 @@ use tracing::debug;
 use super::Fetched;
 use crate::config::Settings;
 use crate::desired::load::ContentRef;
-use crate::desired::snapshot::{Entry, Snapshot};
+use crate::desired::snapshot::{Changed, Kind};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::StateDir;
 use crate::plan::quick::QuickRecord;
 use crate::plan::Plan;
-use crate::timings;
 
-/// The plan that brings the host from the record's commit (`base`, its
-/// snapshot when it differs from the fetched one) to the fetched commit,
-/// or `None` to take the full path.
+/// The plan that brings the host from the record's commit to the fetched
+/// commit (`changes`: what differs between their trees, when they are not
+/// the same commit), or `None` to take the full path.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     settings: &Settings,
@@ -50,9 +49,11 @@ pub fn plan(
     facts: &serde_json::Value,
     record: &QuickRecord,
     drifted: &BTreeSet<TargetPath>,
-    base: Option<&Snapshot>,
+    changes: Option<&[Changed]>,
 ) -> Option<Plan> {
-    let result = plan_inner(settings, state, fs, fetched, facts, record, drifted, base);
+    let result = plan_inner(
+        settings, state, fs, fetched, facts, record, drifted, changes,
+    );
     if let Err(e) = &result {
         debug!("updating only what changed is not possible ({e:#}); full sync");
     }
@@ -77,32 +78,31 @@ fn plan_inner(
     facts: &serde_json::Value,
     record: &QuickRecord,
     drifted: &BTreeSet<TargetPath>,
-    base: Option<&Snapshot>,
+    changes: Option<&[Changed]>,
 ) -> anyhow::Result<Plan> {
     let snap = &fetched.snapshot;
     // Whether B loads to A's configuration: it changed nothing but the
     // content of role files that are regular files in both (loading reads
     // none of them, and every path exists in B exactly when it did in A).
     let mut same_config = true;
-    let changed_in_repo: BTreeSet<String> = match base {
-        Some(base) if record.commit != fetched.commit => {
-            let _t = timings::stage("tree-diff");
-            let changed = base.changed_paths(snap);
-            for p in &changed {
+    let changed_in_repo: BTreeSet<String> = match changes {
+        Some(changes) if record.commit != fetched.commit => {
+            for c in changes {
+                let p = &c.path;
                 anyhow::ensure!(is_role_file(p), "{p} changed and is not a role file");
-                for s in [base, snap] {
-                    anyhow::ensure!(
-                        !matches!(s.entry(p), Some(Entry::Symlink { .. })),
-                        "{p} is a symlink"
-                    );
-                    same_config &= matches!(s.entry(p), Some(Entry::File { .. }));
+                for kind in [c.before, c.after] {
+                    anyhow::ensure!(kind != Some(Kind::Symlink), "{p} is a symlink");
+                    same_config &= kind == Some(Kind::File);
                 }
             }
-            changed.into_iter().collect()
+            changes.iter().map(|c| c.path.clone()).collect()
         }
         Some(_) => BTreeSet::new(),
         None => {
-            anyhow::ensure!(record.commit == fetched.commit, "no base snapshot");
+            anyhow::ensure!(
+                record.commit == fetched.commit,
+                "the trees were not compared"
+            );
             BTreeSet::new()
         }
     };

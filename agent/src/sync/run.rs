@@ -13,7 +13,7 @@ use super::marks::{self, Marks};
 use super::runlog::{record, write_last_run};
 use super::{
     applied_commits, applied_commits_from, fetch_head, floor_to_raise, gather_facts, lock,
-    open_root, ownership_applied, post, quick, raise_floor, read_base, read_snapshot, repair,
+    open_root, ownership_applied, post, quick, raise_floor, read_changes, read_snapshot, repair,
     Fetched, Head, Prepared, Report, SyncOptions,
 };
 use crate::config::Settings;
@@ -395,10 +395,10 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     // Both paths below plan against the inventory: read it on the other
     // core while the tree is read and the configuration loaded.
     pass.state.prefetch_inventory();
-    let base = partial
+    let changes = partial
         .as_ref()
         .filter(|(record, _)| record.commit != head.commit)
-        .and_then(|(record, _)| read_base(settings, &head, &record.commit));
+        .and_then(|(record, _)| read_changes(settings, &head, &record.commit));
     let fetched = read_snapshot(settings, head)?;
     let repaired = partial.as_ref().and_then(|(record, drifted)| {
         repair::plan(
@@ -409,7 +409,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
             &facts,
             record,
             drifted,
-            base.as_ref(),
+            changes.as_deref(),
         )
     });
     let plan = match repaired {

@@ -316,6 +316,17 @@ pub fn read_tree(
     tree::read(repo, commit, sub_path)
 }
 
+/// The entries that differ between the trees of two commits below
+/// `sub_path`, without reading either tree whole (see `tree::changes`).
+pub fn tree_changes(
+    repo: &gix::Repository,
+    before: gix::ObjectId,
+    after: gix::ObjectId,
+    sub_path: &str,
+) -> Result<Vec<crate::desired::snapshot::Changed>> {
+    tree::changes(repo, before, after, sub_path)
+}
+
 /// `main` -> `refs/heads/main`; full refs (`refs/...`) stay as they are.
 pub fn full_ref_name(branch: &str) -> Result<String> {
     let branch = branch.trim();

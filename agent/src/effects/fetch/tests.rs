@@ -1004,3 +1004,114 @@ fn urls_with_passwords_are_redacted() {
         "https://u:***@h/x"
     );
 }
+
+// ------------------------------------------------------------ tree_changes
+
+/// The bug this guards against: comparing two commits' trees without
+/// reading them whole (skipping equal subtrees, merging entries in git's
+/// order, where `a/` sorts after `a.b`) must find exactly the changes that
+/// comparing the two whole snapshots finds, or a sync would update too
+/// little. 40 random commits over names chosen for git's ordering (a file
+/// and a directory of one name, names that are prefixes of others), with
+/// files written, rewritten, removed, made executable, turned into
+/// symlinks and directories turned into files and back; every pair of
+/// commits is compared both ways, on the whole tree and on a sub-path.
+#[test]
+fn tree_changes_finds_what_comparing_whole_snapshots_finds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    let names = [
+        "a",
+        "a.b",
+        "a-b",
+        "a0",
+        "a/x",
+        "a/y/z",
+        "ab",
+        "b/c/d",
+        "b/c.d",
+        "b/c-d",
+        "b/c/e/f",
+        "sub/keep",
+        "sub/a",
+        "sub/a/b",
+        "sub/a.b",
+        "sub/dir/f",
+        "sub/dir.x",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut commits = Vec::new();
+    for round in 0..40 {
+        for _ in 0..1 + next(4) {
+            let name = names[next(names.len() as u64) as usize];
+            let path = work.join(name);
+            // Whatever is in the way (a file where a directory must go, a
+            // directory where the file goes) is removed first.
+            let mut p = path.clone();
+            while p != work {
+                if p.is_file() || p.is_symlink() {
+                    std::fs::remove_file(&p).unwrap();
+                }
+                p.pop();
+            }
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path).unwrap();
+            }
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            match next(5) {
+                0 => {}
+                1 => std::os::unix::fs::symlink(format!("t{}", next(3)), &path).unwrap(),
+                k => {
+                    std::fs::write(&path, format!("{}\n", next(3))).unwrap();
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = if k == 4 { 0o755 } else { 0o644 };
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+                }
+            }
+        }
+        std::fs::create_dir_all(work.join("sub")).unwrap();
+        if !work.join("sub/keep").is_file() {
+            std::fs::write(work.join("sub/keep"), "keep\n").unwrap();
+        }
+        git(&work, &["add", "-A"]);
+        git(
+            &work,
+            &[
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                &format!("round {round}"),
+            ],
+        );
+        commits.push(oid(&git(&work, &["rev-parse", "HEAD"])));
+    }
+    let repo = open_local_uncached(&work).unwrap();
+    let mut compared = 0;
+    let mut with_changes = 0;
+    for sub in ["", "sub"] {
+        let snaps: Vec<Snapshot> = commits
+            .iter()
+            .map(|c| read_tree(&repo, *c, sub).unwrap())
+            .collect();
+        for (i, a) in commits.iter().enumerate() {
+            for (j, b) in commits.iter().enumerate() {
+                let fast = tree_changes(&repo, *a, *b, sub).unwrap();
+                let whole = snaps[i].changes(&snaps[j]);
+                assert_eq!(fast, whole, "commits {i} -> {j}, sub-path {sub:?}");
+                compared += 1;
+                with_changes += usize::from(!whole.is_empty());
+            }
+        }
+    }
+    assert_eq!(compared, 2 * 40 * 40);
+    assert!(with_changes > 2000, "only {with_changes} pairs differ");
+}

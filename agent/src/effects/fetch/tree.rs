@@ -5,14 +5,10 @@ use gix::objs::tree::EntryKind;
 
 use std::sync::{Arc, Mutex};
 
-use crate::desired::snapshot::{BlobSource, Snapshot};
+use crate::desired::snapshot::{BlobSource, Changed, Kind, Snapshot};
 
-pub(super) fn read(
-    repo: &gix::Repository,
-    commit: gix::ObjectId,
-    sub_path: &str,
-) -> Result<Snapshot> {
-    let sub_path = normalise_sub_path(sub_path)?;
+/// The tree of `commit` at `sub_path` (normalised).
+fn start(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<gix::ObjectId> {
     let root_tree = repo
         .find_commit(commit)
         .with_context(|| {
@@ -32,7 +28,7 @@ pub(super) fn read(
             .find_tree(root_tree)
             .with_context(|| format!("cannot read the tree of commit {commit}"))?;
         let entry = tree
-            .lookup_entry_by_path(&sub_path)
+            .lookup_entry_by_path(sub_path)
             .with_context(|| format!("cannot look up {sub_path:?} in commit {commit}"))?
             .with_context(|| {
                 format!("the configured path {sub_path:?} does not exist in commit {commit}: check `path` (relative to the repository root)")
@@ -42,7 +38,16 @@ pub(super) fn read(
         }
         entry.object_id()
     };
+    Ok(start)
+}
 
+pub(super) fn read(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+) -> Result<Snapshot> {
+    let sub_path = normalise_sub_path(sub_path)?;
+    let start = start(repo, commit, sub_path.as_str())?;
     let mut snapshot = Snapshot::lazy(Arc::new(Blobs {
         repo: Mutex::new(repo.clone()),
     }));
@@ -99,6 +104,158 @@ pub(super) fn read(
         }
     }
     Ok(snapshot)
+}
+
+/// The entries that differ between the trees of `before` and `after` below
+/// `sub_path`: what [`Snapshot::changes`] says of their snapshots, found
+/// without reading either tree whole. Equal subtrees (the same object id)
+/// are skipped, so a commit that changed one file of 10,000 reads the
+/// trees on that file's path, not 10,000 entries twice.
+///
+/// Entries are merged in git's tree order (a directory sorts as if its
+/// name ended in `/`); a tree whose entries are out of that order (only a
+/// hand-crafted object has them) is an error rather than a wrong answer,
+/// as is a submodule.
+pub(super) fn changes(
+    repo: &gix::Repository,
+    before: gix::ObjectId,
+    after: gix::ObjectId,
+    sub_path: &str,
+) -> Result<Vec<Changed>> {
+    let sub_path = normalise_sub_path(sub_path)?;
+    let a = start(repo, before, &sub_path)?;
+    let b = start(repo, after, &sub_path)?;
+    let mut out = Vec::new();
+    diff(repo, Some(a), Some(b), "", &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// One tree entry as the merge needs it.
+struct Item<'a> {
+    name: &'a [u8],
+    tree: bool,
+    kind: EntryKind,
+    oid: &'a gix::oid,
+}
+
+fn items<'a>(tree: &'a gix::Tree<'_>, hash: gix::hash::Kind) -> Result<Vec<Item<'a>>> {
+    let decoded = gix::objs::TreeRefIter::from_bytes(&tree.data, hash);
+    let mut out: Vec<Item<'_>> = Vec::new();
+    for entry in decoded {
+        let entry = entry.context("cannot decode a tree")?;
+        let item = Item {
+            name: entry.filename.as_ref(),
+            tree: entry.mode.is_tree(),
+            kind: entry.mode.kind(),
+            oid: entry.oid,
+        };
+        if let Some(prev) = out.last() {
+            if git_order(prev, &item) != std::cmp::Ordering::Less {
+                bail!("a tree's entries are not in git's order (a hand-crafted object?)");
+            }
+        }
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// Git's tree order: names compared bytewise, a tree's as if followed by `/`.
+fn git_order(a: &Item<'_>, b: &Item<'_>) -> std::cmp::Ordering {
+    fn key<'a>(i: &Item<'a>) -> impl Iterator<Item = &'a u8> {
+        i.name.iter().chain(i.tree.then_some(&b'/'))
+    }
+    key(a).cmp(key(b))
+}
+
+fn leaf_kind(kind: EntryKind, path: &str) -> Result<Kind> {
+    match kind {
+        EntryKind::Blob | EntryKind::BlobExecutable => Ok(Kind::File),
+        EntryKind::Link => Ok(Kind::Symlink),
+        EntryKind::Commit => bail!("{path} is a git submodule"),
+        EntryKind::Tree => bail!("{path} is a tree where a file was expected"),
+    }
+}
+
+/// Appends the changed leaves below `dir` between trees `a` and `b` (`None`:
+/// the directory does not exist on that side).
+fn diff(
+    repo: &gix::Repository,
+    a: Option<gix::ObjectId>,
+    b: Option<gix::ObjectId>,
+    dir: &str,
+    out: &mut Vec<Changed>,
+) -> Result<()> {
+    let find = |id: Option<gix::ObjectId>| -> Result<Option<gix::Tree<'_>>> {
+        id.map(|id| {
+            repo.find_tree(id)
+                .with_context(|| format!("cannot read directory {dir:?}"))
+        })
+        .transpose()
+    };
+    let (ta, tb) = (find(a)?, find(b)?);
+    let hash = repo.object_hash();
+    let ia = ta
+        .as_ref()
+        .map(|t| items(t, hash))
+        .transpose()?
+        .unwrap_or_default();
+    let ib = tb
+        .as_ref()
+        .map(|t| items(t, hash))
+        .transpose()?
+        .unwrap_or_default();
+    let path_of = |name: &[u8]| -> Result<String> {
+        let name = std::str::from_utf8(name)
+            .with_context(|| format!("{dir}/: file names must be UTF-8"))?;
+        Ok(if dir.is_empty() {
+            name.to_string()
+        } else {
+            format!("{dir}/{name}")
+        })
+    };
+    let (mut x, mut y) = (ia.iter().peekable(), ib.iter().peekable());
+    loop {
+        let order = match (x.peek(), y.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(p), Some(q)) => git_order(p, q),
+        };
+        let (l, r) = match order {
+            std::cmp::Ordering::Less => (x.next(), None),
+            std::cmp::Ordering::Greater => (None, y.next()),
+            std::cmp::Ordering::Equal => {
+                let (l, r) = (x.next(), y.next());
+                if let (Some(l), Some(r)) = (l, r) {
+                    if l.oid == r.oid && l.kind == r.kind {
+                        continue;
+                    }
+                }
+                (l, r)
+            }
+        };
+        let Some(name) = l.or(r).map(|i| i.name) else {
+            break;
+        };
+        let path = path_of(name)?;
+        if l.or(r).is_some_and(|i| i.tree) {
+            diff(
+                repo,
+                l.map(|i| i.oid.to_owned()),
+                r.map(|i| i.oid.to_owned()),
+                &path,
+                out,
+            )?;
+        } else {
+            out.push(Changed {
+                before: l.map(|i| leaf_kind(i.kind, &path)).transpose()?,
+                after: r.map(|i| leaf_kind(i.kind, &path)).transpose()?,
+                path,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads file contents for a lazy [`Snapshot`]: only the files a sync
