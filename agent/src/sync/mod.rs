@@ -165,6 +165,10 @@ pub fn fetch(settings: &Settings, state: &StateDir, applied: &[String]) -> Resul
     read_snapshot(settings, head)
 }
 
+/// The bound of the object cache of a fetched repository handle (a
+/// directory of 10,000 files is a tree object of ~400 KB).
+const TREE_CACHE_BYTES: usize = 8 << 20;
+
 /// The commit to apply, fetched and trusted, its tree not read yet.
 pub struct Head {
     repo: gix::Repository,
@@ -251,8 +255,14 @@ pub fn fetch_head(
         let _t = timings::stage("signatures");
         verify_signatures(settings, &got.repo, base, got.commit)?;
     }
+    let mut repo = got.repo;
+    // The new commit's trees are read twice when a sync compares them
+    // with the recorded commit's first (`read_changes`, then
+    // `read_snapshot`): decoded objects are kept, up to a bound, so the
+    // second read of a large directory is a copy, not another inflate.
+    repo.object_cache_size_if_unset(TREE_CACHE_BYTES);
     Ok(Head {
-        repo: got.repo,
+        repo,
         id: got.commit,
         commit,
         commit_time: got.commit_time,
