@@ -55,6 +55,12 @@ impl<'o> Targets<'o> {
     /// and what to do.
     pub fn check(&self, spec_path: &str) -> Result<TargetPath, String> {
         let path = TargetPath::parse(spec_path)?;
+        self.admit(&path)?;
+        Ok(path)
+    }
+
+    /// [`Targets::check`] of a path already parsed.
+    pub fn admit(&self, path: &TargetPath) -> Result<(), String> {
         let s = path.as_str();
         if !self_and_ancestors(s).any(|a| self.allowed.contains_key(a)) {
             let roots: Vec<&str> = self
@@ -83,7 +89,7 @@ impl<'o> Targets<'o> {
                  trust anchors or halt the agent); remove this entry"
             ));
         }
-        Ok(path)
+        Ok(())
     }
 }
 

@@ -177,9 +177,7 @@ fn check_targets(config: &HostConfig, opts: &LoadOptions) -> Result<()> {
         .chain(config.absent.iter().map(|a| &a.path))
         .chain(config.dirs.iter().map(|d| &d.path));
     for p in paths {
-        targets
-            .check(p.as_str())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        targets.admit(p).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(())
 }
