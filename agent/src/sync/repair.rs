@@ -22,6 +22,11 @@
 //! else, or a symlink anywhere in the change, takes the full path. So does
 //! any error or doubt (`None`): the full pipeline is always correct and
 //! reports errors properly.
+//!
+//! The configuration itself is not parsed again when B provably loads to
+//! A's (only the content of role files changed, each a regular file in
+//! both trees): the one loaded for A is read from the configuration cache
+//! the record names (`effects::state::config_cache`).
 
 use std::collections::BTreeSet;
 
