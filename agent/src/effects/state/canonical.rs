@@ -62,14 +62,22 @@ impl Default for Check {
     }
 }
 
+impl Check {
+    /// A value written where a key is being written: a tree writes a
+    /// non-string key its own way, or refuses it.
+    fn value_in_key(&mut self) {
+        if self.in_key {
+            self.canonical = false;
+        }
+    }
+}
+
 /// A scalar writer that is canonical as a value but not inside a key (a
 /// tree writes a non-string key its own way, or refuses it).
 macro_rules! scalar {
     ($($name:ident: $ty:ty),* $(,)?) => {$(
         fn $name<W: ?Sized + io::Write>(&mut self, w: &mut W, v: $ty) -> io::Result<()> {
-            if self.in_key {
-                self.canonical = false;
-            }
+            self.value_in_key();
             CompactFormatter.$name(w, v)
         }
     )*};
@@ -107,9 +115,7 @@ impl Formatter for &mut Check {
     );
 
     fn write_null<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        if self.in_key {
-            self.canonical = false;
-        }
+        self.value_in_key();
         CompactFormatter.write_null(w)
     }
 
@@ -149,9 +155,7 @@ impl Formatter for &mut Check {
     }
 
     fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        if self.in_key {
-            self.canonical = false;
-        }
+        self.value_in_key();
         self.depth += 1;
         match self.last.get_mut(self.depth - 1) {
             Some(level) => level.0 = false,
@@ -166,9 +170,7 @@ impl Formatter for &mut Check {
     }
 
     fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        if self.in_key {
-            self.canonical = false;
-        }
+        self.value_in_key();
         CompactFormatter.begin_array(w)
     }
 
