@@ -44,6 +44,18 @@ pub struct Changed {
 }
 
 impl Entry {
+    /// A regular file whose bytes are read from the snapshot's source
+    /// (by object id `id`) when first needed.
+    pub fn blob(id: Vec<u8>, executable: bool) -> Entry {
+        Entry::File {
+            content: Content {
+                id: Some(id),
+                bytes: OnceLock::new(),
+            },
+            executable,
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Entry::File { .. } => Kind::File,
@@ -120,10 +132,14 @@ impl Snapshot {
         Self::default()
     }
 
-    /// An empty snapshot whose files are read from `source` on first use.
-    pub fn lazy(source: Arc<dyn BlobSource>) -> Self {
+    /// A snapshot of `entries` (relative, normalised paths; a path given
+    /// twice keeps its last entry, as inserting them one by one would)
+    /// whose files are read from `source` on first use. Built in one pass
+    /// from the sorted entries: inserting 10,000 paths with a long common
+    /// prefix one by one searched the tree from its root each time.
+    pub fn lazy_from(source: Arc<dyn BlobSource>, entries: Vec<(String, Entry)>) -> Self {
         Snapshot {
-            entries: Arc::default(),
+            entries: Arc::new(entries.into_iter().collect()),
             source: Some(source),
         }
     }
@@ -133,22 +149,6 @@ impl Snapshot {
         let content = Content {
             id: None,
             bytes: OnceLock::from(bytes),
-        };
-        Arc::make_mut(&mut self.entries).insert(
-            path.into(),
-            Entry::File {
-                content,
-                executable,
-            },
-        );
-    }
-
-    /// Adds a regular file whose bytes are read from the source when
-    /// first needed.
-    pub fn insert_blob(&mut self, path: impl Into<String>, id: Vec<u8>, executable: bool) {
-        let content = Content {
-            id: Some(id),
-            bytes: OnceLock::new(),
         };
         Arc::make_mut(&mut self.entries).insert(
             path.into(),

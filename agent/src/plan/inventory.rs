@@ -38,7 +38,7 @@ pub struct Inventory {
     /// removed (directories that existed before are never touched).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dirs: BTreeSet<TargetPath>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sorted_map::deserialize")]
     pub files: BTreeMap<TargetPath, ManagedEntry>,
     /// Managed symlinks (`[[links]]`) as last applied: a link that leaves
     /// the repository is removed if driftless created it. Absent when
@@ -148,6 +148,46 @@ impl RebootRequest {
 }
 
 pub const INVENTORY_VERSION: u32 = 1;
+
+/// A map read from JSON in one bulk build rather than one insert per key.
+///
+/// serde's own `BTreeMap` reader inserts each entry, searching the tree
+/// from its root: at 10,000 files with paths that share a long prefix,
+/// those searches were the largest part of reading an inventory. Its keys
+/// are written in order, so collecting them first and building the tree
+/// from the sorted run is linear. Equal keys end as serde's reader leaves
+/// them: the last value wins.
+pub(crate) mod sorted_map {
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        struct Pairs<K, V>(PhantomData<(K, V)>);
+        impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Visitor<'de> for Pairs<K, V> {
+            type Value = BTreeMap<K, V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // No capacity from the input's size hint: it is untrusted.
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<K, V>()? {
+                    pairs.push(pair);
+                }
+                Ok(pairs.into_iter().collect())
+            }
+        }
+        d.deserialize_map(Pairs(PhantomData))
+    }
+}
 
 impl Inventory {
     /// Whether it records anything an agent older than `reboot = true`

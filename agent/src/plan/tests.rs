@@ -549,3 +549,38 @@ fn links_and_absent_join_the_plan_and_its_hooks() {
     assert_eq!(p.absent_paths, vec![tp("/etc/a")]);
     assert!(p.next_inventory.files.is_empty());
 }
+
+/// The inventory's file map is read in one bulk build (`sorted_map`), not
+/// one insert per key: it must read what serde's own map reader reads,
+/// including keys out of order and a key given twice (the last wins).
+#[test]
+fn the_bulk_built_file_map_reads_what_serdes_map_reader_reads() {
+    use crate::plan::inventory::{Inventory, ManagedEntry};
+    use std::collections::BTreeMap;
+    let entry = |size: u64| {
+        serde_json::json!({"gid": 0, "mode": 420, "on_change": [], "original": null,
+            "role": "r", "sensitive": false, "sha256": "00", "size": size, "uid": 0})
+    };
+    let text = format!(
+        r#"{{"applied_at":1,"commit":null,"files":{{"/etc/b":{},"/etc/a":{},"/etc/b":{},"/etc/c":{}}},"txid":"","version":1}}"#,
+        entry(1),
+        entry(2),
+        entry(3),
+        entry(4)
+    );
+    let inv: Inventory = serde_json::from_str(&text).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        files: BTreeMap<TargetPath, ManagedEntry>,
+    }
+    let reference: Reference = serde_json::from_str(&text).unwrap();
+    assert_eq!(inv.files, reference.files);
+    let sizes: Vec<(&str, u64)> = inv
+        .files
+        .iter()
+        .map(|(p, e)| (p.as_str(), e.size))
+        .collect();
+    assert_eq!(sizes, [("/etc/a", 2), ("/etc/b", 3), ("/etc/c", 4)]);
+    // Not a map: an error, as before.
+    assert!(serde_json::from_str::<Inventory>(r#"{"files":[],"version":1}"#).is_err());
+}

@@ -148,12 +148,13 @@ fn plan_inner(
     )
     .map_err(|e| e.error)?;
     plan.config_cache = cache;
-    plan.self_contained.extend(
-        record
+    plan.self_contained.append(
+        &mut record
             .files
             .iter()
             .filter(|(p, _, contained)| *contained && !affected.contains(p))
-            .map(|(p, _, _)| p.clone()),
+            .map(|(p, _, _)| p.clone())
+            .collect(),
     );
     Ok(plan)
 }

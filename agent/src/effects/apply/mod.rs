@@ -569,8 +569,7 @@ fn write_commit_record(
         return crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv);
     };
     let state_fd = open_dir_path(state.path())?;
-    let bytes =
-        crate::effects::state::encode_state(inv, crate::effects::state::inventory_format(inv))?;
+    let bytes = crate::effects::state::encode_inventory(inv)?;
     let (tmp, _) = crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
         .with_context(|| format!("cannot write {}", state.inventory_path().display()))?;
     let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {

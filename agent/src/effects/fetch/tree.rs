@@ -5,7 +5,7 @@ use gix::objs::tree::EntryKind;
 
 use std::sync::{Arc, Mutex};
 
-use crate::desired::snapshot::{BlobSource, Changed, Kind, Snapshot};
+use crate::desired::snapshot::{BlobSource, Changed, Entry, Kind, Snapshot};
 
 /// The tree of `commit` at `sub_path` (normalised).
 fn start(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<gix::ObjectId> {
@@ -48,9 +48,7 @@ pub(super) fn read(
 ) -> Result<Snapshot> {
     let sub_path = normalise_sub_path(sub_path)?;
     let start = start(repo, commit, sub_path.as_str())?;
-    let mut snapshot = Snapshot::lazy(Arc::new(Blobs {
-        repo: Mutex::new(repo.clone()),
-    }));
+    let mut entries = Vec::new();
     // (tree id, path of that tree relative to sub_path)
     let mut pending = vec![(start, String::new())];
     while let Some((tree_id, dir)) = pending.pop() {
@@ -83,7 +81,7 @@ pub(super) fn read(
             match entry.mode.kind() {
                 EntryKind::Tree => pending.push((oid, path)),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
-                    snapshot.insert_blob(path, oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable);
+                    entries.push((path, Entry::blob(oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable)));
                 }
                 EntryKind::Link => {
                     let blob = repo
@@ -94,7 +92,7 @@ pub(super) fn read(
                             format!("symlink {}: link target must be UTF-8 (commit {commit})", full(&sub_path, &path))
                         })?
                         .to_string();
-                    snapshot.insert_symlink(path, target);
+                    entries.push((path, Entry::Symlink { target }));
                 }
                 EntryKind::Commit => bail!(
                     "{} is a git submodule (commit {commit}); submodules are not supported: vendor its files into the repository instead",
@@ -103,7 +101,10 @@ pub(super) fn read(
             }
         }
     }
-    Ok(snapshot)
+    let source = Arc::new(Blobs {
+        repo: Mutex::new(repo.clone()),
+    });
+    Ok(Snapshot::lazy_from(source, entries))
 }
 
 /// The entries that differ between the trees of `before` and `after` below

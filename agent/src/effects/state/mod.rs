@@ -31,6 +31,7 @@ mod canonical;
 pub mod config_cache;
 pub mod floor;
 pub mod history;
+mod inventory_json;
 pub mod quick;
 
 use std::fs::{self, File, OpenOptions};
@@ -417,16 +418,36 @@ pub fn inventory_format(inv: &Inventory) -> u64 {
 
 /// [`write_json_atomic`] for an inventory, in [`inventory_format`].
 pub fn write_inventory_atomic(path: &Path, inv: &Inventory) -> Result<()> {
-    write_atomic(path, &encode_state(inv, inventory_format(inv))?)
+    write_atomic(path, &encode_inventory(inv)?)
 }
 
 /// [`write_json_replace`] for an inventory, in [`inventory_format`].
 pub fn write_inventory_replace(path: &Path, inv: &Inventory) -> Result<()> {
-    replace(
-        path,
-        &encode_state(inv, inventory_format(inv))?,
-        Durability::None,
-    )
+    replace(path, &encode_inventory(inv)?, Durability::None)
+}
+
+/// [`encode_state`] of an inventory in [`inventory_format`]: the same
+/// bytes, its data written by `inventory_json` when it is large.
+pub fn encode_inventory(inv: &Inventory) -> Result<Vec<u8>> {
+    let format = inventory_format(inv);
+    let data = inventory_json::to_vec(inv)?;
+    if data.len() <= PRETTY_UP_TO {
+        return encode_state(inv, format);
+    }
+    Ok(compact_envelope(&data, format))
+}
+
+/// `{"data":DATA,"driftless_state":F,"sha256":H}` and a line break, for
+/// `data` already compact and canonical.
+fn compact_envelope(data: &[u8], format: u64) -> Vec<u8> {
+    use sha2::Digest;
+    let sum = hex::encode(sha2::Sha256::digest(data));
+    let mut out = Vec::with_capacity(data.len() + 128);
+    out.extend_from_slice(br#"{"data":"#);
+    out.extend_from_slice(data);
+    out.extend_from_slice(format!(r#","driftless_state":{format},"sha256":"{sum}"}}"#).as_bytes());
+    out.push(b'\n');
+    out
 }
 
 /// State files up to this size (their compact data) are pretty-printed
@@ -460,19 +481,12 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     // every time: `canonical`), so the tree is built only for the others.
     let (direct, canonical) = canonical::to_vec_checked(value).context("cannot serialise state")?;
     if canonical {
-        let sum = hex::encode(sha2::Sha256::digest(&direct));
         if direct.len() > PRETTY_UP_TO {
-            // The envelope around the very bytes just hashed, keys in the
-            // same order as the pretty one: no second serialisation.
-            let mut out = Vec::with_capacity(direct.len() + 128);
-            out.extend_from_slice(br#"{"data":"#);
-            out.extend_from_slice(&direct);
-            out.extend_from_slice(
-                format!(r#","driftless_state":{format},"sha256":"{sum}"}}"#).as_bytes(),
-            );
-            out.push(b'\n');
-            return Ok(out);
+            // The envelope around these very bytes, keys in the same order
+            // as the pretty one: no second serialisation.
+            return Ok(compact_envelope(&direct, format));
         }
+        let sum = hex::encode(sha2::Sha256::digest(&direct));
         return serde_json::to_vec_pretty(&Envelope {
             data: value,
             driftless_state: format,
