@@ -415,7 +415,7 @@ fn plan_for_sync(
     fetched: &Fetched,
     facts: &serde_json::Value,
 ) -> Result<Plan, Error> {
-    let (config, cache) = load_config_cached(settings, state, &fetched.snapshot, None)?;
+    let (config, cache, _) = load_config_cached(settings, state, &fetched.snapshot, None)?;
     let mut plan = plan_files(settings, state, fs, fetched, facts, &config, None)?;
     plan.config_cache = cache;
     Ok(plan)
@@ -564,32 +564,35 @@ fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::HostConfig,
 /// configuration is loaded and saved as the new cache. Returns the
 /// configuration and the name of the cache that holds it (`None`: none;
 /// a cache that cannot be written only costs the next sync a load).
+///
+/// From the cache, the configuration holds only the file declarations
+/// `want` selects, and the third value is `true`; loaded, it holds all.
 fn load_config_cached(
     settings: &Settings,
     state: &StateDir,
     snap: &Snapshot,
-    reuse: Option<&str>,
-) -> Result<(load::HostConfig, Option<String>), Error> {
+    reuse: Option<(&str, &config_cache::Want)>,
+) -> Result<(load::HostConfig, Option<String>, bool), Error> {
     let opts = load_options(settings);
     let host = host_name(settings, snap);
     let key = config_cache::Key::new(&host, &opts);
-    if let (Some(key), Some(name)) = (&key, reuse) {
+    if let (Some(key), Some((name, want))) = (&key, reuse) {
         let _t = timings::stage("load-cached");
-        if let Some(config) = config_cache::load(state, key, name, &opts) {
-            return Ok((config, Some(name.to_string())));
+        if let Some(config) = config_cache::load(state, key, name, &opts, Some(want)) {
+            return Ok((config, Some(name.to_string()), true));
         }
     }
-    let config = {
+    let mut config = {
         let _t = timings::stage("load");
         load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?
     };
     let name = key.and_then(|key| {
         let _t = timings::stage("save-config");
-        config_cache::save(state, &key, &config)
+        config_cache::save(state, &key, &mut config)
             .map_err(|e| debug!("configuration cache not saved: {e:#}"))
             .ok()
     });
-    Ok((config, name))
+    Ok((config, name, false))
 }
 
 /// Renders, observes and plans the files of `config`: all of them, or

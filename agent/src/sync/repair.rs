@@ -38,7 +38,7 @@ use crate::desired::load::ContentRef;
 use crate::desired::snapshot::{Changed, Kind};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
-use crate::effects::state::StateDir;
+use crate::effects::state::{config_cache, StateDir};
 use crate::plan::quick::QuickRecord;
 use crate::plan::Plan;
 
@@ -63,6 +63,16 @@ pub fn plan(
         debug!("updating only what changed is not possible ({e:#}); full sync");
     }
     result.ok()
+}
+
+/// The own source of a declaration in the repository, if it has one.
+fn own_source(content: &ContentRef) -> Option<&str> {
+    match content {
+        ContentRef::Template(p) | ContentRef::Source(p) | ContentRef::Generated { from: p, .. } => {
+            Some(p)
+        }
+        ContentRef::Secret { .. } => None,
+    }
 }
 
 /// Whether a repository path is a file inside a role's `files/`.
@@ -111,32 +121,54 @@ fn plan_inner(
             BTreeSet::new()
         }
     };
-    let reuse = record.config.as_deref().filter(|_| same_config);
-    let (config, cache) =
+    // Whose declarations are needed: the drifted files, the files whose
+    // own template or source changed, and, when anything changed, every
+    // file that is not self-contained. From the cache, only those are
+    // decoded; loaded, they are picked from all.
+    let changed = !changed_in_repo.is_empty();
+    let not_contained: BTreeSet<&str> = record
+        .files
+        .iter()
+        .filter(|(_, _, contained)| !contained)
+        .map(|(p, _, _)| p.as_str())
+        .collect();
+    let drifted_paths: BTreeSet<&str> = drifted.iter().map(TargetPath::as_str).collect();
+    let needed = |path: &str, own: Option<&str>| {
+        drifted_paths.contains(path)
+            || (changed && not_contained.contains(path))
+            || own.is_some_and(|p| changed_in_repo.contains(p))
+    };
+    let want = config_cache::Want {
+        declared: config_cache::paths_digest(record.files.iter().map(|(p, _, _)| p)),
+        select: &needed,
+    };
+    let reuse = record
+        .config
+        .as_deref()
+        .filter(|_| same_config)
+        .map(|name| (name, &want));
+    let (config, cache, partial) =
         super::load_config_cached(settings, state, snap, reuse).map_err(|e| e.error)?;
     let declared: BTreeSet<&TargetPath> = config.files.iter().map(|f| &f.path).collect();
-    let recorded: BTreeSet<&TargetPath> = record.files.iter().map(|(p, _, _)| p).collect();
+    if !partial {
+        let recorded: BTreeSet<&TargetPath> = record.files.iter().map(|(p, _, _)| p).collect();
+        anyhow::ensure!(
+            declared == recorded,
+            "the declared files differ from the recorded ones"
+        );
+    }
+    let affected: BTreeSet<TargetPath> = config
+        .files
+        .iter()
+        .filter(|decl| needed(decl.path.as_str(), own_source(&decl.content)))
+        .map(|decl| decl.path.clone())
+        .collect();
+    // Every drifted file is declared (the cache checked the set of paths):
+    // one that were not would be pruned below as undeclared.
     anyhow::ensure!(
-        declared == recorded,
-        "the declared files differ from the recorded ones"
+        drifted.iter().all(|d| declared.contains(d)),
+        "a drifted file is not declared"
     );
-    let mut affected: BTreeSet<TargetPath> = drifted.clone();
-    for (path, _, contained) in &record.files {
-        if !contained && !changed_in_repo.is_empty() {
-            affected.insert(path.clone());
-        }
-    }
-    for decl in &config.files {
-        let own = match &decl.content {
-            ContentRef::Template(p)
-            | ContentRef::Source(p)
-            | ContentRef::Generated { from: p, .. } => Some(p),
-            ContentRef::Secret { .. } => None,
-        };
-        if own.is_some_and(|p| changed_in_repo.contains(p)) {
-            affected.insert(decl.path.clone());
-        }
-    }
     let mut plan = super::plan_files(
         settings,
         state,

@@ -180,8 +180,8 @@ state = "absent"
 }
 
 fn round_trip(config: &HostConfig) -> HostConfig {
-    let (bytes, name) = encode(&key(), config).unwrap();
-    decode(&bytes, &key(), &name, &opts()).unwrap()
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    decode(&bytes, &key(), &name, &opts(), None).unwrap()
 }
 
 #[test]
@@ -228,8 +228,8 @@ fn the_bundled_examples_come_back_as_they_were_loaded() {
             };
             let config =
                 load_host(&snap, &host, &opts).unwrap_or_else(|e| panic!("{name} {host}: {e}"));
-            let (bytes, cache) = encode(&key(), &config).unwrap();
-            let back = decode(&bytes, &key(), &cache, &opts).unwrap();
+            let (bytes, cache) = encode(&key(), &mut config.clone()).unwrap();
+            let back = decode(&bytes, &key(), &cache, &opts, None).unwrap();
             assert_eq!(
                 format!("{back:#?}"),
                 format!("{config:#?}"),
@@ -244,7 +244,7 @@ fn the_bundled_examples_come_back_as_they_were_loaded() {
 #[test]
 fn hook_environments_are_kept_whole_in_the_cache_only() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
-    let (bytes, _) = encode(&key(), &config).unwrap();
+    let (bytes, _) = encode(&key(), &mut config.clone()).unwrap();
     let text = String::from_utf8(bytes).unwrap();
     assert!(text.contains("hook-env-value"));
     // ...while a plan or status shows only the names, as before.
@@ -258,8 +258,8 @@ fn hook_environments_are_kept_whole_in_the_cache_only() {
 #[test]
 fn anything_but_the_named_cache_for_this_key_is_a_miss() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
-    let (bytes, name) = encode(&key(), &config).unwrap();
-    assert!(decode(&bytes, &key(), &name, &opts()).is_ok());
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    assert!(decode(&bytes, &key(), &name, &opts(), None).is_ok());
     // Another host, other options, another build of the agent.
     for other in [
         Key::of("web2", &opts(), "test build"),
@@ -274,16 +274,16 @@ fn anything_but_the_named_cache_for_this_key_is_a_miss() {
         Key::of("web1", &opts(), "another build"),
     ] {
         assert_ne!(other, key());
-        let err = decode(&bytes, &other, &name, &opts()).unwrap_err();
+        let err = decode(&bytes, &other, &name, &opts(), None).unwrap_err();
         assert!(format!("{err:#}").contains("another host"), "{err:#}");
     }
     // Not the cache the quick record names.
-    let err = decode(&bytes, &key(), &"0".repeat(64), &opts()).unwrap_err();
+    let err = decode(&bytes, &key(), &"0".repeat(64), &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("quick record"), "{err:#}");
     // Torn anywhere, or one byte flipped anywhere: never a config.
     for cut in (0..bytes.len()).step_by(97) {
         assert!(
-            decode(&bytes[..cut], &key(), &name, &opts()).is_err(),
+            decode(&bytes[..cut], &key(), &name, &opts(), None).is_err(),
             "cut at {cut}"
         );
     }
@@ -291,7 +291,7 @@ fn anything_but_the_named_cache_for_this_key_is_a_miss() {
         let mut flipped = bytes.clone();
         flipped[at] ^= 0x20;
         assert!(
-            decode(&flipped, &key(), &name, &opts()).is_err(),
+            decode(&flipped, &key(), &name, &opts(), None).is_err(),
             "flip at {at}"
         );
     }
@@ -303,12 +303,12 @@ fn a_cached_path_outside_the_allowed_roots_is_a_miss() {
     // path loading would refuse: the agent's own configuration.
     let mut config = load_host(&everything(), "web1", &opts()).unwrap();
     config.files[0].path = TargetPath::parse("/etc/driftless/agent.toml").unwrap();
-    let (bytes, name) = encode(&key(), &config).unwrap();
-    let err = decode(&bytes, &key(), &name, &opts()).unwrap_err();
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let err = decode(&bytes, &key(), &name, &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("/etc/driftless"), "{err:#}");
     config.files[0].path = TargetPath::parse("/usr/bin/x").unwrap();
-    let (bytes, name) = encode(&key(), &config).unwrap();
-    let err = decode(&bytes, &key(), &name, &opts()).unwrap_err();
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let err = decode(&bytes, &key(), &name, &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("allowed roots"), "{err:#}");
 }
 
@@ -318,11 +318,11 @@ fn a_cache_is_saved_and_loaded_through_the_state_directory() {
     let state = StateDir::open(dir.path()).unwrap();
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     assert!(
-        load(&state, &key(), "x", &opts()).is_none(),
+        load(&state, &key(), "x", &opts(), None).is_none(),
         "nothing saved yet"
     );
-    let name = save(&state, &key(), &config).unwrap();
-    let back = load(&state, &key(), &name, &opts()).unwrap();
+    let name = save(&state, &key(), &mut config.clone()).unwrap();
+    let back = load(&state, &key(), &name, &opts(), None).unwrap();
     assert_eq!(format!("{back:?}"), format!("{config:?}"));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join(FILE))
@@ -330,4 +330,124 @@ fn a_cache_is_saved_and_loaded_through_the_state_directory() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// `bytes` with its data replaced by `edit(data)` and the checksum and
+/// name made to match: what only a forger, not a torn write, produces.
+fn forged(bytes: &[u8], edit: impl Fn(&str) -> String) -> (Vec<u8>, String) {
+    let text = std::str::from_utf8(bytes).unwrap();
+    let mut parts = text.splitn(3, '\n');
+    let (magic, _, data) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
+    let data = edit(data);
+    let name = hex::encode(sha2::Sha256::digest(data.as_bytes()));
+    let header = serde_json::to_string(&Header {
+        key: key().0,
+        sha256: name.clone(),
+    })
+    .unwrap();
+    (format!("{magic}\n{header}\n{data}").into_bytes(), name)
+}
+
+fn declared(config: &HostConfig) -> String {
+    let mut paths: Vec<&TargetPath> = config.files.iter().map(|f| &f.path).collect();
+    paths.sort();
+    paths_digest(paths)
+}
+
+#[test]
+fn only_the_selected_declarations_are_decoded_and_they_are_the_loaded_ones() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let select = |path: &str, own: Option<&str>| {
+        asked
+            .borrow_mut()
+            .push((path.to_string(), own.map(str::to_string)));
+        path == "/etc/web/secret.env" || own == Some("roles/web/files/site.conf.tera")
+    };
+    let want = Want {
+        declared: declared(&config),
+        select: &select,
+    };
+    let back = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap();
+    let picked: Vec<&FileDecl> = config
+        .files
+        .iter()
+        .filter(|f| ["/etc/web/secret.env", "/etc/web/site.conf"].contains(&f.path.as_str()))
+        .collect();
+    assert_eq!(picked.len(), 2);
+    assert_eq!(format!("{:#?}", back.files), format!("{picked:#?}"));
+    // Everything but the files is whole.
+    let rest = |c: &HostConfig| {
+        let mut c = c.clone();
+        c.files.clear();
+        format!("{c:#?}")
+    };
+    assert_eq!(rest(&back), rest(&config));
+    // Each declaration was offered once, with its own source (none for a
+    // secret, what a generated file came from).
+    let asked = asked.into_inner();
+    assert_eq!(asked.len(), config.files.len());
+    for f in &config.files {
+        assert!(
+            asked.contains(&(
+                f.path.to_string(),
+                own_source(&f.content).map(str::to_string)
+            )),
+            "{} not offered as itself: {asked:?}",
+            f.path
+        );
+    }
+    assert!(asked
+        .iter()
+        .any(|(p, own)| p == "/etc/web/secret.env" && own.is_none()));
+}
+
+#[test]
+fn a_cache_declaring_other_files_than_the_record_holds_is_a_miss() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let all = |_: &str, _: Option<&str>| true;
+    let mut fewer: Vec<&TargetPath> = config.files.iter().skip(1).map(|f| &f.path).collect();
+    fewer.sort();
+    let want = Want {
+        declared: paths_digest(fewer),
+        select: &all,
+    };
+    let err = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap_err();
+    assert!(format!("{err:#}").contains("other files"), "{err:#}");
+}
+
+#[test]
+fn a_line_whose_prefix_is_not_its_declaration_is_a_miss() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, _) = encode(&key(), &mut config.clone()).unwrap();
+    let all = |_: &str, _: Option<&str>| true;
+    let want = Want {
+        declared: declared(&config),
+        select: &all,
+    };
+    // Another path, or another source, in front of a declaration.
+    for (from, to) in [
+        ("\"/etc/web/site.conf\"\t", "\"/etc/web/other.conf\"\t"),
+        (
+            "\t\"roles/web/files/site.conf.tera\"\t",
+            "\t\"roles/web/files/plain\"\t",
+        ),
+        ("\t\"roles/web/files/site.conf.tera\"\t", "\tnull\t"),
+    ] {
+        let (bytes, name) = forged(&bytes, |d| {
+            assert!(d.contains(from), "{from} not in {d}");
+            d.replacen(from, to, 1)
+        });
+        let err = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap_err();
+        assert!(format!("{err:#}").contains("prefix"), "{err:#}");
+    }
+    // A file line dropped: torn, whatever the checksum says.
+    let (bytes, name) = forged(&bytes, |d| {
+        let mut lines: Vec<&str> = d.split_terminator('\n').collect();
+        lines.pop();
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    });
+    assert!(decode(&bytes, &key(), &name, &opts(), None).is_err());
 }
