@@ -75,7 +75,13 @@ pub(super) fn read(
             let path = if dir.is_empty() {
                 name.to_string()
             } else {
-                format!("{dir}/{name}")
+                // Not `format!`: its machinery was a third of reading a
+                // 10,000-entry tree.
+                let mut p = String::with_capacity(dir.len() + 1 + name.len());
+                p.push_str(&dir);
+                p.push('/');
+                p.push_str(name);
+                p
             };
             let oid = entry.oid.to_owned();
             match entry.mode.kind() {
@@ -162,11 +168,18 @@ fn items<'a>(tree: &'a gix::Tree<'_>, hash: gix::hash::Kind) -> Result<Vec<Item<
 }
 
 /// Git's tree order: names compared bytewise, a tree's as if followed by `/`.
+///
+/// The common length is compared as slices (`memcmp`); only what is left
+/// (at most one name's tail, and the `/`s) byte by byte: comparing whole
+/// names through iterators was half of comparing two 10,000-entry trees.
 fn git_order(a: &Item<'_>, b: &Item<'_>) -> std::cmp::Ordering {
-    fn key<'a>(i: &Item<'a>) -> impl Iterator<Item = &'a u8> {
-        i.name.iter().chain(i.tree.then_some(&b'/'))
-    }
-    key(a).cmp(key(b))
+    let n = a.name.len().min(b.name.len());
+    a.name[..n].cmp(&b.name[..n]).then_with(|| {
+        fn rest<'a>(i: &Item<'a>, n: usize) -> impl Iterator<Item = u8> + 'a {
+            i.name[n..].iter().copied().chain(i.tree.then_some(b'/'))
+        }
+        rest(a, n).cmp(rest(b, n))
+    })
 }
 
 fn leaf_kind(kind: EntryKind, path: &str) -> Result<Kind> {
@@ -309,5 +322,68 @@ fn shown(sub_path: &str, dir: &str) -> String {
         "/".to_string()
     } else {
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Git's order as first written: whole keys compared through iterators.
+    fn git_order_reference(a: &Item<'_>, b: &Item<'_>) -> std::cmp::Ordering {
+        fn key<'a>(i: &Item<'a>) -> impl Iterator<Item = &'a u8> {
+            i.name.iter().chain(i.tree.then_some(&b'/'))
+        }
+        key(a).cmp(key(b))
+    }
+
+    #[test]
+    fn git_order_orders_every_pair_of_short_names_as_the_reference_does() {
+        // Every name of up to 3 bytes from those that matter around `/`
+        // (one below, `/` itself, one above, and a high byte), as a tree
+        // and as a file.
+        let bytes = [b'.', b'/', b'0', b'a', 0xff];
+        let mut names: Vec<Vec<u8>> = vec![Vec::new()];
+        for len in 1..=3 {
+            let mut more = Vec::new();
+            for n in names.iter().filter(|n| n.len() == len - 1) {
+                for b in bytes {
+                    let mut m = n.clone();
+                    m.push(b);
+                    more.push(m);
+                }
+            }
+            names.extend(more);
+        }
+        let oid = gix::ObjectId::null(gix::hash::Kind::Sha1);
+        let items: Vec<Item<'_>> = names
+            .iter()
+            .flat_map(|n| {
+                [true, false].map(|tree| Item {
+                    name: n,
+                    tree,
+                    kind: if tree {
+                        EntryKind::Tree
+                    } else {
+                        EntryKind::Blob
+                    },
+                    oid: &oid,
+                })
+            })
+            .collect();
+        for a in &items {
+            for b in &items {
+                assert_eq!(
+                    git_order(a, b),
+                    git_order_reference(a, b),
+                    "{:?}/{} vs {:?}/{}",
+                    a.name,
+                    a.tree,
+                    b.name,
+                    b.tree
+                );
+            }
+        }
+        assert!(items.len() > 300);
     }
 }
