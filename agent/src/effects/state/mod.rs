@@ -541,6 +541,15 @@ struct RawEnvelope<'a> {
 /// can rewrite the state directory can write a valid file anyway.
 fn decode_state_fast<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     use sha2::Digest;
+    if let Some((data, sum)) = compact_parts(bytes) {
+        // The data is parsed once (below), not also scanned as a raw
+        // value: parsing it whole into `T` is what proves it one value.
+        if hex::encode(sha2::Sha256::digest(data)) == sum {
+            if let Ok(v) = serde_json::from_slice(data) {
+                return Some(v);
+            }
+        }
+    }
     let env: RawEnvelope = serde_json::from_slice(bytes).ok()?;
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&env.driftless_state) {
         return None;
@@ -559,6 +568,39 @@ fn decode_state_fast<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
         return None;
     }
     serde_json::from_slice(&compact).ok()
+}
+
+/// The data and checksum of a file exactly as [`compact_envelope`] writes
+/// it: `{"data":` DATA `,"driftless_state":F,"sha256":"H"}` and a line
+/// break, F a format this driftless reads, H 64 lowercase hex digits.
+/// The tail is fixed, so it is matched from the end; a key of that text
+/// inside DATA cannot be mistaken for it, since the tail is taken last
+/// and DATA must then parse as one value. Anything else is `None`.
+fn compact_parts(bytes: &[u8]) -> Option<(&[u8], &str)> {
+    let rest = bytes.strip_prefix(br#"{"data":"#)?;
+    let rest = rest.strip_suffix(b"\"}\n")?;
+    let (rest, sum) = rest.split_at_checked(rest.len().checked_sub(64)?)?;
+    let sum = std::str::from_utf8(sum).ok()?;
+    if !sum
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let rest = rest.strip_suffix(br#","sha256":""#)?;
+    let digits = rest.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let (rest, format) = rest.split_at(rest.len() - digits);
+    let format: u64 = std::str::from_utf8(format).ok()?.parse().ok()?;
+    if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
+        return None;
+    }
+    let data = rest.strip_suffix(br#","driftless_state":"#)?;
+    // Compact data has no line break (JSON strings never hold a raw one):
+    // the text is what was hashed, as in the general path below.
+    if memchr::memchr(b'\n', data).is_some() {
+        return None;
+    }
+    Some((data, sum))
 }
 
 /// JSON text without the whitespace outside its strings. One pass that
@@ -863,6 +905,31 @@ mod temp_tests {
             assert_eq!(
                 decode_state_fast::<serde_json::Value>(&compact).as_ref(),
                 Some(&tricky)
+            );
+        }
+        // The compact envelope of large files, read from its fixed tail,
+        // even when a string inside looks like that tail.
+        let sneaky = serde_json::json!({
+            "k": "\",\"driftless_state\":1,\"sha256\":\"",
+            "pad": "x".repeat(PRETTY_UP_TO),
+        });
+        let compact = encode_state(&sneaky, STATE_FORMAT).unwrap();
+        assert!(compact_parts(&compact).is_some());
+        assert_eq!(
+            decode_state_fast::<serde_json::Value>(&compact).as_ref(),
+            Some(&sneaky)
+        );
+        assert!(decoders_agree(&compact));
+        // (Without its final line break it is still whole.)
+        for cut in [2, 10, 70, 90, compact.len() / 2] {
+            let torn = &compact[..compact.len() - cut];
+            assert!(
+                compact_parts(torn).is_none()
+                    || decode_state_fast::<serde_json::Value>(torn).is_none()
+            );
+            assert!(
+                decode_state::<serde_json::Value>(torn).is_err(),
+                "cut {cut}"
             );
         }
         // Keys in another order (a hand edit): the checksum does not match
