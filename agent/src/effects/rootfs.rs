@@ -153,14 +153,28 @@ impl RootFs {
     }
 
     fn stamps_serial<'a>(&self, targets: &[&'a TargetPath]) -> Vec<Option<Stamp>> {
-        let mut parents: HashMap<&'a str, Option<OwnedFd>> = HashMap::new();
+        // Each directory opened once: `dirs` holds them, `index` finds one
+        // by name. Targets come in path order, so most share the previous
+        // one's directory, which is reused without hashing its name again.
+        let mut dirs: Vec<Option<OwnedFd>> = Vec::new();
+        let mut index: HashMap<&'a str, usize> = HashMap::new();
         let mut out = Vec::with_capacity(targets.len());
+        let mut last: Option<(&'a str, usize)> = None;
         for &target in targets {
             let parent = target.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
-            let dir = parents
-                .entry(parent)
-                .or_insert_with(|| self.open_parent(target, None).ok().flatten());
-            out.push(dir.as_ref().and_then(|d| {
+            let at = match last {
+                Some((p, at)) if p == parent => at,
+                _ => {
+                    let at = *index.entry(parent).or_insert_with(|| {
+                        dirs.push(self.open_parent(target, None).ok().flatten());
+                        dirs.len() - 1
+                    });
+                    last = Some((parent, at));
+                    at
+                }
+            };
+            let dir = dirs[at].as_ref();
+            out.push(dir.and_then(|d| {
                 fstatat(d, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW)
                     .ok()
                     .map(|st| stamp_of(&st))
