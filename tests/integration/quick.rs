@@ -530,4 +530,21 @@ fn the_configuration_cache_serves_only_commits_that_left_the_configuration_alone
     repo.write("roles/app/files/a.tera", "v9 {{ vars.greeting }}\n");
     repo.commit("after the repair");
     sync("after the repair", true);
+
+    // The role file a symbolic link to a file under files/: a change to
+    // that file is a change to the role file, loaded again (the bug: the
+    // old configuration reused, the new file never written).
+    let role = std::fs::read_to_string(repo.path().join("roles/app/role.toml")).unwrap();
+    repo.write("roles/app/files/role.toml", &role);
+    repo.remove("roles/app/role.toml");
+    std::os::unix::fs::symlink("files/role.toml", repo.path().join("roles/app/role.toml")).unwrap();
+    repo.commit("the role file moved under files/ behind a link");
+    sync("the role file moved under files/ behind a link", false);
+    repo.write(
+        "roles/app/files/role.toml",
+        &format!("{role}\n[[files]]\npath = \"/etc/app/c.conf\"\nsource = \"b\"\n"),
+    );
+    repo.commit("a new file declared through the link");
+    sync("a new file declared through the link", false);
+    assert_eq!(host.read("/etc/app/c.conf").unwrap(), "static v2\n");
 }

@@ -169,6 +169,13 @@ impl Snapshot {
         );
     }
 
+    /// Whether any entry is a symbolic link.
+    pub fn has_symlinks(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| matches!(e, Entry::Symlink { .. }))
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -25,8 +25,9 @@
 //!
 //! The configuration itself is not parsed again when B provably loads to
 //! A's (only the content of role files changed, each a regular file in
-//! both trees): the one loaded for A is read from the configuration cache
-//! the record names (`effects::state::config_cache`).
+//! both trees, and B holds no symbolic link through which loading could
+//! read one of them): the one loaded for A is read from the configuration
+//! cache the record names (`effects::state::config_cache`).
 
 use std::collections::BTreeSet;
 
@@ -142,6 +143,11 @@ fn plan_inner(
         declared: config_cache::paths_digest(record.files.iter().map(|(p, _, _)| p)),
         select: &needed,
     };
+    // Loading reads through symbolic links: a `role.toml` (or host file,
+    // or `driftless.toml`) that links to a file under `files/` changes
+    // with it. So a tree with any link is loaded again (links in a
+    // configuration repository are rare; precision is not worth the risk).
+    let same_config = same_config && !snap.has_symlinks();
     let reuse = record
         .config
         .as_deref()

@@ -1115,3 +1115,31 @@ fn tree_changes_finds_what_comparing_whole_snapshots_finds() {
     assert_eq!(compared, 2 * 40 * 40);
     assert!(with_changes > 2000, "only {with_changes} pairs differ");
 }
+
+/// The bug this guards against: comparing trees recursed once per level,
+/// so a commit nesting directories thousands deep (a hostile repository)
+/// overflowed the stack and aborted the agent, on every poll. Past
+/// `MAX_DEPTH` it is an error (the sync then reads the trees whole, which
+/// does not recurse), and the whole read still works.
+#[test]
+fn a_tree_nested_deeper_than_the_comparison_follows_is_an_error_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("top"), "1").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let deep: std::path::PathBuf = std::iter::repeat_n("d", 300).collect();
+    std::fs::create_dir_all(work.join(&deep)).unwrap();
+    std::fs::write(work.join(&deep).join("f"), "x").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "deep"]);
+    let after = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let repo = open_local_uncached(&work).unwrap();
+    let err = tree_changes(&repo, before, after, "").unwrap_err();
+    assert!(format!("{err:#}").contains("nested deeper"), "{err:#}");
+    let snap = read_tree(&repo, after, "").unwrap();
+    assert_eq!(snap.len(), 2);
+}

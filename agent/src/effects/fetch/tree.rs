@@ -133,10 +133,15 @@ pub(super) fn changes(
     let a = start(repo, before, &sub_path)?;
     let b = start(repo, after, &sub_path)?;
     let mut out = Vec::new();
-    diff(repo, Some(a), Some(b), "", &mut out)?;
+    diff(repo, Some(a), Some(b), "", 0, &mut out)?;
     out.sort();
     Ok(out)
 }
+
+/// How deep [`changes`] follows nested directories (it recurses; a tree
+/// crafted ten thousand levels deep must not overflow the stack). Deeper
+/// is an error, and the caller reads the trees whole, iteratively.
+const MAX_DEPTH: usize = 256;
 
 /// One tree entry as the merge needs it.
 struct Item<'a> {
@@ -198,8 +203,12 @@ fn diff(
     a: Option<gix::ObjectId>,
     b: Option<gix::ObjectId>,
     dir: &str,
+    depth: usize,
     out: &mut Vec<Changed>,
 ) -> Result<()> {
+    if depth > MAX_DEPTH {
+        bail!("{dir}: directories nested deeper than {MAX_DEPTH} levels");
+    }
     let find = |id: Option<gix::ObjectId>| -> Result<Option<gix::Tree<'_>>> {
         id.map(|id| {
             repo.find_tree(id)
@@ -259,6 +268,7 @@ fn diff(
                 l.map(|i| i.oid.to_owned()),
                 r.map(|i| i.oid.to_owned()),
                 &path,
+                depth + 1,
                 out,
             )?;
         } else {

@@ -37,9 +37,12 @@
 //! It is a cache, so it is written without fsync: a torn or old file is a
 //! miss. It holds what the repository says (variables, hook environments)
 //! and never a decrypted secret: SOPS files are decrypted when rendered.
-//! Like every state file it is 0600 in a 0700 directory. A forged cache
-//! gains nothing that forging the inventory or the backups beside it would
-//! not; its paths pass the same target checks as loaded ones.
+//! Like every state file it is 0600 in a 0700 directory. Its paths pass
+//! the same target checks as loaded ones, but nothing else loading checks
+//! is checked again (unit names, hooks, directory modes, the rules between
+//! entries): a forged cache, with a forged `quick.json` naming it, can
+//! declare what the repository does not. The cache is only as trustworthy
+//! as the state directory, which must be writable by root alone.
 
 use std::io::Write;
 
