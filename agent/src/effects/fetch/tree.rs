@@ -218,19 +218,26 @@ fn diff(
     };
     let (ta, tb) = (find(a)?, find(b)?);
     let hash = repo.object_hash();
+    let shown = if dir.is_empty() { "the top" } else { dir };
     let ia = ta
         .as_ref()
         .map(|t| items(t, hash))
-        .transpose()?
+        .transpose()
+        .with_context(|| format!("directory {shown} of the applied commit"))?
         .unwrap_or_default();
     let ib = tb
         .as_ref()
         .map(|t| items(t, hash))
-        .transpose()?
+        .transpose()
+        .with_context(|| format!("directory {shown} of the new commit"))?
         .unwrap_or_default();
     let path_of = |name: &[u8]| -> Result<String> {
-        let name = std::str::from_utf8(name)
-            .with_context(|| format!("{dir}/: file names must be UTF-8"))?;
+        let name = std::str::from_utf8(name).with_context(|| {
+            format!(
+                "directory {shown}: file name {:?} is not UTF-8",
+                String::from_utf8_lossy(name)
+            )
+        })?;
         Ok(if dir.is_empty() {
             name.to_string()
         } else {

@@ -56,6 +56,9 @@ use crate::desired::spec::TargetPath;
 use crate::desired::targets::Targets;
 
 const FILE: &str = "config.cache";
+/// A larger file is a miss, never read (10,000 declarations take 1.7 MB):
+/// a damaged or sparse file must not cost an allocation of its size.
+const MAX_BYTES: u64 = 256 << 20;
 const MAGIC: &str = "driftless-config 2";
 
 /// What the cached configuration depends on besides the repository.
@@ -154,7 +157,7 @@ pub fn load(
     want: Option<&Want>,
 ) -> Option<HostConfig> {
     let path = state.path().join(FILE);
-    let bytes = match super::read_nofollow(&path) {
+    let bytes = match super::read_nofollow_up_to(&path, MAX_BYTES) {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!("no configuration cache: {e}");

@@ -354,6 +354,24 @@ fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
 }
 
 /// `fs::read` that does not follow a symlink at the last component.
+/// [`read_nofollow`] of a file no larger than `max` bytes (a larger one
+/// is an error, and is not read).
+fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let (f, meta) = open_nofollow(path)?;
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than {max}",
+            meta.len()
+        )));
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, max + 1), &mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::other(format!("more than {max} bytes")));
+    }
+    Ok(out)
+}
+
 fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
     let (mut f, _) = open_nofollow(path)?;
     let mut out = Vec::new();
@@ -793,6 +811,27 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod temp_tests {
     use super::*;
+
+    #[test]
+    fn a_file_larger_than_the_cap_is_refused_by_its_size_and_one_at_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        assert_eq!(read_nofollow_up_to(&p, 10).unwrap(), b"0123456789");
+        let err = read_nofollow_up_to(&p, 9).unwrap_err();
+        assert!(err.to_string().contains("more than 9"), "{err}");
+        // Sparse and huge: refused before a byte is read.
+        let big = dir.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(1 << 32)
+            .unwrap();
+        let err = read_nofollow_up_to(&big, 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("{} bytes", 1u64 << 32)),
+            "{err}"
+        );
+    }
 
     /// Issue 12 §6: `.applied-commit.json.tmp` and friends, left by a run
     /// that died mid-write, stayed forever.

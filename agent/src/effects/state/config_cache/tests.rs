@@ -453,3 +453,23 @@ fn a_line_whose_prefix_is_not_its_declaration_is_a_miss() {
     });
     assert!(decode(&bytes, &key(), &name, &opts(), None).is_err());
 }
+
+/// The bug this guards against: a damaged or sparse `config.cache` of any
+/// size was read whole (an allocation of its size, then its checksum).
+#[test]
+fn a_cache_larger_than_any_configuration_is_a_miss_and_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let name = save(&state, &key(), &mut config.clone()).unwrap();
+    assert!(load(&state, &key(), &name, &opts(), None).is_some());
+    // Sparse: no disk used, and no time spent if it is not read.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(FILE))
+        .unwrap();
+    f.set_len(MAX_BYTES + 1).unwrap();
+    // (That the size alone refuses it, unread, is pinned where the reading
+    // is: `read_nofollow_up_to`.)
+    assert!(load(&state, &key(), &name, &opts(), None).is_none());
+}
