@@ -67,6 +67,20 @@ pub enum ContentRef {
     Generated { bytes: Vec<u8>, from: String },
 }
 
+impl ContentRef {
+    /// The repository file whose content alone makes this one (a template,
+    /// a source file, what a file was generated from); `None` for a secret,
+    /// whose content is also the key's.
+    pub fn own_source(&self) -> Option<&str> {
+        match self {
+            ContentRef::Template(p)
+            | ContentRef::Source(p)
+            | ContentRef::Generated { from: p, .. } => Some(p),
+            ContentRef::Secret { .. } => None,
+        }
+    }
+}
+
 /// One file the host must have, as declared (not yet rendered).
 ///
 /// The configuration cache stores it as a [`FileRow`].

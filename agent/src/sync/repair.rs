@@ -35,7 +35,6 @@ use tracing::debug;
 
 use super::Fetched;
 use crate::config::Settings;
-use crate::desired::load::ContentRef;
 use crate::desired::snapshot::{Changed, Kind};
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
@@ -64,16 +63,6 @@ pub fn plan(
         debug!("updating only what changed is not possible ({e:#}); full sync");
     }
     result.ok()
-}
-
-/// The own source of a declaration in the repository, if it has one.
-fn own_source(content: &ContentRef) -> Option<&str> {
-    match content {
-        ContentRef::Template(p) | ContentRef::Source(p) | ContentRef::Generated { from: p, .. } => {
-            Some(p)
-        }
-        ContentRef::Secret { .. } => None,
-    }
 }
 
 /// Whether a repository path is a file inside a role's `files/`.
@@ -166,7 +155,7 @@ fn plan_inner(
     let affected: BTreeSet<TargetPath> = config
         .files
         .iter()
-        .filter(|decl| needed(decl.path.as_str(), own_source(&decl.content)))
+        .filter(|decl| needed(decl.path.as_str(), decl.content.own_source()))
         .map(|decl| decl.path.clone())
         .collect();
     // Every drifted file is declared (the cache checked the set of paths):

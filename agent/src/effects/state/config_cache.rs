@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::StateDir;
-use crate::desired::load::{ContentRef, FileDecl, HostConfig, LoadOptions};
+use crate::desired::load::{FileDecl, HostConfig, LoadOptions};
 use crate::desired::spec::TargetPath;
 use crate::desired::targets::Targets;
 
@@ -173,16 +173,6 @@ pub fn load(
     }
 }
 
-/// The own source of a declaration in the repository, if it has one.
-fn own_source(content: &ContentRef) -> Option<&str> {
-    match content {
-        ContentRef::Template(p) | ContentRef::Source(p) | ContentRef::Generated { from: p, .. } => {
-            Some(p)
-        }
-        ContentRef::Secret { .. } => None,
-    }
-}
-
 /// The file's bytes and its name. `config` is given back as it came (its
 /// files are set aside while the rest is written).
 fn encode(key: &Key, config: &mut HostConfig) -> Result<(Vec<u8>, String)> {
@@ -206,7 +196,7 @@ fn encode(key: &Key, config: &mut HostConfig) -> Result<(Vec<u8>, String)> {
         // unambiguous.
         serde_json::to_writer(&mut data, f.path.as_str())?;
         data.push(b'\t');
-        serde_json::to_writer(&mut data, &own_source(&f.content))?;
+        serde_json::to_writer(&mut data, &f.content.own_source())?;
         data.push(b'\t');
         serde_json::to_writer(&mut data, f)?;
         data.push(b'\n');
@@ -268,14 +258,7 @@ fn decode(
         "checksum mismatch"
     );
     let data = std::str::from_utf8(data).context("not UTF-8")?;
-    // Lines found with `memchr`, as the fields below.
-    let mut start = 0;
-    let mut lines = std::iter::from_fn(|| {
-        let end = start + memchr::memchr(b'\n', &data.as_bytes()[start..])?;
-        let line = &data[start..end];
-        start = end + 1;
-        Some(line)
-    });
+    let mut lines = super::Lines::new(data);
     let mut config: HostConfig = serde_json::from_str(lines.next().context("no configuration")?)
         .context("data does not decode")?;
     anyhow::ensure!(config.files.is_empty(), "files outside their lines");
@@ -288,13 +271,13 @@ fn decode(
         );
     }
     let mut count = 0;
-    for line in lines {
+    for line in lines.by_ref() {
         count += 1;
         // Split with `memchr` (SIMD; `str::split` is compiled for size
         // with the rest of the agent and took 3 ms at 10,000 lines). The
         // tabs are ASCII: every part is a `str`.
         let tab = |from: usize| memchr::memchr(b'\t', &line.as_bytes()[from..]).map(|i| from + i);
-        let (Some(t1), Some(t2)) = (tab(0), tab(0).and_then(|t| tab(t + 1))) else {
+        let Some((t1, t2)) = tab(0).and_then(|t1| Some((t1, tab(t1 + 1)?))) else {
             anyhow::bail!("line {count} of the files is short");
         };
         let (path, source, row) = (&line[..t1], &line[t1 + 1..t2], &line[t2 + 1..]);
@@ -305,12 +288,12 @@ fn decode(
         }
         let decl: FileDecl = serde_json::from_str(row).context("data does not decode")?;
         anyhow::ensure!(
-            decl.path.as_str() == path && own_source(&decl.content) == source.as_deref(),
+            decl.path.as_str() == path && decl.content.own_source() == source.as_deref(),
             "line {count} of the files: its prefix is not its declaration"
         );
         config.files.push(decl);
     }
-    anyhow::ensure!(start == data.len(), "torn: no final line break");
+    anyhow::ensure!(lines.rest().is_empty(), "torn: no final line break");
     anyhow::ensure!(
         count == index.files,
         "torn: {count} of {} files",

@@ -101,16 +101,9 @@ fn encode(record: &QuickRecord) -> Result<Vec<u8>> {
 
 fn decode(bytes: &[u8]) -> Result<QuickRecord> {
     let text = std::str::from_utf8(bytes).context("not UTF-8")?;
-    // Lines and fields split with `memchr` (SIMD; `str::split`, compiled
-    // for size with the rest of the agent, was most of reading 10,000
-    // lines). Every separator is ASCII: each piece is a `str`.
-    let mut start = 0;
-    let mut lines = std::iter::from_fn(|| {
-        let end = start + memchr::memchr(b'\n', &text.as_bytes()[start..])?;
-        let line = &text[start..end];
-        start = end + 1;
-        Some(line)
-    });
+    // Fields, like lines, split with `memchr`. Every separator is ASCII:
+    // each piece is a `str`.
+    let mut lines = super::Lines::new(text);
     anyhow::ensure!(lines.next() == Some(MAGIC), "unknown format");
     let header = lines.next().context("no header")?;
     let mut record: QuickRecord = serde_json::from_str(header).context("bad header")?;

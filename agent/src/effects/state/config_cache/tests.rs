@@ -394,7 +394,7 @@ fn only_the_selected_declarations_are_decoded_and_they_are_the_loaded_ones() {
         assert!(
             asked.contains(&(
                 f.path.to_string(),
-                own_source(&f.content).map(str::to_string)
+                f.content.own_source().map(str::to_string)
             )),
             "{} not offered as itself: {asked:?}",
             f.path
