@@ -801,3 +801,122 @@ fn bad_bundles_and_signatures_give_their_error_and_exit_4_and_change_nothing() {
     assert_eq!(snapshot(host.root.path()), before);
     let _ = bundles();
 }
+
+/// The tree `tree` (an object id) of `repo` with one more entry `name`
+/// (mode, blob holding `content`) in its directory `dir` (`/`-separated,
+/// "" for the top), written as raw objects: git's own commands refuse to
+/// write these names, a hostile repository writes them anyway.
+fn tree_with_entry(repo: &Repo, tree: &str, dir: &str, name: &[u8], content: &str) -> String {
+    use std::io::Write as _;
+    let (head, rest) = dir.split_once('/').unwrap_or((dir, ""));
+    let listing = git(repo.path(), &["ls-tree", "-z", tree]);
+    let mut entries: Vec<(String, Vec<u8>, String)> = listing
+        .split('\0')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (meta, n) = l.split_once('\t').unwrap();
+            let mut m = meta.split(' ');
+            let (mode, _, id) = (m.next().unwrap(), m.next(), m.next().unwrap());
+            (mode.to_string(), n.as_bytes().to_vec(), id.to_string())
+        })
+        .collect();
+    if dir.is_empty() {
+        let blob_file = repo.path().join(".crafted-blob");
+        std::fs::write(&blob_file, content).unwrap();
+        let blob = git(
+            repo.path(),
+            &["hash-object", "-w", blob_file.to_str().unwrap()],
+        );
+        std::fs::remove_file(blob_file).unwrap();
+        entries.push(("100644".into(), name.to_vec(), blob));
+    } else {
+        let e = entries
+            .iter_mut()
+            .find(|e| e.1 == head.as_bytes())
+            .expect("the directory exists");
+        e.2 = tree_with_entry(repo, &e.2.clone(), rest, name, content);
+    }
+    let mut data = Vec::new();
+    for (mode, n, id) in &entries {
+        let mode = if mode == "040000" { "40000" } else { mode };
+        data.extend_from_slice(mode.as_bytes());
+        data.push(b' ');
+        data.extend_from_slice(n);
+        data.push(0);
+        for i in (0..id.len()).step_by(2) {
+            data.push(u8::from_str_radix(&id[i..i + 2], 16).unwrap());
+        }
+    }
+    let mut child = Command::new("git")
+        .args(["hash-object", "-t", "tree", "-w", "--literally", "--stdin"])
+        .current_dir(repo.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The bug this guards against: a commit whose trees git never writes (a
+/// second `role.toml` in the role's directory, an entry named
+/// `roles/app/role.toml` at the top, one named `..` under `files/`) was
+/// read as if the names were paths, so which `role.toml` declared the
+/// host's files depended on the order of a map. Each is refused, naming
+/// the entry, with exit 3, and the host keeps what it had.
+#[test]
+fn a_hand_crafted_tree_is_refused_and_changes_nothing() {
+    let evil = "[[files]]\npath = \"/etc/evil\"\nsource = \"static\"\n";
+    let cases: &[(&str, &str, &[u8], &str)] = &[
+        (
+            "a second role.toml",
+            "roles/app",
+            b"role.toml",
+            "\"role.toml\" appears twice",
+        ),
+        (
+            "a path as one name",
+            "",
+            b"roles/app/role.toml",
+            "holds a `/`",
+        ),
+        (
+            "a .. under files/",
+            "roles/app/files",
+            b"..",
+            "\"..\" is not a file name",
+        ),
+        (
+            "a .git directory name",
+            "roles",
+            b".GIT",
+            "git's own directory",
+        ),
+    ];
+    for (what, dir, name, want) in cases {
+        let repo = good_repo();
+        let host = Host::new("h");
+        host.sync(repo.path()).ok();
+        let before = snapshot(host.root.path());
+        let tree = git(repo.path(), &["rev-parse", "HEAD^{tree}"]);
+        let crafted = tree_with_entry(&repo, &tree, dir, name, evil);
+        let commit = git(
+            repo.path(),
+            &["commit-tree", &crafted, "-p", "HEAD", "-m", what],
+        );
+        git(repo.path(), &["update-ref", "refs/heads/main", &commit]);
+        let run = host.sync(repo.path());
+        assert_eq!(run.code, 3, "{what}: {}", run.stderr);
+        let line = error_line(&run);
+        assert!(line.contains(want), "{what}: {want:?} not in {line:?}");
+        assert!(!run.stderr.contains("panicked"), "{what}: {}", run.stderr);
+        assert_eq!(
+            snapshot(host.root.path()),
+            before,
+            "{what}: the host changed"
+        );
+        assert!(host.read("/etc/evil").is_none(), "{what}");
+    }
+}

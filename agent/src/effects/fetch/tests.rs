@@ -1143,3 +1143,117 @@ fn a_tree_nested_deeper_than_the_comparison_follows_is_an_error_not_a_crash() {
     let snap = read_tree(&repo, after, "").unwrap();
     assert_eq!(snap.len(), 2);
 }
+
+/// Writes a tree object with exactly `entries` (mode, name, object id), in
+/// the order given and unchecked, as only a hand-crafted (hostile) object
+/// has them: `git hash-object --literally` skips git's own checks.
+/// One raw tree entry: mode, name, object id.
+type RawEntry<'a> = (&'a str, &'a [u8], &'a str);
+
+fn raw_tree(work: &Path, entries: &[RawEntry<'_>]) -> String {
+    use std::io::Write as _;
+    let mut data = Vec::new();
+    for (mode, name, id) in entries {
+        data.extend_from_slice(mode.as_bytes());
+        data.push(b' ');
+        data.extend_from_slice(name);
+        data.push(0);
+        data.extend_from_slice(oid(id).as_bytes());
+    }
+    let mut child = git_cmd(work)
+        .args(["hash-object", "-t", "tree", "-w", "--literally", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run git hash-object");
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "git hash-object failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The bug this guards against: trees were trusted to be what git writes.
+/// A hand-crafted commit (a hostile repository; `git fsck` refuses every
+/// one of these, a fetch does not run it) could hold an entry named `..`,
+/// `.`, `.git`, the empty name or a name with a `/` in it (so that
+/// `roles/r/files/../role.toml` or `a/b` is one entry), a name twice, a
+/// file and a directory of one name, or entries out of order: the whole
+/// read took them as paths, the comparison of two commits refused only
+/// some. Both now refuse each of them, naming the directory and the entry.
+#[test]
+fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("top"), "1").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let blob = git(&work, &["rev-parse", "HEAD:top"]);
+    let sub = raw_tree(&work, &[("100644", b"f", &blob)]);
+    let cases: Vec<(&str, Vec<RawEntry<'_>>, &str)> = vec![
+        ("dot-dot", vec![("100644", b"..", &blob)], "\"..\""),
+        ("dot-dot tree", vec![("40000", b"..", &sub)], "\"..\""),
+        ("dot", vec![("40000", b".", &sub)], "\".\""),
+        ("empty", vec![("100644", b"", &blob)], "\"\""),
+        ("slash", vec![("100644", b"a/b", &blob)], "\"a/b\""),
+        ("dot-git", vec![("40000", b".git", &sub)], "\".git\""),
+        ("dot-GIT", vec![("100644", b".GiT", &blob)], "\".GiT\""),
+        (
+            "twice",
+            vec![("100644", b"a", &blob), ("100644", b"a", &blob)],
+            "\"a\"",
+        ),
+        (
+            "file and directory",
+            vec![
+                ("100644", b"a", &blob),
+                ("100644", b"a.b", &blob),
+                ("40000", b"a", &sub),
+            ],
+            "\"a\"",
+        ),
+        (
+            "disorder",
+            vec![("100644", b"b", &blob), ("100644", b"a", &blob)],
+            "\"a\"",
+        ),
+    ];
+    let repo_dir = work.clone();
+    for (what, entries, named) in cases {
+        // Each case one level down as well, so the error must name where.
+        let bad = raw_tree(&work, &entries);
+        let mid = raw_tree(&work, &[("40000", b"d", &bad), ("100644", b"top", &blob)]);
+        let after = oid(&git(
+            &work,
+            &["commit-tree", &mid, "-p", &before.to_string(), "-m", what],
+        ));
+        let repo = open_local_uncached(&repo_dir).unwrap();
+        let err = err_text(read_tree(&repo, after, "").unwrap_err());
+        assert!(
+            err.contains(named) && err.contains("d"),
+            "{what}: read: {err}"
+        );
+        let err = err_text(tree_changes(&repo, before, after, "").unwrap_err());
+        assert!(
+            err.contains(named) && err.contains("directory d"),
+            "{what}: changes: {err}"
+        );
+        let err = err_text(tree_changes(&repo, after, before, "").unwrap_err());
+        assert!(err.contains(named), "{what}: changes back: {err}");
+    }
+    // A well-formed tree of such names is still read: `..x`, `.gitx`, `a.b`.
+    let ok = raw_tree(
+        &work,
+        &[
+            ("100644", b"..x", &blob),
+            ("100644", b".gitx", &blob),
+            ("100644", b"a.b", &blob),
+        ],
+    );
+    let after = oid(&git(&work, &["commit-tree", &ok, "-m", "ok"]));
+    let repo = open_local_uncached(&repo_dir).unwrap();
+    assert_eq!(read_tree(&repo, after, "").unwrap().len(), 3);
+    assert_eq!(tree_changes(&repo, before, after, "").unwrap().len(), 4);
+}

@@ -58,18 +58,14 @@ pub(super) fn read(
                 shown(&sub_path, &dir)
             )
         })?;
-        let decoded = tree.decode().with_context(|| {
-            format!(
-                "cannot decode directory {} of commit {commit}",
-                shown(&sub_path, &dir)
-            )
-        })?;
-        for entry in decoded.entries {
-            let name = std::str::from_utf8(entry.filename).with_context(|| {
+        let items = items(&tree, repo.object_hash())
+            .with_context(|| format!("directory {} of commit {commit}", shown(&sub_path, &dir)))?;
+        for entry in items {
+            let name = std::str::from_utf8(entry.name).with_context(|| {
                 format!(
                     "{}/{}: file names must be UTF-8 (commit {commit})",
                     shown(&sub_path, &dir),
-                    entry.filename
+                    String::from_utf8_lossy(entry.name)
                 )
             })?;
             let path = if dir.is_empty() {
@@ -84,7 +80,7 @@ pub(super) fn read(
                 p
             };
             let oid = entry.oid.to_owned();
-            match entry.mode.kind() {
+            match entry.kind {
                 EntryKind::Tree => pending.push((oid, path)),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
                     entries.push((path, Entry::blob(oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable)));
@@ -151,6 +147,16 @@ struct Item<'a> {
     oid: &'a gix::oid,
 }
 
+/// A tree's entries, checked as `git fsck` checks them: a hand-crafted
+/// object (a hostile repository; a fetch does not run fsck) must not turn
+/// into paths git itself could never check out.
+///
+/// Refused: a name that is empty, `.`, `..`, `.git` in any case, or holds
+/// a `/` (then `a/b` or `files/../role.toml` would be one entry); entries
+/// out of git's order, a name twice, or a file and a directory of one
+/// name. Git writes none of these; each would make a path mean two
+/// things, or let the comparison of two commits and the whole read of one
+/// see different trees.
 fn items<'a>(tree: &'a gix::Tree<'_>, hash: gix::hash::Kind) -> Result<Vec<Item<'a>>> {
     let decoded = gix::objs::TreeRefIter::from_bytes(&tree.data, hash);
     let mut out: Vec<Item<'_>> = Vec::new();
@@ -162,9 +168,40 @@ fn items<'a>(tree: &'a gix::Tree<'_>, hash: gix::hash::Kind) -> Result<Vec<Item<
             kind: entry.mode.kind(),
             oid: entry.oid,
         };
+        let name = item.name;
+        let bad = |why: &str| {
+            anyhow::anyhow!(
+                "entry {:?} {why}; git never writes this (a hand-crafted object? `git fsck` names it)",
+                String::from_utf8_lossy(name)
+            )
+        };
+        if name.is_empty() || name == b"." || name == b".." {
+            return Err(bad("is not a file name"));
+        }
+        if memchr::memchr(b'/', name).is_some() {
+            return Err(bad("holds a `/`"));
+        }
+        if name.eq_ignore_ascii_case(b".git") {
+            return Err(bad("is git's own directory"));
+        }
         if let Some(prev) = out.last() {
             if git_order(prev, &item) != std::cmp::Ordering::Less {
-                bail!("a tree's entries are not in git's order (a hand-crafted object?)");
+                return Err(bad(if prev.name == name {
+                    "appears twice"
+                } else {
+                    "is out of git's order"
+                }));
+            }
+        }
+        if item.tree {
+            // A file of the same name sorts before the directory, with at
+            // most names continuing it with a byte below `/` between.
+            for prev in out.iter().rev() {
+                match prev.name.strip_prefix(name) {
+                    Some([]) => return Err(bad("is both a file and a directory")),
+                    Some([next, ..]) if *next < b'/' => continue,
+                    _ => break,
+                }
             }
         }
         out.push(item);
