@@ -622,6 +622,16 @@ fn corrupt_state_gives_its_error_and_code_and_changes_nothing() {
             1,
             "lock is a symlink",
         ),
+        (
+            "state directory others can write",
+            |h| {
+                use std::os::unix::fs::PermissionsExt;
+                let p = std::fs::Permissions::from_mode(0o777);
+                std::fs::set_permissions(h.state.path(), p).unwrap()
+            },
+            1,
+            "is writable by group or others (mode 0777)",
+        ),
     ];
     for (name, brk, code, want) in cases {
         let repo = good_repo();

@@ -110,13 +110,16 @@ impl StateDir {
             .mode(0o700)
             .create(root)
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
+        refuse_shared(root)?;
         refuse_links(root)?;
         for sub in ["tx", "originals"] {
+            let dir = root.join(sub);
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(root.join(sub))
-                .with_context(|| format!("cannot create {}", root.join(sub).display()))?;
+                .create(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            refuse_shared(&dir)?;
         }
         Ok(StateDir {
             inventory_cache: Default::default(),
@@ -323,6 +326,36 @@ const STATE_ENTRIES: &[&str] = &[
     "originals",
     "spool",
 ];
+
+/// Refuses a state directory (or its `tx`, `originals`) that another user
+/// owns or that group or others may write: whoever can write it can make
+/// the agent remove files (a forged inventory), restore any content over
+/// them (forged originals) or reuse a forged configuration cache. Like
+/// OpenSSH's `StrictModes`, the agent does not run on state it cannot
+/// trust, and says how to fix it. (It does not check the ancestors: a
+/// writable `/var/lib` is a broken host, not a driftless setting.)
+fn refuse_shared(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).with_context(|| format!("cannot stat {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        bail!(
+            "state directory {} is owned by uid {}, not by the user driftless runs as (uid {me}): whoever owns it could forge what driftless trusts there (the inventory of what it manages, the backups it restores); `chown {me} {}`, or pass another --state-dir",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "state directory {} is writable by group or others (mode {:04o}): anyone who can write it could forge what driftless trusts there (the inventory of what it manages, the backups it restores); `chmod 700 {}`",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// Refuses a state directory with a symlink at one of its entries, naming
 /// it (`driftless state repair` does not guess: the operator removes it).
@@ -843,6 +876,56 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod temp_tests {
     use super::*;
+
+    /// The bug this guards against: a state directory that group or
+    /// others could write, or that another user owned, was used as it
+    /// was, so anyone with write access to it could forge the inventory
+    /// (files removed as "no longer declared") or the backups restored
+    /// over host files. The directory and its `tx` and `originals` are
+    /// checked; a private one is opened as before.
+    #[test]
+    fn a_state_directory_others_can_write_or_own_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        StateDir::open(d.path()).unwrap();
+        for (dir, mode) in [
+            (d.path().to_path_buf(), 0o777),
+            (d.path().to_path_buf(), 0o720),
+            (d.path().to_path_buf(), 0o1777),
+            (d.path().join("tx"), 0o702),
+            (d.path().join("originals"), 0o770),
+        ] {
+            set(&dir, mode);
+            let err = format!("{:#}", StateDir::open(d.path()).unwrap_err());
+            assert!(
+                err.contains(&format!("{} is writable by group or others", dir.display()))
+                    && err.contains("chmod 700"),
+                "{mode:o}: {err}"
+            );
+            set(&dir, 0o700);
+        }
+        set(d.path(), 0o755);
+        StateDir::open(d.path()).unwrap();
+        // Owned by another user: as root, a directory given away; as any
+        // other user, `/`, which root owns (refused before anything in it
+        // is created).
+        let (dir, owner) = if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(d.path(), Some(4321), None).unwrap();
+            (d.path().to_path_buf(), 4321)
+        } else {
+            (PathBuf::from("/"), 0)
+        };
+        let err = format!("{:#}", StateDir::open(&dir).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "is owned by uid {owner}, not by the user driftless runs as"
+            )),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_file_larger_than_the_cap_is_refused_by_its_size_and_one_at_it_is_read() {
