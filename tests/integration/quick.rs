@@ -548,3 +548,48 @@ fn the_configuration_cache_serves_only_commits_that_left_the_configuration_alone
     sync("a new file declared through the link", false);
     assert_eq!(host.read("/etc/app/c.conf").unwrap(), "static v2\n");
 }
+
+/// The bug this guards against: the configuration cache was written as
+/// soon as a configuration was loaded, also by runs that then failed (a
+/// template that does not render) and so never recorded it: the cache
+/// the quick record named was replaced, and the next sync loaded the
+/// repository again. It is now written with the record.
+#[test]
+fn a_failed_run_leaves_the_configuration_cache_alone() {
+    let repo = templated_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+    let cache = host.state.path().join("config.cache");
+    let before = std::fs::read(&cache).unwrap();
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
+         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0600\"\n",
+    );
+    repo.write("roles/app/files/a.tera", "{{ nope.nothing }}\n");
+    repo.commit("a role change with a template that does not render");
+    let run = host.run(repo.path(), &["sync", "--once", "--timings"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("timing: load "), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(&cache).unwrap(),
+        before,
+        "the cache was replaced"
+    );
+    // Back to a commit whose configuration the cache holds: used.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
+         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0640\"\n",
+    );
+    repo.write("roles/app/files/a.tera", "v3 {{ vars.greeting }}\n");
+    repo.commit("fixed");
+    let run = host.run(repo.path(), &["sync", "--once", "--timings"]).ok();
+    assert!(
+        run.stderr.contains("timing: load-cached ") && !run.stderr.contains("timing: load "),
+        "the cache was not used:\n{}",
+        run.stderr
+    );
+    assert_eq!(host.read("/etc/app/a.conf").unwrap(), "v3 hello\n");
+}

@@ -257,9 +257,9 @@ pub struct Plan {
     #[serde(skip)]
     pub secrets_decrypted: usize,
     /// The configuration cache holding the configuration this plan was
-    /// made from, for the quick-check record (`None`: none was saved).
+    /// made from, for the quick-check record (`None`: there is none).
     #[serde(skip)]
-    pub config_cache: Option<String>,
+    pub config_cache: Option<crate::effects::state::config_cache::Pending>,
 }
 
 impl Plan {

@@ -561,9 +561,10 @@ fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::HostConfig,
 /// cache that the caller proved holds this snapshot's configuration (see
 /// `effects::state::config_cache` for when that holds); it is read if it
 /// is there for this host, options and agent build. Otherwise the
-/// configuration is loaded and saved as the new cache. Returns the
-/// configuration and the name of the cache that holds it (`None`: none;
-/// a cache that cannot be written only costs the next sync a load).
+/// configuration is loaded and encoded as the new cache, written when the
+/// quick-check record is (`config_cache::Pending`). Returns the
+/// configuration and the cache that holds it (`None`: none; a cache that
+/// cannot be encoded or written only costs the next sync a load).
 ///
 /// From the cache, the configuration holds only the file declarations
 /// `want` selects, and the third value is `true`; loaded, it holds all.
@@ -572,27 +573,27 @@ fn load_config_cached(
     state: &StateDir,
     snap: &Snapshot,
     reuse: Option<(&str, &config_cache::Want)>,
-) -> Result<(load::HostConfig, Option<String>, bool), Error> {
+) -> Result<(load::HostConfig, Option<config_cache::Pending>, bool), Error> {
     let opts = load_options(settings);
     let host = host_name(settings, snap);
     let key = config_cache::Key::new(&host, &opts);
     if let (Some(key), Some((name, want))) = (&key, reuse) {
         let _t = timings::stage("load-cached");
         if let Some(config) = config_cache::load(state, key, name, &opts, Some(want)) {
-            return Ok((config, Some(name.to_string()), true));
+            return Ok((config, Some(config_cache::Pending::existing(name)), true));
         }
     }
     let mut config = {
         let _t = timings::stage("load");
         load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)?
     };
-    let name = key.and_then(|key| {
-        let _t = timings::stage("save-config");
-        config_cache::save(state, &key, &mut config)
-            .map_err(|e| debug!("configuration cache not saved: {e:#}"))
+    let cache = key.and_then(|key| {
+        let _t = timings::stage("encode-config");
+        config_cache::Pending::new(&key, &mut config)
+            .map_err(|e| debug!("configuration cache not encoded: {e:#}"))
             .ok()
     });
-    Ok((config, name, false))
+    Ok((config, cache, false))
 }
 
 /// Renders, observes and plans the files of `config`: all of them, or

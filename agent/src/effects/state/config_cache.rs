@@ -42,7 +42,8 @@
 //! is checked again (unit names, hooks, directory modes, the rules between
 //! entries): a forged cache, with a forged `quick.json` naming it, can
 //! declare what the repository does not. The cache is only as trustworthy
-//! as the state directory, which must be writable by root alone.
+//! as the state directory, which is why the agent refuses a state
+//! directory that anyone but its own user can write (`StateDir::open`).
 
 use std::io::Write;
 
@@ -138,12 +139,48 @@ pub fn paths_digest<'a>(sorted: impl IntoIterator<Item = &'a TargetPath>) -> Str
     hex::encode(h.finalize())
 }
 
-/// Writes `config` as the cache for `key`; returns its name (the sha256
-/// of its data) for the quick-check record.
+/// A cache as a plan carries it to the quick-check record: its name, and
+/// its bytes while they are not written yet. They are written only when
+/// the run records what it applied, so a run that fails or skips a bad
+/// commit neither spends the write nor replaces the cache the last
+/// record names.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    name: String,
+    unwritten: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+impl Pending {
+    /// The cache named `name`, already in the state directory.
+    pub fn existing(name: &str) -> Self {
+        Pending {
+            name: name.to_string(),
+            unwritten: None,
+        }
+    }
+
+    /// `config` encoded as the cache for `key`, not written yet.
+    pub fn new(key: &Key, config: &mut HostConfig) -> Result<Self> {
+        let (bytes, name) = encode(key, config)?;
+        Ok(Pending {
+            name,
+            unwritten: Some(std::sync::Arc::new(bytes)),
+        })
+    }
+
+    /// Writes it (if it is not yet) and returns its name (the sha256 of
+    /// its data) for the quick-check record.
+    pub fn write(&self, state: &StateDir) -> Result<&str> {
+        if let Some(bytes) = &self.unwritten {
+            super::write_replace(&state.path().join(FILE), bytes)?;
+        }
+        Ok(&self.name)
+    }
+}
+
+/// Writes `config` as the cache for `key`; returns its name.
 pub fn save(state: &StateDir, key: &Key, config: &mut HostConfig) -> Result<String> {
-    let (bytes, name) = encode(key, config)?;
-    super::write_replace(&state.path().join(FILE), &bytes)?;
-    Ok(name)
+    Ok(Pending::new(key, config)?.write(state)?.to_string())
 }
 
 /// The cached configuration named `name` for `key` and `opts`, with the
