@@ -25,7 +25,15 @@ use crate::plan::inventory::{Inventory, ManagedEntry};
 
 /// `serde_json::to_vec(inv)` (canonical, since the fields are declared in
 /// key order), faster.
+#[cfg(test)]
 pub fn to_vec(inv: &Inventory) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256 + inv.files.len() * 224);
+    write(&mut out, inv)?;
+    Ok(out)
+}
+
+/// [`to_vec`], appended to `out`.
+pub fn write(out: &mut Vec<u8>, inv: &Inventory) -> Result<()> {
     let Inventory {
         applied_at,
         commit,
@@ -57,9 +65,8 @@ pub fn to_vec(inv: &Inventory) -> Result<Vec<u8>> {
         txid: &'a String,
         version: &'a u32,
     }
-    let mut out = Vec::with_capacity(256 + files.len() * 224);
     serde_json::to_writer(
-        &mut out,
+        &mut *out,
         &Before {
             applied_at,
             commit,
@@ -76,9 +83,9 @@ pub fn to_vec(inv: &Inventory) -> Result<Vec<u8>> {
         if i > 0 {
             out.push(b',');
         }
-        string(&mut out, path.as_str())?;
+        string(out, path.as_str())?;
         out.push(b':');
-        managed_entry(&mut out, entry)?;
+        managed_entry(out, entry)?;
     }
     out.extend_from_slice(b"},");
     let after = serde_json::to_vec(&After {
@@ -90,7 +97,7 @@ pub fn to_vec(inv: &Inventory) -> Result<Vec<u8>> {
     .context("cannot serialise the inventory")?;
     // Without its opening brace.
     out.extend_from_slice(after.get(1..).unwrap_or_default());
-    Ok(out)
+    Ok(())
 }
 
 fn managed_entry(out: &mut Vec<u8>, e: &ManagedEntry) -> Result<()> {
@@ -295,6 +302,40 @@ mod tests {
         // The empty inventory, and one of nothing but files.
         let empty = Inventory::default();
         assert_eq!(to_vec(&empty).unwrap(), reference(&empty));
+    }
+
+    /// The bug this guards against: the inventory's envelope is written
+    /// around the data in one buffer (not copied into a second one); its
+    /// bytes must stay what the general state writer makes of the same
+    /// inventory, pretty below the size limit and compact above, and read
+    /// back the same.
+    #[test]
+    fn the_inventory_file_is_what_the_general_state_writer_writes() {
+        let mut rng = Rng(11);
+        for n in [0usize, 3, 3000] {
+            let mut inv = inventory(&mut rng);
+            while inv.files.is_empty() {
+                inv = inventory(&mut rng);
+            }
+            let template = inv.files.values().next().cloned().unwrap();
+            for i in 0..n {
+                inv.files
+                    .insert(path(&mut rng, 10_000 + i), template.clone());
+            }
+            let format = super::super::inventory_format(&inv);
+            let bytes = super::super::encode_inventory(&inv).unwrap();
+            assert_eq!(
+                String::from_utf8(bytes.clone()).unwrap(),
+                String::from_utf8(super::super::encode_state(&inv, format).unwrap()).unwrap(),
+                "{n} more files"
+            );
+            // Both forms are covered: pretty below the limit, compact above.
+            if n != 3 {
+                assert_eq!(bytes.starts_with(b"{\"data\":"), n == 3000, "{n}");
+            }
+            let back: Inventory = super::super::decode_state(&bytes).unwrap();
+            assert_eq!(back, inv);
+        }
     }
 
     #[test]
