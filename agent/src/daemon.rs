@@ -53,34 +53,8 @@ fn jitter() -> f64 {
     (x % 1_000_000) as f64 / 1_000_000.0
 }
 
-/// Hands memory freed by the last sync back to the kernel.
-///
-/// A cold apply of a thousand templates peaks at tens of MB; glibc keeps
-/// freed memory in its arenas, so without this the daemon would stay that
-/// large for its whole life, though an idle poll needs a few MB.
-fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it
-    // takes the arena locks itself and is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Caps glibc at two malloc arenas. Every thread that allocates (the sync
-/// thread, the parse helper, tokio's blocking pool) would otherwise get an
-/// arena of its own, each holding on to its peak.
-fn limit_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called once at start-up, before any other thread exists;
-    // mallopt only changes a tuning parameter.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 pub fn run(settings: Settings, opts: SyncOptions) -> Result<(), Error> {
-    limit_arenas();
+    crate::memory::limit_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -150,7 +124,7 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         // trimming after it would hand pages back that the next poll
         // faults in again.
         if !matches!(&result, Ok(Ok(r)) if r.quick) {
-            release_memory();
+            crate::memory::release();
         }
         let when = crate::time::time_str(crate::time::now());
         match result {

@@ -25,6 +25,7 @@ pub mod events;
 pub mod exit;
 pub mod fuzz_entry;
 pub mod init;
+pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod rollout;

@@ -735,6 +735,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon is never watched on a terminal the way a one-off is.
     let daemon = matches!(cli.command, Command::Run(_));
+    if !daemon {
+        crate::memory::tune_for_one_pass();
+    }
     init_logging(&cli.global, daemon);
     match run(cli) {
         Ok(code) => code,
