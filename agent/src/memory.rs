@@ -18,16 +18,18 @@
 /// more than 32 MiB of it are free. (Measured at 10,000 files: a one-file
 /// sync's page faults 6,700 -> 5,300; a cold apply's peak RSS within the
 /// spread of runs either way; never trimming at all faulted no less.)
-pub fn tune_for_one_pass() {
+pub fn tune_for_one_pass() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called at start-up, before any other thread exists; mallopt
-    // only changes tuning parameters of the allocator.
+    // SAFETY: mallopt only changes tuning parameters of the allocator,
+    // under the allocator's own lock; it returns 0 for a value it refuses.
     unsafe {
         // 32 MiB is the largest threshold glibc accepts on 64-bit; above
         // it, allocations are still mapped on their own.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20) == 1
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
 }
 
 /// For the daemon: at most two malloc arenas. Every thread that
@@ -53,5 +55,17 @@ pub fn release() {
     // takes the arena locks itself and is safe to call at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The bug this guards against: glibc ignores a threshold above its
+    /// maximum (it returns 0 and changes nothing), so a value that looked
+    /// right would silently tune nothing.
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn glibc_accepts_the_one_pass_tuning() {
+        assert!(super::tune_for_one_pass());
     }
 }

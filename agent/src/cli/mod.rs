@@ -736,7 +736,7 @@ pub fn main() -> ExitCode {
     // The daemon is never watched on a terminal the way a one-off is.
     let daemon = matches!(cli.command, Command::Run(_));
     if !daemon {
-        crate::memory::tune_for_one_pass();
+        let _ = crate::memory::tune_for_one_pass();
     }
     init_logging(&cli.global, daemon);
     match run(cli) {
