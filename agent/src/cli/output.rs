@@ -511,7 +511,8 @@ pub fn validate(
             let spec = crate::sync::source_spec(s)?;
             fetch::install_tls_provider();
             let got = fetch::fetch(&spec, &s.state_dir.join("mirror.git")).kind(Failure::Failed)?;
-            fetch::read_tree(&got.repo, got.commit, &s.path).kind(Failure::InvalidRepo)?
+            fetch::read_tree(&got.repo, got.commit, &s.path, s.limits.file)
+                .kind(Failure::InvalidRepo)?
         }
     };
     let opts = crate::sync::load_options(s);

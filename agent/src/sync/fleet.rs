@@ -63,8 +63,13 @@ pub(super) fn active(settings: &crate::config::Settings) -> Option<&FleetSetting
 /// The rollout policy of the fetched commit (`[rollout]` of its
 /// `driftless.toml`), or the default one.
 fn policy_of(pass: &Pass, head: &Head) -> Result<Policy, Error> {
-    let snap = fetch::read_tree(&head.repo, head.id, &pass.settings.path)
-        .map_err(|e| Error::new(Failure::InvalidRepo, e))?;
+    let snap = fetch::read_tree(
+        &head.repo,
+        head.id,
+        &pass.settings.path,
+        pass.settings.limits.file,
+    )
+    .map_err(|e| Error::new(Failure::InvalidRepo, e))?;
     match rollout::policy::load(&snap) {
         Ok(Some(p)) => Ok(p),
         Ok(None) => Ok(Policy::default_policy()),
@@ -85,7 +90,12 @@ fn policy_of(pass: &Pass, head: &Head) -> Result<Policy, Error> {
 fn policy_of_commit(pass: &Pass, head: &Head, commit: &str) -> Policy {
     let read = || -> anyhow::Result<Option<Policy>> {
         let id = head.repo.rev_parse_single(commit)?.detach();
-        let snap = fetch::read_tree(&head.repo, id, &pass.settings.path)?;
+        let snap = fetch::read_tree(
+            &head.repo,
+            id,
+            &pass.settings.path,
+            pass.settings.limits.file,
+        )?;
         rollout::policy::load(&snap).map_err(|e| anyhow::anyhow!(e))
     };
     match read() {

@@ -196,8 +196,8 @@ fn read_changes(
 /// Reads the configured sub-tree of the fetched commit.
 pub fn read_snapshot(settings: &Settings, head: Head) -> Result<Fetched, Error> {
     let _t = timings::stage("read-tree");
-    let snapshot =
-        fetch::read_tree(&head.repo, head.id, &settings.path).kind(Failure::InvalidRepo)?;
+    let snapshot = fetch::read_tree(&head.repo, head.id, &settings.path, settings.limits.file)
+        .kind(Failure::InvalidRepo)?;
     Ok(Fetched {
         commit: head.commit,
         commit_time: head.commit_time,
@@ -842,7 +842,8 @@ pub(super) fn fetched_commit(
         .ok()
         .and_then(|c| c.time().ok())
         .map_or(0, |t| t.seconds);
-    let snapshot = fetch::read_tree(&repo, id, &settings.path).kind(Failure::InvalidRepo)?;
+    let snapshot = fetch::read_tree(&repo, id, &settings.path, settings.limits.file)
+        .kind(Failure::InvalidRepo)?;
     Ok(Fetched {
         commit: id.to_string(),
         commit_time,

@@ -312,8 +312,9 @@ pub fn read_tree(
     repo: &gix::Repository,
     commit: gix::ObjectId,
     sub_path: &str,
+    max_file: u64,
 ) -> Result<Snapshot> {
-    tree::read(repo, commit, sub_path)
+    tree::read(repo, commit, sub_path, max_file)
 }
 
 /// The entries that differ between the trees of two commits below

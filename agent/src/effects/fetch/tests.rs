@@ -53,6 +53,16 @@ fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// [`read_tree`] with the default `max_file_size`.
+fn read_tree_t(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<Snapshot> {
+    read_tree(
+        repo,
+        commit,
+        sub_path,
+        crate::desired::guard::Limits::default().file,
+    )
+}
+
 fn oid(hex: &str) -> gix::ObjectId {
     gix::ObjectId::from_hex(hex.as_bytes()).expect("hex object id")
 }
@@ -299,7 +309,7 @@ fn local_path_and_file_url_read_the_tip() {
         assert_eq!(got.commit, head, "{location}");
         assert_eq!(got.commit_time, ct);
         assert_eq!(got.summary, "first commit");
-        check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+        check_fixture_snapshot(&read_tree_t(&got.repo, got.commit, "").unwrap());
         // open() gives the same object database back
         let again = open(&spec(location, "main"), &mirror).unwrap();
         assert!(again.has_object(head));
@@ -354,7 +364,7 @@ fn child_local_read_without_git() {
     ] {
         let got = fetch(&spec(location, "main"), &tmp.path().join("m")).unwrap();
         assert_eq!(got.commit.to_string(), commit);
-        check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+        check_fixture_snapshot(&read_tree_t(&got.repo, got.commit, "").unwrap());
         assert!(is_ancestor(&got.repo, got.commit, got.commit).unwrap());
     }
 }
@@ -425,24 +435,24 @@ fn read_tree_of_a_sub_path() {
     let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
 
     for sub in ["sub", "/sub/", "./sub"] {
-        let snap = read_tree(&repo, head, sub).unwrap();
+        let snap = read_tree_t(&repo, head, sub).unwrap();
         assert_eq!(file(&snap, "dir/conf.toml").0, b"a = 1\n", "{sub}");
         assert_eq!(file(&snap, "top.txt").0, b"top\n");
         assert_eq!(link(&snap, "conf-link"), "dir/conf.toml");
         assert_eq!(snap.read("conf-link").unwrap(), Some(&b"a = 1\n"[..]));
         assert_eq!(snap.len(), 3, "only the subtree");
     }
-    let snap = read_tree(&repo, head, "sub/dir").unwrap();
+    let snap = read_tree_t(&repo, head, "sub/dir").unwrap();
     assert_eq!(snap.len(), 1);
     assert!(snap.contains("conf.toml"));
-    check_fixture_snapshot(&read_tree(&repo, head, ".").unwrap());
+    check_fixture_snapshot(&read_tree_t(&repo, head, ".").unwrap());
 
-    let err = err_text(read_tree(&repo, head, "nope/x").unwrap_err());
+    let err = err_text(read_tree_t(&repo, head, "nope/x").unwrap_err());
     assert!(err.contains("\"nope/x\" does not exist"), "{err}");
     assert!(err.contains(&head.to_string()), "{err}");
-    let err = err_text(read_tree(&repo, head, "README").unwrap_err());
+    let err = err_text(read_tree_t(&repo, head, "README").unwrap_err());
     assert!(err.contains("not a directory"), "{err}");
-    let err = err_text(read_tree(&repo, head, "../etc").unwrap_err());
+    let err = err_text(read_tree_t(&repo, head, "../etc").unwrap_err());
     assert!(err.contains("plain relative directory"), "{err}");
 }
 
@@ -463,12 +473,12 @@ fn submodules_are_a_clear_error() {
     git(&work, &["commit", "-q", "-m", "add submodule"]);
     let with_sub = oid(&git(&work, &["rev-parse", "HEAD"]));
     let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
-    let err = err_text(read_tree(&repo, with_sub, "").unwrap_err());
+    let err = err_text(read_tree_t(&repo, with_sub, "").unwrap_err());
     assert!(err.contains("sub/vendored is a git submodule"), "{err}");
-    let err = err_text(read_tree(&repo, with_sub, "sub").unwrap_err());
+    let err = err_text(read_tree_t(&repo, with_sub, "sub").unwrap_err());
     assert!(err.contains("sub/vendored is a git submodule"), "{err}");
     // other subtrees are still readable
-    assert_eq!(read_tree(&repo, with_sub, "bin").unwrap().len(), 1);
+    assert_eq!(read_tree_t(&repo, with_sub, "bin").unwrap().len(), 1);
 }
 
 // ------------------------------------------------------------ is_ancestor
@@ -656,7 +666,7 @@ fn child_https_fetch() {
     let got = fetch(&source, &mirror).unwrap();
     assert_eq!(got.commit.to_string(), first);
     assert_eq!(got.summary, "first commit");
-    check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+    check_fixture_snapshot(&read_tree_t(&got.repo, got.commit, "").unwrap());
     assert!(mirror.join("HEAD").is_file(), "bare mirror created");
     let packs_before = pack_indexes(&mirror);
     assert_eq!(packs_before.len(), 1);
@@ -695,7 +705,7 @@ fn child_https_fetch() {
     );
     assert!(is_ancestor(&got2.repo, got.commit, got2.commit).unwrap());
     assert_eq!(
-        file(&read_tree(&got2.repo, got2.commit, "").unwrap(), "README").0,
+        file(&read_tree_t(&got2.repo, got2.commit, "").unwrap(), "README").0,
         b"second\n"
     );
 
@@ -736,7 +746,7 @@ fn child_https_fetch() {
         .id()
         .detach();
     assert_eq!(tip, got3.commit);
-    assert_eq!(read_tree(&repo, tip, "").unwrap().len(), 26);
+    assert_eq!(read_tree_t(&repo, tip, "").unwrap().len(), 26);
     assert_eq!(
         mirror_origin(&mirror).0,
         other_url,
@@ -891,7 +901,7 @@ fn ssh_fetch_is_incremental() {
     let mirror = tmp.path().join("mirror.git");
     let got = fetch(&source, &mirror).unwrap();
     assert_eq!(got.commit, first);
-    check_fixture_snapshot(&read_tree(&got.repo, got.commit, "").unwrap());
+    check_fixture_snapshot(&read_tree_t(&got.repo, got.commit, "").unwrap());
     let packs_before = pack_indexes(&mirror);
     assert_eq!(packs_before.len(), 1);
 
@@ -914,7 +924,7 @@ fn ssh_fetch_is_incremental() {
         "incremental fetch brought {new_objects} objects (full pack: {full_pack_objects})"
     );
     assert!(is_ancestor(&got2.repo, first, second).unwrap());
-    let snap = read_tree(&got2.repo, second, "sub").unwrap();
+    let snap = read_tree_t(&got2.repo, second, "sub").unwrap();
     assert_eq!(file(&snap, "top.txt").0, b"changed\n");
 
     // open() with the same options works for later reads
@@ -1100,7 +1110,7 @@ fn tree_changes_finds_what_comparing_whole_snapshots_finds() {
     for sub in ["", "sub"] {
         let snaps: Vec<Snapshot> = commits
             .iter()
-            .map(|c| read_tree(&repo, *c, sub).unwrap())
+            .map(|c| read_tree_t(&repo, *c, sub).unwrap())
             .collect();
         for (i, a) in commits.iter().enumerate() {
             for (j, b) in commits.iter().enumerate() {
@@ -1140,7 +1150,7 @@ fn a_tree_nested_deeper_than_the_comparison_follows_is_an_error_not_a_crash() {
     let repo = open_local_uncached(&work).unwrap();
     let err = tree_changes(&repo, before, after, "").unwrap_err();
     assert!(format!("{err:#}").contains("nested deeper"), "{err:#}");
-    let snap = read_tree(&repo, after, "").unwrap();
+    let snap = read_tree_t(&repo, after, "").unwrap();
     assert_eq!(snap.len(), 2);
 }
 
@@ -1230,7 +1240,7 @@ fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
             &["commit-tree", &mid, "-p", &before.to_string(), "-m", what],
         ));
         let repo = open_local_uncached(&repo_dir).unwrap();
-        let err = err_text(read_tree(&repo, after, "").unwrap_err());
+        let err = err_text(read_tree_t(&repo, after, "").unwrap_err());
         assert!(
             err.contains(named) && err.contains("d"),
             "{what}: read: {err}"
@@ -1254,6 +1264,64 @@ fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
     );
     let after = oid(&git(&work, &["commit-tree", &ok, "-m", "ok"]));
     let repo = open_local_uncached(&repo_dir).unwrap();
-    assert_eq!(read_tree(&repo, after, "").unwrap().len(), 3);
+    assert_eq!(read_tree_t(&repo, after, "").unwrap().len(), 3);
     assert_eq!(tree_changes(&repo, before, after, "").unwrap().len(), 4);
+}
+
+/// The bug this guards against: a file's object was inflated whole before
+/// its size was looked at, so a hostile commit holding a few compressed
+/// kilobytes that inflate to gigabytes (zeros) got the agent killed for
+/// memory instead of refused. Now an object larger than `max_file_size`
+/// is refused by the size in its header, naming the file and the
+/// setting; a symlink whose target is longer than a path likewise; the
+/// other files still read.
+#[test]
+fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("small"), "ok").unwrap();
+    // 4 MiB of zeros: 4 KiB compressed.
+    std::fs::write(work.join("bomb"), vec![0u8; 4 << 20]).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let head = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree(&repo, head, "", 1 << 20).unwrap();
+    assert_eq!(snap.read("small").unwrap(), Some(&b"ok"[..]));
+    let err = err_text(snap.read("bomb").unwrap_err());
+    assert!(
+        err.contains("bomb")
+            && err.contains("4194304 bytes")
+            && err.contains("1 MiB, max_file_size"),
+        "{err}"
+    );
+    // At the limit it reads.
+    let snap = read_tree(&repo, head, "", 4 << 20).unwrap();
+    assert_eq!(snap.read("bomb").unwrap().map(<[u8]>::len), Some(4 << 20));
+
+    // A symlink's target is a blob too: one longer than a path is refused.
+    let long = "x".repeat(5000);
+    let blob = {
+        let f = tmp.path().join("target");
+        std::fs::write(&f, &long).unwrap();
+        git(&work, &["hash-object", "-w", f.to_str().unwrap()])
+    };
+    git(
+        &work,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("120000,{blob},link"),
+        ],
+    );
+    git(&work, &["commit", "-q", "-m", "long link"]);
+    let head = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let err = err_text(read_tree(&repo, head, "", 1 << 20).unwrap_err());
+    assert!(
+        err.contains("symlink link") && err.contains("5000 bytes"),
+        "{err}"
+    );
 }

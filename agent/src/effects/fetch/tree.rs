@@ -45,6 +45,7 @@ pub(super) fn read(
     repo: &gix::Repository,
     commit: gix::ObjectId,
     sub_path: &str,
+    max_file: u64,
 ) -> Result<Snapshot> {
     let sub_path = normalise_sub_path(sub_path)?;
     let start = start(repo, commit, sub_path.as_str())?;
@@ -86,6 +87,13 @@ pub(super) fn read(
                     entries.push((path, Entry::blob(oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable)));
                 }
                 EntryKind::Link => {
+                    let size = repo.find_header(oid).map_or(0, |h| h.size());
+                    if size > MAX_LINK_TARGET {
+                        bail!(
+                            "symlink {} in commit {commit}: its target is {size} bytes, longer than a path can be ({MAX_LINK_TARGET})",
+                            full(&sub_path, &path)
+                        );
+                    }
                     let blob = repo
                         .find_blob(oid)
                         .with_context(|| format!("cannot read symlink {} in commit {commit}", full(&sub_path, &path)))?;
@@ -105,6 +113,7 @@ pub(super) fn read(
     }
     let source = Arc::new(Blobs {
         repo: Mutex::new(repo.clone()),
+        max_file,
     });
     Ok(Snapshot::lazy_from(source, entries))
 }
@@ -326,10 +335,20 @@ fn diff(
     Ok(())
 }
 
+/// The longest symlink target read from a tree (Linux's `PATH_MAX`).
+const MAX_LINK_TARGET: u64 = 4096;
+
 /// Reads file contents for a lazy [`Snapshot`]: only the files a sync
 /// actually uses are inflated.
+///
+/// An object larger than `max_file` (`max_file_size`: no managed file may
+/// be larger) is refused by the size in its header, before it is
+/// inflated: a hostile commit can hold gigabytes of zeros in a few
+/// compressed kilobytes, and reading them whole would get the agent
+/// killed for memory rather than give an error.
 struct Blobs {
     repo: Mutex<gix::Repository>,
+    max_file: u64,
 }
 
 impl BlobSource for Blobs {
@@ -339,6 +358,17 @@ impl BlobSource for Blobs {
             .repo
             .lock()
             .map_err(|_| anyhow::anyhow!("the repository handle is poisoned"))?;
+        let size = repo
+            .find_header(id)
+            .with_context(|| format!("cannot read object {id}"))?
+            .size();
+        if size > self.max_file {
+            bail!(
+                "it is {size} bytes, more than any managed file may be ({}, max_file_size in agent.toml): \
+                 a file this large does not belong in a configuration repository",
+                crate::desired::guard::size_str(self.max_file)
+            );
+        }
         let blob = repo
             .find_blob(id)
             .with_context(|| format!("cannot read object {id}"))?
