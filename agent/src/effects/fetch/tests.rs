@@ -1325,3 +1325,58 @@ fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
         "{err}"
     );
 }
+
+/// The bug this guards against: a tree object was inflated before its
+/// size was looked at. A loose object whose header claims a tree of a
+/// gigabyte (its id is the hash of exactly those bytes, so it is a valid
+/// object id) is refused by that header, before anything is inflated,
+/// by the whole read and by the comparison.
+#[test]
+fn a_tree_whose_header_claims_a_gigabyte_is_refused_before_it_is_inflated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("top"), "1").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    // The object written by hand: zlib("tree 1000000000\0" + one entry).
+    let script = r#"
+import hashlib, os, sys, zlib
+blob = bytes.fromhex(sys.argv[2])
+raw = b"tree 1000000000\0" + b"100644 f\0" + blob
+oid = hashlib.sha1(raw).hexdigest()
+d = os.path.join(sys.argv[1], ".git", "objects", oid[:2])
+os.makedirs(d, exist_ok=True)
+open(os.path.join(d, oid[2:]), "wb").write(zlib.compress(raw))
+print(oid)
+"#;
+    let blob = git(&work, &["rev-parse", "HEAD:top"]);
+    let out = Command::new("python3")
+        .args(["-c", script, work.to_str().unwrap(), &blob])
+        .output()
+        .expect("python3 runs (apt install python3)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let big = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let top = raw_tree(&work, &[("40000", b"d", &big), ("100644", b"top", &blob)]);
+    let after = oid(&git(
+        &work,
+        &["commit-tree", &top, "-p", &before.to_string(), "-m", "big"],
+    ));
+    let repo = open_local_uncached(&work).unwrap();
+    let err = err_text(read_tree_t(&repo, after, "").unwrap_err());
+    assert!(
+        err.contains("directory d") && err.contains("1000000000 bytes"),
+        "{err}"
+    );
+    let err = err_text(tree_changes(&repo, before, after, "").unwrap_err());
+    assert!(
+        err.contains("\"d\"") && err.contains("1000000000 bytes"),
+        "{err}"
+    );
+}

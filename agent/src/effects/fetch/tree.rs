@@ -53,7 +53,7 @@ pub(super) fn read(
     // (tree id, path of that tree relative to sub_path)
     let mut pending = vec![(start, String::new())];
     while let Some((tree_id, dir)) = pending.pop() {
-        let tree = repo.find_tree(tree_id).with_context(|| {
+        let tree = find_tree(repo, tree_id).with_context(|| {
             format!(
                 "cannot read directory {} of commit {commit}",
                 shown(&sub_path, &dir)
@@ -83,6 +83,10 @@ pub(super) fn read(
             let oid = entry.oid.to_owned();
             match entry.kind {
                 EntryKind::Tree => pending.push((oid, path)),
+                _ if entries.len() >= MAX_ENTRIES => bail!(
+                    "commit {commit} has more than {MAX_ENTRIES} files below {}: driftless reads configuration repositories, not data; set `path` to the configuration's directory",
+                    shown(&sub_path, "")
+                ),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
                     entries.push((path, Entry::blob(oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable)));
                 }
@@ -141,6 +145,25 @@ pub(super) fn changes(
     diff(repo, Some(a), Some(b), "", 0, &mut out)?;
     out.sort();
     Ok(out)
+}
+
+/// The largest tree object read (a directory of about a million
+/// entries): a hostile commit's tree is refused by the size in its
+/// header, before it is inflated.
+const MAX_TREE_BYTES: u64 = 32 << 20;
+
+/// The most files (and symlinks) a snapshot holds.
+const MAX_ENTRIES: usize = 1_000_000;
+
+fn find_tree(repo: &gix::Repository, id: gix::ObjectId) -> Result<gix::Tree<'_>> {
+    let size = repo.find_header(id)?.size();
+    if size > MAX_TREE_BYTES {
+        bail!(
+            "its tree object is {size} bytes, more than the {} a directory of a configuration repository may take",
+            crate::desired::guard::size_str(MAX_TREE_BYTES)
+        );
+    }
+    Ok(repo.find_tree(id)?)
 }
 
 /// How deep [`changes`] follows nested directories (it recurses; a tree
@@ -256,11 +279,8 @@ fn diff(
         bail!("{dir}: directories nested deeper than {MAX_DEPTH} levels");
     }
     let find = |id: Option<gix::ObjectId>| -> Result<Option<gix::Tree<'_>>> {
-        id.map(|id| {
-            repo.find_tree(id)
-                .with_context(|| format!("cannot read directory {dir:?}"))
-        })
-        .transpose()
+        id.map(|id| find_tree(repo, id).with_context(|| format!("cannot read directory {dir:?}")))
+            .transpose()
     };
     let (ta, tb) = (find(a)?, find(b)?);
     let hash = repo.object_hash();
