@@ -735,7 +735,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon is never watched on a terminal the way a one-off is.
     let daemon = matches!(cli.command, Command::Run(_));
-    if !daemon {
+    // The FleetLock server is long-running too, and never trims: it keeps
+    // glibc's defaults.
+    let server = matches!(cli.command, Command::Fleet(FleetCommand::ServeFleetlock(_)));
+    if !daemon && !server {
         let _ = crate::memory::tune_for_one_pass();
     }
     init_logging(&cli.global, daemon);

@@ -70,6 +70,13 @@ fn finding(file: PathBuf, e: &anyhow::Error, remedy: &str) -> Finding {
 /// Every unusable state file, read-only.
 pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     let mut out = Vec::new();
+    for (dir, e) in crate::effects::state::sharing_problems(state.path()) {
+        out.push(finding(
+            dir,
+            &e,
+            "not repaired: `state repair` does not change ownership or modes; run the chown/chmod above (every run refuses this state directory until then)",
+        ));
+    }
     // (`quick.json` is a cache in its own format, which its loader already
     // treats as absent when unreadable.)
     for (path, problem) in [(

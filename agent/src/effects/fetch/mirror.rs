@@ -249,6 +249,10 @@ fn ensure_mirror(mirror_dir: &Path) -> Result<()> {
     }
     gix::init_bare(&tmp)
         .with_context(|| format!("cannot create a bare repository at {}", tmp.display()))?;
+    // Private whatever the umask (the state directory refuses a mirror
+    // others may write: it holds the commits a sync applies).
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", tmp.display()))?;
     std::fs::rename(&tmp, mirror_dir).with_context(|| {
         format!(
             "cannot move the new mirror {} to {}",

@@ -179,7 +179,9 @@ struct Item<'a> {
     oid: &'a gix::oid,
 }
 
-/// A tree's entries, checked as `git fsck` checks them: a hand-crafted
+/// A tree's entries, checked for what `git fsck` refuses and git never
+/// writes (not its NTFS/HFS spellings of `.git`: tree names here are keys
+/// of the repository's snapshot, never paths on the host): a hand-crafted
 /// object (a hostile repository; a fetch does not run fsck) must not turn
 /// into paths git itself could never check out.
 ///
@@ -218,10 +220,12 @@ fn items<'a>(tree: &'a gix::Tree<'_>, hash: gix::hash::Kind) -> Result<Vec<Item<
         }
         if let Some(prev) = out.last() {
             if git_order(prev, &item) != std::cmp::Ordering::Less {
-                return Err(bad(if prev.name == name {
-                    "appears twice"
-                } else {
+                return Err(bad(if prev.name != name {
                     "is out of git's order"
+                } else if prev.tree != item.tree {
+                    "is both a file and a directory"
+                } else {
+                    "appears twice"
                 }));
             }
         }

@@ -121,6 +121,12 @@ impl StateDir {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             refuse_shared(&dir)?;
         }
+        for dir in SHARED_CHECKED_IF_PRESENT {
+            let dir = root.join(dir);
+            if dir.exists() {
+                refuse_shared(&dir)?;
+            }
+        }
         Ok(StateDir {
             inventory_cache: Default::default(),
             root: root.to_path_buf(),
@@ -338,7 +344,8 @@ fn refuse_shared(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(dir).with_context(|| format!("cannot stat {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
+    // Root may own it: root can write anything anyway.
+    if meta.uid() != me && meta.uid() != 0 {
         bail!(
             "state directory {} is owned by uid {}, not by the user driftless runs as (uid {me}): whoever owns it could forge what driftless trusts there (the inventory of what it manages, the backups it restores); `chown {me} {}`, or pass another --state-dir",
             dir.display(),
@@ -355,6 +362,31 @@ fn refuse_shared(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Directories of the state checked like the state directory when they
+/// exist (the agent creates them later, or an older agent did): the
+/// mirror holds the commits a sync applies, the spool what a stick
+/// carries back.
+const SHARED_CHECKED_IF_PRESENT: &[&str] = &["mirror.git", "spool"];
+
+/// Why the state directory at `root` (or one of its directories) could
+/// not be trusted, for `driftless state check`: what [`StateDir::open`]
+/// refuses.
+pub fn sharing_problems(root: &Path) -> Vec<(PathBuf, anyhow::Error)> {
+    ["", "tx", "originals"]
+        .iter()
+        .chain(SHARED_CHECKED_IF_PRESENT)
+        .map(|d| {
+            if d.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(d)
+            }
+        })
+        .filter(|d| d.exists())
+        .filter_map(|d| refuse_shared(&d).err().map(|e| (d, e)))
+        .collect()
 }
 
 /// Refuses a state directory with a symlink at one of its entries, naming
@@ -516,7 +548,8 @@ pub fn encode_inventory(inv: &Inventory) -> Result<Vec<u8>> {
     // Written in place after the envelope's head, not copied into it: a
     // second buffer of 2 MB at 10,000 files was a memcpy and 500 page
     // faults of a one-file commit.
-    let mut out = Vec::with_capacity(COMPACT_HEAD.len() + 256 + inv.files.len() * 224);
+    // (+128: the envelope's tail, so that closing it never reallocates.)
+    let mut out = Vec::with_capacity(COMPACT_HEAD.len() + 256 + 128 + inv.files.len() * 224);
     out.extend_from_slice(COMPACT_HEAD);
     inventory_json::write(&mut out, inv)?;
     if out.len() - COMPACT_HEAD.len() <= PRETTY_UP_TO {
@@ -911,8 +944,14 @@ mod temp_tests {
             (d.path().to_path_buf(), 0o1777),
             (d.path().join("tx"), 0o702),
             (d.path().join("originals"), 0o770),
+            (d.path().join("mirror.git"), 0o777),
         ] {
+            std::fs::create_dir_all(&dir).unwrap();
             set(&dir, mode);
+            // `state check` names it too.
+            let problems = sharing_problems(d.path());
+            assert_eq!(problems.len(), 1, "{mode:o}");
+            assert_eq!(problems[0].0, dir);
             let err = format!("{:#}", StateDir::open(d.path()).unwrap_err());
             assert!(
                 err.contains(&format!("{} is writable by group or others", dir.display()))
