@@ -149,7 +149,7 @@ pub struct Managed<'a> {
     /// Other paths whose change means a full sync.
     pub watched: &'a [TargetPath],
     /// The configuration cache of this commit (see `Plan::config_cache`).
-    pub config: Option<&'a str>,
+    pub config: Option<&'a crate::effects::state::config_cache::Pending>,
     /// This run's quick check, if it ran and found only `drifted` files.
     pub verified: Option<&'a Verified>,
     /// The files this transaction wrote (or changed the owner or mode of).
@@ -273,6 +273,13 @@ pub fn record(
         if !absent.iter().all(|p| fs.confirms_absent(p)) {
             return None;
         }
+        // Written only now that there is a record to name it: a run that
+        // records nothing leaves the cache the last record names alone.
+        let config = config.and_then(|c| {
+            c.write(state)
+                .map_err(|e| debug!("configuration cache not saved: {e:#}"))
+                .ok()
+        });
         Some(QuickRecord {
             version: QUICK_VERSION,
             inputs: inputs.to_string(),

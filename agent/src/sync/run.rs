@@ -488,12 +488,6 @@ fn apply_phase(
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
     raise_floor(pass.settings, &commit, commit_time, pass.now);
     failpoint::hit("sync.quick").kind(Failure::Failed)?;
-    let config_cache = config_cache.as_ref().and_then(|c| {
-        let _t = crate::timings::stage("save-config");
-        c.write(&pass.state)
-            .map_err(|e| tracing::debug!("configuration cache not saved: {e:#}"))
-            .ok()
-    });
     quick::record(
         &pass.state,
         &pass.fs,
@@ -509,7 +503,7 @@ fn apply_phase(
             watched: &watched,
             verified: verified.as_ref(),
             written: &written,
-            config: config_cache,
+            config: config_cache.as_ref(),
         },
     );
     Ok(report)
