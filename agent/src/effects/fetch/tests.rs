@@ -1380,3 +1380,23 @@ print(oid)
         "{err}"
     );
 }
+
+/// A commit of more files than a snapshot holds is refused with the
+/// count and the remedy, not read into memory without end (the limit is
+/// 1,000,000; here a small one stands in for it); at the limit it reads.
+#[test]
+fn a_commit_of_more_files_than_a_snapshot_holds_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let repo = open_local_uncached(&work).unwrap();
+    let all = read_tree_t(&repo, head, "").unwrap().len();
+    assert!(all > 2, "{all}");
+    let max = crate::desired::guard::Limits::default().file;
+    let snap = super::tree::read_at_most(&repo, head, "", max, all).unwrap();
+    assert_eq!(snap.len(), all);
+    let err = err_text(super::tree::read_at_most(&repo, head, "", max, all - 1).unwrap_err());
+    assert!(
+        err.contains(&format!("more than {} files below /", all - 1)) && err.contains("set `path`"),
+        "{err}"
+    );
+}

@@ -47,6 +47,17 @@ pub(super) fn read(
     sub_path: &str,
     max_file: u64,
 ) -> Result<Snapshot> {
+    read_at_most(repo, commit, sub_path, max_file, MAX_ENTRIES)
+}
+
+/// [`read`] holding at most `max_entries` files and symlinks.
+pub(super) fn read_at_most(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    max_file: u64,
+    max_entries: usize,
+) -> Result<Snapshot> {
     let sub_path = normalise_sub_path(sub_path)?;
     let start = start(repo, commit, sub_path.as_str())?;
     let mut entries = Vec::new();
@@ -83,8 +94,8 @@ pub(super) fn read(
             let oid = entry.oid.to_owned();
             match entry.kind {
                 EntryKind::Tree => pending.push((oid, path)),
-                _ if entries.len() >= MAX_ENTRIES => bail!(
-                    "commit {commit} has more than {MAX_ENTRIES} files below {}: driftless reads configuration repositories, not data; set `path` to the configuration's directory",
+                _ if entries.len() >= max_entries => bail!(
+                    "commit {commit} has more than {max_entries} files below {}: driftless reads configuration repositories, not data; set `path` to the configuration's directory",
                     shown(&sub_path, "")
                 ),
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
