@@ -3,9 +3,9 @@
 //!
 //! Why: at 10,000 managed files a one-file sync reads and writes state
 //! files of megabytes (the inventory, the quick-check record, the cached
-//! configuration), and every fresh page it touches is a page fault
-//! (~2 µs on a VM): 6,700 of them were a fifth of the CPU time of such a
-//! sync (issue #18). By default glibc maps each allocation above 128 KiB
+//! configuration), and every fresh page it touches is a page fault:
+//! about 6,700 of them in such a sync (issue #18). By default glibc maps
+//! each allocation above 128 KiB
 //! on its own and unmaps it when freed, and gives the top of the heap
 //! back whenever 128 KiB of it are free, so the next buffer faults its
 //! pages in again. A run that exits in milliseconds gains nothing from
@@ -16,8 +16,9 @@
 /// For a run that exits after one pass (`sync --once`, `plan`, ...):
 /// buffers up to 32 MiB from the heap, and its top given back only when
 /// more than 32 MiB of it are free. (Measured at 10,000 files: a one-file
-/// sync's page faults 6,700 -> 5,300; a cold apply's peak RSS within the
-/// spread of runs either way; never trimming at all faulted no less.)
+/// sync's page faults 6,700 -> 5,300 and 1-3 ms less CPU, `bench/ab`; a
+/// cold apply's peak RSS within the spread of runs either way; never
+/// trimming at all faulted no less.)
 pub fn tune_for_one_pass() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes tuning parameters of the allocator,

@@ -179,6 +179,7 @@ impl Pending {
 }
 
 /// Writes `config` as the cache for `key`; returns its name.
+#[cfg(test)]
 pub fn save(state: &StateDir, key: &Key, config: &mut HostConfig) -> Result<String> {
     Ok(Pending::new(key, config)?.write(state)?.to_string())
 }

@@ -112,7 +112,7 @@ impl StateDir {
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
         refuse_shared(root)?;
         refuse_links(root)?;
-        for sub in ["tx", "originals"] {
+        for sub in CREATED_SUBDIRS {
             let dir = root.join(sub);
             fs::DirBuilder::new()
                 .recursive(true)
@@ -333,17 +333,25 @@ const STATE_ENTRIES: &[&str] = &[
     "spool",
 ];
 
-/// Refuses a state directory (or its `tx`, `originals`) that another user
-/// owns or that group or others may write: whoever can write it can make
-/// the agent remove files (a forged inventory), restore any content over
-/// them (forged originals) or reuse a forged configuration cache. Like
+/// The directories [`StateDir::open`] creates in the state directory.
+const CREATED_SUBDIRS: [&str; 2] = ["tx", "originals"];
+
+/// Refuses a state directory (or one of its directories) that a user
+/// other than the agent's or root owns, or that group or others may
+/// write: whoever can write it can make the agent remove files (a forged
+/// inventory), restore any content over them (forged originals) or reuse
+/// a forged configuration cache. Like
 /// OpenSSH's `StrictModes`, the agent does not run on state it cannot
 /// trust, and says how to fix it. (It does not check the ancestors: a
 /// writable `/var/lib` is a broken host, not a driftless setting.)
 fn refuse_shared(dir: &Path) -> Result<()> {
+    refuse_shared_for(dir, nix::unistd::geteuid().as_raw())
+}
+
+/// [`refuse_shared`] for an agent running as uid `me`.
+fn refuse_shared_for(dir: &Path, me: u32) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(dir).with_context(|| format!("cannot stat {}", dir.display()))?;
-    let me = nix::unistd::geteuid().as_raw();
     // Root may own it: root can write anything anyway.
     if meta.uid() != me && meta.uid() != 0 {
         bail!(
@@ -374,16 +382,9 @@ const SHARED_CHECKED_IF_PRESENT: &[&str] = &["mirror.git", "spool"];
 /// not be trusted, for `driftless state check`: what [`StateDir::open`]
 /// refuses.
 pub fn sharing_problems(root: &Path) -> Vec<(PathBuf, anyhow::Error)> {
-    ["", "tx", "originals"]
-        .iter()
-        .chain(SHARED_CHECKED_IF_PRESENT)
-        .map(|d| {
-            if d.is_empty() {
-                root.to_path_buf()
-            } else {
-                root.join(d)
-            }
-        })
+    let subdirs = CREATED_SUBDIRS.iter().chain(SHARED_CHECKED_IF_PRESENT);
+    std::iter::once(root.to_path_buf())
+        .chain(subdirs.map(|d| root.join(d)))
         .filter(|d| d.exists())
         .filter_map(|d| refuse_shared(&d).err().map(|e| (d, e)))
         .collect()
@@ -418,7 +419,6 @@ fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
     Ok((f, meta))
 }
 
-/// `fs::read` that does not follow a symlink at the last component.
 /// The lines of a state file's text, each ended by a line break, found
 /// with `memchr` (SIMD; `str::split`, compiled for size with the rest of
 /// the agent, was most of reading 10,000 lines). A last line without its
@@ -469,6 +469,7 @@ fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// `fs::read` that does not follow a symlink at the last component.
 fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
     let (mut f, _) = open_nofollow(path)?;
     let mut out = Vec::new();
@@ -962,22 +963,32 @@ mod temp_tests {
         }
         set(d.path(), 0o755);
         StateDir::open(d.path()).unwrap();
-        // Owned by another user: as root, a directory given away; as any
-        // other user, `/`, which root owns (refused before anything in it
-        // is created).
-        let (dir, owner) = if nix::unistd::geteuid().is_root() {
+        // Owned by another user: as root, a directory given away and
+        // opened; as any other user, its own directory judged for an
+        // agent running as someone else.
+        use std::os::unix::fs::MetadataExt;
+        let owner = if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(d.path(), Some(4321), None).unwrap();
-            (d.path().to_path_buf(), 4321)
+            let err = format!("{:#}", StateDir::open(d.path()).unwrap_err());
+            assert!(
+                err.contains("is owned by uid 4321, not by the user"),
+                "{err}"
+            );
+            4321
         } else {
-            (PathBuf::from("/"), 0)
+            std::fs::metadata(d.path()).unwrap().uid()
         };
-        let err = format!("{:#}", StateDir::open(&dir).unwrap_err());
+        let err = format!("{:#}", refuse_shared_for(d.path(), owner + 1).unwrap_err());
         assert!(
             err.contains(&format!(
-                "is owned by uid {owner}, not by the user driftless runs as"
+                "is owned by uid {owner}, not by the user driftless runs as (uid {})",
+                owner + 1
             )),
             "{err}"
         );
+        // Root may own it (as systemd or tmpfiles create it) whoever the
+        // agent runs as.
+        refuse_shared_for(Path::new("/"), 4321).unwrap();
     }
 
     #[test]
