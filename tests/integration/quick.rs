@@ -20,6 +20,10 @@ fn settle(host: &Host, repo: &Repo) -> Run {
     panic!("the quick check never held over 3 idle syncs: {runs:#?}");
 }
 
+/// The role of [`templated_repo`]: a template and a source of mode 0640.
+const ROLE: &str = "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
+                    [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0640\"\n";
+
 fn templated_repo() -> Repo {
     let r = Repo::new();
     r.write(
@@ -27,11 +31,7 @@ fn templated_repo() -> Repo {
         "roles = [\"app\"]\n[vars]\ngreeting = \"hello\"\n",
     );
     r.write("hosts/default.toml", "");
-    r.write(
-        "roles/app/role.toml",
-        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
-         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0640\"\n",
-    );
+    r.write("roles/app/role.toml", ROLE);
     r.write(
         "roles/app/files/a.tera",
         "{{ vars.greeting }} from {{ host.name }}\n",
@@ -485,11 +485,7 @@ fn the_configuration_cache_serves_only_commits_that_left_the_configuration_alone
     assert_eq!(host.read("/etc/app/a.conf").unwrap(), "v2 hello\n");
 
     // The role file itself: loaded again, and the new mode applied.
-    repo.write(
-        "roles/app/role.toml",
-        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
-         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0600\"\n",
-    );
+    repo.write("roles/app/role.toml", &ROLE.replace("0640", "0600"));
     repo.commit("a mode");
     sync("a mode", false);
     let b = std::fs::metadata(host.path("/etc/app/b.conf")).unwrap();
@@ -562,11 +558,7 @@ fn a_failed_run_leaves_the_configuration_cache_alone() {
     settle(&host, &repo);
     let cache = host.state.path().join("config.cache");
     let before = std::fs::read(&cache).unwrap();
-    repo.write(
-        "roles/app/role.toml",
-        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
-         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0600\"\n",
-    );
+    repo.write("roles/app/role.toml", &ROLE.replace("0640", "0600"));
     repo.write("roles/app/files/a.tera", "{{ nope.nothing }}\n");
     repo.commit("a role change with a template that does not render");
     let run = host.run(repo.path(), &["sync", "--once", "--timings"]);
@@ -578,11 +570,7 @@ fn a_failed_run_leaves_the_configuration_cache_alone() {
         "the cache was replaced"
     );
     // Back to a commit whose configuration the cache holds: used.
-    repo.write(
-        "roles/app/role.toml",
-        "[[files]]\npath = \"/etc/app/a.conf\"\ntemplate = \"a.tera\"\n\n\
-         [[files]]\npath = \"/etc/app/b.conf\"\nsource = \"b\"\nmode = \"0640\"\n",
-    );
+    repo.write("roles/app/role.toml", ROLE);
     repo.write("roles/app/files/a.tera", "v3 {{ vars.greeting }}\n");
     repo.commit("fixed");
     let run = host.run(repo.path(), &["sync", "--once", "--timings"]).ok();

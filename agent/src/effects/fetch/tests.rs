@@ -53,6 +53,21 @@ fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A new repository under `root` (`work`) whose one commit holds `files`:
+/// the repository and that commit.
+fn commit_files(root: &Path, files: &[(&str, &[u8])]) -> (PathBuf, gix::ObjectId) {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    for (name, content) in files {
+        std::fs::write(work.join(name), content).unwrap();
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let head = oid(&git(&work, &["rev-parse", "HEAD"]));
+    (work, head)
+}
+
 /// [`read_tree`] with the default `max_file_size`.
 fn read_tree_t(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<Snapshot> {
     read_tree(
@@ -1134,13 +1149,7 @@ fn tree_changes_finds_what_comparing_whole_snapshots_finds() {
 #[test]
 fn a_tree_nested_deeper_than_the_comparison_follows_is_an_error_not_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    std::fs::write(work.join("top"), "1").unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-q", "-m", "one"]);
-    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let (work, before) = commit_files(tmp.path(), &[("top", b"1")]);
     let deep: std::path::PathBuf = std::iter::repeat_n("d", 300).collect();
     std::fs::create_dir_all(work.join(&deep)).unwrap();
     std::fs::write(work.join(&deep).join("f"), "x").unwrap();
@@ -1193,13 +1202,7 @@ fn raw_tree(work: &Path, entries: &[RawEntry<'_>]) -> String {
 #[test]
 fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    std::fs::write(work.join("top"), "1").unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-q", "-m", "one"]);
-    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let (work, before) = commit_files(tmp.path(), &[("top", b"1")]);
     let blob = git(&work, &["rev-parse", "HEAD:top"]);
     let sub = raw_tree(&work, &[("100644", b"f", &blob)]);
     let cases: Vec<(&str, Vec<RawEntry<'_>>, &str)> = vec![
@@ -1278,15 +1281,9 @@ fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
 #[test]
 fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    std::fs::write(work.join("small"), "ok").unwrap();
     // 4 MiB of zeros: 4 KiB compressed.
-    std::fs::write(work.join("bomb"), vec![0u8; 4 << 20]).unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-q", "-m", "one"]);
-    let head = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let zeros = vec![0u8; 4 << 20];
+    let (work, head) = commit_files(tmp.path(), &[("small", b"ok"), ("bomb", &zeros)]);
     let repo = open_local_uncached(&work).unwrap();
     let snap = read_tree(&repo, head, "", 1 << 20).unwrap();
     assert_eq!(snap.read("small").unwrap(), Some(&b"ok"[..]));
@@ -1334,13 +1331,7 @@ fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
 #[test]
 fn a_tree_whose_header_claims_a_gigabyte_is_refused_before_it_is_inflated() {
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    std::fs::write(work.join("top"), "1").unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-q", "-m", "one"]);
-    let before = oid(&git(&work, &["rev-parse", "HEAD"]));
+    let (work, before) = commit_files(tmp.path(), &[("top", b"1")]);
     // The object written by hand: zlib("tree 1000000000\0" + one entry).
     let script = r#"
 import hashlib, os, sys, zlib
