@@ -449,6 +449,15 @@ fn repo_cases() -> Vec<RepoCase> {
             code: 3,
             want: "refusing this host",
         },
+        RepoCase {
+            // Refused by the size git records, before it is inflated.
+            name: "a source larger than max_file_size",
+            edit: |r| {
+                r.write("roles/app/files/static", &"\0".repeat((64 << 20) + 1));
+            },
+            code: 3,
+            want: "roles/app/files/static from the repository: it is 67108865 bytes, more than any managed file may be (64 MiB, max_file_size",
+        },
     ]
 }
 
