@@ -157,6 +157,40 @@ fn validate_reports_every_broken_host_with_exit_3() {
     );
 }
 
+/// `validate DIR` (a CI job checking a pull request's checkout) read every
+/// file of the directory into memory first: a checked-out 8 GiB file,
+/// used or not, was read whole. Now a file is read only when the
+/// configuration uses it, and a used one over `max_file_size` is refused
+/// by its size. (Sparse files: nothing is stored, the old code would have
+/// read 8 GiB of zeros.)
+#[test]
+fn validate_of_a_checkout_reads_only_used_files_and_refuses_a_huge_one_by_size() {
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/a.toml", "");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n",
+    );
+    repo.write("roles/app/files/x.tera", "x\n");
+    let unused = std::fs::File::create(repo.path().join("roles/app/files/unused.iso")).unwrap();
+    unused.set_len(8 << 30).unwrap();
+    let (code, text) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(0), "{text}");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/x\"\ntemplate = \"x.tera\"\n\n[[files]]\npath = \"/etc/iso\"\nsource = \"unused.iso\"\n",
+    );
+    let (code, text) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("unused.iso")
+            && text.contains("8589934592 bytes")
+            && text.contains("max_file_size"),
+        "{text}"
+    );
+}
+
 /// Issue 14 §3: `driftless status | head -1` and `plan | head` panicked
 /// on the broken pipe (exit 101). A reader that went away ends the
 /// command quietly.

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use driftless::desired::load::{load_host, LoadOptions};
 use driftless::desired::render::Renderer;
 use driftless::desired::secrets::SecretResolver;
-use driftless::desired::snapshot::Snapshot;
 use driftless::desired::spec::TargetPath;
 
 use crate::support::workspace;
@@ -35,7 +34,8 @@ fn facts() -> serde_json::Value {
 }
 
 fn render_case(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let snap = Snapshot::from_dir(&dir.join("repo")).map_err(|e| format!("{e:#}"))?;
+    let snap = driftless::effects::fetch::read_dir(&dir.join("repo"), "", u64::MAX)
+        .map_err(|e| format!("{e:#}"))?;
     let host = std::fs::read_to_string(dir.join("host")).unwrap_or_else(|_| "test".into());
     let opts = LoadOptions {
         allowed_roots: vec![

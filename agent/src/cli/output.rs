@@ -506,7 +506,7 @@ pub fn validate(
     skip_secrets: bool,
 ) -> Result<ExitCode, Error> {
     let snap = match dir {
-        Some(d) => crate::sync::snapshot_of_dir(d, &s.path).kind(Failure::InvalidRepo)?,
+        Some(d) => fetch::read_dir(d, &s.path, s.limits.file).kind(Failure::InvalidRepo)?,
         None => {
             let spec = crate::sync::source_spec(s)?;
             fetch::install_tls_provider();

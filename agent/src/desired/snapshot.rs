@@ -11,7 +11,6 @@
 //! already relative to the configured sub-path.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
@@ -49,7 +48,21 @@ impl Entry {
     pub fn blob(id: Vec<u8>, executable: bool) -> Entry {
         Entry::File {
             content: Content {
-                id: Some(id),
+                key: Some(Key::Object(id)),
+                bytes: OnceLock::new(),
+            },
+            executable,
+        }
+    }
+
+    /// A regular file of a working directory, read from the snapshot's
+    /// source by `place` (its path there) when first needed. Unlike an
+    /// object id, a place says nothing about the bytes: two such entries
+    /// are equal only once both are read and their bytes are.
+    pub fn at_place(place: Vec<u8>, executable: bool) -> Entry {
+        Entry::File {
+            content: Content {
+                key: Some(Key::Place(place)),
                 bytes: OnceLock::new(),
             },
             executable,
@@ -72,32 +85,61 @@ impl Entry {
 /// others. The object id identifies the content without reading it.
 #[derive(Debug, Clone, Default)]
 pub struct Content {
-    /// The git object id, when the snapshot comes from a commit.
-    id: Option<Vec<u8>>,
+    /// What the snapshot's source reads the bytes by (`None`: they were
+    /// given, see [`Snapshot::insert_file`]).
+    key: Option<Key>,
     bytes: OnceLock<Vec<u8>>,
+}
+
+/// How a source finds a file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    /// A git object id: it names the content (equal ids, equal bytes).
+    Object(Vec<u8>),
+    /// A path in a working directory: it names only where the bytes are.
+    Place(Vec<u8>),
 }
 
 impl Content {
     /// The git object id (`None` for a working directory's files).
     pub fn id(&self) -> Option<&[u8]> {
-        self.id.as_deref()
+        match &self.key {
+            Some(Key::Object(id)) => Some(id),
+            _ => None,
+        }
+    }
+
+    fn source_key(&self) -> Option<&[u8]> {
+        match &self.key {
+            Some(Key::Object(k) | Key::Place(k)) => Some(k),
+            None => None,
+        }
     }
 }
 
 impl PartialEq for Content {
     fn eq(&self, other: &Self) -> bool {
-        match (&self.id, &other.id) {
+        if let (Some(a), Some(b)) = (self.id(), other.id()) {
+            return a == b;
+        }
+        match (self.bytes.get(), other.bytes.get()) {
             (Some(a), Some(b)) => a == b,
-            _ => self.bytes.get() == other.bytes.get(),
+            // A working directory's file not read yet: nothing says what
+            // it holds, so it equals only itself (a shared entry of two
+            // clones of one snapshot).
+            _ => std::ptr::eq(self, other),
         }
     }
 }
 
 impl Eq for Content {}
 
-/// Where a lazy snapshot reads its files from (the effects side: gix).
+/// Where a lazy snapshot reads its files from (the effects side: gix's
+/// object database, or a working directory).
 pub trait BlobSource: Send + Sync {
-    fn read(&self, id: &[u8]) -> Result<Vec<u8>>;
+    /// The bytes `key` names (a git object id, or a place: see
+    /// [`Entry::blob`] and [`Entry::at_place`]).
+    fn read(&self, key: &[u8]) -> Result<Vec<u8>>;
 }
 
 /// The files of one commit (or one directory), keyed by relative path.
@@ -147,7 +189,7 @@ impl Snapshot {
     /// Adds a regular file. `path` must be relative and normalised.
     pub fn insert_file(&mut self, path: impl Into<String>, bytes: Vec<u8>, executable: bool) {
         let content = Content {
-            id: None,
+            key: None,
             bytes: OnceLock::from(bytes),
         };
         Arc::make_mut(&mut self.entries).insert(
@@ -237,7 +279,7 @@ impl Snapshot {
         if let Some(bytes) = content.bytes.get() {
             return Ok(bytes);
         }
-        let (Some(source), Some(id)) = (&self.source, &content.id) else {
+        let (Some(source), Some(id)) = (&self.source, content.source_key()) else {
             bail!("{path}: the file's content is not available");
         };
         let bytes = source
@@ -325,65 +367,6 @@ impl Snapshot {
             .take_while(move |(k, _)| k.starts_with(&prefix))
             .map(|(k, v)| (k.as_str(), v))
     }
-
-    /// Reads a directory of a working tree (or any directory) into a
-    /// snapshot. Symlinks are recorded as links, never followed; `.git` is
-    /// skipped.
-    pub fn from_dir(root: &Path) -> Result<Self> {
-        let mut snap = Snapshot::new();
-        let meta = std::fs::metadata(root)
-            .with_context(|| format!("cannot read repository directory {}", root.display()))?;
-        if !meta.is_dir() {
-            bail!("{} is not a directory", root.display());
-        }
-        walk_dir(root, root, &mut snap)?;
-        Ok(snap)
-    }
-}
-
-fn walk_dir(root: &Path, dir: &Path, snap: &mut Snapshot) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("cannot list {}", dir.display()))?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        if name == ".git" {
-            continue;
-        }
-        let path = entry.path();
-        let rel = path
-            .strip_prefix(root)
-            .context("walked outside the root")?
-            .to_str()
-            .with_context(|| format!("{}: file names must be UTF-8", path.display()))?
-            .to_string();
-        let ft = entry
-            .file_type()
-            .with_context(|| format!("cannot stat {}", path.display()))?;
-        if ft.is_dir() {
-            walk_dir(root, &path, snap)?;
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path)
-                .with_context(|| format!("cannot read link {}", path.display()))?;
-            let target = target
-                .to_str()
-                .with_context(|| format!("{}: link target must be UTF-8", path.display()))?;
-            snap.insert_symlink(rel, target);
-        } else if ft.is_file() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let mode = entry
-                .metadata()
-                .with_context(|| format!("cannot stat {}", path.display()))?
-                .permissions()
-                .mode();
-            snap.insert_file(rel, bytes, mode & 0o111 != 0);
-        }
-    }
-    Ok(())
 }
 
 /// Resolves a symlink's text relative to the link's directory, refusing

@@ -940,17 +940,6 @@ pub fn ownership_applied() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Reads a repository for `validate`: a directory as it is on disk, or the
-/// configured source.
-pub fn snapshot_of_dir(dir: &Path, sub_path: &str) -> anyhow::Result<Snapshot> {
-    let root = if sub_path.is_empty() {
-        dir.to_path_buf()
-    } else {
-        dir.join(sub_path)
-    };
-    Snapshot::from_dir(&root)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@ mod location;
 pub const BUNDLE_SOURCE: &str = location::BUNDLES;
 mod mirror;
 mod tree;
+mod workdir;
 
 #[cfg(test)]
 mod tests;
@@ -315,6 +316,13 @@ pub fn read_tree(
     max_file: u64,
 ) -> Result<Snapshot> {
     tree::read(repo, commit, sub_path, max_file)
+}
+
+/// Reads a working directory (`dir`, below it `sub_path`) into a
+/// [`Snapshot`] as untrusted as a commit's: files read when used, refused
+/// over `max_file` bytes, links never followed (see `workdir`).
+pub fn read_dir(dir: &Path, sub_path: &str, max_file: u64) -> Result<Snapshot> {
+    workdir::read(dir, sub_path, max_file)
 }
 
 /// The entries that differ between the trees of two commits below

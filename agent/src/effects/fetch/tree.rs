@@ -164,7 +164,7 @@ pub(super) fn changes(
 const MAX_TREE_BYTES: u64 = 32 << 20;
 
 /// The most files (and symlinks) a snapshot holds.
-const MAX_ENTRIES: usize = 1_000_000;
+pub(super) const MAX_ENTRIES: usize = 1_000_000;
 
 fn find_tree(repo: &gix::Repository, id: gix::ObjectId) -> Result<gix::Tree<'_>> {
     let size = repo.find_header(id)?.size();
@@ -398,11 +398,7 @@ impl BlobSource for Blobs {
             .with_context(|| format!("cannot read object {id}"))?
             .size();
         if size > self.max_file {
-            bail!(
-                "it is {size} bytes, more than any managed file may be ({}, max_file_size in agent.toml): \
-                 a file this large does not belong in a configuration repository",
-                crate::desired::guard::size_str(self.max_file)
-            );
+            return Err(too_large(size, self.max_file));
         }
         let blob = repo
             .find_blob(id)
@@ -412,9 +408,19 @@ impl BlobSource for Blobs {
     }
 }
 
+/// Why a file of `size` bytes is refused under the `max_file_size` of
+/// `max` (it is not read).
+pub(super) fn too_large(size: u64, max: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "it is {size} bytes, more than any managed file may be ({}, max_file_size in agent.toml): \
+         a file this large does not belong in a configuration repository",
+        crate::desired::guard::size_str(max)
+    )
+}
+
 /// Accepts `""`, `"."`, `"a/b"`, `"/a/b/"`; refuses `..` and empty
 /// components in the middle.
-fn normalise_sub_path(sub_path: &str) -> Result<String> {
+pub(super) fn normalise_sub_path(sub_path: &str) -> Result<String> {
     let trimmed = sub_path.trim_matches('/');
     if trimmed.is_empty() || trimmed == "." {
         return Ok(String::new());

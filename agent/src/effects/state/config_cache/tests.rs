@@ -213,7 +213,7 @@ fn the_bundled_examples_come_back_as_they_were_loaded() {
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut seen = 0;
     for name in ["quickstart", "container-proxy"] {
-        let snap = Snapshot::from_dir(&examples.join(name)).unwrap();
+        let snap = crate::effects::fetch::read_dir(&examples.join(name), "", u64::MAX).unwrap();
         let hosts = crate::desired::load::host_names(&snap);
         let hosts = if hosts.is_empty() {
             vec!["any".to_string()]
