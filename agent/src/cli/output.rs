@@ -9,7 +9,7 @@ use serde_json::json;
 use super::Format;
 use crate::config::Settings;
 use crate::desired::load;
-use crate::desired::render::Renderer;
+
 use crate::effects::apply::journal::TxState;
 use crate::effects::state::StateDir;
 use crate::effects::{facts, fetch};
@@ -545,8 +545,13 @@ pub fn validate(
                     Box::new(move || crate::effects::keys::load(&keys_settings)),
                 )
             });
-            let r = Renderer::new(&snap, &[&cfg], resolver.clone())?.with_limits(s.limits);
-            let d = r.render(&snap, &cfg, &facts);
+            let d = crate::desired::render::render_host(
+                &snap,
+                &cfg,
+                &facts,
+                resolver.clone(),
+                s.limits,
+            );
             skipped.extend(resolver.skipped());
             Ok((cfg, d?))
         });

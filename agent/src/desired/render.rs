@@ -223,6 +223,18 @@ impl Renderer {
                 }
             }
         }
+        Self::from_names(snap, names, secrets, diags)
+    }
+
+    /// Reads and parses the templates `names` (with the built-in ones)
+    /// into a renderer. Every parse error is reported, not just the first,
+    /// after `diags` (the caller's own; any fails the build).
+    fn from_names(
+        snap: &Snapshot,
+        names: impl IntoIterator<Item = String>,
+        secrets: Arc<SecretResolver>,
+        mut diags: Diagnostics,
+    ) -> Result<Self, Diagnostics> {
         let mut sources: Vec<(String, String)> = BUILTIN_TEMPLATES
             .iter()
             .map(|(n, s)| (n.to_string(), s.to_string()))
@@ -315,19 +327,43 @@ impl Renderer {
     ) -> Result<Desired, Diagnostics> {
         let mut diags = Diagnostics::default();
         let mut files = Vec::with_capacity(host.files.len());
-        let mut total: u64 = 0;
-        let host_json = json!({
-            "name": host.name,
-            "labels": host.labels,
-            "roles": host.roles,
-            "facts": facts,
-        });
         let bar = crate::progress::bar(host.files.len() as u64, "rendering");
-        for decl in host
-            .files
-            .iter()
-            .filter(|d| only.is_none_or(|o| o.contains(&d.path)))
-        {
+        self.render_files(
+            snap,
+            host,
+            &host_json(host, facts),
+            &|d: &FileDecl| only.is_none_or(|o| o.contains(&d.path)),
+            &mut RenderProgress {
+                total: 0,
+                bar: &bar,
+            },
+            &mut files,
+            &mut diags,
+        );
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Ok(desired(host, files))
+    }
+
+    /// Renders the files of `host` that `select` picks, in declaration
+    /// order, into `files` (with their index among the declarations);
+    /// failures go to `diags`. `progress.total` is what the files rendered
+    /// so far add up to (the per-sync limit). True when rendering must stop
+    /// (a limit was crossed).
+    #[allow(clippy::too_many_arguments)]
+    fn render_files(
+        &self,
+        snap: &Snapshot,
+        host: &HostConfig,
+        host_json: &Json,
+        select: &dyn Fn(&FileDecl) -> bool,
+        progress: &mut RenderProgress<'_>,
+        files: &mut Vec<(usize, DesiredFile)>,
+        diags: &mut Diagnostics,
+    ) -> bool {
+        let RenderProgress { total, bar } = progress;
+        for (index, decl) in host.files.iter().enumerate().filter(|(_, d)| select(d)) {
             bar.inc(1);
             self.secrets.take_used();
             let content = match &decl.content {
@@ -375,7 +411,7 @@ impl Renderer {
                     let limit = self
                         .limits
                         .file
-                        .min(self.limits.total.saturating_sub(total));
+                        .min(self.limits.total.saturating_sub(*total));
                     let mut out = LimitedWriter::new(limit);
                     guard::reset_depth();
                     match self.tera.render_to(name, &ctx, &mut out) {
@@ -388,8 +424,8 @@ impl Renderer {
                             buf
                         }
                         Err(_) if out.exceeded => {
-                            diags.push(self.too_large(decl, name, total));
-                            break;
+                            diags.push(self.too_large(decl, name, *total));
+                            return true;
                         }
                         Err(e) => {
                             diags.push(format!(
@@ -404,7 +440,7 @@ impl Renderer {
                 }
             };
             if content.len() as u64 > self.limits.file
-                || total + content.len() as u64 > self.limits.total
+                || *total + content.len() as u64 > self.limits.total
             {
                 let what = match &decl.content {
                     ContentRef::Template(t) | ContentRef::Source(t) => t.clone(),
@@ -412,10 +448,10 @@ impl Renderer {
                         path.clone()
                     }
                 };
-                diags.push(self.too_large(decl, &what, total));
-                break;
+                diags.push(self.too_large(decl, &what, *total));
+                return true;
             }
-            total += content.len() as u64;
+            *total += content.len() as u64;
             let sensitive = self.secrets.take_used();
             let self_contained = !sensitive
                 && match &decl.content {
@@ -434,36 +470,25 @@ impl Renderer {
             } else {
                 decl.mode
             };
-            files.push(DesiredFile {
-                path: decl.path.clone(),
-                role: decl.role.clone(),
-                content,
-                mode,
-                dir_mode: decl.dir_mode,
-                owner: decl.owner.clone(),
-                group: decl.group.clone(),
-                on_change: decl.on_change.clone(),
-                sensitive,
-                self_contained,
-                reboot: decl.reboot,
-                origin: decl.origin.clone(),
-            });
+            files.push((
+                index,
+                DesiredFile {
+                    path: decl.path.clone(),
+                    role: decl.role.clone(),
+                    content,
+                    mode,
+                    dir_mode: decl.dir_mode,
+                    owner: decl.owner.clone(),
+                    group: decl.group.clone(),
+                    on_change: decl.on_change.clone(),
+                    sensitive,
+                    self_contained,
+                    reboot: decl.reboot,
+                    origin: decl.origin.clone(),
+                },
+            ));
         }
-        if !diags.is_empty() {
-            return Err(diags);
-        }
-        Ok(Desired {
-            host: host.name.clone(),
-            files,
-            checks: host.checks.clone(),
-            units: host.units.clone(),
-            hooks: host.hooks.clone(),
-            links: host.links.clone(),
-            absent: host.absent.clone(),
-            dirs: host.dirs.clone(),
-            accounts: host.accounts.clone(),
-            packages: host.packages.clone(),
-        })
+        false
     }
 
     /// The error for a file over the per-file limit, or for the file that
@@ -589,6 +614,208 @@ impl Renderer {
     fn source_line_of(&self, template: &str, var: &str) -> Option<usize> {
         let source = self.sources.get(template)?;
         source.lines().position(|l| l.contains(var)).map(|i| i + 1)
+    }
+}
+
+/// Role templates parsed and rendered together by [`render_host`].
+///
+/// Tera's parsed form of a template is about ten times its text: at
+/// 10,000 role templates one instance of them all was most of a cold
+/// sync's 200 MB peak. Parsed a batch at a time, each batch rendered and
+/// dropped before the next is parsed, the peak holds one batch.
+pub const RENDER_BATCH: usize = 1024;
+
+/// Renders every file of `host`, as [`Renderer::new`] and
+/// [`Renderer::render`] do (the same files and bytes; the same
+/// diagnostics, render errors in batch order; past the per-sync size
+/// limit, the file named is the first to cross it in that order), but
+/// with the role templates parsed and rendered [`RENDER_BATCH`] at a time
+/// when there are more than that, so that their parsed forms are never
+/// all held at once. Batches are possible when no role template (and no
+/// shared one) includes, imports or extends a role template: each batch
+/// is then whole with the shared templates beside it. Otherwise, or when
+/// a template's references cannot be read, everything is parsed at once.
+pub fn render_host(
+    snap: &Snapshot,
+    host: &HostConfig,
+    facts: &Json,
+    secrets: Arc<SecretResolver>,
+    limits: Limits,
+) -> Result<Desired, Diagnostics> {
+    render_host_in(snap, host, facts, secrets, limits, RENDER_BATCH)
+}
+
+fn render_host_in(
+    snap: &Snapshot,
+    host: &HostConfig,
+    facts: &Json,
+    secrets: Arc<SecretResolver>,
+    limits: Limits,
+    batch: usize,
+) -> Result<Desired, Diagnostics> {
+    let Some((shared, batches)) = batches(snap, host, batch) else {
+        return Renderer::new(snap, &[host], secrets)?
+            .with_limits(limits)
+            .render(snap, host, facts);
+    };
+    on_big_stack(|| {
+        let redact = secrets.clone();
+        render_batches(snap, host, facts, secrets, limits, &shared, batches)
+            .map_err(|d| d.map(|m| redact.redact(&m)))
+    })
+}
+
+/// The shared templates and the role templates of `host` in batches of
+/// `batch`, or `None` when they cannot be batched (see [`render_host`]) or
+/// need not be (one batch would hold them all).
+fn batches(
+    snap: &Snapshot,
+    host: &HostConfig,
+    batch: usize,
+) -> Option<(Vec<String>, Vec<Vec<String>>)> {
+    let mut shared: BTreeSet<String> = BTreeSet::new();
+    for (path, entry) in snap.walk("templates") {
+        if matches!(entry, Entry::File { .. } | Entry::Symlink { .. }) {
+            shared.insert(path.to_string());
+        }
+    }
+    let mut own: BTreeSet<String> = BTreeSet::new();
+    for role in &host.roles {
+        for (path, _) in snap.walk(&format!("roles/{role}/files")) {
+            if path.ends_with(".tera") {
+                own.insert(path.to_string());
+            }
+        }
+    }
+    for f in &host.files {
+        if let ContentRef::Template(t) = &f.content {
+            if !shared.contains(t) {
+                own.insert(t.clone());
+            }
+        }
+    }
+    if own.len() <= batch {
+        return None;
+    }
+    for name in shared.iter().chain(&own) {
+        let text = std::str::from_utf8(snap.read(name).ok()??).ok()?;
+        if !template_refs(text)?.iter().all(|r| is_shared_template(r)) {
+            return None;
+        }
+    }
+    let own: Vec<String> = own.into_iter().collect();
+    Some((
+        shared.into_iter().collect(),
+        own.chunks(batch).map(<[String]>::to_vec).collect(),
+    ))
+}
+
+/// [`render_host_in`] with batches, before redaction. A batch that does
+/// not parse is reported and the rest are still parsed (every parse error
+/// is reported, as one instance reports them) but no longer rendered;
+/// then only parse errors are returned, as [`Renderer::new`] returns them.
+fn render_batches(
+    snap: &Snapshot,
+    host: &HostConfig,
+    facts: &Json,
+    secrets: Arc<SecretResolver>,
+    limits: Limits,
+    shared: &[String],
+    batches: Vec<Vec<String>>,
+) -> Result<Desired, Diagnostics> {
+    let host_json = host_json(host, facts);
+    let bar = crate::progress::bar(host.files.len() as u64, "rendering");
+    let mut progress = RenderProgress {
+        total: 0,
+        bar: &bar,
+    };
+    let mut files = Vec::with_capacity(host.files.len());
+    let mut render_diags = Diagnostics::default();
+    let mut parse_diags: Vec<String> = Vec::new();
+    let mut stopped = false;
+    let last = batches.len().saturating_sub(1);
+    for (i, own) in batches.into_iter().enumerate() {
+        let mine: BTreeSet<&str> = own.iter().map(String::as_str).collect();
+        let names = shared.iter().cloned().chain(own.iter().cloned());
+        let renderer =
+            match Renderer::from_names(snap, names, secrets.clone(), Diagnostics::default()) {
+                Ok(r) => r.with_limits(limits),
+                Err(d) => {
+                    // A broken shared template breaks every batch: named once.
+                    for m in d.iter() {
+                        if !parse_diags.contains(m) {
+                            parse_diags.push(m.clone());
+                        }
+                    }
+                    continue;
+                }
+            };
+        if !parse_diags.is_empty() || stopped {
+            continue;
+        }
+        // Each file rendered by the batch holding its template; the files
+        // that are not templates by the last batch.
+        let select = |d: &FileDecl| match &d.content {
+            ContentRef::Template(t) => {
+                mine.contains(t.as_str()) || (i == last && shared.contains(t))
+            }
+            _ => i == last,
+        };
+        stopped = renderer.render_files(
+            snap,
+            host,
+            &host_json,
+            &select,
+            &mut progress,
+            &mut files,
+            &mut render_diags,
+        );
+    }
+    if !parse_diags.is_empty() {
+        let mut d = Diagnostics::default();
+        for m in parse_diags {
+            d.push(m);
+        }
+        return Err(d);
+    }
+    if !render_diags.is_empty() {
+        return Err(render_diags);
+    }
+    Ok(desired(host, files))
+}
+
+/// How far one host's rendering got: the bytes rendered (for the per-sync
+/// limit) and the progress bar.
+struct RenderProgress<'a> {
+    total: u64,
+    bar: &'a crate::progress::Bar,
+}
+
+/// The `host` every template sees.
+fn host_json(host: &HostConfig, facts: &Json) -> Json {
+    json!({
+        "name": host.name,
+        "labels": host.labels,
+        "roles": host.roles,
+        "facts": facts,
+    })
+}
+
+/// The desired state of `host` with its rendered `files` (in declaration
+/// order once sorted by their index).
+fn desired(host: &HostConfig, mut files: Vec<(usize, DesiredFile)>) -> Desired {
+    files.sort_unstable_by_key(|(i, _)| *i);
+    Desired {
+        host: host.name.clone(),
+        files: files.into_iter().map(|(_, f)| f).collect(),
+        checks: host.checks.clone(),
+        units: host.units.clone(),
+        hooks: host.hooks.clone(),
+        links: host.links.clone(),
+        absent: host.absent.clone(),
+        dirs: host.dirs.clone(),
+        accounts: host.accounts.clone(),
+        packages: host.packages.clone(),
     }
 }
 
@@ -823,5 +1050,208 @@ mod parse_tests {
             assert!(!got.iter().any(|r| r.starts_with("error")), "{got:?}");
             assert_eq!(got[2], if cross_half { "<7>" } else { "base[0:7]" });
         }
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::desired::load::{load_host, LoadOptions};
+
+    type Rendered = Result<Vec<(String, Vec<u8>, String, bool, bool)>, Vec<String>>;
+
+    fn repo(files: &[(String, String)]) -> Snapshot {
+        let mut s = Snapshot::new();
+        for (p, c) in files {
+            s.insert_file(p.clone(), c.as_bytes().to_vec(), false);
+        }
+        s
+    }
+
+    /// Two roles of `n` templates each (extending, importing, including a
+    /// shared template, or plain), a `source =` file, and an unused role
+    /// template.
+    fn files(n: usize) -> Vec<(String, String)> {
+        let mut f = vec![
+            (
+                "driftless.toml".to_string(),
+                "roles = [\"a\", \"b\"]\n[vars]\nx = 3\n".to_string(),
+            ),
+            ("hosts/h.toml".into(), String::new()),
+            (
+                "templates/base.tera".into(),
+                "base[{% block body %}{% endblock %}]".into(),
+            ),
+            (
+                "templates/m.tera".into(),
+                "{% macro twice(v) %}{{ v }}{{ v }}{% endmacro %}".into(),
+            ),
+            ("templates/plain.tera".into(), "plain {{ vars.x }}\n".into()),
+            (
+                "roles/a/files/unused.tera".into(),
+                "never {{ rendered }}".into(),
+            ),
+            ("roles/a/files/raw.bin".into(), "raw bytes\n".into()),
+        ];
+        for role in ["a", "b"] {
+            let mut decls = String::new();
+            for i in 0..n {
+                let body = match i % 4 {
+                    0 => format!(
+                        "{{% extends \"templates/base.tera\" %}}{{% block body %}}{role}{i}:{{{{ vars.x }}}}{{% endblock %}}"
+                    ),
+                    1 => format!(
+                        "{{% import \"templates/m.tera\" as m %}}{role}{i}:{{{{ m::twice(v=vars.x) }}}}"
+                    ),
+                    2 => format!("{{% include \"templates/plain.tera\" %}}{role}{i}"),
+                    _ => format!("{role}{i}:{{{{ vars.x * 2 }}}} {{{{ file.path }}}}"),
+                };
+                f.push((format!("roles/{role}/files/t{i:03}.tera"), body));
+                decls.push_str(&format!(
+                    "[[files]]\npath = \"/etc/{role}/t{i:03}\"\ntemplate = \"t{i:03}.tera\"\n"
+                ));
+            }
+            if role == "a" {
+                decls.push_str("[[files]]\npath = \"/etc/a/raw\"\nsource = \"raw.bin\"\n");
+            }
+            f.push((format!("roles/{role}/role.toml"), decls));
+        }
+        f
+    }
+
+    fn render(snap: &Snapshot, batch: usize) -> Rendered {
+        let opts = LoadOptions {
+            allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
+            reserved: Vec::new(),
+        };
+        let host =
+            load_host(snap, "h", &opts).map_err(|d| d.iter().cloned().collect::<Vec<_>>())?;
+        let secrets = Arc::new(SecretResolver::without_keys(snap));
+        let facts = json!({"hostname": "h"});
+        match render_host_in(snap, &host, &facts, secrets, Limits::default(), batch) {
+            Ok(d) => Ok(d
+                .files
+                .iter()
+                .map(|f| {
+                    (
+                        f.path.to_string(),
+                        f.content.clone(),
+                        f.mode.to_string(),
+                        f.sensitive,
+                        f.self_contained,
+                    )
+                })
+                .collect()),
+            Err(d) => {
+                let mut m: Vec<String> = d.iter().cloned().collect();
+                m.sort();
+                Err(m)
+            }
+        }
+    }
+
+    fn host_of(snap: &Snapshot) -> HostConfig {
+        let opts = LoadOptions {
+            allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
+            reserved: Vec::new(),
+        };
+        load_host(snap, "h", &opts).unwrap()
+    }
+
+    #[test]
+    fn batches_render_what_one_instance_renders() {
+        let snap = repo(&files(9));
+        let (shared, batches) = batches(&snap, &host_of(&snap), 4).expect("batched");
+        assert_eq!(shared.len(), 3);
+        assert_eq!(batches.len(), 5, "19 role templates in batches of 4");
+        let whole = render(&snap, usize::MAX);
+        let got = render(&snap, 4);
+        assert_eq!(got, whole);
+        let got = got.unwrap();
+        assert_eq!(got.len(), 19);
+        // In the configuration's order (by path), as one instance gives it.
+        assert_eq!(got[0].0, "/etc/a/raw");
+        assert_eq!(
+            got.iter().find(|f| f.0 == "/etc/a/t000").unwrap().1,
+            b"base[a0:3]"
+        );
+        assert_eq!(
+            got.iter().find(|f| f.0 == "/etc/a/raw").unwrap().1,
+            b"raw bytes\n"
+        );
+        assert_eq!(
+            got.iter().find(|f| f.0 == "/etc/a/t002").unwrap().1,
+            b"plain 3\na2"
+        );
+    }
+
+    #[test]
+    fn a_role_template_using_another_role_template_is_parsed_with_all_of_them() {
+        let mut f = files(9);
+        f.push((
+            "roles/b/files/t008.tera".into(),
+            "{% include \"roles/a/files/t003.tera\" %}!".into(),
+        ));
+        let snap = repo(&f);
+        assert!(batches(&snap, &host_of(&snap), 4).is_none());
+        let got = render(&snap, 4);
+        assert_eq!(got, render(&snap, usize::MAX));
+        let got = got.unwrap();
+        assert_eq!(
+            got.iter().find(|f| f.0 == "/etc/b/t008").unwrap().1,
+            b"a3:6 /etc/b/t008!"
+        );
+    }
+
+    #[test]
+    fn parse_errors_in_several_batches_are_all_reported_and_nothing_is_rendered() {
+        let mut f = files(9);
+        f.push(("roles/a/files/t000.tera".into(), "{% if %}".into()));
+        f.push(("roles/b/files/t008.tera".into(), "{{ unclosed".into()));
+        let snap = repo(&f);
+        let whole = render(&snap, usize::MAX).unwrap_err();
+        let got = render(&snap, 4).unwrap_err();
+        assert_eq!(got, whole);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.iter().any(|m| m.contains("roles/a/files/t000.tera")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|m| m.contains("roles/b/files/t008.tera")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_broken_shared_template_is_reported_once() {
+        let mut f = files(9);
+        f.push(("templates/m.tera".into(), "{% macro %}".into()));
+        let snap = repo(&f);
+        let got = render(&snap, 4).unwrap_err();
+        assert_eq!(got, render(&snap, usize::MAX).unwrap_err());
+        assert_eq!(
+            got.iter()
+                .filter(|m| m.starts_with("Failed to parse 'templates/m.tera'"))
+                .count(),
+            1,
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn render_errors_in_several_batches_are_all_reported() {
+        let mut f = files(9);
+        f.push(("roles/a/files/t001.tera".into(), "{{ vars.nope }}".into()));
+        f.push((
+            "roles/b/files/t007.tera".into(),
+            "{{ vars.x | nofilter }}".into(),
+        ));
+        let snap = repo(&f);
+        let got = render(&snap, 4).unwrap_err();
+        assert_eq!(got, render(&snap, usize::MAX).unwrap_err());
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().any(|m| m.contains("vars.nope")), "{got:?}");
+        assert!(got.iter().any(|m| m.contains("nofilter")), "{got:?}");
     }
 }

@@ -614,23 +614,33 @@ fn plan_files(
         snap,
         Box::new(move || crate::effects::keys::load(&keys_settings)),
     ));
-    let timing = timings::stage("parse");
-    let renderer = match only {
-        None => Renderer::new(snap, &[config], resolver.clone()),
-        Some(only) => Renderer::for_files(snap, config, only, resolver.clone()),
-    }
-    .kind(Failure::InvalidRepo)?
-    .with_limits(settings.limits);
-    drop(timing);
-    let timing = timings::stage("render");
-    let desired = renderer
-        .render_only(snap, config, facts, only)
-        .kind(Failure::InvalidRepo)?;
-    // The parsed templates are done with: freed before the plan copies
-    // the rendered files (at 10,000 templates they are the largest thing
-    // a cold sync holds).
-    drop(renderer);
-    drop(timing);
+    let desired = match only {
+        None => {
+            // Parsed and rendered a batch of templates at a time (their
+            // parsed forms were the largest thing a cold sync held), so
+            // the stage holds both.
+            let _t = timings::stage("render");
+            crate::desired::render::render_host(
+                snap,
+                config,
+                facts,
+                resolver.clone(),
+                settings.limits,
+            )
+            .kind(Failure::InvalidRepo)?
+        }
+        Some(only) => {
+            let timing = timings::stage("parse");
+            let renderer = Renderer::for_files(snap, config, only, resolver.clone())
+                .kind(Failure::InvalidRepo)?
+                .with_limits(settings.limits);
+            drop(timing);
+            let _t = timings::stage("render");
+            renderer
+                .render_only(snap, config, facts, Some(only))
+                .kind(Failure::InvalidRepo)?
+        }
+    };
     let timing = timings::stage("ids");
     let observed_accounts =
         crate::effects::accounts::observe(fs, &desired.accounts, ownership_applied())
