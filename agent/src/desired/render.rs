@@ -223,34 +223,18 @@ impl Renderer {
                 }
             }
         }
-        Self::from_names(snap, names, secrets, diags)
+        let sources = read_sources(snap, names, &mut diags);
+        Self::from_sources(sources, secrets, diags)
     }
 
-    /// Reads and parses the templates `names` (with the built-in ones)
-    /// into a renderer. Every parse error is reported, not just the first,
-    /// after `diags` (the caller's own; any fails the build).
-    fn from_names(
-        snap: &Snapshot,
-        names: impl IntoIterator<Item = String>,
+    /// Parses the templates `sources` (see [`read_sources`]) into a
+    /// renderer. Every parse error is reported, not just the first, after
+    /// `diags` (the caller's own; any fails the build).
+    fn from_sources(
+        sources: Vec<(String, String)>,
         secrets: Arc<SecretResolver>,
         mut diags: Diagnostics,
     ) -> Result<Self, Diagnostics> {
-        let mut sources: Vec<(String, String)> = BUILTIN_TEMPLATES
-            .iter()
-            .map(|(n, s)| (n.to_string(), s.to_string()))
-            .collect();
-        for name in names {
-            match snap.read(&name) {
-                Ok(Some(bytes)) => match String::from_utf8(bytes.to_vec()) {
-                    Ok(text) => sources.push((name, text)),
-                    Err(_) => diags.push(format!(
-                        "{name}: a template must be UTF-8 text; use `source =` for binary files"
-                    )),
-                },
-                Ok(None) => {}
-                Err(e) => diags.push(format!("{e:#}")),
-            }
-        }
         if !diags.is_empty() {
             for m in parse_diagnostics(&sources) {
                 diags.push(m);
@@ -375,8 +359,8 @@ impl Renderer {
                     }
                 },
                 ContentRef::Generated { bytes, .. } => bytes.clone(),
-                ContentRef::Source(path) => match snap.read(path) {
-                    Ok(Some(b)) => b.to_vec(),
+                ContentRef::Source(path) => match snap.read_uncached(path) {
+                    Ok(Some(b)) => b.into_owned(),
                     Ok(None) => {
                         diags.push(format!("{}: {path} does not exist", decl.origin));
                         continue;
@@ -653,21 +637,28 @@ fn render_host_in(
     limits: Limits,
     batch: usize,
 ) -> Result<Desired, Diagnostics> {
-    let Some((shared, batches)) = batches(snap, host, batch) else {
-        return Renderer::new(snap, &[host], secrets)?
+    let whole = |secrets| {
+        Renderer::new(snap, &[host], secrets)?
             .with_limits(limits)
-            .render(snap, host, facts);
+            .render(snap, host, facts)
     };
-    on_big_stack(|| {
-        let redact = secrets.clone();
-        render_batches(snap, host, facts, secrets, limits, &shared, batches)
-            .map_err(|d| d.map(|m| redact.redact(&m)))
-    })
+    let Some((shared, batches)) = batches(snap, host, batch) else {
+        return whole(secrets);
+    };
+    let redact = secrets.clone();
+    match on_big_stack(|| {
+        render_batches(snap, host, facts, secrets.clone(), limits, &shared, batches)
+    }) {
+        Some(rendered) => rendered.map_err(|d| d.map(|m| redact.redact(&m))),
+        // A template uses a role template: all of them at once.
+        None => whole(redact),
+    }
 }
 
 /// The shared templates and the role templates of `host` in batches of
-/// `batch`, or `None` when they cannot be batched (see [`render_host`]) or
-/// need not be (one batch would hold them all).
+/// `batch`, or `None` when one batch would hold them all. Whether they
+/// can be batched is found batch by batch, from the texts read for it
+/// (reading them all first would read every template twice).
 fn batches(
     snap: &Snapshot,
     host: &HostConfig,
@@ -697,12 +688,6 @@ fn batches(
     if own.len() <= batch {
         return None;
     }
-    for name in shared.iter().chain(&own) {
-        let text = std::str::from_utf8(snap.read(name).ok()??).ok()?;
-        if !template_refs(text)?.iter().all(|r| is_shared_template(r)) {
-            return None;
-        }
-    }
     let own: Vec<String> = own.into_iter().collect();
     Some((
         shared.into_iter().collect(),
@@ -710,10 +695,13 @@ fn batches(
     ))
 }
 
-/// [`render_host_in`] with batches, before redaction. A batch that does
-/// not parse is reported and the rest are still parsed (every parse error
-/// is reported, as one instance reports them) but no longer rendered;
-/// then only parse errors are returned, as [`Renderer::new`] returns them.
+/// [`render_host_in`] with batches, before redaction; `None` as soon as a
+/// batch's texts show a template that includes, imports or extends a role
+/// template (or one whose references cannot be read): they must then be
+/// parsed all at once. A batch that does not parse is reported and the
+/// rest are still parsed (every parse error is reported, as one instance
+/// reports them) but no longer rendered; then only parse errors are
+/// returned, as [`Renderer::new`] returns them.
 fn render_batches(
     snap: &Snapshot,
     host: &HostConfig,
@@ -722,7 +710,7 @@ fn render_batches(
     limits: Limits,
     shared: &[String],
     batches: Vec<Vec<String>>,
-) -> Result<Desired, Diagnostics> {
+) -> Option<Result<Desired, Diagnostics>> {
     let host_json = host_json(host, facts);
     let bar = crate::progress::bar(host.files.len() as u64, "rendering");
     let mut progress = RenderProgress {
@@ -737,19 +725,26 @@ fn render_batches(
     for (i, own) in batches.into_iter().enumerate() {
         let mine: BTreeSet<&str> = own.iter().map(String::as_str).collect();
         let names = shared.iter().cloned().chain(own.iter().cloned());
-        let renderer =
-            match Renderer::from_names(snap, names, secrets.clone(), Diagnostics::default()) {
-                Ok(r) => r.with_limits(limits),
-                Err(d) => {
-                    // A broken shared template breaks every batch: named once.
-                    for m in d.iter() {
-                        if !parse_diags.contains(m) {
-                            parse_diags.push(m.clone());
-                        }
+        let mut read_diags = Diagnostics::default();
+        let sources = read_sources(snap, names, &mut read_diags);
+        let batchable = sources.iter().all(|(_, text)| {
+            template_refs(text).is_some_and(|refs| refs.iter().all(|r| is_shared_template(r)))
+        });
+        if !batchable {
+            return None;
+        }
+        let renderer = match Renderer::from_sources(sources, secrets.clone(), read_diags) {
+            Ok(r) => r.with_limits(limits),
+            Err(d) => {
+                // A broken shared template breaks every batch: named once.
+                for m in d.iter() {
+                    if !parse_diags.contains(m) {
+                        parse_diags.push(m.clone());
                     }
-                    continue;
                 }
-            };
+                continue;
+            }
+        };
         if !parse_diags.is_empty() || stopped {
             continue;
         }
@@ -776,12 +771,40 @@ fn render_batches(
         for m in parse_diags {
             d.push(m);
         }
-        return Err(d);
+        return Some(Err(d));
     }
     if !render_diags.is_empty() {
-        return Err(render_diags);
+        return Some(Err(render_diags));
     }
-    Ok(desired(host, files))
+    Some(Ok(desired(host, files)))
+}
+
+/// The texts of the built-in templates and of `names` (read without
+/// keeping them in the snapshot: the renderer keeps its own copy); what
+/// cannot be read or is not UTF-8 goes to `diags`, a name that is not
+/// there is left out (rendering it then names it).
+fn read_sources(
+    snap: &Snapshot,
+    names: impl IntoIterator<Item = String>,
+    diags: &mut Diagnostics,
+) -> Vec<(String, String)> {
+    let mut sources: Vec<(String, String)> = BUILTIN_TEMPLATES
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+    for name in names {
+        match snap.read_uncached(&name) {
+            Ok(Some(bytes)) => match String::from_utf8(bytes.into_owned()) {
+                Ok(text) => sources.push((name, text)),
+                Err(_) => diags.push(format!(
+                    "{name}: a template must be UTF-8 text; use `source =` for binary files"
+                )),
+            },
+            Ok(None) => {}
+            Err(e) => diags.push(format!("{e:#}")),
+        }
+    }
+    sources
 }
 
 /// How far one host's rendering got: the bytes rendered (for the per-sync
@@ -1193,7 +1216,20 @@ mod batch_tests {
             "{% include \"roles/a/files/t003.tera\" %}!".into(),
         ));
         let snap = repo(&f);
-        assert!(batches(&snap, &host_of(&snap), 4).is_none());
+        let host = host_of(&snap);
+        let (shared, batches) = batches(&snap, &host, 4).unwrap();
+        let secrets = Arc::new(SecretResolver::without_keys(&snap));
+        let facts = json!({});
+        let batched = render_batches(
+            &snap,
+            &host,
+            &facts,
+            secrets,
+            Limits::default(),
+            &shared,
+            batches,
+        );
+        assert!(batched.is_none(), "not batchable");
         let got = render(&snap, 4);
         assert_eq!(got, render(&snap, usize::MAX));
         let got = got.unwrap();

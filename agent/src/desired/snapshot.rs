@@ -246,6 +246,28 @@ impl Snapshot {
         }
     }
 
+    /// [`Snapshot::read`] without keeping what it read: bytes already
+    /// read are borrowed, others are read from the source and handed
+    /// over. For what is read once and copied anyway (a template's text,
+    /// a `source =` file's bytes): a cold sync of 10,000 templates kept
+    /// every template's bytes in the snapshot to the end, next to their
+    /// copies.
+    pub fn read_uncached(&self, path: &str) -> Result<Option<std::borrow::Cow<'_, [u8]>>> {
+        let Some((at, content)) = self.resolve(path)? else {
+            return Ok(None);
+        };
+        if let Some(bytes) = content.bytes.get() {
+            return Ok(Some(std::borrow::Cow::Borrowed(bytes)));
+        }
+        let (Some(source), Some(key)) = (&self.source, content.source_key()) else {
+            bail!("{at}: the file's content is not available");
+        };
+        let bytes = source
+            .read(key)
+            .with_context(|| format!("cannot read {at} from the repository"))?;
+        Ok(Some(std::borrow::Cow::Owned(bytes)))
+    }
+
     /// Follows symlinks like [`Snapshot::read`] and says whether a file is
     /// there, without reading it.
     pub fn file_exists(&self, path: &str) -> Result<bool> {

@@ -614,7 +614,7 @@ fn plan_files(
         snap,
         Box::new(move || crate::effects::keys::load(&keys_settings)),
     ));
-    let desired = match only {
+    let mut desired = match only {
         None => {
             // Parsed and rendered a batch of templates at a time (their
             // parsed forms were the largest thing a cold sync held), so
@@ -666,8 +666,17 @@ fn plan_files(
     drop(timing);
     let _t = timings::stage("plan");
     let account_changes = plan::accounts::diff(&desired.accounts, &observed_accounts);
+    // Moved into the plan, not copied: nothing below reads them.
+    let contents = plan::take_contents(&mut desired);
     let mut plan = match (
-        plan::plan(&desired, Some(&fetched.commit), &observed, &inventory, &ids),
+        plan::plan_taking(
+            &desired,
+            contents,
+            Some(&fetched.commit),
+            &observed,
+            &inventory,
+            &ids,
+        ),
         account_changes,
     ) {
         (Ok(mut p), Ok(a)) => {

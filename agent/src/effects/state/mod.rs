@@ -27,7 +27,7 @@
 //! as format 1, byte for byte what older agents wrote, so a downgrade
 //! stays possible while nothing else is managed.
 
-mod canonical;
+pub(crate) mod canonical;
 pub mod config_cache;
 pub mod floor;
 pub mod history;
