@@ -233,7 +233,26 @@ impl Renderer {
     fn from_sources(
         sources: Vec<(String, String)>,
         secrets: Arc<SecretResolver>,
+        diags: Diagnostics,
+    ) -> Result<Self, Diagnostics> {
+        Self::from_sources_with(sources, secrets, diags, parse)
+    }
+
+    /// [`Renderer::from_sources`] parsing on the calling thread only (for
+    /// a caller that keeps the other cores busy itself).
+    fn from_sources_on_this_thread(
+        sources: Vec<(String, String)>,
+        secrets: Arc<SecretResolver>,
+        diags: Diagnostics,
+    ) -> Result<Self, Diagnostics> {
+        Self::from_sources_with(sources, secrets, diags, |s| instance(s.iter()))
+    }
+
+    fn from_sources_with(
+        sources: Vec<(String, String)>,
+        secrets: Arc<SecretResolver>,
         mut diags: Diagnostics,
+        parse: impl FnOnce(&[(String, String)]) -> tera::Result<Tera>,
     ) -> Result<Self, Diagnostics> {
         if !diags.is_empty() {
             for m in parse_diagnostics(&sources) {
@@ -317,8 +336,9 @@ impl Renderer {
             host,
             &host_json(host, facts),
             &|d: &FileDecl| only.is_none_or(|o| o.contains(&d.path)),
-            &mut RenderProgress {
-                total: 0,
+            &RenderProgress {
+                total: Default::default(),
+                stop: Default::default(),
                 bar: &bar,
             },
             &mut files,
@@ -332,9 +352,9 @@ impl Renderer {
 
     /// Renders the files of `host` that `select` picks, in declaration
     /// order, into `files` (with their index among the declarations);
-    /// failures go to `diags`. `progress.total` is what the files rendered
-    /// so far add up to (the per-sync limit). True when rendering must stop
-    /// (a limit was crossed).
+    /// failures go to `diags`. `progress.total` is what the files kept so
+    /// far add up to (the per-sync limit); crossing a limit sets
+    /// `progress.stop`, and no file is rendered once it is set.
     #[allow(clippy::too_many_arguments)]
     fn render_files(
         &self,
@@ -342,12 +362,16 @@ impl Renderer {
         host: &HostConfig,
         host_json: &Json,
         select: &dyn Fn(&FileDecl) -> bool,
-        progress: &mut RenderProgress<'_>,
+        progress: &RenderProgress<'_>,
         files: &mut Vec<(usize, DesiredFile)>,
         diags: &mut Diagnostics,
-    ) -> bool {
-        let RenderProgress { total, bar } = progress;
+    ) {
+        use std::sync::atomic::Ordering;
+        let RenderProgress { total, stop, bar } = progress;
         for (index, decl) in host.files.iter().enumerate().filter(|(_, d)| select(d)) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             bar.inc(1);
             self.secrets.take_used();
             let content = match &decl.content {
@@ -392,10 +416,11 @@ impl Renderer {
                             continue;
                         }
                     };
-                    let limit = self
-                        .limits
-                        .file
-                        .min(self.limits.total.saturating_sub(*total));
+                    let limit = self.limits.file.min(
+                        self.limits
+                            .total
+                            .saturating_sub(total.load(Ordering::Relaxed)),
+                    );
                     let mut out = LimitedWriter::new(limit);
                     guard::reset_depth();
                     match self.tera.render_to(name, &ctx, &mut out) {
@@ -408,8 +433,9 @@ impl Renderer {
                             buf
                         }
                         Err(_) if out.exceeded => {
-                            diags.push(self.too_large(decl, name, *total));
-                            return true;
+                            diags.push(self.too_large(decl, name, total.load(Ordering::Relaxed)));
+                            stop.store(true, Ordering::Relaxed);
+                            return;
                         }
                         Err(e) => {
                             diags.push(format!(
@@ -423,19 +449,20 @@ impl Renderer {
                     }
                 }
             };
-            if content.len() as u64 > self.limits.file
-                || *total + content.len() as u64 > self.limits.total
-            {
+            // Reserved first: two threads cannot both fit in what is left.
+            let len = content.len() as u64;
+            let before = total.fetch_add(len, Ordering::Relaxed);
+            if len > self.limits.file || before + len > self.limits.total {
                 let what = match &decl.content {
                     ContentRef::Template(t) | ContentRef::Source(t) => t.clone(),
                     ContentRef::Secret { path, .. } | ContentRef::Generated { from: path, .. } => {
                         path.clone()
                     }
                 };
-                diags.push(self.too_large(decl, &what, *total));
-                return true;
+                diags.push(self.too_large(decl, &what, before));
+                stop.store(true, Ordering::Relaxed);
+                return;
             }
-            *total += content.len() as u64;
             let sensitive = self.secrets.take_used();
             let self_contained = !sensitive
                 && match &decl.content {
@@ -472,7 +499,6 @@ impl Renderer {
                 },
             ));
         }
-        false
     }
 
     /// The error for a file over the per-file limit, or for the file that
@@ -606,8 +632,9 @@ impl Renderer {
 /// Tera's parsed form of a template is about ten times its text: at
 /// 10,000 role templates one instance of them all was most of a cold
 /// sync's 200 MB peak. Parsed a batch at a time, each batch rendered and
-/// dropped before the next is parsed, the peak holds one batch.
-pub const RENDER_BATCH: usize = 1024;
+/// dropped before the next is parsed, the peak holds one batch per
+/// worker ([`RENDER_WORKERS`]).
+pub const RENDER_BATCH: usize = 512;
 
 /// Renders every file of `host`, as [`Renderer::new`] and
 /// [`Renderer::render`] do (the same files and bytes; the same
@@ -702,6 +729,15 @@ fn batches(
 /// rest are still parsed (every parse error is reported, as one instance
 /// reports them) but no longer rendered; then only parse errors are
 /// returned, as [`Renderer::new`] returns them.
+///
+/// With a second core, two workers take batches in turn, each parsing and
+/// rendering its own (one instance parses a batch on one thread: both
+/// cores stay busy through the render too, which one instance split in
+/// two halves for the parse left to one). Diagnostics are put back in
+/// batch order, so they do not depend on which worker was faster; only
+/// the file named when the files of a host add up to more than
+/// `max_render_size` can differ (it is the one whose bytes crossed it).
+#[allow(clippy::too_many_arguments)]
 fn render_batches(
     snap: &Snapshot,
     host: &HostConfig,
@@ -711,72 +747,138 @@ fn render_batches(
     shared: &[String],
     batches: Vec<Vec<String>>,
 ) -> Option<Result<Desired, Diagnostics>> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let host_json = host_json(host, facts);
     let bar = crate::progress::bar(host.files.len() as u64, "rendering");
-    let mut progress = RenderProgress {
-        total: 0,
+    let progress = RenderProgress {
+        total: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
         bar: &bar,
     };
-    let mut files = Vec::with_capacity(host.files.len());
-    let mut render_diags = Diagnostics::default();
-    let mut parse_diags: Vec<String> = Vec::new();
-    let mut stopped = false;
+    let next = AtomicUsize::new(0);
+    let unbatchable = AtomicBool::new(false);
+    let parse_failed = AtomicBool::new(false);
     let last = batches.len().saturating_sub(1);
-    for (i, own) in batches.into_iter().enumerate() {
-        let mine: BTreeSet<&str> = own.iter().map(String::as_str).collect();
-        let names = shared.iter().cloned().chain(own.iter().cloned());
-        let mut read_diags = Diagnostics::default();
-        let sources = read_sources(snap, names, &mut read_diags);
-        let batchable = sources.iter().all(|(_, text)| {
-            template_refs(text).is_some_and(|refs| refs.iter().all(|r| is_shared_template(r)))
-        });
-        if !batchable {
-            return None;
-        }
-        let renderer = match Renderer::from_sources(sources, secrets.clone(), read_diags) {
-            Ok(r) => r.with_limits(limits),
-            Err(d) => {
-                // A broken shared template breaks every batch: named once.
-                for m in d.iter() {
-                    if !parse_diags.contains(m) {
-                        parse_diags.push(m.clone());
+    let worker = || {
+        let mut out = WorkerOutput::default();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(own) = batches.get(i) else { break };
+            if unbatchable.load(Ordering::Relaxed) {
+                break;
+            }
+            let mine: BTreeSet<&str> = own.iter().map(String::as_str).collect();
+            let names = shared.iter().cloned().chain(own.iter().cloned());
+            let mut read_diags = Diagnostics::default();
+            let sources = read_sources(snap, names, &mut read_diags);
+            let batchable = sources.iter().all(|(_, text)| {
+                template_refs(text).is_some_and(|refs| refs.iter().all(|r| is_shared_template(r)))
+            });
+            if !batchable {
+                unbatchable.store(true, Ordering::Relaxed);
+                break;
+            }
+            let renderer =
+                match Renderer::from_sources_on_this_thread(sources, secrets.clone(), read_diags) {
+                    Ok(r) => r.with_limits(limits),
+                    Err(d) => {
+                        parse_failed.store(true, Ordering::Relaxed);
+                        out.parse_diags.push((i, d));
+                        continue;
                     }
-                }
+                };
+            if parse_failed.load(Ordering::Relaxed) || progress.stop.load(Ordering::Relaxed) {
                 continue;
             }
-        };
-        if !parse_diags.is_empty() || stopped {
-            continue;
+            // Each file rendered by the batch holding its template; the
+            // files that are not templates by the last batch.
+            let select = |d: &FileDecl| match &d.content {
+                ContentRef::Template(t) => {
+                    mine.contains(t.as_str()) || (i == last && shared.contains(t))
+                }
+                _ => i == last,
+            };
+            let mut diags = Diagnostics::default();
+            renderer.render_files(
+                snap,
+                host,
+                &host_json,
+                &select,
+                &progress,
+                &mut out.files,
+                &mut diags,
+            );
+            out.render_diags.push((i, diags));
         }
-        // Each file rendered by the batch holding its template; the files
-        // that are not templates by the last batch.
-        let select = |d: &FileDecl| match &d.content {
-            ContentRef::Template(t) => {
-                mine.contains(t.as_str()) || (i == last && shared.contains(t))
+        out
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(RENDER_WORKERS);
+    let mut outputs = vec![];
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("render".into())
+                    .stack_size(guard::RENDER_STACK)
+                    .spawn_scoped(scope, worker)
+                    .ok()
+            })
+            .collect();
+        outputs.push(worker());
+        for h in helpers {
+            match h.join() {
+                Ok(out) => outputs.push(out),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
-            _ => i == last,
-        };
-        stopped = renderer.render_files(
-            snap,
-            host,
-            &host_json,
-            &select,
-            &mut progress,
-            &mut files,
-            &mut render_diags,
-        );
+        }
+    });
+    if unbatchable.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut files = Vec::with_capacity(host.files.len());
+    let mut parse_diags: Vec<(usize, Diagnostics)> = Vec::new();
+    let mut render_diags: Vec<(usize, Diagnostics)> = Vec::new();
+    for out in outputs {
+        files.extend(out.files);
+        parse_diags.extend(out.parse_diags);
+        render_diags.extend(out.render_diags);
     }
     if !parse_diags.is_empty() {
+        parse_diags.sort_by_key(|(i, _)| *i);
+        let mut seen: Vec<&String> = Vec::new();
         let mut d = Diagnostics::default();
-        for m in parse_diags {
-            d.push(m);
+        for m in parse_diags.iter().flat_map(|(_, d)| d.iter()) {
+            // A broken shared template breaks every batch: named once.
+            if !seen.contains(&m) {
+                seen.push(m);
+                d.push(m.clone());
+            }
         }
         return Some(Err(d));
     }
-    if !render_diags.is_empty() {
-        return Some(Err(render_diags));
+    render_diags.sort_by_key(|(i, _)| *i);
+    let mut diags = Diagnostics::default();
+    for (_, d) in render_diags {
+        diags.extend(d);
+    }
+    if !diags.is_empty() {
+        return Some(Err(diags));
     }
     Some(Ok(desired(host, files)))
+}
+
+/// How many threads parse and render batches (each holds one batch's
+/// parsed templates).
+const RENDER_WORKERS: usize = 2;
+
+/// What one worker of [`render_batches`] did, by batch index.
+#[derive(Default)]
+struct WorkerOutput {
+    files: Vec<(usize, DesiredFile)>,
+    parse_diags: Vec<(usize, Diagnostics)>,
+    render_diags: Vec<(usize, Diagnostics)>,
 }
 
 /// The texts of the built-in templates and of `names` (read without
@@ -807,10 +909,13 @@ fn read_sources(
     sources
 }
 
-/// How far one host's rendering got: the bytes rendered (for the per-sync
-/// limit) and the progress bar.
+/// How far one host's rendering got, shared by the threads rendering it:
+/// the bytes rendered (for the per-sync limit, reserved before a file is
+/// kept, so that together they never keep more) and the progress bar.
 struct RenderProgress<'a> {
-    total: u64,
+    total: std::sync::atomic::AtomicU64,
+    /// Set when a limit was crossed: no file is rendered after it.
+    stop: std::sync::atomic::AtomicBool,
     bar: &'a crate::progress::Bar,
 }
 
@@ -1143,13 +1248,17 @@ mod batch_tests {
     }
 
     fn render(snap: &Snapshot, batch: usize) -> Rendered {
+        render_with(snap, batch, SecretResolver::without_keys(snap))
+    }
+
+    fn render_with(snap: &Snapshot, batch: usize, secrets: SecretResolver) -> Rendered {
         let opts = LoadOptions {
             allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
             reserved: Vec::new(),
         };
         let host =
             load_host(snap, "h", &opts).map_err(|d| d.iter().cloned().collect::<Vec<_>>())?;
-        let secrets = Arc::new(SecretResolver::without_keys(snap));
+        let secrets = Arc::new(secrets);
         let facts = json!({"hostname": "h"});
         match render_host_in(snap, &host, &facts, secrets, Limits::default(), batch) {
             Ok(d) => Ok(d
@@ -1289,5 +1398,43 @@ mod batch_tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(got.iter().any(|m| m.contains("vars.nope")), "{got:?}");
         assert!(got.iter().any(|m| m.contains("nofilter")), "{got:?}");
+    }
+
+    /// Two threads render side by side: a file is sensitive exactly when
+    /// a secret was read while it rendered, never because the other
+    /// thread read one meanwhile (one flag for the resolver would have
+    /// mixed them up, either way).
+    #[test]
+    fn each_file_is_sensitive_exactly_when_its_own_template_read_a_secret() {
+        let mut f = files(40);
+        f.push((
+            "secrets/s.yaml".into(),
+            "k: ENC[...]\nsops:\n  age: []\n".into(),
+        ));
+        for role in ["a", "b"] {
+            for i in (0..40).step_by(3) {
+                f.push((
+                    format!("roles/{role}/files/t{i:03}.tera"),
+                    "{{ secret(file=\"secrets/s.yaml\", key=\"k\") }}".into(),
+                ));
+            }
+        }
+        let snap = repo(&f);
+        let whole = render_with(&snap, usize::MAX, SecretResolver::placeholders(&snap)).unwrap();
+        let expected: Vec<String> = ["a", "b"]
+            .iter()
+            .flat_map(|r| (0..40).step_by(3).map(move |i| format!("/etc/{r}/t{i:03}")))
+            .collect();
+        let sensitive = |got: &[(String, Vec<u8>, String, bool, bool)]| {
+            let mut s: Vec<String> = got.iter().filter(|f| f.3).map(|f| f.0.clone()).collect();
+            s.sort();
+            s
+        };
+        assert_eq!(sensitive(&whole), expected);
+        for _ in 0..20 {
+            let got = render_with(&snap, 2, SecretResolver::placeholders(&snap)).unwrap();
+            assert_eq!(sensitive(&got), expected);
+            assert_eq!(got, whole);
+        }
     }
 }

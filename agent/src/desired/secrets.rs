@@ -10,7 +10,7 @@
 //! unless the role sets a mode, content never shown in plans or logs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex, OnceLock};
 
 use secrecy::ExposeSecret;
@@ -28,8 +28,10 @@ pub struct SecretResolver {
     loader: Loader,
     ids: OnceLock<Result<Identities, String>>,
     cache: Mutex<HashMap<String, Arc<Decrypted>>>,
-    /// Set when a secret was read since the last [`SecretResolver::take_used`].
-    used: AtomicBool,
+    /// The threads that read a secret since their last
+    /// [`SecretResolver::take_used`]: threads render files side by side,
+    /// and a file is sensitive when a secret was read while *it* rendered.
+    used: Mutex<Vec<std::thread::ThreadId>>,
     /// Every value decrypted so far, to scrub from messages.
     redactor: Redactor,
     /// `validate --skip-secrets`: nothing is decrypted; each use gives a
@@ -52,7 +54,7 @@ impl SecretResolver {
             loader,
             ids: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
-            used: AtomicBool::new(false),
+            used: Mutex::new(Vec::new()),
             redactor: Redactor::default(),
             placeholders: None,
         }
@@ -78,7 +80,7 @@ impl SecretResolver {
     /// With placeholders: checks that `file` is a SOPS file and records it.
     fn placeholder(&self, file: &str) -> Option<Result<(), String>> {
         let set = self.placeholders.as_ref()?;
-        self.used.store(true, Ordering::SeqCst);
+        self.mark_used();
         let ok = matches!(self.snap.read_file(file), Ok(Some(b)) if looks_like_sops(b));
         if !ok {
             return Some(Err(format!(
@@ -105,13 +107,34 @@ impl SecretResolver {
         self.cache.lock().map_or(0, |c| c.len())
     }
 
-    /// Whether a secret was read since the last call; resets the flag.
+    /// Whether this thread read a secret since its last call; resets it.
     pub fn take_used(&self) -> bool {
-        self.used.swap(false, Ordering::SeqCst)
+        let me = std::thread::current().id();
+        // A poisoned lock says "used": a file is then wrongly kept secret,
+        // never wrongly shown.
+        let Ok(mut used) = self.used.lock() else {
+            return true;
+        };
+        match used.iter().position(|t| *t == me) {
+            Some(i) => {
+                used.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn mark_used(&self) {
+        let me = std::thread::current().id();
+        if let Ok(mut used) = self.used.lock() {
+            if !used.contains(&me) {
+                used.push(me);
+            }
+        }
     }
 
     fn decrypted(&self, file: &str) -> Result<Arc<Decrypted>, String> {
-        self.used.store(true, Ordering::SeqCst);
+        self.mark_used();
         if let Some(d) = self
             .cache
             .lock()
