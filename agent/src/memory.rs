@@ -19,12 +19,6 @@
 /// sync's page faults 6,700 -> 5,300 and 1-3 ms less CPU, `bench/ab`; a
 /// cold apply's peak RSS within the spread of runs either way; never
 /// trimming at all faulted no less.)
-///
-/// And at most two malloc arenas, as the daemon has ([`limit_arenas`]):
-/// a cold apply's render workers, the parse and stamp helpers and the
-/// inventory reader would otherwise each get an arena of their own, each
-/// holding on to its own peak (a cold apply of 10,000 templates: 77 ->
-/// 67 MiB peak RSS, the same time; one arena made it 45 % slower).
 pub fn tune_for_one_pass() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes tuning parameters of the allocator,
@@ -34,19 +28,23 @@ pub fn tune_for_one_pass() -> bool {
         // it, allocations are still mapped on their own.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20) == 1
-            && libc::mallopt(libc::M_ARENA_MAX, 2) == 1
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
 }
 
-/// For the daemon: at most two malloc arenas. Every thread that
-/// allocates (the sync thread, the parse helper, tokio's blocking pool)
-/// would otherwise get an arena of its own, each holding on to its peak.
+/// At most two malloc arenas from now on: every thread that allocates
+/// for the first time (the sync thread, the render workers, tokio's
+/// blocking pool) would otherwise get an arena of its own, each holding
+/// on to its peak. The daemon sets it at start; a one-pass run before a
+/// full render (a cold apply of 10,000 templates: 77 -> 64 MiB peak RSS,
+/// the same time; one arena made it 45 % slower), not at start, where
+/// the inventory reader and the stamp helpers of a one-file sync would
+/// contend for the two.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called once at start-up, before any other thread exists;
-    // mallopt only changes a tuning parameter.
+    // SAFETY: mallopt only changes a tuning parameter, under the
+    // allocator's own lock; threads that have an arena keep it.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }

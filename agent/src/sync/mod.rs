@@ -620,6 +620,7 @@ fn plan_files(
             // parsed forms were the largest thing a cold sync held), so
             // the stage holds both.
             let _t = timings::stage("render");
+            crate::memory::limit_arenas();
             crate::desired::render::render_host(
                 snap,
                 config,
