@@ -43,8 +43,10 @@ pub fn tune_for_one_pass() -> bool {
 /// contend for the two.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a tuning parameter, under the
-    // allocator's own lock; threads that have an arena keep it.
+    // SAFETY: mallopt only changes a tuning parameter; glibc reads this
+    // one unlocked when a thread first needs an arena (a benign race: at
+    // worst that thread gets one more arena). Threads that have an arena
+    // keep it.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }

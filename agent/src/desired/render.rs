@@ -212,7 +212,13 @@ impl Renderer {
                 let Ok(text) = std::str::from_utf8(bytes) else {
                     continue;
                 };
-                let Some(refs) = template_refs(text) else {
+                let Some(refs) = template_refs(text).filter(|refs| {
+                    // Every `roles/` of the text is a name the scan found:
+                    // a tag it missed (see `may_batch`) would otherwise
+                    // leave a role template out of this renderer.
+                    text.matches("roles/").count()
+                        <= refs.iter().map(|r| r.matches("roles/").count()).sum()
+                }) else {
                     diags.push(format!("{name}: cannot tell which templates it uses"));
                     break;
                 };
@@ -433,8 +439,13 @@ impl Renderer {
                             buf
                         }
                         Err(_) if out.exceeded => {
-                            diags.push(self.too_large(decl, name, total.load(Ordering::Relaxed)));
-                            stop.store(true, Ordering::Relaxed);
+                            if !stop.swap(true, Ordering::Relaxed) {
+                                diags.push(self.too_large(
+                                    decl,
+                                    name,
+                                    total.load(Ordering::Relaxed),
+                                ));
+                            }
                             return;
                         }
                         Err(e) => {
@@ -449,18 +460,27 @@ impl Renderer {
                     }
                 }
             };
-            // Reserved first: two threads cannot both fit in what is left.
+            // Kept only if it still fits, atomically: two threads cannot
+            // both take what is left, and a file refused takes nothing.
             let len = content.len() as u64;
-            let before = total.fetch_add(len, Ordering::Relaxed);
-            if len > self.limits.file || before + len > self.limits.total {
+            let kept = len <= self.limits.file
+                && total
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                        t.checked_add(len).filter(|n| *n <= self.limits.total)
+                    })
+                    .is_ok();
+            if !kept {
                 let what = match &decl.content {
                     ContentRef::Template(t) | ContentRef::Source(t) => t.clone(),
                     ContentRef::Secret { path, .. } | ContentRef::Generated { from: path, .. } => {
                         path.clone()
                     }
                 };
-                diags.push(self.too_large(decl, &what, before));
-                stop.store(true, Ordering::Relaxed);
+                // The first to cross a limit names its file; another
+                // thread stopping at the same moment says nothing.
+                if !stop.swap(true, Ordering::Relaxed) {
+                    diags.push(self.too_large(decl, &what, total.load(Ordering::Relaxed)));
+                }
                 return;
             }
             let sensitive = self.secrets.take_used();
@@ -608,6 +628,11 @@ impl Renderer {
             let Some(source) = self.sources.get(&t) else {
                 return false;
             };
+            // A text that names a role template anywhere may use one, even
+            // where the tag scan does not see it (see `may_batch`).
+            if source.contains("roles/") {
+                return false;
+            }
             let Some(refs) = template_refs(source) else {
                 return false;
             };
@@ -640,9 +665,11 @@ impl Renderer {
 pub const RENDER_BATCH: usize = 256;
 
 /// Renders every file of `host`, as [`Renderer::new`] and
-/// [`Renderer::render`] do (the same files and bytes; the same
-/// diagnostics, render errors in batch order; past the per-sync size
-/// limit, the file named is the first to cross it in that order), but
+/// [`Renderer::render`] do (the same files and bytes; the same parse
+/// errors; the same render errors, in batch order, those of files that
+/// are not role templates last; past the per-sync size limit, the file
+/// named is one whose bytes crossed it, and errors the other worker met
+/// meanwhile are reported too), but
 /// with the role templates parsed and rendered [`RENDER_BATCH`] at a time
 /// when there are more than that, so that their parsed forms are never
 /// all held at once. Batches are possible when no role template (and no
@@ -762,6 +789,8 @@ fn render_batches(
     let unbatchable = AtomicBool::new(false);
     let parse_failed = AtomicBool::new(false);
     let last = batches.len().saturating_sub(1);
+    let mut shared_diags = Diagnostics::default();
+    let shared_sources = read_sources(snap, shared.iter().cloned(), &mut shared_diags);
     let worker = || {
         let mut out = WorkerOutput::default();
         loop {
@@ -771,12 +800,13 @@ fn render_batches(
                 break;
             }
             let mine: BTreeSet<&str> = own.iter().map(String::as_str).collect();
-            let names = shared.iter().cloned().chain(own.iter().cloned());
-            let mut read_diags = Diagnostics::default();
-            let sources = read_sources(snap, names, &mut read_diags);
-            let batchable = sources.iter().all(|(_, text)| {
-                template_refs(text).is_some_and(|refs| refs.iter().all(|r| is_shared_template(r)))
-            });
+            // The shared templates as read once for all batches (a
+            // working directory edited meanwhile cannot give two batches
+            // two versions of one).
+            let mut read_diags = shared_diags.clone();
+            let mut sources = shared_sources.clone();
+            sources.extend(read_named(snap, own.iter().cloned(), &mut read_diags));
+            let batchable = sources.iter().all(|(_, text)| may_batch(text));
             if !batchable {
                 unbatchable.store(true, Ordering::Relaxed);
                 break;
@@ -850,12 +880,11 @@ fn render_batches(
     }
     if !parse_diags.is_empty() {
         parse_diags.sort_by_key(|(i, _)| *i);
-        let mut seen: Vec<&String> = Vec::new();
+        let mut seen: std::collections::HashSet<&String> = Default::default();
         let mut d = Diagnostics::default();
         for m in parse_diags.iter().flat_map(|(_, d)| d.iter()) {
             // A broken shared template breaks every batch: named once.
-            if !seen.contains(&m) {
-                seen.push(m);
+            if seen.insert(m) {
                 d.push(m.clone());
             }
         }
@@ -870,6 +899,19 @@ fn render_batches(
         return Some(Err(diags));
     }
     Some(Ok(desired(host, files)))
+}
+
+/// Whether a template may be parsed without the role templates: it
+/// names none. Tera takes a template's name only as a string literal
+/// (`include`, `import`, `extends`), and a role template's name starts
+/// with `roles/`, so a text without `roles/` anywhere cannot use one,
+/// however its tags are written; the tag scan of [`template_refs`] alone
+/// could be misled (a `{%` inside a comment or a string hides the tag
+/// after it). A text that merely mentions `roles/` is parsed with all the
+/// others: slower, never wrong.
+fn may_batch(text: &str) -> bool {
+    !text.contains("roles/")
+        && template_refs(text).is_some_and(|refs| refs.iter().all(|r| is_shared_template(r)))
 }
 
 /// How many threads parse and render batches (each holds one batch's
@@ -897,6 +939,17 @@ fn read_sources(
         .iter()
         .map(|(n, s)| (n.to_string(), s.to_string()))
         .collect();
+    sources.extend(read_named(snap, names, diags));
+    sources
+}
+
+/// [`read_sources`] without the built-in templates.
+fn read_named(
+    snap: &Snapshot,
+    names: impl IntoIterator<Item = String>,
+    diags: &mut Diagnostics,
+) -> Vec<(String, String)> {
+    let mut sources = Vec::new();
     for name in names {
         match snap.read_uncached(&name) {
             Ok(Some(bytes)) => match String::from_utf8(bytes.into_owned()) {
@@ -1439,5 +1492,61 @@ mod batch_tests {
             assert_eq!(sensitive(&got), expected);
             assert_eq!(got, whole);
         }
+    }
+
+    /// A `{%` inside a comment or a string made the tag scan pair it with
+    /// the next `%}` and miss the include after it: batched, that file was
+    /// rendered without the role template it includes (`ignore missing`)
+    /// or refused though one instance renders it.
+    #[test]
+    fn a_reference_hidden_from_the_tag_scan_still_parses_everything_at_once() {
+        for hidden in [
+            "{# a {% b #}{% include [\"roles/a/files/t003.tera\"] ignore missing %}!",
+            "{{ \"{%\" }}{% include \"roles/a/files/t003.tera\" %}!",
+        ] {
+            assert_eq!(template_refs(hidden), Some(vec![]), "the scan is fooled");
+            let mut f = files(9);
+            f.push(("roles/b/files/t008.tera".into(), hidden.into()));
+            let snap = repo(&f);
+            let got = render(&snap, 4);
+            assert_eq!(got, render(&snap, usize::MAX));
+            let got = got.unwrap();
+            let t008 = &got.iter().find(|f| f.0 == "/etc/b/t008").unwrap().1;
+            assert!(
+                String::from_utf8_lossy(t008).contains("a3:6 /etc/b/t008"),
+                "{}",
+                String::from_utf8_lossy(t008)
+            );
+        }
+    }
+
+    /// The same hidden include made the file count as depending on its own
+    /// template only (`self_contained`): a later commit changing the role
+    /// template it includes would not have rendered it again.
+    #[test]
+    fn a_hidden_reference_to_a_role_template_is_not_self_contained() {
+        let mut f = files(3);
+        f.push((
+            "roles/b/files/t002.tera".into(),
+            "{# a {% b #}{% include [\"roles/a/files/t001.tera\"] ignore missing %}!".into(),
+        ));
+        let snap = repo(&f);
+        let got = render(&snap, usize::MAX).unwrap();
+        let t002 = got.iter().find(|f| f.0 == "/etc/b/t002").unwrap();
+        assert!(!t002.4, "self_contained");
+        assert!(got.iter().find(|f| f.0 == "/etc/b/t000").unwrap().4);
+        // Repairing it alone (the renderer of the files in `only`) parses
+        // what it includes too, or says it cannot tell.
+        let host = host_of(&snap);
+        let only: BTreeSet<TargetPath> = [TargetPath::parse("/etc/b/t002").unwrap()].into();
+        let secrets = Arc::new(SecretResolver::without_keys(&snap));
+        let err = Renderer::for_files(&snap, &host, &only, secrets)
+            .err()
+            .unwrap();
+        assert!(
+            err.iter()
+                .any(|m| m.contains("cannot tell which templates it uses")),
+            "{err:?}"
+        );
     }
 }

@@ -52,19 +52,30 @@ pub(super) fn read_at_most(
         dir.join(&sub_path)
     };
     // The directory the user named is opened as named (it may be a link);
-    // nothing below it is followed.
-    let root = nix::fcntl::open(
-        &top,
+    // nothing below it is followed, `path`'s own directories included (a
+    // checkout whose `conf` is a link to `/` is not read at `/`).
+    let named = nix::fcntl::open(
+        dir,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
     .with_context(|| {
         format!(
             "cannot open the repository directory {} (is it a directory?)",
+            dir.display()
+        )
+    })?;
+    let root = open_dir_below(&named, &sub_path).with_context(|| {
+        format!(
+            "cannot open {} (`path` in agent.toml): it must be a directory of the repository, not a link",
             top.display()
         )
     })?;
+    drop(named);
     let mut entries = Vec::new();
+    // Files, links and directories listed so far: a checkout of a
+    // million empty directories is refused like one of a million files.
+    let mut seen = 0usize;
     let mut pending = vec![String::new()];
     while let Some(rel) = pending.pop() {
         let shown = top.join(&rel);
@@ -77,7 +88,14 @@ pub(super) fn read_at_most(
         let listing = fd
             .try_clone()
             .context("cannot duplicate a directory descriptor")?;
-        for name in names(listing, &shown)? {
+        let Some(listed) = names(listing, &shown, max_entries.saturating_sub(seen))? else {
+            bail!(
+                "{} holds more than {max_entries} files and directories: driftless reads configuration repositories, not data; point it at the configuration's directory",
+                top.display()
+            );
+        };
+        for name in listed {
+            seen += 1;
             let path = if rel.is_empty() {
                 name.clone()
             } else {
@@ -91,12 +109,7 @@ pub(super) fn read_at_most(
                 pending.push(path);
                 continue;
             }
-            if entries.len() >= max_entries {
-                bail!(
-                    "{} has more than {max_entries} files: driftless reads configuration repositories, not data; point it at the configuration's directory",
-                    top.display()
-                );
-            }
+
             if kind == SFlag::S_IFLNK {
                 let target = readlinkat(&fd, name.as_str())
                     .with_context(|| format!("cannot read link {}", at.display()))?;
@@ -137,8 +150,9 @@ fn open_dir_below(root: &OwnedFd, rel: &str) -> nix::Result<OwnedFd> {
 }
 
 /// The names in the directory `fd` (shown as `shown`), sorted, without
-/// `.`, `..` and `.git`; an error for a name that is not UTF-8.
-fn names(fd: OwnedFd, shown: &Path) -> Result<Vec<String>> {
+/// `.`, `..` and `.git`; an error for a name that is not UTF-8, and
+/// `None` as soon as there are more than `budget` (the rest not read).
+fn names(fd: OwnedFd, shown: &Path, budget: usize) -> Result<Option<Vec<String>>> {
     let mut dir =
         nix::dir::Dir::from_fd(fd).with_context(|| format!("cannot list {}", shown.display()))?;
     let mut out = Vec::new();
@@ -155,10 +169,13 @@ fn names(fd: OwnedFd, shown: &Path) -> Result<Vec<String>> {
                 String::from_utf8_lossy(name)
             )
         })?;
+        if out.len() >= budget {
+            return Ok(None);
+        }
         out.push(name.to_string());
     }
     out.sort_unstable();
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// A working directory's files, read by their place below `root`.
@@ -180,6 +197,16 @@ impl BlobSource for Places {
                 shown.display()
             )
         })?;
+        // Looked at before it is opened: opening a device node swapped in
+        // since the listing could have effects of its own.
+        let st = fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .with_context(|| format!("cannot stat {}", shown.display()))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            bail!(
+                "{} is no longer a regular file (it changed since it was listed; replaced by a link?)",
+                shown.display()
+            );
+        }
         let fd = openat(
             &dir,
             name,
@@ -305,15 +332,29 @@ mod tests {
         assert!(err.contains("plain relative directory"), "{err}");
     }
 
+    /// `path = "conf"` with `conf` a link (a pull request can make it
+    /// one) was followed wherever it pointed, `/` included.
+    #[test]
+    fn a_path_that_is_a_link_is_not_followed() {
+        let d = checkout();
+        symlink(d.path().join("conf"), d.path().join("elsewhere")).unwrap();
+        let err = format!("{:#}", read(d.path(), "elsewhere", 1 << 20).unwrap_err());
+        assert!(err.contains("not a link"), "{err}");
+        // The directory named on the command line may itself be a link.
+        let s = read(&d.path().join("elsewhere"), "", 1 << 20).unwrap();
+        assert!(s.contains("roles/a/files/small"));
+    }
+
     #[test]
     fn too_many_files_are_refused() {
         let d = checkout();
-        assert!(read_at_most(d.path(), "conf", 1 << 20, 4).is_ok());
+        // Four files and three directories (roles, roles/a, roles/a/files).
+        assert!(read_at_most(d.path(), "conf", 1 << 20, 7).is_ok());
         let err = format!(
             "{:#}",
-            read_at_most(d.path(), "conf", 1 << 20, 3).unwrap_err()
+            read_at_most(d.path(), "conf", 1 << 20, 6).unwrap_err()
         );
-        assert!(err.contains("more than 3 files"), "{err}");
+        assert!(err.contains("more than 6 files and directories"), "{err}");
     }
 
     #[test]
