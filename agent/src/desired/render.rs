@@ -181,26 +181,9 @@ impl Renderer {
         only: Option<&BTreeSet<TargetPath>>,
     ) -> Result<Self, Diagnostics> {
         let mut diags = Diagnostics::default();
-        let mut names: std::collections::BTreeSet<String> = Default::default();
-        for (path, entry) in snap.walk("templates") {
-            if matches!(entry, Entry::File { .. } | Entry::Symlink { .. }) {
-                names.insert(path.to_string());
-            }
-        }
+        let mut names = shared_names(snap);
         for host in hosts {
-            for role in host.roles.iter().filter(|_| only.is_none()) {
-                for (path, _) in snap.walk(&format!("roles/{role}/files")) {
-                    if path.ends_with(".tera") {
-                        names.insert(path.to_string());
-                    }
-                }
-            }
-            let wanted = |f: &&FileDecl| only.is_none_or(|o| o.contains(&f.path));
-            for f in host.files.iter().filter(wanted) {
-                if let ContentRef::Template(t) = &f.content {
-                    names.insert(t.clone());
-                }
-            }
+            host_template_names(snap, host, only, &mut names);
         }
         if only.is_some() {
             // Also the templates those include, import or extend.
@@ -712,6 +695,38 @@ fn render_host_in(
     }
 }
 
+/// The shared templates: every file and link under `templates/`.
+fn shared_names(snap: &Snapshot) -> BTreeSet<String> {
+    snap.walk("templates")
+        .filter(|(_, entry)| matches!(entry, Entry::File { .. } | Entry::Symlink { .. }))
+        .map(|(path, _)| path.to_string())
+        .collect()
+}
+
+/// Adds to `names` the templates `host` renders with: every `*.tera`
+/// under its roles' `files/` and every `template =` of its files; with
+/// `only`, just the `template =` of those files.
+fn host_template_names(
+    snap: &Snapshot,
+    host: &HostConfig,
+    only: Option<&BTreeSet<TargetPath>>,
+    names: &mut BTreeSet<String>,
+) {
+    for role in host.roles.iter().filter(|_| only.is_none()) {
+        for (path, _) in snap.walk(&format!("roles/{role}/files")) {
+            if path.ends_with(".tera") {
+                names.insert(path.to_string());
+            }
+        }
+    }
+    let wanted = |f: &&FileDecl| only.is_none_or(|o| o.contains(&f.path));
+    for f in host.files.iter().filter(wanted) {
+        if let ContentRef::Template(t) = &f.content {
+            names.insert(t.clone());
+        }
+    }
+}
+
 /// The shared templates and the role templates of `host` in batches of
 /// `batch`, or `None` when one batch would hold them all. Whether they
 /// can be batched is found batch by batch, from the texts read for it
@@ -721,27 +736,10 @@ fn batches(
     host: &HostConfig,
     batch: usize,
 ) -> Option<(Vec<String>, Vec<Vec<String>>)> {
-    let mut shared: BTreeSet<String> = BTreeSet::new();
-    for (path, entry) in snap.walk("templates") {
-        if matches!(entry, Entry::File { .. } | Entry::Symlink { .. }) {
-            shared.insert(path.to_string());
-        }
-    }
-    let mut own: BTreeSet<String> = BTreeSet::new();
-    for role in &host.roles {
-        for (path, _) in snap.walk(&format!("roles/{role}/files")) {
-            if path.ends_with(".tera") {
-                own.insert(path.to_string());
-            }
-        }
-    }
-    for f in &host.files {
-        if let ContentRef::Template(t) = &f.content {
-            if !shared.contains(t) {
-                own.insert(t.clone());
-            }
-        }
-    }
+    let shared = shared_names(snap);
+    let mut own = BTreeSet::new();
+    host_template_names(snap, host, None, &mut own);
+    own.retain(|t| !shared.contains(t));
     if own.len() <= batch {
         return None;
     }
@@ -1308,12 +1306,8 @@ mod batch_tests {
     }
 
     fn render_with(snap: &Snapshot, batch: usize, secrets: SecretResolver) -> Rendered {
-        let opts = LoadOptions {
-            allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
-            reserved: Vec::new(),
-        };
         let host =
-            load_host(snap, "h", &opts).map_err(|d| d.iter().cloned().collect::<Vec<_>>())?;
+            load_host(snap, "h", &opts()).map_err(|d| d.iter().cloned().collect::<Vec<_>>())?;
         let secrets = Arc::new(secrets);
         let facts = json!({"hostname": "h"});
         match render_host_in(snap, &host, &facts, secrets, Limits::default(), batch) {
@@ -1338,12 +1332,15 @@ mod batch_tests {
         }
     }
 
-    fn host_of(snap: &Snapshot) -> HostConfig {
-        let opts = LoadOptions {
+    fn opts() -> LoadOptions {
+        LoadOptions {
             allowed_roots: vec![TargetPath::parse("/etc").unwrap()],
             reserved: Vec::new(),
-        };
-        load_host(snap, "h", &opts).unwrap()
+        }
+    }
+
+    fn host_of(snap: &Snapshot) -> HostConfig {
+        load_host(snap, "h", &opts()).unwrap()
     }
 
     #[test]
