@@ -123,14 +123,14 @@ fn state_files(host: &Host) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Rewrites the envelope of a state file as a newer driftless would
-/// (format 4, one past what this agent knows; the checksum covers `data`
+/// (format 5, one past what this agent knows; the checksum covers `data`
 /// only, so it still holds).
 fn bump_format(path: &std::path::Path) {
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.contains("\"driftless_state\": 1,"), "{text}");
     std::fs::write(
         path,
-        text.replacen("\"driftless_state\": 1,", "\"driftless_state\": 4,", 1),
+        text.replacen("\"driftless_state\": 1,", "\"driftless_state\": 5,", 1),
     )
     .unwrap();
 }
@@ -162,7 +162,7 @@ fn refused_and_untouched(host: &Host, repo: &Repo, file: &std::path::Path) {
     for want in [
         &file.display().to_string(),
         "written by a newer driftless",
-        "format 4; this agent knows up to format 3",
+        "format 5; this agent knows up to format 4",
         "upgrade the agent",
     ] {
         assert!(

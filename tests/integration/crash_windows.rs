@@ -180,9 +180,12 @@ struct Scenario {
     /// under test, so one repository serves every fresh host.
     link: std::path::PathBuf,
     _link_dir: tempfile::TempDir,
+    /// Every inventory kept as a base and `inventory.log` (which only
+    /// hosts of 1,000 files and more use otherwise).
+    logged: bool,
 }
 
-fn scenario(check_passes: bool) -> Scenario {
+fn scenario(check_passes: bool, logged: bool) -> Scenario {
     let link_dir = tempfile::tempdir().expect("temp dir");
     let link = link_dir.path().join("a.conf");
     let repo = Repo::new();
@@ -252,6 +255,7 @@ fn scenario(check_passes: bool) -> Scenario {
         new,
         link,
         _link_dir: link_dir,
+        logged,
     }
 }
 
@@ -284,7 +288,11 @@ fn leftovers(host: &Host) -> Vec<String> {
 
 /// A fresh host at the old commit, the check's link pointed at it.
 fn host_at_old(s: &Scenario) -> Host {
-    let host = Host::new("h");
+    let mut host = Host::new("h");
+    if s.logged {
+        host.env
+            .push(("DRIFTLESS_TEST_INVENTORY_LOG_FROM".into(), "1".into()));
+    }
     if with_accounts() {
         std::fs::create_dir_all(host.path("/etc")).expect("mkdir");
         std::fs::write(host.path("/etc/passwd"), PASSWD).expect("write");
@@ -400,8 +408,8 @@ fn assert_converges(host: &Host, s: &Scenario, check_passes: bool, what: &str) {
 /// Kills a sync at every failpoint it reaches; then, for each of those,
 /// kills the recovering run at every failpoint *it* reaches (a crash
 /// during recovery). Returns the number of kills.
-fn campaign(check_passes: bool) -> usize {
-    let s = scenario(check_passes);
+fn campaign(check_passes: bool, logged: bool) -> usize {
+    let s = scenario(check_passes, logged);
     let (ok, points) = trace_run(&host_at_old(&s), &s);
     assert_eq!(ok, check_passes);
     // The points this campaign exists for must be on the path.
@@ -429,6 +437,11 @@ fn campaign(check_passes: bool) -> usize {
             "apply.undo:10",
             "apply.revert.inventory:1",
         ]);
+    }
+    if logged {
+        // The commit appends its record; a revert, the inventory it
+        // started from.
+        must.push("state.inventory.appended:1");
     }
     if with_accounts() {
         must.push("apply.accounts.done:1");
@@ -468,21 +481,38 @@ fn campaign(check_passes: bool) -> usize {
 
 #[test]
 fn kill_at_every_failpoint_of_a_passing_commit_converges_to_it() {
-    let n = campaign(true);
+    let n = campaign(true, false);
     eprintln!("campaign (checks pass): {n} kills, every host converged to the new commit");
 }
 
 #[test]
 fn kill_at_every_failpoint_of_a_failing_commit_converges_back_to_the_old_one() {
-    let n = campaign(false);
+    let n = campaign(false, false);
     eprintln!("campaign (checks fail): {n} kills, every host converged to the old commit");
 }
 
 /// The bug: a `kill -9` during the checks, and the next sync said
 /// "already applied" with the failing commit live.
+/// The same campaigns with every inventory kept as a base and
+/// `inventory.log` (a one-file commit appends a line instead of
+/// rewriting the inventory): a kill at any point, including between the
+/// append and its barrier and between a new base and the removal of the
+/// old log, converges as with a whole inventory.
+#[test]
+fn kill_at_every_failpoint_of_a_passing_commit_with_the_inventory_log_converges_to_it() {
+    let n = campaign(true, true);
+    eprintln!("campaign with the inventory log (checks pass): {n} kills, every host converged");
+}
+
+#[test]
+fn kill_at_every_failpoint_of_a_failing_commit_with_the_inventory_log_converges_back() {
+    let n = campaign(false, true);
+    eprintln!("campaign with the inventory log (checks fail): {n} kills, every host converged");
+}
+
 #[test]
 fn kill_during_checks_does_not_leave_the_commit_applied() {
-    let s = scenario(false);
+    let s = scenario(false, false);
     let host = host_at_old(&s);
     let out = host
         .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
@@ -506,7 +536,7 @@ fn kill_during_checks_does_not_leave_the_commit_applied() {
 /// the new files were left live and unrecorded, nothing rolled back.
 #[test]
 fn failing_to_record_the_commit_after_the_switch_in_reverts() {
-    let s = scenario(true);
+    let s = scenario(true, false);
     let host = host_at_old(&s);
     let out = host
         .cmd(s.repo.path(), &["sync", "--once", "--run-checks"])
@@ -534,7 +564,7 @@ fn failing_to_record_the_commit_after_the_switch_in_reverts() {
 /// be retried forever: the third interrupted attempt marks it bad.
 #[test]
 fn a_commit_interrupted_three_times_during_checks_is_marked_bad() {
-    let s = scenario(true);
+    let s = scenario(true, false);
     let host = host_at_old(&s);
     for attempt in 1..=3 {
         let out = host

@@ -92,6 +92,8 @@ pub struct Host {
     pub root: tempfile::TempDir,
     pub state: tempfile::TempDir,
     pub name: String,
+    /// Set in the environment of every command of this host.
+    pub env: Vec<(String, String)>,
 }
 
 /// What a run of the binary produced.
@@ -137,6 +139,7 @@ impl Host {
             root: tempfile::tempdir().unwrap(),
             state: tempfile::tempdir().unwrap(),
             name: name.into(),
+            env: Vec::new(),
         }
     }
 
@@ -160,6 +163,7 @@ impl Host {
         };
         let mut c = Command::new(BIN);
         c.args(args).arg("--no-config");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         if matches!(takes, Takes::All | Takes::Validate) {
             c.arg("--source").arg(source);
         }

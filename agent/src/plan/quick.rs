@@ -57,8 +57,13 @@ pub struct QuickRecord {
     /// Digest of the [`Inputs`] the result was derived from.
     pub inputs: String,
     pub commit: String,
-    /// The inventory file (replaced atomically by every transaction).
+    /// The inventory file (replaced atomically by every transaction that
+    /// writes it whole).
     pub inventory: Stamp,
+    /// `inventory.log` (appended to by the other transactions of a large
+    /// inventory), if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_log: Option<Stamp>,
     /// Filesystem time just before the stamps were taken, in ns.
     pub taken_at_ns: i128,
     /// Every managed file, in inventory order, with its stamp and whether
@@ -304,6 +309,7 @@ mod tests {
             inputs: "in".into(),
             commit: "c1".into(),
             inventory: stamp(1, 100),
+            inventory_log: None,
             taken_at_ns: 1_000,
             links: Vec::new(),
             absent: Vec::new(),

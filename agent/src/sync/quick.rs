@@ -62,7 +62,10 @@ fn account_stamps(root: &Path) -> Vec<Option<Stamp>> {
 pub fn current(state: &StateDir) -> Option<Arc<QuickRecord>> {
     let _t = crate::timings::stage("quick-load");
     let record = store::load(state)?;
-    (stamp_path(&state.inventory_path()) == Some(record.inventory)).then_some(record)
+    let log = state.path().join(crate::effects::state::inventory_log::LOG);
+    (stamp_path(&state.inventory_path()) == Some(record.inventory)
+        && stamp_path(&log) == record.inventory_log)
+        .then_some(record)
 }
 
 /// What the stamps say about the host.
@@ -231,6 +234,7 @@ pub fn record(
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };
+    let log_stamp = stamp_path(&state.path().join(crate::effects::state::inventory_log::LOG));
     let saved = store::save(state, |taken_at_ns| {
         let stamps = file_stamps(fs, managed, verified, written);
         // A managed file that cannot be stamped right after a successful
@@ -285,6 +289,7 @@ pub fn record(
             inputs: inputs.to_string(),
             commit: commit.to_string(),
             inventory: inventory_stamp,
+            inventory_log: log_stamp,
             taken_at_ns,
             files,
             units: units.to_vec(),

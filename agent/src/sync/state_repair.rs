@@ -161,6 +161,15 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
             },
             "inventory.json" => {
                 aside(&f.file, now)?;
+                // Its log goes with it (after it: a crash in between
+                // leaves no base, as the repair intends, never the base
+                // without the records that follow it).
+                let log = f
+                    .file
+                    .with_file_name(crate::effects::state::inventory_log::LOG);
+                if std::fs::symlink_metadata(&log).is_ok() {
+                    aside(&log, now)?;
+                }
             }
             "marks.json" => {
                 let moved = aside(&f.file, now)?;
@@ -242,7 +251,7 @@ mod tests {
     /// aside, and nothing else is repaired either.
     #[test]
     fn a_newer_format_is_refused_and_nothing_is_touched() {
-        for (envelope, version) in [(4, 1), (1, 2)] {
+        for (envelope, version) in [(5, 1), (1, 2)] {
             let (_d, s, root) = state();
             let data = serde_json::json!({"version": version, "commit": "c", "files": {}});
             let inv = serde_json::to_vec(&serde_json::json!({

@@ -168,12 +168,18 @@ const INTENT: &str = "intent.json";
 const SWITCHED: &str = "switched";
 const COMMITTED: &str = "committed";
 const INVENTORY_BEFORE: &str = "inventory.before.json";
+/// The records of `inventory.log` that `inventory.before.json` (a link to
+/// the base) needs, copied: the log itself is appended to.
+const INVENTORY_BEFORE_LOG: &str = "inventory.before.log";
 const INVENTORY: &str = "inventory.json";
 
 /// The inventory a transaction started from (kept with the latest
 /// committed transaction): `None` once the transaction is pruned.
 pub fn inventory_before(state: &StateDir, txid: &str) -> Result<Option<Inventory>> {
-    read_json(&state.tx_dir().join(txid).join(INVENTORY_BEFORE))
+    crate::effects::state::read_inventory_at(
+        &state.tx_dir().join(txid).join(INVENTORY_BEFORE),
+        INVENTORY_BEFORE_LOG,
+    )
 }
 
 /// Applies `plan` and commits `plan.next_inventory`. On error before the
@@ -182,12 +188,20 @@ pub fn inventory_before(state: &StateDir, txid: &str) -> Result<Option<Inventory
 /// whose bytes `before` was just read from. `inventory.json` is only ever
 /// replaced by a rename, never rewritten in place, so the link keeps the
 /// old inventory byte for byte, and costs nothing where encoding it again
-/// cost tens of milliseconds at 10,000 files (issue 18). Without an
-/// inventory yet (or where links fail) it is written from `before`.
-fn save_inventory_before(state: &StateDir, tx_dir: &Path, before: &Inventory) -> Result<()> {
+/// cost tens of milliseconds at 10,000 files (issue 18). The records of
+/// `inventory.log` it was read with (`log`), which is appended to in
+/// place, are copied beside it as `inventory.before.log`. Without an
+/// inventory yet (or where links fail) it is written whole from `before`.
+fn save_inventory_before(
+    state: &StateDir,
+    tx_dir: &Path,
+    before: &Inventory,
+    log: &crate::effects::state::inventory_log::LogState,
+) -> Result<()> {
     let dest = tx_dir.join(INVENTORY_BEFORE);
     match fs::hard_link(state.inventory_path(), &dest) {
-        Ok(()) => Ok(()),
+        Ok(()) if log.valid_len == 0 => Ok(()),
+        Ok(()) => state.copy_log(log, &tx_dir.join(INVENTORY_BEFORE_LOG)),
         Err(e) => {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::debug!(
@@ -239,10 +253,10 @@ pub fn apply_with(
         .mode(0o700)
         .create(&backups)
         .with_context(|| format!("cannot create {}", backups.display()))?;
-    let before = state.inventory()?;
+    let (before, before_log) = state.inventory_and_log()?;
     // Read only through a `journal.json`, which exists only after flush (1)
     // made this file's content durable.
-    save_inventory_before(state, &tx_dir, &before)?;
+    save_inventory_before(state, &tx_dir, &before, &before_log)?;
 
     let mut journal = Journal {
         txid: txid.clone(),
@@ -552,40 +566,71 @@ pub fn commit(
     Ok(())
 }
 
-/// The commit record: `inventory.json` replaced atomically (and, with
-/// `floor`, the anti-rollback record beside it), durable on return.
+/// The commit record: `inventory.json` replaced atomically, or one record
+/// appended to `inventory.log` for a large inventory (see
+/// `effects::state::inventory_log`), and, with `floor`, the anti-rollback
+/// record put beside it; durable on return.
 ///
-/// Without a floor: `fsync` of the temp file, rename, `fsync` of the state
-/// directory (2 barriers). With one: both temp files written, one `syncfs`
-/// per filesystem (their contents durable), both renamed (inventory
-/// first), one `syncfs` per filesystem again (both names durable): 2
+/// Without a floor: appended, `fdatasync` of the log (1 barrier; 2 when
+/// it is created); whole, `fsync` of the temp file, rename, `fsync` of
+/// the state directory (2). With one: the record appended or the
+/// inventory's temp file written, and the floor's temp file, one `syncfs`
+/// per filesystem (their contents durable), renamed (the inventory
+/// first), one `syncfs` per filesystem again (the names durable): 2
 /// barriers when the state and the root share a filesystem, instead of 4.
 fn write_commit_record(
     state: &StateDir,
     inv: &Inventory,
     floor: Option<crate::effects::state::floor::Pending>,
 ) -> Result<()> {
+    use crate::effects::state::{inventory_log, InventoryWrite};
     let Some(floor) = floor else {
-        return crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv);
+        return state.save_inventory(inv);
     };
     let state_fd = open_dir_path(state.path())?;
-    let bytes = crate::effects::state::encode_inventory(inv)?;
-    let (tmp, _) = crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
-        .with_context(|| format!("cannot write {}", state.inventory_path().display()))?;
-    let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {
-        renameat(&state_fd, tmp.as_str(), &state_fd, INVENTORY)
-            .with_context(|| format!("cannot replace {}", state.inventory_path().display()))
-    });
-    if let Err(e) = written {
-        let _ = unlinkat(&state_fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-        return Err(e);
-    }
+    let whole = match state.prepare_inventory(inv)? {
+        InventoryWrite::Whole(bytes) => {
+            let (tmp, _) =
+                crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)
+                    .with_context(|| {
+                        format!("cannot write {}", state.inventory_path().display())
+                    })?;
+            let written = syncfs_each([state_fd.as_fd(), floor.dir()]).and_then(|()| {
+                renameat(&state_fd, tmp.as_str(), &state_fd, INVENTORY)
+                    .with_context(|| format!("cannot replace {}", state.inventory_path().display()))
+            });
+            if let Err(e) = written {
+                let _ = unlinkat(&state_fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+                return Err(e);
+            }
+            true
+        }
+        InventoryWrite::Append { line, log } => {
+            let (file, _) = inventory_log::append(&state_fd, &log, &line)?;
+            let synced = failpoint::hit("state.inventory.appended")
+                .and_then(|()| syncfs_each([state_fd.as_fd(), floor.dir()]));
+            if let Err(e) = synced {
+                let _ = file.set_len(log.valid_len);
+                return Err(e);
+            }
+            false
+        }
+    };
     let dir = floor.dir_fd()?;
     if let Err(e) = floor.install() {
         // The commit is not at stake: the next sync raises the floor.
         tracing::warn!("cannot record the anti-rollback floor: {e:#}");
     }
-    syncfs_each([state_fd.as_fd(), dir.as_fd()])
+    syncfs_each([state_fd.as_fd(), dir.as_fd()])?;
+    if whole {
+        failpoint::hit("state.inventory.replaced")?;
+    }
+    // A log beside a base just replaced names the old base: removed now
+    // that the new base is durable (ignored if this does not happen).
+    if whole {
+        inventory_log::remove(&state_fd);
+    }
+    Ok(())
 }
 
 /// One `syncfs` per filesystem among `fds`.
@@ -700,8 +745,7 @@ fn remove_unneeded_dirs(fs: &RootFs, state: &StateDir, inv: &mut Inventory) {
         }
     }
     if removed {
-        if let Err(e) = crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv)
-        {
+        if let Err(e) = state.save_inventory(inv) {
             tracing::warn!("cannot update the inventory after removing directories: {e:#}");
         }
     }
@@ -1386,7 +1430,7 @@ fn rollback_then(
     flush(fs, state, &dirs)?;
     if let Some(inv) = inventory {
         failpoint::hit("apply.revert.inventory")?;
-        crate::effects::state::write_inventory_atomic(&state.inventory_path(), inv)?;
+        state.save_inventory(inv)?;
     }
     journal.state = TxState::RolledBack;
     crate::effects::state::write_state_atomic(
@@ -1719,7 +1763,11 @@ pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<Vec<String>> 
 /// Rolls back a transaction and puts its previous inventory back.
 fn finish_revert(fs: &RootFs, state: &StateDir, journal: &mut Journal) -> Result<()> {
     let tx_dir = state.tx_dir().join(&journal.txid);
-    let before: Inventory = read_json(&tx_dir.join(INVENTORY_BEFORE))?.with_context(|| {
+    let before: Inventory = crate::effects::state::read_inventory_at(
+        &tx_dir.join(INVENTORY_BEFORE),
+        INVENTORY_BEFORE_LOG,
+    )?
+    .with_context(|| {
         format!(
             "the previous inventory of transaction {} is missing",
             journal.txid

@@ -32,6 +32,7 @@ pub mod config_cache;
 pub mod floor;
 pub mod history;
 mod inventory_json;
+pub mod inventory_log;
 pub mod quick;
 
 use std::fs::{self, File, OpenOptions};
@@ -60,11 +61,38 @@ pub struct StateDir {
     inventory_cache: std::sync::Arc<std::sync::Mutex<Option<ParsedInventory>>>,
 }
 
+/// How an inventory is written (see [`StateDir::prepare_inventory`]).
+pub enum InventoryWrite {
+    /// `line` appended to the log after the valid records `log` counted.
+    Append {
+        line: Vec<u8>,
+        log: inventory_log::LogState,
+    },
+    /// These bytes as `inventory.json`, and no log.
+    Whole(Vec<u8>),
+}
+
 /// What tells one version of a state file from another.
 type FileId = (u64, u64, u64, i64, i64);
 
-/// An inventory as parsed, and the file version it came from.
-type ParsedInventory = (FileId, std::sync::Arc<Inventory>);
+fn file_id(meta: &fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
+}
+
+/// An inventory as parsed, the versions of the base and the log it came
+/// from, and where the next record goes.
+type ParsedInventory = (
+    (FileId, Option<FileId>),
+    std::sync::Arc<Inventory>,
+    inventory_log::LogState,
+);
 
 /// Held while a sync (or anything that reads or writes state) runs.
 pub struct LockGuard {
@@ -245,56 +273,139 @@ impl StateDir {
     /// while [`StateDir::prefetch_inventory`] still decodes) waits for the
     /// first one's result instead of decoding the same file again.
     pub fn inventory(&self) -> Result<std::sync::Arc<Inventory>> {
-        use std::os::unix::fs::MetadataExt;
+        self.inventory_and_log().map(|(inv, _)| inv)
+    }
+
+    /// [`StateDir::inventory`] (its base and the records of
+    /// `inventory.log`, see [`inventory_log`]) and what the next commit
+    /// appends to.
+    pub fn inventory_and_log(
+        &self,
+    ) -> Result<(std::sync::Arc<Inventory>, inventory_log::LogState)> {
         let mut cache = self
             .inventory_cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.inventory_path();
+        let log_path = self.path().join(inventory_log::LOG);
         let (mut f, meta) = match open_nofollow(&path) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(std::sync::Arc::new(Inventory {
+                let empty = Inventory {
                     version: INVENTORY_VERSION,
                     ..Default::default()
-                }))
+                };
+                return Ok((std::sync::Arc::new(empty), Default::default()));
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let id: FileId = (
-            meta.dev(),
-            meta.ino(),
-            meta.len(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        );
-        if let Some((cached, inv)) = cache.as_ref() {
+        let log = match open_nofollow(&log_path) {
+            Ok((f, meta)) => Some((f, file_id(&meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", log_path.display())),
+        };
+        let id = (file_id(&meta), log.as_ref().map(|(_, id)| *id));
+        if let Some((cached, inv, log_state)) = cache.as_ref() {
             if *cached == id {
-                return Ok(inv.clone());
+                return Ok((inv.clone(), log_state.clone()));
             }
         }
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut bytes)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let inv: Inventory = decode_file(&path, &bytes)?;
-        if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
-            return Err(anyhow::Error::new(NewerFormat {
-                what: "inventory",
-                format: inv.version.into(),
-                known: INVENTORY_VERSION.into(),
-            })
-            .context(path.display().to_string()));
-        }
-        if inv.version != INVENTORY_VERSION {
-            bail!(
-                "{}: inventory format {} is not supported by this driftless (expects {INVENTORY_VERSION}); was the agent downgraded?",
-                path.display(),
-                inv.version
-            );
-        }
+        let log_bytes = match log {
+            Some((f, (_, _, len, _, _))) => {
+                if len > inventory_log::READ_MAX_BYTES {
+                    bail!(
+                        "{} is {len} bytes, more than the {} an inventory log may take; run `driftless state repair`",
+                        log_path.display(),
+                        inventory_log::READ_MAX_BYTES
+                    );
+                }
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, inventory_log::READ_MAX_BYTES),
+                    &mut out,
+                )
+                .with_context(|| format!("cannot read {}", log_path.display()))?;
+                Some(out)
+            }
+            None => None,
+        };
+        let (inv, log_state) = decode_inventory(&path, &bytes, &log_path, log_bytes.as_deref())?;
         let inv = std::sync::Arc::new(inv);
-        *cache = Some((id, inv.clone()));
-        Ok(inv)
+        *cache = Some((id, inv.clone(), log_state.clone()));
+        Ok((inv, log_state))
+    }
+
+    /// How `next` is to be written as the inventory: one record appended
+    /// to `inventory.log` when the current base takes a log and the record
+    /// fits, otherwise whole, as a new base (see [`inventory_log`]).
+    pub fn prepare_inventory(&self, next: &Inventory) -> Result<InventoryWrite> {
+        if next.files.len() >= inventory_log::log_from() {
+            let (prev, log) = self.inventory_and_log()?;
+            if let Some(base) = &log.base {
+                let record = inventory_log::record(&prev, next, base, log.next_seq);
+                let line = inventory_log::encode(&record)?;
+                if inventory_log::fits(&log, line.len()) {
+                    return Ok(InventoryWrite::Append { line, log });
+                }
+            }
+        }
+        Ok(InventoryWrite::Whole(encode_inventory(next)?))
+    }
+
+    /// Replaces the inventory with `next`, durably: one record appended
+    /// and `fdatasync`ed, or the whole file replaced atomically (and a log
+    /// beside the old base removed).
+    pub fn save_inventory(&self, next: &Inventory) -> Result<()> {
+        match self.prepare_inventory(next)? {
+            InventoryWrite::Whole(bytes) => {
+                write_atomic(&self.inventory_path(), &bytes)?;
+                crate::effects::failpoint::hit("state.inventory.replaced")?;
+                if let Ok(dir) = File::open(self.path()) {
+                    inventory_log::remove(&dir);
+                }
+                Ok(())
+            }
+            InventoryWrite::Append { line, log } => {
+                let dir: std::os::fd::OwnedFd = File::open(self.path())
+                    .with_context(|| format!("cannot open {}", self.path().display()))?
+                    .into();
+                let (file, created) = inventory_log::append(&dir, &log, &line)?;
+                let synced = crate::effects::failpoint::hit("state.inventory.appended")
+                    .map_err(std::io::Error::other)
+                    .and_then(|()| file.sync_data())
+                    .and_then(|()| {
+                        if created {
+                            File::from(dir).sync_all()
+                        } else {
+                            Ok(())
+                        }
+                    });
+                if let Err(e) = synced {
+                    let _ = file.set_len(log.valid_len);
+                    return Err(e).context("cannot make the inventory log durable");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the valid records of `inventory.log` that `log` counted to
+    /// `dest` (not durable: the caller's barrier).
+    pub fn copy_log(&self, log: &inventory_log::LogState, dest: &Path) -> Result<()> {
+        let path = self.path().join(inventory_log::LOG);
+        let mut bytes = Vec::new();
+        open_nofollow(&path)
+            .and_then(|(f, _)| {
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, log.valid_len), &mut bytes)
+            })
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if bytes.len() as u64 != log.valid_len {
+            bail!("{} changed while it was read", path.display());
+        }
+        replace(dest, &bytes, Durability::None)
     }
 
     /// Starts reading the inventory on another thread, so that its decode
@@ -322,6 +433,7 @@ impl StateDir {
 const STATE_ENTRIES: &[&str] = &[
     "lock",
     "inventory.json",
+    "inventory.log",
     "history.jsonl",
     "last-run.json",
     "marks.json",
@@ -479,12 +591,67 @@ fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Decodes the state file `path` read as `bytes`, its errors named.
 fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
-    match decode_state(bytes) {
+    name_decode_error(path, decode_state(bytes))
+}
+
+/// [`decode_file`] and the envelope's [`EnvelopeMeta`].
+fn decode_file_meta<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<(T, EnvelopeMeta)> {
+    name_decode_error(path, decode_state_meta(bytes))
+}
+
+fn name_decode_error<T>(path: &Path, decoded: Result<T>) -> Result<T> {
+    match decoded {
         Ok(v) => Ok(v),
         // It says what it is; "corrupt" would send the reader astray.
         Err(e) if is_newer_format(&e) => Err(e.context(path.display().to_string())),
         Err(e) => Err(e.context(format!("{} is corrupt", path.display()))),
     }
+}
+
+/// An inventory from the bytes of its base (`path`) and of its log
+/// (`log`, `None` when there is none), its version checked.
+fn decode_inventory(
+    path: &Path,
+    bytes: &[u8],
+    log_path: &Path,
+    log: Option<&[u8]>,
+) -> Result<(Inventory, inventory_log::LogState)> {
+    let (mut inv, meta): (Inventory, _) = decode_file_meta(path, bytes)?;
+    let log_state = inventory_log::apply_log(log_path, log, &meta, bytes.len() as u64, &mut inv)?;
+    if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
+        return Err(anyhow::Error::new(NewerFormat {
+            what: "inventory",
+            format: inv.version.into(),
+            known: INVENTORY_VERSION.into(),
+        })
+        .context(path.display().to_string()));
+    }
+    if inv.version != INVENTORY_VERSION {
+        bail!(
+            "{}: inventory format {} is not supported by this driftless (expects {INVENTORY_VERSION}); was the agent downgraded?",
+            path.display(),
+            inv.version
+        );
+    }
+    Ok((inv, log_state))
+}
+
+/// The inventory kept at `path` and, beside it, the log named `log_name`
+/// (a transaction's copy of the inventory it started from); `Ok(None)`
+/// if there is no base.
+pub fn read_inventory_at(path: &Path, log_name: &str) -> Result<Option<Inventory>> {
+    let bytes = match read_nofollow(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let log_path = path.with_file_name(log_name);
+    let log = match read_nofollow_up_to(&log_path, inventory_log::READ_MAX_BYTES) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", log_path.display())),
+    };
+    decode_inventory(path, &bytes, &log_path, log.as_deref()).map(|(inv, _)| Some(inv))
 }
 
 /// Reads a JSON file; `Ok(None)` if it does not exist.
@@ -518,14 +685,22 @@ pub const STATE_FORMAT_RESOURCES: u64 = 2;
 /// fields): they must refuse it instead.
 pub const STATE_FORMAT_ACCOUNTS: u64 = 3;
 
+/// The envelope format of an inventory that may be followed by
+/// `inventory.log` (large inventories, see [`inventory_log`]), and of
+/// that log's records. An agent before it would read the base alone and
+/// forget every transaction the log records: it must refuse the file.
+pub const STATE_FORMAT_LOGGED: u64 = 4;
+
 /// The newest envelope format this binary reads. A larger one is a
 /// [`NewerFormat`], refused.
-pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_ACCOUNTS;
+pub const STATE_FORMAT_MAX: u64 = STATE_FORMAT_LOGGED;
 
 /// The envelope format `inv` is written with: 1 ([`STATE_FORMAT`], the
 /// bytes every agent so far wrote) unless it uses `reboot`.
 pub fn inventory_format(inv: &Inventory) -> u64 {
-    if inv.uses_reboot() || inv.uses_links() || inv.uses_directories() {
+    if inv.files.len() >= inventory_log::log_from() {
+        STATE_FORMAT_LOGGED
+    } else if inv.uses_reboot() || inv.uses_links() || inv.uses_directories() {
         STATE_FORMAT_RESOURCES
     } else {
         STATE_FORMAT
@@ -558,6 +733,21 @@ pub fn encode_inventory(inv: &Inventory) -> Result<Vec<u8>> {
     }
     close_compact_envelope(&mut out, format);
     Ok(out)
+}
+
+/// [`encode_state`] always compact, on one line (the records of
+/// `inventory.log`, whatever their size).
+pub(crate) fn encode_state_line<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
+    if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
+        bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
+    }
+    let (direct, canonical) = canonical::to_vec_checked(value).context("cannot serialise state")?;
+    if canonical {
+        return Ok(compact_envelope(&direct, format));
+    }
+    let data = serde_json::to_value(value).context("cannot serialise state")?;
+    let text = serde_json::to_vec(&data).context("cannot serialise state")?;
+    Ok(compact_envelope(&text, format))
 }
 
 /// How a compact envelope starts; its data follows.
@@ -708,6 +898,11 @@ fn decode_state_fast<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 /// inside DATA cannot be mistaken for it, since the tail is taken last
 /// and DATA must then parse as one value. Anything else is `None`.
 fn compact_parts(bytes: &[u8]) -> Option<(&[u8], &str)> {
+    compact_parts_with_format(bytes).map(|(data, sum, _)| (data, sum))
+}
+
+/// [`compact_parts`] and the envelope's format.
+fn compact_parts_with_format(bytes: &[u8]) -> Option<(&[u8], &str, u64)> {
     let rest = bytes.strip_prefix(COMPACT_HEAD)?;
     let rest = rest.strip_suffix(b"\"}\n")?;
     let (rest, sum) = rest.split_at_checked(rest.len().checked_sub(64)?)?;
@@ -731,7 +926,7 @@ fn compact_parts(bytes: &[u8]) -> Option<(&[u8], &str)> {
     if memchr::memchr(b'\n', data).is_some() {
         return None;
     }
-    Some((data, sum))
+    Some((data, sum, format))
 }
 
 /// JSON text without the whitespace outside its strings. One pass that
@@ -774,11 +969,43 @@ fn decoders_agree(bytes: &[u8]) -> bool {
 /// [`decode_state`] through a `serde_json::Value` of the whole file: the
 /// reference, for every file the fast path does not take.
 fn decode_state_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    decode_state_slow_meta(bytes).map(|(v, _)| v)
+}
+
+/// What an envelope says about its data: its format and checksum (0 and
+/// empty for a file written before the envelope existed).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvelopeMeta {
+    pub format: u64,
+    pub sha256: String,
+}
+
+/// [`decode_state`] and the envelope's [`EnvelopeMeta`].
+pub(crate) fn decode_state_meta<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, EnvelopeMeta)> {
+    use sha2::Digest;
+    if let Some((data, sum, format)) = compact_parts_with_format(bytes) {
+        if hex::encode(sha2::Sha256::digest(data)) == sum {
+            if let Ok(v) = serde_json::from_slice(data) {
+                let meta = EnvelopeMeta {
+                    format,
+                    sha256: sum.to_string(),
+                };
+                return Ok((v, meta));
+            }
+        }
+    }
+    decode_state_slow_meta(bytes)
+}
+
+fn decode_state_slow_meta<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, EnvelopeMeta)> {
     use sha2::Digest;
     let mut value: serde_json::Value = serde_json::from_slice(bytes).context("not JSON")?;
     let Some(format) = value.get("driftless_state") else {
-        return serde_json::from_value(value).context("not what this file holds");
+        return serde_json::from_value(value)
+            .map(|v| (v, EnvelopeMeta::default()))
+            .context("not what this file holds");
     };
+    let format_number = format.as_u64().unwrap_or(0);
     match format.as_u64() {
         Some(f) if (STATE_FORMAT..=STATE_FORMAT_MAX).contains(&f) => {}
         Some(f) if f > STATE_FORMAT_MAX => {
@@ -803,7 +1030,14 @@ fn decode_state_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     if actual != sum {
         bail!("its checksum does not match its content (a flipped bit or a torn write)");
     }
-    serde_json::from_value(data).context("not what this file holds")
+    let v = serde_json::from_value(data).context("not what this file holds")?;
+    Ok((
+        v,
+        EnvelopeMeta {
+            format: format_number,
+            sha256: sum,
+        },
+    ))
 }
 
 /// Replaces `path` atomically and durably with `value` as JSON: write a
@@ -1080,12 +1314,12 @@ mod temp_tests {
         );
         std::fs::write(&p, serde_json::to_vec(&value).unwrap()).unwrap();
         assert_eq!(read_json::<serde_json::Value>(&p).unwrap(), Some(value));
-        std::fs::write(&p, r#"{"driftless_state": 4, "sha256": "", "data": {}}"#).unwrap();
+        std::fs::write(&p, r#"{"driftless_state": 5, "sha256": "", "data": {}}"#).unwrap();
         let err = read_json::<serde_json::Value>(&p).unwrap_err();
         assert!(is_newer_format(&err), "{err:#}");
         let err = format!("{err:#}");
         assert!(
-            err.contains("x.json: written by a newer driftless (state format 4; this agent knows up to format 3)")
+            err.contains("x.json: written by a newer driftless (state format 5; this agent knows up to format 4)")
                 && err.contains("upgrade the agent")
                 && !err.contains("corrupt"),
             "{err}"

@@ -284,6 +284,7 @@ mod tests {
             inputs: "abc".into(),
             commit: "c".into(),
             inventory: stamp(1),
+            inventory_log: None,
             taken_at_ns: 99,
             files: vec![
                 (TargetPath::parse("/etc/a b").unwrap(), stamp(2), true),

@@ -1,0 +1,644 @@
+//! `inventory.log`: a large inventory kept as a base (`inventory.json`)
+//! and the transactions committed since, one line each.
+//!
+//! Why: at 10,000 managed files the inventory is 2 MB. Rewriting it for
+//! every commit (encoding it, its checksum, writing it and making 2 MB
+//! durable) was the largest part of a one-file commit (issue #18).
+//! Appended to a log, a one-file commit writes and syncs one line of a
+//! few hundred bytes.
+//!
+//! Only inventories of at least [`LOG_FROM_FILES`] files are kept this
+//! way. Their base is written in envelope format
+//! [`STATE_FORMAT_LOGGED`]: an older agent refuses it as newer instead of
+//! reading the base without the log and forgetting transactions. A
+//! smaller inventory is written whole, as every agent so far wrote it (a
+//! downgrade stays possible where it was).
+//!
+//! Each line is a compact, checksummed state envelope holding a
+//! [`Record`]: the base it applies to (the sha256 in the base's
+//! envelope), its sequence number (1, 2, ...), the inventory's header
+//! (commit, transaction, time, reboot request) and what changed in each
+//! collection. Reading is the base, then every record in order. What
+//! makes that crash-safe:
+//!
+//! - A record is appended with one write and made durable before its
+//!   transaction counts as committed. A power loss can only tear the last
+//!   line: a last line that is incomplete or fails its checksum is a
+//!   write that did not finish (its transaction is uncommitted, and
+//!   recovery reverts it), and the next append first cuts it off.
+//! - Any other damage (a bad line with lines after it, a gap in the
+//!   sequence, records of two bases) is an error naming the line: reading
+//!   past it would silently forget committed transactions.
+//! - Records name their base. When the base is replaced (the log grew
+//!   past its bound, a revert, an inventory that shrank below the
+//!   threshold), the new base is made durable first and the log removed
+//!   after; a crash in between leaves a log that names the old base, and
+//!   it is ignored.
+//!
+//! Compaction: when a record would take the log past [`LOG_MAX_BYTES`] or
+//! a quarter of the base, the inventory is written whole as a new base.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+
+use super::{EnvelopeMeta, STATE_FORMAT_LOGGED};
+use crate::desired::spec::TargetPath;
+use crate::plan::inventory::{DirectoryEntry, Inventory, LinkEntry, ManagedEntry, RebootRequest};
+
+/// The log's name, beside `inventory.json`.
+pub const LOG: &str = "inventory.log";
+
+/// Inventories with at least this many files are kept as base and log;
+/// smaller ones are written whole (200 KB at 1,000 files).
+pub const LOG_FROM_FILES: usize = 1_000;
+
+/// The log is compacted into a new base before it grows past this, or a
+/// quarter of the base if that is larger.
+pub const LOG_MAX_BYTES: u64 = 256 * 1024;
+
+/// A log larger than this is refused unread (compaction keeps it far
+/// below; a state file must not make the agent allocate without bound).
+pub const READ_MAX_BYTES: u64 = 256 << 20;
+
+/// [`LOG_FROM_FILES`], which debug builds (the test suite) may lower with
+/// `DRIFTLESS_TEST_INVENTORY_LOG_FROM` so that small test hosts take the
+/// log's paths; release builds ignore the variable.
+pub fn log_from() -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("DRIFTLESS_TEST_INVENTORY_LOG_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    LOG_FROM_FILES
+}
+
+/// One committed change of the inventory. Fields in name order: the
+/// record is written as canonical JSON without a tree of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub applied_at: i64,
+    /// The sha256 of the base this record applies to.
+    pub base: String,
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub del_directories: BTreeSet<TargetPath>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub del_dirs: BTreeSet<TargetPath>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub del_files: BTreeSet<TargetPath>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub del_links: BTreeSet<TargetPath>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub directories: BTreeMap<TargetPath, DirectoryEntry>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dirs: BTreeSet<TargetPath>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<TargetPath, ManagedEntry>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub links: BTreeMap<TargetPath, LinkEntry>,
+    pub reboot: Option<RebootRequest>,
+    /// 1 for the first record after the base, then 2, 3, ...
+    pub seq: u64,
+    pub txid: String,
+    pub version: u32,
+}
+
+/// What reading a base and its log found: enough to append the next
+/// record or to decide to write the inventory whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogState {
+    /// The base's checksum when a log may follow it (its format is
+    /// [`STATE_FORMAT_LOGGED`]); `None`: the inventory is written whole.
+    pub base: Option<String>,
+    /// The base's size in bytes.
+    pub base_len: u64,
+    /// The length of the log's valid records: an append writes there,
+    /// cutting off a torn tail.
+    pub valid_len: u64,
+    /// The sequence number of the next record.
+    pub next_seq: u64,
+}
+
+/// Applies the log read from `path` (`bytes`, `None` when there is no
+/// such file) to `inv`, read from a base described by `meta` (`base_len`
+/// bytes). Only a base in [`STATE_FORMAT_LOGGED`] has a log; for any
+/// other, a file at `path` is a leftover and ignored.
+pub fn apply_log(
+    path: &Path,
+    bytes: Option<&[u8]>,
+    meta: &EnvelopeMeta,
+    base_len: u64,
+    inv: &mut Inventory,
+) -> Result<LogState> {
+    let mut state = LogState {
+        base: None,
+        base_len,
+        valid_len: 0,
+        next_seq: 1,
+    };
+    if meta.format != STATE_FORMAT_LOGGED {
+        return Ok(state);
+    }
+    state.base = Some(meta.sha256.clone());
+    let Some(bytes) = bytes else {
+        return Ok(state);
+    };
+    let damaged = |line: usize, why: String| {
+        anyhow::anyhow!(
+            "{} is corrupt: line {line} {why}, and reading on would forget committed transactions; run `driftless state repair` (it moves the inventory and its log aside and takes the files over again)",
+            path.display()
+        )
+    };
+    let mut pos = 0usize;
+    let mut line_no = 0usize;
+    while pos < bytes.len() {
+        line_no += 1;
+        let Some(len) = memchr::memchr(b'\n', &bytes[pos..]) else {
+            // An append that did not finish: not committed.
+            tracing::debug!("{}: ignoring an unfinished last line", path.display());
+            break;
+        };
+        let end = pos + len + 1;
+        let record: Record = match super::decode_state(&bytes[pos..end]) {
+            Ok(r) => r,
+            Err(e) if super::is_newer_format(&e) => {
+                return Err(e.context(path.display().to_string()))
+            }
+            Err(_) if end == bytes.len() => {
+                tracing::debug!("{}: ignoring a torn last line", path.display());
+                break;
+            }
+            Err(e) => return Err(damaged(line_no, format!("does not read ({e:#})"))),
+        };
+        if record.base != meta.sha256 {
+            if line_no == 1 {
+                // Left from before the base was replaced: nothing in it
+                // applies (the next append starts the log afresh).
+                return Ok(state);
+            }
+            return Err(damaged(line_no, "names another base than line 1".into()));
+        }
+        if record.seq != state.next_seq {
+            return Err(damaged(
+                line_no,
+                format!("is record {} where {} was due", record.seq, state.next_seq),
+            ));
+        }
+        apply(inv, record);
+        state.next_seq += 1;
+        pos = end;
+        state.valid_len = pos as u64;
+    }
+    Ok(state)
+}
+
+/// `inv` with `record` applied.
+fn apply(inv: &mut Inventory, r: Record) {
+    inv.applied_at = r.applied_at;
+    inv.commit = r.commit;
+    inv.reboot = r.reboot;
+    inv.txid = r.txid;
+    inv.version = r.version;
+    for p in &r.del_files {
+        inv.files.remove(p);
+    }
+    inv.files.extend(r.files);
+    for p in &r.del_dirs {
+        inv.dirs.remove(p);
+    }
+    inv.dirs.extend(r.dirs);
+    for p in &r.del_directories {
+        inv.directories.remove(p);
+    }
+    inv.directories.extend(r.directories);
+    for p in &r.del_links {
+        inv.links.remove(p);
+    }
+    inv.links.extend(r.links);
+}
+
+/// The record that turns `prev` into `next`.
+pub fn record(prev: &Inventory, next: &Inventory, base: &str, seq: u64) -> Record {
+    let (files, del_files) = map_delta(&prev.files, &next.files);
+    let (directories, del_directories) = map_delta(&prev.directories, &next.directories);
+    let (links, del_links) = map_delta(&prev.links, &next.links);
+    let dirs = next.dirs.difference(&prev.dirs).cloned().collect();
+    let del_dirs = prev.dirs.difference(&next.dirs).cloned().collect();
+    Record {
+        applied_at: next.applied_at,
+        base: base.to_string(),
+        commit: next.commit.clone(),
+        del_directories,
+        del_dirs,
+        del_files,
+        del_links,
+        directories,
+        dirs,
+        files,
+        links,
+        reboot: next.reboot.clone(),
+        seq,
+        txid: next.txid.clone(),
+        version: next.version,
+    }
+}
+
+/// The entries of `next` that `prev` lacks or holds otherwise, and the
+/// keys of `prev` that `next` lacks: one merge of the two sorted maps.
+fn map_delta<V: Clone + PartialEq>(
+    prev: &BTreeMap<TargetPath, V>,
+    next: &BTreeMap<TargetPath, V>,
+) -> (BTreeMap<TargetPath, V>, BTreeSet<TargetPath>) {
+    let mut set = BTreeMap::new();
+    let mut del = BTreeSet::new();
+    let mut a = prev.iter().peekable();
+    let mut b = next.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                del.insert((*k).clone());
+                a.next();
+            }
+            (None, Some((k, v))) => {
+                set.insert((*k).clone(), (*v).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    del.insert((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    set.insert((*kb).clone(), (*vb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        set.insert((*kb).clone(), (*vb).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    (set, del)
+}
+
+/// The line of `record` as the log holds it.
+pub fn encode(record: &Record) -> Result<Vec<u8>> {
+    super::encode_state_line(record, STATE_FORMAT_LOGGED)
+}
+
+/// Whether a record of `len` bytes may be appended to the log `state`
+/// describes, rather than the inventory written whole.
+pub fn fits(state: &LogState, len: usize) -> bool {
+    state.base.is_some() && state.valid_len + len as u64 <= LOG_MAX_BYTES.max(state.base_len / 4)
+}
+
+/// Appends `line` to the log in the directory `dir` after the valid
+/// records `state` counted (a torn tail is cut off first). Not durable
+/// yet: the caller syncs the returned file (and, when the second value
+/// says the file was created, the directory). On error the log is cut
+/// back to its valid records, as far as that is possible.
+pub fn append(dir: &OwnedFd, state: &LogState, line: &[u8]) -> Result<(File, bool)> {
+    let open = |flags: OFlag| {
+        openat(
+            dir,
+            LOG,
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | flags,
+            Mode::from_bits_truncate(0o600),
+        )
+    };
+    let (fd, created) = match open(OFlag::empty()) {
+        Ok(fd) => (fd, false),
+        Err(Errno::ENOENT) => (
+            open(OFlag::O_CREAT | OFlag::O_EXCL).context("cannot create the inventory log")?,
+            true,
+        ),
+        Err(e) => return Err(e).context("cannot open the inventory log"),
+    };
+    let file = File::from(fd);
+    let meta = file.metadata().context("cannot stat the inventory log")?;
+    if !meta.is_file() {
+        bail!("the inventory log is not a regular file");
+    }
+    let written = (|| -> std::io::Result<()> {
+        if meta.len() != state.valid_len {
+            file.set_len(state.valid_len)?;
+        }
+        file.write_all_at(line, state.valid_len)
+    })();
+    if let Err(e) = written {
+        let _ = file.set_len(state.valid_len);
+        return Err(e).context("cannot append to the inventory log");
+    }
+    Ok((file, created))
+}
+
+/// Removes the log beside a base that was just written whole (it names
+/// the old base, so it is ignored if this does not happen).
+pub fn remove(dir: &impl AsFd) {
+    match nix::unistd::unlinkat(dir.as_fd(), LOG, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(e) => tracing::debug!("cannot remove the old inventory log: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::effects::state::{StateDir, STATE_FORMAT_LOGGED};
+    use crate::plan::inventory::INVENTORY_VERSION;
+
+    fn entry(i: usize) -> ManagedEntry {
+        ManagedEntry {
+            gid: 0,
+            mode: 0o644,
+            on_change: Vec::new(),
+            original: None,
+            reboot: false,
+            role: "r".into(),
+            sensitive: false,
+            sha256: format!("{i:064x}"),
+            size: i as u64,
+            uid: 0,
+        }
+    }
+
+    fn path(i: usize) -> TargetPath {
+        TargetPath::parse(&format!("/etc/app/f{i:05}")).unwrap()
+    }
+
+    /// An inventory of `n` files, committed by `txid`.
+    fn inventory(n: usize, txid: &str) -> Inventory {
+        Inventory {
+            applied_at: 1,
+            commit: Some("c0".into()),
+            files: (0..n).map(|i| (path(i), entry(i))).collect(),
+            txid: txid.into(),
+            version: INVENTORY_VERSION,
+            ..Default::default()
+        }
+    }
+
+    /// `inv` after a commit `txid` that changed file 3, removed file 4,
+    /// added one, and created a directory.
+    fn next(inv: &Inventory, txid: &str) -> Inventory {
+        let mut n = inv.clone();
+        n.txid = txid.into();
+        n.applied_at += 1;
+        n.commit = Some(format!("c-{txid}"));
+        n.files.get_mut(&path(3)).unwrap().size += 1000;
+        n.files.remove(&path(4));
+        n.files.insert(path(90_000 + n.files.len()), entry(7));
+        n.dirs
+            .insert(TargetPath::parse(&format!("/srv/{txid}")).unwrap());
+        n
+    }
+
+    fn fresh(state: &StateDir) -> (std::sync::Arc<Inventory>, LogState) {
+        // Another handle: no cache, everything read from disk.
+        StateDir::open(state.path())
+            .unwrap()
+            .inventory_and_log()
+            .unwrap()
+    }
+
+    fn log_len(state: &StateDir) -> u64 {
+        std::fs::metadata(state.path().join(LOG)).map_or(0, |m| m.len())
+    }
+
+    #[test]
+    fn a_large_inventory_is_a_base_then_one_line_per_commit_and_reads_back_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut inv = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&inv).unwrap();
+        let base = std::fs::read(state.inventory_path()).unwrap();
+        assert_eq!(log_len(&state), 0, "the first write is a base");
+        for i in 1..=5 {
+            inv = next(&inv, &format!("t{i}"));
+            state.save_inventory(&inv).unwrap();
+            assert_eq!(*fresh(&state).0, inv, "after commit {i}");
+        }
+        assert_eq!(
+            std::fs::read(state.inventory_path()).unwrap(),
+            base,
+            "the base is untouched"
+        );
+        let log = std::fs::read_to_string(state.path().join(LOG)).unwrap();
+        assert_eq!(log.lines().count(), 5);
+        assert!(
+            log.len() < 5 * 2048,
+            "one short line per commit: {} bytes",
+            log.len()
+        );
+        let (_, st) = fresh(&state);
+        assert_eq!((st.next_seq, st.valid_len), (6, log.len() as u64));
+        // The base says it is followed by a log: an older agent refuses it.
+        let text = String::from_utf8(base).unwrap();
+        assert!(text.contains(&format!("\"driftless_state\":{STATE_FORMAT_LOGGED}")));
+    }
+
+    #[test]
+    fn a_small_inventory_is_written_whole_in_the_format_older_agents_read() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut inv = inventory(10, "t0");
+        state.save_inventory(&inv).unwrap();
+        inv = next(&inv, "t1");
+        state.save_inventory(&inv).unwrap();
+        assert!(!state.path().join(LOG).exists());
+        let text = std::fs::read_to_string(state.inventory_path()).unwrap();
+        assert!(text.contains("\"driftless_state\": 1"), "{text}");
+        assert_eq!(*fresh(&state).0, inv);
+    }
+
+    /// A power loss during an append leaves part of the line: that commit
+    /// did not happen (recovery reverts it), the ones before it did, and
+    /// the next append cuts the torn part off instead of writing after it
+    /// (where a reader would never get to it).
+    #[test]
+    fn a_torn_last_line_is_an_uncommitted_record_and_the_next_append_replaces_it() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        let v1 = next(&v0, "t1");
+        state.save_inventory(&v1).unwrap();
+        let one = log_len(&state);
+        let v2 = next(&v1, "t2");
+        state.save_inventory(&v2).unwrap();
+        let full = std::fs::read(state.path().join(LOG)).unwrap();
+        let second = full.len() - one as usize;
+        for cut in [1, second / 2, second - 1] {
+            std::fs::write(state.path().join(LOG), &full[..one as usize + cut]).unwrap();
+            assert_eq!(*fresh(&state).0, v1, "cut {cut} bytes into the second line");
+        }
+        // Complete but damaged (its page lost): still the last line, torn.
+        let mut bad = full.clone();
+        bad[one as usize + 40] ^= 1;
+        std::fs::write(state.path().join(LOG), &bad).unwrap();
+        assert_eq!(*fresh(&state).0, v1);
+        // Zeros where the line was (a size extended, its data lost).
+        let mut zeros = full[..one as usize].to_vec();
+        zeros.extend(std::iter::repeat_n(0u8, second));
+        std::fs::write(state.path().join(LOG), &zeros).unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        assert_eq!(*state.inventory().unwrap(), v1);
+        let v2b = next(&v1, "t2b");
+        state.save_inventory(&v2b).unwrap();
+        assert_eq!(*fresh(&state).0, v2b);
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(LOG))
+                .unwrap()
+                .lines()
+                .count(),
+            2,
+            "the torn line was cut off"
+        );
+    }
+
+    /// Damage anywhere but at the end is not a torn write: skipping it
+    /// would silently forget committed transactions.
+    #[test]
+    fn damage_before_the_last_line_is_an_error_naming_the_line_and_the_remedy() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut inv = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&inv).unwrap();
+        for i in 1..=3 {
+            inv = next(&inv, &format!("t{i}"));
+            state.save_inventory(&inv).unwrap();
+        }
+        let good = std::fs::read(state.path().join(LOG)).unwrap();
+        let mut bad = good.clone();
+        bad[60] ^= 1;
+        std::fs::write(state.path().join(LOG), &bad).unwrap();
+        let e = StateDir::open(d.path()).unwrap().inventory().unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("inventory.log is corrupt: line 1"), "{msg}");
+        assert!(msg.contains("driftless state repair"), "{msg}");
+        // A line missing from the middle: a gap in the sequence.
+        let text = String::from_utf8(good).unwrap();
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        std::fs::write(state.path().join(LOG), [lines[0], lines[2]].concat()).unwrap();
+        let msg = format!(
+            "{:#}",
+            StateDir::open(d.path()).unwrap().inventory().unwrap_err()
+        );
+        assert!(msg.contains("line 2 is record 3 where 2 was due"), "{msg}");
+    }
+
+    /// The base is replaced first and the log removed after: a crash in
+    /// between leaves a log whose records name the old base, ignored.
+    #[test]
+    fn a_log_left_beside_a_new_base_is_ignored_and_the_next_append_starts_it_afresh() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        let v1 = next(&v0, "t1");
+        state.save_inventory(&v1).unwrap();
+        let old_log = std::fs::read(state.path().join(LOG)).unwrap();
+        // A new base (as a compaction or a revert writes it) ...
+        let mut v2 = next(&v1, "t2");
+        v2.files.insert(path(50_000), entry(1));
+        crate::effects::state::write_inventory_atomic(&state.inventory_path(), &v2).unwrap();
+        // ... and the crash before the log was removed.
+        std::fs::write(state.path().join(LOG), &old_log).unwrap();
+        let (inv, st) = fresh(&state);
+        assert_eq!(*inv, v2);
+        assert_eq!((st.valid_len, st.next_seq), (0, 1));
+        let v3 = next(&v2, "t3");
+        state.save_inventory(&v3).unwrap();
+        assert_eq!(*fresh(&state).0, v3);
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(LOG))
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_log_is_compacted_into_a_new_base_before_it_outgrows_its_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut inv = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&inv).unwrap();
+        let base_len = std::fs::metadata(state.inventory_path()).unwrap().len();
+        let bound = LOG_MAX_BYTES.max(base_len / 4);
+        let mut compacted = false;
+        for i in 1..2000 {
+            // Every file changed: each record is about as large as the
+            // base, so the bound is reached within a few commits.
+            let mut n = inv.clone();
+            n.txid = format!("t{i}");
+            for e in n.files.values_mut() {
+                e.size += 1;
+            }
+            state.save_inventory(&n).unwrap();
+            inv = n;
+            assert!(log_len(&state) <= bound);
+            if !state.path().join(LOG).exists() {
+                compacted = true;
+                break;
+            }
+        }
+        assert!(compacted, "never compacted");
+        assert_eq!(*fresh(&state).0, inv);
+    }
+
+    #[test]
+    fn a_record_changes_what_changed_and_nothing_else() {
+        let prev = inventory(20, "t0");
+        let mut n = next(&prev, "t1");
+        n.reboot = None;
+        let r = record(&prev, &n, "b", 1);
+        assert_eq!(r.files.keys().collect::<Vec<_>>().len(), 2);
+        assert_eq!(r.del_files, [path(4)].into_iter().collect());
+        let mut applied = prev.clone();
+        apply(&mut applied, r);
+        assert_eq!(applied, n);
+        // And back: the other direction removes what was added.
+        let back = record(&n, &prev, "b", 2);
+        let mut undone = n.clone();
+        apply(&mut undone, back);
+        assert_eq!(undone, prev);
+    }
+
+    #[test]
+    fn a_planted_link_at_the_log_is_refused_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::write(&elsewhere, "precious").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.path().join(LOG)).unwrap();
+        // Opening the state directory refuses it, naming the file ...
+        let e = StateDir::open(d.path()).err().expect("refused");
+        assert!(format!("{e:#}").contains("inventory.log"), "{e:#}");
+        // ... and a handle opened before the link appeared reads and
+        // writes nothing through it.
+        assert!(state.inventory().is_err());
+        assert!(state.save_inventory(&next(&v0, "t1")).is_err());
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "precious");
+    }
+}
