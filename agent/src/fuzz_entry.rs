@@ -82,7 +82,7 @@ pub fn state_file(data: &[u8]) {
     let Some((kind, rest)) = data.split_first() else {
         return;
     };
-    match kind % 7 {
+    match kind % 8 {
         0 => drop(serde_json::from_slice::<crate::plan::inventory::Inventory>(
             rest,
         )),
@@ -101,6 +101,20 @@ pub fn state_file(data: &[u8]) {
         5 => drop(serde_json::from_slice::<crate::plan::quick::QuickRecord>(
             rest,
         )),
+        6 => {
+            // `inventory.delta` after a base whose checksum is "b", read
+            // as the live log and as a transaction's copy.
+            use crate::effects::state::inventory_log::{apply_log, Reading};
+            let meta = crate::effects::state::EnvelopeMeta {
+                format: crate::effects::state::STATE_FORMAT_LOGGED,
+                sha256: "b".into(),
+            };
+            for reading in [Reading::Live, Reading::Copy] {
+                let mut inv = crate::plan::inventory::Inventory::default();
+                let path = std::path::Path::new("inventory.delta");
+                drop(apply_log(path, Some(rest), &meta, 0, &mut inv, reading));
+            }
+        }
         _ => drop(crate::desired::toml_file::parse::<crate::config::Fragment>(
             "agent.toml",
             &String::from_utf8_lossy(rest),

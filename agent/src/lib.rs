@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cpus;
 pub mod daemon;
 pub mod desired;
 pub mod effects;

@@ -180,7 +180,7 @@ struct Scenario {
     /// under test, so one repository serves every fresh host.
     link: std::path::PathBuf,
     _link_dir: tempfile::TempDir,
-    /// Every inventory kept as a base and `inventory.log` (which only
+    /// Every inventory kept as a base and `inventory.delta` (which only
     /// hosts of 1,000 files and more use otherwise).
     logged: bool,
 }
@@ -491,13 +491,12 @@ fn kill_at_every_failpoint_of_a_failing_commit_converges_back_to_the_old_one() {
     eprintln!("campaign (checks fail): {n} kills, every host converged to the old commit");
 }
 
-/// The bug: a `kill -9` during the checks, and the next sync said
-/// "already applied" with the failing commit live.
 /// The same campaigns with every inventory kept as a base and
-/// `inventory.log` (a one-file commit appends a line instead of
+/// `inventory.delta` (a one-file commit appends a line instead of
 /// rewriting the inventory): a kill at any point, including between the
-/// append and its barrier and between a new base and the removal of the
-/// old log, converges as with a whole inventory.
+/// append and its barrier (a revert's too), converges as with a whole
+/// inventory. (A new base beside an old log, and torn lines, which a kill
+/// cannot make, are `inventory_log`'s unit tests.)
 #[test]
 fn kill_at_every_failpoint_of_a_passing_commit_with_the_inventory_log_converges_to_it() {
     let n = campaign(true, true);
@@ -510,6 +509,8 @@ fn kill_at_every_failpoint_of_a_failing_commit_with_the_inventory_log_converges_
     eprintln!("campaign with the inventory log (checks fail): {n} kills, every host converged");
 }
 
+/// The bug: a `kill -9` during the checks, and the next sync said
+/// "already applied" with the failing commit live.
 #[test]
 fn kill_during_checks_does_not_leave_the_commit_applied() {
     let s = scenario(false, false);

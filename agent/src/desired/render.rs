@@ -843,9 +843,7 @@ fn render_batches(
         }
         out
     };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(RENDER_WORKERS);
+    let workers = crate::cpus::cpus().min(RENDER_WORKERS);
     let mut outputs = vec![];
     std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..workers)
@@ -1061,7 +1059,7 @@ const PARALLEL_PARSE_MIN: usize = 64;
 fn parse(sources: &[(String, String)]) -> tera::Result<Tera> {
     let (own, shared): (Vec<_>, Vec<_>) =
         sources.iter().partition(|(n, _)| n.starts_with("roles/"));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::cpus::cpus();
     if own.len() >= PARALLEL_PARSE_MIN && cores > 1 {
         let (a, b) = own.split_at(own.len() / 2);
         let (first, second) = std::thread::scope(|scope| {

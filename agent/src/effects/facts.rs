@@ -37,7 +37,7 @@ pub fn gather(root: &RootFs) -> Json {
     let machine_id = read_under(root, "etc/machine-id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = crate::cpus::cpus();
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| parse_mem_total(&t))

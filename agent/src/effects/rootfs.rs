@@ -129,10 +129,11 @@ impl RootFs {
         // An `lstat` costs about 1.5 µs, so 10,000 of them are worth a
         // second thread; below that, starting one costs more than it saves.
         const PER_THREAD: usize = 2_048;
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(targets.len() / PER_THREAD)
-            .max(1);
+        let threads = if targets.len() < 2 * PER_THREAD {
+            1
+        } else {
+            crate::cpus::cpus().min(targets.len() / PER_THREAD)
+        };
         if threads == 1 {
             return self.stamps_serial(&targets);
         }

@@ -60,7 +60,7 @@ pub struct QuickRecord {
     /// The inventory file (replaced atomically by every transaction that
     /// writes it whole).
     pub inventory: Stamp,
-    /// `inventory.log` (appended to by the other transactions of a large
+    /// `inventory.delta` (appended to by the other transactions of a large
     /// inventory), if there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inventory_log: Option<Stamp>,

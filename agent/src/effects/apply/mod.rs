@@ -168,9 +168,9 @@ const INTENT: &str = "intent.json";
 const SWITCHED: &str = "switched";
 const COMMITTED: &str = "committed";
 const INVENTORY_BEFORE: &str = "inventory.before.json";
-/// The records of `inventory.log` that `inventory.before.json` (a link to
+/// The records of `inventory.delta` that `inventory.before.json` (a link to
 /// the base) needs, copied: the log itself is appended to.
-const INVENTORY_BEFORE_LOG: &str = "inventory.before.log";
+const INVENTORY_BEFORE_LOG: &str = "inventory.before.delta";
 const INVENTORY: &str = "inventory.json";
 
 /// The inventory a transaction started from (kept with the latest
@@ -189,8 +189,8 @@ pub fn inventory_before(state: &StateDir, txid: &str) -> Result<Option<Inventory
 /// replaced by a rename, never rewritten in place, so the link keeps the
 /// old inventory byte for byte, and costs nothing where encoding it again
 /// cost tens of milliseconds at 10,000 files (issue 18). The records of
-/// `inventory.log` it was read with (`log`), which is appended to in
-/// place, are copied beside it as `inventory.before.log`. Without an
+/// `inventory.delta` it was read with (`log`), which is appended to in
+/// place, are copied beside it as `inventory.before.delta`. Without an
 /// inventory yet (or where links fail) it is written whole from `before`.
 fn save_inventory_before(
     state: &StateDir,
@@ -567,7 +567,7 @@ pub fn commit(
 }
 
 /// The commit record: `inventory.json` replaced atomically, or one record
-/// appended to `inventory.log` for a large inventory (see
+/// appended to `inventory.delta` for a large inventory (see
 /// `effects::state::inventory_log`), and, with `floor`, the anti-rollback
 /// record put beside it; durable on return.
 ///
@@ -605,8 +605,13 @@ fn write_commit_record(
             }
             true
         }
+        InventoryWrite::Truncate => {
+            inventory_log::truncate(&state_fd, &state.log_path())?;
+            syncfs_each([state_fd.as_fd(), floor.dir()])?;
+            false
+        }
         InventoryWrite::Append { line, log } => {
-            let (file, _) = inventory_log::append(&state_fd, &log, &line)?;
+            let (file, _) = inventory_log::append(&state_fd, &log, &line, &state.log_path())?;
             let synced = failpoint::hit("state.inventory.appended")
                 .and_then(|()| syncfs_each([state_fd.as_fd(), floor.dir()]));
             if let Err(e) = synced {
@@ -1712,10 +1717,19 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
                 recovered.push(done(&journal));
             }
             TxState::Prepared | TxState::Switched if inv.txid == txid => {
-                // Committed, but crashed before it was marked so. No
-                // barrier: the inventory, durable, says it already; the
-                // next transaction's first flush makes the mark durable
-                // before that transaction's commit could name another.
+                // Committed, but crashed before it was marked so. The
+                // inventory may not be durable yet: killed between
+                // appending its record to `inventory.delta` and the
+                // barrier, the record is in the page cache only, and data
+                // (unlike a rename) is not ordered before the mark's
+                // creation. So one barrier first (a mark that survived a
+                // power loss the record did not would leave the
+                // transaction neither committed nor reverted). The next
+                // transaction's first flush makes the mark durable before
+                // that transaction's commit could name another.
+                let state_fd = open_dir_path(state.path())?;
+                nix::unistd::syncfs(&state_fd)
+                    .with_context(|| format!("cannot make {} durable", state.path().display()))?;
                 mark(&open_dir_path(&path)?, COMMITTED)?;
             }
             TxState::Prepared | TxState::Switched => {

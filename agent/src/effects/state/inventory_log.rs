@@ -1,4 +1,4 @@
-//! `inventory.log`: a large inventory kept as a base (`inventory.json`)
+//! `inventory.delta`: a large inventory kept as a base (`inventory.json`)
 //! and the transactions committed since, one line each.
 //!
 //! Why: at 10,000 managed files the inventory is 2 MB. Rewriting it for
@@ -55,7 +55,7 @@ use crate::desired::spec::TargetPath;
 use crate::plan::inventory::{DirectoryEntry, Inventory, LinkEntry, ManagedEntry, RebootRequest};
 
 /// The log's name, beside `inventory.json`.
-pub const LOG: &str = "inventory.log";
+pub const LOG: &str = "inventory.delta";
 
 /// Inventories with at least this many files are kept as base and log;
 /// smaller ones are written whole (200 KB at 1,000 files).
@@ -131,6 +131,18 @@ pub struct LogState {
     pub next_seq: u64,
 }
 
+/// How a log's lines are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// The live log: an unfinished last line is an append a crash cut
+    /// short (its transaction uncommitted), and ignored.
+    Live,
+    /// A transaction's copy (`inventory.before.delta`), written whole and
+    /// made durable before the transaction touched anything: every line
+    /// must be intact.
+    Copy,
+}
+
 /// Applies the log read from `path` (`bytes`, `None` when there is no
 /// such file) to `inv`, read from a base described by `meta` (`base_len`
 /// bytes). Only a base in [`STATE_FORMAT_LOGGED`] has a log; for any
@@ -141,6 +153,7 @@ pub fn apply_log(
     meta: &EnvelopeMeta,
     base_len: u64,
     inv: &mut Inventory,
+    reading: Reading,
 ) -> Result<LogState> {
     let mut state = LogState {
         base: None,
@@ -156,27 +169,42 @@ pub fn apply_log(
         return Ok(state);
     };
     let damaged = |line: usize, why: String| {
-        anyhow::anyhow!(
-            "{} is corrupt: line {line} {why}, and reading on would forget committed transactions; run `driftless state repair` (it moves the inventory and its log aside and takes the files over again)",
-            path.display()
-        )
+        let remedy = match reading {
+            Reading::Live => "and reading on would forget committed transactions; run `driftless state repair` (it moves the inventory and this file aside, and the next sync takes the files over again)".to_string(),
+            Reading::Copy => format!(
+                "so the inventory this transaction started from is unknown; restore {} from a backup, or remove its transaction directory (the transaction's files are then left as they are, and the next sync takes them over)",
+                path.display()
+            ),
+        };
+        anyhow::anyhow!("{} is corrupt: line {line} {why}, {remedy}", path.display())
     };
     let mut pos = 0usize;
     let mut line_no = 0usize;
     while pos < bytes.len() {
         line_no += 1;
         let Some(len) = memchr::memchr(b'\n', &bytes[pos..]) else {
+            if reading == Reading::Copy {
+                return Err(damaged(line_no, "is unfinished".into()));
+            }
             // An append that did not finish: not committed.
             tracing::debug!("{}: ignoring an unfinished last line", path.display());
             break;
         };
         let end = pos + len + 1;
-        let record: Record = match super::decode_state(&bytes[pos..end]) {
+        let line = &bytes[pos..end];
+        let record: Record = match super::decode_state(line) {
             Ok(r) => r,
             Err(e) if super::is_newer_format(&e) => {
                 return Err(e.context(path.display().to_string()))
             }
-            Err(_) if end == bytes.len() => {
+            // Torn: the last line, and its checksum does not hold. A line
+            // whose checksum holds but which does not read is no torn
+            // write (a newer agent's record, say): refused, not skipped.
+            Err(_)
+                if reading == Reading::Live
+                    && end == bytes.len()
+                    && !super::envelope_intact(line) =>
+            {
                 tracing::debug!("{}: ignoring a torn last line", path.display());
                 break;
             }
@@ -310,11 +338,13 @@ pub fn fits(state: &LogState, len: usize) -> bool {
 }
 
 /// Appends `line` to the log in the directory `dir` after the valid
-/// records `state` counted (a torn tail is cut off first). Not durable
-/// yet: the caller syncs the returned file (and, when the second value
-/// says the file was created, the directory). On error the log is cut
-/// back to its valid records, as far as that is possible.
-pub fn append(dir: &OwnedFd, state: &LogState, line: &[u8]) -> Result<(File, bool)> {
+/// records `state` counted (a torn tail is cut off first; a log that
+/// holds no valid record, left from an older base, is replaced by a new
+/// file). Not durable yet: the caller syncs the returned file and, when
+/// the second value says so (the file is new, or may be), the directory.
+/// On error the log is cut back to its valid records, as far as that is
+/// possible. `shown` names the log in errors.
+pub fn append(dir: &OwnedFd, state: &LogState, line: &[u8], shown: &Path) -> Result<(File, bool)> {
     let open = |flags: OFlag| {
         openat(
             dir,
@@ -323,18 +353,40 @@ pub fn append(dir: &OwnedFd, state: &LogState, line: &[u8]) -> Result<(File, boo
             Mode::from_bits_truncate(0o600),
         )
     };
+    let create = || {
+        open(OFlag::O_CREAT | OFlag::O_EXCL)
+            .with_context(|| format!("cannot create {}", shown.display()))
+    };
     let (fd, created) = match open(OFlag::empty()) {
         Ok(fd) => (fd, false),
-        Err(Errno::ENOENT) => (
-            open(OFlag::O_CREAT | OFlag::O_EXCL).context("cannot create the inventory log")?,
-            true,
-        ),
-        Err(e) => return Err(e).context("cannot open the inventory log"),
+        Err(Errno::ENOENT) => (create()?, true),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", shown.display())),
     };
-    let file = File::from(fd);
-    let meta = file.metadata().context("cannot stat the inventory log")?;
+    let mut file = File::from(fd);
+    let mut meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", shown.display()))?;
     if !meta.is_file() {
-        bail!("the inventory log is not a regular file");
+        bail!("{} is not a regular file: move it away", shown.display());
+    }
+    if meta.len() < state.valid_len {
+        bail!(
+            "{} is shorter than when it was read ({} bytes, {} expected): another process changed it; try again",
+            shown.display(),
+            meta.len(),
+            state.valid_len
+        );
+    }
+    if state.valid_len == 0 && meta.len() > 0 && !created {
+        // Left from an older base: a new file rather than one truncated
+        // and rewritten in place, whose old lines a crash could leave
+        // behind the new one.
+        nix::unistd::unlinkat(dir, LOG, nix::unistd::UnlinkatFlags::NoRemoveDir)
+            .with_context(|| format!("cannot remove the old {}", shown.display()))?;
+        file = File::from(create()?);
+        meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", shown.display()))?;
     }
     let written = (|| -> std::io::Result<()> {
         if meta.len() != state.valid_len {
@@ -344,9 +396,31 @@ pub fn append(dir: &OwnedFd, state: &LogState, line: &[u8]) -> Result<(File, boo
     })();
     if let Err(e) = written {
         let _ = file.set_len(state.valid_len);
-        return Err(e).context("cannot append to the inventory log");
+        return Err(e).with_context(|| format!("cannot append to {}", shown.display()));
     }
-    Ok((file, created))
+    // A log with no record before this one may have been created by an
+    // append that failed before its directory was synced.
+    Ok((file, state.valid_len == 0))
+}
+
+/// Empties the log (the base already holds what it would say): not
+/// durable yet, the caller syncs the returned file, if there is one.
+pub fn truncate(dir: &OwnedFd, shown: &Path) -> Result<Option<File>> {
+    match openat(
+        dir,
+        LOG,
+        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => {
+            let file = File::from(fd);
+            file.set_len(0)
+                .with_context(|| format!("cannot empty {}", shown.display()))?;
+            Ok(Some(file))
+        }
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot open {}", shown.display())),
+    }
 }
 
 /// Removes the log beside a base that was just written whole (it names
@@ -531,7 +605,7 @@ mod tests {
         std::fs::write(state.path().join(LOG), &bad).unwrap();
         let e = StateDir::open(d.path()).unwrap().inventory().unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("inventory.log is corrupt: line 1"), "{msg}");
+        assert!(msg.contains("inventory.delta is corrupt: line 1"), "{msg}");
         assert!(msg.contains("driftless state repair"), "{msg}");
         // A line missing from the middle: a gap in the sequence.
         let text = String::from_utf8(good).unwrap();
@@ -632,13 +706,144 @@ mod tests {
         let elsewhere = d.path().join("elsewhere");
         std::fs::write(&elsewhere, "precious").unwrap();
         std::os::unix::fs::symlink(&elsewhere, state.path().join(LOG)).unwrap();
+        // The append itself does not follow it either.
+        let dir: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
+        let line = encode(&record(&v0, &next(&v0, "t1"), "b", 1)).unwrap();
+        assert!(append(&dir, &LogState::default(), &line, &state.log_path()).is_err());
         // Opening the state directory refuses it, naming the file ...
-        let e = StateDir::open(d.path()).err().expect("refused");
-        assert!(format!("{e:#}").contains("inventory.log"), "{e:#}");
+        let e = StateDir::open(d.path()).expect_err("refused");
+        assert!(format!("{e:#}").contains("inventory.delta"), "{e:#}");
         // ... and a handle opened before the link appeared reads and
         // writes nothing through it.
         assert!(state.inventory().is_err());
         assert!(state.save_inventory(&next(&v0, "t1")).is_err());
         assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "precious");
+    }
+
+    /// The bug: a base rewritten with the very bytes it had (a revert to
+    /// the inventory the log's records were appended to, when the record
+    /// undoing them did not fit) kept its checksum, so the records beside
+    /// it still applied, and the transaction they named read as
+    /// committed. Now the log is emptied instead.
+    #[test]
+    fn writing_back_the_base_itself_empties_the_log_instead_of_leaving_it_valid() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        let base = std::fs::read(state.inventory_path()).unwrap();
+        let bound = LOG_MAX_BYTES.max(base.len() as u64 / 4);
+        let mut inv = v0.clone();
+        let mut i = 0;
+        while log_len(&state) + 4096 < bound {
+            i += 1;
+            inv = next(&inv, &format!("t{i}"));
+            state.save_inventory(&inv).unwrap();
+        }
+        assert_eq!(std::fs::read(state.inventory_path()).unwrap(), base);
+        // Undoing all of them takes a record larger than the room left.
+        let undo = encode(&record(&inv, &v0, "x", 1)).unwrap();
+        assert!(log_len(&state) + undo.len() as u64 > bound, "{} commits", i);
+        // (Replaced whole, the log would stay valid until its removal,
+        // which a crash or a failed unlink can skip.)
+        assert!(matches!(
+            state.prepare_inventory(&v0).unwrap(),
+            crate::effects::state::InventoryWrite::Truncate
+        ));
+        state.save_inventory(&v0).unwrap();
+        assert_eq!(log_len(&state), 0);
+        assert_eq!(std::fs::read(state.inventory_path()).unwrap(), base);
+        assert_eq!(*fresh(&state).0, v0);
+    }
+
+    /// A last line whose checksum holds but which does not read is no
+    /// torn write (a newer agent's record with a field this one does not
+    /// know): skipping it would forget a committed transaction.
+    #[test]
+    fn an_intact_last_line_that_does_not_read_is_refused_not_taken_for_torn() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        state.save_inventory(&next(&v0, "t1")).unwrap();
+        let (_, st) = fresh(&state);
+        let mut r = serde_json::to_value(record(
+            &v0,
+            &next(&v0, "t2"),
+            st.base.as_deref().unwrap(),
+            2,
+        ))
+        .unwrap();
+        r["newer_field"] = serde_json::json!(1);
+        let line = crate::effects::state::encode_state_line(&r, STATE_FORMAT_LOGGED).unwrap();
+        assert!(crate::effects::state::envelope_intact(&line));
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.path().join(LOG))
+            .unwrap();
+        std::io::Write::write_all(&mut f, &line).unwrap();
+        let msg = format!(
+            "{:#}",
+            StateDir::open(d.path()).unwrap().inventory().unwrap_err()
+        );
+        assert!(msg.contains("line 2 does not read"), "{msg}");
+    }
+
+    /// A transaction's copy of the log was written whole and made durable
+    /// before it touched anything: a missing end is damage, and the error
+    /// says what to do about that transaction (not `state repair`, which
+    /// leaves transactions alone).
+    #[test]
+    fn a_transactions_copy_of_the_log_must_be_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let v0 = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&v0).unwrap();
+        let v1 = next(&v0, "t1");
+        state.save_inventory(&v1).unwrap();
+        let tx = d.path().join("tx").join("t2");
+        std::fs::create_dir_all(&tx).unwrap();
+        std::fs::hard_link(state.inventory_path(), tx.join("before.json")).unwrap();
+        let (_, st) = state.inventory_and_log().unwrap();
+        state.copy_log(&st, &tx.join("before.delta")).unwrap();
+        let read =
+            |name: &str| crate::effects::state::read_inventory_at(&tx.join("before.json"), name);
+        assert_eq!(read("before.delta").unwrap(), Some(v1));
+        let copy = std::fs::read(tx.join("before.delta")).unwrap();
+        std::fs::write(tx.join("before.delta"), &copy[..copy.len() - 1]).unwrap();
+        let msg = format!("{:#}", read("before.delta").unwrap_err());
+        assert!(
+            msg.contains("before.delta is corrupt: line 1 is unfinished"),
+            "{msg}"
+        );
+        assert!(msg.contains("remove its transaction directory"), "{msg}");
+    }
+
+    #[test]
+    fn state_repair_moves_a_damaged_log_aside_with_its_base() {
+        let d = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut inv = inventory(LOG_FROM_FILES, "t0");
+        state.save_inventory(&inv).unwrap();
+        for i in 1..=2 {
+            inv = next(&inv, &format!("t{i}"));
+            state.save_inventory(&inv).unwrap();
+        }
+        let mut bad = std::fs::read(state.path().join(LOG)).unwrap();
+        bad[50] ^= 1;
+        std::fs::write(state.path().join(LOG), &bad).unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let found = crate::sync::state_repair::repair(&state, root.path(), 9).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].problem.contains("inventory.delta is corrupt"),
+            "{:?}",
+            found[0]
+        );
+        assert!(d.path().join("inventory.json.corrupt-9").exists());
+        assert!(d.path().join("inventory.delta.corrupt-9").exists());
+        assert!(!state.path().join(LOG).exists());
+        assert!(state.inventory().unwrap().files.is_empty());
     }
 }

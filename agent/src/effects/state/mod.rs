@@ -3,6 +3,8 @@
 //! ```text
 //! lock              flock(2) target shared by the daemon, the timer and cron
 //! inventory.json    what is applied now; replacing it commits a transaction
+//! inventory.delta   for 1,000 files and more: the transactions since, one
+//!                   line each; appending one commits (see `inventory_log`)
 //! history.jsonl     one JSON line per sync attempt (time, commit, result)
 //! last-run.json     the outcome of the latest sync, for `status`
 //! quick.json        stamps that let an idle poll skip rendering (a cache)
@@ -70,10 +72,12 @@ pub enum InventoryWrite {
     },
     /// These bytes as `inventory.json`, and no log.
     Whole(Vec<u8>),
+    /// The base already holds the inventory: the log is emptied.
+    Truncate,
 }
 
 /// What tells one version of a state file from another.
-type FileId = (u64, u64, u64, i64, i64);
+type FileId = (u64, u64, u64, i64, i64, i64, i64);
 
 fn file_id(meta: &fs::Metadata) -> FileId {
     use std::os::unix::fs::MetadataExt;
@@ -83,6 +87,8 @@ fn file_id(meta: &fs::Metadata) -> FileId {
         meta.len(),
         meta.mtime(),
         meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
     )
 }
 
@@ -277,7 +283,7 @@ impl StateDir {
     }
 
     /// [`StateDir::inventory`] (its base and the records of
-    /// `inventory.log`, see [`inventory_log`]) and what the next commit
+    /// `inventory.delta`, see [`inventory_log`]) and what the next commit
     /// appends to.
     pub fn inventory_and_log(
         &self,
@@ -314,7 +320,7 @@ impl StateDir {
         std::io::Read::read_to_end(&mut f, &mut bytes)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let log_bytes = match log {
-            Some((f, (_, _, len, _, _))) => {
+            Some((f, (_, _, len, ..))) => {
                 if len > inventory_log::READ_MAX_BYTES {
                     bail!(
                         "{} is {len} bytes, more than the {} an inventory log may take; run `driftless state repair`",
@@ -332,14 +338,20 @@ impl StateDir {
             }
             None => None,
         };
-        let (inv, log_state) = decode_inventory(&path, &bytes, &log_path, log_bytes.as_deref())?;
+        let (inv, log_state) = decode_inventory(
+            &path,
+            &bytes,
+            &log_path,
+            log_bytes.as_deref(),
+            inventory_log::Reading::Live,
+        )?;
         let inv = std::sync::Arc::new(inv);
         *cache = Some((id, inv.clone(), log_state.clone()));
         Ok((inv, log_state))
     }
 
     /// How `next` is to be written as the inventory: one record appended
-    /// to `inventory.log` when the current base takes a log and the record
+    /// to `inventory.delta` when the current base takes a log and the record
     /// fits, otherwise whole, as a new base (see [`inventory_log`]).
     pub fn prepare_inventory(&self, next: &Inventory) -> Result<InventoryWrite> {
         if next.files.len() >= inventory_log::log_from() {
@@ -352,7 +364,22 @@ impl StateDir {
                 }
             }
         }
-        Ok(InventoryWrite::Whole(encode_inventory(next)?))
+        let bytes = encode_inventory(next)?;
+        // The very base there is (the same data, the same checksum): a log
+        // beside it names it, so replacing the file would not make that
+        // log stale. Emptying the log is what writes `next`.
+        if inventory_log::log_from() <= next.files.len() {
+            let (_, log) = self.inventory_and_log()?;
+            if log.base.is_some() && log.base == envelope_sum(&bytes) {
+                return Ok(InventoryWrite::Truncate);
+            }
+        }
+        Ok(InventoryWrite::Whole(bytes))
+    }
+
+    /// Where the log is, for messages.
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join(inventory_log::LOG)
     }
 
     /// Replaces the inventory with `next`, durably: one record appended
@@ -368,11 +395,22 @@ impl StateDir {
                 }
                 Ok(())
             }
+            InventoryWrite::Truncate => {
+                let dir: std::os::fd::OwnedFd = File::open(self.path())
+                    .with_context(|| format!("cannot open {}", self.path().display()))?
+                    .into();
+                if let Some(file) = inventory_log::truncate(&dir, &self.log_path())? {
+                    file.sync_data().with_context(|| {
+                        format!("cannot make {} durable", self.log_path().display())
+                    })?;
+                }
+                Ok(())
+            }
             InventoryWrite::Append { line, log } => {
                 let dir: std::os::fd::OwnedFd = File::open(self.path())
                     .with_context(|| format!("cannot open {}", self.path().display()))?
                     .into();
-                let (file, created) = inventory_log::append(&dir, &log, &line)?;
+                let (file, created) = inventory_log::append(&dir, &log, &line, &self.log_path())?;
                 let synced = crate::effects::failpoint::hit("state.inventory.appended")
                     .map_err(std::io::Error::other)
                     .and_then(|()| file.sync_data())
@@ -385,14 +423,16 @@ impl StateDir {
                     });
                 if let Err(e) = synced {
                     let _ = file.set_len(log.valid_len);
-                    return Err(e).context("cannot make the inventory log durable");
+                    return Err(e).with_context(|| {
+                        format!("cannot make {} durable", self.log_path().display())
+                    });
                 }
                 Ok(())
             }
         }
     }
 
-    /// Copies the valid records of `inventory.log` that `log` counted to
+    /// Copies the valid records of `inventory.delta` that `log` counted to
     /// `dest` (not durable: the caller's barrier).
     pub fn copy_log(&self, log: &inventory_log::LogState, dest: &Path) -> Result<()> {
         let path = self.path().join(inventory_log::LOG);
@@ -433,7 +473,7 @@ impl StateDir {
 const STATE_ENTRIES: &[&str] = &[
     "lock",
     "inventory.json",
-    "inventory.log",
+    "inventory.delta",
     "history.jsonl",
     "last-run.json",
     "marks.json",
@@ -615,9 +655,11 @@ fn decode_inventory(
     bytes: &[u8],
     log_path: &Path,
     log: Option<&[u8]>,
+    reading: inventory_log::Reading,
 ) -> Result<(Inventory, inventory_log::LogState)> {
     let (mut inv, meta): (Inventory, _) = decode_file_meta(path, bytes)?;
-    let log_state = inventory_log::apply_log(log_path, log, &meta, bytes.len() as u64, &mut inv)?;
+    let log_state =
+        inventory_log::apply_log(log_path, log, &meta, bytes.len() as u64, &mut inv, reading)?;
     if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
         return Err(anyhow::Error::new(NewerFormat {
             what: "inventory",
@@ -651,7 +693,14 @@ pub fn read_inventory_at(path: &Path, log_name: &str) -> Result<Option<Inventory
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", log_path.display())),
     };
-    decode_inventory(path, &bytes, &log_path, log.as_deref()).map(|(inv, _)| Some(inv))
+    decode_inventory(
+        path,
+        &bytes,
+        &log_path,
+        log.as_deref(),
+        inventory_log::Reading::Copy,
+    )
+    .map(|(inv, _)| Some(inv))
 }
 
 /// Reads a JSON file; `Ok(None)` if it does not exist.
@@ -686,7 +735,7 @@ pub const STATE_FORMAT_RESOURCES: u64 = 2;
 pub const STATE_FORMAT_ACCOUNTS: u64 = 3;
 
 /// The envelope format of an inventory that may be followed by
-/// `inventory.log` (large inventories, see [`inventory_log`]), and of
+/// `inventory.delta` (large inventories, see [`inventory_log`]), and of
 /// that log's records. An agent before it would read the base alone and
 /// forget every transaction the log records: it must refuse the file.
 pub const STATE_FORMAT_LOGGED: u64 = 4;
@@ -736,7 +785,7 @@ pub fn encode_inventory(inv: &Inventory) -> Result<Vec<u8>> {
 }
 
 /// [`encode_state`] always compact, on one line (the records of
-/// `inventory.log`, whatever their size).
+/// `inventory.delta`, whatever their size).
 pub(crate) fn encode_state_line<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
         bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
@@ -978,6 +1027,24 @@ fn decode_state_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 pub struct EnvelopeMeta {
     pub format: u64,
     pub sha256: String,
+}
+
+/// Whether `bytes` is an envelope in the compact form whose checksum
+/// holds (whatever its data turns out to hold).
+pub(crate) fn envelope_intact(bytes: &[u8]) -> bool {
+    use sha2::Digest;
+    compact_parts_with_format(bytes)
+        .is_some_and(|(data, sum, _)| hex::encode(sha2::Sha256::digest(data)) == sum)
+}
+
+/// The checksum an envelope [`encode_state`] wrote says its data has.
+fn envelope_sum(bytes: &[u8]) -> Option<String> {
+    if let Some((_, sum, _)) = compact_parts_with_format(bytes) {
+        return Some(sum.to_string());
+    }
+    serde_json::from_slice::<RawEnvelope>(bytes)
+        .ok()
+        .map(|e| e.sha256.to_string())
 }
 
 /// [`decode_state`] and the envelope's [`EnvelopeMeta`].
