@@ -92,6 +92,15 @@ fn file_id(meta: &fs::Metadata) -> FileId {
     )
 }
 
+/// [`file_id`] without the change time, for a file only ever replaced by
+/// a rename (a new inode): its ctime also moves when a transaction links
+/// it (`inventory.before.json`), which must not make the next read
+/// decode it again.
+fn replaced_file_id(meta: &fs::Metadata) -> FileId {
+    let (dev, ino, len, mtime, mtime_nsec, _, _) = file_id(meta);
+    (dev, ino, len, mtime, mtime_nsec, 0, 0)
+}
+
 /// An inventory as parsed, the versions of the base and the log it came
 /// from, and where the next record goes.
 type ParsedInventory = (
@@ -310,7 +319,7 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", log_path.display())),
         };
-        let id = (file_id(&meta), log.as_ref().map(|(_, id)| *id));
+        let id = (replaced_file_id(&meta), log.as_ref().map(|(_, id)| *id));
         if let Some((cached, inv, log_state)) = cache.as_ref() {
             if *cached == id {
                 return Ok((inv.clone(), log_state.clone()));
