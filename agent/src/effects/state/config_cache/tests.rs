@@ -341,10 +341,11 @@ fn forged(bytes: &[u8], edit: impl Fn(&str) -> String) -> (Vec<u8>, String) {
     let mut parts = text.splitn(3, '\n');
     let (magic, _, data) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
     let data = edit(data);
-    let name = hex::encode(sha2::Sha256::digest(data.as_bytes()));
+    let name = "forged".to_string();
     let header = serde_json::to_string(&Header {
+        crc32: crc32fast::hash(data.as_bytes()),
         key: key().0,
-        sha256: name.clone(),
+        name: name.clone(),
     })
     .unwrap();
     (format!("{magic}\n{header}\n{data}").into_bytes(), name)
