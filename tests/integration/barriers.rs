@@ -89,8 +89,28 @@ fn a_one_file_change_issues_at_most_five_barriers() {
     if !have_strace() {
         return skip::missing("strace (Debian package strace)");
     }
+    one_file_changes(Host::new("h"));
+}
+
+/// The same with the inventory kept as a base and `inventory.delta` (as
+/// at 1,000 files and more): a commit appends a line instead of replacing
+/// the inventory, with no more barriers.
+#[test]
+fn a_one_file_change_with_the_inventory_delta_issues_at_most_five_barriers() {
+    if !have_strace() {
+        return skip::missing("strace (Debian package strace)");
+    }
+    let mut host = Host::new("h");
+    host.env
+        .push(("DRIFTLESS_TEST_INVENTORY_LOG_FROM".into(), "1".into()));
+    let lines = one_file_changes(host);
+    assert_eq!(lines, 2, "one line per commit in inventory.delta");
+}
+
+/// A template edited, then a file drifted: each synced under `strace`.
+/// Returns the number of lines of `inventory.delta` afterwards.
+fn one_file_changes(host: Host) -> usize {
     let repo = repo_of_many();
-    let host = Host::new("h");
     host.sync(repo.path()).ok();
     host.sync(repo.path()).ok();
     // One edited template: the quick path of a new commit.
@@ -122,6 +142,8 @@ fn a_one_file_change_issues_at_most_five_barriers() {
     assert!(total(&counts) <= 5, "one drifted file repaired: {counts:?}");
     // Not zero: the change is made durable.
     assert!(total(&counts) >= 3, "one drifted file repaired: {counts:?}");
+    std::fs::read_to_string(host.state.path().join("inventory.delta"))
+        .map_or(0, |t| t.lines().count())
 }
 
 #[test]

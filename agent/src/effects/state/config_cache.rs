@@ -306,10 +306,7 @@ fn decode(
         header.key == key.0,
         "written for another host, options or agent build"
     );
-    anyhow::ensure!(
-        header.name == name,
-        "not the cache the quick record names"
-    );
+    anyhow::ensure!(header.name == name, "not the cache the quick record names");
     let data = &rest[split + 1..];
     anyhow::ensure!(crc32fast::hash(data) == header.crc32, "checksum mismatch");
     let data = std::str::from_utf8(data).context("not UTF-8")?;
