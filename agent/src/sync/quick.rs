@@ -62,7 +62,7 @@ fn account_stamps(root: &Path) -> Vec<Option<Stamp>> {
 pub fn current(state: &StateDir) -> Option<Arc<QuickRecord>> {
     let _t = crate::timings::stage("quick-load");
     let record = store::load(state)?;
-    let log = state.path().join(crate::effects::state::inventory_log::LOG);
+    let log = state.log_path();
     (stamp_path(&state.inventory_path()) == Some(record.inventory)
         && stamp_path(&log) == record.inventory_log)
         .then_some(record)
@@ -234,7 +234,7 @@ pub fn record(
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
     };
-    let log_stamp = stamp_path(&state.path().join(crate::effects::state::inventory_log::LOG));
+    let log_stamp = stamp_path(&state.log_path());
     let saved = store::save(state, |taken_at_ns| {
         let stamps = file_stamps(fs, managed, verified, written);
         // A managed file that cannot be stamped right after a successful

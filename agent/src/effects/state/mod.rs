@@ -302,7 +302,7 @@ impl StateDir {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.inventory_path();
-        let log_path = self.path().join(inventory_log::LOG);
+        let log_path = self.log_path();
         let (mut f, meta) = match open_nofollow(&path) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -329,22 +329,14 @@ impl StateDir {
         std::io::Read::read_to_end(&mut f, &mut bytes)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let log_bytes = match log {
-            Some((f, (_, _, len, ..))) => {
-                if len > inventory_log::READ_MAX_BYTES {
-                    bail!(
-                        "{} is {len} bytes, more than the {} an inventory log may take; run `driftless state repair`",
-                        log_path.display(),
-                        inventory_log::READ_MAX_BYTES
-                    );
-                }
-                let mut out = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(f, inventory_log::READ_MAX_BYTES),
-                    &mut out,
-                )
-                .with_context(|| format!("cannot read {}", log_path.display()))?;
-                Some(out)
-            }
+            Some((f, (_, _, len, ..))) => Some(
+                read_up_to(f, len, inventory_log::READ_MAX_BYTES).with_context(|| {
+                    format!(
+                        "cannot read {}; run `driftless state repair`",
+                        log_path.display()
+                    )
+                })?,
+            ),
             None => None,
         };
         let (inv, log_state) = decode_inventory(
@@ -363,12 +355,19 @@ impl StateDir {
     /// to `inventory.delta` when the current base takes a log and the record
     /// fits, otherwise whole, as a new base (see [`inventory_log`]).
     pub fn prepare_inventory(&self, next: &Inventory) -> Result<InventoryWrite> {
-        if next.files.len() >= inventory_log::log_from() {
+        // The current base, when it takes a log and `next` may use one.
+        let current = if next.files.len() >= inventory_log::log_from() {
             let (prev, log) = self.inventory_and_log()?;
+            log.base.is_some().then_some((prev, log))
+        } else {
+            None
+        };
+        if let Some((prev, log)) = &current {
             if let Some(base) = &log.base {
-                let record = inventory_log::record(&prev, next, base, log.next_seq);
+                let record = inventory_log::record(prev, next, base, log.next_seq);
                 let line = inventory_log::encode(&record)?;
-                if inventory_log::fits(&log, line.len()) {
+                if inventory_log::fits(log, line.len()) {
+                    let log = log.clone();
                     return Ok(InventoryWrite::Append { line, log });
                 }
             }
@@ -377,13 +376,22 @@ impl StateDir {
         // The very base there is (the same data, the same checksum): a log
         // beside it names it, so replacing the file would not make that
         // log stale. Emptying the log is what writes `next`.
-        if inventory_log::log_from() <= next.files.len() {
-            let (_, log) = self.inventory_and_log()?;
-            if log.base.is_some() && log.base == envelope_sum(&bytes) {
-                return Ok(InventoryWrite::Truncate);
-            }
+        if current.is_some_and(|(_, log)| log.base == envelope_sum(&bytes)) {
+            return Ok(InventoryWrite::Truncate);
         }
         Ok(InventoryWrite::Whole(bytes))
+    }
+
+    /// The state directory, opened as a directory (for `*at` calls).
+    fn open_dir(&self) -> Result<std::os::fd::OwnedFd> {
+        nix::fcntl::open(
+            self.path(),
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", self.path().display()))
     }
 
     /// Where the log is, for messages.
@@ -399,15 +407,13 @@ impl StateDir {
             InventoryWrite::Whole(bytes) => {
                 write_atomic(&self.inventory_path(), &bytes)?;
                 crate::effects::failpoint::hit("state.inventory.replaced")?;
-                if let Ok(dir) = File::open(self.path()) {
+                if let Ok(dir) = self.open_dir() {
                     inventory_log::remove(&dir);
                 }
                 Ok(())
             }
             InventoryWrite::Truncate => {
-                let dir: std::os::fd::OwnedFd = File::open(self.path())
-                    .with_context(|| format!("cannot open {}", self.path().display()))?
-                    .into();
+                let dir = self.open_dir()?;
                 if let Some(file) = inventory_log::truncate(&dir, &self.log_path())? {
                     file.sync_data().with_context(|| {
                         format!("cannot make {} durable", self.log_path().display())
@@ -416,9 +422,7 @@ impl StateDir {
                 Ok(())
             }
             InventoryWrite::Append { line, log } => {
-                let dir: std::os::fd::OwnedFd = File::open(self.path())
-                    .with_context(|| format!("cannot open {}", self.path().display()))?
-                    .into();
+                let dir = self.open_dir()?;
                 let (file, created) = inventory_log::append(&dir, &log, &line, &self.log_path())?;
                 let synced = crate::effects::failpoint::hit("state.inventory.appended")
                     .map_err(std::io::Error::other)
@@ -444,7 +448,7 @@ impl StateDir {
     /// Copies the valid records of `inventory.delta` that `log` counted to
     /// `dest` (not durable: the caller's barrier).
     pub fn copy_log(&self, log: &inventory_log::LogState, dest: &Path) -> Result<()> {
-        let path = self.path().join(inventory_log::LOG);
+        let path = self.log_path();
         let mut bytes = Vec::new();
         open_nofollow(&path)
             .and_then(|(f, _)| {
@@ -616,10 +620,15 @@ impl<'a> Iterator for Lines<'a> {
 /// is an error, and is not read).
 fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let (f, meta) = open_nofollow(path)?;
-    if meta.len() > max {
+    read_up_to(f, meta.len(), max)
+}
+
+/// The content of the open file `f` (`len` bytes when it was stat'ed),
+/// refused when it is, or grows, larger than `max`.
+fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
+    if len > max {
         return Err(std::io::Error::other(format!(
-            "{} bytes, more than {max}",
-            meta.len()
+            "{len} bytes, more than {max}"
         )));
     }
     let mut out = Vec::new();
