@@ -492,6 +492,22 @@ mod tests {
             .unwrap()
     }
 
+    /// A state directory with a base of [`LOG_FROM_FILES`] files (`t0`)
+    /// and `commits` records after it (`t1`, ...): every inventory, the
+    /// base's first.
+    fn committed(commits: usize) -> (tempfile::TempDir, StateDir, Vec<Inventory>) {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let mut all = vec![inventory(LOG_FROM_FILES, "t0")];
+        state.save_inventory(&all[0]).unwrap();
+        for i in 1..=commits {
+            let n = next(&all[i - 1], &format!("t{i}"));
+            state.save_inventory(&n).unwrap();
+            all.push(n);
+        }
+        (d, state, all)
+    }
+
     fn log_len(state: &StateDir) -> u64 {
         std::fs::metadata(state.path().join(LOG)).map_or(0, |m| m.len())
     }
@@ -548,15 +564,10 @@ mod tests {
     /// (where a reader would never get to it).
     #[test]
     fn a_torn_last_line_is_an_uncommitted_record_and_the_next_append_replaces_it() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
-        let v1 = next(&v0, "t1");
-        state.save_inventory(&v1).unwrap();
+        let (d, state, v) = committed(1);
+        let v1 = v[1].clone();
         let one = log_len(&state);
-        let v2 = next(&v1, "t2");
-        state.save_inventory(&v2).unwrap();
+        state.save_inventory(&next(&v1, "t2")).unwrap();
         let full = std::fs::read(state.path().join(LOG)).unwrap();
         let second = full.len() - one as usize;
         for cut in [1, second / 2, second - 1] {
@@ -591,14 +602,7 @@ mod tests {
     /// would silently forget committed transactions.
     #[test]
     fn damage_before_the_last_line_is_an_error_naming_the_line_and_the_remedy() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let mut inv = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&inv).unwrap();
-        for i in 1..=3 {
-            inv = next(&inv, &format!("t{i}"));
-            state.save_inventory(&inv).unwrap();
-        }
+        let (d, state, _) = committed(3);
         let good = std::fs::read(state.path().join(LOG)).unwrap();
         let mut bad = good.clone();
         bad[60] ^= 1;
@@ -622,15 +626,11 @@ mod tests {
     /// between leaves a log whose records name the old base, ignored.
     #[test]
     fn a_log_left_beside_a_new_base_is_ignored_and_the_next_append_starts_it_afresh() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
-        let v1 = next(&v0, "t1");
-        state.save_inventory(&v1).unwrap();
+        let (_d, state, v) = committed(1);
+        let v1 = &v[1];
         let old_log = std::fs::read(state.path().join(LOG)).unwrap();
         // A new base (as a compaction or a revert writes it) ...
-        let mut v2 = next(&v1, "t2");
+        let mut v2 = next(v1, "t2");
         v2.files.insert(path(50_000), entry(1));
         crate::effects::state::write_inventory_atomic(&state.inventory_path(), &v2).unwrap();
         // ... and the crash before the log was removed.
@@ -699,16 +699,14 @@ mod tests {
 
     #[test]
     fn a_planted_link_at_the_log_is_refused_not_followed() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
+        let (d, state, v) = committed(0);
+        let v0 = &v[0];
         let elsewhere = d.path().join("elsewhere");
         std::fs::write(&elsewhere, "precious").unwrap();
         std::os::unix::fs::symlink(&elsewhere, state.path().join(LOG)).unwrap();
         // The append itself does not follow it either.
         let dir: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
-        let line = encode(&record(&v0, &next(&v0, "t1"), "b", 1)).unwrap();
+        let line = encode(&record(v0, &next(v0, "t1"), "b", 1)).unwrap();
         assert!(append(&dir, &LogState::default(), &line, &state.log_path()).is_err());
         // Opening the state directory refuses it, naming the file ...
         let e = StateDir::open(d.path()).expect_err("refused");
@@ -716,7 +714,7 @@ mod tests {
         // ... and a handle opened before the link appeared reads and
         // writes nothing through it.
         assert!(state.inventory().is_err());
-        assert!(state.save_inventory(&next(&v0, "t1")).is_err());
+        assert!(state.save_inventory(&next(v0, "t1")).is_err());
         assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "precious");
     }
 
@@ -727,10 +725,8 @@ mod tests {
     /// committed. Now the log is emptied instead.
     #[test]
     fn writing_back_the_base_itself_empties_the_log_instead_of_leaving_it_valid() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
+        let (_d, state, mut v) = committed(0);
+        let v0 = v.remove(0);
         let base = std::fs::read(state.inventory_path()).unwrap();
         let bound = LOG_MAX_BYTES.max(base.len() as u64 / 4);
         let mut inv = v0.clone();
@@ -761,19 +757,12 @@ mod tests {
     /// know): skipping it would forget a committed transaction.
     #[test]
     fn an_intact_last_line_that_does_not_read_is_refused_not_taken_for_torn() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
-        state.save_inventory(&next(&v0, "t1")).unwrap();
+        let (d, state, v) = committed(1);
+        let v0 = &v[0];
         let (_, st) = fresh(&state);
-        let mut r = serde_json::to_value(record(
-            &v0,
-            &next(&v0, "t2"),
-            st.base.as_deref().unwrap(),
-            2,
-        ))
-        .unwrap();
+        let mut r =
+            serde_json::to_value(record(v0, &next(v0, "t2"), st.base.as_deref().unwrap(), 2))
+                .unwrap();
         r["newer_field"] = serde_json::json!(1);
         let line = crate::effects::state::encode_state_line(&r, STATE_FORMAT_LOGGED).unwrap();
         assert!(crate::effects::state::envelope_intact(&line));
@@ -795,12 +784,8 @@ mod tests {
     /// leaves transactions alone).
     #[test]
     fn a_transactions_copy_of_the_log_must_be_whole() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let v0 = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&v0).unwrap();
-        let v1 = next(&v0, "t1");
-        state.save_inventory(&v1).unwrap();
+        let (d, state, mut v) = committed(1);
+        let v1 = v.remove(1);
         let tx = d.path().join("tx").join("t2");
         std::fs::create_dir_all(&tx).unwrap();
         std::fs::hard_link(state.inventory_path(), tx.join("before.json")).unwrap();
@@ -821,15 +806,8 @@ mod tests {
 
     #[test]
     fn state_repair_moves_a_damaged_log_aside_with_its_base() {
-        let d = tempfile::tempdir().unwrap();
+        let (d, state, _) = committed(2);
         let root = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let mut inv = inventory(LOG_FROM_FILES, "t0");
-        state.save_inventory(&inv).unwrap();
-        for i in 1..=2 {
-            inv = next(&inv, &format!("t{i}"));
-            state.save_inventory(&inv).unwrap();
-        }
         let mut bad = std::fs::read(state.path().join(LOG)).unwrap();
         bad[50] ^= 1;
         std::fs::write(state.path().join(LOG), &bad).unwrap();
