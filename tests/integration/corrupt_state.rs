@@ -45,6 +45,55 @@ fn a_corrupt_inventory_is_rebuilt_and_the_host_converges() {
     );
 }
 
+/// `inventory.delta` deleted by hand: its base alone still reads as a
+/// whole inventory, only an older one, and was believed: the commits the
+/// delta recorded were silently forgotten. The kept committed transaction
+/// that the inventory does not name gives it away: `state check` reports
+/// it, and the next sync rebuilds the inventory like a corrupt one.
+#[test]
+fn a_deleted_inventory_delta_is_caught_instead_of_silently_forgetting_commits() {
+    let repo = simple_repo(&[("/etc/a", "a\n")]);
+    let mut host = Host::new("h");
+    host.env
+        .push(("DRIFTLESS_TEST_INVENTORY_LOG_FROM".into(), "1".into()));
+    host.sync(repo.path()).ok();
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/a\"\nsource = \"f0\"\n\n[[files]]\npath = \"/etc/b\"\nsource = \"f1\"\n",
+    );
+    repo.write("roles/app/files/f1", "b\n");
+    repo.commit("v2: adds /etc/b");
+    host.sync(repo.path()).ok();
+    let delta = host.state.path().join("inventory.delta");
+    assert!(delta.exists(), "the second commit appended to the delta");
+    // Intact, the state is consistent.
+    host.run(repo.path(), &["state", "check"]).ok();
+
+    std::fs::remove_file(&delta).unwrap();
+    let check = host.run(repo.path(), &["state", "check"]).code(1);
+    assert!(
+        check.stdout.contains("inventory.json")
+            && check.stdout.contains("was committed after it")
+            && check.stdout.contains("inventory.delta deleted"),
+        "{}",
+        check.stdout
+    );
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stderr.contains("corrupt state file"), "{}", run.stderr);
+    assert!(host.state.path().read_dir().unwrap().flatten().any(|e| e
+        .file_name()
+        .to_string_lossy()
+        .starts_with("inventory.json.corrupt-")));
+    assert_eq!(host.read("/etc/a").as_deref(), Some("a\n"));
+    assert_eq!(host.read("/etc/b").as_deref(), Some("b\n"));
+    let check = host.run(repo.path(), &["state", "check"]).ok();
+    assert!(
+        check.stdout.contains("every file is usable"),
+        "{}",
+        check.stdout
+    );
+}
+
 /// The floor is never guessed: `state repair` reports it and leaves it.
 #[test]
 fn a_corrupt_floor_is_refused_with_the_command_that_resolves_it() {

@@ -92,7 +92,10 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
         }
     }
     let inv = state.inventory_path();
-    if let Some(e) = corrupt::<Inventory>(&inv).or_else(|| state.inventory().err()) {
+    if let Some(e) = corrupt::<Inventory>(&inv)
+        .or_else(|| state.inventory().err())
+        .or_else(|| behind_a_commit(state))
+    {
         out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
     }
     let m = state.path().join("marks.json");
@@ -119,6 +122,50 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
         });
     }
     out
+}
+
+/// An inventory that reads but is older than a transaction committed
+/// after it: every commit names itself in the inventory (`txid`) and
+/// keeps its transaction directory until the next commit, so a kept
+/// committed transaction that the inventory does not name, beside no
+/// directory of the one it does name, means the inventory lost records.
+/// That is `inventory.delta` deleted (its base alone still reads as a
+/// whole, older inventory) or an older `inventory.json` put back. Believed,
+/// it would silently forget every file those commits wrote or removed.
+///
+/// A crash between a commit's record and its mark leaves the previous
+/// committed transaction beside the new one, which the inventory names:
+/// not stale. An empty inventory (none yet, or repaired) names none.
+fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
+    let inv = state.inventory().ok()?;
+    if inv.txid.is_empty() {
+        return None;
+    }
+    let mut dirs: Vec<(String, PathBuf)> = std::fs::read_dir(state.tx_dir())
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        // (`<txid>.removed`: a pruned transaction half deleted)
+        .filter(|(txid, _)| !txid.contains('.'))
+        .collect();
+    if dirs.iter().any(|(txid, _)| *txid == inv.txid) {
+        return None;
+    }
+    dirs.sort();
+    let (txid, path) = dirs.into_iter().find(|(_, path)| {
+        matches!(
+            crate::effects::apply::load_journal(path),
+            Ok(Some(j)) if j.state == crate::effects::apply::journal::TxState::Committed
+        )
+    })?;
+    Some(anyhow::anyhow!(
+        "{} records transaction {}, but transaction {txid} ({}) was committed after it and is not in it: the inventory lost its latest records ({} deleted, or an older {} put back?)",
+        state.inventory_path().display(),
+        inv.txid,
+        path.display(),
+        crate::effects::state::inventory_log::LOG,
+        state.inventory_path().display(),
+    ))
 }
 
 /// `journal.json` and `intent.json` of every transaction directory.
