@@ -33,7 +33,6 @@ use serde::Serialize;
 
 use super::marks::{self, Halt, Marks};
 use crate::effects::state::{floor, is_newer_format, read_json, StateDir};
-use crate::plan::inventory::Inventory;
 
 /// One state file and what is (or would be) done about it.
 #[derive(Debug, Clone, Serialize)]
@@ -92,10 +91,9 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
         }
     }
     let inv = state.inventory_path();
-    if let Some(e) = corrupt::<Inventory>(&inv)
-        .or_else(|| state.inventory().err())
-        .or_else(|| behind_a_commit(state))
-    {
+    // (`inventory()` decodes the base and its delta, checks both, and is
+    // cached for the run that follows: no second decode of a large base.)
+    if let Some(e) = state.inventory().err().or_else(|| behind_a_commit(state)) {
         out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
     }
     let m = state.path().join("marks.json");
