@@ -265,6 +265,34 @@ mod tests {
         assert!(check(&s, root.path()).is_empty());
     }
 
+    /// The state directory is untrusted: a sparse `inventory.json` or
+    /// marks file of terabytes was read whole into memory (the agent
+    /// killed by the OOM killer on every run). Refused by its size now,
+    /// and repaired like any corrupt file.
+    #[test]
+    fn a_huge_sparse_state_file_is_refused_by_its_size_and_repaired_not_read() {
+        let (_d, s, root) = state();
+        for name in ["inventory.json", "marks.json"] {
+            std::fs::File::create(s.path().join(name))
+                .unwrap()
+                .set_len(1 << 40)
+                .unwrap();
+        }
+        let found = check(&s, root.path());
+        assert_eq!(found.len(), 2, "{found:?}");
+        for f in &found {
+            assert!(
+                f.problem
+                    .contains(&format!("{} bytes, more than", 1u64 << 40)),
+                "{f:?}"
+            );
+        }
+        repair(&s, root.path(), 7).unwrap();
+        assert!(s.path().join("inventory.json.corrupt-7").exists());
+        assert!(s.path().join("marks.json.corrupt-7").exists());
+        assert!(s.inventory().unwrap().files.is_empty());
+    }
+
     /// Issue 12 §6: a corrupt marks file stopped the agent forever.
     #[test]
     fn corrupt_marks_are_moved_aside_and_the_agent_halts_with_the_remedy() {

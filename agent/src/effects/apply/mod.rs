@@ -1618,8 +1618,13 @@ fn read_at(dir: &impl AsFd, name: &str) -> Result<Vec<u8>> {
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         NixMode::empty(),
     )?;
+    // Bounded: the state directory is untrusted input.
+    let max = crate::effects::state::STATE_READ_MAX_BYTES;
     let mut out = Vec::new();
-    fs::File::from(fd).read_to_end(&mut out)?;
+    fs::File::from(fd).take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        bail!("{name}: more than {max} bytes");
+    }
     Ok(out)
 }
 

@@ -148,7 +148,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     let dir = state.originals();
     let file = dir.join(stored);
     let side = sidecar(&dir, stored);
-    let content = fs::read(&file).with_context(|| {
+    let content = crate::effects::state::read_nofollow(&file).with_context(|| {
         format!(
             "cannot read the saved original of {display} from {}: refusing to remove the file without its original; nothing was changed. \
              Keep {path} in the repository, or put the original in {} and describe it in {} as {{\"path\":\"{path}\",\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",

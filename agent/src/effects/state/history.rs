@@ -106,11 +106,13 @@ impl StateDir {
     /// All readable entries, oldest first.
     pub fn history(&self) -> Result<Vec<Entry>> {
         let path = self.history_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+        let bytes = match super::read_nofollow(&path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
+        // A line that is not UTF-8 is skipped like any unreadable line.
+        let text = String::from_utf8_lossy(&bytes);
         Ok(text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

@@ -303,7 +303,7 @@ impl StateDir {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.inventory_path();
         let log_path = self.log_path();
-        let (mut f, meta) = match open_nofollow(&path) {
+        let (f, meta) = match open_nofollow(&path) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let empty = Inventory {
@@ -325,9 +325,12 @@ impl StateDir {
                 return Ok((inv.clone(), log_state.clone()));
             }
         }
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut bytes)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = read_up_to(f, meta.len(), STATE_READ_MAX_BYTES).with_context(|| {
+            format!(
+                "cannot read {}; run `driftless state repair`",
+                path.display()
+            )
+        })?;
         let log_bytes = match log {
             Some((f, (_, _, len, ..))) => Some(
                 read_up_to(f, len, inventory_log::READ_MAX_BYTES).with_context(|| {
@@ -639,12 +642,17 @@ fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `fs::read` that does not follow a symlink at the last component.
-fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
-    let (mut f, _) = open_nofollow(path)?;
-    let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut f, &mut out)?;
-    Ok(out)
+/// The largest state file read (an inventory or a journal of a million
+/// files is a few hundred MB). The state directory is untrusted input: a
+/// sparse file of a terabyte must be refused by its size, not read into
+/// memory until the agent is killed, and then it reads as corrupt (the
+/// inventory is moved aside and rebuilt, see `sync::state_repair`).
+pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
+
+/// `fs::read` that does not follow a symlink at the last component, of a
+/// file no larger than [`STATE_READ_MAX_BYTES`].
+pub(crate) fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_nofollow_up_to(path, STATE_READ_MAX_BYTES)
 }
 
 /// Decodes the state file `path` read as `bytes`, its errors named.

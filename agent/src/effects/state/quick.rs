@@ -33,7 +33,8 @@ pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
             return Some(Arc::clone(r));
         }
     }
-    let bytes = fs::read(&path).ok()?;
+    // (Not following a link planted there, and bounded: untrusted input.)
+    let bytes = super::read_nofollow(&path).ok()?;
     match decode(&bytes) {
         Ok(r) => {
             // Read after the stamp: if the file was replaced in between, the
@@ -275,6 +276,47 @@ mod tests {
         }
         assert!(number::<u32>("4294967296").is_err());
         assert!(number::<i128>("170141183460469231731687303715884105728").is_err());
+    }
+
+    /// `quick.json` was read with `fs::read`: through a link planted in
+    /// the state directory, and whole (a sparse file of a terabyte, or a
+    /// link to `/dev/zero`, was read until the agent was killed).
+    #[test]
+    fn a_planted_link_or_a_huge_sparse_record_is_ignored_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let record = QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "abc".into(),
+            commit: "c".into(),
+            inventory: stamp(1),
+            inventory_log: None,
+            taken_at_ns: 99,
+            files: vec![],
+            units: vec![],
+            links: vec![],
+            absent: vec![],
+            watched: vec![],
+            directories: vec![],
+            config: None,
+        };
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::write(&elsewhere, encode(&record).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, d.path().join(FILE)).unwrap();
+        assert!(load(&state).is_none(), "read through a planted link");
+        std::fs::remove_file(d.path().join(FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.path().join(FILE)).unwrap();
+        assert!(load(&state).is_none());
+        std::fs::remove_file(d.path().join(FILE)).unwrap();
+        std::fs::File::create(d.path().join(FILE))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(load(&state).is_none());
+        // The same bytes in place are read.
+        std::fs::remove_file(d.path().join(FILE)).unwrap();
+        std::fs::copy(&elsewhere, d.path().join(FILE)).unwrap();
+        assert_eq!(load(&state).as_deref(), Some(&record));
     }
 
     #[test]
