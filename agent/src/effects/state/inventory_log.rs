@@ -218,6 +218,17 @@ pub fn apply_log(
             }
             return Err(damaged(line_no, "names another base than line 1".into()));
         }
+        // Checked here, not only after the whole inventory is read, so
+        // that the error names this file and line rather than the base.
+        let known = crate::plan::inventory::INVENTORY_VERSION;
+        if record.version > known {
+            return Err(anyhow::Error::new(super::NewerFormat {
+                what: "inventory",
+                format: record.version.into(),
+                known: known.into(),
+            })
+            .context(format!("{} line {line_no}", path.display())));
+        }
         if record.seq != state.next_seq {
             return Err(damaged(
                 line_no,
@@ -776,6 +787,28 @@ mod tests {
             StateDir::open(d.path()).unwrap().inventory().unwrap_err()
         );
         assert!(msg.contains("line 2 does not read"), "{msg}");
+    }
+
+    /// A record of a newer inventory version was reported against
+    /// `inventory.json`, which holds nothing newer: the error names the
+    /// log and its line, and is a newer format (refused, never repaired).
+    #[test]
+    fn a_newer_inventory_version_in_a_record_names_the_log_and_its_line() {
+        let (d, state, v) = committed(1);
+        let (_, st) = fresh(&state);
+        let mut r = record(&v[1], &next(&v[1], "t2"), st.base.as_deref().unwrap(), 2);
+        r.version = crate::plan::inventory::INVENTORY_VERSION + 1;
+        let line = encode(&r).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.path().join(LOG))
+            .unwrap();
+        std::io::Write::write_all(&mut f, &line).unwrap();
+        let err = StateDir::open(d.path()).unwrap().inventory().unwrap_err();
+        assert!(crate::effects::state::is_newer_format(&err), "{err:#}");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("inventory.delta line 2"), "{msg}");
+        assert!(!msg.contains("inventory.json"), "{msg}");
     }
 
     /// A transaction's copy of the log was written whole and made durable
