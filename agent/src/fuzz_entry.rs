@@ -82,7 +82,7 @@ pub fn state_file(data: &[u8]) {
     let Some((kind, rest)) = data.split_first() else {
         return;
     };
-    match kind % 8 {
+    match kind % 9 {
         0 => drop(serde_json::from_slice::<crate::plan::inventory::Inventory>(
             rest,
         )),
@@ -98,9 +98,9 @@ pub fn state_file(data: &[u8]) {
                 >(line));
             }
         }
-        5 => drop(serde_json::from_slice::<crate::plan::quick::QuickRecord>(
-            rest,
-        )),
+        // `quick.json` through its own line decoder (the serde form is
+        // only its header line).
+        5 => drop(crate::effects::state::quick::decode(rest)),
         6 => {
             // `inventory.delta` after a base whose checksum is "b", read
             // as the live log and as a transaction's copy.
@@ -115,6 +115,8 @@ pub fn state_file(data: &[u8]) {
                 drop(apply_log(path, Some(rest), &meta, 0, &mut inv, reading));
             }
         }
+        // The configuration cache, behind a header that holds.
+        7 => crate::effects::state::config_cache::fuzz_body(rest),
         _ => drop(crate::desired::toml_file::parse::<crate::config::Fragment>(
             "agent.toml",
             &String::from_utf8_lossy(rest),

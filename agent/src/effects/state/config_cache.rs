@@ -355,6 +355,30 @@ fn decode(
     Ok(config)
 }
 
+/// For the fuzz target (`fuzz_entry::state_file`): `body` read as a
+/// cache's body behind a header that holds (its checksum computed, the
+/// key and name expected), so that the fuzzer reaches the parser behind
+/// the checksum, with and without a selection of files.
+pub(crate) fn fuzz_body(body: &[u8]) {
+    let key = Key("k".into());
+    let mut bytes = format!("{MAGIC}\n").into_bytes();
+    let header = Header {
+        crc32: crc32fast::hash(body),
+        key: key.0.clone(),
+        name: "n".into(),
+    };
+    if serde_json::to_writer(&mut bytes, &header).is_err() {
+        return;
+    }
+    bytes.push(b'\n');
+    bytes.extend_from_slice(body);
+    let opts = LoadOptions {
+        allowed_roots: TargetPath::parse("/etc").into_iter().collect(),
+        reserved: Vec::new(),
+    };
+    drop(decode(&bytes, &key, "n", &opts, None));
+}
+
 /// Every path passes the checks loading applies (under an allowed root,
 /// not the agent's own).
 fn check_targets(config: &HostConfig, opts: &LoadOptions) -> Result<()> {

@@ -100,7 +100,7 @@ fn encode(record: &QuickRecord) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode(bytes: &[u8]) -> Result<QuickRecord> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<QuickRecord> {
     let text = std::str::from_utf8(bytes).context("not UTF-8")?;
     // Fields, like lines, split with `memchr`. Every separator is ASCII:
     // each piece is a `str`.
