@@ -96,6 +96,16 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     if let Some(e) = state.inventory().err().or_else(|| behind_a_commit(state)) {
         out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
     }
+    // Unreadable lines are skipped; the file itself is unreadable only
+    // when planted or damaged (a link, over the cap of a state file), and
+    // then it would never be trimmed again.
+    if let Err(e) = state.history() {
+        out.push(finding(
+            state.history_path(),
+            &e,
+            "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
+        ));
+    }
     let m = state.path().join("marks.json");
     if let Some(e) = corrupt::<Marks>(&m) {
         out.push(finding(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`"));
@@ -146,7 +156,14 @@ fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
         // (`<txid>.removed`: a pruned transaction half deleted)
         .filter(|(txid, _)| !txid.contains('.'))
         .collect();
-    if dirs.iter().any(|(txid, _)| *txid == inv.txid) {
+    // (A committed transaction whose journal was corrupt is moved aside
+    // by recovery, not pruned: the inventory still names it.)
+    if dirs.iter().any(|(txid, _)| *txid == inv.txid)
+        || state
+            .path()
+            .join(format!("tx-corrupt-{}", inv.txid))
+            .exists()
+    {
         return None;
     }
     dirs.sort();
@@ -156,6 +173,11 @@ fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
             Ok(Some(j)) if j.state == crate::effects::apply::journal::TxState::Committed
         )
     })?;
+    // `state check` runs without the lock: a sync may have committed (and
+    // pruned the transaction the inventory named) since it was read.
+    if state.inventory().ok()?.txid != inv.txid {
+        return None;
+    }
     Some(anyhow::anyhow!(
         "{} records transaction {}, but transaction {txid} ({}) was committed after it and is not in it: the inventory lost its latest records ({} deleted, or an older {} put back?)",
         state.inventory_path().display(),
@@ -216,6 +238,9 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
                     aside(&log, now)?;
                 }
             }
+            "history.jsonl" => {
+                aside(&f.file, now)?;
+            }
             "marks.json" => {
                 let moved = aside(&f.file, now)?;
                 let halted = Marks {
@@ -272,14 +297,14 @@ mod tests {
     #[test]
     fn a_huge_sparse_state_file_is_refused_by_its_size_and_repaired_not_read() {
         let (_d, s, root) = state();
-        for name in ["inventory.json", "marks.json"] {
+        for name in ["inventory.json", "marks.json", "history.jsonl"] {
             std::fs::File::create(s.path().join(name))
                 .unwrap()
                 .set_len(1 << 40)
                 .unwrap();
         }
         let found = check(&s, root.path());
-        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found.len(), 3, "{found:?}");
         for f in &found {
             assert!(
                 f.problem
@@ -290,6 +315,8 @@ mod tests {
         repair(&s, root.path(), 7).unwrap();
         assert!(s.path().join("inventory.json.corrupt-7").exists());
         assert!(s.path().join("marks.json.corrupt-7").exists());
+        assert!(s.path().join("history.jsonl.corrupt-7").exists());
+        assert!(s.history().unwrap().is_empty());
         assert!(s.inventory().unwrap().files.is_empty());
     }
 

@@ -1588,10 +1588,7 @@ fn restore_backup(
     }
     match linkat(backups, backup, dir, tmp.as_str(), AtFlags::empty()) {
         Ok(()) => {}
-        Err(Errno::EXDEV) | Err(Errno::EPERM) => {
-            let content = read_at(backups, backup)?;
-            write_new_file(dir, &tmp, &content, 0o600)?;
-        }
+        Err(Errno::EXDEV) | Err(Errno::EPERM) => copy_backup(backups, backup, dir, &tmp)?,
         Err(err) => return Err(err).context("cannot link the backup back"),
     }
     if let Err(err) = set_meta(dir, &tmp, old, ownership) {
@@ -1610,22 +1607,28 @@ fn restore_backup(
     }
 }
 
-fn read_at(dir: &impl AsFd, name: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
+/// Copies the backup `name` to the new file `tmp` in `dir` (mode 0600),
+/// streamed: a backup is the previous content of any target, which may be
+/// larger than memory (it was read whole, and a rollback of a large file
+/// could not finish). Only a regular file, not through a link: the state
+/// directory is untrusted, and a FIFO planted there would block the
+/// rollback forever.
+fn copy_backup(backups: &impl AsFd, name: &str, dir: &impl AsFd, tmp: &str) -> Result<()> {
     let fd = openat(
-        dir,
+        backups,
         name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
         NixMode::empty(),
-    )?;
-    // Bounded: the state directory is untrusted input.
-    let max = crate::effects::state::STATE_READ_MAX_BYTES;
-    let mut out = Vec::new();
-    fs::File::from(fd).take(max + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > max {
-        bail!("{name}: more than {max} bytes");
+    )
+    .with_context(|| format!("cannot open the backup {name}"))?;
+    let mut src = fs::File::from(fd);
+    if !src.metadata()?.is_file() {
+        bail!("the backup {name} is not a regular file: refusing to copy it back");
     }
-    Ok(out)
+    let mut dst = write_new_file(dir, tmp, &[], 0o600)?;
+    std::io::copy(&mut src, &mut dst)
+        .with_context(|| format!("cannot copy the backup {name} back"))?;
+    Ok(())
 }
 
 /// A transaction that [`recover`] rolled back.

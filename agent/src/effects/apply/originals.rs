@@ -48,9 +48,14 @@ fn short(sha: &str) -> String {
     sha.chars().take(12).collect()
 }
 
-/// The sha256 and size of a file, read in chunks.
-fn digest_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// The sha256 and size of a file, read in chunks, up to one byte more
+/// than `max` (a larger file cannot match a record of `max` bytes). Not
+/// through a link, and only a regular file: the state directory is
+/// untrusted, and a link to `/dev/zero` there was hashed forever.
+fn digest_file(path: &Path, max: u64) -> Result<(u64, String)> {
+    let (f, _) = crate::effects::state::open_nofollow(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f = f.take(max.saturating_add(1));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
@@ -75,7 +80,7 @@ pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Recor
     if rec.path != path {
         return Ok(None);
     }
-    match digest_file(&dir.join(stored)) {
+    match digest_file(&dir.join(stored), rec.size) {
         Ok((size, sha)) if size == rec.size && sha == rec.sha256 => Ok(Some(rec)),
         _ => Ok(None),
     }
@@ -148,7 +153,15 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     let dir = state.originals();
     let file = dir.join(stored);
     let side = sidecar(&dir, stored);
-    let content = crate::effects::state::read_nofollow(&file).with_context(|| {
+    // Read up to the size its record gives (a larger copy is damaged and
+    // refused unread), or the cap of any state file without one: an
+    // original may be larger than that cap, and restoring it must not
+    // fail for it.
+    let bound = match read_json::<Record>(&side) {
+        Ok(Some(rec)) => rec.size,
+        _ => crate::effects::state::STATE_READ_MAX_BYTES,
+    };
+    let content = crate::effects::state::read_nofollow_up_to(&file, bound).with_context(|| {
         format!(
             "cannot read the saved original of {display} from {}: refusing to remove the file without its original; nothing was changed. \
              Keep {path} in the repository, or put the original in {} and describe it in {} as {{\"path\":\"{path}\",\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",
@@ -253,6 +266,35 @@ mod tests {
         save(&s, "k", "/etc/shadow", b"secret").unwrap();
         assert_eq!(mode(&s.originals().join("k")), 0o600);
         assert_eq!(mode(&s.originals().join("k.json")), 0o600);
+    }
+
+    /// The state directory is untrusted: a link planted at a saved copy
+    /// was followed (a link to `/dev/zero` was hashed forever, under the
+    /// lock), and a copy longer than its record was read whole before it
+    /// was found damaged.
+    #[test]
+    fn a_planted_link_or_an_overlong_copy_is_refused_not_read() {
+        let (_d, s) = state();
+        save(&s, "k", "/etc/x", b"the original").unwrap();
+        let copy = s.originals().join("k");
+        let elsewhere = s.path().join("elsewhere");
+        fs::write(&elsewhere, b"the original").unwrap();
+        fs::remove_file(&copy).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &copy).unwrap();
+        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(read(&s).is_err());
+        fs::remove_file(&copy).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &copy).unwrap();
+        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(read(&s).is_err());
+        fs::remove_file(&copy).unwrap();
+        fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
+        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(
+            err.contains(&format!("{} bytes, more than 12", 1u64 << 40)),
+            "{err}"
+        );
     }
 
     /// A copy spanning several chunks reads back whole.

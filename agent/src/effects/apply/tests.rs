@@ -521,3 +521,28 @@ fn an_unreadable_intent_after_a_stage_mark_is_refused_not_thrown_away() {
     assert!(recover(&e.fs, &e.state).unwrap().is_empty());
     assert!(!tx.exists());
 }
+
+/// A backup was read whole into memory to copy it back across
+/// filesystems (a rollback of a target larger than memory could not
+/// finish), and a FIFO planted among the backups blocked the rollback.
+#[test]
+fn a_backup_is_copied_back_streamed_and_only_if_it_is_a_regular_file() {
+    let backups = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..(3 << 20) + 5).map(|i: usize| (i % 253) as u8).collect();
+    std::fs::write(backups.path().join("b0"), &big).unwrap();
+    let bfd = open_dir_path(backups.path()).unwrap();
+    let dfd = open_dir_path(dir.path()).unwrap();
+    copy_backup(&bfd, "b0", &dfd, "t0").unwrap();
+    assert!(std::fs::read(dir.path().join("t0")).unwrap() == big);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("t0")).unwrap().mode() & 0o777,
+        0o600
+    );
+    nix::unistd::mkfifo(&backups.path().join("b1"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let err = format!("{:#}", copy_backup(&bfd, "b1", &dfd, "t1").unwrap_err());
+    assert!(err.contains("not a regular file"), "{err}");
+    std::os::unix::fs::symlink(backups.path().join("b0"), backups.path().join("b2")).unwrap();
+    assert!(copy_backup(&bfd, "b2", &dfd, "t2").is_err());
+    assert!(!dir.path().join("t1").exists() && !dir.path().join("t2").exists());
+}

@@ -270,7 +270,9 @@ const SSH_STDERR_FILE: &str = "driftless-ssh-stderr";
 
 /// The last few lines ssh wrote, joined, if any.
 fn ssh_stderr(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    // Bounded and not through a link: the mirror is in the state directory.
+    let bytes = crate::effects::state::read_nofollow_up_to(path, 1 << 20).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)

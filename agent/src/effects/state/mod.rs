@@ -575,7 +575,7 @@ fn refuse_links(root: &Path) -> Result<()> {
 
 /// Opens a state file without following a symlink at the last
 /// component; anything but a regular file is refused.
-fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
+pub(crate) fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
@@ -621,7 +621,7 @@ impl<'a> Iterator for Lines<'a> {
 
 /// [`read_nofollow`] of a file no larger than `max` bytes (a larger one
 /// is an error, and is not read).
-fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let (f, meta) = open_nofollow(path)?;
     read_up_to(f, meta.len(), max)
 }
