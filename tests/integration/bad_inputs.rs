@@ -524,6 +524,11 @@ fn every_bad_agent_config_gives_its_error_and_exit_78_and_changes_nothing() {
             "max_render_size",
         ),
         (
+            "file limit above what a managed file may be read back at",
+            "max_file_size = \"2GiB\"\nmax_render_size = \"4GiB\"\n",
+            "max_file_size (2 GiB) is more than 1 GiB",
+        ),
+        (
             "size that is not one",
             "max_bundle_size = \"lots\"\n",
             "max_bundle_size",

@@ -586,6 +586,13 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         file: size("max_file_size", f.max_file_size, defaults.file)?,
         total: size("max_render_size", f.max_render_size, defaults.total)?,
     };
+    if limits.file > crate::effects::rootfs::TARGET_READ_MAX_BYTES {
+        bail!(
+            "max_file_size ({}) is more than {}, the largest file driftless reads back at a managed path: lower it",
+            crate::desired::guard::size_str(limits.file),
+            crate::desired::guard::size_str(crate::effects::rootfs::TARGET_READ_MAX_BYTES)
+        );
+    }
     if limits.total < limits.file {
         bail!(
             "max_render_size ({}) is smaller than max_file_size ({}): make it at least as large",

@@ -542,6 +542,11 @@ pub fn write_temp_in(
     Ok((tmp, f))
 }
 
+/// The largest file at a managed path that is read (see [`observe_in`]):
+/// far above `max_file_size`'s limit, so no file a repository can write
+/// is refused by it.
+pub const TARGET_READ_MAX_BYTES: u64 = 1 << 30;
+
 /// Observes `name` inside an open directory, never following a symlink.
 pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
     let fd = match open_leaf(dir, name) {
@@ -555,7 +560,7 @@ pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
         }
         Err(e) => return Err(e.into()),
     };
-    let mut file = File::from(fd);
+    let file = File::from(fd);
     let meta = file.metadata()?;
     if meta.is_dir() {
         return Ok(Observation::Other { kind: "directory" });
@@ -565,8 +570,26 @@ pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
             kind: "special file",
         });
     }
+    // A managed file is read whole (to compare, back up and keep as the
+    // original), so one larger than any a repository may write is refused
+    // by its size, unread: a sparse terabyte planted at a managed path
+    // was allocated up front and aborted the agent.
+    if meta.len() > TARGET_READ_MAX_BYTES {
+        bail!(
+            "it is {} bytes, more than the {} MiB driftless reads of a file it manages: move it aside, or stop managing this path; nothing was changed",
+            meta.len(),
+            TARGET_READ_MAX_BYTES >> 20
+        );
+    }
     let mut content = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut content)?;
+    file.take(TARGET_READ_MAX_BYTES.saturating_add(1))
+        .read_to_end(&mut content)?;
+    if content.len() as u64 > TARGET_READ_MAX_BYTES {
+        bail!(
+            "it grew past {} MiB while read: not managed; nothing was changed",
+            TARGET_READ_MAX_BYTES >> 20
+        );
+    }
     Ok(Observation::File(FileState {
         content,
         mode: meta.mode() & 0o7777,
@@ -681,6 +704,33 @@ mod tests {
             fs.observe(&tp("/etc/x")).unwrap(),
             Observation::Other { kind: "symlink" }
         );
+    }
+
+    /// Files under `--root` are untrusted: a sparse terabyte at a managed
+    /// path had its size allocated up front (`Vec::with_capacity`), and the
+    /// allocation failure aborted the agent. Now it is refused by its
+    /// size, unread, with an error naming the path and what to do.
+    #[test]
+    fn a_sparse_terabyte_at_a_managed_path_is_refused_by_its_size_not_read() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::fs::File::create(root.path().join("etc/x"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        std::fs::write(root.path().join("etc/y"), "small").unwrap();
+        let fs = RootFs::open(root.path()).unwrap();
+        let err = format!("{:#}", fs.observe(&tp("/etc/x")).unwrap_err());
+        assert!(
+            err.contains("/etc/x")
+                && err.contains(&format!("{} bytes, more than the 1024 MiB", 1u64 << 40))
+                && err.contains("move it aside"),
+            "{err}"
+        );
+        assert!(matches!(
+            fs.observe(&tp("/etc/y")).unwrap(),
+            Observation::File(FileState { ref content, .. }) if content == b"small"
+        ));
     }
 
     #[test]

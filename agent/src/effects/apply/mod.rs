@@ -132,7 +132,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, renameat, OFlag};
-use nix::sys::stat::{fchmod, fstat, Mode as NixMode};
+use nix::sys::stat::{fchmod, fstat, fstatat, Mode as NixMode, SFlag};
 use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
@@ -1587,7 +1587,20 @@ fn restore_backup(
         Err(err) => return Err(err.into()),
     }
     match linkat(backups, backup, dir, tmp.as_str(), AtFlags::empty()) {
-        Ok(()) => {}
+        Ok(()) => {
+            // What was linked, checked at its new name (no window between
+            // a check and the link): linkat(2) links a symlink or a FIFO
+            // planted in the untrusted state directory as readily as a
+            // file, and renaming it over the target would put a link
+            // where the file was.
+            let regular = fstatat(dir, tmp.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG)
+                .context("cannot check the backup linked back")?;
+            if !regular {
+                let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+                bail!("the backup {backup} is not a regular file: refusing to put it back");
+            }
+        }
         Err(Errno::EXDEV) | Err(Errno::EPERM) => copy_backup(backups, backup, dir, &tmp)?,
         Err(err) => return Err(err).context("cannot link the backup back"),
     }

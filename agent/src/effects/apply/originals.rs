@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::effects::failpoint;
+use crate::effects::rootfs::TARGET_READ_MAX_BYTES;
 use crate::effects::state::{
     create_temp, fsync_dir, read_json, remove_stale_temps, write_json_atomic, StateDir,
 };
@@ -49,12 +50,16 @@ fn short(sha: &str) -> String {
 }
 
 /// The sha256 and size of a file, read in chunks, up to one byte more
-/// than `max` (a larger file cannot match a record of `max` bytes). Not
+/// than `max` (a larger file cannot match a record of `max` bytes, and
+/// one that says so by its size is refused unread). Not
 /// through a link, and only a regular file: the state directory is
 /// untrusted, and a link to `/dev/zero` there was hashed forever.
 fn digest_file(path: &Path, max: u64) -> Result<(u64, String)> {
-    let (f, _) = crate::effects::state::open_nofollow(path)
+    let (f, meta) = crate::effects::state::open_nofollow(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > max {
+        bail!("{} bytes, more than {max}", meta.len());
+    }
     let mut f = f.take(max.saturating_add(1));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -153,37 +158,77 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     let dir = state.originals();
     let file = dir.join(stored);
     let side = sidecar(&dir, stored);
-    // Read up to the size its record gives (a larger copy is damaged and
-    // refused unread), or the cap of any state file without one: an
-    // original may be larger than that cap, and restoring it must not
-    // fail for it.
-    let bound = match read_json::<Record>(&side) {
-        Ok(Some(rec)) => rec.size,
-        _ => crate::effects::state::STATE_READ_MAX_BYTES,
-    };
-    let content = crate::effects::state::read_nofollow_up_to(&file, bound).with_context(|| {
-        format!(
-            "cannot read the saved original of {display} from {}: refusing to remove the file without its original; nothing was changed. \
+    let cannot_read = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot read the saved original of {display} from {} ({e}): refusing to remove the file without its original; nothing was changed. \
              Keep {path} in the repository, or put the original in {} and describe it in {} as {{\"path\":\"{path}\",\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",
             file.display(),
             file.display(),
             side.display()
         )
-    })?;
-    let sha = hex::encode(Sha256::digest(&content));
-    let found = Record {
-        path: path.to_string(),
-        size: content.len() as u64,
-        sha256: sha.clone(),
     };
-    let vouch = serde_json::to_string(&found).context("cannot serialise a record")?;
-    match read_json::<Record>(&side) {
-        Ok(Some(rec)) if rec.path != path => bail!(
+    // What a refusal offers to write into the record: the copy's size and
+    // checksum, hashed in constant memory (the copy is not restored, so it
+    // is not read into memory: the state directory is untrusted, and a
+    // sparse terabyte there was).
+    let vouch = || -> Result<String> {
+        let (size, sha256) =
+            digest_file(&file, TARGET_READ_MAX_BYTES).map_err(|e| cannot_read(&e))?;
+        let found = Record {
+            path: path.to_string(),
+            size,
+            sha256,
+        };
+        serde_json::to_string(&found).context("cannot serialise a record")
+    };
+    let rec = match read_json::<Record>(&side) {
+        Ok(Some(rec)) => rec,
+        Ok(None) => bail!(
+            "the saved original of {display} ({}) has no record of its size and checksum ({} is missing): it may be a copy \
+             cut short (saved by an older driftless, or interrupted), so it is not restored; nothing was changed. \
+             Check {}; if it is the complete original, record it by writing {} to {}, then sync again. \
+             Otherwise keep {path} in the repository",
+            file.display(),
+            side.display(),
+            file.display(),
+            vouch()?,
+            side.display()
+        ),
+        Err(e) => bail!(
+            "the record {} of the saved original of {display} is unreadable ({e:#}): refusing to restore {} unverified; \
+             nothing was changed. If {} is the complete original, replace the record with {}, then sync again",
+            side.display(),
+            file.display(),
+            file.display(),
+            vouch()?
+        ),
+    };
+    if rec.path != path {
+        bail!(
             "the record {} of the saved original of {display} names another file ({}): refusing to restore it; nothing was changed",
             side.display(),
             rec.path
-        ),
-        Ok(Some(rec)) if content.len() as u64 != rec.size || sha != rec.sha256 => bail!(
+        );
+    }
+    // An original was read whole from its target when saved, so no true
+    // one is larger than a managed file may be: a record that says so was
+    // not written by driftless, and its copy is not read.
+    if rec.size > TARGET_READ_MAX_BYTES {
+        bail!(
+            "the record {} of the saved original of {display} gives {} bytes, more than any original driftless saves \
+             ({} bytes at most): refusing to restore it; nothing was changed. Keep {path} in the repository",
+            side.display(),
+            rec.size,
+            TARGET_READ_MAX_BYTES
+        );
+    }
+    // Read up to the size its record gives: a larger copy is damaged and
+    // refused unread.
+    let content =
+        crate::effects::state::read_nofollow_up_to(&file, rec.size).map_err(|e| cannot_read(&e))?;
+    let sha = hex::encode(Sha256::digest(&content));
+    if content.len() as u64 != rec.size || sha != rec.sha256 {
+        bail!(
             "the saved original of {display} ({}) is damaged: {} bytes, sha256 {}, where {} bytes, sha256 {} were saved. \
              Refusing to restore it, so nothing was changed. Keep {path} in the repository, or put the complete original \
              in {} (it must match {}), then sync again",
@@ -194,28 +239,9 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
             short(&rec.sha256),
             file.display(),
             side.display()
-        ),
-        Ok(Some(_)) => Ok(content),
-        Ok(None) => bail!(
-            "the saved original of {display} ({}) has no record of its size and checksum ({} is missing): it may be a copy \
-             cut short (saved by an older driftless, or interrupted), so it is not restored; nothing was changed. \
-             Check {}; if it is the complete original, record it by writing {} to {}, then sync again. \
-             Otherwise keep {path} in the repository",
-            file.display(),
-            side.display(),
-            file.display(),
-            vouch,
-            side.display()
-        ),
-        Err(e) => bail!(
-            "the record {} of the saved original of {display} is unreadable ({e:#}): refusing to restore {} unverified; \
-             nothing was changed. If {} is the complete original, replace the record with {}, then sync again",
-            side.display(),
-            file.display(),
-            file.display(),
-            vouch
-        ),
+        );
     }
+    Ok(content)
 }
 
 #[cfg(test)]
@@ -295,6 +321,45 @@ mod tests {
             err.contains(&format!("{} bytes, more than 12", 1u64 << 40)),
             "{err}"
         );
+    }
+
+    /// The size bound of a restore came from the record: a planted record
+    /// claiming a terabyte beside a sparse copy of that size (its checksum
+    /// is easy to compute) was read into memory until the agent was
+    /// killed. No original driftless saves is larger than a managed file
+    /// may be, so such a record is refused, and a copy without a record is
+    /// hashed (for the record the error offers) only up to that size.
+    #[test]
+    fn a_planted_record_of_a_sparse_terabyte_is_refused_not_read() {
+        let (_d, s) = state();
+        save(&s, "k", "/etc/x", b"the original").unwrap();
+        let copy = s.originals().join("k");
+        fs::remove_file(&copy).unwrap();
+        fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
+        let rec = Record {
+            path: "/etc/x".into(),
+            size: 1 << 40,
+            sha256: "0".repeat(64),
+        };
+        write_json_atomic(&s.originals().join("k.json"), &rec).unwrap();
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(
+            err.contains("more than any original") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        fs::remove_file(s.originals().join("k.json")).unwrap();
+        let err = format!("{:#}", read(&s).unwrap_err());
+        assert!(
+            err.contains(&format!("{} bytes, more than", 1u64 << 40))
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+        let rec = Record {
+            size: u64::MAX,
+            ..rec
+        };
+        write_json_atomic(&s.originals().join("k.json"), &rec).unwrap();
+        assert!(format!("{:#}", read(&s).unwrap_err()).contains("more than any original"));
     }
 
     /// A copy spanning several chunks reads back whole.

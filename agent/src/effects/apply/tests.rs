@@ -546,3 +546,44 @@ fn a_backup_is_copied_back_streamed_and_only_if_it_is_a_regular_file() {
     assert!(copy_backup(&bfd, "b2", &dfd, "t2").is_err());
     assert!(!dir.path().join("t1").exists() && !dir.path().join("t2").exists());
 }
+
+/// The same-filesystem path of a restore links the backup back: linkat(2)
+/// links a symlink or a FIFO planted among the backups as readily as a
+/// file, and the rename then put a link (pointing anywhere) where the
+/// target was. Now what was linked is checked and refused.
+#[test]
+fn a_planted_link_or_fifo_among_the_backups_is_not_linked_back_over_a_target() {
+    let backups = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target"), "current").unwrap();
+    std::fs::write(backups.path().join("good"), "previous").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", backups.path().join("link")).unwrap();
+    nix::unistd::mkfifo(&backups.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let bfd = open_dir_path(backups.path()).unwrap();
+    let dfd = open_dir_path(dir.path()).unwrap();
+    let meta = Meta {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        mode: 0o640,
+    };
+    for bad in ["link", "fifo"] {
+        let err = format!(
+            "{:#}",
+            restore_backup(&dfd, &bfd, bad, "target", "tx1", meta, false).unwrap_err()
+        );
+        assert!(err.contains("not a regular file"), "{bad}: {err}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("target")).unwrap(),
+            "current"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["target"], "{bad}: a temp name was left behind");
+    }
+    restore_backup(&dfd, &bfd, "good", "target", "tx1", meta, false).unwrap();
+    let path = dir.path().join("target");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "previous");
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+}

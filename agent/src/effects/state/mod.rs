@@ -635,7 +635,7 @@ fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
         )));
     }
     let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, max + 1), &mut out)?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, max.saturating_add(1)), &mut out)?;
     if out.len() as u64 > max {
         return Err(std::io::Error::other(format!("more than {max} bytes")));
     }
