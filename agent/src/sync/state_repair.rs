@@ -45,6 +45,10 @@ pub struct Finding {
     /// Written by a newer driftless: repair refuses to touch anything.
     #[serde(skip)]
     pub newer: bool,
+    /// Reading it failed, not its content (a disk or permission error):
+    /// repair leaves it where it is.
+    #[serde(skip)]
+    pub leave: bool,
 }
 
 /// What a newer-format file gets instead of a repair.
@@ -63,6 +67,7 @@ fn finding(file: PathBuf, e: &anyhow::Error, remedy: &str) -> Finding {
         problem: format!("{e:#}"),
         remedy: if newer { REFUSED_NEWER } else { remedy }.to_string(),
         newer,
+        leave: false,
     }
 }
 
@@ -99,12 +104,25 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     // Unreadable lines are skipped; the file itself is unreadable only
     // when planted or damaged (a link, over the cap of a state file), and
     // then it would never be trimmed again.
+    // A read that failed (EIO, a MAC denial) says nothing about the
+    // file: moving it aside would lose the record for a passing error.
     if let Err(e) = state.history() {
-        out.push(finding(
-            state.history_path(),
-            &e,
-            "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
-        ));
+        if crate::effects::state::is_refused(&e) {
+            out.push(finding(
+                state.history_path(),
+                &e,
+                "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
+            ));
+        } else {
+            out.push(Finding {
+                leave: true,
+                ..finding(
+                    state.history_path(),
+                    &e,
+                    "not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions. Runs go on without the record of past runs",
+                )
+            });
+        }
     }
     let m = state.path().join("marks.json");
     if let Some(e) = corrupt::<Marks>(&m) {
@@ -127,6 +145,7 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
                 f.display()
             ),
             newer: false,
+            leave: true,
         });
     }
     out
@@ -156,16 +175,19 @@ fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
         // (`<txid>.removed`: a pruned transaction half deleted)
         .filter(|(txid, _)| !txid.contains('.'))
         .collect();
-    // (A committed transaction whose journal was corrupt is moved aside
-    // by recovery, not pruned: the inventory still names it.)
-    if dirs.iter().any(|(txid, _)| *txid == inv.txid)
-        || state
-            .path()
-            .join(format!("tx-corrupt-{}", inv.txid))
-            .exists()
-    {
+    if dirs.iter().any(|(txid, _)| *txid == inv.txid) {
         return None;
     }
+    // A committed transaction whose journal was corrupt is moved aside by
+    // recovery, not pruned: the inventory still names it, and only a
+    // committed transaction after it (txids begin with the time) says the
+    // inventory is stale. (Exempting every other one let a deleted
+    // `inventory.delta` go unnoticed once the base named such a txid.)
+    let set_aside = state
+        .path()
+        .join(format!("tx-corrupt-{}", inv.txid))
+        .exists();
+    dirs.retain(|(txid, _)| !set_aside || txid.as_str() > inv.txid.as_str());
     dirs.sort();
     let (txid, path) = dirs.into_iter().find(|(_, path)| {
         matches!(
@@ -215,6 +237,10 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
         );
     }
     for f in &findings {
+        if f.leave {
+            tracing::warn!(file = %f.file.display(), problem = %f.problem, "unusable state file: {}", f.remedy);
+            continue;
+        }
         let name = f
             .file
             .file_name()
@@ -288,6 +314,36 @@ mod tests {
     fn a_clean_state_has_no_findings() {
         let (_d, s, root) = state();
         assert!(check(&s, root.path()).is_empty());
+    }
+
+    /// `history.jsonl` was moved aside on any error reading it, so a
+    /// passing EIO or a MAC denial threw away the record of past runs.
+    /// Only a refusal for what the file is (a link, not a regular file,
+    /// over the cap) marks it planted or damaged.
+    #[test]
+    fn only_a_refused_history_is_moved_aside_not_one_a_read_failed_on() {
+        use anyhow::Context;
+        let wrap = |e: std::io::Error| {
+            Err::<(), _>(e)
+                .context("cannot read history.jsonl")
+                .unwrap_err()
+        };
+        for code in [nix::libc::EIO, nix::libc::EACCES, nix::libc::EPERM] {
+            let e = wrap(std::io::Error::from_raw_os_error(code));
+            assert!(!crate::effects::state::is_refused(&e), "{e:#}");
+        }
+        let e = wrap(std::io::Error::from_raw_os_error(nix::libc::ELOOP));
+        assert!(crate::effects::state::is_refused(&e));
+        let (_d, s, root) = state();
+        std::os::unix::fs::symlink("/etc/passwd", s.history_path()).unwrap();
+        let found = check(&s, root.path());
+        assert!(found.len() == 1 && !found[0].leave, "{found:?}");
+        std::fs::remove_file(s.history_path()).unwrap();
+        std::fs::create_dir(s.history_path()).unwrap();
+        let found = check(&s, root.path());
+        assert!(found.len() == 1 && !found[0].leave, "{found:?}");
+        repair(&s, root.path(), 9).unwrap();
+        assert!(s.path().join("history.jsonl.corrupt-9").is_dir());
     }
 
     /// The state directory is untrusted: a sparse `inventory.json` or

@@ -649,6 +649,19 @@ fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
 /// inventory is moved aside and rebuilt, see `sync::state_repair`).
 pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
 
+/// Whether a state file's read was refused for what the file is (a link,
+/// not a regular file, over its cap): a planted or damaged file, which
+/// repair may move aside. Any other failure (EIO, EACCES) is the read's,
+/// not the file's.
+pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| match io.raw_os_error() {
+            Some(code) => code == nix::libc::ELOOP,
+            None => io.kind() == std::io::ErrorKind::Other,
+        })
+}
+
 /// `fs::read` that does not follow a symlink at the last component, of a
 /// file no larger than [`STATE_READ_MAX_BYTES`].
 pub(crate) fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
