@@ -548,6 +548,38 @@ fn purge_removes_unmanaged_entries_restores_them_on_revert_and_catches_drift() {
     settle(&host, &r);
 }
 
+/// A name on the host is not the repository's to vet: a file in a purged
+/// directory named with an escape sequence and a line break reached the
+/// plan and the log raw (the admin's screen cleared, a log line forged).
+/// Shown escaped now, and purged like any other.
+#[test]
+fn a_purged_file_named_with_control_characters_is_shown_escaped_and_removed() {
+    let r = Repo::new();
+    r.write("driftless.toml", "roles = [\"web\"]\n");
+    r.write("hosts/default.toml", "");
+    set_purge_role(&r, PASS);
+    r.commit("purge");
+    let host = nginx_host();
+    let d = host.path("/etc/nginx/conf.d");
+    let evil = "x\u{1b}[2J\nINFO forged\u{202e}";
+    std::fs::write(d.join(evil), "").unwrap();
+    let plan = host.run(r.path(), &["plan"]).ok();
+    let run = sync(&host, &r).ok();
+    for out in [&plan.stdout, &plan.stderr, &run.stdout, &run.stderr] {
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{202e}') && !out.contains("\nINFO forged"),
+            "raw: {out:?}"
+        );
+    }
+    assert!(
+        plan.stdout
+            .contains("- purge /etc/nginx/conf.d/x\\u{1b}[2J\\nINFO forged\\u{202e} (not managed; backed up)\n"),
+        "{}",
+        plan.stdout
+    );
+    assert!(!d.join(evil).exists());
+}
+
 /// An unmanaged subdirectory in a purged directory is refused, named.
 #[test]
 fn purge_refuses_an_unmanaged_subdirectory_naming_it() {

@@ -1663,6 +1663,38 @@ mod tests {
         assert!(err.contains("outside the allowed roots"), "{err}");
     }
 
+    /// The whole error of a path with an escape sequence, a line break
+    /// or a text-reordering character shows it escaped, with its role
+    /// file and entry, for every kind of entry.
+    #[test]
+    fn a_target_path_with_a_control_character_is_refused_and_shown_escaped() {
+        for (kind, extra) in [
+            ("files", "source = \"x\"\n"),
+            ("links", "target = \"/etc/y\"\n"),
+            ("absent", ""),
+            ("dirs", ""),
+        ] {
+            let role = format!("[[{kind}]]\npath = \"/etc/a\\u001b[2J\\nb\\u202e\"\n{extra}");
+            let s = repo(&[
+                ("driftless.toml", "roles = [\"a\"]"),
+                ("hosts/default.toml", ""),
+                ("roles/a/role.toml", &role),
+                ("roles/a/files/x", ""),
+            ]);
+            let err = format!("{:#}", load_host(&s, "h", &opts()).unwrap_err());
+            assert!(
+                err.contains("roles/a/role.toml:1")
+                    && err.contains("U+001B")
+                    && err.contains("rename"),
+                "{kind}: {err}"
+            );
+            assert!(
+                !err.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{kind}: unescaped: {err:?}"
+            );
+        }
+    }
+
     #[test]
     fn all_errors_are_reported_together() {
         let s = repo(&[

@@ -78,10 +78,32 @@ impl TargetPath {
     }
 }
 
+/// For people (logs, plans, errors): a character that a terminal or a log
+/// reader would obey ([`unprintable`]) is shown escaped (`\n`,
+/// `\u{1b}`). A repository may not declare such a path, but the host may
+/// hold one in a purged directory. Paths are built from [`TargetPath::as_str`].
 impl fmt::Display for TargetPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        if !self.0.chars().any(unprintable) {
+            return f.write_str(&self.0);
+        }
+        for c in self.0.chars() {
+            if unprintable(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// A control character (C0, DEL, C1) or one that reorders the text shown
+/// around it (bidirectional marks, overrides and isolates): printed raw in
+/// a log, a plan or an error, these would be obeyed, not shown.
+pub fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 impl TryFrom<String> for TargetPath {
@@ -451,6 +473,21 @@ mod humantime_serde_compat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name found on the host (in a purged directory) reached logs and
+    /// terminals raw: shown escaped now, the path itself unchanged.
+    #[test]
+    fn a_path_with_control_characters_is_shown_escaped_and_kept_as_is() {
+        let raw = "/etc/d/a\nINFO forged \u{1b}[2J\u{202e}x";
+        let p = TargetPath::parse(raw).unwrap();
+        let shown = p.to_string();
+        assert_eq!(shown, "/etc/d/a\\nINFO forged \\u{1b}[2J\\u{202e}x");
+        assert!(!shown.chars().any(unprintable));
+        assert_eq!(p.as_str(), raw);
+        assert_eq!(String::from(p), raw);
+        let plain = TargetPath::parse("/etc/caf\u{e9} x").unwrap();
+        assert_eq!(plain.to_string(), "/etc/caf\u{e9} x");
+    }
 
     #[test]
     fn a_hook_shows_an_ambiguous_argument_quoted() {

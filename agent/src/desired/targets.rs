@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use super::load::LoadOptions;
-use super::spec::TargetPath;
+use super::spec::{unprintable, TargetPath};
 
 /// [`LoadOptions`] indexed for checking many target paths.
 pub struct Targets<'o> {
@@ -62,6 +62,13 @@ impl<'o> Targets<'o> {
     /// [`Targets::check`] of a path already parsed.
     pub fn admit(&self, path: &TargetPath) -> Result<(), String> {
         let s = path.as_str();
+        if let Some(c) = s.chars().find(|&c| unprintable(c)) {
+            return Err(format!(
+                "path {s:?} contains the character U+{:04X}, which a target path may not: it would reach logs and terminals \
+                 as is (a line break forges a log line, an escape sequence rewrites the screen); rename the file",
+                c as u32
+            ));
+        }
         if !self_and_ancestors(s).any(|a| self.allowed.contains_key(a)) {
             let roots: Vec<&str> = self
                 .opts
@@ -109,6 +116,30 @@ mod tests {
 
     fn t(s: &str) -> TargetPath {
         TargetPath::parse(s).unwrap()
+    }
+
+    /// A hostile repository's path reached logs and terminals raw: a
+    /// line break forged a log line, an escape sequence rewrote the
+    /// admin's screen. Refused now, the error showing it escaped.
+    #[test]
+    fn a_path_with_a_control_or_reordering_character_is_refused_escaped() {
+        let opts = LoadOptions {
+            allowed_roots: vec![t("/etc")],
+            reserved: Vec::new(),
+        };
+        let targets = Targets::new(&opts);
+        for (bad, code) in [
+            ("/etc/a\nINFO forged", "U+000A"),
+            ("/etc/\u{1b}[2Jx", "U+001B"),
+            ("/etc/x\u{7f}", "U+007F"),
+            ("/etc/x\u{9b}", "U+009B"),
+            ("/etc/evil\u{202E}fnoc.", "U+202E"),
+        ] {
+            let err = targets.check(bad).unwrap_err();
+            assert!(err.contains(code) && err.contains("rename"), "{err}");
+            assert!(!err.chars().any(unprintable), "unescaped: {err:?}");
+        }
+        assert!(targets.check("/etc/caf\u{e9} \u{1F600}").is_ok());
     }
 
     /// The rule as it was written before the index, the oracle.
