@@ -377,6 +377,19 @@ pub(crate) fn fuzz_body(body: &[u8]) {
         reserved: Vec::new(),
     };
     drop(decode(&bytes, &key, "n", &opts, None));
+    // With a selection: the declared digest the body's own index gives
+    // (so the selection is reached), every other file wanted.
+    let declared = super::Lines::new(&String::from_utf8_lossy(body))
+        .nth(1)
+        .and_then(|l| serde_json::from_str::<Index>(l).ok())
+        .map(|i| i.paths)
+        .unwrap_or_default();
+    let select = |path: &str, _: Option<&str>| path.len().is_multiple_of(2);
+    let want = Want {
+        declared,
+        select: &select,
+    };
+    drop(decode(&bytes, &key, "n", &opts, Some(&want)));
 }
 
 /// Every path passes the checks loading applies (under an allowed root,

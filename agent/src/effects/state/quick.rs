@@ -278,14 +278,9 @@ mod tests {
         assert!(number::<i128>("170141183460469231731687303715884105728").is_err());
     }
 
-    /// `quick.json` was read with `fs::read`: through a link planted in
-    /// the state directory, and whole (a sparse file of a terabyte, or a
-    /// link to `/dev/zero`, was read until the agent was killed).
-    #[test]
-    fn a_planted_link_or_a_huge_sparse_record_is_ignored_not_read() {
-        let d = tempfile::tempdir().unwrap();
-        let state = StateDir::open(d.path()).unwrap();
-        let record = QuickRecord {
+    /// A record of no files (the fields the tests share).
+    fn empty_record() -> QuickRecord {
+        QuickRecord {
             version: QUICK_VERSION,
             inputs: "abc".into(),
             commit: "c".into(),
@@ -299,7 +294,17 @@ mod tests {
             watched: vec![],
             directories: vec![],
             config: None,
-        };
+        }
+    }
+
+    /// `quick.json` was read with `fs::read`: through a link planted in
+    /// the state directory, and whole (a sparse file of a terabyte, or a
+    /// link to `/dev/zero`, was read until the agent was killed).
+    #[test]
+    fn a_planted_link_or_a_huge_sparse_record_is_ignored_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        let record = empty_record();
         let elsewhere = d.path().join("elsewhere");
         std::fs::write(&elsewhere, encode(&record).unwrap()).unwrap();
         std::os::unix::fs::symlink(&elsewhere, d.path().join(FILE)).unwrap();
@@ -322,12 +327,6 @@ mod tests {
     #[test]
     fn a_record_survives_encode_and_decode_and_garbage_is_refused() {
         let record = QuickRecord {
-            version: QUICK_VERSION,
-            inputs: "abc".into(),
-            commit: "c".into(),
-            inventory: stamp(1),
-            inventory_log: None,
-            taken_at_ns: 99,
             files: vec![
                 (TargetPath::parse("/etc/a b").unwrap(), stamp(2), true),
                 (TargetPath::parse("/etc/c").unwrap(), stamp(3), false),
@@ -338,6 +337,7 @@ mod tests {
             watched: vec![(TargetPath::parse("/var/lib/dpkg/status").unwrap(), stamp(6))],
             directories: vec![(TargetPath::parse("/srv/app").unwrap(), stamp(5))],
             config: Some("c0ffee".into()),
+            ..empty_record()
         };
         let bytes = encode(&record).unwrap();
         assert_eq!(decode(&bytes).unwrap(), record);
