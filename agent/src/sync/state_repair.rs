@@ -71,6 +71,20 @@ fn finding(file: PathBuf, e: &anyhow::Error, remedy: &str) -> Finding {
     }
 }
 
+/// A state file that could not be read (EIO, a permission or MAC
+/// denial): nothing is known about its content, so repair leaves it
+/// where it is; `then` says what happens meanwhile.
+fn unread(file: PathBuf, e: &anyhow::Error, then: &str) -> Finding {
+    Finding {
+        leave: true,
+        ..finding(
+            file,
+            e,
+            &format!("not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions; {then}"),
+        )
+    }
+}
+
 /// Every unusable state file, read-only.
 pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -99,7 +113,11 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     // (`inventory()` decodes the base and its delta, checks both, and is
     // cached for the run that follows: no second decode of a large base.)
     if let Some(e) = state.inventory().err().or_else(|| behind_a_commit(state)) {
-        out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
+        if crate::effects::state::read_failed(&e) {
+            out.push(unread(inv, &e, "the run stops until it reads"));
+        } else {
+            out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
+        }
     }
     // Unreadable lines are skipped; the file itself is unreadable only
     // when planted or damaged (a link, over the cap of a state file), and
@@ -107,26 +125,27 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     // A read that failed (EIO, a MAC denial) says nothing about the
     // file: moving it aside would lose the record for a passing error.
     if let Err(e) = state.history() {
-        if crate::effects::state::is_refused(&e) {
+        if crate::effects::state::read_failed(&e) {
+            out.push(unread(
+                state.history_path(),
+                &e,
+                "runs go on without the record of past runs",
+            ));
+        } else {
             out.push(finding(
                 state.history_path(),
                 &e,
                 "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
             ));
-        } else {
-            out.push(Finding {
-                leave: true,
-                ..finding(
-                    state.history_path(),
-                    &e,
-                    "not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions. Runs go on without the record of past runs",
-                )
-            });
         }
     }
     let m = state.path().join("marks.json");
     if let Some(e) = corrupt::<Marks>(&m) {
-        out.push(finding(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`"));
+        if crate::effects::state::read_failed(&e) {
+            out.push(unread(m, &e, "the run stops until it reads"));
+        } else {
+            out.push(finding(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`"));
+        }
     }
     // Transactions' journals are recovery's business (`apply::recover`),
     // which refuses a newer one: listed here so that `state check` says so.
@@ -316,12 +335,14 @@ mod tests {
         assert!(check(&s, root.path()).is_empty());
     }
 
-    /// `history.jsonl` was moved aside on any error reading it, so a
-    /// passing EIO or a MAC denial threw away the record of past runs.
-    /// Only a refusal for what the file is (a link, not a regular file,
-    /// over the cap) marks it planted or damaged.
+    /// `history.jsonl`, `inventory.json` and `marks.json` were moved aside
+    /// on any error reading them, so a passing EIO or a MAC denial threw
+    /// away the record of past runs, had every file taken over again, or
+    /// lost the list of bad commits. Only what the file is (a link, a
+    /// socket, not a regular file, over the cap) or holds marks it
+    /// planted or damaged; an OS error of the read leaves it in place.
     #[test]
-    fn only_a_refused_history_is_moved_aside_not_one_a_read_failed_on() {
+    fn a_state_file_is_moved_aside_for_what_it_is_not_for_a_read_that_failed() {
         use anyhow::Context;
         let wrap = |e: std::io::Error| {
             Err::<(), _>(e)
@@ -330,10 +351,16 @@ mod tests {
         };
         for code in [nix::libc::EIO, nix::libc::EACCES, nix::libc::EPERM] {
             let e = wrap(std::io::Error::from_raw_os_error(code));
-            assert!(!crate::effects::state::is_refused(&e), "{e:#}");
+            assert!(crate::effects::state::read_failed(&e), "{e:#}");
         }
-        let e = wrap(std::io::Error::from_raw_os_error(nix::libc::ELOOP));
-        assert!(crate::effects::state::is_refused(&e));
+        for code in [nix::libc::ELOOP, nix::libc::ENXIO, nix::libc::ENODEV] {
+            let e = wrap(std::io::Error::from_raw_os_error(code));
+            assert!(!crate::effects::state::read_failed(&e), "{e:#}");
+        }
+        let e = wrap(std::io::Error::other("not a regular file"));
+        assert!(!crate::effects::state::read_failed(&e));
+        let e = anyhow::anyhow!("checksum mismatch").context("inventory.json");
+        assert!(!crate::effects::state::read_failed(&e));
         let (_d, s, root) = state();
         std::os::unix::fs::symlink("/etc/passwd", s.history_path()).unwrap();
         let found = check(&s, root.path());
@@ -344,6 +371,10 @@ mod tests {
         assert!(found.len() == 1 && !found[0].leave, "{found:?}");
         repair(&s, root.path(), 9).unwrap();
         assert!(s.path().join("history.jsonl.corrupt-9").is_dir());
+        // A socket cannot even be opened (ENXIO): planted, moved aside.
+        let _sock = std::os::unix::net::UnixListener::bind(s.history_path()).unwrap();
+        let found = check(&s, root.path());
+        assert!(found.len() == 1 && !found[0].leave, "{found:?}");
     }
 
     /// The state directory is untrusted: a sparse `inventory.json` or

@@ -334,7 +334,7 @@ pub fn apply_with(
         // now, used only once the transaction is switched in.
         journal.post = Some(post_actions(plan));
         // The journal's temp file; renamed to `journal.json` after flush (1).
-        let tx_fd = open_dir_path(&tx_dir)?;
+        let tx_fd = open_state_subdir(&tx_dir)?;
         let bytes = crate::effects::state::encode_state(&journal, journal_format(&journal))?;
         let (tmp, _) = crate::effects::rootfs::write_temp_in(&tx_fd, JOURNAL, &bytes, 0o600)
             .with_context(|| format!("cannot write the journal in {}", tx_dir.display()))?;
@@ -464,7 +464,7 @@ fn write_intent_durably(tx_dir: &Path, journal: &Journal) -> Result<()> {
 /// entry (a power loss after the tool ran must not lose the record).
 fn stage_started(state: &StateDir, tx_dir: &Path, journal: &Journal, started: &str) -> Result<()> {
     write_intent_durably(tx_dir, journal)?;
-    let tx_fd = open_dir_path(tx_dir)?;
+    let tx_fd = open_state_subdir(tx_dir)?;
     mark(&tx_fd, started)?;
     nix::unistd::fsync(&tx_fd).context("cannot fsync the transaction directory")?;
     nix::unistd::fsync(&open_dir_path(&state.tx_dir())?)
@@ -555,7 +555,7 @@ pub fn commit(
     // Committed from here on: the inventory names the transaction, and
     // recovery treats it as committed whatever its journal says.
     failpoint::hit("apply.commit.journal")?;
-    let tx_fd = open_dir_path(&tx_dir)?;
+    let tx_fd = open_state_subdir(&tx_dir)?;
     mark(&tx_fd, COMMITTED)?;
     prune_old_transactions(state, txid)?;
     // Files released (their originals restored): the copies are done.
@@ -676,6 +676,39 @@ fn mark(tx_fd: &OwnedFd, name: &str) -> Result<()> {
 /// `switched` (every target switched in and flushed) and `committed`
 /// (the inventory named this transaction). A journal of an older
 /// driftless, which rewrote the state in place, reads as it is.
+/// The names a journal gives for files of its own (its transaction, its
+/// backups, its staged files) are single names in their directories:
+/// the state directory is untrusted, and a planted journal whose backup
+/// was `../../../../etc/shadow` had that file hard-linked over a target
+/// and its mode set by a rollback, one whose staged name held `../` had
+/// a rollback unlink any file. Such a journal is refused as corrupt.
+fn check_names(tx_dir: &Path, journal: &Journal) -> Result<()> {
+    let plain = |n: &str| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\0']);
+    let dir = tx_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if journal.txid != dir {
+        bail!(
+            "{}: the journal names transaction {:?}, not its own directory's {dir:?}: it is corrupt",
+            tx_dir.join(JOURNAL).display(),
+            journal.txid
+        );
+    }
+    for e in &journal.entries {
+        for (what, name) in [("backup", &e.backup), ("staged file", &e.staged)] {
+            if let Some(name) = name.as_deref().filter(|n| !plain(n)) {
+                bail!(
+                    "{}: the entry of {} names the {what} {name:?}, which is not a file name of its own: the journal is corrupt",
+                    tx_dir.join(JOURNAL).display(),
+                    e.path
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
     let Some(mut journal) = read_json::<Journal>(&tx_dir.join(JOURNAL))? else {
         // No `journal.json`: flush (2) had not returned, so no target was
@@ -684,7 +717,11 @@ pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
         // to undo but staged files it would have named (see the module
         // docs).
         return Ok(match read_json::<Journal>(&tx_dir.join(INTENT)) {
-            Ok(j) => j,
+            Ok(Some(j)) => {
+                check_names(tx_dir, &j)?;
+                Some(j)
+            }
+            Ok(None) => None,
             // A newer agent's intent may name what this one cannot undo:
             // refused, never treated as torn.
             Err(e) if crate::effects::state::is_newer_format(&e) => return Err(e),
@@ -709,6 +746,7 @@ pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
             }
         });
     };
+    check_names(tx_dir, &journal)?;
     if matches!(journal.state, TxState::Prepared | TxState::Switched) {
         if tx_dir.join(COMMITTED).exists() {
             journal.state = TxState::Committed;
@@ -952,7 +990,7 @@ fn prepare(
     journal: &mut Journal,
     dirs: &mut BTreeMap<String, OwnedFd>,
 ) -> Result<()> {
-    let backups_fd = open_dir_path(backups)?;
+    let backups_fd = open_state_subdir(backups)?;
     // Managed directories first: files may be staged inside them.
     prepare_dirs(fs, plan, journal, dirs)?;
     let bar = crate::progress::bar(plan.changes.len() as u64, "staging files");
@@ -1170,6 +1208,17 @@ fn open_dir_path(path: &Path) -> Result<OwnedFd> {
     .with_context(|| format!("cannot open {}", path.display()))
 }
 
+/// [`open_dir_path`] of a directory inside the state directory (a
+/// transaction's, its backups): never through a symlink planted there.
+fn open_state_subdir(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        NixMode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", path.display()))
+}
+
 /// Creates `name` (must not exist) in `dir` with `content` and `mode`.
 fn write_new_file(dir: &impl AsFd, name: &str, content: &[u8], mode: u32) -> Result<fs::File> {
     let fd = openat(
@@ -1292,7 +1341,7 @@ fn rollback_then(
     inventory: Option<&Inventory>,
 ) -> Result<()> {
     let tx_dir = state.tx_dir().join(&journal.txid);
-    let backups = open_dir_path(&tx_dir.join("backups"))?;
+    let backups = open_state_subdir(&tx_dir.join("backups"))?;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let mut errors = Vec::new();
     for e in journal.entries.iter().rev() {

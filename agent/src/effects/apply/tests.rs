@@ -407,6 +407,46 @@ fn a_corrupt_journal_of_the_committed_transaction_is_set_aside() {
     assert_eq!(e.read("/etc/a").as_deref(), Some("a\n"));
 }
 
+/// The state directory is untrusted: a journal planted for an interrupted
+/// transaction whose backup was `../../../../<file>` had that file
+/// hard-linked over a target by the rollback (its mode set to the
+/// target's), and one whose staged name held `../` had any file
+/// unlinked. Refused as corrupt now; the victim and the target untouched.
+#[test]
+fn a_planted_journal_naming_files_outside_its_transaction_is_refused() {
+    for (field, txid_too) in [("backup", false), ("staged", false), ("backup", true)] {
+        let e = env();
+        e.apply(&desired(&[("/etc/a", "a\n", 0o644)]));
+        let p = e.plan(&desired(&[("/etc/a", "b\n", 0o644)]));
+        let a = e.switch_in(&p);
+        let tx = e.state.tx_dir().join(&a.txid);
+        let victim = e.state_dir.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut j = load_journal(&tx).unwrap().unwrap();
+        let escape = format!("../../../{}/victim", e.state_dir.path().display());
+        let entry = &mut j.entries[0];
+        if field == "backup" {
+            entry.backup = Some(escape);
+        } else {
+            entry.staged = Some(escape);
+        }
+        if txid_too {
+            j.txid = "../elsewhere".into();
+        }
+        let bytes = crate::effects::state::encode_state(&j, journal_format(&j)).unwrap();
+        std::fs::write(tx.join(JOURNAL), bytes).unwrap();
+        let err = format!("{:#}", recover(&e.fs, &e.state).unwrap_err());
+        assert!(
+            err.contains("corrupt") || err.contains("unreadable"),
+            "{field}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(e.read("/etc/a").as_deref(), Some("b\n"), "{field}");
+    }
+}
+
 /// An interrupted transaction whose journal is unreadable cannot be
 /// rolled back blind: the error says where its files are and what to do.
 #[test]

@@ -649,16 +649,20 @@ fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
 /// inventory is moved aside and rebuilt, see `sync::state_repair`).
 pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
 
-/// Whether a state file's read was refused for what the file is (a link,
-/// not a regular file, over its cap): a planted or damaged file, which
-/// repair may move aside. Any other failure (EIO, EACCES) is the read's,
-/// not the file's.
-pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
+/// Whether reading a state file failed for the read's sake (EIO, EACCES,
+/// a MAC denial: an OS error), not for what the file is or holds: a link
+/// (ELOOP), a socket or device (ENXIO, ENODEV), not a regular file or over
+/// its cap (refused by driftless itself), content that does not decode.
+/// Such a file says nothing about its content, and repair must leave it:
+/// moving an inventory aside for a passing EIO had every file taken over
+/// again and the record of what was pruned lost.
+pub(crate) fn read_failed(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| match io.raw_os_error() {
-            Some(code) => code == nix::libc::ELOOP,
-            None => io.kind() == std::io::ErrorKind::Other,
+        .any(|io| {
+            io.raw_os_error().is_some_and(|code| {
+                ![nix::libc::ELOOP, nix::libc::ENXIO, nix::libc::ENODEV].contains(&code)
+            })
         })
 }
 
