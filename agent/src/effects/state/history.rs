@@ -17,7 +17,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::StateDir;
@@ -79,9 +79,16 @@ impl StateDir {
             .create(true)
             .append(true)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            // A FIFO planted here must not block the agent forever.
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            bail!(
+                "{} is not a regular file: not appended to (`driftless state repair` moves it aside)",
+                path.display()
+            );
+        }
         f.write_all(&line)
             .with_context(|| format!("cannot append to {}", path.display()))?;
         let size = f.metadata().map_or(0, |m| m.len());
@@ -123,6 +130,37 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO planted at the lock or at `history.jsonl` (the append is
+    /// reached without a repair when the quick check skips one) blocked
+    /// the agent forever in open(2). Refused at once now, naming it.
+    #[test]
+    fn a_fifo_planted_at_the_lock_or_the_history_is_refused_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        for name in ["lock", "history.jsonl"] {
+            nix::unistd::mkfifo(&d.path().join(name), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        let err = format!(
+            "{:#}",
+            state
+                .lock(std::time::Duration::ZERO)
+                .err()
+                .expect("refused")
+        );
+        assert!(err.contains("lock") && err.contains("remove it"), "{err}");
+        let err = format!("{:#}", state.append_history(&entry(1)).unwrap_err());
+        assert!(err.contains("history.jsonl"), "{err}");
+        // With a reader waiting, the FIFO still is not written to.
+        let path = d.path().join("history.jsonl");
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let err = format!("{:#}", state.append_history(&entry(2)).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
+    }
 
     fn entry(i: i64) -> Entry {
         Entry {

@@ -215,9 +215,21 @@ impl StateDir {
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            // A FIFO planted here must not block the agent forever.
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot open lock file {} (if it is not a regular file, remove it)",
+                    path.display()
+                )
+            })?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            bail!(
+                "the lock file {} is not a regular file: remove it, then run again",
+                path.display()
+            );
+        }
         let mut busy = false;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
