@@ -874,6 +874,13 @@ fn link_decl(
     if spec.target.contains('\0') {
         return Err(format!("{path}: key `target` contains a NUL byte"));
     }
+    if let Some(c) = spec.target.chars().find(|&c| super::spec::unprintable(c)) {
+        return Err(format!(
+            "{path}: key `target` {:?} contains the character U+{:04X}, which a link target may not: it would reach logs and terminals as is; rename what it points to",
+            spec.target,
+            c as u32
+        ));
+    }
     if spec.target.len() > MAX_LINK_TARGET {
         return Err(format!(
             "{path}: key `target` is {} bytes long; a symlink holds at most {MAX_LINK_TARGET}",
@@ -1668,13 +1675,19 @@ mod tests {
     /// file and entry, for every kind of entry.
     #[test]
     fn a_target_path_with_a_control_character_is_refused_and_shown_escaped() {
-        for (kind, extra) in [
-            ("files", "source = \"x\"\n"),
-            ("links", "target = \"/etc/y\"\n"),
-            ("absent", ""),
-            ("dirs", ""),
+        let evil = "\"/etc/a\\u001b[2J\\nb\\u202e\"";
+        for (kind, path, extra) in [
+            ("files", evil, "source = \"x\"\n"),
+            ("links", evil, "target = \"/etc/y\"\n"),
+            (
+                "links",
+                "\"/etc/l\"",
+                "target = \"/etc/y\\u001b[2J\\n\\u202e\"\n",
+            ),
+            ("absent", evil, ""),
+            ("dirs", evil, ""),
         ] {
-            let role = format!("[[{kind}]]\npath = \"/etc/a\\u001b[2J\\nb\\u202e\"\n{extra}");
+            let role = format!("[[{kind}]]\npath = {path}\n{extra}");
             let s = repo(&[
                 ("driftless.toml", "roles = [\"a\"]"),
                 ("hosts/default.toml", ""),

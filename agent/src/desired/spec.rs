@@ -78,24 +78,33 @@ impl TargetPath {
     }
 }
 
-/// For people (logs, plans, errors): a character that a terminal or a log
-/// reader would obey ([`unprintable`]) is shown escaped (`\n`,
-/// `\u{1b}`). A repository may not declare such a path, but the host may
-/// hold one in a purged directory. Paths are built from [`TargetPath::as_str`].
+/// For people (logs, plans, errors): see [`shown`]. A repository may not
+/// declare such a path, but the host may hold one in a purged directory.
+/// Paths are built from [`TargetPath::as_str`].
 impl fmt::Display for TargetPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.0.chars().any(unprintable) {
-            return f.write_str(&self.0);
-        }
-        for c in self.0.chars() {
-            if unprintable(c) {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                write!(f, "{c}")?;
-            }
-        }
-        Ok(())
+        f.write_str(&shown(&self.0))
     }
+}
+
+/// `text` as it may be printed: unchanged unless it holds a character a
+/// terminal or a log reader would obey ([`unprintable`]); then each such
+/// character is escaped (`\n`, `\u{1b}`), and so is every `\` (a name
+/// holding a backslash and an `n` must not read as one holding a line
+/// break).
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(unprintable) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unprintable(c) || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A control character (C0, DEL, C1) or one that reorders the text shown
@@ -103,7 +112,16 @@ impl fmt::Display for TargetPath {
 /// a log, a plan or an error, these would be obeyed, not shown.
 pub fn unprintable(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+        )
 }
 
 impl TryFrom<String> for TargetPath {
@@ -478,11 +496,16 @@ mod tests {
     /// terminals raw: shown escaped now, the path itself unchanged.
     #[test]
     fn a_path_with_control_characters_is_shown_escaped_and_kept_as_is() {
-        let raw = "/etc/d/a\nINFO forged \u{1b}[2J\u{202e}x";
+        let raw = "/etc/d/a\nINFO forged \u{1b}[2J\u{202e}x\\n";
         let p = TargetPath::parse(raw).unwrap();
         let shown = p.to_string();
-        assert_eq!(shown, "/etc/d/a\\nINFO forged \\u{1b}[2J\\u{202e}x");
+        assert_eq!(shown, "/etc/d/a\\nINFO forged \\u{1b}[2J\\u{202e}x\\\\n");
         assert!(!shown.chars().any(unprintable));
+        // A backslash alone is shown as it is.
+        assert_eq!(
+            TargetPath::parse("/etc/a\\nb").unwrap().to_string(),
+            "/etc/a\\nb"
+        );
         assert_eq!(p.as_str(), raw);
         assert_eq!(String::from(p), raw);
         let plain = TargetPath::parse("/etc/caf\u{e9} x").unwrap();

@@ -49,7 +49,7 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
     // plan removes those no role manages.
     for d in desired.dirs.iter().filter(|d| d.purge) {
         for name in fs.list_dir(&d.path)?.unwrap_or_default() {
-            let child = TargetPath::parse(&format!("{}/{name}", d.path))
+            let child = TargetPath::parse(&format!("{}/{name}", d.path.as_str()))
                 .map_err(|e| anyhow::anyhow!("cannot purge {}: {e}", fs.display(&d.path)))?;
             if let std::collections::btree_map::Entry::Vacant(e) = out.entry(child) {
                 let obs = fs.observe_link(e.key())?;

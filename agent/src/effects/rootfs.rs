@@ -265,7 +265,7 @@ impl RootFs {
             match std::str::from_utf8(name) {
                 Ok(n) => out.push(n.to_string()),
                 Err(_) => bail!(
-                    "{} holds an entry whose name is not UTF-8 ({}); purge cannot name it: rename or remove it",
+                    "{} holds an entry whose name is not UTF-8 ({:?}); purge cannot name it: rename or remove it",
                     self.display(target),
                     String::from_utf8_lossy(name)
                 ),

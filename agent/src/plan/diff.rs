@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use super::dirs::DirAction;
 use super::links::LinkAction;
 use super::{ChangeKind, FileChange, Plan};
-use crate::desired::spec::HookWhen;
+use crate::desired::spec::{shown, HookWhen};
 
 /// ANSI colours, or none.
 #[derive(Debug, Clone, Copy)]
@@ -215,9 +215,10 @@ pub fn dir_lines(plan: &Plan) -> Vec<(&'static str, String)> {
 /// the files, in the order the transaction switches them.
 pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
+    // Link targets read from the host are shown escaped, like paths.
     for c in &plan.links {
-        let target = c.target.as_deref().unwrap_or_default();
-        let was = c.was.as_deref().unwrap_or_default();
+        let target = shown(c.target.as_deref().unwrap_or_default());
+        let was = shown(c.was.as_deref().unwrap_or_default());
         out.push(match c.action {
             LinkAction::Create => ("32", format!("+ link {} -> {target}", c.path)),
             LinkAction::Retarget => (
@@ -237,7 +238,7 @@ pub fn path_lines(plan: &Plan) -> Vec<(&'static str, String)> {
         let link = c
             .link
             .as_deref()
-            .map(|t| format!(" -> {t}"))
+            .map(|t| format!(" -> {}", shown(t)))
             .unwrap_or_default();
         if c.purged {
             out.push((
@@ -262,7 +263,7 @@ pub fn short(commit: &str) -> &str {
 }
 
 fn summary_line(c: &FileChange, style: Style) -> String {
-    let path = c.path.as_str();
+    let path = c.path.to_string();
     match c.kind {
         ChangeKind::Create => {
             let a = c.after.as_ref();
@@ -339,7 +340,7 @@ pub fn content_diff(c: &FileChange, style: Style) -> String {
         );
     }
     let diff = similar::TextDiff::from_lines(old_text, new_text);
-    let path = c.path.as_str();
+    let path = c.path.to_string();
     let old_label = if c.before.is_some() {
         format!("a{path}")
     } else {

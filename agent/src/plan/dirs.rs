@@ -216,7 +216,7 @@ pub fn diff_purge(
             // Missing (created empty by this transaction) or refused.
             continue;
         }
-        let prefix = format!("{}/", d.path);
+        let prefix = format!("{}/", d.path.as_str());
         let children = observed.iter().filter(|(p, _)| {
             p.as_str()
                 .strip_prefix(&prefix)

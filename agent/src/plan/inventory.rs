@@ -268,7 +268,7 @@ impl Inventory {
             .iter()
             .filter(|d| !self.directories.contains_key(*d))
             .filter(|d| {
-                let prefix = format!("{d}/");
+                let prefix = format!("{}/", d.as_str());
                 let i = files.partition_point(|f| *f < prefix.as_str());
                 !files.get(i).is_some_and(|f| f.starts_with(&prefix))
             })

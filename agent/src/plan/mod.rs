@@ -300,7 +300,12 @@ impl Plan {
             .filter(|p| was.get(*p) != now.get(*p))
             .map(|p| {
                 let or_none = |k: Option<&String>| k.map_or("nothing".to_string(), String::clone);
-                format!("{p}: {} -> {}", or_none(was.get(p)), or_none(now.get(p)))
+                format!(
+                    "{}: {} -> {}",
+                    crate::desired::spec::shown(p),
+                    or_none(was.get(p)),
+                    or_none(now.get(p))
+                )
             })
             .collect();
         self.changes = again.changes;

@@ -158,10 +158,16 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     let dir = state.originals();
     let file = dir.join(stored);
     let side = sidecar(&dir, stored);
+    // `path` is the target's (a repository's, or an older inventory's):
+    // shown escaped, and as JSON where a record is to be written.
+    let (keep, path_json) = (
+        crate::desired::spec::shown(path),
+        serde_json::to_string(path).context("cannot serialise a path")?,
+    );
     let cannot_read = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "cannot read the saved original of {display} from {} ({e}): refusing to remove the file without its original; nothing was changed. \
-             Keep {path} in the repository, or put the original in {} and describe it in {} as {{\"path\":\"{path}\",\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",
+             Keep {keep} in the repository, or put the original in {} and describe it in {} as {{\"path\":{path_json},\"size\":<bytes>,\"sha256\":\"<sha256sum>\"}}",
             file.display(),
             file.display(),
             side.display()
@@ -172,8 +178,8 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     // is not read into memory: the state directory is untrusted, and a
     // sparse terabyte there was).
     let vouch = || -> Result<String> {
-        let (size, sha256) =
-            digest_file(&file, TARGET_READ_MAX_BYTES).map_err(|e| cannot_read(&e))?;
+        let (size, sha256) = digest_file(&file, TARGET_READ_MAX_BYTES)
+            .map_err(|e| cannot_read(&format_args!("{e:#}")))?;
         let found = Record {
             path: path.to_string(),
             size,
@@ -187,7 +193,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
             "the saved original of {display} ({}) has no record of its size and checksum ({} is missing): it may be a copy \
              cut short (saved by an older driftless, or interrupted), so it is not restored; nothing was changed. \
              Check {}; if it is the complete original, record it by writing {} to {}, then sync again. \
-             Otherwise keep {path} in the repository",
+             Otherwise keep {keep} in the repository",
             file.display(),
             side.display(),
             file.display(),
@@ -205,7 +211,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     };
     if rec.path != path {
         bail!(
-            "the record {} of the saved original of {display} names another file ({}): refusing to restore it; nothing was changed",
+            "the record {} of the saved original of {display} names another file ({:?}): refusing to restore it; nothing was changed",
             side.display(),
             rec.path
         );
@@ -216,7 +222,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     if rec.size > TARGET_READ_MAX_BYTES {
         bail!(
             "the record {} of the saved original of {display} gives {} bytes, more than any original driftless saves \
-             ({} bytes at most): refusing to restore it; nothing was changed. Keep {path} in the repository",
+             ({} bytes at most): refusing to restore it; nothing was changed. Keep {keep} in the repository",
             side.display(),
             rec.size,
             TARGET_READ_MAX_BYTES
@@ -230,7 +236,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     if content.len() as u64 != rec.size || sha != rec.sha256 {
         bail!(
             "the saved original of {display} ({}) is damaged: {} bytes, sha256 {}, where {} bytes, sha256 {} were saved. \
-             Refusing to restore it, so nothing was changed. Keep {path} in the repository, or put the complete original \
+             Refusing to restore it, so nothing was changed. Keep {keep} in the repository, or put the complete original \
              in {} (it must match {}), then sync again",
             file.display(),
             content.len(),
