@@ -45,6 +45,38 @@ fn a_corrupt_inventory_is_rebuilt_and_the_host_converges() {
     );
 }
 
+/// A rebuilt inventory takes every file over again, as driftless wrote
+/// it: the true original, saved at the first take-over, was replaced by
+/// driftless's own content, and releasing the file later "restored" that
+/// instead of what the admin had. The saved originals are kept now.
+#[test]
+fn a_rebuilt_inventory_keeps_the_originals_saved_before_it_was_lost() {
+    let repo = simple_repo(&[("/etc/a", "managed\n"), ("/etc/b", "b\n")]);
+    let host = Host::new("h");
+    std::fs::create_dir_all(host.path("/etc")).unwrap();
+    std::fs::write(host.path("/etc/a"), "the admin's original\n").unwrap();
+    host.sync(repo.path()).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("managed\n"));
+    std::fs::write(host.state.path().join("inventory.json"), "\0garbage").unwrap();
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stderr.contains("corrupt state file"), "{}", run.stderr);
+    assert!(
+        !host.state.path().join("originals-kept").exists(),
+        "the mark outlived the commit that rebuilt the inventory"
+    );
+    // The repository lets go of /etc/a: its original comes back.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/b\"\nsource = \"f1\"\n",
+    );
+    repo.commit("stop managing /etc/a");
+    host.sync(repo.path()).ok();
+    assert_eq!(
+        host.read("/etc/a").as_deref(),
+        Some("the admin's original\n")
+    );
+}
+
 /// `inventory.delta` deleted by hand: its base alone still reads as a
 /// whole inventory, only an older one, and was believed: the commits the
 /// delta recorded were silently forgotten. The kept committed transaction

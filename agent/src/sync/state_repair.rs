@@ -272,6 +272,10 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
                 Err(e) => return Err(e.into()),
             },
             "inventory.json" => {
+                // The rebuild takes every file over again: the originals
+                // saved before are kept, not replaced (first: a crash
+                // after the move aside must not lose the mark).
+                crate::effects::apply::originals::keep_verified(state)?;
                 aside(&f.file, now)?;
                 // Its log goes with it (after it: a crash in between
                 // leaves no base, as the repair intends, never the base

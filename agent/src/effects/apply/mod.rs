@@ -562,6 +562,7 @@ pub fn commit(
     for stored in &journal.released_originals {
         originals::retire(state, stored);
     }
+    originals::end_keep(state);
     remove_unneeded_dirs(fs, state, inv);
     Ok(())
 }

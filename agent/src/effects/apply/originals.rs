@@ -105,6 +105,15 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
         if rec.size == content.len() as u64 && rec.sha256 == hex::encode(Sha256::digest(content)) {
             return Ok(());
         }
+        // The inventory was rebuilt: every file is taken over again, as
+        // it is now, which is what driftless wrote, not the original.
+        if state.path().join(KEEP_MARK).exists() {
+            tracing::info!(
+                path = %crate::desired::spec::shown(path),
+                "the inventory was rebuilt: the verified original saved before is kept"
+            );
+            return Ok(());
+        }
     }
     let dir = state.originals();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -139,6 +148,28 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
         );
     }
     Ok(())
+}
+
+/// The mark, in the state directory, that the inventory is being rebuilt
+/// (see [`keep_verified`]).
+pub const KEEP_MARK: &str = "originals-kept";
+
+/// Before the inventory is moved aside to be rebuilt (state repair):
+/// until the next commit, a take-over keeps a verified original instead
+/// of replacing it with the file as it is. Without this, the rebuild took
+/// every file over again as driftless had written it, and the true
+/// originals, saved before the inventory was lost, were overwritten: a
+/// later release "restored" driftless's own content. Durable on return.
+pub fn keep_verified(state: &StateDir) -> Result<()> {
+    let mark = state.path().join(KEEP_MARK);
+    fs::File::create(&mark).with_context(|| format!("cannot create {}", mark.display()))?;
+    fsync_dir(state.path())
+}
+
+/// After a commit: take-overs replace stale copies again (best effort; a
+/// mark left behind only keeps copies one commit longer).
+pub fn end_keep(state: &StateDir) {
+    let _ = fs::remove_file(state.path().join(KEEP_MARK));
 }
 
 /// Removes the copy `stored` and its sidecar once its restore committed
