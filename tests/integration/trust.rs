@@ -585,6 +585,52 @@ fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
     );
 }
 
+/// A stick is untrusted, and so are the reports on it: `bundle reports`
+/// printed their host names and messages raw (an escape sequence rewrote
+/// the admin's terminal), read a FIFO named `*.json` until killed, and a
+/// link to /dev/zero until memory ran out. Shown escaped now, and read
+/// only as regular files, bounded.
+#[test]
+fn bundle_reports_from_a_hostile_stick_are_shown_escaped_and_read_bounded() {
+    let stick = tempfile::tempdir().unwrap();
+    let dir = stick.path().join("driftless/reports");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("forged.json"),
+        r#"{"host":"web1\u001b[2J","time":0,"outcome":"failed","commit":"c\u001b[31m","drifted":[],"message":"m\u001b]0;pwned\u0007","agent_version":"1"}"#,
+    )
+    .unwrap();
+    nix::unistd::mkfifo(&dir.join("fifo.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("zero.json")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["bundle", "reports"])
+        .arg(stick.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A guard against the hang this pins, not a timing assumption.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "bundle reports hung");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "raw: {text:?}"
+    );
+    assert!(text.contains("web1\\u{1b}[2J"), "{text}");
+    for bad in ["fifo.json", "zero.json"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(bad) && l.contains("unreadable")),
+            "{bad}: {text}"
+        );
+    }
+}
+
 /// Issue 12 §7: the objects of a refused bundle stayed in the mirror (its
 /// pack was indexed into the mirror before the ancestry check). They are
 /// now indexed into a quarantine and only moved in once accepted.

@@ -9,6 +9,7 @@ use anyhow::anyhow;
 use serde_json::json;
 
 use super::{output, BundleCommand, Format, Overrides};
+use crate::desired::spec::shown;
 use crate::effects::bundle::create::{self, CreateOptions};
 use crate::effects::state::history::Outcome;
 use crate::exit::{Classify, Error, Failure};
@@ -227,22 +228,29 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                         if !matches!(r.outcome, Outcome::Applied | Outcome::Unchanged) {
                             bad += 1;
                         }
+                        // A stick is untrusted: what it says is shown escaped.
                         outln!(
                             "{:<20} {:<20} {:<9} {:<12} {:>6}  {}",
-                            r.host,
+                            shown(&r.host),
                             super::time_str(r.time),
                             outcome_str(&r.outcome),
-                            r.commit.as_deref().map(short).unwrap_or("-"),
+                            shown(r.commit.as_deref().map(short).unwrap_or("-")),
                             r.drifted.len(),
-                            r.message
-                                .as_deref()
-                                .and_then(|m| m.lines().next())
-                                .unwrap_or("")
+                            shown(
+                                r.message
+                                    .as_deref()
+                                    .and_then(|m| m.lines().next())
+                                    .unwrap_or("")
+                            )
                         );
                     }
                     Err(e) => {
                         bad += 1;
-                        outln!("{:<20} unreadable: {e:#}", p.display());
+                        outln!(
+                            "{:<20} unreadable: {}",
+                            shown(&p.display().to_string()),
+                            shown(&format!("{e:#}"))
+                        );
                     }
                 }
             }

@@ -379,6 +379,9 @@ fn sanitize(host: &str) -> String {
         .collect()
 }
 
+/// The largest report read from a stick.
+const REPORT_MAX_BYTES: u64 = 16 << 20;
+
 /// Reads every `*.json` report in `dir` (or `dir/driftless/reports`).
 pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
     let nested = dir.join(STICK_DIR).join("reports");
@@ -396,7 +399,9 @@ pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
         if p.extension().is_none_or(|x| x != "json") {
             continue;
         }
-        let parsed = std::fs::read(&p)
+        // The stick is untrusted: no link followed, no FIFO waited on, no
+        // giant read (a report is a few kilobytes).
+        let parsed = crate::effects::state::read_nofollow_up_to(&p, REPORT_MAX_BYTES)
             .with_context(|| format!("cannot read {}", p.display()))
             .and_then(|b| {
                 serde_json::from_slice::<StickReport>(&b)
