@@ -206,7 +206,7 @@ fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
         .path()
         .join(format!("tx-corrupt-{}", inv.txid))
         .exists();
-    dirs.retain(|(txid, _)| !set_aside || txid.as_str() > inv.txid.as_str());
+    dirs.retain(|(txid, _)| !set_aside || txid_order(txid) > txid_order(&inv.txid));
     dirs.sort();
     let (txid, path) = dirs.into_iter().find(|(_, path)| {
         matches!(
@@ -227,6 +227,16 @@ fn behind_a_commit(state: &StateDir) -> Option<anyhow::Error> {
         crate::effects::state::inventory_log::LOG,
         state.inventory_path().display(),
     ))
+}
+
+/// A txid (`<unix seconds>-<nanoseconds>-<pid>`) as a key in time
+/// order: the seconds as a number (a clock near 1970, on a board without
+/// a real-time clock, has fewer digits, and as text sorted after today's).
+fn txid_order(txid: &str) -> (u64, &str) {
+    match txid.split_once('-') {
+        Some((secs, rest)) => secs.parse().map_or((0, txid), |s| (s, rest)),
+        None => (0, txid),
+    }
 }
 
 /// `journal.json` and `intent.json` of every transaction directory.
@@ -331,6 +341,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = StateDir::open(d.path()).unwrap();
         (d, s, tempfile::tempdir().unwrap())
+    }
+
+    #[test]
+    fn txids_are_ordered_by_their_seconds_as_numbers() {
+        assert!(txid_order("999-0000000a-1") < txid_order("1700000000-00000001-1"));
+        assert!(txid_order("1700000000-00000001-9") < txid_order("1700000000-00000002-1"));
+        assert!(txid_order("garbage") < txid_order("1-0-0"));
     }
 
     #[test]
