@@ -1648,7 +1648,7 @@ fn restore_backup(
                 .context("cannot check the backup linked back")?;
             if !regular {
                 let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-                bail!("the backup {backup} is not a regular file: refusing to put it back");
+                bail!("the backup {backup} (in the transaction's backups/) is not a regular file, so the state directory was tampered with: refusing to put it back. Restore this file by hand, then move the transaction directory away");
             }
         }
         Err(Errno::EXDEV) | Err(Errno::EPERM) => copy_backup(backups, backup, dir, &tmp)?,
@@ -1686,7 +1686,7 @@ fn copy_backup(backups: &impl AsFd, name: &str, dir: &impl AsFd, tmp: &str) -> R
     .with_context(|| format!("cannot open the backup {name}"))?;
     let mut src = fs::File::from(fd);
     if !src.metadata()?.is_file() {
-        bail!("the backup {name} is not a regular file: refusing to copy it back");
+        bail!("the backup {name} (in the transaction's backups/) is not a regular file, so the state directory was tampered with: refusing to copy it back. Restore this file by hand, then move the transaction directory away");
     }
     let mut dst = write_new_file(dir, tmp, &[], 0o600)?;
     std::io::copy(&mut src, &mut dst)
