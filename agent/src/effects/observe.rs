@@ -7,10 +7,46 @@ use crate::desired::render::Desired;
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::plan::inventory::Inventory;
-use crate::plan::Observed;
+use crate::plan::{Observation, Observed};
 
-pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<Observed> {
+/// What [`observe`] reads of regular files' content in all, at most: the
+/// render limit (what the repository may write) and one file of the
+/// largest size read, so that a host converging on its repository never
+/// meets it.
+pub fn read_budget(limits: &crate::desired::guard::Limits) -> u64 {
+    limits
+        .total
+        .saturating_add(crate::effects::rootfs::TARGET_READ_MAX_BYTES)
+}
+
+/// The current state of every path a plan may touch, reading at most
+/// `budget` bytes of file content in all: each file is capped on its own
+/// (see `rootfs::observe_in`), and the files under `--root` are untrusted,
+/// so many large files at managed paths or dropped in a purged directory
+/// must not add up to more memory than the host has.
+pub fn observe(
+    fs: &RootFs,
+    desired: &Desired,
+    inventory: &Inventory,
+    budget: u64,
+) -> Result<Observed> {
     let mut out = Observed::new();
+    let mut read = 0u64;
+    let mut count = |obs: &Observation, p: &TargetPath| -> Result<()> {
+        if let Observation::File(f) = obs {
+            read = read.saturating_add(f.content.len() as u64);
+            if read > budget {
+                anyhow::bail!(
+                    "the files at managed and purged paths hold more than {} together (reached at {}): \
+                     driftless reads them whole and stops here; move large files out of managed and purged paths, \
+                     or raise max_render_size; nothing was changed",
+                    crate::desired::guard::size_str(budget),
+                    fs.display(p)
+                );
+            }
+        }
+        Ok(())
+    };
     let paths = desired
         .files
         .iter()
@@ -18,7 +54,9 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
         .chain(inventory.files.keys());
     for p in paths {
         if !out.contains_key(p) {
-            out.insert(p.clone(), fs.observe(p)?);
+            let obs = fs.observe(p)?;
+            count(&obs, p)?;
+            out.insert(p.clone(), obs);
         }
     }
     // Links and absent paths read a symlink rather than refuse it. A path
@@ -32,7 +70,11 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
         .chain(desired.absent.iter().map(|a| &a.path))
         .chain(inventory.links.keys());
     for p in paths {
-        out.insert(p.clone(), fs.observe_link(p)?);
+        let obs = fs.observe_link(p)?;
+        if !matches!(out.get(p), Some(Observation::File(_))) {
+            count(&obs, p)?;
+        }
+        out.insert(p.clone(), obs);
     }
     // Managed directories (declared, or recorded and maybe to prune).
     for p in desired
@@ -53,6 +95,7 @@ pub fn observe(fs: &RootFs, desired: &Desired, inventory: &Inventory) -> Result<
                 .map_err(|e| anyhow::anyhow!("cannot purge {}: {e}", fs.display(&d.path)))?;
             if let std::collections::btree_map::Entry::Vacant(e) = out.entry(child) {
                 let obs = fs.observe_link(e.key())?;
+                count(&obs, e.key())?;
                 e.insert(obs);
             }
         }

@@ -576,7 +576,7 @@ pub fn observe_in(dir: &OwnedFd, name: &str) -> Result<Observation> {
     // was allocated up front and aborted the agent.
     if meta.len() > TARGET_READ_MAX_BYTES {
         bail!(
-            "it is {} bytes, more than the {} MiB driftless reads of a file it manages: move it aside, or stop managing this path; nothing was changed",
+            "it is {} bytes, more than the {} MiB driftless reads of a file it manages or purges: move it aside, or stop managing this path; nothing was changed",
             meta.len(),
             TARGET_READ_MAX_BYTES >> 20
         );

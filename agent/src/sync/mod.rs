@@ -663,7 +663,8 @@ fn plan_files(
     }
     drop(timing);
     let timing = timings::stage("observe");
-    let observed = observe::observe(fs, &desired, &inventory).kind(Failure::InvalidRepo)?;
+    let budget = observe::read_budget(&settings.limits);
+    let observed = observe::observe(fs, &desired, &inventory, budget).kind(Failure::InvalidRepo)?;
     drop(timing);
     let _t = timings::stage("plan");
     let account_changes = plan::accounts::diff(&desired.accounts, &observed_accounts);

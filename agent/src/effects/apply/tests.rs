@@ -73,7 +73,7 @@ impl Env {
     }
     fn plan(&self, d: &Desired) -> Plan {
         let inv = self.state.inventory().unwrap();
-        let obs = observe(&self.fs, d, &inv).unwrap();
+        let obs = observe(&self.fs, d, &inv, u64::MAX).unwrap();
         plan(d, Some("c"), &obs, &inv, &ids()).unwrap()
     }
     /// Applies and commits (as after passing checks).
@@ -272,7 +272,13 @@ fn failure_while_staging_leaves_the_host_unchanged() {
         ("/etc/blocker/inner", "y", 0o644),
     ]);
     let inv = e.state.inventory().unwrap();
-    let obs = observe(&e.fs, &desired(&[("/etc/a", "new\n", 0o644)]), &inv).unwrap();
+    let obs = observe(
+        &e.fs,
+        &desired(&[("/etc/a", "new\n", 0o644)]),
+        &inv,
+        u64::MAX,
+    )
+    .unwrap();
     let p = plan(&d, Some("c"), &obs, &inv, &ids()).unwrap();
     let err = apply(&e.fs, &e.state, &p, false, 3, &ApplyOptions::default()).unwrap_err();
     assert!(format!("{err:#}").contains("/etc/blocker"), "{err:#}");
@@ -626,4 +632,31 @@ fn a_planted_link_or_fifo_among_the_backups_is_not_linked_back_over_a_target() {
     let path = dir.path().join("target");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "previous");
     assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+}
+
+/// Each file at a managed path is capped on its own, but they were read
+/// whole and all held at once: many large files (at managed paths, or
+/// dropped in a purged directory) added up to more memory than the host
+/// had. Their total is bounded now, the error naming where it was met.
+#[test]
+fn the_files_observed_are_bounded_in_total_not_only_each() {
+    let e = env();
+    std::fs::create_dir_all(e.root.path().join("etc")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::fs::write(e.root.path().join("etc").join(name), "1234").unwrap();
+    }
+    let d = desired(&[
+        ("/etc/a", "x\n", 0o644),
+        ("/etc/b", "x\n", 0o644),
+        ("/etc/c", "x\n", 0o644),
+    ]);
+    let inv = Inventory::default();
+    assert!(observe(&e.fs, &d, &inv, 12).is_ok());
+    let err = format!("{:#}", observe(&e.fs, &d, &inv, 11).unwrap_err());
+    assert!(
+        err.contains("more than 11 bytes together")
+            && err.contains("/etc/c")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
 }
