@@ -39,6 +39,17 @@ pub struct Record {
     pub sha256: String,
 }
 
+/// Whether `stored` is a name driftless gives a saved original: the
+/// sha256 of its target path, in hex. The name comes back from the
+/// inventory and the journal, both untrusted: `../` in it would reach
+/// outside `originals/` (a retire removing any file).
+fn plain_name(stored: &str) -> bool {
+    stored.len() == 64
+        && stored
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn sidecar(dir: &Path, stored: &str) -> PathBuf {
     dir.join(format!("{stored}.json"))
 }
@@ -101,6 +112,9 @@ pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Recor
 /// admin's edit). Durable and verified on return. Call under the state
 /// lock.
 pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Result<()> {
+    if !plain_name(stored) {
+        bail!("{stored:?} is not a name for a saved original");
+    }
     if let Some(rec) = verify(state, stored, path)? {
         if rec.size == content.len() as u64 && rec.sha256 == hex::encode(Sha256::digest(content)) {
             return Ok(());
@@ -175,6 +189,9 @@ pub fn end_keep(state: &StateDir) {
 /// Removes the copy `stored` and its sidecar once its restore committed
 /// (best effort: a copy left behind is refreshed by the next take-over).
 pub fn retire(state: &StateDir, stored: &str) {
+    if !plain_name(stored) {
+        return;
+    }
     let dir = state.originals();
     let _ = fs::remove_file(sidecar(&dir, stored));
     let _ = fs::remove_file(dir.join(stored));
@@ -186,6 +203,14 @@ pub fn retire(state: &StateDir, stored: &str) {
 /// a copy that cannot be checked may be one cut short, and restoring it
 /// would lose data.
 pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) -> Result<Vec<u8>> {
+    if !plain_name(stored) {
+        bail!(
+            "the inventory names the saved original of {display} {:?}, which is not a name driftless gives one: \
+             the state directory was tampered with; refusing to restore it, so nothing was changed. Keep {} in the repository",
+            stored,
+            crate::desired::spec::shown(path)
+        );
+    }
     let dir = state.originals();
     let file = dir.join(stored);
     let side = sidecar(&dir, stored);
@@ -287,6 +312,9 @@ mod tests {
 
     use super::*;
 
+    /// The name of the saved original of /etc/x (any 64 hex digits).
+    const K: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     fn state() -> (tempfile::TempDir, StateDir) {
         let d = tempfile::tempdir().unwrap();
         let s = StateDir::open(d.path()).unwrap();
@@ -294,7 +322,7 @@ mod tests {
     }
 
     fn read(s: &StateDir) -> Result<Vec<u8>> {
-        read_verified(s, "k", "/etc/x", "/etc/x")
+        read_verified(s, K, "/etc/x", "/etc/x")
     }
 
     fn mode(p: &Path) -> u32 {
@@ -304,31 +332,31 @@ mod tests {
     #[test]
     fn a_saved_original_is_kept_for_a_retry_and_refreshed_by_a_new_take_over() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/x", b"first").unwrap();
+        save(&s, K, "/etc/x", b"first").unwrap();
         let ino = |s: &StateDir| {
-            std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.originals().join("k")).unwrap())
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.originals().join(K)).unwrap())
         };
         let before = ino(&s);
         // A retried take-over (same content): the verified copy stays.
-        save(&s, "k", "/etc/x", b"first").unwrap();
+        save(&s, K, "/etc/x", b"first").unwrap();
         assert_eq!(ino(&s), before);
         assert_eq!(read(&s).unwrap(), b"first");
-        let rec = verify(&s, "k", "/etc/x").unwrap().unwrap();
+        let rec = verify(&s, K, "/etc/x").unwrap().unwrap();
         assert_eq!(rec.size, 5);
         assert_eq!(rec.sha256, hex::encode(Sha256::digest(b"first")));
         // A new take-over of a file that changed since: the file as it is.
-        save(&s, "k", "/etc/x", b"second").unwrap();
+        save(&s, K, "/etc/x", b"second").unwrap();
         assert_eq!(read(&s).unwrap(), b"second");
-        retire(&s, "k");
+        retire(&s, K);
         assert!(fs::read_dir(s.originals()).unwrap().next().is_none());
     }
 
     #[test]
     fn the_copy_and_its_record_are_private() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/shadow", b"secret").unwrap();
-        assert_eq!(mode(&s.originals().join("k")), 0o600);
-        assert_eq!(mode(&s.originals().join("k.json")), 0o600);
+        save(&s, K, "/etc/shadow", b"secret").unwrap();
+        assert_eq!(mode(&s.originals().join(K)), 0o600);
+        assert_eq!(mode(&s.originals().join(&format!("{K}.json"))), 0o600);
     }
 
     /// The state directory is untrusted: a link planted at a saved copy
@@ -338,26 +366,50 @@ mod tests {
     #[test]
     fn a_planted_link_or_an_overlong_copy_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/x", b"the original").unwrap();
-        let copy = s.originals().join("k");
+        save(&s, K, "/etc/x", b"the original").unwrap();
+        let copy = s.originals().join(K);
         let elsewhere = s.path().join("elsewhere");
         fs::write(&elsewhere, b"the original").unwrap();
         fs::remove_file(&copy).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &copy).unwrap();
-        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         assert!(read(&s).is_err());
         fs::remove_file(&copy).unwrap();
         std::os::unix::fs::symlink("/dev/zero", &copy).unwrap();
-        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         assert!(read(&s).is_err());
         fs::remove_file(&copy).unwrap();
         fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
-        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains(&format!("{} bytes, more than 12", 1u64 << 40)),
             "{err}"
         );
+    }
+
+    /// The name of a saved original comes back from the untrusted
+    /// inventory and journal: one reaching outside `originals/` is
+    /// refused, and a retire of it removes nothing.
+    #[test]
+    fn a_saved_original_named_outside_its_directory_is_refused_and_never_removed() {
+        let (d, s) = state();
+        let victim = d.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        fs::write(d.path().join("victim.json"), "{}").unwrap();
+        let outside = "../victim";
+        let err = format!(
+            "{:#}",
+            read_verified(&s, outside, "/etc/x", "/etc/x").unwrap_err()
+        );
+        assert!(
+            err.contains("tampered") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        retire(&s, outside);
+        assert!(victim.exists() && d.path().join("victim.json").exists());
+        assert!(save(&s, outside, "/etc/x", b"x").is_err());
+        assert!(save(&s, &K.to_uppercase(), "/etc/x", b"x").is_err());
     }
 
     /// The size bound of a restore came from the record: a planted record
@@ -369,8 +421,8 @@ mod tests {
     #[test]
     fn a_planted_record_of_a_sparse_terabyte_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/x", b"the original").unwrap();
-        let copy = s.originals().join("k");
+        save(&s, K, "/etc/x", b"the original").unwrap();
+        let copy = s.originals().join(K);
         fs::remove_file(&copy).unwrap();
         fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
         let rec = Record {
@@ -378,13 +430,13 @@ mod tests {
             size: 1 << 40,
             sha256: "0".repeat(64),
         };
-        write_json_atomic(&s.originals().join("k.json"), &rec).unwrap();
+        write_json_atomic(&s.originals().join(&format!("{K}.json")), &rec).unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains("more than any original") && err.contains("nothing was changed"),
             "{err}"
         );
-        fs::remove_file(s.originals().join("k.json")).unwrap();
+        fs::remove_file(s.originals().join(&format!("{K}.json"))).unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains(&format!("{} bytes, more than", 1u64 << 40))
@@ -395,7 +447,7 @@ mod tests {
             size: u64::MAX,
             ..rec
         };
-        write_json_atomic(&s.originals().join("k.json"), &rec).unwrap();
+        write_json_atomic(&s.originals().join(&format!("{K}.json")), &rec).unwrap();
         assert!(format!("{:#}", read(&s).unwrap_err()).contains("more than any original"));
     }
 
@@ -404,7 +456,7 @@ mod tests {
     fn a_copy_larger_than_a_chunk_is_complete() {
         let (_d, s) = state();
         let big: Vec<u8> = (0..(CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
-        save(&s, "k", "/etc/x", &big).unwrap();
+        save(&s, K, "/etc/x", &big).unwrap();
         assert!(read(&s).unwrap() == big);
     }
 
@@ -412,21 +464,21 @@ mod tests {
     #[test]
     fn a_truncated_copy_is_redone_from_the_target_and_never_restored() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/x", b"the whole original").unwrap();
-        fs::write(s.originals().join("k"), b"the who").unwrap();
-        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        save(&s, K, "/etc/x", b"the whole original").unwrap();
+        fs::write(s.originals().join(K), b"the who").unwrap();
+        assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains("damaged") && err.contains("nothing was changed"),
             "{err}"
         );
         assert!(
-            err.contains("/etc/x") && err.contains("originals/k"),
+            err.contains("/etc/x") && err.contains(&format!("originals/{K}")),
             "{err}"
         );
         // Taking the file over again (the target is still the original)
         // makes a good copy.
-        save(&s, "k", "/etc/x", b"the whole original").unwrap();
+        save(&s, K, "/etc/x", b"the whole original").unwrap();
         assert_eq!(read(&s).unwrap(), b"the whole original");
     }
 
@@ -436,11 +488,11 @@ mod tests {
     fn a_copy_without_its_record_is_redone_and_stale_temps_are_removed() {
         let (_d, s) = state();
         let dir = s.originals();
-        fs::write(dir.join("k"), b"partial").unwrap();
+        fs::write(dir.join(K), b"partial").unwrap();
         fs::write(dir.join(".k.tmp-1"), b"stale").unwrap();
         fs::write(dir.join(".other.tmp-2"), b"stale").unwrap();
         fs::write(dir.join(".other.json.tmp-3"), b"stale").unwrap();
-        save(&s, "k", "/etc/x", b"complete").unwrap();
+        save(&s, K, "/etc/x", b"complete").unwrap();
         assert_eq!(read(&s).unwrap(), b"complete");
         let left: Vec<String> = fs::read_dir(&dir)
             .unwrap()
@@ -457,7 +509,7 @@ mod tests {
     #[test]
     fn a_copy_without_its_record_is_never_restored_unchecked() {
         let (_d, s) = state();
-        fs::write(s.originals().join("k"), b"maybe whole").unwrap();
+        fs::write(s.originals().join(K), b"maybe whole").unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains("no record") && err.contains("nothing was changed"),
@@ -468,7 +520,7 @@ mod tests {
             .and_then(|(_, r)| r.split_once(" to "))
             .map(|(j, _)| j.to_string())
             .expect("the record to write");
-        fs::write(s.originals().join("k.json"), vouch).unwrap();
+        fs::write(s.originals().join(&format!("{K}.json")), vouch).unwrap();
         assert_eq!(read(&s).unwrap(), b"maybe whole");
     }
 
@@ -487,8 +539,8 @@ mod tests {
     #[test]
     fn a_hand_edited_record_is_refused_without_panicking() {
         let (_d, s) = state();
-        save(&s, "k", "/etc/x", b"whole").unwrap();
-        let side = s.originals().join("k.json");
+        save(&s, K, "/etc/x", b"whole").unwrap();
+        let side = s.originals().join(&format!("{K}.json"));
         fs::write(
             &side,
             r#"{"path":"/etc/x","size":5,"sha256":"aéééééééééé"}"#,
@@ -504,7 +556,7 @@ mod tests {
             sha256: hex::encode(Sha256::digest(b"whole")),
         };
         write_json_atomic(&side, &rec).unwrap();
-        assert!(verify(&s, "k", "/etc/x").unwrap().is_none());
+        assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         assert!(format!("{:#}", read(&s).unwrap_err()).contains("another file"));
     }
 }
