@@ -356,7 +356,7 @@ mod tests {
         let (_d, s) = state();
         save(&s, K, "/etc/shadow", b"secret").unwrap();
         assert_eq!(mode(&s.originals().join(K)), 0o600);
-        assert_eq!(mode(&s.originals().join(&format!("{K}.json"))), 0o600);
+        assert_eq!(mode(&s.originals().join(format!("{K}.json"))), 0o600);
     }
 
     /// The state directory is untrusted: a link planted at a saved copy
@@ -430,13 +430,13 @@ mod tests {
             size: 1 << 40,
             sha256: "0".repeat(64),
         };
-        write_json_atomic(&s.originals().join(&format!("{K}.json")), &rec).unwrap();
+        write_json_atomic(&s.originals().join(format!("{K}.json")), &rec).unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains("more than any original") && err.contains("nothing was changed"),
             "{err}"
         );
-        fs::remove_file(s.originals().join(&format!("{K}.json"))).unwrap();
+        fs::remove_file(s.originals().join(format!("{K}.json"))).unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
         assert!(
             err.contains(&format!("{} bytes, more than", 1u64 << 40))
@@ -447,7 +447,7 @@ mod tests {
             size: u64::MAX,
             ..rec
         };
-        write_json_atomic(&s.originals().join(&format!("{K}.json")), &rec).unwrap();
+        write_json_atomic(&s.originals().join(format!("{K}.json")), &rec).unwrap();
         assert!(format!("{:#}", read(&s).unwrap_err()).contains("more than any original"));
     }
 
@@ -520,7 +520,7 @@ mod tests {
             .and_then(|(_, r)| r.split_once(" to "))
             .map(|(j, _)| j.to_string())
             .expect("the record to write");
-        fs::write(s.originals().join(&format!("{K}.json")), vouch).unwrap();
+        fs::write(s.originals().join(format!("{K}.json")), vouch).unwrap();
         assert_eq!(read(&s).unwrap(), b"maybe whole");
     }
 
@@ -540,7 +540,7 @@ mod tests {
     fn a_hand_edited_record_is_refused_without_panicking() {
         let (_d, s) = state();
         save(&s, K, "/etc/x", b"whole").unwrap();
-        let side = s.originals().join(&format!("{K}.json"));
+        let side = s.originals().join(format!("{K}.json"));
         fs::write(
             &side,
             r#"{"path":"/etc/x","size":5,"sha256":"aéééééééééé"}"#,
