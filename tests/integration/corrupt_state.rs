@@ -48,13 +48,20 @@ fn a_corrupt_inventory_is_rebuilt_and_the_host_converges() {
 /// A rebuilt inventory takes every file over again, as driftless wrote
 /// it: the true original, saved at the first take-over, was replaced by
 /// driftless's own content, and releasing the file later "restored" that
-/// instead of what the admin had. The saved originals are kept now.
+/// instead of what the admin had. The saved originals are kept now, and
+/// come back with the mode recorded beside them.
 #[test]
 fn a_rebuilt_inventory_keeps_the_originals_saved_before_it_was_lost() {
     let repo = simple_repo(&[("/etc/a", "managed\n"), ("/etc/b", "b\n")]);
     let host = Host::new("h");
     std::fs::create_dir_all(host.path("/etc")).unwrap();
     std::fs::write(host.path("/etc/a"), "the admin's original\n").unwrap();
+    // Private; the repository manages it as 0644.
+    std::fs::set_permissions(
+        host.path("/etc/a"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     host.sync(repo.path()).ok();
     assert_eq!(host.read("/etc/a").as_deref(), Some("managed\n"));
     std::fs::write(host.state.path().join("inventory.json"), "\0garbage").unwrap();
@@ -74,6 +81,16 @@ fn a_rebuilt_inventory_keeps_the_originals_saved_before_it_was_lost() {
     assert_eq!(
         host.read("/etc/a").as_deref(),
         Some("the admin's original\n")
+    );
+    // With its own mode, not the one driftless wrote (which the rebuilt
+    // inventory recorded).
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(host.path("/etc/a"))
+                .unwrap()
+                .permissions()
+        ) & 0o777,
+        0o600
     );
 }
 

@@ -254,6 +254,7 @@ pub fn apply_with(
         .create(&backups)
         .with_context(|| format!("cannot create {}", backups.display()))?;
     let (before, before_log) = state.inventory_and_log()?;
+    restore_with_saved_meta(state, plan);
     // Read only through a `journal.json`, which exists only after flush (1)
     // made this file's content durable.
     save_inventory_before(state, &tx_dir, &before, &before_log)?;
@@ -297,6 +298,7 @@ pub fn apply_with(
                 for d in plan.replace_files(again) {
                     tracing::info!("planned again after the packages: {d}");
                 }
+                restore_with_saved_meta(state, plan);
                 journal.entries = intent(plan, &txid);
                 journal.released_originals = before
                     .files
@@ -1189,6 +1191,22 @@ fn backup_target(
     }
 }
 
+/// A released file gets back the mode and owner recorded with its saved
+/// original, where the record has them, rather than the inventory's:
+/// those of a rebuilt inventory are what driftless wrote.
+fn restore_with_saved_meta(state: &StateDir, plan: &mut Plan) {
+    for c in &mut plan.changes {
+        if c.kind != ChangeKind::Remove {
+            continue;
+        }
+        if let Some(o) = c.restore_original.as_mut() {
+            if let Some(m) = originals::saved_meta(state, &o.stored, c.path.as_str()) {
+                (o.mode, o.uid, o.gid) = (m.mode, m.uid, m.gid);
+            }
+        }
+    }
+}
+
 /// Saves the pre-driftless content of a file once, durably and verified
 /// (see [`originals`]); never overwrites a verified copy.
 fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
@@ -1196,7 +1214,12 @@ fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
         return Ok(());
     };
     let stored = crate::plan::sha256_hex(c.path.as_str().as_bytes());
-    originals::save(state, &stored, c.path.as_str(), &before.content)
+    let meta = originals::SavedMeta {
+        gid: before.gid,
+        mode: before.mode,
+        uid: before.uid,
+    };
+    originals::save(state, &stored, c.path.as_str(), &before.content, Some(meta))
         .with_context(|| format!("cannot save the original of {}", c.path))
 }
 
@@ -1440,7 +1463,9 @@ fn rollback_then(
                 let tries = (1..=PACKAGE_UNDO_TRIES)
                     .find(|n| !tx_dir.join(format!("packages-undo-failed.{n}")).exists())
                     .unwrap_or(PACKAGE_UNDO_TRIES);
-                let _ = fs::File::create(tx_dir.join(format!("packages-undo-failed.{tries}")));
+                if let Ok(fd) = open_state_subdir(&tx_dir) {
+                    let _ = mark(&fd, &format!("packages-undo-failed.{tries}"));
+                }
                 if tries < PACKAGE_UNDO_TRIES {
                     return Err(e.context(format!(
                         "cannot put back the packages of transaction {} (attempt {tries} of {PACKAGE_UNDO_TRIES}); the next run tries again",

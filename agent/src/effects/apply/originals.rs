@@ -37,6 +37,20 @@ pub struct Record {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// The file's mode and owner when it was saved (none in a record of
+    /// an older driftless): what a restore gives it back. The inventory
+    /// holds them too, but a rebuilt inventory holds the values
+    /// driftless wrote (a 0600 file managed as 0644 came back 0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<SavedMeta>,
+}
+
+/// Mode and owner of a saved original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMeta {
+    pub gid: u32,
+    pub mode: u32,
+    pub uid: u32,
 }
 
 /// Whether `stored` is a name driftless gives a saved original: the
@@ -111,7 +125,13 @@ pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Recor
 /// it is now is the original to keep (restoring the old copy lost an
 /// admin's edit). Durable and verified on return. Call under the state
 /// lock.
-pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Result<()> {
+pub fn save(
+    state: &StateDir,
+    stored: &str,
+    path: &str,
+    content: &[u8],
+    meta: Option<SavedMeta>,
+) -> Result<()> {
     if !plain_name(stored) {
         bail!("{stored:?} is not a name for a saved original");
     }
@@ -121,7 +141,7 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
         }
         // The inventory was rebuilt: every file is taken over again, as
         // it is now, which is what driftless wrote, not the original.
-        if state.path().join(KEEP_MARK).exists() {
+        if keeping(state) {
             tracing::info!(
                 path = %crate::desired::spec::shown(path),
                 "the inventory was rebuilt: the verified original saved before is kept"
@@ -152,6 +172,7 @@ pub fn save(state: &StateDir, stored: &str, path: &str, content: &[u8]) -> Resul
         path: path.to_string(),
         size: content.len() as u64,
         sha256: hex::encode(Sha256::digest(content)),
+        meta,
     };
     write_json_atomic(&sidecar(&dir, stored), &rec)?;
     failpoint::hit("originals.recorded")?;
@@ -175,15 +196,66 @@ pub const KEEP_MARK: &str = "originals-kept";
 /// originals, saved before the inventory was lost, were overwritten: a
 /// later release "restored" driftless's own content. Durable on return.
 pub fn keep_verified(state: &StateDir) -> Result<()> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
     let mark = state.path().join(KEEP_MARK);
-    fs::File::create(&mark).with_context(|| format!("cannot create {}", mark.display()))?;
+    let dir = open(
+        state.path(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", state.path().display()))?;
+    // Never through a link planted there, never waiting on a FIFO, never
+    // truncating anything.
+    match openat(
+        &dir,
+        KEEP_MARK,
+        OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_EXCL
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    ) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EEXIST) => {
+            let regular = fstatat(&dir, KEEP_MARK, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| {
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+                });
+            if !regular {
+                bail!(
+                    "{} is not a regular file: remove it, then run again",
+                    mark.display()
+                );
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", mark.display())),
+    }
     fsync_dir(state.path())
+}
+
+/// Whether the inventory is being rebuilt ([`keep_verified`]'s mark is
+/// there, a regular file: a link planted there is no mark).
+fn keeping(state: &StateDir) -> bool {
+    fs::symlink_metadata(state.path().join(KEEP_MARK)).is_ok_and(|m| m.is_file())
 }
 
 /// After a commit: take-overs replace stale copies again (best effort; a
 /// mark left behind only keeps copies one commit longer).
 pub fn end_keep(state: &StateDir) {
     let _ = fs::remove_file(state.path().join(KEEP_MARK));
+}
+
+/// The mode and owner recorded with the verified original `stored` of
+/// `path`, if its record has them.
+pub fn saved_meta(state: &StateDir, stored: &str, path: &str) -> Option<SavedMeta> {
+    if !plain_name(stored) {
+        return None;
+    }
+    let rec = read_json::<Record>(&sidecar(&state.originals(), stored)).ok()??;
+    (rec.path == path).then_some(rec.meta).flatten()
 }
 
 /// Removes the copy `stored` and its sidecar once its restore committed
@@ -240,6 +312,7 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
             path: path.to_string(),
             size,
             sha256,
+            meta: None,
         };
         serde_json::to_string(&found).context("cannot serialise a record")
     };
@@ -332,20 +405,20 @@ mod tests {
     #[test]
     fn a_saved_original_is_kept_for_a_retry_and_refreshed_by_a_new_take_over() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"first").unwrap();
+        save(&s, K, "/etc/x", b"first", None).unwrap();
         let ino = |s: &StateDir| {
             std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.originals().join(K)).unwrap())
         };
         let before = ino(&s);
         // A retried take-over (same content): the verified copy stays.
-        save(&s, K, "/etc/x", b"first").unwrap();
+        save(&s, K, "/etc/x", b"first", None).unwrap();
         assert_eq!(ino(&s), before);
         assert_eq!(read(&s).unwrap(), b"first");
         let rec = verify(&s, K, "/etc/x").unwrap().unwrap();
         assert_eq!(rec.size, 5);
         assert_eq!(rec.sha256, hex::encode(Sha256::digest(b"first")));
         // A new take-over of a file that changed since: the file as it is.
-        save(&s, K, "/etc/x", b"second").unwrap();
+        save(&s, K, "/etc/x", b"second", None).unwrap();
         assert_eq!(read(&s).unwrap(), b"second");
         retire(&s, K);
         assert!(fs::read_dir(s.originals()).unwrap().next().is_none());
@@ -354,7 +427,7 @@ mod tests {
     #[test]
     fn the_copy_and_its_record_are_private() {
         let (_d, s) = state();
-        save(&s, K, "/etc/shadow", b"secret").unwrap();
+        save(&s, K, "/etc/shadow", b"secret", None).unwrap();
         assert_eq!(mode(&s.originals().join(K)), 0o600);
         assert_eq!(mode(&s.originals().join(format!("{K}.json"))), 0o600);
     }
@@ -366,7 +439,7 @@ mod tests {
     #[test]
     fn a_planted_link_or_an_overlong_copy_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the original").unwrap();
+        save(&s, K, "/etc/x", b"the original", None).unwrap();
         let copy = s.originals().join(K);
         let elsewhere = s.path().join("elsewhere");
         fs::write(&elsewhere, b"the original").unwrap();
@@ -408,8 +481,8 @@ mod tests {
         );
         retire(&s, outside);
         assert!(victim.exists() && d.path().join("victim.json").exists());
-        assert!(save(&s, outside, "/etc/x", b"x").is_err());
-        assert!(save(&s, &K.to_uppercase(), "/etc/x", b"x").is_err());
+        assert!(save(&s, outside, "/etc/x", b"x", None).is_err());
+        assert!(save(&s, &K.to_uppercase(), "/etc/x", b"x", None).is_err());
     }
 
     /// The size bound of a restore came from the record: a planted record
@@ -421,7 +494,7 @@ mod tests {
     #[test]
     fn a_planted_record_of_a_sparse_terabyte_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the original").unwrap();
+        save(&s, K, "/etc/x", b"the original", None).unwrap();
         let copy = s.originals().join(K);
         fs::remove_file(&copy).unwrap();
         fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
@@ -429,6 +502,7 @@ mod tests {
             path: "/etc/x".into(),
             size: 1 << 40,
             sha256: "0".repeat(64),
+            meta: None,
         };
         write_json_atomic(&s.originals().join(format!("{K}.json")), &rec).unwrap();
         let err = format!("{:#}", read(&s).unwrap_err());
@@ -456,7 +530,7 @@ mod tests {
     fn a_copy_larger_than_a_chunk_is_complete() {
         let (_d, s) = state();
         let big: Vec<u8> = (0..(CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
-        save(&s, K, "/etc/x", &big).unwrap();
+        save(&s, K, "/etc/x", &big, None).unwrap();
         assert!(read(&s).unwrap() == big);
     }
 
@@ -464,7 +538,7 @@ mod tests {
     #[test]
     fn a_truncated_copy_is_redone_from_the_target_and_never_restored() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the whole original").unwrap();
+        save(&s, K, "/etc/x", b"the whole original", None).unwrap();
         fs::write(s.originals().join(K), b"the who").unwrap();
         assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         let err = format!("{:#}", read(&s).unwrap_err());
@@ -478,7 +552,7 @@ mod tests {
         );
         // Taking the file over again (the target is still the original)
         // makes a good copy.
-        save(&s, K, "/etc/x", b"the whole original").unwrap();
+        save(&s, K, "/etc/x", b"the whole original", None).unwrap();
         assert_eq!(read(&s).unwrap(), b"the whole original");
     }
 
@@ -492,7 +566,7 @@ mod tests {
         fs::write(dir.join(".k.tmp-1"), b"stale").unwrap();
         fs::write(dir.join(".other.tmp-2"), b"stale").unwrap();
         fs::write(dir.join(".other.json.tmp-3"), b"stale").unwrap();
-        save(&s, K, "/etc/x", b"complete").unwrap();
+        save(&s, K, "/etc/x", b"complete", None).unwrap();
         assert_eq!(read(&s).unwrap(), b"complete");
         let left: Vec<String> = fs::read_dir(&dir)
             .unwrap()
@@ -539,7 +613,7 @@ mod tests {
     #[test]
     fn a_hand_edited_record_is_refused_without_panicking() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"whole").unwrap();
+        save(&s, K, "/etc/x", b"whole", None).unwrap();
         let side = s.originals().join(format!("{K}.json"));
         fs::write(
             &side,
@@ -554,6 +628,7 @@ mod tests {
             path: "/etc/y".into(),
             size: 5,
             sha256: hex::encode(Sha256::digest(b"whole")),
+            meta: None,
         };
         write_json_atomic(&side, &rec).unwrap();
         assert!(verify(&s, K, "/etc/x").unwrap().is_none());

@@ -75,6 +75,9 @@ impl StateDir {
         let path = self.history_path();
         let mut line = serde_json::to_vec(entry).context("cannot serialise history entry")?;
         line.push(b'\n');
+        super::refuse_special(&path).with_context(|| {
+            format!("{} is not a regular file: not appended to (`driftless state repair` moves it aside)", path.display())
+        })?;
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)

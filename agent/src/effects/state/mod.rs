@@ -210,6 +210,12 @@ impl StateDir {
     pub fn lock(&self, wait: Duration) -> Result<LockGuard> {
         let path = self.root.join("lock");
         let start = Instant::now();
+        refuse_special(&path).with_context(|| {
+            format!(
+                "the lock file {} is not a regular file: remove it, then run again",
+                path.display()
+            )
+        })?;
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -511,6 +517,7 @@ const STATE_ENTRIES: &[&str] = &[
     "tx",
     "originals",
     "spool",
+    "originals-kept",
 ];
 
 /// The directories [`StateDir::open`] creates in the state directory.
@@ -585,9 +592,24 @@ fn refuse_links(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a device, FIFO or socket at `path` before it is opened: opening
+/// a device node planted in the state directory can have effects of its
+/// own (a watchdog armed, a tape rewound), and its open's error would be
+/// taken for a failed read of a file. (A symlink is left to `O_NOFOLLOW`;
+/// what is opened is checked again, since this can race.)
+pub(crate) fn refuse_special(path: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() && !m.file_type().is_symlink() => {
+            Err(std::io::Error::other("not a regular file"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Opens a state file without following a symlink at the last
 /// component; anything but a regular file is refused.
 pub(crate) fn open_nofollow(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
+    refuse_special(path)?;
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
