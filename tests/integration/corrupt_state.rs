@@ -52,6 +52,16 @@ fn a_corrupt_inventory_is_rebuilt_and_the_host_converges() {
 /// come back with the mode recorded beside them.
 #[test]
 fn a_rebuilt_inventory_keeps_the_originals_saved_before_it_was_lost() {
+    lost_inventory_keeps_originals(|inv| std::fs::write(inv, "\0garbage").unwrap(), true);
+}
+
+/// The same when the inventory was deleted by hand (no repair involved).
+#[test]
+fn a_deleted_inventory_keeps_the_originals_saved_before_it_was_lost() {
+    lost_inventory_keeps_originals(|inv| std::fs::remove_file(inv).unwrap(), false);
+}
+
+fn lost_inventory_keeps_originals(damage: fn(&std::path::Path), repaired: bool) {
     let repo = simple_repo(&[("/etc/a", "managed\n"), ("/etc/b", "b\n")]);
     let host = Host::new("h");
     std::fs::create_dir_all(host.path("/etc")).unwrap();
@@ -64,13 +74,17 @@ fn a_rebuilt_inventory_keeps_the_originals_saved_before_it_was_lost() {
     .unwrap();
     host.sync(repo.path()).ok();
     assert_eq!(host.read("/etc/a").as_deref(), Some("managed\n"));
-    std::fs::write(host.state.path().join("inventory.json"), "\0garbage").unwrap();
+    damage(&host.state.path().join("inventory.json"));
+    std::fs::remove_file(host.state.path().join("inventory.delta")).ok();
     let run = host.sync(repo.path()).ok();
-    assert!(run.stderr.contains("corrupt state file"), "{}", run.stderr);
-    assert!(
-        !host.state.path().join("originals-kept").exists(),
-        "the mark outlived the commit that rebuilt the inventory"
+    assert_eq!(
+        run.stderr.contains("corrupt state file"),
+        repaired,
+        "{}",
+        run.stderr
     );
+    // Once a commit is recorded again, a take-over refreshes a stale copy
+    // as before; this release restores the one saved first.
     // The repository lets go of /etc/a: its original comes back.
     repo.write(
         "roles/app/role.toml",

@@ -483,14 +483,16 @@ pub fn print_history(s: &Settings, limit: usize, format: Format) -> Result<(), E
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default();
-                let commit = e.commit.as_deref().map(short).unwrap_or("-");
+                // history.jsonl is in the untrusted state directory.
+                let commit =
+                    crate::desired::spec::shown(e.commit.as_deref().map(short).unwrap_or("-"));
                 let mut line = format!("{}  {:<9} {:<12}", time_str(e.time), outcome, commit);
                 if e.created + e.changed + e.removed > 0 {
                     line.push_str(&format!("  +{} ~{} -{}", e.created, e.changed, e.removed));
                 }
                 if let Some(m) = &e.message {
                     line.push_str("  ");
-                    line.push_str(m.lines().next().unwrap_or(""));
+                    line.push_str(&crate::desired::spec::shown(m.lines().next().unwrap_or("")));
                 }
                 outln!("{line}");
             }

@@ -629,7 +629,7 @@ pub fn load_host(
     // What the repository itself contradicts about a purged directory.
     for d in dirs.iter().filter(|d| d.purge) {
         for k in &d.keep {
-            let kept = TargetPath::parse(&format!("{}/{k}", d.path));
+            let kept = TargetPath::parse(&format!("{}/{k}", d.path.as_str()));
             if let Some(other) = kept.ok().and_then(|p| claimed.get(&p)) {
                 diags.push(format!(
                     "{}: keep entry {k:?} of {} is declared by {other}: it is managed, not kept; drop it from keep",

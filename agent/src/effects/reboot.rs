@@ -198,7 +198,11 @@ pub fn describe(request: &RebootRequest) -> String {
         .reasons
         .iter()
         .map(|r| match &r.commit {
-            Some(c) => format!("{} (commit {})", r.path, &c[..c.len().min(12)]),
+            Some(c) => format!(
+                "{} (commit {})",
+                r.path,
+                crate::desired::spec::shown(c.get(..12).unwrap_or(c))
+            ),
             None => r.path.to_string(),
         })
         .collect::<Vec<_>>()

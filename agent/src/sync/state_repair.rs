@@ -80,7 +80,7 @@ fn unread(file: PathBuf, e: &anyhow::Error, then: &str) -> Finding {
         ..finding(
             file,
             e,
-            &format!("not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions; {then}"),
+            &format!("not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions; {then}. If it stays unreadable, move it away (`mv` it to a name ending in .bad): the next run treats it as missing"),
         )
     }
 }
@@ -282,10 +282,6 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
                 Err(e) => return Err(e.into()),
             },
             "inventory.json" => {
-                // The rebuild takes every file over again: the originals
-                // saved before are kept, not replaced (first: a crash
-                // after the move aside must not lose the mark).
-                crate::effects::apply::originals::keep_verified(state)?;
                 aside(&f.file, now)?;
                 // Its log goes with it (after it: a crash in between
                 // leaves no base, as the repair intends, never the base

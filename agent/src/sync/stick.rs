@@ -298,7 +298,7 @@ pub fn drifted(plan: &crate::plan::Plan, before: &Inventory) -> Vec<String> {
             let differs = old.sha256 != entry.sha256
                 || old.mode != entry.mode
                 || (plan.ownership_applied && (old.uid != entry.uid || old.gid != entry.gid));
-            differs.then(|| c.path.to_string())
+            differs.then(|| c.path.as_str().to_string())
         })
         .collect()
 }

@@ -329,7 +329,19 @@ pub fn apply_with(
     }
     let plan: &Plan = plan;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
-    let prepared = prepare(fs, state, plan, &backups, &mut journal, &mut dirs).and_then(|()| {
+    // No commit recorded: a first sync, or an inventory lost (rebuilt by
+    // state repair, or deleted): the originals saved before are kept.
+    let keep_saved = before.txid.is_empty();
+    let prepared = prepare(
+        fs,
+        state,
+        plan,
+        &backups,
+        &mut journal,
+        &mut dirs,
+        keep_saved,
+    )
+    .and_then(|()| {
         failpoint::hit("apply.staged")?;
         journal.state = TxState::Prepared;
         // What systemd must be told if the files change back: recorded
@@ -564,7 +576,6 @@ pub fn commit(
     for stored in &journal.released_originals {
         originals::retire(state, stored);
     }
-    originals::end_keep(state);
     remove_unneeded_dirs(fs, state, inv);
     Ok(())
 }
@@ -992,6 +1003,7 @@ fn prepare(
     backups: &Path,
     journal: &mut Journal,
     dirs: &mut BTreeMap<String, OwnedFd>,
+    keep_saved: bool,
 ) -> Result<()> {
     let backups_fd = open_state_subdir(backups)?;
     // Managed directories first: files may be staged inside them.
@@ -1019,7 +1031,7 @@ fn prepare(
         let name = c.path.file_name();
         let display = fs.display(&c.path);
         if c.adopt_original {
-            save_original(state, c)?;
+            save_original(state, c, keep_saved)?;
         }
         if let (Some(backup), Some(before)) = (&e.backup, &c.before) {
             backup_target(dir, name, &backups_fd, backup, &before.content)
@@ -1209,7 +1221,7 @@ fn restore_with_saved_meta(state: &StateDir, plan: &mut Plan) {
 
 /// Saves the pre-driftless content of a file once, durably and verified
 /// (see [`originals`]); never overwrites a verified copy.
-fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
+fn save_original(state: &StateDir, c: &FileChange, keep_saved: bool) -> Result<()> {
     let Some(before) = &c.before else {
         return Ok(());
     };
@@ -1219,8 +1231,15 @@ fn save_original(state: &StateDir, c: &FileChange) -> Result<()> {
         mode: before.mode,
         uid: before.uid,
     };
-    originals::save(state, &stored, c.path.as_str(), &before.content, Some(meta))
-        .with_context(|| format!("cannot save the original of {}", c.path))
+    originals::save(
+        state,
+        &stored,
+        c.path.as_str(),
+        &before.content,
+        Some(meta),
+        keep_saved,
+    )
+    .with_context(|| format!("cannot save the original of {}", c.path))
 }
 
 fn open_dir_path(path: &Path) -> Result<OwnedFd> {
@@ -1763,6 +1782,14 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
                     path.display()
                 )))
             }
+            // A read that failed (EIO, a denial) says nothing about the
+            // journal: kept, and the run stops until it reads.
+            Err(e) if crate::effects::state::read_failed(&e) => {
+                return Err(e.context(format!(
+                    "cannot read the journal of transaction {txid} in {} (a disk or permission error?); check the disk, or move the directory away if it stays unreadable",
+                    path.display()
+                )))
+            }
             // The committed transaction only serves a later revert: set it
             // aside and go on (issue 12 §6: it stopped the agent forever).
             Err(e) if inv.txid == txid => {
@@ -1776,7 +1803,7 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
             Err(e) => {
                 return Err(e.context(format!(
                     "transaction {txid} was interrupted and its journal is unreadable, so driftless cannot tell which files it changed. \
-                     Its staged files are named `.<file>.driftless-{txid}` next to their targets and its backups are in {}/backups. \
+                     Its staged files are named `.driftless-<n>-{txid}` next to their targets and its backups are in {}/backups. \
                      Compare the host with `driftless plan`, restore what is needed, then move {} away and sync again",
                     path.display(),
                     path.display()
@@ -1898,6 +1925,15 @@ fn list_transactions(state: &StateDir) -> Result<Vec<(String, PathBuf)>> {
     for e in rd {
         let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
         if let Some(name) = e.file_name().to_str() {
+            // A transaction is a directory: anything else (a link planted
+            // in the state directory) is not one, and never followed.
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                tracing::warn!(
+                    "{} is not a transaction directory: ignored",
+                    e.path().display()
+                );
+                continue;
+            }
             if name.ends_with(REMOVED) {
                 // Half removed by an interrupted `remove_tx_dir`.
                 let _ = fs::remove_dir_all(e.path());

@@ -123,14 +123,18 @@ pub fn verify(state: &StateDir, stored: &str, path: &str) -> Result<Option<Recor
 /// a file is only taken over while unmanaged, so such a copy is left from
 /// an earlier take-over whose restore did not retire it, and the file as
 /// it is now is the original to keep (restoring the old copy lost an
-/// admin's edit). Durable and verified on return. Call under the state
-/// lock.
+/// admin's edit). Except with `keep_saved` (no commit recorded: the
+/// inventory was rebuilt or deleted, and every file is taken over again
+/// as driftless wrote it): a verified copy is kept then. Without that, the
+/// true originals were overwritten with driftless's own content. Durable
+/// and verified on return. Call under the state lock.
 pub fn save(
     state: &StateDir,
     stored: &str,
     path: &str,
     content: &[u8],
     meta: Option<SavedMeta>,
+    keep_saved: bool,
 ) -> Result<()> {
     if !plain_name(stored) {
         bail!("{stored:?} is not a name for a saved original");
@@ -139,12 +143,13 @@ pub fn save(
         if rec.size == content.len() as u64 && rec.sha256 == hex::encode(Sha256::digest(content)) {
             return Ok(());
         }
-        // The inventory was rebuilt: every file is taken over again, as
-        // it is now, which is what driftless wrote, not the original.
-        if keeping(state) {
+        // No commit is recorded (the inventory was rebuilt or deleted):
+        // every file is taken over again as it is now, which is what
+        // driftless wrote, not the original.
+        if keep_saved {
             tracing::info!(
                 path = %crate::desired::spec::shown(path),
-                "the inventory was rebuilt: the verified original saved before is kept"
+                "no commit recorded (inventory rebuilt?): the verified original saved before is kept"
             );
             return Ok(());
         }
@@ -183,69 +188,6 @@ pub fn save(
         );
     }
     Ok(())
-}
-
-/// The mark, in the state directory, that the inventory is being rebuilt
-/// (see [`keep_verified`]).
-pub const KEEP_MARK: &str = "originals-kept";
-
-/// Before the inventory is moved aside to be rebuilt (state repair):
-/// until the next commit, a take-over keeps a verified original instead
-/// of replacing it with the file as it is. Without this, the rebuild took
-/// every file over again as driftless had written it, and the true
-/// originals, saved before the inventory was lost, were overwritten: a
-/// later release "restored" driftless's own content. Durable on return.
-pub fn keep_verified(state: &StateDir) -> Result<()> {
-    use nix::fcntl::{open, openat, OFlag};
-    use nix::sys::stat::{fstatat, Mode, SFlag};
-    let mark = state.path().join(KEEP_MARK);
-    let dir = open(
-        state.path(),
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("cannot open {}", state.path().display()))?;
-    // Never through a link planted there, never waiting on a FIFO, never
-    // truncating anything.
-    match openat(
-        &dir,
-        KEEP_MARK,
-        OFlag::O_WRONLY
-            | OFlag::O_CREAT
-            | OFlag::O_EXCL
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    ) {
-        Ok(_) => {}
-        Err(nix::errno::Errno::EEXIST) => {
-            let regular = fstatat(&dir, KEEP_MARK, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| {
-                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
-                });
-            if !regular {
-                bail!(
-                    "{} is not a regular file: remove it, then run again",
-                    mark.display()
-                );
-            }
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", mark.display())),
-    }
-    fsync_dir(state.path())
-}
-
-/// Whether the inventory is being rebuilt ([`keep_verified`]'s mark is
-/// there, a regular file: a link planted there is no mark).
-fn keeping(state: &StateDir) -> bool {
-    fs::symlink_metadata(state.path().join(KEEP_MARK)).is_ok_and(|m| m.is_file())
-}
-
-/// After a commit: take-overs replace stale copies again (best effort; a
-/// mark left behind only keeps copies one commit longer).
-pub fn end_keep(state: &StateDir) {
-    let _ = fs::remove_file(state.path().join(KEEP_MARK));
 }
 
 /// The mode and owner recorded with the verified original `stored` of
@@ -405,20 +347,20 @@ mod tests {
     #[test]
     fn a_saved_original_is_kept_for_a_retry_and_refreshed_by_a_new_take_over() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"first", None).unwrap();
+        save(&s, K, "/etc/x", b"first", None, false).unwrap();
         let ino = |s: &StateDir| {
             std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.originals().join(K)).unwrap())
         };
         let before = ino(&s);
         // A retried take-over (same content): the verified copy stays.
-        save(&s, K, "/etc/x", b"first", None).unwrap();
+        save(&s, K, "/etc/x", b"first", None, false).unwrap();
         assert_eq!(ino(&s), before);
         assert_eq!(read(&s).unwrap(), b"first");
         let rec = verify(&s, K, "/etc/x").unwrap().unwrap();
         assert_eq!(rec.size, 5);
         assert_eq!(rec.sha256, hex::encode(Sha256::digest(b"first")));
         // A new take-over of a file that changed since: the file as it is.
-        save(&s, K, "/etc/x", b"second", None).unwrap();
+        save(&s, K, "/etc/x", b"second", None, false).unwrap();
         assert_eq!(read(&s).unwrap(), b"second");
         retire(&s, K);
         assert!(fs::read_dir(s.originals()).unwrap().next().is_none());
@@ -427,7 +369,7 @@ mod tests {
     #[test]
     fn the_copy_and_its_record_are_private() {
         let (_d, s) = state();
-        save(&s, K, "/etc/shadow", b"secret", None).unwrap();
+        save(&s, K, "/etc/shadow", b"secret", None, false).unwrap();
         assert_eq!(mode(&s.originals().join(K)), 0o600);
         assert_eq!(mode(&s.originals().join(format!("{K}.json"))), 0o600);
     }
@@ -439,7 +381,7 @@ mod tests {
     #[test]
     fn a_planted_link_or_an_overlong_copy_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the original", None).unwrap();
+        save(&s, K, "/etc/x", b"the original", None, false).unwrap();
         let copy = s.originals().join(K);
         let elsewhere = s.path().join("elsewhere");
         fs::write(&elsewhere, b"the original").unwrap();
@@ -481,8 +423,8 @@ mod tests {
         );
         retire(&s, outside);
         assert!(victim.exists() && d.path().join("victim.json").exists());
-        assert!(save(&s, outside, "/etc/x", b"x", None).is_err());
-        assert!(save(&s, &K.to_uppercase(), "/etc/x", b"x", None).is_err());
+        assert!(save(&s, outside, "/etc/x", b"x", None, false).is_err());
+        assert!(save(&s, &K.to_uppercase(), "/etc/x", b"x", None, false).is_err());
     }
 
     /// The size bound of a restore came from the record: a planted record
@@ -494,7 +436,7 @@ mod tests {
     #[test]
     fn a_planted_record_of_a_sparse_terabyte_is_refused_not_read() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the original", None).unwrap();
+        save(&s, K, "/etc/x", b"the original", None, false).unwrap();
         let copy = s.originals().join(K);
         fs::remove_file(&copy).unwrap();
         fs::File::create(&copy).unwrap().set_len(1 << 40).unwrap();
@@ -530,7 +472,7 @@ mod tests {
     fn a_copy_larger_than_a_chunk_is_complete() {
         let (_d, s) = state();
         let big: Vec<u8> = (0..(CHUNK * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
-        save(&s, K, "/etc/x", &big, None).unwrap();
+        save(&s, K, "/etc/x", &big, None, false).unwrap();
         assert!(read(&s).unwrap() == big);
     }
 
@@ -538,7 +480,7 @@ mod tests {
     #[test]
     fn a_truncated_copy_is_redone_from_the_target_and_never_restored() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"the whole original", None).unwrap();
+        save(&s, K, "/etc/x", b"the whole original", None, false).unwrap();
         fs::write(s.originals().join(K), b"the who").unwrap();
         assert!(verify(&s, K, "/etc/x").unwrap().is_none());
         let err = format!("{:#}", read(&s).unwrap_err());
@@ -552,7 +494,7 @@ mod tests {
         );
         // Taking the file over again (the target is still the original)
         // makes a good copy.
-        save(&s, K, "/etc/x", b"the whole original", None).unwrap();
+        save(&s, K, "/etc/x", b"the whole original", None, false).unwrap();
         assert_eq!(read(&s).unwrap(), b"the whole original");
     }
 
@@ -566,7 +508,7 @@ mod tests {
         fs::write(dir.join(".k.tmp-1"), b"stale").unwrap();
         fs::write(dir.join(".other.tmp-2"), b"stale").unwrap();
         fs::write(dir.join(".other.json.tmp-3"), b"stale").unwrap();
-        save(&s, K, "/etc/x", b"complete", None).unwrap();
+        save(&s, K, "/etc/x", b"complete", None, false).unwrap();
         assert_eq!(read(&s).unwrap(), b"complete");
         let left: Vec<String> = fs::read_dir(&dir)
             .unwrap()
@@ -613,7 +555,7 @@ mod tests {
     #[test]
     fn a_hand_edited_record_is_refused_without_panicking() {
         let (_d, s) = state();
-        save(&s, K, "/etc/x", b"whole", None).unwrap();
+        save(&s, K, "/etc/x", b"whole", None, false).unwrap();
         let side = s.originals().join(format!("{K}.json"));
         fs::write(
             &side,

@@ -517,7 +517,6 @@ const STATE_ENTRIES: &[&str] = &[
     "tx",
     "originals",
     "spool",
-    "originals-kept",
 ];
 
 /// The directories [`StateDir::open`] creates in the state directory.
