@@ -17,6 +17,27 @@ use crate::effects::rootfs::RootFs;
 /// changed or removed ones reinstalled from `debs`. Returns a note per
 /// package it could not put back.
 pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
+    // The record comes from the transaction's journal, in the untrusted
+    // state directory: a name apt or dpkg would read as an option (or a
+    // removal) is refused before either runs.
+    // (Versions too: they name the saved `.deb` files.)
+    let plausible = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-' | ':' | '~'))
+    };
+    if let Some(bad) = record
+        .before
+        .iter()
+        .flat_map(|(n, v)| std::iter::once(n).chain(v))
+        .find(|s| !plausible(s))
+    {
+        anyhow::bail!(
+            "the journal names the package or version {:?}, which is not a Debian one: it is corrupt; nothing was run. \
+             Check the packages with `dpkg --audit`, then move the transaction directory away",
+            bad
+        );
+    }
     let budget = Budget::new("undo of the packages stage", UNDO_BUDGET);
     let mut kept = Vec::new();
     repair_dpkg(&budget, &mut kept)?;
@@ -116,4 +137,35 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
     check(&argv, &f, timeout).context("cannot put the packages back")?;
     info!(packages = ?record.before, "reverted: packages put back");
     Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record is read from a journal in the untrusted state directory:
+    /// a name starting with `-` reached apt-get and dpkg-query as an
+    /// option, a version with `/` named a `.deb` outside `debs/`. Refused
+    /// before anything runs.
+    #[test]
+    fn a_forged_package_record_is_refused_before_apt_or_dpkg_runs() {
+        for before in [
+            vec![("--force-all".to_string(), None)],
+            vec![("nginx".to_string(), Some("../../../etc/x".to_string()))],
+            vec![("".to_string(), None)],
+        ] {
+            let record = PackagesRecord {
+                before,
+                ..PackagesRecord::default()
+            };
+            let err = format!(
+                "{:#}",
+                undo(&record, Path::new("/nonexistent")).unwrap_err()
+            );
+            assert!(
+                err.contains("not a Debian one") && err.contains("nothing was run"),
+                "{err}"
+            );
+        }
+    }
 }
