@@ -382,10 +382,14 @@ fn sanitize(host: &str) -> String {
 /// The largest report read from a stick.
 const REPORT_MAX_BYTES: u64 = 16 << 20;
 
+/// The most reports read from a stick (one per host).
+const REPORTS_MAX: usize = 100_000;
+
 /// Reads every `*.json` report in `dir` (or `dir/driftless/reports`).
 pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
     let nested = dir.join(STICK_DIR).join("reports");
-    let dir = if nested.is_dir() {
+    // Not through a link on the stick (it could point into the host).
+    let dir = if std::fs::symlink_metadata(&nested).is_ok_and(|m| m.is_dir()) {
         nested
     } else {
         dir.to_path_buf()
@@ -393,6 +397,12 @@ pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
     let rd = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let mut out = Vec::new();
     for e in rd {
+        if out.len() >= REPORTS_MAX {
+            bail!(
+                "{} holds more than {REPORTS_MAX} reports: not a driftless stick, or clean it up",
+                dir.display()
+            );
+        }
         let p = e
             .with_context(|| format!("cannot read {}", dir.display()))?
             .path();
