@@ -174,7 +174,9 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         if stopping {
             break;
         }
-        let delay = settings.interval + settings.splay.mul_f64(jitter());
+        let delay = settings
+            .interval
+            .saturating_add(settings.splay.mul_f64(jitter()));
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         let stop = loop {

@@ -122,3 +122,16 @@ fn a_template_that_writes_without_end_stops_at_max_file_size() {
         .collect();
     assert!(staged.is_empty());
 }
+
+/// Tera computes `%` on i64 itself, and `i64::MIN % -1` panics even in a
+/// release build: the panic was re-raised from the render thread and
+/// crashed every sync (exit 101), and `validate` with it. It is this
+/// template's error now.
+#[test]
+fn an_arithmetic_overflow_in_tera_is_an_error_not_a_crash() {
+    let (repo, host, before) = setup("{{ -9223372036854775808 % -1 }}\n", &[]);
+    let out = host.cmd(repo.path(), &["sync", "--once"]).output().unwrap();
+    refused(out, "the template engine failed on", &host, &before);
+    let (code, stdout) = validate(repo.path(), &[]);
+    assert_eq!(code, Some(3), "{stdout}");
+}

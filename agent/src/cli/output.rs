@@ -487,7 +487,7 @@ pub fn print_history(s: &Settings, limit: usize, format: Format) -> Result<(), E
                 let commit =
                     crate::desired::spec::shown(e.commit.as_deref().map(short).unwrap_or("-"));
                 let mut line = format!("{}  {:<9} {:<12}", time_str(e.time), outcome, commit);
-                if e.created + e.changed + e.removed > 0 {
+                if e.created != 0 || e.changed != 0 || e.removed != 0 {
                     line.push_str(&format!("  +{} ~{} -{}", e.created, e.changed, e.removed));
                 }
                 if let Some(m) = &e.message {

@@ -282,7 +282,9 @@ fn range(args: &HashMap<String, Json>) -> tera::Result<Json> {
     }
     Ok(Json::Array(
         (0..count as i64)
-            .map(|i| Json::from(start + i * step))
+            // (In i128: `i * step` may leave i64 for a range whose items
+            // all fit, as `start` and `step` near its ends.)
+            .map(|i| Json::from((i128::from(start) + i128::from(i) * i128::from(step)) as i64))
             .collect(),
     ))
 }
@@ -411,5 +413,25 @@ mod tests {
         assert_eq!(range(&args).unwrap(), serde_json::json!([1, 4]));
         args.insert("end".to_string(), Json::from(10_000_000_000i64));
         assert!(range(&args).unwrap_err().to_string().contains("more than"));
+        // Four items near the ends of i64: `i * step` left it (a panic in
+        // a debug build).
+        args.insert(
+            "start".to_string(),
+            Json::from(-9_000_000_000_000_000_000i64),
+        );
+        args.insert("end".to_string(), Json::from(9_000_000_000_000_000_000i64));
+        args.insert(
+            "step_by".to_string(),
+            Json::from(5_000_000_000_000_000_000i64),
+        );
+        assert_eq!(
+            range(&args).unwrap(),
+            serde_json::json!([
+                -9_000_000_000_000_000_000i64,
+                -4_000_000_000_000_000_000i64,
+                1_000_000_000_000_000_000i64,
+                6_000_000_000_000_000_000i64
+            ])
+        );
     }
 }

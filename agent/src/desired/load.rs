@@ -1147,7 +1147,10 @@ fn check(role: &str, spec: CheckSpec) -> Result<Check, String> {
     if let Some(u) = spec.unit {
         validate_unit_name(&u.name).map_err(|e| format!("unit.name: {e}"))?;
         if let Some(s) = &u.settle {
-            parse_duration(s).map_err(|e| format!("unit.settle: {e}"))?;
+            let settle = parse_duration(s).map_err(|e| format!("unit.settle: {e}"))?;
+            if settle > std::time::Duration::from_secs(600) {
+                return Err("unit.settle: more than 10 minutes; a check waits that long while the host runs the new commit unverified".into());
+            }
         }
         probes.push(Probe::Unit(u));
     }
@@ -1651,6 +1654,29 @@ mod tests {
             assert!(
                 e.contains("roles/a/role.toml:1 checks[0]") && e.contains(want),
                 "{e}"
+            );
+        }
+    }
+
+    /// A unit check's `settle` had no bound: "300000000000y" parsed, and
+    /// adding it to the clock panicked after the files were switched in.
+    #[test]
+    fn a_unit_check_settle_is_at_most_ten_minutes() {
+        for settle in ["11m", "300000000000y"] {
+            let s = repo(&[
+                ("driftless.toml", "roles = [\"a\"]"),
+                ("hosts/default.toml", ""),
+                (
+                    "roles/a/role.toml",
+                    &format!(
+                        "[[checks]]\nunit = {{ name = \"x.service\", settle = {settle:?} }}\n"
+                    ),
+                ),
+            ]);
+            let e = load_host(&s, "h", &opts()).unwrap_err().to_string();
+            assert!(
+                e.contains("unit.settle") && e.contains("more than 10 minutes"),
+                "{settle}: {e}"
             );
         }
     }

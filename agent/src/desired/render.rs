@@ -412,7 +412,21 @@ impl Renderer {
                     );
                     let mut out = LimitedWriter::new(limit);
                     guard::reset_depth();
-                    match self.tera.render_to(name, &ctx, &mut out) {
+                    // Tera's own arithmetic can panic on a template's
+                    // numbers (`i64::MIN % -1`): that is this template's
+                    // error, not a crash of every sync.
+                    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.tera.render_to(name, &ctx, &mut out)
+                    }));
+                    let Ok(rendered) = rendered else {
+                        diags.push(format!(
+                            "{} ({}): the template engine failed on {name} (an arithmetic overflow, such as the \
+                             remainder of the smallest integer by -1?); change the template",
+                            decl.path, decl.origin
+                        ));
+                        continue;
+                    };
+                    match rendered {
                         Ok(()) => {
                             // The buffer grew by doubling: up to half of it
                             // is slack, kept for the whole sync otherwise

@@ -120,15 +120,18 @@ pub struct Labels {
 
 /// Adds `run` to the totals.
 pub fn update(t: &mut Totals, run: &Run) {
-    *t.runs.entry(run.result.to_string()).or_insert(0) += 1;
-    t.files_changed += run.changed;
-    t.files_drifted += run.drifted;
-    t.files_pruned += run.pruned;
+    // (The totals are read back from a state file: saturating, never an
+    // overflow.)
+    let n = t.runs.entry(run.result.to_string()).or_insert(0);
+    *n = n.saturating_add(1);
+    t.files_changed = t.files_changed.saturating_add(run.changed);
+    t.files_drifted = t.files_drifted.saturating_add(run.drifted);
+    t.files_pruned = t.files_pruned.saturating_add(run.pruned);
     if run.result == "reverted" {
-        t.reverts += 1;
+        t.reverts = t.reverts.saturating_add(1);
     }
     if let Some(w) = run.lock_wait {
-        t.lock_waits += 1;
+        t.lock_waits = t.lock_waits.saturating_add(1);
         t.lock_wait_seconds += w.as_secs_f64();
     }
     if run.succeeded() {

@@ -125,7 +125,11 @@ async fn connected<'a>(
 /// How long a status entry outlives its host: three polls.
 #[cfg(feature = "etcd")]
 fn status_ttl(settings: &crate::config::Settings, fleet: &FleetSettings) -> std::time::Duration {
-    (settings.interval * 3 + settings.splay).max(fleet.lease_ttl)
+    (settings
+        .interval
+        .saturating_mul(3)
+        .saturating_add(settings.splay))
+    .max(fleet.lease_ttl)
 }
 
 impl FleetRun {

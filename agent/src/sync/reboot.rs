@@ -139,14 +139,16 @@ fn in_a_row(
     boot: &str,
     now: i64,
 ) -> u32 {
-    last.filter(|l| l.commit == commit && l.reasons == reasons && now - l.time < LOOP_WINDOW_SECS)
-        .map_or(0, |l| {
-            if l.boot_id == boot {
-                l.count.saturating_sub(1)
-            } else {
-                l.count
-            }
-        })
+    last.filter(|l| {
+        l.commit == commit && l.reasons == reasons && now.saturating_sub(l.time) < LOOP_WINDOW_SECS
+    })
+    .map_or(0, |l| {
+        if l.boot_id == boot {
+            l.count.saturating_sub(1)
+        } else {
+            l.count
+        }
+    })
 }
 
 fn after_run_inner(

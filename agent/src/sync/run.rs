@@ -687,7 +687,7 @@ pub(super) fn after_recovery(
             &r.commit,
         ) {
             let n = marks.interrupted.entry(c.clone()).or_insert(0);
-            *n += 1;
+            *n = n.saturating_add(1);
             if *n >= marks::MAX_INTERRUPTED {
                 let n = *n;
                 marks.interrupted.remove(c);

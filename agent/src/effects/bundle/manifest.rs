@@ -118,7 +118,7 @@ pub fn check_contents(
             bundle.display()
         );
     }
-    let mut input = (&mut input).take(max_size + 1);
+    let mut input = (&mut input).take(max_size.saturating_add(1));
     let mut copy = match copy_to {
         Some(p) => Some(
             std::fs::OpenOptions::new()

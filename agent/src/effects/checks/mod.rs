@@ -145,7 +145,9 @@ async fn unit(u: &UnitCheckSpec, systemd: Option<&Systemd>) -> Result<()> {
         Some(s) => parse_duration(s).map_err(|e| anyhow!(e))?,
         None => Duration::ZERO,
     };
-    let deadline = tokio::time::Instant::now() + settle;
+    // (Bounded by the loader; a forged configuration cache is not.)
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(settle).unwrap_or(now);
     loop {
         let st = sd.state(&u.name).await?;
         if st.active != "active" {

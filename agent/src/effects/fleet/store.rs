@@ -586,7 +586,7 @@ impl Store {
                 .when(vec![Compare::mod_revision(
                     prefix.clone(),
                     CompareOp::Less,
-                    revision + 1,
+                    revision.saturating_add(1),
                 )
                 .with_prefix()])
                 .and_then(vec![TxnOp::put(

@@ -55,13 +55,13 @@ pub fn parse_name(name: &str) -> Option<u64> {
 /// and at least the time in milliseconds (names stay unique after a queue
 /// emptied, for `failed/`).
 pub fn next_seq(last: Option<u64>, now_ms: u64) -> u64 {
-    last.map_or(now_ms, |l| (l + 1).max(now_ms))
+    last.map_or(now_ms, |l| l.saturating_add(1).max(now_ms))
 }
 
 /// The entries to drop so that what is left fits the caps: the oldest
 /// first. `entries` is in order.
 pub fn over_cap(entries: &[Entry], max_events: usize, max_bytes: u64) -> usize {
-    let mut total: u64 = entries.iter().map(|e| e.size).sum();
+    let mut total: u64 = entries.iter().fold(0, |t, e| t.saturating_add(e.size));
     let mut n = entries.len();
     let mut drop = 0;
     while drop < entries.len() && (n > max_events || total > max_bytes) {
