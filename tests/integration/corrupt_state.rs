@@ -108,6 +108,48 @@ fn lost_inventory_keeps_originals(damage: fn(&std::path::Path), repaired: bool) 
     );
 }
 
+/// The other side of keeping originals while no commit is recorded: a
+/// first sync whose check failed was reverted, but the copy it saved
+/// stayed, and the next sync (still no commit recorded) kept that copy
+/// over the admin's edit made in between: a later release restored the
+/// file as it was before the edit. The undo removes the copies its
+/// transaction made.
+#[test]
+fn a_reverted_first_sync_leaves_no_original_that_outlives_an_edit() {
+    let repo = simple_repo(&[("/etc/a", "managed\n"), ("/etc/b", "b\n")]);
+    let host = Host::new("h");
+    std::fs::create_dir_all(host.path("/etc")).unwrap();
+    std::fs::write(host.path("/etc/a"), "first\n").unwrap();
+    let role = "[[files]]\npath = \"/etc/a\"\nsource = \"f0\"\n\n[[files]]\npath = \"/etc/b\"\nsource = \"f1\"\n";
+    repo.write(
+        "roles/app/role.toml",
+        // Passes only on the file as it was: fails the new commit, not
+        // the state the revert puts back.
+        &format!(
+            "{role}\n[[checks]]\nname = \"no\"\nretries = 1\ninterval = \"10ms\"\ncommand = {{ argv = [\"/usr/bin/grep\", \"-q\", \"first\", {:?}] }}\n",
+            host.path("/etc/a").display().to_string()
+        ),
+    );
+    repo.commit("v1: its check fails");
+    // (Checks run under --root only when asked.)
+    let run = host
+        .run(repo.path(), &["sync", "--once", "--run-checks"])
+        .code(1);
+    assert!(run.stderr.contains("reverted"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/a").as_deref(), Some("first\n"));
+    std::fs::write(host.path("/etc/a"), "edited\n").unwrap();
+    repo.write("roles/app/role.toml", role);
+    repo.commit("v2: no check");
+    host.sync(repo.path()).ok();
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/b\"\nsource = \"f1\"\n",
+    );
+    repo.commit("v3: stop managing /etc/a");
+    host.sync(repo.path()).ok();
+    assert_eq!(host.read("/etc/a").as_deref(), Some("edited\n"));
+}
+
 /// `inventory.delta` deleted by hand: its base alone still reads as a
 /// whole inventory, only an older one, and was believed: the commits the
 /// delta recorded were silently forgotten. The kept committed transaction

@@ -143,6 +143,12 @@ pub struct Journal {
     /// stops managing: removed once it commits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub released_originals: Vec<String>,
+    /// Saved originals this transaction writes where there was no
+    /// verified copy: removed again by its rollback or revert, so that a
+    /// failed first sync leaves no copy that a later one would keep
+    /// (see `originals::save`'s `keep_saved`) over an admin's edit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved_originals: Vec<String>,
     pub state: TxState,
     pub txid: String,
 }
@@ -206,6 +212,7 @@ mod tests {
                 unit_actions: Vec::new(),
             }),
             released_originals: vec!["r".into()],
+            saved_originals: vec!["s".into()],
             state: TxState::Switched,
             txid: "t1".into(),
         };

@@ -259,7 +259,11 @@ pub fn apply_with(
     // made this file's content durable.
     save_inventory_before(state, &tx_dir, &before, &before_log)?;
 
+    // No commit recorded: a first sync, or an inventory lost (rebuilt by
+    // state repair, or deleted): the originals saved before are kept.
+    let keep_saved = before.txid.is_empty();
     let mut journal = Journal {
+        saved_originals: new_originals(state, plan),
         txid: txid.clone(),
         state: TxState::Preparing,
         commit: plan.commit.clone(),
@@ -306,6 +310,7 @@ pub fn apply_with(
                     .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
                     .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
                     .collect();
+                journal.saved_originals = new_originals(state, plan);
                 // Durable: a torn intent after the packages stage would
                 // lose the record its undo needs.
                 write_intent_durably(&tx_dir, &journal)?;
@@ -329,9 +334,6 @@ pub fn apply_with(
     }
     let plan: &Plan = plan;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
-    // No commit recorded: a first sync, or an inventory lost (rebuilt by
-    // state repair, or deleted): the originals saved before are kept.
-    let keep_saved = before.txid.is_empty();
     let prepared = prepare(
         fs,
         state,
@@ -1203,6 +1205,22 @@ fn backup_target(
     }
 }
 
+/// The saved originals `plan` takes over where no verified copy is kept
+/// yet: what this transaction's undo removes again.
+fn new_originals(state: &StateDir, plan: &Plan) -> Vec<String> {
+    plan.changes
+        .iter()
+        .filter(|c| c.adopt_original && c.before.is_some())
+        .filter_map(|c| {
+            let stored = crate::plan::sha256_hex(c.path.as_str().as_bytes());
+            match originals::verify(state, &stored, c.path.as_str()) {
+                Ok(Some(_)) => None,
+                _ => Some(stored),
+            }
+        })
+        .collect()
+}
+
 /// A released file gets back the mode and owner recorded with its saved
 /// original, where the record has them, rather than the inventory's:
 /// those of a rebuilt inventory are what driftless wrote.
@@ -1530,6 +1548,10 @@ fn rollback_then(
     if let Some(inv) = inventory {
         failpoint::hit("apply.revert.inventory")?;
         state.save_inventory(inv)?;
+    }
+    // (Before the journal says so: a crash in between retires them again.)
+    for stored in &journal.saved_originals {
+        originals::retire(state, stored);
     }
     journal.state = TxState::RolledBack;
     crate::effects::state::write_state_atomic(

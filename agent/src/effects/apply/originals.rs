@@ -141,6 +141,12 @@ pub fn save(
     }
     if let Some(rec) = verify(state, stored, path)? {
         if rec.size == content.len() as u64 && rec.sha256 == hex::encode(Sha256::digest(content)) {
+            // The same content, its mode or owner changed since (a copy
+            // left by an undone take-over, then a chmod): recorded anew.
+            if meta.is_some() && rec.meta != meta && !keep_saved {
+                let dir = state.originals();
+                write_json_atomic(&sidecar(&dir, stored), &Record { meta, ..rec })?;
+            }
             return Ok(());
         }
         // No commit is recorded (the inventory was rebuilt or deleted):
