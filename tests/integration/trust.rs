@@ -629,6 +629,24 @@ fn bundle_reports_from_a_hostile_stick_are_shown_escaped_and_read_bounded() {
             "{bad}: {text}"
         );
     }
+
+    // `driftless` on the stick a link into the host: not followed.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(elsewhere.path().join("reports")).unwrap();
+    std::fs::write(
+        elsewhere.path().join("reports/host.json"),
+        r#"{"host":"from-the-host","time":0,"outcome":"applied","drifted":[],"agent_version":"1"}"#,
+    )
+    .unwrap();
+    let stick = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), stick.path().join("driftless")).unwrap();
+    let out = Command::new(BIN)
+        .args(["bundle", "reports"])
+        .arg(stick.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("from-the-host"), "followed a link: {text}");
 }
 
 /// Issue 12 §7: the objects of a refused bundle stayed in the mirror (its

@@ -389,7 +389,8 @@ const REPORTS_MAX: usize = 100_000;
 pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
     let nested = dir.join(STICK_DIR).join("reports");
     // Not through a link on the stick (it could point into the host).
-    let dir = if std::fs::symlink_metadata(&nested).is_ok_and(|m| m.is_dir()) {
+    let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    let dir = if real_dir(&dir.join(STICK_DIR)) && real_dir(&nested) {
         nested
     } else {
         dir.to_path_buf()

@@ -29,6 +29,7 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
     if let Some(bad) = record
         .before
         .iter()
+        .chain(&record.after)
         .flat_map(|(n, v)| std::iter::once(n).chain(v))
         .find(|s| !plausible(s))
     {
@@ -156,6 +157,20 @@ mod tests {
         ] {
             let record = PackagesRecord {
                 before,
+                ..PackagesRecord::default()
+            };
+            let err = format!(
+                "{:#}",
+                undo(&record, Path::new("/nonexistent")).unwrap_err()
+            );
+            assert!(
+                err.contains("not a Debian one") && err.contains("nothing was run"),
+                "{err}"
+            );
+            // The versions it made (logged, compared) are checked too.
+            let record = PackagesRecord {
+                before: vec![("nginx".to_string(), None)],
+                after: vec![("nginx".to_string(), Some("1\u{1b}[2J".to_string()))],
                 ..PackagesRecord::default()
             };
             let err = format!(
