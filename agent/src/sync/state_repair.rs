@@ -71,16 +71,20 @@ fn finding(file: PathBuf, e: &anyhow::Error, remedy: &str) -> Finding {
     }
 }
 
-/// A state file that could not be read (EIO, a permission or MAC
-/// denial): nothing is known about its content, so repair leaves it
-/// where it is; `then` says what happens meanwhile.
-fn unread(file: PathBuf, e: &anyhow::Error, then: &str) -> Finding {
+/// The finding for `file`, unusable for `e`: repaired by `remedy` when
+/// `e` is about what the file is or holds; left where it is when reading
+/// it failed (EIO, a permission or MAC denial: nothing is known about its
+/// content), `meanwhile` saying what happens until it reads.
+fn judged(file: PathBuf, e: &anyhow::Error, remedy: &str, meanwhile: &str) -> Finding {
+    if !crate::effects::state::read_failed(e) {
+        return finding(file, e, remedy);
+    }
     Finding {
         leave: true,
         ..finding(
             file,
             e,
-            &format!("not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions; {then}. If it stays unreadable, move it away (`mv` it to a name ending in .bad): the next run treats it as missing"),
+            &format!("not repaired: reading it failed, not its content (a disk or permission error?); check the disk and the file's permissions; {meanwhile}. If it stays unreadable, move it away (`mv` it to a name ending in .bad): the next run treats it as missing"),
         )
     }
 }
@@ -113,11 +117,7 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     // (`inventory()` decodes the base and its delta, checks both, and is
     // cached for the run that follows: no second decode of a large base.)
     if let Some(e) = state.inventory().err().or_else(|| behind_a_commit(state)) {
-        if crate::effects::state::read_failed(&e) {
-            out.push(unread(inv, &e, "the run stops until it reads"));
-        } else {
-            out.push(finding(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)"));
-        }
+        out.push(judged(inv, &e, "moved aside and rebuilt from the host: the next sync takes over every file of the commit again (files the repository stopped managing since are left in place, not pruned)", "the run stops until it reads"));
     }
     // Unreadable lines are skipped; the file itself is unreadable only
     // when planted or damaged (a link, over the cap of a state file), and
@@ -125,27 +125,16 @@ pub fn check(state: &StateDir, root: &Path) -> Vec<Finding> {
     // A read that failed (EIO, a MAC denial) says nothing about the
     // file: moving it aside would lose the record for a passing error.
     if let Err(e) = state.history() {
-        if crate::effects::state::read_failed(&e) {
-            out.push(unread(
-                state.history_path(),
-                &e,
-                "runs go on without the record of past runs",
-            ));
-        } else {
-            out.push(finding(
-                state.history_path(),
-                &e,
-                "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
-            ));
-        }
+        out.push(judged(
+            state.history_path(),
+            &e,
+            "a record of past runs: moved aside, and the next run starts it afresh (`driftless history` and `rollback` without `--to` see only runs from then on)",
+            "runs go on without the record of past runs",
+        ));
     }
     let m = state.path().join("marks.json");
     if let Some(e) = corrupt::<Marks>(&m) {
-        if crate::effects::state::read_failed(&e) {
-            out.push(unread(m, &e, "the run stops until it reads"));
-        } else {
-            out.push(finding(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`"));
-        }
+        out.push(judged(m, &e, "moved aside; the agent halts, since the list of commits that broke this host is lost: check `driftless history` for reverted commits, then `driftless sync --retry`", "the run stops until it reads"));
     }
     // Transactions' journals are recovery's business (`apply::recover`),
     // which refuses a newer one: listed here so that `state check` says so.

@@ -15,9 +15,8 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::StateDir;
@@ -75,23 +74,11 @@ impl StateDir {
         let path = self.history_path();
         let mut line = serde_json::to_vec(entry).context("cannot serialise history entry")?;
         line.push(b'\n');
-        super::refuse_special(&path).with_context(|| {
-            format!("{} is not a regular file: not appended to (`driftless state repair` moves it aside)", path.display())
-        })?;
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            // A FIFO planted here must not block the agent forever.
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        if !f.metadata().is_ok_and(|m| m.is_file()) {
-            bail!(
-                "{} is not a regular file: not appended to (`driftless state repair` moves it aside)",
-                path.display()
-            );
-        }
+        let mut f = super::open_regular_for_write(
+            &path,
+            OpenOptions::new().create(true).append(true),
+            "not appended to (`driftless state repair` moves it aside)",
+        )?;
         f.write_all(&line)
             .with_context(|| format!("cannot append to {}", path.display()))?;
         let size = f.metadata().map_or(0, |m| m.len());
@@ -132,6 +119,8 @@ impl StateDir {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::OpenOptionsExt;
+
     use super::*;
 
     /// A FIFO planted at the lock or at `history.jsonl` (the append is

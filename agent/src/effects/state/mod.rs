@@ -210,32 +210,11 @@ impl StateDir {
     pub fn lock(&self, wait: Duration) -> Result<LockGuard> {
         let path = self.root.join("lock");
         let start = Instant::now();
-        refuse_special(&path).with_context(|| {
-            format!(
-                "the lock file {} is not a regular file: remove it, then run again",
-                path.display()
-            )
-        })?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            // A FIFO planted here must not block the agent forever.
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&path)
-            .with_context(|| {
-                format!(
-                    "cannot open lock file {} (if it is not a regular file, remove it)",
-                    path.display()
-                )
-            })?;
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
-            bail!(
-                "the lock file {} is not a regular file: remove it, then run again",
-                path.display()
-            );
-        }
+        let mut file = open_regular_for_write(
+            &path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+            "remove it, then run again",
+        )?;
         let mut busy = false;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -603,6 +582,33 @@ pub(crate) fn refuse_special(path: &Path) -> std::io::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Opens (creating, 0600) the state file `path` for writing with `opts`:
+/// never through a symlink at the last component, never a device, FIFO or
+/// socket (a FIFO planted at the lock or the history blocked the agent
+/// forever in open(2)). A refusal says `remedy`.
+pub(crate) fn open_regular_for_write(
+    path: &Path,
+    opts: &mut OpenOptions,
+    remedy: &str,
+) -> Result<File> {
+    let refused = || anyhow::anyhow!("{} is not a regular file: {remedy}", path.display());
+    refuse_special(path).map_err(|_| refused())?;
+    let f = opts
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot open {} (if it is not a regular file: {remedy})",
+                path.display()
+            )
+        })?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(refused());
+    }
+    Ok(f)
 }
 
 /// Opens a state file without following a symlink at the last
