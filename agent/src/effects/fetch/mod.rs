@@ -32,6 +32,7 @@
 //! private CA, point `SSL_CERT_FILE` at a bundle holding the system roots
 //! plus that CA. Proxies come from `HTTPS_PROXY`/`NO_PROXY` as usual.
 
+mod blobs;
 mod location;
 /// The `source` of an air-gapped host: signed bundles imported from a stick.
 pub const BUNDLE_SOURCE: &str = location::BUNDLES;

@@ -1297,6 +1297,28 @@ fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
     // At the limit it reads.
     let snap = read_tree(&repo, head, "", 4 << 20).unwrap();
     assert_eq!(snap.read("bomb").unwrap().map(<[u8]>::len), Some(4 << 20));
+    // The same once the objects are packed: loose objects are read by
+    // driftless's own reader, packed ones by gix's, and both refuse.
+    git(&work, &["gc", "-q"]);
+    assert!(
+        std::fs::read_dir(work.join(".git/objects"))
+            .unwrap()
+            .all(|e| {
+                let name = e.unwrap().file_name();
+                name.len() != 2 || name == "pack" || name == "info"
+            }),
+        "git gc left loose objects"
+    );
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree(&repo, head, "", 1 << 20).unwrap();
+    assert_eq!(snap.read("small").unwrap(), Some(&b"ok"[..]));
+    let err = err_text(snap.read("bomb").unwrap_err());
+    assert!(
+        err.contains("bomb") && err.contains("4194304 bytes"),
+        "{err}"
+    );
+    let snap = read_tree(&repo, head, "", 4 << 20).unwrap();
+    assert_eq!(snap.read("bomb").unwrap().map(<[u8]>::len), Some(4 << 20));
 
     // A symlink's target is a blob too: one longer than a path is refused.
     let long = "x".repeat(5000);
@@ -1321,6 +1343,62 @@ fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
         err.contains("symlink link") && err.contains("5000 bytes"),
         "{err}"
     );
+}
+
+/// A loose object's file is part of the repository, which is untrusted,
+/// and driftless reads loose files itself (`blobs.rs`): one replaced by a
+/// FIFO must not make that read wait for a writer, one replaced by a link
+/// is not followed. Each is an error that names the file and says what
+/// the object is (gix said "could not be found" of the FIFO); the other
+/// files still read, from several threads at once (each reader has a
+/// repository handle of its own).
+#[test]
+fn a_loose_object_that_is_a_fifo_or_a_link_is_refused_and_said_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("f{i}"), format!("content {i}").into_bytes()))
+        .collect();
+    let mut all: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    all.push(("fifo", b"will be a fifo"));
+    all.push(("link", b"will be a link"));
+    let (work, head) = commit_files(tmp.path(), &all);
+    let object = |name: &str| {
+        let hex = git(&work, &["rev-parse", &format!("HEAD:{name}")]);
+        work.join(".git/objects").join(&hex[..2]).join(&hex[2..])
+    };
+    let fifo = object("fifo");
+    std::fs::remove_file(&fifo).unwrap();
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let link = object("link");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(object("f0"), &link).unwrap();
+
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree_t(&repo, head, "").unwrap();
+    let err = err_text(snap.read("fifo").unwrap_err());
+    assert!(
+        err.contains("fifo") && err.contains("not a regular file"),
+        "{err}"
+    );
+    let err = err_text(snap.read("link").unwrap_err());
+    assert!(
+        err.contains("link") && err.contains("symbolic link"),
+        "{err}"
+    );
+    std::thread::scope(|scope| {
+        for half in [0, 1] {
+            let snap = snap.clone();
+            let files = &files;
+            scope.spawn(move || {
+                for (name, content) in files.iter().skip(half).step_by(2) {
+                    assert_eq!(snap.read(name).unwrap(), Some(&content[..]), "{name}");
+                }
+            });
+        }
+    });
 }
 
 /// The bug this guards against: a tree object was inflated before its

@@ -3,9 +3,9 @@
 use anyhow::{bail, Context, Result};
 use gix::objs::tree::EntryKind;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::desired::snapshot::{BlobSource, Changed, Entry, Kind, Snapshot};
+use crate::desired::snapshot::{Changed, Entry, Kind, Snapshot};
 
 /// The tree of `commit` at `sub_path` (normalised).
 fn start(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<gix::ObjectId> {
@@ -126,10 +126,7 @@ pub(super) fn read_at_most(
             }
         }
     }
-    let source = Arc::new(Blobs {
-        repo: Mutex::new(repo.clone()),
-        max_file,
-    });
+    let source = Arc::new(super::blobs::Blobs::new(repo, max_file));
     Ok(Snapshot::lazy_from(source, entries))
 }
 
@@ -372,51 +369,6 @@ fn diff(
 
 /// The longest symlink target read from a tree (Linux's `PATH_MAX`).
 const MAX_LINK_TARGET: u64 = 4096;
-
-/// Reads file contents for a lazy [`Snapshot`]: only the files a sync
-/// actually uses are inflated.
-///
-/// An object larger than `max_file` (`max_file_size`: no managed file may
-/// be larger) is refused by the size in its header, before it is
-/// inflated: a hostile commit can hold gigabytes of zeros in a few
-/// compressed kilobytes, and reading them whole would get the agent
-/// killed for memory rather than give an error.
-struct Blobs {
-    repo: Mutex<gix::Repository>,
-    max_file: u64,
-}
-
-impl BlobSource for Blobs {
-    fn read(&self, id: &[u8]) -> Result<Vec<u8>> {
-        let id = gix::ObjectId::try_from(id).context("invalid object id")?;
-        let repo = self
-            .repo
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the repository handle is poisoned"))?;
-        let size = repo
-            .find_header(id)
-            .with_context(|| format!("cannot read object {id}"))?
-            .size();
-        if size > self.max_file {
-            return Err(too_large(size, self.max_file));
-        }
-        let blob = repo
-            .find_blob(id)
-            .with_context(|| format!("cannot read object {id}"))?
-            .detach();
-        Ok(blob.data)
-    }
-}
-
-/// Why a file of `size` bytes is refused under the `max_file_size` of
-/// `max` (it is not read).
-pub(super) fn too_large(size: u64, max: u64) -> anyhow::Error {
-    anyhow::anyhow!(
-        "it is {size} bytes, more than any managed file may be ({}, max_file_size in agent.toml): \
-         a file this large does not belong in a configuration repository",
-        crate::desired::guard::size_str(max)
-    )
-}
 
 /// Accepts `""`, `"."`, `"a/b"`, `"/a/b/"`; refuses `..` and empty
 /// components in the middle.

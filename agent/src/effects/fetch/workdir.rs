@@ -232,7 +232,7 @@ impl BlobSource for Places {
         }
         let size = u64::try_from(st.st_size).unwrap_or(0);
         if size > self.max_file {
-            return Err(super::tree::too_large(size, self.max_file));
+            return Err(super::blobs::too_large(size, self.max_file));
         }
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         std::fs::File::from(fd)
@@ -242,7 +242,7 @@ impl BlobSource for Places {
         let read = bytes.len() as u64;
         if read > self.max_file {
             // It grew while it was read.
-            return Err(super::tree::too_large(read, self.max_file));
+            return Err(super::blobs::too_large(read, self.max_file));
         }
         Ok(bytes)
     }

@@ -1,0 +1,298 @@
+//! Reading file contents out of the object database for a lazy
+//! [`Snapshot`](crate::desired::snapshot::Snapshot): only the files a
+//! sync uses are inflated, by whichever render worker needs them.
+//!
+//! Two things shape this module (issue #18, a cold apply of 1,000
+//! templates):
+//!
+//! - **No lock around the repository.** A `gix::Repository` is not
+//!   `Sync`; one behind a mutex made the render workers queue for every
+//!   template they read. Each reader takes a handle of its own from a
+//!   small pool (as many as there are concurrent readers, made once from
+//!   the thread-safe repository) and gives it back after the read.
+//! - **A loose object is read, not mapped.** gix maps a loose object's
+//!   file, once for its header (the size check below) and once more to
+//!   inflate it. Unmapping, in a process whose other threads run on other
+//!   CPUs, interrupts all of them to flush their TLBs: two of those per
+//!   template were a quarter of the render's time for a repository whose
+//!   objects are loose, as a local source's recent commits are. Here a
+//!   loose blob's file is read with `read(2)` once and its size checked
+//!   from the header it inflates first, with gix's own zlib and header
+//!   decoders. Anything else (packed objects, alternates, a loose file
+//!   that is not a plain file) takes gix's path.
+//!
+//! An object larger than `max_file` (`max_file_size`: no managed file may
+//! be larger) is refused by the size in its header, before it is
+//! inflated: a hostile commit can hold gigabytes of zeros in a few
+//! compressed kilobytes, and reading them whole would get the agent
+//! killed for memory rather than give an error.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+
+use crate::desired::snapshot::BlobSource;
+
+pub(super) struct Blobs {
+    repo: gix::ThreadSafeRepository,
+    /// Handles not in use; a reader takes one (or makes one) and puts it
+    /// back.
+    idle: Mutex<Vec<gix::Repository>>,
+    /// The primary object directory, where loose objects are.
+    objects: PathBuf,
+    max_file: u64,
+}
+
+impl Blobs {
+    pub(super) fn new(repo: &gix::Repository, max_file: u64) -> Self {
+        Self {
+            objects: repo.objects.store_ref().path().to_path_buf(),
+            repo: repo.clone().into_sync(),
+            idle: Mutex::new(vec![repo.clone()]),
+            max_file,
+        }
+    }
+
+    /// gix's path: the size from the object's header, then the object.
+    fn read_by_gix(&self, id: gix::ObjectId) -> Result<Vec<u8>> {
+        let repo = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .unwrap_or_else(|| self.repo.to_thread_local());
+        let read = || -> Result<Vec<u8>> {
+            let size = repo
+                .find_header(id)
+                .with_context(|| format!("cannot read object {id}"))?
+                .size();
+            if size > self.max_file {
+                return Err(too_large(size, self.max_file));
+            }
+            Ok(repo
+                .find_blob(id)
+                .with_context(|| format!("cannot read object {id}"))?
+                .detach()
+                .data)
+        };
+        let data = read();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(repo);
+        }
+        data
+    }
+}
+
+impl BlobSource for Blobs {
+    fn read(&self, id: &[u8]) -> Result<Vec<u8>> {
+        let id = gix::ObjectId::try_from(id).context("invalid object id")?;
+        match read_loose(&self.objects, &id, self.max_file)? {
+            Some(data) => Ok(data),
+            None => self.read_by_gix(id),
+        }
+    }
+}
+
+/// The longest header of a loose object ("blob " and a 64-bit size).
+const HEADER_MAX: usize = 64;
+
+/// Blob `id` from its loose file under `objects`, at most `max_file`
+/// bytes; `None` when there is no loose file (the object is packed or in
+/// an alternate: gix's path finds it) or when it is larger than any blob
+/// within `max_file` compresses to (gix's path reads its header and says
+/// how large it is).
+///
+/// A loose file that is a link, a FIFO or a device is an error: git never
+/// makes one. It is opened without blocking and without following a
+/// link, so that a FIFO cannot make the read wait for a writer.
+fn read_loose(objects: &std::path::Path, id: &gix::oid, max_file: u64) -> Result<Option<Vec<u8>>> {
+    let hex = id.to_hex().to_string();
+    let path = objects.join(&hex[..2]).join(&hex[2..]);
+    let what = || format!("cannot read object {id} ({})", path.display());
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(anyhow::anyhow!(
+                "it is a symbolic link, not a file git wrote"
+            ))
+            .with_context(what)
+        }
+        Err(e) => return Err(e).with_context(what),
+    };
+    let meta = file.metadata().with_context(what)?;
+    if !meta.is_file() {
+        return Err(anyhow::anyhow!(
+            "it is not a regular file (a FIFO, device or directory)"
+        ))
+        .with_context(what);
+    }
+    // Deflate expands incompressible data by a few bytes per 16 KiB block
+    // at most; a larger file holds more than `max_file` bytes (or junk).
+    let bound = max_file
+        .saturating_add(max_file / 1024)
+        .saturating_add(1024);
+    if meta.len() > bound {
+        return Ok(None);
+    }
+    let mut compressed = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    (&mut file)
+        .take(bound.saturating_add(1))
+        .read_to_end(&mut compressed)
+        .with_context(what)?;
+    if compressed.len() as u64 > bound {
+        return Ok(None);
+    }
+    inflate_blob(&compressed, max_file)
+        .with_context(what)
+        .map(Some)
+}
+
+/// The body of the loose blob whose zlib stream is `compressed`, refused
+/// by the size in its header when that is over `max_file`, before the
+/// body is inflated.
+fn inflate_blob(compressed: &[u8], max_file: u64) -> Result<Vec<u8>> {
+    let mut header = [0_u8; HEADER_MAX];
+    let mut inflate = gix::zlib::Inflate::default();
+    let (status, consumed_in, consumed_out) = inflate
+        .prefix(compressed, &mut header)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (kind, size, header_len) = gix::objs::decode::loose_header(&header[..consumed_out])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if kind != gix::objs::Kind::Blob {
+        bail!("it is a {kind}, not a blob");
+    }
+    if size > max_file {
+        return Err(too_large(size, max_file));
+    }
+    let size = usize::try_from(size).context("the object's size does not fit in memory")?;
+    let mut body = Vec::new();
+    let n = if status == gix::zlib::Status::StreamEnd {
+        body.extend_from_slice(&header[header_len..consumed_out]);
+        body.len()
+    } else {
+        if consumed_out.saturating_sub(header_len) > size {
+            bail!("the object is longer than its header says ({size} bytes)");
+        }
+        inflate
+            .rest(
+                &compressed[consumed_in..],
+                &header[..consumed_out],
+                header_len,
+                &mut body,
+                size,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    if n != size {
+        bail!("the object holds {n} bytes, but its header says {size}");
+    }
+    Ok(body)
+}
+
+/// Why a file of `size` bytes is refused under the `max_file_size` of
+/// `max` (it is not read).
+pub(super) fn too_large(size: u64, max: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "it is {size} bytes, more than any managed file may be ({}, max_file_size in agent.toml): \
+         a file this large does not belong in a configuration repository",
+        crate::desired::guard::size_str(max)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A loose object's file: `header` then `body`, zlib-compressed.
+    fn loose(header: &str, body: &[u8]) -> Vec<u8> {
+        let mut w =
+            gix::zlib::stream::deflate::Write::new(Vec::new(), gix::zlib::Compression::default());
+        w.write_all(header.as_bytes()).unwrap();
+        w.write_all(body).unwrap();
+        w.flush().unwrap();
+        w.into_inner()
+    }
+
+    fn text(r: Result<Vec<u8>>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn a_blob_reads_whole_whether_its_header_inflates_with_all_of_it_or_not() {
+        // Small: the first inflate into the header buffer ends the stream.
+        assert_eq!(inflate_blob(&loose("blob 2\0", b"ok"), 100).unwrap(), b"ok");
+        assert_eq!(inflate_blob(&loose("blob 0\0", b""), 100).unwrap(), b"");
+        // Larger than the header buffer: the rest is inflated after it.
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let file = loose(&format!("blob {}\0", body.len()), &body);
+        assert_eq!(inflate_blob(&file, body.len() as u64).unwrap(), body);
+    }
+
+    /// The bug this guards against: a blob that inflates to gigabytes must
+    /// be refused by the size its header declares, before it is inflated.
+    #[test]
+    fn a_blob_over_max_file_size_is_refused_by_its_header() {
+        let file = loose("blob 4194304\0", &vec![0; 4 << 20]);
+        let err = text(inflate_blob(&file, 1 << 20));
+        assert!(
+            err.contains("4194304 bytes") && err.contains("max_file_size"),
+            "{err}"
+        );
+        // A header that claims more than the body holds is refused too,
+        // by its size alone.
+        let err = text(inflate_blob(
+            &loose("blob 18446744073709551615\0", b"x"),
+            1 << 20,
+        ));
+        assert!(err.contains("max_file_size"), "{err}");
+    }
+
+    #[test]
+    fn a_loose_object_whose_header_lies_or_is_not_a_blob_is_an_error() {
+        for (header, body, want) in [
+            (
+                "blob 10\0",
+                &b"short"[..],
+                "holds 5 bytes, but its header says 10",
+            ),
+            (
+                "blob 3\0",
+                &[7; 100][..],
+                "longer than its header says (3 bytes)",
+            ),
+            (
+                "blob 3\0",
+                &b"longer than three"[..],
+                "holds 17 bytes, but its header says 3",
+            ),
+            ("tree 2\0", &b"ok"[..], "is a tree, not a blob"),
+            ("blob x\0", &b"ok"[..], ""),
+            ("nonsense", &b""[..], ""),
+        ] {
+            let err = text(inflate_blob(&loose(header, body), 1 << 20));
+            assert!(err.contains(want), "{header:?}: {err}");
+        }
+        // A long body that is shorter than its header says.
+        let err = text(inflate_blob(
+            &loose("blob 200000\0", &[1; 100_000]),
+            1 << 20,
+        ));
+        assert!(
+            err.contains("holds 100000 bytes, but its header says 200000"),
+            "{err}"
+        );
+        // Not zlib at all.
+        assert!(inflate_blob(b"plain text, not a zlib stream", 1 << 20).is_err());
+        assert!(inflate_blob(b"", 1 << 20).is_err());
+    }
+}
