@@ -1,5 +1,5 @@
 //! The entry points of the fuzz targets `repo_config`, `role_file`,
-//! `state_file`, `rollout` and `fleetlock_request` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
+//! `state_file`, `rollout`, `fleetlock_request` and `loose_object` (`fuzz/`, `cargo fuzz`): the parsers that untrusted bytes
 //! reach, called exactly as the agent calls
 //! them. Each must return (an error is fine), never panic, hang or
 //! allocate without bound. Unit tests below feed each a few odd inputs so
@@ -176,6 +176,15 @@ pub fn fleetlock_request(data: &[u8]) {
     }
 }
 
+/// A loose object's file from a repository, as driftless's own loose
+/// reader inflates it (`effects/fetch/blobs.rs`) under a `max_file_size`
+/// of 64 KiB: whatever it returns is at most that long.
+pub fn loose_object(data: &[u8]) {
+    if let Ok(body) = crate::effects::fetch::inflate_loose_blob(data, 64 << 10) {
+        assert!(body.len() <= 64 << 10);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +210,7 @@ mod tests {
             state_file(input);
             rollout(input);
             fleetlock_request(input);
+            loose_object(input);
         }
         fleetlock_request(br#"{"client_params": {"id": "a", "group": "b"}}"#);
     }

@@ -19,7 +19,8 @@
 //!   loose blob's file is read with `read(2)` once and its size checked
 //!   from the header it inflates first, with gix's own zlib and header
 //!   decoders. Anything else (packed objects, alternates, a loose file
-//!   that is not a plain file) takes gix's path.
+//!   that is not a plain file or is over 1 MiB, a repository with
+//!   replace refs) takes gix's path.
 //!
 //! An object larger than `max_file` (`max_file_size`: no managed file may
 //! be larger) is refused by the size in its header, before it is
@@ -41,15 +42,18 @@ pub(super) struct Blobs {
     /// Handles not in use; a reader takes one (or makes one) and puts it
     /// back.
     idle: Mutex<Vec<gix::Repository>>,
-    /// The primary object directory, where loose objects are.
-    objects: PathBuf,
+    /// The primary object directory, where loose objects are; `None`
+    /// when every read takes gix's path (the repository replaces objects
+    /// with `refs/replace/`, which gix applies and this reader does not).
+    objects: Option<PathBuf>,
     max_file: u64,
 }
 
 impl Blobs {
     pub(super) fn new(repo: &gix::Repository, max_file: u64) -> Self {
         Self {
-            objects: repo.objects.store_ref().path().to_path_buf(),
+            objects: (repo.objects.store_ref().replacements().next().is_none())
+                .then(|| repo.objects.store_ref().path().to_path_buf()),
             repo: repo.clone().into_sync(),
             idle: Mutex::new(vec![repo.clone()]),
             max_file,
@@ -89,7 +93,11 @@ impl Blobs {
 impl BlobSource for Blobs {
     fn read(&self, id: &[u8]) -> Result<Vec<u8>> {
         let id = gix::ObjectId::try_from(id).context("invalid object id")?;
-        match read_loose(&self.objects, &id, self.max_file)? {
+        let loose = match &self.objects {
+            Some(objects) => read_loose(objects, &id, self.max_file)?,
+            None => None,
+        };
+        match loose {
             Some(data) => Ok(data),
             None => self.read_by_gix(id),
         }
@@ -99,55 +107,49 @@ impl BlobSource for Blobs {
 /// The longest header of a loose object ("blob " and a 64-bit size).
 const HEADER_MAX: usize = 64;
 
+/// The largest loose file read this way. Templates and configuration
+/// files are small; a larger object takes gix's path, which maps its file
+/// (page cache the kernel can reclaim) instead of holding it in the heap
+/// beside the inflated body.
+const FAST_MAX: u64 = 1 << 20;
+
 /// Blob `id` from its loose file under `objects`, at most `max_file`
-/// bytes; `None` when there is no loose file (the object is packed or in
-/// an alternate: gix's path finds it) or when it is larger than any blob
-/// within `max_file` compresses to (gix's path reads its header and says
-/// how large it is).
+/// bytes. `None` leaves the object to gix's path, which gives the same
+/// answer for any object this reads: when there is no loose file (the
+/// object is packed or in an alternate), when it is not a plain file
+/// (gix follows a link and finds no object at a FIFO), or when it is
+/// larger than [`FAST_MAX`]. A blob over `max_file` is refused by its
+/// header either way.
 ///
-/// A loose file that is a link, a FIFO or a device is an error: git never
-/// makes one. It is opened without blocking and without following a
-/// link, so that a FIFO cannot make the read wait for a writer.
+/// The file is looked at before it is opened, so that a device node is
+/// never opened, and opened without following a link and without
+/// blocking, so that one swapped in between cannot make the read wait.
 fn read_loose(objects: &std::path::Path, id: &gix::oid, max_file: u64) -> Result<Option<Vec<u8>>> {
     let hex = id.to_hex().to_string();
     let path = objects.join(&hex[..2]).join(&hex[2..]);
-    let what = || format!("cannot read object {id} ({})", path.display());
-    let mut file = match std::fs::OpenOptions::new()
+    let plain = |m: &std::fs::Metadata| m.file_type().is_file() && m.len() <= FAST_MAX;
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if plain(&m) => {}
+        _ => return Ok(None),
+    }
+    let Ok(mut file) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(anyhow::anyhow!(
-                "it is a symbolic link, not a file git wrote"
-            ))
-            .with_context(what)
-        }
-        Err(e) => return Err(e).with_context(what),
-    };
-    let meta = file.metadata().with_context(what)?;
-    if !meta.is_file() {
-        return Err(anyhow::anyhow!(
-            "it is not a regular file (a FIFO, device or directory)"
-        ))
-        .with_context(what);
-    }
-    // Deflate expands incompressible data by a few bytes per 16 KiB block
-    // at most; a larger file holds more than `max_file` bytes (or junk).
-    let bound = max_file
-        .saturating_add(max_file / 1024)
-        .saturating_add(1024);
-    if meta.len() > bound {
+    else {
         return Ok(None);
+    };
+    match file.metadata() {
+        Ok(m) if plain(&m) => {}
+        _ => return Ok(None),
     }
-    let mut compressed = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    let what = || format!("cannot read object {id} ({})", path.display());
+    let mut compressed = Vec::new();
     (&mut file)
-        .take(bound.saturating_add(1))
+        .take(FAST_MAX + 1)
         .read_to_end(&mut compressed)
         .with_context(what)?;
-    if compressed.len() as u64 > bound {
+    if compressed.len() as u64 > FAST_MAX {
         return Ok(None);
     }
     inflate_blob(&compressed, max_file)
@@ -158,7 +160,7 @@ fn read_loose(objects: &std::path::Path, id: &gix::oid, max_file: u64) -> Result
 /// The body of the loose blob whose zlib stream is `compressed`, refused
 /// by the size in its header when that is over `max_file`, before the
 /// body is inflated.
-fn inflate_blob(compressed: &[u8], max_file: u64) -> Result<Vec<u8>> {
+pub fn inflate_blob(compressed: &[u8], max_file: u64) -> Result<Vec<u8>> {
     let mut header = [0_u8; HEADER_MAX];
     let mut inflate = gix::zlib::Inflate::default();
     let (status, consumed_in, consumed_out) = inflate
@@ -215,8 +217,11 @@ mod tests {
 
     /// A loose object's file: `header` then `body`, zlib-compressed.
     fn loose(header: &str, body: &[u8]) -> Vec<u8> {
-        let mut w =
-            gix::zlib::stream::deflate::Write::new(Vec::new(), gix::zlib::Compression::default());
+        loose_at(gix::zlib::Compression::default(), header, body)
+    }
+
+    fn loose_at(level: gix::zlib::Compression, header: &str, body: &[u8]) -> Vec<u8> {
+        let mut w = gix::zlib::stream::deflate::Write::new(Vec::new(), level);
         w.write_all(header.as_bytes()).unwrap();
         w.write_all(body).unwrap();
         w.flush().unwrap();
@@ -294,5 +299,79 @@ mod tests {
         // Not zlib at all.
         assert!(inflate_blob(b"plain text, not a zlib stream", 1 << 20).is_err());
         assert!(inflate_blob(b"", 1 << 20).is_err());
+    }
+
+    /// An incompressible blob of exactly `max_file_size`, stored (level
+    /// 0), at git's loose default (1, which zlib-ng's quick strategy
+    /// expands by up to an eighth) or at 9, reads by this reader. A file
+    /// over 1 MiB, a link and a FIFO are left to gix's path (`None`).
+    #[test]
+    fn any_plain_loose_file_up_to_a_mib_is_read_here_and_the_rest_is_left_to_gix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = gix::ObjectId::from_hex(b"0123456789abcdef0123456789abcdef01234567").unwrap();
+        let dir = tmp.path().join("01");
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("23456789abcdef0123456789abcdef01234567");
+        let noise = |n: usize| {
+            let mut x: u32 = 1;
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        let body = noise(200_000);
+        let header = format!("blob {}\0", body.len());
+        for level in [0, 1, 9] {
+            let file = loose_at(gix::zlib::Compression::new(level).unwrap(), &header, &body);
+            assert!(
+                file.len() > body.len(),
+                "level {level}: {} bytes",
+                file.len()
+            );
+            std::fs::write(&path, &file).unwrap();
+            let read = read_loose(tmp.path(), &id, body.len() as u64).unwrap();
+            assert!(
+                read.as_deref() == Some(&body[..]),
+                "level {level}: not read back"
+            );
+            // Under a smaller max_file_size, its header refuses it.
+            let err = format!("{:#}", read_loose(tmp.path(), &id, 1000).unwrap_err());
+            assert!(
+                err.contains("200000 bytes")
+                    && err.contains("max_file_size")
+                    && err.contains("/01/"),
+                "{err}"
+            );
+        }
+        // Over 1 MiB: gix's path (which maps the file) reads it.
+        let big = noise(1 << 20);
+        std::fs::write(
+            &path,
+            loose_at(
+                gix::zlib::Compression::new(0).unwrap(),
+                "blob 1048576\0",
+                &big,
+            ),
+        )
+        .unwrap();
+        assert!(read_loose(tmp.path(), &id, 2 << 20).unwrap().is_none());
+        // Not a plain file: gix decides.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert!(read_loose(tmp.path(), &id, 1 << 20).unwrap().is_none());
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(read_loose(tmp.path(), &id, 1 << 20).unwrap().is_none());
+        // No file: gix decides (packed).
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_loose(tmp.path(), &id, 1 << 20).unwrap().is_none());
+        // objects/01 is a file, not a directory: gix decides.
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::write(&dir, b"x").unwrap();
+        assert!(read_loose(tmp.path(), &id, 1 << 20).unwrap().is_none());
     }
 }

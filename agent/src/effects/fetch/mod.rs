@@ -33,6 +33,8 @@
 //! plus that CA. Proxies come from `HTTPS_PROXY`/`NO_PROXY` as usual.
 
 mod blobs;
+#[doc(hidden)]
+pub use blobs::inflate_blob as inflate_loose_blob;
 mod location;
 /// The `source` of an air-gapped host: signed bundles imported from a stick.
 pub const BUNDLE_SOURCE: &str = location::BUNDLES;

@@ -1346,14 +1346,13 @@ fn an_object_larger_than_max_file_size_is_refused_before_it_is_inflated() {
 }
 
 /// A loose object's file is part of the repository, which is untrusted,
-/// and driftless reads loose files itself (`blobs.rs`): one replaced by a
-/// FIFO must not make that read wait for a writer, one replaced by a link
-/// is not followed. Each is an error that names the file and says what
-/// the object is (gix said "could not be found" of the FIFO); the other
-/// files still read, from several threads at once (each reader has a
-/// repository handle of its own).
+/// and driftless reads plain loose files itself (`blobs.rs`): one
+/// replaced by a FIFO must not make that read wait for a writer, and one
+/// replaced by a link reads as gix reads it (gix follows the link). The
+/// other files still read, from several threads at once, loose and then
+/// packed (each reader has a repository handle of its own).
 #[test]
-fn a_loose_object_that_is_a_fifo_or_a_link_is_refused_and_said_why() {
+fn a_loose_object_that_is_a_fifo_or_a_link_reads_as_gix_reads_it() {
     let tmp = tempfile::tempdir().unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..40)
         .map(|i| (format!("f{i}"), format!("content {i}").into_bytes()))
@@ -1370,35 +1369,65 @@ fn a_loose_object_that_is_a_fifo_or_a_link_is_refused_and_said_why() {
         work.join(".git/objects").join(&hex[..2]).join(&hex[2..])
     };
     let fifo = object("fifo");
+    let fifo_was = std::fs::read(&fifo).unwrap();
     std::fs::remove_file(&fifo).unwrap();
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     let link = object("link");
+    let link_was = std::fs::read(&link).unwrap();
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(object("f0"), &link).unwrap();
 
+    let read_all = |snap: &Snapshot| {
+        std::thread::scope(|scope| {
+            for half in [0, 1] {
+                let snap = snap.clone();
+                let files = &files;
+                scope.spawn(move || {
+                    for (name, content) in files.iter().skip(half).step_by(2) {
+                        assert_eq!(snap.read(name).unwrap(), Some(&content[..]), "{name}");
+                    }
+                });
+            }
+        });
+    };
     let repo = open_local_uncached(&work).unwrap();
     let snap = read_tree_t(&repo, head, "").unwrap();
     let err = err_text(snap.read("fifo").unwrap_err());
     assert!(
-        err.contains("fifo") && err.contains("not a regular file"),
+        err.contains("cannot read fifo") && err.contains("could not be found"),
         "{err}"
     );
-    let err = err_text(snap.read("link").unwrap_err());
-    assert!(
-        err.contains("link") && err.contains("symbolic link"),
-        "{err}"
-    );
-    std::thread::scope(|scope| {
-        for half in [0, 1] {
-            let snap = snap.clone();
-            let files = &files;
-            scope.spawn(move || {
-                for (name, content) in files.iter().skip(half).step_by(2) {
-                    assert_eq!(snap.read(name).unwrap(), Some(&content[..]), "{name}");
-                }
-            });
-        }
-    });
+    assert_eq!(snap.read("link").unwrap(), Some(&b"content 0"[..]));
+    read_all(&snap);
+
+    for (path, was) in [(&fifo, fifo_was), (&link, link_was)] {
+        std::fs::remove_file(path).unwrap();
+        std::fs::write(path, was).unwrap();
+    }
+    git(&work, &["gc", "-q", "--prune=now"]);
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree_t(&repo, head, "").unwrap();
+    read_all(&snap);
+}
+
+/// gix applies `refs/replace/` to every object it reads; the loose
+/// reader does not, so a repository with replace refs is read by gix
+/// alone. Before, a replaced blob read as the replacement while packed
+/// and as the original while loose.
+#[test]
+fn a_replaced_blob_reads_as_its_replacement_loose_or_packed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = commit_files(tmp.path(), &[("a", b"original"), ("b", b"replacement")]);
+    let a = git(&work, &["rev-parse", "HEAD:a"]);
+    let b = git(&work, &["rev-parse", "HEAD:b"]);
+    git(&work, &["replace", &a, &b]);
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree_t(&repo, head, "").unwrap();
+    assert_eq!(snap.read("a").unwrap(), Some(&b"replacement"[..]));
+    git(&work, &["gc", "-q"]);
+    let repo = open_local_uncached(&work).unwrap();
+    let snap = read_tree_t(&repo, head, "").unwrap();
+    assert_eq!(snap.read("a").unwrap(), Some(&b"replacement"[..]));
 }
 
 /// The bug this guards against: a tree object was inflated before its
