@@ -357,6 +357,13 @@ impl Renderer {
     ) {
         use std::sync::atomic::Ordering;
         let RenderProgress { total, stop, bar } = progress;
+        // One context for all the templates of this call, built when the
+        // first needs it: only `file` differs between them, and it is
+        // replaced for each. (A context of its own per template copied
+        // the host's variables and facts a thousand times in a cold
+        // apply.) A template's `set` cannot change it: Tera renders with
+        // the context borrowed and keeps its own assignments.
+        let mut base: Option<tera::Context> = None;
         for (index, decl) in host.files.iter().enumerate().filter(|(_, d)| select(d)) {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -384,27 +391,34 @@ impl Renderer {
                     }
                 },
                 ContentRef::Template(name) => {
-                    let ctx = json!({
-                        "host": host_json,
-                        "vars": host.vars,
-                        "file": {
+                    if base.is_none() {
+                        match tera::Context::from_value(
+                            json!({ "host": host_json, "vars": host.vars }),
+                        ) {
+                            Ok(c) => base = Some(c),
+                            Err(e) => {
+                                diags.push(format!(
+                                    "{}: cannot build template context: {e}",
+                                    decl.origin
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(ctx) = base.as_mut() else {
+                        continue;
+                    };
+                    ctx.insert(
+                        "file",
+                        &json!({
                             "path": decl.path.as_str(),
                             "role": decl.role,
                             "mode": decl.mode.to_string(),
                             "owner": decl.owner.0,
                             "group": decl.group.0,
-                        },
-                    });
-                    let ctx = match tera::Context::from_value(ctx) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            diags.push(format!(
-                                "{}: cannot build template context: {e}",
-                                decl.origin
-                            ));
-                            continue;
-                        }
-                    };
+                        }),
+                    );
+                    let ctx = &*ctx;
                     let limit = self.limits.file.min(
                         self.limits
                             .total
@@ -416,7 +430,7 @@ impl Renderer {
                     // numbers (`i64::MIN % -1`): that is this template's
                     // error, not a crash of every sync.
                     let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.tera.render_to(name, &ctx, &mut out)
+                        self.tera.render_to(name, ctx, &mut out)
                     }));
                     let Ok(rendered) = rendered else {
                         diags.push(format!(
@@ -1380,6 +1394,46 @@ mod batch_tests {
             got.iter().find(|f| f.0 == "/etc/a/t002").unwrap().1,
             b"plain 3\na2"
         );
+    }
+
+    /// The templates of a render share one context and only `file` is
+    /// replaced for each: each sees its own `file`, and what one template
+    /// assigns (`set_global`, shadowing `vars`, `file` or `host`) is not
+    /// seen by the next, in one instance or in batches.
+    #[test]
+    fn templates_sharing_a_context_see_their_own_file_and_not_each_others_assignments() {
+        let mut f = vec![
+            (
+                "driftless.toml".to_string(),
+                "roles = [\"a\"]\n[vars]\nx = 3\n".to_string(),
+            ),
+            ("hosts/h.toml".into(), String::new()),
+        ];
+        let mut decls = String::new();
+        for i in 0..6 {
+            let body = if i % 2 == 0 {
+                "{% set_global vars = 7 %}{% set_global file = 8 %}{% set host = 9 %}{{ file }} {{ host }}".to_string()
+            } else {
+                "{{ file.path }} {{ file.mode }} {{ vars.x }} {{ host.name }}".to_string()
+            };
+            f.push((format!("roles/a/files/t{i}.tera"), body));
+            let mode = if i == 3 { "mode = \"0600\"\n" } else { "" };
+            decls.push_str(&format!(
+                "[[files]]\npath = \"/etc/t{i}\"\ntemplate = \"t{i}.tera\"\n{mode}"
+            ));
+        }
+        f.push(("roles/a/role.toml".into(), decls));
+        let snap = repo(&f);
+        for batch in [usize::MAX, 2] {
+            let got = render(&snap, batch).unwrap();
+            let text = |p: &str| {
+                String::from_utf8(got.iter().find(|f| f.0 == p).unwrap().1.clone()).unwrap()
+            };
+            assert_eq!(text("/etc/t0"), "8 9", "batch {batch}");
+            assert_eq!(text("/etc/t1"), "/etc/t1 0644 3 h", "batch {batch}");
+            assert_eq!(text("/etc/t3"), "/etc/t3 0600 3 h", "batch {batch}");
+            assert_eq!(text("/etc/t5"), "/etc/t5 0644 3 h", "batch {batch}");
+        }
     }
 
     #[test]

@@ -139,19 +139,16 @@ fn read_loose(objects: &std::path::Path, id: &gix::oid, max_file: u64) -> Result
     else {
         return Ok(None);
     };
-    match file.metadata() {
-        Ok(m) if plain(&m) => {}
+    let len = match file.metadata() {
+        Ok(m) if plain(&m) => m.len(),
         _ => return Ok(None),
-    }
+    };
     let what = || format!("cannot read object {id} ({})", path.display());
-    let mut compressed = Vec::new();
-    (&mut file)
-        .take(FAST_MAX + 1)
-        .read_to_end(&mut compressed)
-        .with_context(what)?;
-    if compressed.len() as u64 > FAST_MAX {
-        return Ok(None);
-    }
+    // One read of the size the file has (a loose object is written once
+    // and renamed into place, never changed): `read_to_end` would probe
+    // with reads of 32, 64, 128... bytes.
+    let mut compressed = vec![0; usize::try_from(len).unwrap_or(0)];
+    file.read_exact(&mut compressed).with_context(what)?;
     inflate_blob(&compressed, max_file)
         .with_context(what)
         .map(Some)
