@@ -1282,6 +1282,14 @@ fn open_state_subdir(path: &Path) -> Result<OwnedFd> {
 
 /// Creates `name` (must not exist) in `dir` with `content` and `mode`.
 fn write_new_file(dir: &impl AsFd, name: &str, content: &[u8], mode: u32) -> Result<fs::File> {
+    let f = write_new_private(dir, name, content)?;
+    fchmod(&f, NixMode::from_bits_truncate(mode))?;
+    Ok(f)
+}
+
+/// Creates `name` (must not exist) in `dir` with `content`, readable by
+/// its owner at most (0600 less the umask) until the caller sets a mode.
+fn write_new_private(dir: &impl AsFd, name: &str, content: &[u8]) -> Result<fs::File> {
     let fd = openat(
         dir,
         name,
@@ -1290,7 +1298,6 @@ fn write_new_file(dir: &impl AsFd, name: &str, content: &[u8], mode: u32) -> Res
     )?;
     let mut f = fs::File::from(fd);
     f.write_all(content)?;
-    fchmod(&f, NixMode::from_bits_truncate(mode))?;
     Ok(f)
 }
 
@@ -1304,7 +1311,7 @@ fn stage(
     ids: (u32, u32),
     ownership: bool,
 ) -> Result<()> {
-    let f = write_new_file(dir, tmp, content, 0o600)?;
+    let f = write_new_private(dir, tmp, content)?;
     if ownership {
         fchown(&f, Some(Uid::from_raw(ids.0)), Some(Gid::from_raw(ids.1)))
             .context("cannot set owner")?;
