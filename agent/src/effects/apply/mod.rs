@@ -1487,14 +1487,7 @@ fn rollback_then(
             Ok(kept) => journal.kept.extend(kept),
             // dpkg's lock held by another program, or out of time: not a
             // failure of the undo, only a wait.
-            Err(e)
-                if {
-                    let text = format!("{e:#}");
-                    text.contains("lock")
-                        || text.contains("timed out")
-                        || text.contains("ran out of its")
-                } =>
-            {
+            Err(e) if crate::effects::packages::must_wait(&e) => {
                 return Err(e.context(format!(
                     "cannot put back the packages of transaction {} yet; the next run tries again",
                     journal.txid

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use tracing::warn;
 
 use super::apt::log_output;
-use super::{check, live, run, strings, Budget};
+use super::{check, live, must_wait, run, strings, wait_if_locked, Budget};
 use crate::effects::rootfs::RootFs;
 
 /// What dpkg says of one package.
@@ -161,14 +161,43 @@ pub(super) fn repair_dpkg(budget: &Budget, kept: &mut Vec<String>) -> Result<()>
     let f = run(&argv, timeout)?;
     log_output(&f);
     if let Err(e) = check(&argv, &f, timeout) {
-        if f.stderr.lines(40).iter().any(|l| l.contains("lock")) {
-            return Err(e.context("dpkg's lock is held by another program"));
+        if must_wait(&e) || lock_held() {
+            return Err(wait_if_locked(e));
         }
         let why = format!("{}: {}", f.describe(Some(timeout)), f.stderr.last_line(300));
         warn!("dpkg --configure -a {why}; putting the old versions back anyway");
         kept.push(format!("dpkg --configure -a failed first ({why})"));
     }
     Ok(())
+}
+
+/// The locks dpkg and its frontends (apt) hold while they change
+/// packages: `fcntl` write locks.
+const DPKG_LOCKS: [&str; 2] = ["/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock"];
+
+/// Whether another process holds one of dpkg's locks now.
+pub(super) fn lock_held() -> bool {
+    DPKG_LOCKS.iter().any(|p| write_locked(Path::new(p)))
+}
+
+/// Whether another process holds an `fcntl` lock on `path` that a write
+/// lock would conflict with (`F_GETLK`: it takes nothing). A missing or
+/// unreadable file holds no lock.
+fn write_locked(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
+        return false;
+    };
+    // SAFETY: a plain C struct; zero is a valid value of every field.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::F_WRLCK as libc::c_short;
+    probe.l_whence = libc::SEEK_SET as libc::c_short;
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).is_ok()
+        && probe.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// dpkg's database of installed packages: the quick check watches it
@@ -178,6 +207,39 @@ pub const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// dpkg and apt hold `fcntl` write locks; a lock held by another
+    /// process is seen, and seen to go when that process lets go. (A lock
+    /// this process held would not be: `F_GETLK` reports other processes'
+    /// locks only, and the agent never takes dpkg's.)
+    #[test]
+    fn a_write_lock_held_by_another_process_is_seen_and_seen_to_go() {
+        use std::io::{BufRead, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("lock-frontend");
+        std::fs::write(&path, b"").unwrap();
+        assert!(!write_locked(&path));
+        assert!(!write_locked(&tmp.path().join("missing")));
+        let mut holder = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl, sys\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\nsys.stdin.read()",
+            ])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (a test prerequisite: tests/install-prereqs)");
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        assert!(write_locked(&path));
+        holder.stdin.take().unwrap().write_all(b"").unwrap();
+        holder.wait().unwrap();
+        assert!(!write_locked(&path));
+    }
     #[test]
     fn dpkg_query_lines_are_read_and_half_installed_is_not_installed() {
         let got = parse_status(

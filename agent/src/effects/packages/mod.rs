@@ -71,6 +71,41 @@ pub const UNDO_BUDGET: Duration = Duration::from_secs(5 * 60);
 /// How long apt waits for dpkg's lock before it fails naming it.
 const LOCK_WAIT_SECS: u32 = 120;
 
+/// The undo of a packages stage could not finish for a reason that
+/// passes: dpkg's lock is held by another program, a tool timed out, or
+/// the undo ran out of its budget. The next run tries again without
+/// counting a failed try ([`must_wait`]).
+///
+/// A type, not words searched in the message: the message also holds
+/// package names and apt's output, and "lock" is in many of them (a
+/// failure that named `flock` was taken for a wait, and retried forever).
+#[derive(Debug)]
+pub struct MustWait(pub String);
+
+impl std::fmt::Display for MustWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MustWait {}
+
+/// Whether `e` (or any error or context it wraps) is a [`MustWait`].
+pub fn must_wait(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<MustWait>().is_some()
+}
+
+/// `e` marked [`MustWait`] when dpkg's lock is held right now: another
+/// program (apt, unattended-upgrades) is changing packages, so whatever
+/// apt or dpkg failed at is tried again later rather than given up.
+fn wait_if_locked(e: anyhow::Error) -> anyhow::Error {
+    if dpkg::lock_held() {
+        e.context(MustWait("dpkg's lock is held by another program".into()))
+    } else {
+        e
+    }
+}
+
 /// The time left of a stage's budget.
 pub struct Budget {
     what: &'static str,
@@ -90,11 +125,12 @@ impl Budget {
     fn left(&self) -> Result<Duration> {
         let left = self.until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!(
+            return Err(MustWait(format!(
                 "the {} ran out of its {} budget",
                 self.what,
                 humantime::format_duration(self.total)
-            );
+            ))
+            .into());
         }
         Ok(left)
     }
@@ -134,7 +170,11 @@ fn check(argv: &[String], f: &process::Finished, timeout: Duration) -> Result<()
         why.push_str(": ");
         why.push_str(&last);
     }
-    bail!("{} {why}", argv[..argv.len().min(2)].join(" "))
+    let what = format!("{} {why}", argv[..argv.len().min(2)].join(" "));
+    if f.timed_out {
+        return Err(MustWait(what).into());
+    }
+    bail!("{what}")
 }
 
 fn strings(a: &[&str]) -> Vec<String> {
@@ -225,3 +265,49 @@ pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<Observe
 
 /// The mark that the packages stage began (an undo is due only then).
 pub const STARTED: &str = "packages-started";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bug this guards against: whether a failed undo was a wait (try
+    /// again, uncounted) or a failure (counted, given up after three) was
+    /// decided by searching the message for "lock", "timed out" and "ran
+    /// out of its". Package names and apt's output are in that message,
+    /// so a failure naming a package such as `flock` was retried forever.
+    /// Now only a [`MustWait`] anywhere in the chain is a wait.
+    #[test]
+    fn only_a_must_wait_makes_a_failed_undo_a_wait_not_words_in_its_message() {
+        let named = anyhow::anyhow!("apt-get install exited with 100: E: Unable to correct problems with flock, lockfile-progs (timed out; ran out of its patience)")
+            .context("cannot put the packages back");
+        assert!(!must_wait(&named));
+        let budget = Budget::new("undo of the packages stage", Duration::ZERO);
+        let out = budget
+            .left()
+            .unwrap_err()
+            .context("cannot put the packages back");
+        assert!(must_wait(&out), "{out:#}");
+        let locked = anyhow::anyhow!("apt-get install exited with 100")
+            .context(MustWait("dpkg's lock is held by another program".into()))
+            .context("cannot put the packages back")
+            .context("transaction 1");
+        assert!(must_wait(&locked), "{locked:#}");
+        assert!(format!("{locked:#}").contains("dpkg's lock is held by another program"));
+    }
+
+    /// A tool that timed out is a wait; one that failed is not.
+    #[test]
+    fn a_tool_that_timed_out_is_a_wait_and_one_that_failed_is_not() {
+        let argv = strings(&["sh", "-c", "sleep 5"]);
+        let f = run(&argv, Duration::from_millis(200)).unwrap();
+        let e = check(&argv, &f, Duration::from_millis(200)).unwrap_err();
+        assert!(
+            must_wait(&e) && format!("{e:#}").contains("timed out"),
+            "{e:#}"
+        );
+        let argv = strings(&["sh", "-c", "echo 'could not get lock' >&2; exit 100"]);
+        let f = run(&argv, Duration::from_secs(30)).unwrap();
+        let e = check(&argv, &f, Duration::from_secs(30)).unwrap_err();
+        assert!(!must_wait(&e), "{e:#}");
+    }
+}

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::apt::{apt_install, deb_in, log_output};
 use super::dpkg::{dpkg_query, repair_dpkg, Status};
-use super::{check, run, Budget, PackagesRecord, UNDO_BUDGET};
+use super::{check, run, wait_if_locked, Budget, PackagesRecord, UNDO_BUDGET};
 use crate::effects::rootfs::RootFs;
 
 /// Puts `record.before` back as far as it can: installed ones removed,
@@ -135,7 +135,9 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
     let timeout = budget.left()?;
     let f = run(&argv, timeout)?;
     log_output(&f);
-    check(&argv, &f, timeout).context("cannot put the packages back")?;
+    check(&argv, &f, timeout)
+        .map_err(wait_if_locked)
+        .context("cannot put the packages back")?;
     info!(packages = ?record.before, "reverted: packages put back");
     Ok(kept)
 }
