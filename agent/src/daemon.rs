@@ -80,7 +80,8 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         splay = ?settings.splay,
         "driftless agent started"
     );
-    if std::env::var_os("DRIFTLESS_TEST_HANG").is_some() {
+    // Debug builds only (what the tests run), like the failpoints.
+    if cfg!(debug_assertions) && std::env::var_os("DRIFTLESS_TEST_HANG").is_some() {
         // Test hook: a hung main loop. Blocks the runtime's only worker so
         // nothing feeds the watchdog.
         warn!("test hook: hanging the main loop");
