@@ -39,6 +39,12 @@ pub const DEFAULT_SSH_HOST_KEYS: &[&str] =
     &["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"];
 pub const DEFAULT_SPLAY: &str = "1m";
 pub const DEFAULT_JOB_TIMEOUT: &str = "90s";
+/// The longest `interval` or `splay`: a year (and a day).
+const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest `job_timeout`: well inside the daemon's
+/// [`MAX_SYNC`](crate::daemon::MAX_SYNC), after which its watchdog stops
+/// the agent mid-sync.
+const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_ALLOWED_SIGNERS: &str = "/etc/driftless/allowed_signers";
 
 /// One config file, or the command line: every key optional.
@@ -572,6 +578,22 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
     if interval < Duration::from_secs(1) {
         bail!("interval: must be at least 1s");
     }
+    if interval > MAX_PERIOD {
+        bail!("interval: {} is more than a year (366d); a host that pulls this rarely is better served by `sync` from a timer", humantime::format_duration(interval));
+    }
+    let splay = duration("splay", f.splay, DEFAULT_SPLAY)?;
+    if splay > MAX_PERIOD {
+        bail!("splay: {} is more than a year (366d): the delay added to each interval must be shorter", humantime::format_duration(splay));
+    }
+    let job_timeout = duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?;
+    if job_timeout < Duration::from_secs(1) || job_timeout > MAX_JOB_TIMEOUT {
+        bail!(
+            "job_timeout: {} is out of range: it must be between 1s and {} (a unit job that may take longer would outlast a sync, which the daemon's watchdog allows {}; a shorter one fails every restart)",
+            humantime::format_duration(job_timeout),
+            humantime::format_duration(MAX_JOB_TIMEOUT),
+            humantime::format_duration(crate::daemon::MAX_SYNC),
+        );
+    }
     let root = absolute(f.root.unwrap_or_else(|| PathBuf::from("/")));
     let live = root == Path::new("/");
     let signature_policy = match f.signature_policy.as_deref() {
@@ -645,8 +667,8 @@ fn validate(f: Fragment, config_files: Vec<PathBuf>) -> Result<Settings> {
         limits,
         max_bundle_size,
         interval,
-        splay: duration("splay", f.splay, DEFAULT_SPLAY)?,
-        job_timeout: duration("job_timeout", f.job_timeout, DEFAULT_JOB_TIMEOUT)?,
+        splay,
+        job_timeout,
         live,
         run_checks: live || f.run_checks.unwrap_or(false),
         age_keys: f
@@ -971,6 +993,44 @@ mod tests {
             err.starts_with("metrics_file: /srv/ names a directory"),
             "{err}"
         );
+    }
+
+    /// The bug this guards against: `interval`, `splay` and `job_timeout`
+    /// had no upper bound (a typo of `5y` for `5m` was taken, and the
+    /// arithmetic on such values overflowed before it was made to
+    /// saturate), and a `job_timeout` of 0 failed every restart, one over
+    /// 15 minutes outlasted the watchdog's allowance for a sync. Each is
+    /// refused, naming the key and the range.
+    #[test]
+    fn periods_and_the_job_timeout_are_bounded() {
+        let with = |text: &str| {
+            let mut f: Fragment = toml::from_str(text).unwrap();
+            f.host = Some("h".into());
+            validate(f, Vec::new()).map(|s| (s.interval, s.splay, s.job_timeout))
+        };
+        let (i, sp, j) = with("").unwrap();
+        assert_eq!(
+            (i, sp, j),
+            (
+                Duration::from_secs(300),
+                Duration::from_secs(60),
+                Duration::from_secs(90)
+            )
+        );
+        assert!(with("interval = \"366d\"\nsplay = \"366d\"\njob_timeout = \"10m\"").is_ok());
+        for (text, want) in [
+            ("interval = \"367d\"", "interval: 1year 1day 18h"),
+            ("interval = \"100000y\"", "interval: "),
+            ("splay = \"2y\"", "splay: "),
+            ("job_timeout = \"0s\"", "job_timeout: 0s is out of range"),
+            (
+                "job_timeout = \"11m\"",
+                "job_timeout: 11m is out of range: it must be between 1s and 10m",
+            ),
+        ] {
+            let err = format!("{:#}", with(text).unwrap_err());
+            assert!(err.starts_with(want), "{text}: {err}");
+        }
     }
 
     #[cfg(feature = "etcd")]
