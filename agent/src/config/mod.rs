@@ -41,9 +41,10 @@ pub const DEFAULT_SPLAY: &str = "1m";
 pub const DEFAULT_JOB_TIMEOUT: &str = "90s";
 /// The longest `interval` or `splay`: a year (and a day).
 const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
-/// The longest `job_timeout`: well inside the daemon's
-/// [`MAX_SYNC`](crate::daemon::MAX_SYNC), after which its watchdog stops
-/// the agent mid-sync.
+/// The longest `job_timeout`, for one systemd job: shorter than the
+/// daemon's [`MAX_SYNC`](crate::daemon::MAX_SYNC), after which its
+/// watchdog stops the agent mid-sync. (Several slow jobs in one sync can
+/// still add up past it; this refuses only a single job that could.)
 const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_ALLOWED_SIGNERS: &str = "/etc/driftless/allowed_signers";
 

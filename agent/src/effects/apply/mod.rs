@@ -1044,8 +1044,7 @@ fn prepare(
             // apply): only a restored original is read here.
             let content: std::borrow::Cow<'_, [u8]> = match &c.restore_original {
                 Some(orig) if c.kind == ChangeKind::Remove => {
-                    originals::read_verified(state, &orig.stored, c.path.as_str(), &display)?
-                        .into()
+                    originals::read_verified(state, &orig.stored, c.path.as_str(), &display)?.into()
                 }
                 _ => c
                     .after
@@ -1489,8 +1488,8 @@ fn rollback_then(
         failpoint::hit("apply.undo.packages")?;
         match crate::effects::packages::undo(record, &tx_dir.join("debs")) {
             Ok(kept) => journal.kept.extend(kept),
-            // dpkg's lock held by another program, or out of time: not a
-            // failure of the undo, only a wait.
+            // A lock of dpkg or apt held by another program: not a
+            // failure of the undo, only a wait (anything else counts).
             Err(e) if crate::effects::packages::must_wait(&e) => {
                 return Err(e.context(format!(
                     "cannot put back the packages of transaction {} yet; the next run tries again",

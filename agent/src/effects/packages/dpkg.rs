@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use tracing::warn;
 
 use super::apt::log_output;
-use super::{check, live, must_wait, run, strings, wait_if_locked, Budget};
+use super::{check, live, run, strings, wait_if_locked, Budget};
 use crate::effects::rootfs::RootFs;
 
 /// What dpkg says of one package.
@@ -139,8 +139,8 @@ pub(super) fn audit() -> Result<()> {
 /// Repairs what an interrupted dpkg left (only when `dpkg --audit` says
 /// so): `dpkg --configure -a`, keeping the old conffiles. A failure is
 /// reported and the undo goes on (reinstalling the old version often is
-/// the repair), unless dpkg's lock is held (then the next run tries
-/// again).
+/// the repair), unless a lock of dpkg or apt is held (then the next run
+/// tries again).
 pub(super) fn repair_dpkg(budget: &Budget, kept: &mut Vec<String>) -> Result<()> {
     let timeout = budget.left()?;
     let argv = strings(&["dpkg", "--audit"]);
@@ -161,8 +161,9 @@ pub(super) fn repair_dpkg(budget: &Budget, kept: &mut Vec<String>) -> Result<()>
     let f = run(&argv, timeout)?;
     log_output(&f);
     if let Err(e) = check(&argv, &f, timeout) {
-        if must_wait(&e) || lock_held() {
-            return Err(wait_if_locked(e));
+        let (e, locked) = wait_if_locked(e);
+        if locked {
+            return Err(e);
         }
         let why = format!("{}: {}", f.describe(Some(timeout)), f.stderr.last_line(300));
         warn!("dpkg --configure -a {why}; putting the old versions back anyway");
@@ -171,13 +172,19 @@ pub(super) fn repair_dpkg(budget: &Budget, kept: &mut Vec<String>) -> Result<()>
     Ok(())
 }
 
-/// The locks dpkg and its frontends (apt) hold while they change
-/// packages: `fcntl` write locks.
-const DPKG_LOCKS: [&str; 2] = ["/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock"];
+/// The locks dpkg and apt hold while they change packages (`fcntl` write
+/// locks): dpkg's, its frontends', and apt's download directory's, which
+/// `apt-get install` takes too and does not wait for (apt-daily's
+/// download-only run holds it).
+const LOCKS: [&str; 3] = [
+    "/var/lib/dpkg/lock-frontend",
+    "/var/lib/dpkg/lock",
+    "/var/cache/apt/archives/lock",
+];
 
-/// Whether another process holds one of dpkg's locks now.
-pub(super) fn lock_held() -> bool {
-    DPKG_LOCKS.iter().any(|p| write_locked(Path::new(p)))
+/// The first of these locks another process holds now, if any.
+pub(super) fn lock_held() -> Option<&'static str> {
+    LOCKS.into_iter().find(|p| write_locked(Path::new(p)))
 }
 
 /// Whether another process holds an `fcntl` lock on `path` that a write
@@ -214,7 +221,7 @@ mod tests {
     /// locks only, and the agent never takes dpkg's.)
     #[test]
     fn a_write_lock_held_by_another_process_is_seen_and_seen_to_go() {
-        use std::io::{BufRead, Write};
+        use std::io::BufRead;
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("lock-frontend");
         std::fs::write(&path, b"").unwrap();
@@ -236,7 +243,7 @@ mod tests {
             .unwrap();
         assert_eq!(line.trim(), "locked");
         assert!(write_locked(&path));
-        holder.stdin.take().unwrap().write_all(b"").unwrap();
+        drop(holder.stdin.take());
         holder.wait().unwrap();
         assert!(!write_locked(&path));
     }

@@ -95,7 +95,13 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
         }
         let mut argv = apt_install(true);
         argv.extend(attempt.iter().cloned());
-        let f = run(&argv, budget.left()?)?;
+        let timeout = budget.left()?;
+        let f = run(&argv, timeout)?;
+        if f.timed_out {
+            // Not apt refusing the undo (which gives it up for good): a
+            // failed try, counted.
+            check(&argv, &f, timeout).context("cannot simulate putting the packages back")?;
+        }
         let sim = crate::plan::packages::parse_simulation(&String::from_utf8_lossy(&f.stdout.tail));
         let asked: Vec<&str> = if with_removals {
             remove.iter().map(|r| r.trim_end_matches('-')).collect()
@@ -136,7 +142,7 @@ pub fn undo(record: &PackagesRecord, debs: &Path) -> Result<Vec<String>> {
     let f = run(&argv, timeout)?;
     log_output(&f);
     check(&argv, &f, timeout)
-        .map_err(wait_if_locked)
+        .map_err(|e| wait_if_locked(e).0)
         .context("cannot put the packages back")?;
     info!(packages = ?record.before, "reverted: packages put back");
     Ok(kept)
