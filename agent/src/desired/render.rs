@@ -391,11 +391,12 @@ impl Renderer {
                     }
                 },
                 ContentRef::Template(name) => {
-                    if base.is_none() {
-                        match tera::Context::from_value(
+                    let ctx = match &mut base {
+                        Some(ctx) => ctx,
+                        None => match tera::Context::from_value(
                             json!({ "host": host_json, "vars": host.vars }),
                         ) {
-                            Ok(c) => base = Some(c),
+                            Ok(c) => base.insert(c),
                             Err(e) => {
                                 diags.push(format!(
                                     "{}: cannot build template context: {e}",
@@ -403,10 +404,7 @@ impl Renderer {
                                 ));
                                 continue;
                             }
-                        }
-                    }
-                    let Some(ctx) = base.as_mut() else {
-                        continue;
+                        },
                     };
                     ctx.insert(
                         "file",

@@ -28,14 +28,13 @@
 //! compressed kilobytes, and reading them whole would get the agent
 //! killed for memory rather than give an error.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 
 use crate::desired::snapshot::BlobSource;
+use crate::effects::state::{open_nofollow, read_up_to};
 
 pub(super) struct Blobs {
     repo: gix::ThreadSafeRepository,
@@ -121,34 +120,19 @@ const FAST_MAX: u64 = 1 << 20;
 /// larger than [`FAST_MAX`]. A blob over `max_file` is refused by its
 /// header either way.
 ///
-/// The file is looked at before it is opened, so that a device node is
-/// never opened, and opened without following a link and without
-/// blocking, so that one swapped in between cannot make the read wait.
+/// Opened as the state files are ([`open_nofollow`]): looked at before it
+/// is opened, so that a device node is never opened, and opened without
+/// following a link and without blocking, so that one swapped in between
+/// cannot make the read wait.
 fn read_loose(objects: &std::path::Path, id: &gix::oid, max_file: u64) -> Result<Option<Vec<u8>>> {
     let hex = id.to_hex().to_string();
     let path = objects.join(&hex[..2]).join(&hex[2..]);
-    let plain = |m: &std::fs::Metadata| m.file_type().is_file() && m.len() <= FAST_MAX;
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if plain(&m) => {}
-        _ => return Ok(None),
-    }
-    let Ok(mut file) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&path)
-    else {
-        return Ok(None);
-    };
-    let len = match file.metadata() {
-        Ok(m) if plain(&m) => m.len(),
+    let (file, meta) = match open_nofollow(&path) {
+        Ok((f, m)) if m.len() <= FAST_MAX => (f, m),
         _ => return Ok(None),
     };
     let what = || format!("cannot read object {id} ({})", path.display());
-    // One read of the size the file has (a loose object is written once
-    // and renamed into place, never changed): `read_to_end` would probe
-    // with reads of 32, 64, 128... bytes.
-    let mut compressed = vec![0; usize::try_from(len).unwrap_or(0)];
-    file.read_exact(&mut compressed).with_context(what)?;
+    let compressed = read_up_to(file, meta.len(), FAST_MAX).with_context(what)?;
     // A refusal by size reads as gix's path gives it: the file, not the
     // object's path, is what the reader needs.
     inflate_blob(&compressed, max_file).map(Some).map_err(|e| {

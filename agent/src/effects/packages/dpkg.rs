@@ -191,12 +191,7 @@ pub(super) fn lock_held() -> Option<&'static str> {
 /// lock would conflict with (`F_GETLK`: it takes nothing). A missing or
 /// unreadable file holds no lock.
 fn write_locked(path: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(f) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    else {
+    let Ok((f, _)) = crate::effects::state::open_nofollow(path) else {
         return false;
     };
     // SAFETY: a plain C struct; zero is a valid value of every field.

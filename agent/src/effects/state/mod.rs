@@ -667,13 +667,16 @@ pub(crate) fn read_nofollow_up_to(path: &Path, max: u64) -> std::io::Result<Vec<
 
 /// The content of the open file `f` (`len` bytes when it was stat'ed),
 /// refused when it is, or grows, larger than `max`.
-fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>> {
     if len > max {
         return Err(std::io::Error::other(format!(
             "{len} bytes, more than {max}"
         )));
     }
-    let mut out = Vec::new();
+    // Room for all of it and the read that finds the end: one read of the
+    // whole file, not `read_to_end`'s probing reads of 32, 64, 128...
+    // bytes and a reallocation after each.
+    let mut out = Vec::with_capacity(usize::try_from(len).map_or(0, |n| n.saturating_add(1)));
     std::io::Read::read_to_end(&mut std::io::Read::take(f, max.saturating_add(1)), &mut out)?;
     if out.len() as u64 > max {
         return Err(std::io::Error::other(format!("more than {max} bytes")));
