@@ -137,7 +137,7 @@ use nix::unistd::{fchown, linkat, unlinkat, Gid, Uid, UnlinkatFlags};
 
 use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{MkParents, RootFs};
-use crate::effects::state::{quick, read_json, StateDir};
+use crate::effects::state::{quick, read_json_large, StateDir};
 use crate::plan::dirs::DirAction;
 use crate::plan::inventory::Inventory;
 use crate::plan::links::LinkAction;
@@ -726,13 +726,13 @@ fn check_names(tx_dir: &Path, journal: &Journal) -> Result<()> {
 }
 
 pub fn load_journal(tx_dir: &Path) -> Result<Option<Journal>> {
-    let Some(mut journal) = read_json::<Journal>(&tx_dir.join(JOURNAL))? else {
+    let Some(mut journal) = read_json_large::<Journal>(&tx_dir.join(JOURNAL))? else {
         // No `journal.json`: flush (2) had not returned, so no target was
         // touched. The intent was written without a barrier: after a
         // power loss it may be missing or torn, and then there is nothing
         // to undo but staged files it would have named (see the module
         // docs).
-        return Ok(match read_json::<Journal>(&tx_dir.join(INTENT)) {
+        return Ok(match read_json_large::<Journal>(&tx_dir.join(INTENT)) {
             Ok(Some(j)) => {
                 check_names(tx_dir, &j)?;
                 Some(j)

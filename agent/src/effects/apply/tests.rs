@@ -230,7 +230,7 @@ fn recovery_rolls_back_a_transaction_that_never_committed() {
         ("/etc/c", "c\n", 0o644),
     ]));
     let tx = e.state.tx_dir().join(&applied.txid);
-    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    let mut j: Journal = read_json_large(&tx.join(JOURNAL)).unwrap().unwrap();
     j.state = TxState::Prepared;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     unmark(&tx);
@@ -253,7 +253,7 @@ fn recovery_keeps_a_transaction_whose_inventory_was_written() {
     let e = env();
     let applied = e.apply(&desired(&[("/etc/a", "a\n", 0o644)]));
     let tx = e.state.tx_dir().join(&applied.txid);
-    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    let mut j: Journal = read_json_large(&tx.join(JOURNAL)).unwrap().unwrap();
     j.state = TxState::Prepared;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     unmark(&tx);
@@ -303,7 +303,7 @@ fn crash_during_a_revert_is_finished_by_recovery() {
     // Simulate a crash right after the revert started: journal says
     // Reverting, one file already restored, the rest not.
     let tx = e.state.tx_dir().join(&applied.txid);
-    let mut j: Journal = read_json(&tx.join(JOURNAL)).unwrap().unwrap();
+    let mut j: Journal = read_json_large(&tx.join(JOURNAL)).unwrap().unwrap();
     j.state = TxState::Reverting;
     write_json_atomic(&tx.join(JOURNAL), &j).unwrap();
     std::fs::remove_file(e.path("/etc/c")).unwrap();

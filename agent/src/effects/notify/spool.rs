@@ -165,7 +165,9 @@ impl Spool {
 
     /// The event in a spool file.
     pub fn read(&self, entry: &Entry) -> Result<Event> {
-        read_json::<Event>(&entry.path)?
+        // (An event lists every drifted file: up to what the whole spool
+        // may hold, not the cap of a small state file.)
+        crate::effects::state::read_json_up_to::<Event>(&entry.path, MAX_BYTES)?
             .with_context(|| format!("{} disappeared", entry.path.display()))
     }
 

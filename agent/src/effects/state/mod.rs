@@ -247,7 +247,7 @@ impl StateDir {
     /// random bytes, 0600), created on first use.
     pub fn hash_key(&self) -> Result<Vec<u8>> {
         let path = self.root.join("hash.key");
-        match read_nofollow(&path) {
+        match read_nofollow_up_to(&path, 4096) {
             Ok(k) if k.len() == 32 => return Ok(k),
             Ok(_) => bail!(
                 "{} is corrupt (not 32 bytes): remove it to make a new one",
@@ -691,6 +691,14 @@ pub(crate) fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>
 /// inventory is moved aside and rebuilt, see `sync::state_repair`).
 pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
 
+/// The largest state file read that does not grow with the number of
+/// managed files (marks, the last run, metrics, history, a spooled event,
+/// the record of a saved original: each a few KB, the history a few
+/// hundred). Under [`STATE_READ_MAX_BYTES`], a sparse or damaged one of
+/// 512 MiB was read whole, into as much memory, on every run; now it is
+/// refused by its size and repaired like any corrupt file.
+pub const SMALL_STATE_READ_MAX_BYTES: u64 = 16 << 20;
+
 /// Whether reading a state file failed for the read's sake (EIO, EACCES,
 /// a MAC denial: an OS error), not for what the file is or holds: a link
 /// (ELOOP), a socket or device (ENXIO, ENODEV), not a regular file or over
@@ -788,9 +796,22 @@ pub fn read_inventory_at(path: &Path, log_name: &str) -> Result<Option<Inventory
     .map(|(inv, _)| Some(inv))
 }
 
-/// Reads a JSON file; `Ok(None)` if it does not exist.
+/// Reads a small JSON state file (at most [`SMALL_STATE_READ_MAX_BYTES`]:
+/// marks, the last run, metrics, a spooled event, the record of a saved
+/// original...); `Ok(None)` if it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match read_nofollow(path) {
+    read_json_up_to(path, SMALL_STATE_READ_MAX_BYTES)
+}
+
+/// [`read_json`] of a file that grows with the number of managed files
+/// (a transaction's journal): up to [`STATE_READ_MAX_BYTES`].
+pub fn read_json_large<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    read_json_up_to(path, STATE_READ_MAX_BYTES)
+}
+
+/// [`read_json`] of a file of at most `max` bytes.
+pub(crate) fn read_json_up_to<T: DeserializeOwned>(path: &Path, max: u64) -> Result<Option<T>> {
+    let bytes = match read_nofollow_up_to(path, max) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
