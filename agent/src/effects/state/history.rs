@@ -103,7 +103,7 @@ impl StateDir {
     /// All readable entries, oldest first.
     pub fn history(&self) -> Result<Vec<Entry>> {
         let path = self.history_path();
-        let bytes = match super::read_nofollow_up_to(&path, super::SMALL_STATE_READ_MAX_BYTES) {
+        let bytes = match super::read_nofollow(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),

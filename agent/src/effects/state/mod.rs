@@ -691,12 +691,13 @@ pub(crate) fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>
 /// inventory is moved aside and rebuilt, see `sync::state_repair`).
 pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
 
-/// The largest state file read that does not grow with the number of
-/// managed files (marks, the last run, metrics, history, a spooled event,
-/// the record of a saved original: each a few KB, the history a few
-/// hundred). Under [`STATE_READ_MAX_BYTES`], a sparse or damaged one of
-/// 512 MiB was read whole, into as much memory, on every run; now it is
-/// refused by its size and repaired like any corrupt file.
+/// The largest small state file read: a record of bounded size (metrics,
+/// the record of a saved original, a reboot permit, a FleetLock slot, a
+/// few KB each). Under [`STATE_READ_MAX_BYTES`], a sparse or damaged one
+/// of 512 MiB was read whole, into as much memory, on every run; now it is
+/// refused by its size like any corrupt file. Not for a file that can
+/// hold a long error message or a list of managed files (see
+/// [`read_json_large`]).
 pub const SMALL_STATE_READ_MAX_BYTES: u64 = 16 << 20;
 
 /// Whether reading a state file failed for the read's sake (EIO, EACCES,
@@ -796,15 +797,19 @@ pub fn read_inventory_at(path: &Path, log_name: &str) -> Result<Option<Inventory
     .map(|(inv, _)| Some(inv))
 }
 
-/// Reads a small JSON state file (at most [`SMALL_STATE_READ_MAX_BYTES`]:
-/// marks, the last run, metrics, a spooled event, the record of a saved
-/// original...); `Ok(None)` if it does not exist.
+/// Reads a small JSON state file, a record of bounded size (at most
+/// [`SMALL_STATE_READ_MAX_BYTES`]: metrics, the record of a saved
+/// original, a reboot permit, a FleetLock slot...); `Ok(None)` if it does
+/// not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     read_json_up_to(path, SMALL_STATE_READ_MAX_BYTES)
 }
 
-/// [`read_json`] of a file that grows with the number of managed files
-/// (a transaction's journal): up to [`STATE_READ_MAX_BYTES`].
+/// [`read_json`] of a file that can grow with the number of managed files
+/// or hold a long error message (a journal, the marks and the last run,
+/// whose halt reasons and errors can list every file of a failed revert;
+/// the record of reboots, listing every file that asked for one): up to
+/// [`STATE_READ_MAX_BYTES`].
 pub fn read_json_large<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     read_json_up_to(path, STATE_READ_MAX_BYTES)
 }
@@ -1728,5 +1733,33 @@ mod inventory_cache_tests {
         assert!(e.contains("is corrupt"), "{e}");
         std::fs::remove_file(state.inventory_path()).unwrap();
         assert!(state.inventory().unwrap().commit.is_none());
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    /// A small record's reader took the 1 GiB cap of the inventory: a
+    /// sparse or damaged metrics file of 512 MiB was read whole, into as
+    /// much memory, on every run. It is refused by its size now, as
+    /// content (repaired, not left as a failed read); a file that may be
+    /// large (a journal, the marks) is still read under the large cap.
+    #[test]
+    fn a_sparse_small_record_is_refused_by_its_own_cap_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("metrics-totals.json");
+        let size: u64 = 64 << 20;
+        File::create(&p).unwrap().set_len(size).unwrap();
+        let e = read_json::<serde_json::Value>(&p).unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!(
+                "{size} bytes, more than {SMALL_STATE_READ_MAX_BYTES}"
+            )),
+            "{e:#}"
+        );
+        assert!(!read_failed(&e));
+        let e = read_json_large::<serde_json::Value>(&p).unwrap_err();
+        assert!(!format!("{e:#}").contains("more than"), "{e:#}");
     }
 }
