@@ -42,7 +42,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -247,13 +247,18 @@ impl StateDir {
     /// random bytes, 0600), created on first use.
     pub fn hash_key(&self) -> Result<Vec<u8>> {
         let path = self.root.join("hash.key");
-        match read_nofollow_up_to(&path, 4096) {
-            Ok(k) if k.len() == 32 => return Ok(k),
-            Ok(_) => bail!(
+        let corrupt = || {
+            anyhow!(
                 "{} is corrupt (not 32 bytes): remove it to make a new one",
                 path.display()
-            ),
+            )
+        };
+        match read_nofollow_up_to(&path, 4096) {
+            Ok(k) if k.len() == 32 => return Ok(k),
+            Ok(_) => return Err(corrupt()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Refused by its size (no OS error): the same remedy.
+            Err(e) if e.raw_os_error().is_none() => return Err(corrupt()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
         let mut key = vec![0u8; 32];
@@ -1761,5 +1766,24 @@ mod cap_tests {
         assert!(!read_failed(&e));
         let e = read_json_large::<serde_json::Value>(&p).unwrap_err();
         assert!(!format!("{e:#}").contains("more than"), "{e:#}");
+    }
+
+    /// `hash.key` is read up to 4 KiB: a larger one said only "N bytes,
+    /// more than 4096", without the remedy a short one gets.
+    #[test]
+    fn an_oversized_hash_key_is_corrupt_with_its_remedy() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        for len in [31u64, 33, 1 << 20] {
+            File::create(d.path().join("hash.key"))
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+            let e = format!("{:#}", state.hash_key().unwrap_err());
+            assert!(
+                e.contains("is corrupt (not 32 bytes): remove it"),
+                "{len}: {e}"
+            );
+        }
     }
 }
