@@ -253,13 +253,16 @@ impl StateDir {
                 path.display()
             )
         };
-        match read_nofollow_up_to(&path, 4096) {
-            Ok(k) if k.len() == 32 => return Ok(k),
-            Ok(_) => return Err(corrupt()),
+        let cannot = || format!("cannot read {}", path.display());
+        match open_nofollow(&path) {
+            // Judged by its size before anything is read.
+            Ok((_, meta)) if meta.len() != 32 => return Err(corrupt()),
+            Ok((f, _)) => {
+                let k = read_up_to(f, 32, 32).with_context(cannot)?;
+                return if k.len() == 32 { Ok(k) } else { Err(corrupt()) };
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // Refused by its size (no OS error): the same remedy.
-            Err(e) if e.raw_os_error().is_none() => return Err(corrupt()),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => return Err(e).with_context(cannot),
         }
         let mut key = vec![0u8; 32];
         std::io::Read::read_exact(
@@ -1768,8 +1771,9 @@ mod cap_tests {
         assert!(!format!("{e:#}").contains("more than"), "{e:#}");
     }
 
-    /// `hash.key` is read up to 4 KiB: a larger one said only "N bytes,
-    /// more than 4096", without the remedy a short one gets.
+    /// `hash.key` is judged by its size before it is read: a larger one
+    /// said only "N bytes, more than 4096", without the remedy a short one
+    /// gets.
     #[test]
     fn an_oversized_hash_key_is_corrupt_with_its_remedy() {
         let d = tempfile::tempdir().unwrap();
