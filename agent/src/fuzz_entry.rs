@@ -98,7 +98,7 @@ pub fn state_file(data: &[u8]) {
                 >(line));
             }
         }
-        // `quick.json` through its own line decoder (the serde form is
+        // `quick.json` and `quick.delta` through their own line decoder (the serde form is
         // only its header line).
         5 => drop(crate::effects::state::quick::decode(rest)),
         6 => {

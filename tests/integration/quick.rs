@@ -204,7 +204,7 @@ fn the_record_is_newer_than_every_file_it_vouches_for() {
     let repo = templated_repo();
     let host = Host::new("h");
     host.sync(repo.path()).ok();
-    let record = std::fs::metadata(host.state.path().join("quick.json"))
+    let record = std::fs::metadata(host.state.path().join("quick.delta"))
         .unwrap()
         .modified()
         .unwrap();

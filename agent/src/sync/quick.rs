@@ -254,7 +254,7 @@ pub fn record(
                     contained.peek() == Some(&p)
                 };
                 last = Some(p);
-                s.map(|s| (p.clone(), s, is_contained))
+                s.map(|s| (p, s, is_contained))
             })
             .collect::<Option<Vec<_>>>()?;
         // Likewise a link; and an absent path that exists right after
@@ -284,21 +284,22 @@ pub fn record(
                 .map_err(|e| debug!("configuration cache not saved: {e:#}"))
                 .ok()
         });
-        Some(QuickRecord {
+        let record = QuickRecord {
             version: QUICK_VERSION,
             inputs: inputs.to_string(),
             commit: commit.to_string(),
             inventory: inventory_stamp,
             inventory_log: log_stamp,
             taken_at_ns,
-            files,
+            files: Vec::new(),
             units: units.to_vec(),
             links,
             absent: absent.to_vec(),
             directories,
             watched,
             config: config.map(str::to_string),
-        })
+        };
+        Some((record, files))
     });
     if let Err(e) = saved {
         debug!("quick check not recorded: {e:#}");

@@ -2,7 +2,7 @@
 //! or fully new, whatever instant the process dies at, and a commit counts
 //! as applied only once its health checks passed and its record is durable.
 //!
-//! 1. **Intent**: `quick.json` is removed, `tx/<txid>/inventory.before.json`
+//! 1. **Intent**: the quick-check record (`quick.delta`) is removed, `tx/<txid>/inventory.before.json`
 //!    and `tx/<txid>/intent.json` (the journal, `Preparing`) are written.
 //! 2. **Back up** each existing target into `tx/<txid>/backups/` by hard
 //!    link (free; the old inode survives the rename), or by copy across
@@ -54,7 +54,7 @@
 //!
 //! | barrier | makes durable | needed before |
 //! |---|---|---|
-//! | flush (1): `syncfs` per filesystem | staged files (data, owner, mode, name), backups, created directories, `inventory.before.json`, the journal's temp file, the removal of `quick.json` | the journal's rename: a `journal.json` whose name survives has a complete content and complete companions |
+//! | flush (1): `syncfs` per filesystem | staged files (data, owner, mode, name), backups, created directories, `inventory.before.json`, the journal's temp file, the removal of `quick.delta` | the journal's rename: a `journal.json` whose name survives has a complete content and complete companions |
 //! | flush (2): `fsync` of `tx/<txid>/` | the name `journal.json` | the first target is touched |
 //! | flush (3): `syncfs` per filesystem | the renames, in-place owner/mode changes and unlinks of the switch, and the `switched` mark | the checks run (a check that kills the host must be counted, see `marks`) and the commit record |
 //! | commit: `fsync` of the temp inventory, or with a new anti-rollback record one `syncfs` per filesystem for both temp files | the contents of the commit record (and of the floor) | their renames: never a torn inventory or floor |
@@ -62,7 +62,7 @@
 //!
 //! What each removed barrier was, and why dropping it weakens nothing:
 //!
-//! - **`quick.json` removal** (an `fsync` of the state directory): the
+//! - **`quick.delta` removal** (the quick-check record) (an `fsync` of the state directory): the
 //!   record must not survive a power loss once a target may have changed;
 //!   flush (1) precedes the first rename and covers the state filesystem.
 //! - **`inventory.before.json`** (file and directory `fsync`): it is read

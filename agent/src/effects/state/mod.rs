@@ -7,8 +7,9 @@
 //!                   line each; appending one commits (see `inventory_log`)
 //! history.jsonl     one JSON line per sync attempt (time, commit, result)
 //! last-run.json     the outcome of the latest sync, for `status`
-//! quick.json        stamps that let an idle poll skip rendering (a cache)
-//! config.cache      the loaded configuration of the commit quick.json names
+//! quick.json        stamps that let an idle poll skip rendering, one line per file (a cache)
+//! quick.delta       the quick-check record: its header and its changes to quick.json
+//! config.cache      the loaded configuration of the commit the quick-check record names
 //! mirror.git/       bare mirror of a remote source (local sources are read in place)
 //! tx/<txid>/        journal.json (intent.json before it), switched/committed
 //!                   marks, inventory.before.json, backups/ (latest transactions)
@@ -499,6 +500,7 @@ const STATE_ENTRIES: &[&str] = &[
     "last-run.json",
     "marks.json",
     "quick.json",
+    "quick.delta",
     "hash.key",
     "mirror.git",
     "tx",
