@@ -348,7 +348,9 @@ fn commits_update_exactly_what_a_full_sync_would() {
     for (step, file, content, expect, partial) in steps {
         repo.write(file, content);
         repo.commit(step);
-        let run = host.run(repo.path(), &["sync", "--once", "-v"]).ok();
+        let run = host
+            .run(repo.path(), &["sync", "--once", "-v", "--timings"])
+            .ok();
         assert!(
             run.stdout.contains(expect),
             "{step}: expected {expect:?} in:\n{}",
@@ -359,6 +361,14 @@ fn commits_update_exactly_what_a_full_sync_would() {
             *partial,
             "{step}: expected {} path:\n{}",
             if *partial { "the partial" } else { "the full" },
+            run.stderr
+        );
+        // Only the full path reads the new commit's tree whole; updating
+        // only what changed reads the entries it needs.
+        assert_eq!(
+            run.stderr.contains("timing: read-tree "),
+            !*partial,
+            "{step}:\n{}",
             run.stderr
         );
         assert_same_as_a_full_sync(&host, &repo, step);

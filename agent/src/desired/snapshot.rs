@@ -142,25 +142,75 @@ pub trait BlobSource: Send + Sync {
     fn read(&self, key: &[u8]) -> Result<Vec<u8>>;
 }
 
+/// Where a lazy snapshot finds its entries (the effects side: a commit's
+/// trees in gix's object database).
+pub trait TreeSource: Send + Sync {
+    /// The entry at `path` (relative, normalised), without following
+    /// symlinks; `None` if there is none (or a directory is there).
+    fn entry(&self, path: &str) -> Result<Option<Entry>>;
+    /// Every entry below `dir` (`""`: all of them), in path order.
+    fn walk(&self, dir: &str) -> Result<Vec<(String, Entry)>>;
+}
+
 /// The files of one commit (or one directory), keyed by relative path.
 /// Cloning is cheap: the entries are shared.
 #[derive(Clone, Default)]
 pub struct Snapshot {
     entries: Arc<BTreeMap<String, Entry>>,
     source: Option<Arc<dyn BlobSource>>,
+    /// Set for a snapshot whose entries are read from its tree when asked
+    /// for (`entries` is then empty).
+    lazy: Option<Arc<Lazy>>,
+}
+
+/// A snapshot read as it is used: most syncs of a large repository need
+/// a few entries of it, not its 10,000 (issue #18).
+///
+/// A point lookup reads the trees on that path; a walk of a directory
+/// reads that directory's tree; anything about the whole snapshot (its
+/// size, whether it holds a link, a comparison) reads it all, once. What
+/// each read found stays where it was put (`elsa`'s append-only maps),
+/// so the references handed out live as long as the snapshot.
+///
+/// A read that fails (a damaged object) cannot be an error where the
+/// interface has none (`entry`, `walk`): the entry reads as missing and
+/// the failure is kept; [`Snapshot::failure`] tells the caller that what
+/// it made from the snapshot cannot be trusted.
+struct Lazy {
+    tree: Box<dyn TreeSource>,
+    found: elsa::sync::FrozenMap<String, Box<(String, Option<Entry>)>>,
+    walked: elsa::sync::FrozenMap<String, Vec<(String, Entry)>>,
+    all: OnceLock<BTreeMap<String, Entry>>,
+    failure: OnceLock<String>,
+}
+
+impl Lazy {
+    fn fail(&self, e: &anyhow::Error) {
+        let _ = self.failure.set(format!("{e:#}"));
+    }
+
+    fn all(&self) -> &BTreeMap<String, Entry> {
+        self.all.get_or_init(|| match self.tree.walk("") {
+            Ok(entries) => entries.into_iter().collect(),
+            Err(e) => {
+                self.fail(&e);
+                BTreeMap::new()
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Snapshot")
-            .field("entries", &self.entries)
+            .field("entries", self.all())
             .finish_non_exhaustive()
     }
 }
 
 impl PartialEq for Snapshot {
     fn eq(&self, other: &Self) -> bool {
-        self.entries == other.entries
+        self.all() == other.all()
     }
 }
 
@@ -183,11 +233,83 @@ impl Snapshot {
         Snapshot {
             entries: Arc::new(entries.into_iter().collect()),
             source: Some(source),
+            lazy: None,
+        }
+    }
+
+    /// A snapshot whose entries are read from `tree` when asked for, and
+    /// their bytes from `source` (see [`Lazy`]). Only for a tree already
+    /// known to read without error: check [`Snapshot::failure`] after
+    /// using it.
+    pub fn lazy_tree(source: Arc<dyn BlobSource>, tree: Box<dyn TreeSource>) -> Self {
+        Snapshot {
+            entries: Arc::default(),
+            source: Some(source),
+            lazy: Some(Arc::new(Lazy {
+                tree,
+                found: elsa::sync::FrozenMap::new(),
+                walked: elsa::sync::FrozenMap::new(),
+                all: OnceLock::new(),
+                failure: OnceLock::new(),
+            })),
+        }
+    }
+
+    /// Why a lazy snapshot may have answered wrongly: the first read of
+    /// its tree that failed (an entry then read as missing). `None` for
+    /// every snapshot read whole.
+    pub fn failure(&self) -> Option<&str> {
+        self.lazy.as_ref()?.failure.get().map(String::as_str)
+    }
+
+    /// Whether this is a lazy snapshot that has not read its whole tree.
+    pub fn is_partly_read(&self) -> bool {
+        self.lazy.as_ref().is_some_and(|l| l.all.get().is_none())
+    }
+
+    /// The whole map: a lazy snapshot reads its tree (once).
+    fn all(&self) -> &BTreeMap<String, Entry> {
+        match &self.lazy {
+            Some(lazy) => lazy.all(),
+            None => &self.entries,
+        }
+    }
+
+    /// The entry at exactly `path`, with the key it is stored under.
+    fn get_key_value(&self, path: &str) -> Option<(&str, &Entry)> {
+        let Some(lazy) = &self.lazy else {
+            return self
+                .entries
+                .get_key_value(path)
+                .map(|(k, e)| (k.as_str(), e));
+        };
+        if let Some(all) = lazy.all.get() {
+            return all.get_key_value(path).map(|(k, e)| (k.as_str(), e));
+        }
+        let found = match lazy.found.get(path) {
+            Some(found) => found,
+            None => {
+                let entry = lazy.tree.entry(path).unwrap_or_else(|e| {
+                    lazy.fail(&e);
+                    None
+                });
+                lazy.found
+                    .insert(path.to_string(), Box::new((path.to_string(), entry)))
+            }
+        };
+        found.1.as_ref().map(|e| (found.0.as_str(), e))
+    }
+
+    /// Makes a lazy snapshot an ordinary one (before it is changed).
+    fn make_whole(&mut self) {
+        if let Some(lazy) = self.lazy.take() {
+            self.entries = Arc::new(lazy.all().clone());
         }
     }
 
     /// Adds a regular file. `path` must be relative and normalised.
     pub fn insert_file(&mut self, path: impl Into<String>, bytes: Vec<u8>, executable: bool) {
+        self.make_whole();
         let content = Content {
             key: None,
             bytes: OnceLock::from(bytes),
@@ -203,6 +325,7 @@ impl Snapshot {
 
     /// Adds a symbolic link with the given link text.
     pub fn insert_symlink(&mut self, path: impl Into<String>, target: impl Into<String>) {
+        self.make_whole();
         Arc::make_mut(&mut self.entries).insert(
             path.into(),
             Entry::Symlink {
@@ -213,27 +336,27 @@ impl Snapshot {
 
     /// Whether any entry is a symbolic link.
     pub fn has_symlinks(&self) -> bool {
-        self.entries
+        self.all()
             .values()
             .any(|e| matches!(e, Entry::Symlink { .. }))
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.all().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.all().is_empty()
     }
 
     /// The raw entry at `path`, without following symlinks.
     pub fn entry(&self, path: &str) -> Option<&Entry> {
-        self.entries.get(path)
+        self.get_key_value(path).map(|(_, e)| e)
     }
 
     /// True if `path` names a file or symlink in the snapshot.
     pub fn contains(&self, path: &str) -> bool {
-        self.entries.contains_key(path)
+        self.get_key_value(path).is_some()
     }
 
     /// Reads the file at `path`, following symlinks that stay inside the
@@ -278,7 +401,7 @@ impl Snapshot {
         // Borrowed until a symlink is followed: most lookups are direct.
         let mut current = std::borrow::Cow::Borrowed(path);
         for _ in 0..MAX_SYMLINK_HOPS {
-            match self.entries.get_key_value(current.as_ref()) {
+            match self.get_key_value(current.as_ref()) {
                 None => {
                     if current.as_ref() == path {
                         return Ok(None);
@@ -313,7 +436,7 @@ impl Snapshot {
     /// The bytes of the file entry at exactly `path` (no symlink
     /// following); `Ok(None)` if it is not a regular file.
     pub fn read_file(&self, path: &str) -> Result<Option<&[u8]>> {
-        match self.entries.get(path) {
+        match self.entry(path) {
             Some(Entry::File { content, .. }) => self.load(path, content).map(Some),
             _ => Ok(None),
         }
@@ -324,7 +447,7 @@ impl Snapshot {
     /// (A sync compares two commits' trees without reading them whole:
     /// `effects::fetch::tree_changes`; this is its reference.)
     pub fn changes(&self, other: &Snapshot) -> Vec<Changed> {
-        let kind = |s: &Snapshot, p: &str| s.entries.get(p).map(Entry::kind);
+        let kind = |s: &Snapshot, p: &str| s.all().get(p).map(Entry::kind);
         self.changed_paths(other)
             .into_iter()
             .map(|path| Changed {
@@ -340,10 +463,7 @@ impl Snapshot {
     /// ids, so nothing is read.
     pub fn changed_paths(&self, other: &Snapshot) -> Vec<String> {
         let mut out = Vec::new();
-        let (mut a, mut b) = (
-            self.entries.iter().peekable(),
-            other.entries.iter().peekable(),
-        );
+        let (mut a, mut b) = (self.all().iter().peekable(), other.all().iter().peekable());
         loop {
             match (a.peek(), b.peek()) {
                 (None, None) => break,
@@ -378,16 +498,32 @@ impl Snapshot {
     }
 
     /// All entries whose path starts with `dir/` (recursively), in order.
-    pub fn walk<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
+    pub fn walk<'a>(&'a self, dir: &str) -> Box<dyn Iterator<Item = (&'a str, &'a Entry)> + 'a> {
+        let dir = dir.trim_end_matches('/');
+        if let Some(lazy) = self.lazy.as_ref().filter(|l| l.all.get().is_none()) {
+            let walked = match lazy.walked.get(dir) {
+                Some(walked) => walked,
+                None => {
+                    let entries = lazy.tree.walk(dir).unwrap_or_else(|e| {
+                        lazy.fail(&e);
+                        Vec::new()
+                    });
+                    lazy.walked.insert(dir.to_string(), entries)
+                }
+            };
+            return Box::new(walked.iter().map(|(k, v)| (k.as_str(), v)));
+        }
         let prefix = if dir.is_empty() {
             String::new()
         } else {
-            format!("{}/", dir.trim_end_matches('/'))
+            format!("{dir}/")
         };
-        self.entries
-            .range(prefix.clone()..)
-            .take_while(move |(k, _)| k.starts_with(&prefix))
-            .map(|(k, v)| (k.as_str(), v))
+        Box::new(
+            self.all()
+                .range(prefix.clone()..)
+                .take_while(move |(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.as_str(), v)),
+        )
     }
 }
 

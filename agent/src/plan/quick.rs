@@ -94,6 +94,24 @@ pub struct QuickRecord {
     /// loaded configuration (`effects::state::config_cache`), if saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// What the commit's tree holds, as far as a sync that reads only a
+    /// few of its entries must know (see [`Tree`]); `None` if unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<Tree>,
+}
+
+/// Two facts about a commit's whole tree (below `path`) that a sync
+/// reading only some of its entries (`Snapshot::lazy_tree`) needs: how
+/// many files and links it holds (a tree over the limit is refused), and
+/// whether any is a link (a tree with links is loaded again rather than
+/// from the configuration cache). A commit that changed only regular
+/// files has its predecessor's links, and its count follows from what
+/// was added and removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tree {
+    pub entries: usize,
+    pub links: bool,
 }
 
 /// Everything, besides the commit, that the rendered result depends on.
@@ -321,6 +339,7 @@ mod tests {
             ],
             units: vec![],
             config: None,
+            tree: None,
         }
     }
 

@@ -206,6 +206,33 @@ pub fn read_snapshot(settings: &Settings, head: Head) -> Result<Fetched, Error> 
     })
 }
 
+/// [`read_snapshot`] read as it is used (see `run::lazy_tree` for when
+/// that is sound); the head is kept for a whole read after all.
+pub(super) fn read_snapshot_lazily(settings: &Settings, head: &Head) -> Result<Fetched, Error> {
+    let snapshot =
+        fetch::read_tree_lazily(&head.repo, head.id, &settings.path, settings.limits.file)
+            .kind(Failure::InvalidRepo)?;
+    Ok(Fetched {
+        commit: head.commit.clone(),
+        commit_time: head.commit_time,
+        summary: head.summary.clone(),
+        snapshot,
+    })
+}
+
+/// A plan made from a snapshot read lazily is only as good as its reads:
+/// an error if one failed (an entry then read as missing).
+fn fully_read(fetched: &Fetched) -> Result<(), Error> {
+    match fetched.snapshot.failure() {
+        None => Ok(()),
+        Some(why) => Err(anyhow!(
+            "cannot read the tree of commit {}: {why}",
+            short(&fetched.commit)
+        ))
+        .kind(Failure::InvalidRepo),
+    }
+}
+
 /// Fetches the configured commit and enforces the trust policy: the new
 /// tip must descend from every commit in `applied` (the inventory's commit
 /// and the anti-rollback floor, see [`floor`]), and with `require_signed`
@@ -403,7 +430,9 @@ pub fn plan_for(
     facts: &serde_json::Value,
 ) -> Result<Plan, Error> {
     let config = load_config(settings, &fetched.snapshot)?;
-    plan_files(settings, state, fs, fetched, facts, &config, None)
+    let plan = plan_files(settings, state, fs, fetched, facts, &config, None);
+    fully_read(fetched)?;
+    plan
 }
 
 /// [`plan_for`] in a sync: the loaded configuration is also saved as the

@@ -141,14 +141,14 @@ pub fn assess(
 
 /// What a successful sync left under management, for [`record`].
 pub struct Managed<'a> {
-    pub files: &'a [TargetPath],
+    pub files: &'a [&'a TargetPath],
     /// The files whose content depends only on their own source.
     pub self_contained: &'a BTreeSet<TargetPath>,
-    pub links: &'a [TargetPath],
+    pub links: &'a [&'a TargetPath],
     /// Every declared absent path.
     pub absent: &'a [TargetPath],
     /// Every managed directory.
-    pub directories: &'a [TargetPath],
+    pub directories: &'a [&'a TargetPath],
     /// Other paths whose change means a full sync.
     pub watched: &'a [TargetPath],
     /// The configuration cache of this commit (see `Plan::config_cache`).
@@ -156,7 +156,9 @@ pub struct Managed<'a> {
     /// This run's quick check, if it ran and found only `drifted` files.
     pub verified: Option<&'a Verified>,
     /// The files this transaction wrote (or changed the owner or mode of).
-    pub written: &'a BTreeSet<TargetPath>,
+    pub written: &'a BTreeSet<&'a TargetPath>,
+    /// What the commit's tree holds (see [`quick::Tree`]), if known.
+    pub tree: Option<quick::Tree>,
 }
 
 /// What the quick check at the start of a run proved: every file of
@@ -178,12 +180,12 @@ pub struct Verified {
 /// verified, so the next poll repairs it instead of vouching for it.
 fn file_stamps(
     fs: &RootFs,
-    managed: &[TargetPath],
+    managed: &[&TargetPath],
     verified: Option<&Verified>,
-    written: &BTreeSet<TargetPath>,
+    written: &BTreeSet<&TargetPath>,
 ) -> Vec<Option<Stamp>> {
     let Some(verified) = verified else {
-        return fs.stamps(managed);
+        return fs.stamps(managed.iter().copied());
     };
     let mut old = verified.record.files.iter().peekable();
     let mut out: Vec<Option<Stamp>> = Vec::with_capacity(managed.len());
@@ -191,9 +193,9 @@ fn file_stamps(
     for path in managed {
         // Both lists are in path order (the inventory's); a path found out
         // of order is simply stamped again.
-        while old.next_if(|(p, _, _)| p < path).is_some() {}
+        while old.next_if(|(p, _, _)| p < *path).is_some() {}
         let reuse = old
-            .next_if(|(p, _, _)| p == path)
+            .next_if(|(p, _, _)| p == *path)
             .filter(|_| !written.contains(path) && !verified.drifted.contains(path))
             .map(|(_, stamp, _)| *stamp);
         if reuse.is_none() {
@@ -201,7 +203,7 @@ fn file_stamps(
         }
         out.push(reuse);
     }
-    let fresh = fs.stamps(missing.iter().map(|&i| &managed[i]));
+    let fresh = fs.stamps(missing.iter().map(|&i| managed[i]));
     for (i, stamp) in missing.into_iter().zip(fresh) {
         out[i] = stamp;
     }
@@ -230,6 +232,7 @@ pub fn record(
         verified,
         written,
         config,
+        tree,
     } = managed;
     let Some(inventory_stamp) = stamp_path(&state.inventory_path()) else {
         return;
@@ -251,23 +254,23 @@ pub fn record(
                     self_contained.contains(p)
                 } else {
                     while contained.next_if(|q| *q < p).is_some() {}
-                    contained.peek() == Some(&p)
+                    contained.peek() == Some(p)
                 };
                 last = Some(p);
-                s.map(|s| (p, s, is_contained))
+                s.map(|s| (*p, s, is_contained))
             })
             .collect::<Option<Vec<_>>>()?;
         // Likewise a link; and an absent path that exists right after
         // the sync (re-created at once) is simply not recorded as held.
         let links = links
             .iter()
-            .zip(fs.stamps(links))
-            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .zip(fs.stamps(links.iter().copied()))
+            .map(|(p, s)| s.map(|s| ((*p).clone(), s)))
             .collect::<Option<Vec<_>>>()?;
         let directories = directories
             .iter()
-            .zip(fs.stamps(directories))
-            .map(|(p, s)| s.map(|s| (p.clone(), s)))
+            .zip(fs.stamps(directories.iter().copied()))
+            .map(|(p, s)| s.map(|s| ((*p).clone(), s)))
             .collect::<Option<Vec<_>>>()?;
         let watched = watched
             .iter()
@@ -298,6 +301,7 @@ pub fn record(
             directories,
             watched,
             config: config.map(str::to_string),
+            tree,
         };
         Some((record, files))
     });

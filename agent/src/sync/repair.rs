@@ -136,7 +136,13 @@ fn plan_inner(
     // or `driftless.toml`) that links to a file under `files/` changes
     // with it. So a tree with any link is loaded again (links in a
     // configuration repository are rare; precision is not worth the risk).
-    let same_config = same_config && !snap.has_symlinks();
+    // (Read lazily, the tree's links are the recorded commit's: see
+    // `run::lazy_tree`.)
+    let links = match record.tree.filter(|_| snap.is_partly_read()) {
+        Some(tree) => tree.links,
+        None => snap.has_symlinks(),
+    };
+    let same_config = same_config && !links;
     let reuse = record
         .config
         .as_deref()

@@ -78,7 +78,8 @@ pub fn sync_once(
                 prepared,
                 inputs,
                 verified,
-            } => apply_phase(&mut pass, prepared, &inputs, verified),
+                tree,
+            } => apply_phase(&mut pass, prepared, &inputs, verified, tree),
         }
     })();
     if fleet_rollback {
@@ -356,6 +357,8 @@ enum Planned {
         /// The quick check of this run: every file of the record but the
         /// drifted ones still had its recorded stamp.
         verified: Option<quick::Verified>,
+        /// What the commit's tree holds, for the quick-check record.
+        tree: Option<crate::plan::quick::Tree>,
     },
 }
 
@@ -399,7 +402,52 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         .as_ref()
         .filter(|(record, _)| record.commit != head.commit)
         .and_then(|(record, _)| read_changes(settings, &head, &record.commit));
+    // Updating only what changed reads only the entries it needs of the
+    // tree (not 10,000 of them), when the tree is known to read whole
+    // without error: see `lazy_tree`.
+    if let Some(((record, drifted), tree)) = partial
+        .as_ref()
+        .and_then(|p| Some((p, lazy_tree(&p.0, &head.commit, changes.as_deref())?)))
+    {
+        let planned = super::read_snapshot_lazily(settings, &head).map(|fetched| {
+            let plan = repair::plan(
+                settings,
+                &pass.state,
+                &pass.fs,
+                &fetched,
+                &facts,
+                record,
+                drifted,
+                changes.as_deref(),
+            );
+            plan.map(|plan| Prepared { fetched, plan })
+        });
+        match planned {
+            Ok(Some(prepared)) if prepared.fetched.snapshot.failure().is_none() => {
+                failpoint::hit("sync.planned").kind(Failure::Failed)?;
+                return Ok(Planned::Full {
+                    prepared,
+                    inputs,
+                    verified: partial.map(|(record, drifted)| quick::Verified { record, drifted }),
+                    tree: Some(tree),
+                });
+            }
+            Ok(Some(prepared)) => tracing::debug!(
+                "reading the tree entry by entry failed ({}); reading it whole",
+                prepared.fetched.snapshot.failure().unwrap_or_default()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(
+                "cannot read the tree entry by entry ({:#}); reading it whole",
+                e.error
+            ),
+        }
+    }
     let fetched = read_snapshot(settings, head)?;
+    let tree = Some(crate::plan::quick::Tree {
+        entries: fetched.snapshot.len(),
+        links: fetched.snapshot.has_symlinks(),
+    });
     let repaired = partial.as_ref().and_then(|(record, drifted)| {
         repair::plan(
             settings,
@@ -421,6 +469,45 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         prepared: Prepared { fetched, plan },
         inputs,
         verified: partial.map(|(record, drifted)| quick::Verified { record, drifted }),
+        tree,
+    })
+}
+
+/// What the fetched commit's tree holds, if it is known to read whole
+/// without error, so that a sync may read only the entries it needs
+/// (`None`: it is read whole).
+///
+/// Known: the record's commit was read (whole, or by this same argument)
+/// by a sync of this agent that succeeded, its tree's count and links are
+/// recorded, and the fetched commit is that one, or differs from it only
+/// in regular files (`changes`, found by comparing the trees, which
+/// checks every tree that differs as a whole read does) and stays within
+/// the limit on entries. Every tree the fetched commit shares with the
+/// recorded one read whole before; every other one was just checked.
+fn lazy_tree(
+    record: &crate::plan::quick::QuickRecord,
+    commit: &str,
+    changes: Option<&[crate::desired::snapshot::Changed]>,
+) -> Option<crate::plan::quick::Tree> {
+    use crate::desired::snapshot::Kind;
+    let tree = record.tree?;
+    if record.commit == commit {
+        return Some(tree);
+    }
+    let mut entries = tree.entries;
+    for c in changes? {
+        if c.before == Some(Kind::Symlink) || c.after == Some(Kind::Symlink) {
+            return None;
+        }
+        match (c.before, c.after) {
+            (None, Some(_)) => entries += 1,
+            (Some(_), None) => entries = entries.checked_sub(1)?,
+            _ => {}
+        }
+    }
+    (entries <= crate::effects::fetch::MAX_TREE_ENTRIES).then_some(crate::plan::quick::Tree {
+        entries,
+        links: tree.links,
     })
 }
 
@@ -432,6 +519,7 @@ fn apply_phase(
     prepared: Prepared,
     inputs: &str,
     verified: Option<quick::Verified>,
+    tree: Option<crate::plan::quick::Tree>,
 ) -> Result<Report, Error> {
     let commit = prepared.fetched.commit.clone();
     pass.secrets_decrypted = prepared.plan.secrets_decrypted;
@@ -454,27 +542,16 @@ fn apply_phase(
         marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
     }
     let commit_time = prepared.fetched.commit_time;
-    let units = prepared.plan.units.clone();
-    let managed: Vec<_> = prepared.plan.next_inventory.files.keys().cloned().collect();
-    let self_contained = prepared.plan.self_contained.clone();
-    let config_cache = prepared.plan.config_cache.clone();
-    // What this transaction writes is stamped again; see `quick::record`.
-    let written: std::collections::BTreeSet<_> = prepared
-        .plan
-        .changes
-        .iter()
-        .map(|c| c.path.clone())
-        .collect();
-    let links: Vec<_> = prepared.plan.next_inventory.links.keys().cloned().collect();
-    let absent = prepared.plan.absent_paths.clone();
-    let directories: Vec<_> = prepared
-        .plan
-        .next_inventory
-        .directories
-        .keys()
-        .cloned()
-        .collect();
-    let watched: Vec<crate::desired::spec::TargetPath> = if prepared.plan.packages_declared {
+    pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
+    let report = deploy(pass, prepared)?;
+    failpoint::hit("sync.floor").kind(Failure::Failed)?;
+    raise_floor(pass.settings, &commit, commit_time, pass.now);
+    failpoint::hit("sync.quick").kind(Failure::Failed)?;
+    // From the plan as deployed: the packages stage may have planned the
+    // files again (`Plan::replace_files`), and its changes are what this
+    // transaction wrote. Borrowed, not copied (10,000 paths).
+    let plan = &report.plan;
+    let watched: Vec<crate::desired::spec::TargetPath> = if plan.packages_declared {
         vec![
             crate::desired::spec::TargetPath::parse(crate::effects::packages::DPKG_STATUS)
                 .map_err(|e| anyhow!("{e}"))
@@ -483,27 +560,26 @@ fn apply_phase(
     } else {
         Vec::new()
     };
-    pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
-    let report = deploy(pass, prepared)?;
-    failpoint::hit("sync.floor").kind(Failure::Failed)?;
-    raise_floor(pass.settings, &commit, commit_time, pass.now);
-    failpoint::hit("sync.quick").kind(Failure::Failed)?;
+    let inventory = &plan.next_inventory;
     quick::record(
         &pass.state,
         &pass.fs,
         &commit,
         inputs,
-        &units,
+        &plan.units,
         quick::Managed {
-            files: &managed,
-            self_contained: &self_contained,
-            links: &links,
-            absent: &absent,
-            directories: &directories,
+            files: &inventory.files.keys().collect::<Vec<_>>(),
+            self_contained: &plan.self_contained,
+            links: &inventory.links.keys().collect::<Vec<_>>(),
+            absent: &plan.absent_paths,
+            directories: &inventory.directories.keys().collect::<Vec<_>>(),
             watched: &watched,
             verified: verified.as_ref(),
-            written: &written,
-            config: config_cache.as_ref(),
+            // What this transaction wrote is stamped again; see
+            // `quick::record`.
+            written: &plan.changes.iter().map(|c| &c.path).collect(),
+            config: plan.config_cache.as_ref(),
+            tree,
         },
     );
     Ok(report)

@@ -321,6 +321,21 @@ pub fn read_tree(
     tree::read(repo, commit, sub_path, max_file)
 }
 
+/// [`read_tree`], read as it is used (`Snapshot::lazy_tree`): only for a
+/// commit whose tree is known to read whole without error (see
+/// `sync::run`), since a read that fails then is no error of its own.
+pub fn read_tree_lazily(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    max_file: u64,
+) -> Result<Snapshot> {
+    tree::read_lazily(repo, commit, sub_path, max_file)
+}
+
+/// The most files and links a commit's tree may hold (below `path`).
+pub const MAX_TREE_ENTRIES: usize = tree::MAX_ENTRIES;
+
 /// Reads a working directory (`dir`, below it `sub_path`) into a
 /// [`Snapshot`] as untrusted as a commit's: files read when used, refused
 /// over `max_file` bytes, links never followed (see `workdir`).

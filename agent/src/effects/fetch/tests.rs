@@ -1498,3 +1498,87 @@ fn a_commit_of_more_files_than_a_snapshot_holds_is_refused() {
         "{err}"
     );
 }
+
+/// A tree read as it is used answers every question exactly as the same
+/// tree read whole: each entry (files, executables, links, at every
+/// depth and below a sub-path), each walk, what is not an entry (a
+/// directory, a path through a file, a name no tree has), and the whole
+/// snapshot once something asks for all of it.
+#[test]
+fn a_tree_read_lazily_answers_as_the_tree_read_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
+    let max = crate::desired::guard::Limits::default().file;
+    for sub in ["", "sub"] {
+        let whole = read_tree_t(&repo, head, sub).unwrap();
+        let lazy = read_tree_lazily(&repo, head, sub, max).unwrap();
+        assert!(lazy.is_partly_read());
+        let paths: Vec<String> = whole.walk("").map(|(p, _)| p.to_string()).collect();
+        for p in &paths {
+            assert_eq!(lazy.entry(p), whole.entry(p), "{sub:?} {p}");
+            assert_eq!(lazy.read(p).unwrap(), whole.read(p).unwrap(), "{sub:?} {p}");
+        }
+        for p in [
+            "",
+            "bin",
+            "sub",
+            "sub/dir",
+            "many",
+            "nope",
+            "README/x",
+            "sub//top.txt",
+            "dir/../top.txt",
+        ] {
+            assert_eq!(lazy.entry(p), whole.entry(p), "{sub:?} {p:?}");
+            let walked = |s: &Snapshot| {
+                s.walk(p)
+                    .map(|(k, e)| (k.to_string(), e.clone()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(walked(&lazy), walked(&whole), "walk {sub:?} {p:?}");
+        }
+        assert!(
+            lazy.is_partly_read(),
+            "a lookup or a walk read the whole tree"
+        );
+        assert_eq!(lazy.failure(), None);
+        assert_eq!(lazy.len(), whole.len());
+        assert_eq!(lazy.has_symlinks(), whole.has_symlinks());
+        assert!(!lazy.is_partly_read());
+        assert!(lazy == whole);
+    }
+}
+
+/// A lazy read that fails (an object gone from the store) is no answer:
+/// the entry reads as missing and the snapshot says why, so that what was
+/// made from it is not used (the sync reads the tree whole instead).
+#[test]
+fn a_lazy_read_that_fails_is_kept_as_the_snapshots_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, head) = fixture_repo(tmp.path());
+    let repo = open(&spec(Location::Local(work.clone()), "main"), tmp.path()).unwrap();
+    let lazy = read_tree_lazily(
+        &repo,
+        head,
+        "",
+        crate::desired::guard::Limits::default().file,
+    )
+    .unwrap();
+    // The tree of `sub/dir`, removed after the snapshot was made.
+    let dir_tree = git(&work, &["rev-parse", "HEAD:sub/dir"]);
+    let loose = repo
+        .objects
+        .store_ref()
+        .path()
+        .join(&dir_tree[..2])
+        .join(&dir_tree[2..]);
+    std::fs::remove_file(&loose).unwrap();
+    assert_eq!(lazy.entry("sub/dir/conf.toml"), None);
+    let why = lazy.failure().expect("a failure");
+    assert!(why.contains("sub/dir"), "{why}");
+    assert_eq!(
+        lazy.entry("README").map(Entry::kind),
+        Some(crate::desired::snapshot::Kind::File)
+    );
+}

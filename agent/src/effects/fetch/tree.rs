@@ -3,9 +3,10 @@
 use anyhow::{bail, Context, Result};
 use gix::objs::tree::EntryKind;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use crate::desired::snapshot::{Changed, Entry, Kind, Snapshot};
+use crate::desired::snapshot::{Changed, Entry, Kind, Snapshot, TreeSource};
 
 /// The tree of `commit` at `sub_path` (normalised).
 fn start(repo: &gix::Repository, commit: gix::ObjectId, sub_path: &str) -> Result<gix::ObjectId> {
@@ -60,23 +61,39 @@ pub(super) fn read_at_most(
 ) -> Result<Snapshot> {
     let sub_path = normalise_sub_path(sub_path)?;
     let start = start(repo, commit, sub_path.as_str())?;
+    let entries = read_below(repo, commit, &sub_path, start, String::new(), max_entries)?;
+    let source = Arc::new(super::blobs::Blobs::new(repo, max_file));
+    Ok(Snapshot::lazy_from(source, entries))
+}
+
+/// The files and links below tree `start` (the directory `dir`, relative
+/// to `sub_path`), at most `max_entries` of them, every tree on the way
+/// checked (see [`items`]).
+fn read_below(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    start: gix::ObjectId,
+    dir: String,
+    max_entries: usize,
+) -> Result<Vec<(String, Entry)>> {
     let mut entries = Vec::new();
     // (tree id, path of that tree relative to sub_path)
-    let mut pending = vec![(start, String::new())];
+    let mut pending = vec![(start, dir)];
     while let Some((tree_id, dir)) = pending.pop() {
         let tree = find_tree(repo, tree_id).with_context(|| {
             format!(
                 "cannot read directory {} of commit {commit}",
-                shown(&sub_path, &dir)
+                shown(sub_path, &dir)
             )
         })?;
         let items = items(&tree, repo.object_hash())
-            .with_context(|| format!("directory {} of commit {commit}", shown(&sub_path, &dir)))?;
+            .with_context(|| format!("directory {} of commit {commit}", shown(sub_path, &dir)))?;
         for entry in items {
             let name = std::str::from_utf8(entry.name).with_context(|| {
                 format!(
                     "{}/{}: file names must be UTF-8 (commit {commit})",
-                    shown(&sub_path, &dir),
+                    shown(sub_path, &dir),
                     String::from_utf8_lossy(entry.name)
                 )
             })?;
@@ -96,38 +113,203 @@ pub(super) fn read_at_most(
                 EntryKind::Tree => pending.push((oid, path)),
                 _ if entries.len() >= max_entries => bail!(
                     "commit {commit} has more than {max_entries} files below {}: driftless reads configuration repositories, not data; set `path` to the configuration's directory",
-                    shown(&sub_path, "")
+                    shown(sub_path, "")
                 ),
-                kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
-                    entries.push((path, Entry::blob(oid.as_bytes().to_vec(), kind == EntryKind::BlobExecutable)));
+                kind => {
+                    let entry = leaf(repo, commit, sub_path, kind, oid, &path)?;
+                    entries.push((path, entry));
                 }
-                EntryKind::Link => {
-                    let size = repo.find_header(oid).map_or(0, |h| h.size());
-                    if size > MAX_LINK_TARGET {
-                        bail!(
-                            "symlink {} in commit {commit}: its target is {size} bytes, longer than a path can be ({MAX_LINK_TARGET})",
-                            full(&sub_path, &path)
-                        );
-                    }
-                    let blob = repo
-                        .find_blob(oid)
-                        .with_context(|| format!("cannot read symlink {} in commit {commit}", full(&sub_path, &path)))?;
-                    let target = std::str::from_utf8(&blob.data)
-                        .with_context(|| {
-                            format!("symlink {}: link target must be UTF-8 (commit {commit})", full(&sub_path, &path))
-                        })?
-                        .to_string();
-                    entries.push((path, Entry::Symlink { target }));
-                }
-                EntryKind::Commit => bail!(
-                    "{} is a git submodule (commit {commit}); submodules are not supported: vendor its files into the repository instead",
-                    full(&sub_path, &path)
-                ),
             }
         }
     }
+    Ok(entries)
+}
+
+/// The snapshot entry of a file or link of the tree (`path`, relative to
+/// `sub_path`, for messages): a file's bytes are read when used, a link's
+/// target now.
+fn leaf(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    kind: EntryKind,
+    oid: gix::ObjectId,
+    path: &str,
+) -> Result<Entry> {
+    match kind {
+        EntryKind::Blob | EntryKind::BlobExecutable => Ok(Entry::blob(
+            oid.as_bytes().to_vec(),
+            kind == EntryKind::BlobExecutable,
+        )),
+        EntryKind::Link => {
+            let size = repo.find_header(oid).map_or(0, |h| h.size());
+            if size > MAX_LINK_TARGET {
+                bail!(
+                    "symlink {} in commit {commit}: its target is {size} bytes, longer than a path can be ({MAX_LINK_TARGET})",
+                    full(sub_path, path)
+                );
+            }
+            let blob = repo
+                .find_blob(oid)
+                .with_context(|| format!("cannot read symlink {} in commit {commit}", full(sub_path, path)))?;
+            let target = std::str::from_utf8(&blob.data)
+                .with_context(|| {
+                    format!("symlink {}: link target must be UTF-8 (commit {commit})", full(sub_path, path))
+                })?
+                .to_string();
+            Ok(Entry::Symlink { target })
+        }
+        EntryKind::Commit => bail!(
+            "{} is a git submodule (commit {commit}); submodules are not supported: vendor its files into the repository instead",
+            full(sub_path, path)
+        ),
+        EntryKind::Tree => bail!("{} is a directory, not a file", full(sub_path, path)),
+    }
+}
+
+/// A commit's tree read as a [`Snapshot`] is used (see
+/// `Snapshot::lazy_tree`): a lookup reads the trees on its path, a walk
+/// the directory's trees, each checked as the whole read checks them.
+pub(super) struct LazyTree {
+    repo: Mutex<gix::Repository>,
+    commit: gix::ObjectId,
+    sub_path: String,
+    start: gix::ObjectId,
+    /// Each tree read so far (its object's data): a sync looks up a few
+    /// entries of one directory of 10,000.
+    listings: Mutex<HashMap<gix::ObjectId, Arc<Vec<u8>>>>,
+}
+
+/// [`read`], lazily: for a commit known to read whole without error.
+pub(super) fn read_lazily(
+    repo: &gix::Repository,
+    commit: gix::ObjectId,
+    sub_path: &str,
+    max_file: u64,
+) -> Result<Snapshot> {
+    let sub_path = normalise_sub_path(sub_path)?;
+    let start = start(repo, commit, sub_path.as_str())?;
     let source = Arc::new(super::blobs::Blobs::new(repo, max_file));
-    Ok(Snapshot::lazy_from(source, entries))
+    let tree = LazyTree {
+        repo: Mutex::new(repo.clone()),
+        commit,
+        sub_path,
+        start,
+        listings: Mutex::default(),
+    };
+    Ok(Snapshot::lazy_tree(source, Box::new(tree)))
+}
+
+impl LazyTree {
+    /// What is at `path`: a tree's id, or a leaf's kind and id; `None`
+    /// if nothing is.
+    fn find(
+        &self,
+        repo: &gix::Repository,
+        path: &str,
+    ) -> Result<Option<(EntryKind, gix::ObjectId)>> {
+        let mut at = (EntryKind::Tree, self.start);
+        let mut dir = String::new();
+        for name in path.split('/').filter(|_| !path.is_empty()) {
+            if at.0 != EntryKind::Tree {
+                return Ok(None);
+            }
+            let listing = self.listing(repo, at.1, &dir)?;
+            let mut found = None;
+            for entry in gix::objs::TreeRefIter::from_bytes(&listing, repo.object_hash()) {
+                let entry = entry.with_context(|| {
+                    format!(
+                        "cannot decode directory {} of commit {}",
+                        shown(&self.sub_path, &dir),
+                        self.commit
+                    )
+                })?;
+                if entry.filename == name.as_bytes() {
+                    found = Some((entry.mode.kind(), entry.oid.to_owned()));
+                    break;
+                }
+            }
+            let Some(found) = found else {
+                return Ok(None);
+            };
+            at = found;
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(name);
+        }
+        Ok(Some(at))
+    }
+}
+
+impl LazyTree {
+    /// The data of tree object `id` (directory `dir`).
+    ///
+    /// Not checked again as a whole read checks a tree ([`items`]): every
+    /// tree of a commit read this way was checked before, by the sync
+    /// that read the recorded commit (whole, or by this same argument),
+    /// or by the comparison that found it changed since (see
+    /// `sync::run::lazy_tree`). What such a check refuses (a name twice,
+    /// a `/` in a name) would have refused the commit then.
+    fn listing(
+        &self,
+        repo: &gix::Repository,
+        id: gix::ObjectId,
+        dir: &str,
+    ) -> Result<Arc<Vec<u8>>> {
+        let mut listings = self
+            .listings
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
+        if let Some(listing) = listings.get(&id) {
+            return Ok(Arc::clone(listing));
+        }
+        let tree = find_tree(repo, id).with_context(|| {
+            format!(
+                "cannot read directory {} of commit {}",
+                shown(&self.sub_path, dir),
+                self.commit
+            )
+        })?;
+        let listing = Arc::new(tree.detach().data);
+        listings.insert(id, Arc::clone(&listing));
+        Ok(listing)
+    }
+}
+
+impl TreeSource for LazyTree {
+    fn entry(&self, path: &str) -> Result<Option<Entry>> {
+        let repo = self
+            .repo
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
+        match self.find(&repo, path)? {
+            None | Some((EntryKind::Tree, _)) => Ok(None),
+            Some((kind, oid)) => {
+                leaf(&repo, self.commit, &self.sub_path, kind, oid, path).map(Some)
+            }
+        }
+    }
+
+    fn walk(&self, dir: &str) -> Result<Vec<(String, Entry)>> {
+        let repo = self
+            .repo
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
+        let Some((EntryKind::Tree, id)) = self.find(&repo, dir)? else {
+            return Ok(Vec::new());
+        };
+        let mut entries = read_below(
+            &repo,
+            self.commit,
+            &self.sub_path,
+            id,
+            dir.to_string(),
+            MAX_ENTRIES,
+        )?;
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(entries)
+    }
 }
 
 /// The entries that differ between the trees of `before` and `after` below
@@ -161,7 +343,7 @@ pub(super) fn changes(
 const MAX_TREE_BYTES: u64 = 32 << 20;
 
 /// The most files (and symlinks) a snapshot holds.
-pub(super) const MAX_ENTRIES: usize = 1_000_000;
+pub const MAX_ENTRIES: usize = 1_000_000;
 
 fn find_tree(repo: &gix::Repository, id: gix::ObjectId) -> Result<gix::Tree<'_>> {
     let size = repo.find_header(id)?.size();

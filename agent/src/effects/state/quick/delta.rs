@@ -34,7 +34,9 @@ impl Change {
 /// The base's files with `changes` (in path order, as decoded) applied.
 /// A change that does not fit the base (a changed or removed file it does
 /// not have, an added one it has) is an error: the files do not belong
-/// together.
+/// together. (A base out of path order, which only a hand-made file is,
+/// gives a record no more wrong than that file: a line is replaced only
+/// by one of the same path.)
 pub(super) fn apply(mut files: Vec<FileLine>, changes: &[Change]) -> Result<Vec<FileLine>> {
     let find = |files: &[FileLine], p: &TargetPath| files.binary_search_by(|(q, _, _)| q.cmp(p));
     if changes.iter().all(|c| matches!(c, Change::Changed(_))) {

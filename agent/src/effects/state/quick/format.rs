@@ -167,7 +167,6 @@ pub(super) fn decode_base(bytes: &[u8]) -> Result<(String, Vec<FileLine>)> {
 pub(super) fn decode_delta(bytes: &[u8]) -> Result<(DeltaHeader, Vec<Change>)> {
     let (header, lines) = split(bytes, DELTA_MAGIC)?;
     let header: DeltaHeader = serde_json::from_str(header).context("bad header")?;
-    anyhow::ensure!(header.record.files.is_empty(), "files in the header");
     let mut changes: Vec<Change> = Vec::with_capacity(lines.len());
     for line in lines {
         let change = if let Some(rest) = line.strip_prefix("+ ") {

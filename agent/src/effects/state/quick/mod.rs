@@ -53,12 +53,20 @@ pub const DELTA: &str = "quick.delta";
 /// an eighth of the record's files if that is more; past that, a new base.
 const DELTA_MIN_LINES: usize = 64;
 
+/// A larger delta is refused unread: one holds at most an eighth of the
+/// files (12 MB at a million) and the header's links and directories.
+const DELTA_MAX_BYTES: u64 = 64 << 20;
+
 /// What the last [`load`] read, kept for the next load (the daemon reads
 /// the record on every poll) and for [`save`] to build the next delta on.
 struct Loaded {
     dir: PathBuf,
     base_stamp: Stamp,
-    delta_stamp: Stamp,
+    /// `None` once a clear or a save replaced the delta this read: the
+    /// record is then read again, never served from here (a new file may
+    /// get the old one's inode, and a coarse clock its times), but it is
+    /// still what the next delta is built on (it is still the base's).
+    delta_stamp: Option<Stamp>,
     base_id: String,
     changes: Vec<Change>,
     record: Arc<QuickRecord>,
@@ -76,6 +84,16 @@ fn remember(cache: &mut Vec<Loaded>, loaded: Loaded) {
     cache.push(loaded);
 }
 
+/// The delta of `dir` is being replaced or removed: its cached record is
+/// no longer served (see [`Loaded::delta_stamp`]).
+fn forget(dir: &Path) {
+    if let Ok(mut cache) = CACHE.lock() {
+        for l in cache.iter_mut().filter(|l| l.dir == dir) {
+            l.delta_stamp = None;
+        }
+    }
+}
+
 /// The record, or `None` when there is none or it cannot be read (a
 /// corrupt cache is not an error: the full path rebuilds it).
 ///
@@ -89,7 +107,7 @@ pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
     let base_stamp = stamp_path(&base_path)?;
     let mut cache = CACHE.lock().ok()?;
     if let Some(l) = cache.iter().find(|l| l.dir == dir) {
-        if l.delta_stamp == delta_stamp && l.base_stamp == base_stamp {
+        if l.delta_stamp == Some(delta_stamp) && l.base_stamp == base_stamp {
             return Some(Arc::clone(&l.record));
         }
     }
@@ -97,7 +115,7 @@ pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
     // Read after the stamps: if a file was replaced in between, its stamp
     // is older than its content and the next load reads again.
     let read = || -> Result<Loaded> {
-        let delta = super::read_nofollow(&delta_path).context(DELTA)?;
+        let delta = super::read_nofollow_up_to(&delta_path, DELTA_MAX_BYTES).context(DELTA)?;
         let (header, changes) = decode_delta(&delta).context(DELTA)?;
         let base = super::read_nofollow(&base_path).context(FILE)?;
         let (id, files) = decode_base(&base).context(FILE)?;
@@ -111,7 +129,7 @@ pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
         Ok(Loaded {
             dir: dir.to_path_buf(),
             base_stamp,
-            delta_stamp,
+            delta_stamp: Some(delta_stamp),
             base_id: id,
             changes,
             record: Arc::new(record),
@@ -135,6 +153,7 @@ pub fn load(state: &StateDir) -> Option<Arc<QuickRecord>> {
 /// after it was taken, even across a power loss. (The base stays: alone,
 /// it is no record.)
 pub fn clear(state: &StateDir) -> Result<()> {
+    forget(state.path());
     if state.remove_file(DELTA)? {
         super::fsync_dir(state.path())?;
     }
@@ -147,6 +166,7 @@ pub fn clear(state: &StateDir) -> Result<()> {
 /// (no record survives a power loss once a target may have changed) is
 /// kept: the flush precedes the first rename.
 pub fn clear_unsynced(state: &StateDir) -> Result<()> {
+    forget(state.path());
     state.remove_file(DELTA).map(drop)
 }
 
@@ -164,6 +184,7 @@ pub fn save<'a>(
     build: impl FnOnce(i128) -> Option<(QuickRecord, Vec<(&'a TargetPath, Stamp, bool)>)>,
 ) -> Result<()> {
     let dir = state.path();
+    forget(dir);
     let path = dir.join(DELTA);
     let (tmp, mut f) = super::create_temp(&path)?;
     let st = nix::sys::stat::fstat(&f).with_context(|| format!("cannot stat {}", tmp.display()))?;
