@@ -161,6 +161,8 @@ pub struct Snapshot {
     /// Set for a snapshot whose entries are read from its tree when asked
     /// for (`entries` is then empty).
     lazy: Option<Arc<Lazy>>,
+    /// The failure of a lazy snapshot since made whole (see `make_whole`).
+    failed: Option<Arc<str>>,
 }
 
 /// A snapshot read as it is used: most syncs of a large repository need
@@ -234,6 +236,7 @@ impl Snapshot {
             entries: Arc::new(entries.into_iter().collect()),
             source: Some(source),
             lazy: None,
+            failed: None,
         }
     }
 
@@ -252,6 +255,7 @@ impl Snapshot {
                 all: OnceLock::new(),
                 failure: OnceLock::new(),
             })),
+            failed: None,
         }
     }
 
@@ -259,7 +263,10 @@ impl Snapshot {
     /// its tree that failed (an entry then read as missing). `None` for
     /// every snapshot read whole.
     pub fn failure(&self) -> Option<&str> {
-        self.lazy.as_ref()?.failure.get().map(String::as_str)
+        match &self.lazy {
+            Some(lazy) => lazy.failure.get().map(String::as_str),
+            None => self.failed.as_deref(),
+        }
     }
 
     /// Whether this is a lazy snapshot that has not read its whole tree.
@@ -304,6 +311,7 @@ impl Snapshot {
     fn make_whole(&mut self) {
         if let Some(lazy) = self.lazy.take() {
             self.entries = Arc::new(lazy.all().clone());
+            self.failed = lazy.failure.get().map(|f| Arc::from(f.as_str()));
         }
     }
 

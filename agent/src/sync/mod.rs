@@ -429,8 +429,9 @@ pub fn plan_for(
     fetched: &Fetched,
     facts: &serde_json::Value,
 ) -> Result<Plan, Error> {
-    let config = load_config(settings, &fetched.snapshot)?;
-    let plan = plan_files(settings, state, fs, fetched, facts, &config, None);
+    let plan = load_config(settings, &fetched.snapshot)
+        .and_then(|config| plan_files(settings, state, fs, fetched, facts, &config, None));
+    // (Before its own error: a read that failed makes a missing file.)
     fully_read(fetched)?;
     plan
 }

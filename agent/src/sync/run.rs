@@ -405,6 +405,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     // Updating only what changed reads only the entries it needs of the
     // tree (not 10,000 of them), when the tree is known to read whole
     // without error: see `lazy_tree`.
+    let mut repair_whole = true;
     if let Some(((record, drifted), tree)) = partial
         .as_ref()
         .and_then(|p| Some((p, lazy_tree(&p.0, &head.commit, changes.as_deref())?)))
@@ -420,23 +421,27 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
                 drifted,
                 changes.as_deref(),
             );
-            plan.map(|plan| Prepared { fetched, plan })
+            (plan, fetched)
         });
         match planned {
-            Ok(Some(prepared)) if prepared.fetched.snapshot.failure().is_none() => {
-                failpoint::hit("sync.planned").kind(Failure::Failed)?;
-                return Ok(Planned::Full {
-                    prepared,
-                    inputs,
-                    verified: partial.map(|(record, drifted)| quick::Verified { record, drifted }),
-                    tree: Some(tree),
-                });
-            }
-            Ok(Some(prepared)) => tracing::debug!(
-                "reading the tree entry by entry failed ({}); reading it whole",
-                prepared.fetched.snapshot.failure().unwrap_or_default()
-            ),
-            Ok(None) => {}
+            Ok((plan, fetched)) => match (plan, fetched.snapshot.failure()) {
+                (Some(plan), None) => {
+                    failpoint::hit("sync.planned").kind(Failure::Failed)?;
+                    return Ok(Planned::Full {
+                        prepared: Prepared { fetched, plan },
+                        inputs,
+                        verified: partial
+                            .map(|(record, drifted)| quick::Verified { record, drifted }),
+                        tree: Some(tree),
+                    });
+                }
+                (_, Some(why)) => tracing::debug!(
+                    "reading the tree entry by entry failed ({why}); reading it whole"
+                ),
+                // Read whole, the tree gives the same answer (its links are
+                // the recorded ones): straight to the full path.
+                (None, None) => repair_whole = false,
+            },
             Err(e) => tracing::debug!(
                 "cannot read the tree entry by entry ({:#}); reading it whole",
                 e.error
@@ -448,18 +453,21 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         entries: fetched.snapshot.len(),
         links: fetched.snapshot.has_symlinks(),
     });
-    let repaired = partial.as_ref().and_then(|(record, drifted)| {
-        repair::plan(
-            settings,
-            &pass.state,
-            &pass.fs,
-            &fetched,
-            &facts,
-            record,
-            drifted,
-            changes.as_deref(),
-        )
-    });
+    let repaired = partial
+        .as_ref()
+        .filter(|_| repair_whole)
+        .and_then(|(record, drifted)| {
+            repair::plan(
+                settings,
+                &pass.state,
+                &pass.fs,
+                &fetched,
+                &facts,
+                record,
+                drifted,
+                changes.as_deref(),
+            )
+        });
     let plan = match repaired {
         Some(plan) => plan,
         None => super::plan_for_sync(settings, &pass.state, &pass.fs, &fetched, &facts)?,
@@ -1074,5 +1082,114 @@ fn keep_reboot_request(pass: &mut Pass, committed: Option<&crate::plan::inventor
     match pass.state.inventory() {
         Ok(inv) => pass.reboot_pending = Some(publish_reboot_request(&pass.fs, &inv)),
         Err(e) => tracing::debug!("reboot request not checked: {e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod lazy_tree_tests {
+    use super::lazy_tree;
+    use crate::desired::snapshot::{Changed, Kind};
+    use crate::effects::fetch::MAX_TREE_ENTRIES;
+    use crate::plan::quick::{QuickRecord, Stamp, Tree, QUICK_VERSION};
+
+    fn record(tree: Option<Tree>) -> QuickRecord {
+        let stamp = Stamp {
+            dev: 1,
+            ino: 2,
+            mode: 0o100600,
+            uid: 0,
+            gid: 0,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "i".into(),
+            commit: "c".into(),
+            inventory: stamp,
+            inventory_log: None,
+            taken_at_ns: 6,
+            files: vec![],
+            units: vec![],
+            links: vec![],
+            absent: vec![],
+            directories: vec![],
+            watched: vec![],
+            config: None,
+            tree,
+        }
+    }
+
+    fn change(path: &str, before: Option<Kind>, after: Option<Kind>) -> Changed {
+        Changed {
+            path: path.into(),
+            before,
+            after,
+        }
+    }
+
+    /// Only a tree known to read whole without error is read lazily: the
+    /// recorded commit's, or one that differs from it in regular files
+    /// only and stays within the limit on entries; its count follows.
+    #[test]
+    fn a_tree_is_read_lazily_only_when_it_is_known_to_read_whole() {
+        use Kind::{File, Symlink};
+        let t = Tree {
+            entries: 10,
+            links: true,
+        };
+        let rec = record(Some(t));
+        assert_eq!(lazy_tree(&rec, "c", None), Some(t), "the recorded commit");
+        assert_eq!(
+            lazy_tree(&record(None), "c", None),
+            None,
+            "no tree recorded"
+        );
+        assert_eq!(lazy_tree(&rec, "d", None), None, "trees not compared");
+        let changes = [
+            change("a", Some(File), Some(File)),
+            change("b", None, Some(File)),
+            change("c", Some(File), None),
+            change("d", None, Some(File)),
+        ];
+        assert_eq!(
+            lazy_tree(&rec, "d", Some(&changes)),
+            Some(Tree {
+                entries: 11,
+                links: true
+            })
+        );
+        for (before, after) in [
+            (None, Some(Symlink)),
+            (Some(Symlink), None),
+            (Some(File), Some(Symlink)),
+            (Some(Symlink), Some(Symlink)),
+        ] {
+            let changes = [change("l", before, after)];
+            assert_eq!(
+                lazy_tree(&rec, "d", Some(&changes)),
+                None,
+                "{before:?} -> {after:?}"
+            );
+        }
+        // A count that cannot be (a damaged record), or one past the limit.
+        let empty = record(Some(Tree {
+            entries: 0,
+            links: false,
+        }));
+        assert_eq!(
+            lazy_tree(&empty, "d", Some(&[change("x", Some(File), None)])),
+            None
+        );
+        let full = record(Some(Tree {
+            entries: MAX_TREE_ENTRIES,
+            links: false,
+        }));
+        assert!(lazy_tree(&full, "d", Some(&[change("x", Some(File), Some(File))])).is_some());
+        assert_eq!(
+            lazy_tree(&full, "d", Some(&[change("x", None, Some(File))])),
+            None
+        );
     }
 }

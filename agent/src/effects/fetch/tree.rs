@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use gix::objs::tree::EntryKind;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::desired::snapshot::{Changed, Entry, Kind, Snapshot, TreeSource};
 
@@ -175,9 +175,59 @@ pub(super) struct LazyTree {
     commit: gix::ObjectId,
     sub_path: String,
     start: gix::ObjectId,
-    /// Each tree read so far (its object's data): a sync looks up a few
-    /// entries of one directory of 10,000.
-    listings: Mutex<HashMap<gix::ObjectId, Arc<Vec<u8>>>>,
+    /// Each tree read so far: a sync looks up a few entries of one
+    /// directory of 10,000, or (a changed partial included everywhere)
+    /// each of them.
+    listings: Mutex<HashMap<gix::ObjectId, Arc<Listing>>>,
+}
+
+/// A tree object's data, and an index of it by name once it is asked
+/// for more than a few names: scanning 10,000 entries for each of 10,000
+/// lookups would take seconds, while indexing costs a millisecond that a
+/// lookup or two should not pay.
+struct Listing {
+    data: Vec<u8>,
+    lookups: std::sync::atomic::AtomicUsize,
+    index: OnceLock<HashMap<Box<[u8]>, Found>>,
+}
+
+/// What a tree holds under a name: a tree's id, or a leaf's kind and id.
+type Found = (EntryKind, gix::ObjectId);
+
+/// Lookups of one tree answered by scanning it before it is indexed.
+const SCANS_BEFORE_INDEX: usize = 4;
+
+impl Listing {
+    fn get(
+        &self,
+        name: &[u8],
+        hash: gix::hash::Kind,
+    ) -> Result<Option<(EntryKind, gix::ObjectId)>> {
+        let entries = || gix::objs::TreeRefIter::from_bytes(&self.data, hash);
+        let seen = self
+            .lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.index.get().is_none() && seen >= SCANS_BEFORE_INDEX {
+            let mut index = HashMap::new();
+            for entry in entries() {
+                let entry = entry?;
+                index
+                    .entry(Box::from(entry.filename.as_ref()))
+                    .or_insert((entry.mode.kind(), entry.oid.to_owned()));
+            }
+            let _ = self.index.set(index);
+        }
+        if let Some(index) = self.index.get() {
+            return Ok(index.get(name).copied());
+        }
+        for entry in entries() {
+            let entry = entry?;
+            if entry.filename == name {
+                return Ok(Some((entry.mode.kind(), entry.oid.to_owned())));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// [`read`], lazily: for a commit known to read whole without error.
@@ -215,20 +265,15 @@ impl LazyTree {
                 return Ok(None);
             }
             let listing = self.listing(repo, at.1, &dir)?;
-            let mut found = None;
-            for entry in gix::objs::TreeRefIter::from_bytes(&listing, repo.object_hash()) {
-                let entry = entry.with_context(|| {
+            let found = listing
+                .get(name.as_bytes(), repo.object_hash())
+                .with_context(|| {
                     format!(
                         "cannot decode directory {} of commit {}",
                         shown(&self.sub_path, &dir),
                         self.commit
                     )
                 })?;
-                if entry.filename == name.as_bytes() {
-                    found = Some((entry.mode.kind(), entry.oid.to_owned()));
-                    break;
-                }
-            }
             let Some(found) = found else {
                 return Ok(None);
             };
@@ -256,7 +301,7 @@ impl LazyTree {
         repo: &gix::Repository,
         id: gix::ObjectId,
         dir: &str,
-    ) -> Result<Arc<Vec<u8>>> {
+    ) -> Result<Arc<Listing>> {
         let mut listings = self
             .listings
             .lock()
@@ -271,7 +316,11 @@ impl LazyTree {
                 self.commit
             )
         })?;
-        let listing = Arc::new(tree.detach().data);
+        let listing = Arc::new(Listing {
+            data: tree.detach().data,
+            lookups: Default::default(),
+            index: OnceLock::new(),
+        });
         listings.insert(id, Arc::clone(&listing));
         Ok(listing)
     }
