@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(yaml json dotenv ini binary enc allowed_signers bundle_header template_refs repo_config role_file state_file rollout fleetlock_request loose_object)
+[ ${#targets[@]} -eq 0 ] && targets=(yaml json dotenv ini binary enc allowed_signers bundle_header template_refs repo_config role_file state_file rollout fleetlock_request loose_object inventory_json)
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/fuzz-target}"
 logs="${FUZZ_LOG_DIR:-/tmp/fuzz-logs}"

@@ -185,6 +185,17 @@ pub fn loose_object(data: &[u8]) {
     }
 }
 
+/// An inventory's data as the fast reader reads it
+/// (`effects::state::inventory_json::read`): whatever it returns, serde's
+/// derived reader must return too, so the two can never disagree about
+/// what the state says.
+pub fn inventory_json(data: &[u8]) {
+    if let Some(fast) = crate::effects::state::inventory_json::read(data) {
+        let slow = serde_json::from_slice::<crate::plan::inventory::Inventory>(data);
+        assert_eq!(slow.ok(), Some(fast));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +222,7 @@ mod tests {
             rollout(input);
             fleetlock_request(input);
             loose_object(input);
+            inventory_json(input);
         }
         fleetlock_request(br#"{"client_params": {"id": "a", "group": "b"}}"#);
     }
