@@ -405,24 +405,29 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     // Updating only what changed reads only the entries it needs of the
     // tree (not 10,000 of them), when the tree is known to read whole
     // without error: see `lazy_tree`.
+    type Partial = (
+        std::sync::Arc<crate::plan::quick::QuickRecord>,
+        std::collections::BTreeSet<crate::desired::spec::TargetPath>,
+    );
+    let repair = |fetched: &Fetched, (record, drifted): &Partial| {
+        repair::plan(
+            settings,
+            &pass.state,
+            &pass.fs,
+            fetched,
+            &facts,
+            record,
+            drifted,
+            changes.as_deref(),
+        )
+    };
     let mut repair_whole = true;
-    if let Some(((record, drifted), tree)) = partial
+    if let Some((drift, tree)) = partial
         .as_ref()
         .and_then(|p| Some((p, lazy_tree(&p.0, &head.commit, changes.as_deref())?)))
     {
-        let planned = super::read_snapshot_lazily(settings, &head).map(|fetched| {
-            let plan = repair::plan(
-                settings,
-                &pass.state,
-                &pass.fs,
-                &fetched,
-                &facts,
-                record,
-                drifted,
-                changes.as_deref(),
-            );
-            (plan, fetched)
-        });
+        let planned = super::read_snapshot_lazily(settings, &head)
+            .map(|fetched| (repair(&fetched, drift), fetched));
         match planned {
             Ok((plan, fetched)) => match (plan, fetched.snapshot.failure()) {
                 (Some(plan), None) => {
@@ -456,18 +461,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     let repaired = partial
         .as_ref()
         .filter(|_| repair_whole)
-        .and_then(|(record, drifted)| {
-            repair::plan(
-                settings,
-                &pass.state,
-                &pass.fs,
-                &fetched,
-                &facts,
-                record,
-                drifted,
-                changes.as_deref(),
-            )
-        });
+        .and_then(|p| repair(&fetched, p));
     let plan = match repaired {
         Some(plan) => plan,
         None => super::plan_for_sync(settings, &pass.state, &pass.fs, &fetched, &facts)?,
