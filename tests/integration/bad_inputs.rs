@@ -918,6 +918,15 @@ fn a_hand_crafted_tree_is_refused_and_changes_nothing() {
             b".GIT",
             "git's own directory",
         ),
+        // A commit that changes only files under `files/` is one the
+        // quick path takes without reading the tree whole: the tree
+        // comparison must refuse it as the whole read does.
+        (
+            "a role file twice",
+            "roles/app/files",
+            b"static",
+            "\"static\" appears twice",
+        ),
     ];
     for (what, dir, name, want) in cases {
         let repo = good_repo();
