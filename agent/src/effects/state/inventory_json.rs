@@ -15,6 +15,7 @@
 //! are destructured field by field so that a new field does not compile
 //! until it is written here too.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
@@ -206,13 +207,13 @@ fn files_map(text: &str) -> Option<(BTreeMap<TargetPath, ManagedEntry>, usize)> 
     let mut pairs: Vec<(TargetPath, ManagedEntry)> = Vec::with_capacity(text.len() / 128);
     if !r.eat("}") {
         loop {
-            let key = r.plain_string()?;
+            let key = r.string()?;
             // Strictly in order: no duplicate, whose value serde would
             // take from the last one.
-            if pairs.last().is_some_and(|(last, _)| last.as_str() >= key) {
+            if pairs.last().is_some_and(|(last, _)| last.as_str() >= &*key) {
                 return None;
             }
-            let path = TargetPath::parse(key).ok()?;
+            let path = TargetPath::parse(&key).ok()?;
             r.literal(":")?;
             pairs.push((path, r.entry()?));
             if r.eat("}") {
@@ -251,18 +252,38 @@ impl<'a> Reader<'a> {
         self.eat(lit).then_some(())
     }
 
-    /// A string with nothing escaped: no `\`, no control character
-    /// (serde refuses a raw one; an escaped one is left to serde).
-    fn plain_string(&mut self) -> Option<&'a str> {
+    /// A string. One with nothing escaped is borrowed (no control
+    /// character: serde refuses a raw one); one with escapes (a systemd
+    /// unit name's `\x2d` is one) is decoded by serde itself, so that it
+    /// reads as serde reads it, and an inventory holding one does not
+    /// leave the whole file to serde.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
         self.literal("\"")?;
         let rest = self.rest();
-        let end = memchr::memchr2(b'"', b'\\', rest.as_bytes())?;
-        let s = &rest[..end];
-        if rest.as_bytes()[end] != b'"' || s.bytes().any(|b| b < 0x20) {
-            return None;
+        let bytes = rest.as_bytes();
+        let end = memchr::memchr2(b'"', b'\\', bytes)?;
+        if bytes[end] == b'"' {
+            let s = &rest[..end];
+            if s.bytes().any(|b| b < 0x20) {
+                return None;
+            }
+            self.at += end + 1;
+            return Some(Cow::Borrowed(s));
         }
-        self.at += end + 1;
-        Some(s)
+        // The closing quote: the first not escaped. (An escape's second
+        // byte is skipped; the quote found is ASCII, so a boundary.)
+        let mut close = end;
+        loop {
+            match bytes.get(close)? {
+                b'\\' => close += 2,
+                b'"' => break,
+                _ => close += 1,
+            }
+        }
+        let quoted = &self.text[self.at - 1..=self.at + close];
+        let decoded: String = serde_json::from_str(quoted).ok()?;
+        self.at += close + 1;
+        Some(Cow::Owned(decoded))
     }
 
     fn bool(&mut self) -> Option<bool> {
@@ -296,7 +317,7 @@ impl<'a> Reader<'a> {
         }
         loop {
             self.literal(r#"{"action":"#)?;
-            let action = match self.plain_string()? {
+            let action = match self.string()?.as_ref() {
                 "reload" => UnitActionKind::Reload,
                 "reload-or-restart" => UnitActionKind::ReloadOrRestart,
                 "try-restart" => UnitActionKind::TryRestart,
@@ -304,7 +325,7 @@ impl<'a> Reader<'a> {
                 _ => return None,
             };
             self.literal(r#","unit":"#)?;
-            let unit = self.plain_string()?.to_string();
+            let unit = self.string()?.into_owned();
             self.literal("}")?;
             out.push(UnitAction { action, unit });
             if self.eat("]") {
@@ -324,7 +345,7 @@ impl<'a> Reader<'a> {
         self.literal(r#","mode":"#)?;
         let mode = self.number()?;
         self.literal(r#","stored":"#)?;
-        let stored = self.plain_string()?.to_string();
+        let stored = self.string()?.into_owned();
         self.literal(r#","uid":"#)?;
         let uid = self.number()?;
         self.literal("}")?;
@@ -352,11 +373,11 @@ impl<'a> Reader<'a> {
             false
         };
         self.literal(r#","role":"#)?;
-        let role = self.plain_string()?.to_string();
+        let role = self.string()?.into_owned();
         self.literal(r#","sensitive":"#)?;
         let sensitive = self.bool()?;
         self.literal(r#","sha256":"#)?;
-        let sha256 = self.plain_string()?.to_string();
+        let sha256 = self.string()?.into_owned();
         self.literal(r#","size":"#)?;
         let size = self.number()?;
         self.literal(r#","uid":"#)?;
@@ -635,7 +656,6 @@ mod tests {
             format!(r#"{{"/a":{entry},"/a":{entry}}}"#),
             format!(r#"{{"/b":{entry},"/a":{entry}}}"#),
             format!(r#"{{ "/a":{entry}}}"#),
-            format!(r#"{{"/\u0061":{entry}}}"#),
             format!(r#"{{"/a":{}}}"#, entry.replace(r#""gid":0"#, r#""gid":00"#)),
             format!(
                 r#"{{"/a":{}}}"#,
@@ -656,14 +676,60 @@ mod tests {
                     r#""on_change":[{"unit":"u","action":"reload"}]"#
                 )
             ),
+            // A raw control character (serde refuses it too), an escape
+            // that is none, a lone surrogate.
             format!(
                 r#"{{"/a":{}}}"#,
-                entry.replace(r#""role":"r""#, r#""role":"\n""#)
+                entry.replace(r#""role":"r""#, "\"role\":\"\u{1}\"")
             ),
+            format!(
+                r#"{{"/a":{}}}"#,
+                entry.replace(r#""role":"r""#, r#""role":"\q""#)
+            ),
+            format!(
+                r#"{{"/a":{}}}"#,
+                entry.replace(r#""role":"r""#, r#""role":"\ud800""#)
+            ),
+            // Two keys that are one once their escapes are read.
+            format!(r#"{{"/a":{entry},"/\u0061":{entry}}}"#),
             format!(r#"{{"a":{entry}}}"#),
         ] {
             assert!(!agrees(whole(&files).as_bytes()), "{files}");
         }
+        // Escaped strings are read, by serde, as serde reads them: a
+        // systemd unit name, a path, any field.
+        for files in [
+            format!(r#"{{"/\u0061":{entry}}}"#),
+            format!(
+                r#"{{"/a":{}}}"#,
+                entry.replace(r#""role":"r""#, r#""role":"\n\"\\""#)
+            ),
+            format!(
+                r#"{{"/mnt/a\\x2db":{}}}"#,
+                entry.replace(
+                    r#""on_change":[]"#,
+                    r#""on_change":[{"action":"reload","unit":"mnt-a\\x2db.mount"}]"#
+                )
+            ),
+        ] {
+            assert!(agrees(whole(&files).as_bytes()), "{files}");
+        }
+        // "files" elsewhere than as the top-level key: inside an entry's
+        // unit action, whose unknown fields serde ignores (without the
+        // check that the text before the key is one whole object, the
+        // reader took this one and read no files).
+        let in_action = format!(
+            r#"{{"files":{{"/a":{}}},"applied_at":1,"commit":null,"txid":"t","version":1}}"#,
+            entry.replace(
+                r#""on_change":[]"#,
+                r#""on_change":[{"action":"reload","unit":"u","files":{}}]"#
+            )
+        );
+        assert!(
+            serde_json::from_str::<Inventory>(&in_action).is_ok_and(|i| i.files.len() == 1),
+            "serde reads it"
+        );
+        assert!(!agrees(in_action.as_bytes()));
         // "files" elsewhere than as the top-level key.
         let nested = format!(
             r#"{{"applied_at":1,"commit":null,"directories":{{"/d":{{"created":true,"gid":0,"mode":493,"role":"r","uid":0,"files":{{}}}}}},"files":{{"/a":{entry}}},"txid":"t","version":1}}"#
