@@ -508,7 +508,12 @@ impl Snapshot {
     /// All entries whose path starts with `dir/` (recursively), in order.
     pub fn walk<'a>(&'a self, dir: &str) -> Box<dyn Iterator<Item = (&'a str, &'a Entry)> + 'a> {
         let dir = dir.trim_end_matches('/');
-        if let Some(lazy) = self.lazy.as_ref().filter(|l| l.all.get().is_none()) {
+        // (A lazy walk of everything reads the whole tree once, as `all`.)
+        if let Some(lazy) = self
+            .lazy
+            .as_ref()
+            .filter(|l| l.all.get().is_none() && !dir.is_empty())
+        {
             let walked = match lazy.walked.get(dir) {
                 Some(walked) => walked,
                 None => {

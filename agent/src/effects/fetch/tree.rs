@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use gix::objs::tree::EntryKind;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use crate::desired::snapshot::{Changed, Entry, Kind, Snapshot, TreeSource};
 
@@ -168,17 +168,24 @@ fn leaf(
 }
 
 /// A commit's tree read as a [`Snapshot`] is used (see
-/// `Snapshot::lazy_tree`): a lookup reads the trees on its path, a walk
-/// the directory's trees, each checked as the whole read checks them.
+/// `Snapshot::lazy_tree`): a lookup reads the trees on its path (not
+/// checked again: see [`LazyTree::find`]), a walk the directory's trees,
+/// checked as the whole read checks them.
 pub(super) struct LazyTree {
-    repo: Mutex<gix::Repository>,
     commit: gix::ObjectId,
     sub_path: String,
     start: gix::ObjectId,
+    /// One lookup or walk at a time: gix's handle is not shared between
+    /// threads, and the trees read so far belong with it.
+    reader: Mutex<Reader>,
+}
+
+struct Reader {
+    repo: gix::Repository,
     /// Each tree read so far: a sync looks up a few entries of one
     /// directory of 10,000, or (a changed partial included everywhere)
     /// each of them.
-    listings: Mutex<HashMap<gix::ObjectId, Arc<Listing>>>,
+    listings: HashMap<gix::ObjectId, Listing>,
 }
 
 /// A tree object's data, and an index of it by name once it is asked
@@ -187,8 +194,8 @@ pub(super) struct LazyTree {
 /// lookup or two should not pay.
 struct Listing {
     data: Vec<u8>,
-    lookups: std::sync::atomic::AtomicUsize,
-    index: OnceLock<HashMap<Box<[u8]>, Found>>,
+    lookups: usize,
+    index: Option<HashMap<Box<[u8]>, Found>>,
 }
 
 /// What a tree holds under a name: a tree's id, or a leaf's kind and id.
@@ -198,16 +205,9 @@ type Found = (EntryKind, gix::ObjectId);
 const SCANS_BEFORE_INDEX: usize = 4;
 
 impl Listing {
-    fn get(
-        &self,
-        name: &[u8],
-        hash: gix::hash::Kind,
-    ) -> Result<Option<(EntryKind, gix::ObjectId)>> {
+    fn get(&mut self, name: &[u8], hash: gix::hash::Kind) -> Result<Option<Found>> {
         let entries = || gix::objs::TreeRefIter::from_bytes(&self.data, hash);
-        let seen = self
-            .lookups
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.index.get().is_none() && seen >= SCANS_BEFORE_INDEX {
+        if self.index.is_none() && self.lookups >= SCANS_BEFORE_INDEX {
             let mut index = HashMap::new();
             for entry in entries() {
                 let entry = entry?;
@@ -215,9 +215,10 @@ impl Listing {
                     .entry(Box::from(entry.filename.as_ref()))
                     .or_insert((entry.mode.kind(), entry.oid.to_owned()));
             }
-            let _ = self.index.set(index);
+            self.index = Some(index);
         }
-        if let Some(index) = self.index.get() {
+        self.lookups += 1;
+        if let Some(index) = &self.index {
             return Ok(index.get(name).copied());
         }
         for entry in entries() {
@@ -241,36 +242,66 @@ pub(super) fn read_lazily(
     let start = start(repo, commit, sub_path.as_str())?;
     let source = Arc::new(super::blobs::Blobs::new(repo, max_file));
     let tree = LazyTree {
-        repo: Mutex::new(repo.clone()),
         commit,
         sub_path,
         start,
-        listings: Mutex::default(),
+        reader: Mutex::new(Reader {
+            repo: repo.clone(),
+            listings: HashMap::new(),
+        }),
     };
     Ok(Snapshot::lazy_tree(source, Box::new(tree)))
 }
 
 impl LazyTree {
+    fn reader(&self) -> Result<std::sync::MutexGuard<'_, Reader>> {
+        self.reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))
+    }
+
     /// What is at `path`: a tree's id, or a leaf's kind and id; `None`
     /// if nothing is.
-    fn find(
-        &self,
-        repo: &gix::Repository,
-        path: &str,
-    ) -> Result<Option<(EntryKind, gix::ObjectId)>> {
+    ///
+    /// The trees on the way are not checked again as a whole read checks
+    /// a tree ([`items`]): every tree of a commit read this way was
+    /// checked before, by the sync that read the recorded commit (whole,
+    /// or by this same argument), or by the comparison that found it
+    /// changed since (see `sync::run::lazy_tree`). What such a check
+    /// refuses (a name twice, a `/` in a name) would have refused the
+    /// commit then.
+    fn find(&self, reader: &mut Reader, path: &str) -> Result<Option<Found>> {
+        let Reader { repo, listings } = reader;
         let mut at = (EntryKind::Tree, self.start);
         let mut dir = String::new();
         for name in path.split('/').filter(|_| !path.is_empty()) {
             if at.0 != EntryKind::Tree {
                 return Ok(None);
             }
-            let listing = self.listing(repo, at.1, &dir)?;
+            let shown = || shown(&self.sub_path, &dir);
+            let listing = match listings.entry(at.1) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let tree = find_tree(repo, at.1).with_context(|| {
+                        format!(
+                            "cannot read directory {} of commit {}",
+                            shown(),
+                            self.commit
+                        )
+                    })?;
+                    e.insert(Listing {
+                        data: tree.detach().data,
+                        lookups: 0,
+                        index: None,
+                    })
+                }
+            };
             let found = listing
                 .get(name.as_bytes(), repo.object_hash())
                 .with_context(|| {
                     format!(
                         "cannot decode directory {} of commit {}",
-                        shown(&self.sub_path, &dir),
+                        shown(),
                         self.commit
                     )
                 })?;
@@ -287,69 +318,24 @@ impl LazyTree {
     }
 }
 
-impl LazyTree {
-    /// The data of tree object `id` (directory `dir`).
-    ///
-    /// Not checked again as a whole read checks a tree ([`items`]): every
-    /// tree of a commit read this way was checked before, by the sync
-    /// that read the recorded commit (whole, or by this same argument),
-    /// or by the comparison that found it changed since (see
-    /// `sync::run::lazy_tree`). What such a check refuses (a name twice,
-    /// a `/` in a name) would have refused the commit then.
-    fn listing(
-        &self,
-        repo: &gix::Repository,
-        id: gix::ObjectId,
-        dir: &str,
-    ) -> Result<Arc<Listing>> {
-        let mut listings = self
-            .listings
-            .lock()
-            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
-        if let Some(listing) = listings.get(&id) {
-            return Ok(Arc::clone(listing));
-        }
-        let tree = find_tree(repo, id).with_context(|| {
-            format!(
-                "cannot read directory {} of commit {}",
-                shown(&self.sub_path, dir),
-                self.commit
-            )
-        })?;
-        let listing = Arc::new(Listing {
-            data: tree.detach().data,
-            lookups: Default::default(),
-            index: OnceLock::new(),
-        });
-        listings.insert(id, Arc::clone(&listing));
-        Ok(listing)
-    }
-}
-
 impl TreeSource for LazyTree {
     fn entry(&self, path: &str) -> Result<Option<Entry>> {
-        let repo = self
-            .repo
-            .lock()
-            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
-        match self.find(&repo, path)? {
+        let mut reader = self.reader()?;
+        match self.find(&mut reader, path)? {
             None | Some((EntryKind::Tree, _)) => Ok(None),
             Some((kind, oid)) => {
-                leaf(&repo, self.commit, &self.sub_path, kind, oid, path).map(Some)
+                leaf(&reader.repo, self.commit, &self.sub_path, kind, oid, path).map(Some)
             }
         }
     }
 
     fn walk(&self, dir: &str) -> Result<Vec<(String, Entry)>> {
-        let repo = self
-            .repo
-            .lock()
-            .map_err(|_| anyhow::anyhow!("a reader of the tree panicked"))?;
-        let Some((EntryKind::Tree, id)) = self.find(&repo, dir)? else {
+        let mut reader = self.reader()?;
+        let Some((EntryKind::Tree, id)) = self.find(&mut reader, dir)? else {
             return Ok(Vec::new());
         };
         let mut entries = read_below(
-            &repo,
+            &reader.repo,
             self.commit,
             &self.sub_path,
             id,
