@@ -739,10 +739,6 @@ fn decode_file<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
 }
 
 /// [`decode_file`] and the envelope's [`EnvelopeMeta`].
-fn decode_file_meta<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<(T, EnvelopeMeta)> {
-    name_decode_error(path, decode_state_meta(bytes))
-}
-
 fn name_decode_error<T>(path: &Path, decoded: Result<T>) -> Result<T> {
     match decoded {
         Ok(v) => Ok(v),
@@ -761,10 +757,11 @@ fn decode_inventory(
     log: Option<&[u8]>,
     reading: inventory_log::Reading,
 ) -> Result<(Inventory, inventory_log::LogState)> {
-    let (mut inv, meta): (Inventory, _) = match decode_inventory_fast(bytes) {
-        Some(read) => read,
-        None => decode_file_meta(path, bytes)?,
-    };
+    // The compact envelope's data through the inventory's own reader
+    // (anything it does not read, serde reads; see `inventory_json::read`).
+    let read =
+        |data: &[u8]| inventory_json::read(data).or_else(|| serde_json::from_slice(data).ok());
+    let (mut inv, meta): (Inventory, _) = name_decode_error(path, decode_state_meta(bytes, read))?;
     let log_state =
         inventory_log::apply_log(log_path, log, &meta, bytes.len() as u64, &mut inv, reading)?;
     if u64::from(inv.version) > u64::from(INVENTORY_VERSION) {
@@ -1171,30 +1168,18 @@ fn envelope_sum(bytes: &[u8]) -> Option<String> {
         .map(|e| e.sha256.to_string())
 }
 
-/// [`decode_state_meta`] of an inventory in the compact envelope, its
-/// data read by [`inventory_json::read`]; `None` for anything else, which
-/// `decode_state_meta` then decides (the checksum is only computed again
-/// for a file the fast reader does not read).
-fn decode_inventory_fast(bytes: &[u8]) -> Option<(Inventory, EnvelopeMeta)> {
-    use sha2::Digest;
-    let (data, sum, format) = compact_parts_with_format(bytes)?;
-    if hex::encode(sha2::Sha256::digest(data)) != sum {
-        return None;
-    }
-    let inv = inventory_json::read(data)?;
-    let meta = EnvelopeMeta {
-        format,
-        sha256: sum.to_string(),
-    };
-    Some((inv, meta))
-}
-
 /// [`decode_state`] and the envelope's [`EnvelopeMeta`].
-pub(crate) fn decode_state_meta<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, EnvelopeMeta)> {
+///
+/// The compact envelope's data (its checksum verified first) is read by
+/// `read`; what it does not read takes the general path.
+fn decode_state_meta<T: DeserializeOwned>(
+    bytes: &[u8],
+    read: impl FnOnce(&[u8]) -> Option<T>,
+) -> Result<(T, EnvelopeMeta)> {
     use sha2::Digest;
     if let Some((data, sum, format)) = compact_parts_with_format(bytes) {
         if hex::encode(sha2::Sha256::digest(data)) == sum {
-            if let Ok(v) = serde_json::from_slice(data) {
+            if let Some(v) = read(data) {
                 let meta = EnvelopeMeta {
                     format,
                     sha256: sum.to_string(),
