@@ -47,7 +47,7 @@ use format::{decode_base, decode_delta, encode_base, encode_delta, DeltaHeader};
 /// The base: the file lines of some earlier record.
 const FILE: &str = "quick.json";
 /// The record: its header and how its files differ from the base.
-pub const DELTA: &str = "quick.delta";
+const DELTA: &str = "quick.delta";
 
 /// A delta is written while it holds at most this many changed files, or
 /// an eighth of the record's files if that is more; past that, a new base.
@@ -231,17 +231,7 @@ fn new_base(dir: &Path, files: &[(&TargetPath, Stamp, bool)]) -> Result<String> 
     rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut id)
         .context("cannot draw an id for the quick-check record")?;
     let id = hex::encode(id);
-    let path = dir.join(FILE);
     let bytes = encode_base(&id, files.iter().map(|(p, s, c)| (*p, *s, *c)))?;
-    let (tmp, mut f) = super::create_temp(&path)?;
-    let written = f
-        .write_all(&bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| {
-            fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
-        });
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.map(|()| id)
+    super::write_replace(&dir.join(FILE), &bytes)?;
+    Ok(id)
 }
