@@ -211,29 +211,33 @@ impl Inventory {
 }
 
 impl Inventory {
-    /// The same inventory with only the entries for `paths`.
+    /// The same inventory with only the entries for `paths` (looked up
+    /// one by one: a partial sync asks for a few of 10,000).
     pub fn restricted_to(&self, paths: &std::collections::BTreeSet<TargetPath>) -> Inventory {
         Inventory {
-            files: self
-                .files
+            files: paths
                 .iter()
-                .filter(|(p, _)| paths.contains(*p))
+                .filter_map(|p| self.files.get_key_value(p))
                 .map(|(p, e)| (p.clone(), e.clone()))
                 .collect(),
             ..self.clone_header()
         }
     }
 
-    /// The entries not in `paths`.
-    pub fn without(
+    /// The file entries not in `paths`: the map cloned whole and those
+    /// removed. A map's clone copies it node by node; collecting the
+    /// entries one at a time into a vector (grown by reallocation) and
+    /// building a map of them again took twice as long at 10,000 files
+    /// (issue #18).
+    pub fn files_without(
         &self,
         paths: &std::collections::BTreeSet<TargetPath>,
-    ) -> Vec<(TargetPath, ManagedEntry)> {
-        self.files
-            .iter()
-            .filter(|(p, _)| !paths.contains(*p))
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect()
+    ) -> BTreeMap<TargetPath, ManagedEntry> {
+        let mut files = self.files.clone();
+        for p in paths {
+            files.remove(p);
+        }
+        files
     }
 
     fn clone_header(&self) -> Inventory {

@@ -584,3 +584,51 @@ fn the_bulk_built_file_map_reads_what_serdes_map_reader_reads() {
     // Not a map: an error, as before.
     assert!(serde_json::from_str::<Inventory>(r#"{"files":[],"version":1}"#).is_err());
 }
+
+/// A partial sync splits the inventory into the entries it plans again
+/// (`restricted_to`) and those it carries over (`files_without`): every
+/// entry lands in exactly one, a path asked for that the inventory lacks
+/// in neither, and the inventory itself is left as it was.
+#[test]
+fn a_partial_sync_splits_the_inventory_into_planned_and_carried_entries() {
+    use crate::plan::inventory::ManagedEntry;
+    let entry = |role: &str| ManagedEntry {
+        gid: 0,
+        mode: 0o644,
+        on_change: Vec::new(),
+        original: None,
+        reboot: false,
+        role: role.to_string(),
+        sensitive: false,
+        sha256: "00".into(),
+        size: 1,
+        uid: 0,
+    };
+    let mut inv = Inventory::default();
+    for (p, role) in [("/etc/a", "r1"), ("/etc/b", "r2"), ("/etc/c", "r3")] {
+        inv.files.insert(TargetPath::parse(p).unwrap(), entry(role));
+    }
+    inv.dirs.insert(TargetPath::parse("/etc").unwrap());
+    let before = inv.clone();
+    let only: std::collections::BTreeSet<TargetPath> = ["/etc/b", "/etc/x"]
+        .iter()
+        .map(|p| TargetPath::parse(p).unwrap())
+        .collect();
+    let planned = inv.restricted_to(&only);
+    let carried = inv.files_without(&only);
+    let names = |m: &std::collections::BTreeMap<TargetPath, ManagedEntry>| {
+        m.keys().map(|p| p.as_str().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&planned.files), ["/etc/b"]);
+    assert_eq!(planned.files.values().next().unwrap().role, "r2");
+    assert_eq!(planned.dirs, before.dirs, "the header is kept");
+    assert_eq!(names(&carried), ["/etc/a", "/etc/c"]);
+    assert_eq!(
+        carried
+            .values()
+            .map(|e| e.role.as_str())
+            .collect::<Vec<_>>(),
+        ["r1", "r3"]
+    );
+    assert_eq!(format!("{inv:?}"), format!("{before:?}"));
+}

@@ -682,10 +682,10 @@ fn plan_files(
             .kind(Failure::Failed)?;
     let inventory = state.inventory().kind(Failure::Failed)?;
     let (inventory, carried) = match only {
-        None => (inventory, Vec::new()),
+        None => (inventory, std::collections::BTreeMap::new()),
         Some(only) => (
             std::sync::Arc::new(inventory.restricted_to(only)),
-            inventory.without(only),
+            inventory.files_without(only),
         ),
     };
     if desired.files.iter().any(|f| f.sensitive) || inventory.files.values().any(|e| e.sensitive) {
@@ -756,10 +756,14 @@ fn plan_files(
     plan.packages = packages;
     plan.packages_skipped = !observed_packages.managed && !desired.packages.is_empty();
     plan.unchanged += carried.len();
-    // One merge of two sorted trees, not 10,000 inserts from the root.
-    plan.next_inventory
-        .files
-        .append(&mut carried.into_iter().collect());
+    // What was planned goes into the carried entries, a few inserts into
+    // 10,000 rather than a merge that rebuilds the map. A path in both
+    // (none: the carried ones are those not planned) keeps its carried
+    // entry.
+    let planned = std::mem::replace(&mut plan.next_inventory.files, carried);
+    for (path, entry) in planned {
+        plan.next_inventory.files.entry(path).or_insert(entry);
+    }
     plan.drifted = stick::drifted(&plan, &inventory).len();
     plan.secrets_decrypted = resolver.decrypted_files();
     Ok(plan)
