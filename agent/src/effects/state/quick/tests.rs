@@ -421,3 +421,39 @@ fn the_fuzz_seeds_decode() {
     let (_, changes) = decode_delta(&delta[1..]).unwrap();
     assert_eq!(changes.len(), 2);
 }
+
+/// A large base is decoded in parts on several threads: the files come
+/// back in order, exactly as one thread decodes them, and a bad line
+/// anywhere (in the first part, the last, or at a part's edge) is the
+/// error one thread reports, the first bad line's.
+#[test]
+fn lines_decoded_in_parts_are_the_lines_decoded_in_one() {
+    let text: Vec<String> = (0..9_001u64)
+        .map(|i| {
+            let mut out = Vec::new();
+            let path = TargetPath::parse(&format!("/etc/d{}/f{i:05}", i % 7)).unwrap();
+            encode_line(&mut out, &path, &stamp(i), i % 3 == 0).unwrap();
+            String::from_utf8(out).unwrap().trim_end().to_string()
+        })
+        .collect();
+    let lines: Vec<&str> = text.iter().map(String::as_str).collect();
+    let serial = decode_lines_on(&lines, 1).unwrap();
+    assert_eq!(serial.len(), lines.len());
+    for threads in [2, 3, 8] {
+        assert_eq!(decode_lines_on(&lines, threads).unwrap(), serial, "{threads}");
+    }
+    for bad_at in [0, 3_000, 3_001, 4_500, 8_999, 9_000] {
+        for second in [None, Some(8_000)] {
+            let mut damaged = lines.clone();
+            damaged[bad_at] = "1 2 three";
+            if let Some(at) = second.filter(|&at| at > bad_at) {
+                damaged[at] = "x";
+            }
+            let want = format!("{:#}", decode_lines_on(&damaged, 1).unwrap_err());
+            for threads in [2, 3, 8] {
+                let got = format!("{:#}", decode_lines_on(&damaged, threads).unwrap_err());
+                assert_eq!(got, want, "bad line {bad_at}, {threads} threads");
+            }
+        }
+    }
+}
