@@ -335,6 +335,30 @@ mod tests {
         assert!(txid_order("garbage") < txid_order("1-0-0"));
     }
 
+    /// The bug: a txid took its seconds from the run's start and its
+    /// nanoseconds from the moment the transaction was staged, so a run
+    /// that began in one second and staged in the next sorted before a
+    /// transaction of that first second, and `state check` missed the
+    /// deleted `inventory.delta` that the later commit gives away (a CI
+    /// run under load). Ids made from one reading sort by time, across a
+    /// second's boundary, and whatever the process ids.
+    #[test]
+    fn a_later_transaction_has_a_later_txid_across_a_second_boundary() {
+        use crate::effects::apply::txid_at;
+        use std::time::Duration;
+        let times = [
+            Duration::new(1_700_000_000, 500_000_000),
+            Duration::new(1_700_000_000, 999_999_999),
+            Duration::new(1_700_000_001, 0),
+            Duration::new(1_700_000_001, 50_000_000),
+            Duration::new(1_700_000_010, 1),
+        ];
+        for pair in times.windows(2) {
+            let (a, b) = (txid_at(pair[0]), txid_at(pair[1]));
+            assert!(txid_order(&a) < txid_order(&b), "{a} then {b}");
+        }
+    }
+
     #[test]
     fn a_clean_state_has_no_findings() {
         let (_d, s, root) = state();

@@ -245,7 +245,7 @@ pub fn apply_with(
     // No barrier of its own: flush (1) below makes the removal durable
     // before any target is touched.
     quick::clear_unsynced(state)?;
-    let txid = new_txid(now);
+    let txid = new_txid();
     let tx_dir = state.tx_dir().join(&txid);
     let backups = tx_dir.join("backups");
     fs::DirBuilder::new()
@@ -815,11 +815,30 @@ fn timed<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-fn new_txid(now: i64) -> String {
-    let nanos = std::time::SystemTime::now()
+/// A new transaction's id: `<unix seconds>-<nanoseconds, 8 hex
+/// digits>-<pid>`, so that ids sort in the order transactions began
+/// (`state check` tells a stale inventory by a transaction committed after
+/// the one it names).
+fn new_txid() -> String {
+    let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{now}-{:08x}-{}", nanos, std::process::id())
+        .unwrap_or_default();
+    txid_at(since_epoch)
+}
+
+/// [`new_txid`] at `since_epoch`. Both parts of the time come from that
+/// one reading: the seconds were once the run's start and the nanoseconds
+/// read at the transaction, so a run that began in one second and staged
+/// its transaction in the next got an id below an earlier transaction's
+/// of that first second (and `state check`, under load, missed a deleted
+/// `inventory.delta`).
+pub(crate) fn txid_at(since_epoch: std::time::Duration) -> String {
+    format!(
+        "{}-{:08x}-{}",
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos(),
+        std::process::id()
+    )
 }
 
 /// The staged file of the `index`th change: short and independent of the

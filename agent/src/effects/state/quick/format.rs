@@ -169,7 +169,10 @@ const LINES_PER_THREAD: usize = 4_096;
 /// issue #18). The result is the serial one: the lines in order, or the
 /// error of the first bad line.
 fn decode_lines(lines: &[&str]) -> Result<Vec<FileLine>> {
-    decode_lines_on(lines, crate::cpus::cpus().min(lines.len() / LINES_PER_THREAD))
+    decode_lines_on(
+        lines,
+        crate::cpus::cpus().min(lines.len() / LINES_PER_THREAD),
+    )
 }
 
 /// [`decode_lines`] on `threads` threads.

@@ -440,7 +440,11 @@ fn lines_decoded_in_parts_are_the_lines_decoded_in_one() {
     let serial = decode_lines_on(&lines, 1).unwrap();
     assert_eq!(serial.len(), lines.len());
     for threads in [2, 3, 8] {
-        assert_eq!(decode_lines_on(&lines, threads).unwrap(), serial, "{threads}");
+        assert_eq!(
+            decode_lines_on(&lines, threads).unwrap(),
+            serial,
+            "{threads}"
+        );
     }
     for bad_at in [0, 3_000, 3_001, 4_500, 8_999, 9_000] {
         for second in [None, Some(8_000)] {
