@@ -141,7 +141,7 @@ pub const STATE_READ_MAX_BYTES: u64 = 1 << 30;
 /// of 512 MiB was read whole, into as much memory, on every run; now it is
 /// refused by its size like any corrupt file. Not for a file that can
 /// hold a long error message or a list of managed files (see
-/// [`read_json_large`]).
+/// [`read_json_large`](super::read_json_large)).
 pub const SMALL_STATE_READ_MAX_BYTES: u64 = 16 << 20;
 
 /// Whether reading a state file failed for the read's sake (EIO, EACCES,

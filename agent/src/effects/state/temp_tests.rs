@@ -366,3 +366,56 @@ fn format_1_is_the_envelope_older_agents_wrote_and_others_are_refused() {
     assert!(encode_state(&v, 0).is_err());
     assert!(encode_state(&v, STATE_FORMAT_MAX + 1).is_err());
 }
+
+/// A large inventory's checksum is taken on another thread while its
+/// data is read: what was read counts only once the checksum matched. A
+/// flipped digit that still parses is refused as corrupt, large or small.
+#[test]
+fn a_large_inventory_read_beside_its_checksum_is_refused_when_damaged() {
+    use crate::plan::inventory::ManagedEntry;
+    for files in [3, 2_000] {
+        let mut inv = Inventory {
+            version: INVENTORY_VERSION,
+            ..Default::default()
+        };
+        for i in 0..files {
+            inv.files.insert(
+                crate::desired::spec::TargetPath::parse(&format!("/etc/f{i:05}")).unwrap(),
+                ManagedEntry {
+                    gid: 0,
+                    mode: 0o644,
+                    on_change: Vec::new(),
+                    original: None,
+                    reboot: false,
+                    role: "r".into(),
+                    sensitive: false,
+                    sha256: format!("{i:064x}"),
+                    size: 1_000 + i as u64,
+                    uid: 0,
+                },
+            );
+        }
+        let bytes = encode_inventory(&inv).unwrap();
+        let large = bytes.len() >= 256 << 10;
+        assert_eq!(large, files > 3, "{} bytes", bytes.len());
+        let path = Path::new("/state/inventory.json");
+        let log = Path::new("/state/inventory.delta");
+        let (back, _) =
+            decode_inventory(path, &bytes, log, None, inventory_log::Reading::Live).unwrap();
+        assert_eq!(back.files, inv.files);
+        // The last entry's digest, one digit changed: it still parses.
+        let text = String::from_utf8(bytes).unwrap();
+        let sum = format!("{:064x}", files - 1);
+        assert_eq!(text.matches(&sum).count(), 1, "{sum}");
+        let damaged = text.replace(&sum, &format!("{:064x}", files + 0x10_0000));
+        let err = decode_inventory(
+            path,
+            damaged.as_bytes(),
+            log,
+            None,
+            inventory_log::Reading::Live,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("is corrupt"), "{err:#}");
+    }
+}
