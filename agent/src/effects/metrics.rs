@@ -2,7 +2,7 @@
 //! file (default [`DEFAULT_METRICS_FILE`], Debian's textfile directory).
 //!
 //! [`update`] and [`render`] are pure: the running totals and one run in,
-//! the file's text out. [`write`] is the effect: it loads the totals from
+//! the file's text out. [`write()`] is the effect: it loads the totals from
 //! the state directory (`metrics.json`, the checksummed state envelope; a
 //! corrupt one is reset with a warning), adds the run, saves them, and
 //! replaces the textfile atomically (a temp file beside it, renamed: the

@@ -3,7 +3,7 @@
 //! checkout to read them from).
 //!
 //! The pure part ([`scaffold`], [`check_host_name`], [`plan_writes`]) says
-//! what goes where; [`write`] puts the files on disk, never overwriting one,
+//! what goes where; [`write()`] puts the files on disk, never overwriting one,
 //! and [`git`] makes the first commit in-process with gix (no `git` binary
 //! needed on the host).
 

@@ -5,7 +5,7 @@
 //! local checks reaches the whole fleet within one poll interval. With a
 //! `[fleet]` section in agent.toml, a host asks one question before it
 //! applies a new commit: "may I apply commit C now?". The answer comes
-//! from [`decide`], a pure function of
+//! from [`decide()`], a pure function of
 //!
 //! - the commit's own rollout policy (`[rollout]` in its `driftless.toml`,
 //!   [`policy`]): ordered waves (canary first) selected by labels or by a

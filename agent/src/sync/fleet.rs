@@ -2,7 +2,7 @@
 //!
 //! Before a new commit is applied ([`FleetRun::ask`]): the commit's
 //! rollout policy, this host and the fleet's state go to
-//! [`crate::rollout::decide`]; `Apply` then takes a permit of the host's
+//! [`crate::rollout::decide()`]; `Apply` then takes a permit of the host's
 //! group (held, and kept alive, until the run ends). `Wait` and `Halt`
 //! leave the host exactly as it is, with the reason in the log, in
 //! `status` (the last run's message) and in the fleet.

@@ -26,7 +26,7 @@
 //! `driftless::apt`).
 //!
 //! **Undo** (revert, rollback, recovery; only once the stage began;
-//! [`undo`]): an interrupted dpkg is repaired first (`dpkg --configure
+//! [`undo()`]): an interrupted dpkg is repaired first (`dpkg --configure
 //! -a`, only when `dpkg --audit` asks; its failure is reported and the
 //! undo goes on), packages the stage installed are removed (their
 //! conffiles stay: dpkg's `rc`), those it changed or removed reinstalled

@@ -33,7 +33,7 @@ pub fn to_vec(inv: &Inventory) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// [`to_vec`], appended to `out`.
+/// `serde_json::to_writer(out, inv)`, faster (see `to_vec`).
 pub fn write(out: &mut Vec<u8>, inv: &Inventory) -> Result<()> {
     let Inventory {
         applied_at,
@@ -163,7 +163,7 @@ fn string(out: &mut Vec<u8>, s: &str) -> Result<()> {
     }
 }
 
-/// `serde_json::from_slice::<Inventory>(data)` for the bytes [`write`]
+/// `serde_json::from_slice::<Inventory>(data)` for the bytes [`write()`]
 /// produces, faster; `None` for anything else, and the caller then takes
 /// serde's path, which decides.
 ///
