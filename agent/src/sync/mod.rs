@@ -181,11 +181,7 @@ pub struct Head {
 /// What changed in the tree since an earlier commit (the one the
 /// quick-check record vouches for), without reading any file; `None` if
 /// the trees cannot be compared.
-fn read_changes(
-    settings: &Settings,
-    head: &Head,
-    commit: &str,
-) -> Option<Vec<crate::desired::snapshot::Changed>> {
+fn read_changes(settings: &Settings, head: &Head, commit: &str) -> Option<fetch::TreeChanges> {
     let _t = timings::stage("tree-diff");
     let id = gix::ObjectId::from_hex(commit.as_bytes()).ok()?;
     fetch::tree_changes(&head.repo, id, head.id, &settings.path)
@@ -208,10 +204,21 @@ pub fn read_snapshot(settings: &Settings, head: Head) -> Result<Fetched, Error> 
 
 /// [`read_snapshot`] read as it is used (see `run::lazy_tree` for when
 /// that is sound); the head is kept for a whole read after all.
-pub(super) fn read_snapshot_lazily(settings: &Settings, head: &Head) -> Result<Fetched, Error> {
-    let snapshot =
-        fetch::read_tree_lazily(&head.repo, head.id, &settings.path, settings.limits.file)
-            .kind(Failure::InvalidRepo)?;
+/// `known`: trees of the head's commit read already (see
+/// [`fetch::read_tree_lazily`]).
+pub(super) fn read_snapshot_lazily(
+    settings: &Settings,
+    head: &Head,
+    known: Vec<(gix::ObjectId, Vec<u8>)>,
+) -> Result<Fetched, Error> {
+    let snapshot = fetch::read_tree_lazily(
+        &head.repo,
+        head.id,
+        &settings.path,
+        settings.limits.file,
+        known,
+    )
+    .kind(Failure::InvalidRepo)?;
     Ok(Fetched {
         commit: head.commit.clone(),
         commit_time: head.commit_time,

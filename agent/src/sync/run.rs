@@ -398,10 +398,14 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     // Both paths below plan against the inventory: read it on the other
     // core while the tree is read and the configuration loaded.
     pass.state.prefetch_inventory();
-    let changes = partial
+    let (changes, known_trees) = match partial
         .as_ref()
         .filter(|(record, _)| record.commit != head.commit)
-        .and_then(|(record, _)| read_changes(settings, &head, &record.commit));
+        .and_then(|(record, _)| read_changes(settings, &head, &record.commit))
+    {
+        Some(found) => (Some(found.changed), found.trees),
+        None => (None, Vec::new()),
+    };
     // Updating only what changed reads only the entries it needs of the
     // tree (not 10,000 of them), when the tree is known to read whole
     // without error: see `lazy_tree`.
@@ -426,7 +430,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         .as_ref()
         .and_then(|p| Some((p, lazy_tree(&p.0, &head.commit, changes.as_deref())?)))
     {
-        let planned = super::read_snapshot_lazily(settings, &head)
+        let planned = super::read_snapshot_lazily(settings, &head, known_trees)
             .map(|fetched| (repair(&fetched, drift), fetched));
         match planned {
             Ok((plan, fetched)) => match (plan, fetched.snapshot.failure()) {

@@ -324,13 +324,17 @@ pub fn read_tree(
 /// [`read_tree`], read as it is used (`Snapshot::lazy_tree`): only for a
 /// commit whose tree is known to read whole without error (see
 /// `sync::run`), since a read that fails then is no error of its own.
+///
+/// `known`: trees of that commit already read and checked, by id (from
+/// [`TreeChanges::trees`]), not read again.
 pub fn read_tree_lazily(
     repo: &gix::Repository,
     commit: gix::ObjectId,
     sub_path: &str,
     max_file: u64,
+    known: Vec<(gix::ObjectId, Vec<u8>)>,
 ) -> Result<Snapshot> {
-    tree::read_lazily(repo, commit, sub_path, max_file)
+    tree::read_lazily(repo, commit, sub_path, max_file, known)
 }
 
 /// The most files and links a commit's tree may hold (below `path`).
@@ -343,6 +347,18 @@ pub fn read_dir(dir: &Path, sub_path: &str, max_file: u64) -> Result<Snapshot> {
     workdir::read(dir, sub_path, max_file)
 }
 
+/// What [`tree_changes`] found.
+#[derive(Debug, Default)]
+pub struct TreeChanges {
+    /// The entries that differ, in path order.
+    pub changed: Vec<crate::desired::snapshot::Changed>,
+    /// The trees of the new commit it read (each one that differs), by
+    /// id, as read and checked: a lazy read of that commit starts with
+    /// them ([`read_tree_lazily`]) instead of inflating them again (a
+    /// directory of 10,000 files is a 450 KB object).
+    pub trees: Vec<(gix::ObjectId, Vec<u8>)>,
+}
+
 /// The entries that differ between the trees of two commits below
 /// `sub_path`, without reading either tree whole (see `tree::changes`).
 pub fn tree_changes(
@@ -350,7 +366,7 @@ pub fn tree_changes(
     before: gix::ObjectId,
     after: gix::ObjectId,
     sub_path: &str,
-) -> Result<Vec<crate::desired::snapshot::Changed>> {
+) -> Result<TreeChanges> {
     tree::changes(repo, before, after, sub_path)
 }
 

@@ -1129,7 +1129,7 @@ fn tree_changes_finds_what_comparing_whole_snapshots_finds() {
             .collect();
         for (i, a) in commits.iter().enumerate() {
             for (j, b) in commits.iter().enumerate() {
-                let fast = tree_changes(&repo, *a, *b, sub).unwrap();
+                let fast = tree_changes(&repo, *a, *b, sub).unwrap().changed;
                 let whole = snaps[i].changes(&snaps[j]);
                 assert_eq!(fast, whole, "commits {i} -> {j}, sub-path {sub:?}");
                 compared += 1;
@@ -1268,7 +1268,13 @@ fn a_hand_crafted_tree_with_bad_names_duplicates_or_disorder_is_refused() {
     let after = oid(&git(&work, &["commit-tree", &ok, "-m", "ok"]));
     let repo = open_local_uncached(&repo_dir).unwrap();
     assert_eq!(read_tree_t(&repo, after, "").unwrap().len(), 3);
-    assert_eq!(tree_changes(&repo, before, after, "").unwrap().len(), 4);
+    assert_eq!(
+        tree_changes(&repo, before, after, "")
+            .unwrap()
+            .changed
+            .len(),
+        4
+    );
 }
 
 /// The bug this guards against: a file's object was inflated whole before
@@ -1507,7 +1513,10 @@ fn a_commit_of_more_files_than_a_snapshot_holds_is_refused() {
 #[test]
 fn a_tree_read_lazily_answers_as_the_tree_read_whole() {
     let tmp = tempfile::tempdir().unwrap();
-    let (work, head) = fixture_repo(tmp.path());
+    let (work, first) = fixture_repo(tmp.path());
+    // A second commit, read lazily starting from the trees that comparing
+    // it with the first read (a file changed two directories down).
+    let second = commit_file(&work, "sub/dir/seeded.txt", "new\n", "second");
     let repo = open(&spec(Location::Local(work), "main"), tmp.path()).unwrap();
     let max = crate::desired::guard::Limits::default().file;
     let walked = |s: &Snapshot, dir: &str| {
@@ -1515,9 +1524,18 @@ fn a_tree_read_lazily_answers_as_the_tree_read_whole() {
             .map(|(k, e)| (k.to_string(), e.clone()))
             .collect::<Vec<_>>()
     };
-    for sub in ["", "sub"] {
+    for (sub, head) in [("", first), ("sub", first), ("", second), ("sub", second)] {
+        let known = match head == second {
+            true => tree_changes(&repo, first, second, sub).unwrap().trees,
+            false => Vec::new(),
+        };
+        // The top (or `sub`), `sub` and `sub/dir` of the second commit.
+        assert_eq!(
+            known.len(),
+            if head == second { 3 - sub.len() / 3 } else { 0 }
+        );
         let whole = read_tree_t(&repo, head, sub).unwrap();
-        let lazy = read_tree_lazily(&repo, head, sub, max).unwrap();
+        let lazy = read_tree_lazily(&repo, head, sub, max, known).unwrap();
         assert!(lazy.is_partly_read());
         let paths: Vec<String> = whole.walk("").map(|(p, _)| p.to_string()).collect();
         for p in &paths {
@@ -1568,6 +1586,7 @@ fn a_lazy_read_that_fails_is_kept_as_the_snapshots_failure() {
         head,
         "",
         crate::desired::guard::Limits::default().file,
+        Vec::new(),
     )
     .unwrap();
     // The tree of `sub/dir`, removed after the snapshot was made.

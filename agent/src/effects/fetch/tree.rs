@@ -237,6 +237,7 @@ pub(super) fn read_lazily(
     commit: gix::ObjectId,
     sub_path: &str,
     max_file: u64,
+    known: Vec<(gix::ObjectId, Vec<u8>)>,
 ) -> Result<Snapshot> {
     let sub_path = normalise_sub_path(sub_path)?;
     let start = start(repo, commit, sub_path.as_str())?;
@@ -247,7 +248,17 @@ pub(super) fn read_lazily(
         start,
         reader: Mutex::new(Reader {
             repo: repo.clone(),
-            listings: HashMap::new(),
+            listings: known
+                .into_iter()
+                .map(|(id, data)| {
+                    let listing = Listing {
+                        data,
+                        lookups: 0,
+                        index: None,
+                    };
+                    (id, listing)
+                })
+                .collect(),
         }),
     };
     Ok(Snapshot::lazy_tree(source, Box::new(tree)))
@@ -362,13 +373,13 @@ pub(super) fn changes(
     before: gix::ObjectId,
     after: gix::ObjectId,
     sub_path: &str,
-) -> Result<Vec<Changed>> {
+) -> Result<super::TreeChanges> {
     let sub_path = normalise_sub_path(sub_path)?;
     let a = start(repo, before, &sub_path)?;
     let b = start(repo, after, &sub_path)?;
-    let mut out = Vec::new();
+    let mut out = super::TreeChanges::default();
     diff(repo, Some(a), Some(b), "", 0, &mut out)?;
-    out.sort();
+    out.changed.sort();
     Ok(out)
 }
 
@@ -502,7 +513,7 @@ fn diff(
     b: Option<gix::ObjectId>,
     dir: &str,
     depth: usize,
-    out: &mut Vec<Changed>,
+    out: &mut super::TreeChanges,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
         bail!("{dir}: directories nested deeper than {MAX_DEPTH} levels");
@@ -574,12 +585,19 @@ fn diff(
                 out,
             )?;
         } else {
-            out.push(Changed {
+            out.changed.push(Changed {
                 before: l.map(|i| leaf_kind(i.kind, &path)).transpose()?,
                 after: r.map(|i| leaf_kind(i.kind, &path)).transpose()?,
                 path,
             });
         }
+    }
+    // The new commit's tree, checked above (`items`): a lazy read of that
+    // commit need not read it again.
+    drop((ia, ib));
+    if let Some(tree) = tb {
+        let tree = tree.detach();
+        out.trees.push((tree.id, tree.data));
     }
     Ok(())
 }
