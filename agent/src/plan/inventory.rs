@@ -283,6 +283,26 @@ impl Inventory {
     }
 }
 
+#[cfg(test)]
+impl ManagedEntry {
+    /// An entry for tests: file `i` of role `r`, mode 0644, owned by root,
+    /// its digest and size made from `i`.
+    pub fn example(i: usize) -> Self {
+        ManagedEntry {
+            gid: 0,
+            mode: 0o644,
+            on_change: Vec::new(),
+            original: None,
+            reboot: false,
+            role: "r".into(),
+            sensitive: false,
+            sha256: format!("{i:064x}"),
+            size: i as u64,
+            uid: 0,
+        }
+    }
+}
+
 /// One managed file as last applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -593,16 +593,8 @@ fn the_bulk_built_file_map_reads_what_serdes_map_reader_reads() {
 fn a_partial_sync_splits_the_inventory_into_planned_and_carried_entries() {
     use crate::plan::inventory::ManagedEntry;
     let entry = |role: &str| ManagedEntry {
-        gid: 0,
-        mode: 0o644,
-        on_change: Vec::new(),
-        original: None,
-        reboot: false,
         role: role.to_string(),
-        sensitive: false,
-        sha256: "00".into(),
-        size: 1,
-        uid: 0,
+        ..ManagedEntry::example(1)
     };
     let mut inv = Inventory::default();
     for (p, role) in [("/etc/a", "r1"), ("/etc/b", "r2"), ("/etc/c", "r3")] {

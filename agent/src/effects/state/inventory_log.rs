@@ -450,18 +450,7 @@ mod tests {
     use crate::plan::inventory::INVENTORY_VERSION;
 
     fn entry(i: usize) -> ManagedEntry {
-        ManagedEntry {
-            gid: 0,
-            mode: 0o644,
-            on_change: Vec::new(),
-            original: None,
-            reboot: false,
-            role: "r".into(),
-            sensitive: false,
-            sha256: format!("{i:064x}"),
-            size: i as u64,
-            uid: 0,
-        }
+        ManagedEntry::example(i)
     }
 
     fn path(i: usize) -> TargetPath {

@@ -381,18 +381,7 @@ fn a_large_inventory_read_beside_its_checksum_is_refused_when_damaged() {
         for i in 0..files {
             inv.files.insert(
                 crate::desired::spec::TargetPath::parse(&format!("/etc/f{i:05}")).unwrap(),
-                ManagedEntry {
-                    gid: 0,
-                    mode: 0o644,
-                    on_change: Vec::new(),
-                    original: None,
-                    reboot: false,
-                    role: "r".into(),
-                    sensitive: false,
-                    sha256: format!("{i:064x}"),
-                    size: 1_000 + i as u64,
-                    uid: 0,
-                },
+                ManagedEntry::example(i),
             );
         }
         let bytes = encode_inventory(&inv).unwrap();
