@@ -90,10 +90,7 @@ pub(super) fn intent(plan: &Plan, txid: &str) -> Vec<JournalEntry> {
 /// The journal entries of the managed directories to create or correct,
 /// after the links' and absent paths' (a directory leaving the
 /// repository has none: it is removed after the commit, if empty).
-fn dir_intent<'a>(
-    plan: &'a Plan,
-    txid: &'a str,
-) -> impl Iterator<Item = JournalEntry> + 'a {
+fn dir_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = JournalEntry> + 'a {
     let first = plan.changes.len() + plan.links.len() + plan.absent.len();
     let meta = |m: crate::plan::dirs::DirMeta| Meta {
         mode: m.mode,
@@ -124,10 +121,7 @@ fn dir_intent<'a>(
 
 /// The journal entries of the links, then the absent paths, after the
 /// files' (indices, hence staged and backup names, continue theirs).
-fn path_intent<'a>(
-    plan: &'a Plan,
-    txid: &'a str,
-) -> impl Iterator<Item = JournalEntry> + 'a {
+fn path_intent<'a>(plan: &'a Plan, txid: &'a str) -> impl Iterator<Item = JournalEntry> + 'a {
     let first = plan.changes.len();
     let link_meta = |owner: Option<(u32, u32)>| {
         owner.map(|(uid, gid)| Meta {

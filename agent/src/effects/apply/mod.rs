@@ -25,7 +25,7 @@
 //!    record), or **revert** ([`revert`]). A committed transaction is
 //!    marked `committed` (an empty file).
 //!
-//! Recovery ([`recover`], at the start of every run, under the lock) rolls
+//! Recovery ([`recover()`], at the start of every run, under the lock) rolls
 //! back every transaction that did not reach the commit point, including
 //! one that was switched in while its checks ran or was being reverted.
 //! Why back, not forward: the old files are the last state that was

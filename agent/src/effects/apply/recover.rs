@@ -1,10 +1,10 @@
 //! After a crash and on demand: transactions left half done are rolled
-//! back or finished as their journal says ([`recover`]), a committed one
+//! back or finished as their journal says ([`recover()`]), a committed one
 //! reverted ([`revert`]), old ones pruned.
 
 use super::*;
 
-/// A transaction that [`recover`] rolled back.
+/// A transaction that [`recover()`] rolled back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
     pub txid: String,
@@ -140,7 +140,7 @@ pub fn recover(fs: &RootFs, state: &StateDir) -> Result<Vec<Recovered>> {
 /// re-created, and the previous inventory restored.
 ///
 /// The journal is marked `Reverting` first, so a crash in the middle is
-/// finished by [`recover`] on the next start.
+/// finished by [`recover()`] on the next start.
 ///
 /// Returns a note per account the undo kept (`accounts::undo`).
 pub fn revert(fs: &RootFs, state: &StateDir, txid: &str) -> Result<Vec<String>> {

@@ -162,13 +162,7 @@ fn prepare_dirs(
 /// Makes the directory `name` in `dir` with `meta`, atomically: created
 /// as `tmp` (owner only), owner and mode set, renamed to `name` unless
 /// something is there.
-fn make_dir_whole(
-    dir: &OwnedFd,
-    tmp: &str,
-    name: &str,
-    meta: Meta,
-    ownership: bool,
-) -> Result<()> {
+fn make_dir_whole(dir: &OwnedFd, tmp: &str, name: &str, meta: Meta, ownership: bool) -> Result<()> {
     nix::sys::stat::mkdirat(dir, tmp, NixMode::from_bits_truncate(0o700))?;
     set_dir_meta(dir, tmp, meta, ownership)?;
     nix::fcntl::renameat2(
