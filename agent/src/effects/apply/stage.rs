@@ -180,21 +180,7 @@ fn make_dir_whole(dir: &OwnedFd, tmp: &str, name: &str, meta: Meta, ownership: b
 /// opened without following a symlink (a symlink there fails: `ELOOP`,
 /// a non-directory: `ENOTDIR`).
 pub(super) fn set_dir_meta(dir: &impl AsFd, name: &str, meta: Meta, ownership: bool) -> Result<()> {
-    let fd = openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        NixMode::empty(),
-    )?;
-    if ownership {
-        fchown(
-            &fd,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-        )?;
-    }
-    fchmod(&fd, NixMode::from_bits_truncate(meta.mode))?;
-    Ok(())
+    set_meta_opened(dir, name, OFlag::O_DIRECTORY, meta, ownership)
 }
 
 /// Backs `name` up as `backup`: a hard link (free), or a copy of
@@ -394,11 +380,26 @@ pub(super) fn switch(
     Ok(())
 }
 
+/// Sets owner (when `ownership`) and mode of the file `name`, opened
+/// without following a symlink and without blocking (a FIFO planted
+/// there does not hang the agent).
 pub(super) fn set_meta(dir: &impl AsFd, name: &str, meta: Meta, ownership: bool) -> Result<()> {
+    set_meta_opened(dir, name, OFlag::O_NONBLOCK, meta, ownership)
+}
+
+/// [`set_meta`] and [`set_dir_meta`]: `name` opened read-only, never
+/// through a symlink, with `flags` besides.
+fn set_meta_opened(
+    dir: &impl AsFd,
+    name: &str,
+    flags: OFlag,
+    meta: Meta,
+    ownership: bool,
+) -> Result<()> {
     let fd = openat(
         dir,
         name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | flags,
         NixMode::empty(),
     )?;
     if ownership {

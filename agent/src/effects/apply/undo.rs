@@ -199,20 +199,19 @@ fn undo_entry(
             Some(tmp) => remove_empty_dir(dir, tmp),
             None => Ok(()),
         },
-        Op::DirMeta => match e.old {
-            Some(old) => match set_dir_meta(dir, name, old, ownership) {
-                Ok(()) => Ok(()),
-                Err(err) if is_enoent(&err) => Ok(()),
-                Err(err) => Err(err),
-            },
-            None => Ok(()),
-        },
-        Op::Meta => match e.old {
-            Some(old) => match set_meta(dir, name, old, ownership) {
-                Ok(()) => Ok(()),
-                Err(err) if is_enoent(&err) => Ok(()),
-                Err(err) => Err(err),
-            },
+        // (Gone since: nothing to give its old owner and mode back to.)
+        Op::DirMeta | Op::Meta => match e.old {
+            Some(old) => {
+                let set = if e.op == Op::DirMeta {
+                    set_dir_meta
+                } else {
+                    set_meta
+                };
+                match set(dir, name, old, ownership) {
+                    Err(err) if !is_enoent(&err) => Err(err),
+                    _ => Ok(()),
+                }
+            }
             None => Ok(()),
         },
         Op::Replace | Op::Remove | Op::Link => {
