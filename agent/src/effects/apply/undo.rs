@@ -256,14 +256,7 @@ fn restore_link(
             return Ok(());
         }
     }
-    let tmp = format!(
-        ".driftless-restore-{}-{txid}",
-        &crate::plan::sha256_hex(name.as_bytes())[..12]
-    );
-    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => {}
-        Err(err) => return Err(err.into()),
-    }
+    let tmp = restore_temp(dir, name, txid)?;
     nix::unistd::symlinkat(target, dir, tmp.as_str())
         .with_context(|| format!("cannot re-create the link to {target}"))?;
     if let (true, Some(old)) = (ownership, old) {
@@ -278,6 +271,20 @@ fn restore_link(
     }
     renameat(dir, tmp.as_str(), dir, name)?;
     Ok(())
+}
+
+/// The temporary name beside `name` that a restore writes to before its
+/// rename, a leftover of an earlier attempt (a crash during recovery)
+/// removed first.
+fn restore_temp(dir: &OwnedFd, name: &str, txid: &str) -> Result<String> {
+    let tmp = format!(
+        ".driftless-restore-{}-{txid}",
+        &crate::plan::sha256_hex(name.as_bytes())[..12]
+    );
+    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(tmp),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Removes the directory `name` in `dir` if it is there and empty.
@@ -303,14 +310,7 @@ pub(super) fn restore_backup(
     old: Meta,
     ownership: bool,
 ) -> Result<()> {
-    let tmp = format!(
-        ".driftless-restore-{}-{txid}",
-        &crate::plan::sha256_hex(name.as_bytes())[..12]
-    );
-    match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => {}
-        Err(err) => return Err(err.into()),
-    }
+    let tmp = restore_temp(dir, name, txid)?;
     match linkat(backups, backup, dir, tmp.as_str(), AtFlags::empty()) {
         Ok(()) => {
             // What was linked, checked at its new name (no window between
