@@ -1,6 +1,10 @@
 //! Staging and switching: every new file written under a temporary name
-//! beside its target, backups taken, directories prepared, one flush, and
-//! then the renames that switch the host to the new state.
+//! beside its target, backups taken, directories prepared, originals
+//! saved, and then the renames that switch the host to the new state
+//! (the flushes around them are `apply_with`'s). Also the open and write
+//! helpers the rest of the transaction uses: state directories opened
+//! without following links, new files written whole, owner and mode set
+//! on what a name holds now.
 
 use super::*;
 

@@ -1,5 +1,8 @@
-//! Rolling a transaction back: each journal entry undone in reverse, from
-//! the backups the stage took (a revert, a failed check, recovery).
+//! Rolling a transaction back (a revert, a failed check, recovery): each
+//! journal entry undone in reverse (files from the backups the stage took,
+//! links re-created from their old targets, owners and modes set back),
+//! then the packages and accounts stages undone, the inventory put back
+//! and the originals the transaction released retired.
 
 use super::*;
 
