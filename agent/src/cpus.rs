@@ -13,3 +13,36 @@ pub fn cpus() -> usize {
     static CPUS: OnceLock<usize> = OnceLock::new();
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// `f` over `items` cut into `threads` contiguous parts, each on a thread
+/// of its own: each part with its result, in the parts' order. A part whose thread cannot
+/// be started (`Scope::spawn` would panic then) runs on the caller's; one
+/// whose thread panicked gives `Err`. Every thread is joined before this
+/// returns.
+pub fn map_parts<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> R + Sync,
+) -> Vec<(&[T], std::thread::Result<R>)> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let chunk = items.len().div_ceil(threads.max(1));
+    let f = &f;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| {
+                let thread = std::thread::Builder::new().spawn_scoped(scope, move || f(part));
+                (part, thread)
+            })
+            .collect();
+        parts
+            .into_iter()
+            .map(|(part, thread)| match thread {
+                Ok(thread) => (part, thread.join()),
+                Err(_) => (part, Ok(f(part))),
+            })
+            .collect()
+    })
+}

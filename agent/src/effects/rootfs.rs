@@ -137,29 +137,14 @@ impl RootFs {
         if threads == 1 {
             return self.stamps_serial(&targets);
         }
-        let chunk = targets.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            // (`Scope::spawn` panics when no thread can be started; a part
-            // without one is stamped here.)
-            let handles: Vec<_> = targets
-                .chunks(chunk)
-                .map(|part| {
-                    std::thread::Builder::new()
-                        .spawn_scoped(scope, move || self.stamps_serial(part))
-                        .map_err(|_| part)
-                })
-                .collect();
-            let mut out = Vec::with_capacity(targets.len());
-            for (handle, part) in handles.into_iter().zip(targets.chunks(chunk)) {
-                // A thread that panicked (it cannot: fstatat and a map)
-                // leaves its files unstamped, which reads as "changed".
-                out.extend(match handle {
-                    Ok(thread) => thread.join().unwrap_or_else(|_| vec![None; part.len()]),
-                    Err(part) => self.stamps_serial(part),
-                });
-            }
-            out
-        })
+        let parts = crate::cpus::map_parts(&targets, threads, |part| self.stamps_serial(part));
+        let mut out = Vec::with_capacity(targets.len());
+        for (part, stamps) in parts {
+            // A thread that panicked (it cannot: fstatat and a map)
+            // leaves its files unstamped, which reads as "changed".
+            out.extend(stamps.unwrap_or_else(|_| vec![None; part.len()]));
+        }
+        out
     }
 
     fn stamps_serial<'a>(&self, targets: &[&'a TargetPath]) -> Vec<Option<Stamp>> {

@@ -364,26 +364,24 @@ pub(super) fn decode_state_meta<T: DeserializeOwned>(
     use sha2::Digest;
     if let Some((data, sum, format)) = compact_parts_with_format(bytes) {
         let intact = || hex::encode(sha2::Sha256::digest(data)) == sum;
-        let (intact, read) = if data.len() >= DIGEST_BESIDE_FROM {
-            // What is read is used only once the checksum matched.
-            std::thread::scope(|scope| {
-                match std::thread::Builder::new().spawn_scoped(scope, intact) {
-                    Ok(digest) => {
-                        let read = read(data);
-                        // (A digest and a comparison do not panic; if it
-                        // did, the data would count as damaged.)
-                        (digest.join().unwrap_or(false), read)
-                    }
-                    Err(_) => {
-                        let ok = intact();
-                        (ok, if ok { read(data) } else { None })
-                    }
+        // What is read is used only once the checksum matched.
+        let (intact, read) = std::thread::scope(|scope| {
+            let beside = (data.len() >= DIGEST_BESIDE_FROM)
+                .then(|| std::thread::Builder::new().spawn_scoped(scope, intact).ok())
+                .flatten();
+            match beside {
+                // (A digest and a comparison do not panic; if it did, the
+                // data would count as damaged.)
+                Some(digest) => {
+                    let read = read(data);
+                    (digest.join().unwrap_or(false), read)
                 }
-            })
-        } else {
-            let ok = intact();
-            (ok, if ok { read(data) } else { None })
-        };
+                None => {
+                    let ok = intact();
+                    (ok, if ok { read(data) } else { None })
+                }
+            }
+        });
         if let (true, Some(v)) = (intact, read) {
             let meta = EnvelopeMeta {
                 format,

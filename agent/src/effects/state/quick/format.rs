@@ -180,41 +180,18 @@ pub(super) fn decode_lines_on(lines: &[&str], threads: usize) -> Result<Vec<File
     if threads <= 1 || lines.is_empty() {
         return lines.iter().map(|l| decode_line(l)).collect();
     }
-    let chunk = lines.len().div_ceil(threads);
     let decode = |part: &[&str]| {
         part.iter()
             .map(|l| decode_line(l))
             .collect::<Result<Vec<_>>>()
     };
-    std::thread::scope(|scope| {
-        // A part whose thread cannot be started is decoded here.
-        let parts: Vec<_> = lines
-            .chunks(chunk)
-            .map(|part| {
-                std::thread::Builder::new()
-                    .spawn_scoped(scope, move || decode(part))
-                    .map_err(|_| part)
-            })
-            .collect();
-        // Every thread joined before any error is returned (a scope left
-        // with one unjoined would be a panic if that one panicked).
-        let decoded: Vec<Result<Vec<FileLine>>> = parts
-            .into_iter()
-            .map(|part| match part {
-                Ok(thread) => thread
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a thread decoding the record panicked"))?,
-                Err(part) => decode(part),
-            })
-            .collect();
-        let mut out = Vec::with_capacity(lines.len());
-        // A part's first error is the first of all: the parts before it
-        // decoded whole.
-        for part in decoded {
-            out.extend(part?);
-        }
-        Ok(out)
-    })
+    let mut out = Vec::with_capacity(lines.len());
+    // A part's first error is the first of all: the parts before it
+    // decoded whole.
+    for (_, decoded) in crate::cpus::map_parts(lines, threads, decode) {
+        out.extend(decoded.map_err(|_| anyhow::anyhow!("a thread decoding the record panicked"))??);
+    }
+    Ok(out)
 }
 
 pub(super) fn decode_delta(bytes: &[u8]) -> Result<(DeltaHeader, Vec<Change>)> {
