@@ -909,6 +909,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 output::print_sync(&report);
                 note_uncommitted(&s);
             }
+            report.discard();
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {

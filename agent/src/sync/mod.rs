@@ -93,6 +93,17 @@ pub struct Report {
     pub waiting: Option<crate::effects::fleet::Waiting>,
 }
 
+impl Report {
+    /// Ends the report's life at the end of a one-pass run: its plan's
+    /// next inventory and set of self-contained files (a run's largest
+    /// allocations at 10,000 files) go to [`crate::memory::discard`]; the
+    /// rest, which may hold rendered secrets, is dropped (and zeroized).
+    pub fn discard(mut self) {
+        crate::memory::discard(std::mem::take(&mut self.plan.next_inventory));
+        crate::memory::discard(std::mem::take(&mut self.plan.self_contained));
+    }
+}
+
 pub fn source_spec(settings: &Settings) -> Result<SourceSpec, Error> {
     let source = settings.source.as_deref().ok_or_else(|| {
         Error::new(

@@ -220,6 +220,16 @@ pub(super) struct Pass<'a> {
     pub(super) reboot_pending: Option<bool>,
 }
 
+impl Drop for Pass<'_> {
+    /// Before the lock is released: the cached inventory and quick-check
+    /// record are the largest things a pass holds (see
+    /// [`crate::memory::discard`]).
+    fn drop(&mut self) {
+        self.state.discard_cache();
+        crate::memory::discard(self.stamps.take());
+    }
+}
+
 /// Takes the lock, rolls back what a crash left behind, and refuses to go
 /// on while halted (unless `--retry`, which clears the halt). With
 /// `operator` (a `rollback`), a halt neither refuses nor is cleared here:

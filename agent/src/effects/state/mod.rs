@@ -474,6 +474,18 @@ impl StateDir {
         replace(dest, &bytes, Durability::None)
     }
 
+    /// Lets go of the inventory this handle (and its clones) cached, as
+    /// [`crate::memory::discard`] does: at the end of a pass, its next
+    /// read would go to the files again anyway.
+    pub fn discard_cache(&self) {
+        let cached = self
+            .inventory_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        crate::memory::discard(cached);
+    }
+
     /// Starts reading the inventory on another thread, so that its decode
     /// (15 ms at 10,000 files) overlaps the loading of the repository's
     /// configuration instead of following it. Whoever calls
