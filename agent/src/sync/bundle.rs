@@ -106,7 +106,7 @@ pub fn import_files(
                     }
                     import::Imported::Outdated { tip, reason } => {
                         info!(bundle = %shown, tip = %short(&tip.to_string()), "bundle skipped: {reason}");
-                        super::record(
+                        super::runlog::record(
                             &state,
                             now,
                             crate::effects::state::history::Outcome::Outdated,
@@ -131,7 +131,7 @@ pub fn import_files(
                 // The caller reports it (error, stick report, journal);
                 // history and `status` keep why.
                 info!(bundle = %shown, "bundle refused: {e:#}");
-                super::record(
+                super::runlog::record(
                     &state,
                     now,
                     crate::effects::state::history::Outcome::Refused,

@@ -505,7 +505,7 @@ impl FleetRun {
                     ("unchanged", kept_since.or(Some(pass.now)))
                 }
             }
-            Err(e) if e.error.downcast_ref::<super::run::Reverted>().is_some() => {
+            Err(e) if e.error.downcast_ref::<super::Reverted>().is_some() => {
                 ("reverted", kept_since)
             }
             Err(_) => ("failed", kept_since),
@@ -543,7 +543,7 @@ impl FleetRun {
         let settings = pass.settings;
         let ttl = status_ttl(settings, fleet);
         let reverted = match result {
-            Err(e) if !self.rolled_back => e.error.downcast_ref::<super::run::Reverted>(),
+            Err(e) if !self.rolled_back => e.error.downcast_ref::<super::Reverted>(),
             _ => None,
         };
         let mut store = self.store.take();

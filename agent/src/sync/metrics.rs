@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use super::marks::Marks;
-use super::run::{Pass, Reverted};
+use super::run::Pass;
 use super::Report;
+use super::Reverted;
 use crate::config::Settings;
 use crate::effects::metrics::{self, Labels, Run, Target};
 use crate::effects::state::StateDir;

@@ -1,0 +1,307 @@
+//! A prepared plan applied as one transaction: staged, switched in, unit
+//! actions and checks run, then committed, or reverted as a whole when
+//! anything fails (the commit marked bad).
+
+use anyhow::anyhow;
+use tracing::{info, warn};
+
+use super::run::Pass;
+use super::{marks, ownership_applied, post, Prepared, Report};
+use crate::effects::apply;
+use crate::effects::rootfs::RootFs;
+use crate::exit::{Classify, Error, Failure};
+use crate::plan::diff::short;
+use crate::timings;
+
+/// A commit that was applied, failed its actions or checks, and was reverted.
+#[derive(Debug, thiserror::Error)]
+#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad{}", short(commit), kept_suffix(kept))]
+pub struct Reverted {
+    pub commit: String,
+    pub reason: String,
+    /// Accounts the commit made that the revert kept, and why.
+    pub kept: Vec<String>,
+}
+
+/// `" (but kept user app: uid 850 owns …)"`, or nothing.
+pub(super) fn kept_suffix(kept: &[String]) -> String {
+    if kept.is_empty() {
+        String::new()
+    } else {
+        format!(" (but {})", kept.join("; "))
+    }
+}
+
+/// Apply, then run unit actions and checks; revert as a whole on failure.
+pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Error> {
+    let (settings, state, fs, now, opts, rt) = (
+        pass.settings,
+        &pass.state,
+        &pass.fs,
+        pass.now,
+        pass.opts,
+        pass.rt,
+    );
+    let floor = pass.floor.take();
+    let marks = &mut pass.marks;
+    let recovered = &pass.recovered;
+    let commit = prepared.fetched.commit.clone();
+    let mut plan = prepared.plan;
+    if plan.is_empty() {
+        let timing = timings::stage("units");
+        let fixed = rt
+            .block_on(post::converge_units(settings, &plan))
+            .kind(Failure::Failed)?;
+        drop(timing);
+        for a in &fixed {
+            warn!(action = %a, "a declared unit had drifted: repaired");
+        }
+        info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        return Ok(Report {
+            commit,
+            applied: None,
+            plan,
+            recovered: recovered.to_vec(),
+            skipped_bad: false,
+            post: None,
+            quick: false,
+            waiting: None,
+        });
+    }
+    for c in &plan.changes {
+        tracing::debug!(path = %c.path, change = ?c.kind, "planned");
+    }
+    // Pre hooks: before anything of the transaction is written. A failing
+    // one stops the sync with nothing applied; the commit is not marked
+    // bad (nothing of it was tried yet, and what failed may be the host's
+    // moment: the next poll tries again, pre hooks first).
+    if settings.run_checks {
+        let mut ran = Vec::new();
+        let pre = rt.block_on(crate::effects::hooks::run(
+            &plan.hooks,
+            crate::desired::spec::HookWhen::Pre,
+            &mut ran,
+        ));
+        if let Err(e) = pre {
+            return Err(Error::new(
+                Failure::Failed,
+                e.context(format!(
+                    "commit {} not applied: a pre hook failed, nothing was changed",
+                    short(&commit)
+                )),
+            ));
+        }
+    } else {
+        crate::effects::hooks::skipped(&plan.hooks, crate::desired::spec::HookWhen::Pre);
+    }
+    // After a packages stage, the files are planned again (a package may
+    // have brought a file the plan took for missing).
+    let fetched = &prepared.fetched;
+    let mut replan = || -> anyhow::Result<crate::plan::Plan> {
+        let facts = super::gather_facts(fs);
+        super::plan_for(settings, state, fs, fetched, &facts).map_err(|e| e.error)
+    };
+    let applied = apply::apply_with(
+        fs,
+        state,
+        &mut plan,
+        ownership_applied(),
+        now,
+        &opts.apply,
+        Some(&mut replan),
+    )
+    .kind(Failure::Failed)?;
+    info!(
+        commit = %short(&commit),
+        summary = %prepared.fetched.summary,
+        txid = %applied.txid,
+        created = applied.created,
+        changed = applied.changed,
+        removed = applied.removed,
+        "switched in; running unit actions and checks"
+    );
+    let timing = timings::stage("post");
+    let post = rt.block_on(post::run(settings, &plan, post::Stage::Apply));
+    drop(timing);
+    pass.checks_failing = Some(post.checks.iter().filter(|c| !c.ok).count());
+    tracing::debug!(
+        ?post,
+        run_checks = settings.run_checks,
+        checks = plan.checks.len(),
+        "post-apply"
+    );
+    let staged_floor = match (&post.failure, floor) {
+        (None, Some(f)) => match crate::effects::state::floor::stage(&settings.root, &f) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // Written after the commit instead (`raise_floor`).
+                warn!("cannot prepare the anti-rollback floor: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
+    if post.failure.is_none() {
+        // The reboot request goes into the commit record: a crash before
+        // `/run/reboot-required` is written loses nothing. A request of an
+        // earlier boot is dropped (the host rebooted since).
+        let boot = crate::effects::reboot::boot_id();
+        let mut paths = crate::effects::reboot::owners(fs, &plan.reboot_required);
+        // A package's reason: its dpkg file list, under its own name.
+        paths.extend(plan.reboot_packages.iter().filter_map(|n| {
+            crate::desired::spec::TargetPath::parse(&format!("/var/lib/dpkg/info/{n}.list"))
+                .ok()
+                .map(|p| (p, n.clone()))
+        }));
+        plan.next_inventory.reboot = crate::plan::inventory::RebootRequest::merged(
+            plan.next_inventory.reboot.as_ref(),
+            &boot,
+            Some(commit.as_str()),
+            &applied.txid,
+            &paths,
+        );
+    }
+    let reason = match &post.failure {
+        None => match apply::commit(
+            fs,
+            state,
+            &applied.txid,
+            &mut plan.next_inventory,
+            now,
+            staged_floor,
+        ) {
+            Ok(()) => {
+                if marks.interrupted.remove(&commit).is_some() {
+                    if let Err(e) = marks::save(state, marks) {
+                        warn!("cannot update {}: {e:#}", state.path().display());
+                    }
+                }
+                info!(commit = %short(&commit), txid = %applied.txid, "applied");
+                publish_reboot_request(fs, &plan.next_inventory);
+                return Ok(Report {
+                    commit,
+                    applied: Some(applied),
+                    plan,
+                    recovered: recovered.to_vec(),
+                    skipped_bad: false,
+                    post: Some(post),
+                    quick: false,
+                    waiting: None,
+                });
+            }
+            // Not the commit's fault (a full disk, a failing state
+            // directory): revert, but do not mark it bad.
+            Err(e) => Err(format!(
+                "its checks passed but it could not be recorded: {e:#}"
+            )),
+        },
+        Some(reason) => Ok(reason.clone()),
+    };
+    let failed = match &reason {
+        Ok(r) | Err(r) => r.clone(),
+    };
+    warn!(commit = %short(&commit), reason = %failed, "reverting the transaction");
+    if reason.is_ok() {
+        // Durable before the revert starts: a crash during the revert is
+        // finished by recovery, and the commit is not tried again.
+        marks.bad.insert(
+            commit.clone(),
+            marks::Mark {
+                time: now,
+                reason: failed.clone(),
+            },
+        );
+        marks::save(state, marks).kind(Failure::Failed)?;
+    }
+    let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
+    let mut kept = Vec::new();
+    let after = match reverted {
+        Ok(k) => {
+            kept = k;
+            info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
+            let again = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
+            pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
+            again.failure
+        }
+        Err(e) => Some(format!("the revert itself failed: {}", e)),
+    };
+    if let Some(revert_failure) = after {
+        marks.halted = Some(marks::Halt {
+            time: now,
+            commit: Some(commit.clone()),
+            reason: format!(
+                "commit {} failed ({failed}) and after reverting it: {revert_failure}",
+                short(&commit)
+            ),
+        });
+        marks::save(state, marks).kind(Failure::Failed)?;
+        return Err(Error::new(
+            Failure::Degraded,
+            anyhow!(
+                "commit {} failed ({failed}); it was reverted, but the previous state fails too ({revert_failure}). \
+                 driftless stops touching this host until `driftless sync --retry`",
+                short(&commit)
+            ),
+        ));
+    }
+    match reason {
+        Ok(reason) => Err(Error::new(
+            Failure::Failed,
+            Reverted {
+                commit,
+                reason,
+                kept,
+            },
+        )),
+        Err(why) => Err(Error::new(
+            Failure::Failed,
+            anyhow!(
+                "commit {} was switched in and {why}; the host was reverted to its previous state. The next run tries again",
+                short(&commit)
+            ),
+        )),
+    }
+}
+
+/// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the
+/// committed inventory holds a request of this boot. Never fails the run:
+/// the request is in the inventory, and the next full sync writes it again.
+pub(super) fn publish_reboot_request(fs: &RootFs, inv: &crate::plan::inventory::Inventory) -> bool {
+    let boot = crate::effects::reboot::boot_id();
+    let Some(request) = crate::effects::reboot::pending(inv, &boot) else {
+        return false;
+    };
+    match crate::effects::reboot::publish(fs, request) {
+        Ok(true) => {
+            info!(
+                files = %crate::effects::reboot::describe(request),
+                "reboot required: wrote {} (driftless reboots by itself only with [fleet] reboot = true)",
+                fs.path().join("run/reboot-required").display()
+            );
+        }
+        Ok(false) => {}
+        Err(e) => warn!(
+            "a reboot is required ({}), but {e:#}; the next sync tries again",
+            crate::effects::reboot::describe(request)
+        ),
+    }
+    true
+}
+
+/// Every run that read the state (not a quick hit) makes sure a request
+/// committed in this boot is in `/run` (a crash between the commit and
+/// the write lost it), rewriting nothing that is already there.
+/// `committed`: the inventory this run committed, if it did.
+pub(super) fn keep_reboot_request(
+    pass: &mut Pass,
+    committed: Option<&crate::plan::inventory::Inventory>,
+) {
+    if let Some(inv) = committed {
+        pass.reboot_pending = Some(publish_reboot_request(&pass.fs, inv));
+        return;
+    }
+    match pass.state.inventory() {
+        Ok(inv) => pass.reboot_pending = Some(publish_reboot_request(&pass.fs, &inv)),
+        Err(e) => tracing::debug!("reboot request not checked: {e:#}"),
+    }
+}

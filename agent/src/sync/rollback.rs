@@ -1,0 +1,216 @@
+//! `driftless rollback` and the rollback a failed fleet gate asks for:
+//! which earlier commit is good, and its apply through the same pipeline
+//! as a sync.
+
+use tokio::runtime::Handle;
+
+use anyhow::anyhow;
+use tracing::warn;
+
+use crate::config::Settings;
+use crate::effects::fetch;
+use crate::effects::state::history::Outcome;
+use crate::effects::state::{floor, StateDir};
+use crate::exit::{Classify, Error, Failure};
+use crate::plan::diff::short;
+
+use super::deploy::deploy;
+use super::run::{self, begin};
+use super::runlog::record;
+use super::{
+    gather_facts, marks, metrics, plan_for, source_spec, verify_signatures, Fetched, Prepared,
+    Report, SyncOptions,
+};
+
+/// `driftless rollback [--to COMMIT]`: applies an earlier commit on the
+/// operator's request (no fast-forward check), through the same apply,
+/// unit actions, checks and revert as a sync. The commit rolled back from
+/// is marked bad, so the next poll does not re-apply it; a new commit on
+/// the branch is applied as usual.
+pub fn rollback(
+    settings: &Settings,
+    to: Option<&str>,
+    now: i64,
+    rt: &Handle,
+) -> Result<Report, Error> {
+    // The operator's rollback also resumes a halted agent (once it is
+    // about to apply: a rollback refused early leaves the halt in place).
+    let opts = SyncOptions::default();
+    let mut pass = begin(settings, &opts, now, rt, true)?;
+    let result = rollback_in(&mut pass, to, "rolled back by the operator");
+    metrics::after_run(&pass, &result);
+    result
+}
+
+/// The newest commit of the history applied before, that is not
+/// `current` and not marked bad here: where a rollback goes by default.
+pub(super) fn previous_good(
+    pass: &run::Pass,
+    current: Option<&str>,
+) -> Result<Option<String>, Error> {
+    let history = pass.state.history().kind(Failure::Failed)?;
+    Ok(history
+        .iter()
+        .rev()
+        .filter(|e| e.outcome == Outcome::Applied)
+        .filter_map(|e| e.commit.clone())
+        .find(|c| Some(c.as_str()) != current && !pass.marks.bad.contains_key(c)))
+}
+
+/// May the fleet roll this host back from `current` by itself?
+pub(super) enum RollbackEligibility {
+    Yes,
+    /// Nothing earlier in the history to return to.
+    NoEarlierCommit,
+    /// `current` was itself reached by a rollback (the operator's or the
+    /// fleet's): one automatic step is the limit.
+    ReachedByRollback,
+}
+
+pub(super) fn rollback_eligibility(
+    pass: &run::Pass,
+    current: &str,
+) -> Result<RollbackEligibility, Error> {
+    let history = pass.state.history().kind(Failure::Failed)?;
+    let reached = history
+        .iter()
+        .rev()
+        .find(|e| e.outcome == Outcome::Applied && e.commit.as_deref() == Some(current));
+    if reached.is_some_and(|e| {
+        e.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("rollback from"))
+    }) {
+        return Ok(RollbackEligibility::ReachedByRollback);
+    }
+    Ok(match previous_good(pass, Some(current))? {
+        Some(_) => RollbackEligibility::Yes,
+        None => RollbackEligibility::NoEarlierCommit,
+    })
+}
+
+/// A rollback within a pass that holds the lock: to `to`, or the previous
+/// good commit of the history. `why` is the bad mark's reason for the
+/// commit rolled back from. Records the outcome in the history.
+/// A commit of the mirror, read as a sync reads the fetched one (its
+/// signatures checked again when they are required).
+pub(super) fn fetched_commit(
+    settings: &Settings,
+    state: &StateDir,
+    commit: &str,
+) -> Result<Fetched, Error> {
+    let spec = source_spec(settings)?;
+    let repo = fetch::open(&spec, &state.mirror()).kind(Failure::Failed)?;
+    let id = repo
+        .rev_parse_single(commit)
+        .map_err(|e| {
+            Error::new(
+                Failure::Failed,
+                anyhow!("{commit:?} is not a commit of the repository: {e}"),
+            )
+        })?
+        .detach();
+    if settings.require_signed {
+        verify_signatures(settings, &repo, None, id)?;
+    }
+    let commit_time = repo
+        .find_commit(id)
+        .ok()
+        .and_then(|c| c.time().ok())
+        .map_or(0, |t| t.seconds);
+    let snapshot = fetch::read_tree(&repo, id, &settings.path, settings.limits.file)
+        .kind(Failure::InvalidRepo)?;
+    Ok(Fetched {
+        commit: id.to_string(),
+        commit_time,
+        summary: String::new(),
+        snapshot,
+    })
+}
+
+pub(super) fn rollback_in(
+    pass: &mut run::Pass,
+    to: Option<&str>,
+    why: &str,
+) -> Result<Report, Error> {
+    let (settings, now) = (pass.settings, pass.now);
+    let inventory = pass.state.inventory().kind(Failure::Failed)?;
+    let current = inventory.commit.clone();
+    let target = match to {
+        Some(t) => t.to_string(),
+        None => previous_good(pass, current.as_deref())?.ok_or_else(|| {
+            Error::new(
+                Failure::Failed,
+                anyhow!("no earlier good commit in the history: name one with --to COMMIT"),
+            )
+        })?,
+    };
+    let mut fetched = fetched_commit(settings, &pass.state, &target)?;
+    fetched.summary = format!("rollback to {}", short(&fetched.commit));
+    let commit_time = fetched.commit_time;
+    let facts = gather_facts(&pass.fs);
+    let plan = plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?;
+    if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {
+        pass.marks.bad.insert(
+            cur.clone(),
+            marks::Mark {
+                time: now,
+                reason: format!("{why} to {}", short(&fetched.commit)),
+            },
+        );
+    }
+    pass.marks.bad.remove(&fetched.commit);
+    pass.marks.halted = None;
+    marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
+    let prepared = Prepared { fetched, plan };
+    let result = deploy(pass, prepared);
+    match &result {
+        Ok(r) => {
+            // The operator (or the fleet) lowered the floor on purpose.
+            let full_ref =
+                fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());
+            let mut rolled_back = floor::load(&settings.root)
+                .ok()
+                .flatten()
+                .map_or_else(Vec::new, |f| f.rolled_back_without(&r.commit));
+            if let Some(cur) = current.as_ref().filter(|c| **c != r.commit) {
+                rolled_back.retain(|c| c != cur);
+                rolled_back.push(cur.clone());
+            }
+            let excess = rolled_back.len().saturating_sub(floor::MAX_ROLLED_BACK);
+            rolled_back.drain(..excess);
+            let lowered = floor::Floor {
+                commit: r.commit.clone(),
+                commit_time,
+                branch: full_ref,
+                recorded_at: now,
+                rolled_back,
+            };
+            if let Err(e) = floor::save(&settings.root, &lowered) {
+                warn!("cannot record the anti-rollback floor: {e:#}");
+            }
+            record(
+                &pass.state,
+                now,
+                Outcome::Applied,
+                Some(r.commit.clone()),
+                r.applied.as_ref().map(|a| a.txid.clone()),
+                r.applied.as_ref(),
+                Some(format!(
+                    "rollback from {}",
+                    current.as_deref().map(short).unwrap_or("nothing")
+                )),
+            )
+        }
+        Err(e) => record(
+            &pass.state,
+            now,
+            Outcome::Failed,
+            None,
+            None,
+            None,
+            Some(format!("rollback: {:#}", e.error)),
+        ),
+    }
+    result
+}
