@@ -168,8 +168,23 @@ pub struct Verified {
     pub drifted: BTreeSet<TargetPath>,
 }
 
-/// The stamps for the new record: the verified stamp of every file this
-/// run neither wrote nor found drifted, a fresh `lstat` for the rest.
+/// What [`file_lines`] holds for a file until its `lstat`.
+const UNSTAMPED: Stamp = Stamp {
+    dev: 0,
+    ino: 0,
+    mode: 0,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtime_ns: 0,
+    ctime_ns: 0,
+};
+
+/// The files of the new record, in `managed`'s order: each path, its
+/// stamp, and whether it is self-contained. The stamp is the verified one
+/// for every file this run neither wrote nor found drifted, a fresh
+/// `lstat` for the rest; `None` if a file cannot be stamped (see
+/// [`record`]).
 ///
 /// Why an old stamp is as good as a fresh one: it matched at the start of
 /// this run, and its ctime is older than the old record's `taken_at`,
@@ -178,17 +193,40 @@ pub struct Verified {
 /// with a stamp taken now. And a file something rewrote during this run
 /// (a hook, a restarted service) keeps the stamp of the content that was
 /// verified, so the next poll repairs it instead of vouching for it.
-fn file_stamps(
+///
+/// One list, built in one pass (at 10,000 files a list of stamps built
+/// first and zipped in after cost a megabyte of fresh memory and a
+/// millisecond of a one-file sync, issue #18).
+fn file_lines<'p>(
     fs: &RootFs,
-    managed: &[&TargetPath],
+    managed: &[&'p TargetPath],
+    self_contained: &BTreeSet<TargetPath>,
     verified: Option<&Verified>,
     written: &BTreeSet<&TargetPath>,
-) -> Vec<Option<Stamp>> {
+) -> Option<Vec<(&'p TargetPath, Stamp, bool)>> {
+    // Both in path order: one merge, not 10,000 searches of the set (a
+    // path out of order is looked up).
+    let mut contained = self_contained.iter().peekable();
+    let mut last: Option<&'p TargetPath> = None;
+    let mut is_contained = |p: &'p TargetPath| {
+        let yes = if last.is_some_and(|l| l >= p) {
+            self_contained.contains(p)
+        } else {
+            while contained.next_if(|q| *q < p).is_some() {}
+            contained.peek() == Some(&p)
+        };
+        last = Some(p);
+        yes
+    };
     let Some(verified) = verified else {
-        return fs.stamps(managed.iter().copied());
+        return managed
+            .iter()
+            .zip(fs.stamps(managed.iter().copied()))
+            .map(|(&p, s)| s.map(|s| (p, s, is_contained(p))))
+            .collect();
     };
     let mut old = verified.record.files.iter().peekable();
-    let mut out: Vec<Option<Stamp>> = Vec::with_capacity(managed.len());
+    let mut out = Vec::with_capacity(managed.len());
     let mut missing = Vec::new();
     for path in managed {
         // Both lists are in path order (the inventory's); a path found out
@@ -198,16 +236,19 @@ fn file_stamps(
             .next_if(|(p, _, _)| p == *path)
             .filter(|_| !written.contains(path) && !verified.drifted.contains(path))
             .map(|(_, stamp, _)| *stamp);
-        if reuse.is_none() {
+        // A stamp to be taken below holds a placeholder until then (every
+        // one is replaced, or the list is dropped).
+        let stamp = reuse.unwrap_or_else(|| {
             missing.push(out.len());
-        }
-        out.push(reuse);
+            UNSTAMPED
+        });
+        out.push((*path, stamp, is_contained(path)));
     }
     let fresh = fs.stamps(missing.iter().map(|&i| managed[i]));
     for (i, stamp) in missing.into_iter().zip(fresh) {
-        out[i] = stamp;
+        out[i].1 = stamp?;
     }
-    out
+    Some(out)
 }
 
 /// Records the host as matching `commit` after a successful sync that
@@ -239,27 +280,9 @@ pub fn record(
     };
     let log_stamp = stamp_path(&state.log_path());
     let saved = store::save(state, |taken_at_ns| {
-        let stamps = file_stamps(fs, managed, verified, written);
         // A managed file that cannot be stamped right after a successful
         // sync is odd: record nothing, so the next poll looks properly.
-        // Both in path order: one merge, not 10,000 searches of the set
-        // (a path out of order is looked up).
-        let mut contained = self_contained.iter().peekable();
-        let mut last: Option<&TargetPath> = None;
-        let files = managed
-            .iter()
-            .zip(stamps)
-            .map(|(p, s)| {
-                let is_contained = if last.is_some_and(|l| l >= p) {
-                    self_contained.contains(p)
-                } else {
-                    while contained.next_if(|q| *q < p).is_some() {}
-                    contained.peek() == Some(p)
-                };
-                last = Some(p);
-                s.map(|s| (*p, s, is_contained))
-            })
-            .collect::<Option<Vec<_>>>()?;
+        let files = file_lines(fs, managed, self_contained, verified, written)?;
         // Likewise a link; and an absent path that exists right after
         // the sync (re-created at once) is simply not recorded as held.
         let links = links
@@ -307,5 +330,131 @@ pub fn record(
     });
     if let Err(e) = saved {
         debug!("quick check not recorded: {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(names: &[&str]) -> Vec<TargetPath> {
+        names
+            .iter()
+            .map(|p| TargetPath::parse(p).expect("a valid target path"))
+            .collect()
+    }
+
+    fn record_of(files: Vec<(TargetPath, Stamp, bool)>) -> QuickRecord {
+        QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "in".into(),
+            commit: "c1".into(),
+            inventory: UNSTAMPED,
+            inventory_log: None,
+            taken_at_ns: 0,
+            files,
+            units: Vec::new(),
+            links: Vec::new(),
+            absent: Vec::new(),
+            directories: Vec::new(),
+            watched: Vec::new(),
+            config: None,
+            tree: None,
+        }
+    }
+
+    /// The new record vouches for a written or drifted file only with the
+    /// stamp of what is on disk now, for every other file with the stamp
+    /// the run verified (which no file on disk has here, so a fresh
+    /// `lstat` would show), and keeps each file's self-contained flag.
+    #[test]
+    fn the_new_record_keeps_verified_stamps_and_stamps_written_drifted_and_new_files() {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(root.path().join("etc")).expect("etc/");
+        for name in ["a", "b", "c", "d", "e"] {
+            std::fs::write(root.path().join("etc").join(name), name).expect("a file");
+        }
+        let fs = RootFs::open(root.path()).expect("the root");
+        let all = paths(&["/etc/a", "/etc/b", "/etc/c", "/etc/d", "/etc/e"]);
+        let now = fs.stamps(all.iter());
+        let verified_stamp = Stamp {
+            ino: 7,
+            ..UNSTAMPED
+        };
+        // /etc/e is new: the old record does not have it.
+        let old = all[..4]
+            .iter()
+            .map(|p| (p.clone(), verified_stamp, false))
+            .collect();
+        let verified = Verified {
+            record: Arc::new(record_of(old)),
+            drifted: BTreeSet::from([all[2].clone()]),
+        };
+        let written = BTreeSet::from([&all[1]]);
+        let self_contained = BTreeSet::from([all[3].clone()]);
+        let managed: Vec<&TargetPath> = all.iter().collect();
+
+        let lines = file_lines(&fs, &managed, &self_contained, Some(&verified), &written)
+            .expect("every file can be stamped");
+        let want = |i: usize, stamp: Option<Stamp>, contained: bool| {
+            (
+                &all[i],
+                stamp.expect("a stamp of a file on disk"),
+                contained,
+            )
+        };
+        assert_eq!(
+            lines,
+            vec![
+                want(0, Some(verified_stamp), false),
+                want(1, now[1], false),
+                want(2, now[2], false),
+                want(3, Some(verified_stamp), true),
+                want(4, now[4], false),
+            ]
+        );
+
+        // Without a verified record, every stamp is fresh.
+        let fresh = file_lines(&fs, &managed, &self_contained, None, &written)
+            .expect("every file can be stamped");
+        let stamps: Vec<Option<Stamp>> = fresh.iter().map(|(_, s, _)| Some(*s)).collect();
+        assert_eq!(stamps, now);
+        assert!(fresh[3].2 && !fresh[0].2);
+    }
+
+    /// A managed file that is gone right after the sync is not recorded
+    /// with the placeholder it held: nothing is recorded at all.
+    #[test]
+    fn a_managed_file_that_cannot_be_stamped_leaves_no_record() {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(root.path().join("etc")).expect("etc/");
+        std::fs::write(root.path().join("etc/a"), "a").expect("a file");
+        let fs = RootFs::open(root.path()).expect("the root");
+        let all = paths(&["/etc/a", "/etc/gone"]);
+        let old = all
+            .iter()
+            .map(|p| {
+                (
+                    p.clone(),
+                    Stamp {
+                        ino: 7,
+                        ..UNSTAMPED
+                    },
+                    false,
+                )
+            })
+            .collect();
+        let verified = Verified {
+            record: Arc::new(record_of(old)),
+            drifted: BTreeSet::new(),
+        };
+        let managed: Vec<&TargetPath> = all.iter().collect();
+        let written = BTreeSet::from([&all[1]]);
+        let none = BTreeSet::new();
+        assert_eq!(
+            file_lines(&fs, &managed, &none, Some(&verified), &written),
+            None
+        );
+        assert_eq!(file_lines(&fs, &managed, &none, None, &written), None);
     }
 }
