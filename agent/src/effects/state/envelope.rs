@@ -63,12 +63,16 @@ pub const STATE_FORMAT: u64 = 1;
 
 /// The envelope format of a journal or inventory that records something
 /// agents before it cannot read or undo: a file with `reboot = true` or a
-/// pending reboot request ([`Inventory::uses_reboot`](crate::plan::inventory::Inventory::uses_reboot)), managed symlinks
-/// or removed ones ([`Inventory::uses_links`](crate::plan::inventory::Inventory::uses_links)), managed directories
-/// ([`Inventory::uses_directories`](crate::plan::inventory::Inventory::uses_directories)). Agents since step 0 of
+/// pending reboot request ([`Inventory::uses_reboot`]), managed symlinks
+/// or removed ones ([`Inventory::uses_links`]), managed directories
+/// ([`Inventory::uses_directories`]). Agents since step 0 of
 /// `docs/design/resources.md` refuse it as [`NewerFormat`] rather than
 /// rebuild it as corrupt. (It was called `STATE_FORMAT_REBOOT`, after the
 /// first kind that needed it.)
+///
+/// [`Inventory::uses_reboot`]: crate::plan::inventory::Inventory::uses_reboot
+/// [`Inventory::uses_links`]: crate::plan::inventory::Inventory::uses_links
+/// [`Inventory::uses_directories`]: crate::plan::inventory::Inventory::uses_directories
 pub const STATE_FORMAT_RESOURCES: u64 = 2;
 
 /// The envelope format of a journal that records accounts
