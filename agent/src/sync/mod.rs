@@ -5,11 +5,15 @@
 //! code ([`crate::exit::Failure`]); every stop before the commit point
 //! leaves the host as it was.
 //!
-//! Where each step lives: `run` drives a pass (lock, phases, revert);
-//! `fetching` gets the commit and its tree; `planning` loads, renders and
-//! plans; `repair` and `quick` are the partial sync and the quick check;
-//! `rollback` applies an earlier commit; `post` runs what follows a
-//! commit (units, checks); the rest are the records a pass keeps.
+//! Where each step lives: `run` drives a pass (lock, recovery, the
+//! phases, the record of its outcome); `fetching` gets the commit and its
+//! tree; `planning` loads, renders and plans; `quick` and `repair` are the
+//! quick check and the partial sync it allows; `deploy` stages, switches,
+//! runs `post` (unit actions, hooks, checks: before the commit point),
+//! then commits or reverts; `recovery` follows the rollback of what a
+//! crash left; `rollback` applies an earlier commit. `fleet`, `reboot`,
+//! `stick` and `bundle` are the rollout gate, reboots, and air-gapped
+//! sources; `marks`, `runlog` and `metrics` are what a pass records.
 
 pub mod bundle;
 mod deploy;

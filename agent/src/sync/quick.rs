@@ -215,7 +215,9 @@ fn file_lines<'p>(
             while contained.next_if(|q| *q < p).is_some() {}
             contained.peek() == Some(&p)
         };
-        last = Some(p);
+        // Forward only: after a path out of order, the merge goes on from
+        // the furthest path it reached.
+        last = last.max(Some(p));
         yes
     };
     let Some(verified) = verified else {
@@ -396,6 +398,20 @@ mod tests {
 
         let lines = file_lines(&fs, &managed, &self_contained, Some(&verified), &written)
             .expect("every file can be stamped");
+        // An entry of the old record no longer managed is skipped.
+        let mut with_gone = verified.record.as_ref().clone();
+        with_gone.files.insert(
+            0,
+            (paths(&["/etc/0-gone"])[0].clone(), verified_stamp, false),
+        );
+        let skipping = Verified {
+            record: Arc::new(with_gone),
+            drifted: verified.drifted.clone(),
+        };
+        assert_eq!(
+            file_lines(&fs, &managed, &self_contained, Some(&skipping), &written).as_ref(),
+            Some(&lines)
+        );
         let want = |i: usize, stamp: Option<Stamp>, contained: bool| {
             (
                 &all[i],
@@ -420,6 +436,33 @@ mod tests {
         let stamps: Vec<Option<Stamp>> = fresh.iter().map(|(_, s, _)| Some(*s)).collect();
         assert_eq!(stamps, now);
         assert!(fresh[3].2 && !fresh[0].2);
+    }
+
+    /// A list out of path order (the inventory's is in order; this is the
+    /// fallback) still flags exactly the self-contained files.
+    #[test]
+    fn self_contained_flags_hold_for_paths_out_of_order() {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(root.path().join("etc")).expect("etc/");
+        for name in ["a", "b", "c", "d"] {
+            std::fs::write(root.path().join("etc").join(name), name).expect("a file");
+        }
+        let fs = RootFs::open(root.path()).expect("the root");
+        let all = paths(&["/etc/b", "/etc/d", "/etc/a", "/etc/c"]);
+        let managed: Vec<&TargetPath> = all.iter().collect();
+        let self_contained = BTreeSet::from([all[3].clone(), all[0].clone()]);
+        let lines = file_lines(&fs, &managed, &self_contained, None, &BTreeSet::new())
+            .expect("every file can be stamped");
+        let flags: Vec<(&str, bool)> = lines.iter().map(|(p, _, c)| (p.as_str(), *c)).collect();
+        assert_eq!(
+            flags,
+            [
+                ("/etc/b", true),
+                ("/etc/d", false),
+                ("/etc/a", false),
+                ("/etc/c", true)
+            ]
+        );
     }
 
     /// A managed file that is gone right after the sync is not recorded
