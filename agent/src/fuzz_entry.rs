@@ -189,8 +189,14 @@ pub fn loose_object(data: &[u8]) {
 /// (`effects::state::inventory_json::read`): whatever it returns, serde's
 /// derived reader must return too, so the two can never disagree about
 /// what the state says.
+///
+/// Its `files`, read in two halves on two threads, must read exactly as
+/// in one pass, wherever the guessed cut falls.
 pub fn inventory_json(data: &[u8]) {
-    if let Some(fast) = crate::effects::state::inventory_json::read(data) {
+    use crate::effects::state::inventory_json::read_split_from;
+    let fast = read_split_from(data, usize::MAX);
+    assert_eq!(read_split_from(data, 0), fast);
+    if let Some(fast) = fast {
         let slow = serde_json::from_slice::<crate::plan::inventory::Inventory>(data);
         assert_eq!(slow.ok(), Some(fast));
     }

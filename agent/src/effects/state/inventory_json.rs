@@ -179,6 +179,12 @@ fn string(out: &mut Vec<u8>, s: &str) -> Result<()> {
 /// itself, and whatever it returns, serde returns too: the tests below and
 /// the `inventory_json` fuzz target compare the two.
 pub fn read(data: &[u8]) -> Option<Inventory> {
+    read_split_from(data, SPLIT_FROM_BYTES)
+}
+
+/// [`read`], reading `files` in two halves from `split_from` bytes on
+/// (the fuzz target compares 0 with never).
+pub fn read_split_from(data: &[u8], split_from: usize) -> Option<Inventory> {
     let text = std::str::from_utf8(data).ok()?;
     let at = memchr::memmem::find(data, br#","files":{"#)? + br#","files":"#.len();
     // That key belongs to the top-level object, outside any string, if and
@@ -186,7 +192,7 @@ pub fn read(data: &[u8]) -> Option<Inventory> {
     // is left to right, so the state at that point is the same in both.
     let head = format!("{}}}", &text[..at - br#","files":"#.len()]);
     serde_json::from_str::<serde::de::IgnoredAny>(&head).ok()?;
-    let (files, len) = files_map(&text[at..])?;
+    let (files, len) = files_map_cut(&text[at..], split_from)?;
     // The rest through serde, with `files` empty; a second `files` key
     // there is refused as serde refuses it in the whole.
     let mut rest = String::with_capacity(text.len() - len + 2);
@@ -198,32 +204,117 @@ pub fn read(data: &[u8]) -> Option<Inventory> {
     Some(inv)
 }
 
-/// The `files` object at the start of `text` and its length in bytes.
-fn files_map(text: &str) -> Option<(BTreeMap<TargetPath, ManagedEntry>, usize)> {
+/// From this size on, the second half of `files` is read on a thread of
+/// its own (2 MB at 10,000 files, whose reading took 3.6 ms of a one-file
+/// sync on the inventory's thread while the sync waited for it; issue
+/// #18). A thread costs about 50 µs; 1,000 files are 200 KB.
+const SPLIT_FROM_BYTES: usize = 512 * 1024;
+
+/// Where a reader of entries stopped.
+enum Stop {
+    /// At the `}` that closes `files`, just past it.
+    End,
+    /// At the cut: on the `,` before the next entry's key.
+    Cut,
+}
+
+/// The `files` object at the start of `text` and its length in bytes,
+/// its second half read on another thread when `text` is `split_from`
+/// bytes or more.
+///
+/// Why the result is exactly the serial one, whatever the text: the cut
+/// is a guess (the first `},"/` past the middle, which `write` puts only
+/// between two entries), and the first half is read serially until it
+/// stands *exactly* on the cut after a whole entry. There the serial
+/// reader would take the `,` and read on from the next key, which is what
+/// the second half did, from the same text with the same rules; only the
+/// order of the two keys around the cut is checked here instead. A first
+/// half that ends `files` before the cut, or passes it inside an entry,
+/// simply reads on serially, and the second half's result is dropped.
+fn files_map_cut(
+    text: &str,
+    split_from: usize,
+) -> Option<(BTreeMap<TargetPath, ManagedEntry>, usize)> {
     let mut r = Reader { text, at: 0 };
     r.literal("{")?;
+    if r.eat("}") {
+        return Some((BTreeMap::new(), r.at));
+    }
     // Sized from the text, not from anything it claims: an entry as
     // `write` writes it takes more than 128 bytes.
     let mut pairs: Vec<(TargetPath, ManagedEntry)> = Vec::with_capacity(text.len() / 128);
-    if !r.eat("}") {
-        loop {
-            let key = r.string()?;
-            // Strictly in order: no duplicate, whose value serde would
-            // take from the last one.
-            if pairs.last().is_some_and(|(last, _)| last.as_str() >= &*key) {
-                return None;
-            }
-            let path = TargetPath::parse(&key).ok()?;
-            r.literal(":")?;
-            pairs.push((path, r.entry()?));
-            if r.eat("}") {
-                break;
-            }
-            r.literal(",")?;
+    let cut = (text.len() >= split_from)
+        .then(|| memchr::memmem::find(&text.as_bytes()[text.len() / 2..], br#"},"/"#))
+        .flatten()
+        .map(|i| text.len() / 2 + i + 1);
+    let Some(cut) = cut else {
+        entries(&mut r, &mut pairs, None)?;
+        return Some((pairs.into_iter().collect(), r.at));
+    };
+    let second_half = || {
+        let mut r = Reader { text, at: cut + 1 };
+        let mut pairs = Vec::with_capacity((text.len() - cut) / 128);
+        entries(&mut r, &mut pairs, None).map(|_| (pairs, r.at))
+    };
+    std::thread::scope(|scope| {
+        let second = std::thread::Builder::new()
+            .name("inventory-2".into())
+            .spawn_scoped(scope, second_half)
+            .ok();
+        match entries(&mut r, &mut pairs, Some(cut))? {
+            // `files` ended before the cut, or the cut was inside an entry
+            // and this read past it to the end: the second half is moot.
+            Stop::End => {}
+            Stop::Cut => match second.map(std::thread::ScopedJoinHandle::join) {
+                Some(Ok(rest)) => {
+                    let (rest, end) = rest?;
+                    if let (Some((last, _)), Some((next, _))) = (pairs.last(), rest.first()) {
+                        if last >= next {
+                            return None;
+                        }
+                    }
+                    pairs.extend(rest);
+                    r.at = end;
+                }
+                // No second thread (or one that panicked, which reading
+                // cannot): read on here.
+                _ => {
+                    r.literal(",")?;
+                    entries(&mut r, &mut pairs, None)?;
+                }
+            },
         }
+        // In order already: one pass of the sort, then the tree built in bulk.
+        Some((pairs.into_iter().collect(), r.at))
+    })
+}
+
+/// Reads `key:entry` pairs into `pairs` (keys strictly ascending) until
+/// the `}` that closes `files`, or until it stands on `cut` after a whole
+/// entry. `None`: the text is not in `write`'s exact form.
+fn entries(
+    r: &mut Reader<'_>,
+    pairs: &mut Vec<(TargetPath, ManagedEntry)>,
+    cut: Option<usize>,
+) -> Option<Stop> {
+    loop {
+        let key = r.string()?;
+        // Strictly in order: no duplicate, whose value serde would
+        // take from the last one.
+        if pairs.last().is_some_and(|(last, _)| last.as_str() >= &*key) {
+            return None;
+        }
+        let path = TargetPath::parse(&key).ok()?;
+        r.literal(":")?;
+        pairs.push((path, r.entry()?));
+        if r.eat("}") {
+            return Some(Stop::End);
+        }
+        if cut == Some(r.at) {
+            return Some(Stop::Cut);
+        }
+        r.literal(",")?;
     }
-    // In order already: one pass of the sort, then the tree built in bulk.
-    Some((pairs.into_iter().collect(), r.at))
 }
 
 struct Reader<'a> {
@@ -639,6 +730,74 @@ mod tests {
         assert!(read_fast >= 400, "{read_fast}");
         // Some damage leaves a valid inventory (a digit changed): compared.
         assert!(damaged_read > 1000, "{damaged_read}");
+    }
+
+    /// The `files` text of an inventory's JSON (as `read` finds it).
+    fn files_text(data: &[u8]) -> Option<&str> {
+        let text = std::str::from_utf8(data).ok()?;
+        let at = memchr::memmem::find(data, br#","files":{"#)? + br#","files":"#.len();
+        Some(&text[at..])
+    }
+
+    /// Reading `files` in two halves on two threads gives exactly what
+    /// one serial pass gives, for every inventory and every damaged copy
+    /// of one, wherever the guessed cut falls (on an entry's end, inside
+    /// an entry, past the end of `files`, or nowhere).
+    #[test]
+    fn reading_files_in_two_halves_reads_exactly_what_one_pass_reads() {
+        let (mut cut_on_an_entry, mut compared) = (0, 0);
+        for plain in [true, false] {
+            let mut rng = Rng(0xc0ff_ee00, plain);
+            for _ in 0..300 {
+                let inv = inventory(&mut rng);
+                let data = to_vec(&inv).unwrap();
+                let mut copies = vec![data.clone()];
+                for _ in 0..20 {
+                    let mut damaged = data.clone();
+                    let at = rng.below(data.len() as u64) as usize;
+                    match rng.below(3) {
+                        0 => {
+                            let bytes = b"{}\",:0/";
+                            damaged[at] = bytes[rng.below(bytes.len() as u64) as usize];
+                        }
+                        1 => drop(damaged.remove(at)),
+                        _ => damaged.insert(at, damaged[at]),
+                    }
+                    copies.push(damaged);
+                }
+                for copy in &copies {
+                    let Some(text) = files_text(copy) else {
+                        continue;
+                    };
+                    let serial = files_map_cut(text, usize::MAX);
+                    assert_eq!(files_map_cut(text, 0), serial, "{text}");
+                    compared += usize::from(serial.is_some());
+                    let mid = text.len() / 2;
+                    if memchr::memmem::find(&text.as_bytes()[mid..], br#"},"/"#).is_some()
+                        && serial.as_ref().is_some_and(|(files, _)| files.len() > 1)
+                    {
+                        cut_on_an_entry += 1;
+                    }
+                }
+            }
+        }
+        // Both paths were taken, many times.
+        assert!(compared > 500, "{compared}");
+        assert!(cut_on_an_entry > 100, "{cut_on_an_entry}");
+    }
+
+    /// A second half that does not continue the first in key order (two
+    /// halves each in order, the whole not) is refused, as one pass
+    /// refuses it.
+    #[test]
+    fn keys_out_of_order_across_the_cut_are_refused() {
+        let entry = r#"{"gid":0,"mode":420,"on_change":[],"original":null,"role":"r","sensitive":false,"sha256":"ab","size":1,"uid":0}"#;
+        let files = format!(r#"{{"/c":{entry},"/d":{entry},"/a":{entry},"/b":{entry}}}"#);
+        assert_eq!(files_map_cut(&files, usize::MAX), None);
+        assert_eq!(files_map_cut(&files, 0), None);
+        let sorted = format!(r#"{{"/a":{entry},"/b":{entry},"/c":{entry},"/d":{entry}}}"#);
+        let (whole, len) = files_map_cut(&sorted, 0).expect("in order");
+        assert_eq!((whole.len(), len), (4, sorted.len()));
     }
 
     /// Forms `write` never makes, each refused by the fast reader and left
