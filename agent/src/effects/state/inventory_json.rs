@@ -261,11 +261,15 @@ fn files_map_cut(
             .name("inventory-2".into())
             .spawn_scoped(scope, second_half)
             .ok();
-        match entries(&mut r, &mut pairs, Some(cut))? {
+        let first = entries(&mut r, &mut pairs, Some(cut));
+        // Joined whatever the first half found (the scope would join it
+        // anyway, and re-raise a panic of it there).
+        let second = second.map(std::thread::ScopedJoinHandle::join);
+        match first? {
             // `files` ended before the cut, or the cut was inside an entry
             // and this read past it to the end: the second half is moot.
             Stop::End => {}
-            Stop::Cut => match second.map(std::thread::ScopedJoinHandle::join) {
+            Stop::Cut => match second {
                 Some(Ok(rest)) => {
                     let (rest, end) = rest?;
                     if let (Some((last, _)), Some((next, _))) = (pairs.last(), rest.first()) {
@@ -792,7 +796,12 @@ mod tests {
     #[test]
     fn keys_out_of_order_across_the_cut_are_refused() {
         let entry = r#"{"gid":0,"mode":420,"on_change":[],"original":null,"role":"r","sensitive":false,"sha256":"ab","size":1,"uid":0}"#;
-        let files = format!(r#"{{"/c":{entry},"/d":{entry},"/a":{entry},"/b":{entry}}}"#);
+        // Each half in order, the whole not: the cut falls between the
+        // second entry and the third.
+        let files = format!(r#"{{"/b":{entry},"/c":{entry},"/a":{entry}}}"#);
+        let mid = files.len() / 2;
+        let cut = mid + memchr::memmem::find(&files.as_bytes()[mid..], br#"},"/"#).unwrap() + 1;
+        assert!(files[cut..].starts_with(r#","/a":"#), "{}", &files[cut..]);
         assert_eq!(files_map_cut(&files, usize::MAX), None);
         assert_eq!(files_map_cut(&files, 0), None);
         let sorted = format!(r#"{{"/a":{entry},"/b":{entry},"/c":{entry},"/d":{entry}}}"#);
