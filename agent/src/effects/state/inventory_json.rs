@@ -680,6 +680,20 @@ mod tests {
         }
     }
 
+    /// `data` with one byte replaced by one of `bytes`, dropped or
+    /// doubled, or (with `cut`) everything from one byte on dropped.
+    fn damage(rng: &mut Rng, data: &[u8], bytes: &[u8], cut: bool) -> Vec<u8> {
+        let mut damaged = data.to_vec();
+        let at = rng.below(data.len() as u64) as usize;
+        match rng.below(if cut { 4 } else { 3 }) {
+            0 => damaged[at] = bytes[rng.below(bytes.len() as u64) as usize],
+            1 => drop(damaged.remove(at)),
+            2 => damaged.insert(at, damaged[at]),
+            _ => damaged.truncate(at),
+        }
+        damaged
+    }
+
     /// What the fast reader returns, serde returns too: for every
     /// inventory it reads, and for every damaged copy of one (a byte
     /// changed, dropped or doubled, a cut), where it may only read nothing
@@ -716,17 +730,7 @@ mod tests {
                 }
                 read_fast += usize::from(fast);
                 for _ in 0..40 {
-                    let mut damaged = data.clone();
-                    let at = rng.below(data.len() as u64) as usize;
-                    match rng.below(4) {
-                        0 => {
-                            let bytes = b"{}[]\",:0123456789ntfe-\\ x/";
-                            damaged[at] = bytes[rng.below(bytes.len() as u64) as usize];
-                        }
-                        1 => drop(damaged.remove(at)),
-                        2 => damaged.insert(at, damaged[at]),
-                        _ => damaged.truncate(at),
-                    }
+                    let damaged = damage(&mut rng, &data, b"{}[]\",:0123456789ntfe-\\ x/", true);
                     damaged_read += usize::from(agrees(&damaged));
                 }
             }
@@ -757,17 +761,7 @@ mod tests {
                 let data = to_vec(&inv).unwrap();
                 let mut copies = vec![data.clone()];
                 for _ in 0..20 {
-                    let mut damaged = data.clone();
-                    let at = rng.below(data.len() as u64) as usize;
-                    match rng.below(3) {
-                        0 => {
-                            let bytes = b"{}\",:0/";
-                            damaged[at] = bytes[rng.below(bytes.len() as u64) as usize];
-                        }
-                        1 => drop(damaged.remove(at)),
-                        _ => damaged.insert(at, damaged[at]),
-                    }
-                    copies.push(damaged);
+                    copies.push(damage(&mut rng, &data, b"{}\",:0/", false));
                 }
                 for copy in &copies {
                     let Some(text) = files_text(copy) else {
