@@ -42,7 +42,7 @@ static ONE_PASS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// run that exits after its one pass.
 ///
 /// Why: at 10,000 managed files, freeing a run's inventories, quick-check
-/// record and plan (a hundred thousand allocations) took about 1.2 ms of
+/// record and plan (tens of thousands of allocations) took about 1.2 ms of
 /// a one-file sync's last milliseconds (issue #18), and the kernel takes
 /// the whole heap back at exit in one go. Only for plain data: nothing
 /// whose drop does work that matters (closes a lock, removes a file,

@@ -370,7 +370,8 @@ pub(super) fn decode_state_meta<T: DeserializeOwned>(
         let intact = || hex::encode(sha2::Sha256::digest(data)) == sum;
         // What is read is used only once the checksum matched.
         let (intact, read) = std::thread::scope(|scope| {
-            let beside = (data.len() >= DIGEST_BESIDE_FROM)
+            // (On one CPU, a thread beside would only take turns with this.)
+            let beside = (data.len() >= DIGEST_BESIDE_FROM && crate::cpus::cpus() > 1)
                 .then(|| std::thread::Builder::new().spawn_scoped(scope, intact).ok())
                 .flatten();
             match beside {

@@ -179,7 +179,13 @@ fn string(out: &mut Vec<u8>, s: &str) -> Result<()> {
 /// itself, and whatever it returns, serde returns too: the tests below and
 /// the `inventory_json` fuzz target compare the two.
 pub fn read(data: &[u8]) -> Option<Inventory> {
-    read_split_from(data, SPLIT_FROM_BYTES)
+    // On one CPU the second half would only wait for the first.
+    let split_from = if crate::cpus::cpus() > 1 {
+        SPLIT_FROM_BYTES
+    } else {
+        usize::MAX
+    };
+    read_split_from(data, split_from)
 }
 
 /// [`read`], reading `files` in two halves from `split_from` bytes on
