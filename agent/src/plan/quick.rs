@@ -100,6 +100,39 @@ pub struct QuickRecord {
     pub tree: Option<Tree>,
 }
 
+#[cfg(test)]
+impl QuickRecord {
+    /// A record for tests: of commit `c` and inputs `i`, holding `files`
+    /// and nothing else.
+    pub fn example(files: Vec<(TargetPath, Stamp, bool)>) -> Self {
+        QuickRecord {
+            version: QUICK_VERSION,
+            inputs: "i".into(),
+            commit: "c".into(),
+            inventory: Stamp {
+                dev: 1,
+                ino: 2,
+                mode: 0o100600,
+                uid: 0,
+                gid: 0,
+                size: 3,
+                mtime_ns: 4,
+                ctime_ns: 5,
+            },
+            inventory_log: None,
+            taken_at_ns: 6,
+            files,
+            units: Vec::new(),
+            links: Vec::new(),
+            absent: Vec::new(),
+            directories: Vec::new(),
+            watched: Vec::new(),
+            config: None,
+            tree: None,
+        }
+    }
+}
+
 /// Two facts about a commit's whole tree (below `path`) that a sync
 /// reading only some of its entries (`Snapshot::lazy_tree`) needs: how
 /// many files and links it holds (a tree over the limit is refused), and

@@ -346,25 +346,6 @@ mod tests {
             .collect()
     }
 
-    fn record_of(files: Vec<(TargetPath, Stamp, bool)>) -> QuickRecord {
-        QuickRecord {
-            version: QUICK_VERSION,
-            inputs: "in".into(),
-            commit: "c1".into(),
-            inventory: UNSTAMPED,
-            inventory_log: None,
-            taken_at_ns: 0,
-            files,
-            units: Vec::new(),
-            links: Vec::new(),
-            absent: Vec::new(),
-            directories: Vec::new(),
-            watched: Vec::new(),
-            config: None,
-            tree: None,
-        }
-    }
-
     /// The new record vouches for a written or drifted file only with the
     /// stamp of what is on disk now, for every other file with the stamp
     /// the run verified (which no file on disk has here, so a fresh
@@ -389,7 +370,7 @@ mod tests {
             .map(|p| (p.clone(), verified_stamp, false))
             .collect();
         let verified = Verified {
-            record: Arc::new(record_of(old)),
+            record: Arc::new(QuickRecord::example(old)),
             drifted: BTreeSet::from([all[2].clone()]),
         };
         let written = BTreeSet::from([&all[1]]);
@@ -488,7 +469,7 @@ mod tests {
             })
             .collect();
         let verified = Verified {
-            record: Arc::new(record_of(old)),
+            record: Arc::new(QuickRecord::example(old)),
             drifted: BTreeSet::new(),
         };
         let managed: Vec<&TargetPath> = all.iter().collect();

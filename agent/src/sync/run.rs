@@ -692,34 +692,12 @@ mod lazy_tree_tests {
     use super::lazy_tree;
     use crate::desired::snapshot::{Changed, Kind};
     use crate::effects::fetch::MAX_TREE_ENTRIES;
-    use crate::plan::quick::{QuickRecord, Stamp, Tree, QUICK_VERSION};
+    use crate::plan::quick::{QuickRecord, Tree};
 
     fn record(tree: Option<Tree>) -> QuickRecord {
-        let stamp = Stamp {
-            dev: 1,
-            ino: 2,
-            mode: 0o100600,
-            uid: 0,
-            gid: 0,
-            size: 3,
-            mtime_ns: 4,
-            ctime_ns: 5,
-        };
         QuickRecord {
-            version: QUICK_VERSION,
-            inputs: "i".into(),
-            commit: "c".into(),
-            inventory: stamp,
-            inventory_log: None,
-            taken_at_ns: 6,
-            files: vec![],
-            units: vec![],
-            links: vec![],
-            absent: vec![],
-            directories: vec![],
-            watched: vec![],
-            config: None,
             tree,
+            ..QuickRecord::example(Vec::new())
         }
     }
 
