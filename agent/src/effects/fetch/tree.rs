@@ -205,6 +205,15 @@ type Found = (EntryKind, gix::ObjectId);
 const SCANS_BEFORE_INDEX: usize = 4;
 
 impl Listing {
+    /// A tree object's data, not yet looked up in.
+    fn new(data: Vec<u8>) -> Self {
+        Listing {
+            data,
+            lookups: 0,
+            index: None,
+        }
+    }
+
     fn get(&mut self, name: &[u8], hash: gix::hash::Kind) -> Result<Option<Found>> {
         let entries = || gix::objs::TreeRefIter::from_bytes(&self.data, hash);
         if self.index.is_none() && self.lookups >= SCANS_BEFORE_INDEX {
@@ -250,14 +259,7 @@ pub(super) fn read_lazily(
             repo: repo.clone(),
             listings: known
                 .into_iter()
-                .map(|(id, data)| {
-                    let listing = Listing {
-                        data,
-                        lookups: 0,
-                        index: None,
-                    };
-                    (id, listing)
-                })
+                .map(|(id, data)| (id, Listing::new(data)))
                 .collect(),
         }),
     };
@@ -300,11 +302,7 @@ impl LazyTree {
                             self.commit
                         )
                     })?;
-                    e.insert(Listing {
-                        data: tree.detach().data,
-                        lookups: 0,
-                        index: None,
-                    })
+                    e.insert(Listing::new(tree.detach().data))
                 }
             };
             let found = listing
