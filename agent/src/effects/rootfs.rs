@@ -138,7 +138,7 @@ impl RootFs {
             return self.stamps_serial(&targets);
         }
         let parts = crate::cpus::map_parts(&targets, threads, |part| self.stamps_serial(part));
-        let mut out = Vec::with_capacity(targets.len());
+        let mut out = crate::memory::vec_prefaulted(targets.len());
         for (part, stamps) in parts {
             // A thread that panicked (it cannot: fstatat and a map)
             // leaves its files unstamped, which reads as "changed".
@@ -153,7 +153,7 @@ impl RootFs {
         // one's directory, which is reused without hashing its name again.
         let mut dirs: Vec<Option<OwnedFd>> = Vec::new();
         let mut index: HashMap<&'a str, usize> = HashMap::new();
-        let mut out = Vec::with_capacity(targets.len());
+        let mut out = crate::memory::vec_prefaulted(targets.len());
         let mut last: Option<(&'a str, usize)> = None;
         for &target in targets {
             let parent = target.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);

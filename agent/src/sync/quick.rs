@@ -228,7 +228,7 @@ fn file_lines<'p>(
             .collect();
     };
     let mut old = verified.record.files.iter().peekable();
-    let mut out = Vec::with_capacity(managed.len());
+    let mut out = crate::memory::vec_prefaulted(managed.len());
     let mut missing = Vec::new();
     for path in managed {
         // Both lists are in path order (the inventory's); a path found out

@@ -121,6 +121,7 @@ pub(crate) fn read_up_to(f: File, len: u64, max: u64) -> std::io::Result<Vec<u8>
     // whole file, not `read_to_end`'s probing reads of 32, 64, 128...
     // bytes and a reallocation after each.
     let mut out = Vec::with_capacity(usize::try_from(len).map_or(0, |n| n.saturating_add(1)));
+    crate::memory::prefault(&mut out);
     std::io::Read::read_to_end(&mut std::io::Read::take(f, max.saturating_add(1)), &mut out)?;
     if out.len() as u64 > max {
         return Err(std::io::Error::other(format!("more than {max} bytes")));

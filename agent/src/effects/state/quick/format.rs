@@ -177,15 +177,20 @@ fn decode_lines(lines: &[&str]) -> Result<Vec<FileLine>> {
 
 /// [`decode_lines`] on `threads` threads.
 pub(super) fn decode_lines_on(lines: &[&str], threads: usize) -> Result<Vec<FileLine>> {
-    if threads <= 1 || lines.is_empty() {
-        return lines.iter().map(|l| decode_line(l)).collect();
-    }
-    let decode = |part: &[&str]| {
-        part.iter()
-            .map(|l| decode_line(l))
-            .collect::<Result<Vec<_>>>()
+    // Each list sized and its pages mapped ahead: collected from an
+    // iterator of results, it grew by doubling, copied and faulted at
+    // every step.
+    let decode = |part: &[&str]| -> Result<Vec<FileLine>> {
+        let mut out = crate::memory::vec_prefaulted(part.len());
+        for l in part {
+            out.push(decode_line(l)?);
+        }
+        Ok(out)
     };
-    let mut out = Vec::with_capacity(lines.len());
+    if threads <= 1 || lines.is_empty() {
+        return decode(lines);
+    }
+    let mut out = crate::memory::vec_prefaulted(lines.len());
     // A part's first error is the first of all: the parts before it
     // decoded whole.
     for (_, decoded) in crate::cpus::map_parts(lines, threads, decode) {
