@@ -591,3 +591,41 @@ fn a_failed_run_leaves_the_configuration_cache_alone() {
     );
     assert_eq!(host.read("/etc/app/a.conf").unwrap(), "v3 hello\n");
 }
+
+/// A drift is repaired from the tree read entry by entry
+/// (`sync::run::lazy_tree`), where a read that fails makes an entry look
+/// missing. With a tree object gone from the repository, the sync must not
+/// plan from such a read: it reads the tree whole, fails on the same
+/// object with an error that names the commit and the directory (exit 3),
+/// and changes nothing, neither the drifted file nor the inventory.
+#[test]
+fn a_tree_object_gone_from_the_repository_fails_a_drift_repair_and_changes_nothing() {
+    let repo = templated_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+    let commit = repo.head();
+    let tree = git(repo.path(), &["rev-parse", "HEAD:roles/app/files"]);
+    let object = repo
+        .path()
+        .join(".git/objects")
+        .join(&tree[..2])
+        .join(&tree[2..]);
+    std::fs::remove_file(&object).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
+    std::fs::write(host.path("/etc/app/a.conf"), "drifted\n").unwrap();
+    let before = host.tree();
+    let state = std::fs::read(host.state.path().join("inventory.json")).unwrap();
+    let run = host.run(repo.path(), &["sync", "--once"]).code(3);
+    assert!(
+        run.stderr.contains(&commit) && run.stderr.contains("roles/app/files"),
+        "the error does not name the commit and the directory:\n{}",
+        run.stderr
+    );
+    assert_eq!(host.tree(), before, "the host changed");
+    assert_eq!(host.read("/etc/app/a.conf").unwrap(), "drifted\n");
+    assert_eq!(
+        std::fs::read(host.state.path().join("inventory.json")).unwrap(),
+        state,
+        "the inventory changed"
+    );
+}
