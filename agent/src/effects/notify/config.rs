@@ -69,23 +69,25 @@ pub fn validate(
         let Some(url) = w.url else {
             bail!("webhooks: webhook #{n} has no `url`: add url = \"https://…\"");
         };
-        let parsed = reqwest::Url::parse(&url).map_err(|e| {
-            anyhow::anyhow!("webhooks: webhook #{n}: url {url:?} is not a URL: {e}")
-        })?;
+        // Named in messages without its query or credentials: the URL
+        // itself may carry a secret (the refusals below are about that).
+        let shown = super::deliver::display_url(&url);
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| anyhow::anyhow!("webhooks: webhook #{n}: url is not a URL: {e}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            bail!("webhooks: webhook #{n}: url {url:?} must start with https:// (or http://)");
+            bail!("webhooks: webhook #{n}: url {shown:?} must start with https:// (or http://)");
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
             bail!(
-                "webhooks: webhook #{n}: url {url:?} carries credentials; they would end up in logs: use secret_file (the HMAC key) instead"
+                "webhooks: webhook #{n}: url {shown:?} carries credentials; they would end up in logs: use secret_file (the HMAC key) instead"
             );
         }
         if out.iter().any(|o| o.url == url) {
-            bail!("webhooks: url {url:?} is configured twice: merge the two tables");
+            bail!("webhooks: url {shown:?} is configured twice: merge the two tables");
         }
         let Some(secret_file) = w.secret_file else {
             bail!(
-                "webhooks: webhook #{n} ({url}) has no `secret_file`: every delivery is signed with an HMAC key read from a file (e.g. secret_file = \"/etc/driftless/webhook.key\", mode 0600)"
+                "webhooks: webhook #{n} ({shown}) has no `secret_file`: every delivery is signed with an HMAC key read from a file (e.g. secret_file = \"/etc/driftless/webhook.key\", mode 0600)"
             );
         };
         let events = match w.events {
@@ -99,7 +101,7 @@ pub fn validate(
                             .map(|c| format!(" (did you mean {c:?}?)"))
                             .unwrap_or_default();
                         bail!(
-                            "webhooks: webhook #{n} ({url}): event {name:?} is not an event{hint}; events are {}",
+                            "webhooks: webhook #{n} ({shown}): event {name:?} is not an event{hint}; events are {}",
                             all.join(", ")
                         );
                     };
@@ -108,7 +110,7 @@ pub fn validate(
                     }
                 }
                 if kinds.is_empty() {
-                    bail!("webhooks: webhook #{n} ({url}): events is empty; leave it out for all events");
+                    bail!("webhooks: webhook #{n} ({shown}): events is empty; leave it out for all events");
                 }
                 kinds
             }
@@ -116,10 +118,10 @@ pub fn validate(
         let timeout = match w.timeout {
             None => DEFAULT_TIMEOUT,
             Some(t) => crate::desired::spec::parse_duration(&t)
-                .map_err(|e| anyhow::anyhow!("webhooks: webhook #{n} ({url}): timeout: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("webhooks: webhook #{n} ({shown}): timeout: {e}"))?,
         };
         if timeout.is_zero() {
-            bail!("webhooks: webhook #{n} ({url}): timeout must be larger than 0");
+            bail!("webhooks: webhook #{n} ({shown}): timeout must be larger than 0");
         }
         out.push(Webhook {
             url,
@@ -242,6 +244,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("credentials"), "{err}");
+    }
+
+    /// The bug this pins: the refusal of a URL with a password, and every
+    /// other message about a webhook, quoted the URL whole, password and
+    /// query token included, into stderr and the journal.
+    #[test]
+    fn errors_about_a_webhook_never_quote_its_credentials_or_query() {
+        for toml in [
+            "[[webhooks]]\nurl = \"https://u:s3cret@h/x\"\nsecret_file = \"/k\"\n",
+            "[[webhooks]]\nurl = \"https://h/x?token=s3cret\"\nsecret_file = \"/k\"\nevents = [\"nope\"]\n",
+            "[[webhooks]]\nurl = \"https://h/x?token=s3cret\"\n",
+            "[[webhooks]]\nurl = \"https://h/x?token=s3cret\"\nsecret_file = \"/k\"\ntimeout = \"0s\"\n",
+            "[[webhooks]]\nurl = \"https://h/x?token=s3cret\"\nsecret_file = \"/k\"\n\
+             [[webhooks]]\nurl = \"https://h/x?token=s3cret\"\nsecret_file = \"/k\"\n",
+            "[[webhooks]]\nurl = \"ftp://u:s3cret@h/x\"\nsecret_file = \"/k\"\n",
+            "[[webhooks]]\nurl = \"https://u:s3cret@h:99999/x\"\nsecret_file = \"/k\"\n",
+        ] {
+            let err = format!("{:#}", parse(toml).unwrap_err());
+            assert!(err.starts_with("webhooks"), "{err}");
+            assert!(!err.contains("s3cret"), "leaked: {err}");
+        }
     }
 
     #[test]

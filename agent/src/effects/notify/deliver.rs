@@ -47,21 +47,31 @@ pub fn verdict(status: u16) -> Verdict {
     }
 }
 
-/// The URL as logged: no query or fragment (a token in a query string is
-/// a secret).
+/// The URL as logged and in error messages: no query or fragment (a
+/// token in a query string is a secret) and no user or password (refused
+/// in the configuration, but named in that very refusal).
 pub fn display_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let had = u.query().is_some() || u.fragment().is_some();
             u.set_query(None);
             u.set_fragment(None);
-            if had {
-                format!("{u}?…")
-            } else {
-                u.to_string()
+            let credentials = !u.username().is_empty() || u.password().is_some();
+            // Only a URL that cannot have them refuses these (`data:`).
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            let mut shown = u.to_string();
+            if credentials {
+                if let Some(at) = shown.find("://").map(|i| i + 3) {
+                    shown.insert_str(at, "…@");
+                }
             }
+            if had {
+                shown.push_str("?…");
+            }
+            shown
         }
-        Err(_) => "(invalid url)".into(),
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -212,6 +222,21 @@ mod tests {
         assert_eq!(verdict(500), Verdict::Retry);
         assert_eq!(verdict(503), Verdict::Retry);
         assert_eq!(verdict(301), Verdict::Retry);
+    }
+
+    /// The bug this pins: the configuration's refusal of a URL with a
+    /// password printed the password.
+    #[test]
+    fn shown_urls_lose_their_credentials() {
+        assert_eq!(
+            display_url("https://u:s3cret@h.example/hook"),
+            "https://…@h.example/hook"
+        );
+        assert_eq!(
+            display_url("https://s3cret@h.example/hook?token=s3cret#s3cret"),
+            "https://…@h.example/hook?…"
+        );
+        assert_eq!(display_url("s3cret"), "(not a URL)");
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl Spool {
         let drop = over_cap(&entries, MAX_EVENTS, MAX_BYTES);
         if drop > 0 {
             warn!(
-                url,
+                url = %super::deliver::display_url(url),
                 dropped = drop,
                 "the webhook spool {} is full ({MAX_EVENTS} events or {} MiB): dropped the oldest undelivered events",
                 dir.display(),
