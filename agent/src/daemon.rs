@@ -92,7 +92,11 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
     loop {
         status(&format!(
             "syncing {} ({})",
-            settings.source.as_deref().unwrap_or("?"),
+            // STATUS= is readable by every local user (`systemctl status`).
+            settings
+                .source
+                .as_deref()
+                .map_or_else(|| "?".into(), crate::effects::fetch::redact),
             settings.branch
         ));
         let s = settings.clone();

@@ -70,6 +70,39 @@ fn plan_json_status_json_and_history() {
     );
 }
 
+/// The bug this pins: `status` (text and JSON) printed the configured
+/// source URL whole, its password included.
+#[test]
+fn status_names_the_source_without_its_password() {
+    let host = Host::new("h");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source = \"https://bot:s3cret@git.example.org/cfg.git\"\nhost = \"h\"\nroot = \"{}\"\nstate_dir = \"{}\"\n",
+            host.root.path().display(),
+            host.state.path().display()
+        ),
+    )
+    .unwrap();
+    for format in ["text", "json"] {
+        let out = Command::new(BIN)
+            .args(["status", "--format", format, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("git.example.org"), "{stdout}");
+        assert!(!stdout.contains("s3cret"), "leaked: {stdout}");
+    }
+}
+
 #[test]
 fn bad_agent_config_exits_78_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();

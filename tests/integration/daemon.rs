@@ -106,3 +106,52 @@ fn daemon_without_source_exits_78_for_systemd_to_stop_restarting() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The bug this pins: the daemon's `STATUS=` (which `systemctl status`
+/// shows to every local user) named the source URL whole, password
+/// included. Neither it nor the log of the failed sync may.
+#[test]
+fn the_daemon_names_its_source_without_the_password() {
+    let host = Host::new("h");
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    // Port 1 on loopback: refused at once, the sync fails fast.
+    let child = std::process::Command::new(BIN)
+        .args(["run", "--no-config", "--interval", "1h", "--splay", "0s"])
+        .args(["--source", "https://bot:s3cret@127.0.0.1:1/cfg.git"])
+        .args(["--host", "h", "--root"])
+        .arg(host.root.path())
+        .arg("--state-dir")
+        .arg(host.state.path())
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env_remove("WATCHDOG_USEC")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _kill_on_panic = KillOnDrop(child.id());
+    let mut msgs = Vec::new();
+    wait_for(Duration::from_secs(60), "the failed first sync", || {
+        recv_all(&sock, &mut msgs);
+        msgs.iter().any(|m| m.contains("last sync failed"))
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("STATUS=syncing https://bot:***@127.0.0.1:1/cfg.git")),
+        "{msgs:?}"
+    );
+    assert!(log.contains("sync failed"), "{log}");
+    for m in msgs.iter().map(String::as_str).chain([&*log]) {
+        assert!(!m.contains("s3cret"), "leaked: {m}");
+    }
+}

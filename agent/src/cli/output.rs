@@ -109,7 +109,7 @@ pub fn print_plan(
                 "kind": "Plan",
                 "spec": {
                     "host": p.plan.host,
-                    "source": s.source,
+                    "source": s.source.as_deref().map(crate::effects::fetch::redact),
                     "branch": s.branch,
                     "path": s.path,
                     "commit": p.fetched.commit,
@@ -252,7 +252,7 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             "kind": "Status",
             "spec": {
                 "host": s.host,
-                "source": s.source,
+                "source": s.source.as_deref().map(crate::effects::fetch::redact),
                 "branch": s.branch,
                 "path": s.path,
                 "root": s.root,
@@ -312,7 +312,9 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
             outln!("host:     {}", s.host);
             outln!(
                 "source:   {} (branch {}{})",
-                s.source.as_deref().unwrap_or("(none configured)"),
+                s.source
+                    .as_deref()
+                    .map_or_else(|| "(none configured)".into(), crate::effects::fetch::redact),
                 s.branch,
                 if s.path.is_empty() {
                     String::new()

@@ -27,10 +27,12 @@ pub(super) fn parse(s: &str) -> Result<Location> {
             return file_url_to_path(s, rest).map(Location::Local);
         }
         if REMOTE_SCHEMES.contains(&lower.as_str()) {
-            gix::url::parse(s).with_context(|| {
-                format!(
-                    "repository source {}: not a valid {lower} URL",
-                    super::redact(s)
+            // gix's error quotes the input: its password too.
+            gix::url::parse(s).map_err(|e| {
+                anyhow::anyhow!(
+                    "repository source {}: not a valid {lower} URL: {}",
+                    super::redact(s),
+                    super::redact_in(&e.to_string(), s)
                 )
             })?;
             return Ok(Location::Remote(s.to_string()));

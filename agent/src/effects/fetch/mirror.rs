@@ -387,7 +387,23 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
     file.write_to(&mut bytes)
         .context("cannot serialise the mirror config")?;
     let tmp = repo.git_dir().join("config.driftless-tmp");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    // 0600 whatever the umask: the URL in it may carry a password.
+    let written = {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                f.write_all(&bytes)
+            })
+    };
+    written.with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &config_path)
         .with_context(|| format!("cannot replace {}", config_path.display()))?;
     Ok(())
@@ -396,6 +412,29 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bug this pins: the mirror's config, which holds the source URL
+    /// and so its password, was written with the umask's mode (0644 under
+    /// the usual 022).
+    #[test]
+    fn the_remote_is_recorded_in_a_config_only_its_owner_can_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = gix::init_bare(dir.path().join("m.git")).unwrap();
+        let config = repo.git_dir().join("config");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        record_remote(
+            &repo,
+            "https://bot:s3cret@git.example.org/cfg.git",
+            "+refs/heads/main:refs/remotes/origin/main",
+        )
+        .unwrap();
+        let meta = std::fs::metadata(&config).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("git.example.org"));
+    }
 
     #[test]
     fn tracking_refs() {

@@ -494,6 +494,24 @@ fn repo_name(repo: &gix::Repository) -> String {
     repo.git_dir().display().to_string()
 }
 
+/// `text` (a message about `url`, from a library that may quote it) with
+/// every occurrence of `url`'s password replaced by `***`, as [`redact`]
+/// does to the URL itself.
+pub(crate) fn redact_in(text: &str, url: &str) -> String {
+    match password_of(url) {
+        Some(password) if !password.is_empty() => text.replace(password, "***"),
+        _ => text.to_string(),
+    }
+}
+
+/// The password of `scheme://user:password@host/...`, as written.
+fn password_of(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    userinfo.split_once(':').map(|(_, password)| password)
+}
+
 /// Replaces the password of `scheme://user:password@host/...` by `***`, so
 /// URLs can go into messages and logs.
 pub(crate) fn redact(url: &str) -> String {

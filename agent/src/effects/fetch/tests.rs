@@ -1016,6 +1016,26 @@ fn empty_mirror_directory_is_initialised() {
     assert_eq!(leftovers, vec![std::ffi::OsString::from("mirror.git")]);
 }
 
+/// The bug this pins: gix's error for a URL it cannot parse quotes the
+/// input, and `{:#}` printed it, password included, after the redacted
+/// prefix.
+#[test]
+fn a_source_url_that_does_not_parse_is_named_without_its_password() {
+    for url in [
+        "https://bot:s3cret@git.example.org:99999/cfg.git",
+        "ssh://bot:s3cret@[::1/cfg.git",
+    ] {
+        let err = format!("{:#}", location::parse(url).unwrap_err());
+        assert!(err.contains("not a valid"), "{err}");
+        assert!(!err.contains("s3cret"), "leaked: {err}");
+    }
+    assert_eq!(
+        redact_in("x \"https://u:pw@h\" y pw", "https://u:pw@h"),
+        "x \"https://u:***@h\" y ***"
+    );
+    assert_eq!(redact_in("no password", "https://u@h"), "no password");
+}
+
 #[test]
 fn urls_with_passwords_are_redacted() {
     assert_eq!(
