@@ -725,12 +725,17 @@ fn validate_fleet(f: FleetFragment, host: &str) -> Result<FleetSettings> {
         bail!("fleet.endpoints: some are https:// and some are not; one fleet speaks one of them to etcd");
     }
     for e in &endpoints {
+        // Named only redacted: whatever is before an `@` may be a password.
+        let shown = redact_userinfo(e);
+        if e.contains('@') {
+            bail!("fleet.endpoints: {shown:?} carries a user or password, which would end up in logs and in `fleet status`: use fleet.user and fleet.password_file (etcd's authentication) instead");
+        }
         let rest = e
             .strip_prefix("http://")
             .or_else(|| e.strip_prefix("https://"))
             .unwrap_or(e);
         if rest.is_empty() || rest.contains("://") || rest.contains('/') || !rest.contains(':') {
-            bail!("fleet.endpoints: {e:?} is not an etcd client URL like \"http://10.0.0.5:2379\"");
+            bail!("fleet.endpoints: {shown:?} is not an etcd client URL like \"http://10.0.0.5:2379\"");
         }
     }
     let prefix = f.prefix.unwrap_or_else(|| DEFAULT_FLEET_PREFIX.to_string());
@@ -1099,6 +1104,14 @@ mod tests {
             ),
             ("[fleet]\nendpoints = [\"e\"]\n", "not an etcd client URL"),
             (
+                "[fleet]\nendpoints = [\"https://u:s3cret@e:2379\"]\nca_file = \"/ca\"\n",
+                "fleet.endpoints: \"https:***@e:2379\" carries a user or password",
+            ),
+            (
+                "[fleet]\nendpoints = [\"http://s3cret@e:2379/x\"]\n",
+                "use fleet.user and fleet.password_file",
+            ),
+            (
                 "[fleet]\nendpoints = [\"e:1\"]\nprefix = \"x/\"\n",
                 "fleet.prefix",
             ),
@@ -1121,6 +1134,7 @@ mod tests {
         ] {
             let e = format!("{:#}", with(text).unwrap_err());
             assert!(e.starts_with(want) || e.contains(want), "{text}: {e}");
+            assert!(!e.contains("s3cret"), "leaked: {e}");
         }
         let err =
             toml_file::parse::<Fragment>("agent.toml", "[fleet]\nendpoint = []\n").unwrap_err();
