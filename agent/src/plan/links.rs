@@ -173,7 +173,7 @@ pub fn diff_links(
 pub fn diff_absent(
     decls: &[AbsentDecl],
     observed: &Observed,
-    digest: &dyn Fn(&[u8]) -> String,
+    digest: &dyn Fn(&TargetPath, &[u8]) -> String,
     diags: &mut Diagnostics,
 ) -> Vec<AbsentChange> {
     let mut changes = Vec::new();
@@ -183,7 +183,7 @@ pub fn diff_absent(
             Observation::File(cur) => changes.push(AbsentChange {
                 path: d.path.clone(),
                 role: d.role.clone(),
-                file: Some(super::old_file(cur, digest(&cur.content))),
+                file: Some(super::old_file(cur, digest(&d.path, &cur.content))),
                 link: None,
                 link_owner: (0, 0),
                 purged: false,
@@ -386,7 +386,7 @@ mod tests {
         let changes = diff_absent(
             &[decl("/etc/f"), decl("/etc/l"), decl("/etc/gone")],
             &observed,
-            &|b| format!("h{}", b.len()),
+            &|_, b| format!("h{}", b.len()),
             &mut diags,
         );
         assert!(diags.is_empty());
@@ -396,7 +396,12 @@ mod tests {
         assert_eq!(f.sha256, "h3");
         assert_eq!(changes[1].link.as_deref(), Some("../x"));
         assert_eq!(changes[1].link_owner, (7, 8));
-        diff_absent(&[decl("/etc/d")], &observed, &|_| String::new(), &mut diags);
+        diff_absent(
+            &[decl("/etc/d")],
+            &observed,
+            &|_, _| String::new(),
+            &mut diags,
+        );
         let msg = diags.iter().next().unwrap();
         assert!(
             msg.contains("/etc/d (roles/base/role.toml:3 absent[0] /etc/d): it is a directory"),

@@ -610,10 +610,15 @@ pub fn plan_taking(
         &mut diags,
     );
     next.links = next_links;
+    // A file declared absent that was a managed secret keeps its keyed
+    // digest: the plan shows the content it removes by that digest.
     let absent = links::diff_absent(
         &desired.absent,
         observed,
-        &|bytes| digest(ids, false, bytes),
+        &|path, bytes| {
+            let sensitive = previous.files.get(path).is_some_and(|e| e.sensitive);
+            digest(ids, sensitive, bytes)
+        },
         &mut diags,
     );
 

@@ -351,6 +351,37 @@ fn a_file_that_stops_being_sensitive_shows_neither_side() {
     assert!(c.after.as_ref().unwrap().sha256.starts_with("hmac:"));
 }
 
+/// The bug this pins: a managed secret replaced by an `[[absent]]` entry
+/// showed the plan (and `plan --format json`) an unkeyed sha256 of the
+/// content it removes, which a short password can be found from.
+#[test]
+fn a_secret_declared_absent_is_shown_by_its_keyed_digest_only() {
+    use crate::desired::load::AbsentDecl;
+    let keyed = Ids {
+        hash_key: vec![7; 32],
+        ..ids()
+    };
+    let mut secret = file("/etc/a", "password=CANARY\n", 0o600);
+    secret.sensitive = true;
+    let inv = applied(secret, &keyed);
+    let mut d = desired(vec![]);
+    d.absent = vec![AbsentDecl {
+        path: tp("/etc/a"),
+        role: "r".into(),
+        origin: "roles/r/role.toml:1 absent[0]".into(),
+    }];
+    let obs = Observed::from([(tp("/etc/a"), on_disk("password=CANARY\n", 0o600))]);
+    let p = plan(&d, None, &obs, &inv, &keyed).unwrap();
+    assert_eq!(p.absent.len(), 1);
+    let shown = &p.absent[0].file.as_ref().unwrap().sha256;
+    assert!(shown.starts_with("hmac:"), "{shown}");
+    assert_ne!(*shown, sha256_hex(b"password=CANARY\n"));
+    // A host file driftless never managed keeps its plain digest.
+    let p = plan(&d, None, &obs, &Inventory::default(), &keyed).unwrap();
+    let shown = &p.absent[0].file.as_ref().unwrap().sha256;
+    assert_eq!(*shown, sha256_hex(b"password=CANARY\n"));
+}
+
 /// The other direction: a file that becomes a secret shows no digest of
 /// its new content unkeyed and no diff.
 #[test]
