@@ -68,11 +68,9 @@ fn sidecar(dir: &Path, stored: &str) -> PathBuf {
     dir.join(format!("{stored}.json"))
 }
 
-/// The first characters of a digest, for a message (a hand-edited
-/// sidecar may hold anything: never slice it by bytes).
-fn short(sha: &str) -> String {
-    sha.chars().take(12).collect()
-}
+/// Where a record offered in a message leaves the checksum for the user
+/// to fill in (see `read_verified`).
+const SHA256_PLACEHOLDER: &str = "<sha256sum>";
 
 /// The sha256 and size of a file, read in chunks, up to one byte more
 /// than `max` (a larger file cannot match a record of `max` bytes, and
@@ -249,17 +247,19 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
             side.display()
         )
     };
-    // What a refusal offers to write into the record: the copy's size and
-    // checksum, hashed in constant memory (the copy is not restored, so it
-    // is not read into memory: the state directory is untrusted, and a
-    // sparse terabyte there was).
+    // What a refusal offers to write into the record: the copy's size,
+    // and where its checksum goes. Not the checksum itself: a message goes
+    // to the journal, the history and webhooks, and the original of a
+    // secret's file may be a secret too (a short one is found from its
+    // sha256). Sized without reading the copy into memory (the state
+    // directory is untrusted, and a sparse terabyte there was).
     let vouch = || -> Result<String> {
-        let (size, sha256) = digest_file(&file, TARGET_READ_MAX_BYTES)
+        let (size, _) = digest_file(&file, TARGET_READ_MAX_BYTES)
             .map_err(|e| cannot_read(&format_args!("{e:#}")))?;
         let found = Record {
             path: path.to_string(),
             size,
-            sha256,
+            sha256: SHA256_PLACEHOLDER.into(),
             meta: None,
         };
         serde_json::to_string(&found).context("cannot serialise a record")
@@ -269,21 +269,24 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
         Ok(None) => bail!(
             "the saved original of {display} ({}) has no record of its size and checksum ({} is missing): it may be a copy \
              cut short (saved by an older driftless, or interrupted), so it is not restored; nothing was changed. \
-             Check {}; if it is the complete original, record it by writing {} to {}, then sync again. \
-             Otherwise keep {keep} in the repository",
+             Check {}; if it is the complete original, record it by writing {} to {} (with {SHA256_PLACEHOLDER} replaced \
+             by what `sha256sum {}` prints), then sync again. Otherwise keep {keep} in the repository",
             file.display(),
             side.display(),
             file.display(),
             vouch()?,
-            side.display()
+            side.display(),
+            file.display()
         ),
         Err(e) => bail!(
             "the record {} of the saved original of {display} is unreadable ({e:#}): refusing to restore {} unverified; \
-             nothing was changed. If {} is the complete original, replace the record with {}, then sync again",
+             nothing was changed. If {} is the complete original, replace the record with {} (with {SHA256_PLACEHOLDER} \
+             replaced by what `sha256sum {}` prints), then sync again",
             side.display(),
             file.display(),
             file.display(),
-            vouch()?
+            vouch()?,
+            file.display()
         ),
     };
     if rec.path != path {
@@ -312,14 +315,17 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     let sha = hex::encode(Sha256::digest(&content));
     if content.len() as u64 != rec.size || sha != rec.sha256 {
         bail!(
-            "the saved original of {display} ({}) is damaged: {} bytes, sha256 {}, where {} bytes, sha256 {} were saved. \
+            "the saved original of {display} ({}) is damaged: {} bytes where {} were saved{}. \
              Refusing to restore it, so nothing was changed. Keep {keep} in the repository, or put the complete original \
              in {} (it must match {}), then sync again",
             file.display(),
             content.len(),
-            short(&sha),
             rec.size,
-            short(&rec.sha256),
+            if content.len() as u64 == rec.size {
+                ", and its sha256 differs from the saved one"
+            } else {
+                ""
+            },
             file.display(),
             side.display()
         );
@@ -537,11 +543,16 @@ mod tests {
             err.contains("no record") && err.contains("nothing was changed"),
             "{err}"
         );
+        // No checksum of the copy in the message (it may be a secret's):
+        // the user computes it.
+        let sha = hex::encode(Sha256::digest(b"maybe whole"));
+        assert!(!err.contains(&sha[..12]), "{err}");
         let vouch = err
             .split_once("by writing ")
             .and_then(|(_, r)| r.split_once(" to "))
-            .map(|(j, _)| j.to_string())
+            .map(|(j, _)| j.replace(SHA256_PLACEHOLDER, &sha))
             .expect("the record to write");
+        assert!(err.contains("sha256sum "), "{err}");
         fs::write(s.originals().join(format!("{K}.json")), vouch).unwrap();
         assert_eq!(read(&s).unwrap(), b"maybe whole");
     }
