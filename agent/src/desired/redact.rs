@@ -14,7 +14,8 @@
 //!
 //! What counts as a leak, precisely: a value appearing whole (any length),
 //! or any run of [`MIN_FRAGMENT`] or more of its characters, compared
-//! ASCII-case-insensitively, in the value's own spelling or in its JSON,
+//! ASCII-case-insensitively, in the value's own spelling, its Unicode upper
+//! and lower case, or in their JSON,
 //! Rust-debug, HTML or percent-encoded spelling, or reversed. Over-redaction
 //! (an ordinary word of a message that happens to share four letters with a
 //! secret) is the accepted price: a message with a marker in it is still a
@@ -51,15 +52,23 @@ impl Redactor {
                 forms.push(Zeroizing::new(s.as_bytes().to_ascii_lowercase()));
             }
         };
-        push(value.to_string());
-        if let Ok(json) = serde_json::to_string(value) {
-            push(json[1..json.len() - 1].to_string());
+        // Matching folds ASCII case only (a message's byte offsets must
+        // stay its own), so the value's Unicode upper and lower cases are
+        // spellings of their own: `upper` of a Cyrillic secret is not its
+        // ASCII lowercase.
+        let upper = Zeroizing::new(value.to_uppercase());
+        let lower = Zeroizing::new(value.to_lowercase());
+        for value in [value, upper.as_str(), lower.as_str()] {
+            push(value.to_string());
+            if let Ok(json) = serde_json::to_string(value) {
+                push(json[1..json.len() - 1].to_string());
+            }
+            let debug = format!("{value:?}");
+            push(debug[1..debug.len() - 1].to_string());
+            push(tera::escape_html(value));
+            push(percent_encode(value));
+            push(value.chars().rev().collect());
         }
-        let debug = format!("{value:?}");
-        push(debug[1..debug.len() - 1].to_string());
-        push(tera::escape_html(value));
-        push(percent_encode(value));
-        push(value.chars().rev().collect());
         let Ok(mut all) = self.forms.lock() else {
             return;
         };
@@ -225,6 +234,28 @@ mod tests {
         let r = redactor(&["ünïcödé-sëcret"]);
         let m = r.redact("«ünïcödé-sëcret»");
         assert!(!m.contains("cöd"), "{m}");
+    }
+
+    /// The bug this pins: case was folded for ASCII only, so `upper` of a
+    /// secret in another script, quoted by a failing filter, went out
+    /// whole.
+    #[test]
+    fn a_non_ascii_secret_is_hidden_in_its_other_case_too() {
+        let r = redactor(&["пароль-тайна"]);
+        for spelled in ["ПАРОЛЬ-ТАЙНА", "ТАЙН", "Пароль-Тайна"] {
+            let m = r.redact(&format!("got \"{spelled}\" here"));
+            // At most a run shorter than MIN_FRAGMENT bytes is left (the
+            // capital of a word in title case).
+            assert!(
+                m.starts_with("got \"") && m.ends_with("[redacted]\" here"),
+                "{m}"
+            );
+            let left = &m["got \"".len()..m.len() - "[redacted]\" here".len()];
+            assert!(
+                left.len() < MIN_FRAGMENT && !left.contains('['),
+                "{spelled}: {m}"
+            );
+        }
     }
 
     #[test]
