@@ -163,3 +163,51 @@ fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
         run.stderr
     );
 }
+
+/// The bug this pins: a stick of any filesystem was mounted (the kernel
+/// parsing a crafted image of a rarely used driver as root), trying every
+/// type the kernel knew. A minix stick is now refused before anything is
+/// mounted, with an error that says which filesystems a stick may have.
+#[test]
+fn a_stick_of_another_filesystem_is_refused_unmounted_naming_the_ones_allowed() {
+    if let Some(why) = unavailable() {
+        return skip::missing(&format!("the USB stick device test cannot run: {why}"));
+    }
+    if !sh("command -v mkfs.minix").status.success() {
+        return skip::missing("mkfs.minix (util-linux) is missing");
+    }
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("stick.img");
+    let mk = sh(&format!(
+        "truncate -s 4M {0} && mkfs.minix {0} >/dev/null",
+        img.display()
+    ));
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let out = sh(&format!("losetup --find --show {}", img.display()));
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).to_string();
+        return skip::missing(&format!("cannot attach a loop device: {why}"));
+    }
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let host = Host::new("web1");
+    let signer = crate::trust::Signer::new("release@example.com");
+    let run = run_with(
+        &host,
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        &signer,
+    );
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("vfat, exfat, ext4") && run.stderr.contains(&dev.0),
+        "{}",
+        run.stderr
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&dev.0), "mounted: {mounts}");
+    assert!(host.tree().is_empty(), "the host changed");
+}

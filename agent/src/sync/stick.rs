@@ -430,39 +430,54 @@ struct Mount {
     mounted: bool,
 }
 
-/// Filesystem types to try for `device`: what udev's blkid probe recorded
-/// (`/run/udev/data/b<major>:<minor>`, `ID_FS_TYPE`), then the usual stick
-/// filesystems (naming a type makes the kernel load its module), then
-/// every block filesystem the kernel already knows.
-fn fs_candidates(device: &Path) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut add = |t: &str| {
-        if !t.is_empty() && !out.iter().any(|o| o == t) {
-            out.push(t.to_string());
-        }
-    };
+/// The filesystems a stick may have. Anyone can plug in a stick, and the
+/// kernel parses its filesystem as it mounts it: its drivers for the
+/// common stick formats are the ones hardened by use and fuzzing, while a
+/// crafted image of a rarer one (hfsplus, jfs, udf, minix...) is a known
+/// way into the kernel. So only these are ever named to `mount(2)`, which
+/// also keeps the kernel from loading another driver's module for a
+/// stick. ext2 and ext3 are mounted by the ext4 driver.
+const STICK_FILESYSTEMS: [&str; 3] = ["vfat", "exfat", "ext4"];
+
+/// The types to try for `device`, in order: the one udev's blkid probe
+/// recorded (`/run/udev/data/b<major>:<minor>`, `ID_FS_TYPE`) first, then
+/// the other allowed ones (see [`stick_fs_order`]).
+fn fs_candidates(device: &Path) -> Result<Vec<&'static str>> {
+    let mut probed = None;
     if let Ok(meta) = std::fs::metadata(device) {
         use std::os::unix::fs::MetadataExt;
         let rdev = meta.rdev();
         let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
         if let Ok(db) = std::fs::read_to_string(format!("/run/udev/data/b{major}:{minor}")) {
-            if let Some(t) = db.lines().find_map(|l| l.strip_prefix("E:ID_FS_TYPE=")) {
-                add(t.trim());
-            }
+            probed = db
+                .lines()
+                .find_map(|l| l.strip_prefix("E:ID_FS_TYPE="))
+                .map(|t| t.trim().to_string());
         }
     }
-    for t in ["vfat", "exfat", "ext4", "btrfs", "xfs"] {
-        add(t);
-    }
-    if let Ok(types) = std::fs::read_to_string("/proc/filesystems") {
-        for t in types.lines().filter(|l| !l.starts_with("nodev")) {
-            let t = t.trim();
-            if t != "fuseblk" {
-                add(t);
-            }
-        }
-    }
-    out
+    stick_fs_order(probed.as_deref())
+        .with_context(|| format!("{} is not mounted", device.display()))
+}
+
+/// [`STICK_FILESYSTEMS`], the probed type's driver first; an error for a
+/// probed type outside them.
+fn stick_fs_order(probed: Option<&str>) -> Result<Vec<&'static str>> {
+    let first = match probed.filter(|t| !t.is_empty()) {
+        None => None,
+        Some("ext2" | "ext3" | "ext4") => Some("ext4"),
+        Some(t) => match STICK_FILESYSTEMS.iter().find(|&&s| s == t) {
+            Some(&s) => Some(s),
+            None => bail!(
+                "its filesystem is {t:?} (udev's probe), and driftless mounts only {} sticks (a crafted image \
+                 of another filesystem can attack the kernel as it is mounted): format the stick as one of them, \
+                 e.g. `mkfs.vfat -n DRIFTLESS /dev/sdX1`",
+                STICK_FILESYSTEMS.join(", ")
+            ),
+        },
+    };
+    let mut out: Vec<&'static str> = first.into_iter().collect();
+    out.extend(STICK_FILESYSTEMS.iter().filter(|&&s| Some(s) != first));
+    Ok(out)
 }
 
 /// Nothing on a stick is executed, treated as a device, or followed as a
@@ -489,14 +504,15 @@ impl Mount {
             .with_context(|| format!("cannot create mount point {}", target.display()))?;
         let flags = mount_flags() | MsFlags::MS_RDONLY;
         let mut tried = Vec::new();
-        for fstype in fs_candidates(device) {
-            match mount(
-                Some(device),
-                &target,
-                Some(fstype.as_str()),
-                flags,
-                None::<&str>,
-            ) {
+        let candidates = match fs_candidates(device) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&target);
+                return Err(e);
+            }
+        };
+        for fstype in candidates {
+            match mount(Some(device), &target, Some(fstype), flags, None::<&str>) {
                 Ok(()) => {
                     info!(device = %device.display(), fstype = %fstype, target = %target.display(), "stick mounted read-only");
                     return Ok(Mount {
@@ -510,9 +526,12 @@ impl Mount {
         // Do not leave the mount point behind (only removed if empty).
         let _ = std::fs::remove_dir(&target);
         bail!(
-            "cannot mount {} read-only (tried {}): is it a stick with a filesystem this kernel supports?",
+            "cannot mount {} read-only (tried {}): driftless mounts only {} sticks (a crafted image of another \
+             filesystem can attack the kernel as it is mounted); format the stick as one of them, e.g. \
+             `mkfs.vfat -n DRIFTLESS /dev/sdX1`",
             device.display(),
-            tried.join(", ")
+            tried.join(", "),
+            STICK_FILESYSTEMS.join(", ")
         )
     }
 
@@ -558,5 +577,38 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.do_unmount();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bug this pins: every filesystem udev probed, then btrfs, xfs
+    /// and everything in /proc/filesystems, was tried on a stick anyone
+    /// can plug in (and naming one to mount(2) loads its module).
+    #[test]
+    fn only_the_stick_filesystems_are_ever_tried_the_probed_one_first() {
+        assert_eq!(stick_fs_order(None).unwrap(), ["vfat", "exfat", "ext4"]);
+        assert_eq!(stick_fs_order(Some("")).unwrap(), ["vfat", "exfat", "ext4"]);
+        assert_eq!(
+            stick_fs_order(Some("exfat")).unwrap(),
+            ["exfat", "vfat", "ext4"]
+        );
+        for ext in ["ext2", "ext3", "ext4"] {
+            assert_eq!(
+                stick_fs_order(Some(ext)).unwrap(),
+                ["ext4", "vfat", "exfat"]
+            );
+        }
+        for other in ["btrfs", "hfsplus", "udf", "squashfs", "ntfs3", "minix"] {
+            let e = stick_fs_order(Some(other)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{other:?}"))
+                    && e.contains("vfat, exfat, ext4")
+                    && e.contains("mkfs.vfat"),
+                "{e}"
+            );
+        }
     }
 }
