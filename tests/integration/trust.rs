@@ -414,6 +414,33 @@ fn bad_bundles_are_refused_with_a_reason_and_change_nothing() {
     );
     assert!(host.read("/etc/app.conf").is_none());
 
+    // Padded past the size its (genuine, old) manifest signs: refused
+    // before a byte of it is copied into the state directory.
+    let padded = out.path().join("padded.bundle");
+    let mut bytes = std::fs::read(&full2).unwrap();
+    bytes.resize(bytes.len() + (4 << 20), 0);
+    std::fs::write(&padded, &bytes).unwrap();
+    for ext in [".manifest", ".manifest.sig"] {
+        std::fs::copy(
+            format!("{}{ext}", full2.display()),
+            format!("{}{ext}", padded.display()),
+        )
+        .unwrap();
+    }
+    let run = import(&host, &signer, &[&padded]).code(4);
+    assert!(
+        run.stderr.contains("does not match its signed manifest")
+            && run.stderr.contains("refused unread"),
+        "{}",
+        run.stderr
+    );
+    let incoming = host.state.path().join("incoming");
+    let staged: Vec<_> = std::fs::read_dir(&incoming)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "left in incoming/: {staged:?}");
+    assert!(host.read("/etc/app.conf").is_none());
+
     // Apply v2, then offer the older v1: refused as a downgrade.
     import(&host, &signer, &[&full2]).ok();
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("two\n"));

@@ -118,7 +118,20 @@ pub fn check_contents(
             bundle.display()
         );
     }
-    let mut input = (&mut input).take(max_size.saturating_add(1));
+    // Before a byte is copied: an old signed manifest is no secret, and
+    // beside a file padded to max_bundle_size it had each such file
+    // copied and hashed into the state directory before the refusal.
+    if len != manifest.bundle_size {
+        bail!(
+            "{} does not match its signed manifest: it is {len} bytes, the manifest says {}; refused unread. \
+             The bundle is truncated, damaged or replaced: copy it again from the connected side",
+            bundle.display(),
+            manifest.bundle_size
+        );
+    }
+    // A file that grows while it is read is cut one byte past its size
+    // (and then refused by the size below).
+    let mut input = (&mut input).take(manifest.bundle_size.saturating_add(1));
     let mut copy = match copy_to {
         Some(p) => Some(
             std::fs::OpenOptions::new()
