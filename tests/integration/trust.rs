@@ -516,6 +516,68 @@ fn a_pack_that_fails_to_index_is_refused_even_when_the_manifest_is_signed() {
     assert!(host.read("/etc/app.conf").is_none());
 }
 
+/// The bug this pins: a stick of thousands of junk `*.bundle` files (anyone
+/// can plug one in) had every one verified and each refusal written to the
+/// history, pushing the host's real history out of its bounded file. Over
+/// `MAX_BUNDLES` (128) the stick is refused whole, in one line of history,
+/// with its report; and a staged copy an interrupted import left in
+/// `incoming/` (a stick pulled mid-import) is removed by the next import.
+#[test]
+fn a_stick_flooded_with_bundle_files_is_refused_whole_and_stale_copies_go() {
+    let signer = Signer::new("release@example.com");
+    let stick = tempfile::tempdir().unwrap();
+    let dir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..129 {
+        std::fs::write(dir.join(format!("junk-{i:03}.bundle")), "not a bundle").unwrap();
+    }
+    let host = Host::new("web1");
+    let incoming = host.state.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    std::fs::write(incoming.join("import-999999.bundle"), vec![0u8; 1 << 20]).unwrap();
+    let history = |host: &Host| {
+        std::fs::read_to_string(host.state.path().join("history.jsonl"))
+            .map(|h| h.lines().count())
+            .unwrap_or(0)
+    };
+    let run = run_with(
+        &host,
+        bundles(),
+        &["bundle", "stick", stick.path().to_str().unwrap()],
+        &signer,
+    )
+    .code(4);
+    assert!(
+        run.stderr
+            .contains("129 bundles offered at once, more than 128"),
+        "{}",
+        run.stderr
+    );
+    assert!(history(&host) <= 1, "{} lines of history", history(&host));
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["outcome"], "refused", "{report}");
+    assert!(host.read("/etc/app.conf").is_none());
+
+    // Within the limit, the stale staged copy is cleaned up.
+    std::fs::remove_file(dir.join("junk-000.bundle")).unwrap();
+    run_with(
+        &host,
+        bundles(),
+        &["bundle", "stick", stick.path().to_str().unwrap()],
+        &signer,
+    )
+    .code(4);
+    let left: Vec<_> = std::fs::read_dir(&incoming)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in incoming/: {left:?}");
+}
+
 #[test]
 fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
     let signer = Signer::new("release@example.com");

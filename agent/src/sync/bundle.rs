@@ -43,6 +43,12 @@ impl BundleOutcome {
     }
 }
 
+/// The most bundles one import takes. Each is verified, and each refusal
+/// is a line of the host's history: a stick of thousands of junk files
+/// (anyone can plug one in) would cost minutes and push the host's real
+/// history out of its bounded file.
+pub const MAX_BUNDLES: usize = 128;
+
 /// Imports `files` (each the `.bundle` path) under the lock. Per-file
 /// problems are outcomes, not errors; errors are what stops every import
 /// (no lock, no signers, unusable mirror).
@@ -52,6 +58,16 @@ pub fn import_files(
     wait: Duration,
     now: i64,
 ) -> Result<Vec<BundleOutcome>, Error> {
+    if files.len() > MAX_BUNDLES {
+        return Err(Error::new(
+            Failure::Refused,
+            anyhow!(
+                "{} bundles offered at once, more than {MAX_BUNDLES}: refused, nothing imported. A host needs only \
+                 the bundles since its last import, or one full bundle: remove the older ones",
+                files.len()
+            ),
+        ));
+    }
     let signers = super::allowed_signers(settings)?;
     let (state, _guard) = super::lock(settings, wait)?;
     let spec = super::source_spec(settings)?;
@@ -184,14 +200,26 @@ fn applied_ids(settings: &Settings, state: &super::StateDir) -> Result<Vec<gix::
     Ok(applied)
 }
 
-/// `incoming/` of the state directory, without the quarantines an
-/// interrupted import left (the caller holds the lock).
+/// `incoming/` of the state directory, without the quarantines and the
+/// staged copies an interrupted import or verify left (the caller holds
+/// the lock, which every import and verify takes: none is running). A
+/// staged copy is as large as its bundle (up to max_bundle_size), and a
+/// stick pulled mid-import stops the run before it removes its own.
 fn incoming_dir(state: &super::StateDir) -> Result<PathBuf, Error> {
     let incoming = state.path().join("incoming");
     std::fs::create_dir_all(&incoming)
         .with_context(|| format!("cannot create {}", incoming.display()))
         .kind(Failure::Failed)?;
     import::clean_quarantines(&incoming);
+    if let Ok(rd) = std::fs::read_dir(&incoming) {
+        for e in rd.flatten() {
+            let staged = e.path().extension().is_some_and(|x| x == "bundle")
+                && e.file_type().is_ok_and(|t| t.is_file());
+            if staged {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(incoming)
 }
 
