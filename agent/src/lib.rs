@@ -30,6 +30,7 @@ pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod rollout;
+pub mod stop;
 pub mod sync;
 pub mod time;
 pub mod timings;

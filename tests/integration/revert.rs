@@ -254,3 +254,116 @@ fn a_rollback_survives_a_wiped_state_directory() {
     host.sync(repo.path()).ok();
     assert_eq!(host.read("/etc/a").as_deref(), Some("v3\n"));
 }
+
+/// The bug this pins: `systemctl stop` (or, for the USB unit, pulling
+/// the stick out) sends SIGTERM, whose default action killed a one-pass
+/// sync in the middle of its transaction, here its health checks. The
+/// sync now finishes the transaction (the check passes: committed) and
+/// exits 0; the host is left applied, not half switched until some later
+/// run recovers it.
+#[test]
+fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    let marks = tempfile::tempdir().unwrap();
+    let started = marks.path().join("check-started");
+    let release = marks.path().join("release");
+    // The check says it started, then waits for the test to let it pass.
+    let check = format!(
+        "touch {0}; while [ ! -e {1} ]; do sleep 0.02; done; grep -q good ROOT/etc/app.conf",
+        started.display(),
+        release.display()
+    );
+    write_role(&repo, &host, "good\n", &check);
+    repo.commit("v1");
+    let mut child = host
+        .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // The log, line by line, as it comes.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // The check is let pass only once the run has taken the signal in.
+    let mut log = Vec::new();
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|e| panic!("no word of the SIGTERM ({e}): {log:#?}"));
+        let taken = line.contains("SIGTERM: finishing the transaction");
+        log.push(line);
+        if taken {
+            break;
+        }
+    }
+    std::fs::write(&release, "").unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    log.extend(lines.try_iter());
+    assert_eq!(status.code(), Some(0), "{status:?}\n{log:#?}");
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good\n"));
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["status"]["applied"]["commit"], repo.head(), "{v}");
+    assert!(
+        std::fs::read_dir(host.state.path().join("tx"))
+            .unwrap()
+            .flatten()
+            .all(|e| e.path().join("committed").exists()),
+        "a transaction is left uncommitted"
+    );
+}
+
+/// SIGTERM before the transaction starts: nothing new starts. The run
+/// stops with an error that says so, and the host keeps what it had.
+#[test]
+fn sigterm_before_applying_stops_the_sync_with_nothing_changed() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    write_role(&repo, &host, "good\n", "true");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    write_role(&repo, &host, "good, v2\n", "true");
+    repo.commit("v2");
+    let before = host.tree();
+    let out = host
+        .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "sync.planned:term")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped by SIGTERM before applying")
+            && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(host.tree(), before, "the host changed");
+    // The next run applies it.
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good, v2\n"));
+}

@@ -578,6 +578,54 @@ fn a_stick_flooded_with_bundle_files_is_refused_whole_and_stale_copies_go() {
     assert!(left.is_empty(), "left in incoming/: {left:?}");
 }
 
+/// The stick pulled out (SIGTERM, through the unit's `BindsTo=`) after
+/// the import: the sync does not start, the report says why, and the next
+/// run applies what was imported.
+#[test]
+fn sigterm_after_a_sticks_import_stops_before_the_sync() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "from the stick\n");
+    let stick = tempfile::tempdir().unwrap();
+    let dir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&dir).unwrap();
+    create_bundle(&repo, &dir.join("site.bundle"), &signer, None).ok();
+    let host = Host::new("web1");
+    let mut args: Vec<String> = ["bundle", "stick", stick.path().to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(trusted(&signer, &[]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = host
+        .cmd(bundles(), &args)
+        .env("DRIFTLESS_TEST_FAILPOINT", "stick.imported:term")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        host.read("/etc/app.conf").is_none(),
+        "applied after SIGTERM"
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped by SIGTERM")),
+        "{report}"
+    );
+    assert_eq!(report["bundles"][0]["result"], "imported", "{report}");
+    // What was imported is applied by the next run, from the mirror.
+    run_with(&host, bundles(), &["sync", "--once"], &signer).ok();
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("from the stick\n")
+    );
+}
+
 #[test]
 fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
     let signer = Signer::new("release@example.com");

@@ -163,6 +163,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
         BundleCommand::Stick(a) => {
             let s = super::settings(&Overrides::host(&a.host).checks(&a.checks))?;
             let rt = super::runtime()?;
+            crate::stop::defer_sigterm(rt.handle());
             let opts = crate::sync::SyncOptions {
                 wait: Duration::from_secs(a.wait),
                 apply: crate::effects::apply::ApplyOptions {

@@ -899,6 +899,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 crate::timings::enable();
             }
             let rt = runtime()?;
+            crate::stop::defer_sigterm(rt.handle());
             let result = crate::sync::sync_once(&s, &opts, now(), rt.handle());
             if args.timings {
                 let stages = crate::timings::take();

@@ -42,6 +42,10 @@ mod imp {
     enum Action {
         Kill,
         Error,
+        /// SIGTERM to itself, as systemd sends on stop; returns once the
+        /// run has taken it in (see `crate::stop`), so that what follows
+        /// sees it deterministically.
+        Term,
     }
 
     struct Spec {
@@ -59,6 +63,7 @@ mod imp {
             match p {
                 "kill" => action = Action::Kill,
                 "error" => action = Action::Error,
+                "term" => action = Action::Term,
                 n => nth = n.parse().ok()?,
             }
         }
@@ -98,6 +103,14 @@ mod imp {
                 Action::Error => {
                     anyhow::bail!("failpoint {name} (hit {count}): injected failure")
                 }
+                Action::Term => {
+                    eprintln!("driftless: failpoint {name} (hit {count}): SIGTERM");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while !crate::stop::requested() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
             }
         }
         Ok(())
@@ -116,6 +129,8 @@ mod imp {
             );
             let s = parse("a:3:error").unwrap();
             assert_eq!((s.name.as_str(), s.nth, s.action), ("a", 3, Action::Error));
+            let s = parse("a:term").unwrap();
+            assert_eq!((s.nth, s.action), (1, Action::Term));
             assert!(parse("a:x").is_none());
             assert!(parse("").is_none());
         }

@@ -541,6 +541,16 @@ fn apply_phase(
 ) -> Result<Report, Error> {
     let commit = prepared.fetched.commit.clone();
     pass.secrets_decrypted = prepared.plan.secrets_decrypted;
+    // Nothing new starts once SIGTERM asked a one-pass run to stop.
+    if crate::stop::requested() && !prepared.plan.is_empty() {
+        return Err(Error::new(
+            Failure::Failed,
+            anyhow::anyhow!(
+                "stopped by SIGTERM before applying {}: nothing was changed; the next run applies it",
+                short(&commit)
+            ),
+        ));
+    }
     if let Some(bad) = pass.marks.bad.get(&commit) {
         if !pass.opts.retry {
             warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
