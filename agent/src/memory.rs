@@ -91,15 +91,15 @@ pub fn limit_arenas() {
 /// refuses (older than 5.14), it does nothing and the pages fault as
 /// before. Returns whether the kernel mapped them.
 pub fn prefault<T>(buf: &mut Vec<T>) -> bool {
-    const PAGE: usize = 4096;
+    let page = page_size();
     let spare = buf.spare_capacity_mut();
     let bytes = std::mem::size_of_val(spare);
     if bytes < (256 << 10) {
         return false;
     }
     let start = spare.as_mut_ptr() as usize;
-    let first = start.div_ceil(PAGE) * PAGE;
-    let end = (start + bytes) / PAGE * PAGE;
+    let first = start.div_ceil(page) * page;
+    let end = (start + bytes) / page * page;
     if end <= first {
         return false;
     }
@@ -116,6 +116,13 @@ pub fn prefault<T>(buf: &mut Vec<T>) -> bool {
     }
     #[cfg(not(target_os = "linux"))]
     false
+}
+
+/// The size of a memory page (4 KiB on x86-64, up to 64 KiB on arm64).
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a constant of the process.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 /// `Vec::with_capacity(n)`, its pages mapped ahead (see [`prefault`]).
@@ -164,7 +171,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn prefault_maps_every_page_of_the_spare_capacity_and_changes_no_byte() {
-        const PAGE: usize = 4096;
+        let page = super::page_size();
         let mut v: Vec<u8> = Vec::with_capacity(4 << 20);
         v.extend_from_slice(b"kept");
         assert!(
@@ -173,9 +180,9 @@ mod tests {
         );
         assert_eq!(v, b"kept");
         let spare = v.spare_capacity_mut();
-        let start = (spare.as_mut_ptr() as usize).div_ceil(PAGE) * PAGE;
-        let end = (spare.as_mut_ptr() as usize + spare.len()) / PAGE * PAGE;
-        let mut resident = vec![0u8; (end - start) / PAGE];
+        let start = (spare.as_mut_ptr() as usize).div_ceil(page) * page;
+        let end = (spare.as_mut_ptr() as usize + spare.len()) / page * page;
+        let mut resident = vec![0u8; (end - start) / page];
         // SAFETY: the range is inside `v`'s allocation; mincore only
         // reports which of its pages are in memory.
         let r = unsafe {

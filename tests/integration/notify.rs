@@ -475,10 +475,8 @@ fn a_permanent_refusal_is_moved_aside_and_the_queue_goes_on() {
     a.commit("good 1\n", "true");
     let err = a.sync_code(0);
     assert!(
-        err.contains(&format!(
-            "webhook http://127.0.0.1:{}/hook refused",
-            rx.port
-        )) && err.contains("status 400"),
+        err.contains(&format!("webhook http://127.0.0.1:{}/… refused", rx.port))
+            && err.contains("status 400"),
         "{err}"
     );
     assert_eq!(a.failed().len(), 1, "{:?}", a.failed());

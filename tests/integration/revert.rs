@@ -276,7 +276,18 @@ fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
         started.display(),
         release.display()
     );
-    write_role(&repo, &host, "good\n", &check);
+    // A check that waits on the test, with time to spare under any load
+    // (the default timeout is a few seconds).
+    repo.write("roles/app/files/app.conf", "good\n");
+    repo.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+             [[checks]]\nname = \"app config is good\"\ntimeout = \"300s\"\n\
+             command = {{ argv = [\"/bin/sh\", \"-c\", {:?}] }}\n",
+            check.replace("ROOT", &host.root.path().display().to_string())
+        ),
+    );
     repo.commit("v1");
     let mut child = host
         .cmd(repo.path(), &["sync", "--once", "--run-checks"])
@@ -336,10 +347,11 @@ fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
     );
 }
 
-/// SIGTERM before the transaction starts: nothing new starts. The run
-/// stops with an error that says so, and the host keeps what it had.
+/// SIGTERM before the transaction starts (here, once the plan is made):
+/// the run stops at once, by the signal, as it always did (a stop must
+/// not wait on a slow fetch), and the host keeps what it had.
 #[test]
-fn sigterm_before_applying_stops_the_sync_with_nothing_changed() {
+fn sigterm_outside_a_transaction_stops_the_sync_at_once_with_nothing_changed() {
     let repo = Repo::new();
     let host = Host::new("h");
     repo.write("driftless.toml", "roles = [\"app\"]\n");
@@ -356,6 +368,36 @@ fn sigterm_before_applying_stops_the_sync_with_nothing_changed() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{stderr}");
+    assert!(!stderr.contains("finishing the transaction"), "{stderr}");
+    assert_eq!(host.tree(), before, "the host changed");
+    // The next run applies it.
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good, v2\n"));
+}
+
+/// SIGTERM just as the transaction is about to start (its section open,
+/// nothing written yet): the run takes it in, starts nothing, and says so;
+/// the host keeps what it had.
+#[test]
+fn sigterm_as_the_transaction_opens_starts_nothing_and_says_so() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    write_role(&repo, &host, "good\n", "true");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    write_role(&repo, &host, "good, v2\n", "true");
+    repo.commit("v2");
+    let before = host.tree();
+    let out = host
+        .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "sync.applying:term")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("stopped by SIGTERM before applying")
@@ -363,7 +405,6 @@ fn sigterm_before_applying_stops_the_sync_with_nothing_changed() {
         "{stderr}"
     );
     assert_eq!(host.tree(), before, "the host changed");
-    // The next run applies it.
     sync(&host, &repo, &[]).ok();
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good, v2\n"));
 }

@@ -144,6 +144,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                     full: false,
                 };
                 let rt = super::runtime()?;
+                crate::stop::defer_sigterm(rt.handle());
                 let report = crate::sync::sync_once(&s, &opts, super::now(), rt.handle())?;
                 output::print_sync(&report);
             }

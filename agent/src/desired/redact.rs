@@ -60,14 +60,17 @@ impl Redactor {
         let lower = Zeroizing::new(value.to_lowercase());
         for value in [value, upper.as_str(), lower.as_str()] {
             push(value.to_string());
-            if let Ok(json) = serde_json::to_string(value) {
+            // Every temporary copy wiped too, not only the forms kept.
+            if let Ok(json) = serde_json::to_string(value).map(Zeroizing::new) {
                 push(json[1..json.len() - 1].to_string());
             }
-            let debug = format!("{value:?}");
+            let debug = Zeroizing::new(format!("{value:?}"));
             push(debug[1..debug.len() - 1].to_string());
             push(tera::escape_html(value));
             push(percent_encode(value));
-            push(value.chars().rev().collect());
+            let mut reversed = String::with_capacity(value.len());
+            reversed.extend(value.chars().rev());
+            push(reversed);
         }
         let Ok(mut all) = self.forms.lock() else {
             return;

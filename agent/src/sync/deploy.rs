@@ -94,6 +94,17 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     } else {
         crate::effects::hooks::skipped(&plan.hooks, crate::desired::spec::HookWhen::Pre);
     }
+    // SIGTERM during the pre hooks: the transaction does not start (see
+    // `crate::stop`).
+    if crate::stop::requested() {
+        return Err(Error::new(
+            Failure::Failed,
+            anyhow::anyhow!(
+                "stopped by SIGTERM before applying {} (after its pre hooks): nothing was changed; the next run applies it",
+                short(&commit)
+            ),
+        ));
+    }
     // After a packages stage, the files are planned again (a package may
     // have brought a file the plan took for missing).
     let fetched = &prepared.fetched;

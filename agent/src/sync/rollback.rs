@@ -133,6 +133,8 @@ pub(super) fn rollback_in(
     to: Option<&str>,
     why: &str,
 ) -> Result<Report, Error> {
+    // A rollback is a transaction: SIGTERM waits for it (see `crate::stop`).
+    let _critical = crate::stop::critical();
     let (settings, now) = (pass.settings, pass.now);
     let inventory = pass.state.inventory().kind(Failure::Failed)?;
     let current = inventory.commit.clone();

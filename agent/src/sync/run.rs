@@ -278,6 +278,7 @@ pub(super) fn begin<'a>(
         Some(_) => Vec::new(),
         None => {
             let _t = timings::stage("recover");
+            let _critical = crate::stop::critical();
             apply::recover(&fs, &state).kind(Failure::Failed)?
         }
     };
@@ -541,7 +542,10 @@ fn apply_phase(
 ) -> Result<Report, Error> {
     let commit = prepared.fetched.commit.clone();
     pass.secrets_decrypted = prepared.plan.secrets_decrypted;
-    // Nothing new starts once SIGTERM asked a one-pass run to stop.
+    // From here to the commit or revert, SIGTERM waits (see `stop`);
+    // nothing new starts once it came.
+    let _critical = crate::stop::critical();
+    failpoint::hit("sync.applying").kind(Failure::Failed)?;
     if crate::stop::requested() && !prepared.plan.is_empty() {
         return Err(Error::new(
             Failure::Failed,

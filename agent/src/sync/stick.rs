@@ -231,16 +231,10 @@ fn process(
         warn!("bundle refused: {r}");
     }
     let mut failure = None;
+    // (SIGTERM here, the stick pulled out, ends the run at once: see
+    // `stop`. The next run applies what was imported.)
     if let Err(e) = crate::effects::failpoint::hit("stick.imported") {
         report.message = Some(format!("{e:#}"));
-        return (report, Some(Failure::Failed));
-    }
-    if crate::stop::requested() {
-        report.message = Some(
-            "stopped by SIGTERM (the stick pulled out, or the service stopped) after the import, before the sync: \
-             nothing was applied; the next run applies what was imported"
-                .into(),
-        );
         return (report, Some(Failure::Failed));
     }
     match super::sync_once(settings, sync_opts, now, rt) {

@@ -19,7 +19,19 @@ use super::{redact, SshOptions};
 
 /// Fetches `full_ref` from `url` into the mirror at `mirror_dir` and returns
 /// the mirror and the commit the ref points to (tags peeled).
+///
+/// Its errors carry no password of `url`: gix's own (a redirect, a bad
+/// URL) quote the URL whole.
 pub(super) fn fetch(
+    url: &str,
+    full_ref: &str,
+    ssh: &SshOptions,
+    mirror_dir: &Path,
+) -> Result<(gix::Repository, gix::ObjectId)> {
+    fetch_quoting(url, full_ref, ssh, mirror_dir).map_err(|e| super::redact_error(e, url))
+}
+
+fn fetch_quoting(
     url: &str,
     full_ref: &str,
     ssh: &SshOptions,
@@ -353,6 +365,26 @@ fn sh_quote(s: &str) -> String {
 
 /// Writes `remote.origin` (URL, refspec, no tags) into the mirror's config
 /// if it differs from what is there.
+/// `path` (the mirror's config) made readable by its owner only, if it is
+/// not: it holds the source URL, and so its password.
+fn keep_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mode = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .mode();
+    if mode & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
+    Ok(())
+}
+
 fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()> {
     let wanted_url = gix::url::parse(url).context("invalid URL")?;
     if let Ok(existing) = repo.find_remote("origin") {
@@ -363,7 +395,8 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
             .map(|s| s.to_ref().to_bstring().to_string())
             .collect();
         if same_url && specs == [refspec] {
-            return Ok(());
+            // Written by an older driftless with the umask's mode.
+            return keep_private(&repo.git_dir().join("config"));
         }
         if let Some(old) = existing.url(Direction::Fetch) {
             if !same_url {
@@ -434,6 +467,20 @@ mod tests {
         assert!(std::fs::read_to_string(&config)
             .unwrap()
             .contains("git.example.org"));
+        // One an older driftless wrote with the umask's mode is made
+        // private by the next fetch, which finds the remote unchanged.
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let written = std::fs::read(&config).unwrap();
+        let repo = gix::open(dir.path().join("m.git")).unwrap();
+        record_remote(
+            &repo,
+            "https://bot:s3cret@git.example.org/cfg.git",
+            "+refs/heads/main:refs/remotes/origin/main",
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&config).unwrap(), written, "rewritten");
+        let meta = std::fs::metadata(&config).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

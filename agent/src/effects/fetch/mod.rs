@@ -495,12 +495,35 @@ fn repo_name(repo: &gix::Repository) -> String {
 }
 
 /// `text` (a message about `url`, from a library that may quote it) with
-/// every occurrence of `url`'s password replaced by `***`, as [`redact`]
-/// does to the URL itself.
+/// `url`'s password replaced by `***`, as [`redact`] does to the URL
+/// itself: as written and percent-decoded (gix and reqwest decode and
+/// re-encode URLs), wherever it follows a `:` and precedes an `@`, and
+/// anywhere at all once it is 4 characters or more (a shorter one, found
+/// everywhere, would only garble the message).
 pub(crate) fn redact_in(text: &str, url: &str) -> String {
-    match password_of(url) {
-        Some(password) if !password.is_empty() => text.replace(password, "***"),
-        _ => text.to_string(),
+    let Some(written) = password_of(url).filter(|p| !p.is_empty()) else {
+        return text.to_string();
+    };
+    let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
+    let mut out = text.to_string();
+    for password in [written, decoded.as_ref()] {
+        out = out.replace(&format!(":{password}@"), ":***@");
+        if password.chars().count() >= 4 {
+            out = out.replace(password, "***");
+        }
+    }
+    out
+}
+
+/// `err` with `url`'s password taken out of every message of its chain
+/// (see [`redact_in`]); unchanged, chain and all, when it holds none.
+pub(crate) fn redact_error(err: anyhow::Error, url: &str) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let redacted = redact_in(&text, url);
+    if redacted == text {
+        err
+    } else {
+        anyhow::anyhow!(redacted)
     }
 }
 

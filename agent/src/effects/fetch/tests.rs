@@ -1016,6 +1016,29 @@ fn empty_mirror_directory_is_initialised() {
     assert_eq!(leftovers, vec![std::ffi::OsString::from("mirror.git")]);
 }
 
+/// gix's error for a redirect it refuses quotes the original URL whole
+/// (`http/redirect.rs`), password included, and a fetch error carried it
+/// to the journal, the history and webhooks: `mirror::fetch` passes every
+/// error through `redact_error`. (Reached only over https: over http gix
+/// refuses to send a password at all, so the chain is made by hand here.)
+#[test]
+fn an_error_chain_that_quotes_the_source_url_loses_its_password() {
+    let url = "https://bot:s3cret%21pw@git.example.org/cfg.git";
+    let err = anyhow::anyhow!(
+        "redirect from https://bot:s3cret!pw@git.example.org/cfg.git/info/refs to https://login.example.org/ is not allowed"
+    )
+    .context("cannot fetch refs/heads/main from https://bot:***@git.example.org/cfg.git");
+    let text = format!("{:#}", redact_error(err, url));
+    assert!(!text.contains("s3cret"), "leaked: {text}");
+    assert!(
+        text.contains("https://bot:***@git.example.org/cfg.git/info/refs"),
+        "{text}"
+    );
+    // Without the password, the error is passed on as it was, chain and all.
+    let err = anyhow::anyhow!("inner").context("outer");
+    assert_eq!(redact_error(err, url).chain().count(), 2);
+}
+
 /// The bug this pins: gix's error for a URL it cannot parse quotes the
 /// input, and `{:#}` printed it, password included, after the redacted
 /// prefix.
@@ -1029,9 +1052,22 @@ fn a_source_url_that_does_not_parse_is_named_without_its_password() {
         assert!(err.contains("not a valid"), "{err}");
         assert!(!err.contains("s3cret"), "leaked: {err}");
     }
+    // A short password only where it is one (after a `:`, before an `@`).
     assert_eq!(
         redact_in("x \"https://u:pw@h\" y pw", "https://u:pw@h"),
+        "x \"https://u:***@h\" y pw"
+    );
+    assert_eq!(
+        redact_in("x \"https://u:s3cret@h\" y s3cret", "https://u:s3cret@h"),
         "x \"https://u:***@h\" y ***"
+    );
+    // Written percent-encoded, quoted decoded (or the other way round).
+    assert_eq!(
+        redact_in(
+            "a s3c@r!t b https://u:s3c%40r%21t@h",
+            "https://u:s3c%40r%21t@h/x"
+        ),
+        "a *** b https://u:***@h"
     );
     assert_eq!(redact_in("no password", "https://u@h"), "no password");
 }

@@ -47,15 +47,19 @@ pub fn verdict(status: u16) -> Verdict {
     }
 }
 
-/// The URL as logged and in error messages: no query or fragment (a
-/// token in a query string is a secret) and no user or password (refused
-/// in the configuration, but named in that very refusal).
+/// The URL as logged and in error messages: its scheme, host and port
+/// only. The rest may be the secret: a token in the query, the key in
+/// the path (Slack, Discord, Teams and ntfy webhooks carry it there), a
+/// user and password (refused in the configuration, but named in that
+/// very refusal).
 pub fn display_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
-            let had = u.query().is_some() || u.fragment().is_some();
+            let had =
+                u.query().is_some() || u.fragment().is_some() || !matches!(u.path(), "" | "/");
             u.set_query(None);
             u.set_fragment(None);
+            u.set_path("");
             let credentials = !u.username().is_empty() || u.password().is_some();
             // Only a URL that cannot have them refuses these (`data:`).
             let _ = u.set_username("");
@@ -67,7 +71,10 @@ pub fn display_url(url: &str) -> String {
                 }
             }
             if had {
-                shown.push_str("?…");
+                if !shown.ends_with('/') {
+                    shown.push('/');
+                }
+                shown.push('…');
             }
             shown
         }
@@ -230,24 +237,31 @@ mod tests {
     fn shown_urls_lose_their_credentials() {
         assert_eq!(
             display_url("https://u:s3cret@h.example/hook"),
-            "https://…@h.example/hook"
+            "https://…@h.example/…"
         );
         assert_eq!(
             display_url("https://s3cret@h.example/hook?token=s3cret#s3cret"),
-            "https://…@h.example/hook?…"
+            "https://…@h.example/…"
         );
         assert_eq!(display_url("s3cret"), "(not a URL)");
     }
 
+    /// The bug this pins: a key in the path (Slack's
+    /// `/services/T…/B…/KEY`, an ntfy topic) was logged whole.
     #[test]
-    fn logged_urls_lose_their_query() {
+    fn logged_urls_keep_only_scheme_host_and_port() {
         assert_eq!(
             display_url("https://h.example/hook?token=s3cret"),
-            "https://h.example/hook?…"
+            "https://h.example/…"
+        );
+        assert_eq!(
+            display_url("https://hooks.slack.com/services/T000/B000/s3cret"),
+            "https://hooks.slack.com/…"
         );
         assert_eq!(
             display_url("http://127.0.0.1:8080/x"),
-            "http://127.0.0.1:8080/x"
+            "http://127.0.0.1:8080/…"
         );
+        assert_eq!(display_url("https://h.example/"), "https://h.example/");
     }
 }
