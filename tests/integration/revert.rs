@@ -347,11 +347,12 @@ fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
     );
 }
 
-/// SIGTERM before the transaction starts (here, once the plan is made):
-/// the run stops at once, by the signal, as it always did (a stop must
-/// not wait on a slow fetch), and the host keeps what it had.
-#[test]
-fn sigterm_outside_a_transaction_stops_the_sync_at_once_with_nothing_changed() {
+/// A host that applied v1 of the app, a repository at v2, and a sync of
+/// it with SIGTERM raised at `failpoint`: its output, and the host's tree
+/// before it. After it, a sync must bring v2.
+fn sync_v2_with_sigterm_at(
+    failpoint: &str,
+) -> (Repo, Host, std::process::Output, Vec<(String, Vec<u8>)>) {
     let repo = Repo::new();
     let host = Host::new("h");
     repo.write("driftless.toml", "roles = [\"app\"]\n");
@@ -364,9 +365,18 @@ fn sigterm_outside_a_transaction_stops_the_sync_at_once_with_nothing_changed() {
     let before = host.tree();
     let out = host
         .cmd(repo.path(), &["sync", "--once", "--run-checks"])
-        .env("DRIFTLESS_TEST_FAILPOINT", "sync.planned:term")
+        .env("DRIFTLESS_TEST_FAILPOINT", format!("{failpoint}:term"))
         .output()
         .unwrap();
+    (repo, host, out, before)
+}
+
+/// SIGTERM before the transaction starts (here, once the plan is made):
+/// the run stops at once, by the signal, as it always did (a stop must
+/// not wait on a slow fetch), and the host keeps what it had.
+#[test]
+fn sigterm_outside_a_transaction_stops_the_sync_at_once_with_nothing_changed() {
+    let (repo, host, out, before) = sync_v2_with_sigterm_at("sync.planned");
     let stderr = String::from_utf8_lossy(&out.stderr);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{stderr}");
@@ -382,21 +392,7 @@ fn sigterm_outside_a_transaction_stops_the_sync_at_once_with_nothing_changed() {
 /// the host keeps what it had.
 #[test]
 fn sigterm_as_the_transaction_opens_starts_nothing_and_says_so() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
-    write_role(&repo, &host, "good\n", "true");
-    repo.commit("v1");
-    sync(&host, &repo, &[]).ok();
-    write_role(&repo, &host, "good, v2\n", "true");
-    repo.commit("v2");
-    let before = host.tree();
-    let out = host
-        .cmd(repo.path(), &["sync", "--once", "--run-checks"])
-        .env("DRIFTLESS_TEST_FAILPOINT", "sync.applying:term")
-        .output()
-        .unwrap();
+    let (repo, host, out, before) = sync_v2_with_sigterm_at("sync.applying");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

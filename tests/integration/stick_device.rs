@@ -39,6 +39,26 @@ impl Drop for Loop {
     }
 }
 
+/// Runs `mkfs` (a shell command that makes the image `img`), then
+/// attaches `img` to a loop device; an error says why it cannot be
+/// attached (a missing prerequisite).
+fn make_and_attach(img: &Path, mkfs: &str) -> Result<Loop, String> {
+    let mk = sh(mkfs);
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let out = sh(&format!("losetup --find --show {}", img.display()));
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).to_string();
+        return Err(format!("cannot attach a loop device: {why}"));
+    }
+    Ok(Loop(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
 #[test]
 fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     if let Some(why) = unavailable() {
@@ -52,22 +72,17 @@ fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
     let img_dir = tempfile::tempdir().unwrap();
     let img = img_dir.path().join("stick.img");
-    let mk = sh(&format!(
-        "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
-        img.display(),
-        content.path().display()
-    ));
-    assert!(
-        mk.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mk.stderr)
-    );
-    let out = sh(&format!("losetup --find --show {}", img.display()));
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr).to_string();
-        return skip::missing(&format!("cannot attach a loop device: {why}"));
-    }
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let dev = match make_and_attach(
+        &img,
+        &format!(
+            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+            img.display(),
+            content.path().display()
+        ),
+    ) {
+        Ok(dev) => dev,
+        Err(why) => return skip::missing(&why),
+    };
 
     let host = Host::new("web1");
     let run = run_with(
@@ -120,22 +135,17 @@ fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
     std::os::unix::fs::symlink(victim.path(), content.path().join("driftless/reports")).unwrap();
     let img_dir = tempfile::tempdir().unwrap();
     let img = img_dir.path().join("stick.img");
-    let mk = sh(&format!(
-        "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
-        img.display(),
-        content.path().display()
-    ));
-    assert!(
-        mk.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mk.stderr)
-    );
-    let out = sh(&format!("losetup --find --show {}", img.display()));
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr).to_string();
-        return skip::missing(&format!("cannot attach a loop device: {why}"));
-    }
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let dev = match make_and_attach(
+        &img,
+        &format!(
+            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+            img.display(),
+            content.path().display()
+        ),
+    ) {
+        Ok(dev) => dev,
+        Err(why) => return skip::missing(&why),
+    };
     let host = Host::new("web1");
     let run = run_with(
         &host,
@@ -178,21 +188,16 @@ fn a_stick_of_another_filesystem_is_refused_unmounted_naming_the_ones_allowed() 
     }
     let img_dir = tempfile::tempdir().unwrap();
     let img = img_dir.path().join("stick.img");
-    let mk = sh(&format!(
-        "truncate -s 4M {0} && mkfs.minix {0} >/dev/null",
-        img.display()
-    ));
-    assert!(
-        mk.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mk.stderr)
-    );
-    let out = sh(&format!("losetup --find --show {}", img.display()));
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr).to_string();
-        return skip::missing(&format!("cannot attach a loop device: {why}"));
-    }
-    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let dev = match make_and_attach(
+        &img,
+        &format!(
+            "truncate -s 4M {0} && mkfs.minix {0} >/dev/null",
+            img.display()
+        ),
+    ) {
+        Ok(dev) => dev,
+        Err(why) => return skip::missing(&why),
+    };
     let host = Host::new("web1");
     let signer = crate::trust::Signer::new("release@example.com");
     let run = run_with(
