@@ -42,6 +42,18 @@ impl Drop for Loop {
 /// Runs `mkfs` (a shell command that makes the image `img`), then
 /// attaches `img` to a loop device; an error says why it cannot be
 /// attached (a missing prerequisite).
+/// An ext4 stick labelled DRIFTLESS holding `content`, attached.
+fn ext4_stick(img: &Path, content: &Path) -> Result<Loop, String> {
+    make_and_attach(
+        img,
+        &format!(
+            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+            img.display(),
+            content.display()
+        ),
+    )
+}
+
 fn make_and_attach(img: &Path, mkfs: &str) -> Result<Loop, String> {
     let mk = sh(mkfs);
     assert!(
@@ -72,14 +84,7 @@ fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
     let img_dir = tempfile::tempdir().unwrap();
     let img = img_dir.path().join("stick.img");
-    let dev = match make_and_attach(
-        &img,
-        &format!(
-            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
-            img.display(),
-            content.path().display()
-        ),
-    ) {
+    let dev = match ext4_stick(&img, content.path()) {
         Ok(dev) => dev,
         Err(why) => return skip::missing(&why),
     };
@@ -135,14 +140,7 @@ fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
     std::os::unix::fs::symlink(victim.path(), content.path().join("driftless/reports")).unwrap();
     let img_dir = tempfile::tempdir().unwrap();
     let img = img_dir.path().join("stick.img");
-    let dev = match make_and_attach(
-        &img,
-        &format!(
-            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
-            img.display(),
-            content.path().display()
-        ),
-    ) {
+    let dev = match ext4_stick(&img, content.path()) {
         Ok(dev) => dev,
         Err(why) => return skip::missing(&why),
     };
