@@ -467,23 +467,13 @@ fn bad_bundles_are_refused_with_a_reason_and_change_nothing() {
     );
 }
 
-#[test]
-fn a_pack_that_fails_to_index_is_refused_even_when_the_manifest_is_signed() {
-    let signer = Signer::new("release@example.com");
-    let repo = app_repo(&signer, "one\n");
-    let out = tempfile::tempdir().unwrap();
-    let b = out.path().join("b.bundle");
-    create_bundle(&repo, &b, &signer, None).ok();
-    // Damage the pack, then re-sign a manifest that matches the damaged
-    // bytes: the signature is fine, the pack is not.
-    let mut bytes = std::fs::read(&b).unwrap();
-    let n = bytes.len();
-    bytes[n - 30] ^= 0xff;
-    std::fs::write(&b, &bytes).unwrap();
-    let mpath = PathBuf::from(format!("{}.manifest", b.display()));
+/// Rewrites `bundle`'s manifest with `edit` and signs it again with
+/// `signer`: a manifest the signature vouches for, saying what the test
+/// wants it to say.
+fn resign_manifest(bundle: &Path, signer: &Signer, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mpath = PathBuf::from(format!("{}.manifest", bundle.display()));
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
-    use sha2::Digest;
-    m["bundle_sha256"] = hex::encode(sha2::Sha256::digest(&bytes)).into();
+    edit(&mut m);
     std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     std::fs::remove_file(format!("{}.sig", mpath.display())).unwrap();
     let st = Command::new("ssh-keygen")
@@ -497,6 +487,78 @@ fn a_pack_that_fails_to_index_is_refused_even_when_the_manifest_is_signed() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+}
+
+/// Signed manifests that do not describe their bundle, or are not
+/// manifests this driftless reads, are each refused with their reason,
+/// and nothing is imported or applied: a tip or prerequisites other than
+/// the bundle's header, an unknown field, another format, and a manifest
+/// too large to be one (refused unread). (`bundle import` syncs what it
+/// imports: nothing applied is nothing imported.)
+#[test]
+fn signed_manifests_that_do_not_describe_their_bundle_are_refused() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let c1 = repo.head();
+    repo.write("roles/app/files/app.conf", "two\n");
+    signed_commit(&repo, &signer, "v2");
+    let out = tempfile::tempdir().unwrap();
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "tip",
+            &|m| m["tip"] = c1.clone().into(),
+            "refusing an inconsistent bundle",
+        ),
+        (
+            "prerequisites",
+            &|m| m["prerequisites"] = serde_json::json!([c1.clone()]),
+            "prerequisites differ from its manifest's",
+        ),
+        (
+            "unknown",
+            &|m| m["steer"] = "x".into(),
+            "is not a driftless bundle manifest",
+        ),
+        (
+            "format",
+            &|m| m["format"] = "driftless-bundle/99".into(),
+            "is not supported",
+        ),
+        (
+            "large",
+            &|m| m["source"] = "x".repeat(70_000).into(),
+            "larger than 65536 bytes",
+        ),
+    ];
+    let host = Host::new("h");
+    for (name, edit, want) in cases {
+        let b = out.path().join(format!("{name}.bundle"));
+        create_bundle(&repo, &b, &signer, None).ok();
+        resign_manifest(&b, &signer, edit);
+        let run = import(&host, &signer, &[&b]).code(4);
+        assert!(run.stderr.contains(want), "{name}: {}", run.stderr);
+        assert!(host.read("/etc/app.conf").is_none(), "{name}: applied");
+    }
+}
+
+#[test]
+fn a_pack_that_fails_to_index_is_refused_even_when_the_manifest_is_signed() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let out = tempfile::tempdir().unwrap();
+    let b = out.path().join("b.bundle");
+    create_bundle(&repo, &b, &signer, None).ok();
+    // Damage the pack, then re-sign a manifest that matches the damaged
+    // bytes: the signature is fine, the pack is not.
+    let mut bytes = std::fs::read(&b).unwrap();
+    let n = bytes.len();
+    bytes[n - 30] ^= 0xff;
+    std::fs::write(&b, &bytes).unwrap();
+    resign_manifest(&b, &signer, |m| {
+        use sha2::Digest;
+        m["bundle_sha256"] = hex::encode(sha2::Sha256::digest(&bytes)).into();
+    });
 
     let host = Host::new("h");
     let v = run_with(
