@@ -214,3 +214,56 @@ fn a_stick_of_another_filesystem_is_refused_unmounted_naming_the_ones_allowed() 
     assert!(!mounts.contains(&dev.0), "mounted: {mounts}");
     assert!(host.tree().is_empty(), "the host changed");
 }
+
+/// A run stopped while its stick was mounted (SIGTERM outside a
+/// transaction, a kill) leaves the mount behind. The next stick with that
+/// device name is not mounted over it: the leftover is detached, this
+/// stick is read, and nothing stays mounted afterwards.
+#[test]
+fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
+    if let Some(why) = unavailable() {
+        return skip::missing(&format!("the USB stick device test cannot run: {why}"));
+    }
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "from the stick\n");
+    let content = tempfile::tempdir().unwrap();
+    let bundles = content.path().join("driftless/bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("stick.img");
+    let dev = match ext4_stick(&img, content.path()) {
+        Ok(dev) => dev,
+        Err(why) => return skip::missing(&why),
+    };
+    // The leftover: an empty tmpfs where the stick is mounted.
+    let target = format!("/run/driftless/stick/{}", &dev.0[5..]);
+    let left = sh(&format!(
+        "mkdir -p {target} && mount -t tmpfs -o size=1M leftover {target}"
+    ));
+    assert!(
+        left.status.success(),
+        "{}",
+        String::from_utf8_lossy(&left.stderr)
+    );
+    let host = Host::new("web1");
+    let run = run_with(
+        &host,
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        &signer,
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    if mounts.contains(&format!(" {target} ")) {
+        let _ = sh(&format!("umount -l {target}"));
+    }
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("from the stick\n")
+    );
+    assert!(
+        !mounts.contains(&format!(" {target} ")),
+        "still mounted at {target}: {mounts}"
+    );
+}

@@ -508,6 +508,17 @@ impl Mount {
         let target = Path::new(MOUNT_BASE).join(sanitize(&name));
         std::fs::create_dir_all(&target)
             .with_context(|| format!("cannot create mount point {}", target.display()))?;
+        // A run stopped while its stick was mounted (SIGTERM outside a
+        // transaction, a kill) left the mount behind: detached first, so
+        // that this stick is not mounted over it, and what is read is this
+        // stick's. (EINVAL: nothing is mounted there, the usual case.)
+        match nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                warn!(target = %target.display(), "detached a stick mount an interrupted run left")
+            }
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(e) => warn!("cannot detach {}: {e}", target.display()),
+        }
         let flags = mount_flags() | MsFlags::MS_RDONLY;
         let mut tried = Vec::new();
         let candidates = match fs_candidates(device) {
