@@ -71,30 +71,56 @@ fn make_and_attach(img: &Path, mkfs: &str) -> Result<Loop, String> {
     ))
 }
 
+/// A signed repository, and an ext4 stick image holding its bundle
+/// (`prepare` may add to the stick's content first), attached. Fields
+/// drop in order: the loop device is detached before its image goes.
+struct SignedStick {
+    dev: Loop,
+    img: std::path::PathBuf,
+    _img_dir: tempfile::TempDir,
+    signer: Signer,
+    repo: crate::support::Repo,
+}
+
+impl SignedStick {
+    fn new(prepare: impl FnOnce(&Path)) -> Result<SignedStick, String> {
+        let signer = Signer::new("release@example.com");
+        let repo = app_repo(&signer, "from the stick\n");
+        let content = tempfile::tempdir().unwrap();
+        let bundles = content.path().join("driftless/bundles");
+        std::fs::create_dir_all(&bundles).unwrap();
+        create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
+        prepare(content.path());
+        let img_dir = tempfile::tempdir().unwrap();
+        let img = img_dir.path().join("stick.img");
+        let dev = ext4_stick(&img, content.path())?;
+        Ok(SignedStick {
+            dev,
+            img,
+            _img_dir: img_dir,
+            signer,
+            repo,
+        })
+    }
+}
+
 #[test]
 fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     if let Some(why) = unavailable() {
         return skip::missing(&format!("the USB stick device test cannot run: {why}"));
     }
-    let signer = Signer::new("release@example.com");
-    let repo = app_repo(&signer, "from the stick\n");
-    let content = tempfile::tempdir().unwrap();
-    let bundles = content.path().join("driftless/bundles");
-    std::fs::create_dir_all(&bundles).unwrap();
-    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
-    let img_dir = tempfile::tempdir().unwrap();
-    let img = img_dir.path().join("stick.img");
-    let dev = match ext4_stick(&img, content.path()) {
-        Ok(dev) => dev,
+    let stick = match SignedStick::new(|_| {}) {
+        Ok(stick) => stick,
         Err(why) => return skip::missing(&why),
     };
+    let (signer, repo, dev, img) = (&stick.signer, &stick.repo, &stick.dev, &stick.img);
 
     let host = Host::new("web1");
     let run = run_with(
         &host,
         Path::new("bundle:"),
         &["bundle", "stick", &dev.0],
-        &signer,
+        signer,
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
@@ -130,26 +156,20 @@ fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
     if let Some(why) = unavailable() {
         return skip::missing(&format!("the USB stick device test cannot run: {why}"));
     }
-    let signer = Signer::new("release@example.com");
-    let repo = app_repo(&signer, "from the stick\n");
-    let content = tempfile::tempdir().unwrap();
-    let bundles = content.path().join("driftless/bundles");
-    std::fs::create_dir_all(&bundles).unwrap();
-    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
     let victim = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(victim.path(), content.path().join("driftless/reports")).unwrap();
-    let img_dir = tempfile::tempdir().unwrap();
-    let img = img_dir.path().join("stick.img");
-    let dev = match ext4_stick(&img, content.path()) {
-        Ok(dev) => dev,
+    let stick = match SignedStick::new(|content| {
+        std::os::unix::fs::symlink(victim.path(), content.join("driftless/reports")).unwrap()
+    }) {
+        Ok(stick) => stick,
         Err(why) => return skip::missing(&why),
     };
+    let (signer, dev) = (&stick.signer, &stick.dev);
     let host = Host::new("web1");
     let run = run_with(
         &host,
         Path::new("bundle:"),
         &["bundle", "stick", &dev.0],
-        &signer,
+        signer,
     );
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
@@ -224,18 +244,11 @@ fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
     if let Some(why) = unavailable() {
         return skip::missing(&format!("the USB stick device test cannot run: {why}"));
     }
-    let signer = Signer::new("release@example.com");
-    let repo = app_repo(&signer, "from the stick\n");
-    let content = tempfile::tempdir().unwrap();
-    let bundles = content.path().join("driftless/bundles");
-    std::fs::create_dir_all(&bundles).unwrap();
-    create_bundle(&repo, &bundles.join("site.bundle"), &signer, None).ok();
-    let img_dir = tempfile::tempdir().unwrap();
-    let img = img_dir.path().join("stick.img");
-    let dev = match ext4_stick(&img, content.path()) {
-        Ok(dev) => dev,
+    let stick = match SignedStick::new(|_| {}) {
+        Ok(stick) => stick,
         Err(why) => return skip::missing(&why),
     };
+    let (signer, dev) = (&stick.signer, &stick.dev);
     // The leftover: an empty tmpfs where the stick is mounted.
     let target = format!("/run/driftless/stick/{}", &dev.0[5..]);
     let left = sh(&format!(
@@ -251,7 +264,7 @@ fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
         &host,
         Path::new("bundle:"),
         &["bundle", "stick", &dev.0],
-        &signer,
+        signer,
     );
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     if mounts.contains(&format!(" {target} ")) {
