@@ -637,7 +637,7 @@ fn e2e_9_quickstart_on_a_stock_debian_without_chrony() {
         .ok("cat /etc/chrony/sources.d/driftless.sources")
         .contains("pool"));
     let status = m.ok("driftless status");
-    assert!(!status.contains("halted"), "{status}");
+    assert!(!status.contains("HALTED"), "{status}");
 
     // The repository stops managing /etc/motd: Debian's comes back.
     let role = std::fs::read_to_string(repo.path().join("roles/base/role.toml")).unwrap();

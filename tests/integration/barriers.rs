@@ -12,6 +12,10 @@ use crate::support::*;
 
 const BARRIERS: [&str; 4] = ["fsync", "fdatasync", "syncfs", "sync_file_range"];
 
+/// Traced beside the barriers, and never counted as one (see
+/// `traced_sync`).
+const CONTROL: &str = "execve";
+
 fn have_strace() -> bool {
     Command::new("strace")
         .arg("-V")
@@ -27,7 +31,10 @@ fn traced_sync(host: &Host, repo: &Repo) -> (Run, Vec<(String, u64)>) {
     let inner = host.cmd(repo.path(), &["sync", "--once"]);
     let mut c = Command::new("strace");
     c.args(["-f", "-c", "-e"])
-        .arg(format!("trace={}", BARRIERS.join(",")))
+        // execve too, the control: the agent's own exec is always there,
+        // so a summary that lacks it was not read (a missing file or
+        // another strace format would otherwise count as no barrier).
+        .arg(format!("trace={},{CONTROL}", BARRIERS.join(",")))
         .arg("-o")
         .arg(&summary)
         .arg(inner.get_program())
@@ -46,16 +53,25 @@ fn traced_sync(host: &Host, repo: &Repo) -> (Run, Vec<(String, u64)>) {
     };
     let text = std::fs::read_to_string(&summary).unwrap_or_default();
     // `% time  seconds  usecs/call  calls  [errors]  syscall`
-    let counts = text
+    let rows: Vec<(String, u64)> = text
         .lines()
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             let name = *cols.last()?;
-            if !BARRIERS.contains(&name) {
+            if !BARRIERS.contains(&name) && name != CONTROL {
                 return None;
             }
             Some((name.to_string(), cols.get(3)?.parse().ok()?))
         })
+        .collect();
+    assert!(
+        rows.iter().any(|(name, n)| name == CONTROL && *n >= 1),
+        "no {CONTROL} row in strace's summary: it was not read, so it cannot count barriers\n{text}\n{}",
+        run.stderr
+    );
+    let counts = rows
+        .into_iter()
+        .filter(|(name, _)| name != CONTROL)
         .collect();
     (run, counts)
 }

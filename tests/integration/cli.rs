@@ -31,14 +31,38 @@ fn second_run_while_locked_exits_75_and_waits_with_wait() {
     let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
     let run = host.sync(repo.path()).code(75);
     assert!(run.stderr.contains("holds the lock"), "{}", run.stderr);
-    // With --wait it proceeds once the lock is released.
+    // With --wait it proceeds once the lock is released. Released only
+    // once the run is seen with the lock file open (while this test holds
+    // the lock, it can only be waiting): dropped at once, the run found
+    // the lock free and the wait went untested.
     let child = host
         .cmd(repo.path(), &["sync", "--once", "--wait", "30"])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let lock_path = std::fs::canonicalize(host.state.path().join("lock")).unwrap();
+    let fds = format!("/proc/{}/fd", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let waiting = || {
+        std::fs::read_dir(&fds).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == lock_path))
+        })
+    };
+    while !waiting() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never opened the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     drop(held);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -164,7 +188,8 @@ fn missing_source_is_a_config_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--source"), "{err}");
-    assert_ne!(out.status.code(), Some(0));
+    // 78: a configuration error, which systemd is told not to restart on.
+    assert_eq!(out.status.code(), Some(78), "{err}");
 }
 
 #[test]

@@ -450,11 +450,19 @@ fn secrets_decrypted_and_lock_waits_are_counted() {
     assert_eq!(value(&t, "driftless_last_run_secrets_decrypted"), "1");
     assert_eq!(value(&t, "driftless_lock_waits_total"), "0");
 
-    // Another run (here flock(1)) holds the lock for a second.
+    // Another run (here flock(1)) holds the lock until the sync is seen
+    // waiting for it (the lock file open while the lock is held), then
+    // lets go: no race with a fixed second.
     let lock = host.state.path().join("lock");
+    let marks = tempfile::tempdir().unwrap();
+    let release = marks.path().join("release");
     let mut holder = Command::new("flock")
         .arg(&lock)
-        .args(["-c", "echo held; sleep 1"])
+        .arg("-c")
+        .arg(format!(
+            "echo held; while [ ! -e {} ]; do sleep 0.01; done",
+            release.display()
+        ))
         .stdout(Stdio::piped())
         .spawn()
         .expect("flock (util-linux) runs");
@@ -464,8 +472,31 @@ fn secrets_decrypted_and_lock_waits_are_counted() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "held\n");
-    host.run(repo.path(), &["sync", "--once", "--wait", "10"])
-        .ok();
+    let sync = host
+        .cmd(repo.path(), &["sync", "--once", "--wait", "60"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock_path = std::fs::canonicalize(&lock).unwrap();
+    let fds = format!("/proc/{}/fd", sync.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_dir(&fds).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == lock_path))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sync never opened the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::write(&release, "").unwrap();
+    let out = sync.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     holder.wait().unwrap();
     let t = prom(&host);
     assert_eq!(result(&t), "unchanged");
@@ -473,7 +504,7 @@ fn secrets_decrypted_and_lock_waits_are_counted() {
     let waited: f64 = value(&t, "driftless_lock_wait_seconds_total")
         .parse()
         .unwrap();
-    assert!((0.5..10.0).contains(&waited), "{waited}");
+    assert!(waited > 0.0 && waited < 60.0, "{waited}");
     let took: f64 = value(&t, "driftless_last_run_duration_seconds")
         .parse()
         .unwrap();

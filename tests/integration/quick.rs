@@ -50,6 +50,11 @@ fn an_idle_sync_takes_the_quick_check_and_writes_nothing() {
     let run = settle(&host, &repo);
     assert!(run.stdout.contains("2 file(s) unchanged"), "{}", run.stdout);
     assert_eq!(host.tree(), before);
+    // Not even the same bytes written again: inodes and times stay.
+    let stamps = host.stamps();
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stdout.contains(QUICK), "{}", run.stdout);
+    assert_eq!(host.stamps(), stamps, "an idle sync touched a file");
 }
 
 /// The bug this pins: an edit that keeps the size and puts the mtime back

@@ -34,32 +34,10 @@ fn quickstart_applies_then_second_run_changes_nothing() {
             .unwrap()
     );
 
-    let before: Vec<_> = host
-        .tree()
-        .into_iter()
-        .map(|(p, _)| {
-            let m = std::fs::metadata(host.path(&p)).unwrap();
-            (
-                p,
-                std::os::unix::fs::MetadataExt::mtime_nsec(&m),
-                std::os::unix::fs::MetadataExt::ino(&m),
-            )
-        })
-        .collect();
+    let before = host.stamps();
     let again = host.sync(repo.path()).ok();
     assert!(again.stdout.contains("already applied"), "{}", again.stdout);
-    let after: Vec<_> = host
-        .tree()
-        .into_iter()
-        .map(|(p, _)| {
-            let m = std::fs::metadata(host.path(&p)).unwrap();
-            (
-                p,
-                std::os::unix::fs::MetadataExt::mtime_nsec(&m),
-                std::os::unix::fs::MetadataExt::ino(&m),
-            )
-        })
-        .collect();
+    let after = host.stamps();
     assert_eq!(before, after, "a no-op sync must not touch any file");
 }
 

@@ -213,6 +213,21 @@ impl Host {
         out.sort();
         out
     }
+
+    /// Every file of [`Host::tree`] with its inode, mtime and ctime (ns):
+    /// what a rewrite of the same bytes, or a chmod back to the same mode,
+    /// changes, where a comparison of contents sees nothing.
+    pub fn stamps(&self) -> Vec<(String, u64, i128, i128)> {
+        self.tree()
+            .into_iter()
+            .map(|(p, _)| {
+                let m = std::fs::symlink_metadata(self.path(&p)).unwrap();
+                let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+                let (mtime, ctime) = (ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec()));
+                (p, m.ino(), mtime, ctime)
+            })
+            .collect()
+    }
 }
 
 fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
