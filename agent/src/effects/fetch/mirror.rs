@@ -419,26 +419,9 @@ fn record_remote(repo: &gix::Repository, url: &str, refspec: &str) -> Result<()>
     let mut bytes = Vec::new();
     file.write_to(&mut bytes)
         .context("cannot serialise the mirror config")?;
-    let tmp = repo.git_dir().join("config.driftless-tmp");
-    // 0600 whatever the umask: the URL in it may carry a password.
-    let written = {
-        use std::io::Write;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .and_then(|mut f| {
-                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-                f.write_all(&bytes)
-            })
-    };
-    written.with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &config_path)
-        .with_context(|| format!("cannot replace {}", config_path.display()))?;
+    // The state files' atomic replace, 0600 whatever the umask: the URL
+    // in it may carry a password.
+    crate::effects::state::write_replace(&config_path, &bytes)?;
     Ok(())
 }
 
