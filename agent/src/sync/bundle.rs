@@ -200,26 +200,15 @@ fn applied_ids(settings: &Settings, state: &super::StateDir) -> Result<Vec<gix::
     Ok(applied)
 }
 
-/// `incoming/` of the state directory, without the quarantines and the
-/// staged copies an interrupted import or verify left (the caller holds
-/// the lock, which every import and verify takes: none is running). A
-/// staged copy is as large as its bundle (up to max_bundle_size), and a
-/// stick pulled mid-import stops the run before it removes its own.
+/// `incoming/` of the state directory, without what an interrupted import
+/// or verify left there (see [`import::clean_incoming`]; the caller holds
+/// the lock).
 fn incoming_dir(state: &super::StateDir) -> Result<PathBuf, Error> {
     let incoming = state.path().join("incoming");
     std::fs::create_dir_all(&incoming)
         .with_context(|| format!("cannot create {}", incoming.display()))
         .kind(Failure::Failed)?;
-    import::clean_quarantines(&incoming);
-    if let Ok(rd) = std::fs::read_dir(&incoming) {
-        for e in rd.flatten() {
-            let staged = e.path().extension().is_some_and(|x| x == "bundle")
-                && e.file_type().is_ok_and(|t| t.is_file());
-            if staged {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+    import::clean_incoming(&incoming);
     Ok(incoming)
 }
 

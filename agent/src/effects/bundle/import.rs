@@ -211,7 +211,7 @@ fn older(
 /// objects of one bundle until it is accepted; its object store borrows
 /// the mirror's through `objects/info/alternates`. Removed when dropped
 /// (accepted packs have been moved out by then); a crash leaves it for
-/// [`clean_quarantines`].
+/// [`clean_incoming`].
 struct Quarantine {
     dir: std::path::PathBuf,
     repo: gix::Repository,
@@ -271,13 +271,21 @@ impl Drop for Quarantine {
     }
 }
 
-/// Removes quarantines an interrupted import left in `incoming` (under
-/// the lock: no import is running).
-pub fn clean_quarantines(incoming: &Path) {
+/// Removes what an interrupted import or verify left in `incoming` (under
+/// the lock, which every import and verify takes: none is running): its
+/// quarantines, and its staged copies (`*.bundle`, each as large as its
+/// bundle, up to max_bundle_size; a stick pulled mid-import stops the run
+/// before it removes its own).
+pub fn clean_incoming(incoming: &Path) {
     if let Ok(rd) = std::fs::read_dir(incoming) {
         for e in rd.flatten() {
-            if e.path().extension().is_some_and(|x| x == "quarantine") {
-                let _ = std::fs::remove_dir_all(e.path());
+            let path = e.path();
+            let ext = path.extension();
+            if ext.is_some_and(|x| x == "quarantine") {
+                let _ = std::fs::remove_dir_all(&path);
+            } else if ext.is_some_and(|x| x == "bundle") && e.file_type().is_ok_and(|t| t.is_file())
+            {
+                let _ = std::fs::remove_file(&path);
             }
         }
     }
