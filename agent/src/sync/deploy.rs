@@ -94,13 +94,13 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
     } else {
         crate::effects::hooks::skipped(&plan.hooks, crate::desired::spec::HookWhen::Pre);
     }
-    // SIGTERM during the pre hooks: the transaction does not start (see
-    // `crate::stop`).
+    // SIGTERM since the run's critical section opened (the pre hooks
+    // included): the transaction does not start (see `crate::stop`).
     if crate::stop::requested() {
         return Err(Error::new(
             Failure::Failed,
             anyhow::anyhow!(
-                "stopped by SIGTERM before applying {} (after its pre hooks): nothing was changed; the next run applies it",
+                "stopped by SIGTERM before applying {}: nothing was changed; the next run applies it",
                 short(&commit)
             ),
         ));

@@ -543,18 +543,9 @@ fn apply_phase(
     let commit = prepared.fetched.commit.clone();
     pass.secrets_decrypted = prepared.plan.secrets_decrypted;
     // From here to the commit or revert, SIGTERM waits (see `stop`);
-    // nothing new starts once it came.
+    // once it came, `deploy` starts no transaction.
     let _critical = crate::stop::critical();
     failpoint::hit("sync.applying").kind(Failure::Failed)?;
-    if crate::stop::requested() && !prepared.plan.is_empty() {
-        return Err(Error::new(
-            Failure::Failed,
-            anyhow::anyhow!(
-                "stopped by SIGTERM before applying {}: nothing was changed; the next run applies it",
-                short(&commit)
-            ),
-        ));
-    }
     if let Some(bad) = pass.marks.bad.get(&commit) {
         if !pass.opts.retry {
             warn!(commit = %short(&commit), reason = %bad.reason, "commit is marked bad: not applied again until a new commit arrives (or --retry)");
