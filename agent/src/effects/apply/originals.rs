@@ -251,11 +251,18 @@ pub fn read_verified(state: &StateDir, stored: &str, path: &str, display: &str) 
     // and where its checksum goes. Not the checksum itself: a message goes
     // to the journal, the history and webhooks, and the original of a
     // secret's file may be a secret too (a short one is found from its
-    // sha256). Sized without reading the copy into memory (the state
-    // directory is untrusted, and a sparse terabyte there was).
+    // sha256). Sized by its metadata, never read (the state directory is
+    // untrusted, and a sparse terabyte there was): a link or a special
+    // file is refused, and a copy larger than any original is, as before.
     let vouch = || -> Result<String> {
-        let (size, _) = digest_file(&file, TARGET_READ_MAX_BYTES)
-            .map_err(|e| cannot_read(&format_args!("{e:#}")))?;
+        let (_, meta) = crate::effects::state::open_nofollow(&file)
+            .map_err(|e| cannot_read(&format_args!("cannot read {}: {e}", file.display())))?;
+        let size = meta.len();
+        if size > TARGET_READ_MAX_BYTES {
+            return Err(cannot_read(&format_args!(
+                "{size} bytes, more than {TARGET_READ_MAX_BYTES}"
+            )));
+        }
         let found = Record {
             path: path.to_string(),
             size,
