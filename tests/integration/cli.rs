@@ -94,22 +94,30 @@ fn plan_json_status_json_and_history() {
     );
 }
 
-/// The bug this pins: `status` (text and JSON) printed the configured
-/// source URL whole, its password included.
-#[test]
-fn status_names_the_source_without_its_password() {
-    let host = Host::new("h");
+/// An agent.toml (in a directory of its own, returned to keep) that syncs
+/// `source` onto `host`.
+fn agent_toml(host: &Host, source: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("agent.toml");
     std::fs::write(
         &cfg,
         format!(
-            "source = \"https://bot:s3cret@git.example.org/cfg.git\"\nhost = \"h\"\nroot = \"{}\"\nstate_dir = \"{}\"\n",
+            "source = \"{source}\"\nhost = \"{}\"\nroot = \"{}\"\nstate_dir = \"{}\"\n",
+            host.name,
             host.root.path().display(),
             host.state.path().display()
         ),
     )
     .unwrap();
+    (dir, cfg)
+}
+
+/// The bug this pins: `status` (text and JSON) printed the configured
+/// source URL whole, its password included.
+#[test]
+fn status_names_the_source_without_its_password() {
+    let host = Host::new("h");
+    let (_dir, cfg) = agent_toml(&host, "https://bot:s3cret@git.example.org/cfg.git");
     for format in ["text", "json"] {
         let out = Command::new(BIN)
             .args(["status", "--format", format, "--config"])
@@ -149,18 +157,7 @@ fn bad_agent_config_exits_78_naming_file_and_key() {
 fn config_file_provides_the_settings() {
     let repo = simple_repo(&[("/etc/a", "x\n")]);
     let host = Host::new("h");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source = \"{}\"\nhost = \"h\"\nroot = \"{}\"\nstate_dir = \"{}\"\n",
-            repo.path().display(),
-            host.root.path().display(),
-            host.state.path().display()
-        ),
-    )
-    .unwrap();
+    let (_dir, cfg) = agent_toml(&host, &repo.path().display().to_string());
     let out = Command::new(BIN)
         .args(["sync", "--once", "--config"])
         .arg(&cfg)
