@@ -545,14 +545,30 @@ fn a_failing_canary_halts_the_rollout() {
     assert_eq!(agents[0].content().as_deref(), Some("good v1\n"));
     let marks = etcd.keys(&format!("/t/bad/{bad}/"));
     assert_eq!(marks, vec![format!("/t/bad/{bad}/h00")]);
-    for (rev, put, key, value) in etcd.history("/t/hosts/") {
-        if put {
-            let s: serde_json::Value = serde_json::from_str(&value).unwrap();
+    // The histories hold what the checks below read: every host's
+    // statuses (v1 rolled out to all 12), and the canary's permit for v2.
+    let statuses = etcd.history("/t/hosts/");
+    let reporting: BTreeSet<&str> = statuses
+        .iter()
+        .filter(|(_, put, _, _)| *put)
+        .map(|(_, _, key, _)| key.as_str())
+        .collect();
+    assert_eq!(reporting.len(), 12, "{reporting:?}");
+    for (rev, put, key, value) in &statuses {
+        if *put {
+            let s: serde_json::Value = serde_json::from_str(value).unwrap();
             assert_ne!(s["commit"], bad.as_str(), "{key} at {rev} applied v2: {s}");
         }
     }
-    for (rev, put, key, _) in etcd.history("/t/permits/") {
-        if put && rev > before {
+    let permits = etcd.history("/t/permits/");
+    assert!(
+        permits
+            .iter()
+            .any(|(rev, put, key, _)| *put && *rev > before && key.ends_with("/h00")),
+        "the canary never took a permit for v2: {permits:?}"
+    );
+    for (rev, put, key, _) in &permits {
+        if *put && *rev > before {
             assert!(
                 key.ends_with("/h00"),
                 "{key} took a permit after v2 while only the canary may: revision {rev}"
@@ -1073,19 +1089,28 @@ fn a_permit_survives_an_etcd_restart_during_the_apply() {
         "roles/app/role.toml",
         "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
          [[checks]]\nname = \"slow\"\nretries = 1\ntimeout = \"30s\"\n\
-         command = { argv = [\"/bin/sleep\", \"6\"] }\n",
+         command = { argv = [\"/bin/sleep\", \"10\"] }\n",
     );
     repo.commit("v1");
     let a = Agent::new("h0", repo.path(), &etcd, "g", "", "4s");
-    let child = a.spawn_sync();
+    let mut child = a.spawn_sync();
     let deadline = Instant::now() + Duration::from_secs(15);
     while etcd.keys("/t/permits/g/").is_empty() {
         assert!(Instant::now() < deadline, "the agent never took its permit");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let permit = etcd.keys("/t/permits/g/");
     etcd.kill();
     std::thread::sleep(Duration::from_millis(1500));
     etcd.restart();
+    // Past the lease's TTL (4 s) after the restart, while the check still
+    // runs: only a lease the agent went on renewing keeps the permit.
+    std::thread::sleep(Duration::from_millis(5500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the sync ended before the lease's TTL passed: the test proves nothing"
+    );
+    assert_eq!(etcd.keys("/t/permits/g/"), permit, "the permit lapsed");
     let out = child.wait_with_output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -1103,4 +1128,10 @@ fn a_permit_survives_an_etcd_restart_during_the_apply() {
         .filter(|(_, put, _, _)| *put)
         .count();
     assert_eq!(puts, 1, "one permit, held across the restart");
+    let deletes = etcd
+        .history("/t/permits/g/")
+        .iter()
+        .filter(|(_, put, _, _)| !*put)
+        .count();
+    assert_eq!(deletes, 1, "given back once, at the end");
 }
