@@ -402,6 +402,18 @@ fn bad_account_declarations_name_their_line_and_change_nothing() {
     ] {
         assert!(out.contains(want), "{want:?} not in\n{out}");
     }
+    // A sync refuses the same commit before anything is written (the
+    // refusal comes before any account is looked at: no root needed).
+    let host = Host::new("h");
+    let run = host.run(r.path(), &["sync", "--once"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("roles/base/role.toml:6 users[0]: key `name`"),
+        "{}",
+        run.stderr
+    );
+    assert!(host.tree().is_empty(), "{:?}", host.tree());
     // Fixed, except that `base` uses `app` before `app` declares it.
     r.write(
         "roles/base/role.toml",
@@ -617,16 +629,20 @@ fn a_pre_hook_cannot_run_as_a_user_the_commit_creates() {
     r.write("hosts/default.toml", "");
     r.write(
         "roles/app/role.toml",
-        "[[users]]\nname = \"app\"\n\n[[hooks]]\nwhen = \"pre\"\nrun = \"always\"\nuser = \"app\"\nargv = [\"/bin/true\"]\n",
+&"[[users]]\nname = \"app\"\n\n[[hooks]]\nwhen = \"pre\"\nrun = \"always\"\nuser = \"app\"\nargv = [\"/bin/sh\", \"-c\", \"touch HOOK\"]\n"
+            .replace("HOOK", &host.path("/hook-ran").display().to_string()),
     );
     r.commit("v1");
     let before = dbs(&host);
-    let run = host.run(r.path(), &["plan"]);
-    assert_ne!(run.code, 0);
-    assert!(
-        run.stderr.contains("roles/app/role.toml:4 hooks[0]: this pre hook runs as user app, which this commit creates"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(dbs(&host), before);
+    for args in [&["plan"][..], &["sync", "--once"]] {
+        let run = host.run(r.path(), args);
+        assert_eq!(run.code, 3, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("roles/app/role.toml:4 hooks[0]: this pre hook runs as user app, which this commit creates"),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert_eq!(dbs(&host), before, "{args:?}");
+        assert!(host.read("/hook-ran").is_none(), "{args:?}: the hook ran");
+    }
 }
