@@ -344,8 +344,10 @@ fn e2e_5_timer_and_cron_paths_match_the_daemon_and_share_its_lock() {
     demo.set("ok v2", "0644", "root");
     demo.commit("v2");
     m.ok("systemd-run --unit=holder flock /var/lib/driftless/lock sleep 30");
+    // Held, not only started: a non-blocking flock(1) of the same file
+    // must fail (the holder's MainPID is set before flock(2) returns).
     m.wait_ok(
-        "test -n \"$(systemctl show -P MainPID holder.service | grep -v '^0$')\"",
+        "! flock -n /var/lib/driftless/lock true",
         Duration::from_secs(10),
     );
     m.ok("systemctl start driftless-once.service");
@@ -1877,6 +1879,24 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
     assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0");
     assert_eq!(m.ok("sha256sum /etc/drift-demo.conf"), config_before);
+
+    // The file entry pruned (the package kept): the package's own
+    // conffile, saved as the original when the first sync replaced it,
+    // is put back.
+    repo.write(
+        "roles/demo/role.toml",
+        "[[packages]]\nname = \"drift-demo\"\nversion = \"1.0\"\nreboot = true\n",
+    );
+    repo.commit("v7 stops managing the conffile");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        m.ok("cat /etc/drift-demo.conf"),
+        "setting = package default\n",
+        "{log}"
+    );
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
 }
 
 /// A power loss inside dpkg (agent, apt and dpkg all killed while a
