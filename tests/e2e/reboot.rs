@@ -12,6 +12,19 @@ use std::time::{Duration, Instant};
 
 use crate::machine::{git, guard, Machine, Persistent, BIN};
 
+/// The container is up and no reboot is on its way. The agent only queues
+/// `reboot.target`, and nspawn exits a while after, so `running()` right
+/// after a sync cannot tell: systemd's job queue and its state can.
+#[track_caller]
+fn no_reboot_queued(m: &mut Machine, why: &str) {
+    assert!(m.running(), "{why}: the container is gone");
+    let jobs = m.ok("systemctl list-jobs --no-legend --no-pager");
+    assert!(!jobs.contains("reboot.target"), "{why}: {jobs}");
+    let state = m.sh("systemctl is-system-running");
+    let state = String::from_utf8_lossy(&state.stdout);
+    assert!(!state.contains("stopping"), "{why}: the system is {state}");
+}
+
 const ENDPOINT: &str = "http://127.0.0.1:23790";
 
 /// etcd alone in a network namespace of its own.
@@ -290,7 +303,7 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     assert!(etcd.keys(PERMITS).is_empty());
     killed(&m, "sync.reboot.permit");
     assert_eq!(etcd.keys(PERMITS), [MINE]);
-    assert!(m.running());
+    no_reboot_queued(&mut m, "");
     assert_eq!(boot(&m), boot1);
     let log = sync(&m);
     assert!(log.contains("rebooting the host for commit"), "{log}");
@@ -335,7 +348,7 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
         ),
         "{log}"
     );
-    assert!(m.running(), "rebooted without a permit");
+    no_reboot_queued(&mut m, "rebooted without a permit");
     assert_eq!(boot(&m), boot2);
     assert_eq!(etcd.keys(PERMITS), ["/driftless/permits/web/other-host"]);
 
@@ -355,7 +368,7 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
     let log = sync(&m);
     assert!(log.contains("not rebooting an unhealthy host"), "{log}");
     assert!(etcd.keys(PERMITS).is_empty(), "{log}");
-    assert!(m.running());
+    no_reboot_queued(&mut m, "");
     assert_eq!(boot(&m), boot2);
 
     // 6. Healthy again: the next run reboots.
@@ -408,7 +421,7 @@ fn e2e_24_a_reboot_waits_for_a_fleet_permit_and_gives_it_back_once_healthy() {
             && log.contains("failed_lock_semaphore_full"),
         "{log}"
     );
-    assert!(m.running(), "rebooted without a slot");
+    no_reboot_queued(&mut m, "rebooted without a slot");
     assert_eq!(boot(&m), boot3);
     etcd.delete("/driftless/permits/web/other-host");
     let log = sync(&m);
