@@ -529,25 +529,36 @@ pub(crate) fn redact_error(err: anyhow::Error, url: &str) -> anyhow::Error {
 
 /// The password of `scheme://user:password@host/...`, as written.
 fn password_of(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
+    password_span(url).map(|span| &url[span])
+}
+
+/// Where the password of `scheme://user:password@host/...` is in `url`.
+///
+/// A well-formed URL's authority ends at the first `/`. A password with an
+/// unencoded `/` (`https://bot:pa/ss@host/x`, invalid, but a user may
+/// write it and it is quoted in messages all the same) would then read as
+/// a host `bot` with port `pa`, and nothing would be hidden. So when the
+/// well-formed reading finds no password, a `:` followed later by an `@`
+/// is taken as `user:password@`, up to the last `@`. That errs on the side
+/// of hiding: an unusual URL such as `https://host:8443/users/@me` shows
+/// as `https://host:***@me`.
+fn password_span(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
     let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    userinfo.split_once(':').map(|(_, password)| password)
+    let userinfo = match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => userinfo,
+        _ => rest.rsplit_once('@')?.0,
+    };
+    let colon = userinfo.find(':')?;
+    Some(start + colon + 1..start + userinfo.len())
 }
 
 /// Replaces the password of `scheme://user:password@host/...` by `***`, so
-/// URLs can go into messages and logs.
+/// URLs can go into messages and logs (see [`password_span`]).
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    let Some((user, _password)) = userinfo.split_once(':') else {
-        return url.to_string();
-    };
-    format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+    match password_span(url) {
+        Some(span) => format!("{}***{}", &url[..span.start], &url[span.end..]),
+        None => url.to_string(),
+    }
 }

@@ -1080,6 +1080,29 @@ fn urls_with_passwords_are_redacted() {
     );
     assert_eq!(redact("https://bot@host/x"), "https://bot@host/x");
     assert_eq!(redact("git@host:x.git"), "git@host:x.git");
+    assert_eq!(redact("ssh://git@host:22/x.git"), "ssh://git@host:22/x.git");
+    assert_eq!(redact("https://host:8443/x.git"), "https://host:8443/x.git");
+}
+
+/// The bug: a password with an unencoded `/` (an invalid URL, but one a
+/// user can write) ended the authority early, so `redact` and `redact_in`
+/// found no password and the URL went into messages whole.
+#[test]
+fn a_password_with_an_unencoded_slash_is_still_redacted() {
+    for (url, shown) in [
+        ("https://bot:pa/ss@host/x.git", "https://bot:***@host/x.git"),
+        ("https://bot:a/b?c#d@host/x", "https://bot:***@host/x"),
+        ("https://bot:p/w@x@host/x", "https://bot:***@host/x"),
+    ] {
+        assert_eq!(redact(url), shown);
+        let said = redact_in(&format!("cannot fetch {url}: refused"), url);
+        assert!(
+            !said.contains("pa/ss") && !said.contains("a/b?c#d") && !said.contains("p/w@x"),
+            "{said}"
+        );
+    }
+    // Hiding errs on the side of too much for such a URL, never too little.
+    assert_eq!(redact("https://host:8443/u/@me"), "https://host:***@me");
     assert_eq!(
         Location::Remote("https://u:p@h/x".into()).to_string(),
         "https://u:***@h/x"
