@@ -89,6 +89,9 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
+    // The commit the last pass said "nothing to do" for (see
+    // `SyncOptions::idle_logged`); any other outcome in between forgets it.
+    let mut idle_logged: Option<String> = None;
     loop {
         status(&format!(
             "syncing {} ({})",
@@ -102,6 +105,7 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         let s = settings.clone();
         let o = SyncOptions {
             wait: Duration::ZERO,
+            idle_logged: idle_logged.take(),
             ..opts.clone()
         };
         let handle = tokio::runtime::Handle::current();
@@ -134,6 +138,9 @@ async fn main_loop(settings: Arc<Settings>, opts: SyncOptions) -> Result<(), Err
         let when = crate::time::time_str(crate::time::now());
         match result {
             Ok(Ok(report)) => {
+                if report.idle() {
+                    idle_logged = Some(report.commit.clone());
+                }
                 let what = match (&report.applied, report.skipped_bad) {
                     _ if report.waiting.is_some() => {
                         format!("{} waits for its turn in the fleet", short(&report.commit))

@@ -155,3 +155,67 @@ fn the_daemon_names_its_source_without_the_password() {
         assert!(!m.contains("s3cret"), "leaked: {m}");
     }
 }
+
+/// The bug: every idle poll of the daemon logged "nothing to do" at INFO,
+/// a journal line per poll on every idle host. It is said once per commit
+/// (again after anything else happened), the rest goes to DEBUG.
+#[test]
+fn an_idle_daemon_says_nothing_to_do_once_per_commit() {
+    let repo = simple_repo(&[("/etc/a", "v1\n")]);
+    let host = Host::new("h");
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let child = host
+        .cmd(repo.path(), &["run", "--interval", "1h", "--splay", "0s"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("DRIFTLESS_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _kill_on_panic = KillOnDrop(child.id());
+    let mut msgs = Vec::new();
+    // One pass: SIGHUP (except for the first), then its closing STATUS=.
+    let mut pass = |first: bool| {
+        msgs.clear();
+        if !first {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .unwrap();
+        }
+        wait_for(Duration::from_secs(30), "a pass", || {
+            recv_all(&sock, &mut msgs);
+            msgs.iter().any(|m| m.contains("idle since"))
+        });
+        msgs.iter()
+            .find(|m| m.contains("idle since"))
+            .cloned()
+            .unwrap()
+    };
+    assert!(pass(true).contains("applied"));
+    for _ in 0..3 {
+        assert!(pass(false).contains("up to date"));
+    }
+    repo.write("roles/app/files/f0", "v2\n");
+    repo.commit("v2");
+    assert!(pass(false).contains("applied"));
+    for _ in 0..2 {
+        assert!(pass(false).contains("up to date"));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // 5 idle passes over two commits: said once after each apply.
+    assert_eq!(log.matches("nothing to do").count(), 2, "{log}");
+}

@@ -142,6 +142,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                     },
                     retry: false,
                     full: false,
+                    idle_logged: None,
                 };
                 let rt = super::runtime()?;
                 crate::stop::defer_sigterm(rt.handle());
@@ -172,6 +173,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<ExitCode, Error> {
                 },
                 retry: false,
                 full: false,
+                idle_logged: None,
             };
             let report = stick::run(
                 &s,

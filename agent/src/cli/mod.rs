@@ -893,6 +893,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 },
                 retry: args.retry,
                 full: args.full,
+                idle_logged: None,
             };
             let started = std::time::Instant::now();
             if args.timings {
@@ -926,6 +927,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 },
                 retry: false,
                 full: false,
+                idle_logged: None,
             };
             crate::daemon::run(s, opts)?;
             Ok(ExitCode::SUCCESS)

@@ -56,7 +56,11 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         for a in &fixed {
             warn!(action = %a, "a declared unit had drifted: repaired");
         }
-        info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        if opts.idle_logged.as_deref() == Some(commit.as_str()) {
+            tracing::debug!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        } else {
+            info!(commit = %short(&commit), files = plan.unchanged, "host already matches the repository: nothing to do");
+        }
         return Ok(Report {
             commit,
             applied: None,

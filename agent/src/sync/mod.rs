@@ -80,6 +80,11 @@ pub struct SyncOptions {
     pub retry: bool,
     /// Skip the quick check: render and compare every file.
     pub full: bool,
+    /// The commit the previous pass of this process already said "nothing
+    /// to do" for, at INFO (the daemon's idle polls): saying it again for
+    /// the same commit goes to DEBUG, so an idle host's journal does not
+    /// get a line per poll (1,440 a day at a one-minute interval).
+    pub idle_logged: Option<String>,
 }
 
 /// The result of a successful `sync`.
@@ -101,6 +106,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// The pass found the host matching its commit and changed nothing
+    /// (the "nothing to do" of [`SyncOptions::idle_logged`]).
+    pub fn idle(&self) -> bool {
+        self.applied.is_none()
+            && !self.skipped_bad
+            && self.waiting.is_none()
+            && self.plan.is_empty()
+    }
+
     /// Ends the report's life at the end of a one-pass run: its plan's
     /// next inventory and set of self-contained files (a run's largest
     /// allocations at 10,000 files) go to [`crate::memory::discard`]; the
