@@ -126,19 +126,49 @@ impl RootFs {
         targets: impl IntoIterator<Item = &'a TargetPath>,
     ) -> Vec<Option<Stamp>> {
         let targets: Vec<&'a TargetPath> = targets.into_iter().collect();
+        self.stamps_of(&targets, &|t: &&TargetPath| *t, None)
+    }
+
+    /// [`RootFs::stamps`] of the paths of `items` (`path` gives each one's),
+    /// calling `on_change` as soon as a stamp is one `differs` tells apart
+    /// from its item's, from whichever thread took it: the caller can start
+    /// what a change needs while the rest is stamped. Called at most once
+    /// per thread; the caller makes it idempotent.
+    pub fn stamps_noting<T: Sync>(
+        &self,
+        items: &[T],
+        path: &(dyn Fn(&T) -> &TargetPath + Sync),
+        differs: &(dyn Fn(&T, &Option<Stamp>) -> bool + Sync),
+        on_change: &(dyn Fn() + Sync),
+    ) -> Vec<Option<Stamp>> {
+        self.stamps_of(items, path, Some((differs, on_change)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stamps_of<T: Sync>(
+        &self,
+        items: &[T],
+        path: &(dyn Fn(&T) -> &TargetPath + Sync),
+        noting: Option<(
+            &(dyn Fn(&T, &Option<Stamp>) -> bool + Sync),
+            &(dyn Fn() + Sync),
+        )>,
+    ) -> Vec<Option<Stamp>> {
         // An `lstat` costs about 1.5 µs, so 10,000 of them are worth a
         // second thread; below that, starting one costs more than it saves.
         const PER_THREAD: usize = 2_048;
-        let threads = if targets.len() < 2 * PER_THREAD {
+        let threads = if items.len() < 2 * PER_THREAD {
             1
         } else {
-            crate::cpus::cpus().min(targets.len() / PER_THREAD)
+            crate::cpus::cpus().min(items.len() / PER_THREAD)
         };
         if threads == 1 {
-            return self.stamps_serial(&targets);
+            return self.stamps_serial(items, path, noting);
         }
-        let parts = crate::cpus::map_parts(&targets, threads, |part| self.stamps_serial(part));
-        let mut out = crate::memory::vec_prefaulted(targets.len());
+        let parts = crate::cpus::map_parts(items, threads, |part| {
+            self.stamps_serial(part, path, noting)
+        });
+        let mut out = crate::memory::vec_prefaulted(items.len());
         for (part, stamps) in parts {
             // A thread that panicked (it cannot: fstatat and a map)
             // leaves its files unstamped, which reads as "changed".
@@ -147,15 +177,25 @@ impl RootFs {
         out
     }
 
-    fn stamps_serial<'a>(&self, targets: &[&'a TargetPath]) -> Vec<Option<Stamp>> {
+    #[allow(clippy::type_complexity)]
+    fn stamps_serial<'a, T>(
+        &self,
+        items: &'a [T],
+        path: &(dyn Fn(&T) -> &TargetPath + Sync),
+        mut noting: Option<(
+            &(dyn Fn(&T, &Option<Stamp>) -> bool + Sync),
+            &(dyn Fn() + Sync),
+        )>,
+    ) -> Vec<Option<Stamp>> {
         // Each directory opened once: `dirs` holds them, `index` finds one
         // by name. Targets come in path order, so most share the previous
         // one's directory, which is reused without hashing its name again.
         let mut dirs: Vec<Option<OwnedFd>> = Vec::new();
         let mut index: HashMap<&'a str, usize> = HashMap::new();
-        let mut out = crate::memory::vec_prefaulted(targets.len());
+        let mut out = crate::memory::vec_prefaulted(items.len());
         let mut last: Option<(&'a str, usize)> = None;
-        for &target in targets {
+        for item in items {
+            let target = path(item);
             let parent = target.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
             let at = match last {
                 Some((p, at)) if p == parent => at,
@@ -169,11 +209,18 @@ impl RootFs {
                 }
             };
             let dir = dirs[at].as_ref();
-            out.push(dir.and_then(|d| {
+            let stamp = dir.and_then(|d| {
                 fstatat(d, target.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW)
                     .ok()
                     .map(|st| stamp_of(&st))
-            }));
+            });
+            if let Some((differs, on_change)) = noting {
+                if differs(item, &stamp) {
+                    on_change();
+                    noting = None;
+                }
+            }
+            out.push(stamp);
         }
         out
     }
@@ -639,6 +686,41 @@ mod tests {
         TargetPath::parse(s).unwrap()
     }
 
+    /// `stamps_noting` starts the inventory's read for a sync that will
+    /// update something: it must note a change on one thread or several,
+    /// and never note one when every stamp is as expected (an idle poll
+    /// would read the inventory for nothing).
+    #[test]
+    fn stamps_noting_calls_back_on_a_change_and_only_then() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("a")).unwrap();
+        for n in [10, 6_000] {
+            let targets: Vec<TargetPath> = (0..n).map(|i| tp(&format!("/a/{i}"))).collect();
+            for t in &targets {
+                std::fs::write(root.path().join(&t.as_str()[1..]), "x").unwrap();
+            }
+            let fs = RootFs::open(root.path()).unwrap();
+            let recorded: Vec<(TargetPath, Stamp)> = targets
+                .iter()
+                .cloned()
+                .zip(fs.stamps(&targets).into_iter().map(Option::unwrap))
+                .collect();
+            let noted = AtomicUsize::new(0);
+            let note = || {
+                noted.fetch_add(1, Ordering::Relaxed);
+            };
+            let differs =
+                |(_, then): &(TargetPath, Stamp), now: &Option<Stamp>| *now != Some(*then);
+            let stamps = fs.stamps_noting(&recorded, &|(p, _)| p, &differs, &note);
+            assert_eq!(stamps, fs.stamps(&targets), "{n}");
+            assert_eq!(noted.load(Ordering::Relaxed), 0, "{n}: nothing changed");
+            std::fs::write(root.path().join(format!("a/{}", n - 1)), "changed").unwrap();
+            fs.stamps_noting(&recorded, &|(p, _)| p, &differs, &note);
+            assert_eq!(noted.load(Ordering::Relaxed), 1, "{n}: one change");
+        }
+    }
+
     /// Enough files for the stamps to be taken on more than one thread:
     /// every stamp lands at its own target's index, as on one thread.
     #[test]
@@ -656,9 +738,8 @@ mod tests {
             targets.push(tp(&format!("/{dir}/{i}")));
         }
         let fs = RootFs::open(root.path()).unwrap();
-        let all: Vec<&TargetPath> = targets.iter().collect();
         let stamps = fs.stamps(&targets);
-        assert_eq!(stamps, fs.stamps_serial(&all));
+        assert_eq!(stamps, fs.stamps_serial(&targets, &|t| t, None));
         for (i, stamp) in stamps.iter().enumerate() {
             match stamp {
                 None => assert_eq!(i % 7, 0, "{i}"),

@@ -311,6 +311,12 @@ fn file_miss(
     None
 }
 
+/// Whether [`changed_files`] will list a file recorded with `then` and
+/// stamped `now` (what `file_miss` says, without building the reason).
+pub fn file_changed(then: &Stamp, now: &Option<Stamp>, taken_at_ns: i128) -> bool {
+    *now != Some(*then) || then.ctime_ns >= taken_at_ns
+}
+
 fn check_global(
     record: &QuickRecord,
     inputs: &str,
@@ -378,6 +384,36 @@ mod tests {
 
     fn current() -> Vec<Option<Stamp>> {
         vec![Some(stamp(2, 500)), Some(stamp(3, 600))]
+    }
+
+    /// `file_changed` decides, during the stamping, whether to start
+    /// reading the inventory: it must agree with what `changed_files`
+    /// lists, racy stamps included.
+    #[test]
+    fn file_changed_agrees_with_changed_files() {
+        let rec = record();
+        let cases = [
+            Some(stamp(2, 500)),
+            Some(stamp(9, 500)),
+            Some(stamp(2, 999)),
+            Some(stamp(2, 1_000)),
+            None,
+        ];
+        for then_ctime in [500, 1_000, 2_000] {
+            let mut rec = rec.clone();
+            rec.files[0].1 = stamp(2, then_ctime);
+            for now in &cases {
+                let files = vec![*now, Some(stamp(3, 600))];
+                let listed = changed_files(&rec, "in", Some(stamp(1, 100)), &files)
+                    .unwrap()
+                    .contains(&path("/etc/a"));
+                assert_eq!(
+                    file_changed(&rec.files[0].1, now, rec.taken_at_ns),
+                    listed,
+                    "{then_ctime} {now:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -83,13 +83,24 @@ pub enum Assessment {
     Miss,
 }
 
-/// Compares the host with the record (taken by [`current`]).
+/// Compares the host with the record (taken by [`current`]). `drifted`
+/// is called as soon as a file is seen changed, possibly from another
+/// thread and more than once, while the stamping goes on: the caller
+/// starts reading what the repair will need (the inventory: at 10,000
+/// files a few ms of CPU, which would otherwise start after the last
+/// stamp, with little left to overlap it when only files drifted).
+///
+/// Another commit alone does not call it: comparing the trees and loading
+/// the configuration, after the stamping, then leave the other core idle
+/// for long enough, and reading the inventory during the stamping only
+/// slowed the stamping down (`bench/ab --workload edit`).
 pub fn assess(
     settings: &Settings,
     fs: &RootFs,
     record: Arc<QuickRecord>,
     commit: &str,
     inputs: &str,
+    drifted: &(dyn Fn() + Sync),
 ) -> Assessment {
     let _t = crate::timings::stage("quick-check");
     let watched = fs.stamps(record.watched.iter().map(|(p, _)| p));
@@ -108,7 +119,13 @@ pub fn assess(
         debug!("quick check: {miss}; full sync");
         return Assessment::Miss;
     }
-    let files = fs.stamps(record.files.iter().map(|(p, _, _)| p));
+    let taken_at = record.taken_at_ns;
+    let files = fs.stamps_noting(
+        &record.files,
+        &|(path, _, _)| path,
+        &|(_, then, _), now| quick::file_changed(then, now, taken_at),
+        drifted,
+    );
     // `current` checked the inventory stamp under the same lock.
     match quick::changed_files(&record, inputs, Some(record.inventory), &files) {
         Err(miss) => {

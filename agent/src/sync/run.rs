@@ -382,6 +382,12 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
     let inputs = quick::inputs(settings, &facts);
     let bad = pass.marks.bad.contains_key(&head.commit);
     let mut partial = None;
+    // Both paths after the quick check plan against the inventory: it is
+    // read on another core, from the first drifted file the quick check
+    // sees (see `quick::assess`), or after it, while the tree is read and
+    // the configuration loaded.
+    let prefetched = std::sync::Once::new();
+    let prefetch = || prefetched.call_once(|| pass.state.prefetch_inventory());
     // Back from a reboot under a fleet permit: the checks must run, which
     // the quick check does not do.
     let verifying = super::reboot::verifying(pass);
@@ -390,7 +396,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
         .clone()
         .filter(|_| !pass.opts.full && !bad && !verifying)
     {
-        match quick::assess(settings, &pass.fs, record, &head.commit, &inputs) {
+        match quick::assess(settings, &pass.fs, record, &head.commit, &inputs, &prefetch) {
             quick::Assessment::Partial { record, drifted } => partial = Some((record, drifted)),
             quick::Assessment::Hit(plan) => {
                 return Ok(Planned::QuickHit {
@@ -408,9 +414,7 @@ fn plan_phase(pass: &Pass, fetched: FetchedHead) -> Result<Planned, Error> {
             _ => {}
         }
     }
-    // Both paths below plan against the inventory: read it on the other
-    // core while the tree is read and the configuration loaded.
-    pass.state.prefetch_inventory();
+    prefetch();
     let (changes, known_trees) = match partial
         .as_ref()
         .filter(|(record, _)| record.commit != head.commit)
