@@ -1897,6 +1897,60 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
         "{log}"
     );
     assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+
+    // The undo of a failed upgrade finds dpkg's lock held by another
+    // program (apt, unattended-upgrades): not a failed attempt, only a
+    // wait. The check takes the lock (an fcntl lock, as apt's) and fails.
+    m.ok(concat!(
+        "cat > /usr/local/bin/hold-dpkg <<'EOF'\n",
+        "#!/bin/sh\n",
+        "systemctl --quiet is-active dpkg-holder || systemd-run --unit=dpkg-holder python3 -c ",
+        "'import fcntl,time; f=open(\"/var/lib/dpkg/lock-frontend\",\"w\"); ",
+        "fcntl.lockf(f, fcntl.LOCK_EX); open(\"/run/dpkg-held\",\"w\"); time.sleep(300)'\n",
+        "while [ ! -e /run/dpkg-held ]; do sleep 0.1; done\n",
+        "exit 1\n",
+        "EOF\n",
+        "chmod +x /usr/local/bin/hold-dpkg"
+    ));
+    repo.write(
+        "roles/demo/role.toml",
+        "[[packages]]\nname = \"drift-demo\"\nversion = \"2.0\"\n\n\
+         [[checks]]\nname = \"takes dpkg's lock and fails\"\nretries = 1\n\
+         command = { argv = [\"/usr/local/bin/hold-dpkg\"] }\n",
+    );
+    repo.commit("v8 upgrades while something takes dpkg's lock");
+    // apt waits 2 s for the lock, not 120 (a debug build's test knob).
+    let out = m.sh("DRIFTLESS_TEST_LOCK_WAIT_SECS=2 driftless sync --once 2>&1");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{log}");
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "and is marked bad; its revert waits: cannot put back the packages of transaction"
+        ) && log.contains("yet; the next run tries again")
+            && log.contains("/var/lib/dpkg/lock-frontend is held by another program"),
+        "{log}"
+    );
+    // A wait, not a broken host: not halted.
+    let st = m.ok("driftless status 2>&1");
+    assert!(!st.contains("HALTED"), "{st}");
+    assert!(m.ok(status).starts_with("drift-demo ii 2.0\n"), "{log}");
+    // Not counted as a failed attempt of the undo.
+    assert_eq!(
+        m.ok("ls /var/lib/driftless/tx/*/ | grep -c packages-undo-failed || true")
+            .trim(),
+        "0"
+    );
+    // The lock let go: the next run finishes the revert.
+    m.ok("systemctl stop dpkg-holder");
+    let out = sync(&m);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("reverted: packages put back"), "{log}");
+    assert_eq!(m.ok(status), "drift-demo ii 1.0\n", "{log}");
+    let st = m.ok("driftless status 2>&1");
+    assert!(!st.contains("HALTED") && st.contains("bad"), "{st}");
+    assert_eq!(m.ok("dpkg --audit; echo rc=$?").trim(), "rc=0", "{log}");
 }
 
 /// A power loss inside dpkg (agent, apt and dpkg all killed while a

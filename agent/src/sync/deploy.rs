@@ -238,6 +238,26 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
             again.failure
         }
+        // dpkg's lock held by another program (apt, unattended-upgrades)
+        // while the packages were put back: the transaction stays open and
+        // the next run's recovery finishes the revert. A wait, not a
+        // broken previous state: halting here would need a person on every
+        // host that ran its daily upgrade at the wrong moment.
+        Err(e) if crate::effects::packages::must_wait(&e.error) => {
+            return Err(Error::new(
+                Failure::Failed,
+                anyhow!(
+                    "commit {} failed ({failed}){}; its revert waits: {:#}",
+                    short(&commit),
+                    if reason.is_ok() {
+                        " and is marked bad"
+                    } else {
+                        ""
+                    },
+                    e.error
+                ),
+            ));
+        }
         Err(e) => Some(format!("the revert itself failed: {}", e)),
     };
     if let Some(revert_failure) = after {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use tracing::info;
 
-use super::{run, strings, LOCK_WAIT_SECS};
+use super::{lock_wait_secs, run, strings};
 use crate::desired::packages::PackageDecl;
 use crate::effects::process;
 
@@ -33,7 +33,7 @@ pub(super) fn apt_install(simulate: bool) -> Vec<String> {
         "Dpkg::Options::=--force-confold",
     ]);
     argv.push("-o".into());
-    argv.push(format!("DPkg::Lock::Timeout={LOCK_WAIT_SECS}"));
+    argv.push(format!("DPkg::Lock::Timeout={}", lock_wait_secs()));
     if simulate {
         argv.extend(strings(&["-s", "-o", "Debug::NoLocking=1"]));
     }

@@ -71,6 +71,20 @@ pub const UNDO_BUDGET: Duration = Duration::from_secs(5 * 60);
 /// How long apt waits for dpkg's lock before it fails naming it.
 const LOCK_WAIT_SECS: u32 = 120;
 
+/// [`LOCK_WAIT_SECS`], which debug builds (the test suite) may shorten
+/// with `DRIFTLESS_TEST_LOCK_WAIT_SECS`, so that a test of a held lock
+/// does not wait two minutes; release builds ignore the variable.
+fn lock_wait_secs() -> u32 {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("DRIFTLESS_TEST_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    LOCK_WAIT_SECS
+}
+
 /// The undo of a packages stage could not finish because another program
 /// (apt, unattended-upgrades) holds dpkg's or apt's lock: the next run
 /// tries again without counting a failed try ([`must_wait`]). Anything

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::apt::{apt_install, cached_deb, deb_in, deb_prefix, log_output};
 use super::dpkg::{difference, snapshot};
-use super::{check, run, Budget, PackagesRecord, LOCK_WAIT_SECS};
+use super::{check, lock_wait_secs, run, Budget, PackagesRecord};
 
 /// Before the packages stage's `started` mark: asks apt again what it
 /// would do (the package lists may have changed since the plan) and
@@ -102,7 +102,7 @@ fn save_previous(
             "-o".into(),
             format!("Dir::Cache::archives={}", debs.display()),
             "-o".into(),
-            format!("DPkg::Lock::Timeout={LOCK_WAIT_SECS}"),
+            format!("DPkg::Lock::Timeout={}", lock_wait_secs()),
             format!("{name}={old}"),
         ];
         let f = run(&argv, budget.left()?)?;
