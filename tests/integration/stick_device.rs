@@ -42,14 +42,16 @@ impl Drop for Loop {
 /// Runs `mkfs` (a shell command that makes the image `img`), then
 /// attaches `img` to a loop device; an error says why it cannot be
 /// attached (a missing prerequisite).
-/// An ext4 stick labelled DRIFTLESS holding `content`, attached.
-fn ext4_stick(img: &Path, content: &Path) -> Result<Loop, String> {
+/// An ext4 stick labelled DRIFTLESS holding `content`, attached; `then`
+/// (a shell command, `{}` the image) runs on the image before that.
+fn ext4_stick(img: &Path, content: &Path, then: &str) -> Result<Loop, String> {
     make_and_attach(
         img,
         &format!(
-            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0}",
+            "truncate -s 16M {0} && mkfs.ext4 -q -L DRIFTLESS -d {1} {0} {2}",
             img.display(),
-            content.display()
+            content.display(),
+            then.replace("{}", &img.display().to_string())
         ),
     )
 }
@@ -84,6 +86,12 @@ struct SignedStick {
 
 impl SignedStick {
     fn new(prepare: impl FnOnce(&Path)) -> Result<SignedStick, String> {
+        SignedStick::made(prepare, "")
+    }
+
+    /// [`SignedStick::new`], with `then` run on the image after mkfs
+    /// (see [`ext4_stick`]).
+    fn made(prepare: impl FnOnce(&Path), then: &str) -> Result<SignedStick, String> {
         let signer = Signer::new("release@example.com");
         let repo = app_repo(&signer, "from the stick\n");
         let content = tempfile::tempdir().unwrap();
@@ -93,7 +101,7 @@ impl SignedStick {
         prepare(content.path());
         let img_dir = tempfile::tempdir().unwrap();
         let img = img_dir.path().join("stick.img");
-        let dev = ext4_stick(&img, content.path())?;
+        let dev = ext4_stick(&img, content.path(), then)?;
         Ok(SignedStick {
             dev,
             img,
@@ -279,4 +287,49 @@ fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
         !mounts.contains(&format!(" {target} ")),
         "still mounted at {target}: {mounts}"
     );
+}
+
+/// The bug: an ext4 stick whose journal held unfinished writes (pulled
+/// out without unmounting) had its journal replayed by the "read-only"
+/// mount, which wrote to the stick, the kernel walking a journal the
+/// stick's maker wrote before anything on it was verified. It is mounted
+/// without its journal now (`noload`), imported from, and given no
+/// report, which would need the replay: not one byte of it changes.
+#[test]
+fn a_stick_with_an_unfinished_ext4_journal_is_read_without_replaying_it() {
+    if let Some(why) = unavailable() {
+        return skip::missing(&format!("the USB stick device test cannot run: {why}"));
+    }
+    let stick = match SignedStick::made(|_| {}, "&& debugfs -w -R 'feature needs_recovery' {}") {
+        Ok(stick) => stick,
+        Err(why) => return skip::missing(&why),
+    };
+    let (signer, dev, img) = (&stick.signer, &stick.dev, &stick.img);
+    let sum = || sh(&format!("sha256sum < {}", img.display())).stdout;
+    let before = sum();
+    let host = Host::new("web1");
+    let run = run_with(
+        &host,
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        signer,
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("journal holds writes that were never finished")
+            && run.stderr.contains("no report written")
+            && run.stderr.contains("fsck.ext4"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        host.read("/etc/app.conf").as_deref(),
+        Some("from the stick\n"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(sum(), before, "the stick was written to");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&dev.0), "still mounted: {mounts}");
 }

@@ -138,9 +138,10 @@ pub fn run(
         Some(d) => write_report(d, &report),
         None => write_report_on_stick(&dir, &report),
     };
-    let written = match &mount {
-        Some(m) => m.writable(write),
-        None => write(),
+    // Remounted read-write only to write on the stick.
+    let written = match (&mount, &opts.reports) {
+        (Some(m), None) => m.writable(write),
+        _ => write(),
     };
     if let Some(m) = mount {
         m.unmount();
@@ -434,6 +435,8 @@ pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
 struct Mount {
     target: PathBuf,
     mounted: bool,
+    device: PathBuf,
+    fstype: &'static str,
 }
 
 /// The filesystems a stick may have. Anyone can plug in a stick, and the
@@ -497,6 +500,33 @@ fn mount_flags() -> nix::mount::MsFlags {
         | MsFlags::from_bits_retain(nix::libc::MS_NOSYMFOLLOW)
 }
 
+/// The mount data for a read-only mount of `fstype`: ext4 without its
+/// journal (`noload`). Mounting ext4 read-only still replays a journal
+/// that holds unfinished writes, which writes to the stick, and has the
+/// kernel walk a journal the stick's maker wrote, before anything on it
+/// was verified.
+fn read_only_data(fstype: &str) -> Option<&'static str> {
+    (fstype == "ext4").then_some("noload")
+}
+
+/// Whether the ext4 filesystem on `device` has writes in its journal
+/// that were never finished (`needs_recovery`: the superblock at byte
+/// 1024 says so, little-endian, `s_feature_incompat` bit 0x4; its magic
+/// 0xEF53 is checked first).
+fn ext4_needs_recovery(device: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)
+        .with_context(|| format!("cannot read {}'s superblock", device.display()))?;
+    let mut sb = [0u8; 0x64];
+    f.read_exact_at(&mut sb, 1024)
+        .with_context(|| format!("cannot read {}'s superblock", device.display()))?;
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        bail!("{} no longer holds an ext4 superblock", device.display());
+    }
+    let incompat = u32::from_le_bytes([sb[0x60], sb[0x61], sb[0x62], sb[0x63]]);
+    Ok(incompat & 0x4 != 0)
+}
+
 impl Mount {
     /// Mounts `device` read-only, trying the kernel's block filesystems
     /// in turn (what mount(8) does without blkid).
@@ -529,12 +559,20 @@ impl Mount {
             }
         };
         for fstype in candidates {
-            match mount(Some(device), &target, Some(fstype), flags, None::<&str>) {
+            match mount(
+                Some(device),
+                &target,
+                Some(fstype),
+                flags,
+                read_only_data(fstype),
+            ) {
                 Ok(()) => {
                     info!(device = %device.display(), fstype = %fstype, target = %target.display(), "stick mounted read-only");
                     return Ok(Mount {
                         target,
                         mounted: true,
+                        device: device.to_path_buf(),
+                        fstype,
                     });
                 }
                 Err(e) => tried.push(format!("{fstype}: {}", e.desc())),
@@ -553,15 +591,53 @@ impl Mount {
     }
 
     /// Runs `f` with the filesystem remounted read-write, then read-only again.
+    ///
+    /// An ext4 stick, mounted without its journal (see [`read_only_data`]),
+    /// is mounted again whole, with it, if it was unmounted cleanly: then
+    /// there is nothing to replay. One whose journal holds unfinished
+    /// writes gets no report: replaying it is what the read-only mount
+    /// avoided.
     fn writable(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
         use nix::mount::{mount, MsFlags};
         let base = mount_flags() | MsFlags::MS_REMOUNT;
-        mount(None::<&str>, &self.target, None::<&str>, base, None::<&str>).with_context(|| {
-            format!(
-                "cannot remount {} read-write to write the report (write-protected stick?)",
-                self.target.display()
+        if self.fstype == "ext4" {
+            if ext4_needs_recovery(&self.device)? {
+                bail!(
+                    "{}'s ext4 journal holds writes that were never finished (the stick was not unmounted cleanly), \
+                     and driftless does not replay a stick's journal: no report written. Check the stick with \
+                     `fsck.ext4` on the connected side, and eject it properly after writing to it",
+                    self.device.display()
+                );
+            }
+            nix::mount::umount(&self.target).with_context(|| {
+                format!(
+                    "cannot unmount {} to write the report",
+                    self.target.display()
+                )
+            })?;
+            mount(
+                Some(&self.device),
+                &self.target,
+                Some(self.fstype),
+                mount_flags(),
+                None::<&str>,
             )
-        })?;
+            .with_context(|| {
+                format!(
+                    "cannot mount {} read-write to write the report (write-protected stick?)",
+                    self.device.display()
+                )
+            })?;
+        } else {
+            mount(None::<&str>, &self.target, None::<&str>, base, None::<&str>).with_context(
+                || {
+                    format!(
+                        "cannot remount {} read-write to write the report (write-protected stick?)",
+                        self.target.display()
+                    )
+                },
+            )?;
+        }
         let result = f();
         if let Err(e) = mount(
             None::<&str>,
