@@ -657,10 +657,13 @@ impl Mount {
 
     fn do_unmount(&mut self) {
         if self.mounted {
-            if let Err(e) = nix::mount::umount(&self.target) {
-                warn!("cannot unmount {}: {e}", self.target.display());
-            } else {
-                let _ = std::fs::remove_dir(&self.target);
+            match nix::mount::umount(&self.target) {
+                // EINVAL: not mounted (an ext4 stick whose read-write
+                // mount for the report failed after it was unmounted).
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => {
+                    let _ = std::fs::remove_dir(&self.target);
+                }
+                Err(e) => warn!("cannot unmount {}: {e}", self.target.display()),
             }
             self.mounted = false;
         }
