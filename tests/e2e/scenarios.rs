@@ -1926,7 +1926,7 @@ fn e2e_22_packages_install_repair_and_revert_an_upgrade() {
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
         log.contains(
-            "and is marked bad; its revert waits: cannot put back the packages of transaction"
+            "the commit is marked bad, and its revert waits: cannot put back the packages of transaction"
         ) && log.contains("yet; the next run tries again")
             && log.contains("/var/lib/dpkg/lock-frontend is held by another program"),
         "{log}"

@@ -13,14 +13,31 @@ use crate::exit::{Classify, Error, Failure};
 use crate::plan::diff::short;
 use crate::timings;
 
-/// A commit that was applied, failed its actions or checks, and was reverted.
+/// A commit that was applied, failed its actions or checks, and was
+/// reverted (or is being: see `waits`); it is marked bad. The fleet, the
+/// history, the metrics and the notifications tell a revert by this type.
 #[derive(Debug, thiserror::Error)]
-#[error("commit {} was switched in but {reason}; the host was reverted to its previous state and the commit is marked bad{}", short(commit), kept_suffix(kept))]
+#[error("commit {} was switched in but {reason}; {}", short(commit), reverted_suffix(kept, waits.as_deref()))]
 pub struct Reverted {
     pub commit: String,
     pub reason: String,
     /// Accounts the commit made that the revert kept, and why.
     pub kept: Vec<String>,
+    /// Why the revert could not finish yet (dpkg's lock held by another
+    /// program): the next run's recovery finishes it.
+    pub waits: Option<String>,
+}
+
+fn reverted_suffix(kept: &[String], waits: Option<&str>) -> String {
+    match waits {
+        None => format!(
+            "the host was reverted to its previous state and the commit is marked bad{}",
+            kept_suffix(kept)
+        ),
+        Some(why) => format!(
+            "the commit is marked bad, and its revert waits: {why} (the next run finishes it)"
+        ),
+    }
 }
 
 /// `" (but kept user app: uid 850 owns …)"`, or nothing.
@@ -243,20 +260,28 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         // the next run's recovery finishes the revert. A wait, not a
         // broken previous state: halting here would need a person on every
         // host that ran its daily upgrade at the wrong moment.
+        // Still a revert for the fleet (its bad mark, its failure count),
+        // the history, the metrics and the notifications.
         Err(e) if crate::effects::packages::must_wait(&e.error) => {
-            return Err(Error::new(
-                Failure::Failed,
-                anyhow!(
-                    "commit {} failed ({failed}){}; its revert waits: {:#}",
-                    short(&commit),
-                    if reason.is_ok() {
-                        " and is marked bad"
-                    } else {
-                        ""
+            let waits = format!("{:#}", e.error);
+            return Err(match reason {
+                Ok(reason) => Error::new(
+                    Failure::Failed,
+                    Reverted {
+                        commit,
+                        reason,
+                        kept,
+                        waits: Some(waits),
                     },
-                    e.error
                 ),
-            ));
+                Err(why) => Error::new(
+                    Failure::Failed,
+                    anyhow!(
+                        "commit {} was switched in and {why}; its revert waits: {waits} (the next run finishes it, then tries the commit again)",
+                        short(&commit)
+                    ),
+                ),
+            });
         }
         Err(e) => Some(format!("the revert itself failed: {}", e)),
     };
@@ -286,6 +311,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                 commit,
                 reason,
                 kept,
+                waits: None,
             },
         )),
         Err(why) => Err(Error::new(
