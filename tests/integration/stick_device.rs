@@ -68,9 +68,16 @@ fn make_and_attach(img: &Path, mkfs: &str) -> Result<Loop, String> {
         let why = String::from_utf8_lossy(&out.stderr).to_string();
         return Err(format!("cannot attach a loop device: {why}"));
     }
-    Ok(Loop(
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // A loop device keeps the block layer's read-only flag across a
+    // detach: a fresh stick is writable, whatever an earlier test left.
+    let rw = sh(&format!("blockdev --setrw {dev}"));
+    assert!(
+        rw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rw.stderr)
+    );
+    Ok(Loop(dev))
 }
 
 /// A signed repository, and an ext4 stick image holding its bundle
@@ -292,15 +299,21 @@ fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
 /// The bug: an ext4 stick whose journal held unfinished writes (pulled
 /// out without unmounting) had its journal replayed by the "read-only"
 /// mount, which wrote to the stick, the kernel walking a journal the
-/// stick's maker wrote before anything on it was verified. It is mounted
-/// without its journal now (`noload`), imported from, and given no
-/// report, which would need the replay: not one byte of it changes.
+/// stick's maker wrote before anything on it was verified; and a
+/// read-only mount also cleans up the orphan inodes the superblock lists
+/// (`last_orphan`), truncating files. It is mounted without its journal
+/// now (`noload`), from a device made read-only for the time, imported
+/// from, and given no report, which would need the replay: not one byte
+/// of it changes.
 #[test]
 fn a_stick_with_an_unfinished_ext4_journal_is_read_without_replaying_it() {
     if let Some(why) = unavailable() {
         return skip::missing(&format!("the USB stick device test cannot run: {why}"));
     }
-    let stick = match SignedStick::made(|_| {}, "&& debugfs -w -R 'feature needs_recovery' {}") {
+    // Inode 12: the first file mkfs copied onto the stick.
+    let dirty =
+        "&& debugfs -w -R 'feature needs_recovery' {} && debugfs -w -R 'ssv last_orphan 12' {}";
+    let stick = match SignedStick::made(|_| {}, dirty) {
         Ok(stick) => stick,
         Err(why) => return skip::missing(&why),
     };
@@ -332,4 +345,23 @@ fn a_stick_with_an_unfinished_ext4_journal_is_read_without_replaying_it() {
     assert_eq!(sum(), before, "the stick was written to");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains(&dev.0), "still mounted: {mounts}");
+    // The device was given its setting back.
+    let ro = sh(&format!("blockdev --getro {}", dev.0));
+    assert_eq!(String::from_utf8_lossy(&ro.stdout).trim(), "0");
+    // A bundle refused on such a stick exits 4, as refused (the report's
+    // failure, exit 1, does not hide it).
+    let stranger = Signer::new("stranger@example.com");
+    let refused = run_with(
+        &Host::new("web2"),
+        Path::new("bundle:"),
+        &["bundle", "stick", &dev.0],
+        &stranger,
+    );
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("no report written"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(sum(), before, "the stick was written to");
 }

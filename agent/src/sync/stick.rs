@@ -146,8 +146,26 @@ pub fn run(
     if let Some(m) = mount {
         m.unmount();
     }
-    written.map_err(|e| Error::new(Failure::Failed, e))?;
-    info!(outcome = ?report.outcome, commit = ?report.commit, "report written to the stick");
+    let (shown_outcome, shown_commit) = (report.outcome.clone(), report.commit.clone());
+    let outcome = result_of(report, failure);
+    match written {
+        Ok(()) => {
+            info!(outcome = ?shown_outcome, commit = ?shown_commit, "report written to the stick");
+            outcome
+        }
+        // The import's or sync's own failure keeps its exit code; the
+        // report's is logged beside it.
+        Err(e) if outcome.is_err() => {
+            warn!("{e:#}");
+            outcome
+        }
+        Err(e) => Err(Error::new(Failure::Failed, e)),
+    }
+}
+
+/// The run's result from its report, and the kind of the failure
+/// `process` met, if any.
+fn result_of(report: StickReport, failure: Option<Failure>) -> Result<StickReport, Error> {
     // The same refusal exits with the same code as `sync` and `bundle
     // import` (an invalid repository arriving on a stick exited 4, not 3).
     if let Some(kind) = failure {
@@ -435,8 +453,47 @@ pub fn read_reports(dir: &Path) -> Result<Vec<(PathBuf, Result<StickReport>)>> {
 struct Mount {
     target: PathBuf,
     mounted: bool,
+    /// The stick, as shown in messages.
     device: PathBuf,
+    /// The stick, opened once: every later step (the superblock read, the
+    /// read-write mount for the report, through `/proc/self/fd`) is on this
+    /// very device, not on whatever its path names by then.
+    dev: std::fs::File,
+    /// Whether the block device was read-only before (it is made so while
+    /// mounted read-only, and given back this setting at the end).
+    was_ro: bool,
     fstype: &'static str,
+}
+
+/// The block layer's read-only flag of a device (`blockdev --setro`):
+/// `_IO(0x12, 93)` sets it from an int, `_IO(0x12, 94)` reads it.
+const BLKROSET: u32 = 0x125d;
+const BLKROGET: u32 = 0x125e;
+
+/// Sets the block layer's read-only flag of `dev`.
+fn set_read_only(dev: &std::fs::File, ro: bool) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flag: nix::libc::c_int = ro.into();
+    // SAFETY: BLKROSET reads one int through the pointer, which points at
+    // `flag` for the call's duration; the fd is open.
+    let r = unsafe { nix::libc::ioctl(dev.as_raw_fd(), BLKROSET as _, &flag) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
+/// The block layer's read-only flag of `dev`.
+fn is_read_only(dev: &std::fs::File) -> nix::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut flag: nix::libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer, to `flag`.
+    let r = unsafe { nix::libc::ioctl(dev.as_raw_fd(), BLKROGET as _, &mut flag) };
+    nix::errno::Errno::result(r)?;
+    Ok(flag != 0)
+}
+
+/// The path that names the open `dev` (for `mount(2)`'s source).
+fn fd_path(dev: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dev.as_raw_fd()))
 }
 
 /// The filesystems a stick may have. Anyone can plug in a stick, and the
@@ -513,10 +570,8 @@ fn read_only_data(fstype: &str) -> Option<&'static str> {
 /// that were never finished (`needs_recovery`: the superblock at byte
 /// 1024 says so, little-endian, `s_feature_incompat` bit 0x4; its magic
 /// 0xEF53 is checked first).
-fn ext4_needs_recovery(device: &Path) -> Result<bool> {
+fn ext4_needs_recovery(f: &std::fs::File, device: &Path) -> Result<bool> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(device)
-        .with_context(|| format!("cannot read {}'s superblock", device.display()))?;
     let mut sb = [0u8; 0x64];
     f.read_exact_at(&mut sb, 1024)
         .with_context(|| format!("cannot read {}'s superblock", device.display()))?;
@@ -558,9 +613,32 @@ impl Mount {
                 return Err(e);
             }
         };
+        // The device itself read-only while it is mounted so: a read-only
+        // mount still writes (ext4 cleans up its orphan inodes, replays
+        // its journal without `noload`), from metadata nothing verified.
+        let opened = std::fs::File::open(device)
+            .with_context(|| format!("cannot open {}", device.display()))
+            .and_then(|dev| {
+                let was_ro = is_read_only(&dev)
+                    .and_then(|was| set_read_only(&dev, true).map(|()| was))
+                    .with_context(|| {
+                        format!(
+                            "cannot make {} read-only before mounting it",
+                            device.display()
+                        )
+                    })?;
+                Ok((dev, was_ro))
+            });
+        let (dev, was_ro) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&target);
+                return Err(e);
+            }
+        };
         for fstype in candidates {
             match mount(
-                Some(device),
+                Some(&fd_path(&dev)),
                 &target,
                 Some(fstype),
                 flags,
@@ -572,11 +650,19 @@ impl Mount {
                         target,
                         mounted: true,
                         device: device.to_path_buf(),
+                        dev,
+                        was_ro,
                         fstype,
                     });
                 }
                 Err(e) => tried.push(format!("{fstype}: {}", e.desc())),
             }
+        }
+        if let Err(e) = set_read_only(&dev, was_ro) {
+            warn!(
+                "cannot give {} its read-only setting back: {e}",
+                device.display()
+            );
         }
         // Do not leave the mount point behind (only removed if empty).
         let _ = std::fs::remove_dir(&target);
@@ -601,7 +687,7 @@ impl Mount {
         use nix::mount::{mount, MsFlags};
         let base = mount_flags() | MsFlags::MS_REMOUNT;
         if self.fstype == "ext4" {
-            if ext4_needs_recovery(&self.device)? {
+            if ext4_needs_recovery(&self.dev, &self.device)? {
                 bail!(
                     "{}'s ext4 journal holds writes that were never finished (the stick was not unmounted cleanly), \
                      and driftless does not replay a stick's journal: no report written. Check the stick with \
@@ -615,8 +701,9 @@ impl Mount {
                     self.target.display()
                 )
             })?;
+            self.writable_device()?;
             mount(
-                Some(&self.device),
+                Some(&fd_path(&self.dev)),
                 &self.target,
                 Some(self.fstype),
                 mount_flags(),
@@ -629,6 +716,7 @@ impl Mount {
                 )
             })?;
         } else {
+            self.writable_device()?;
             mount(None::<&str>, &self.target, None::<&str>, base, None::<&str>).with_context(
                 || {
                     format!(
@@ -651,6 +739,23 @@ impl Mount {
         result
     }
 
+    /// Lets the device be written (for the report), unless it was
+    /// read-only before driftless made it so.
+    fn writable_device(&self) -> Result<()> {
+        if self.was_ro {
+            bail!(
+                "{} is read-only (a write-protected stick?): no report written",
+                self.device.display()
+            );
+        }
+        set_read_only(&self.dev, false).with_context(|| {
+            format!(
+                "cannot make {} writable for the report",
+                self.device.display()
+            )
+        })
+    }
+
     fn unmount(mut self) {
         self.do_unmount();
     }
@@ -664,6 +769,12 @@ impl Mount {
                     let _ = std::fs::remove_dir(&self.target);
                 }
                 Err(e) => warn!("cannot unmount {}: {e}", self.target.display()),
+            }
+            if let Err(e) = set_read_only(&self.dev, self.was_ro) {
+                warn!(
+                    "cannot give {} its read-only setting back: {e}",
+                    self.device.display()
+                );
             }
             self.mounted = false;
         }
