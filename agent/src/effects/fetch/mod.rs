@@ -501,15 +501,22 @@ fn repo_name(repo: &gix::Repository) -> String {
 /// anywhere at all once it is 4 characters or more (a shorter one, found
 /// everywhere, would only garble the message).
 pub(crate) fn redact_in(text: &str, url: &str) -> String {
-    let Some(written) = password_of(url).filter(|p| !p.is_empty()) else {
-        return text.to_string();
-    };
-    let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
     let mut out = text.to_string();
-    for password in [written, decoded.as_ref()] {
-        out = out.replace(&format!(":{password}@"), ":***@");
-        if password.chars().count() >= 4 {
-            out = out.replace(password, "***");
+    // The longest first: hiding a shorter one first would break up the
+    // longer one it is a part of.
+    let mut spans = password_spans(url);
+    spans.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for span in spans {
+        let written = &url[span];
+        if written.is_empty() {
+            continue;
+        }
+        let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
+        for password in [written, decoded.as_ref()] {
+            out = out.replace(&format!(":{password}@"), ":***@");
+            if password.chars().count() >= 4 {
+                out = out.replace(password, "***");
+            }
         }
     }
     out
@@ -527,38 +534,52 @@ pub(crate) fn redact_error(err: anyhow::Error, url: &str) -> anyhow::Error {
     }
 }
 
-/// The password of `scheme://user:password@host/...`, as written.
-fn password_of(url: &str) -> Option<&str> {
-    password_span(url).map(|span| &url[span])
-}
-
-/// Where the password of `scheme://user:password@host/...` is in `url`.
+/// Where the password of `scheme://user:password@host/...` may be in
+/// `url`: the well-formed reading's span first, then a longer one if the
+/// URL allows it.
 ///
-/// A well-formed URL's authority ends at the first `/`. A password with an
-/// unencoded `/` (`https://bot:pa/ss@host/x`, invalid, but a user may
-/// write it and it is quoted in messages all the same) would then read as
-/// a host `bot` with port `pa`, and nothing would be hidden. So when the
-/// well-formed reading finds no password, a `:` followed later by an `@`
-/// is taken as `user:password@`, up to the last `@`. That errs on the side
-/// of hiding: an unusual URL such as `https://host:8443/users/@me` shows
-/// as `https://host:***@me`.
-fn password_span(url: &str) -> Option<std::ops::Range<usize>> {
-    let start = url.find("://")? + 3;
-    let rest = &url[start..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = match authority.rsplit_once('@') {
-        Some((userinfo, _)) if userinfo.contains(':') => userinfo,
-        _ => rest.rsplit_once('@')?.0,
+/// A well-formed URL's authority ends at the first `/`, and its userinfo
+/// at the last `@` before that. A password with an unencoded `/` or `@`
+/// (`https://bot:pa/ss@host/x`, `https://bot:p@ss/word@host/x`: invalid,
+/// but a user may write them, and they are quoted in messages all the
+/// same) reads otherwise: as a host `bot` with port `pa`, or a password
+/// `p`. So whenever a `:` comes before the last `@` of the whole URL, the
+/// span from that `:` to that `@` is a candidate too. That errs on the
+/// side of hiding: an unusual URL such as `https://host:8443/users/@me`
+/// shows as `https://host:***@me`.
+fn password_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return Vec::new();
     };
-    let colon = userinfo.find(':')?;
-    Some(start + colon + 1..start + userinfo.len())
+    let rest = &url[start..];
+    let span = |userinfo: &str| {
+        userinfo
+            .find(':')
+            .map(|colon| start + colon + 1..start + userinfo.len())
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+    if let Some(s) = authority.rsplit_once('@').and_then(|(u, _)| span(u)) {
+        spans.push(s);
+    }
+    if let Some(long) = rest.rsplit_once('@').and_then(|(u, _)| span(u)) {
+        if !spans.contains(&long) {
+            spans.push(long);
+        }
+    }
+    spans
 }
 
 /// Replaces the password of `scheme://user:password@host/...` by `***`, so
-/// URLs can go into messages and logs (see [`password_span`]).
+/// URLs can go into messages and logs: from the first candidate's start
+/// to the furthest candidate's end (see [`password_spans`]).
 pub(crate) fn redact(url: &str) -> String {
-    match password_span(url) {
-        Some(span) => format!("{}***{}", &url[..span.start], &url[span.end..]),
-        None => url.to_string(),
+    let spans = password_spans(url);
+    match (
+        spans.iter().map(|s| s.start).min(),
+        spans.iter().map(|s| s.end).max(),
+    ) {
+        (Some(from), Some(to)) => format!("{}***{}", &url[..from], &url[to..]),
+        _ => url.to_string(),
     }
 }
