@@ -28,6 +28,16 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A socket for the daemon's sd_notify messages (`NOTIFY_SOCKET`), in a
+/// directory kept while the test runs, read without blocking.
+fn notify_socket() -> (tempfile::TempDir, std::path::PathBuf, UnixDatagram) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    (dir, path, sock)
+}
+
 fn recv_all(sock: &UnixDatagram, into: &mut Vec<String>) {
     let mut buf = [0u8; 4096];
     while let Ok(n) = sock.recv(&mut buf) {
@@ -39,10 +49,7 @@ fn recv_all(sock: &UnixDatagram, into: &mut Vec<String>) {
 fn daemon_notifies_syncs_on_sighup_and_stops_on_sigterm() {
     let repo = simple_repo(&[("/etc/a", "v1\n")]);
     let host = Host::new("h");
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_nonblocking(true).unwrap();
+    let (_dir, sock_path, sock) = notify_socket();
     let mut child = host
         .cmd(repo.path(), &["run", "--interval", "1h", "--splay", "0s"])
         .env("NOTIFY_SOCKET", &sock_path)
@@ -113,10 +120,7 @@ fn daemon_without_source_exits_78_for_systemd_to_stop_restarting() {
 #[test]
 fn the_daemon_names_its_source_without_the_password() {
     let host = Host::new("h");
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_nonblocking(true).unwrap();
+    let (_dir, sock_path, sock) = notify_socket();
     // Port 1 on loopback: refused at once, the sync fails fast.
     let child = std::process::Command::new(BIN)
         .args(["run", "--no-config", "--interval", "1h", "--splay", "0s"])
@@ -163,10 +167,7 @@ fn the_daemon_names_its_source_without_the_password() {
 fn an_idle_daemon_says_nothing_to_do_once_per_commit() {
     let repo = simple_repo(&[("/etc/a", "v1\n")]);
     let host = Host::new("h");
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_nonblocking(true).unwrap();
+    let (_dir, sock_path, sock) = notify_socket();
     let child = host
         .cmd(repo.path(), &["run", "--interval", "1h", "--splay", "0s"])
         .env("NOTIFY_SOCKET", &sock_path)

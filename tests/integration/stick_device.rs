@@ -80,6 +80,16 @@ fn make_and_attach(img: &Path, mkfs: &str) -> Result<Loop, String> {
     Ok(Loop(dev))
 }
 
+/// `bundle stick DEVICE` on `host`, trusting `signer`.
+fn stick_run(host: &Host, device: &str, signer: &Signer) -> Run {
+    run_with(
+        host,
+        Path::new("bundle:"),
+        &["bundle", "stick", device],
+        signer,
+    )
+}
+
 /// A signed repository, and an ext4 stick image holding its bundle
 /// (`prepare` may add to the stick's content first), attached. Fields
 /// drop in order: the loop device is detached before its image goes.
@@ -131,12 +141,7 @@ fn stick_on_a_block_device_is_mounted_read_only_and_gets_the_report() {
     let (signer, repo, dev, img) = (&stick.signer, &stick.repo, &stick.dev, &stick.img);
 
     let host = Host::new("web1");
-    let run = run_with(
-        &host,
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        signer,
-    );
+    let run = stick_run(&host, &dev.0, signer);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
     assert_eq!(
@@ -180,12 +185,7 @@ fn a_symlink_on_the_stick_cannot_send_the_report_to_a_host_path() {
     };
     let (signer, dev) = (&stick.signer, &stick.dev);
     let host = Host::new("web1");
-    let run = run_with(
-        &host,
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        signer,
-    );
+    let run = stick_run(&host, &dev.0, signer);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     assert!(run.stderr.contains("mounted read-only"), "{}", run.stderr);
     // The stick's update itself still applies.
@@ -233,12 +233,7 @@ fn a_stick_of_another_filesystem_is_refused_unmounted_naming_the_ones_allowed() 
     };
     let host = Host::new("web1");
     let signer = crate::trust::Signer::new("release@example.com");
-    let run = run_with(
-        &host,
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        &signer,
-    );
+    let run = stick_run(&host, &dev.0, &signer);
     assert_ne!(run.code, 0, "{}", run.stderr);
     assert!(
         run.stderr.contains("vfat, exfat, ext4") && run.stderr.contains(&dev.0),
@@ -275,12 +270,7 @@ fn a_mount_an_interrupted_run_left_is_detached_not_mounted_over() {
         String::from_utf8_lossy(&left.stderr)
     );
     let host = Host::new("web1");
-    let run = run_with(
-        &host,
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        signer,
-    );
+    let run = stick_run(&host, &dev.0, signer);
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     if mounts.contains(&format!(" {target} ")) {
         let _ = sh(&format!("umount -l {target}"));
@@ -321,12 +311,7 @@ fn a_stick_with_an_unfinished_ext4_journal_is_read_without_replaying_it() {
     let sum = || sh(&format!("sha256sum < {}", img.display())).stdout;
     let before = sum();
     let host = Host::new("web1");
-    let run = run_with(
-        &host,
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        signer,
-    );
+    let run = stick_run(&host, &dev.0, signer);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
         run.stderr
@@ -351,12 +336,7 @@ fn a_stick_with_an_unfinished_ext4_journal_is_read_without_replaying_it() {
     // A bundle refused on such a stick exits 4, as refused (the report's
     // failure, exit 1, does not hide it).
     let stranger = Signer::new("stranger@example.com");
-    let refused = run_with(
-        &Host::new("web2"),
-        Path::new("bundle:"),
-        &["bundle", "stick", &dev.0],
-        &stranger,
-    );
+    let refused = stick_run(&Host::new("web2"), &dev.0, &stranger);
     assert_eq!(refused.code, 4, "{}", refused.stderr);
     assert!(
         refused.stderr.contains("no report written"),
