@@ -504,18 +504,19 @@ pub(crate) fn redact_in(text: &str, url: &str) -> String {
     let mut out = text.to_string();
     // The longest first: hiding a shorter one first would break up the
     // longer one it is a part of.
-    let mut spans = password_spans(url);
-    spans.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut spans = secret_spans(url);
+    spans.sort_by_key(|s| std::cmp::Reverse(s.range.len()));
     for span in spans {
-        let written = &url[span];
+        let written = &url[span.range];
         if written.is_empty() {
             continue;
         }
         let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
-        for password in [written, decoded.as_ref()] {
-            out = out.replace(&format!(":{password}@"), ":***@");
-            if password.chars().count() >= 4 {
-                out = out.replace(password, "***");
+        for secret in [written, decoded.as_ref()] {
+            let (before, anywhere_from) = if span.user { ("//", 16) } else { (":", 4) };
+            out = out.replace(&format!("{before}{secret}@"), &format!("{before}***@"));
+            if secret.chars().count() >= anywhere_from {
+                out = out.replace(secret, "***");
             }
         }
     }
@@ -534,9 +535,19 @@ pub(crate) fn redact_error(err: anyhow::Error, url: &str) -> anyhow::Error {
     }
 }
 
+/// Where a secret of `url` may be: its password, and over http(s) a user
+/// name without one (a token used as the user name, as in
+/// `https://<token>@github.com/...`, is the usual way to clone with one).
+struct SecretSpan {
+    range: std::ops::Range<usize>,
+    /// A user name, not a password: found in messages after `//` (or
+    /// anywhere, from 16 characters on: a token's length, not a name's).
+    user: bool,
+}
+
 /// Where the password of `scheme://user:password@host/...` may be in
 /// `url`: the well-formed reading's span first, then a longer one if the
-/// URL allows it.
+/// URL allows it; and, over http(s), a user name without a password.
 ///
 /// A well-formed URL's authority ends at the first `/`, and its userinfo
 /// at the last `@` before that. A password with an unencoded `/` or `@`
@@ -546,38 +557,50 @@ pub(crate) fn redact_error(err: anyhow::Error, url: &str) -> anyhow::Error {
 /// `p`. So whenever a `:` comes before the last `@` of the whole URL, the
 /// span from that `:` to that `@` is a candidate too. That errs on the
 /// side of hiding: an unusual URL such as `https://host:8443/users/@me`
-/// shows as `https://host:***@me`.
-fn password_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+/// shows as `https://host:***@me`, and `https://bot@host` as
+/// `https://***@host`.
+fn secret_spans(url: &str) -> Vec<SecretSpan> {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return Vec::new();
     };
     let rest = &url[start..];
-    let span = |userinfo: &str| {
-        userinfo
-            .find(':')
-            .map(|colon| start + colon + 1..start + userinfo.len())
+    let password = |userinfo: &str| {
+        userinfo.find(':').map(|colon| SecretSpan {
+            range: start + colon + 1..start + userinfo.len(),
+            user: false,
+        })
     };
     let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
-    if let Some(s) = authority.rsplit_once('@').and_then(|(u, _)| span(u)) {
+    let mut spans: Vec<SecretSpan> = Vec::new();
+    let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
+    if let Some(s) = userinfo.and_then(password) {
         spans.push(s);
     }
-    if let Some(long) = rest.rsplit_once('@').and_then(|(u, _)| span(u)) {
-        if !spans.contains(&long) {
+    if let Some(long) = rest.rsplit_once('@').and_then(|(u, _)| password(u)) {
+        if !spans.iter().any(|s| s.range == long.range) {
             spans.push(long);
         }
+    }
+    let scheme = &url[..start - 3];
+    let http = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    if let Some(user) = userinfo.filter(|u| http && spans.is_empty() && !u.is_empty()) {
+        spans.push(SecretSpan {
+            range: start..start + user.len(),
+            user: true,
+        });
     }
     spans
 }
 
-/// Replaces the password of `scheme://user:password@host/...` by `***`, so
-/// URLs can go into messages and logs: from the first candidate's start
-/// to the furthest candidate's end (see [`password_spans`]).
+/// Replaces the password of `scheme://user:password@host/...` (over
+/// http(s), a lone user name too) by `***`, so URLs can go into messages
+/// and logs: from the first candidate's start to the furthest candidate's
+/// end (see [`secret_spans`]).
 pub(crate) fn redact(url: &str) -> String {
-    let spans = password_spans(url);
+    let spans = secret_spans(url);
     match (
-        spans.iter().map(|s| s.start).min(),
-        spans.iter().map(|s| s.end).max(),
+        spans.iter().map(|s| s.range.start).min(),
+        spans.iter().map(|s| s.range.end).max(),
     ) {
         (Some(from), Some(to)) => format!("{}***{}", &url[..from], &url[to..]),
         _ => url.to_string(),

@@ -1078,7 +1078,8 @@ fn urls_with_passwords_are_redacted() {
         redact("https://bot:s3cret@git.example.org/cfg.git"),
         "https://bot:***@git.example.org/cfg.git"
     );
-    assert_eq!(redact("https://bot@host/x"), "https://bot@host/x");
+    // Over http(s) a lone user name may be a token: hidden too.
+    assert_eq!(redact("https://bot@host/x"), "https://***@host/x");
     assert_eq!(redact("git@host:x.git"), "git@host:x.git");
     assert_eq!(redact("ssh://git@host:22/x.git"), "ssh://git@host:22/x.git");
     assert_eq!(redact("https://host:8443/x.git"), "https://host:8443/x.git");
@@ -1115,6 +1116,31 @@ fn a_password_with_an_unencoded_slash_is_still_redacted() {
         Location::Remote("https://u:p@h/x".into()).to_string(),
         "https://u:***@h/x"
     );
+}
+
+/// The bug: `https://<token>@github.com/...`, the usual way to clone over
+/// https with a token, has no password, so nothing was hidden: the token
+/// went into `status`, the daemon's STATUS= and fetch errors whole.
+#[test]
+fn a_token_used_as_the_user_name_is_redacted_over_https() {
+    let token = "ghp_0123456789abcdefABCDEF0123456789abcd";
+    let url = format!("https://{token}@github.com/org/cfg.git");
+    assert_eq!(redact(&url), "https://***@github.com/org/cfg.git");
+    let said = redact_in(
+        &format!("cannot fetch {url}: 401; user {token} refused"),
+        &url,
+    );
+    assert!(!said.contains(token), "{said}");
+    // A short user name is hidden in the URL, not in the rest of the text.
+    assert_eq!(
+        redact_in(
+            "deploy: cannot fetch https://deploy@h/x",
+            "https://deploy@h/x"
+        ),
+        "deploy: cannot fetch https://***@h/x"
+    );
+    // Over ssh the user is `git`, not a secret: shown.
+    assert_eq!(redact("ssh://git@host/x.git"), "ssh://git@host/x.git");
 }
 
 // ------------------------------------------------------------ tree_changes
