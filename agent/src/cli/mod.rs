@@ -1093,18 +1093,8 @@ fn note_uncommitted(s: &config::Settings) {
 /// Like the failpoints, only in debug builds (what `cargo test` builds and
 /// the end-to-end tests run): a production agent cannot be told by its
 /// environment to kill itself mid-transaction.
-#[cfg(debug_assertions)]
 pub(crate) fn test_hook_crash_after() -> Option<usize> {
-    std::env::var("DRIFTLESS_TEST_CRASH_AFTER")
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// Release builds: no crash hook.
-#[cfg(not(debug_assertions))]
-pub(crate) fn test_hook_crash_after() -> Option<usize> {
-    None
+    crate::effects::failpoint::test_knob("DRIFTLESS_TEST_CRASH_AFTER")
 }
 
 /// Writes command output to stdout. A closed pipe ends the process with

@@ -17,6 +17,17 @@
 //!   reached, one per line, so a test can first list the points of a run
 //!   and then kill the process at each of them in turn.
 
+/// The value of the test knob `name` (an environment variable such as
+/// `DRIFTLESS_TEST_LOCK_WAIT_SECS`), parsed; `None` when it is unset or
+/// does not parse, and always in release builds, which no environment
+/// can tune this way.
+pub fn test_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    std::env::var(name).ok()?.parse().ok()
+}
+
 /// The failpoint `name` was reached: die or fail if a test asked for it.
 #[cfg(debug_assertions)]
 pub fn hit(name: &str) -> anyhow::Result<()> {

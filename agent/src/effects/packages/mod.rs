@@ -75,14 +75,7 @@ const LOCK_WAIT_SECS: u32 = 120;
 /// with `DRIFTLESS_TEST_LOCK_WAIT_SECS`, so that a test of a held lock
 /// does not wait two minutes; release builds ignore the variable.
 fn lock_wait_secs() -> u32 {
-    #[cfg(debug_assertions)]
-    if let Some(n) = std::env::var("DRIFTLESS_TEST_LOCK_WAIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
-    LOCK_WAIT_SECS
+    crate::effects::failpoint::test_knob("DRIFTLESS_TEST_LOCK_WAIT_SECS").unwrap_or(LOCK_WAIT_SECS)
 }
 
 /// The undo of a packages stage could not finish because another program

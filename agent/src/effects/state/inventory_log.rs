@@ -73,14 +73,8 @@ pub const READ_MAX_BYTES: u64 = 256 << 20;
 /// `DRIFTLESS_TEST_INVENTORY_LOG_FROM` so that small test hosts take the
 /// log's paths; release builds ignore the variable.
 pub fn log_from() -> usize {
-    #[cfg(debug_assertions)]
-    if let Some(n) = std::env::var("DRIFTLESS_TEST_INVENTORY_LOG_FROM")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
-    LOG_FROM_FILES
+    crate::effects::failpoint::test_knob("DRIFTLESS_TEST_INVENTORY_LOG_FROM")
+        .unwrap_or(LOG_FROM_FILES)
 }
 
 /// One committed change of the inventory. Fields in name order: the
