@@ -146,20 +146,20 @@ pub fn run(
     if let Some(m) = mount {
         m.unmount();
     }
-    let (shown_outcome, shown_commit) = (report.outcome.clone(), report.commit.clone());
-    let outcome = result_of(report, failure);
     match written {
         Ok(()) => {
-            info!(outcome = ?shown_outcome, commit = ?shown_commit, "report written to the stick");
-            outcome
+            info!(outcome = ?report.outcome, commit = ?report.commit, "report written to the stick");
+            result_of(report, failure)
         }
         // The import's or sync's own failure keeps its exit code; the
         // report's is logged beside it.
-        Err(e) if outcome.is_err() => {
-            warn!("{e:#}");
-            outcome
-        }
-        Err(e) => Err(Error::new(Failure::Failed, e)),
+        Err(e) => match result_of(report, failure) {
+            Ok(_) => Err(Error::new(Failure::Failed, e)),
+            failed => {
+                warn!("{e:#}");
+                failed
+            }
+        },
     }
 }
 
@@ -606,30 +606,23 @@ impl Mount {
         }
         let flags = mount_flags() | MsFlags::MS_RDONLY;
         let mut tried = Vec::new();
-        let candidates = match fs_candidates(device) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir(&target);
-                return Err(e);
-            }
-        };
         // The device itself read-only while it is mounted so: a read-only
         // mount still writes (ext4 cleans up its orphan inodes, replays
         // its journal without `noload`), from metadata nothing verified.
-        let opened = std::fs::File::open(device)
-            .with_context(|| format!("cannot open {}", device.display()))
-            .and_then(|dev| {
-                let was_ro = is_read_only(&dev)
-                    .and_then(|was| set_read_only(&dev, true).map(|()| was))
-                    .with_context(|| {
-                        format!(
-                            "cannot make {} read-only before mounting it",
-                            device.display()
-                        )
-                    })?;
-                Ok((dev, was_ro))
-            });
-        let (dev, was_ro) = match opened {
+        let opened = fs_candidates(device).and_then(|candidates| {
+            let dev = std::fs::File::open(device)
+                .with_context(|| format!("cannot open {}", device.display()))?;
+            let was_ro = is_read_only(&dev)
+                .and_then(|was| set_read_only(&dev, true).map(|()| was))
+                .with_context(|| {
+                    format!(
+                        "cannot make {} read-only before mounting it",
+                        device.display()
+                    )
+                })?;
+            Ok((candidates, dev, was_ro))
+        });
+        let (candidates, dev, was_ro) = match opened {
             Ok(o) => o,
             Err(e) => {
                 let _ = std::fs::remove_dir(&target);
