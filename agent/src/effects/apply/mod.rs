@@ -343,9 +343,8 @@ pub fn apply_with(
         }
         return Err(e);
     }
-    let plan: &Plan = plan;
     let mut dirs: BTreeMap<String, OwnedFd> = BTreeMap::new();
-    let prepared = prepare(
+    let staged = prepare(
         fs,
         state,
         plan,
@@ -353,8 +352,14 @@ pub fn apply_with(
         &mut journal,
         &mut dirs,
         keep_saved,
-    )
-    .and_then(|()| {
+    );
+    // Staged and backed up: what follows works from the files on disk.
+    // Freed before the journal is encoded, which may then reuse the memory.
+    if staged.is_ok() {
+        plan.release_contents();
+    }
+    let plan: &Plan = plan;
+    let prepared = staged.and_then(|()| {
         failpoint::hit("apply.staged")?;
         journal.state = TxState::Prepared;
         // What systemd must be told if the files change back: recorded

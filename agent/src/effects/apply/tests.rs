@@ -181,6 +181,48 @@ fn revert_restores_bytes_modes_pruned_and_removes_new_files() {
     assert!(e.leftovers().is_empty(), "{:?}", e.leftovers());
 }
 
+/// A cold apply of 10,000 templates carried their 17 MB of rendered text
+/// (secrets among it) through the switch, the checks and the commit
+/// (issue #18). Once staged and backed up, the plan holds no contents,
+/// and undoing works from the files on disk.
+#[test]
+fn contents_are_released_once_staged_and_a_revert_still_restores_the_old_bytes() {
+    let e = env();
+    e.apply(&desired(&[("/etc/keep", "v1\n", 0o644)]));
+    let mut p = e.plan(&desired(&[
+        ("/etc/keep", "v2\n", 0o600),
+        ("/etc/new", "n\n", 0o644),
+    ]));
+    let held = |p: &Plan| -> usize {
+        p.changes
+            .iter()
+            .flat_map(|c| {
+                let before = c.before.as_ref().map(|b| b.content.len());
+                let after = c.after.as_ref().map(|a| a.content.len());
+                before.into_iter().chain(after)
+            })
+            .sum()
+    };
+    assert_eq!(held(&p), 3 + 3 + 2, "old and new contents before applying");
+    let a = apply_with(
+        &e.fs,
+        &e.state,
+        &mut p,
+        false,
+        2,
+        &ApplyOptions::default(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(held(&p), 0, "contents still held after staging");
+    assert_eq!(e.read("/etc/keep").as_deref(), Some("v2\n"));
+    assert_eq!(e.read("/etc/new").as_deref(), Some("n\n"));
+    revert(&e.fs, &e.state, &a.txid).unwrap();
+    assert_eq!(e.read("/etc/keep").as_deref(), Some("v1\n"));
+    assert_eq!(e.mode("/etc/keep"), 0o644);
+    assert_eq!(e.read("/etc/new"), None);
+}
+
 #[test]
 fn metadata_only_change_is_applied_in_place_and_reverted() {
     let e = env();

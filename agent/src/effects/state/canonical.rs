@@ -23,13 +23,25 @@ use std::io;
 /// `value` as compact JSON (the bytes `serde_json::to_vec` writes), and
 /// whether they are canonical: every object's keys strictly increasing and
 /// nothing a `serde_json::Value` would write differently.
+#[cfg(test)]
 pub fn to_vec_checked<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<(Vec<u8>, bool)> {
     let mut out = Vec::with_capacity(256);
+    let canonical = append_checked(&mut out, value)?;
+    Ok((out, canonical))
+}
+
+/// `value` as compact JSON appended to `out` (after an envelope's head,
+/// so that a large state file's data is not copied into it), and whether
+/// it is canonical, as for `to_vec_checked`.
+pub fn append_checked<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> serde_json::Result<bool> {
     let mut check = Check::default();
     value.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut out, &mut check,
+        &mut *out, &mut check,
     ))?;
-    Ok((out, check.canonical && check.depth == 0))
+    Ok(check.canonical && check.depth == 0)
 }
 
 /// The checking formatter (used by reference, so its verdict can be read

@@ -98,10 +98,11 @@ pub(crate) fn encode_state_line<T: Serialize>(value: &T, format: u64) -> Result<
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
         bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
     }
-    let (direct, canonical) =
-        super::canonical::to_vec_checked(value).context("cannot serialise state")?;
-    if canonical {
-        return Ok(compact_envelope(&direct, format));
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(COMPACT_HEAD);
+    if super::canonical::append_checked(&mut out, value).context("cannot serialise state")? {
+        close_compact_envelope(&mut out, format);
+        return Ok(out);
     }
     let data = serde_json::to_value(value).context("cannot serialise state")?;
     let text = serde_json::to_vec(&data).context("cannot serialise state")?;
@@ -158,15 +159,22 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     // sorted) serialises to. A type whose fields are declared in order
     // serialises to exactly that by itself (checked while it is written,
     // every time: `canonical`), so the tree is built only for the others.
-    let (direct, canonical) =
-        super::canonical::to_vec_checked(value).context("cannot serialise state")?;
+    // Written after the compact envelope's head, so that a large file's
+    // data is not copied into it (a journal of 10,000 entries is 2.5 MB,
+    // and its copy was part of a cold apply's peak RSS, issue #18).
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(COMPACT_HEAD);
+    let canonical =
+        super::canonical::append_checked(&mut out, value).context("cannot serialise state")?;
     if canonical {
+        let direct = &out[COMPACT_HEAD.len()..];
         if direct.len() > PRETTY_UP_TO {
             // The envelope around these very bytes, keys in the same order
             // as the pretty one: no second serialisation.
-            return Ok(compact_envelope(&direct, format));
+            close_compact_envelope(&mut out, format);
+            return Ok(out);
         }
-        let sum = hex::encode(sha2::Sha256::digest(&direct));
+        let sum = hex::encode(sha2::Sha256::digest(direct));
         return serde_json::to_vec_pretty(&Envelope {
             data: value,
             driftless_state: format,
