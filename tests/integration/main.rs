@@ -25,6 +25,7 @@ mod init;
 mod leak_catalogue;
 mod links;
 mod metrics;
+mod no_openat2;
 mod notify;
 mod originals;
 mod packages;

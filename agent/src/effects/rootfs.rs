@@ -428,7 +428,14 @@ impl RootFs {
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let fd = match openat2(&self.fd, rel.trim_start_matches('/'), how) {
+        let rel = rel.trim_start_matches('/');
+        let opened = match openat2(&self.fd, rel, how) {
+            // Linux before 5.6 (Ubuntu 20.04's own kernel), or a seccomp
+            // filter older than the call.
+            Err(Errno::ENOSYS) => self.open_without_openat2(rel, &shown)?,
+            opened => opened,
+        };
+        let fd = match opened {
             Ok(fd) => fd,
             Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {shown}")),
@@ -436,6 +443,36 @@ impl RootFs {
         read_regular(File::from(fd), cap)
             .map(Some)
             .map_err(|e| anyhow!("{shown} is {e}: not read"))
+    }
+}
+
+impl RootFs {
+    /// [`RootFs::read_contained`]'s open where the kernel has no
+    /// `openat2`. When the root is the process's own root directory, an
+    /// ordinary open resolves every link exactly as `RESOLVE_IN_ROOT`
+    /// would: an absolute target starts at that same directory, and `..`
+    /// stops there. (A `/proc` magic link is then followed, where
+    /// `RESOLVE_NO_MAGICLINKS` refused it: only someone who owns the
+    /// host's own `/etc` can plant one there.) Any other root (`--root`,
+    /// an image) could be left through a link, so the read is refused,
+    /// saying what is missing.
+    fn open_without_openat2(&self, rel: &str, shown: &str) -> Result<nix::Result<OwnedFd>> {
+        let root = nix::sys::stat::fstat(&self.fd)
+            .with_context(|| format!("cannot stat {}", self.path.display()))?;
+        let own = nix::sys::stat::stat("/").context("cannot stat /")?;
+        if (root.st_dev, root.st_ino) != (own.st_dev, own.st_ino) {
+            bail!(
+                "cannot open {shown}: this kernel has no openat2 (Linux 5.6 or later), which reading a file \
+                 of a root other than / needs, so that the root's links cannot lead out of it; \
+                 run on a newer kernel, or against the root it runs in"
+            );
+        }
+        Ok(openat(
+            &self.fd,
+            rel,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            NixMode::empty(),
+        ))
     }
 }
 
