@@ -2,7 +2,9 @@
 //! 5.4, which has the glibc the package asks for): the host's facts and
 //! account files are read with it, so that a root's links cannot lead out
 //! of the root. Such a kernel is made real here with a seccomp filter that
-//! answers `openat2` with ENOSYS, as those kernels do.
+//! answers `openat2` with ENOSYS, as those kernels do; and with EPERM, as
+//! seccomp filters older than the call do (Docker before 20.10, systemd's
+//! `SystemCallErrorNumber=EPERM`).
 //!
 //! Before: a host root lost its `os_release` and `machine_id` facts with a
 //! warning on every sync (a template using them failed), and another root
@@ -14,12 +16,12 @@ use std::process::Command;
 
 use crate::support::*;
 
-/// `c`, run with `openat2` failing with ENOSYS.
-fn without_openat2(c: &mut Command) -> &mut Command {
+/// `c`, run with `openat2` failing with `errno`.
+fn without_openat2(c: &mut Command, errno: i32) -> &mut Command {
     // SAFETY: between fork and exec the closure only builds the filter on
     // its stack and makes two prctl calls, both async-signal-safe.
     unsafe {
-        c.pre_exec(|| {
+        c.pre_exec(move || {
             let stmt = |code: u32, k: u32| libc::sock_filter {
                 code: code as u16,
                 jt: 0,
@@ -38,7 +40,7 @@ fn without_openat2(c: &mut Command) -> &mut Command {
                 },
                 stmt(
                     libc::BPF_RET | libc::BPF_K,
-                    libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+                    libc::SECCOMP_RET_ERRNO | errno as u32,
                 ),
                 stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
             ];
@@ -73,6 +75,15 @@ fn os_id() -> String {
 
 #[test]
 fn the_host_root_reads_its_facts_without_openat2() {
+    the_host_root_reads_its_facts(libc::ENOSYS);
+}
+
+#[test]
+fn the_host_root_reads_its_facts_when_a_seccomp_filter_refuses_openat2() {
+    the_host_root_reads_its_facts(libc::EPERM);
+}
+
+fn the_host_root_reads_its_facts(errno: i32) {
     let repo = Repo::new();
     repo.write("driftless.toml", "roles = [\"app\"]\n")
         .write("hosts/h1.toml", "")
@@ -95,6 +106,7 @@ fn the_host_root_reads_its_facts_without_openat2() {
             .arg("--state-dir")
             .arg(state.path())
             .env("NO_COLOR", "1"),
+        errno,
     )
     .output()
     .unwrap();
@@ -116,15 +128,24 @@ fn the_host_root_reads_its_facts_without_openat2() {
 
 #[test]
 fn another_root_is_refused_without_openat2_saying_so_and_nothing_changes() {
+    another_root_is_refused(libc::ENOSYS);
+}
+
+#[test]
+fn another_root_is_refused_when_a_seccomp_filter_refuses_openat2() {
+    another_root_is_refused(libc::EPERM);
+}
+
+fn another_root_is_refused(errno: i32) {
     let host = Host::new("h1");
     let repo = simple_repo(&[("/etc/app.conf", "x\n")]);
-    let out = without_openat2(&mut host.cmd(repo.path(), &["sync", "--once"]))
+    let out = without_openat2(&mut host.cmd(repo.path(), &["sync", "--once"]), errno)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("this kernel has no openat2 (Linux 5.6 or later)")
+        stderr.contains("openat2 is not available (Linux 5.6 or later has it")
             && stderr.contains("etc/passwd"),
         "{stderr}"
     );

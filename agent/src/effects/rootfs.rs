@@ -430,9 +430,13 @@ impl RootFs {
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         let rel = rel.trim_start_matches('/');
         let opened = match openat2(&self.fd, rel, how) {
-            // Linux before 5.6 (Ubuntu 20.04's own kernel), or a seccomp
-            // filter older than the call.
-            Err(Errno::ENOSYS) => self.open_without_openat2(rel, &shown)?,
+            // Linux before 5.6 (Ubuntu 20.04's own kernel): ENOSYS. A
+            // seccomp filter older than the call: ENOSYS or EPERM (Docker
+            // before 20.10, systemd's SystemCallErrorNumber=EPERM of the
+            // units), which an open for reading gives for nothing else
+            // (permissions are EACCES); a real one comes back from the
+            // open below.
+            Err(Errno::ENOSYS | Errno::EPERM) => self.open_without_openat2(rel, &shown)?,
             opened => opened,
         };
         let fd = match opened {
@@ -455,16 +459,17 @@ impl RootFs {
     /// `RESOLVE_NO_MAGICLINKS` refused it: only someone who owns the
     /// host's own `/etc` can plant one there.) Any other root (`--root`,
     /// an image) could be left through a link, so the read is refused,
-    /// saying what is missing.
+    /// saying what is missing. "The process's root" is the path `/`
+    /// itself, not a directory that looks like it: a bind mount of `/`
+    /// elsewhere has the same device and inode, but `..` and absolute
+    /// links leave it.
     fn open_without_openat2(&self, rel: &str, shown: &str) -> Result<nix::Result<OwnedFd>> {
-        let root = nix::sys::stat::fstat(&self.fd)
-            .with_context(|| format!("cannot stat {}", self.path.display()))?;
-        let own = nix::sys::stat::stat("/").context("cannot stat /")?;
-        if (root.st_dev, root.st_ino) != (own.st_dev, own.st_ino) {
+        if self.path != Path::new("/") {
             bail!(
-                "cannot open {shown}: this kernel has no openat2 (Linux 5.6 or later), which reading a file \
-                 of a root other than / needs, so that the root's links cannot lead out of it; \
-                 run on a newer kernel, or against the root it runs in"
+                "cannot open {shown}: openat2 is not available (Linux 5.6 or later has it; a seccomp \
+                 filter may refuse it), and reading a file of a root other than / needs it, so that \
+                 the root's links cannot lead out of it; run on a newer kernel or outside that filter, \
+                 or against the root it runs in"
             );
         }
         Ok(openat(

@@ -264,21 +264,27 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Wipes and frees the file contents the changes hold, before and
-    /// after. `effects::apply` calls it once every new file is staged and
+    /// Wipes and frees the file contents the plan holds: the changes',
+    /// before and after, and those of the files it removes as absent or
+    /// purged. `effects::apply` calls it once every new file is staged and
     /// every old one backed up: from then on the transaction works from
     /// the files on disk, and a cold apply of 10,000 templates no longer
-    /// carries their 17 MB of rendered text through the commit, where
-    /// its peak RSS was reached (issue #18). A diff needs the contents:
-    /// render it before applying.
+    /// carries their 17 MB of rendered text (secrets among it) through
+    /// the switch, the checks and the commit (issue #18). A diff needs
+    /// the contents: render it before applying.
     pub fn release_contents(&mut self) {
-        for c in &mut self.changes {
+        let changes = self.changes.iter_mut().flat_map(|c| {
             let before = c.before.as_mut().map(|b| &mut b.content);
             let after = c.after.as_mut().map(|a| &mut a.content);
-            for content in before.into_iter().chain(after) {
-                zeroize::Zeroize::zeroize(content);
-                *content = Vec::new();
-            }
+            before.into_iter().chain(after)
+        });
+        let removed = self
+            .absent
+            .iter_mut()
+            .filter_map(|a| a.file.as_mut().map(|f| &mut f.content));
+        for content in changes.chain(removed) {
+            zeroize::Zeroize::zeroize(content);
+            *content = Vec::new();
         }
     }
 

@@ -189,21 +189,31 @@ fn revert_restores_bytes_modes_pruned_and_removes_new_files() {
 fn contents_are_released_once_staged_and_a_revert_still_restores_the_old_bytes() {
     let e = env();
     e.apply(&desired(&[("/etc/keep", "v1\n", 0o644)]));
-    let mut p = e.plan(&desired(&[
-        ("/etc/keep", "v2\n", 0o600),
-        ("/etc/new", "n\n", 0o644),
-    ]));
+    std::fs::write(e.path("/etc/unwanted"), "secret\n").unwrap();
+    let mut d = desired(&[("/etc/keep", "v2\n", 0o600), ("/etc/new", "n\n", 0o644)]);
+    d.absent.push(crate::desired::load::AbsentDecl {
+        path: TargetPath::parse("/etc/unwanted").unwrap(),
+        role: "r".into(),
+        origin: "test".into(),
+    });
+    let mut p = e.plan(&d);
     let held = |p: &Plan| -> usize {
-        p.changes
+        let changes = p.changes.iter().flat_map(|c| {
+            let before = c.before.as_ref().map(|b| b.content.len());
+            let after = c.after.as_ref().map(|a| a.content.len());
+            before.into_iter().chain(after)
+        });
+        let removed = p
+            .absent
             .iter()
-            .flat_map(|c| {
-                let before = c.before.as_ref().map(|b| b.content.len());
-                let after = c.after.as_ref().map(|a| a.content.len());
-                before.into_iter().chain(after)
-            })
-            .sum()
+            .filter_map(|a| a.file.as_ref().map(|f| f.content.len()));
+        changes.chain(removed).sum()
     };
-    assert_eq!(held(&p), 3 + 3 + 2, "old and new contents before applying");
+    assert_eq!(
+        held(&p),
+        3 + 3 + 2 + 7,
+        "old and new contents before applying"
+    );
     let a = apply_with(
         &e.fs,
         &e.state,
@@ -217,10 +227,12 @@ fn contents_are_released_once_staged_and_a_revert_still_restores_the_old_bytes()
     assert_eq!(held(&p), 0, "contents still held after staging");
     assert_eq!(e.read("/etc/keep").as_deref(), Some("v2\n"));
     assert_eq!(e.read("/etc/new").as_deref(), Some("n\n"));
+    assert_eq!(e.read("/etc/unwanted"), None);
     revert(&e.fs, &e.state, &a.txid).unwrap();
     assert_eq!(e.read("/etc/keep").as_deref(), Some("v1\n"));
     assert_eq!(e.mode("/etc/keep"), 0o644);
     assert_eq!(e.read("/etc/new"), None);
+    assert_eq!(e.read("/etc/unwanted").as_deref(), Some("secret\n"));
 }
 
 #[test]
