@@ -225,6 +225,20 @@ fn save_inventory_before(
     }
 }
 
+/// The saved originals of the files `plan` stops managing. Only entries
+/// with an original are looked up in the next inventory: a one-file sync
+/// at 10,000 files searched it for every entry, 140,000 path comparisons
+/// for a list that is usually empty (issue #18).
+fn released_originals(before: &Inventory, plan: &Plan) -> Vec<String> {
+    before
+        .files
+        .iter()
+        .filter_map(|(path, entry)| Some((path, entry.original.as_ref()?)))
+        .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
+        .map(|(_, original)| original.stored.clone())
+        .collect()
+}
+
 pub fn apply(
     fs: &RootFs,
     state: &StateDir,
@@ -283,12 +297,7 @@ pub fn apply_with(
         created_dirs: Vec::new(),
         ownership,
         post: None,
-        released_originals: before
-            .files
-            .iter()
-            .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
-            .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
-            .collect(),
+        released_originals: released_originals(&before, plan),
         kept: Vec::new(),
         packages: (ownership && !plan.packages.is_empty()).then(|| plan.package_record.clone()),
         accounts: (ownership && !plan.accounts.is_empty()).then(|| {
@@ -315,12 +324,7 @@ pub fn apply_with(
                 }
                 restore_with_saved_meta(state, plan);
                 journal.entries = intent(plan, &txid);
-                journal.released_originals = before
-                    .files
-                    .iter()
-                    .filter(|(path, _)| !plan.next_inventory.files.contains_key(*path))
-                    .filter_map(|(_, entry)| entry.original.as_ref().map(|o| o.stored.clone()))
-                    .collect();
+                journal.released_originals = released_originals(&before, plan);
                 journal.saved_originals = new_originals(state, plan);
                 // Durable: a torn intent after the packages stage would
                 // lose the record its undo needs.
