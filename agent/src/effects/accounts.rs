@@ -63,10 +63,6 @@ fn involved(accounts: &Accounts) -> (BTreeSet<&str>, BTreeSet<&str>) {
     (users, groups)
 }
 
-fn live(fs: &RootFs) -> bool {
-    fs.path() == Path::new("/")
-}
-
 /// Reads what exists of `accounts` (and predicts what sysusers would
 /// create, when `managed` and something is missing).
 pub fn observe(fs: &RootFs, accounts: &Accounts, managed: bool) -> Result<ObservedAccounts> {
@@ -109,7 +105,7 @@ pub fn observe(fs: &RootFs, accounts: &Accounts, managed: bool) -> Result<Observ
 /// messages (the dry run's are parsed).
 fn sysusers(fs: &RootFs, args: &[&str]) -> Result<process::Finished> {
     let mut argv = vec!["systemd-sysusers".to_string()];
-    if !live(fs) {
+    if !fs.is_host_root() {
         argv.push(format!("--root={}", fs.path().display()));
     }
     argv.extend(args.iter().map(|a| a.to_string()));
@@ -324,7 +320,7 @@ pub fn undo(
         kept.push(format!("kept {what}: {why}"));
     };
     let prefix = |argv: &mut Vec<String>| {
-        if !live(fs) {
+        if !fs.is_host_root() {
             argv.push("--prefix".into());
             argv.push(fs.path().display().to_string());
         }
@@ -436,7 +432,7 @@ fn group_stays(
     if let Some(user) = db.primary_of(gid, going)? {
         return Ok(Some(format!("it is the primary group of user {user}")));
     }
-    if live(fs) {
+    if fs.is_host_root() {
         if let Some(pid) = process_with(gid, "Gid:") {
             return Ok(Some(format!("process {pid} runs with gid {gid}")));
         }
@@ -457,7 +453,7 @@ fn user_owns(
     watched: &[PathBuf],
     scanned: &[PathBuf],
 ) -> Result<Option<String>> {
-    if live(fs) {
+    if fs.is_host_root() {
         if let Some(pid) = process_with(uid, "Uid:") {
             return Ok(Some(format!("process {pid} runs as uid {uid}")));
         }
@@ -498,7 +494,7 @@ fn owned(
 }
 
 fn home_of(fs: &RootFs, name: &str) -> Result<Option<String>> {
-    if live(fs) {
+    if fs.is_host_root() {
         return Ok(nix::unistd::User::from_name(name)
             .with_context(|| format!("cannot look up user {name:?}"))?
             .map(|u| u.dir.display().to_string()));

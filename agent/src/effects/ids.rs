@@ -6,7 +6,6 @@
 //! an image's users are not the build machine's.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -84,7 +83,7 @@ pub struct AccountDb {
 
 impl AccountDb {
     pub fn read(fs: &RootFs) -> Result<AccountDb> {
-        if fs.path() == Path::new("/") {
+        if fs.is_host_root() {
             return Ok(AccountDb { files: None });
         }
         let read = |rel: &str| -> Result<String> {

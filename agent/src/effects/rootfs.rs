@@ -56,13 +56,20 @@ impl RootFs {
         &self.path
     }
 
+    /// The root is `/` itself: the host the agent runs on, not a prefix
+    /// (`--root`, an image). A directory that merely looks like `/` (a
+    /// bind mount of it, the same device and inode) is a prefix.
+    pub fn is_host_root(&self) -> bool {
+        self.path == Path::new("/")
+    }
+
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 
     /// The path on the real filesystem, for messages only.
     pub fn display(&self, target: &TargetPath) -> String {
-        if self.path == Path::new("/") {
+        if self.is_host_root() {
             target.to_string()
         } else {
             format!("{}{}", self.path.display(), target)
@@ -226,7 +233,7 @@ impl RootFs {
     }
 
     fn display_str(&self, p: &str) -> String {
-        if self.path == Path::new("/") {
+        if self.is_host_root() {
             p.to_string()
         } else {
             format!("{}{p}", self.path.display())
@@ -448,9 +455,7 @@ impl RootFs {
             .map(Some)
             .map_err(|e| anyhow!("{shown} is {e}: not read"))
     }
-}
 
-impl RootFs {
     /// [`RootFs::read_contained`]'s open where the kernel has no
     /// `openat2`. When the root is the process's own root directory, an
     /// ordinary open resolves every link exactly as `RESOLVE_IN_ROOT`
@@ -459,12 +464,10 @@ impl RootFs {
     /// `RESOLVE_NO_MAGICLINKS` refused it: only someone who owns the
     /// host's own `/etc` can plant one there.) Any other root (`--root`,
     /// an image) could be left through a link, so the read is refused,
-    /// saying what is missing. "The process's root" is the path `/`
-    /// itself, not a directory that looks like it: a bind mount of `/`
-    /// elsewhere has the same device and inode, but `..` and absolute
-    /// links leave it.
+    /// saying what is missing. ([`RootFs::is_host_root`]: a bind mount
+    /// of `/` elsewhere is a prefix, which `..` and absolute links leave.)
     fn open_without_openat2(&self, rel: &str, shown: &str) -> Result<nix::Result<OwnedFd>> {
-        if self.path != Path::new("/") {
+        if !self.is_host_root() {
             bail!(
                 "cannot open {shown}: openat2 is not available (Linux 5.6 or later has it; a seccomp \
                  filter may refuse it), and reading a file of a root other than / needs it, so that \

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use tracing::warn;
 
 use super::apt::log_output;
-use super::{check, live, run, strings, wait_if_locked, Budget};
+use super::{check, run, strings, wait_if_locked, Budget};
 use crate::effects::rootfs::RootFs;
 
 /// What dpkg says of one package.
@@ -25,7 +25,7 @@ pub(super) enum Status {
 
 pub(super) fn dpkg_query(fs: &RootFs, names: &[&str]) -> Result<BTreeMap<String, Status>> {
     let mut argv = vec!["dpkg-query".to_string()];
-    if !live(fs) {
+    if !fs.is_host_root() {
         argv.push(format!(
             "--admindir={}",
             fs.path().join("var/lib/dpkg").display()

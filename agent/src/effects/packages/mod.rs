@@ -45,7 +45,6 @@ mod stage;
 mod undo;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -145,10 +144,6 @@ impl Budget {
     }
 }
 
-fn live(fs: &RootFs) -> bool {
-    fs.path() == Path::new("/")
-}
-
 /// Runs an apt/dpkg tool with a clean environment: C locale (its output
 /// is parsed), no questions, no needrestart prompting or restarting
 /// services behind the plan (the unit actions are the plan's).
@@ -194,7 +189,7 @@ fn strings(a: &[&str]) -> Vec<String> {
 /// [`ObservedPackages::refused`].
 pub fn observe(fs: &RootFs, decls: &[PackageDecl], root: bool) -> Result<ObservedPackages> {
     let mut out = ObservedPackages {
-        managed: root && live(fs),
+        managed: root && fs.is_host_root(),
         ..Default::default()
     };
     if decls.is_empty() {

@@ -20,9 +20,7 @@ use serde::Serialize;
 use serde_json::ser::{CharEscape, CompactFormatter, Formatter};
 use std::io;
 
-/// `value` as compact JSON (the bytes `serde_json::to_vec` writes), and
-/// whether they are canonical: every object's keys strictly increasing and
-/// nothing a `serde_json::Value` would write differently.
+/// [`append_checked`] into a buffer of its own.
 #[cfg(test)]
 pub fn to_vec_checked<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<(Vec<u8>, bool)> {
     let mut out = Vec::with_capacity(256);
@@ -30,9 +28,10 @@ pub fn to_vec_checked<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<(V
     Ok((out, canonical))
 }
 
-/// `value` as compact JSON appended to `out` (after an envelope's head,
-/// so that a large state file's data is not copied into it), and whether
-/// it is canonical, as for `to_vec_checked`.
+/// `value` as compact JSON (the bytes `serde_json::to_vec` writes)
+/// appended to `out`, and whether they are canonical: every object's keys
+/// strictly increasing and nothing a `serde_json::Value` would write
+/// differently.
 pub fn append_checked<T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
     value: &T,

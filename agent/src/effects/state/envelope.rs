@@ -98,15 +98,27 @@ pub(crate) fn encode_state_line<T: Serialize>(value: &T, format: u64) -> Result<
     if !(STATE_FORMAT..=STATE_FORMAT_MAX).contains(&format) {
         bail!("cannot write state format {format}: this driftless writes formats {STATE_FORMAT} to {STATE_FORMAT_MAX}");
     }
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(COMPACT_HEAD);
-    if super::canonical::append_checked(&mut out, value).context("cannot serialise state")? {
+    let (mut out, canonical) = head_and_data(value)?;
+    if canonical {
         close_compact_envelope(&mut out, format);
         return Ok(out);
     }
     let data = serde_json::to_value(value).context("cannot serialise state")?;
     let text = serde_json::to_vec(&data).context("cannot serialise state")?;
     Ok(compact_envelope(&text, format))
+}
+
+/// A compact envelope's head and `value`'s compact JSON after it, and
+/// whether that JSON is canonical. Written in place, so that a large
+/// file's data is not copied into its envelope afterwards (a journal of
+/// 10,000 entries is 2.5 MB, and its copy was part of a cold apply's peak
+/// RSS, issue #18).
+fn head_and_data<T: Serialize>(value: &T) -> Result<(Vec<u8>, bool)> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(COMPACT_HEAD);
+    let canonical =
+        super::canonical::append_checked(&mut out, value).context("cannot serialise state")?;
+    Ok((out, canonical))
 }
 
 /// How a compact envelope starts; its data follows.
@@ -159,13 +171,7 @@ pub fn encode_state<T: Serialize>(value: &T, format: u64) -> Result<Vec<u8>> {
     // sorted) serialises to. A type whose fields are declared in order
     // serialises to exactly that by itself (checked while it is written,
     // every time: `canonical`), so the tree is built only for the others.
-    // Written after the compact envelope's head, so that a large file's
-    // data is not copied into it (a journal of 10,000 entries is 2.5 MB,
-    // and its copy was part of a cold apply's peak RSS, issue #18).
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(COMPACT_HEAD);
-    let canonical =
-        super::canonical::append_checked(&mut out, value).context("cannot serialise state")?;
+    let (mut out, canonical) = head_and_data(value)?;
     if canonical {
         let direct = &out[COMPACT_HEAD.len()..];
         if direct.len() > PRETTY_UP_TO {
