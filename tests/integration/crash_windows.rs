@@ -457,29 +457,63 @@ fn campaign(check_passes: bool, logged: bool) -> usize {
     for m in must {
         assert!(points.iter().any(|p| p == m), "{m} not reached: {points:?}");
     }
-    let mut kills = 0;
-    for first in &points {
-        let host = host_at_old(&s);
-        killed_at(&host, &s, first);
-        kills += 1;
-        assert_converges(&host, &s, check_passes, &format!("a kill at {first}"));
-
-        // The run after that kill recovers: kill it at each of its points.
-        let host = host_at_old(&s);
-        killed_at(&host, &s, first);
-        let (_, then) = trace_run(&host, &s);
-        for second in &then {
-            let host = host_at_old(&s);
-            killed_at(&host, &s, first);
-            killed_at(&host, &s, second);
-            kills += 2;
-            assert_converges(
-                &host,
-                &s,
-                check_passes,
-                &format!("a kill at {first}, then one at {second}"),
-            );
+    // The kills are independent (a fresh host each), and each run spends
+    // most of its time waiting for the disk (its barriers), not on a
+    // core: a few workers run them side by side. Each worker has its own
+    // repository, whose check reads its own hosts' `a.conf`; the points
+    // are the same in every one (the same files, links and accounts).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let kills = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for worker in 0..WORKERS {
+            let (s, next, kills, points) = (&s, &next, &kills, &points);
+            scope.spawn(move || {
+                let own;
+                let s = if worker == 0 {
+                    s
+                } else {
+                    own = scenario(check_passes, logged);
+                    &own
+                };
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(first) = points.get(i) else { break };
+                    let n = kills_from(s, check_passes, first);
+                    kills.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
         }
+    });
+    kills.into_inner()
+}
+
+/// How many kills run at once (see `campaign`).
+const WORKERS: usize = 4;
+
+/// A kill at `first`; then, on fresh hosts, the same kill followed by one
+/// of the recovering run at each failpoint it reaches. Returns the number
+/// of kills.
+fn kills_from(s: &Scenario, check_passes: bool, first: &str) -> usize {
+    let host = host_at_old(s);
+    killed_at(&host, s, first);
+    let mut kills = 1;
+    assert_converges(&host, s, check_passes, &format!("a kill at {first}"));
+
+    // The run after that kill recovers: kill it at each of its points.
+    let host = host_at_old(s);
+    killed_at(&host, s, first);
+    let (_, then) = trace_run(&host, s);
+    for second in &then {
+        let host = host_at_old(s);
+        killed_at(&host, s, first);
+        killed_at(&host, s, second);
+        kills += 2;
+        assert_converges(
+            &host,
+            s,
+            check_passes,
+            &format!("a kill at {first}, then one at {second}"),
+        );
     }
     kills
 }
