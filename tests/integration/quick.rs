@@ -516,16 +516,48 @@ fn the_configuration_cache_serves_only_commits_that_left_the_configuration_alone
     repo.commit("a new file nothing uses");
     sync("a new file nothing uses", false);
 
-    // A damaged cache: one byte of its data flipped, then cut short.
-    for (step, damage) in [("a flipped byte", 0usize), ("a torn cache", 1usize)] {
+    // A damaged line this sync does not need (b.conf's, when a.conf's
+    // template changes): not read, so not noticed, and nothing of it used.
+    let flip_in_line = |path: &str| {
         let mut bytes = std::fs::read(&cache).unwrap();
-        if damage == 0 {
-            let at = bytes.len() - 40;
-            bytes[at] ^= 0x01;
-        } else {
-            bytes.truncate(bytes.len() / 2);
-        }
+        let needle = format!("\"{path}\"\t");
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .unwrap_or_else(|| panic!("no line of {path} in the cache"));
+        bytes[at + needle.len() + 2] ^= 0x01;
         std::fs::write(&cache, &bytes).unwrap();
+    };
+    flip_in_line("/etc/app/b.conf");
+    repo.write("roles/app/files/a.tera", "v3 {{ vars.greeting }}\n");
+    repo.commit("a template, with another file's line damaged");
+    sync("a template, with another file's line damaged", true);
+    assert_eq!(host.read("/etc/app/a.conf").unwrap(), "v3 hello\n");
+
+    // A damaged cache: one byte flipped in the line the sync needs, or in
+    // the configuration, or the file cut short.
+    for (step, damage) in [
+        ("a flipped byte in a needed line", 0usize),
+        ("a flipped byte in the configuration", 1),
+        ("a torn cache", 2),
+    ] {
+        match damage {
+            0 => flip_in_line("/etc/app/a.conf"),
+            1 => {
+                let mut bytes = std::fs::read(&cache).unwrap();
+                let at = bytes
+                    .windows(8)
+                    .position(|w| w == b"\"vars\":{")
+                    .expect("the configuration's variables");
+                bytes[at + 9] ^= 0x01;
+                std::fs::write(&cache, &bytes).unwrap();
+            }
+            _ => {
+                let mut bytes = std::fs::read(&cache).unwrap();
+                bytes.truncate(bytes.len() / 2);
+                std::fs::write(&cache, &bytes).unwrap();
+            }
+        }
         repo.write(
             "roles/app/files/a.tera",
             &format!("{step} {{{{ vars.greeting }}}}\n"),

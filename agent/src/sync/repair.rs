@@ -116,22 +116,22 @@ fn plan_inner(
     // file that is not self-contained. From the cache, only those are
     // decoded; loaded, they are picked from all.
     let changed = !changed_in_repo.is_empty();
-    let not_contained: BTreeSet<&str> = record
+    let not_contained = record
         .files
         .iter()
         .filter(|(_, _, contained)| !contained)
-        .map(|(p, _, _)| p.as_str())
-        .collect();
-    let drifted_paths: BTreeSet<&str> = drifted.iter().map(TargetPath::as_str).collect();
-    let needed = |path: &str, own: Option<&str>| {
-        drifted_paths.contains(path)
-            || (changed && not_contained.contains(path))
-            || own.is_some_and(|p| changed_in_repo.contains(p))
-    };
+        .map(|(p, _, _)| p.as_str());
+    let mut wanted_paths: BTreeSet<&str> = drifted.iter().map(TargetPath::as_str).collect();
+    if changed {
+        wanted_paths.extend(not_contained);
+    }
+    let wanted_sources: BTreeSet<&str> = changed_in_repo.iter().map(String::as_str).collect();
     let want = config_cache::Want {
         declared: config_cache::paths_digest(record.files.iter().map(|(p, _, _)| p)),
-        select: &needed,
+        paths: &wanted_paths,
+        sources: &wanted_sources,
     };
+    let needed = |path: &str, own: Option<&str>| want.selects(path, own);
     // Loading reads through symbolic links: a `role.toml` (or host file,
     // or `driftless.toml`) that links to a file under `files/` changes
     // with it. So a tree with any link is loaded again (links in a

@@ -2,6 +2,7 @@ use super::*;
 use crate::desired::load::load_host;
 use crate::desired::snapshot::Snapshot;
 use crate::desired::spec::TargetPath;
+use std::collections::BTreeSet;
 
 fn opts() -> LoadOptions {
     LoadOptions {
@@ -183,7 +184,7 @@ state = "absent"
 
 fn round_trip(config: &HostConfig) -> HostConfig {
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    decode(&bytes, &key(), &name, &opts(), None).unwrap()
+    decode(bytes.as_slice(), &key(), &name, &opts(), None).unwrap()
 }
 
 #[test]
@@ -231,7 +232,7 @@ fn the_bundled_examples_come_back_as_they_were_loaded() {
             let config =
                 load_host(&snap, &host, &opts).unwrap_or_else(|e| panic!("{name} {host}: {e}"));
             let (bytes, cache) = encode(&key(), &mut config.clone()).unwrap();
-            let back = decode(&bytes, &key(), &cache, &opts, None).unwrap();
+            let back = decode(bytes.as_slice(), &key(), &cache, &opts, None).unwrap();
             assert_eq!(
                 format!("{back:#?}"),
                 format!("{config:#?}"),
@@ -247,8 +248,8 @@ fn the_bundled_examples_come_back_as_they_were_loaded() {
 fn hook_environments_are_kept_whole_in_the_cache_only() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     let (bytes, _) = encode(&key(), &mut config.clone()).unwrap();
-    let text = String::from_utf8(bytes).unwrap();
-    assert!(text.contains("hook-env-value"));
+    let (_, head, _, _) = parts(&bytes);
+    assert!(String::from_utf8_lossy(head).contains("hook-env-value"));
     // ...while a plan or status shows only the names, as before.
     let shown = serde_json::to_string(&config.hooks).unwrap();
     assert!(
@@ -261,7 +262,7 @@ fn hook_environments_are_kept_whole_in_the_cache_only() {
 fn anything_but_the_named_cache_for_this_key_is_a_miss() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    assert!(decode(&bytes, &key(), &name, &opts(), None).is_ok());
+    assert!(decode(bytes.as_slice(), &key(), &name, &opts(), None).is_ok());
     // Another host, other options, another build of the agent.
     for other in [
         Key::of("web2", &opts(), "test build"),
@@ -276,11 +277,11 @@ fn anything_but_the_named_cache_for_this_key_is_a_miss() {
         Key::of("web1", &opts(), "another build"),
     ] {
         assert_ne!(other, key());
-        let err = decode(&bytes, &other, &name, &opts(), None).unwrap_err();
+        let err = decode(bytes.as_slice(), &other, &name, &opts(), None).unwrap_err();
         assert!(format!("{err:#}").contains("another host"), "{err:#}");
     }
     // Not the cache the quick record names.
-    let err = decode(&bytes, &key(), &"0".repeat(64), &opts(), None).unwrap_err();
+    let err = decode(bytes.as_slice(), &key(), &"0".repeat(64), &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("quick record"), "{err:#}");
     // Torn anywhere, or one byte flipped anywhere: never a config.
     for cut in (0..bytes.len()).step_by(97) {
@@ -293,7 +294,7 @@ fn anything_but_the_named_cache_for_this_key_is_a_miss() {
         let mut flipped = bytes.clone();
         flipped[at] ^= 0x20;
         assert!(
-            decode(&flipped, &key(), &name, &opts(), None).is_err(),
+            decode(flipped.as_slice(), &key(), &name, &opts(), None).is_err(),
             "flip at {at}"
         );
     }
@@ -306,11 +307,11 @@ fn a_cached_path_outside_the_allowed_roots_is_a_miss() {
     let mut config = load_host(&everything(), "web1", &opts()).unwrap();
     config.files[0].path = TargetPath::parse("/etc/driftless/agent.toml").unwrap();
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    let err = decode(&bytes, &key(), &name, &opts(), None).unwrap_err();
+    let err = decode(bytes.as_slice(), &key(), &name, &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("/etc/driftless"), "{err:#}");
     config.files[0].path = TargetPath::parse("/usr/bin/x").unwrap();
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    let err = decode(&bytes, &key(), &name, &opts(), None).unwrap_err();
+    let err = decode(bytes.as_slice(), &key(), &name, &opts(), None).unwrap_err();
     assert!(format!("{err:#}").contains("allowed roots"), "{err:#}");
 }
 
@@ -334,21 +335,45 @@ fn a_cache_is_saved_and_loaded_through_the_state_directory() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
-/// `bytes` with its data replaced by `edit(data)` and the checksum and
-/// name made to match: what only a forger, not a torn write, produces.
+/// The parts of an encoded cache: its header, the configuration's line,
+/// the index and the lines.
+fn parts(bytes: &[u8]) -> (Header, &[u8], &[u8], &[u8]) {
+    let rest = &bytes[MAGIC.len() + 1..];
+    let split = rest.iter().position(|&b| b == b'\n').unwrap();
+    let header: Header = serde_json::from_slice(&rest[..split]).unwrap();
+    let rest = &rest[split + 1..];
+    let (head, rest) = rest.split_at(header.config as usize);
+    let (index, lines) = rest.split_at(header.files * RECORD);
+    (header, head, index, lines)
+}
+
+/// `bytes` with its lines replaced by `edit(lines)`, its index made again
+/// from each new line's own prefix, and the checksum and name made to
+/// match: what only a forger, not a torn write, produces. The header's
+/// count of files is left as it was.
 fn forged(bytes: &[u8], edit: impl Fn(&str) -> String) -> (Vec<u8>, String) {
-    let text = std::str::from_utf8(bytes).unwrap();
-    let mut parts = text.splitn(3, '\n');
-    let (magic, _, data) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
-    let data = edit(data);
+    let (header, head, _, lines) = parts(bytes);
+    let lines = edit(std::str::from_utf8(lines).unwrap());
+    let mut index = Vec::new();
+    for line in lines.split_inclusive('\n') {
+        let mut prefix = line.splitn(3, '\t');
+        let path: String = serde_json::from_str(prefix.next().unwrap()).unwrap();
+        let source: Option<String> = serde_json::from_str(prefix.next().unwrap()).unwrap();
+        Record::of(&path, source.as_deref(), line.as_bytes())
+            .unwrap()
+            .write(&mut index);
+    }
     let name = "forged".to_string();
-    let header = serde_json::to_string(&Header {
-        crc32: crc32fast::hash(data.as_bytes()),
-        key: key().0,
+    let header = Header {
+        crc32: checksum(header.config, header.files, &header.paths, head, &index),
         name: name.clone(),
-    })
-    .unwrap();
-    (format!("{magic}\n{header}\n{data}").into_bytes(), name)
+        ..header
+    };
+    let mut out = format!("{MAGIC}\n{}\n", serde_json::to_string(&header).unwrap()).into_bytes();
+    out.extend_from_slice(head);
+    out.extend_from_slice(&index);
+    out.extend_from_slice(lines.as_bytes());
+    (out, name)
 }
 
 fn declared(config: &HostConfig) -> String {
@@ -358,27 +383,24 @@ fn declared(config: &HostConfig) -> String {
 }
 
 #[test]
-fn only_the_selected_declarations_are_decoded_and_they_are_the_loaded_ones() {
+fn only_the_selected_declarations_are_read_and_they_are_the_loaded_ones() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    let asked = std::cell::RefCell::new(Vec::new());
-    let select = |path: &str, own: Option<&str>| {
-        asked
-            .borrow_mut()
-            .push((path.to_string(), own.map(str::to_string)));
-        path == "/etc/web/secret.env" || own == Some("roles/web/files/site.conf.tera")
-    };
+    let paths: BTreeSet<&str> = ["/etc/web/secret.env"].into_iter().collect();
+    let sources: BTreeSet<&str> = ["roles/web/files/site.conf.tera"].into_iter().collect();
     let want = Want {
         declared: declared(&config),
-        select: &select,
+        paths: &paths,
+        sources: &sources,
     };
-    let back = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap();
     let picked: Vec<&FileDecl> = config
         .files
         .iter()
         .filter(|f| ["/etc/web/secret.env", "/etc/web/site.conf"].contains(&f.path.as_str()))
         .collect();
     assert_eq!(picked.len(), 2);
+    assert!(config.files.len() > 4, "{}", config.files.len());
+    let back = decode(bytes.as_slice(), &key(), &name, &opts(), Some(&want)).unwrap();
     assert_eq!(format!("{:#?}", back.files), format!("{picked:#?}"));
     // Everything but the files is whole.
     let rest = |c: &HostConfig| {
@@ -387,37 +409,82 @@ fn only_the_selected_declarations_are_decoded_and_they_are_the_loaded_ones() {
         format!("{c:#?}")
     };
     assert_eq!(rest(&back), rest(&config));
-    // Each declaration was offered once, with its own source (none for a
-    // secret, what a generated file came from).
-    let asked = asked.into_inner();
-    assert_eq!(asked.len(), config.files.len());
-    for f in &config.files {
-        assert!(
-            asked.contains(&(
-                f.path.to_string(),
-                f.content.own_source().map(str::to_string)
-            )),
-            "{} not offered as itself: {asked:?}",
-            f.path
+    // The other lines are not read: damaged (their checksums no longer
+    // match), they fail a whole read and not this one.
+    let (_, head, index, lines) = parts(&bytes);
+    let lines_at = bytes.len() - lines.len();
+    let mut damaged = bytes.clone();
+    let mut at = lines_at;
+    for (f, record) in config.files.iter().zip(index.chunks_exact(RECORD)) {
+        let len = Record::read(record).len as usize;
+        if !picked.iter().any(|p| p.path == f.path) {
+            damaged[at] ^= 0x20;
+        }
+        at += len;
+    }
+    assert_eq!(at, bytes.len());
+    assert!(!head.is_empty());
+    let back = decode(damaged.as_slice(), &key(), &name, &opts(), Some(&want)).unwrap();
+    assert_eq!(format!("{:#?}", back.files), format!("{picked:#?}"));
+    let err = decode(damaged.as_slice(), &key(), &name, &opts(), None).unwrap_err();
+    assert!(format!("{err:#}").contains("checksum"), "{err:#}");
+    // A selected line that is damaged is a miss.
+    let mut at = lines_at;
+    let mut one = bytes.clone();
+    for (f, record) in config.files.iter().zip(index.chunks_exact(RECORD)) {
+        if f.path.as_str() == "/etc/web/site.conf" {
+            one[at + 3] ^= 0x20;
+        }
+        at += Record::read(record).len as usize;
+    }
+    let err = decode(one.as_slice(), &key(), &name, &opts(), Some(&want)).unwrap_err();
+    assert!(format!("{err:#}").contains("checksum"), "{err:#}");
+}
+
+/// More wanted lines than are worth a `pread` each are read in one go:
+/// the same declarations either way.
+#[test]
+fn many_selected_declarations_are_the_same_as_few() {
+    let mut config = load_host(&everything(), "web1", &opts()).unwrap();
+    let template = config.files[0].clone();
+    for i in 0..(LINE_READS * 2) {
+        let mut f = template.clone();
+        f.path = TargetPath::parse(&format!("/etc/many/{i:04}")).unwrap();
+        config.files.push(f);
+    }
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let every: Vec<String> = config.files.iter().map(|f| f.path.to_string()).collect();
+    let none = BTreeSet::new();
+    for take in [1, LINE_READS, LINE_READS + 1, every.len()] {
+        let paths: BTreeSet<&str> = every.iter().take(take).map(String::as_str).collect();
+        let want = Want {
+            declared: declared(&config),
+            paths: &paths,
+            sources: &none,
+        };
+        let back = decode(bytes.as_slice(), &key(), &name, &opts(), Some(&want)).unwrap();
+        let expected: Vec<&FileDecl> = config.files.iter().take(take).collect();
+        assert_eq!(
+            format!("{:?}", back.files),
+            format!("{expected:?}"),
+            "{take}"
         );
     }
-    assert!(asked
-        .iter()
-        .any(|(p, own)| p == "/etc/web/secret.env" && own.is_none()));
 }
 
 #[test]
 fn a_cache_declaring_other_files_than_the_record_holds_is_a_miss() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
-    let all = |_: &str, _: Option<&str>| true;
     let mut fewer: Vec<&TargetPath> = config.files.iter().skip(1).map(|f| &f.path).collect();
     fewer.sort();
+    let none = BTreeSet::new();
     let want = Want {
         declared: paths_digest(fewer),
-        select: &all,
+        paths: &none,
+        sources: &none,
     };
-    let err = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap_err();
+    let err = decode(bytes.as_slice(), &key(), &name, &opts(), Some(&want)).unwrap_err();
     assert!(format!("{err:#}").contains("other files"), "{err:#}");
 }
 
@@ -425,10 +492,14 @@ fn a_cache_declaring_other_files_than_the_record_holds_is_a_miss() {
 fn a_line_whose_prefix_is_not_its_declaration_is_a_miss() {
     let config = load_host(&everything(), "web1", &opts()).unwrap();
     let (bytes, _) = encode(&key(), &mut config.clone()).unwrap();
-    let all = |_: &str, _: Option<&str>| true;
+    let paths: BTreeSet<&str> = config.files.iter().map(|f| f.path.as_str()).collect();
+    let sources: BTreeSet<&str> = ["roles/web/files/site.conf.tera", "roles/web/files/plain"]
+        .into_iter()
+        .collect();
     let want = Want {
         declared: declared(&config),
-        select: &all,
+        paths: &paths,
+        sources: &sources,
     };
     // Another path, or another source, in front of a declaration.
     for (from, to) in [
@@ -443,16 +514,34 @@ fn a_line_whose_prefix_is_not_its_declaration_is_a_miss() {
             assert!(d.contains(from), "{from} not in {d}");
             d.replacen(from, to, 1)
         });
-        let err = decode(&bytes, &key(), &name, &opts(), Some(&want)).unwrap_err();
-        assert!(format!("{err:#}").contains("prefix"), "{err:#}");
+        for want in [Some(&want), None] {
+            let err = decode(bytes.as_slice(), &key(), &name, &opts(), want).unwrap_err();
+            assert!(format!("{err:#}").contains("prefix"), "{err:#}");
+        }
     }
+    // A line whose index record is another's: its prefix is checked
+    // against the record.
+    let (header, head, index, lines) = parts(&bytes);
+    let mut swapped = index.to_vec();
+    swapped[..4].copy_from_slice(&index[RECORD..RECORD + 4]);
+    let header = Header {
+        crc32: checksum(header.config, header.files, &header.paths, head, &swapped),
+        ..header
+    };
+    let mut out = format!("{MAGIC}\n{}\n", serde_json::to_string(&header).unwrap()).into_bytes();
+    out.extend_from_slice(head);
+    out.extend_from_slice(&swapped);
+    out.extend_from_slice(lines);
+    let err = decode(out.as_slice(), &key(), &header.name, &opts(), None).unwrap_err();
+    assert!(format!("{err:#}").contains("index record"), "{err:#}");
     // A file line dropped: torn, whatever the checksum says.
     let (bytes, name) = forged(&bytes, |d| {
         let mut lines: Vec<&str> = d.split_terminator('\n').collect();
         lines.pop();
         lines.iter().map(|l| format!("{l}\n")).collect()
     });
-    assert!(decode(&bytes, &key(), &name, &opts(), None).is_err());
+    let err = decode(bytes.as_slice(), &key(), &name, &opts(), None).unwrap_err();
+    assert!(format!("{err:#}").contains("checksum"), "{err:#}");
 }
 
 /// The bug this guards against: a damaged or sparse `config.cache` of any
@@ -470,7 +559,28 @@ fn a_cache_larger_than_any_configuration_is_a_miss_and_is_not_read() {
         .open(dir.path().join(FILE))
         .unwrap();
     f.set_len(MAX_BYTES + 1).unwrap();
-    // (That the size alone refuses it, unread, is pinned where the reading
-    // is: `read_nofollow_up_to`.)
+    // Refused by its size, unread: `load` asks the file's size before it
+    // reads a byte.
     assert!(load(&state, &key(), &name, &opts(), None).is_none());
+}
+
+/// The checked-in fuzz seed is a cache of this format that decodes (so
+/// the fuzzer starts past the header, the index and the checksums): made
+/// again when the format changes.
+#[test]
+fn the_fuzz_seed_is_a_cache_that_decodes() {
+    let seed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/state_file/config_cache"
+    ))
+    .unwrap();
+    assert_eq!(
+        seed[0] % 9,
+        7,
+        "the state_file target's arm for config.cache"
+    );
+    let (bytes, key, opts) = fuzz_cache(&seed[1..]).unwrap();
+    let config = decode(bytes.as_slice(), &key, "n", &opts, None).unwrap();
+    assert_eq!(config.files.len(), usize::from(seed[1]));
+    assert!(config.files.len() > 1);
 }
