@@ -381,6 +381,29 @@ fn commits_update_exactly_what_a_full_sync_would() {
     }
 }
 
+/// A drift repair renders only the drifted file; the record it writes
+/// must keep, for every other file, whether it depends on more than its
+/// own template. The bug this guards against: a file that includes a role
+/// partial recorded as self-contained after a repair of another file, so
+/// that the next commit changing the partial left it stale.
+#[test]
+fn after_a_drift_repair_a_changed_partial_still_renders_the_file_that_includes_it() {
+    let repo = layered_repo();
+    let host = Host::new("h");
+    host.sync(repo.path()).ok();
+    settle(&host, &repo);
+    std::fs::write(host.path("/etc/app/plain.conf"), "edited\n").unwrap();
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stdout.contains("1 changed"), "{}", run.stdout);
+    settle(&host, &repo);
+    repo.write("roles/app/files/part.tera", "part v2");
+    repo.commit("the partial");
+    let run = host.sync(repo.path()).ok();
+    assert!(run.stdout.contains("1 changed"), "{}", run.stdout);
+    assert_eq!(host.read("/etc/app/partial.conf").unwrap(), "part v2\n");
+    assert_same_as_a_full_sync(&host, &repo, "a partial after a drift repair");
+}
+
 #[test]
 fn drift_and_a_new_commit_together_are_both_applied() {
     let repo = layered_repo();

@@ -16,7 +16,7 @@ use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::{stamp_path, RootFs};
 use crate::effects::state::{quick as store, StateDir};
 use crate::plan::quick::{self, Inputs, QuickRecord, Stamp, QUICK_VERSION};
-use crate::plan::Plan;
+use crate::plan::{CarriedContained, Plan};
 
 /// The digest of everything besides the commit that rendering depends on.
 pub fn inputs(settings: &Settings, facts: &Json) -> String {
@@ -159,8 +159,12 @@ pub fn assess(
 /// What a successful sync left under management, for [`record`].
 pub struct Managed<'a> {
     pub files: &'a [&'a TargetPath],
-    /// The files whose content depends only on their own source.
+    /// The files whose content depends only on their own source (of
+    /// those planned, when `carried` is given).
     pub self_contained: &'a BTreeSet<TargetPath>,
+    /// Where the flags of the files a repair did not plan are (see
+    /// `Plan::contained_carried`).
+    pub carried: Option<&'a CarriedContained>,
     pub links: &'a [&'a TargetPath],
     /// Every declared absent path.
     pub absent: &'a [TargetPath],
@@ -217,7 +221,7 @@ const UNSTAMPED: Stamp = Stamp {
 fn file_lines<'p>(
     fs: &RootFs,
     managed: &[&'p TargetPath],
-    self_contained: &BTreeSet<TargetPath>,
+    (self_contained, carried): (&BTreeSet<TargetPath>, Option<&CarriedContained>),
     verified: Option<&Verified>,
     written: &BTreeSet<&TargetPath>,
 ) -> Option<Vec<(&'p TargetPath, Stamp, bool)>> {
@@ -225,7 +229,18 @@ fn file_lines<'p>(
     // path out of order is looked up).
     let mut contained = self_contained.iter().peekable();
     let mut last: Option<&'p TargetPath> = None;
+    // A carried file's flag is the record's, found by a merge too (the
+    // record is in path order; a path it does not hold where the merge
+    // looks reads as not self-contained, which only makes the next
+    // commit render it again).
+    let mut carried = carried.map(|c| (c.record.files.iter().peekable(), &c.planned));
     let mut is_contained = |p: &'p TargetPath| {
+        if let Some((record, _)) = carried.as_mut().filter(|(_, planned)| !planned.contains(p)) {
+            while record.next_if(|(q, _, _)| q < p).is_some() {}
+            return record
+                .next_if(|(q, _, _)| q == p)
+                .is_some_and(|(_, _, c)| *c);
+        }
         let yes = if last.is_some_and(|l| l >= p) {
             self_contained.contains(p)
         } else {
@@ -285,6 +300,7 @@ pub fn record(
     let Managed {
         files: managed,
         self_contained,
+        carried,
         links,
         absent,
         directories,
@@ -301,7 +317,7 @@ pub fn record(
     let saved = store::save(state, |taken_at_ns| {
         // A managed file that cannot be stamped right after a successful
         // sync is odd: record nothing, so the next poll looks properly.
-        let files = file_lines(fs, managed, self_contained, verified, written)?;
+        let files = file_lines(fs, managed, (self_contained, carried), verified, written)?;
         // Likewise a link; and an absent path that exists right after
         // the sync (re-created at once) is simply not recorded as held.
         let links = links
@@ -394,8 +410,14 @@ mod tests {
         let self_contained = BTreeSet::from([all[3].clone()]);
         let managed: Vec<&TargetPath> = all.iter().collect();
 
-        let lines = file_lines(&fs, &managed, &self_contained, Some(&verified), &written)
-            .expect("every file can be stamped");
+        let lines = file_lines(
+            &fs,
+            &managed,
+            (&self_contained, None),
+            Some(&verified),
+            &written,
+        )
+        .expect("every file can be stamped");
         // An entry of the old record no longer managed is skipped.
         let mut with_gone = verified.record.as_ref().clone();
         with_gone.files.insert(
@@ -407,7 +429,14 @@ mod tests {
             drifted: verified.drifted.clone(),
         };
         assert_eq!(
-            file_lines(&fs, &managed, &self_contained, Some(&skipping), &written).as_ref(),
+            file_lines(
+                &fs,
+                &managed,
+                (&self_contained, None),
+                Some(&skipping),
+                &written
+            )
+            .as_ref(),
             Some(&lines)
         );
         let want = |i: usize, stamp: Option<Stamp>, contained: bool| {
@@ -429,11 +458,50 @@ mod tests {
         );
 
         // Without a verified record, every stamp is fresh.
-        let fresh = file_lines(&fs, &managed, &self_contained, None, &written)
+        let fresh = file_lines(&fs, &managed, (&self_contained, None), None, &written)
             .expect("every file can be stamped");
         let stamps: Vec<Option<Stamp>> = fresh.iter().map(|(_, s, _)| Some(*s)).collect();
         assert_eq!(stamps, now);
         assert!(fresh[3].2 && !fresh[0].2);
+    }
+
+    /// A repair plans only some files: the others keep the record's
+    /// flags, the planned ones take the plan's (which may differ from the
+    /// record's), and a file the record does not hold is not flagged.
+    #[test]
+    fn files_a_repair_carried_keep_the_records_flags_and_planned_ones_the_plans() {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        std::fs::create_dir(root.path().join("etc")).expect("etc/");
+        for name in ["a", "b", "c", "d", "e", "f"] {
+            std::fs::write(root.path().join("etc").join(name), name).expect("a file");
+        }
+        let fs = RootFs::open(root.path()).expect("the root");
+        let all = paths(&["/etc/a", "/etc/b", "/etc/c", "/etc/d", "/etc/e", "/etc/f"]);
+        let managed: Vec<&TargetPath> = all.iter().collect();
+        // The record: a, c, d and f self-contained; e not in it.
+        let record = QuickRecord::example(
+            [(0, true), (1, false), (2, true), (3, true), (5, true)]
+                .into_iter()
+                .map(|(i, c)| (all[i].clone(), UNSTAMPED, c))
+                .collect(),
+        );
+        // Planned: c (no longer self-contained) and b (now it is).
+        let carried = CarriedContained {
+            record: Arc::new(record),
+            planned: BTreeSet::from([all[1].clone(), all[2].clone()]),
+        };
+        let self_contained = BTreeSet::from([all[1].clone()]);
+        let written = BTreeSet::new();
+        let lines = file_lines(
+            &fs,
+            &managed,
+            (&self_contained, Some(&carried)),
+            None,
+            &written,
+        )
+        .expect("every file can be stamped");
+        let flags: Vec<bool> = lines.iter().map(|(_, _, c)| *c).collect();
+        assert_eq!(flags, [true, true, false, true, false, true]);
     }
 
     /// A list out of path order (the inventory's is in order; this is the
@@ -449,8 +517,14 @@ mod tests {
         let all = paths(&["/etc/b", "/etc/d", "/etc/a", "/etc/c"]);
         let managed: Vec<&TargetPath> = all.iter().collect();
         let self_contained = BTreeSet::from([all[3].clone(), all[0].clone()]);
-        let lines = file_lines(&fs, &managed, &self_contained, None, &BTreeSet::new())
-            .expect("every file can be stamped");
+        let lines = file_lines(
+            &fs,
+            &managed,
+            (&self_contained, None),
+            None,
+            &BTreeSet::new(),
+        )
+        .expect("every file can be stamped");
         let flags: Vec<(&str, bool)> = lines.iter().map(|(p, _, c)| (p.as_str(), *c)).collect();
         assert_eq!(
             flags,
@@ -493,9 +567,12 @@ mod tests {
         let written = BTreeSet::from([&all[1]]);
         let none = BTreeSet::new();
         assert_eq!(
-            file_lines(&fs, &managed, &none, Some(&verified), &written),
+            file_lines(&fs, &managed, (&none, None), Some(&verified), &written),
             None
         );
-        assert_eq!(file_lines(&fs, &managed, &none, None, &written), None);
+        assert_eq!(
+            file_lines(&fs, &managed, (&none, None), None, &written),
+            None
+        );
     }
 }

@@ -30,6 +30,7 @@
 //! cache the record names (`effects::state::config_cache`).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tracing::debug;
 
@@ -40,7 +41,7 @@ use crate::desired::spec::TargetPath;
 use crate::effects::rootfs::RootFs;
 use crate::effects::state::{config_cache, StateDir};
 use crate::plan::quick::QuickRecord;
-use crate::plan::Plan;
+use crate::plan::{CarriedContained, Plan};
 
 /// The plan that brings the host from the record's commit to the fetched
 /// commit (`changes`: what differs between their trees, when they are not
@@ -52,7 +53,7 @@ pub fn plan(
     fs: &RootFs,
     fetched: &Fetched,
     facts: &serde_json::Value,
-    record: &QuickRecord,
+    record: &Arc<QuickRecord>,
     drifted: &BTreeSet<TargetPath>,
     changes: Option<&[Changed]>,
 ) -> Option<Plan> {
@@ -81,7 +82,7 @@ fn plan_inner(
     fs: &RootFs,
     fetched: &Fetched,
     facts: &serde_json::Value,
-    record: &QuickRecord,
+    record: &Arc<QuickRecord>,
     drifted: &BTreeSet<TargetPath>,
     changes: Option<&[Changed]>,
 ) -> anyhow::Result<Plan> {
@@ -181,13 +182,9 @@ fn plan_inner(
     )
     .map_err(|e| e.error)?;
     plan.config_cache = cache;
-    plan.self_contained.append(
-        &mut record
-            .files
-            .iter()
-            .filter(|(p, _, contained)| *contained && !affected.contains(p))
-            .map(|(p, _, _)| p.clone())
-            .collect(),
-    );
+    plan.contained_carried = Some(CarriedContained {
+        record: record.clone(),
+        planned: affected,
+    });
     Ok(plan)
 }

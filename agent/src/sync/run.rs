@@ -597,6 +597,7 @@ fn apply_phase(
         quick::Managed {
             files: &inventory.files.keys().collect::<Vec<_>>(),
             self_contained: &plan.self_contained,
+            carried: plan.contained_carried.as_ref(),
             links: &inventory.links.keys().collect::<Vec<_>>(),
             absent: &plan.absent_paths,
             directories: &inventory.directories.keys().collect::<Vec<_>>(),
