@@ -258,23 +258,25 @@ impl Inventory {
     /// and that are not managed directories themselves, deepest first: the
     /// ones to remove if they are empty.
     pub fn unneeded_dirs(&self) -> Vec<TargetPath> {
-        // Keys are in string order, so the files under `d` follow `d/`.
-        let mut files: Vec<&str> = self
-            .files
-            .keys()
-            .chain(self.links.keys())
-            .chain(self.directories.keys())
-            .map(TargetPath::as_str)
-            .collect();
-        files.sort_unstable();
+        // Keys are in string order, so the first key from `d/` on is under
+        // `d` if any is: one search per created directory, not a sorted
+        // list of every path (half a millisecond of a one-file sync at
+        // 10,000 files, which usually has one such directory).
+        fn any_under<V>(map: &BTreeMap<TargetPath, V>, prefix: &str) -> bool {
+            use std::ops::Bound;
+            map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+                .next()
+                .is_some_and(|(k, _)| k.as_str().starts_with(prefix))
+        }
         let mut out: Vec<TargetPath> = self
             .dirs
             .iter()
             .filter(|d| !self.directories.contains_key(*d))
             .filter(|d| {
                 let prefix = format!("{}/", d.as_str());
-                let i = files.partition_point(|f| *f < prefix.as_str());
-                !files.get(i).is_some_and(|f| f.starts_with(&prefix))
+                !(any_under(&self.files, &prefix)
+                    || any_under(&self.links, &prefix)
+                    || any_under(&self.directories, &prefix))
             })
             .cloned()
             .collect();

@@ -655,3 +655,41 @@ fn a_partial_sync_splits_the_inventory_into_planned_and_carried_entries() {
     );
     assert_eq!(format!("{inv:?}"), format!("{before:?}"));
 }
+
+/// A created directory is unneeded when no managed file, link or
+/// directory lies under it; a path that only shares its name as a prefix
+/// (`/etc/cc/x` for `/etc/c`) does not count. Deepest first.
+#[test]
+fn unneeded_dirs_are_those_nothing_managed_lies_under() {
+    use crate::plan::inventory::{DirectoryEntry, LinkEntry};
+    let mut inv = Inventory::default();
+    for d in [
+        "/etc/a", "/etc/a/b", "/etc/c", "/etc/c/d", "/etc/d", "/etc/e", "/etc/f",
+    ] {
+        inv.dirs.insert(tp(d));
+    }
+    for f in ["/etc/a/b/f", "/etc/cc/x", "/etc/c/d2"] {
+        inv.files.insert(tp(f), ManagedEntry::example(1));
+    }
+    inv.links.insert(
+        tp("/etc/d/l"),
+        LinkEntry {
+            created: true,
+            role: "r".into(),
+            target: "x".into(),
+        },
+    );
+    let entry = DirectoryEntry {
+        created: true,
+        gid: 0,
+        mode: 0o755,
+        role: "r".into(),
+        uid: 0,
+    };
+    inv.directories.insert(tp("/etc/e/sub"), entry.clone());
+    // A managed directory that is itself in `dirs` is never unneeded.
+    inv.directories.insert(tp("/etc/f"), entry);
+    assert_eq!(inv.unneeded_dirs(), vec![tp("/etc/c/d")]);
+    inv.files.remove(&tp("/etc/c/d2"));
+    assert_eq!(inv.unneeded_dirs(), vec![tp("/etc/c/d"), tp("/etc/c")]);
+}

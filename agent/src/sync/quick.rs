@@ -268,7 +268,7 @@ fn file_lines<'p>(
         while old.next_if(|(p, _, _)| p < *path).is_some() {}
         let reuse = old
             .next_if(|(p, _, _)| p == *path)
-            .filter(|_| !written.contains(path) && !verified.drifted.contains(path))
+            .filter(|_| !written.contains(path) && !verified.drifted.contains(*path))
             .map(|(_, stamp, _)| *stamp);
         // A stamp to be taken below holds a placeholder until then (every
         // one is replaced, or the list is dropped).
