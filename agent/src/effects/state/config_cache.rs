@@ -473,45 +473,50 @@ fn decode<S: Source + ?Sized>(
     let head = head.strip_suffix(b"\n").context("torn: no configuration")?;
     let mut config: HostConfig = serde_json::from_slice(head).context("data does not decode")?;
     anyhow::ensure!(config.files.is_empty(), "files outside their lines");
-    // Where each line is; the file ends with the last one.
-    let records: Vec<Record> = index.chunks_exact(RECORD).map(Record::read).collect();
-    let mut at = lines_at;
-    let mut lines = Vec::with_capacity(records.len());
-    for r in &records {
-        lines.push(at);
-        at = at.checked_add(u64::from(r.len)).context("bad index")?;
+    // Two passes over the index, no list of its records (a damaged
+    // header can claim millions): the first finds where the lines end,
+    // which must be the file's end, and how many are wanted; the second
+    // reads those.
+    let records = || index.chunks_exact(RECORD).map(Record::read);
+    let (paths, sources): (BTreeSet<u32>, BTreeSet<u32>) = match want {
+        Some(w) => (
+            w.paths.iter().map(|p| hash(Some(p))).collect(),
+            w.sources.iter().map(|s| hash(Some(s))).collect(),
+        ),
+        None => Default::default(),
+    };
+    let wanted =
+        |r: &Record| want.is_none() || paths.contains(&r.path) || sources.contains(&r.source);
+    let mut end = lines_at;
+    let mut count = 0usize;
+    for r in records() {
+        end = end.checked_add(u64::from(r.len)).context("bad index")?;
+        count += usize::from(wanted(&r));
     }
     anyhow::ensure!(
-        at == src.len(),
-        "torn: {} bytes where the index says {at}",
+        end == src.len(),
+        "torn: {} bytes where the index says {end}",
         src.len()
     );
-    let wanted: Vec<usize> = match want {
-        None => (0..records.len()).collect(),
-        Some(want) => {
-            let paths: BTreeSet<u32> = want.paths.iter().map(|p| hash(Some(p))).collect();
-            let sources: BTreeSet<u32> = want.sources.iter().map(|s| hash(Some(s))).collect();
-            (0..records.len())
-                .filter(|&i| {
-                    paths.contains(&records[i].path) || sources.contains(&records[i].source)
-                })
-                .collect()
-        }
-    };
     // Many lines: all of them in one read.
-    let all = if wanted.len() > LINE_READS {
-        Some(src.read_at(lines_at, at - lines_at)?)
+    let all = if count > LINE_READS {
+        Some(src.read_at(lines_at, end - lines_at)?)
     } else {
         None
     };
-    for i in wanted {
-        let (r, from) = (records[i], lines[i]);
+    let mut from = lines_at;
+    for (i, r) in records().enumerate() {
+        let at = from;
+        from += u64::from(r.len);
+        if !wanted(&r) {
+            continue;
+        }
         let line = match &all {
             Some(all) => {
-                let from = usize::try_from(from - lines_at)?;
-                Cow::Borrowed(&all[from..from + r.len as usize])
+                let at = usize::try_from(at - lines_at)?;
+                Cow::Borrowed(&all[at..at + r.len as usize])
             }
-            None => src.read_at(from, u64::from(r.len))?,
+            None => src.read_at(at, u64::from(r.len))?,
         };
         let n = i + 1;
         anyhow::ensure!(

@@ -584,3 +584,39 @@ fn the_fuzz_seed_is_a_cache_that_decodes() {
     assert_eq!(config.files.len(), usize::from(seed[1]));
     assert!(config.files.len() > 1);
 }
+
+/// A header (checksum and all) that claims more declarations than the
+/// file can hold is a miss, found before anything of that size is read or
+/// allocated.
+#[test]
+fn a_header_claiming_more_files_than_the_file_holds_is_a_miss() {
+    let config = load_host(&everything(), "web1", &opts()).unwrap();
+    let (bytes, name) = encode(&key(), &mut config.clone()).unwrap();
+    let (header, head, index, lines) = parts(&bytes);
+    let header_files = header.files;
+    for files in [header_files + 1, 1 << 40, usize::MAX / RECORD] {
+        let header = Header {
+            crc32: checksum(header.config, files, &header.paths, head, index),
+            files,
+            ..parts(&bytes).0
+        };
+        let mut out =
+            format!("{MAGIC}\n{}\n", serde_json::to_string(&header).unwrap()).into_bytes();
+        out.extend_from_slice(head);
+        out.extend_from_slice(index);
+        out.extend_from_slice(lines);
+        let err = format!(
+            "{:#}",
+            decode(out.as_slice(), &key(), &name, &opts(), None).unwrap_err()
+        );
+        // One more: its record would be the first line's bytes, which the
+        // checksum does not cover. More than the file holds: torn; more
+        // than a size can say: a bad header.
+        let expected = match files {
+            n if n == header_files + 1 => "checksum",
+            n if n == 1 << 40 => "torn",
+            _ => "bad header",
+        };
+        assert!(err.contains(expected), "{files}: {err}");
+    }
+}
