@@ -201,6 +201,9 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             &mut plan.next_inventory,
             now,
             staged_floor,
+            // A repair plan's entries differ from the inventory's only at
+            // the files it planned.
+            plan.contained_carried.as_ref().map(|c| &c.planned),
         ) {
             Ok(()) => {
                 if marks.interrupted.remove(&commit).is_some() {

@@ -570,6 +570,7 @@ pub fn commit(
     next: &mut Inventory,
     now: i64,
     floor: Option<crate::effects::state::floor::Pending>,
+    changed: Option<&std::collections::BTreeSet<crate::desired::spec::TargetPath>>,
 ) -> Result<()> {
     let _t = crate::timings::stage("commit");
     let tx_dir = state.tx_dir().join(txid);
@@ -586,7 +587,7 @@ pub fn commit(
     inv.applied_at = now;
     inv.dirs.extend(journal.created_dirs.iter().cloned());
     failpoint::hit("apply.commit.inventory")?;
-    write_commit_record(state, inv, floor)
+    write_commit_record(state, inv, floor, changed)
         .context("cannot record the applied commit in the inventory")?;
     // Committed from here on: the inventory names the transaction, and
     // recovery treats it as committed whatever its journal says.
@@ -618,13 +619,14 @@ fn write_commit_record(
     state: &StateDir,
     inv: &Inventory,
     floor: Option<crate::effects::state::floor::Pending>,
+    changed: Option<&std::collections::BTreeSet<crate::desired::spec::TargetPath>>,
 ) -> Result<()> {
     use crate::effects::state::{inventory_log, InventoryWrite};
     let Some(floor) = floor else {
         return state.save_inventory(inv);
     };
     let state_fd = open_dir_path(state.path())?;
-    let whole = match state.prepare_inventory(inv)? {
+    let whole = match state.prepare_inventory_hinted(inv, changed)? {
         InventoryWrite::Whole(bytes) => {
             let (tmp, _) =
                 crate::effects::rootfs::write_temp_in(&state_fd, INVENTORY, &bytes, 0o600)

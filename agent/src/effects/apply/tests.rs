@@ -87,6 +87,7 @@ impl Env {
             &mut p.next_inventory,
             1,
             None,
+            None,
         )
         .unwrap();
         a
@@ -444,8 +445,26 @@ fn only_a_switched_transaction_can_be_committed() {
     let e = env();
     let mut p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
     let a = e.switch_in(&p);
-    commit(&e.fs, &e.state, &a.txid, &mut p.next_inventory, 1, None).unwrap();
-    let err = commit(&e.fs, &e.state, &a.txid, &mut p.next_inventory, 1, None).unwrap_err();
+    commit(
+        &e.fs,
+        &e.state,
+        &a.txid,
+        &mut p.next_inventory,
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    let err = commit(
+        &e.fs,
+        &e.state,
+        &a.txid,
+        &mut p.next_inventory,
+        1,
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
 

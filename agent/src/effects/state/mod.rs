@@ -368,6 +368,17 @@ impl StateDir {
     /// to `inventory.delta` when the current base takes a log and the record
     /// fits, otherwise whole, as a new base (see [`inventory_log`]).
     pub fn prepare_inventory(&self, next: &Inventory) -> Result<InventoryWrite> {
+        self.prepare_inventory_hinted(next, None)
+    }
+
+    /// [`StateDir::prepare_inventory`], told that `next`'s file entries
+    /// differ from the current inventory's only at the paths in `changed`
+    /// (see [`inventory_log::record_hinted`]).
+    pub fn prepare_inventory_hinted(
+        &self,
+        next: &Inventory,
+        changed: Option<&std::collections::BTreeSet<crate::desired::spec::TargetPath>>,
+    ) -> Result<InventoryWrite> {
         // The current base, when it takes a log and `next` may use one.
         let current = if next.files.len() >= inventory_log::log_from() {
             let (prev, log) = self.inventory_and_log()?;
@@ -377,7 +388,7 @@ impl StateDir {
         };
         if let Some((prev, log)) = &current {
             if let Some(base) = &log.base {
-                let record = inventory_log::record(prev, next, base, log.next_seq);
+                let record = inventory_log::record_hinted(prev, next, base, log.next_seq, changed);
                 let line = inventory_log::encode(&record)?;
                 if inventory_log::fits(log, line.len()) {
                     let log = log.clone();
