@@ -445,26 +445,19 @@ fn only_a_switched_transaction_can_be_committed() {
     let e = env();
     let mut p = e.plan(&desired(&[("/etc/a", "a\n", 0o644)]));
     let a = e.switch_in(&p);
-    commit(
-        &e.fs,
-        &e.state,
-        &a.txid,
-        &mut p.next_inventory,
-        1,
-        None,
-        None,
-    )
-    .unwrap();
-    let err = commit(
-        &e.fs,
-        &e.state,
-        &a.txid,
-        &mut p.next_inventory,
-        1,
-        None,
-        None,
-    )
-    .unwrap_err();
+    let mut commit_it = || {
+        commit(
+            &e.fs,
+            &e.state,
+            &a.txid,
+            &mut p.next_inventory,
+            1,
+            None,
+            None,
+        )
+    };
+    commit_it().unwrap();
+    let err = commit_it().unwrap_err();
     assert!(format!("{err:#}").contains("not switched in"), "{err:#}");
 }
 
