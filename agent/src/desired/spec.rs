@@ -78,9 +78,6 @@ impl TargetPath {
     }
 }
 
-/// For people (logs, plans, errors): see [`shown`]. A repository may not
-/// declare such a path, but the host may hold one in a purged directory.
-/// Paths are built from [`TargetPath::as_str`].
 /// Looked up by its text (`BTreeMap::range::<str>`): its order, equality
 /// and hash are its string's.
 impl std::borrow::Borrow<str> for TargetPath {
@@ -89,6 +86,9 @@ impl std::borrow::Borrow<str> for TargetPath {
     }
 }
 
+/// For people (logs, plans, errors): see [`shown`]. A repository may not
+/// declare such a path, but the host may hold one in a purged directory.
+/// Paths are built from [`TargetPath::as_str`].
 impl fmt::Display for TargetPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&shown(&self.0))

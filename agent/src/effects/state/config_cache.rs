@@ -43,8 +43,8 @@
 //! miss. The header's checksum covers the configuration and the index,
 //! each line's record its line, and the file must be exactly as long as
 //! the index says. (A line that is not read is not checked: nothing of it
-//! is used.) It holds what the repository says (variables, hook environments)
-//! and never a decrypted secret: SOPS files are decrypted when rendered.
+//! is used.) It holds what the repository says (variables, hook
+//! environments) and never a decrypted secret: SOPS files are decrypted when rendered.
 //! Like every state file it is 0600 in a 0700 directory. Its paths pass
 //! the same target checks as loaded ones, but nothing else loading checks
 //! is checked again (unit names, hooks, directory modes, the rules between
@@ -123,9 +123,9 @@ fn executable_identity(m: &std::fs::Metadata) -> String {
 #[serde(deny_unknown_fields)]
 struct Header {
     /// The CRC-32 of the fields below, the configuration's line and the
-    /// index ([`checksum`]): a torn or damaged file is a miss. (Not a sha256: it guards against no
-    /// forger, since whoever can write the cache can write the record
-    /// that names it.)
+    /// index ([`checksum`]): a torn or damaged file is a miss. (Not a
+    /// sha256: it guards against no forger, since whoever can write the
+    /// cache can write the record that names it.)
     crc32: u32,
     key: String,
     /// The cache's name in the quick record: unique to this encoding, so a

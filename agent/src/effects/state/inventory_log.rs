@@ -314,11 +314,14 @@ pub fn record_hinted(
 }
 
 /// The entries of `next` that `prev` lacks or holds otherwise, and the
-/// keys of `prev` that `next` lacks: one merge of the two sorted maps.
+/// keys of `prev` that `next` lacks.
+type Delta<V> = (BTreeMap<TargetPath, V>, BTreeSet<TargetPath>);
+
+/// The [`Delta`] of two maps: one merge of the two sorted maps.
 fn map_delta<V: Clone + PartialEq>(
     prev: &BTreeMap<TargetPath, V>,
     next: &BTreeMap<TargetPath, V>,
-) -> (BTreeMap<TargetPath, V>, BTreeSet<TargetPath>) {
+) -> Delta<V> {
     let mut set = BTreeMap::new();
     let mut del = BTreeSet::new();
     let mut a = prev.iter().peekable();
@@ -358,12 +361,11 @@ fn map_delta<V: Clone + PartialEq>(
 
 /// [`map_delta`] when entries can differ only at the keys in `changed`;
 /// `None` when the counts show they differ elsewhere too.
-#[allow(clippy::type_complexity)]
 fn map_delta_at<V: Clone + PartialEq>(
     prev: &BTreeMap<TargetPath, V>,
     next: &BTreeMap<TargetPath, V>,
     changed: &BTreeSet<TargetPath>,
-) -> Option<(BTreeMap<TargetPath, V>, BTreeSet<TargetPath>)> {
+) -> Option<Delta<V>> {
     let mut set = BTreeMap::new();
     let mut del = BTreeSet::new();
     let (mut prev_len, mut next_len) = (prev.len(), next.len());
