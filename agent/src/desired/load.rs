@@ -83,7 +83,7 @@ impl ContentRef {
 
 /// One file the host must have, as declared (not yet rendered).
 ///
-/// The configuration cache stores it as a [`FileRow`].
+/// The configuration cache stores it as a `FileRow` (below).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(from = "FileRow", into = "FileRow")]
 pub struct FileDecl {

@@ -667,7 +667,7 @@ impl Renderer {
 /// 10,000 role templates one instance of them all was most of a cold
 /// sync's 200 MB peak. Parsed a batch at a time, each batch rendered and
 /// dropped before the next is parsed, the peak holds one batch per
-/// worker ([`RENDER_WORKERS`]). (10,000 templates, peak RSS: 1,024 on one
+/// worker (`RENDER_WORKERS`). (10,000 templates, peak RSS: 1,024 on one
 /// worker 118 MB, 512 on two 77 MB, 256 on two 64 MB, each as fast as
 /// the one before; the fixed cost of a batch, the shared templates parsed
 /// again, is small at this size.)

@@ -241,7 +241,7 @@ impl Snapshot {
     }
 
     /// A snapshot whose entries are read from `tree` when asked for, and
-    /// their bytes from `source` (see [`Lazy`]). Only for a tree already
+    /// their bytes from `source` (see `Lazy`). Only for a tree already
     /// known to read without error: check [`Snapshot::failure`] after
     /// using it.
     pub fn lazy_tree(source: Arc<dyn BlobSource>, tree: Box<dyn TreeSource>) -> Self {

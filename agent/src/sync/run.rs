@@ -33,10 +33,10 @@ use crate::timings;
 ///
 /// The phases, each one function, in the order a crash can interrupt them
 /// (see [`apply`] for what each leaves behind and how the next run repairs
-/// it): [`begin`] (lock, recover what a crash left, halt check),
-/// [`fetch_phase`], [`plan_phase`] (quick check, or load → render → plan),
-/// [`apply_phase`] (stage, switch, unit actions and checks, commit or
-/// revert; floor and quick-check record), [`record_outcome`].
+/// it): `begin` (lock, recover what a crash left, halt check),
+/// `fetch_phase`, `plan_phase` (quick check, or load → render → plan),
+/// `apply_phase` (stage, switch, unit actions and checks, commit or
+/// revert; floor and quick-check record), `record_outcome`.
 pub fn sync_once(
     settings: &Settings,
     opts: &SyncOptions,

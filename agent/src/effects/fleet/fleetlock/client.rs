@@ -5,7 +5,7 @@
 //! (`on_unreachable`). A 4xx is the server's refusal: the host waits, with
 //! the server's `value` as the reason. Redirects are not followed (the
 //! protocol's header exists so that a redirected request fails), and only
-//! the first [`MAX_ANSWER`] bytes of an answer are read: the server is
+//! the first `MAX_ANSWER` bytes of an answer are read: the server is
 //! not trusted to be small.
 
 use std::path::Path;
