@@ -521,9 +521,14 @@ fn degraded_then_halted_once() {
     let log = Log::default();
     let rx = Receiver::start(0, &log);
     let a = Agent::new(rx.port);
-    a.commit("v1\n", "true");
+    // v1's own check holds while the flag is there; without it, the
+    // state v2's revert restores fails it.
+    let flag = a.host.root.path().join("flag");
+    std::fs::write(&flag, "").unwrap();
+    a.commit("v1\n", "test -e ROOT/flag");
     a.sync_code(0);
-    a.commit("v2\n", "test -e ROOT/never");
+    std::fs::remove_file(&flag).unwrap();
+    a.commit("v2\n", "test -e ROOT/flag");
     a.sync_code(5);
     a.commit("v3\n", "true");
     let err = a.sync_code(5);

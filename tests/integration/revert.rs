@@ -102,15 +102,21 @@ fn failing_revert_halts_until_retry() {
     let host = Host::new("h");
     repo.write("driftless.toml", "roles = [\"app\"]\n");
     repo.write("hosts/default.toml", "");
-    write_role(&repo, &host, "v1\n", "true");
+    // v1's check holds while the flag is there.
+    let flag = host.path("/flag");
+    std::fs::write(&flag, "").unwrap();
+    write_role(&repo, &host, "v1\n", "test -e ROOT/flag");
     repo.commit("v1");
     sync(&host, &repo, &[]).ok();
-    // v2's check fails whatever the content: the reverted state fails it too.
-    write_role(&repo, &host, "v2\n", "test -e ROOT/never");
+    // Something outside driftless breaks the host: v2 fails the same
+    // check, and so does the v1 state its revert restores.
+    std::fs::remove_file(&flag).unwrap();
+    write_role(&repo, &host, "v2\n", "test -e ROOT/flag");
     repo.commit("v2");
     let run = sync(&host, &repo, &[]).code(5);
     assert!(
-        run.stderr.contains("stops touching this host"),
+        run.stderr.contains("stops touching this host")
+            && run.stderr.contains("the previous state fails too"),
         "{}",
         run.stderr
     );
@@ -181,6 +187,84 @@ fn rollback_without_history_or_with_an_unknown_commit_is_a_clear_error() {
         run.stderr
     );
     assert!(host.tree().is_empty());
+}
+
+/// The restored state was checked with the failed commit's checks: a
+/// commit that added a check (or moved one: a new port) failed it again
+/// after its revert, in the state that never had it, and the host was
+/// halted (exit 5) until an operator came, for a commit that was already
+/// reverted and marked bad. The restored state answers to its own
+/// commit's checks.
+#[test]
+fn a_commit_adding_a_failing_check_is_reverted_without_halting_the_host() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    std::fs::write(host.path("/a"), "").unwrap();
+    write_role(&repo, &host, "v1\n", "test -e ROOT/a");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    // v2 checks another path, which is not there in either state.
+    write_role(&repo, &host, "v2\n", "test -e ROOT/b");
+    let bad = repo.commit("v2 checks what is not there");
+    let run = sync(&host, &repo, &[]).code(1);
+    assert!(
+        run.stderr.contains("reverted") && !run.stderr.contains("previous state fails"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(v["status"]["halted"].is_null(), "{}", status.stdout);
+    assert!(
+        v["status"]["bad_commits"][&bad].is_object(),
+        "{}",
+        status.stdout
+    );
+    // The restored state's own check passed: the history says reverted.
+    let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
+    assert_eq!(h["status"]["entries"][0]["outcome"], "reverted");
+    // Not halted: the next commit applies.
+    write_role(&repo, &host, "v3\n", "test -e ROOT/a");
+    repo.commit("v3");
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v3\n"));
+}
+
+/// When the restored commit's checks cannot be read (the mirror lost
+/// it), the revert says so and goes on: the host is not halted on a
+/// guess, nor checked against the failed commit's checks.
+#[test]
+fn restored_checks_that_cannot_be_read_are_said_and_skipped() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    write_role(&repo, &host, "v1\n", "true");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    write_role(&repo, &host, "v2\n", "test -e ROOT/never");
+    repo.commit("v2");
+    let out = host
+        .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "sync.restored-checks:error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("the restored state is not checked: cannot read the health checks of commit")
+            && stderr.contains("reverted"),
+        "{stderr}"
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(v["status"]["halted"].is_null(), "{}", status.stdout);
 }
 
 /// Issue 14 §2: reverting the first commit on a host (nothing managed

@@ -254,6 +254,15 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         Ok(k) => {
             kept = k;
             info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
+            // The restored state answers to its own commit's checks, not
+            // to the failed commit's.
+            plan.checks = match restored_checks(settings, state, &commit, &plan.checks) {
+                Ok(checks) => checks,
+                Err(e) => {
+                    warn!("{e:#}");
+                    Vec::new()
+                }
+            };
             let again = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
             pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
             again.failure
@@ -325,6 +334,44 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             ),
         )),
     }
+}
+
+/// The health checks of the state a revert restored: those the
+/// configuration of the inventory's commit (the one the host is back at)
+/// declares. Not the failed commit's: a commit that adds a check, or moves
+/// one (a new port), would fail them in the restored state as surely as in
+/// its own, and the host would be halted (exit 5) for a commit that was
+/// already reverted and marked bad. None when nothing was applied before
+/// (a first sync puts the host back as it was: nothing vouched for it).
+/// An error says the restored state cannot be checked, and why.
+fn restored_checks(
+    settings: &crate::config::Settings,
+    state: &crate::effects::state::StateDir,
+    failed_commit: &str,
+    failed_checks: &[crate::desired::spec::Check],
+) -> anyhow::Result<Vec<crate::desired::spec::Check>> {
+    if !settings.run_checks {
+        return Ok(Vec::new());
+    }
+    let inventory = state.inventory()?;
+    let Some(previous) = inventory.commit.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if previous == failed_commit {
+        return Ok(failed_checks.to_vec());
+    }
+    let not_checked = |e: Error| {
+        e.error.context(format!(
+            "the restored state is not checked: cannot read the health checks of commit {}, which it is back at",
+            short(previous)
+        ))
+    };
+    crate::effects::failpoint::hit("sync.restored-checks")
+        .map_err(|e| not_checked(Error::new(Failure::Failed, e)))?;
+    let fetched =
+        super::rollback::fetched_commit(settings, state, previous).map_err(not_checked)?;
+    let config = super::planning::load_config(settings, &fetched.snapshot).map_err(not_checked)?;
+    Ok(config.checks)
 }
 
 /// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the
