@@ -267,6 +267,91 @@ fn restored_checks_that_cannot_be_read_are_said_and_skipped() {
     assert!(v["status"]["halted"].is_null(), "{}", status.stdout);
 }
 
+/// A revert cut short (killed as it began, or during the restored
+/// state's checks) left its restored state unchecked: the commit was
+/// marked bad, so the syncs after found nothing to do, even with the
+/// restored state failing its own checks. The next run checks it (and
+/// halts if it fails), as a revert that ran to the end does.
+#[test]
+fn a_revert_cut_short_has_its_restored_state_checked_by_the_next_run() {
+    for (point, restored_passes) in [
+        ("apply.revert.started", true),
+        ("apply.revert.started", false),
+        // The first checks are v2's, the second the restored state's.
+        ("post.checks:2", true),
+        ("post.checks:2", false),
+    ] {
+        let repo = Repo::new();
+        let host = Host::new("h");
+        repo.write("driftless.toml", "roles = [\"app\"]\n");
+        repo.write("hosts/default.toml", "");
+        let flag = host.path("/flag");
+        std::fs::write(&flag, "").unwrap();
+        write_role(&repo, &host, "v1\n", "test -e ROOT/flag");
+        repo.commit("v1");
+        sync(&host, &repo, &[]).ok();
+        write_role(&repo, &host, "v2\n", "test -e ROOT/never");
+        repo.commit("v2");
+        let out = host
+            .cmd(repo.path(), &["sync", "--once", "--run-checks"])
+            .env("DRIFTLESS_TEST_FAILPOINT", point)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{point}");
+        if !restored_passes {
+            std::fs::remove_file(&flag).unwrap();
+        }
+        let run = sync(&host, &repo, &[]);
+        assert!(
+            run.stderr
+                .contains("running the checks of the restored state")
+                && (point != "apply.revert.started"
+                    || run
+                        .stderr
+                        .contains("interrupted while it was being reverted")),
+            "{point}: {}",
+            run.stderr
+        );
+        assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+        let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        if restored_passes {
+            run.ok();
+            assert!(
+                v["status"]["halted"].is_null(),
+                "{point}: {}",
+                status.stdout
+            );
+        } else {
+            let run = run.code(5);
+            assert!(
+                run.stderr
+                    .contains("the restored state fails its checks too"),
+                "{point}: {}",
+                run.stderr
+            );
+            let reason = v["status"]["halted"]["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("check \"app config is good\" failed"),
+                "{point}: {}",
+                status.stdout
+            );
+        }
+        // Checked once: the run after does not check it again.
+        if restored_passes {
+            let again = sync(&host, &repo, &[]).ok();
+            assert!(
+                !again
+                    .stderr
+                    .contains("running the checks of the restored state"),
+                "{point}: {}",
+                again.stderr
+            );
+        }
+    }
+}
+
 /// Issue 14 §2: reverting the first commit on a host (nothing managed
 /// before) failed ("nothing to revert") and halted the host. It must work
 /// and put back the file that was there before driftless.

@@ -236,6 +236,13 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         Ok(r) | Err(r) => r.clone(),
     };
     warn!(commit = %short(&commit), reason = %failed, "reverting the transaction");
+    // Until the restored state has passed its checks: a run that finds
+    // this (the revert, or its checks, cut short by a kill or dpkg's lock)
+    // checks it after recovery (`recovery::after_recovery`).
+    marks.unchecked_revert = Some(marks::Unchecked {
+        time: now,
+        commit: commit.clone(),
+    });
     if reason.is_ok() {
         // Durable before the revert starts: a crash during the revert is
         // finished by recovery, and the commit is not tried again.
@@ -247,6 +254,10 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             },
         );
         marks::save(state, marks).kind(Failure::Failed)?;
+    } else if let Err(e) = marks::save(state, marks) {
+        // Likely the full disk the record just failed on: the revert goes
+        // on (a crash now leaves its restored state unchecked, as before).
+        warn!("cannot note the revert in the marks: {e:#}");
     }
     let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
     let mut kept = Vec::new();
@@ -256,15 +267,16 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             info!(txid = %applied.txid, "reverted; re-running unit actions and checks for the previous state");
             // The restored state answers to its own commit's checks, not
             // to the failed commit's.
-            plan.checks = match restored_checks(settings, state, &commit, &plan.checks) {
-                Ok(checks) => checks,
-                Err(e) => {
-                    warn!("{e:#}");
-                    Vec::new()
-                }
-            };
+            let checked = restored_checks(settings, state, Some((&commit, &plan.checks)));
+            if let Err(e) = &checked {
+                warn!("{e:#}");
+            }
+            plan.checks = checked.as_ref().map_or_else(|_| Vec::new(), Clone::clone);
             let again = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
-            pass.checks_failing = Some(again.checks.iter().filter(|c| !c.ok).count());
+            // Not checked is not "no check failing".
+            pass.checks_failing = checked
+                .is_ok()
+                .then(|| again.checks.iter().filter(|c| !c.ok).count());
             again.failure
         }
         // dpkg's lock held by another program (apt, unattended-upgrades)
@@ -297,6 +309,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         }
         Err(e) => Some(format!("the revert itself failed: {}", e)),
     };
+    marks.unchecked_revert = None;
     if let Some(revert_failure) = after {
         marks.halted = Some(marks::Halt {
             time: now,
@@ -315,6 +328,11 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                 short(&commit)
             ),
         ));
+    }
+    // Checked (or not checkable): a crash from here on leaves nothing to
+    // check again. Not durable in time, a later run only checks it again.
+    if let Err(e) = marks::save(state, marks) {
+        warn!("cannot update the marks: {e:#}");
     }
     match reason {
         Ok(reason) => Err(Error::new(
@@ -344,11 +362,12 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
 /// already reverted and marked bad. None when nothing was applied before
 /// (a first sync puts the host back as it was: nothing vouched for it).
 /// An error says the restored state cannot be checked, and why.
+/// `failed`: the failed commit and its checks, reused when the host is
+/// back at that same commit (a drift repair's revert).
 fn restored_checks(
     settings: &crate::config::Settings,
     state: &crate::effects::state::StateDir,
-    failed_commit: &str,
-    failed_checks: &[crate::desired::spec::Check],
+    failed: Option<(&str, &[crate::desired::spec::Check])>,
 ) -> anyhow::Result<Vec<crate::desired::spec::Check>> {
     if !settings.run_checks {
         return Ok(Vec::new());
@@ -357,8 +376,8 @@ fn restored_checks(
     let Some(previous) = inventory.commit.as_deref() else {
         return Ok(Vec::new());
     };
-    if previous == failed_commit {
-        return Ok(failed_checks.to_vec());
+    if let Some((_, checks)) = failed.filter(|(commit, _)| *commit == previous) {
+        return Ok(checks.to_vec());
     }
     let not_checked = |e: Error| {
         e.error.context(format!(
@@ -372,6 +391,28 @@ fn restored_checks(
         super::rollback::fetched_commit(settings, state, previous).map_err(not_checked)?;
     let config = super::planning::load_config(settings, &fetched.snapshot).map_err(not_checked)?;
     Ok(config.checks)
+}
+
+/// Checks the state a revert restored that recovery finished (a crash
+/// during the revert, or dpkg's lock that made it wait), as `deploy` checks
+/// one it finished itself: `Some` with what failed. An unreadable commit is
+/// a warning, as there.
+pub(super) fn check_restored(
+    settings: &crate::config::Settings,
+    state: &crate::effects::state::StateDir,
+    rt: &tokio::runtime::Handle,
+) -> Option<String> {
+    let checks = restored_checks(settings, state, None)
+        .map_err(|e| warn!("{e:#}"))
+        .ok()
+        .filter(|c| !c.is_empty())?;
+    info!("running the checks of the restored state");
+    let plan = crate::plan::Plan {
+        checks,
+        ..Default::default()
+    };
+    rt.block_on(post::run(settings, &plan, post::Stage::Restored))
+        .failure
 }
 
 /// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the

@@ -26,6 +26,22 @@ pub struct Marks {
     /// something in it may be what kills the agent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub interrupted: BTreeMap<String, u32>,
+    /// A revert began whose restored state has not passed its checks yet:
+    /// set, durably, before a failed commit is reverted, and cleared once
+    /// the restored state was checked. A run that finds it set (the revert
+    /// or its checks were cut short: a kill, a power loss, dpkg's lock held)
+    /// checks the restored state after recovery finished the revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchecked_revert: Option<Unchecked>,
+}
+
+/// See [`Marks::unchecked_revert`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unchecked {
+    pub time: i64,
+    /// The commit that failed and is reverted.
+    pub commit: String,
 }
 
 /// See [`Marks::interrupted`].

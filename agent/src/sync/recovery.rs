@@ -129,6 +129,30 @@ pub(super) fn after_recovery(
             changed = true;
         }
     }
+    // A revert whose restored state was not checked (it, or its checks,
+    // were cut short; recovery above finished it): checked now, as a
+    // revert's always is. The commit was marked bad when the revert began:
+    // without this, the host would stay at a state nothing verified, and
+    // the next syncs would find nothing to do. Until the check is done the
+    // mark stays, so a kill during it only means checking again.
+    if let Some(unchecked) = marks.unchecked_revert.clone() {
+        if marks.halted.is_none() {
+            if let Some(failure) = super::deploy::check_restored(settings, state, rt) {
+                warn!(commit = %short(&unchecked.commit), "the state restored by reverting it fails its checks: {failure}");
+                marks.halted = Some(marks::Halt {
+                    time: now,
+                    commit: Some(unchecked.commit.clone()),
+                    reason: format!(
+                        "commit {} was reverted, but the restored state fails its checks too: {failure}",
+                        short(&unchecked.commit)
+                    ),
+                });
+            }
+        }
+        // A halt supersedes it: the operator looks at the host.
+        marks.unchecked_revert = None;
+        changed = true;
+    }
     if changed {
         marks::save(state, marks).kind(Failure::Failed)?;
     }
