@@ -299,6 +299,22 @@ fn a_revert_cut_short_has_its_restored_state_checked_by_the_next_run() {
             .unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(out.status.signal(), Some(9), "{point}");
+        // `status` says a check is due.
+        let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert!(
+            v["status"]["unchecked_revert"]["commit"].is_string(),
+            "{point}: {}",
+            status.stdout
+        );
+        let status = host.run(repo.path(), &["status"]).ok();
+        assert!(
+            status
+                .stdout
+                .contains("the restored state is checked by the next run"),
+            "{point}: {}",
+            status.stdout
+        );
         if !restored_passes {
             std::fs::remove_file(&flag).unwrap();
         }
@@ -338,6 +354,13 @@ fn a_revert_cut_short_has_its_restored_state_checked_by_the_next_run() {
                 status.stdout
             );
         }
+        let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert!(
+            v["status"]["unchecked_revert"].is_null(),
+            "{point}: {}",
+            status.stdout
+        );
         // Checked once: the run after does not check it again.
         if restored_passes {
             let again = sync(&host, &repo, &[]).ok();

@@ -291,6 +291,7 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                 },
                 "halted": marks.as_ref().ok().and_then(|m| m.halted.clone()),
                 "interrupted_attempts": marks.as_ref().map(|m| json!(m.interrupted)).unwrap_or(json!({})),
+                "unchecked_revert": marks.as_ref().ok().and_then(|m| m.unchecked_revert.clone()),
                 "reboot_required": match reboot {
                     Some(r) => json!({
                         "required": true,
@@ -417,6 +418,13 @@ pub fn print_status(s: &Settings, format: Format) -> Result<(), Error> {
                             "HALTED:   since {}: {} (`driftless sync --retry` resumes)",
                             time_str(h.time),
                             h.reason
+                        );
+                    }
+                    if let Some(u) = &m.unchecked_revert {
+                        outln!(
+                            "reverted: {} (since {}): the restored state is checked by the next run",
+                            short(&u.commit),
+                            time_str(u.time)
                         );
                     }
                     for (commit, mark) in &m.bad {
