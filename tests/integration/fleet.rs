@@ -886,6 +886,51 @@ fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("full 40-character commit id"));
 }
 
+/// A drift repair whose checks fail on one host (the host's own trouble:
+/// here the desired content fails where the hand-edited one passed) was
+/// reported as a revert of the commit, and marked it bad fleet-wide: every
+/// other host running it, for weeks maybe, rolled back. The commit is not
+/// marked bad on the fleet for that; the host says it reverted.
+#[test]
+fn a_failing_drift_repair_does_not_mark_the_running_commit_bad_fleet_wide() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v1\n");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"app is good\"\nretries = 1\n\
+         command = { argv = [\"/bin/sh\", \"-c\", \"cd \\\"$APP_ROOT\\\"; test -e flag || grep -q hand etc/app.conf\"] }\n",
+    );
+    let c1 = repo.commit("v1");
+    let agents = fleet(&repo, &etcd, 2, 1, "10s");
+    for a in &agents {
+        std::fs::write(a.root().join("flag"), "").unwrap();
+    }
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+    }
+    // h01: its flag gone and its file hand-edited. The repair writes v1,
+    // which fails there; the revert puts the edit back, which passes.
+    std::fs::remove_file(agents[1].root().join("flag")).unwrap();
+    std::fs::write(agents[1].root().join("etc/app.conf"), "hand\n").unwrap();
+    let out = agents[1].cmd(&["sync", "--once"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("reverted"), "{err}");
+    assert_eq!(agents[1].content().as_deref(), Some("hand\n"));
+    assert!(
+        etcd.keys(&format!("/t/bad/{c1}/")).is_empty(),
+        "marked bad fleet-wide: {err}"
+    );
+    // h00 goes on running v1.
+    let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("rolling back"), "{err}");
+    assert_eq!(agents[0].content().as_deref(), Some("good v1\n"));
+}
+
 #[test]
 fn a_suspended_group_waits_until_resumed_and_the_others_go_on() {
     let Some(etcd) = etcd_or_skip() else { return };

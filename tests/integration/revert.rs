@@ -375,6 +375,80 @@ fn a_revert_cut_short_has_its_restored_state_checked_by_the_next_run() {
     }
 }
 
+fn applied_commit(host: &Host, repo: &Repo) -> serde_json::Value {
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    v["status"]["applied"]["commit"].clone()
+}
+
+/// A commit that changes no file on this host (another host's file, or
+/// only a check) was never recorded as this host's commit: the inventory
+/// kept naming the older one, so the fleet saw the host behind (a wave
+/// waited for it forever) and a check the commit added never ran. Now its
+/// checks run, and it is recorded as applied, or marked bad.
+#[test]
+fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    write_role(&repo, &host, "v1\n", "true");
+    let v1 = repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    assert_eq!(applied_commit(&host, &repo), v1.as_str());
+
+    // Another host's file: nothing changes here.
+    repo.write("hosts/other.toml", "[vars]\nx = 1\n");
+    let v2 = repo.commit("v2 for another host");
+    let run = sync(&host, &repo, &[]).ok();
+    assert!(
+        run.stderr
+            .contains("recorded as applied: it changes no file on this host"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(applied_commit(&host, &repo), v2.as_str());
+    // Recorded once: the next sync is a quick-check hit.
+    let again = sync(&host, &repo, &[]).ok();
+    assert!(
+        !again.stderr.contains("recorded as applied")
+            && !again.stderr.contains("running the commit's checks"),
+        "{}",
+        again.stderr
+    );
+
+    // Only a check, which fails: marked bad, nothing written, not applied.
+    write_role(&repo, &host, "v1\n", "test -e ROOT/never");
+    let v3 = repo.commit("v3 adds a failing check");
+    let run = sync(&host, &repo, &[]).code(1);
+    assert!(
+        run.stderr
+            .contains("changes no file on this host, but check \"app config is good\" failed")
+            && run
+                .stderr
+                .contains("nothing was written, and the commit is marked bad"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(applied_commit(&host, &repo), v2.as_str());
+    let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(
+        v["status"]["bad_commits"][&v3].is_object(),
+        "{}",
+        status.stdout
+    );
+    assert!(v["status"]["halted"].is_null(), "{}", status.stdout);
+    let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
+    assert_eq!(
+        h["status"]["entries"][0]["outcome"], "reverted",
+        "{}",
+        hist.stdout
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+}
+
 /// Issue 14 §2: reverting the first commit on a host (nothing managed
 /// before) failed ("nothing to revert") and halted the host. It must work
 /// and put back the file that was there before driftless.

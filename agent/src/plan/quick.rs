@@ -33,7 +33,11 @@ use sha2::{Digest, Sha256};
 use crate::desired::model::UnitSpec;
 use crate::desired::spec::TargetPath;
 
-pub const QUICK_VERSION: u32 = 1;
+/// 2: a record names the inventory's commit (a commit that changes no file
+/// on the host is recorded in the inventory too, see
+/// `sync::deploy::adopt_unchanged`); a record of 1 may name a newer one, and
+/// is a miss (one full sync).
+pub const QUICK_VERSION: u32 = 2;
 
 /// What `lstat` says about a path: enough to notice any change to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

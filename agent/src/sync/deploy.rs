@@ -17,7 +17,7 @@ use crate::timings;
 /// reverted (or is being: see `waits`); it is marked bad. The fleet, the
 /// history, the metrics and the notifications tell a revert by this type.
 #[derive(Debug, thiserror::Error)]
-#[error("commit {} was switched in but {reason}; {}", short(commit), reverted_suffix(kept, waits.as_deref()))]
+#[error("{}", describe(self))]
 pub struct Reverted {
     pub commit: String,
     pub reason: String,
@@ -26,6 +26,30 @@ pub struct Reverted {
     /// Why the revert could not finish yet (dpkg's lock held by another
     /// program): the next run's recovery finishes it.
     pub waits: Option<String>,
+    /// The commit changes nothing on this host: nothing was written, so
+    /// nothing was reverted (its checks failed, see [`adopt_unchanged`]).
+    pub unchanged: bool,
+    /// The commit was already this host's applied commit: the run repaired
+    /// drift (or re-applied it), and its failure says this host is not
+    /// healthy, not that the commit is bad for others. The fleet is not
+    /// told to halt it (the host's status still says it reverted).
+    pub already_applied: bool,
+}
+
+fn describe(r: &Reverted) -> String {
+    if r.unchanged {
+        return format!(
+            "commit {} changes no file on this host, but {}; nothing was written, and the commit is marked bad",
+            short(&r.commit),
+            r.reason
+        );
+    }
+    format!(
+        "commit {} was switched in but {}; {}",
+        short(&r.commit),
+        r.reason,
+        reverted_suffix(&r.kept, r.waits.as_deref())
+    )
 }
 
 fn reverted_suffix(kept: &[String], waits: Option<&str>) -> String {
@@ -259,6 +283,11 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
         // on (a crash now leaves its restored state unchecked, as before).
         warn!("cannot note the revert in the marks: {e:#}");
     }
+    // The transaction is not committed: the inventory is still the one it
+    // started from.
+    let already_applied = state
+        .inventory()
+        .is_ok_and(|i| i.commit.as_deref() == Some(commit.as_str()));
     let reverted = apply::revert(fs, state, &applied.txid).kind(Failure::Failed);
     let mut kept = Vec::new();
     let after = match reverted {
@@ -296,6 +325,8 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                         reason,
                         kept,
                         waits: Some(waits),
+                        unchanged: false,
+                already_applied,
                     },
                 ),
                 Err(why) => Error::new(
@@ -342,6 +373,8 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                 reason,
                 kept,
                 waits: None,
+                unchanged: false,
+                already_applied,
             },
         )),
         Err(why) => Err(Error::new(
@@ -352,6 +385,82 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
             ),
         )),
     }
+}
+
+/// A new commit whose plan changes nothing on this host (it changes other
+/// hosts' files, or only checks): it becomes this host's applied commit
+/// once its health checks pass, in a commit record without a transaction.
+///
+/// It was never recorded: the inventory kept naming the older commit while
+/// the quick-check record and the anti-rollback floor named the new one.
+/// The fleet saw the host on the older commit (a wave waited for it
+/// forever), a fleet-wide halt of the new commit rolled the host back past
+/// the older one, and a check the new commit added never ran until some
+/// file changed. A commit whose checks fail is marked bad, as one whose
+/// transaction failed them is (nothing was written: nothing is reverted).
+///
+/// Only for a plan made by rendering (`plan.next_inventory` is the whole
+/// next inventory), never for a quick-check hit's, which holds none: the
+/// caller (`run::apply_phase`) is the full path's. (A quick-check record
+/// names the inventory's commit since this was added: `QUICK_VERSION` 2.)
+pub(super) fn adopt_unchanged(pass: &mut Pass, report: &mut Report) -> Result<(), Error> {
+    let (commit, plan) = (report.commit.as_str(), &mut report.plan);
+    let marks = &mut pass.marks;
+    let recorded = pass.state.inventory().kind(Failure::Failed)?;
+    if recorded.commit.as_deref() == Some(commit) {
+        return Ok(());
+    }
+    if pass.settings.run_checks && !plan.checks.is_empty() {
+        info!(commit = %short(commit), "no file changes on this host: running the commit's checks");
+        if let Some(reason) = run_checks(pass.settings, pass.rt, plan.checks.clone()) {
+            marks.bad.insert(
+                commit.to_string(),
+                marks::Mark {
+                    time: pass.now,
+                    reason: reason.clone(),
+                },
+            );
+            marks::save(&pass.state, marks).kind(Failure::Failed)?;
+            return Err(Error::new(
+                Failure::Failed,
+                Reverted {
+                    commit: commit.to_string(),
+                    reason,
+                    kept: Vec::new(),
+                    waits: None,
+                    unchanged: true,
+                    already_applied: false,
+                },
+            ));
+        }
+    }
+    // The planned inventory (same files; their roles, actions and flags as
+    // this commit declares them) under the last transaction's id, with the
+    // reboot request that transaction left.
+    let next = &mut plan.next_inventory;
+    next.commit = Some(commit.to_string());
+    next.txid = recorded.txid.clone();
+    next.applied_at = pass.now;
+    next.reboot = recorded.reboot.clone();
+    crate::effects::failpoint::hit("sync.adopt").kind(Failure::Failed)?;
+    pass.state.save_inventory(next).kind(Failure::Failed)?;
+    info!(commit = %short(commit), "recorded as applied: it changes no file on this host");
+    Ok(())
+}
+
+/// Runs `checks` (the health checks of a commit, or of a restored state):
+/// `Some` with what failed.
+fn run_checks(
+    settings: &crate::config::Settings,
+    rt: &tokio::runtime::Handle,
+    checks: Vec<crate::desired::spec::Check>,
+) -> Option<String> {
+    let plan = crate::plan::Plan {
+        checks,
+        ..Default::default()
+    };
+    rt.block_on(post::run(settings, &plan, post::Stage::Restored))
+        .failure
 }
 
 /// The health checks of the state a revert restored: those the
@@ -407,12 +516,7 @@ pub(super) fn check_restored(
         .ok()
         .filter(|c| !c.is_empty())?;
     info!("running the checks of the restored state");
-    let plan = crate::plan::Plan {
-        checks,
-        ..Default::default()
-    };
-    rt.block_on(post::run(settings, &plan, post::Stage::Restored))
-        .failure
+    run_checks(settings, rt, checks)
 }
 
 /// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the

@@ -542,8 +542,13 @@ impl FleetRun {
         }
         let settings = pass.settings;
         let ttl = status_ttl(settings, fleet);
+        // A commit this host already ran, failing its drift repair, is this
+        // host's trouble: the others running it are not rolled back for it.
         let reverted = match result {
-            Err(e) if !self.rolled_back => e.error.downcast_ref::<super::Reverted>(),
+            Err(e) if !self.rolled_back => e
+                .error
+                .downcast_ref::<super::Reverted>()
+                .filter(|r| !r.already_applied),
             _ => None,
         };
         let mut store = self.store.take();

@@ -570,7 +570,10 @@ fn apply_phase(
     }
     let commit_time = prepared.fetched.commit_time;
     pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
-    let report = deploy(pass, prepared)?;
+    let mut report = deploy(pass, prepared)?;
+    if report.idle() {
+        super::deploy::adopt_unchanged(pass, &mut report)?;
+    }
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
     raise_floor(pass.settings, &commit, commit_time, pass.now);
     failpoint::hit("sync.quick").kind(Failure::Failed)?;
