@@ -824,12 +824,12 @@ fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
         };
         assert_eq!(a.content().as_deref(), Some(want), "{}", a.name);
     }
-    // And stay there: v2 is marked bad on each host; h02 has nothing left
-    // to return to (v1 failed there) and keeps v2 without failing.
+    // And stay there: v2 is marked bad on each host; h02's rollback failed
+    // (v1 fails there): it keeps v2 without failing or trying again.
     for (name, code, out) in round(&agents) {
         assert_eq!(code, 0, "{name}: {out}");
         if name == "h02" {
-            assert!(out.contains("no earlier good commit to return to"), "{out}");
+            assert!(out.contains("rollback from it failed already"), "{out}");
         }
     }
     for a in &agents {
@@ -884,6 +884,66 @@ fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("full 40-character commit id"));
+}
+
+/// A fleet rollback whose target failed its checks (reverted: the host
+/// stayed on the halted commit) was tried again on every poll with the
+/// next older commit of the history: the host walked down its whole
+/// history, one transaction and its restarts at a time. One step it is.
+#[test]
+fn a_failed_fleet_rollback_is_not_followed_by_older_ones() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let repo = repo_with(policy, "good v0\n");
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"app is good\"\nretries = 1\n\
+         command = { argv = [\"/bin/sh\", \"-c\", \"cd \\\"$APP_ROOT\\\"; \
+         ! { test -e v2-breaks-here && grep -q v2 etc/app.conf; } && \
+         ! { test -e v1-breaks-here && grep -q v1 etc/app.conf; }\"] }\n",
+    );
+    repo.commit("v0");
+    let agents = fleet(&repo, &etcd, 2, 1, "10s");
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+    }
+    repo.write("roles/app/files/app.conf", "good v1\n");
+    repo.commit("v1");
+    for (name, code, out) in round(&agents) {
+        assert_eq!(code, 0, "{name}: {out}");
+    }
+    // v2: h00 applies it, h01 reverts it (halted fleet-wide).
+    std::fs::write(agents[1].root().join("v2-breaks-here"), "").unwrap();
+    repo.write("roles/app/files/app.conf", "good v2\n");
+    repo.commit("v2");
+    let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agents[1].cmd(&["sync", "--once"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // h00 rolls back to v1, which fails there: reverted, it stays on v2.
+    std::fs::write(agents[0].root().join("v1-breaks-here"), "").unwrap();
+    let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(agents[0].content().as_deref(), Some("good v2\n"), "{err}");
+    // The next polls do not try v0.
+    for _ in 0..2 {
+        let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("rollback from it failed already"), "{err}");
+        assert_eq!(agents[0].content().as_deref(), Some("good v2\n"), "{err}");
+    }
 }
 
 /// A drift repair whose checks fail on one host (the host's own trouble:

@@ -408,6 +408,18 @@ fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
         run.stderr
     );
     assert_eq!(applied_commit(&host, &repo), v2.as_str());
+    // And in the history, which a rollback reads for the previous good
+    // commit and for its one-step limit.
+    let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
+    let newest = &h["status"]["entries"][0];
+    assert!(
+        newest["outcome"] == "applied"
+            && newest["commit"] == v2.as_str()
+            && newest["message"] == "no file changes on this host",
+        "{}",
+        hist.stdout
+    );
     // Recorded once: the next sync is a quick-check hit.
     let again = sync(&host, &repo, &[]).ok();
     assert!(
@@ -447,6 +459,59 @@ fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
         hist.stdout
     );
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+}
+
+/// An operator's rollback lifted the halt before it applied anything: one
+/// whose pre hook failed (nothing changed) left the host unhalted in the
+/// state that had failed its checks. The halt goes when the rollback
+/// applied.
+#[test]
+fn a_rollback_that_applies_nothing_leaves_the_halt() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    let role = |content: &str| {
+        repo.write("roles/app/files/app.conf", content);
+        repo.write(
+            "roles/app/role.toml",
+            &format!(
+                "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+                 [[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/sh\", \"-c\", {:?}]\n\n\
+                 [[checks]]\nname = \"app config is good\"\nretries = 1\ninterval = \"10ms\"\n\
+                 command = {{ argv = [\"/bin/sh\", \"-c\", {:?}] }}\n",
+                format!("! test -e {}/block", host.root.path().display()),
+                format!("test -e {}/flag", host.root.path().display()),
+            ),
+        );
+    };
+    std::fs::write(host.path("/flag"), "").unwrap();
+    role("v0\n");
+    repo.commit("v0");
+    sync(&host, &repo, &[]).ok();
+    role("v1\n");
+    repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    // v2 fails, and so does the v1 state its revert restores: halted.
+    std::fs::remove_file(host.path("/flag")).unwrap();
+    role("v2\n");
+    repo.commit("v2");
+    sync(&host, &repo, &[]).code(5);
+    // The rollback (to v0) is stopped by its pre hook: nothing changed.
+    std::fs::write(host.path("/block"), "").unwrap();
+    let run = host.run(repo.path(), &["rollback", "--run-checks"]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("a pre hook failed"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status"]).ok();
+    assert!(status.stdout.contains("HALTED"), "{}", status.stdout);
+    // A rollback that applies lifts it.
+    std::fs::remove_file(host.path("/block")).unwrap();
+    std::fs::write(host.path("/flag"), "").unwrap();
+    host.run(repo.path(), &["rollback", "--run-checks"]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v0\n"));
+    let status = host.run(repo.path(), &["status"]).ok();
+    assert!(!status.stdout.contains("HALTED"), "{}", status.stdout);
 }
 
 /// Issue 14 §2: reverting the first commit on a host (nothing managed

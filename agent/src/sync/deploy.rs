@@ -27,7 +27,7 @@ pub struct Reverted {
     /// program): the next run's recovery finishes it.
     pub waits: Option<String>,
     /// The commit changes nothing on this host: nothing was written, so
-    /// nothing was reverted (its checks failed, see [`adopt_unchanged`]).
+    /// nothing was reverted (its checks failed, see `adopt_unchanged`).
     pub unchanged: bool,
     /// The commit was already this host's applied commit: the run repaired
     /// drift (or re-applied it), and its failure says this host is not
@@ -403,7 +403,13 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
 /// next inventory), never for a quick-check hit's, which holds none: the
 /// caller (`run::apply_phase`) is the full path's. (A quick-check record
 /// names the inventory's commit since this was added: `QUICK_VERSION` 2.)
-pub(super) fn adopt_unchanged(pass: &mut Pass, report: &mut Report) -> Result<(), Error> {
+/// `history`: whether to add the history's entry (a rollback adds its
+/// own).
+pub(super) fn adopt_unchanged(
+    pass: &mut Pass,
+    report: &mut Report,
+    history: bool,
+) -> Result<(), Error> {
     let (commit, plan) = (report.commit.as_str(), &mut report.plan);
     let marks = &mut pass.marks;
     let recorded = pass.state.inventory().kind(Failure::Failed)?;
@@ -445,6 +451,24 @@ pub(super) fn adopt_unchanged(pass: &mut Pass, report: &mut Report) -> Result<()
     crate::effects::failpoint::hit("sync.adopt").kind(Failure::Failed)?;
     pass.state.save_inventory(next).kind(Failure::Failed)?;
     info!(commit = %short(commit), "recorded as applied: it changes no file on this host");
+    // In the history too: a rollback's "previous good commit" and its
+    // one-step limit read the history's applied commits.
+    if history {
+        use crate::effects::state::history::{Entry, Outcome};
+        let entry = Entry {
+            time: pass.now,
+            outcome: Outcome::Applied,
+            commit: Some(commit.to_string()),
+            txid: None,
+            created: 0,
+            changed: 0,
+            removed: 0,
+            message: Some("no file changes on this host".to_string()),
+        };
+        if let Err(e) = pass.state.append_history(&entry) {
+            warn!("cannot record history: {e:#}");
+        }
+    }
     Ok(())
 }
 
@@ -488,18 +512,14 @@ fn restored_checks(
     if let Some((_, checks)) = failed.filter(|(commit, _)| *commit == previous) {
         return Ok(checks.to_vec());
     }
-    let not_checked = |e: Error| {
-        e.error.context(format!(
+    let not_checked = |e: anyhow::Error| {
+        e.context(format!(
             "the restored state is not checked: cannot read the health checks of commit {}, which it is back at",
             short(previous)
         ))
     };
-    crate::effects::failpoint::hit("sync.restored-checks")
-        .map_err(|e| not_checked(Error::new(Failure::Failed, e)))?;
-    let fetched =
-        super::rollback::fetched_commit(settings, state, previous).map_err(not_checked)?;
-    let config = super::planning::load_config(settings, &fetched.snapshot).map_err(not_checked)?;
-    Ok(config.checks)
+    crate::effects::failpoint::hit("sync.restored-checks").map_err(not_checked)?;
+    super::checks_of_commit(settings, state, previous).map_err(not_checked)
 }
 
 /// Checks the state a revert restored that recovery finished (a crash

@@ -208,6 +208,20 @@ pub(super) fn load_config(settings: &Settings, snap: &Snapshot) -> Result<load::
     load::load_host(snap, &host, &opts).kind(Failure::InvalidRepo)
 }
 
+/// The health checks the configuration of `commit` (a commit of the
+/// mirror) declares for this host: loaded, not rendered (checks are no
+/// templates, so a plan's checks are these).
+pub(super) fn checks_of_commit(
+    settings: &Settings,
+    state: &StateDir,
+    commit: &str,
+) -> anyhow::Result<Vec<crate::desired::spec::Check>> {
+    let fetched = super::fetched_commit(settings, state, commit).map_err(|e| e.error)?;
+    Ok(load_config(settings, &fetched.snapshot)
+        .map_err(|e| e.error)?
+        .checks)
+}
+
 /// [`load_config`] through the configuration cache: `reuse` names a
 /// cache that the caller proved holds this snapshot's configuration (see
 /// `effects::state::config_cache` for when that holds); it is read if it

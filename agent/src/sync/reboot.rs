@@ -344,13 +344,15 @@ fn healthy(pass: &Pass, result: &Result<Report, Error>) -> Result<(), String> {
             Err(format!("{n} health check(s) failed"))
         };
     }
-    let checks = if report.plan.checks.is_empty() {
+    let applied = pass.state.inventory().ok().and_then(|i| i.commit.clone());
+    let checks = if plan_is_of_applied(report, applied.as_deref()) && !report.plan.checks.is_empty()
+    {
+        report.plan.checks.clone()
+    } else {
         match checks_of_applied(pass) {
             Ok(c) => c,
             Err(e) => return Err(format!("its health checks could not be read ({e:#})")),
         }
-    } else {
-        report.plan.checks.clone()
     };
     let results = pass.rt.block_on(async {
         let systemd = crate::effects::systemd::Systemd::connect(pass.settings.job_timeout)
@@ -370,18 +372,23 @@ fn healthy(pass: &Pass, result: &Result<Report, Error>) -> Result<(), String> {
     }
 }
 
-/// The health checks of the applied commit, from a full plan of it.
+/// Whether the run's plan is the applied commit's (`applied`), so that its
+/// checks are the ones the host answers to. Not for a fetched commit that
+/// is marked bad and was skipped, nor for one that waits for the fleet:
+/// their plan is of another commit than the host runs, and a check such a
+/// commit added (or moved) would have kept a healthy host from rebooting,
+/// or a host back from its reboot from giving the fleet permit back.
+fn plan_is_of_applied(report: &Report, applied: Option<&str>) -> bool {
+    !report.skipped_bad && report.waiting.is_none() && applied == Some(report.commit.as_str())
+}
+
+/// The health checks of the applied commit (none when nothing is applied).
 fn checks_of_applied(pass: &Pass) -> Result<Vec<crate::desired::spec::Check>> {
     let inventory = pass.state.inventory()?;
     let Some(commit) = inventory.commit.clone() else {
         return Ok(Vec::new());
     };
-    let fetched =
-        super::fetched_commit(pass.settings, &pass.state, &commit).map_err(|e| e.error)?;
-    let facts = super::gather_facts(&pass.fs);
-    let plan = super::plan_for(pass.settings, &pass.state, &pass.fs, &fetched, &facts)
-        .map_err(|e| e.error)?;
-    Ok(plan.checks)
+    super::checks_of_commit(pass.settings, &pass.state, &commit)
 }
 
 /// The rollout policy of the applied commit (its maintenance windows and
@@ -398,6 +405,31 @@ fn policy_of(pass: &Pass, commit: &str) -> Result<crate::rollout::Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(commit: &str, skipped_bad: bool) -> Report {
+        Report {
+            commit: commit.into(),
+            applied: None,
+            plan: crate::plan::Plan::default(),
+            recovered: Vec::new(),
+            skipped_bad,
+            post: None,
+            quick: false,
+            waiting: None,
+        }
+    }
+
+    /// Review: the reboot's health gate ran the run's plan's checks, which
+    /// for a skipped bad head are the bad commit's, not the applied one's.
+    #[test]
+    fn the_reboot_gate_takes_the_checks_of_the_applied_commit() {
+        assert!(plan_is_of_applied(&report("c1", false), Some("c1")));
+        // The fetched head is marked bad and skipped: its plan is its own.
+        assert!(!plan_is_of_applied(&report("c2", true), Some("c1")));
+        // Another commit than the applied one (or none applied).
+        assert!(!plan_is_of_applied(&report("c2", false), Some("c1")));
+        assert!(!plan_is_of_applied(&report("c2", false), None));
+    }
 
     fn last(count: u32, boot: &str, time: i64) -> LastReboot {
         LastReboot {

@@ -65,6 +65,9 @@ pub(super) enum RollbackEligibility {
     /// `current` was itself reached by a rollback (the operator's or the
     /// fleet's): one automatic step is the limit.
     ReachedByRollback,
+    /// A rollback from `current` was tried and failed (its target failed
+    /// its checks and was reverted): that was the one step.
+    RollbackFailed,
 }
 
 pub(super) fn rollback_eligibility(
@@ -72,10 +75,22 @@ pub(super) fn rollback_eligibility(
     current: &str,
 ) -> Result<RollbackEligibility, Error> {
     let history = pass.state.history().kind(Failure::Failed)?;
-    let reached = history
+    let at = history
         .iter()
-        .rev()
-        .find(|e| e.outcome == Outcome::Applied && e.commit.as_deref() == Some(current));
+        .rposition(|e| e.outcome == Outcome::Applied && e.commit.as_deref() == Some(current));
+    let reached = at.map(|i| &history[i]);
+    // A rollback that failed since `current` was applied: it stayed, and
+    // trying the next older commit on every poll would walk the host down
+    // its whole history, one transaction (and its restarts) at a time.
+    let since = at.map_or(&history[..], |i| &history[i + 1..]);
+    if since.iter().any(|e| {
+        e.outcome == Outcome::Failed
+            && e.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("rollback:"))
+    }) {
+        return Ok(RollbackEligibility::RollbackFailed);
+    }
     if reached.is_some_and(|e| {
         e.message
             .as_deref()
@@ -162,12 +177,25 @@ pub(super) fn rollback_in(
         );
     }
     pass.marks.bad.remove(&fetched.commit);
-    pass.marks.halted = None;
+    // A halt stays until the rollback applied: one whose pre hook failed,
+    // or whose target failed its checks, fixed nothing.
     marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
     let prepared = Prepared { fetched, plan };
-    let result = deploy(pass, prepared);
+    // A target that changes no file here is recorded (after its checks)
+    // as a commit that does (see `deploy::adopt_unchanged`).
+    let result = deploy(pass, prepared).and_then(|mut r| {
+        if r.idle() {
+            super::deploy::adopt_unchanged(pass, &mut r, false)?;
+        }
+        Ok(r)
+    });
     match &result {
         Ok(r) => {
+            if pass.marks.halted.take().is_some() {
+                if let Err(e) = marks::save(&pass.state, &pass.marks) {
+                    warn!("cannot lift the halt in the marks: {e:#}");
+                }
+            }
             // The operator (or the fleet) lowered the floor on purpose.
             let full_ref =
                 fetch::full_ref_name(&settings.branch).unwrap_or_else(|_| settings.branch.clone());

@@ -161,6 +161,10 @@ fn ask_fleet(
                 commit = %short(cur),
                 "fleet: the applied commit is {why}, but this host has no earlier good commit to return to: it stays, and keeps repairing drift"
             ),
+            super::RollbackEligibility::RollbackFailed => warn!(
+                commit = %short(cur),
+                "fleet: the applied commit is {why}, but this host's rollback from it failed already: not rolling back further by itself (an operator decides: `driftless rollback --to COMMIT`)"
+            ),
             super::RollbackEligibility::ReachedByRollback => warn!(
                 commit = %short(cur),
                 "fleet: the applied commit is {why}, but this host came to it by a rollback: not rolling back further by itself (an operator decides: `driftless rollback --to COMMIT`)"
@@ -572,7 +576,7 @@ fn apply_phase(
     pass.floor = floor_to_raise(pass.settings, &commit, commit_time, pass.now);
     let mut report = deploy(pass, prepared)?;
     if report.idle() {
-        super::deploy::adopt_unchanged(pass, &mut report)?;
+        super::deploy::adopt_unchanged(pass, &mut report, true)?;
     }
     failpoint::hit("sync.floor").kind(Failure::Failed)?;
     raise_floor(pass.settings, &commit, commit_time, pass.now);
