@@ -983,6 +983,15 @@ fn a_failing_drift_repair_does_not_mark_the_running_commit_bad_fleet_wide() {
         etcd.keys(&format!("/t/bad/{c1}/")).is_empty(),
         "marked bad fleet-wide: {err}"
     );
+    // Its next run fails and says why, and still marks nothing fleet-wide.
+    let out = agents[1].cmd(&["sync", "--once"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("repairing its drift failed"), "{err}");
+    assert!(
+        etcd.keys(&format!("/t/bad/{c1}/")).is_empty(),
+        "marked bad fleet-wide: {err}"
+    );
     // h00 goes on running v1.
     let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -96,6 +96,65 @@ fn failed_check_reverts_marks_bad_and_is_not_retried() {
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("good again\n"));
 }
 
+/// Review: a drift repair whose checks failed marked the applied commit
+/// bad on this host, and every later run skipped it with exit 0 ("commit
+/// marked bad"): the host stayed different from its commit, and nothing
+/// but the one revert said so. The runs fail, and say why, until a new
+/// commit or `--retry`.
+#[test]
+fn a_failing_drift_repair_leaves_the_runs_failing_not_quietly_skipped() {
+    let repo = Repo::new();
+    let host = Host::new("h");
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    // Passes while ROOT/flag exists, or for a hand-edited file.
+    let check = "test -e ROOT/flag || grep -q hand ROOT/etc/app.conf";
+    write_role(&repo, &host, "v1\n", check);
+    let v1 = repo.commit("v1");
+    std::fs::write(host.path("/flag"), "").unwrap();
+    sync(&host, &repo, &[]).ok();
+
+    // The flag gone and the file hand-edited: the repair writes v1, which
+    // fails here; the revert puts the edit back.
+    std::fs::remove_file(host.path("/flag")).unwrap();
+    std::fs::write(host.path("/etc/app.conf"), "hand\n").unwrap();
+    let run = sync(&host, &repo, &[]).code(1);
+    assert!(run.stderr.contains("reverted"), "{}", run.stderr);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("hand\n"));
+
+    for _ in 0..2 {
+        let again = sync(&host, &repo, &[]).code(1);
+        assert!(
+            again.stderr.contains(&format!(
+                "commit {} is this host's applied commit, and repairing its drift failed",
+                &v1[..12]
+            )) && again.stderr.contains("app config is good")
+                && again
+                    .stderr
+                    .contains("until a new commit arrives or `driftless sync --retry`"),
+            "{}",
+            again.stderr
+        );
+        assert_eq!(host.read("/etc/app.conf").as_deref(), Some("hand\n"));
+    }
+    let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
+    assert_eq!(
+        h["status"]["entries"][0]["outcome"], "failed",
+        "{}",
+        hist.stdout
+    );
+    // `plan` shows the difference that stays.
+    let plan = host.run(repo.path(), &["plan"]).ok();
+    assert!(plan.stdout.contains("/etc/app.conf"), "{}", plan.stdout);
+
+    // The operator fixed the host: --retry repairs it, and runs pass again.
+    std::fs::write(host.path("/flag"), "").unwrap();
+    sync(&host, &repo, &["--retry"]).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    sync(&host, &repo, &[]).ok();
+}
+
 #[test]
 fn failing_revert_halts_until_retry() {
     let repo = Repo::new();

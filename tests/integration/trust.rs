@@ -678,6 +678,60 @@ fn sigterm_after_a_sticks_import_stops_it_and_the_next_run_applies_the_import() 
     );
 }
 
+/// Review: a stick whose head is marked bad on the host (it failed its
+/// checks there once) reported that head as the host's commit, though the
+/// host stays on the commit before it.
+#[test]
+fn a_stick_whose_head_is_marked_bad_reports_the_commit_the_host_stays_on() {
+    let signer = Signer::new("release@example.com");
+    let repo = app_repo(&signer, "one\n");
+    let c1 = repo.head();
+    let stick = tempfile::tempdir().unwrap();
+    let dir = stick.path().join("driftless/bundles");
+    std::fs::create_dir_all(&dir).unwrap();
+    create_bundle(&repo, &dir.join("site.bundle"), &signer, None).ok();
+    let host = Host::new("web1");
+    let args = [
+        "bundle",
+        "stick",
+        stick.path().to_str().unwrap(),
+        "--run-checks",
+    ];
+    run_with(&host, bundles(), &args, &signer).ok();
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+
+    // v2 fails its check here: reverted, and marked bad.
+    repo.write(
+        "roles/app/role.toml",
+        "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+         [[checks]]\nname = \"never passes\"\nretries = 1\n\
+         command = { argv = [\"/bin/false\"] }\n",
+    );
+    repo.write("roles/app/files/app.conf", "two\n");
+    let c2 = signed_commit(&repo, &signer, "v2 fails its check");
+    std::fs::remove_file(dir.join("site.bundle")).unwrap();
+    create_bundle(&repo, &dir.join("site.bundle"), &signer, None).ok();
+    run_with(&host, bundles(), &args, &signer).code(1);
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("one\n"));
+
+    // The same stick again: the bad head is skipped, and the report says
+    // the host is on v1, and why.
+    let run = run_with(&host, bundles(), &args, &signer).ok();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["outcome"], "skipped", "{report} {}", run.stderr);
+    assert_eq!(report["commit"], c1.as_str(), "{report}");
+    assert_eq!(report["previous"], c1.as_str(), "{report}");
+    let message = report["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("commit {} is marked bad on this host", &c2[..12])),
+        "{report}"
+    );
+    assert_eq!(report["drifted"], serde_json::json!([]), "{report}");
+}
+
 #[test]
 fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
     let signer = Signer::new("release@example.com");

@@ -258,20 +258,35 @@ fn process(
     }
     match super::sync_once(settings, sync_opts, now, rt) {
         Ok(r) => {
-            report.commit = Some(r.commit.clone());
             report.outcome = match (&r.applied, r.skipped_bad) {
                 (Some(_), _) => Outcome::Applied,
                 (None, true) => Outcome::Skipped,
                 (None, false) => Outcome::Unchanged,
             };
+            let mut notes = Vec::new();
+            if r.skipped_bad {
+                // The head the stick brought is marked bad here: the host
+                // stays on the commit it ran (the report's `commit`, set
+                // from the inventory), and the plan is the bad head's, not
+                // a repair's.
+                notes.push(format!(
+                    "commit {} is marked bad on this host: not applied (`driftless status` says why)",
+                    crate::plan::diff::short(&r.commit)
+                ));
+            } else if r.waiting.is_none() {
+                report.commit = Some(r.commit.clone());
+                report.drifted = drifted(&r.plan, &before);
+            }
             if let Some(a) = &r.applied {
                 report.created = a.created;
                 report.changed = a.changed;
                 report.removed = a.removed;
             }
-            report.drifted = drifted(&r.plan, &before);
             if !refused.is_empty() {
-                report.message = Some(format!("bundles refused: {}", refused.join("; ")));
+                notes.push(format!("bundles refused: {}", refused.join("; ")));
+            }
+            if !notes.is_empty() {
+                report.message = Some(notes.join("; "));
             }
         }
         Err(e) => {
