@@ -944,6 +944,13 @@ fn a_failed_fleet_rollback_is_not_followed_by_older_ones() {
         assert!(err.contains("rollback from it failed already"), "{err}");
         assert_eq!(agents[0].content().as_deref(), Some("good v2\n"), "{err}");
     }
+    // The commit it stays on is not left marked bad by the failed
+    // rollback: its drift is still repaired.
+    std::fs::write(agents[0].root().join("etc/app.conf"), "edited\n").unwrap();
+    let out = agents[0].cmd(&["sync", "--once"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(agents[0].content().as_deref(), Some("good v2\n"), "{err}");
 }
 
 /// A drift repair whose checks fail on one host (the host's own trouble:
@@ -987,7 +994,7 @@ fn a_failing_drift_repair_does_not_mark_the_running_commit_bad_fleet_wide() {
     let out = agents[1].cmd(&["sync", "--once"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("repairing its drift failed"), "{err}");
+    assert!(err.contains("its drift is not repaired"), "{err}");
     assert!(
         etcd.keys(&format!("/t/bad/{c1}/")).is_empty(),
         "marked bad fleet-wide: {err}"

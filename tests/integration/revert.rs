@@ -126,9 +126,10 @@ fn a_failing_drift_repair_leaves_the_runs_failing_not_quietly_skipped() {
         let again = sync(&host, &repo, &[]).code(1);
         assert!(
             again.stderr.contains(&format!(
-                "commit {} is this host's applied commit, and repairing its drift failed",
+                "commit {} is this host's applied commit, but it is marked bad here since",
                 &v1[..12]
             )) && again.stderr.contains("app config is good")
+                && again.stderr.contains("its drift is not repaired")
                 && again
                     .stderr
                     .contains("until a new commit arrives or `driftless sync --retry`"),
@@ -137,13 +138,16 @@ fn a_failing_drift_repair_leaves_the_runs_failing_not_quietly_skipped() {
         );
         assert_eq!(host.read("/etc/app.conf").as_deref(), Some("hand\n"));
     }
+    // Entered in the history once, not once per run.
     let hist = host.run(repo.path(), &["history", "--format", "json"]).ok();
     let h: serde_json::Value = serde_json::from_str(&hist.stdout).unwrap();
-    assert_eq!(
-        h["status"]["entries"][0]["outcome"], "failed",
-        "{}",
-        hist.stdout
-    );
+    let outcomes: Vec<&str> = h["status"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes[..2], ["failed", "reverted"], "{}", hist.stdout);
     // `plan` shows the difference that stays.
     let plan = host.run(repo.path(), &["plan"]).ok();
     assert!(plan.stdout.contains("/etc/app.conf"), "{}", plan.stdout);
@@ -549,7 +553,7 @@ fn a_rollback_that_applies_nothing_leaves_the_halt() {
     repo.commit("v0");
     sync(&host, &repo, &[]).ok();
     role("v1\n");
-    repo.commit("v1");
+    let v1 = repo.commit("v1");
     sync(&host, &repo, &[]).ok();
     // v2 fails, and so does the v1 state its revert restores: halted.
     std::fs::remove_file(host.path("/flag")).unwrap();
@@ -562,6 +566,23 @@ fn a_rollback_that_applies_nothing_leaves_the_halt() {
     assert_ne!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("a pre hook failed"), "{}", run.stderr);
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
+    let status = host.run(repo.path(), &["status"]).ok();
+    assert!(status.stdout.contains("HALTED"), "{}", status.stdout);
+    // The commit it stays on is not left marked bad by the failed rollback
+    // (its drift would no longer be repaired).
+    let json = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(v["status"]["bad_commits"][&v1].is_null(), "{}", json.stdout);
+    // A rollback to the commit the host is on has nothing to apply, or to
+    // check: refused, the halt stays.
+    let run = host
+        .run(repo.path(), &["rollback", "--to", &v1, "--run-checks"])
+        .code(2);
+    assert!(
+        run.stderr.contains("is already this host's applied commit"),
+        "{}",
+        run.stderr
+    );
     let status = host.run(repo.path(), &["status"]).ok();
     assert!(status.stdout.contains("HALTED"), "{}", status.stdout);
     // A rollback that applies lifts it.

@@ -79,7 +79,7 @@ pub fn print_plan(
         Format::Text => {
             if let Some(m) = bad {
                 outln!(
-                    "{} is marked bad since {}: {}\n`driftless sync` skips it (the host stays as it is) until a new commit arrives; `sync --retry` applies it anyway. What it would change:",
+                    "{} is marked bad since {}: {}\n`driftless sync` does not apply it (the host stays as it is) until a new commit arrives; `sync --retry` applies it anyway. What it would change:",
                     short(&p.fetched.commit),
                     time_str(m.time),
                     m.reason

@@ -418,7 +418,11 @@ pub(super) fn adopt_unchanged(
     }
     if pass.settings.run_checks && !plan.checks.is_empty() {
         info!(commit = %short(commit), "no file changes on this host: running the commit's checks");
-        if let Some(reason) = run_checks(pass.settings, pass.rt, plan.checks.clone()) {
+        let (failure, failing) = run_checks(pass.settings, pass.rt, plan.checks.clone());
+        // For the fleet's health report and the reboot gate, as a
+        // transaction's checks are.
+        pass.checks_failing = Some(failing);
+        if let Some(reason) = failure {
             marks.bad.insert(
                 commit.to_string(),
                 marks::Mark {
@@ -448,11 +452,11 @@ pub(super) fn adopt_unchanged(
     next.txid = recorded.txid.clone();
     next.applied_at = pass.now;
     next.reboot = recorded.reboot.clone();
-    crate::effects::failpoint::hit("sync.adopt").kind(Failure::Failed)?;
-    pass.state.save_inventory(next).kind(Failure::Failed)?;
-    info!(commit = %short(commit), "recorded as applied: it changes no file on this host");
     // In the history too: a rollback's "previous good commit" and its
-    // one-step limit read the history's applied commits.
+    // one-step limit read the history's applied commits. Before the
+    // inventory: a kill between the two leaves an entry for a commit the
+    // next run records again (and enters twice), never a recorded commit
+    // the history lacks (the next run would find nothing to do).
     if history {
         use crate::effects::state::history::{Entry, Outcome};
         let entry = Entry {
@@ -469,22 +473,27 @@ pub(super) fn adopt_unchanged(
             warn!("cannot record history: {e:#}");
         }
     }
+    crate::effects::failpoint::hit("sync.adopt").kind(Failure::Failed)?;
+    pass.state.save_inventory(next).kind(Failure::Failed)?;
+    info!(commit = %short(commit), "recorded as applied: it changes no file on this host");
     Ok(())
 }
 
 /// Runs `checks` (the health checks of a commit, or of a restored state):
 /// `Some` with what failed.
+/// Runs `checks`: why they failed (if they did), and how many failed.
 fn run_checks(
     settings: &crate::config::Settings,
     rt: &tokio::runtime::Handle,
     checks: Vec<crate::desired::spec::Check>,
-) -> Option<String> {
+) -> (Option<String>, usize) {
     let plan = crate::plan::Plan {
         checks,
         ..Default::default()
     };
-    rt.block_on(post::run(settings, &plan, post::Stage::Restored))
-        .failure
+    let ran = rt.block_on(post::run(settings, &plan, post::Stage::Restored));
+    let failing = ran.checks.iter().filter(|c| !c.ok).count();
+    (ran.failure, failing)
 }
 
 /// The health checks of the state a revert restored: those the
@@ -536,7 +545,7 @@ pub(super) fn check_restored(
         .ok()
         .filter(|c| !c.is_empty())?;
     info!("running the checks of the restored state");
-    run_checks(settings, rt, checks)
+    run_checks(settings, rt, checks).0
 }
 
 /// After a commit: writes `/run/reboot-required` (and `.pkgs`) if the

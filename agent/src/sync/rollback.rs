@@ -65,8 +65,9 @@ pub(super) enum RollbackEligibility {
     /// `current` was itself reached by a rollback (the operator's or the
     /// fleet's): one automatic step is the limit.
     ReachedByRollback,
-    /// A rollback from `current` was tried and failed (its target failed
-    /// its checks and was reverted): that was the one step.
+    /// A rollback from `current` was tried and its target failed its
+    /// checks there (and was reverted): that was the one step. (One that
+    /// failed before, on a pre hook, SIGTERM or I/O, is tried again.)
     RollbackFailed,
 }
 
@@ -82,12 +83,13 @@ pub(super) fn rollback_eligibility(
     // A rollback that failed since `current` was applied: it stayed, and
     // trying the next older commit on every poll would walk the host down
     // its whole history, one transaction (and its restarts) at a time.
-    let since = at.map_or(&history[..], |i| &history[i + 1..]);
+    let since = at.map_or(&history[..0], |i| &history[i + 1..]);
     if since.iter().any(|e| {
         e.outcome == Outcome::Failed
+            && e.commit.as_deref() == Some(current)
             && e.message
                 .as_deref()
-                .is_some_and(|m| m.starts_with("rollback:"))
+                .is_some_and(|m| m.starts_with(ROLLBACK_REVERTED))
     }) {
         return Ok(RollbackEligibility::RollbackFailed);
     }
@@ -163,11 +165,29 @@ pub(super) fn rollback_in(
         })?,
     };
     let mut fetched = fetched_commit(settings, &pass.state, &target)?;
+    if current.as_deref() == Some(fetched.commit.as_str()) {
+        // Nothing to roll back, and nothing a rollback would check: a halt
+        // lifted here would be lifted on a state nothing verified.
+        return Err(Error::new(
+            Failure::Usage,
+            anyhow!(
+                "commit {} is already this host's applied commit: nothing to roll back to (`driftless sync --retry` applies and checks it again)",
+                short(&fetched.commit)
+            ),
+        ));
+    }
     fetched.summary = format!("rollback to {}", short(&fetched.commit));
     let commit_time = fetched.commit_time;
     let facts = gather_facts(&pass.fs);
     let plan = plan_for(settings, &pass.state, &pass.fs, &fetched, &facts)?;
-    if let Some(cur) = current.as_ref().filter(|c| **c != fetched.commit) {
+    // Durable before the rollback commits (a crash after it must not
+    // re-apply the commit rolled back from), and taken back if the
+    // rollback fails: the host stays on that commit, whose drift is still
+    // to be repaired.
+    let marked_before = current
+        .as_ref()
+        .and_then(|c| pass.marks.bad.get(c).cloned());
+    if let Some(cur) = current.as_ref() {
         pass.marks.bad.insert(
             cur.clone(),
             marks::Mark {
@@ -232,15 +252,38 @@ pub(super) fn rollback_in(
                 )),
             )
         }
-        Err(e) => record(
-            &pass.state,
-            now,
-            Outcome::Failed,
-            None,
-            None,
-            None,
-            Some(format!("rollback: {:#}", e.error)),
-        ),
+        Err(e) => {
+            if let Some(cur) = current.as_ref() {
+                match marked_before {
+                    Some(m) => pass.marks.bad.insert(cur.clone(), m),
+                    None => pass.marks.bad.remove(cur),
+                };
+                if let Err(e) = marks::save(&pass.state, &pass.marks) {
+                    warn!("cannot take back the bad mark of {}: {e:#}", short(cur));
+                }
+            }
+            // A target that failed its checks (and was reverted) is the
+            // one step `rollback_eligibility` allows; a failure before
+            // (a pre hook, SIGTERM, I/O) is not.
+            let prefix = if e.error.downcast_ref::<super::Reverted>().is_some() {
+                ROLLBACK_REVERTED
+            } else {
+                "rollback"
+            };
+            record(
+                &pass.state,
+                now,
+                Outcome::Failed,
+                current.clone(),
+                None,
+                None,
+                Some(format!("{prefix}: {:#}", e.error)),
+            )
+        }
     }
     result
 }
+
+/// How the history says a rollback's target failed its checks and was
+/// reverted (the entry names the commit rolled back from).
+const ROLLBACK_REVERTED: &str = "rollback reverted";

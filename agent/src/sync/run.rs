@@ -556,17 +556,18 @@ fn apply_phase(
     failpoint::hit("sync.applying").kind(Failure::Failed)?;
     if let Some(bad) = pass.marks.bad.get(&commit) {
         if !pass.opts.retry {
-            // The applied commit, marked bad by its own drift repair: the
-            // host differs from it and stays so. Not a quiet skip: the
-            // run fails (exit 1, `status` and the history say why) on
-            // every poll until a new commit or `--retry`. The webhook went
-            // out with the revert.
+            // The applied commit, marked bad here (its drift repair failed
+            // its checks, or was interrupted again and again): the host
+            // differs from it and stays so. Not a quiet skip: the run
+            // fails (exit 1, `status` and the history say why) on every
+            // poll until a new commit or `--retry`. The webhook went out
+            // with the revert.
             let applied = pass.state.inventory().ok().and_then(|i| i.commit.clone());
             if applied.as_deref() == Some(commit.as_str()) && !prepared.plan.is_empty() {
                 return Err(Error::new(
                     Failure::Failed,
                     anyhow!(
-                        "commit {} is this host's applied commit, and repairing its drift failed at {} ({}): the host stays as it is, different from the commit (`driftless plan` lists how), until a new commit arrives or `driftless sync --retry`",
+                        "commit {} is this host's applied commit, but it is marked bad here since {} ({}): its drift is not repaired, and the host stays as it is, different from the commit (`driftless plan` lists how), until a new commit arrives or `driftless sync --retry`",
                         short(&commit),
                         crate::time::time_str(bad.time),
                         bad.reason,

@@ -39,8 +39,21 @@ pub(super) fn record(
         removed: applied.map_or(0, |a| a.removed),
         message: message.clone(),
     };
-    if let Err(e) = state.append_history(&entry) {
-        warn!("cannot record history: {e:#}");
+    // A failure that repeats on every poll (the same refusal, a commit
+    // marked bad that the host runs) is entered once: at one line per
+    // poll the trimmed history would soon hold nothing else, and a
+    // rollback finds its previous good commit there. `last-run.json`
+    // says it happened again.
+    let repeat = outcome != Outcome::Applied
+        && state.last_history().ok().flatten().is_some_and(|last| {
+            last.outcome == entry.outcome
+                && last.commit == entry.commit
+                && last.message == entry.message
+        });
+    if !repeat {
+        if let Err(e) = state.append_history(&entry) {
+            warn!("cannot record history: {e:#}");
+        }
     }
     write_last_run(state, now, outcome, commit, message);
 }

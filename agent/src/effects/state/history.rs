@@ -100,6 +100,32 @@ impl StateDir {
         super::write_atomic(&self.history_path(), &out)
     }
 
+    /// The newest entry, read from the file's last 64 KiB (no entry is
+    /// longer: messages are bounded). None when there is none, or the
+    /// last line does not read (torn by a crash, or too long).
+    pub fn last_history(&self) -> Result<Option<Entry>> {
+        use std::io::{Read, Seek, SeekFrom};
+        const TAIL: u64 = 64 << 10;
+        let path = self.history_path();
+        let (mut f, meta) = match super::io::open_nofollow(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let start = meta.len().saturating_sub(TAIL);
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| {
+                let mut tail = Vec::new();
+                f.take(TAIL).read_to_end(&mut tail).map(|_| tail)
+            })
+            .with_context(|| format!("cannot read {}", path.display()))
+            .map(|tail| {
+                let text = String::from_utf8_lossy(&tail);
+                let line = text.strip_suffix('\n')?.rsplit('\n').next()?;
+                serde_json::from_str(line).ok()
+            })
+    }
+
     /// All readable entries, oldest first.
     pub fn history(&self) -> Result<Vec<Entry>> {
         let path = self.history_path();
@@ -122,6 +148,40 @@ mod tests {
     use std::os::unix::fs::OpenOptionsExt;
 
     use super::*;
+
+    fn failed(time: i64, message: &str) -> Entry {
+        Entry {
+            time,
+            outcome: Outcome::Failed,
+            commit: Some("c1".into()),
+            txid: None,
+            created: 0,
+            changed: 0,
+            removed: 0,
+            message: Some(message.into()),
+        }
+    }
+
+    #[test]
+    fn the_last_entry_is_read_from_the_tail_and_a_torn_one_is_none() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::open(d.path()).unwrap();
+        assert_eq!(state.last_history().unwrap(), None);
+        // Entries longer than the tail read before the last one.
+        state
+            .append_history(&failed(1, &"x".repeat(100_000)))
+            .unwrap();
+        state.append_history(&failed(2, "second")).unwrap();
+        assert_eq!(state.last_history().unwrap(), Some(failed(2, "second")));
+        // A last line torn by a crash: no last entry (the caller appends).
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.history_path())
+            .unwrap()
+            .write_all(b"{\"time\":3,\"outc")
+            .unwrap();
+        assert_eq!(state.last_history().unwrap(), None);
+    }
 
     /// A FIFO planted at the lock or at `history.jsonl` (the append is
     /// reached without a repair when the quick check skips one) blocked
