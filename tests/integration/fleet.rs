@@ -378,6 +378,9 @@ fn fleet(repo: &Repo, etcd: &Etcd, n: usize, groups: usize, ttl: &str) -> Vec<Ag
         .collect()
 }
 
+/// A rollout policy of one wave, every host at once (6 permits).
+const ALL_AT_ONCE: &str = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+
 #[test]
 fn a_good_commit_rolls_out_wave_by_wave_within_the_permits() {
     let Some(etcd) = etcd_or_skip() else { return };
@@ -734,7 +737,7 @@ fn last_commits(etcd: &Etcd) -> BTreeMap<String, String> {
 #[test]
 fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
     let Some(etcd) = etcd_or_skip() else { return };
-    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let policy = ALL_AT_ONCE;
     let repo = repo_with(policy, "good v1\n");
     // v2 passes its check everywhere except on h03 (it reverts v2), and
     // v1 fails on a host holding `v1-breaks-here` (h02, once v2 runs there).
@@ -893,7 +896,7 @@ fn hosts_that_applied_a_commit_another_host_reverted_roll_back() {
 #[test]
 fn a_failed_fleet_rollback_is_not_followed_by_older_ones() {
     let Some(etcd) = etcd_or_skip() else { return };
-    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let policy = ALL_AT_ONCE;
     let repo = repo_with(policy, "good v0\n");
     repo.write(
         "roles/app/role.toml",
@@ -961,7 +964,7 @@ fn a_failed_fleet_rollback_is_not_followed_by_older_ones() {
 #[test]
 fn a_failing_drift_repair_does_not_mark_the_running_commit_bad_fleet_wide() {
     let Some(etcd) = etcd_or_skip() else { return };
-    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let policy = ALL_AT_ONCE;
     let repo = repo_with(policy, "good v1\n");
     repo.write(
         "roles/app/role.toml",
@@ -1010,7 +1013,7 @@ fn a_failing_drift_repair_does_not_mark_the_running_commit_bad_fleet_wide() {
 #[test]
 fn a_suspended_group_waits_until_resumed_and_the_others_go_on() {
     let Some(etcd) = etcd_or_skip() else { return };
-    let policy = "[rollout]\nmax_concurrent = 6\n[[rollout.waves]]\nname = \"all\"\npercent = 100\nmin_healthy = 0\n";
+    let policy = ALL_AT_ONCE;
     let repo = repo_with(policy, "good v1\n");
     repo.commit("v1");
     let agents = fleet(&repo, &etcd, 6, 2, "10s");

@@ -17,6 +17,14 @@ fn write_role(repo: &Repo, host: &Host, content: &str, check_cmd: &str) {
     );
 }
 
+/// A repository whose hosts all take the role `app`, and a host.
+fn app_repo_and_host() -> (Repo, Host) {
+    let repo = Repo::new();
+    repo.write("driftless.toml", "roles = [\"app\"]\n");
+    repo.write("hosts/default.toml", "");
+    (repo, Host::new("h"))
+}
+
 fn sync(host: &Host, repo: &Repo, extra: &[&str]) -> Run {
     let mut args = vec!["sync", "--once", "--run-checks"];
     args.extend_from_slice(extra);
@@ -25,10 +33,7 @@ fn sync(host: &Host, repo: &Repo, extra: &[&str]) -> Run {
 
 #[test]
 fn failed_check_reverts_marks_bad_and_is_not_retried() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     let check = "grep -q good ROOT/etc/app.conf";
     write_role(&repo, &host, "good\n", check);
     repo.commit("v1");
@@ -103,10 +108,7 @@ fn failed_check_reverts_marks_bad_and_is_not_retried() {
 /// commit or `--retry`.
 #[test]
 fn a_failing_drift_repair_leaves_the_runs_failing_not_quietly_skipped() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     // Passes while ROOT/flag exists, or for a hand-edited file.
     let check = "test -e ROOT/flag || grep -q hand ROOT/etc/app.conf";
     write_role(&repo, &host, "v1\n", check);
@@ -161,10 +163,7 @@ fn a_failing_drift_repair_leaves_the_runs_failing_not_quietly_skipped() {
 
 #[test]
 fn failing_revert_halts_until_retry() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     // v1's check holds while the flag is there.
     let flag = host.path("/flag");
     std::fs::write(&flag, "").unwrap();
@@ -260,10 +259,7 @@ fn rollback_without_history_or_with_an_unknown_commit_is_a_clear_error() {
 /// commit's checks.
 #[test]
 fn a_commit_adding_a_failing_check_is_reverted_without_halting_the_host() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     std::fs::write(host.path("/a"), "").unwrap();
     write_role(&repo, &host, "v1\n", "test -e ROOT/a");
     repo.commit("v1");
@@ -302,10 +298,7 @@ fn a_commit_adding_a_failing_check_is_reverted_without_halting_the_host() {
 /// guess, nor checked against the failed commit's checks.
 #[test]
 fn restored_checks_that_cannot_be_read_are_said_and_skipped() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     write_role(&repo, &host, "v1\n", "true");
     repo.commit("v1");
     sync(&host, &repo, &[]).ok();
@@ -451,10 +444,7 @@ fn applied_commit(host: &Host, repo: &Repo) -> serde_json::Value {
 /// checks run, and it is recorded as applied, or marked bad.
 #[test]
 fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     write_role(&repo, &host, "v1\n", "true");
     let v1 = repo.commit("v1");
     sync(&host, &repo, &[]).ok();
@@ -524,42 +514,86 @@ fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
 }
 
+/// The role of the halt tests: a pre hook that fails while ROOT/block
+/// exists, and a check that passes while ROOT/flag exists.
+fn hooked_role(repo: &Repo, host: &Host, content: &str) {
+    repo.write("roles/app/files/app.conf", content);
+    repo.write(
+        "roles/app/role.toml",
+        &format!(
+            "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
+             [[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/sh\", \"-c\", {:?}]\n\n\
+             [[checks]]\nname = \"app config is good\"\nretries = 1\ninterval = \"10ms\"\n\
+             command = {{ argv = [\"/bin/sh\", \"-c\", {:?}] }}\n",
+            format!("! test -e {}/block", host.root.path().display()),
+            format!("test -e {}/flag", host.root.path().display()),
+        ),
+    );
+}
+
+/// v0 and v1 applied; v2 fails, and so does the v1 state its revert
+/// restores: halted (exit 5). The commits v0 and v1.
+fn halted_after_v2(repo: &Repo, host: &Host) -> (String, String) {
+    std::fs::write(host.path("/flag"), "").unwrap();
+    hooked_role(repo, host, "v0\n");
+    let v0 = repo.commit("v0");
+    sync(host, repo, &[]).ok();
+    hooked_role(repo, host, "v1\n");
+    let v1 = repo.commit("v1");
+    sync(host, repo, &[]).ok();
+    std::fs::remove_file(host.path("/flag")).unwrap();
+    hooked_role(repo, host, "v2\n");
+    repo.commit("v2");
+    sync(host, repo, &[]).code(5);
+    (v0, v1)
+}
+
+/// A rollback whose run was killed after its transaction committed, before
+/// it lifted the halt: the host stayed halted on the commit it was rolled
+/// back to, and the operator's next `rollback` went a second step back.
+/// The next run sees the rollback applied and lifts the halt.
+#[test]
+fn a_rollback_killed_after_its_commit_lifts_the_halt_at_the_next_run() {
+    let (repo, host) = app_repo_and_host();
+    let (v0, _) = halted_after_v2(&repo, &host);
+    std::fs::write(host.path("/flag"), "").unwrap();
+    let out = host
+        .cmd(repo.path(), &["rollback", "--run-checks"])
+        .env("DRIFTLESS_TEST_FAILPOINT", "rollback.applied")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v0\n"));
+    // The next sync is not halted: it stays on v0 (v1 and v2 are marked
+    // bad) and says the halt is lifted.
+    let run = sync(&host, &repo, &[]).ok();
+    assert!(run.stderr.contains("the halt is lifted"), "{}", run.stderr);
+    let json = host.run(repo.path(), &["status", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(v["status"]["halted"].is_null(), "{}", json.stdout);
+    assert_eq!(
+        v["status"]["applied"]["commit"],
+        v0.as_str(),
+        "{}",
+        json.stdout
+    );
+    assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v0\n"));
+}
+
 /// An operator's rollback lifted the halt before it applied anything: one
 /// whose pre hook failed (nothing changed) left the host unhalted in the
 /// state that had failed its checks. The halt goes when the rollback
 /// applied.
 #[test]
 fn a_rollback_that_applies_nothing_leaves_the_halt() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
-    let role = |content: &str| {
-        repo.write("roles/app/files/app.conf", content);
-        repo.write(
-            "roles/app/role.toml",
-            &format!(
-                "[[files]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n\n\
-                 [[hooks]]\nwhen = \"pre\"\nargv = [\"/bin/sh\", \"-c\", {:?}]\n\n\
-                 [[checks]]\nname = \"app config is good\"\nretries = 1\ninterval = \"10ms\"\n\
-                 command = {{ argv = [\"/bin/sh\", \"-c\", {:?}] }}\n",
-                format!("! test -e {}/block", host.root.path().display()),
-                format!("test -e {}/flag", host.root.path().display()),
-            ),
-        );
-    };
-    std::fs::write(host.path("/flag"), "").unwrap();
-    role("v0\n");
-    repo.commit("v0");
-    sync(&host, &repo, &[]).ok();
-    role("v1\n");
-    let v1 = repo.commit("v1");
-    sync(&host, &repo, &[]).ok();
-    // v2 fails, and so does the v1 state its revert restores: halted.
-    std::fs::remove_file(host.path("/flag")).unwrap();
-    role("v2\n");
-    repo.commit("v2");
-    sync(&host, &repo, &[]).code(5);
+    let (repo, host) = app_repo_and_host();
+    let (_, v1) = halted_after_v2(&repo, &host);
     // The rollback (to v0) is stopped by its pre hook: nothing changed.
     std::fs::write(host.path("/block"), "").unwrap();
     let run = host.run(repo.path(), &["rollback", "--run-checks"]);
@@ -599,10 +633,7 @@ fn a_rollback_that_applies_nothing_leaves_the_halt() {
 /// and put back the file that was there before driftless.
 #[test]
 fn reverting_the_first_commit_restores_the_preexisting_file() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     std::fs::create_dir_all(host.path("/etc")).unwrap();
     std::fs::write(host.path("/etc/app.conf"), "good, from the distribution\n").unwrap();
     let before = host.tree();
@@ -674,10 +705,7 @@ fn a_rollback_survives_a_wiped_state_directory() {
 /// run recovers it.
 #[test]
 fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     let marks = tempfile::tempdir().unwrap();
     let started = marks.path().join("check-started");
     let release = marks.path().join("release");
@@ -764,10 +792,7 @@ fn sigterm_during_the_health_checks_lets_the_sync_finish_its_transaction() {
 fn sync_v2_with_sigterm_at(
     failpoint: &str,
 ) -> (Repo, Host, std::process::Output, Vec<(String, Vec<u8>)>) {
-    let repo = Repo::new();
-    let host = Host::new("h");
-    repo.write("driftless.toml", "roles = [\"app\"]\n");
-    repo.write("hosts/default.toml", "");
+    let (repo, host) = app_repo_and_host();
     write_role(&repo, &host, "good\n", "true");
     repo.commit("v1");
     sync(&host, &repo, &[]).ok();

@@ -87,6 +87,12 @@ fn trusted<'a>(signer: &'a Signer, extra: &[&'a str]) -> Vec<String> {
     v
 }
 
+/// The report host web1 wrote onto the stick at `stick`.
+fn web1_report(stick: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(stick.join("driftless/reports/web1.json")).unwrap())
+        .unwrap()
+}
+
 pub fn run_with(host: &Host, source: &Path, args: &[&str], signer: &Signer) -> Run {
     let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     // `status` and `history` read no repository: no trust flags.
@@ -616,10 +622,7 @@ fn a_stick_flooded_with_bundle_files_is_refused_whole_and_stale_copies_go() {
         run.stderr
     );
     assert!(history(&host) <= 1, "{} lines of history", history(&host));
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value = web1_report(stick.path());
     assert_eq!(report["outcome"], "refused", "{report}");
     assert!(host.read("/etc/app.conf").is_none());
 
@@ -717,10 +720,7 @@ fn a_stick_whose_head_is_marked_bad_reports_the_commit_the_host_stays_on() {
     // The same stick again: the bad head is skipped, and the report says
     // the host is on v1, and why.
     let run = run_with(&host, bundles(), &args, &signer).ok();
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value = web1_report(stick.path());
     assert_eq!(report["outcome"], "skipped", "{report} {}", run.stderr);
     assert_eq!(report["commit"], c1.as_str(), "{report}");
     assert_eq!(report["previous"], c1.as_str(), "{report}");
@@ -763,10 +763,7 @@ fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
         "{}",
         run.stderr
     );
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value = web1_report(stick.path());
     assert_eq!(report["host"], "web1");
     assert_eq!(report["outcome"], "applied");
     assert_eq!(report["commit"], repo.head());
@@ -805,10 +802,7 @@ fn a_stick_directory_is_imported_in_order_and_carries_the_report_back() {
         &["bundle", "stick", stick.path().to_str().unwrap()],
         &signer,
     );
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value = web1_report(stick.path());
     assert_eq!(
         report["drifted"],
         serde_json::json!(["/etc/app.conf"]),
@@ -1185,10 +1179,7 @@ fn an_invalid_repository_on_a_stick_exits_3_like_sync() {
     )
     .code(3);
     assert!(run.stderr.contains("typo_key"), "{}", run.stderr);
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(stick.path().join("driftless/reports/web1.json")).unwrap(),
-    )
-    .unwrap();
+    let report: serde_json::Value = web1_report(stick.path());
     assert_eq!(report["outcome"], "refused");
     // The same commit fetched over git: exit 3 too.
     let direct = Host::new("web1");

@@ -349,6 +349,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                 "commit {} failed ({failed}) and after reverting it: {revert_failure}",
                 short(&commit)
             ),
+            lifted_by: None,
         });
         marks::save(state, marks).kind(Failure::Failed)?;
         return Err(Error::new(

@@ -58,6 +58,12 @@ pub struct Halt {
     pub time: i64,
     pub commit: Option<String>,
     pub reason: String,
+    /// A rollback to this commit started while halted: once the
+    /// inventory names it, the rollback committed, and the halt goes
+    /// (`run::begin`), also when the run that applied it was killed
+    /// before it could lift the halt itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifted_by: Option<String>,
 }
 
 const FILE: &str = "marks.json";

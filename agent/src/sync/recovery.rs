@@ -102,6 +102,7 @@ pub(super) fn after_recovery(
                         "transaction {} ({what}) was rolled back, but the units of the restored files failed: {e:#}",
                         r.txid
                     ),
+                    lifted_by: None,
                 });
                 changed = true;
             }
@@ -146,6 +147,7 @@ pub(super) fn after_recovery(
                         "commit {} was reverted, but the restored state fails its checks too: {failure}",
                         short(&unchecked.commit)
                     ),
+                    lifted_by: None,
                 });
             }
         }

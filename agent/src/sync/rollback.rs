@@ -198,7 +198,12 @@ pub(super) fn rollback_in(
     }
     pass.marks.bad.remove(&fetched.commit);
     // A halt stays until the rollback applied: one whose pre hook failed,
-    // or whose target failed its checks, fixed nothing.
+    // or whose target failed its checks, fixed nothing. Noted with the
+    // target, durably before the transaction: a kill after its commit
+    // lifts the halt at the next run.
+    if let Some(h) = pass.marks.halted.as_mut() {
+        h.lifted_by = Some(fetched.commit.clone());
+    }
     marks::save(&pass.state, &pass.marks).kind(Failure::Failed)?;
     let prepared = Prepared { fetched, plan };
     // A target that changes no file here is recorded (after its checks)
@@ -211,6 +216,9 @@ pub(super) fn rollback_in(
     });
     match &result {
         Ok(r) => {
+            if let Err(e) = crate::effects::failpoint::hit("rollback.applied") {
+                warn!("{e:#}");
+            }
             if pass.marks.halted.take().is_some() {
                 if let Err(e) = marks::save(&pass.state, &pass.marks) {
                     warn!("cannot lift the halt in the marks: {e:#}");
@@ -258,9 +266,12 @@ pub(super) fn rollback_in(
                     Some(m) => pass.marks.bad.insert(cur.clone(), m),
                     None => pass.marks.bad.remove(cur),
                 };
-                if let Err(e) = marks::save(&pass.state, &pass.marks) {
-                    warn!("cannot take back the bad mark of {}: {e:#}", short(cur));
-                }
+            }
+            if let Some(h) = pass.marks.halted.as_mut() {
+                h.lifted_by = None;
+            }
+            if let Err(e) = marks::save(&pass.state, &pass.marks) {
+                warn!("cannot take back the rollback's marks: {e:#}");
             }
             // A target that failed its checks (and was reverted) is the
             // one step `rollback_eligibility` allows; a failure before

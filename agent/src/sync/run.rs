@@ -236,6 +236,25 @@ impl Drop for Pass<'_> {
     }
 }
 
+/// A halt whose rollback committed (the inventory names its target) but
+/// whose run was killed before it lifted the halt: lifted now. Without
+/// this the host stayed halted on the commit it was rolled back to, and
+/// an operator's next `driftless rollback` went a second step back.
+fn lift_halt_of_applied_rollback(state: &StateDir, marks: &mut marks::Marks) {
+    let Some(target) = marks.halted.as_ref().and_then(|h| h.lifted_by.clone()) else {
+        return;
+    };
+    let applied = state.inventory().ok().and_then(|i| i.commit.clone());
+    if applied.as_deref() != Some(target.as_str()) {
+        return;
+    }
+    tracing::info!(commit = %short(&target), "the rollback to this commit applied before its run was cut short: the halt is lifted");
+    marks.halted = None;
+    if let Err(e) = marks::save(state, marks) {
+        warn!("cannot lift the halt in the marks: {e:#}");
+    }
+}
+
 /// Takes the lock, rolls back what a crash left behind, and refuses to go
 /// on while halted (unless `--retry`, which clears the halt). With
 /// `operator` (a `rollback`), a halt neither refuses nor is cleared here:
@@ -295,6 +314,7 @@ pub(super) fn begin<'a>(
     };
     remember_rollbacks(settings, &state, &mut marks)?;
     after_recovery(settings, &state, rt, &recovered, &mut marks, now)?;
+    lift_halt_of_applied_rollback(&state, &mut marks);
     if let Some(h) = marks.halted.as_ref().filter(|_| !operator) {
         if !opts.retry {
             super::metrics::while_halted(settings, &state, now, started, guard.waited, &marks);

@@ -296,6 +296,7 @@ pub fn repair(state: &StateDir, root: &Path, now: i64) -> anyhow::Result<Vec<Fin
                             f.problem,
                             moved.display()
                         ),
+                        lifted_by: None,
                     }),
                     ..Marks::default()
                 };
