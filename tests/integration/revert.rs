@@ -514,6 +514,50 @@ fn a_commit_that_changes_no_file_here_is_checked_and_recorded() {
     assert_eq!(host.read("/etc/app.conf").as_deref(), Some("v1\n"));
 }
 
+/// Review: a commit that changes no file here, arriving while the host
+/// failed its own commit's checks (a service down, a host back from a
+/// reboot), was marked bad, and on a fleet halted everywhere, for this
+/// host's trouble. It is not recorded, and is tried again until the host
+/// is healthy.
+#[test]
+fn a_changeless_commit_on_an_unhealthy_host_is_not_marked_bad() {
+    let (repo, host) = app_repo_and_host();
+    write_role(&repo, &host, "v1\n", "test -e ROOT/flag");
+    std::fs::write(host.path("/flag"), "").unwrap();
+    let v1 = repo.commit("v1");
+    sync(&host, &repo, &[]).ok();
+    std::fs::remove_file(host.path("/flag")).unwrap();
+    repo.write("hosts/other.toml", "[vars]\nx = 1\n");
+    let v2 = repo.commit("v2 for another host");
+    for _ in 0..2 {
+        let run = sync(&host, &repo, &[]).code(1);
+        assert!(
+            run.stderr
+                .contains("the host is unhealthy, not the commit. Not recorded"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(applied_commit(&host, &repo), v1.as_str());
+        let status = host.run(repo.path(), &["status", "--format", "json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert!(
+            v["status"]["bad_commits"][&v2].is_null(),
+            "{}",
+            status.stdout
+        );
+    }
+    // Healthy again: recorded.
+    std::fs::write(host.path("/flag"), "").unwrap();
+    let run = sync(&host, &repo, &[]).ok();
+    assert!(
+        run.stderr
+            .contains("recorded as applied: it changes no file on this host"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(applied_commit(&host, &repo), v2.as_str());
+}
+
 /// The role of the halt tests: a pre hook that fails while ROOT/block
 /// exists, and a check that passes while ROOT/flag exists.
 fn hooked_role(repo: &Repo, host: &Host, content: &str) {

@@ -398,7 +398,10 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
 /// forever), a fleet-wide halt of the new commit rolled the host back past
 /// the older one, and a check the new commit added never ran until some
 /// file changed. A commit whose checks fail is marked bad, as one whose
-/// transaction failed them is (nothing was written: nothing is reverted).
+/// transaction failed them is (nothing was written: nothing is reverted),
+/// unless the applied commit's checks fail too in this same state: then
+/// the host is sick, not the commit, which is left for the next run
+/// (`fails_already`).
 ///
 /// Only for a plan made by rendering (`plan.next_inventory` is the whole
 /// next inventory), never for a quick-check hit's, which holds none: the
@@ -412,7 +415,6 @@ pub(super) fn adopt_unchanged(
     history: bool,
 ) -> Result<(), Error> {
     let (commit, plan) = (report.commit.as_str(), &mut report.plan);
-    let marks = &mut pass.marks;
     let recorded = pass.state.inventory().kind(Failure::Failed)?;
     if recorded.commit.as_deref() == Some(commit) {
         return Ok(());
@@ -424,6 +426,26 @@ pub(super) fn adopt_unchanged(
         // transaction's checks are.
         pass.checks_failing = Some(failing);
         if let Some(reason) = failure {
+            // Nothing changed: if the applied commit's own checks fail in
+            // this same state, the host is unhealthy, not the commit (a
+            // host back from a reboot, a service down). Marking the commit
+            // bad would halt it fleet-wide for one sick host; it is not
+            // recorded, and tried again by the next run.
+            if let Some(applied) = recorded.commit.clone() {
+                if let Some(why) =
+                    fails_already(pass.settings, &pass.state, pass.rt, &applied, &plan.checks)
+                {
+                    return Err(Error::new(
+                        Failure::Failed,
+                        anyhow!(
+                            "commit {} changes no file on this host, and its checks fail ({reason}); so do the checks of the applied commit {} ({why}): the host is unhealthy, not the commit. Not recorded: the next run tries it again",
+                            short(commit),
+                            short(&applied)
+                        ),
+                    ));
+                }
+            }
+            let marks = &mut pass.marks;
             marks.bad.insert(
                 commit.to_string(),
                 marks::Mark {
@@ -482,6 +504,33 @@ pub(super) fn adopt_unchanged(
 
 /// Runs `checks` (the health checks of a commit, or of a restored state):
 /// `Some` with what failed.
+/// Whether the state on the host fails the checks of the commit
+/// `applied` too (why, if it does): the same checks as `failed` fail
+/// again by definition; others are run. Checks that cannot be read, or
+/// none, say nothing against the host.
+fn fails_already(
+    settings: &crate::config::Settings,
+    state: &crate::effects::state::StateDir,
+    rt: &tokio::runtime::Handle,
+    applied: &str,
+    failed: &[crate::desired::spec::Check],
+) -> Option<String> {
+    let checks = super::checks_of_commit(settings, state, applied)
+        .map_err(|e| {
+            warn!(
+                "cannot read the checks of the applied commit {}: {e:#}",
+                short(applied)
+            )
+        })
+        .ok()
+        .filter(|c| !c.is_empty())?;
+    if checks == failed {
+        return Some("the same checks".to_string());
+    }
+    info!(commit = %short(applied), "running the applied commit's checks");
+    run_checks(settings, rt, checks).0
+}
+
 /// Runs `checks`: why they failed (if they did), and how many failed.
 fn run_checks(
     settings: &crate::config::Settings,
