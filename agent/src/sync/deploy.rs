@@ -326,7 +326,7 @@ pub(super) fn deploy(pass: &mut Pass, prepared: Prepared) -> Result<Report, Erro
                         kept,
                         waits: Some(waits),
                         unchanged: false,
-                already_applied,
+                        already_applied,
                     },
                 ),
                 Err(why) => Error::new(
@@ -502,8 +502,6 @@ pub(super) fn adopt_unchanged(
     Ok(())
 }
 
-/// Runs `checks` (the health checks of a commit, or of a restored state):
-/// `Some` with what failed.
 /// Whether the state on the host fails the checks of the commit
 /// `applied` too (why, if it does): the same checks as `failed` fail
 /// again by definition; others are run. Checks that cannot be read, or
